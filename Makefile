@@ -1,0 +1,51 @@
+# Thin wrapper around meson + ninja.  The two set-up commands are
+# `make demo` and `make check`; both install missing dependencies first.
+#
+#   make            build into build/
+#   make check      unit tests (meson test) + integration tests (pytest)
+#   make check SANITIZE=1   the same with ASan+UBSan, in build-san/
+#   make demo       the end-to-end demo
+#   make bench      the benchmarks in bench/ (slow; not part of check)
+
+SANITIZE ?=
+ifeq ($(SANITIZE),1)
+BUILD ?= build-san
+MESON_OPTS = -Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug
+export ASAN_OPTIONS = detect_leaks=1:abort_on_error=0:exitcode=86
+export UBSAN_OPTIONS = halt_on_error=1:print_stacktrace=1:exitcode=87
+else
+BUILD ?= build
+MESON_OPTS =
+endif
+PYTHON = /usr/bin/python3
+PYTEST_ARGS ?=
+
+.PHONY: all deps build check unit integration demo bench clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+$(BUILD)/build.ninja:
+	meson setup $(BUILD) $(MESON_OPTS)
+
+build: deps $(BUILD)/build.ninja
+	ninja -C $(BUILD)
+
+unit: build
+	meson test -C $(BUILD) --print-errorlogs
+
+integration: build
+	BITBACK_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -v -rfE $(PYTEST_ARGS) tests/integration
+
+check: unit integration
+
+demo: build
+	BITBACK_BUILD=$(abspath $(BUILD)) scripts/demo.sh
+
+bench: build
+	BITBACK_BUILD=$(abspath $(BUILD)) bench/nbd.sh
+
+clean:
+	rm -rf build build-san

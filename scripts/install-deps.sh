@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install everything bitback needs to build and test, from Debian's apt.
+# Idempotent: when every package is already installed it does nothing but check.
+set -euo pipefail
+
+PKGS=(
+  build-essential pkg-config meson ninja-build
+  libjson-c-dev libnbd-dev libssl-dev libxxhash-dev libzstd-dev libcmocka-dev zlib1g-dev
+  python3-pytest python3-libnbd
+  qemu-utils qemu-system-common nbdkit libnbd-bin fio
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,355 @@
+/*
+ * Named dirty bitmaps on block nodes: creation, lookup, the user operations
+ * (clear, enable, disable, merge), and marking writes.
+ *
+ * All bitmaps of a node and their bits are protected by bs->lock.  Marking
+ * (bdrv_set_dirty) is on the write path of every request, so it first checks
+ * without the lock whether the node has any bitmap at all: a bitmap added
+ * while a write is in flight need not see that write, exactly as in QEMU.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <openssl/evp.h>
+
+#include "bitmap/dirty-bitmap.h"
+#include "block/block.h"
+#include "util/cleanup.h"
+
+static unsigned granularity_shift(uint32_t granularity)
+{
+    return (unsigned)__builtin_ctz(granularity);
+}
+
+BdrvDirtyBitmap *bdrv_find_dirty_bitmap_locked(BlockDriverState *bs,
+                                               const char *name)
+{
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        if (strcmp(bm->name, name) == 0) {
+            return bm;
+        }
+    }
+    return NULL;
+}
+
+BdrvDirtyBitmap *bdrv_find_dirty_bitmap(BlockDriverState *bs, const char *name)
+{
+    LOCK_GUARD(&bs->lock);
+    return bdrv_find_dirty_bitmap_locked(bs, name);
+}
+
+BdrvDirtyBitmap *bdrv_create_dirty_bitmap(BlockDriverState *bs,
+                                          uint32_t granularity,
+                                          const char *name, Error **errp)
+{
+    if (!name || !*name) {
+        error_setg(errp, "Bitmap name cannot be empty");
+        return NULL;
+    }
+    if (strlen(name) > BDRV_BITMAP_MAX_NAME) {
+        error_setg(errp, "Bitmap name is too long (at most %d bytes)",
+                   BDRV_BITMAP_MAX_NAME);
+        return NULL;
+    }
+    if (granularity < 512 || !IS_POW2(granularity) ||
+        granularity_shift(granularity) > HBITMAP_MAX_GRANULARITY_SHIFT) {
+        error_setg(errp, "Granularity must be a power of two between 512 and "
+                   "2147483648 (2 GiB), got %u", granularity);
+        return NULL;
+    }
+    int64_t len = bdrv_getlength(bs);
+    if (len < 0) {
+        error_setg(errp, "Cannot get the size of node '%s'", bs->node_name);
+        return NULL;
+    }
+    BdrvDirtyBitmap *bm = calloc(1, sizeof(*bm));
+    if (!bm) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    bm->hb = hbitmap_new((uint64_t)len, granularity_shift(granularity));
+    bm->name = strdup(name);
+    if (!bm->hb || !bm->name) {
+        hbitmap_free(bm->hb);
+        free(bm->name);
+        free(bm);
+        error_setg(errp, "Cannot allocate a dirty bitmap for %lld bytes at "
+                   "granularity %u", (long long)len, granularity);
+        return NULL;
+    }
+    bm->bs = bs;
+    bm->granularity = granularity;
+    uuid_generate_str(bm->generation);
+
+    LOCK_GUARD(&bs->lock);
+    if (bdrv_find_dirty_bitmap_locked(bs, name)) {
+        hbitmap_free(bm->hb);
+        free(bm->name);
+        free(bm);
+        error_setg(errp, "Bitmap already exists: %s", name);
+        return NULL;
+    }
+    /* Append, so listings keep creation order. */
+    BdrvDirtyBitmap **p = &bs->dirty_bitmaps;
+    while (*p) {
+        p = &(*p)->next;
+    }
+    __atomic_store_n(p, bm, __ATOMIC_RELEASE);
+    return bm;
+}
+
+static void dirty_bitmap_free(BdrvDirtyBitmap *bm)
+{
+    if (!bm) {
+        return;
+    }
+    dirty_bitmap_free(bm->successor);
+    hbitmap_free(bm->hb);
+    free(bm->name);
+    free(bm->inconsistent_reason);
+    free(bm);
+}
+
+void bdrv_release_dirty_bitmap(BdrvDirtyBitmap *bm)
+{
+    if (!bm) {
+        return;
+    }
+    BlockDriverState *bs = bm->bs;
+    pthread_mutex_lock(&bs->lock);
+    for (BdrvDirtyBitmap **p = &bs->dirty_bitmaps; *p; p = &(*p)->next) {
+        if (*p == bm) {
+            *p = bm->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&bs->lock);
+    dirty_bitmap_free(bm);
+}
+
+void bdrv_release_all_dirty_bitmaps(BlockDriverState *bs)
+{
+    pthread_mutex_lock(&bs->lock);
+    BdrvDirtyBitmap *bm = bs->dirty_bitmaps;
+    bs->dirty_bitmaps = NULL;
+    pthread_mutex_unlock(&bs->lock);
+    while (bm) {
+        BdrvDirtyBitmap *next = bm->next;
+        dirty_bitmap_free(bm);
+        bm = next;
+    }
+}
+
+bool bdrv_dirty_bitmap_check(const BdrvDirtyBitmap *bm, unsigned flags,
+                             Error **errp)
+{
+    if ((flags & BDRV_BITMAP_BUSY) && bm->busy) {
+        error_setg(errp, "Bitmap '%s' is currently in use by another operation "
+                   "and cannot be used", bm->name);
+        return false;
+    }
+    if ((flags & BDRV_BITMAP_INCONSISTENT) && bm->inconsistent) {
+        error_setg(errp, "Bitmap '%s' is inconsistent and cannot be used "
+                   "(%s); it can only be removed, e.g. with "
+                   "block-dirty-bitmap-remove", bm->name,
+                   bm->inconsistent_reason ? bm->inconsistent_reason : "no reason recorded");
+        return false;
+    }
+    if (!(flags & BDRV_BITMAP_ALLOW_RO) && bm->bs->read_only && bm->persistent) {
+        error_setg(errp, "Bitmap '%s' is persistent on a read-only node and "
+                   "cannot be modified", bm->name);
+        return false;
+    }
+    return true;
+}
+
+void bdrv_set_dirty(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
+    if (!__atomic_load_n(&bs->dirty_bitmaps, __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    LOCK_GUARD(&bs->lock);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        if (!bm->disabled) {
+            hbitmap_set(bm->hb, offset, bytes);
+        }
+        if (bm->successor && !bm->successor->disabled) {
+            hbitmap_set(bm->successor->hb, offset, bytes);
+        }
+    }
+}
+
+bool bdrv_clear_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
+{
+    if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT, errp)) {
+        return false;
+    }
+    LOCK_GUARD(&bm->bs->lock);
+    hbitmap_reset_all(bm->hb);
+    uuid_generate_str(bm->generation);
+    return true;
+}
+
+bool bdrv_enable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
+{
+    if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT, errp)) {
+        return false;
+    }
+    LOCK_GUARD(&bm->bs->lock);
+    bm->disabled = false;
+    return true;
+}
+
+bool bdrv_disable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
+{
+    if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT, errp)) {
+        return false;
+    }
+    LOCK_GUARD(&bm->bs->lock);
+    bm->disabled = true;
+    return true;
+}
+
+bool bdrv_merge_dirty_bitmaps(BdrvDirtyBitmap *target,
+                              BdrvDirtyBitmap *const *srcs, int nsrcs,
+                              Error **errp)
+{
+    if (!bdrv_dirty_bitmap_check(target, BDRV_BITMAP_DEFAULT, errp)) {
+        return false;
+    }
+    for (int i = 0; i < nsrcs; i++) {
+        const BdrvDirtyBitmap *src = srcs[i];
+        if (!bdrv_dirty_bitmap_check(src, BDRV_BITMAP_INCONSISTENT | BDRV_BITMAP_ALLOW_RO,
+                                     errp)) {
+            return false;
+        }
+        if (src->granularity != target->granularity ||
+            hbitmap_size(src->hb) != hbitmap_size(target->hb)) {
+            error_setg(errp, "Bitmap '%s' (granularity %u, %llu bytes) does not "
+                       "match bitmap '%s' (granularity %u, %llu bytes)",
+                       src->name, src->granularity,
+                       (unsigned long long)hbitmap_size(src->hb), target->name,
+                       target->granularity,
+                       (unsigned long long)hbitmap_size(target->hb));
+            return false;
+        }
+    }
+    /* Merge into a copy first, so the target is untouched on failure. */
+    pthread_mutex_lock(&target->bs->lock);
+    HBitmap *acc = hbitmap_copy(target->hb);
+    pthread_mutex_unlock(&target->bs->lock);
+    if (!acc) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    for (int i = 0; i < nsrcs; i++) {
+        pthread_mutex_lock(&srcs[i]->bs->lock);
+        bool ok = hbitmap_merge(acc, srcs[i]->hb);
+        pthread_mutex_unlock(&srcs[i]->bs->lock);
+        if (!ok) {
+            hbitmap_free(acc);
+            error_setg(errp, "Cannot merge bitmap '%s'", srcs[i]->name);
+            return false;
+        }
+    }
+    /* Writes that marked the target since the copy are merged in too. */
+    LOCK_GUARD(&target->bs->lock);
+    hbitmap_merge(acc, target->hb);
+    HBitmap *old = target->hb;
+    target->hb = acc;
+    hbitmap_free(old);
+    return true;
+}
+
+void bdrv_dirty_bitmap_set_persistent(BdrvDirtyBitmap *bm, bool persistent)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    bm->persistent = persistent;
+}
+
+void bdrv_dirty_bitmap_set_busy(BdrvDirtyBitmap *bm, bool busy)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    bm->busy = busy;
+}
+
+void bdrv_dirty_bitmap_set_inconsistent(BdrvDirtyBitmap *bm, const char *reason)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    bm->inconsistent = true;
+    bm->disabled = true;
+    free(bm->inconsistent_reason);
+    bm->inconsistent_reason = strdup(reason ? reason : "unknown");
+}
+
+uint64_t bdrv_dirty_bitmap_count(BdrvDirtyBitmap *bm)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    return hbitmap_count_bytes(bm->hb);
+}
+
+uint64_t bdrv_dirty_bitmap_size(const BdrvDirtyBitmap *bm)
+{
+    return hbitmap_size(bm->hb);
+}
+
+BdrvDirtyExtent *bdrv_dirty_bitmap_extents(BdrvDirtyBitmap *bm, uint64_t offset,
+                                           uint64_t bytes, bool dirty_only,
+                                           size_t *ret_n)
+{
+    size_t n = 0, cap = 16;
+    BdrvDirtyExtent *ext = malloc(cap * sizeof(*ext));
+    *ret_n = 0;
+    if (!ext) {
+        return NULL;
+    }
+    LOCK_GUARD(&bm->bs->lock);
+    uint64_t size = hbitmap_size(bm->hb);
+    uint64_t end = offset < size ? MIN(size, offset + bytes) : offset;
+    uint64_t pos = offset;
+    while (pos < end) {
+        uint64_t dstart, dlen;
+        bool found = hbitmap_next_dirty_area(bm->hb, pos, end - pos, 0, &dstart, &dlen);
+        uint64_t clean_end = found ? dstart : end;
+        if (n + 2 > cap) {
+            cap *= 2;
+            BdrvDirtyExtent *bigger = realloc(ext, cap * sizeof(*ext));
+            if (!bigger) {
+                free(ext);
+                return NULL;
+            }
+            ext = bigger;
+        }
+        if (clean_end > pos && !dirty_only) {
+            ext[n++] = (BdrvDirtyExtent){ pos, clean_end - pos, false };
+        }
+        if (!found) {
+            break;
+        }
+        ext[n++] = (BdrvDirtyExtent){ dstart, dlen, true };
+        pos = dstart + dlen;
+    }
+    *ret_n = n;
+    return ext;
+}
+
+void bdrv_dirty_bitmap_sha256(BdrvDirtyBitmap *bm, char out[65])
+{
+    unsigned char md[32];
+    unsigned int mdlen = 0;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(ctx, EVP_sha256(), NULL);
+    uint8_t buf[64 * 1024];
+    LOCK_GUARD(&bm->bs->lock);
+    uint64_t nbits = hbitmap_nb_bits(bm->hb);
+    for (uint64_t bit = 0; bit < nbits; bit += sizeof(buf) * 8) {
+        uint64_t chunk = MIN(nbits - bit, (uint64_t)sizeof(buf) * 8);
+        hbitmap_serialize_part(bm->hb, buf, bit, chunk);
+        EVP_DigestUpdate(ctx, buf, DIV_ROUND_UP(chunk, 8));
+    }
+    EVP_DigestFinal_ex(ctx, md, &mdlen);
+    EVP_MD_CTX_free(ctx);
+    for (unsigned i = 0; i < 32; i++) {
+        snprintf(out + 2 * i, 3, "%02x", md[i]);
+    }
+}

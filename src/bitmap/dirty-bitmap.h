@@ -1,0 +1,119 @@
+/*
+ * Named dirty bitmaps on a block node (QEMU's BdrvDirtyBitmap).
+ *
+ * A node owns a list of named bitmaps.  Each wraps an HBitmap and carries
+ * the states QMP shows:
+ *   recording    enabled: writes to the node mark it
+ *   persistent   stored in the image by the node's driver
+ *   busy         in use by an operation (a backup job, an export); it can
+ *                not be changed or removed by the user while busy
+ *   inconsistent loaded from an image that was not closed cleanly or whose
+ *                checksum did not match; it can only be removed
+ *   generation   a UUID that changes on every clear, so a backup chain can
+ *                tell whether the bitmap still belongs to it
+ *
+ * Locking: the list and every bitmap's bits are protected by bs->lock.
+ * Functions with a _locked suffix need the caller to hold it; the others
+ * take it themselves.
+ *
+ * Invariant (DESIGN.md #1): bdrv_set_dirty() runs before a write is issued
+ * to the driver, for every write path of the node (block.c does this).
+ */
+#ifndef BITBACK_DIRTY_BITMAP_H
+#define BITBACK_DIRTY_BITMAP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include "bitmap/hbitmap.h"
+#include "util/cutils.h"
+#include "util/error.h"
+
+typedef struct BlockDriverState BlockDriverState;
+typedef struct BdrvDirtyBitmap BdrvDirtyBitmap;
+
+#define BDRV_BITMAP_MAX_NAME 1023
+
+struct BdrvDirtyBitmap {
+    BlockDriverState *bs;
+    char *name;
+    HBitmap *hb;
+    uint32_t granularity;          /* bytes, power of two */
+    bool disabled;                 /* not recording */
+    bool persistent;
+    bool busy;
+    bool inconsistent;
+    char *inconsistent_reason;     /* why, when inconsistent (owned) */
+    char generation[UUID_STR_LEN];
+    BdrvDirtyBitmap *successor;    /* backup jobs: new writes go here too */
+    BdrvDirtyBitmap *next;
+};
+
+/* Check flags for bdrv_dirty_bitmap_check(). */
+#define BDRV_BITMAP_BUSY         0x1   /* refuse if busy */
+#define BDRV_BITMAP_INCONSISTENT 0x2   /* refuse if inconsistent */
+#define BDRV_BITMAP_DEFAULT      (BDRV_BITMAP_BUSY | BDRV_BITMAP_INCONSISTENT)
+#define BDRV_BITMAP_ALLOW_RO     0x4   /* allow on read-only nodes */
+
+/* Create a bitmap covering the node's current length.  granularity must be
+ * a power of two in [512, 2 GiB]; name must be unique on the node, non-empty
+ * and at most BDRV_BITMAP_MAX_NAME bytes.  The new bitmap is enabled, not
+ * persistent, with a fresh generation. */
+BdrvDirtyBitmap *bdrv_create_dirty_bitmap(BlockDriverState *bs,
+                                          uint32_t granularity,
+                                          const char *name, Error **errp);
+/* Unlink from the node and free.  Does not touch the image: callers that
+ * remove a persistent bitmap ask the driver first (block.c). */
+void bdrv_release_dirty_bitmap(BdrvDirtyBitmap *bm);
+void bdrv_release_all_dirty_bitmaps(BlockDriverState *bs);
+
+BdrvDirtyBitmap *bdrv_find_dirty_bitmap(BlockDriverState *bs, const char *name);
+BdrvDirtyBitmap *bdrv_find_dirty_bitmap_locked(BlockDriverState *bs,
+                                               const char *name);
+
+/* Fails with a clear message when the bitmap is busy / inconsistent /
+ * on a read-only node, according to flags. */
+bool bdrv_dirty_bitmap_check(const BdrvDirtyBitmap *bm, unsigned flags,
+                             Error **errp);
+
+/* Mark [offset, offset+bytes) in every enabled bitmap of bs (and their
+ * successors). */
+void bdrv_set_dirty(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
+
+/* User operations: each checks the bitmap (busy, inconsistent) first. */
+bool bdrv_clear_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp);  /* new generation */
+bool bdrv_enable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp);
+bool bdrv_disable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp);
+/* target |= OR of srcs.  All must match target's size and granularity.
+ * On failure target is unchanged. */
+bool bdrv_merge_dirty_bitmaps(BdrvDirtyBitmap *target,
+                              BdrvDirtyBitmap *const *srcs, int nsrcs,
+                              Error **errp);
+
+void bdrv_dirty_bitmap_set_persistent(BdrvDirtyBitmap *bm, bool persistent);
+void bdrv_dirty_bitmap_set_busy(BdrvDirtyBitmap *bm, bool busy);
+/* Mark inconsistent with a reason (copied); also disables it. */
+void bdrv_dirty_bitmap_set_inconsistent(BdrvDirtyBitmap *bm, const char *reason);
+
+uint64_t bdrv_dirty_bitmap_count(BdrvDirtyBitmap *bm);   /* dirty bytes */
+uint64_t bdrv_dirty_bitmap_size(const BdrvDirtyBitmap *bm);
+
+/* A dirty or clean extent. */
+typedef struct BdrvDirtyExtent {
+    uint64_t start;
+    uint64_t length;
+    bool dirty;
+} BdrvDirtyExtent;
+
+/* The extents covering [offset, offset+bytes) in order, alternating dirty
+ * and clean, merged where adjacent.  If dirty_only, only dirty ones.
+ * Returns a malloc'd array (caller frees) and its length in *ret_n.
+ * Cost is proportional to the number of extents. */
+BdrvDirtyExtent *bdrv_dirty_bitmap_extents(BdrvDirtyBitmap *bm, uint64_t offset,
+                                           uint64_t bytes, bool dirty_only,
+                                           size_t *ret_n);
+
+/* SHA-256 of the serialized bits, as lowercase hex (65 bytes with NUL),
+ * for x-debug-block-dirty-bitmap-sha256. */
+void bdrv_dirty_bitmap_sha256(BdrvDirtyBitmap *bm, char out[65]);
+
+#endif

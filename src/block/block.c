@@ -1,0 +1,963 @@
+/*
+ * The block layer core: the node graph, opening nodes from blockdev-add
+ * style options, and the generic I/O path every request goes through.
+ *
+ * The generic write path is where DESIGN.md invariant 1 lives: every write,
+ * zero write and discard marks the node's enabled dirty bitmaps before the
+ * driver sees it, so a bitmap can never miss a write that reached the disk.
+ *
+ * Request alignment is handled here and only here: a driver that sets
+ * bs->request_alignment > 1 (O_DIRECT files) only ever sees aligned offsets,
+ * lengths and buffers.  Unaligned writes become read-modify-write cycles that
+ * exclude other writes to the node through bs->rmw_lock.
+ *
+ * Graph changes (open, close, find) happen on one thread at a time (the
+ * daemon's main thread or the CLI); I/O may come from any thread.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "block/block.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+#include "util/iov.h"
+
+extern const BlockDriver bdrv_file;
+extern const BlockDriver bdrv_raw;
+extern const BlockDriver bdrv_qbm;
+
+/* Probing order matters: specific formats first, raw last. */
+static const BlockDriver *const drivers[] = {
+    &bdrv_qbm,
+    &bdrv_raw,
+    &bdrv_file,
+    NULL,
+};
+
+#define BDRV_MAX_BACKING_DEPTH 64
+#define BDRV_NODE_NAME_MAX 127
+
+static BlockDriverState *all_nodes;
+static unsigned auto_name_counter;
+
+const BlockDriver *bdrv_find_format(const char *name)
+{
+    for (int i = 0; drivers[i]; i++) {
+        if (strcmp(drivers[i]->format_name, name) == 0) {
+            return drivers[i];
+        }
+    }
+    return NULL;
+}
+
+const char *const *bdrv_format_names(void)
+{
+    static const char *names[ARRAY_SIZE(drivers)];
+    for (size_t i = 0; drivers[i]; i++) {
+        names[i] = drivers[i]->format_name;
+    }
+    return names;
+}
+
+BlockDriverState *bdrv_find_node(const char *node_name)
+{
+    for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
+        if (strcmp(bs->node_name, node_name) == 0) {
+            return bs;
+        }
+    }
+    return NULL;
+}
+
+BlockDriverState *bdrv_next_node(BlockDriverState *bs)
+{
+    return bs ? bs->next_node : all_nodes;
+}
+
+static bool node_name_is_valid(const char *name)
+{
+    size_t len = strlen(name);
+    if (len == 0 || len > BDRV_NODE_NAME_MAX) {
+        return false;
+    }
+    if (!((name[0] >= 'a' && name[0] <= 'z') || (name[0] >= 'A' && name[0] <= 'Z'))) {
+        return false;
+    }
+    for (size_t i = 1; i < len; i++) {
+        char c = name[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.')) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void graph_link(BlockDriverState *bs)
+{
+    BlockDriverState **p = &all_nodes;
+    while (*p) {
+        p = &(*p)->next_node;
+    }
+    bs->next_node = NULL;
+    *p = bs;
+}
+
+static void graph_unlink(BlockDriverState *bs)
+{
+    for (BlockDriverState **p = &all_nodes; *p; p = &(*p)->next_node) {
+        if (*p == bs) {
+            *p = bs->next_node;
+            return;
+        }
+    }
+}
+
+/* Accept a JSON bool or the strings on/off/true/false/yes/no. */
+static bool opt_bool(struct json_object *opts, const char *key, bool def,
+                     bool *ret, Error **errp)
+{
+    struct json_object *v;
+    *ret = def;
+    if (!json_object_object_get_ex(opts, key, &v) || !v) {
+        return true;
+    }
+    if (json_object_is_type(v, json_type_boolean)) {
+        *ret = json_object_get_boolean(v);
+        return true;
+    }
+    if (json_object_is_type(v, json_type_string)) {
+        const char *s = json_object_get_string(v);
+        if (!strcmp(s, "on") || !strcmp(s, "true") || !strcmp(s, "yes")) {
+            *ret = true;
+            return true;
+        }
+        if (!strcmp(s, "off") || !strcmp(s, "false") || !strcmp(s, "no")) {
+            *ret = false;
+            return true;
+        }
+    }
+    error_setg(errp, "Parameter '%s' expects 'on' or 'off'", key);
+    return false;
+}
+
+static void bdrv_free(BlockDriverState *bs)
+{
+    if (!bs) {
+        return;
+    }
+    free(bs->opaque);
+    free(bs->node_name);
+    free(bs->filename);
+    pthread_mutex_destroy(&bs->lock);
+    pthread_rwlock_destroy(&bs->rmw_lock);
+    free(bs);
+}
+
+static BlockDriverState *bdrv_new(const BlockDriver *drv)
+{
+    BlockDriverState *bs = calloc(1, sizeof(*bs));
+    if (!bs) {
+        return NULL;
+    }
+    bs->drv = drv;
+    bs->refcnt = 1;
+    bs->request_alignment = 1;
+    pthread_mutex_init(&bs->lock, NULL);
+    pthread_rwlock_init(&bs->rmw_lock, NULL);
+    if (drv->instance_size) {
+        bs->opaque = calloc(1, drv->instance_size);
+        if (!bs->opaque) {
+            bdrv_free(bs);
+            return NULL;
+        }
+    }
+    return bs;
+}
+
+static BlockDriverState *open_child(struct json_object *ref, int flags, int depth,
+                                    Error **errp);
+static BlockDriverState *open_options_depth(struct json_object *options, int flags,
+                                            int depth, Error **errp);
+
+BlockDriverState *bdrv_open_options(struct json_object *options, int flags,
+                                    Error **errp)
+{
+    BlockDriverState *bs = open_options_depth(options, flags, 0, errp);
+    if (bs) {
+        bs->user_owned = true;
+    }
+    return bs;
+}
+
+static __thread int open_depth;
+
+static BlockDriverState *open_options_depth(struct json_object *options, int flags,
+                                            int depth, Error **errp)
+{
+    if (!json_object_is_type(options, json_type_object)) {
+        error_setg(errp, "block options must be a JSON object");
+        return NULL;
+    }
+    if (depth > BDRV_MAX_BACKING_DEPTH) {
+        error_setg(errp, "block graph is nested more than %d levels deep "
+                   "(a cyclic backing chain?)", BDRV_MAX_BACKING_DEPTH);
+        return NULL;
+    }
+    struct json_object *v;
+    if (!json_object_object_get_ex(options, "driver", &v) ||
+        !json_object_is_type(v, json_type_string)) {
+        error_setg(errp, "Parameter 'driver' is missing");
+        return NULL;
+    }
+    const char *drvname = json_object_get_string(v);
+    const BlockDriver *drv = bdrv_find_format(drvname);
+    if (!drv) {
+        error_setg(errp, "Unknown driver '%s'", drvname);
+        return NULL;
+    }
+
+    const char *node_name = NULL;
+    if (json_object_object_get_ex(options, "node-name", &v) && v) {
+        if (!json_object_is_type(v, json_type_string)) {
+            error_setg(errp, "Parameter 'node-name' expects a string");
+            return NULL;
+        }
+        node_name = json_object_get_string(v);
+        if (!node_name_is_valid(node_name)) {
+            error_setg(errp, "Invalid node-name: '%s'", node_name);
+            return NULL;
+        }
+        if (bdrv_find_node(node_name)) {
+            error_setg(errp, "Duplicate nodes with node-name='%s'", node_name);
+            return NULL;
+        }
+    }
+
+    bool ro;
+    if (!opt_bool(options, "read-only", !(flags & BDRV_O_RDWR), &ro, errp)) {
+        return NULL;
+    }
+    flags = ro ? (flags & ~BDRV_O_RDWR) : (flags | BDRV_O_RDWR);
+    struct json_object *cache;
+    if (json_object_object_get_ex(options, "cache", &cache) && cache) {
+        bool direct;
+        if (!opt_bool(cache, "direct", false, &direct, errp)) {
+            return NULL;
+        }
+        if (direct) {
+            flags |= BDRV_O_NOCACHE;
+        }
+    }
+
+    BlockDriverState *bs = bdrv_new(drv);
+    if (!bs) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    bs->read_only = ro;
+    bs->open_flags = flags;
+    if (node_name) {
+        bs->node_name = strdup(node_name);
+    } else {
+        if (asprintf(&bs->node_name, "#block%03u", auto_name_counter++) < 0) {
+            bs->node_name = NULL;
+        }
+        bs->auto_node_name = true;
+    }
+
+    if (!drv->is_protocol) {
+        struct json_object *file = NULL;
+        _cleanup_json_ struct json_object *shorthand = NULL;
+        if (!json_object_object_get_ex(options, "file", &file) || !file) {
+            if (json_object_object_get_ex(options, "filename", &v) &&
+                json_object_is_type(v, json_type_string)) {
+                shorthand = json_object_new_object();
+                json_object_object_add(shorthand, "driver", json_object_new_string("file"));
+                json_object_object_add(shorthand, "filename", json_object_get(v));
+                file = shorthand;
+            } else {
+                error_setg(errp, "Parameter 'file' is missing");
+                goto fail;
+            }
+        }
+        bs->file = open_child(file, flags & ~BDRV_O_NO_BACKING, depth + 1, errp);
+        if (!bs->file) {
+            error_prepend(errp, "%s: ", drvname);
+            goto fail;
+        }
+        if (bs->file->filename) {
+            bs->filename = strdup(bs->file->filename);
+        }
+    } else if (json_object_object_get_ex(options, "filename", &v) &&
+               json_object_is_type(v, json_type_string)) {
+        bs->filename = strdup(json_object_get_string(v));
+    }
+
+    /* Tell bdrv_open_backing how deep we are, through the driver's open. */
+    int saved_depth = open_depth;
+    open_depth = depth;
+    bool ok = drv->open(bs, options, flags, errp);
+    open_depth = saved_depth;
+    if (!ok) {
+        goto fail;
+    }
+    int64_t len = drv->getlength(bs);
+    if (len < 0) {
+        error_setg_errno(errp, (int)-len, "cannot get the length of '%s'",
+                         bs->filename ? bs->filename : bs->node_name);
+        if (drv->close) {
+            drv->close(bs);
+        }
+        goto fail;
+    }
+    bs->size = (uint64_t)len;
+    graph_link(bs);
+    return bs;
+
+fail:
+    bdrv_release_all_dirty_bitmaps(bs);
+    if (bs->backing) {
+        bdrv_unref(bs->backing);
+    }
+    if (bs->file) {
+        bdrv_unref(bs->file);
+    }
+    bdrv_free(bs);
+    return NULL;
+}
+
+/* A child reference: a node name (string) or options (object). */
+static BlockDriverState *open_child(struct json_object *ref, int flags, int depth,
+                                    Error **errp)
+{
+    if (json_object_is_type(ref, json_type_string)) {
+        const char *name = json_object_get_string(ref);
+        BlockDriverState *bs = bdrv_find_node(name);
+        if (!bs) {
+            error_set(errp, ERROR_CLASS_DEVICE_NOT_FOUND,
+                      "Cannot find device='' nor node-name='%s'", name);
+            return NULL;
+        }
+        if ((flags & BDRV_O_RDWR) && bs->read_only) {
+            error_setg(errp, "Node '%s' is read-only", name);
+            return NULL;
+        }
+        bdrv_ref(bs);
+        return bs;
+    }
+    return open_options_depth(ref, flags, depth, errp);
+}
+
+static int probe_format(const char *filename, const BlockDriver **ret_drv,
+                        Error **errp)
+{
+    uint8_t buf[4096];
+    _cleanup_close_ int fd = open(filename, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Could not open '%s'", filename);
+        return -1;
+    }
+    ssize_t n = pread(fd, buf, sizeof(buf), 0);
+    if (n < 0) {
+        error_setg_errno(errp, errno, "Could not read '%s'", filename);
+        return -1;
+    }
+    int best = 0;
+    const BlockDriver *best_drv = &bdrv_raw;
+    for (int i = 0; drivers[i]; i++) {
+        if (drivers[i]->probe && !drivers[i]->is_protocol) {
+            int score = drivers[i]->probe(buf, (size_t)n, filename);
+            if (score > best) {
+                best = score;
+                best_drv = drivers[i];
+            }
+        }
+    }
+    *ret_drv = best_drv;
+    return 0;
+}
+
+static struct json_object *image_options(const char *filename, const char *format)
+{
+    struct json_object *file = json_object_new_object();
+    json_object_object_add(file, "driver", json_object_new_string("file"));
+    json_object_object_add(file, "filename", json_object_new_string(filename));
+    struct json_object *opts = json_object_new_object();
+    json_object_object_add(opts, "driver", json_object_new_string(format));
+    json_object_object_add(opts, "file", file);
+    return opts;
+}
+
+static BlockDriverState *open_image_depth(const char *filename, const char *format,
+                                          int flags, int depth, Error **errp)
+{
+    if (!format) {
+        const BlockDriver *drv;
+        if (probe_format(filename, &drv, errp) < 0) {
+            return NULL;
+        }
+        format = drv->format_name;
+    } else {
+        const BlockDriver *drv = bdrv_find_format(format);
+        if (!drv) {
+            error_setg(errp, "Unknown driver '%s'", format);
+            return NULL;
+        }
+        if (drv->is_protocol) {
+            /* -f file: the protocol node itself. */
+            _cleanup_json_ struct json_object *opts = json_object_new_object();
+            json_object_object_add(opts, "driver", json_object_new_string(format));
+            json_object_object_add(opts, "filename", json_object_new_string(filename));
+            return open_options_depth(opts, flags, depth, errp);
+        }
+    }
+    _cleanup_json_ struct json_object *opts = image_options(filename, format);
+    return open_options_depth(opts, flags, depth, errp);
+}
+
+BlockDriverState *bdrv_open_image(const char *filename, const char *format,
+                                  int flags, Error **errp)
+{
+    BlockDriverState *bs = open_image_depth(filename, format, flags, 0, errp);
+    if (bs) {
+        bs->user_owned = true;
+    }
+    return bs;
+}
+
+bool bdrv_open_backing(BlockDriverState *bs, struct json_object *options,
+                       const char *backing_name, const char *backing_fmt,
+                       Error **errp)
+{
+    struct json_object *v = NULL;
+    int depth = open_depth + 1;
+    if (options && json_object_object_get_ex(options, "backing", &v)) {
+        if (!v) {
+            return true;   /* "backing": null: no backing file */
+        }
+        bs->backing = open_child(v, bs->open_flags & ~BDRV_O_RDWR, depth, errp);
+        if (!bs->backing) {
+            error_prepend(errp, "Could not open backing of '%s': ", bs->node_name);
+            return false;
+        }
+        return true;
+    }
+    if (!backing_name || !*backing_name || (bs->open_flags & BDRV_O_NO_BACKING)) {
+        return true;
+    }
+    _cleanup_free_ char *dir = path_dirname(bs->filename ? bs->filename : ".");
+    _cleanup_free_ char *path = path_join(dir, backing_name);
+    if (!dir || !path) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    int saved = open_depth;
+    bs->backing = open_image_depth(path, backing_fmt,
+                                   bs->open_flags & ~(BDRV_O_RDWR | BDRV_O_NO_BACKING),
+                                   depth, errp);
+    open_depth = saved;
+    if (!bs->backing) {
+        error_prepend(errp, "Could not open backing file '%s': ", backing_name);
+        return false;
+    }
+    return true;
+}
+
+void bdrv_ref(BlockDriverState *bs)
+{
+    __atomic_add_fetch(&bs->refcnt, 1, __ATOMIC_SEQ_CST);
+}
+
+static bool bdrv_do_close(BlockDriverState *bs, Error **errp)
+{
+    bool ok = true;
+    if (!bs->read_only && bs->drv->store_bitmaps) {
+        Error *err = NULL;
+        if (!bs->drv->store_bitmaps(bs, &err)) {
+            error_prepend(&err, "Failed to store persistent bitmaps of '%s': ",
+                          bs->node_name);
+            error_propagate(errp, err);
+            ok = false;
+        }
+    }
+    if (bs->drv->close) {
+        bs->drv->close(bs);
+    }
+    bdrv_release_all_dirty_bitmaps(bs);
+    graph_unlink(bs);
+    if (bs->backing) {
+        bdrv_unref(bs->backing);
+    }
+    if (bs->file) {
+        bdrv_unref(bs->file);
+    }
+    bdrv_free(bs);
+    return ok;
+}
+
+void bdrv_unref(BlockDriverState *bs)
+{
+    if (!bs) {
+        return;
+    }
+    if (__atomic_sub_fetch(&bs->refcnt, 1, __ATOMIC_SEQ_CST) == 0) {
+        Error *err = NULL;
+        if (!bdrv_do_close(bs, &err)) {
+            error_report_err(err);
+        }
+    }
+}
+
+bool bdrv_close(BlockDriverState *bs, Error **errp)
+{
+    if (!bs) {
+        return true;
+    }
+    if (__atomic_sub_fetch(&bs->refcnt, 1, __ATOMIC_SEQ_CST) == 0) {
+        return bdrv_do_close(bs, errp);
+    }
+    return true;
+}
+
+int64_t bdrv_getlength(BlockDriverState *bs)
+{
+    return (int64_t)__atomic_load_n(&bs->size, __ATOMIC_RELAXED);
+}
+
+int64_t bdrv_refresh_length(BlockDriverState *bs)
+{
+    int64_t len = bs->drv->getlength(bs);
+    if (len >= 0) {
+        __atomic_store_n(&bs->size, (uint64_t)len, __ATOMIC_RELAXED);
+    }
+    return len;
+}
+
+/* ---- the I/O path ---- */
+
+/* Validate a request.  Data transfers are limited to BDRV_MAX_REQUEST bytes;
+ * zero writes and discards carry no payload and may be larger. */
+static int check_request(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                         bool write, bool has_payload)
+{
+    if (has_payload && bytes > BDRV_MAX_REQUEST) {
+        return -EINVAL;
+    }
+    if (offset > BDRV_MAX_LENGTH || bytes > BDRV_MAX_LENGTH - offset) {
+        return -EINVAL;
+    }
+    if (write && bs->read_only) {
+        return -EPERM;
+    }
+    /* Protocol nodes grow on writes past the end (qcow2 appends clusters). */
+    if (!(write && bs->drv->is_protocol) && offset + bytes > (uint64_t)bdrv_getlength(bs)) {
+        return -EINVAL;
+    }
+    return 0;
+}
+
+static void note_growth(BlockDriverState *bs, uint64_t end)
+{
+    uint64_t cur = __atomic_load_n(&bs->size, __ATOMIC_RELAXED);
+    while (end > cur &&
+           !__atomic_compare_exchange_n(&bs->size, &cur, end, false,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+    }
+}
+
+static bool iov_is_aligned(const struct iovec *iov, int niov, uint32_t align)
+{
+    for (int i = 0; i < niov; i++) {
+        if (((uintptr_t)iov[i].iov_base | iov[i].iov_len) & (align - 1)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void *aligned_alloc_bytes(uint32_t align, uint64_t bytes)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, MAX(align, sizeof(void *)), bytes) != 0) {
+        return NULL;
+    }
+    return p;
+}
+
+/* Read through a bounce buffer covering the aligned superset of the range. */
+static int preadv_bounce(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                         const struct iovec *iov, int niov, int flags)
+{
+    uint32_t align = bs->request_alignment;
+    uint64_t start = ROUND_DOWN(offset, align);
+    uint64_t end = ROUND_UP(offset + bytes, align);
+    _cleanup_free_ uint8_t *buf = aligned_alloc_bytes(align, end - start);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    struct iovec b = { .iov_base = buf, .iov_len = end - start };
+    int r = bs->drv->preadv(bs, start, end - start, &b, 1, flags);
+    if (r < 0) {
+        return r;
+    }
+    iov_from_buf(iov, niov, 0, buf + (offset - start), bytes);
+    return 0;
+}
+
+int bdrv_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                const struct iovec *iov, int niov, int flags)
+{
+    int r = check_request(bs, offset, bytes, false, true);
+    if (r < 0) {
+        return r;
+    }
+    if (bytes == 0) {
+        return 0;
+    }
+    uint32_t align = bs->request_alignment;
+    if (align > 1 && ((offset | bytes) & (align - 1) || !iov_is_aligned(iov, niov, align))) {
+        return preadv_bounce(bs, offset, bytes, iov, niov, flags);
+    }
+    return bs->drv->preadv(bs, offset, bytes, iov, niov, flags);
+}
+
+/* Unaligned write: read the covering aligned blocks, patch, write back,
+ * holding rmw_lock exclusively so no other write interleaves. */
+static int pwritev_rmw(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                       const struct iovec *iov, int niov, int flags)
+{
+    uint32_t align = bs->request_alignment;
+    uint64_t start = ROUND_DOWN(offset, align);
+    uint64_t end = ROUND_UP(offset + bytes, align);
+    _cleanup_free_ uint8_t *buf = aligned_alloc_bytes(align, end - start);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    struct iovec b = { .iov_base = buf, .iov_len = end - start };
+    pthread_rwlock_wrlock(&bs->rmw_lock);
+    int r = 0;
+    bool partial = (offset != start) || (offset + bytes != end);
+    if (partial) {
+        uint64_t len = bdrv_getlength(bs);
+        uint64_t readable = end <= len ? end - start : (len > start ? len - start : 0);
+        memset(buf, 0, end - start);
+        if (readable) {
+            uint64_t rd = ROUND_UP(readable, align);
+            struct iovec rb = { .iov_base = buf, .iov_len = rd };
+            r = bs->drv->preadv(bs, start, rd, &rb, 1, 0);
+        }
+    }
+    if (r == 0) {
+        iov_to_buf(iov, niov, 0, buf + (offset - start), bytes);
+        r = bs->drv->pwritev(bs, start, end - start, &b, 1, flags);
+    }
+    pthread_rwlock_unlock(&bs->rmw_lock);
+    return r;
+}
+
+int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                 const struct iovec *iov, int niov, int flags)
+{
+    int r = check_request(bs, offset, bytes, true, true);
+    if (r < 0) {
+        return r;
+    }
+    if (bytes == 0) {
+        return 0;
+    }
+    /* Invariant 1: the bitmaps know about the write before the data lands. */
+    bdrv_set_dirty(bs, offset, bytes);
+    uint32_t align = bs->request_alignment;
+    if (align > 1) {
+        if ((offset | bytes) & (align - 1) || !iov_is_aligned(iov, niov, align)) {
+            r = pwritev_rmw(bs, offset, bytes, iov, niov, flags);
+        } else {
+            pthread_rwlock_rdlock(&bs->rmw_lock);
+            r = bs->drv->pwritev(bs, offset, bytes, iov, niov, flags);
+            pthread_rwlock_unlock(&bs->rmw_lock);
+        }
+    } else {
+        r = bs->drv->pwritev(bs, offset, bytes, iov, niov, flags);
+    }
+    if (r >= 0 && bs->drv->is_protocol) {
+        note_growth(bs, offset + bytes);
+    }
+    return r < 0 ? r : 0;
+}
+
+int bdrv_pread(BlockDriverState *bs, uint64_t offset, void *buf, uint64_t bytes)
+{
+    struct iovec iov = { .iov_base = buf, .iov_len = bytes };
+    return bdrv_preadv(bs, offset, bytes, &iov, 1, 0);
+}
+
+int bdrv_pwrite(BlockDriverState *bs, uint64_t offset, const void *buf,
+                uint64_t bytes, int flags)
+{
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = bytes };
+    return bdrv_pwritev(bs, offset, bytes, &iov, 1, flags);
+}
+
+/* 1 MiB of zeroes, page aligned, for zero-write fallbacks. */
+#define ZERO_BUF_SIZE (1024 * 1024)
+static uint8_t zero_buf[ZERO_BUF_SIZE] __attribute__((aligned(4096)));
+
+static int write_zero_buffers(BlockDriverState *bs, uint64_t offset,
+                              uint64_t bytes, int flags)
+{
+    uint32_t align = bs->request_alignment;
+    while (bytes > 0) {
+        uint64_t n = MIN(bytes, (uint64_t)ZERO_BUF_SIZE);
+        struct iovec iov = { .iov_base = zero_buf, .iov_len = n };
+        int r;
+        if (align > 1 && ((offset | n) & (align - 1))) {
+            r = pwritev_rmw(bs, offset, n, &iov, 1, flags & BDRV_REQ_FUA);
+        } else {
+            r = bs->drv->pwritev(bs, offset, n, &iov, 1, flags & BDRV_REQ_FUA);
+        }
+        if (r < 0) {
+            return r;
+        }
+        offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                       int flags)
+{
+    int r = check_request(bs, offset, bytes, true, false);
+    if (r < 0) {
+        return r;
+    }
+    if (bytes == 0) {
+        return 0;
+    }
+    bdrv_set_dirty(bs, offset, bytes);
+    r = -ENOTSUP;
+    uint32_t align = bs->request_alignment;
+    if (bs->drv->pwrite_zeroes &&
+        (align == 1 || !((offset | bytes) & (align - 1)))) {
+        r = bs->drv->pwrite_zeroes(bs, offset, bytes, flags);
+    }
+    if (r == -ENOTSUP && !(flags & BDRV_REQ_NO_FALLBACK)) {
+        r = write_zero_buffers(bs, offset, bytes, flags);
+    }
+    if (r >= 0 && bs->drv->is_protocol) {
+        note_growth(bs, offset + bytes);
+    }
+    return r < 0 ? r : 0;
+}
+
+int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
+    int r = check_request(bs, offset, bytes, true, false);
+    if (r < 0) {
+        return r;
+    }
+    if (bytes == 0 || !bs->drv->pdiscard) {
+        return 0;
+    }
+    /* Discarded data may read back differently: that is a change. */
+    bdrv_set_dirty(bs, offset, bytes);
+    uint32_t align = bs->request_alignment;
+    if (align > 1) {
+        /* Discard is advisory: shrink to whole aligned blocks. */
+        uint64_t start = ROUND_UP(offset, align);
+        uint64_t end = ROUND_DOWN(offset + bytes, align);
+        if (end <= start) {
+            return 0;
+        }
+        offset = start;
+        bytes = end - start;
+    }
+    return bs->drv->pdiscard(bs, offset, bytes);
+}
+
+int bdrv_flush(BlockDriverState *bs)
+{
+    if (bs->read_only || !bs->drv->flush) {
+        return 0;
+    }
+    return bs->drv->flush(bs);
+}
+
+static int layer_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                        uint64_t *pnum)
+{
+    if (!bs->drv->block_status) {
+        *pnum = bytes;
+        return BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED;
+    }
+    int r = bs->drv->block_status(bs, offset, bytes, pnum);
+    if (r >= 0 && (*pnum == 0 || *pnum > bytes)) {
+        *pnum = bytes;   /* defensive: a driver must make progress */
+    }
+    return r;
+}
+
+int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                      uint64_t *pnum)
+{
+    uint64_t len = bdrv_getlength(bs);
+    if (offset >= len) {
+        *pnum = 0;
+        return 0;
+    }
+    bytes = MIN(bytes, len - offset);
+    int r = layer_status(bs, offset, bytes, pnum);
+    if (r < 0) {
+        return r;
+    }
+    return !!(r & BDRV_BLOCK_ALLOCATED);
+}
+
+int bdrv_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                      uint64_t *pnum)
+{
+    uint64_t len = bdrv_getlength(bs);
+    if (offset >= len) {
+        *pnum = 0;
+        return 0;
+    }
+    bytes = MIN(bytes, len - offset);
+    BlockDriverState *cur = bs;
+    for (int depth = 0; depth <= BDRV_MAX_BACKING_DEPTH; depth++) {
+        uint64_t n;
+        int r = layer_status(cur, offset, bytes, &n);
+        if (r < 0) {
+            return r;
+        }
+        bytes = n;
+        if (r & BDRV_BLOCK_ALLOCATED) {
+            *pnum = bytes;
+            r &= BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO;
+            return cur == bs ? (r | BDRV_BLOCK_ALLOCATED) : r;
+        }
+        if (!cur->backing) {
+            break;
+        }
+        uint64_t blen = bdrv_getlength(cur->backing);
+        if (offset >= blen) {
+            break;   /* past the end of the backing file: zeroes */
+        }
+        bytes = MIN(bytes, blen - offset);
+        cur = cur->backing;
+    }
+    *pnum = bytes;
+    return BDRV_BLOCK_ZERO;
+}
+
+/* ---- persistent bitmaps and images ---- */
+
+bool bdrv_can_store_persistent_bitmaps(BlockDriverState *bs)
+{
+    return bs->drv->persistent_bitmap_add != NULL;
+}
+
+uint32_t bdrv_default_bitmap_granularity(BlockDriverState *bs)
+{
+    return 64 * 1024;
+}
+
+BdrvDirtyBitmap *bdrv_dirty_bitmap_add(BlockDriverState *bs, const char *name,
+                                       uint32_t granularity, bool persistent,
+                                       bool disabled, Error **errp)
+{
+    if (persistent) {
+        if (!bdrv_can_store_persistent_bitmaps(bs)) {
+            error_setg(errp, "Cannot store persistent bitmap '%s' in '%s': "
+                       "driver '%s' has no persistent bitmap support",
+                       name, bs->node_name, bs->drv->format_name);
+            return NULL;
+        }
+        if (bs->read_only) {
+            error_setg(errp, "Cannot add persistent bitmap '%s': node '%s' is "
+                       "read-only", name, bs->node_name);
+            return NULL;
+        }
+    }
+    if (granularity == 0) {
+        granularity = bdrv_default_bitmap_granularity(bs);
+    }
+    BdrvDirtyBitmap *bm = bdrv_create_dirty_bitmap(bs, granularity, name, errp);
+    if (!bm) {
+        return NULL;
+    }
+    if (disabled) {
+        bm->disabled = true;
+    }
+    if (persistent) {
+        bdrv_dirty_bitmap_set_persistent(bm, true);
+        if (!bs->drv->persistent_bitmap_add(bs, bm, errp)) {
+            bdrv_release_dirty_bitmap(bm);
+            return NULL;
+        }
+    }
+    return bm;
+}
+
+bool bdrv_dirty_bitmap_remove(BlockDriverState *bs, const char *name, Error **errp)
+{
+    BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, name);
+    if (!bm) {
+        error_setg(errp, "Dirty bitmap '%s' not found", name);
+        return false;
+    }
+    /* An inconsistent bitmap can (only) be removed. */
+    if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_BUSY, errp)) {
+        return false;
+    }
+    if (bm->persistent) {
+        if (bs->read_only) {
+            error_setg(errp, "Cannot remove persistent bitmap '%s': node '%s' is "
+                       "read-only", name, bs->node_name);
+            return false;
+        }
+        if (bs->drv->persistent_bitmap_remove &&
+            !bs->drv->persistent_bitmap_remove(bs, name, errp)) {
+            return false;
+        }
+    }
+    bdrv_release_dirty_bitmap(bm);
+    return true;
+}
+
+bool bdrv_store_bitmaps(BlockDriverState *bs, Error **errp)
+{
+    if (bs->read_only || !bs->drv->store_bitmaps) {
+        return true;
+    }
+    return bs->drv->store_bitmaps(bs, errp);
+}
+
+bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
+                     struct json_object *opts, Error **errp)
+{
+    const BlockDriver *drv = bdrv_find_format(format);
+    if (!drv) {
+        error_setg(errp, "Unknown file format '%s'", format);
+        return false;
+    }
+    if (!drv->create) {
+        error_setg(errp, "Format driver '%s' does not support image creation",
+                   format);
+        return false;
+    }
+    if (size > BDRV_MAX_LENGTH) {
+        error_setg(errp, "Image size must be at most %llu bytes",
+                   (unsigned long long)BDRV_MAX_LENGTH);
+        return false;
+    }
+    _cleanup_json_ struct json_object *empty = NULL;
+    if (!opts) {
+        opts = empty = json_object_new_object();
+    }
+    return drv->create(filename, size, opts, errp);
+}

@@ -1,0 +1,230 @@
+/*
+ * The block layer: a graph of nodes.  A node (BlockDriverState) is a driver
+ * vtable plus the driver's private state, its children (`file` for the
+ * protocol below a format, `backing` for copy-on-write overlays) and its
+ * named dirty bitmaps.
+ *
+ * I/O functions here (bdrv_preadv, bdrv_pwritev, ...) are the only way data
+ * enters or leaves a node.  They
+ *   1. check the request against the node's length and read-only state,
+ *   2. handle request alignment in one place (read-modify-write for writes,
+ *      bounce buffers for reads) when the driver needs alignment > 1,
+ *   3. for writes, mark every enabled dirty bitmap BEFORE calling the driver
+ *      (DESIGN.md invariant 1),
+ *   4. call the driver.
+ * They are thread-safe: any number of threads may issue requests to the same
+ * node at once; drivers protect their own metadata.
+ *
+ * Data-path functions return 0 or a positive count on success and -errno on
+ * failure; they never log.  Setup functions take Error **errp.
+ */
+#ifndef BITBACK_BLOCK_H
+#define BITBACK_BLOCK_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+#include <json-c/json.h>
+
+#include "bitmap/dirty-bitmap.h"
+#include "util/error.h"
+
+typedef struct BlockDriver BlockDriver;
+typedef struct BlockDriverState BlockDriverState;
+
+/* Largest request any node accepts (the NBD server splits nothing larger). */
+#define BDRV_MAX_REQUEST (64u * 1024 * 1024)
+/* Largest image size we accept: 2^63 - 1 would overflow offsets+len; cap at
+ * 2^62 bytes (4 EiB). */
+#define BDRV_MAX_LENGTH (UINT64_C(1) << 62)
+
+/* Open flags. */
+#define BDRV_O_RDWR     0x0001   /* open for writing */
+#define BDRV_O_NOCACHE  0x0002   /* O_DIRECT on file nodes */
+#define BDRV_O_NO_BACKING 0x0004 /* do not open the image's backing file */
+
+/* Request flags. */
+#define BDRV_REQ_FUA          0x0001  /* write: data durable on return */
+#define BDRV_REQ_MAY_UNMAP    0x0002  /* write_zeroes: may deallocate */
+#define BDRV_REQ_NO_FALLBACK  0x0004  /* write_zeroes: -ENOTSUP unless fast */
+
+/* block_status result bits. */
+#define BDRV_BLOCK_DATA       0x01  /* the range holds data (may be non-zero) */
+#define BDRV_BLOCK_ZERO       0x02  /* the range reads as zeroes */
+#define BDRV_BLOCK_ALLOCATED  0x04  /* this layer (not backing) decides content */
+
+struct BlockDriver {
+    const char *format_name;
+    size_t instance_size;          /* bytes of bs->opaque, zero-filled */
+    bool is_protocol;              /* true for "file": opened on a filename */
+    bool supports_backing;         /* may have bs->backing */
+
+    /* Score 0..100: how sure the driver is that buf (the first bytes of
+     * the file, len of them) is its format.  Optional. */
+    int (*probe)(const uint8_t *buf, size_t len, const char *filename);
+
+    /* Open the node: options is the full blockdev-add object (driver,
+     * node-name, file, backing, filename, ...).  For format drivers, block.c
+     * has already opened bs->file before calling open.  bs->backing is opened
+     * by the driver (it knows where its backing file is named) through
+     * bdrv_open_backing(). */
+    bool (*open)(BlockDriverState *bs, struct json_object *options, int flags,
+                 Error **errp);
+    /* Free driver state.  Persistent bitmaps were already stored. */
+    void (*close)(BlockDriverState *bs);
+
+    int64_t (*getlength)(BlockDriverState *bs);
+    int (*preadv)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                  const struct iovec *iov, int niov, int flags);
+    int (*pwritev)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                   const struct iovec *iov, int niov, int flags);
+    int (*pwrite_zeroes)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                         int flags);                       /* optional */
+    int (*pdiscard)(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
+    int (*flush)(BlockDriverState *bs);
+    /* Status of the range starting at offset: returns BDRV_BLOCK_* bits and
+     * sets *pnum (1 <= *pnum <= bytes) to how far that status holds.
+     * A driver without block_status is treated as all data, allocated. */
+    int (*block_status)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                        uint64_t *pnum);
+
+    /* Persistent bitmaps (optional; a node whose driver lacks them refuses
+     * persistent=true).  Called with bs->lock NOT held. */
+    bool (*persistent_bitmap_add)(BlockDriverState *bs, BdrvDirtyBitmap *bm,
+                                  Error **errp);
+    bool (*persistent_bitmap_remove)(BlockDriverState *bs, const char *name,
+                                     Error **errp);
+    /* Write every persistent bitmap durably and mark it clean.  Called by
+     * bdrv_close() before close, and by bdrv_store_bitmaps(). */
+    bool (*store_bitmaps)(BlockDriverState *bs, Error **errp);
+
+    /* Create an image file (img create).  opts holds the -o options as
+     * strings.  Optional. */
+    bool (*create)(const char *filename, uint64_t size,
+                   struct json_object *opts, Error **errp);
+    /* Add format-specific fields to `info` (the "data" object of qemu-img
+     * info's "format-specific").  Optional. */
+    void (*info)(BlockDriverState *bs, struct json_object *data);
+    /* Consistency check: returns the number of errors found (0 = clean) and
+     * appends one line per problem to *report (malloc'd text).  -errno if
+     * the check itself could not run.  Optional. */
+    int (*check)(BlockDriverState *bs, char **report);
+};
+
+struct BlockDriverState {
+    const BlockDriver *drv;
+    void *opaque;                  /* drv->instance_size bytes */
+    char *node_name;               /* unique in the graph */
+    char *filename;                /* for info: the image's file name */
+    BlockDriverState *file;        /* protocol child (formats only), owned */
+    BlockDriverState *backing;     /* backing child or NULL, owned */
+    bool read_only;
+    int open_flags;
+    uint32_t request_alignment;    /* set by the driver's open; default 1 */
+    bool auto_node_name;           /* node_name was generated */
+    bool user_owned;               /* opened by the user (blockdev-add,
+                                      --blockdev, the CLI), not as a child */
+    int refcnt;                    /* users: owner 1, parents, exports, jobs */
+    uint64_t size;                 /* length in bytes, cached at open; protocol
+                                      nodes grow it on writes past the end */
+    pthread_rwlock_t rmw_lock;     /* unaligned read-modify-write excludes
+                                      other writes (only when alignment > 1) */
+
+    pthread_mutex_t lock;          /* protects dirty_bitmaps */
+    BdrvDirtyBitmap *dirty_bitmaps;
+
+    BlockDriverState *next_node;   /* global list of named nodes */
+};
+
+/* Registry of drivers (file, raw, qbm, ...). */
+const BlockDriver *bdrv_find_format(const char *name);
+/* Driver names, NULL-terminated. */
+const char *const *bdrv_format_names(void);
+
+/* Open a node from a blockdev-add style options object:
+ *   {"driver": "qbm", "node-name": "d0", "read-only": false,
+ *    "file": {"driver":"file","filename":"x.qbm"} | "existing-node-name",
+ *    "backing": "node" | {...} | null,  ...driver options}
+ * Shorthand accepted for format drivers: "file" may be omitted when
+ * "filename" is given (opens a file node under it).
+ * The node joins the global graph with refcnt 1.  Not thread-safe with other
+ * graph changes (callers are the main thread). */
+BlockDriverState *bdrv_open_options(struct json_object *options, int flags,
+                                    Error **errp);
+/* Open an image by file name: format NULL means probe (qbm descriptor,
+ * qcow2 magic, else raw).  The returned node is a format node over a file
+ * node. */
+BlockDriverState *bdrv_open_image(const char *filename, const char *format,
+                                  int flags, Error **errp);
+/* For drivers: open the backing image named `backing_name` (relative names
+ * resolve against the folder of bs->filename) with format `backing_fmt`
+ * (NULL = probe), read-only, unless options has "backing" (a node name
+ * string, an object, or null), which wins.  Sets bs->backing. */
+bool bdrv_open_backing(BlockDriverState *bs, struct json_object *options,
+                       const char *backing_name, const char *backing_fmt,
+                       Error **errp);
+
+/* Take / drop a reference.  Dropping the last one closes the node:
+ * persistent bitmaps are stored (errors reported on stderr), the driver's
+ * close runs, children are unref'd. */
+void bdrv_ref(BlockDriverState *bs);
+void bdrv_unref(BlockDriverState *bs);
+/* Close a node now, reporting bitmap-store errors through errp.  The node
+ * is freed whatever the result. */
+bool bdrv_close(BlockDriverState *bs, Error **errp);
+
+BlockDriverState *bdrv_find_node(const char *node_name);
+/* Iterate the graph: first with NULL. */
+BlockDriverState *bdrv_next_node(BlockDriverState *bs);
+
+int64_t bdrv_getlength(BlockDriverState *bs);
+
+/* I/O.  Requests must lie within the node's length and be at most
+ * BDRV_MAX_REQUEST bytes (-EINVAL otherwise); writes to read-only nodes
+ * fail with -EPERM. */
+int bdrv_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                const struct iovec *iov, int niov, int flags);
+int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                 const struct iovec *iov, int niov, int flags);
+int bdrv_pread(BlockDriverState *bs, uint64_t offset, void *buf, uint64_t bytes);
+int bdrv_pwrite(BlockDriverState *bs, uint64_t offset, const void *buf,
+                uint64_t bytes, int flags);
+/* Without driver support (or with BDRV_REQ_NO_FALLBACK missing) falls back
+ * to writing a zero buffer.  With NO_FALLBACK and no fast path: -ENOTSUP. */
+int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                       int flags);
+int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
+int bdrv_flush(BlockDriverState *bs);
+
+/* Status of this node's content at offset, following the backing chain:
+ * DATA/ZERO describe what a read returns; ALLOCATED says whether this top
+ * layer holds it.  Sets *pnum as the driver hook does. */
+int bdrv_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                      uint64_t *pnum);
+/* Only this layer: is [offset, +*pnum) allocated in bs itself? */
+int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                      uint64_t *pnum);
+
+/* Persistent bitmap management through the driver. */
+bool bdrv_can_store_persistent_bitmaps(BlockDriverState *bs);
+/* Add a named bitmap as QMP's block-dirty-bitmap-add does. */
+BdrvDirtyBitmap *bdrv_dirty_bitmap_add(BlockDriverState *bs, const char *name,
+                                       uint32_t granularity, bool persistent,
+                                       bool disabled, Error **errp);
+/* Remove a bitmap (also from the image when persistent). */
+bool bdrv_dirty_bitmap_remove(BlockDriverState *bs, const char *name,
+                              Error **errp);
+bool bdrv_store_bitmaps(BlockDriverState *bs, Error **errp);
+
+/* Default granularity for a new bitmap on bs: 64 KiB. */
+uint32_t bdrv_default_bitmap_granularity(BlockDriverState *bs);
+
+/* Forget the node's cached length and ask the driver again. */
+int64_t bdrv_refresh_length(BlockDriverState *bs);
+
+/* Image creation through a driver (img create). */
+bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
+                     struct json_object *opts, Error **errp);
+
+#endif

@@ -1,0 +1,104 @@
+/*
+ * The "raw" format driver: the image is the bytes of its protocol child,
+ * unchanged.  Everything is passed straight through to bs->file.  raw has
+ * no place for metadata, so persistent bitmaps on raw data need a QBM
+ * wrapper (qbm.c).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "block/block.h"
+#include "util/cleanup.h"
+
+static bool raw_open(BlockDriverState *bs, struct json_object *options, int flags,
+                     Error **errp)
+{
+    bs->request_alignment = bs->file->request_alignment;
+    return true;
+}
+
+static int64_t raw_getlength(BlockDriverState *bs)
+{
+    return bdrv_getlength(bs->file);
+}
+
+static int raw_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                      const struct iovec *iov, int niov, int flags)
+{
+    return bdrv_preadv(bs->file, offset, bytes, iov, niov, flags);
+}
+
+static int raw_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                       const struct iovec *iov, int niov, int flags)
+{
+    return bdrv_pwritev(bs->file, offset, bytes, iov, niov, flags);
+}
+
+static int raw_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
+                             uint64_t bytes, int flags)
+{
+    return bdrv_pwrite_zeroes(bs->file, offset, bytes, flags);
+}
+
+static int raw_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
+    return bdrv_pdiscard(bs->file, offset, bytes);
+}
+
+static int raw_flush(BlockDriverState *bs)
+{
+    return bdrv_flush(bs->file);
+}
+
+static int raw_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                            uint64_t *pnum)
+{
+    int r = bdrv_block_status(bs->file, offset, bytes, pnum);
+    if (r < 0) {
+        return r;
+    }
+    return (r & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO)) | BDRV_BLOCK_ALLOCATED;
+}
+
+static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
+{
+    return 1;   /* anything is raw, as a last resort */
+}
+
+static bool raw_create(const char *filename, uint64_t size,
+                       struct json_object *opts, Error **errp)
+{
+    struct json_object_iterator it = json_object_iter_begin(opts);
+    struct json_object_iterator end = json_object_iter_end(opts);
+    if (!json_object_iter_equal(&it, &end)) {
+        error_setg(errp, "Invalid parameter '%s' for format raw",
+                   json_object_iter_peek_name(&it));
+        return false;
+    }
+    _cleanup_close_ int fd = open(filename, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Could not create '%s'", filename);
+        return false;
+    }
+    if (ftruncate(fd, (off_t)size) < 0) {
+        error_setg_errno(errp, errno, "Could not resize '%s'", filename);
+        return false;
+    }
+    return true;
+}
+
+const BlockDriver bdrv_raw = {
+    .format_name = "raw",
+    .instance_size = 0,
+    .probe = raw_probe,
+    .open = raw_open,
+    .getlength = raw_getlength,
+    .preadv = raw_preadv,
+    .pwritev = raw_pwritev,
+    .pwrite_zeroes = raw_pwrite_zeroes,
+    .pdiscard = raw_pdiscard,
+    .flush = raw_flush,
+    .block_status = raw_block_status,
+    .create = raw_create,
+};

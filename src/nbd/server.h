@@ -1,0 +1,52 @@
+/*
+ * The NBD server: listens on one UNIX or TCP socket, serves named exports of
+ * block nodes with the fixed newstyle handshake, structured replies and the
+ * base:allocation and qemu:dirty-bitmap:NAME metadata contexts
+ * (NetworkBlockDevice/nbd doc/proto.md).
+ *
+ * Control functions here are called from the main thread (command line and
+ * QMP); the server runs its own threads for connections and requests.
+ */
+#ifndef BITBACK_NBD_SERVER_H
+#define BITBACK_NBD_SERVER_H
+
+#include <stdbool.h>
+#include <json-c/json.h>
+#include "block/block.h"
+#include "util/error.h"
+
+typedef struct NBDExport NBDExport;
+
+/* Start listening.  addr is a QAPI SocketAddress:
+ *   {"type":"unix","path":"/run/x.sock"} or
+ *   {"type":"inet","host":"127.0.0.1","port":"10809"} (port as string or int).
+ * max_connections 0 means unlimited.  Fails if a server is running. */
+bool nbd_server_start(struct json_object *addr, unsigned max_connections,
+                      Error **errp);
+bool nbd_server_is_running(void);
+/* Stop listening, disconnect every client (in-flight requests finish and are
+ * answered first), and remove every export.  No-op when not running. */
+void nbd_server_stop(void);
+
+/* Add an export of bs named `name` (defaults to the node name when NULL).
+ * bitmaps: names of dirty bitmaps found on bs or below it in its backing
+ * chain, served as qemu:dirty-bitmap:NAME.  Takes a reference on bs.
+ * The server need not be running yet (exports from the command line are
+ * added before --nbd-server is processed in some orders). */
+NBDExport *nbd_export_add(const char *id, BlockDriverState *bs,
+                          const char *name, const char *description,
+                          bool writable, const char *const *bitmaps,
+                          int nbitmaps, Error **errp);
+/* Remove an export (block-export-del).  force=false is QEMU's mode "safe":
+ * fail while clients are connected.  force=true is mode "hard": disconnect
+ * its clients (in-flight requests are answered first), then remove. */
+bool nbd_export_del(const char *id, bool force, Error **errp);
+NBDExport *nbd_export_find(const char *id);
+NBDExport *nbd_export_find_by_name(const char *name);
+/* query-block-exports: a new JSON array of
+ * {"type":"nbd","id":...,"node-name":...,"shutting-down":false}. */
+struct json_object *nbd_export_query(void);
+/* True when any export uses node bs (blockdev-del refuses then). */
+bool nbd_node_is_exported(BlockDriverState *bs);
+
+#endif

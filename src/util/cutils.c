@@ -1,0 +1,251 @@
+/*
+ * Small utilities shared by the CLI, the daemon and the drivers: qemu-img
+ * style size parsing, random UUIDs, full-length positional I/O, path
+ * helpers, and durable atomic replacement of small files (QBM descriptors,
+ * backup manifests).
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "util/cleanup.h"
+#include "util/cutils.h"
+
+bool parse_size(const char *str, const char *what, uint64_t *ret, Error **errp)
+{
+    if (!str || !*str) {
+        error_setg(errp, "%s: empty size", what);
+        return false;
+    }
+    const char *p = str;
+    while (isspace((unsigned char)*p)) {
+        p++;
+    }
+    if (*p == '-' || *p == '+') {
+        error_setg(errp, "%s: invalid size '%s'", what, str);
+        return false;
+    }
+    errno = 0;
+    char *end = NULL;
+    unsigned long long whole = strtoull(p, &end, 10);
+    if (end == p || errno) {
+        error_setg(errp, "%s: invalid size '%s'", what, str);
+        return false;
+    }
+    double frac = 0;
+    if (*end == '.') {
+        char *fend = NULL;
+        frac = strtod(end, &fend);
+        if (fend == end + 1) {
+            error_setg(errp, "%s: invalid size '%s'", what, str);
+            return false;
+        }
+        end = fend;
+    }
+    unsigned shift = 0;
+    switch (toupper((unsigned char)*end)) {
+    case '\0': break;
+    case 'B': shift = 0; end++; break;
+    case 'K': shift = 10; end++; break;
+    case 'M': shift = 20; end++; break;
+    case 'G': shift = 30; end++; break;
+    case 'T': shift = 40; end++; break;
+    case 'P': shift = 50; end++; break;
+    case 'E': shift = 60; end++; break;
+    default:
+        error_setg(errp, "%s: invalid size '%s' (suffixes: K, M, G, T, P, E)", what, str);
+        return false;
+    }
+    if (*end != '\0') {
+        error_setg(errp, "%s: invalid size '%s'", what, str);
+        return false;
+    }
+    if (frac != 0 && shift == 0) {
+        error_setg(errp, "%s: fractional byte count '%s'", what, str);
+        return false;
+    }
+    if (shift && whole > (UINT64_MAX >> shift)) {
+        error_setg(errp, "%s: size '%s' is too large", what, str);
+        return false;
+    }
+    uint64_t v = (uint64_t)whole << shift;
+    if (frac != 0) {
+        double extra = frac * (double)(UINT64_C(1) << shift);
+        if ((double)(UINT64_MAX - v) < extra) {
+            error_setg(errp, "%s: size '%s' is too large", what, str);
+            return false;
+        }
+        v += (uint64_t)extra;
+    }
+    *ret = v;
+    return true;
+}
+
+void uuid_generate_str(char out[UUID_STR_LEN])
+{
+    uint8_t b[16];
+    size_t got = 0;
+    while (got < sizeof(b)) {
+        ssize_t r = getrandom(b + got, sizeof(b) - got, 0);
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            abort();
+        }
+        got += (size_t)r;
+    }
+    b[6] = (uint8_t)((b[6] & 0x0f) | 0x40);
+    b[8] = (uint8_t)((b[8] & 0x3f) | 0x80);
+    snprintf(out, UUID_STR_LEN,
+             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
+             b[11], b[12], b[13], b[14], b[15]);
+}
+
+bool uuid_is_valid_str(const char *s)
+{
+    if (!s || strlen(s) != 36) {
+        return false;
+    }
+    for (int i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-') {
+                return false;
+            }
+        } else if (!isxdigit((unsigned char)s[i])) {
+            return false;
+        }
+    }
+    return true;
+}
+
+int pread_full(int fd, void *buf, size_t len, off_t off)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t r = pread(fd, p, len, off);
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        if (r == 0) {
+            return -EIO;
+        }
+        p += r;
+        len -= (size_t)r;
+        off += r;
+    }
+    return 0;
+}
+
+int pwrite_full(int fd, const void *buf, size_t len, off_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t r = pwrite(fd, p, len, off);
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        p += r;
+        len -= (size_t)r;
+        off += r;
+    }
+    return 0;
+}
+
+char *path_dirname(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash) {
+        return strdup(".");
+    }
+    if (slash == path) {
+        return strdup("/");
+    }
+    return strndup(path, (size_t)(slash - path));
+}
+
+char *path_join(const char *dir, const char *name)
+{
+    if (name[0] == '/' || !dir || !*dir) {
+        return strdup(name);
+    }
+    char *s = NULL;
+    if (asprintf(&s, "%s/%s", dir, name) < 0) {
+        return NULL;
+    }
+    return s;
+}
+
+bool path_is_simple_name(const char *name)
+{
+    return name && *name && !strchr(name, '/') && strcmp(name, ".") != 0 &&
+           strcmp(name, "..") != 0;
+}
+
+int fsync_parent_dir(const char *path)
+{
+    _cleanup_free_ char *dir = path_dirname(path);
+    if (!dir) {
+        return -ENOMEM;
+    }
+    _cleanup_close_ int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) {
+        return -errno;
+    }
+    if (fsync(fd) < 0) {
+        return -errno;
+    }
+    return 0;
+}
+
+bool file_replace_atomic(const char *path, const void *data, size_t len,
+                         Error **errp)
+{
+    _cleanup_free_ char *tmp = NULL;
+    if (asprintf(&tmp, "%s.tmp", path) < 0) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "cannot create '%s'", tmp);
+        return false;
+    }
+    int r = pwrite_full(fd, data, len, 0);
+    if (r == 0 && fsync(fd) < 0) {
+        r = -errno;
+    }
+    if (close(fd) < 0 && r == 0) {
+        r = -errno;
+    }
+    if (r < 0) {
+        unlink(tmp);
+        error_setg_errno(errp, -r, "cannot write '%s'", tmp);
+        return false;
+    }
+    if (rename(tmp, path) < 0) {
+        int e = errno;
+        unlink(tmp);
+        error_setg_errno(errp, e, "cannot rename '%s' to '%s'", tmp, path);
+        return false;
+    }
+    r = fsync_parent_dir(path);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "cannot sync the folder of '%s'", path);
+        return false;
+    }
+    return true;
+}

@@ -1,0 +1,45 @@
+/*
+ * Small utilities: qemu-img style size parsing, UUIDs, path helpers,
+ * full-length pread/pwrite, durable file replacement.
+ */
+#ifndef BITBACK_CUTILS_H
+#define BITBACK_CUTILS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include "util/error.h"
+
+/* Parse "123", "64K", "1.5G", "2T" (suffixes K M G T P E, case-insensitive,
+ * powers of 1024; "B" or "b" means bytes).  Returns false on garbage or
+ * overflow, with a message naming `what`. */
+bool parse_size(const char *str, const char *what, uint64_t *ret, Error **errp);
+
+/* A fresh random (version 4) UUID in canonical text form (36 chars + NUL). */
+#define UUID_STR_LEN 37
+void uuid_generate_str(char out[UUID_STR_LEN]);
+bool uuid_is_valid_str(const char *s);
+
+/* pread/pwrite that loop over short transfers and EINTR.  They return 0 on
+ * success, -errno on failure; a read past EOF returns -EIO (short file). */
+int pread_full(int fd, void *buf, size_t len, off_t off);
+int pwrite_full(int fd, const void *buf, size_t len, off_t off);
+
+/* Directory part of path ("." when there is none).  Caller frees. */
+char *path_dirname(const char *path);
+/* Join dir and name unless name is absolute.  Caller frees. */
+char *path_join(const char *dir, const char *name);
+/* True if name is a plain file name inside a folder: not empty, no '/',
+ * not "." or "..". */
+bool path_is_simple_name(const char *name);
+
+/* Atomically replace `path` with `len` bytes of data: write path.tmp,
+ * fsync it, rename over path, fsync the folder.  A crash at any point leaves
+ * either the old or the new file.  Returns false with errp set on failure. */
+bool file_replace_atomic(const char *path, const void *data, size_t len,
+                         Error **errp);
+/* fsync the folder that holds `path`. */
+int fsync_parent_dir(const char *path);
+
+#endif

@@ -1,0 +1,51 @@
+"""Shared pytest fixtures for bitback's integration tests.
+
+Binaries come from the meson build folder named by $BITBACK_BUILD
+(default: <repo>/build).  Tests run with Debian's /usr/bin/python3 so that
+python3-libnbd is importable.
+"""
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+BUILD = pathlib.Path(os.environ.get("BITBACK_BUILD", REPO / "build"))
+if not BUILD.is_absolute():
+    BUILD = REPO / BUILD
+BITBACK = str(BUILD / "bitback")
+BITBACKD = str(BUILD / "bitbackd")
+
+
+def run(cmd, check=True, **kw):
+    """Run a command, capture text output, and fail with its stderr."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 300)
+    p = subprocess.run([str(c) for c in cmd], **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(
+            f"command failed ({p.returncode}): {' '.join(map(str, cmd))}\n"
+            f"stdout: {p.stdout}\nstderr: {p.stderr}")
+    return p
+
+
+def bitback(*args, check=True, **kw):
+    return run([BITBACK, *args], check=check, **kw)
+
+
+@pytest.fixture
+def bitback_bin():
+    return BITBACK
+
+
+@pytest.fixture
+def bitbackd_bin():
+    return BITBACKD
+
+
+def require(tool):
+    if shutil.which(tool) is None:
+        pytest.fail(f"{tool} is not installed: run scripts/install-deps.sh")
