@@ -1,0 +1,315 @@
+/*
+ * Unit tests for the block layer core (block.c, file.c, raw.c) and named
+ * dirty bitmaps (dirty-bitmap.c):
+ *  - random unaligned reads and writes, buffered and O_DIRECT, against a
+ *    plain in-memory model of the image;
+ *  - invariant 1: the bitmap bit is set before the driver sees the write
+ *    (a wrapping driver checks it on every write);
+ *  - bitmap states: disabled bitmaps do not record, merge leaves the target
+ *    untouched when it fails, busy/inconsistent bitmaps refuse changes;
+ *  - block status on a sparse file.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "block/block.h"
+#include "util/cleanup.h"
+
+#define IMG_SIZE (8u * 1024 * 1024)
+
+static char tmpdir[] = "/tmp/bitback-test-block-XXXXXX";
+
+static char *make_image(const char *name, uint64_t size)
+{
+    char *path = NULL;
+    assert_true(asprintf(&path, "%s/%s", tmpdir, name) > 0);
+    Error *err = NULL;
+    bool ok = bdrv_img_create(path, "raw", size, NULL, &err);
+    if (!ok) {
+        fail_msg("create: %s", error_get_pretty(err));
+    }
+    return path;
+}
+
+static BlockDriverState *open_raw(const char *path, bool direct)
+{
+    _cleanup_json_ struct json_object *opts = json_object_new_object();
+    struct json_object *file = json_object_new_object();
+    json_object_object_add(file, "driver", json_object_new_string("file"));
+    json_object_object_add(file, "filename", json_object_new_string(path));
+    if (direct) {
+        struct json_object *cache = json_object_new_object();
+        json_object_object_add(cache, "direct", json_object_new_boolean(true));
+        json_object_object_add(file, "cache", cache);
+    }
+    json_object_object_add(opts, "driver", json_object_new_string("raw"));
+    json_object_object_add(opts, "file", file);
+    Error *err = NULL;
+    BlockDriverState *bs = bdrv_open_options(opts, BDRV_O_RDWR, &err);
+    if (!bs && direct) {
+        error_free(err);
+        return NULL;    /* this filesystem has no O_DIRECT */
+    }
+    if (!bs) {
+        fail_msg("open: %s", error_get_pretty(err));
+    }
+    return bs;
+}
+
+static void random_io(BlockDriverState *bs)
+{
+    uint8_t *model = calloc(1, IMG_SIZE);
+    uint8_t *buf = malloc(256 * 1024);
+    assert_non_null(model);
+    assert_non_null(buf);
+    srand(42);
+    for (int i = 0; i < 400; i++) {
+        uint64_t len = 1 + (uint64_t)rand() % (200 * 1024);
+        uint64_t off = (uint64_t)rand() % (IMG_SIZE - len);
+        int op = rand() % 3;
+        if (op == 0) {
+            for (uint64_t j = 0; j < len; j++) {
+                buf[j] = (uint8_t)rand();
+            }
+            assert_int_equal(bdrv_pwrite(bs, off, buf, len, 0), 0);
+            memcpy(model + off, buf, len);
+        } else if (op == 1) {
+            int flags = (rand() & 1) ? BDRV_REQ_MAY_UNMAP : 0;
+            assert_int_equal(bdrv_pwrite_zeroes(bs, off, len, flags), 0);
+            memset(model + off, 0, len);
+        } else {
+            assert_int_equal(bdrv_pread(bs, off, buf, len), 0);
+            assert_memory_equal(buf, model + off, len);
+        }
+    }
+    /* Whole-image check at the end, through odd-sized reads. */
+    for (uint64_t off = 0; off < IMG_SIZE; off += 100000) {
+        uint64_t len = MIN((uint64_t)100000, IMG_SIZE - off);
+        assert_int_equal(bdrv_pread(bs, off, buf, len), 0);
+        assert_memory_equal(buf, model + off, len);
+    }
+    free(model);
+    free(buf);
+}
+
+static void test_random_io_buffered(void **state)
+{
+    _cleanup_free_ char *path = make_image("buffered.raw", IMG_SIZE);
+    BlockDriverState *bs = open_raw(path, false);
+    random_io(bs);
+    assert_true(bdrv_close(bs, NULL));
+}
+
+static void test_random_io_direct(void **state)
+{
+    _cleanup_free_ char *path = make_image("direct.raw", IMG_SIZE);
+    BlockDriverState *bs = open_raw(path, true);
+    if (!bs) {
+        skip();
+    }
+    assert_int_equal(bs->request_alignment, 4096);
+    random_io(bs);
+    assert_true(bdrv_close(bs, NULL));
+}
+
+static void test_out_of_range(void **state)
+{
+    _cleanup_free_ char *path = make_image("range.raw", 1024 * 1024);
+    BlockDriverState *bs = open_raw(path, false);
+    uint8_t buf[512] = { 0 };
+    assert_int_equal(bdrv_pread(bs, 1024 * 1024 - 256, buf, 512), -EINVAL);
+    assert_int_equal(bdrv_pwrite(bs, 1024 * 1024, buf, 1, 0), -EINVAL);
+    assert_int_equal(bdrv_pwrite(bs, UINT64_MAX - 10, buf, 100, 0), -EINVAL);
+    assert_int_equal(bdrv_pwrite_zeroes(bs, 1024 * 1024 - 1, 2, 0), -EINVAL);
+    assert_true(bdrv_close(bs, NULL));
+
+    bs = bdrv_open_image(path, "raw", 0, NULL);
+    assert_non_null(bs);
+    assert_true(bs->read_only);
+    assert_int_equal(bdrv_pwrite(bs, 0, buf, 512, 0), -EPERM);
+    assert_int_equal(bdrv_pdiscard(bs, 0, 512), -EPERM);
+    assert_true(bdrv_close(bs, NULL));
+}
+
+/* ---- invariant 1: a wrapping driver checks the bit before each write ---- */
+
+static BlockDriverState *checked_top;
+static int checked_writes;
+static const BlockDriver *real_file_drv;
+
+static void assert_marked(uint64_t offset, uint64_t bytes)
+{
+    BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(checked_top, "b0");
+    assert_non_null(bm);
+    pthread_mutex_lock(&checked_top->lock);
+    for (uint64_t o = offset; o < offset + bytes; o += bm->granularity) {
+        assert_true(hbitmap_get(bm->hb, o));
+    }
+    assert_true(hbitmap_get(bm->hb, offset + bytes - 1));
+    pthread_mutex_unlock(&checked_top->lock);
+    checked_writes++;
+}
+
+static int checking_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                            const struct iovec *iov, int niov, int flags)
+{
+    assert_marked(offset, bytes);
+    return real_file_drv->pwritev(bs, offset, bytes, iov, niov, flags);
+}
+
+static int checking_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
+                                  uint64_t bytes, int flags)
+{
+    assert_marked(offset, bytes);
+    return real_file_drv->pwrite_zeroes(bs, offset, bytes, flags);
+}
+
+static void test_bitmap_marked_before_write(void **state)
+{
+    _cleanup_free_ char *path = make_image("order.raw", IMG_SIZE);
+    BlockDriverState *bs = open_raw(path, false);
+    static BlockDriver checking;
+    real_file_drv = bs->file->drv;
+    checking = *real_file_drv;
+    checking.pwritev = checking_pwritev;
+    checking.pwrite_zeroes = checking_pwrite_zeroes;
+    bs->file->drv = &checking;
+    checked_top = bs;
+    checked_writes = 0;
+
+    Error *err = NULL;
+    BdrvDirtyBitmap *bm = bdrv_dirty_bitmap_add(bs, "b0", 65536, false, false, &err);
+    assert_non_null(bm);
+    uint8_t buf[4096];
+    memset(buf, 0x5a, sizeof(buf));
+    assert_int_equal(bdrv_pwrite(bs, 65536 * 3 + 17, buf, sizeof(buf), 0), 0);
+    assert_int_equal(bdrv_pwrite(bs, 65536 * 10 - 1, buf, 2, BDRV_REQ_FUA), 0);
+    assert_int_equal(bdrv_pwrite_zeroes(bs, 65536 * 20, 65536 * 2, 0), 0);
+    assert_int_equal(checked_writes, 3);
+    /* Exactly the touched clusters: 3, 9, 10, 20, 21. */
+    size_t n;
+    BdrvDirtyExtent *ext = bdrv_dirty_bitmap_extents(bm, 0, IMG_SIZE, true, &n);
+    assert_int_equal(n, 3);
+    assert_int_equal(ext[0].start, 65536 * 3);
+    assert_int_equal(ext[0].length, 65536);
+    assert_int_equal(ext[1].start, 65536 * 9);
+    assert_int_equal(ext[1].length, 65536 * 2);
+    assert_int_equal(ext[2].start, 65536 * 20);
+    assert_int_equal(ext[2].length, 65536 * 2);
+    free(ext);
+    assert_int_equal(bdrv_dirty_bitmap_count(bm), 65536 * 5);
+    bs->file->drv = real_file_drv;
+    assert_true(bdrv_close(bs, NULL));
+}
+
+static void test_bitmap_states(void **state)
+{
+    _cleanup_free_ char *path = make_image("states.raw", IMG_SIZE);
+    BlockDriverState *bs = open_raw(path, false);
+    Error *err = NULL;
+    uint8_t buf[512] = { 1 };
+
+    BdrvDirtyBitmap *a = bdrv_dirty_bitmap_add(bs, "a", 65536, false, false, &err);
+    BdrvDirtyBitmap *d = bdrv_dirty_bitmap_add(bs, "d", 65536, false, true, &err);
+    BdrvDirtyBitmap *g = bdrv_dirty_bitmap_add(bs, "g", 4096, false, false, &err);
+    assert_non_null(a);
+    assert_non_null(d);
+    assert_non_null(g);
+    /* Duplicate names, bad granularities and persistence on raw fail. */
+    assert_null(bdrv_dirty_bitmap_add(bs, "a", 65536, false, false, &err));
+    error_freep(&err);
+    assert_null(bdrv_dirty_bitmap_add(bs, "x", 3000, false, false, &err));
+    error_freep(&err);
+    assert_null(bdrv_dirty_bitmap_add(bs, "x", 256, false, false, &err));
+    error_freep(&err);
+    assert_null(bdrv_dirty_bitmap_add(bs, "p", 65536, true, false, &err));
+    assert_non_null(strstr(error_get_pretty(err), "persistent"));
+    error_freep(&err);
+
+    assert_int_equal(bdrv_pwrite(bs, 0, buf, sizeof(buf), 0), 0);
+    assert_int_equal(bdrv_dirty_bitmap_count(a), 65536);
+    assert_int_equal(bdrv_dirty_bitmap_count(d), 0);     /* not recording */
+
+    /* Merge with mismatched granularity fails and leaves d untouched. */
+    BdrvDirtyBitmap *srcs[2] = { a, g };
+    assert_false(bdrv_merge_dirty_bitmaps(d, srcs, 2, &err));
+    error_freep(&err);
+    assert_int_equal(bdrv_dirty_bitmap_count(d), 0);
+    assert_true(bdrv_merge_dirty_bitmaps(d, srcs, 1, &err));
+    assert_int_equal(bdrv_dirty_bitmap_count(d), 65536);
+
+    /* Clear changes the generation; busy and inconsistent refuse. */
+    char gen[UUID_STR_LEN];
+    memcpy(gen, a->generation, sizeof(gen));
+    assert_true(bdrv_clear_dirty_bitmap(a, &err));
+    assert_string_not_equal(gen, a->generation);
+    assert_int_equal(bdrv_dirty_bitmap_count(a), 0);
+    bdrv_dirty_bitmap_set_busy(a, true);
+    assert_false(bdrv_clear_dirty_bitmap(a, &err));
+    error_freep(&err);
+    assert_false(bdrv_dirty_bitmap_remove(bs, "a", &err));
+    error_freep(&err);
+    bdrv_dirty_bitmap_set_busy(a, false);
+    bdrv_dirty_bitmap_set_inconsistent(g, "test");
+    assert_false(bdrv_enable_dirty_bitmap(g, &err));
+    assert_non_null(strstr(error_get_pretty(err), "inconsistent"));
+    error_freep(&err);
+    assert_true(bdrv_dirty_bitmap_remove(bs, "g", &err));
+    assert_null(bdrv_find_dirty_bitmap(bs, "g"));
+    assert_true(bdrv_disable_dirty_bitmap(a, &err));
+    assert_int_equal(bdrv_pwrite(bs, 1 << 20, buf, sizeof(buf), 0), 0);
+    assert_int_equal(bdrv_dirty_bitmap_count(a), 0);
+    assert_true(bdrv_close(bs, NULL));
+}
+
+static void test_block_status_sparse(void **state)
+{
+    _cleanup_free_ char *path = make_image("sparse.raw", IMG_SIZE);
+    BlockDriverState *bs = open_raw(path, false);
+    uint8_t buf[65536];
+    memset(buf, 7, sizeof(buf));
+    assert_int_equal(bdrv_pwrite(bs, 1 << 20, buf, sizeof(buf), 0), 0);
+    uint64_t pnum;
+    int r = bdrv_block_status(bs, 0, IMG_SIZE, &pnum);
+    assert_true(r & BDRV_BLOCK_ZERO);
+    assert_false(r & BDRV_BLOCK_DATA);
+    assert_true(pnum <= (1 << 20));
+    r = bdrv_block_status(bs, 1 << 20, IMG_SIZE - (1 << 20), &pnum);
+    assert_true(r & BDRV_BLOCK_DATA);
+    assert_true(r & BDRV_BLOCK_ALLOCATED);
+    assert_true(pnum >= 65536);
+    assert_true(bdrv_close(bs, NULL));
+}
+
+static int teardown_dir(void **state)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+int main(void)
+{
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_random_io_buffered),
+        cmocka_unit_test(test_random_io_direct),
+        cmocka_unit_test(test_out_of_range),
+        cmocka_unit_test(test_bitmap_marked_before_write),
+        cmocka_unit_test(test_bitmap_states),
+        cmocka_unit_test(test_block_status_sparse),
+    };
+    return cmocka_run_group_tests(tests, NULL, teardown_dir);
+}
