@@ -1,0 +1,71 @@
+/*
+ * Shared declarations of the offline `bitback` tool (src/cli).
+ *
+ * Each sub-command lives in its own file and has the signature of main():
+ * it parses its own options with getopt_long (argv[0] is the sub-command
+ * name), reports every failure exactly once on stderr with error_report*()
+ * and returns the process exit status.
+ *
+ *   img.c         img create / info / map / check   (qemu-img flags)
+ *   bitmap-cmd.c  bitmap --add/--remove/...         (qemu-img bitmap flags)
+ *   io.c          io -c 'write ...' ...             (qemu-io commands)
+ *   cli-util.c    helpers: sizes, JSON output, opening images
+ */
+#ifndef BITBACK_CLI_H
+#define BITBACK_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <json-c/json.h>
+
+#include "block/block.h"
+#include "util/error.h"
+
+/* Exit statuses (qemu-img check uses 2 for corruption, 3 for leaks). */
+#define CLI_EXIT_OK          0
+#define CLI_EXIT_ERROR       1
+#define CLI_EXIT_CORRUPT     2
+#define CLI_EXIT_CHECK_WARN  3
+
+int cli_cmd_img(int argc, char **argv);
+int cli_cmd_bitmap(int argc, char **argv);
+int cli_cmd_io(int argc, char **argv);
+
+void cli_img_usage(FILE *out);
+void cli_bitmap_usage(FILE *out);
+void cli_io_usage(FILE *out);
+
+/* Reset getopt so a sub-command can parse its own argv. */
+void cli_reset_getopt(void);
+
+/* Parse a size or offset with K/M/G/T/P/E suffixes; `what` names it in the
+ * error ("size", "offset", "length").  Rejects values above BDRV_MAX_LENGTH. */
+bool cli_parse_size(const char *str, const char *what, uint64_t *ret,
+                    Error **errp);
+
+/* Parse --output=human|json into *ret_json. */
+bool cli_parse_output(const char *arg, bool *ret_json, Error **errp);
+
+/* Human-readable size as qemu-img prints it ("1 MiB", "2.93 KiB").
+ * Writes into buf (at least 32 bytes) and returns it. */
+char *cli_size_to_str(uint64_t bytes, char *buf, size_t len);
+
+/* Print a JSON value pretty-printed with a trailing newline. */
+void cli_print_json(struct json_object *obj);
+
+/* Open FILE with format (NULL = probe).  Checks the format name first so
+ * the error is "Unknown file format 'x'". */
+BlockDriverState *cli_open_image(const char *filename, const char *format,
+                                 int flags, Error **errp);
+
+/* Close bs, storing persistent bitmaps; reports a store error on stderr
+ * and returns false. */
+bool cli_close_image(BlockDriverState *bs);
+
+/* The bitmap as a JSON object for `img info`:
+ * {name, granularity, flags, count, inconsistent, [inconsistent-reason],
+ *  generation, persistent}. */
+struct json_object *cli_bitmap_info(BdrvDirtyBitmap *bm);
+
+#endif
