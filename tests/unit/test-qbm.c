@@ -1,0 +1,298 @@
+/*
+ * Unit tests for the qbm driver's paths that the CLI cannot reach:
+ *  - many threads doing allocating writes into the same unallocated
+ *    clusters of an overlay at once (copy-on-write must be serialized and
+ *    never lose a neighbour's data), checked against an in-memory model;
+ *  - random writes, zero writes and reads on an overlay against the model,
+ *    also after a reopen;
+ *  - invariant 7: an allocation bit reaches the file only on flush;
+ *  - a store while the image stays open sets CLEAN, and the next write
+ *    clears it again before the data lands (invariant 1 of qbm.md).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "block/block.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+
+#define SIZE (4u * 1024 * 1024)
+#define CLUSTER (64u * 1024)
+
+static char tmpdir[] = "/tmp/bitback-test-qbm-XXXXXX";
+static uint8_t model[SIZE];
+
+static char *tpath(const char *name)
+{
+    char *p = NULL;
+    assert_true(asprintf(&p, "%s/%s", tmpdir, name) > 0);
+    return p;
+}
+
+static void die_on(Error *err)
+{
+    if (err) {
+        fail_msg("%s", error_get_pretty(err));
+    }
+}
+
+/* base.raw with a pattern (the model starts equal to it), and ov.qbm over it. */
+static char *make_overlay(const char *stem)
+{
+    _cleanup_free_ char *base = tpath("base.raw");
+    int fd = open(base, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    for (uint32_t i = 0; i < SIZE; i++) {
+        model[i] = (uint8_t)(i / 4096 * 7 + 1);
+    }
+    assert_int_equal(pwrite_full(fd, model, SIZE, 0), 0);
+    close(fd);
+    char name[64];
+    snprintf(name, sizeof(name), "%s.qbm", stem);
+    char *img = tpath(name);
+    struct json_object *opts = json_object_new_object();
+    json_object_object_add(opts, "backing", json_object_new_string("base.raw"));
+    json_object_object_add(opts, "backing-format", json_object_new_string("raw"));
+    Error *err = NULL;
+    bool ok = bdrv_img_create(img, "qbm", 0, opts, &err);
+    die_on(err);
+    assert_true(ok);
+    json_object_put(opts);
+    return img;
+}
+
+static BlockDriverState *open_img(const char *img, int flags)
+{
+    Error *err = NULL;
+    BlockDriverState *bs = bdrv_open_image(img, NULL, flags, &err);
+    die_on(err);
+    assert_non_null(bs);
+    assert_string_equal(bs->drv->format_name, "qbm");
+    return bs;
+}
+
+static void verify(BlockDriverState *bs)
+{
+    _cleanup_free_ uint8_t *buf = malloc(SIZE);
+    assert_int_equal(bdrv_pread(bs, 0, buf, SIZE), 0);
+    for (uint32_t i = 0; i < SIZE; i++) {
+        if (buf[i] != model[i]) {
+            fail_msg("byte %u: got 0x%02x, expected 0x%02x", i, buf[i], model[i]);
+        }
+    }
+}
+
+static uint8_t alloc_file_byte(const char *stem, uint32_t cluster, uint32_t *flags)
+{
+    char name[64];
+    snprintf(name, sizeof(name), "%s.alloc.bm", stem);
+    _cleanup_free_ char *p = tpath(name);
+    _cleanup_close_ int fd = open(p, O_RDONLY);
+    assert_true(fd >= 0);
+    uint8_t b;
+    assert_int_equal(pread_full(fd, &b, 1, 4096 + cluster / 8), 0);
+    if (flags) {
+        assert_int_equal(pread_full(fd, flags, 4, 16), 0);
+    }
+    return (uint8_t)((b >> (cluster % 8)) & 1);
+}
+
+/* ---- concurrent allocating writes ---- */
+
+#define NTHREADS 8
+#define CHUNK 4096u
+
+typedef struct Worker {
+    BlockDriverState *bs;
+    int id;
+    int err;
+} Worker;
+
+static void *worker(void *opaque)
+{
+    Worker *w = opaque;
+    uint8_t buf[CHUNK];
+    /* Chunks i with i % NTHREADS == id, in the first 1 MiB: every cluster
+     * is allocated by several threads at once. */
+    for (uint32_t i = (uint32_t)w->id; i < (1024 * 1024) / CHUNK; i += NTHREADS) {
+        memset(buf, 0x80 + w->id, sizeof(buf));
+        int r = bdrv_pwrite(w->bs, i * CHUNK, buf, CHUNK, 0);
+        if (r < 0) {
+            w->err = r;
+        }
+    }
+    return NULL;
+}
+
+static void test_concurrent_allocating_writes(void **state)
+{
+    _cleanup_free_ char *img = make_overlay("conc");
+    BlockDriverState *bs = open_img(img, BDRV_O_RDWR);
+    pthread_t th[NTHREADS];
+    Worker w[NTHREADS];
+    for (int t = 0; t < NTHREADS; t++) {
+        w[t] = (Worker){ .bs = bs, .id = t };
+        assert_int_equal(pthread_create(&th[t], NULL, worker, &w[t]), 0);
+    }
+    for (int t = 0; t < NTHREADS; t++) {
+        pthread_join(th[t], NULL);
+        assert_int_equal(w[t].err, 0);
+    }
+    for (uint32_t i = 0; i < (1024 * 1024) / CHUNK; i++) {
+        memset(model + i * CHUNK, 0x80 + (int)(i % NTHREADS), CHUNK);
+    }
+    verify(bs);
+    Error *err = NULL;
+    assert_true(bdrv_close(bs, &err));
+    die_on(err);
+    bs = open_img(img, 0);
+    verify(bs);
+    bdrv_unref(bs);
+}
+
+/* ---- random I/O against the model ---- */
+
+static void test_random_overlay_io(void **state)
+{
+    _cleanup_free_ char *img = make_overlay("rand");
+    BlockDriverState *bs = open_img(img, BDRV_O_RDWR);
+    srand(1234);
+    _cleanup_free_ uint8_t *buf = malloc(256 * 1024);
+    for (int n = 0; n < 400; n++) {
+        uint32_t off = (uint32_t)rand() % SIZE;
+        uint32_t len = 1 + (uint32_t)rand() % (256 * 1024);
+        if (off + len > SIZE) {
+            len = SIZE - off;
+        }
+        int op = rand() % 4;
+        if (op == 0) {
+            assert_int_equal(bdrv_pwrite_zeroes(bs, off, len, 0), 0);
+            memset(model + off, 0, len);
+        } else if (op == 1) {
+            assert_int_equal(bdrv_pread(bs, off, buf, len), 0);
+            assert_memory_equal(buf, model + off, len);
+        } else if (op == 2 && n % 10 == 0) {
+            assert_int_equal(bdrv_flush(bs), 0);
+        } else {
+            memset(buf, n & 0xff, len);
+            assert_int_equal(bdrv_pwrite(bs, off, buf, len,
+                                         n % 7 == 0 ? BDRV_REQ_FUA : 0), 0);
+            memcpy(model + off, buf, len);
+        }
+    }
+    verify(bs);
+    /* block_status agrees with reads: unallocated ranges come from base. */
+    uint64_t pos = 0;
+    while (pos < SIZE) {
+        uint64_t pnum;
+        int r = bdrv_block_status(bs, pos, SIZE - pos, &pnum);
+        assert_true(r >= 0);
+        assert_true(pnum > 0);
+        pos += pnum;
+    }
+    Error *err = NULL;
+    assert_true(bdrv_close(bs, &err));
+    die_on(err);
+    bs = open_img(img, 0);
+    verify(bs);
+    bdrv_unref(bs);
+}
+
+/* ---- invariant 7: allocation bits reach the file only on flush ---- */
+
+static void test_allocation_bits_on_flush(void **state)
+{
+    _cleanup_free_ char *img = make_overlay("flush");
+    BlockDriverState *bs = open_img(img, BDRV_O_RDWR);
+    uint32_t flags;
+    uint8_t buf[512];
+    memset(buf, 0x5a, sizeof(buf));
+    assert_int_equal(alloc_file_byte("flush", 3, &flags), 0);
+    assert_int_equal(flags & 1, 0);      /* open for writing: not CLEAN */
+    assert_int_equal(bdrv_pwrite(bs, 3 * CLUSTER + 100, buf, sizeof(buf), 0), 0);
+    assert_int_equal(alloc_file_byte("flush", 3, NULL), 0);   /* still pending */
+    assert_int_equal(bdrv_flush(bs), 0);
+    assert_int_equal(alloc_file_byte("flush", 3, NULL), 1);
+    /* A FUA write is durable, allocation included, on return. */
+    assert_int_equal(bdrv_pwrite(bs, 9 * CLUSTER, buf, sizeof(buf), BDRV_REQ_FUA), 0);
+    assert_int_equal(alloc_file_byte("flush", 9, NULL), 1);
+    Error *err = NULL;
+    assert_true(bdrv_close(bs, &err));
+    die_on(err);
+    assert_int_equal(alloc_file_byte("flush", 3, &flags), 1);
+    assert_int_equal(flags, 1);          /* CLEAN after close */
+}
+
+/* ---- store while open, then write again ---- */
+
+static uint32_t bitmap_flags(const char *file)
+{
+    _cleanup_free_ char *p = tpath(file);
+    _cleanup_close_ int fd = open(p, O_RDONLY);
+    assert_true(fd >= 0);
+    uint32_t f;
+    assert_int_equal(pread_full(fd, &f, 4, 16), 0);
+    return f;
+}
+
+static void test_store_then_write_reclears_clean(void **state)
+{
+    _cleanup_free_ char *img = tpath("st.qbm");
+    Error *err = NULL;
+    assert_true(bdrv_img_create(img, "qbm", SIZE, NULL, &err));
+    die_on(err);
+    BlockDriverState *bs = open_img(img, BDRV_O_RDWR);
+    BdrvDirtyBitmap *bm = bdrv_dirty_bitmap_add(bs, "b0", 0, true, false, &err);
+    die_on(err);
+    assert_non_null(bm);
+    assert_int_equal(bitmap_flags("st.b0.bm") & 1, 0);
+    assert_true(bdrv_store_bitmaps(bs, &err));
+    die_on(err);
+    assert_int_equal(bitmap_flags("st.b0.bm") & 1, 1);
+    uint8_t buf[4096] = { 1 };
+    assert_int_equal(bdrv_pwrite(bs, 0, buf, sizeof(buf), 0), 0);
+    assert_int_equal(bitmap_flags("st.b0.bm") & 1, 0);
+    assert_true(bdrv_close(bs, &err));
+    die_on(err);
+    assert_int_equal(bitmap_flags("st.b0.bm") & 1, 1);
+    bs = open_img(img, 0);
+    bm = bdrv_find_dirty_bitmap(bs, "b0");
+    assert_non_null(bm);
+    assert_false(bm->inconsistent);
+    assert_int_equal(bdrv_dirty_bitmap_count(bm), 64 * 1024);
+    bdrv_unref(bs);
+}
+
+static int teardown(void **state)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+int main(void)
+{
+    error_progname = "test-qbm";
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_concurrent_allocating_writes),
+        cmocka_unit_test(test_random_overlay_io),
+        cmocka_unit_test(test_allocation_bits_on_flush),
+        cmocka_unit_test(test_store_then_write_reclears_clean),
+    };
+    int r = cmocka_run_group_tests(tests, NULL, teardown);
+    return r;
+}
