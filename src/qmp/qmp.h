@@ -11,6 +11,7 @@
 #define BITBACK_QMP_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <json-c/json.h>
 #include "util/error.h"
 
@@ -38,5 +39,54 @@ bool qmp_monitor_add_unix(const char *path, Error **errp);
 void qmp_main_loop(void);
 /* Ask the main loop to return (async-signal-safe). */
 void qmp_request_quit(void);
+
+/* ---- Additions (qmp helper): argument schemas, shared by QMP and the
+ * daemon's command line. ---- */
+
+typedef enum QmpArgType {
+    QMP_ARG_STR,
+    QMP_ARG_BOOL,
+    QMP_ARG_INT,        /* int64 */
+    QMP_ARG_UINT,       /* uint64 (non-negative) */
+    QMP_ARG_OBJECT,
+    QMP_ARG_ARRAY,
+    QMP_ARG_ANY,
+} QmpArgType;
+
+/* One argument of a command; a spec is an array ended by {NULL}. */
+typedef struct QmpArgSpec {
+    const char *name;
+    QmpArgType type;
+    bool optional;
+} QmpArgSpec;
+
+/* Register a command whose arguments are checked against spec before fn
+ * runs: missing, unexpected and mistyped members get QEMU's GenericError
+ * messages ("Parameter 'x' is missing", ...).  spec NULL = no check. */
+void qmp_register_command_spec(const char *name, QmpCommandFunc fn,
+                               const QmpArgSpec *spec);
+bool qmp_check_args(struct json_object *args, const QmpArgSpec *spec,
+                    Error **errp);
+/* Command-line (keyval) values are strings: convert members that spec says
+ * are bool/int in place ("on" -> true, "10" -> 10). */
+bool qmp_coerce_keyval_args(struct json_object *args, const QmpArgSpec *spec,
+                            Error **errp);
+/* Run a registered command directly (the daemon's --blockdev/--export...).
+ * from_keyval: coerce string arguments first.  Returns the new return value
+ * or NULL with errp set (CommandNotFound for an unknown name). */
+struct json_object *qmp_execute(const char *name, struct json_object *args,
+                                bool from_keyval, Error **errp);
+/* Register every command of src/qmp (control, block, bitmap, export). */
+void qmp_init_commands(void);
+/* True once quit was requested. */
+bool qmp_quit_requested(void);
+/* Close every monitor socket and client, unlink the socket paths. */
+void qmp_monitor_cleanup(void);
+
+/* Argument getters for handlers whose args were checked by a spec. */
+const char *qmp_arg_str(struct json_object *args, const char *name);
+bool qmp_arg_bool(struct json_object *args, const char *name, bool dflt);
+int64_t qmp_arg_int(struct json_object *args, const char *name, int64_t dflt);
+bool qmp_arg_has(struct json_object *args, const char *name);
 
 #endif

@@ -1,0 +1,153 @@
+#!/bin/bash
+# A guided tour of bitbackd (issue 3): the daemon serves a QBM image over
+# NBD, a dirty bitmap added over QMP tracks the writes a client makes, the
+# NBD metadata context qemu:dirty-bitmap:b0 shows them, and after `quit` the
+# bitmap is stored in the image.
+#
+# Binaries come from build/ (override with BITBACK_BUILD=folder).  The work
+# happens in a temporary folder (DEMO_DIR=folder to keep it somewhere).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BUILD=${BITBACK_BUILD:-$REPO/build}
+case $BUILD in /*) ;; *) BUILD=$REPO/$BUILD ;; esac
+BITBACK=$BUILD/bitback
+BITBACKD=$BUILD/bitbackd
+PYTHON=/usr/bin/python3
+
+for b in "$BITBACK" "$BITBACKD"; do
+    if [ ! -x "$b" ]; then
+        echo "demo: $b not found; build first (make)" >&2
+        exit 1
+    fi
+done
+for t in qemu-io nbdinfo; do
+    if ! command -v "$t" >/dev/null; then
+        echo "demo: $t is not installed: run scripts/install-deps.sh" >&2
+        exit 1
+    fi
+done
+
+if [ -n "${DEMO_DIR:-}" ]; then
+    mkdir -p "$DEMO_DIR"
+    DIR=$(cd "$DEMO_DIR" && pwd)
+    KEEP=1
+else
+    DIR=$(mktemp -d "${TMPDIR:-/tmp}/bitbackd-demo.XXXXXX")
+    KEEP=
+fi
+# Sockets go in a short folder of their own (UNIX paths are limited).
+SOCKDIR=$(mktemp -d /tmp/bbd-demo.XXXXXX)
+QMP_SOCK=$SOCKDIR/qmp.sock
+NBD_SOCK=$SOCKDIR/nbd.sock
+PID=
+cleanup() {
+    if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
+        kill -9 "$PID" 2>/dev/null || true
+    fi
+    rm -rf "$SOCKDIR"
+    [ -n "$KEEP" ] || rm -rf "$DIR"
+}
+trap cleanup EXIT
+cd "$DIR"
+
+if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD= PLAIN=; fi
+step=0
+say() {
+    step=$((step + 1))
+    printf '\n%s== %d. %s%s\n' "$BOLD" "$step" "$*" "$PLAIN"
+}
+# show CMD ARGS...: print the command (quoted so it can be pasted), run it.
+show() {
+    printf '$'
+    local a
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./=,:+?-]+$ ]]; then
+            printf ' %s' "$a"
+        else
+            printf " '%s'" "${a//\'/\'\\\'\'}"
+        fi
+    done
+    printf '\n'
+    "$@"
+}
+# qmp COMMAND [JSON-ARGUMENTS [NODE]]: one QMP exchange on the monitor
+# socket, printed as a person would type it and as the daemon answers.  With
+# NODE (for query-named-block-nodes), only that node's dirty-bitmaps.
+qmp() {
+    "$PYTHON" - "$QMP_SOCK" "$1" "${2:-}" "${3:-}" <<'PY'
+import json, socket, sys
+path, cmd, args, node = sys.argv[1:5]
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+f = s.makefile("rwb")
+def call(req):
+    f.write(json.dumps(req).encode() + b"\n"); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "event" not in r:
+            return r
+json.loads(f.readline())                       # greeting
+call({"execute": "qmp_capabilities"})
+req = {"execute": cmd}
+if args:
+    req["arguments"] = json.loads(args)
+print("qmp> " + json.dumps(req))
+r = call(req)
+if node and "return" in r:
+    bitmaps = [n.get("dirty-bitmaps") for n in r["return"]
+               if n.get("node-name") == node]
+    print(f'... node "{node}", "dirty-bitmaps": ' + json.dumps(bitmaps[0], indent=2))
+else:
+    print(json.dumps(r, indent=2) if cmd.startswith("query") else json.dumps(r))
+sys.exit(1 if "error" in r else 0)
+PY
+}
+
+say "Create a 64 MiB QBM image (a raw data file plus bitmap metadata)"
+show "$BITBACK" img create -f qbm disk.qbm 64M
+
+say "Start bitbackd with qemu-storage-daemon's options"
+show "$BITBACKD" \
+    --blockdev driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm \
+    --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
+    --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
+    --monitor chardev=m0 \
+    --pidfile "$DIR/bitbackd.pid" --daemonize
+PID=$(cat "$DIR/bitbackd.pid")
+echo "bitbackd is running as process $PID"
+
+say "Add a persistent dirty bitmap b0 and export disk0 with it"
+qmp block-dirty-bitmap-add '{"node": "disk0", "name": "b0", "persistent": true}'
+qmp block-export-add '{"type": "nbd", "id": "e0", "node-name": "disk0",
+                       "writable": true, "bitmaps": ["b0"]}'
+
+URI="nbd+unix:///disk0?socket=$NBD_SOCK"
+say "Write through NBD with qemu-io: 64 KiB at 0, 1 byte at 10 MiB, 200 KiB at 33 MiB"
+show qemu-io -f raw "$URI" -c 'write -P 0xaa 0 64k' -c 'write -P 0xbb 10M 1' \
+    -c 'write -P 0xcc 33M 200k'
+
+say "The bitmap as an NBD client sees it (qemu:dirty-bitmap:b0)"
+show nbdinfo --map=qemu:dirty-bitmap:b0 "$URI"
+
+say "And as QMP reports it: 1 + 1 + 4 clusters of 64 KiB are dirty"
+qmp query-named-block-nodes '' disk0
+
+say "Shut down with quit: persistent bitmaps are stored and marked clean"
+qmp quit
+for _ in $(seq 1 600); do
+    kill -0 "$PID" 2>/dev/null || break
+    sleep 0.05
+done
+if kill -0 "$PID" 2>/dev/null; then
+    echo "demo: bitbackd did not exit" >&2
+    exit 1
+fi
+PID=
+
+say "The bitmap is in the image, with the same dirty clusters"
+show "$BITBACK" img info disk.qbm
+show "$BITBACK" img map --bitmap b0 disk.qbm
+
+echo
+echo "Demo finished${KEEP:+ (files kept in $DIR)}."

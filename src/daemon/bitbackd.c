@@ -1,0 +1,528 @@
+/*
+ * bitbackd: the storage daemon.  It serves block nodes over NBD and is
+ * controlled over QMP, with qemu-storage-daemon's command line:
+ *
+ *   bitbackd --blockdev OPTS --nbd-server OPTS --export OPTS
+ *            --chardev socket,path=P,server=on,wait=off,id=ID --monitor ID
+ *            [--pidfile F] [--daemonize]
+ *
+ * Each option is dotted key=value (util/keyval.h) or JSON, and is processed
+ * in command-line order by running the same code as the matching QMP
+ * command (blockdev-add, nbd-server-start, block-export-add), so the two
+ * interfaces cannot drift apart.  Errors name the option.
+ *
+ * Life cycle:
+ *   1. (--daemonize) fork before anything opens a file or starts a thread;
+ *      the parent waits on a pipe and exits 0 once the child is ready, or
+ *      with the child's status if it fails.
+ *   2. Options are processed in order; any failure exits 1.
+ *   3. Ready: the pidfile is written, the parent is released, the main loop
+ *      (qmp_main_loop) runs until `quit`, SIGTERM or SIGINT.
+ *   4. Shutdown: the NBD server stops (clients are disconnected after their
+ *      in-flight requests are answered), then every node is closed from the
+ *      top of the graph down with bdrv_close(), which stores persistent
+ *      bitmaps and marks them clean.  A failure there is reported on stderr
+ *      and the exit status is 1.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "block/block.h"
+#include "nbd/server.h"
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/keyval.h"
+
+#define BITBACKD_VERSION "0.1.0"
+#define BITBACKD_MAX_CHARDEVS 64
+
+typedef struct Chardev {
+    char *id;
+    char *path;
+    bool used;
+} Chardev;
+
+static Chardev chardevs[BITBACKD_MAX_CHARDEVS];
+static int nchardevs;
+static char *pidfile_path;     /* absolute, for unlink at exit */
+static int daemon_ready_fd = -1;
+
+enum {
+    OPT_BLOCKDEV = 256,
+    OPT_CHARDEV,
+    OPT_MONITOR,
+    OPT_NBD_SERVER,
+    OPT_EXPORT,
+    OPT_OBJECT,
+    OPT_PIDFILE,
+    OPT_DAEMONIZE,
+};
+
+static const struct option long_options[] = {
+    { "blockdev", required_argument, NULL, OPT_BLOCKDEV },
+    { "chardev", required_argument, NULL, OPT_CHARDEV },
+    { "monitor", required_argument, NULL, OPT_MONITOR },
+    { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
+    { "export", required_argument, NULL, OPT_EXPORT },
+    { "object", required_argument, NULL, OPT_OBJECT },
+    { "pidfile", required_argument, NULL, OPT_PIDFILE },
+    { "daemonize", no_argument, NULL, OPT_DAEMONIZE },
+    { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
+    { NULL, 0, NULL, 0 },
+};
+
+static void usage(void)
+{
+    printf(
+"Usage: bitbackd [options]\n"
+"The bitback storage daemon: serves block nodes over NBD, tracks writes in\n"
+"persistent dirty bitmaps, and is controlled over QMP like qemu-storage-daemon.\n"
+"\n"
+"  --blockdev [driver=]DRIVER,node-name=NAME[,file.driver=file,file.filename=F...]\n"
+"                         open a block node (blockdev-add; dotted keys or JSON)\n"
+"  --chardev socket,id=ID,path=PATH,server=on[,wait=off]\n"
+"                         a UNIX socket for a monitor\n"
+"  --monitor [chardev=]ID[,mode=control][,pretty=on|off]\n"
+"                         serve QMP on that socket\n"
+"  --nbd-server addr.type=unix,addr.path=PATH[,max-connections=N]\n"
+"  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT\n"
+"                         start the NBD server (nbd-server-start)\n"
+"  --export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]\n"
+"           [,description=TEXT][,bitmaps.0=BITMAP...]\n"
+"                         export a node over NBD (block-export-add)\n"
+"  --pidfile FILE         write the process id to FILE once ready\n"
+"  --daemonize            run in the background once ready\n"
+"  -h, --help             show this help\n"
+"  -V, --version          show the version\n"
+"\n"
+"Options are processed in order.  SIGTERM, SIGINT and the QMP command 'quit'\n"
+"shut down cleanly, storing persistent bitmaps.\n");
+}
+
+/* ---- option handlers: each returns false with errp set ---- */
+
+/* Keys that block drivers read as booleans; keyval gives strings. */
+static const char *const blockdev_bool_keys[] = {
+    "read-only", "auto-read-only", "force-share", "direct", "no-flush",
+    "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+    "pass-discard-other", "drop-cache",
+};
+
+static bool blockdev_fix_keyval(struct json_object *obj, Error **errp)
+{
+    json_object_object_foreach(obj, key, val) {
+        if (json_object_is_type(val, json_type_object)) {
+            if (!blockdev_fix_keyval(val, errp)) {
+                return false;
+            }
+            continue;
+        }
+        if (!json_object_is_type(val, json_type_string)) {
+            continue;
+        }
+        for (size_t i = 0; i < ARRAY_SIZE(blockdev_bool_keys); i++) {
+            if (strcmp(key, blockdev_bool_keys[i]) == 0) {
+                bool b;
+                if (!keyval_str_to_bool(json_object_get_string(val), &b)) {
+                    error_setg(errp, "Parameter '%s' expects 'on' or 'off'", key);
+                    return false;
+                }
+                json_object_object_add(obj, key, json_object_new_boolean(b));
+                break;
+            }
+        }
+    }
+    return true;
+}
+
+static bool opt_blockdev(const char *arg, Error **errp)
+{
+    _cleanup_json_ struct json_object *opts = keyval_parse_or_json(arg, NULL, errp);
+    if (!opts) {
+        return false;
+    }
+    if (arg[0] != '{' && !blockdev_fix_keyval(opts, errp)) {
+        return false;
+    }
+    _cleanup_json_ struct json_object *ret =
+        qmp_execute("blockdev-add", opts, false, errp);
+    return ret != NULL;
+}
+
+/* Run QMP command `cmd` with the option's arguments. */
+static bool opt_command(const char *cmd, const char *arg, Error **errp)
+{
+    _cleanup_json_ struct json_object *args = keyval_parse_or_json(arg, NULL, errp);
+    if (!args) {
+        return false;
+    }
+    _cleanup_json_ struct json_object *ret =
+        qmp_execute(cmd, args, arg[0] != '{', errp);
+    return ret != NULL;
+}
+
+static bool opt_chardev(const char *arg, Error **errp)
+{
+    static const QmpArgSpec spec[] = {
+        { "backend", QMP_ARG_STR, false },
+        { "id", QMP_ARG_STR, false },
+        { "path", QMP_ARG_STR, true },
+        { "server", QMP_ARG_BOOL, true },
+        { "wait", QMP_ARG_BOOL, true },
+        { NULL },
+    };
+    _cleanup_json_ struct json_object *o =
+        keyval_parse_or_json(arg, "backend", errp);
+    if (!o || !qmp_coerce_keyval_args(o, spec, errp) ||
+        !qmp_check_args(o, spec, errp)) {
+        return false;
+    }
+    const char *backend = qmp_arg_str(o, "backend");
+    const char *id = qmp_arg_str(o, "id");
+    const char *path = qmp_arg_str(o, "path");
+    if (strcmp(backend, "socket") != 0) {
+        error_setg(errp, "chardev backend '%s' is not supported (only 'socket')",
+                   backend);
+        return false;
+    }
+    if (!path) {
+        error_setg(errp, "Parameter 'path' is missing (only UNIX sockets "
+                   "are supported)");
+        return false;
+    }
+    if (!qmp_arg_bool(o, "server", false)) {
+        error_setg(errp, "only server=on is supported");
+        return false;
+    }
+    for (int i = 0; i < nchardevs; i++) {
+        if (strcmp(chardevs[i].id, id) == 0) {
+            error_setg(errp, "attempt to add duplicate property '%s'", id);
+            return false;
+        }
+    }
+    if (nchardevs == BITBACKD_MAX_CHARDEVS) {
+        error_setg(errp, "too many chardevs (at most %d)", BITBACKD_MAX_CHARDEVS);
+        return false;
+    }
+    chardevs[nchardevs].id = strdup(id);
+    chardevs[nchardevs].path = strdup(path);
+    if (!chardevs[nchardevs].id || !chardevs[nchardevs].path) {
+        abort();
+    }
+    nchardevs++;
+    return true;
+}
+
+static bool opt_monitor(const char *arg, Error **errp)
+{
+    static const QmpArgSpec spec[] = {
+        { "chardev", QMP_ARG_STR, false },
+        { "id", QMP_ARG_STR, true },
+        { "mode", QMP_ARG_STR, true },
+        { "pretty", QMP_ARG_BOOL, true },
+        { NULL },
+    };
+    _cleanup_json_ struct json_object *o =
+        keyval_parse_or_json(arg, "chardev", errp);
+    if (!o || !qmp_coerce_keyval_args(o, spec, errp) ||
+        !qmp_check_args(o, spec, errp)) {
+        return false;
+    }
+    const char *mode = qmp_arg_str(o, "mode");
+    if (mode && strcmp(mode, "control") != 0) {
+        error_setg(errp, "only mode=control is supported");
+        return false;
+    }
+    const char *id = qmp_arg_str(o, "chardev");
+    for (int i = 0; i < nchardevs; i++) {
+        if (strcmp(chardevs[i].id, id) == 0) {
+            if (chardevs[i].used) {
+                error_setg(errp, "chardev '%s' is already in use", id);
+                return false;
+            }
+            chardevs[i].used = true;
+            return qmp_monitor_add_unix(chardevs[i].path, errp);
+        }
+    }
+    error_setg(errp, "chardev \"%s\" not found", id);
+    return false;
+}
+
+static bool write_pidfile(const char *path, Error **errp)
+{
+    char buf[32];
+    int len = snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
+    _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
+                                  0644);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "cannot create pid file '%s'", path);
+        return false;
+    }
+    if (write(fd, buf, len) != len) {
+        error_setg_errno(errp, errno, "cannot write pid file '%s'", path);
+        return false;
+    }
+    return true;
+}
+
+/* ---- daemonizing ---- */
+
+/* Fork; only the child returns.  The parent exits when the child reports
+ * ready (status 0) or dies (its status). */
+static void daemonize_start(void)
+{
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        error_report("pipe: %s", strerror(errno));
+        exit(1);
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        error_report("fork: %s", strerror(errno));
+        exit(1);
+    }
+    if (pid > 0) {
+        char c;
+        ssize_t n;
+        close(fds[1]);
+        do {
+            n = read(fds[0], &c, 1);
+        } while (n < 0 && errno == EINTR);
+        if (n == 1) {
+            _exit(0);
+        }
+        int status;
+        if (waitpid(pid, &status, 0) == pid && WIFEXITED(status)) {
+            _exit(WEXITSTATUS(status) ? WEXITSTATUS(status) : 1);
+        }
+        _exit(1);
+    }
+    close(fds[0]);
+    daemon_ready_fd = fds[1];
+    setsid();
+}
+
+static void daemonize_finish(void)
+{
+    if (daemon_ready_fd < 0) {
+        return;
+    }
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        dup2(null, STDOUT_FILENO);
+        dup2(null, STDERR_FILENO);
+        if (null > STDERR_FILENO) {
+            close(null);
+        }
+    }
+    ssize_t r = write(daemon_ready_fd, "R", 1);
+    (void)r;
+    close(daemon_ready_fd);
+    daemon_ready_fd = -1;
+}
+
+/* ---- shutdown ---- */
+
+/* Close every node the user opened (--blockdev, blockdev-add), parents
+ * before children, so that each node's bitmaps are stored when its last
+ * reference goes and errors reach the exit status.  Nodes opened as
+ * children are closed by their parents.  Returns false if storing bitmaps
+ * failed anywhere (already reported). */
+static bool close_all_nodes(void)
+{
+    size_t n = 0, cap = 0;
+    BlockDriverState **owned = NULL;
+    bool ok = true;
+
+    for (BlockDriverState *bs = bdrv_next_node(NULL); bs; bs = bdrv_next_node(bs)) {
+        if (!bs->user_owned) {
+            continue;
+        }
+        if (n == cap) {
+            cap = cap ? cap * 2 : 16;
+            BlockDriverState **p = realloc(owned, cap * sizeof(*p));
+            if (!p) {
+                abort();
+            }
+            owned = p;
+        }
+        owned[n++] = bs;
+    }
+    /* Each entry holds its owner reference until closed, so the pointers of
+     * the entries still pending stay valid. */
+    while (n > 0) {
+        size_t pick = 0;
+        for (size_t i = 0; i < n; i++) {
+            bool has_parent = false;
+            for (size_t j = 0; j < n; j++) {
+                if (j != i && (owned[j]->file == owned[i] ||
+                               owned[j]->backing == owned[i])) {
+                    has_parent = true;
+                    break;
+                }
+            }
+            if (!has_parent) {
+                pick = i;
+                break;
+            }
+        }
+        BlockDriverState *bs = owned[pick];
+        owned[pick] = owned[--n];
+        _cleanup_free_ char *name = strdup(bs->node_name ? bs->node_name : "?");
+        Error *err = NULL;
+        if (!bdrv_close(bs, &err)) {
+            error_prepend(&err, "closing node '%s': ", name);
+            error_report_err(err);
+            ok = false;
+        }
+    }
+    free(owned);
+    return ok;
+}
+
+static void on_signal(int sig)
+{
+    qmp_request_quit();
+}
+
+static void setup_signals(void)
+{
+    struct sigaction sa = { .sa_handler = on_signal };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+}
+
+static bool want_daemonize(int argc, char **argv)
+{
+    bool daemonize = false;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0 ||
+            strcmp(argv[i], "--version") == 0 || strcmp(argv[i], "-V") == 0) {
+            return false;
+        }
+        if (strcmp(argv[i], "--daemonize") == 0) {
+            daemonize = true;
+        }
+    }
+    return daemonize;
+}
+
+int main(int argc, char **argv)
+{
+    int c;
+
+    error_progname = "bitbackd";
+    setup_signals();
+    qmp_init_commands();
+    if (want_daemonize(argc, argv)) {
+        daemonize_start();
+    }
+
+    while ((c = getopt_long(argc, argv, "hV", long_options, NULL)) != -1) {
+        Error *err = NULL;
+        bool ok = true;
+        const char *optname = NULL;
+
+        switch (c) {
+        case 'h':
+            usage();
+            return 0;
+        case 'V':
+            printf("bitbackd %s\n", BITBACKD_VERSION);
+            return 0;
+        case OPT_BLOCKDEV:
+            optname = "--blockdev";
+            ok = opt_blockdev(optarg, &err);
+            break;
+        case OPT_CHARDEV:
+            optname = "--chardev";
+            ok = opt_chardev(optarg, &err);
+            break;
+        case OPT_MONITOR:
+            optname = "--monitor";
+            ok = opt_monitor(optarg, &err);
+            break;
+        case OPT_NBD_SERVER:
+            optname = "--nbd-server";
+            ok = opt_command("nbd-server-start", optarg, &err);
+            break;
+        case OPT_EXPORT:
+            optname = "--export";
+            ok = opt_command("block-export-add", optarg, &err);
+            break;
+        case OPT_OBJECT:
+            optname = "--object";
+            error_setg(&err, "objects are not supported");
+            ok = false;
+            break;
+        case OPT_PIDFILE: {
+            _cleanup_free_ char *dir = path_dirname(optarg);
+            char real[PATH_MAX];
+            const char *base = strrchr(optarg, '/');
+            base = base ? base + 1 : optarg;
+            optname = "--pidfile";
+            if (!realpath(dir, real)) {
+                error_setg_errno(&err, errno, "cannot resolve '%s'", dir);
+                ok = false;
+                break;
+            }
+            free(pidfile_path);
+            pidfile_path = path_join(real, base);
+            break;
+        }
+        case OPT_DAEMONIZE:
+            break;
+        default:
+            fprintf(stderr, "Try 'bitbackd --help' for more information.\n");
+            goto fail;
+        }
+        if (!ok) {
+            error_prepend(&err, "%s: ", optname);
+            error_report_err(err);
+            goto fail;
+        }
+    }
+    if (optind < argc) {
+        error_report("unexpected argument '%s'", argv[optind]);
+        goto fail;
+    }
+    if (pidfile_path) {
+        Error *err = NULL;
+        if (!write_pidfile(pidfile_path, &err)) {
+            error_prepend(&err, "--pidfile: ");
+            error_report_err(err);
+            goto fail;
+        }
+    }
+    daemonize_finish();
+
+    qmp_main_loop();
+
+    nbd_server_stop();
+    bool ok = close_all_nodes();
+    qmp_monitor_cleanup();
+    if (pidfile_path) {
+        unlink(pidfile_path);
+    }
+    return ok ? 0 : 1;
+
+fail:
+    nbd_server_stop();
+    close_all_nodes();
+    qmp_monitor_cleanup();
+    return 1;
+}

@@ -1,0 +1,317 @@
+/*
+ * QMP command registry, argument checking and dispatch.
+ *
+ * A request is one JSON object {"execute": NAME, "arguments": {...},
+ * "id": ANY}.  qmp_dispatch() validates its shape, finds the handler,
+ * checks the arguments against the command's spec (QmpArgSpec) and turns
+ * the result into {"return": R, "id": ID} or
+ * {"error": {"class": C, "desc": D}, "id": ID}.  This file is the only place
+ * where an Error becomes a QMP error object (DESIGN.md).
+ *
+ * Capabilities negotiation is per connection and lives in monitor.c; the
+ * registry is filled at start-up and read-only afterwards, so no lock.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qmp/qmp.h"
+#include "util/cleanup.h"
+#include "util/keyval.h"
+
+typedef struct QmpCommand {
+    char *name;
+    QmpCommandFunc fn;
+    const QmpArgSpec *spec;
+} QmpCommand;
+
+static QmpCommand *qmp_commands;
+static size_t qmp_ncommands;
+
+void qmp_register_command_spec(const char *name, QmpCommandFunc fn,
+                               const QmpArgSpec *spec)
+{
+    for (size_t i = 0; i < qmp_ncommands; i++) {
+        if (strcmp(qmp_commands[i].name, name) == 0) {
+            qmp_commands[i].fn = fn;      /* re-registration replaces */
+            qmp_commands[i].spec = spec;
+            return;
+        }
+    }
+    QmpCommand *n = realloc(qmp_commands, (qmp_ncommands + 1) * sizeof(*n));
+    if (!n) {
+        abort();
+    }
+    qmp_commands = n;
+    qmp_commands[qmp_ncommands].name = strdup(name);
+    qmp_commands[qmp_ncommands].fn = fn;
+    qmp_commands[qmp_ncommands].spec = spec;
+    if (!qmp_commands[qmp_ncommands].name) {
+        abort();
+    }
+    qmp_ncommands++;
+}
+
+void qmp_register_command(const char *name, QmpCommandFunc fn)
+{
+    qmp_register_command_spec(name, fn, NULL);
+}
+
+static const QmpCommand *qmp_find_command(const char *name)
+{
+    for (size_t i = 0; i < qmp_ncommands; i++) {
+        if (strcmp(qmp_commands[i].name, name) == 0) {
+            return &qmp_commands[i];
+        }
+    }
+    return NULL;
+}
+
+/* query-commands: [{"name": ...}, ...] */
+struct json_object *qmp_query_commands_list(void)
+{
+    struct json_object *arr = json_object_new_array();
+    for (size_t i = 0; i < qmp_ncommands; i++) {
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "name",
+                               json_object_new_string(qmp_commands[i].name));
+        json_object_array_add(arr, o);
+    }
+    return arr;
+}
+
+static const char *qmp_type_name(QmpArgType t)
+{
+    switch (t) {
+    case QMP_ARG_STR: return "string";
+    case QMP_ARG_BOOL: return "boolean";
+    case QMP_ARG_INT: return "integer";
+    case QMP_ARG_UINT: return "integer";
+    case QMP_ARG_OBJECT: return "object";
+    case QMP_ARG_ARRAY: return "array";
+    case QMP_ARG_ANY: return "any";
+    }
+    return "?";
+}
+
+static bool qmp_type_ok(struct json_object *v, QmpArgType t)
+{
+    switch (t) {
+    case QMP_ARG_STR: return json_object_is_type(v, json_type_string);
+    case QMP_ARG_BOOL: return json_object_is_type(v, json_type_boolean);
+    case QMP_ARG_INT:
+    case QMP_ARG_UINT: return json_object_is_type(v, json_type_int);
+    case QMP_ARG_OBJECT: return json_object_is_type(v, json_type_object);
+    case QMP_ARG_ARRAY: return json_object_is_type(v, json_type_array);
+    case QMP_ARG_ANY: return true;
+    }
+    return false;
+}
+
+bool qmp_check_args(struct json_object *args, const QmpArgSpec *spec,
+                    Error **errp)
+{
+    for (const QmpArgSpec *a = spec; a->name; a++) {
+        struct json_object *v;
+        if (!json_object_object_get_ex(args, a->name, &v)) {
+            if (!a->optional) {
+                error_setg(errp, "Parameter '%s' is missing", a->name);
+                return false;
+            }
+            continue;
+        }
+        if (!qmp_type_ok(v, a->type)) {
+            error_setg(errp, "Invalid parameter type for '%s', expected: %s",
+                       a->name, qmp_type_name(a->type));
+            return false;
+        }
+        if (a->type == QMP_ARG_UINT && json_object_get_int64(v) < 0) {
+            error_setg(errp, "Parameter '%s' expects uint64", a->name);
+            return false;
+        }
+    }
+    json_object_object_foreach(args, key, val) {
+        (void)val;
+        bool known = false;
+        for (const QmpArgSpec *a = spec; a->name; a++) {
+            if (strcmp(a->name, key) == 0) {
+                known = true;
+                break;
+            }
+        }
+        if (!known) {
+            error_setg(errp, "Parameter '%s' is unexpected", key);
+            return false;
+        }
+    }
+    return true;
+}
+
+bool qmp_coerce_keyval_args(struct json_object *args, const QmpArgSpec *spec,
+                            Error **errp)
+{
+    for (const QmpArgSpec *a = spec; a->name; a++) {
+        struct json_object *v;
+        if (!json_object_object_get_ex(args, a->name, &v) ||
+            !json_object_is_type(v, json_type_string)) {
+            continue;
+        }
+        const char *s = json_object_get_string(v);
+        if (a->type == QMP_ARG_BOOL) {
+            bool b;
+            if (!keyval_str_to_bool(s, &b)) {
+                error_setg(errp, "Parameter '%s' expects 'on' or 'off'",
+                           a->name);
+                return false;
+            }
+            json_object_object_add(args, a->name, json_object_new_boolean(b));
+        } else if (a->type == QMP_ARG_INT || a->type == QMP_ARG_UINT) {
+            int64_t i;
+            if (!keyval_str_to_int(s, &i)) {
+                error_setg(errp, "Parameter '%s' expects an integer", a->name);
+                return false;
+            }
+            json_object_object_add(args, a->name, json_object_new_int64(i));
+        }
+    }
+    return true;
+}
+
+const char *qmp_arg_str(struct json_object *args, const char *name)
+{
+    struct json_object *v;
+    if (!json_object_object_get_ex(args, name, &v) ||
+        !json_object_is_type(v, json_type_string)) {
+        return NULL;
+    }
+    return json_object_get_string(v);
+}
+
+bool qmp_arg_bool(struct json_object *args, const char *name, bool dflt)
+{
+    struct json_object *v;
+    if (!json_object_object_get_ex(args, name, &v) ||
+        !json_object_is_type(v, json_type_boolean)) {
+        return dflt;
+    }
+    return json_object_get_boolean(v);
+}
+
+int64_t qmp_arg_int(struct json_object *args, const char *name, int64_t dflt)
+{
+    struct json_object *v;
+    if (!json_object_object_get_ex(args, name, &v) ||
+        !json_object_is_type(v, json_type_int)) {
+        return dflt;
+    }
+    return json_object_get_int64(v);
+}
+
+bool qmp_arg_has(struct json_object *args, const char *name)
+{
+    return json_object_object_get_ex(args, name, NULL);
+}
+
+struct json_object *qmp_execute(const char *name, struct json_object *args,
+                                bool from_keyval, Error **errp)
+{
+    const QmpCommand *cmd = qmp_find_command(name);
+    if (!cmd) {
+        error_set(errp, ERROR_CLASS_COMMAND_NOT_FOUND,
+                  "The command %s has not been found", name);
+        return NULL;
+    }
+    if (cmd->spec) {
+        if (from_keyval && !qmp_coerce_keyval_args(args, cmd->spec, errp)) {
+            return NULL;
+        }
+        if (!qmp_check_args(args, cmd->spec, errp)) {
+            return NULL;
+        }
+    }
+    return cmd->fn(args, errp);
+}
+
+static struct json_object *qmp_error_reply(Error *err)
+{
+    struct json_object *reply = json_object_new_object();
+    struct json_object *e = json_object_new_object();
+    json_object_object_add(e, "class", json_object_new_string(
+                               error_class_name(error_get_class(err))));
+    json_object_object_add(e, "desc",
+                           json_object_new_string(error_get_pretty(err)));
+    json_object_object_add(reply, "error", e);
+    error_free(err);
+    return reply;
+}
+
+/* Check the request's own members; returns the command name or NULL. */
+static const char *qmp_check_request(struct json_object *request,
+                                     struct json_object **ret_args,
+                                     Error **errp)
+{
+    struct json_object *exec = NULL;
+
+    *ret_args = NULL;
+    if (!json_object_is_type(request, json_type_object)) {
+        error_setg(errp, "QMP input must be a JSON object");
+        return NULL;
+    }
+    json_object_object_foreach(request, key, val) {
+        if (strcmp(key, "execute") == 0) {
+            if (!json_object_is_type(val, json_type_string)) {
+                error_setg(errp, "QMP input member 'execute' must be a string");
+                return NULL;
+            }
+            exec = val;
+        } else if (strcmp(key, "arguments") == 0) {
+            if (!json_object_is_type(val, json_type_object)) {
+                error_setg(errp,
+                           "QMP input member 'arguments' must be an object");
+                return NULL;
+            }
+            *ret_args = val;
+        } else if (strcmp(key, "id") != 0) {
+            error_setg(errp, "QMP input member '%s' is unexpected", key);
+            return NULL;
+        }
+    }
+    if (!exec) {
+        error_setg(errp, "QMP input lacks member 'execute'");
+        return NULL;
+    }
+    return json_object_get_string(exec);
+}
+
+struct json_object *qmp_dispatch(struct json_object *request)
+{
+    Error *err = NULL;
+    struct json_object *args = NULL, *reply, *ret, *id = NULL;
+    const char *name = qmp_check_request(request, &args, &err);
+
+    if (json_object_is_type(request, json_type_object)) {
+        json_object_object_get_ex(request, "id", &id);
+    }
+    if (!name) {
+        reply = qmp_error_reply(err);
+    } else {
+        _cleanup_json_ struct json_object *empty = NULL;
+        if (!args) {
+            args = empty = json_object_new_object();
+        }
+        ret = qmp_execute(name, args, false, &err);
+        if (ret) {
+            reply = json_object_new_object();
+            json_object_object_add(reply, "return", ret);
+        } else {
+            if (!err) {
+                error_setg(&err, "Command %s failed", name);
+            }
+            reply = qmp_error_reply(err);
+        }
+    }
+    if (id) {
+        json_object_object_add(reply, "id", json_object_get(id));
+    }
+    return reply;
+}

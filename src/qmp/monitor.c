@@ -1,0 +1,553 @@
+/*
+ * The QMP monitor: UNIX listening sockets, their clients, event delivery
+ * and the daemon's main loop.
+ *
+ * Everything here runs on the main thread except qmp_event_emit() and
+ * qmp_request_quit(), which only touch the event queue (under its mutex)
+ * and the wake pipe.  The main loop is a single poll() over the wake pipe,
+ * every listening socket and every client; command handlers run inline, one
+ * at a time.
+ *
+ * Per-client state machine:
+ *   1. CONNECTED: greeting queued; only qmp_capabilities is accepted
+ *      (others get CommandNotFound "Expecting capabilities negotiation...").
+ *   2. NEGOTIATED: after a successful qmp_capabilities; every command runs
+ *      and events are delivered.
+ *   3. DEAD: EOF, a read/write error or an output backlog over
+ *      QMP_MAX_OUTPUT; the client is closed at the end of the iteration.
+ * Input invariants:
+ *   a. The byte stream is parsed with one json_tokener per client, so an
+ *      object may span reads and one read may hold several objects.
+ *   b. A parse error gets one GenericError reply; the tokener is reset and
+ *      the rest of that line in the current chunk is dropped, so the
+ *      connection stays usable.
+ *   c. A single object larger than QMP_MAX_REQUEST bytes is refused the same
+ *      way, bounding memory per client.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "qmp/qmp-internal.h"
+#include "util/cleanup.h"
+
+#define QMP_MAX_REQUEST   (16u * 1024 * 1024)
+#define QMP_MAX_OUTPUT    (64u * 1024 * 1024)
+#define QMP_MAX_CLIENTS   64
+#define QMP_MAX_DEPTH     64
+
+typedef struct QmpListener {
+    int fd;
+    char *path;
+} QmpListener;
+
+typedef struct QmpClient {
+    int fd;
+    struct json_tokener *tok;
+    size_t pending;            /* bytes fed to tok since the last object */
+    bool negotiated;
+    bool dead;
+    char *out;
+    size_t out_len, out_cap;
+} QmpClient;
+
+typedef struct QmpEvent {
+    char *text;                /* serialized, with "\r\n" */
+    struct QmpEvent *next;
+} QmpEvent;
+
+static QmpListener *listeners;
+static size_t nlisteners;
+static QmpClient **clients;
+static size_t nclients;
+
+static int wake_fds[2] = { -1, -1 };
+/* Set once a monitor socket exists; until then (and in programs without a
+ * monitor, like the offline CLI) events are dropped instead of queued. */
+static bool have_monitor;
+static volatile sig_atomic_t quit_flag;
+
+static pthread_mutex_t event_lock = PTHREAD_MUTEX_INITIALIZER;
+static QmpEvent *event_head, **event_tail = &event_head;
+
+static void qmp_wake_init(void)
+{
+    if (wake_fds[0] >= 0) {
+        return;
+    }
+    if (pipe2(wake_fds, O_CLOEXEC | O_NONBLOCK) < 0) {
+        perror("pipe2");
+        abort();
+    }
+}
+
+static void qmp_wake(void)
+{
+    int fd = wake_fds[1];
+    if (fd >= 0) {
+        ssize_t r = write(fd, "x", 1);   /* full pipe: already awake */
+        (void)r;
+    }
+}
+
+void qmp_request_quit(void)
+{
+    quit_flag = 1;
+    qmp_wake();
+}
+
+bool qmp_quit_requested(void)
+{
+    return quit_flag != 0;
+}
+
+/* ---- output ---- */
+
+static void qmp_client_queue(QmpClient *c, const char *text, size_t len)
+{
+    if (c->dead) {
+        return;
+    }
+    if (c->out_len + len > QMP_MAX_OUTPUT) {
+        c->dead = true;            /* the client does not read: drop it */
+        return;
+    }
+    if (c->out_len + len > c->out_cap) {
+        size_t cap = MAX(c->out_cap * 2, c->out_len + len + 4096);
+        char *n = realloc(c->out, cap);
+        if (!n) {
+            c->dead = true;
+            return;
+        }
+        c->out = n;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, text, len);
+    c->out_len += len;
+}
+
+static void qmp_client_send_json(QmpClient *c, struct json_object *obj)
+{
+    size_t len;
+    const char *s = json_object_to_json_string_length(
+        obj, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
+    qmp_client_queue(c, s, len);
+    qmp_client_queue(c, "\r\n", 2);
+}
+
+static void qmp_client_flush(QmpClient *c)
+{
+    while (!c->dead && c->out_len > 0) {
+        ssize_t n = send(c->fd, c->out, c->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                c->dead = true;
+            }
+            return;
+        }
+        memmove(c->out, c->out + n, c->out_len - n);
+        c->out_len -= n;
+    }
+}
+
+/* ---- events ---- */
+
+void qmp_event_emit(const char *name, struct json_object *data)
+{
+    struct timeval tv;
+    if (!__atomic_load_n(&have_monitor, __ATOMIC_ACQUIRE)) {
+        json_object_put(data);
+        return;
+    }
+    gettimeofday(&tv, NULL);
+
+    _cleanup_json_ struct json_object *ev = json_object_new_object();
+    struct json_object *ts = json_object_new_object();
+    json_object_object_add(ts, "seconds", json_object_new_int64(tv.tv_sec));
+    json_object_object_add(ts, "microseconds", json_object_new_int64(tv.tv_usec));
+    json_object_object_add(ev, "timestamp", ts);
+    json_object_object_add(ev, "event", json_object_new_string(name));
+    if (data) {
+        json_object_object_add(ev, "data", data);
+    }
+    QmpEvent *e = calloc(1, sizeof(*e));
+    if (!e || asprintf(&e->text, "%s\r\n", json_object_to_json_string_ext(
+                           ev, JSON_C_TO_STRING_PLAIN |
+                           JSON_C_TO_STRING_NOSLASHESCAPE)) < 0) {
+        abort();
+    }
+    {
+        LOCK_GUARD(&event_lock);
+        *event_tail = e;
+        event_tail = &e->next;
+    }
+    qmp_wake();
+}
+
+static void qmp_deliver_events(void)
+{
+    QmpEvent *list;
+    {
+        LOCK_GUARD(&event_lock);
+        list = event_head;
+        event_head = NULL;
+        event_tail = &event_head;
+    }
+    while (list) {
+        QmpEvent *next = list->next;
+        for (size_t i = 0; i < nclients; i++) {
+            if (clients[i]->negotiated) {
+                qmp_client_queue(clients[i], list->text, strlen(list->text));
+            }
+        }
+        free(list->text);
+        free(list);
+        list = next;
+    }
+}
+
+/* ---- input ---- */
+
+static void qmp_client_error(QmpClient *c, const char *cls, const char *desc,
+                             struct json_object *id)
+{
+    _cleanup_json_ struct json_object *reply = json_object_new_object();
+    struct json_object *e = json_object_new_object();
+    json_object_object_add(e, "class", json_object_new_string(cls));
+    json_object_object_add(e, "desc", json_object_new_string(desc));
+    json_object_object_add(reply, "error", e);
+    if (id) {
+        json_object_object_add(reply, "id", json_object_get(id));
+    }
+    qmp_client_send_json(c, reply);
+}
+
+static void qmp_client_handle(QmpClient *c, struct json_object *req)
+{
+    struct json_object *exec = NULL, *id = NULL;
+    const char *name = NULL;
+
+    if (json_object_is_type(req, json_type_object)) {
+        json_object_object_get_ex(req, "id", &id);
+        if (json_object_object_get_ex(req, "execute", &exec) &&
+            json_object_is_type(exec, json_type_string)) {
+            name = json_object_get_string(exec);
+        }
+    }
+    bool is_caps = name && strcmp(name, "qmp_capabilities") == 0;
+    if (name && !c->negotiated && !is_caps) {
+        qmp_client_error(c, "CommandNotFound",
+                         "Expecting capabilities negotiation with "
+                         "'qmp_capabilities'", id);
+        return;
+    }
+    if (is_caps && c->negotiated) {
+        qmp_client_error(c, "CommandNotFound",
+                         "Capabilities negotiation is already complete, "
+                         "command ignored", id);
+        return;
+    }
+    _cleanup_json_ struct json_object *reply = qmp_dispatch(req);
+    if (is_caps && json_object_object_get_ex(reply, "return", NULL)) {
+        c->negotiated = true;
+    }
+    qmp_client_send_json(c, reply);
+}
+
+static void qmp_client_feed(QmpClient *c, const char *buf, size_t len)
+{
+    size_t off = 0;
+
+    while (off < len && !c->dead) {
+        struct json_object *obj =
+            json_tokener_parse_ex(c->tok, buf + off, (int)(len - off));
+        enum json_tokener_error jerr = json_tokener_get_error(c->tok);
+        size_t used = json_tokener_get_parse_end(c->tok);
+
+        if (jerr == json_tokener_continue) {
+            c->pending += len - off;
+            if (c->pending > QMP_MAX_REQUEST) {
+                qmp_client_error(c, "GenericError",
+                                 "JSON parse error, request too large", NULL);
+                json_tokener_reset(c->tok);
+                c->pending = 0;
+            }
+            return;
+        }
+        if (jerr != json_tokener_success) {
+            char desc[256];
+            snprintf(desc, sizeof(desc), "JSON parse error, %s",
+                     json_tokener_error_desc(jerr));
+            qmp_client_error(c, "GenericError", desc, NULL);
+            json_tokener_reset(c->tok);
+            c->pending = 0;
+            /* Invariant b: drop the rest of this line of the chunk. */
+            const char *nl = memchr(buf + off + used, '\n', len - off - used);
+            off = nl ? (size_t)(nl - buf) + 1 : len;
+            continue;
+        }
+        off += used;
+        c->pending = 0;
+        /* json-c keeps state after an object only for a trailing number;
+         * start each request from a clean tokener. */
+        json_tokener_reset(c->tok);
+        qmp_client_handle(c, obj);
+        json_object_put(obj);
+    }
+}
+
+/* ---- sockets ---- */
+
+static void qmp_client_free(QmpClient *c)
+{
+    if (!c) {
+        return;
+    }
+    if (c->fd >= 0) {
+        close(c->fd);
+    }
+    json_tokener_free(c->tok);
+    free(c->out);
+    free(c);
+}
+
+static void qmp_greet(QmpClient *c)
+{
+    _cleanup_json_ struct json_object *g = json_object_new_object();
+    struct json_object *qmp = json_object_new_object();
+    struct json_object *ver = json_object_new_object();
+    struct json_object *q = json_object_new_object();
+    json_object_object_add(q, "micro", json_object_new_int(0));
+    json_object_object_add(q, "minor", json_object_new_int(0));
+    json_object_object_add(q, "major", json_object_new_int(8));
+    json_object_object_add(ver, "qemu", q);
+    json_object_object_add(ver, "package",
+                           json_object_new_string("bitback " BITBACK_VERSION));
+    json_object_object_add(qmp, "version", ver);
+    json_object_object_add(qmp, "capabilities", json_object_new_array());
+    json_object_object_add(g, "QMP", qmp);
+    qmp_client_send_json(c, g);
+}
+
+static void qmp_accept(QmpListener *l)
+{
+    int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) {
+        return;                    /* EAGAIN, ECONNABORTED, EMFILE: retry later */
+    }
+    if (nclients >= QMP_MAX_CLIENTS) {
+        close(fd);
+        return;
+    }
+    QmpClient *c = calloc(1, sizeof(*c));
+    QmpClient **n = realloc(clients, (nclients + 1) * sizeof(*n));
+    if (!c || !n) {
+        free(c);
+        close(fd);
+        if (n) {
+            clients = n;
+        }
+        return;
+    }
+    clients = n;
+    c->fd = fd;
+    c->tok = json_tokener_new_ex(QMP_MAX_DEPTH);
+    if (!c->tok) {
+        qmp_client_free(c);
+        return;
+    }
+    clients[nclients++] = c;
+    qmp_greet(c);
+}
+
+bool qmp_monitor_add_unix(const char *path, Error **errp)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    struct stat st;
+
+    qmp_wake_init();
+    if (strlen(path) >= sizeof(sun.sun_path)) {
+        error_setg(errp, "UNIX socket path '%s' is too long", path);
+        return false;
+    }
+    strcpy(sun.sun_path, path);
+    /* A stale socket from an earlier run would make bind fail (QEMU also
+     * replaces it); never remove anything that is not a socket. */
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        unlink(path);
+    }
+    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC |
+                                    SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Failed to create socket");
+        return false;
+    }
+    if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+        error_setg_errno(errp, errno, "Failed to bind socket to %s", path);
+        return false;
+    }
+    if (listen(fd, 16) < 0) {
+        error_setg_errno(errp, errno, "Failed to listen on socket %s", path);
+        unlink(path);
+        return false;
+    }
+    QmpListener *n = realloc(listeners, (nlisteners + 1) * sizeof(*n));
+    if (!n) {
+        abort();
+    }
+    listeners = n;
+    listeners[nlisteners].path = strdup(path);
+    __atomic_store_n(&have_monitor, true, __ATOMIC_RELEASE);
+    listeners[nlisteners].fd = fd;
+    fd = -1;                       /* now owned by the listener */
+    nlisteners++;
+    return true;
+}
+
+static void qmp_reap_clients(void)
+{
+    size_t j = 0;
+    for (size_t i = 0; i < nclients; i++) {
+        if (clients[i]->dead) {
+            qmp_client_free(clients[i]);
+        } else {
+            clients[j++] = clients[i];
+        }
+    }
+    nclients = j;
+}
+
+static void qmp_client_read(QmpClient *c)
+{
+    char buf[65536];
+    for (;;) {
+        ssize_t n = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                c->dead = true;
+            }
+            return;
+        }
+        if (n == 0) {
+            c->dead = true;
+            return;
+        }
+        qmp_client_feed(c, buf, n);
+        /* One chunk per wakeup keeps other clients served (and a handler
+         * that requested quit is noticed promptly). */
+        return;
+    }
+}
+
+/* Best effort: give replies (e.g. quit's) up to 1 s to reach the clients. */
+static void qmp_flush_all_blocking(void)
+{
+    for (int round = 0; round < 100; round++) {
+        bool pending = false;
+        for (size_t i = 0; i < nclients; i++) {
+            qmp_client_flush(clients[i]);
+            pending |= !clients[i]->dead && clients[i]->out_len > 0;
+        }
+        if (!pending) {
+            return;
+        }
+        poll(NULL, 0, 10);
+    }
+}
+
+void qmp_main_loop(void)
+{
+    qmp_wake_init();
+    while (!quit_flag) {
+        size_t nfds = 1 + nlisteners + nclients;
+        _cleanup_free_ struct pollfd *pfd = calloc(nfds, sizeof(*pfd));
+        if (!pfd) {
+            abort();
+        }
+        pfd[0].fd = wake_fds[0];
+        pfd[0].events = POLLIN;
+        for (size_t i = 0; i < nlisteners; i++) {
+            pfd[1 + i].fd = listeners[i].fd;
+            pfd[1 + i].events = POLLIN;
+        }
+        size_t ncl = nclients;     /* clients accepted below are polled next time */
+        for (size_t i = 0; i < ncl; i++) {
+            pfd[1 + nlisteners + i].fd = clients[i]->fd;
+            pfd[1 + nlisteners + i].events =
+                POLLIN | (clients[i]->out_len ? POLLOUT : 0);
+        }
+        if (poll(pfd, nfds, -1) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            perror("poll");
+            abort();
+        }
+        if (pfd[0].revents & POLLIN) {
+            char drain[256];
+            while (read(wake_fds[0], drain, sizeof(drain)) > 0) {
+                /* nothing */
+            }
+        }
+        for (size_t i = 0; i < ncl && !quit_flag; i++) {
+            short re = pfd[1 + nlisteners + i].revents;
+            if (re & (POLLIN | POLLHUP | POLLERR)) {
+                qmp_client_read(clients[i]);
+            }
+        }
+        for (size_t i = 0; i < nlisteners; i++) {
+            if (pfd[1 + i].revents & POLLIN) {
+                qmp_accept(&listeners[i]);
+            }
+        }
+        qmp_deliver_events();
+        for (size_t i = 0; i < nclients; i++) {
+            qmp_client_flush(clients[i]);
+        }
+        qmp_reap_clients();
+    }
+    qmp_deliver_events();
+    qmp_flush_all_blocking();
+}
+
+void qmp_monitor_cleanup(void)
+{
+    for (size_t i = 0; i < nclients; i++) {
+        qmp_client_free(clients[i]);
+    }
+    free(clients);
+    clients = NULL;
+    nclients = 0;
+    for (size_t i = 0; i < nlisteners; i++) {
+        close(listeners[i].fd);
+        unlink(listeners[i].path);
+        free(listeners[i].path);
+    }
+    free(listeners);
+    listeners = NULL;
+    nlisteners = 0;
+    LOCK_GUARD(&event_lock);
+    while (event_head) {
+        QmpEvent *e = event_head;
+        event_head = e->next;
+        free(e->text);
+        free(e);
+    }
+    event_tail = &event_head;
+}

@@ -1,0 +1,495 @@
+/*
+ * QMP block commands (qapi/block-core.json): blockdev-add, blockdev-del,
+ * query-named-block-nodes, query-block and the block-dirty-bitmap-* family
+ * with x-debug-block-dirty-bitmap-sha256.
+ *
+ * Argument names, reply shapes and error messages follow QEMU so that a
+ * qemu-storage-daemon script runs unchanged.  Handlers run on the main
+ * thread, which is also the only thread that changes the node graph or a
+ * node's bitmap list; NBD threads only set bits.  So the bitmap lists are
+ * walked here without bs->lock, and the per-bitmap functions that need the
+ * lock (count, sha256, clear, ...) take it themselves.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "nbd/server.h"
+#include "qmp/qmp-internal.h"
+#include "util/cleanup.h"
+
+/* Largest number of source bitmaps one merge accepts. */
+#define QMP_MERGE_MAX_SOURCES 1024
+
+BlockDriverState *qmp_lookup_node(const char *name, Error **errp)
+{
+    BlockDriverState *bs = bdrv_find_node(name);
+    if (!bs) {
+        error_setg(errp, "Cannot find device='%s' nor node-name='%s'",
+                   name, name);
+    }
+    return bs;
+}
+
+static BdrvDirtyBitmap *qmp_lookup_bitmap(const char *node, const char *name,
+                                          BlockDriverState **ret_bs,
+                                          Error **errp)
+{
+    BlockDriverState *bs = qmp_lookup_node(node, errp);
+    if (!bs) {
+        return NULL;
+    }
+    BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, name);
+    if (!bm) {
+        error_setg(errp, "Dirty bitmap '%s' not found", name);
+        return NULL;
+    }
+    if (ret_bs) {
+        *ret_bs = bs;
+    }
+    return bm;
+}
+
+/* ---- queries ---- */
+
+static struct json_object *qmp_bitmap_info(BdrvDirtyBitmap *bm)
+{
+    struct json_object *o = json_object_new_object();
+    bool recording = !bm->disabled ||
+                     (bm->successor && !bm->successor->disabled);
+    json_object_object_add(o, "name", json_object_new_string(bm->name));
+    json_object_object_add(o, "recording", json_object_new_boolean(recording));
+    json_object_object_add(o, "persistent",
+                           json_object_new_boolean(bm->persistent));
+    json_object_object_add(o, "busy",
+                           json_object_new_boolean(bm->busy || bm->successor));
+    json_object_object_add(o, "granularity",
+                           json_object_new_int64(bm->granularity));
+    json_object_object_add(o, "count",
+                           json_object_new_int64(bdrv_dirty_bitmap_count(bm)));
+    json_object_object_add(o, "inconsistent",
+                           json_object_new_boolean(bm->inconsistent));
+    return o;
+}
+
+static struct json_object *qmp_node_bitmaps(BlockDriverState *bs)
+{
+    struct json_object *arr = json_object_new_array();
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        json_object_array_add(arr, qmp_bitmap_info(bm));
+    }
+    return arr;
+}
+
+static const char *qmp_node_filename(BlockDriverState *bs)
+{
+    if (bs->filename) {
+        return bs->filename;
+    }
+    if (bs->file && bs->file->filename) {
+        return bs->file->filename;
+    }
+    return "";
+}
+
+/* BlockDeviceInfo (as query-named-block-nodes and query-block show it). */
+static struct json_object *qmp_node_info(BlockDriverState *bs)
+{
+    struct json_object *o = json_object_new_object();
+    struct json_object *img = json_object_new_object();
+    struct json_object *cache = json_object_new_object();
+    const char *filename = qmp_node_filename(bs);
+    int64_t len = bdrv_getlength(bs);
+    int depth = 0;
+    struct stat st;
+
+    for (BlockDriverState *b = bs->backing; b; b = b->backing) {
+        depth++;
+    }
+    json_object_object_add(o, "file", json_object_new_string(filename));
+    json_object_object_add(o, "node-name", json_object_new_string(bs->node_name));
+    json_object_object_add(o, "ro", json_object_new_boolean(bs->read_only));
+    json_object_object_add(o, "drv",
+                           json_object_new_string(bs->drv->format_name));
+    if (bs->backing) {
+        json_object_object_add(o, "backing_file", json_object_new_string(
+                                   qmp_node_filename(bs->backing)));
+    }
+    json_object_object_add(o, "backing_file_depth", json_object_new_int(depth));
+    json_object_object_add(o, "encrypted", json_object_new_boolean(false));
+    json_object_object_add(o, "detect_zeroes", json_object_new_string("off"));
+    static const char *const zero_fields[] = {
+        "bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr",
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(zero_fields); i++) {
+        json_object_object_add(o, zero_fields[i], json_object_new_int(0));
+    }
+    json_object_object_add(img, "filename", json_object_new_string(filename));
+    json_object_object_add(img, "format",
+                           json_object_new_string(bs->drv->format_name));
+    json_object_object_add(img, "virtual-size",
+                           json_object_new_int64(len < 0 ? 0 : len));
+    if (*filename && stat(filename, &st) == 0 && S_ISREG(st.st_mode)) {
+        json_object_object_add(img, "actual-size",
+                               json_object_new_int64((int64_t)st.st_blocks * 512));
+    }
+    if (bs->backing) {
+        json_object_object_add(img, "backing-filename", json_object_new_string(
+                                   qmp_node_filename(bs->backing)));
+    }
+    json_object_object_add(img, "dirty-flag", json_object_new_boolean(false));
+    json_object_object_add(o, "image", img);
+    json_object_object_add(cache, "writeback", json_object_new_boolean(true));
+    json_object_object_add(cache, "direct", json_object_new_boolean(
+                               (bs->open_flags & BDRV_O_NOCACHE) != 0));
+    json_object_object_add(cache, "no-flush", json_object_new_boolean(false));
+    json_object_object_add(o, "cache", cache);
+    json_object_object_add(o, "write_threshold", json_object_new_int(0));
+    json_object_object_add(o, "dirty-bitmaps", qmp_node_bitmaps(bs));
+    return o;
+}
+
+/* True when another node has bs as its file or backing child.  (Children a
+ * driver keeps privately, like QBM's data image, are not user_owned.) */
+static bool qmp_node_has_parent(BlockDriverState *bs)
+{
+    for (BlockDriverState *n = bdrv_next_node(NULL); n; n = bdrv_next_node(n)) {
+        if (n != bs && (n->file == bs || n->backing == bs)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static struct json_object *qmp_cmd_query_named_block_nodes(
+    struct json_object *args, Error **errp)
+{
+    struct json_object *arr = json_object_new_array();
+    for (BlockDriverState *bs = bdrv_next_node(NULL); bs;
+         bs = bdrv_next_node(bs)) {
+        json_object_array_add(arr, qmp_node_info(bs));
+    }
+    return arr;
+}
+
+static struct json_object *qmp_cmd_query_block(struct json_object *args,
+                                               Error **errp)
+{
+    struct json_object *arr = json_object_new_array();
+    for (BlockDriverState *bs = bdrv_next_node(NULL); bs;
+         bs = bdrv_next_node(bs)) {
+        if (!bs->user_owned || qmp_node_has_parent(bs)) {
+            continue;           /* children are shown inside their parent */
+        }
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "device", json_object_new_string(""));
+        json_object_object_add(o, "type", json_object_new_string("unknown"));
+        json_object_object_add(o, "removable", json_object_new_boolean(false));
+        json_object_object_add(o, "locked", json_object_new_boolean(false));
+        json_object_object_add(o, "inserted", qmp_node_info(bs));
+        json_object_array_add(arr, o);
+    }
+    return arr;
+}
+
+/* ---- graph changes ---- */
+
+static struct json_object *qmp_cmd_blockdev_add(struct json_object *args,
+                                                Error **errp)
+{
+    struct json_object *v;
+    int flags = BDRV_O_RDWR;
+
+    if (!json_object_object_get_ex(args, "driver", &v)) {
+        error_setg(errp, "Parameter 'driver' is missing");
+        return NULL;
+    }
+    if (!json_object_is_type(v, json_type_string)) {
+        error_setg(errp, "Invalid parameter type for 'driver', expected: string");
+        return NULL;
+    }
+    if (!json_object_object_get_ex(args, "node-name", &v)) {
+        error_setg(errp, "'node-name' must be specified for the root node");
+        return NULL;
+    }
+    if (!json_object_is_type(v, json_type_string)) {
+        error_setg(errp,
+                   "Invalid parameter type for 'node-name', expected: string");
+        return NULL;
+    }
+    const char *node_name = json_object_get_string(v);
+    if (bdrv_find_node(node_name)) {
+        error_setg(errp, "Duplicate nodes with node-name='%s'", node_name);
+        return NULL;
+    }
+    if (json_object_object_get_ex(args, "read-only", &v)) {
+        if (!json_object_is_type(v, json_type_boolean)) {
+            error_setg(errp,
+                       "Invalid parameter type for 'read-only', expected: boolean");
+            return NULL;
+        }
+        if (json_object_get_boolean(v)) {
+            flags &= ~BDRV_O_RDWR;
+        }
+    }
+    struct json_object *cache, *direct;
+    if (json_object_object_get_ex(args, "cache", &cache) &&
+        json_object_is_type(cache, json_type_object) &&
+        json_object_object_get_ex(cache, "direct", &direct) &&
+        json_object_is_type(direct, json_type_boolean) &&
+        json_object_get_boolean(direct)) {
+        flags |= BDRV_O_NOCACHE;
+    }
+    if (!bdrv_open_options(args, flags, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_blockdev_del(struct json_object *args,
+                                                Error **errp)
+{
+    const char *name = qmp_arg_str(args, "node-name");
+    BlockDriverState *bs = bdrv_find_node(name);
+
+    if (!bs) {
+        error_setg(errp, "Failed to find node with node-name='%s'", name);
+        return NULL;
+    }
+    if (!bs->user_owned) {
+        error_setg(errp, "Node %s is not owned by the monitor", name);
+        return NULL;
+    }
+    if (nbd_node_is_exported(bs) || bs->refcnt > 1 || qmp_node_has_parent(bs)) {
+        error_setg(errp, "Node %s is in use", name);
+        return NULL;
+    }
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        if (bm->busy || bm->successor) {
+            error_setg(errp, "Node %s is in use (bitmap '%s' is busy)",
+                       name, bm->name);
+            return NULL;
+        }
+    }
+    if (!bdrv_close(bs, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+/* ---- dirty bitmaps ---- */
+
+static struct json_object *qmp_cmd_bitmap_add(struct json_object *args,
+                                              Error **errp)
+{
+    const char *name = qmp_arg_str(args, "name");
+    BlockDriverState *bs = qmp_lookup_node(qmp_arg_str(args, "node"), errp);
+    uint32_t granularity;
+
+    if (!bs) {
+        return NULL;
+    }
+    if (!*name) {
+        error_setg(errp, "Bitmap name cannot be empty");
+        return NULL;
+    }
+    if (qmp_arg_has(args, "granularity")) {
+        int64_t g = qmp_arg_int(args, "granularity", 0);
+        if (g < 512 || g > (INT64_C(1) << 31) || !IS_POW2((uint64_t)g)) {
+            error_setg(errp, "Granularity must be power of 2 and at least 512");
+            return NULL;
+        }
+        granularity = (uint32_t)g;
+    } else {
+        granularity = bdrv_default_bitmap_granularity(bs);
+    }
+    if (bdrv_find_dirty_bitmap(bs, name)) {
+        error_setg(errp, "Bitmap already exists: %s", name);
+        return NULL;
+    }
+    if (!bdrv_dirty_bitmap_add(bs, name, granularity,
+                               qmp_arg_bool(args, "persistent", false),
+                               qmp_arg_bool(args, "disabled", false), errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_bitmap_remove(struct json_object *args,
+                                                 Error **errp)
+{
+    BlockDriverState *bs;
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
+                                            qmp_arg_str(args, "name"), &bs,
+                                            errp);
+    if (!bm || !bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_BUSY, errp)) {
+        return NULL;
+    }
+    if (!bdrv_dirty_bitmap_remove(bs, bm->name, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_bitmap_clear(struct json_object *args,
+                                                Error **errp)
+{
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
+                                            qmp_arg_str(args, "name"), NULL,
+                                            errp);
+    if (!bm || !bdrv_clear_dirty_bitmap(bm, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_bitmap_enable(struct json_object *args,
+                                                 Error **errp)
+{
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
+                                            qmp_arg_str(args, "name"), NULL,
+                                            errp);
+    if (!bm || !bdrv_enable_dirty_bitmap(bm, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_bitmap_disable(struct json_object *args,
+                                                  Error **errp)
+{
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
+                                            qmp_arg_str(args, "name"), NULL,
+                                            errp);
+    if (!bm || !bdrv_disable_dirty_bitmap(bm, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_bitmap_merge(struct json_object *args,
+                                                Error **errp)
+{
+    const char *node = qmp_arg_str(args, "node");
+    BdrvDirtyBitmap *target = qmp_lookup_bitmap(node, qmp_arg_str(args, "target"),
+                                                NULL, errp);
+    struct json_object *list;
+
+    if (!target) {
+        return NULL;
+    }
+    json_object_object_get_ex(args, "bitmaps", &list);
+    size_t n = json_object_array_length(list);
+    if (n > QMP_MERGE_MAX_SOURCES) {
+        error_setg(errp, "Too many bitmaps to merge (at most %d)",
+                   QMP_MERGE_MAX_SOURCES);
+        return NULL;
+    }
+    _cleanup_free_ BdrvDirtyBitmap **srcs = calloc(n ? n : 1, sizeof(*srcs));
+    if (!srcs) {
+        abort();
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct json_object *e = json_object_array_get_idx(list, i);
+        const char *src_node = node, *src_name = NULL;
+        if (json_object_is_type(e, json_type_string)) {
+            src_name = json_object_get_string(e);
+        } else if (json_object_is_type(e, json_type_object)) {
+            struct json_object *jn, *jm;
+            if (!json_object_object_get_ex(e, "node", &jn) ||
+                !json_object_is_type(jn, json_type_string) ||
+                !json_object_object_get_ex(e, "name", &jm) ||
+                !json_object_is_type(jm, json_type_string)) {
+                error_setg(errp, "Invalid parameter type for 'bitmaps[%zu]', "
+                           "expected: {\"node\": string, \"name\": string}", i);
+                return NULL;
+            }
+            src_node = json_object_get_string(jn);
+            src_name = json_object_get_string(jm);
+        } else {
+            error_setg(errp, "Invalid parameter type for 'bitmaps[%zu]', "
+                       "expected: string or object", i);
+            return NULL;
+        }
+        srcs[i] = qmp_lookup_bitmap(src_node, src_name, NULL, errp);
+        if (!srcs[i]) {
+            return NULL;
+        }
+    }
+    if (!bdrv_merge_dirty_bitmaps(target, srcs, (int)n, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_bitmap_sha256(struct json_object *args,
+                                                 Error **errp)
+{
+    char hex[65];
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
+                                            qmp_arg_str(args, "name"), NULL,
+                                            errp);
+    if (!bm) {
+        return NULL;
+    }
+    bdrv_dirty_bitmap_sha256(bm, hex);
+    struct json_object *ret = json_object_new_object();
+    json_object_object_add(ret, "sha256", json_object_new_string(hex));
+    return ret;
+}
+
+static const QmpArgSpec spec_none[] = {
+    { NULL },
+};
+static const QmpArgSpec spec_blockdev_del[] = {
+    { "node-name", QMP_ARG_STR, false },
+    { NULL },
+};
+static const QmpArgSpec spec_query_named[] = {
+    { "flat", QMP_ARG_BOOL, true },
+    { NULL },
+};
+static const QmpArgSpec spec_bitmap_add[] = {
+    { "node", QMP_ARG_STR, false },
+    { "name", QMP_ARG_STR, false },
+    { "granularity", QMP_ARG_UINT, true },
+    { "persistent", QMP_ARG_BOOL, true },
+    { "disabled", QMP_ARG_BOOL, true },
+    { NULL },
+};
+static const QmpArgSpec spec_bitmap[] = {
+    { "node", QMP_ARG_STR, false },
+    { "name", QMP_ARG_STR, false },
+    { NULL },
+};
+static const QmpArgSpec spec_bitmap_merge[] = {
+    { "node", QMP_ARG_STR, false },
+    { "target", QMP_ARG_STR, false },
+    { "bitmaps", QMP_ARG_ARRAY, false },
+    { NULL },
+};
+
+void qmp_register_block_commands(void)
+{
+    qmp_register_command_spec("blockdev-add", qmp_cmd_blockdev_add, NULL);
+    qmp_register_command_spec("blockdev-del", qmp_cmd_blockdev_del,
+                              spec_blockdev_del);
+    qmp_register_command_spec("query-named-block-nodes",
+                              qmp_cmd_query_named_block_nodes, spec_query_named);
+    qmp_register_command_spec("query-block", qmp_cmd_query_block, spec_none);
+    qmp_register_command_spec("block-dirty-bitmap-add", qmp_cmd_bitmap_add,
+                              spec_bitmap_add);
+    qmp_register_command_spec("block-dirty-bitmap-remove",
+                              qmp_cmd_bitmap_remove, spec_bitmap);
+    qmp_register_command_spec("block-dirty-bitmap-clear", qmp_cmd_bitmap_clear,
+                              spec_bitmap);
+    qmp_register_command_spec("block-dirty-bitmap-enable",
+                              qmp_cmd_bitmap_enable, spec_bitmap);
+    qmp_register_command_spec("block-dirty-bitmap-disable",
+                              qmp_cmd_bitmap_disable, spec_bitmap);
+    qmp_register_command_spec("block-dirty-bitmap-merge", qmp_cmd_bitmap_merge,
+                              spec_bitmap_merge);
+    qmp_register_command_spec("x-debug-block-dirty-bitmap-sha256",
+                              qmp_cmd_bitmap_sha256, spec_bitmap);
+}

@@ -1,0 +1,384 @@
+/*
+ * QMP NBD and export commands (qapi/block-export.json): nbd-server-start,
+ * nbd-server-stop, block-export-add, block-export-del, query-block-exports
+ * and the older nbd-server-add / nbd-server-remove.
+ *
+ * These only translate arguments: the NBD server itself is src/nbd/server.c
+ * behind src/nbd/server.h.  nbd-server-start takes QEMU's SocketAddressLegacy
+ * ({"type":"unix","data":{"path":...}}) as well as the flat SocketAddress
+ * ({"type":"unix","path":...}) that --nbd-server uses; both become the flat
+ * form for nbd_server_start().
+ */
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbd/server.h"
+#include "qmp/qmp-internal.h"
+#include "util/cleanup.h"
+
+/* NBD limits an export name to 4096 bytes (doc/proto.md). */
+#define QMP_NBD_MAX_NAME 4096
+#define QMP_EXPORT_MAX_BITMAPS 1024
+
+/* Copy the string member `key` of src into dst; missing -> error. */
+static bool qmp_addr_copy_str(struct json_object *dst, struct json_object *src,
+                              const char *key, bool allow_int, Error **errp)
+{
+    struct json_object *v;
+    if (!json_object_object_get_ex(src, key, &v)) {
+        error_setg(errp, "Parameter 'addr.%s' is missing", key);
+        return false;
+    }
+    if (json_object_is_type(v, json_type_int) && allow_int) {
+        char buf[32];
+        snprintf(buf, sizeof(buf), "%" PRId64, json_object_get_int64(v));
+        json_object_object_add(dst, key, json_object_new_string(buf));
+        return true;
+    }
+    if (!json_object_is_type(v, json_type_string)) {
+        error_setg(errp, "Invalid parameter type for 'addr.%s', expected: string",
+                   key);
+        return false;
+    }
+    json_object_object_add(dst, key, json_object_get(v));
+    return true;
+}
+
+/* SocketAddressLegacy or SocketAddress -> a new flat SocketAddress. */
+static struct json_object *qmp_socket_address(struct json_object *addr,
+                                              Error **errp)
+{
+    struct json_object *jtype, *data;
+    if (!json_object_object_get_ex(addr, "type", &jtype)) {
+        error_setg(errp, "Parameter 'addr.type' is missing");
+        return NULL;
+    }
+    if (!json_object_is_type(jtype, json_type_string)) {
+        error_setg(errp, "Invalid parameter type for 'addr.type', expected: string");
+        return NULL;
+    }
+    const char *type = json_object_get_string(jtype);
+    struct json_object *src = addr;
+    if (json_object_object_get_ex(addr, "data", &data)) {
+        if (!json_object_is_type(data, json_type_object)) {
+            error_setg(errp,
+                       "Invalid parameter type for 'addr.data', expected: object");
+            return NULL;
+        }
+        src = data;
+    }
+    _cleanup_json_ struct json_object *flat = json_object_new_object();
+    json_object_object_add(flat, "type", json_object_new_string(type));
+    if (strcmp(type, "unix") == 0) {
+        if (!qmp_addr_copy_str(flat, src, "path", false, errp)) {
+            return NULL;
+        }
+    } else if (strcmp(type, "inet") == 0) {
+        if (!qmp_addr_copy_str(flat, src, "host", false, errp) ||
+            !qmp_addr_copy_str(flat, src, "port", true, errp)) {
+            return NULL;
+        }
+    } else {
+        error_setg(errp, "Socket address type '%s' is not supported "
+                   "(use 'unix' or 'inet')", type);
+        return NULL;
+    }
+    return steal_pointer(&flat);
+}
+
+static struct json_object *qmp_cmd_nbd_server_start(struct json_object *args,
+                                                    Error **errp)
+{
+    struct json_object *addr;
+    if (qmp_arg_has(args, "tls-creds") || qmp_arg_has(args, "tls-authz")) {
+        error_setg(errp, "TLS is not supported by this NBD server");
+        return NULL;
+    }
+    if (nbd_server_is_running()) {
+        error_setg(errp, "NBD server already running");
+        return NULL;
+    }
+    int64_t maxc = qmp_arg_int(args, "max-connections", 0);
+    if (maxc > UINT_MAX) {
+        error_setg(errp, "Parameter 'max-connections' is too large");
+        return NULL;
+    }
+    json_object_object_get_ex(args, "addr", &addr);
+    _cleanup_json_ struct json_object *flat = qmp_socket_address(addr, errp);
+    if (!flat || !nbd_server_start(flat, (unsigned)maxc, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+/* QEMU's BLOCK_EXPORT_DELETED: the export is gone (its clients too).
+ * nbd_export_del() and nbd_server_stop() return only after that, so the
+ * event is sent here, after they return (server.c does not send it). */
+static void qmp_emit_export_deleted(const char *id)
+{
+    struct json_object *data = json_object_new_object();
+    json_object_object_add(data, "id", json_object_new_string(id));
+    qmp_event_emit("BLOCK_EXPORT_DELETED", data);
+}
+
+static struct json_object *qmp_cmd_nbd_server_stop(struct json_object *args,
+                                                   Error **errp)
+{
+    if (!nbd_server_is_running()) {
+        error_setg(errp, "NBD server not running");
+        return NULL;
+    }
+    _cleanup_json_ struct json_object *exports = nbd_export_query();
+    nbd_server_stop();
+    size_t n = exports ? json_object_array_length(exports) : 0;
+    for (size_t i = 0; i < n; i++) {
+        struct json_object *id;
+        if (json_object_object_get_ex(json_object_array_get_idx(exports, i),
+                                      "id", &id)) {
+            qmp_emit_export_deleted(json_object_get_string(id));
+        }
+    }
+    return json_object_new_object();
+}
+
+struct json_object *qmp_export_add(struct json_object *args,
+                                   bool require_server, Error **errp)
+{
+    const char *type = qmp_arg_str(args, "type");
+    const char *id = qmp_arg_str(args, "id");
+    const char *node = qmp_arg_str(args, "node-name");
+    const char *name = qmp_arg_str(args, "name");
+    struct json_object *list = NULL;
+
+    if (strcmp(type, "nbd") != 0) {
+        if (strcmp(type, "fuse") == 0 || strcmp(type, "vhost-user-blk") == 0 ||
+            strcmp(type, "vduse-blk") == 0) {
+            error_setg(errp, "Export type '%s' is not supported", type);
+        } else {
+            error_setg(errp, "Parameter 'type' does not accept value '%s'", type);
+        }
+        return NULL;
+    }
+    if (qmp_arg_bool(args, "allocation-depth", false)) {
+        error_setg(errp, "allocation-depth is not supported");
+        return NULL;
+    }
+    if (qmp_arg_has(args, "iothread")) {
+        error_setg(errp, "iothread is not supported");
+        return NULL;
+    }
+    if (require_server && !nbd_server_is_running()) {
+        error_setg(errp, "NBD server not running");
+        return NULL;
+    }
+    if (nbd_export_find(id)) {
+        error_setg(errp, "Block export id '%s' is already in use", id);
+        return NULL;
+    }
+    if (!name) {
+        name = node;
+    }
+    if (strlen(name) > QMP_NBD_MAX_NAME) {
+        error_setg(errp, "export name '%.64s...' too long", name);
+        return NULL;
+    }
+    if (nbd_export_find_by_name(name)) {
+        error_setg(errp, "NBD server already has export named '%s'", name);
+        return NULL;
+    }
+    BlockDriverState *bs = qmp_lookup_node(node, errp);
+    if (!bs) {
+        return NULL;
+    }
+    size_t n = 0;
+    if (json_object_object_get_ex(args, "bitmaps", &list)) {
+        n = json_object_array_length(list);
+    }
+    if (n > QMP_EXPORT_MAX_BITMAPS) {
+        error_setg(errp, "Too many bitmaps (at most %d)", QMP_EXPORT_MAX_BITMAPS);
+        return NULL;
+    }
+    _cleanup_free_ const char **names = calloc(n + 1, sizeof(*names));
+    if (!names) {
+        abort();
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct json_object *e = json_object_array_get_idx(list, i), *jn;
+        if (json_object_is_type(e, json_type_string)) {
+            names[i] = json_object_get_string(e);
+        } else if (json_object_is_type(e, json_type_object) &&
+                   json_object_object_get_ex(e, "name", &jn) &&
+                   json_object_is_type(jn, json_type_string)) {
+            names[i] = json_object_get_string(jn);
+        } else {
+            error_setg(errp, "Invalid parameter type for 'bitmaps[%zu]', "
+                       "expected: string or {\"node\", \"name\"}", i);
+            return NULL;
+        }
+    }
+    if (!nbd_export_add(id, bs, name, qmp_arg_str(args, "description"),
+                        qmp_arg_bool(args, "writable", false),
+                        (const char *const *)names, (int)n, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_block_export_add(struct json_object *args,
+                                                    Error **errp)
+{
+    return qmp_export_add(args, true, errp);
+}
+
+/* mode "safe" (default) or "hard" -> *ret_force. */
+static bool qmp_export_mode(struct json_object *args, bool *ret_force,
+                            Error **errp)
+{
+    const char *mode = qmp_arg_str(args, "mode");
+    *ret_force = false;
+    if (!mode || strcmp(mode, "safe") == 0) {
+        return true;
+    }
+    if (strcmp(mode, "hard") == 0) {
+        *ret_force = true;
+        return true;
+    }
+    error_setg(errp, "Parameter 'mode' does not accept value '%s'", mode);
+    return false;
+}
+
+static struct json_object *qmp_export_del(const char *id,
+                                          struct json_object *args,
+                                          Error **errp)
+{
+    bool force;
+    if (!qmp_export_mode(args, &force, errp)) {
+        return NULL;
+    }
+    if (!nbd_export_find(id)) {
+        error_setg(errp, "Export '%s' is not found", id);
+        return NULL;
+    }
+    _cleanup_free_ char *id_copy = strdup(id);
+    if (!id_copy) {
+        abort();
+    }
+    if (!nbd_export_del(id_copy, force, errp)) {
+        return NULL;
+    }
+    qmp_emit_export_deleted(id_copy);
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_block_export_del(struct json_object *args,
+                                                    Error **errp)
+{
+    return qmp_export_del(qmp_arg_str(args, "id"), args, errp);
+}
+
+static struct json_object *qmp_cmd_query_block_exports(struct json_object *args,
+                                                       Error **errp)
+{
+    return nbd_export_query();
+}
+
+static struct json_object *qmp_cmd_nbd_server_add(struct json_object *args,
+                                                  Error **errp)
+{
+    const char *device = qmp_arg_str(args, "device");
+    const char *name = qmp_arg_str(args, "name");
+    const char *bitmap = qmp_arg_str(args, "bitmap");
+    const char *desc = qmp_arg_str(args, "description");
+    _cleanup_json_ struct json_object *eargs = json_object_new_object();
+
+    if (!name) {
+        name = device;
+    }
+    json_object_object_add(eargs, "type", json_object_new_string("nbd"));
+    json_object_object_add(eargs, "id", json_object_new_string(name));
+    json_object_object_add(eargs, "node-name", json_object_new_string(device));
+    json_object_object_add(eargs, "name", json_object_new_string(name));
+    if (desc) {
+        json_object_object_add(eargs, "description", json_object_new_string(desc));
+    }
+    json_object_object_add(eargs, "writable", json_object_new_boolean(
+                               qmp_arg_bool(args, "writable", false)));
+    if (bitmap) {
+        struct json_object *arr = json_object_new_array();
+        json_object_array_add(arr, json_object_new_string(bitmap));
+        json_object_object_add(eargs, "bitmaps", arr);
+    }
+    return qmp_export_add(eargs, true, errp);
+}
+
+static struct json_object *qmp_cmd_nbd_server_remove(struct json_object *args,
+                                                     Error **errp)
+{
+    return qmp_export_del(qmp_arg_str(args, "name"), args, errp);
+}
+
+static const QmpArgSpec spec_none[] = {
+    { NULL },
+};
+static const QmpArgSpec spec_nbd_server_start[] = {
+    { "addr", QMP_ARG_OBJECT, false },
+    { "tls-creds", QMP_ARG_STR, true },
+    { "tls-authz", QMP_ARG_STR, true },
+    { "max-connections", QMP_ARG_UINT, true },
+    /* QEMU 9.x: accepted; the server's own handshake limit applies. */
+    { "handshake-max-seconds", QMP_ARG_UINT, true },
+    { NULL },
+};
+static const QmpArgSpec spec_block_export_add[] = {
+    { "type", QMP_ARG_STR, false },
+    { "id", QMP_ARG_STR, false },
+    { "node-name", QMP_ARG_STR, false },
+    { "name", QMP_ARG_STR, true },
+    { "description", QMP_ARG_STR, true },
+    { "writable", QMP_ARG_BOOL, true },
+    { "writethrough", QMP_ARG_BOOL, true },
+    { "bitmaps", QMP_ARG_ARRAY, true },
+    { "allocation-depth", QMP_ARG_BOOL, true },
+    { "fixed-iothread", QMP_ARG_BOOL, true },
+    { "iothread", QMP_ARG_ANY, true },
+    { NULL },
+};
+static const QmpArgSpec spec_block_export_del[] = {
+    { "id", QMP_ARG_STR, false },
+    { "mode", QMP_ARG_STR, true },
+    { NULL },
+};
+static const QmpArgSpec spec_nbd_server_add[] = {
+    { "device", QMP_ARG_STR, false },
+    { "name", QMP_ARG_STR, true },
+    { "description", QMP_ARG_STR, true },
+    { "writable", QMP_ARG_BOOL, true },
+    { "bitmap", QMP_ARG_STR, true },
+    { NULL },
+};
+static const QmpArgSpec spec_nbd_server_remove[] = {
+    { "name", QMP_ARG_STR, false },
+    { "mode", QMP_ARG_STR, true },
+    { NULL },
+};
+
+void qmp_register_export_commands(void)
+{
+    qmp_register_command_spec("nbd-server-start", qmp_cmd_nbd_server_start,
+                              spec_nbd_server_start);
+    qmp_register_command_spec("nbd-server-stop", qmp_cmd_nbd_server_stop,
+                              spec_none);
+    qmp_register_command_spec("block-export-add", qmp_cmd_block_export_add,
+                              spec_block_export_add);
+    qmp_register_command_spec("block-export-del", qmp_cmd_block_export_del,
+                              spec_block_export_del);
+    qmp_register_command_spec("query-block-exports",
+                              qmp_cmd_query_block_exports, spec_none);
+    qmp_register_command_spec("nbd-server-add", qmp_cmd_nbd_server_add,
+                              spec_nbd_server_add);
+    qmp_register_command_spec("nbd-server-remove", qmp_cmd_nbd_server_remove,
+                              spec_nbd_server_remove);
+}
