@@ -147,7 +147,7 @@ static bool blockdev_fix_keyval(struct json_object *obj, Error **errp)
 
 static bool opt_blockdev(const char *arg, Error **errp)
 {
-    _cleanup_json_ struct json_object *opts = keyval_parse_or_json(arg, NULL, errp);
+    _cleanup_json_ struct json_object *opts = keyval_parse_or_json(arg, "driver", errp);
     if (!opts) {
         return false;
     }

@@ -103,9 +103,13 @@ def test_dotted_and_json_forms(tmp_path):
                                                    "filename": "d1.raw"}}),
                 "--blockdev", "driver=raw,node-name=d2,read-only=on,"
                 "file.driver=file,file.filename=d1.raw",
+                # qemu-storage-daemon's implied key: a bare driver name.
+                "--blockdev", "raw,node-name=d3,read-only=on,"
+                "file.driver=file,file.filename=d1.raw",
                 nbd=True)
         c = d.qmp
         assert c.node("d1")["ro"] is True and c.node("d2")["ro"] is True
+        assert c.node("d3")["drv"] == "raw"
         assert c.node("disk0")["ro"] is False
         c.cmd("block-dirty-bitmap-add", node="disk0", name="b0")
         c.cmd("block-dirty-bitmap-add", node="disk0", name="b1")
