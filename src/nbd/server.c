@@ -10,7 +10,7 @@
  * recv_lock, reads ONE request (header and, for writes, payload), drops the
  * lock, runs the request against the node and sends the reply under the
  * connection's send_lock.  When a worker takes a request and no other worker
- * is idle, it starts another one (up to NBD_MAX_WORKERS), so several
+ * is idle, it starts another one (up to 4 per CPU, 8..32), so several
  * requests of one client run in parallel without a hand-off queue and
  * without any lock shared between connections on the data path.  Each
  * worker owns a reusable buffer; no request allocates memory of its own
@@ -58,7 +58,7 @@
 
 #define NBD_MAX_PAYLOAD        (32u * 1024 * 1024)  /* read/write data */
 #define NBD_MAX_OPT_PAYLOAD    (64u * 1024)         /* option data */
-#define NBD_MAX_WORKERS        16                   /* per connection */
+#define NBD_MAX_WORKERS        32                   /* per connection, at most */
 #define NBD_MAX_INFLIGHT_BYTES (UINT64_C(256) * 1024 * 1024)
 #define NBD_KEEP_BUF           (4u * 1024 * 1024)   /* larger buffers are freed after use */
 #define NBD_MAX_READ_SEGMENTS  64                   /* data/hole chunks per read reply */
@@ -66,6 +66,8 @@
 #define NBD_SEND_TIMEOUT_SEC   60                   /* a peer that stops reading is dropped */
 #define NBD_BUF_ALIGN          4096
 #define NBD_SOCKET_SNDBUF      (4 * 1024 * 1024)
+#define NBD_RECV_BUF           (64 * 1024)          /* buffered request headers */
+#define NBD_SPARSE_READ_MIN    (64 * 1024)          /* smaller reads skip hole detection */
 
 #define META_BASE_ALLOCATION   "base:allocation"
 #define META_DIRTY_PREFIX      "qemu:dirty-bitmap:"
@@ -122,7 +124,9 @@ struct NBDClient {
     uint32_t *bitmap_ids;         /* per exported bitmap, 0: not selected */
     int nctx;                     /* selected contexts */
 
-    pthread_mutex_t recv_lock;    /* invariant 1 */
+    pthread_mutex_t recv_lock;    /* invariant 1; guards rbuf too */
+    uint8_t *rbuf;                /* bytes received, not yet consumed */
+    size_t rpos, rlen;
     pthread_mutex_t send_lock;
     bool send_failed;             /* send_lock */
 
@@ -149,6 +153,7 @@ static struct {
     NBDClient *clients;
     NBDExport *exports;
     uint64_t next_serial;
+    int max_workers;              /* per connection, set at start */
 } srv = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .cond = PTHREAD_COND_INITIALIZER,
@@ -177,13 +182,43 @@ static int recv_full(int fd, void *buf, size_t len)
     return 0;
 }
 
-/* Read and drop len bytes: 0 or -1. */
-static int recv_discard(int fd, uint64_t len)
+/* Transmission-phase reads (recv_lock held): serve from the connection's
+ * buffer first, so that one recv() picks up many pipelined request headers;
+ * large payloads go straight to their destination. */
+static int client_recv(NBDClient *c, void *dst, size_t len)
+{
+    uint8_t *p = dst;
+    while (len > 0) {
+        if (c->rpos < c->rlen) {
+            size_t n = MIN(len, c->rlen - c->rpos);
+            memcpy(p, c->rbuf + c->rpos, n);
+            c->rpos += n;
+            p += n;
+            len -= n;
+            continue;
+        }
+        if (len >= NBD_RECV_BUF / 2) {
+            return recv_full(c->fd, p, len);
+        }
+        ssize_t n = recv(c->fd, c->rbuf, NBD_RECV_BUF, 0);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return -1;
+        }
+        c->rpos = 0;
+        c->rlen = (size_t)n;
+    }
+    return 0;
+}
+
+static int client_recv_discard(NBDClient *c, uint64_t len)
 {
     uint8_t tmp[16384];
     while (len > 0) {
         size_t n = MIN(len, sizeof(tmp));
-        if (recv_full(fd, tmp, n) < 0) {
+        if (client_recv(c, tmp, n) < 0) {
             return -1;
         }
         len -= n;
@@ -1142,8 +1177,11 @@ static void do_read_structured(NBDClient *c, NBDWorker *w, const NBDRequest *req
     int nseg = 0;
     uint64_t pos = req->offset, end = req->offset + req->len;
 
-    /* Find holes unless the client wants a single chunk. */
-    while (pos < end && !(req->flags & NBD_CMD_FLAG_DF)) {
+    /* Find holes unless the client wants a single chunk, or the read is
+     * so small that a hole chunk would save little. */
+    bool sparse = !(req->flags & NBD_CMD_FLAG_DF) &&
+                  req->len >= NBD_SPARSE_READ_MIN;
+    while (pos < end && sparse) {
         uint64_t pnum = 0;
         int st = bdrv_block_status(bs, pos, end - pos, &pnum);
         if (st < 0 || pnum == 0) {
@@ -1455,7 +1493,7 @@ static void *worker_main(void *opaque);
 /* Start one more worker if every current one is busy (c->lock held). */
 static void maybe_spawn_worker_locked(NBDClient *c)
 {
-    if (c->closing || c->busy < c->nworkers || c->nworkers >= NBD_MAX_WORKERS) {
+    if (c->closing || c->busy < c->nworkers || c->nworkers >= srv.max_workers) {
         return;
     }
     NBDWorker *w = &c->workers[c->nworkers];
@@ -1477,7 +1515,7 @@ static int receive_request(NBDClient *c, NBDWorker *w, NBDRequest *req)
         }
     }
     uint8_t h[NBD_REQUEST_SIZE];
-    if (recv_full(c->fd, h, sizeof(h)) < 0 ||
+    if (client_recv(c, h, sizeof(h)) < 0 ||
         nbd_get32(h) != NBD_REQUEST_MAGIC) {
         client_set_closing(c);
         return 0;
@@ -1515,8 +1553,8 @@ static int receive_request(NBDClient *c, NBDWorker *w, NBDRequest *req)
     }
     if (req->type == NBD_CMD_WRITE && req->len > 0) {
         int r = worker_buf(w, req->len);
-        int rr = r < 0 ? recv_discard(c->fd, req->len)
-                       : recv_full(c->fd, w->buf, req->len);
+        int rr = r < 0 ? client_recv_discard(c, req->len)
+                       : client_recv(c, w->buf, req->len);
         if (rr < 0) {
             /* Disconnected mid-payload: this request was never accepted. */
             LOCK_GUARD(&c->lock);
@@ -1564,6 +1602,7 @@ static void client_free(NBDClient *c)
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->cond);
     free(c->bitmap_ids);
+    free(c->rbuf);
     free(c);
 }
 
@@ -1574,7 +1613,8 @@ static void *client_main(void *opaque)
     NBDClient *c = opaque;
     c->workers[0] = (NBDWorker){ .c = c, .thread = pthread_self() };
     c->nworkers = 1;
-    if (negotiate(c) == OPT_TRANSMIT) {
+    c->rbuf = malloc(NBD_RECV_BUF);
+    if (c->rbuf && negotiate(c) == OPT_TRANSMIT) {
         worker_loop(&c->workers[0]);
     }
     client_set_closing(c);
@@ -1628,8 +1668,14 @@ static void client_start(int fd, bool inet)
     }
     c->fd = fd;
     c->inet = inet;
-    pthread_mutex_init(&c->recv_lock, NULL);
-    pthread_mutex_init(&c->send_lock, NULL);
+    /* Adaptive mutexes spin a little before sleeping: the socket locks
+     * are held for one recv()/send() at a time. */
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+    pthread_mutex_init(&c->recv_lock, &ma);
+    pthread_mutex_init(&c->send_lock, &ma);
+    pthread_mutexattr_destroy(&ma);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
 
@@ -1853,6 +1899,11 @@ bool nbd_server_start(struct json_object *addr, unsigned max_connections,
     srv.wake_pipe[1] = pfd[1];
     srv.inet = inet;
     srv.max_connections = max_connections;
+    /* More workers than CPUs only pays while requests wait for a disk; on
+     * cached data extra threads just add context switches. */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    srv.max_workers = (int)MIN(MAX(4 * (ncpu > 0 ? ncpu : 1), 8L),
+                               (long)NBD_MAX_WORKERS);
     srv.unix_path = steal_pointer(&unix_path);
     if (pthread_create(&srv.accept_thread, NULL, accept_main, NULL) != 0) {
         error_setg(errp, "cannot start the NBD accept thread");
