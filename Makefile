@@ -45,7 +45,7 @@ demo: build
 	BITBACK_BUILD=$(abspath $(BUILD)) scripts/demo.sh
 
 bench: build
-	BITBACK_BUILD=$(abspath $(BUILD)) bench/nbd.sh
+	bench/nbd.sh $(abspath $(BUILD))
 
 clean:
 	rm -rf build build-san
