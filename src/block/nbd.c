@@ -1,0 +1,523 @@
+/*
+ * The "nbd" protocol driver: a node whose content is an export on a remote
+ * NBD server, reached through libnbd (the NBD client library).  This is what
+ * lets a backup job write its target to a remote server, as QEMU's
+ * blockdev-add driver=nbd does:
+ *
+ *   {"driver": "nbd", "node-name": "t0",
+ *    "server": {"type": "unix", "path": "/run/x.sock"}
+ *            | {"type": "inet", "host": "h", "port": "10809"},
+ *    "export": "name"}
+ *
+ * Each node owns one libnbd handle, connected at open.  libnbd handles take
+ * an internal lock, so any number of threads may issue synchronous commands
+ * on the same handle; they are serialized on the connection.
+ *
+ * Invariants:
+ *   1. s->size is the export size the server announced at open; requests
+ *      never go past it (unlike "file", an NBD export cannot grow by being
+ *      written past its end, so writes there fail with -EINVAL here instead
+ *      of being sent).
+ *   2. No command carries more than s->max_request bytes of payload, nor
+ *      more than NBD_CMD_MAX_LEN bytes of effect, so every request is one
+ *      the server advertised it accepts.
+ *   3. Flags are only sent when the server advertised them (FUA, FAST_ZERO),
+ *      so the server never sees a flag it did not negotiate.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#include <libnbd.h>
+
+#include "block/block.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+#include "util/iov.h"
+
+/* Largest payload per NBD_CMD_READ/WRITE when the server names no limit:
+ * the NBD spec promises 32 MiB works with every server. */
+#define NBD_DEFAULT_MAX_REQUEST (32u * 1024 * 1024)
+/* Largest length of a zero/trim/block-status command: the wire field is 32
+ * bits without extended headers; keep it a round, aligned value. */
+#define NBD_CMD_MAX_LEN (1u << 30)
+/* Largest minimum block size we honour as request alignment. */
+#define NBD_MAX_ALIGNMENT (64u * 1024)
+
+typedef struct BDRVNBDState {
+    struct nbd_handle *nbd;
+    uint64_t size;           /* export size (invariant 1) */
+    uint32_t max_request;    /* payload limit per command (invariant 2) */
+    bool can_fua;
+    bool can_zero;
+    bool can_fast_zero;
+    bool can_trim;
+    bool can_flush;
+    bool has_base_allocation;
+} BDRVNBDState;
+
+static void nbd_handle_closep(struct nbd_handle **h)
+{
+    if (*h) {
+        nbd_close(*h);
+    }
+}
+
+/* -errno for the last libnbd failure in this thread. */
+static int nbd_errno(void)
+{
+    int e = nbd_get_errno();
+    return e > 0 ? -e : -EIO;
+}
+
+/* Sets *ret_value to the string member `key` of obj, or NULL when absent.
+ * Returns false (errp set) when the member is not a string. */
+static bool opt_string(struct json_object *obj, const char *key,
+                       const char **ret_value, Error **errp)
+{
+    struct json_object *v;
+    *ret_value = NULL;
+    if (!json_object_object_get_ex(obj, key, &v) || !v) {
+        return true;
+    }
+    if (!json_object_is_type(v, json_type_string)) {
+        error_setg(errp, "Parameter '%s' expects a string", key);
+        return false;
+    }
+    *ret_value = json_object_get_string(v);
+    return true;
+}
+
+/* Connect h to options' "server"; sets *ret_desc to a malloc'd URI-like
+ * description of the server for messages and info. */
+static bool nbd_connect_server(struct nbd_handle *h, struct json_object *options,
+                               const char *export, char **ret_desc, Error **errp)
+{
+    struct json_object *server;
+    if (!json_object_object_get_ex(options, "server", &server) || !server) {
+        error_setg(errp, "Parameter 'server' is missing");
+        return false;
+    }
+    if (!json_object_is_type(server, json_type_object)) {
+        error_setg(errp, "Parameter 'server' expects an object");
+        return false;
+    }
+    const char *type;
+    if (!opt_string(server, "type", &type, errp)) {
+        return false;
+    }
+    if (!type) {
+        error_setg(errp, "Parameter 'server.type' is missing");
+        return false;
+    }
+    if (strcmp(type, "unix") == 0) {
+        const char *path;
+        if (!opt_string(server, "path", &path, errp)) {
+            return false;
+        }
+        if (!path || !*path) {
+            error_setg(errp, "Parameter 'server.path' is missing");
+            return false;
+        }
+        if (asprintf(ret_desc, "nbd+unix:///%s?socket=%s", export, path) < 0) {
+            *ret_desc = NULL;
+        }
+        if (nbd_connect_unix(h, path) < 0) {
+            error_setg(errp, "Failed to connect to NBD server at '%s': %s",
+                       path, nbd_get_error());
+            return false;
+        }
+        return true;
+    }
+    if (strcmp(type, "inet") == 0 || strcmp(type, "tcp") == 0) {
+        const char *host;
+        const char *port = "10809";
+        char portbuf[16];
+        struct json_object *v;
+        if (!opt_string(server, "host", &host, errp)) {
+            return false;
+        }
+        if (!host || !*host) {
+            error_setg(errp, "Parameter 'server.host' is missing");
+            return false;
+        }
+        if (json_object_object_get_ex(server, "port", &v) && v) {
+            if (json_object_is_type(v, json_type_int)) {
+                int64_t p = json_object_get_int64(v);
+                if (p < 1 || p > 65535) {
+                    error_setg(errp, "Parameter 'server.port' must be 1..65535");
+                    return false;
+                }
+                snprintf(portbuf, sizeof(portbuf), "%d", (int)p);
+                port = portbuf;
+            } else if (json_object_is_type(v, json_type_string)) {
+                port = json_object_get_string(v);
+            } else {
+                error_setg(errp, "Parameter 'server.port' expects a string");
+                return false;
+            }
+        }
+        if (asprintf(ret_desc, "nbd://%s:%s/%s", host, port, export) < 0) {
+            *ret_desc = NULL;
+        }
+        if (nbd_connect_tcp(h, host, port) < 0) {
+            error_setg(errp, "Failed to connect to NBD server at '%s:%s': %s",
+                       host, port, nbd_get_error());
+            return false;
+        }
+        return true;
+    }
+    error_setg(errp, "Unsupported NBD server type '%s' (use 'unix' or 'inet')",
+               type);
+    return false;
+}
+
+/* A libnbd can_* answer as a bool (errors count as "cannot"). */
+static bool nbd_flag(int r)
+{
+    return r > 0;
+}
+
+static bool nbd_drv_open(BlockDriverState *bs, struct json_object *options,
+                         int flags, Error **errp)
+{
+    BDRVNBDState *s = bs->opaque;
+    const char *export;
+    if (!opt_string(options, "export", &export, errp)) {
+        return false;
+    }
+    if (!export) {
+        export = "";
+    }
+    if (json_object_object_get_ex(options, "tls-creds", NULL)) {
+        error_setg(errp, "nbd: TLS ('tls-creds') is not supported");
+        return false;
+    }
+
+    _cleanup_(nbd_handle_closep) struct nbd_handle *h = nbd_create();
+    if (!h) {
+        error_setg(errp, "Cannot create an NBD client handle: %s",
+                   nbd_get_error());
+        return false;
+    }
+    if (nbd_set_export_name(h, export) < 0 ||
+        nbd_set_request_structured_replies(h, true) < 0 ||
+        nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
+        error_setg(errp, "Cannot set up the NBD client handle: %s",
+                   nbd_get_error());
+        return false;
+    }
+    _cleanup_free_ char *desc = NULL;
+    if (!nbd_connect_server(h, options, export, &desc, errp)) {
+        return false;
+    }
+    const char *where = desc ? desc : export;
+
+    int64_t size = nbd_get_size(h);
+    if (size < 0) {
+        error_setg(errp, "Cannot get the size of NBD export '%s': %s",
+                   where, nbd_get_error());
+        return false;
+    }
+    if ((uint64_t)size > BDRV_MAX_LENGTH) {
+        error_setg(errp, "NBD export '%s' is too large (%" PRId64 " bytes)",
+                   where, size);
+        return false;
+    }
+    int ro = nbd_is_read_only(h);
+    if (ro < 0) {
+        error_setg(errp, "Cannot query NBD export '%s': %s", where,
+                   nbd_get_error());
+        return false;
+    }
+    if (ro && (flags & BDRV_O_RDWR)) {
+        error_setg(errp, "NBD export '%s' is read-only; open the node with "
+                   "read-only=true", where);
+        return false;
+    }
+
+    s->size = (uint64_t)size;
+    s->can_fua = nbd_flag(nbd_can_fua(h));
+    s->can_zero = nbd_flag(nbd_can_zero(h));
+    s->can_fast_zero = s->can_zero && nbd_flag(nbd_can_fast_zero(h));
+    s->can_trim = nbd_flag(nbd_can_trim(h));
+    s->can_flush = nbd_flag(nbd_can_flush(h));
+    s->has_base_allocation =
+        nbd_flag(nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION));
+
+    s->max_request = NBD_DEFAULT_MAX_REQUEST;
+    int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+    if (max > 0) {
+        s->max_request = (uint32_t)MIN((uint64_t)max, (uint64_t)BDRV_MAX_REQUEST);
+    }
+    int64_t min = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
+    if (min > 1 && min <= NBD_MAX_ALIGNMENT && !(min & (min - 1))) {
+        bs->request_alignment = (uint32_t)min;
+        /* Keep chunks a multiple of the alignment. */
+        s->max_request = ROUND_DOWN(s->max_request, (uint32_t)min);
+    }
+    if (s->max_request == 0) {
+        s->max_request = NBD_DEFAULT_MAX_REQUEST;
+    }
+
+    if (!bs->filename && desc) {
+        bs->filename = steal_pointer(&desc);
+    }
+    s->nbd = steal_pointer(&h);
+    return true;
+}
+
+static void nbd_drv_close(BlockDriverState *bs)
+{
+    BDRVNBDState *s = bs->opaque;
+    if (s->nbd) {
+        nbd_shutdown(s->nbd, 0);
+        nbd_close(s->nbd);
+        s->nbd = NULL;
+    }
+}
+
+static int64_t nbd_drv_getlength(BlockDriverState *bs)
+{
+    BDRVNBDState *s = bs->opaque;
+    return (int64_t)s->size;
+}
+
+static bool nbd_in_range(BDRVNBDState *s, uint64_t offset, uint64_t bytes)
+{
+    return offset <= s->size && bytes <= s->size - offset;
+}
+
+/* Read [offset, +bytes) into the flat buffer buf, in chunks. */
+static int nbd_read_flat(BDRVNBDState *s, uint64_t offset, uint64_t bytes,
+                         uint8_t *buf)
+{
+    while (bytes > 0) {
+        size_t n = (size_t)MIN(bytes, (uint64_t)s->max_request);
+        if (nbd_pread(s->nbd, buf, n, offset, 0) < 0) {
+            return nbd_errno();
+        }
+        buf += n;
+        offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+static int nbd_write_flat(BDRVNBDState *s, uint64_t offset, uint64_t bytes,
+                          const uint8_t *buf, uint32_t nbd_flags)
+{
+    while (bytes > 0) {
+        size_t n = (size_t)MIN(bytes, (uint64_t)s->max_request);
+        if (nbd_pwrite(s->nbd, buf, n, offset, nbd_flags) < 0) {
+            return nbd_errno();
+        }
+        buf += n;
+        offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+static int nbd_drv_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                          const struct iovec *iov, int niov, int flags)
+{
+    BDRVNBDState *s = bs->opaque;
+    if (!nbd_in_range(s, offset, bytes) || iov_size(iov, niov) < bytes) {
+        return -EINVAL;
+    }
+    if (niov == 1) {
+        return nbd_read_flat(s, offset, bytes, iov[0].iov_base);
+    }
+    _cleanup_free_ uint8_t *buf = malloc(bytes ? bytes : 1);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    int r = nbd_read_flat(s, offset, bytes, buf);
+    if (r < 0) {
+        return r;
+    }
+    iov_from_buf(iov, niov, 0, buf, bytes);
+    return 0;
+}
+
+static int nbd_drv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                           const struct iovec *iov, int niov, int flags)
+{
+    BDRVNBDState *s = bs->opaque;
+    /* Invariant 1: the export cannot grow. */
+    if (!nbd_in_range(s, offset, bytes) || iov_size(iov, niov) < bytes) {
+        return -EINVAL;
+    }
+    uint32_t nbd_flags = 0;
+    if ((flags & BDRV_REQ_FUA) && s->can_fua) {
+        nbd_flags |= LIBNBD_CMD_FLAG_FUA;
+    }
+    int r;
+    if (niov == 1) {
+        r = nbd_write_flat(s, offset, bytes, iov[0].iov_base, nbd_flags);
+    } else {
+        _cleanup_free_ uint8_t *buf = malloc(bytes ? bytes : 1);
+        if (!buf) {
+            return -ENOMEM;
+        }
+        iov_to_buf(iov, niov, 0, buf, bytes);
+        r = nbd_write_flat(s, offset, bytes, buf, nbd_flags);
+    }
+    if (r == 0 && (flags & BDRV_REQ_FUA) && !s->can_fua && s->can_flush) {
+        /* No FUA on the wire: a flush gives the same guarantee. */
+        if (nbd_flush(s->nbd, 0) < 0) {
+            return nbd_errno();
+        }
+    }
+    return r;
+}
+
+static int nbd_drv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
+                                 uint64_t bytes, int flags)
+{
+    BDRVNBDState *s = bs->opaque;
+    if (!nbd_in_range(s, offset, bytes)) {
+        return -EINVAL;
+    }
+    if (!s->can_zero) {
+        return -ENOTSUP;
+    }
+    uint32_t nbd_flags = 0;
+    if (!(flags & BDRV_REQ_MAY_UNMAP)) {
+        nbd_flags |= LIBNBD_CMD_FLAG_NO_HOLE;
+    }
+    if (flags & BDRV_REQ_NO_FALLBACK) {
+        if (!s->can_fast_zero) {
+            return -ENOTSUP;
+        }
+        nbd_flags |= LIBNBD_CMD_FLAG_FAST_ZERO;
+    }
+    if ((flags & BDRV_REQ_FUA) && s->can_fua) {
+        nbd_flags |= LIBNBD_CMD_FLAG_FUA;
+    }
+    while (bytes > 0) {
+        uint64_t n = MIN(bytes, (uint64_t)NBD_CMD_MAX_LEN);
+        if (nbd_zero(s->nbd, n, offset, nbd_flags) < 0) {
+            return nbd_errno();
+        }
+        offset += n;
+        bytes -= n;
+    }
+    if ((flags & BDRV_REQ_FUA) && !s->can_fua && s->can_flush &&
+        nbd_flush(s->nbd, 0) < 0) {
+        return nbd_errno();
+    }
+    return 0;
+}
+
+static int nbd_drv_pdiscard(BlockDriverState *bs, uint64_t offset,
+                            uint64_t bytes)
+{
+    BDRVNBDState *s = bs->opaque;
+    if (!nbd_in_range(s, offset, bytes)) {
+        return -EINVAL;
+    }
+    if (!s->can_trim) {
+        return 0;   /* discard is a hint */
+    }
+    while (bytes > 0) {
+        uint64_t n = MIN(bytes, (uint64_t)NBD_CMD_MAX_LEN);
+        if (nbd_trim(s->nbd, n, offset, 0) < 0) {
+            return nbd_errno();
+        }
+        offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+static int nbd_drv_flush(BlockDriverState *bs)
+{
+    BDRVNBDState *s = bs->opaque;
+    if (!s->can_flush) {
+        return 0;
+    }
+    return nbd_flush(s->nbd, 0) < 0 ? nbd_errno() : 0;
+}
+
+/* What the base:allocation extent callback found: the first extent. */
+typedef struct NBDExtentResult {
+    bool found;
+    uint64_t length;
+    uint32_t flags;
+} NBDExtentResult;
+
+static int nbd_extent_cb(void *opaque, const char *metacontext,
+                         uint64_t offset, uint32_t *entries, size_t nr_entries,
+                         int *error)
+{
+    NBDExtentResult *res = opaque;
+    if (strcmp(metacontext, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0 ||
+        res->found || nr_entries < 2) {
+        return 0;
+    }
+    res->found = true;
+    res->length = entries[0];
+    res->flags = entries[1];
+    return 0;
+}
+
+static int nbd_drv_block_status(BlockDriverState *bs, uint64_t offset,
+                                uint64_t bytes, uint64_t *pnum)
+{
+    BDRVNBDState *s = bs->opaque;
+    if (!s->has_base_allocation) {
+        *pnum = bytes;
+        return BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED;
+    }
+    if (!nbd_in_range(s, offset, bytes) || bytes == 0) {
+        return -EINVAL;
+    }
+    uint64_t n = MIN(bytes, (uint64_t)NBD_CMD_MAX_LEN);
+    NBDExtentResult res = { 0 };
+    nbd_extent_callback cb = { .callback = nbd_extent_cb, .user_data = &res };
+    if (nbd_block_status(s->nbd, n, offset, cb, LIBNBD_CMD_FLAG_REQ_ONE) < 0) {
+        return nbd_errno();
+    }
+    if (!res.found || res.length == 0) {
+        return -EIO;    /* the server broke its promise of an extent */
+    }
+    *pnum = MIN(res.length, bytes);
+    /* Only the ZERO bit promises that reads return zeroes; a hole without
+     * it may read as anything, so it must be treated as data. */
+    if (res.flags & LIBNBD_STATE_ZERO) {
+        return BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED;
+    }
+    return BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED;
+}
+
+static void nbd_drv_info(BlockDriverState *bs, struct json_object *data)
+{
+    BDRVNBDState *s = bs->opaque;
+    json_object_object_add(data, "can-fua", json_object_new_boolean(s->can_fua));
+    json_object_object_add(data, "can-zero", json_object_new_boolean(s->can_zero));
+    json_object_object_add(data, "can-trim", json_object_new_boolean(s->can_trim));
+    json_object_object_add(data, "base-allocation",
+                           json_object_new_boolean(s->has_base_allocation));
+}
+
+const BlockDriver bdrv_nbd = {
+    .format_name = "nbd",
+    .instance_size = sizeof(BDRVNBDState),
+    .is_protocol = true,
+    .open = nbd_drv_open,
+    .close = nbd_drv_close,
+    .getlength = nbd_drv_getlength,
+    .preadv = nbd_drv_preadv,
+    .pwritev = nbd_drv_pwritev,
+    .pwrite_zeroes = nbd_drv_pwrite_zeroes,
+    .pdiscard = nbd_drv_pdiscard,
+    .flush = nbd_drv_flush,
+    .block_status = nbd_drv_block_status,
+    .info = nbd_drv_info,
+};
