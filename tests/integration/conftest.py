@@ -4,6 +4,7 @@ Binaries come from the meson build folder named by $BITBACK_BUILD
 (default: <repo>/build).  Tests run with Debian's /usr/bin/python3 so that
 python3-libnbd is importable.
 """
+import json
 import os
 import pathlib
 import shutil
@@ -49,3 +50,18 @@ def bitbackd_bin():
 def require(tool):
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} is not installed: run scripts/install-deps.sh")
+
+
+def dirty_extents(uri, bitmap="b0"):
+    """[(offset, length)] of the dirty extents that `nbdinfo --map` reports
+    for qemu:dirty-bitmap:BITMAP on an NBD URI, adjacent ones merged."""
+    require("nbdinfo")
+    p = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", uri])
+    out = []
+    for e in json.loads(p.stdout):
+        if e["type"] & 1:
+            if out and out[-1][0] + out[-1][1] == e["offset"]:
+                out[-1] = (out[-1][0], out[-1][1] + e["length"])
+            else:
+                out.append((e["offset"], e["length"]))
+    return out

@@ -18,7 +18,7 @@ import pytest
 import nbd
 
 from bitbackd import Daemon
-from conftest import BITBACK, require, run
+from conftest import BITBACK, dirty_extents, require, run
 
 MiB = 1024 * 1024
 GRAN = 64 * 1024
@@ -58,18 +58,6 @@ def connect(uri, contexts=()):
     h.connect_uri(uri)
     return h
 
-
-def dirty_extents(uri, bitmap="b0"):
-    """[(offset, length)] of dirty extents as nbdinfo --map shows them."""
-    p = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", uri])
-    out = []
-    for e in json.loads(p.stdout):
-        if e["type"] & 1:
-            if out and out[-1][0] + out[-1][1] == e["offset"]:
-                out[-1] = (out[-1][0], out[-1][1] + e["length"])
-            else:
-                out.append((e["offset"], e["length"]))
-    return out
 
 
 def clusters_to_extents(clusters, gran=GRAN):

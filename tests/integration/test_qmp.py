@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bitbackd import QSD, Daemon, QMPClient, QMPError
-from conftest import bitback, require, run
+from conftest import bitback, dirty_extents, require, run
 
 G = 64 * 1024
 SIZE = 16 * 1024 * 1024
@@ -42,20 +42,6 @@ def qemu_io(uri, *cmds, readonly=False):
     p = run(args)
     assert "error" not in p.stdout.lower(), p.stdout
     return p.stdout
-
-
-def dirty_map(uri, bitmap):
-    """[(offset, length)] of dirty extents, as nbdinfo reports them."""
-    require("nbdinfo")
-    p = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", uri])
-    out = []
-    for e in json.loads(p.stdout):
-        if e["type"] & 1:
-            if out and out[-1][0] + out[-1][1] == e["offset"]:
-                out[-1] = (out[-1][0], out[-1][1] + e["length"])
-            else:
-                out.append((e["offset"], e["length"]))
-    return out
 
 
 def wait_no_exports(c, timeout=30):
@@ -231,8 +217,8 @@ def test_dirty_count_and_map_match_nbd_writes(daemon):
     qemu_io(uri, "write -P 1 0 64k", "write -P 2 1048581 1",
             "write -P 3 5238784 100k")
     want = [(0, G), (16 * G, G), (79 * G, 3 * G)]
-    assert dirty_map(uri, "b0") == want
-    assert dirty_map(uri, "off") == []
+    assert dirty_extents(uri, "b0") == want
+    assert dirty_extents(uri, "off") == []
     b0 = c.bitmap("disk0", "b0")
     assert b0["count"] == 5 * G
     assert b0["recording"] and b0["persistent"] and not b0["inconsistent"]
@@ -259,7 +245,7 @@ def test_dirty_count_and_map_match_nbd_writes(daemon):
     assert c.bitmap("disk0", "b0")["count"] == 0
     c.cmd("block-export-add", type="nbd", id="e0", name="disk0",
           bitmaps=["b0"], **{"node-name": "disk0"})
-    assert dirty_map(uri, "b0") == []
+    assert dirty_extents(uri, "b0") == []
 
 
 # ---------------------------------------------------------------- graph
@@ -350,7 +336,7 @@ def test_quit_and_restart_keeps_bitmap(tmp_path):
               bitmaps=["b0"], **{"node-name": "disk0"})
         uri = d.nbd_uri("disk0")
         qemu_io(uri, "write -P 1 0 64k", "write -P 2 3M 192k")
-        map_before = dirty_map(uri, "b0")
+        map_before = dirty_extents(uri, "b0")
         assert map_before == [(0, G), (3 << 20, 3 * G)]
         sha_before = c.cmd("x-debug-block-dirty-bitmap-sha256", node="disk0",
                            name="b0")["sha256"]
@@ -368,7 +354,7 @@ def test_quit_and_restart_keeps_bitmap(tmp_path):
         assert b0["recording"] is True and b0["count"] == 4 * G
         assert d.qmp.cmd("x-debug-block-dirty-bitmap-sha256", node="disk0",
                          name="b0")["sha256"] == sha_before
-        assert dirty_map(uri, "b0") == map_before
+        assert dirty_extents(uri, "b0") == map_before
         assert d.quit() == 0
 
 
