@@ -474,6 +474,11 @@ NBDExport *nbd_export_find(const char *id)
     return NULL;
 }
 
+const char *nbd_export_id(const NBDExport *exp)
+{
+    return exp->id;
+}
+
 NBDExport *nbd_export_find_by_name(const char *name)
 {
     LOCK_GUARD(&srv.lock);

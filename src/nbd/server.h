@@ -43,6 +43,8 @@ NBDExport *nbd_export_add(const char *id, BlockDriverState *bs,
 bool nbd_export_del(const char *id, bool force, Error **errp);
 NBDExport *nbd_export_find(const char *id);
 NBDExport *nbd_export_find_by_name(const char *name);
+/* The export's id (owned by the export, valid until it is removed). */
+const char *nbd_export_id(const NBDExport *exp);
 /* query-block-exports: a new JSON array of
  * {"type":"nbd","id":...,"node-name":...,"shutting-down":false}. */
 struct json_object *nbd_export_query(void);

@@ -317,7 +317,11 @@ static struct json_object *qmp_cmd_nbd_server_add(struct json_object *args,
 static struct json_object *qmp_cmd_nbd_server_remove(struct json_object *args,
                                                      Error **errp)
 {
-    return qmp_export_del(qmp_arg_str(args, "name"), args, errp);
+    /* QEMU looks nbd-server-remove's name up as the NBD export name, which
+     * differs from the id for exports made by block-export-add. */
+    const char *name = qmp_arg_str(args, "name");
+    NBDExport *exp = nbd_export_find_by_name(name);
+    return qmp_export_del(exp ? nbd_export_id(exp) : name, args, errp);
 }
 
 static const QmpArgSpec spec_none[] = {

@@ -309,6 +309,12 @@ def test_nbd_server_commands(tmp_path):
         assert set(ev["timestamp"]) == {"seconds", "microseconds"}
         e = c.error("nbd-server-remove", name="disk0")
         assert e.desc == "Export 'disk0' is not found"
+        # nbd-server-remove takes the NBD name, even when the id differs.
+        c.cmd("block-export-add", type="nbd", id="e7", name="seven",
+              **{"node-name": "disk0"})
+        c.cmd("nbd-server-remove", name="seven")
+        assert c.get_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "e7"}
+        assert c.cmd("query-block-exports") == []
         c.cmd("nbd-server-stop")
         e = c.error("nbd-server-stop")
         assert e.desc == "NBD server not running"
