@@ -648,6 +648,20 @@ static void meta_clear(NBDClient *c)
     c->meta_serial = 0;
 }
 
+/* Negotiation is over: the client uses export e (its pin is kept) from now
+ * on.  Meta contexts chosen for another export, or for an earlier export of
+ * the same name, are dropped.  Returns OPT_TRANSMIT. */
+static int client_enter_transmission(NBDClient *c, NBDExport *e, uint64_t size)
+{
+    c->exp = e;
+    c->size = size;
+    c->tflags = export_tflags(e, c->structured);
+    if (c->meta_exp != e || c->meta_serial != e->serial) {
+        meta_clear(c);
+    }
+    return OPT_TRANSMIT;
+}
+
 /* NBD_OPT_INFO and NBD_OPT_GO.  Data: u32 name length, name, u16 count,
  * count x u16 info requests. */
 static int opt_info_go(NBDClient *c, uint32_t opt, const uint8_t *data,
@@ -708,13 +722,7 @@ static int opt_info_go(NBDClient *c, uint32_t opt, const uint8_t *data,
         return r;
     }
     /* GO: keep the pin, enter transmission. */
-    c->exp = e;
-    c->size = (uint64_t)size;
-    c->tflags = export_tflags(e, c->structured);
-    if (c->meta_exp != e || c->meta_serial != e->serial) {
-        meta_clear(c);
-    }
-    return OPT_TRANSMIT;
+    return client_enter_transmission(c, e, (uint64_t)size);
 }
 
 static int opt_export_name(NBDClient *c, const uint8_t *data, uint32_t len)
@@ -741,13 +749,7 @@ static int opt_export_name(NBDClient *c, const uint8_t *data, uint32_t len)
         export_unpin(e);
         return OPT_CLOSE;
     }
-    c->exp = e;
-    c->size = (uint64_t)size;
-    c->tflags = export_tflags(e, c->structured);
-    if (c->meta_exp != e || c->meta_serial != e->serial) {
-        meta_clear(c);
-    }
-    return OPT_TRANSMIT;
+    return client_enter_transmission(c, e, (uint64_t)size);
 }
 
 static int opt_list(NBDClient *c, uint32_t len)
