@@ -353,3 +353,127 @@ void bdrv_dirty_bitmap_sha256(BdrvDirtyBitmap *bm, char out[65])
         snprintf(out + 2 * i, 3, "%02x", md[i]);
     }
 }
+
+/* ---- successors for backup jobs ---- */
+
+bool bdrv_dirty_bitmap_create_successor(BdrvDirtyBitmap *bm, Error **errp)
+{
+    BlockDriverState *bs = bm->bs;
+    if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_BUSY, errp)) {
+        return false;
+    }
+    if (bm->successor) {
+        error_setg(errp, "Cannot create a successor for a bitmap that already "
+                   "has one");
+        return false;
+    }
+    BdrvDirtyBitmap *succ = calloc(1, sizeof(*succ));
+    if (!succ) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    succ->hb = hbitmap_new(hbitmap_size(bm->hb), granularity_shift(bm->granularity));
+    succ->name = strdup("");
+    if (!succ->hb || !succ->name) {
+        dirty_bitmap_free(succ);
+        error_setg(errp, "Cannot allocate a successor for bitmap '%s'", bm->name);
+        return false;
+    }
+    succ->bs = bs;
+    succ->granularity = bm->granularity;
+    LOCK_GUARD(&bs->lock);
+    succ->disabled = bm->disabled;
+    bm->disabled = true;
+    bm->busy = true;
+    bm->successor = succ;
+    return true;
+}
+
+void bdrv_dirty_bitmap_abdicate(BdrvDirtyBitmap *bm)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    BdrvDirtyBitmap *succ = bm->successor;
+    if (!succ) {
+        return;
+    }
+    HBitmap *old = bm->hb;
+    bm->hb = succ->hb;
+    succ->hb = old;
+    bm->disabled = succ->disabled;
+    bm->busy = false;
+    bm->successor = NULL;
+    uuid_generate_str(bm->generation);
+    dirty_bitmap_free(succ);
+}
+
+void bdrv_dirty_bitmap_reclaim(BdrvDirtyBitmap *bm)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    BdrvDirtyBitmap *succ = bm->successor;
+    if (!succ) {
+        return;
+    }
+    hbitmap_merge(bm->hb, succ->hb);
+    bm->disabled = succ->disabled;
+    bm->busy = false;
+    bm->successor = NULL;
+    dirty_bitmap_free(succ);
+}
+
+HBitmap *bdrv_dirty_bitmap_copy_bits(BdrvDirtyBitmap *bm)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    return hbitmap_copy(bm->hb);
+}
+
+void bdrv_dirty_bitmap_merge_bits(BdrvDirtyBitmap *bm, const HBitmap *bits)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    hbitmap_merge(bm->hb, bits);
+}
+
+/* ---- transaction undo ---- */
+
+struct BdrvDirtyBitmapBackup {
+    HBitmap *hb;
+    bool disabled;
+    char generation[UUID_STR_LEN];
+};
+
+BdrvDirtyBitmapBackup *bdrv_dirty_bitmap_backup(BdrvDirtyBitmap *bm, Error **errp)
+{
+    BdrvDirtyBitmapBackup *b = calloc(1, sizeof(*b));
+    if (b) {
+        LOCK_GUARD(&bm->bs->lock);
+        b->hb = hbitmap_copy(bm->hb);
+        b->disabled = bm->disabled;
+        memcpy(b->generation, bm->generation, sizeof(b->generation));
+    }
+    if (!b || !b->hb) {
+        free(b);
+        error_setg(errp, "Cannot back up bitmap '%s': out of memory", bm->name);
+        return NULL;
+    }
+    return b;
+}
+
+void bdrv_dirty_bitmap_restore(BdrvDirtyBitmap *bm, BdrvDirtyBitmapBackup *b)
+{
+    {
+        LOCK_GUARD(&bm->bs->lock);
+        HBitmap *old = bm->hb;
+        bm->hb = b->hb;
+        b->hb = old;
+        bm->disabled = b->disabled;
+        memcpy(bm->generation, b->generation, sizeof(bm->generation));
+    }
+    bdrv_dirty_bitmap_backup_free(b);
+}
+
+void bdrv_dirty_bitmap_backup_free(BdrvDirtyBitmapBackup *b)
+{
+    if (b) {
+        hbitmap_free(b->hb);
+        free(b);
+    }
+}

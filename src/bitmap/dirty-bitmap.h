@@ -116,4 +116,34 @@ BdrvDirtyExtent *bdrv_dirty_bitmap_extents(BdrvDirtyBitmap *bm, uint64_t offset,
  * for x-debug-block-dirty-bitmap-sha256. */
 void bdrv_dirty_bitmap_sha256(BdrvDirtyBitmap *bm, char out[65]);
 
+/* ---- Backup jobs: successors (QEMU's create_successor / abdicate /
+ * reclaim).  A job that reads a bitmap freezes it: the bitmap keeps the
+ * bits of the point in time, stops recording and becomes busy, while an
+ * anonymous successor (enabled if the bitmap was) records every new write.
+ * When the job ends, exactly one of these runs:
+ *   abdicate  the successor replaces the bitmap's bits (the copied bits are
+ *             gone, the new writes stay); a new generation
+ *   reclaim   the successor's bits are merged back into the bitmap, so no
+ *             dirty bit is ever lost
+ * Either way the bitmap is no longer busy, records again if it did before,
+ * and keeps its name, granularity and persistence.
+ */
+bool bdrv_dirty_bitmap_create_successor(BdrvDirtyBitmap *bm, Error **errp);
+void bdrv_dirty_bitmap_abdicate(BdrvDirtyBitmap *bm);
+void bdrv_dirty_bitmap_reclaim(BdrvDirtyBitmap *bm);
+/* A copy of the current bits (caller frees with hbitmap_free).  NULL when
+ * memory is short. */
+HBitmap *bdrv_dirty_bitmap_copy_bits(BdrvDirtyBitmap *bm);
+/* bm |= bits (same size and granularity). */
+void bdrv_dirty_bitmap_merge_bits(BdrvDirtyBitmap *bm, const HBitmap *bits);
+
+/* ---- Transactions: undo for clear / merge / enable / disable.  A backup
+ * holds the bits, the generation and the recording state; restoring puts
+ * them back (and frees the backup).  Callers run both with every node
+ * drained, so no write lands in between. */
+typedef struct BdrvDirtyBitmapBackup BdrvDirtyBitmapBackup;
+BdrvDirtyBitmapBackup *bdrv_dirty_bitmap_backup(BdrvDirtyBitmap *bm, Error **errp);
+void bdrv_dirty_bitmap_restore(BdrvDirtyBitmap *bm, BdrvDirtyBitmapBackup *b);
+void bdrv_dirty_bitmap_backup_free(BdrvDirtyBitmapBackup *b);
+
 #endif

@@ -395,9 +395,36 @@ static struct json_object *image_options(const char *filename, const char *forma
     return opts;
 }
 
+bool bdrv_filename_is_nbd_uri(const char *filename)
+{
+    static const char *const schemes[] = {
+        "nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+vsock://",
+        "nbds+vsock://",
+    };
+    for (size_t i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++) {
+        if (strncmp(filename, schemes[i], strlen(schemes[i])) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static BlockDriverState *open_image_depth(const char *filename, const char *format,
                                           int flags, int depth, Error **errp)
 {
+    if (bdrv_filename_is_nbd_uri(filename)) {
+        /* An NBD export: raw data over the nbd protocol node, as QEMU
+         * opens "nbd+unix:///x?socket=..." filenames. */
+        if (format && strcmp(format, "raw") != 0 && strcmp(format, "nbd") != 0) {
+            error_setg(errp, "Format '%s' over an NBD URI is not supported; "
+                       "use raw", format);
+            return NULL;
+        }
+        _cleanup_json_ struct json_object *opts = json_object_new_object();
+        json_object_object_add(opts, "driver", json_object_new_string("nbd"));
+        json_object_object_add(opts, "filename", json_object_new_string(filename));
+        return open_options_depth(opts, flags, depth, errp);
+    }
     if (!format) {
         const BlockDriver *drv;
         if (probe_format(filename, &drv, errp) < 0) {

@@ -135,6 +135,20 @@ struct BlockDriverState {
     BdrvDirtyBitmap *dirty_bitmaps;
 
     BlockDriverState *next_node;   /* global list of named nodes */
+
+    /* Drain and I/O hooks (see "Drained sections" below). */
+    unsigned in_flight;            /* external writes/zero/discards in
+                                      progress (atomic) */
+    int quiesce_counter;           /* > 0: new external writes wait */
+    pthread_mutex_t drain_lock;    /* with drain_cond: waiting on either */
+    pthread_cond_t drain_cond;
+    pthread_rwlock_t hooks_lock;   /* requests hold it shared while they
+                                      run hooks; add/remove hold it
+                                      exclusively */
+    struct BdrvIoHook *hooks;      /* list, protected by hooks_lock */
+    const char *job_blocker;       /* non-NULL while a job uses the node:
+                                      the job's id, for "in use" errors
+                                      (main thread) */
 };
 
 /* Registry of drivers (file, raw, qbm, ...). */
@@ -157,6 +171,9 @@ BlockDriverState *bdrv_open_options(struct json_object *options, int flags,
  * node. */
 BlockDriverState *bdrv_open_image(const char *filename, const char *format,
                                   int flags, Error **errp);
+/* Does filename look like an NBD URI (nbd://, nbd+unix://, ...)?  Such
+ * names open an "nbd" node (bdrv_open_image) and cannot be created. */
+bool bdrv_filename_is_nbd_uri(const char *filename);
 /* For drivers: open the backing image named `backing_name` (relative names
  * resolve against the folder of bs->filename) with format `backing_fmt`
  * (NULL = probe), read-only, unless options has "backing" (a node name
@@ -226,5 +243,53 @@ int64_t bdrv_refresh_length(BlockDriverState *bs);
 /* Image creation through a driver (img create). */
 bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
                      struct json_object *opts, Error **errp);
+
+/* ---- Drained sections and I/O hooks (for backup jobs) ----
+ *
+ * A drained section fixes a point in time: bdrv_drain_all_begin() makes new
+ * *external* writes, zero-writes and discards on every node wait at entry
+ * (before their dirty bits are set), and returns once none is in progress.
+ * Everything done before bdrv_drain_all_end() (creating successor bitmaps,
+ * installing hooks, clearing bitmaps in a transaction) happens atomically
+ * with respect to the writers.  Reads are never blocked.
+ *
+ * A request is external when it enters the block layer at nesting depth 0
+ * from a thread not marked internal: the NBD server's requests and the
+ * CLI's.  Requests that a driver or a hook makes (a qbm node writing its
+ * file child, copy-before-write writing the backup target) are nested, and
+ * job threads call bdrv_thread_set_internal(), so neither waits for a drain
+ * -- otherwise a drain could wait for a request that waits for the drain.
+ *
+ * Sections nest (a counter per node).  Main thread only.
+ */
+void bdrv_drain_all_begin(void);
+void bdrv_drain_all_end(void);
+/* Requests from the calling thread never wait for a drained section. */
+void bdrv_thread_set_internal(void);
+
+/* A hook sees requests to one node.  before_write runs for every write,
+ * zero-write and discard of [offset, offset+bytes) after the node's dirty
+ * bitmaps are marked and before the driver (or the alignment code) touches
+ * data; a negative return fails the request with that errno.
+ * before_read/after_read bracket every read of the node (after_read runs
+ * whenever before_read returned 0).  Any callback may be NULL.  Hooks run
+ * in the requesting thread, may block, and may issue I/O to other nodes.
+ * Add and remove only inside a drained section (main thread): removal waits
+ * until no request is running the hook. */
+typedef struct BdrvIoHook {
+    int (*before_write)(struct BdrvIoHook *hook, BlockDriverState *bs,
+                        uint64_t offset, uint64_t bytes);
+    int (*before_read)(struct BdrvIoHook *hook, BlockDriverState *bs,
+                       uint64_t offset, uint64_t bytes);
+    void (*after_read)(struct BdrvIoHook *hook, BlockDriverState *bs,
+                       uint64_t offset, uint64_t bytes);
+    void *opaque;
+    struct BdrvIoHook *next;       /* owned by the node's list */
+} BdrvIoHook;
+void bdrv_add_io_hook(BlockDriverState *bs, BdrvIoHook *hook);
+void bdrv_remove_io_hook(BlockDriverState *bs, BdrvIoHook *hook);
+
+/* Is `base` bs itself or a node in bs's backing chain? */
+bool bdrv_chain_contains(BlockDriverState *bs, BlockDriverState *base);
 
 #endif

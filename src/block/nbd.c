@@ -8,6 +8,8 @@
  *    "server": {"type": "unix", "path": "/run/x.sock"}
  *            | {"type": "inet", "host": "h", "port": "10809"},
  *    "export": "name"}
+ *   or {"driver": "nbd", "filename": "nbd+unix:///name?socket=/run/x.sock"}
+ *   (any NBD URI libnbd accepts: nbd://host:port/name, nbd+unix://...)
  *
  * Each node owns one libnbd handle, connected at open.  libnbd handles take
  * an internal lock, so any number of threads may issue synchronous commands
@@ -212,7 +214,23 @@ static bool nbd_drv_open(BlockDriverState *bs, struct json_object *options,
         return false;
     }
     _cleanup_free_ char *desc = NULL;
-    if (!nbd_connect_server(h, options, export, &desc, errp)) {
+    const char *uri;
+    if (!opt_string(options, "filename", &uri, errp)) {
+        return false;
+    }
+    if (uri) {
+        if (json_object_object_get_ex(options, "server", NULL)) {
+            error_setg(errp, "nbd: give either 'filename' (a URI) or 'server', "
+                       "not both");
+            return false;
+        }
+        if (!nbd_supports_uri(h) || nbd_connect_uri(h, uri) < 0) {
+            error_setg(errp, "Cannot connect to NBD URI '%s': %s", uri,
+                       nbd_get_error());
+            return false;
+        }
+        desc = strdup(uri);
+    } else if (!nbd_connect_server(h, options, export, &desc, errp)) {
         return false;
     }
     const char *where = desc ? desc : export;

@@ -80,6 +80,14 @@ static volatile sig_atomic_t quit_flag;
 static pthread_mutex_t event_lock = PTHREAD_MUTEX_INITIALIZER;
 static QmpEvent *event_head, **event_tail = &event_head;
 
+typedef struct QmpScheduled {
+    void (*fn)(void *opaque);
+    void *opaque;
+    struct QmpScheduled *next;
+} QmpScheduled;
+
+static QmpScheduled *sched_head, **sched_tail = &sched_head;
+
 static void qmp_wake_init(void)
 {
     if (wake_fds[0] >= 0) {
@@ -98,6 +106,42 @@ static void qmp_wake(void)
         ssize_t r = write(fd, "x", 1);   /* full pipe: already awake */
         (void)r;
     }
+}
+
+void qmp_main_loop_schedule(void (*fn)(void *opaque), void *opaque)
+{
+    QmpScheduled *s = calloc(1, sizeof(*s));
+    if (!s) {
+        abort();
+    }
+    s->fn = fn;
+    s->opaque = opaque;
+    {
+        LOCK_GUARD(&event_lock);
+        *sched_tail = s;
+        sched_tail = &s->next;
+    }
+    qmp_wake();
+}
+
+int qmp_main_loop_run_pending(void)
+{
+    QmpScheduled *list;
+    {
+        LOCK_GUARD(&event_lock);
+        list = sched_head;
+        sched_head = NULL;
+        sched_tail = &sched_head;
+    }
+    int n = 0;
+    while (list) {
+        QmpScheduled *next = list->next;
+        list->fn(list->opaque);
+        free(list);
+        list = next;
+        n++;
+    }
+    return n;
 }
 
 void qmp_request_quit(void)
@@ -475,6 +519,7 @@ void qmp_main_loop(void)
 {
     qmp_wake_init();
     while (!quit_flag) {
+        qmp_main_loop_run_pending();   /* what was scheduled before the pipe */
         size_t nfds = 1 + nlisteners + nclients;
         _cleanup_free_ struct pollfd *pfd = calloc(nfds, sizeof(*pfd));
         if (!pfd) {
@@ -516,6 +561,7 @@ void qmp_main_loop(void)
                 qmp_accept(&listeners[i]);
             }
         }
+        qmp_main_loop_run_pending();
         qmp_deliver_events();
         for (size_t i = 0; i < nclients; i++) {
             qmp_client_flush(clients[i]);

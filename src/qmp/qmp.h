@@ -89,4 +89,12 @@ bool qmp_arg_bool(struct json_object *args, const char *name, bool dflt);
 int64_t qmp_arg_int(struct json_object *args, const char *name, int64_t dflt);
 bool qmp_arg_has(struct json_object *args, const char *name);
 
+/* Run fn(opaque) on the main thread, soon, in the order scheduled (jobs
+ * finish this way: their threads never change the graph).  Thread-safe;
+ * works before the main loop starts and after it stops (the callbacks then
+ * wait for qmp_main_loop_run_pending()). */
+void qmp_main_loop_schedule(void (*fn)(void *opaque), void *opaque);
+/* Run the callbacks scheduled so far (main thread).  Returns how many ran. */
+int qmp_main_loop_run_pending(void);
+
 #endif
