@@ -39,6 +39,7 @@
 #include "block/block.h"
 #include "nbd/server.h"
 #include "qmp/qmp.h"
+#include "job/job.h"
 #include "util/cleanup.h"
 #include "util/keyval.h"
 
@@ -512,6 +513,9 @@ int main(int argc, char **argv)
 
     qmp_main_loop();
 
+    /* Jobs end first (cancelled): their bitmaps get their bits back and
+     * their nodes are released before the nodes are closed. */
+    job_cancel_sync_all();
     nbd_server_stop();
     bool ok = close_all_nodes();
     qmp_monitor_cleanup();

@@ -126,7 +126,7 @@ typedef struct JobDriver {
     /* Called (any thread, job lock held) when the job is cancelled, paused
      * or resumed, so run() can be woken from a driver-specific wait. */
     void (*kick)(Job *job);
-};
+} JobDriver;
 
 struct Job {
     const JobDriver *driver;

@@ -8,6 +8,7 @@
  */
 #include <string.h>
 
+#include "job/job.h"
 #include "qmp/qmp-internal.h"
 
 static struct json_object *qmp_cmd_capabilities(struct json_object *args,
@@ -76,4 +77,6 @@ void qmp_init_commands(void)
     qmp_register_control_commands();
     qmp_register_block_commands();
     qmp_register_export_commands();
+    qmp_register_backup_commands();
+    job_register_qmp_commands();
 }

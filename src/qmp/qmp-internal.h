@@ -19,6 +19,8 @@ struct json_object *qmp_query_commands_list(void);
 void qmp_register_control_commands(void);
 void qmp_register_block_commands(void);
 void qmp_register_export_commands(void);
+/* qmp-backup.c: blockdev-backup, drive-backup, transaction. */
+void qmp_register_backup_commands(void);
 
 /* qmp-block.c: find a node as the bitmap/export commands do, with QEMU's
  * "Cannot find device='X' nor node-name='X'" error. */
