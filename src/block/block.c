@@ -13,6 +13,12 @@
  *
  * Graph changes (open, close, find) happen on one thread at a time (the
  * daemon's main thread or the CLI); I/O may come from any thread.
+ *
+ * Backup jobs fix a point in time with drained sections (external writes
+ * wait at the entry of the write path, before their dirty bits are set)
+ * and see every write before its data lands through I/O hooks, which run
+ * after the dirty bitmaps are marked and before the driver.  The write
+ * path is therefore: check, gate, mark bitmaps, hooks, alignment, driver.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -45,6 +51,8 @@ static const BlockDriver *const drivers[] = {
 
 static BlockDriverState *all_nodes;
 static unsigned auto_name_counter;
+/* Nesting of bdrv_drain_all_begin (main thread only). */
+static int drain_all_depth;
 
 const BlockDriver *bdrv_find_format(const char *name)
 {
@@ -157,6 +165,9 @@ static void bdrv_free(BlockDriverState *bs)
     free(bs->filename);
     pthread_mutex_destroy(&bs->lock);
     pthread_rwlock_destroy(&bs->rmw_lock);
+    pthread_mutex_destroy(&bs->drain_lock);
+    pthread_cond_destroy(&bs->drain_cond);
+    pthread_rwlock_destroy(&bs->hooks_lock);
     free(bs);
 }
 
@@ -171,6 +182,19 @@ static BlockDriverState *bdrv_new(const BlockDriver *drv)
     bs->request_alignment = 1;
     pthread_mutex_init(&bs->lock, NULL);
     pthread_rwlock_init(&bs->rmw_lock, NULL);
+    pthread_mutex_init(&bs->drain_lock, NULL);
+    pthread_cond_init(&bs->drain_cond, NULL);
+    /* Hooks may issue nested requests that take the lock shared again
+     * while a remover waits: readers must win (glibc's default, made
+     * explicit). */
+    pthread_rwlockattr_t hattr;
+    pthread_rwlockattr_init(&hattr);
+    pthread_rwlockattr_setkind_np(&hattr, PTHREAD_RWLOCK_PREFER_READER_NP);
+    pthread_rwlock_init(&bs->hooks_lock, &hattr);
+    pthread_rwlockattr_destroy(&hattr);
+    /* A node opened inside a drained section starts drained, so that
+     * bdrv_drain_all_end() leaves every node's counter at zero. */
+    bs->quiesce_counter = drain_all_depth;
     if (drv->instance_size) {
         bs->opaque = calloc(1, drv->instance_size);
         if (!bs->opaque) {
@@ -618,6 +642,198 @@ static void *aligned_alloc_bytes(uint32_t align, uint64_t bytes)
     return p;
 }
 
+/* ---- drained sections and I/O hooks ----
+ *
+ * Gate protocol (all on SEQ_CST atomics, so the two sides cannot both miss
+ * each other):
+ *   writer:   in_flight++; if quiesce_counter > 0: in_flight--, wake the
+ *             drainer, sleep until quiesce_counter == 0, start over
+ *   drainer:  quiesce_counter++ on every node; then per node sleep until
+ *             in_flight == 0
+ * A writer that saw quiesce_counter == 0 is counted before the drainer
+ * reads in_flight, so the drainer waits for it; a writer that arrives
+ * later sees the counter and waits.  The fast path costs one atomic
+ * increment, one load and one decrement; drain_lock is only taken while a
+ * drain is going on.
+ *
+ * Only external requests are gated: depth 0 (io_depth counts the bdrv_*
+ * I/O calls this thread is inside) from threads that did not call
+ * bdrv_thread_set_internal().
+ */
+static __thread int io_depth;
+static __thread bool io_thread_internal;
+
+void bdrv_thread_set_internal(void)
+{
+    io_thread_internal = true;
+}
+
+static void drain_wake(BlockDriverState *bs)
+{
+    pthread_mutex_lock(&bs->drain_lock);
+    pthread_cond_broadcast(&bs->drain_cond);
+    pthread_mutex_unlock(&bs->drain_lock);
+}
+
+/* Enter a write-type request.  Returns whether it was counted in
+ * bs->in_flight (then write_leave must uncount it). */
+static bool write_enter(BlockDriverState *bs)
+{
+    bool external = io_depth == 0 && !io_thread_internal;
+    io_depth++;
+    if (!external) {
+        return false;
+    }
+    for (;;) {
+        __atomic_add_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) == 0) {
+            return true;
+        }
+        pthread_mutex_lock(&bs->drain_lock);
+        __atomic_sub_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST);
+        pthread_cond_broadcast(&bs->drain_cond);
+        while (__atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) > 0) {
+            pthread_cond_wait(&bs->drain_cond, &bs->drain_lock);
+        }
+        pthread_mutex_unlock(&bs->drain_lock);
+    }
+}
+
+static void write_leave(BlockDriverState *bs, bool counted)
+{
+    io_depth--;
+    if (counted &&
+        __atomic_sub_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST) == 0 &&
+        __atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) > 0) {
+        drain_wake(bs);
+    }
+}
+
+void bdrv_drain_all_begin(void)
+{
+    /* Every node, children included, is on the all_nodes list: graph_link
+     * runs for each node open_options_depth creates, whether it is opened
+     * by the user or as a file/backing child. */
+    drain_all_depth++;
+    for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
+        pthread_mutex_lock(&bs->drain_lock);
+        __atomic_add_fetch(&bs->quiesce_counter, 1, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&bs->drain_lock);
+    }
+    for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
+        pthread_mutex_lock(&bs->drain_lock);
+        while (__atomic_load_n(&bs->in_flight, __ATOMIC_SEQ_CST) > 0) {
+            pthread_cond_wait(&bs->drain_cond, &bs->drain_lock);
+        }
+        pthread_mutex_unlock(&bs->drain_lock);
+    }
+}
+
+void bdrv_drain_all_end(void)
+{
+    if (drain_all_depth == 0) {
+        return;    /* unbalanced: nothing to end */
+    }
+    drain_all_depth--;
+    for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
+        pthread_mutex_lock(&bs->drain_lock);
+        if (__atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) > 0 &&
+            __atomic_sub_fetch(&bs->quiesce_counter, 1, __ATOMIC_SEQ_CST) == 0) {
+            pthread_cond_broadcast(&bs->drain_cond);
+        }
+        pthread_mutex_unlock(&bs->drain_lock);
+    }
+}
+
+void bdrv_add_io_hook(BlockDriverState *bs, BdrvIoHook *hook)
+{
+    pthread_rwlock_wrlock(&bs->hooks_lock);
+    hook->next = NULL;
+    BdrvIoHook **p = &bs->hooks;
+    while (*p) {
+        p = &(*p)->next;
+    }
+    __atomic_store_n(p, hook, __ATOMIC_RELEASE);
+    pthread_rwlock_unlock(&bs->hooks_lock);
+}
+
+void bdrv_remove_io_hook(BlockDriverState *bs, BdrvIoHook *hook)
+{
+    /* Exclusive: waits until no request is inside a hook of this node. */
+    pthread_rwlock_wrlock(&bs->hooks_lock);
+    for (BdrvIoHook **p = &bs->hooks; *p; p = &(*p)->next) {
+        if (*p == hook) {
+            __atomic_store_n(p, hook->next, __ATOMIC_RELEASE);
+            hook->next = NULL;
+            break;
+        }
+    }
+    pthread_rwlock_unlock(&bs->hooks_lock);
+}
+
+bool bdrv_chain_contains(BlockDriverState *bs, BlockDriverState *base)
+{
+    for (int depth = 0; bs && depth <= BDRV_MAX_BACKING_DEPTH; depth++) {
+        if (bs == base) {
+            return true;
+        }
+        bs = bs->backing;
+    }
+    return false;
+}
+
+/* Run every before_write hook (called after bdrv_set_dirty, before the
+ * driver).  The first error fails the request. */
+static int run_write_hooks(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
+    if (!__atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE)) {
+        return 0;
+    }
+    int r = 0;
+    pthread_rwlock_rdlock(&bs->hooks_lock);
+    for (BdrvIoHook *h = bs->hooks; h && r == 0; h = h->next) {
+        if (h->before_write) {
+            r = h->before_write(h, bs, offset, bytes);
+        }
+    }
+    pthread_rwlock_unlock(&bs->hooks_lock);
+    return r < 0 ? r : 0;
+}
+
+static int do_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                     const struct iovec *iov, int niov, int flags);
+
+/* A read bracketed by the node's read hooks.  hooks_lock stays shared for
+ * the whole read, so a hook cannot be removed between before_read and
+ * after_read. */
+static int preadv_hooked(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                         const struct iovec *iov, int niov, int flags)
+{
+    pthread_rwlock_rdlock(&bs->hooks_lock);
+    BdrvIoHook *h;
+    int r = 0;
+    for (h = bs->hooks; h; h = h->next) {
+        if (h->before_read) {
+            r = h->before_read(h, bs, offset, bytes);
+            if (r < 0) {
+                break;
+            }
+        }
+    }
+    if (r == 0) {
+        r = do_preadv(bs, offset, bytes, iov, niov, flags);
+    }
+    /* after_read for exactly the hooks whose before_read succeeded (or
+     * that have none): those before h. */
+    for (BdrvIoHook *a = bs->hooks; a != h; a = a->next) {
+        if (a->after_read) {
+            a->after_read(a, bs, offset, bytes);
+        }
+    }
+    pthread_rwlock_unlock(&bs->hooks_lock);
+    return r;
+}
+
 /* Read through a bounce buffer covering the aligned superset of the range. */
 static int preadv_bounce(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                          const struct iovec *iov, int niov, int flags)
@@ -648,6 +864,21 @@ int bdrv_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
+    /* Reads are never gated, but they count as nesting: what a read hook
+     * or a driver does inside is internal. */
+    io_depth++;
+    if (__atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE)) {
+        r = preadv_hooked(bs, offset, bytes, iov, niov, flags);
+    } else {
+        r = do_preadv(bs, offset, bytes, iov, niov, flags);
+    }
+    io_depth--;
+    return r;
+}
+
+static int do_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                     const struct iovec *iov, int niov, int flags)
+{
     uint32_t align = bs->request_alignment;
     if (align > 1 && ((offset | bytes) & (align - 1) || !iov_is_aligned(iov, niov, align))) {
         return preadv_bounce(bs, offset, bytes, iov, niov, flags);
@@ -699,8 +930,14 @@ int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
+    bool counted = write_enter(bs);
     /* Invariant 1: the bitmaps know about the write before the data lands. */
     bdrv_set_dirty(bs, offset, bytes);
+    r = run_write_hooks(bs, offset, bytes);
+    if (r < 0) {
+        write_leave(bs, counted);
+        return r;
+    }
     uint32_t align = bs->request_alignment;
     if (align > 1) {
         if ((offset | bytes) & (align - 1) || !iov_is_aligned(iov, niov, align)) {
@@ -716,6 +953,7 @@ int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (r >= 0 && bs->drv->is_protocol) {
         note_growth(bs, offset + bytes);
     }
+    write_leave(bs, counted);
     return r < 0 ? r : 0;
 }
 
@@ -768,7 +1006,13 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
+    bool counted = write_enter(bs);
     bdrv_set_dirty(bs, offset, bytes);
+    r = run_write_hooks(bs, offset, bytes);
+    if (r < 0) {
+        write_leave(bs, counted);
+        return r;
+    }
     r = -ENOTSUP;
     uint32_t align = bs->request_alignment;
     if (bs->drv->pwrite_zeroes &&
@@ -781,6 +1025,7 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (r >= 0 && bs->drv->is_protocol) {
         note_growth(bs, offset + bytes);
     }
+    write_leave(bs, counted);
     return r < 0 ? r : 0;
 }
 
@@ -793,20 +1038,29 @@ int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
     if (bytes == 0 || !bs->drv->pdiscard) {
         return 0;
     }
+    bool counted = write_enter(bs);
     /* Discarded data may read back differently: that is a change. */
     bdrv_set_dirty(bs, offset, bytes);
+    r = run_write_hooks(bs, offset, bytes);
+    if (r < 0) {
+        write_leave(bs, counted);
+        return r;
+    }
     uint32_t align = bs->request_alignment;
     if (align > 1) {
         /* Discard is advisory: shrink to whole aligned blocks. */
         uint64_t start = ROUND_UP(offset, align);
         uint64_t end = ROUND_DOWN(offset + bytes, align);
         if (end <= start) {
+            write_leave(bs, counted);
             return 0;
         }
         offset = start;
         bytes = end - start;
     }
-    return bs->drv->pdiscard(bs, offset, bytes);
+    r = bs->drv->pdiscard(bs, offset, bytes);
+    write_leave(bs, counted);
+    return r;
 }
 
 int bdrv_flush(BlockDriverState *bs)

@@ -27,6 +27,7 @@
  *   complete   ready
  *   finalize   pending
  *   dismiss    concluded
+ *   change     running paused ready standby
  *
  * The normal path of a backup: created -> running -> waiting (its
  * transaction's other jobs are still running) -> pending (auto-finalize, or
@@ -34,7 +35,10 @@
  * (auto-dismiss, or job-dismiss).  A failure or cancel passes through
  * aborting.  Every change emits JOB_STATUS_CHANGE {"id", "status"}.
  * BLOCK_JOB_COMPLETED / BLOCK_JOB_CANCELLED are emitted when the job
- * finalizes (between pending/aborting and concluded), as QEMU does.
+ * finalizes (between pending/aborting and concluded), as QEMU does;
+ * BLOCK_JOB_PENDING {"type", "id"} when a job with auto-finalize=false
+ * reaches pending.  query-jobs' "error" of a cancelled job is
+ * strerror(ECANCELED), "Operation canceled", as in QEMU.
  *
  * Threads: each job's run() executes in its own thread (marked internal for
  * drains, see block.h).  Every state change, the driver's commit / abort /
@@ -82,6 +86,7 @@ typedef enum JobVerb {
     JOB_VERB_COMPLETE,
     JOB_VERB_FINALIZE,
     JOB_VERB_DISMISS,
+    JOB_VERB_CHANGE,
     JOB_VERB__MAX,
 } JobVerb;
 
@@ -157,6 +162,15 @@ struct Job {
     pthread_t thread;
     bool thread_started;
     Job *next;                      /* global list (L) */
+
+    /* (L) private to job.c */
+    bool sleeping;                  /* a thread sits in job_sleep_ns() */
+    bool io_error_nospace;          /* stopped on ENOSPC: io-status nospace */
+    int pause_waiters;              /* threads parked in job_pause_point() */
+    unsigned wake_gen;              /* bumped to end job_sleep_ns() early */
+    uint64_t rl_slice_start;        /* rate limit: current slice, ns */
+    uint64_t rl_slice_end;
+    uint64_t rl_dispatched;         /* bytes accounted in the slice */
 };
 
 /* ---- creating and starting (main thread) ---- */
@@ -191,7 +205,8 @@ bool job_is_cancelled(Job *job);
 void job_sleep_ns(Job *job, int64_t ns);
 /* Rate limiting: account `bytes` just done and sleep so that throughput
  * stays at job->speed (no-op when speed is 0).  Uses time slices of 100 ms
- * like QEMU's ratelimit.  Wakes early on cancel. */
+ * like QEMU's ratelimit.  Wakes early on cancel, a faster set-speed, and
+ * parks in job_pause_point() when a pause is requested meanwhile. */
 void job_rate_limit(Job *job, uint64_t bytes);
 void job_progress_set_total(Job *job, uint64_t total);
 void job_progress_add_total(Job *job, uint64_t bytes);
@@ -211,6 +226,8 @@ Job *job_find(const char *id);
 Job *job_next(Job *job);
 /* Checks that `verb` is allowed in the job's state (QEMU's message). */
 bool job_apply_verb(Job *job, JobVerb verb, Error **errp);
+/* Paused by job-pause (or on-*-error=stop) and not resumed yet. */
+bool job_user_paused(Job *job);
 void job_user_pause(Job *job, Error **errp);
 void job_user_resume(Job *job, Error **errp);
 void job_user_cancel(Job *job, bool force, Error **errp);
@@ -225,6 +242,18 @@ const char *job_status_name(JobStatus s);
 /* query-jobs / query-block-jobs entries (new references). */
 struct json_object *job_query_info(Job *job);
 struct json_object *job_query_block_info(Job *job);
+
+/* ---- for tests ---- */
+
+/* Called under the job lock on every status change (any thread), after the
+ * JOB_STATUS_CHANGE event is emitted.  NULL removes the hook. */
+typedef void JobStatusHook(Job *job, JobStatus new_status, void *opaque);
+void job_set_status_hook(JobStatusHook *fn, void *opaque);
+/* The rate limiter's arithmetic (job_rate_limit uses it): account `bytes`
+ * at time now_ns (CLOCK_MONOTONIC) and return how many ns to wait before
+ * more I/O, 0 when the slice's quota (speed / 10 per 100 ms) is not used
+ * up.  Thread-safe. */
+uint64_t job_rate_limit_delay_ns(Job *job, uint64_t bytes, uint64_t now_ns);
 
 /* Register query-jobs, query-block-jobs, job-pause, job-resume,
  * job-cancel, job-finalize, job-dismiss, job-complete, block-job-cancel,
