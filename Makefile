@@ -46,6 +46,7 @@ demo: build
 
 bench: build
 	bench/nbd.sh $(abspath $(BUILD))
+	bench/backup.sh $(abspath $(BUILD))
 
 clean:
 	rm -rf build build-san

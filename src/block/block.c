@@ -36,10 +36,12 @@ extern const BlockDriver bdrv_file;
 extern const BlockDriver bdrv_raw;
 extern const BlockDriver bdrv_qbm;
 extern const BlockDriver bdrv_nbd;
+extern const BlockDriver bdrv_qcow2;
 
 /* Probing order matters: specific formats first, raw last. */
 static const BlockDriver *const drivers[] = {
     &bdrv_qbm,
+    &bdrv_qcow2,
     &bdrv_nbd,
     &bdrv_raw,
     &bdrv_file,

@@ -1,2 +1,386 @@
-/* placeholder: being written */
+/*
+ * qcow2 guest-to-host mapping: the L1 and L2 tables, the table cache that
+ * holds L2 tables (and refcount blocks, qcow2-refcount.c), zero clusters
+ * and compressed clusters.
+ *
+ * A guest offset splits into an L1 index, an L2 index and an offset in the
+ * cluster.  The L1 table lives in memory (s->l1_table, host order); L2
+ * tables come through an LRU cache that stores them as they are on disk
+ * (big-endian).  The cache is write-through: a caller changes entries in
+ * the cached table and writes exactly those entries to the file, so the
+ * cache never holds anything the file lacks and there is nothing to write
+ * back at flush or close.
+ *
+ * Every offset read from a table is checked (alignment, end of file)
+ * before use: a bad table fails the access with -EIO, never a wild read.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+#include <zstd.h>
+
 #include "block/qcow2.h"
+#include "util/cleanup.h"
+
+/* ---- table cache ---- */
+
+typedef struct Qcow2CacheEntry {
+    uint64_t offset;                 /* 0 = empty slot */
+    uint64_t lru;                    /* last use, larger = newer */
+    void *table;
+} Qcow2CacheEntry;
+
+struct Qcow2L2Cache {
+    unsigned nb;
+    size_t table_size;
+    uint64_t clock;
+    Qcow2CacheEntry *e;
+};
+
+Qcow2L2Cache *qcow2_cache_new(unsigned nb_tables, size_t table_size)
+{
+    Qcow2L2Cache *c = calloc(1, sizeof(*c));
+    if (!c) {
+        return NULL;
+    }
+    c->nb = nb_tables;
+    c->table_size = table_size;
+    c->e = calloc(nb_tables, sizeof(*c->e));
+    if (!c->e) {
+        free(c);
+        return NULL;
+    }
+    for (unsigned i = 0; i < nb_tables; i++) {
+        c->e[i].table = aligned_alloc(4096, ROUND_UP(table_size, 4096));
+        if (!c->e[i].table) {
+            qcow2_cache_free(c);
+            return NULL;
+        }
+    }
+    return c;
+}
+
+void qcow2_cache_free(Qcow2L2Cache *c)
+{
+    if (!c) {
+        return;
+    }
+    for (unsigned i = 0; i < c->nb; i++) {
+        free(c->e[i].table);
+    }
+    free(c->e);
+    free(c);
+}
+
+int qcow2_cache_get_locked(BlockDriverState *bs, Qcow2L2Cache *c,
+                           uint64_t offset, bool fresh, void **ret_table)
+{
+    Qcow2CacheEntry *victim = NULL;
+    for (unsigned i = 0; i < c->nb; i++) {
+        Qcow2CacheEntry *e = &c->e[i];
+        if (e->offset == offset) {
+            e->lru = ++c->clock;
+            if (fresh) {
+                memset(e->table, 0, c->table_size);
+            }
+            *ret_table = e->table;
+            return 0;
+        }
+        /* An empty slot, else the least recently used one. */
+        if (!victim || (victim->offset != 0 &&
+                        (e->offset == 0 || e->lru < victim->lru))) {
+            victim = e;
+        }
+    }
+    victim->offset = 0;
+    if (fresh) {
+        memset(victim->table, 0, c->table_size);
+    } else {
+        int r = bdrv_pread(bs->file, offset, victim->table, c->table_size);
+        if (r < 0) {
+            return r;
+        }
+    }
+    victim->offset = offset;
+    victim->lru = ++c->clock;
+    *ret_table = victim->table;
+    return 0;
+}
+
+void qcow2_cache_drop_locked(Qcow2L2Cache *c, uint64_t offset)
+{
+    for (unsigned i = 0; i < c->nb; i++) {
+        if (c->e[i].offset == offset) {
+            c->e[i].offset = 0;
+        }
+    }
+}
+
+/* ---- mapping ---- */
+
+static uint64_t file_length(BlockDriverState *bs)
+{
+    int64_t len = bdrv_getlength(bs->file);
+    return len < 0 ? 0 : (uint64_t)len;
+}
+
+Qcow2ClusterType qcow2_l2_entry_type(BDRVQcow2State *s, uint64_t entry)
+{
+    if (entry & QCOW2_OFLAG_COMPRESSED) {
+        return QCOW2_CLUSTER_COMPRESSED;
+    }
+    if ((entry & QCOW2_OFLAG_ZERO) && s->version >= 3) {
+        return (entry & QCOW2_L2E_OFFSET_MASK) ? QCOW2_CLUSTER_ZERO_ALLOC
+                                               : QCOW2_CLUSTER_ZERO_PLAIN;
+    }
+    return (entry & QCOW2_L2E_OFFSET_MASK) ? QCOW2_CLUSTER_NORMAL
+                                           : QCOW2_CLUSTER_UNALLOCATED;
+}
+
+/* The L2 table offset in L1 entry `l1_index`, checked; 0 if none. */
+static int l1_entry_locked(BlockDriverState *bs, uint64_t l1_index,
+                           uint64_t *ret_l2_offset)
+{
+    BDRVQcow2State *s = bs->opaque;
+    if (l1_index >= s->l1_size) {
+        return -EIO;
+    }
+    uint64_t l2_offset = s->l1_table[l1_index] & QCOW2_L1E_OFFSET_MASK;
+    if (l2_offset && ((l2_offset & (s->cluster_size - 1)) ||
+                      l2_offset + s->cluster_size > file_length(bs))) {
+        return -EIO;   /* unaligned or past the end of the file */
+    }
+    *ret_l2_offset = l2_offset;
+    return 0;
+}
+
+int qcow2_get_mapping_locked(BlockDriverState *bs, uint64_t offset,
+                             uint64_t bytes, Qcow2ClusterType *ret_type,
+                             uint64_t *ret_host, uint64_t *ret_bytes)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t cs = s->cluster_size;
+    uint64_t in_cluster = offset & (cs - 1);
+    uint64_t l2_entries = 1ull << s->l2_bits;
+    uint64_t l1_index = offset >> (s->cluster_bits + s->l2_bits);
+    unsigned l2_index = (unsigned)((offset >> s->cluster_bits) & (l2_entries - 1));
+    /* Stay within one L2 table. */
+    uint64_t max_bytes = (l2_entries - l2_index) * cs - in_cluster;
+    bytes = MIN(bytes, max_bytes);
+
+    uint64_t l2_offset;
+    int r = l1_entry_locked(bs, l1_index, &l2_offset);
+    if (r < 0) {
+        return r;
+    }
+    if (!l2_offset) {
+        *ret_type = QCOW2_CLUSTER_UNALLOCATED;
+        *ret_host = 0;
+        *ret_bytes = bytes;
+        return 0;
+    }
+    uint64_t *table;
+    r = qcow2_cache_get_locked(bs, s->l2_cache, l2_offset, false, (void **)&table);
+    if (r < 0) {
+        return r;
+    }
+    uint64_t first = be64toh(table[l2_index]);
+    Qcow2ClusterType type = qcow2_l2_entry_type(s, first);
+    uint64_t host = first & QCOW2_L2E_OFFSET_MASK;
+    if ((type == QCOW2_CLUSTER_NORMAL || type == QCOW2_CLUSTER_ZERO_ALLOC) &&
+        (host & (cs - 1))) {
+        return -EIO;
+    }
+    uint64_t nb_clusters = DIV_ROUND_UP(in_cluster + bytes, cs);
+    uint64_t n = 1;
+    if (type != QCOW2_CLUSTER_COMPRESSED) {
+        while (n < nb_clusters) {
+            uint64_t e = be64toh(table[l2_index + n]);
+            if (qcow2_l2_entry_type(s, e) != type) {
+                break;
+            }
+            if (type == QCOW2_CLUSTER_NORMAL &&
+                (e & QCOW2_L2E_OFFSET_MASK) != host + n * cs) {
+                break;
+            }
+            n++;
+        }
+    }
+    *ret_type = type;
+    *ret_host = type == QCOW2_CLUSTER_COMPRESSED ? first : host + in_cluster;
+    *ret_bytes = MIN(bytes, n * cs - in_cluster);
+    return 0;
+}
+
+int qcow2_get_l2_locked(BlockDriverState *bs, uint64_t offset, bool alloc,
+                        uint64_t **ret_table, uint64_t *ret_l2_offset,
+                        unsigned *ret_index)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t l1_index = offset >> (s->cluster_bits + s->l2_bits);
+    uint64_t l2_offset;
+    int r = l1_entry_locked(bs, l1_index, &l2_offset);
+    if (r < 0) {
+        return r;
+    }
+    *ret_index = (unsigned)((offset >> s->cluster_bits) & ((1ull << s->l2_bits) - 1));
+    if (l2_offset) {
+        if (!(s->l1_table[l1_index] & QCOW2_OFLAG_COPIED) && alloc) {
+            return -EIO;   /* shared L2 tables exist only with snapshots */
+        }
+        *ret_l2_offset = l2_offset;
+        return qcow2_cache_get_locked(bs, s->l2_cache, l2_offset, false,
+                                      (void **)ret_table);
+    }
+    if (!alloc) {
+        *ret_table = NULL;
+        *ret_l2_offset = 0;
+        return 0;
+    }
+
+    /* A new, empty L2 table: refcount, table, then the L1 entry. */
+    int64_t off = qcow2_alloc_clusters_locked(bs, s->cluster_size);
+    if (off < 0) {
+        return (int)off;
+    }
+    uint64_t *table;
+    r = qcow2_cache_get_locked(bs, s->l2_cache, (uint64_t)off, true, (void **)&table);
+    if (r == 0) {
+        r = bdrv_pwrite(bs->file, (uint64_t)off, table, s->cluster_size, 0);
+    }
+    if (r == 0 && s->refcounts_unflushed) {
+        r = bdrv_flush(bs->file);
+        s->refcounts_unflushed = r < 0;
+    }
+    if (r == 0) {
+        uint64_t be = htobe64((uint64_t)off | QCOW2_OFLAG_COPIED);
+        r = bdrv_pwrite(bs->file, s->l1_table_offset + l1_index * 8, &be, 8, 0);
+    }
+    if (r < 0) {
+        qcow2_cache_drop_locked(s->l2_cache, (uint64_t)off);
+        qcow2_free_clusters_locked(bs, (uint64_t)off, s->cluster_size);
+        return r;
+    }
+    s->l1_table[l1_index] = (uint64_t)off | QCOW2_OFLAG_COPIED;
+    *ret_table = table;
+    *ret_l2_offset = (uint64_t)off;
+    return 0;
+}
+
+int qcow2_write_l2_entries_locked(BlockDriverState *bs, uint64_t *table,
+                                  uint64_t l2_offset, unsigned index,
+                                  unsigned n)
+{
+    BDRVQcow2State *s = bs->opaque;
+    int r = bdrv_pwrite(bs->file, l2_offset + (uint64_t)index * 8,
+                        table + index, (uint64_t)n * 8, 0);
+    if (r < 0) {
+        /* Memory and disk may now differ: forget the cached table. */
+        qcow2_cache_drop_locked(s->l2_cache, l2_offset);
+    }
+    return r;
+}
+
+void qcow2_compressed_range(BDRVQcow2State *s, uint64_t entry,
+                            uint64_t *ret_offset, uint64_t *ret_bytes)
+{
+    unsigned x = 62 - (s->cluster_bits - 8);
+    uint64_t off = entry & ((1ull << x) - 1);
+    uint64_t sectors = ((entry & ~QCOW2_OFLAG_COPIED & ~QCOW2_OFLAG_COMPRESSED) >> x) + 1;
+    *ret_offset = off;
+    *ret_bytes = sectors * 512 - (off & 511);
+}
+
+int qcow2_free_l2_entry_locked(BlockDriverState *bs, uint64_t entry)
+{
+    BDRVQcow2State *s = bs->opaque;
+    switch (qcow2_l2_entry_type(s, entry)) {
+    case QCOW2_CLUSTER_NORMAL:
+    case QCOW2_CLUSTER_ZERO_ALLOC:
+        return qcow2_free_clusters_locked(bs, entry & QCOW2_L2E_OFFSET_MASK,
+                                          s->cluster_size);
+    case QCOW2_CLUSTER_COMPRESSED: {
+        uint64_t off, len;
+        qcow2_compressed_range(s, entry, &off, &len);
+        uint64_t start = ROUND_DOWN(off, s->cluster_size);
+        return qcow2_free_clusters_locked(bs, start, off + len - start);
+    }
+    default:
+        return 0;
+    }
+}
+
+/* ---- compressed clusters ---- */
+
+static int inflate_raw(const uint8_t *in, size_t in_len, uint8_t *out,
+                       size_t out_len)
+{
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (inflateInit2(&z, -12) != Z_OK) {
+        return -ENOMEM;
+    }
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)in_len;
+    z.next_out = out;
+    z.avail_out = (uInt)out_len;
+    int r = inflate(&z, Z_FINISH);
+    bool ok = (r == Z_STREAM_END || r == Z_BUF_ERROR) && z.avail_out == 0;
+    inflateEnd(&z);
+    return ok ? 0 : -EIO;
+}
+
+static int zstd_decompress_cluster(const uint8_t *in, size_t in_len,
+                                   uint8_t *out, size_t out_len)
+{
+    ZSTD_DCtx *dctx = ZSTD_createDCtx();
+    if (!dctx) {
+        return -ENOMEM;
+    }
+    ZSTD_inBuffer input = { in, in_len, 0 };
+    ZSTD_outBuffer output = { out, out_len, 0 };
+    int ret = 0;
+    /* The compressed data may be followed by padding: stop once the
+     * cluster is full. */
+    while (output.pos < output.size) {
+        size_t before_in = input.pos, before_out = output.pos;
+        size_t z = ZSTD_decompressStream(dctx, &output, &input);
+        if (ZSTD_isError(z)) {
+            ret = -EIO;
+            break;
+        }
+        if (input.pos == before_in && output.pos == before_out) {
+            ret = -EIO;   /* no progress: truncated data */
+            break;
+        }
+    }
+    ZSTD_freeDCtx(dctx);
+    return ret;
+}
+
+int qcow2_read_compressed(BlockDriverState *bs, uint64_t entry, uint8_t *out)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t off, len;
+    qcow2_compressed_range(s, entry, &off, &len);
+    uint64_t flen = file_length(bs);
+    if (off >= flen || len > 2 * s->cluster_size + 512) {
+        return -EIO;
+    }
+    /* The last sector count may reach past the end of the file. */
+    len = MIN(len, flen - off);
+    _cleanup_free_ uint8_t *buf = malloc(len);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    int r = bdrv_pread(bs->file, off, buf, len);
+    if (r < 0) {
+        return r;
+    }
+    if (s->compression_type == 1) {
+        return zstd_decompress_cluster(buf, len, out, s->cluster_size);
+    }
+    return inflate_raw(buf, len, out, s->cluster_size);
+}

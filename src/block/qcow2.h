@@ -83,7 +83,105 @@ typedef struct BDRVQcow2State {
     Qcow2Bitmaps *bitmaps;           /* qcow2-bitmap.c's state, or NULL */
 
     uint64_t free_cluster_index;     /* allocation search hint */
+
+    /* Added by the driver core (qcow2.c, qcow2-cluster.c,
+     * qcow2-refcount.c); q2 may read them. */
+    uint32_t l2_bits;                /* log2(entries per L2 table) */
+    uint64_t refcount_table_size;    /* entries in refcount_table */
+    uint32_t refcount_block_bits;    /* log2(entries per refcount block) */
+    Qcow2L2Cache *refblock_cache;    /* the same LRU table cache type */
+    bool writable;                   /* opened read-write */
+    uint64_t snapshots_offset;
+    uint8_t *other_exts;             /* header extensions we do not parse,
+                                        raw (type, length, data, padding),
+                                        preserved on header rewrites */
+    size_t other_exts_len;
+    bool refcounts_unflushed;        /* refcount writes not yet flushed:
+                                        flush before an L2 update */
+    struct Qcow2InFlight *inflight;  /* guest clusters being allocated */
+    pthread_cond_t inflight_cond;
 } BDRVQcow2State;
+
+/* Entry layouts (host order after be64toh). */
+#define QCOW2_OFLAG_COPIED     (1ull << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW2_OFLAG_ZERO       (1ull << 0)
+#define QCOW2_L1E_OFFSET_MASK  0x00fffffffffffe00ull
+#define QCOW2_L2E_OFFSET_MASK  0x00fffffffffffe00ull
+#define QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+/* Implementation limits, as QEMU's (checked before allocating). */
+#define QCOW2_MAX_L1_BYTES       (32u * 1024 * 1024)
+#define QCOW2_MAX_REFTABLE_BYTES (8u * 1024 * 1024)
+#define QCOW2_MAX_HOST_OFFSET    (1ull << 56)
+
+typedef enum Qcow2ClusterType {
+    QCOW2_CLUSTER_UNALLOCATED,
+    QCOW2_CLUSTER_ZERO_PLAIN,        /* zero flag, no host cluster */
+    QCOW2_CLUSTER_ZERO_ALLOC,        /* zero flag, host cluster kept */
+    QCOW2_CLUSTER_NORMAL,
+    QCOW2_CLUSTER_COMPRESSED,
+} Qcow2ClusterType;
+
+/* ---- qcow2-cluster.c ---- */
+
+/* An LRU cache of cluster-sized tables (L2 tables, refcount blocks),
+ * write-through: callers change a cached table in memory and write the
+ * changed bytes to the file themselves.  A table pointer is valid until
+ * the next call on the same cache; everything runs under s->lock. */
+Qcow2L2Cache *qcow2_cache_new(unsigned nb_tables, size_t table_size);
+void qcow2_cache_free(Qcow2L2Cache *c);
+/* The table at host offset `offset`: read from bs->file on a miss, or
+ * zero-filled without reading when `fresh`.  0 or -errno. */
+int qcow2_cache_get_locked(BlockDriverState *bs, Qcow2L2Cache *c,
+                           uint64_t offset, bool fresh, void **ret_table);
+void qcow2_cache_drop_locked(Qcow2L2Cache *c, uint64_t offset);
+
+/* Classify a (host order) L2 entry. */
+Qcow2ClusterType qcow2_l2_entry_type(BDRVQcow2State *s, uint64_t entry);
+/* Mapping of guest [offset, offset+bytes): the type at offset, and
+ * *ret_bytes (> 0, <= bytes) over which it holds -- for NORMAL clusters
+ * with contiguous host offsets.  *ret_host is the host offset of the byte
+ * at `offset` (NORMAL, ZERO_ALLOC) or the raw L2 entry (COMPRESSED).
+ * -EIO for bad tables.  s->lock held. */
+int qcow2_get_mapping_locked(BlockDriverState *bs, uint64_t offset,
+                             uint64_t bytes, Qcow2ClusterType *ret_type,
+                             uint64_t *ret_host, uint64_t *ret_bytes);
+/* The L2 table covering guest `offset` (allocating it when `alloc`):
+ * *ret_table (NULL when unallocated and !alloc; big-endian entries),
+ * its host offset and the entry index of `offset`.  s->lock held. */
+int qcow2_get_l2_locked(BlockDriverState *bs, uint64_t offset, bool alloc,
+                        uint64_t **ret_table, uint64_t *ret_l2_offset,
+                        unsigned *ret_index);
+/* Write entries [index, index+n) of a cached L2 table to the file. */
+int qcow2_write_l2_entries_locked(BlockDriverState *bs, uint64_t *table,
+                                  uint64_t l2_offset, unsigned index,
+                                  unsigned n);
+/* Drop the references an L2 entry holds (data, compressed or
+ * preallocated-zero clusters). */
+int qcow2_free_l2_entry_locked(BlockDriverState *bs, uint64_t entry);
+/* Decompress the compressed cluster described by L2 entry `entry` into
+ * `out` (cluster_size bytes).  No lock needed.  0 or -errno. */
+int qcow2_read_compressed(BlockDriverState *bs, uint64_t entry, uint8_t *out);
+
+/* ---- qcow2-refcount.c ---- */
+
+/* Like qcow2_alloc_clusters_locked, but the run may be shorter: between 1
+ * and n clusters (*ret_n of them).  Contiguous allocations larger than a
+ * refcount block's region minus one cluster fail with -EFBIG; this one
+ * never does for that reason.  Returns the host offset or -errno. */
+int64_t qcow2_alloc_clusters_upto_locked(BlockDriverState *bs, uint64_t n,
+                                         uint64_t *ret_n);
+/* Load and check the refcount table (at open). */
+bool qcow2_refcount_init(BlockDriverState *bs, Error **errp);
+/* Refcount of host cluster `cluster_index` (0 where no block covers it). */
+int qcow2_get_refcount_locked(BlockDriverState *bs, uint64_t cluster_index,
+                              uint64_t *ret_refcount);
+/* The check hook: walk every structure, compare with the refcounts. */
+int qcow2_check(BlockDriverState *bs, char **report);
+/* Free-cluster helper for tests and check: the byte range of compressed
+ * data an L2 entry names. */
+void qcow2_compressed_range(BDRVQcow2State *s, uint64_t entry,
+                            uint64_t *ret_offset, uint64_t *ret_bytes);
 
 /* ---- qcow2-refcount.c: used by every other file ---- */
 

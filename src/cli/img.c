@@ -45,8 +45,9 @@ void cli_img_usage(FILE *out)
     fprintf(out,
             "Usage:\n"
             "  bitback img create [-f FMT] [-o KEY=VAL[,KEY=VAL...]] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]\n"
-            "      FMT is raw (default) or qbm.  qbm options: data-file, data-format,\n"
-            "      backing, backing-format, granularity.  -o may be repeated.\n"
+            "      FMT is raw (default), qcow2 or qbm.  qbm options: data-file, data-format,\n"
+            "      backing, backing-format, granularity.  qcow2 options: cluster_size,\n"
+            "      backing_file, backing_fmt, compression_type.  -o may be repeated.\n"
             "  bitback img info [--output=human|json] [--backing-chain] [-f FMT] FILE\n"
             "  bitback img map [--output=human|json] [--bitmap NAME] [--start-offset OFF]\n"
             "                  [--max-length LEN] [-f FMT] FILE\n"

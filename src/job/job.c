@@ -313,7 +313,7 @@ Job *job_create(const JobDriver *driver, const char *job_id, const char *device,
     Job *job = job_xmalloc0(driver->instance_size);
     job->driver = driver;
     job->id = job_xstrdup(job_id);
-    job->device = job_xstrdup(device ? device : job_id);
+    job->device = job_xstrdup(job_id);   /* QEMU: "device" is the job id */
     job->auto_finalize = auto_finalize;
     job->auto_dismiss = auto_dismiss;
     job->speed = speed;

@@ -9,6 +9,10 @@
  * node's bitmap list; NBD threads only set bits.  So the bitmap lists are
  * walked here without bs->lock, and the per-bitmap functions that need the
  * lock (count, sha256, clear, ...) take it themselves.
+ *
+ * The checks of add, remove and merge are helpers (qmp-internal.h) that
+ * `transaction` (qmp-transaction.c) shares, so a bitmap action fails with
+ * the same message whether it runs alone or in a transaction.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,9 +36,8 @@ BlockDriverState *qmp_lookup_node(const char *name, Error **errp)
     return bs;
 }
 
-static BdrvDirtyBitmap *qmp_lookup_bitmap(const char *node, const char *name,
-                                          BlockDriverState **ret_bs,
-                                          Error **errp)
+BdrvDirtyBitmap *qmp_lookup_bitmap(const char *node, const char *name,
+                                   BlockDriverState **ret_bs, Error **errp)
 {
     BlockDriverState *bs = qmp_lookup_node(node, errp);
     if (!bs) {
@@ -162,6 +165,19 @@ static bool qmp_node_has_parent(BlockDriverState *bs)
     return false;
 }
 
+/* A backup job's source carries its copy-before-write hook (a
+ * before_write hook); its target does not.  Hooks change only on the main
+ * thread, where this runs. */
+static bool qmp_node_is_job_source(BlockDriverState *bs)
+{
+    for (BdrvIoHook *h = bs->hooks; h; h = h->next) {
+        if (h->before_write) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static struct json_object *qmp_cmd_query_named_block_nodes(
     struct json_object *args, Error **errp)
 {
@@ -257,12 +273,26 @@ static struct json_object *qmp_cmd_blockdev_del(struct json_object *args,
         error_setg(errp, "Failed to find node with node-name='%s'", name);
         return NULL;
     }
+    /* QEMU's order: an export (a BlockBackend) first, then the job's op
+     * blocker (on a job's target; QEMU's source sits under the job's
+     * copy-before-write filter and only counts as referenced), then
+     * ownership, then other references. */
+    if (nbd_node_is_exported(bs)) {
+        error_setg(errp, "Node %s is in use", name);
+        return NULL;
+    }
+    if (bs->job_blocker && !qmp_node_is_job_source(bs)) {
+        Job *job = job_find(bs->job_blocker);
+        error_setg(errp, "Node '%s' is busy: block device is in use by block "
+                   "job: %s", name, job ? job->driver->type : "backup");
+        return NULL;
+    }
     if (!bs->user_owned) {
         error_setg(errp, "Node %s is not owned by the monitor", name);
         return NULL;
     }
-    if (nbd_node_is_exported(bs) || bs->refcnt > 1 || qmp_node_has_parent(bs)) {
-        error_setg(errp, "Node %s is in use", name);
+    if (bs->job_blocker || bs->refcnt > 1 || qmp_node_has_parent(bs)) {
+        error_setg(errp, "Block device %s is in use", name);
         return NULL;
     }
     for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
@@ -280,8 +310,7 @@ static struct json_object *qmp_cmd_blockdev_del(struct json_object *args,
 
 /* ---- dirty bitmaps ---- */
 
-static struct json_object *qmp_cmd_bitmap_add(struct json_object *args,
-                                              Error **errp)
+BdrvDirtyBitmap *qmp_bitmap_add(struct json_object *args, Error **errp)
 {
     const char *name = qmp_arg_str(args, "name");
     BlockDriverState *bs = qmp_lookup_node(qmp_arg_str(args, "node"), errp);
@@ -308,16 +337,23 @@ static struct json_object *qmp_cmd_bitmap_add(struct json_object *args,
         error_setg(errp, "Bitmap already exists: %s", name);
         return NULL;
     }
-    if (!bdrv_dirty_bitmap_add(bs, name, granularity,
-                               qmp_arg_bool(args, "persistent", false),
-                               qmp_arg_bool(args, "disabled", false), errp)) {
+    return bdrv_dirty_bitmap_add(bs, name, granularity,
+                                 qmp_arg_bool(args, "persistent", false),
+                                 qmp_arg_bool(args, "disabled", false), errp);
+}
+
+static struct json_object *qmp_cmd_bitmap_add(struct json_object *args,
+                                              Error **errp)
+{
+    if (!qmp_bitmap_add(args, errp)) {
         return NULL;
     }
     return json_object_new_object();
 }
 
-static struct json_object *qmp_cmd_bitmap_remove(struct json_object *args,
-                                                 Error **errp)
+BdrvDirtyBitmap *qmp_bitmap_remove_check(struct json_object *args,
+                                         BlockDriverState **ret_bs,
+                                         Error **errp)
 {
     BlockDriverState *bs;
     BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
@@ -326,7 +362,21 @@ static struct json_object *qmp_cmd_bitmap_remove(struct json_object *args,
     if (!bm || !bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_BUSY, errp)) {
         return NULL;
     }
-    if (!bdrv_dirty_bitmap_remove(bs, bm->name, errp)) {
+    if (bm->persistent && bs->read_only) {
+        error_setg(errp, "Cannot remove persistent bitmap '%s': node '%s' is "
+                   "read-only", bm->name, bs->node_name);
+        return NULL;
+    }
+    *ret_bs = bs;
+    return bm;
+}
+
+static struct json_object *qmp_cmd_bitmap_remove(struct json_object *args,
+                                                 Error **errp)
+{
+    BlockDriverState *bs;
+    BdrvDirtyBitmap *bm = qmp_bitmap_remove_check(args, &bs, errp);
+    if (!bm || !bdrv_dirty_bitmap_remove(bs, bm->name, errp)) {
         return NULL;
     }
     return json_object_new_object();
@@ -368,8 +418,9 @@ static struct json_object *qmp_cmd_bitmap_disable(struct json_object *args,
     return json_object_new_object();
 }
 
-static struct json_object *qmp_cmd_bitmap_merge(struct json_object *args,
-                                                Error **errp)
+BdrvDirtyBitmap *qmp_bitmap_merge_lookup(struct json_object *args,
+                                         BdrvDirtyBitmap ***ret_srcs,
+                                         size_t *ret_n, Error **errp)
 {
     const char *node = qmp_arg_str(args, "node");
     BdrvDirtyBitmap *target = qmp_lookup_bitmap(node, qmp_arg_str(args, "target"),
@@ -417,7 +468,19 @@ static struct json_object *qmp_cmd_bitmap_merge(struct json_object *args,
             return NULL;
         }
     }
-    if (!bdrv_merge_dirty_bitmaps(target, srcs, (int)n, errp)) {
+    *ret_srcs = steal_pointer(&srcs);
+    *ret_n = n;
+    return target;
+}
+
+static struct json_object *qmp_cmd_bitmap_merge(struct json_object *args,
+                                                Error **errp)
+{
+    _cleanup_free_ BdrvDirtyBitmap **srcs = NULL;
+    size_t n = 0;
+    BdrvDirtyBitmap *target = qmp_bitmap_merge_lookup(args, &srcs, &n, errp);
+
+    if (!target || !bdrv_merge_dirty_bitmaps(target, srcs, (int)n, errp)) {
         return NULL;
     }
     return json_object_new_object();
@@ -450,7 +513,7 @@ static const QmpArgSpec spec_query_named[] = {
     { "flat", QMP_ARG_BOOL, true },
     { NULL },
 };
-static const QmpArgSpec spec_bitmap_add[] = {
+const QmpArgSpec qmp_spec_bitmap_add[] = {
     { "node", QMP_ARG_STR, false },
     { "name", QMP_ARG_STR, false },
     { "granularity", QMP_ARG_UINT, true },
@@ -458,12 +521,12 @@ static const QmpArgSpec spec_bitmap_add[] = {
     { "disabled", QMP_ARG_BOOL, true },
     { NULL },
 };
-static const QmpArgSpec spec_bitmap[] = {
+const QmpArgSpec qmp_spec_bitmap[] = {
     { "node", QMP_ARG_STR, false },
     { "name", QMP_ARG_STR, false },
     { NULL },
 };
-static const QmpArgSpec spec_bitmap_merge[] = {
+const QmpArgSpec qmp_spec_bitmap_merge[] = {
     { "node", QMP_ARG_STR, false },
     { "target", QMP_ARG_STR, false },
     { "bitmaps", QMP_ARG_ARRAY, false },
@@ -479,17 +542,17 @@ void qmp_register_block_commands(void)
                               qmp_cmd_query_named_block_nodes, spec_query_named);
     qmp_register_command_spec("query-block", qmp_cmd_query_block, spec_none);
     qmp_register_command_spec("block-dirty-bitmap-add", qmp_cmd_bitmap_add,
-                              spec_bitmap_add);
+                              qmp_spec_bitmap_add);
     qmp_register_command_spec("block-dirty-bitmap-remove",
-                              qmp_cmd_bitmap_remove, spec_bitmap);
+                              qmp_cmd_bitmap_remove, qmp_spec_bitmap);
     qmp_register_command_spec("block-dirty-bitmap-clear", qmp_cmd_bitmap_clear,
-                              spec_bitmap);
+                              qmp_spec_bitmap);
     qmp_register_command_spec("block-dirty-bitmap-enable",
-                              qmp_cmd_bitmap_enable, spec_bitmap);
+                              qmp_cmd_bitmap_enable, qmp_spec_bitmap);
     qmp_register_command_spec("block-dirty-bitmap-disable",
-                              qmp_cmd_bitmap_disable, spec_bitmap);
+                              qmp_cmd_bitmap_disable, qmp_spec_bitmap);
     qmp_register_command_spec("block-dirty-bitmap-merge", qmp_cmd_bitmap_merge,
-                              spec_bitmap_merge);
+                              qmp_spec_bitmap_merge);
     qmp_register_command_spec("x-debug-block-dirty-bitmap-sha256",
-                              qmp_cmd_bitmap_sha256, spec_bitmap);
+                              qmp_cmd_bitmap_sha256, qmp_spec_bitmap);
 }

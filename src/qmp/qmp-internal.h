@@ -6,6 +6,7 @@
 
 #include <json-c/json.h>
 #include "block/block.h"
+#include "job/job.h"
 #include "qmp/qmp.h"
 
 #ifndef BITBACK_VERSION
@@ -31,5 +32,43 @@ BlockDriverState *qmp_lookup_node(const char *name, Error **errp);
  * --nbd-server). */
 struct json_object *qmp_export_add(struct json_object *args,
                                    bool require_server, Error **errp);
+
+/* ---- Shared by the standalone commands and `transaction` (h3) ---- */
+
+/* qmp-block.c: argument specs of the bitmap commands. */
+extern const QmpArgSpec qmp_spec_bitmap[];          /* node, name */
+extern const QmpArgSpec qmp_spec_bitmap_add[];
+extern const QmpArgSpec qmp_spec_bitmap_merge[];
+/* The bitmap `name` on node `node` ("Dirty bitmap 'X' not found"). */
+BdrvDirtyBitmap *qmp_lookup_bitmap(const char *node, const char *name,
+                                   BlockDriverState **ret_bs, Error **errp);
+/* block-dirty-bitmap-add: checks and adds; returns the new bitmap. */
+BdrvDirtyBitmap *qmp_bitmap_add(struct json_object *args, Error **errp);
+/* block-dirty-bitmap-remove's checks: the bitmap exists, is not busy, and
+ * a persistent one is on a writable node.  Returns it. */
+BdrvDirtyBitmap *qmp_bitmap_remove_check(struct json_object *args,
+                                         BlockDriverState **ret_bs,
+                                         Error **errp);
+/* block-dirty-bitmap-merge's lookups: the target, and the sources in
+ * *ret_srcs (malloc'd, caller frees) with their count in *ret_n. */
+BdrvDirtyBitmap *qmp_bitmap_merge_lookup(struct json_object *args,
+                                         BdrvDirtyBitmap ***ret_srcs,
+                                         size_t *ret_n, Error **errp);
+
+/* qmp-backup.c: blockdev-backup (drive false) and drive-backup (true). */
+extern const QmpArgSpec qmp_spec_blockdev_backup[];
+extern const QmpArgSpec qmp_spec_drive_backup[];
+/* Check the enum-valued arguments (sync, bitmap-mode, ...). */
+bool qmp_backup_check_args(struct json_object *args, bool drive, Error **errp);
+/* Create the job (state created, not started) inside a drained section:
+ * the prepare step of the backup transaction actions. */
+Job *qmp_backup_prepare(struct json_object *args, bool drive, JobTxn *txn,
+                        Error **errp);
+
+/* qmp-transaction.c: register `transaction`; run one action as a
+ * transaction of its own (the standalone blockdev-backup/drive-backup). */
+void qmp_register_transaction_command(void);
+bool qmp_transaction_run_single(const char *type, struct json_object *data,
+                                Error **errp);
 
 #endif

@@ -1,0 +1,139 @@
+"""Image fleecing (issue 4), the seed's recipe, on bitbackd and
+qemu-storage-daemon.
+
+A backup application wants the dirty clusters of a frozen moment while the
+guest keeps writing.  The recipe:
+
+  1. blockdev-add an overlay (qbm on bitbackd, qcow2 on qemu-storage-daemon)
+     whose backing is the live node ("backing": "disk0");
+  2. one transaction: block-dirty-bitmap-add b1 (the new active bitmap),
+     block-dirty-bitmap-disable b0 (frozen), blockdev-backup sync=none from
+     disk0 into the overlay (copy-before-write keeps the old data there);
+  3. block-export-add the overlay with bitmaps ["b0"] (b0 lives on the
+     backing node).
+
+While a writer thread keeps writing to disk0 through NBD, nbdinfo
+--map=qemu:dirty-bitmap:b0 on the fleecing export must list exactly the
+dirty set frozen at the transaction, and qemu-img convert of the export
+must give the image as it was then.
+"""
+import random
+import shutil
+import threading
+
+from backup_scenarios import (MiB, add_overlay, assert_same, bitmap_count, clusters_of,
+                              connect, dirty_extents, export,
+                              extents_to_clusters, flavour, random_image,
+                              random_writes, reference_copy, run, unexport,
+                              wait_job_end, nbd_write)
+
+assert flavour  # a fixture, used by name
+
+SIZE = 64 * MiB
+
+
+class Writer(threading.Thread):
+    """Keeps writing random 4-64 KiB blocks through NBD until stopped;
+    remembers what it wrote."""
+
+    def __init__(self, uri, seed):
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.writes = []
+        self.error = None
+
+    def run(self):
+        try:
+            h = connect(self.uri)
+            try:
+                while not self.stop.is_set():
+                    length = self.rng.choice([4096, 16384, 65536])
+                    off = self.rng.randrange(0, SIZE - length) // 4096 * 4096
+                    data = self.rng.randbytes(length)
+                    h.pwrite(data, off)
+                    self.writes.append((off, data))
+                h.flush()
+            finally:
+                h.shutdown()
+        except Exception as e:      # reported by the test
+            self.error = e
+
+    def finish(self):
+        self.stop.set()
+        self.join(60)
+        assert not self.is_alive(), "writer did not stop"
+        assert self.error is None, f"writer failed: {self.error}"
+
+
+def test_fleecing_frozen_view_while_writing(flavour):
+    fl = flavour
+    img = random_image(fl.path("disk0.raw"), SIZE, seed=3)
+    fleece = fl.create_overlay(fl.overlay_name("fleece"), img)
+    d = fl.start({"disk0": img})
+    q = d.qmp
+    uri = d.nbd_uri("disk0")
+    export(q, "disk0", writable=True)
+    q.cmd("block-dirty-bitmap-add", node="disk0", name="b0")
+    rng = random.Random(5)
+    before = random_writes(rng, SIZE, 60, length=8192)
+    nbd_write(uri, before)
+    frozen = clusters_of(before)
+    assert bitmap_count(q, "disk0", "b0") == len(frozen) * 64 * 1024
+    # No writer runs now: this is the image at the transaction.
+    ref = reference_copy(uri, fl.path("ref.raw"))
+
+    add_overlay(fl, "fleece", fleece, "disk0")
+    q.cmd("transaction", actions=[
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "disk0", "name": "b1"}},
+        {"type": "block-dirty-bitmap-disable",
+         "data": {"node": "disk0", "name": "b0"}},
+        {"type": "blockdev-backup",
+         "data": {"job-id": "fleecing", "device": "disk0",
+                  "target": "fleece", "sync": "none"}}])
+    writer = Writer(uri, seed=9)
+    writer.start()
+    try:
+        export(q, "fleece", bitmaps=["b0"])
+        furi = d.nbd_uri("fleece")
+        # Let the writer make some progress first (it must not stop the
+        # fleecing view from being frozen).
+        while len(writer.writes) < 50 and writer.is_alive():
+            writer.stop.wait(0.01)
+        extents = dirty_extents(furi, "b0")
+        assert extents_to_clusters(extents) == frozen
+        run(["qemu-img", "convert", "-f", "raw", "-O", "raw", furi,
+             fl.path("pulled.raw")])
+        written_during = len(writer.writes)
+    finally:
+        writer.finish()
+    assert written_during >= 50
+    p = run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
+             fl.path("pulled.raw"), ref], check=False)
+    assert p.returncode == 0, f"fleecing view is not frozen: {p.stdout}"
+
+    # The writer's writes went to disk0 and into the new active bitmap b1;
+    # b0 stayed frozen.
+    assert bitmap_count(q, "disk0", "b0") == len(frozen) * 64 * 1024
+    assert bitmap_count(q, "disk0", "b1") == \
+        len(clusters_of(writer.writes)) * 64 * 1024
+    # disk0 = the frozen image + the writer's writes, in order.
+    expected = fl.path("expected.raw")
+    shutil.copyfile(ref, expected)
+    with open(expected, "r+b") as f:
+        for off, data in writer.writes:
+            f.seek(off)
+            f.write(data)
+    assert_same(uri, expected)
+
+    # Tear down as a backup application would.
+    unexport(q, "fleece")
+    q.cmd("block-job-cancel", device="fleecing")
+    ev = wait_job_end(q, "fleecing")
+    assert ev["event"] in ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"), ev
+    q.cmd("blockdev-del", **{"node-name": "fleece"})
+    assert all(n["node-name"] != "fleece"
+               for n in q.cmd("query-named-block-nodes"))
+    assert d.quit() == 0
