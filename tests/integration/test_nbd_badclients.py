@@ -249,7 +249,10 @@ def test_oversized_and_out_of_range_requests(daemon):
     assert c.recv(4096) == GUARD[:4096]
     # A write announcing more than 32 MiB of payload: disconnect.
     c.request(CMD_WRITE, 0, 64 * MiB, handle=10)
-    c.send(b"\xee" * 65536)
+    try:
+        c.send(b"\xee" * 65536)
+    except (BrokenPipeError, ConnectionResetError):
+        pass            # the server may close before the payload arrives
     assert c.closed_by_server()
     c.close()
 
