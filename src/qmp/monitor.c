@@ -305,6 +305,10 @@ static void qmp_client_handle(QmpClient *c, struct json_object *req)
         return;
     }
     _cleanup_json_ struct json_object *reply = qmp_dispatch(req);
+    /* Events emitted before or while the command ran go out before its
+     * reply (QEMU emits them synchronously), so a client that sees a job's
+     * new status in a reply has already received its JOB_STATUS_CHANGE. */
+    qmp_deliver_events();
     if (is_caps && json_object_object_get_ex(reply, "return", NULL)) {
         c->negotiated = true;
     }
