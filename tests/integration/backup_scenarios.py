@@ -41,6 +41,7 @@ class Flavour:
     def __init__(self, kind, tmp_path):
         self.kind = kind
         self.dir = pathlib.Path(tmp_path)
+        # "bitbackd-qcow2": bitbackd with qcow2 overlays (our qcow2 driver).
         self.overlay_driver = "qbm" if kind == "bitbackd" else "qcow2"
         self.daemon = Daemon(self.dir, binary=QSD if kind == "qsd" else None)
 
@@ -56,14 +57,14 @@ class Flavour:
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing,
                  "-F", backing_fmt, path])
         else:
-            run([BITBACK, "img", "create", "-f", "qbm", "-b", backing,
-                 "-F", backing_fmt, path])
+            run([BITBACK, "img", "create", "-f", self.overlay_driver, "-b",
+                 backing, "-F", backing_fmt, path])
         return path
 
     def top_allocated(self, path):
         """Bytes an overlay allocates itself (depth 0 in `img map`).  Run
         it with no daemon holding the image."""
-        if self.kind == "qsd":
+        if self.overlay_driver == "qcow2":
             out = run(["qemu-img", "map", "--output=json", "-f", "qcow2",
                        path]).stdout
         else:
@@ -85,18 +86,29 @@ class Flavour:
         return self.daemon
 
 
-@pytest.fixture(params=DAEMONS)
-def flavour(request, tmp_path):
-    """A Flavour per daemon kind; the daemon is killed at the end."""
+def _flavour(kind, tmp_path):
+    """A Flavour of `kind`; the daemon is killed at the end."""
     for tool in ("qemu-img", "nbdinfo"):
         require(tool)
-    if request.param == "qsd":
+    if kind == "qsd":
         require(QSD)
-    f = Flavour(request.param, tmp_path)
+    f = Flavour(kind, tmp_path)
     try:
         yield f
     finally:
         f.daemon.cleanup()
+
+
+@pytest.fixture(params=DAEMONS)
+def flavour(request, tmp_path):
+    """A Flavour per daemon kind."""
+    yield from _flavour(request.param, tmp_path)
+
+
+@pytest.fixture(params=DAEMONS + ["bitbackd-qcow2"])
+def chain_flavour(request, tmp_path):
+    """As flavour, plus bitbackd writing its backup chain as qcow2."""
+    yield from _flavour(request.param, tmp_path)
 
 
 # -- images -------------------------------------------------------------

@@ -32,14 +32,17 @@ import pytest
 from backup_scenarios import (CLUSTER, MiB, add_nbd_target, add_overlay,
                               add_raw_target, assert_files_same, assert_same,
                               backup, bitmap_count, bitmap_extents,
-                              bitmap_sha256, clusters_of, export,
+                              bitmap_sha256, chain_flavour, clusters_of,
+                              export,
                               extents_to_clusters, flavour, job_ok,
                               job_progress, nbd_read, nbd_write,
                               nbdkit_target, overlay_matches, random_image,
                               random_writes, reference_copy, wait_event,
                               wait_job_end)
 
-assert flavour  # a fixture, used by name
+from conftest import run
+
+assert flavour and chain_flavour  # fixtures, used by name
 
 SIZE = 64 * MiB
 
@@ -106,8 +109,8 @@ def dirty_state(fl, node="disk0", bitmap="b0"):
     return count, extents
 
 
-def test_incremental_chain(flavour):
-    fl = flavour
+def test_incremental_chain(chain_flavour):
+    fl = chain_flavour
     uri = start_disk(fl)
     q = fl.daemon.qmp
     rng = random.Random(11)
@@ -154,6 +157,15 @@ def test_incremental_chain(flavour):
         assert abs(alloc - count) <= nextents * CLUSTER, \
             f"inc{n}: allocates {alloc} bytes for {count} dirty bytes " \
             f"in {nextents} extents"
+        if fl.overlay_driver == "qcow2":
+            # qemu-img judges our qcow2 (and QEMU's): no errors, no leaks.
+            run(["qemu-img", "check", "-f", "qcow2",
+                 str(fl.overlay_name(f"inc{n}"))])
+            # The chain's top, flattened by qemu-img, is the image at that time.
+            flat = fl.path(f"flat{n}.raw")
+            run(["qemu-img", "convert", "-O", "raw",
+                 str(fl.overlay_name(f"inc{n}")), str(flat)])
+            assert_files_same(flat, fl.path(f"ref{n}.raw"))
 
 
 def full_backup_with_clear(fl, q, uri):
