@@ -154,6 +154,32 @@ wait_socket "$W/kit.sock"
 R[nbdkit]=$(run_fio "nbd+unix:///d0?socket=$W/kit.sock")
 stop_server
 
+# --- qcow2 rows: bitbackd and qemu-storage-daemon on the same qcow2 image,
+# each with two persistent bitmaps stored in the image -------------------
+for who in bb qsd; do
+    qemu-img convert -O qcow2 -f raw "$IMG" "$W/$who.qcow2"
+    qemu-img bitmap --add "$W/$who.qcow2" b0
+    qemu-img bitmap --add "$W/$who.qcow2" b1
+done
+"$BITBACKD" --blockdev "driver=qcow2,node-name=d0,file.driver=file,file.filename=$W/bb.qcow2" \
+    --nbd-server "addr.type=unix,addr.path=$W/bbq.sock" \
+    --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
+    >"$W/bitbackd-qcow2.log" 2>&1 &
+SERVER_PID=$!
+wait_socket "$W/bbq.sock"
+R[bitbackd-qcow2]=$(run_fio "nbd+unix:///d0?socket=$W/bbq.sock")
+stop_server
+qemu-storage-daemon \
+    --blockdev "driver=file,node-name=f0,filename=$W/qsd.qcow2" \
+    --blockdev driver=qcow2,node-name=d0,file=f0 \
+    --nbd-server "addr.type=unix,addr.path=$W/qsdq.sock" \
+    --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
+    >"$W/qsd-qcow2.log" 2>&1 &
+SERVER_PID=$!
+wait_socket "$W/qsdq.sock"
+R[qsd-qcow2]=$(run_fio "nbd+unix:///d0?socket=$W/qsdq.sock")
+stop_server
+
 python3 - "${R[bitbackd]}" "${R[qsd]}" "${R[qemu-nbd]}" "${R[nbdkit]}" <<'EOF'
 import sys
 names = ["bitbackd", "qemu-storage-daemon", "qemu-nbd", "nbdkit-file"]
@@ -174,4 +200,17 @@ print("\nratio = bitbackd / peer (>= 1.00: bitbackd at least as fast).")
 print("bitbackd tracks writes in 2 persistent bitmaps (qbm over the raw image);")
 print("qemu-storage-daemon in 2 non-persistent bitmaps (raw cannot store them);")
 print("qemu-nbd and nbdkit track nothing.")
+EOF
+
+python3 - "${R[bitbackd-qcow2]}" "${R[qsd-qcow2]}" <<'EOF'
+import sys
+rows = ["seq-write 1M qd8 (MiB/s)", "seq-read 1M qd8 (MiB/s)",
+        "rand-write 4k qd32 (IOPS)", "rand-read 4k qd32 (IOPS)"]
+mine, qsd = (list(map(float, a.split())) for a in sys.argv[1:])
+print()
+print("qcow2 (two persistent bitmaps in the image on both daemons)")
+print("%-27s%21s%21s%10s" % ("test", "bitbackd", "qemu-storage-daemon", "/qsd"))
+for i, row in enumerate(rows):
+    print("%-27s%21.0f%21.0f%10.2f" % (row, mine[i], qsd[i],
+                                        mine[i] / qsd[i] if qsd[i] else float("inf")))
 EOF
