@@ -959,6 +959,46 @@ int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     return r < 0 ? r : 0;
 }
 
+int bdrv_preadv_zero_tail(BlockDriverState *child, uint64_t offset,
+                          uint64_t bytes, uint64_t avail,
+                          const struct iovec *iov, int niov, size_t iov_off)
+{
+    uint64_t part = MIN(bytes, avail);
+    if (part) {
+        _cleanup_free_ struct iovec *sub = calloc((size_t)niov, sizeof(*sub));
+        if (!sub) {
+            return -ENOMEM;
+        }
+        int n = iov_slice(iov, niov, iov_off, part, sub, niov);
+        if (n < 0) {
+            return -EINVAL;
+        }
+        int r = bdrv_preadv(child, offset, part, sub, n, 0);
+        if (r < 0) {
+            return r;
+        }
+    }
+    if (part < bytes) {
+        iov_memset(iov, niov, iov_off + part, 0, bytes - part);
+    }
+    return 0;
+}
+
+int bdrv_preadv_backing(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                        const struct iovec *iov, int niov, size_t iov_off)
+{
+    uint64_t avail = 0;
+    if (bs->backing) {
+        int64_t blen = bdrv_getlength(bs->backing);
+        if (blen < 0) {
+            return (int)blen;
+        }
+        avail = offset < (uint64_t)blen ? (uint64_t)blen - offset : 0;
+    }
+    return bdrv_preadv_zero_tail(bs->backing, offset, bytes, avail, iov, niov,
+                                 iov_off);
+}
+
 int bdrv_pread(BlockDriverState *bs, uint64_t offset, void *buf, uint64_t bytes)
 {
     struct iovec iov = { .iov_base = buf, .iov_len = bytes };

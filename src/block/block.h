@@ -205,6 +205,16 @@ int bdrv_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                  const struct iovec *iov, int niov, int flags);
 int bdrv_pread(BlockDriverState *bs, uint64_t offset, void *buf, uint64_t bytes);
+/* For drivers: read `bytes` at `offset` of `child` into iov from byte
+ * iov_off on, where only the first `avail` bytes exist in child (the rest,
+ * past its end, read as zeroes).  0 or -errno. */
+int bdrv_preadv_zero_tail(BlockDriverState *child, uint64_t offset,
+                          uint64_t bytes, uint64_t avail,
+                          const struct iovec *iov, int niov, size_t iov_off);
+/* For format drivers: what an unallocated range of bs shows -- its backing
+ * image's data, zeroes past the backing's end or without a backing. */
+int bdrv_preadv_backing(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                        const struct iovec *iov, int niov, size_t iov_off);
 int bdrv_pwrite(BlockDriverState *bs, uint64_t offset, const void *buf,
                 uint64_t bytes, int flags);
 /* Without driver support (or with BDRV_REQ_NO_FALLBACK missing) falls back

@@ -375,41 +375,6 @@ static bool qbm_alloc_extent(BDRVQbmState *s, uint64_t offset, uint64_t bytes,
     return allocated;
 }
 
-/* Read unallocated content: backing image data, zeros past its end or
- * without a backing image. */
-static int qbm_read_backing(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
-                            const struct iovec *iov, int niov, size_t iov_off)
-{
-    uint64_t part = 0;
-    if (bs->backing) {
-        int64_t blen = bdrv_getlength(bs->backing);
-        if (blen < 0) {
-            return (int)blen;
-        }
-        if (offset < (uint64_t)blen) {
-            part = MIN(bytes, (uint64_t)blen - offset);
-        }
-    }
-    if (part) {
-        _cleanup_free_ struct iovec *sub = calloc((size_t)niov, sizeof(*sub));
-        if (!sub) {
-            return -ENOMEM;
-        }
-        int n = iov_slice(iov, niov, iov_off, part, sub, niov);
-        if (n < 0) {
-            return -EINVAL;
-        }
-        int r = bdrv_preadv(bs->backing, offset, part, sub, n, 0);
-        if (r < 0) {
-            return r;
-        }
-    }
-    if (part < bytes) {
-        iov_memset(iov, niov, iov_off + part, 0, bytes - part);
-    }
-    return 0;
-}
-
 static int qbm_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                       const struct iovec *iov, int niov, int flags)
 {
@@ -433,7 +398,7 @@ static int qbm_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
             }
             r = bdrv_preadv(s->data, offset + done, n, sub, cnt, flags);
         } else {
-            r = qbm_read_backing(bs, offset + done, n, iov, niov, done);
+            r = bdrv_preadv_backing(bs, offset + done, n, iov, niov, done);
         }
         if (r < 0) {
             return r;
@@ -469,7 +434,7 @@ static int qbm_cow(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
         return -ENOMEM;
     }
     struct iovec iov = { .iov_base = buf, .iov_len = bytes };
-    int r = qbm_read_backing(bs, offset, bytes, &iov, 1, 0);
+    int r = bdrv_preadv_backing(bs, offset, bytes, &iov, 1, 0);
     if (r < 0) {
         return r;
     }

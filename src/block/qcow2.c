@@ -589,39 +589,8 @@ static int64_t qcow2_getlength(BlockDriverState *bs)
 
 /* ---- reads ---- */
 
-static int read_backing(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
-                        const struct iovec *iov, int niov, size_t iov_off)
-{
-    uint64_t part = 0;
-    if (bs->backing) {
-        int64_t blen = bdrv_getlength(bs->backing);
-        if (blen < 0) {
-            return (int)blen;
-        }
-        if (offset < (uint64_t)blen) {
-            part = MIN(bytes, (uint64_t)blen - offset);
-        }
-    }
-    if (part) {
-        _cleanup_free_ struct iovec *sub = calloc((size_t)niov, sizeof(*sub));
-        if (!sub) {
-            return -ENOMEM;
-        }
-        int n = iov_slice(iov, niov, iov_off, part, sub, niov);
-        if (n < 0) {
-            return -EINVAL;
-        }
-        int r = bdrv_preadv(bs->backing, offset, part, sub, n, 0);
-        if (r < 0) {
-            return r;
-        }
-    }
-    if (part < bytes) {
-        iov_memset(iov, niov, iov_off + part, 0, bytes - part);
-    }
-    return 0;
-}
-
+/* A data cluster's bytes; a cluster cut short by the end of the file
+ * reads as zeroes past it. */
 static int read_host(BlockDriverState *bs, uint64_t host, uint64_t bytes,
                      const struct iovec *iov, int niov, size_t iov_off)
 {
@@ -629,23 +598,8 @@ static int read_host(BlockDriverState *bs, uint64_t host, uint64_t bytes,
     if (host >= flen) {
         return -EIO;   /* data cluster past the end of the file */
     }
-    uint64_t part = MIN(bytes, flen - host);
-    _cleanup_free_ struct iovec *sub = calloc((size_t)niov, sizeof(*sub));
-    if (!sub) {
-        return -ENOMEM;
-    }
-    int n = iov_slice(iov, niov, iov_off, part, sub, niov);
-    if (n < 0) {
-        return -EINVAL;
-    }
-    int r = bdrv_preadv(bs->file, host, part, sub, n, 0);
-    if (r < 0) {
-        return r;
-    }
-    if (part < bytes) {
-        iov_memset(iov, niov, iov_off + part, 0, bytes - part);
-    }
-    return 0;
+    return bdrv_preadv_zero_tail(bs->file, host, bytes, flen - host, iov, niov,
+                                 iov_off);
 }
 
 static int qcow2_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
@@ -667,7 +621,7 @@ static int qcow2_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
         }
         switch (type) {
         case QCOW2_CLUSTER_UNALLOCATED:
-            r = read_backing(bs, off, n, iov, niov, done);
+            r = bdrv_preadv_backing(bs, off, n, iov, niov, done);
             break;
         case QCOW2_CLUSTER_ZERO_PLAIN:
         case QCOW2_CLUSTER_ZERO_ALLOC:
