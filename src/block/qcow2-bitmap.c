@@ -3,7 +3,8 @@
  * QEMU's docs/interop/qcow2.txt, sections "Bitmaps extension" and
  * "Bitmaps").  This is what lets qemu-img / qemu-nbd see the dirty bitmaps
  * bitback tracks in a qcow2 image, and lets bitback load the ones QEMU
- * stored.
+ * stored.  It also keeps each bitmap's generation across reopen, in
+ * bitback's own header extension 0x62626b67 (see "generations" below).
  *
  * On disk: the header extension names a contiguous bitmap directory; each
  * directory entry names a contiguous bitmap table whose entries point at
@@ -404,6 +405,235 @@ static bool bitmap_load_data(BlockDriverState *bs, const Qcow2BitmapEntry *e,
     return true;
 }
 
+/* ---- generations (bitback-private extension 0x62626b67) ----
+ *
+ * A BdrvDirtyBitmap's generation is a UUID that changes on every clear;
+ * backup chains compare it to tell whether a bitmap still holds every
+ * write since their last backup.  The qcow2 bitmaps extension has no room
+ * for it (QEMU refuses entries with extra data), so bitback keeps it in its
+ * own header extension, which QEMU preserves as an unknown one:
+ *
+ *   payload (big-endian)       record (one per bitmap, 8-byte aligned)
+ *   0  u32 version (1)         0   u64 bitmap table offset, as in the
+ *   4  u32 number of records           directory entry when written
+ *   8  records                 8   36 bytes: generation UUID, ASCII
+ *                              44  u16 name size (1..1023)
+ *                              46  u16 reserved (0)
+ *                              48  name, then zero padding to 8 bytes
+ *
+ * Invariants:
+ *   G1. A loaded bitmap takes a recorded generation only if it loads as
+ *       consistent, the autoclear bit QCOW2_AUTOCLEAR_BITBACK_GENERATIONS
+ *       is set (qcow2.c drops the records otherwise), and its directory
+ *       entry's table offset is non-zero and equal to the record's.  Any
+ *       other bitmap keeps the fresh random generation it was created
+ *       with: an unknown history never matches a backup manifest.
+ *   G2. Why both checks: QEMU rewrites every bitmap's table whenever it
+ *       stores bitmaps, so a cleared bitmap moves; but after two QEMU
+ *       sessions a table can land at its old offset again (QEMU allocates
+ *       the first free clusters).  QEMU clears unknown autoclear bits when
+ *       it opens an image for writing, so any such session invalidates
+ *       every record, whatever the offsets.
+ *   G3. Every directory write (open's in_use marking, store, add, remove)
+ *       rebuilds the records from the entries it publishes, with the
+ *       generations read after the bits were written (a clear in between
+ *       can only leave extra dirty bits under a newer generation), and the
+ *       header update that publishes the directory also publishes them.
+ *   G4. Records that do not parse (bad version, truncated, a record past
+ *       the end, a bad name size, a NUL in a name, an invalid UUID,
+ *       duplicate names, bytes after the last record) are all ignored: the extension is an optimization
+ *       and must never make an image unusable.  Bitmaps that would not
+ *       fit the first cluster get no record.
+ */
+
+#define GEN_EXT_VERSION 1
+#define GEN_EXT_HEADER_SIZE 8
+#define GEN_REC_HEADER_SIZE 48
+#define GEN_UUID_LEN 36
+#define GEN_MAX_RECORDS QCOW2_MAX_BITMAPS
+
+typedef struct Qcow2GenRecord {
+    const char *name;              /* into the payload, not NUL-terminated */
+    uint16_t name_size;
+    uint64_t table_offset;
+    char generation[UUID_STR_LEN];
+} Qcow2GenRecord;
+
+static uint64_t gen_rec_size(size_t name_len)
+{
+    return ROUND_UP((uint64_t)GEN_REC_HEADER_SIZE + name_len, 8);
+}
+
+/* Parse a generations payload.  Returns the records (caller frees; they
+ * point into buf) or NULL with errp set when the payload is bad (G4). */
+static Qcow2GenRecord *gen_parse(const uint8_t *buf, uint32_t len,
+                                 size_t *ret_n, Error **errp)
+{
+    uint32_t version, nb;
+    uint64_t pos = GEN_EXT_HEADER_SIZE;
+
+    if (!buf || len < GEN_EXT_HEADER_SIZE) {
+        error_setg(errp, "bitmap generations extension: too short (%u bytes)",
+                   len);
+        return NULL;
+    }
+    memcpy(&version, buf, 4);
+    version = be32toh(version);
+    memcpy(&nb, buf + 4, 4);
+    nb = be32toh(nb);
+    if (version != GEN_EXT_VERSION) {
+        error_setg(errp, "bitmap generations extension: unknown version %u",
+                   version);
+        return NULL;
+    }
+    if (nb > GEN_MAX_RECORDS ||
+        (uint64_t)nb * GEN_REC_HEADER_SIZE > len - GEN_EXT_HEADER_SIZE) {
+        error_setg(errp, "bitmap generations extension: %u records do not "
+                   "fit in %u bytes", nb, len);
+        return NULL;
+    }
+    Qcow2GenRecord *recs = calloc(nb ? nb : 1, sizeof(*recs));
+    if (!recs) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    for (uint32_t i = 0; i < nb; i++) {
+        Qcow2GenRecord *r = &recs[i];
+        const uint8_t *p = buf + pos;
+        uint16_t name_size, reserved;
+
+        if (len - pos < GEN_REC_HEADER_SIZE) {
+            error_setg(errp, "bitmap generations extension: record %u lies "
+                       "past the end", i);
+            goto fail;
+        }
+        memcpy(&r->table_offset, p, 8);
+        r->table_offset = be64toh(r->table_offset);
+        memcpy(r->generation, p + 8, GEN_UUID_LEN);
+        r->generation[GEN_UUID_LEN] = '\0';
+        memcpy(&name_size, p + 44, 2);
+        name_size = be16toh(name_size);
+        memcpy(&reserved, p + 46, 2);
+        if (name_size == 0 || name_size > QCOW2_BITMAP_MAX_NAME) {
+            error_setg(errp, "bitmap generations extension: record %u has a "
+                       "bad name size %u (must be 1 to %d)", i, name_size,
+                       QCOW2_BITMAP_MAX_NAME);
+            goto fail;
+        }
+        if (gen_rec_size(name_size) > len - pos) {
+            error_setg(errp, "bitmap generations extension: record %u lies "
+                       "past the end", i);
+            goto fail;
+        }
+        if (reserved || memchr(p + GEN_REC_HEADER_SIZE, 0, name_size)) {
+            error_setg(errp, "bitmap generations extension: record %u has "
+                       "reserved bits set or a NUL in its name", i);
+            goto fail;
+        }
+        if (!uuid_is_valid_str(r->generation)) {
+            error_setg(errp, "bitmap generations extension: record %u has an "
+                       "invalid generation UUID", i);
+            goto fail;
+        }
+        r->name = (const char *)p + GEN_REC_HEADER_SIZE;
+        r->name_size = name_size;
+        for (uint32_t j = 0; j < i; j++) {
+            if (recs[j].name_size == name_size &&
+                memcmp(recs[j].name, r->name, name_size) == 0) {
+                error_setg(errp, "bitmap generations extension: bitmap '%.*s' "
+                           "appears twice", (int)name_size, r->name);
+                goto fail;
+            }
+        }
+        pos += gen_rec_size(name_size);
+    }
+    if (pos != len) {
+        error_setg(errp, "bitmap generations extension: %" PRIu64 " bytes "
+                   "after the last record", len - pos);
+        goto fail;
+    }
+    *ret_n = nb;
+    return recs;
+
+fail:
+    free(recs);
+    return NULL;
+}
+
+/* The generation recorded for entry e, or NULL (G1). */
+static const char *gen_lookup(const Qcow2GenRecord *recs, size_t n,
+                              const Qcow2BitmapEntry *e)
+{
+    size_t len = strlen(e->name);
+    for (size_t i = 0; recs && i < n; i++) {
+        if (recs[i].name_size == len &&
+            memcmp(recs[i].name, e->name, len) == 0) {
+            return e->table_offset && recs[i].table_offset == e->table_offset
+                   ? recs[i].generation : NULL;
+        }
+    }
+    return NULL;
+}
+
+/* Build the payload describing `entries` with the current generations of
+ * their bitmaps (G3): consistent entries with a table only, as many as fit
+ * in `budget` bytes.  *ret_buf is NULL (no extension) when no record
+ * results.  false only when memory is short.  s->lock held, not bs->lock. */
+static bool gen_build_locked(BlockDriverState *bs,
+                             const Qcow2BitmapEntry *entries, size_t nb,
+                             uint64_t budget, uint8_t **ret_buf,
+                             uint32_t *ret_len)
+{
+    uint64_t size = GEN_EXT_HEADER_SIZE;
+    uint32_t nrec = 0;
+
+    *ret_buf = NULL;
+    *ret_len = 0;
+    if (budget < GEN_EXT_HEADER_SIZE) {
+        return true;
+    }
+    budget = MIN(budget, (uint64_t)UINT32_MAX);
+    uint8_t *buf = calloc(1, budget);
+    if (!buf) {
+        return false;
+    }
+    pthread_mutex_lock(&bs->lock);
+    for (size_t i = 0; i < nb; i++) {
+        const Qcow2BitmapEntry *e = &entries[i];
+        size_t name_len = strlen(e->name);
+        uint64_t rsize = gen_rec_size(name_len);
+        if (e->inconsistent || !e->table_offset || rsize > budget - size) {
+            continue;
+        }
+        BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap_locked(bs, e->name);
+        if (!bm || !bm->persistent || bm->inconsistent ||
+            !uuid_is_valid_str(bm->generation)) {
+            continue;
+        }
+        uint8_t *p = buf + size;
+        uint64_t off = htobe64(e->table_offset);
+        uint16_t ns = htobe16((uint16_t)name_len);
+        memcpy(p, &off, 8);
+        memcpy(p + 8, bm->generation, GEN_UUID_LEN);
+        memcpy(p + 44, &ns, 2);
+        memcpy(p + GEN_REC_HEADER_SIZE, e->name, name_len);
+        size += rsize;
+        nrec++;
+    }
+    pthread_mutex_unlock(&bs->lock);
+    if (nrec == 0) {
+        free(buf);
+        return true;
+    }
+    uint32_t v = htobe32(GEN_EXT_VERSION);
+    memcpy(buf, &v, 4);
+    v = htobe32(nrec);
+    memcpy(buf + 4, &v, 4);
+    *ret_buf = buf;
+    *ret_len = (uint32_t)size;
+    return true;
+}
+
 /* ---- writing ---- */
 
 /* Free the table and data clusters of an entry as they are on disk.
@@ -570,6 +800,10 @@ static bool dir_write_locked(BlockDriverState *bs, const Qcow2BitmapEntry *entri
     uint64_t old_size = s->bitmap_directory_size;
     uint32_t old_nb = s->nb_bitmaps;
     uint64_t old_autoclear = s->autoclear_features;
+    uint8_t *old_gen = s->gen_ext;
+    uint32_t old_gen_len = s->gen_ext_len;
+    uint8_t *gen = NULL;
+    uint32_t gen_len = 0;
     _cleanup_free_ uint8_t *buf = NULL;
     int64_t off = 0;
     int r;
@@ -636,6 +870,21 @@ static bool dir_write_locked(BlockDriverState *bs, const Qcow2BitmapEntry *entri
         }
     }
 
+    /* G3: the records for these entries, in the same header update.  Out
+     * of memory here only costs the records (fresh generations later). */
+    if (nb && !gen_build_locked(bs, entries, nb, qcow2_gen_ext_space_locked(bs),
+                                &gen, &gen_len)) {
+        gen = NULL;
+        gen_len = 0;
+    }
+    s->gen_ext = gen;
+    s->gen_ext_len = gen_len;
+    if (gen_len) {
+        s->autoclear_features |= QCOW2_AUTOCLEAR_BITBACK_GENERATIONS;
+    } else {
+        s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITBACK_GENERATIONS;
+    }
+
     s->nb_bitmaps = (uint32_t)nb;
     s->bitmap_directory_offset = (uint64_t)off;
     s->bitmap_directory_size = size;
@@ -650,6 +899,9 @@ static bool dir_write_locked(BlockDriverState *bs, const Qcow2BitmapEntry *entri
         s->bitmap_directory_offset = old_offset;
         s->bitmap_directory_size = old_size;
         s->autoclear_features = old_autoclear;
+        free(s->gen_ext);                    /* gen, unless dropped */
+        s->gen_ext = old_gen;
+        s->gen_ext_len = old_gen_len;
         if (nb) {
             qcow2_free_clusters_locked(bs, (uint64_t)off,
                                        ROUND_UP(size, s->cluster_size));
@@ -657,6 +909,7 @@ static bool dir_write_locked(BlockDriverState *bs, const Qcow2BitmapEntry *entri
         error_setg_errno(errp, -r, "cannot update the qcow2 header");
         return false;
     }
+    free(old_gen);
     if (old_offset && old_size && !keep_old) {
         qcow2_free_clusters_locked(bs, old_offset,
                                    ROUND_UP(old_size, s->cluster_size));
@@ -705,7 +958,8 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
     Qcow2Bitmaps *bms = bitmaps_state(s);
     Qcow2BitmapEntry *entries = NULL;
     _cleanup_free_ uint8_t *buf = NULL;
-    size_t created = 0;
+    _cleanup_free_ Qcow2GenRecord *gens = NULL;
+    size_t created = 0, nb_gens = 0;
     uint32_t nb = s->nb_bitmaps;
     bool trusted = s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS;
     int64_t file_len;
@@ -763,6 +1017,10 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
                    &entries, errp)) {
         return false;
     }
+    if (trusted && s->gen_ext) {
+        /* G4: bad records are ignored (gens stays NULL). */
+        gens = gen_parse(s->gen_ext, s->gen_ext_len, &nb_gens, NULL);
+    }
 
     /* bdrv_create_dirty_bitmap sizes bitmaps by the node's length, which
      * block.c caches only after open returns. */
@@ -792,6 +1050,13 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
         } else if (!bitmap_load_data(bs, e, bm, (uint64_t)file_len, errp)) {
             created++;
             goto fail;
+        } else {
+            const char *gen = gen_lookup(gens, nb_gens, e);   /* G1 */
+            if (gen) {
+                pthread_mutex_lock(&bs->lock);
+                memcpy(bm->generation, gen, UUID_STR_LEN);
+                pthread_mutex_unlock(&bs->lock);
+            }
         }
     }
 

@@ -5,6 +5,11 @@
  * qcow2-cluster.c, refcounts and the check in qcow2-refcount.c, the
  * persistent bitmaps extension in qcow2-bitmap.c.
  *
+ * Header extensions we do not parse are kept as they are on every header
+ * rewrite.  bitback's own generations extension (0x62626b67) is read here
+ * raw and interpreted by qcow2-bitmap.c; it is trusted only together with
+ * its autoclear bit, which QEMU clears when it opens the image for writing.
+ *
  * Version 3 images are read and written; version 2 images are read only.
  * Encryption, external data files, extended L2 entries and unknown
  * incompatible features are refused at open; an image with internal
@@ -132,6 +137,7 @@ static bool parse_extensions(BDRVQcow2State *s, const uint8_t *hdr,
 {
     uint64_t pos = start;
     bool seen_bitmaps = false;
+    bool seen_gen = false;
     while (pos + 8 <= end) {
         uint32_t type = ld32(hdr + pos);
         uint32_t len = ld32(hdr + pos + 4);
@@ -168,6 +174,24 @@ static bool parse_extensions(BDRVQcow2State *s, const uint8_t *hdr,
             error_setg(errp, "qcow2: images with an external data file are "
                        "not supported");
             return false;
+        case QCOW2_EXT_BITBACK_GENERATIONS:
+            /* Interpreted (and validated) by qcow2-bitmap.c at load.  Two
+             * copies are ambiguous: neither is trusted, and the next store
+             * writes one fresh copy. */
+            free(s->gen_ext);
+            s->gen_ext = NULL;
+            s->gen_ext_len = 0;
+            if (!seen_gen && len > 0) {
+                s->gen_ext = malloc(len);
+                if (!s->gen_ext) {
+                    error_setg(errp, "out of memory");
+                    return false;
+                }
+                memcpy(s->gen_ext, data, len);
+                s->gen_ext_len = len;
+            }
+            seen_gen = true;
+            break;
         case QCOW2_EXT_FEATURE_TABLE:
             *ret_features = data;
             *ret_features_len = len;
@@ -186,6 +210,28 @@ static bool parse_extensions(BDRVQcow2State *s, const uint8_t *hdr,
     }
     (void)seen_bitmaps;
     return true;
+}
+
+/* Bytes of the first cluster the header takes besides the generations
+ * extension (with a bitmaps extension, whether or not there is one now). */
+static uint64_t header_fixed_bytes(BDRVQcow2State *s)
+{
+    uint64_t n = QCOW2_HEADER_V3_LENGTH + 32 + s->other_exts_len + 8;
+    if (s->backing_format && s->backing_file) {
+        n += 8 + ROUND_UP(strlen(s->backing_format), 8);
+    }
+    if (s->backing_file) {
+        n += strlen(s->backing_file);
+    }
+    return n;
+}
+
+uint64_t qcow2_gen_ext_space_locked(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t used = header_fixed_bytes(s) + 8;   /* + our type and length */
+    return used >= s->cluster_size ? 0
+                                   : ROUND_DOWN(s->cluster_size - used, 8);
 }
 
 int qcow2_update_header_locked(BlockDriverState *bs)
@@ -221,6 +267,25 @@ int qcow2_update_header_locked(BlockDriverState *bs)
         st64(buf + pos + 16, s->bitmap_directory_size);
         st64(buf + pos + 24, s->bitmap_directory_offset);
         pos += 32;
+    }
+    /* The generations extension goes with its autoclear bit, both or
+     * neither.  If it no longer fits (qcow2-bitmap.c sizes it by
+     * qcow2_gen_ext_space_locked, so only a corner case), it is dropped:
+     * every bitmap then gets a fresh generation at the next open. */
+    if (s->gen_ext_len && (s->autoclear_features & QCOW2_AUTOCLEAR_BITBACK_GENERATIONS) &&
+        ROUND_UP((uint64_t)s->gen_ext_len, 8) > qcow2_gen_ext_space_locked(bs)) {
+        free(s->gen_ext);
+        s->gen_ext = NULL;
+        s->gen_ext_len = 0;
+    }
+    if (!s->gen_ext_len) {
+        s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITBACK_GENERATIONS;
+    }
+    if (s->autoclear_features & QCOW2_AUTOCLEAR_BITBACK_GENERATIONS) {
+        st32(buf + pos, QCOW2_EXT_BITBACK_GENERATIONS);
+        st32(buf + pos + 4, s->gen_ext_len);
+        memcpy(buf + pos + 8, s->gen_ext, s->gen_ext_len);
+        pos += 8 + ROUND_UP((uint64_t)s->gen_ext_len, 8);
     }
     if (pos + s->other_exts_len + 8 > cs) {
         return -EFBIG;
@@ -285,6 +350,7 @@ static void qcow2_state_free(BDRVQcow2State *s)
     free(s->backing_file);
     free(s->backing_format);
     free(s->other_exts);
+    free(s->gen_ext);
     qcow2_cache_free(s->l2_cache);
     qcow2_cache_free(s->refblock_cache);
     s->l1_table = NULL;
@@ -292,6 +358,8 @@ static void qcow2_state_free(BDRVQcow2State *s)
     s->backing_file = NULL;
     s->backing_format = NULL;
     s->other_exts = NULL;
+    s->gen_ext = NULL;
+    s->gen_ext_len = 0;
     s->l2_cache = NULL;
     s->refblock_cache = NULL;
 }
@@ -410,6 +478,16 @@ static bool qcow2_read_header(BlockDriverState *bs, Error **errp)
                           &features_len, errp)) {
         return false;
     }
+    if (!(s->autoclear_features & QCOW2_AUTOCLEAR_BITBACK_GENERATIONS) ||
+        !s->gen_ext) {
+        /* Another program opened the image for writing since bitback wrote
+         * the records (or there are none): they may describe bitmaps that
+         * were cleared and rewritten since, even at the same offsets. */
+        free(s->gen_ext);
+        s->gen_ext = NULL;
+        s->gen_ext_len = 0;
+        s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITBACK_GENERATIONS;
+    }
 
     /* Features. */
     uint64_t known = QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT |
@@ -525,9 +603,9 @@ static bool qcow2_open(BlockDriverState *bs, struct json_object *options,
     }
     s->free_cluster_index = 1;
 
-    if (s->writable && (s->autoclear_features & ~QCOW2_AUTOCLEAR_BITMAPS)) {
+    if (s->writable && (s->autoclear_features & ~QCOW2_AUTOCLEAR_KNOWN)) {
         /* Unknown autoclear features must be cleared before writing. */
-        s->autoclear_features &= QCOW2_AUTOCLEAR_BITMAPS;
+        s->autoclear_features &= QCOW2_AUTOCLEAR_KNOWN;
         int r = qcow2_update_header_locked(bs);
         if (r < 0) {
             error_setg_errno(errp, -r, "qcow2: cannot update the header");

@@ -6,7 +6,9 @@
  *                     cluster mapping, zero clusters, compressed reads
  *   qcow2-refcount.c  refcount table and blocks, cluster allocation and
  *                     freeing, refcount table growth, check
- *   qcow2-bitmap.c    the persistent bitmaps extension (0x23852875)
+ *   qcow2-bitmap.c    the persistent bitmaps extension (0x23852875), and
+ *                     bitback's bitmap generations extension (0x62626b67,
+ *                     docs/specs/qcow2.md)
  *
  * The format is QEMU's docs/interop/qcow2.txt; every multi-byte field on
  * disk is big-endian.
@@ -38,6 +40,10 @@
 #define QCOW2_EXT_FEATURE_TABLE  0x6803f857u
 #define QCOW2_EXT_BITMAPS        0x23852875u
 #define QCOW2_EXT_DATA_FILE      0x44415441u
+/* bitback-private: {bitmap name, bitmap table offset, generation UUID}
+ * records, valid only while QCOW2_AUTOCLEAR_BITBACK_GENERATIONS is set
+ * (docs/specs/qcow2.md, "bitback bitmap generations"). */
+#define QCOW2_EXT_BITBACK_GENERATIONS 0x62626b67u   /* "bbkg" */
 
 #define QCOW2_INCOMPAT_DIRTY       (1ull << 0)
 #define QCOW2_INCOMPAT_CORRUPT     (1ull << 1)
@@ -46,6 +52,12 @@
 #define QCOW2_INCOMPAT_EXTL2       (1ull << 4)
 #define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
 #define QCOW2_AUTOCLEAR_BITMAPS    (1ull << 0)
+/* bitback-private autoclear bit: the generations extension describes the
+ * bitmap directory.  Programs that do not know it (QEMU) clear it when they
+ * open the image for writing, which invalidates every record. */
+#define QCOW2_AUTOCLEAR_BITBACK_GENERATIONS (1ull << 63)
+#define QCOW2_AUTOCLEAR_KNOWN (QCOW2_AUTOCLEAR_BITMAPS | \
+                               QCOW2_AUTOCLEAR_BITBACK_GENERATIONS)
 
 typedef struct Qcow2L2Cache Qcow2L2Cache;   /* qcow2-cluster.c */
 typedef struct Qcow2Bitmaps Qcow2Bitmaps;   /* qcow2-bitmap.c */
@@ -100,6 +112,13 @@ typedef struct BDRVQcow2State {
                                         flush before an L2 update */
     struct Qcow2InFlight *inflight;  /* guest clusters being allocated */
     pthread_cond_t inflight_cond;
+
+    /* bitback generations extension: its raw payload, as read (only when
+     * the autoclear bit was set) or as qcow2-bitmap.c last built it; NULL
+     * when absent.  Written by qcow2_update_header_locked only while
+     * autoclear_features has QCOW2_AUTOCLEAR_BITBACK_GENERATIONS. */
+    uint8_t *gen_ext;
+    uint32_t gen_ext_len;
 } BDRVQcow2State;
 
 /* Entry layouts (host order after be64toh). */
@@ -200,6 +219,9 @@ int qcow2_free_clusters_locked(BlockDriverState *bs, uint64_t offset,
  * extension from s->nb_bitmaps / bitmap_directory_*, and autoclear) in
  * the first cluster, then flush.  s->lock held.  0 or -errno. */
 int qcow2_update_header_locked(BlockDriverState *bs);
+/* Bytes of payload the generations extension may have so that the header
+ * (with a bitmaps extension) still fits the first cluster.  s->lock held. */
+uint64_t qcow2_gen_ext_space_locked(BlockDriverState *bs);
 
 /* ---- qcow2-bitmap.c: called by qcow2.c ---- */
 
@@ -210,7 +232,9 @@ int qcow2_update_header_locked(BlockDriverState *bs);
  * open, every loaded bitmap with the auto flag is then marked in_use on
  * disk (header rewritten), so a crash leaves it in_use.  Bad directory
  * entries or tables pointing outside the file fail the open with a clear
- * error. */
+ * error.  A consistent bitmap takes its generation from the bitback
+ * generations extension when the record still matches its table (see
+ * qcow2-bitmap.c, G1); every other bitmap gets a fresh one. */
 bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp);
 /* Driver hooks (BlockDriver.persistent_bitmap_add/remove/store_bitmaps). */
 bool qcow2_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,

@@ -1,0 +1,430 @@
+"""Bitmap generations survive reopen for qcow2 images.
+
+A bitmap's generation (a UUID that changes on every clear) is what backup
+chains compare to decide whether an incremental is safe.  qcow2 keeps it in
+bitback's private header extension 0x62626b67 together with the bitmap's
+table offset, trusted only while bitback's autoclear bit (63) is set
+(docs/specs/qcow2.md).  These tests check, with qemu-img as the judge of
+the image, that:
+  - the generation is the same on every reopen, changes on clear only;
+  - whatever QEMU did to a bitmap, our next open never shows the old
+    generation (QEMU rewrites every bitmap table when it stores bitmaps,
+    and clears the autoclear bit, so even a table that lands back at its
+    old offset does not match);
+  - bitbackd reports it in query-named-block-nodes / query-block, keeps it
+    across a clean restart, changes it on block-dirty-bitmap-clear, and a
+    SIGKILL still leaves the bitmap inconsistent;
+  - a damaged extension never crashes and never yields the old generation.
+"""
+import json
+import os
+import struct
+
+import pytest
+
+from bitbackd import Daemon
+from conftest import BITBACK, require, run
+
+MiB = 1024 * 1024
+BITMAPS_EXT = 0x23852875
+GEN_EXT = 0x62626b67
+GEN_AUTOCLEAR = 1 << 63
+UUID_A = "11111111-2222-4333-8444-555555555555"
+
+
+@pytest.fixture(autouse=True)
+def tools():
+    for t in ("qemu-img", "qemu-io"):
+        require(t)
+
+
+# ---- helpers -------------------------------------------------------------
+
+def create(path, *bitmaps, size=64 * MiB):
+    run([BITBACK, "img", "create", "-f", "qcow2", path, str(size)])
+    for b in bitmaps:
+        run([BITBACK, "bitmap", "--add", path, b])
+    return str(path)
+
+
+def info_bitmaps(img):
+    """{name: bitmap info} as `bitback img info --output=json` shows them."""
+    p = run([BITBACK, "img", "info", "--output=json", img])
+    data = json.loads(p.stdout)["format-specific"]["data"]
+    return {b["name"]: b for b in data.get("bitmaps", [])}
+
+
+def gens(img):
+    return {n: b["generation"] for n, b in info_bitmaps(img).items()}
+
+
+def qemu_check_clean(img):
+    p = run(["qemu-img", "check", "--output=json", img], check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(p.stdout)
+    assert r.get("corruptions", 0) == 0 and r.get("leaks", 0) == 0, r
+
+
+def qemu_bitmap_names(img):
+    p = run(["qemu-img", "info", "--output=json", img])
+    data = json.loads(p.stdout)["format-specific"]["data"]
+    return sorted(b["name"] for b in data.get("bitmaps", []))
+
+
+def header(img):
+    """(autoclear, {ext type: (offset of its data in the file, data)},
+    {bitmap name: table offset}) read straight from the file."""
+    with open(img, "rb") as f:
+        h = f.read(1 << 21)
+    cluster_size = 1 << struct.unpack(">I", h[20:24])[0]
+    h = h[:cluster_size]
+    autoclear = struct.unpack(">Q", h[88:96])[0]
+    pos = struct.unpack(">I", h[100:104])[0]
+    exts = {}
+    while pos + 8 <= len(h):
+        t, n = struct.unpack(">II", h[pos:pos + 8])
+        if t == 0:
+            break
+        exts[t] = (pos + 8, h[pos + 8:pos + 8 + n])
+        pos += 8 + (n + 7) // 8 * 8
+    tables = {}
+    if BITMAPS_EXT in exts:
+        nb, _, dsize, doff = struct.unpack(">IIQQ", exts[BITMAPS_EXT][1][:24])
+        with open(img, "rb") as f:
+            f.seek(doff)
+            d = f.read(dsize)
+        p = 0
+        for _ in range(nb):
+            toff, _, _, _, _, ns, es = struct.unpack(">QIIBBHI", d[p:p + 24])
+            tables[d[p + 24 + es:p + 24 + es + ns].decode()] = toff
+            p += (24 + es + ns + 7) // 8 * 8
+    return autoclear, exts, tables
+
+
+def gen_records(payload):
+    """Decode our extension's payload: {name: (table offset, uuid)}."""
+    version, nb = struct.unpack(">II", payload[:8])
+    assert version == 1
+    out, p = {}, 8
+    for _ in range(nb):
+        toff = struct.unpack(">Q", payload[p:p + 8])[0]
+        uuid = payload[p + 8:p + 44].decode()
+        ns = struct.unpack(">H", payload[p + 44:p + 46])[0]
+        out[payload[p + 48:p + 48 + ns].decode()] = (toff, uuid)
+        p += (48 + ns + 7) // 8 * 8
+    assert p == len(payload)
+    return out
+
+
+def gen_record(name, toff, uuid, reserved=0):
+    n = name.encode()
+    rec = struct.pack(">Q", toff) + uuid.encode() + struct.pack(">HH", len(n),
+                                                               reserved) + n
+    return rec + b"\0" * (-len(rec) % 8)
+
+
+def poke(img, offset, data):
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def set_autoclear(img, value):
+    poke(img, 88, struct.pack(">Q", value))
+
+
+def replace_gen_payload(img, payload, length=None):
+    """Overwrite our extension in place with `payload` (padded with zeroes
+    to the room the current one has); `length` sets the length field."""
+    _, exts, _ = header(img)
+    off, old = exts[GEN_EXT]
+    room = (len(old) + 7) // 8 * 8
+    assert len(payload) <= room, "test payload larger than the extension"
+    if length is not None:
+        payload = payload[:length]      # what follows reads as the end
+    poke(img, off - 4, struct.pack(">I", len(payload)))
+    poke(img, off, payload + b"\0" * (room - len(payload)))
+
+
+def assert_our_extension_matches(img):
+    """The extension describes every bitmap with its current table offset
+    and the generation bitback shows."""
+    autoclear, exts, tables = header(img)
+    assert autoclear & GEN_AUTOCLEAR
+    assert autoclear & 1                      # bitmaps autoclear bit too
+    recs = gen_records(exts[GEN_EXT][1])
+    g = gens(img)
+    assert sorted(recs) == sorted(tables) == sorted(g)
+    for name, (toff, uuid) in recs.items():
+        assert toff == tables[name] and uuid == g[name]
+
+
+# ---- offline ------------------------------------------------------------
+
+def test_generation_stable_across_reopen(tmp_path):
+    img = create(tmp_path / "a.qcow2", "b0", "b1")
+    g1 = gens(img)
+    assert set(g1) == {"b0", "b1"} and g1["b0"] != g1["b1"]
+    assert gens(img) == g1                       # reopen: the same
+    assert_our_extension_matches(img)
+
+    # Writes mark the bitmap but keep its generation (tables move).
+    _, _, tables = header(img)
+    run([BITBACK, "io", "-c", "write -P 0x5a 1M 128k", img])
+    bms = info_bitmaps(img)
+    assert bms["b0"]["count"] == 128 * 1024
+    assert header(img)[2] != tables
+    assert gens(img) == g1
+    assert_our_extension_matches(img)
+
+    # Clear: a new generation for b0 only, stable afterwards.
+    run([BITBACK, "bitmap", "--clear", img, "b0"])
+    g2 = gens(img)
+    assert g2["b0"] != g1["b0"] and g2["b1"] == g1["b1"]
+    assert info_bitmaps(img)["b0"]["count"] == 0
+    assert gens(img) == g2
+    assert_our_extension_matches(img)
+
+    # Disable / enable do not clear: same generation.
+    run([BITBACK, "bitmap", "--disable", img, "b1"])
+    run([BITBACK, "bitmap", "--enable", img, "b1"])
+    assert gens(img) == g2
+
+    # Remove + add of the same name: a new bitmap, a new generation.
+    run([BITBACK, "bitmap", "--remove", img, "b1"])
+    run([BITBACK, "bitmap", "--add", img, "b1"])
+    g3 = gens(img)
+    assert g3["b1"] != g2["b1"] and g3["b0"] == g2["b0"]
+    assert gens(img) == g3
+
+    # QEMU is happy with the image and sees the bitmaps.
+    qemu_check_clean(img)
+    assert qemu_bitmap_names(img) == ["b0", "b1"]
+    run(["qemu-img", "compare", "-f", "qcow2", img, img])
+
+    # Removing every bitmap drops the extension and its autoclear bit.
+    run([BITBACK, "bitmap", "--remove", img, "b0"])
+    run([BITBACK, "bitmap", "--remove", img, "b1"])
+    autoclear, exts, _ = header(img)
+    assert GEN_EXT not in exts and not autoclear & GEN_AUTOCLEAR
+    qemu_check_clean(img)
+
+
+@pytest.mark.parametrize("op", [
+    ["--clear"],
+    ["--remove"],            # then --add below: same name, new bitmap
+    ["--disable"],           # QEMU does not clear here, but rewrites
+])
+def test_qemu_rewrite_gives_new_generation(tmp_path, op):
+    img = create(tmp_path / "q.qcow2", "b0", "other")
+    run([BITBACK, "io", "-c", "write 0 64k", img])
+    g1 = gens(img)
+    _, _, tables1 = header(img)
+
+    run(["qemu-img", "bitmap", *op, img, "b0"])
+    if op == ["--remove"]:
+        run(["qemu-img", "bitmap", "--add", img, "b0"])
+    qemu_check_clean(img)
+    autoclear, exts, tables2 = header(img)
+    # What QEMU 7.2 does: it keeps our extension (unknown extensions are
+    # preserved), clears our autoclear bit (unknown autoclear bits are
+    # cleared on a writable open) and rewrites every bitmap's table, the
+    # untouched "other" included.
+    assert GEN_EXT in exts
+    assert not autoclear & GEN_AUTOCLEAR
+    assert tables2["b0"] != tables1["b0"]
+    assert tables2["other"] != tables1["other"]
+
+    # The safe direction: no bitmap keeps its old generation.
+    g2 = gens(img)
+    assert g2["b0"] != g1["b0"]
+    assert g2["other"] != g1["other"]
+    b0 = info_bitmaps(img)["b0"]
+    assert b0["inconsistent"] is False
+
+    # The next writable open by bitback records generations again.
+    run([BITBACK, "bitmap", "--enable", img, "b0"])
+    g3 = gens(img)
+    assert gens(img) == g3
+    assert_our_extension_matches(img)
+    qemu_check_clean(img)
+
+
+def test_qemu_add_other_bitmap_and_data_writes(tmp_path):
+    """qemu-img bitmap --add of another bitmap and qemu-io writes: QEMU
+    stores every bitmap again; ours get new generations, QEMU's bitmaps and
+    the dirty bits QEMU recorded stay intact."""
+    img = create(tmp_path / "q.qcow2", "b0")
+    g1 = gens(img)
+    run(["qemu-img", "bitmap", "--add", img, "qemu"])
+    g2 = gens(img)
+    assert g2["b0"] != g1["b0"] and "qemu" in g2
+    run(["qemu-io", "-f", "qcow2", "-c", "write 2M 64k", img])
+    bms = info_bitmaps(img)
+    assert bms["b0"]["count"] == 64 * 1024 and bms["qemu"]["count"] == 64 * 1024
+    assert not bms["b0"]["inconsistent"]
+    qemu_check_clean(img)
+    assert qemu_bitmap_names(img) == ["b0", "qemu"]
+
+
+def test_forged_offset_without_autoclear_bit_is_not_trusted(tmp_path):
+    """After two QEMU sessions a bitmap table can land at its old offset
+    again.  Simulate exactly that: records whose offsets match the tables
+    QEMU wrote.  Without our autoclear bit they must not be used; with it
+    they are (which shows the bit is what protects us)."""
+    img = create(tmp_path / "f.qcow2", "b0")
+    run(["qemu-img", "bitmap", "--clear", img, "b0"])
+    autoclear, exts, tables = header(img)
+    assert not autoclear & GEN_AUTOCLEAR
+    payload = struct.pack(">II", 1, 1) + gen_record("b0", tables["b0"], UUID_A)
+    replace_gen_payload(img, payload)
+    assert gens(img)["b0"] != UUID_A
+    set_autoclear(img, autoclear | GEN_AUTOCLEAR)
+    assert gens(img)["b0"] == UUID_A
+    # A record with a different offset is not trusted, bit or not.
+    payload = struct.pack(">II", 1, 1) + gen_record("b0", tables["b0"] + 65536,
+                                                    UUID_A)
+    replace_gen_payload(img, payload)
+    assert gens(img)["b0"] != UUID_A
+
+
+# ---- damaged extension ---------------------------------------------------
+
+def _corruptions(toff):
+    ok = gen_record("b0", toff, UUID_A)
+    hdr1 = struct.pack(">II", 1, 1)
+    bad_uuid = UUID_A[:10] + "g" + UUID_A[11:]
+    return {
+        "control-valid": (hdr1 + ok, None),
+        "version": (struct.pack(">II", 2, 1) + ok, None),
+        "too-many-records": (struct.pack(">II", 1, 0xffffffff) + ok, None),
+        "record-past-end": (struct.pack(">II", 1, 2) + ok, None),
+        "truncated-length": (hdr1 + ok, 8 + 20),
+        "short-payload": (hdr1[:4], None),
+        "name-size-zero": (hdr1 + ok[:44] + struct.pack(">HH", 0, 0) + ok[48:],
+                           None),
+        "name-too-long": (hdr1 + ok[:44] + struct.pack(">HH", 2000, 0) +
+                          ok[48:], None),
+        "name-past-end": (hdr1 + ok[:44] + struct.pack(">HH", 200, 0) +
+                          ok[48:], None),
+        "bad-uuid": (hdr1 + gen_record("b0", toff, bad_uuid), None),
+        "uuid-with-nul": (hdr1 + gen_record("b0", toff, UUID_A[:35] + "\0"),
+                          None),
+        "reserved": (hdr1 + gen_record("b0", toff, UUID_A, reserved=7), None),
+        "nul-in-name": (hdr1 + ok[:48] + b"\0" + ok[49:], None),
+        "duplicate": (struct.pack(">II", 1, 2) + ok + ok, None),
+        "trailing-garbage": (hdr1 + ok + b"\xff" * 8, None),
+        "garbage": (bytes((i * 37 + 11) & 0xff for i in range(64)), None),
+        "zero-length": (b"", 0),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_corruptions(0)))
+def test_damaged_extension(tmp_path, case):
+    # Room for two records plus garbage: several bitmaps with long names.
+    img = create(tmp_path / "d.qcow2", "b0", "x" * 40, "y" * 40)
+    autoclear, exts, tables = header(img)
+    payload, length = _corruptions(tables["b0"])[case]
+    replace_gen_payload(img, payload, length)
+
+    p = run([BITBACK, "img", "info", "--output=json", img], check=False)
+    assert p.returncode == 0, p.stderr          # opens, no crash
+    b0 = {b["name"]: b for b in json.loads(p.stdout)["format-specific"]
+          ["data"]["bitmaps"]}["b0"]
+    assert b0["inconsistent"] is False
+    if case == "control-valid":
+        assert b0["generation"] == UUID_A        # the test can tell
+    else:
+        assert b0["generation"] != UUID_A        # ignored: a fresh one
+
+    # A writable open repairs it: records written again, stable after.
+    run([BITBACK, "bitmap", "--enable", img, "b0"])
+    g = gens(img)
+    assert gens(img) == g
+    assert_our_extension_matches(img)
+    qemu_check_clean(img)
+
+
+def test_extension_overrunning_the_header_is_a_clear_error(tmp_path):
+    img = create(tmp_path / "o.qcow2", "b0")
+    _, exts, _ = header(img)
+    off, _ = exts[GEN_EXT]
+    poke(img, off - 4, struct.pack(">I", 0x7ffffff0))
+    p = run([BITBACK, "img", "info", img], check=False)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "0x62626b67" in p.stderr and "overruns" in p.stderr
+    # QEMU refuses it as well; both refuse, neither crashes.
+    p = run(["qemu-img", "info", img], check=False)
+    assert p.returncode != 0 and p.returncode > 0
+
+
+# ---- bitbackd --------------------------------------------------------------
+
+def _start(d, image):
+    d.start("--blockdev", "driver=qcow2,node-name=d0,file.driver=file,"
+            f"file.filename={image}", nbd=True)
+
+
+def _query_block_bitmap(d, name):
+    for dev in d.qmp.cmd("query-block"):
+        ins = dev.get("inserted") or {}
+        if ins.get("node-name") == "d0":
+            for b in ins.get("dirty-bitmaps", []):
+                if b["name"] == name:
+                    return b
+    return None
+
+
+def test_bitbackd_generation(tmp_path):
+    img = create(tmp_path / "g.qcow2")
+    with Daemon(tmp_path) as d:
+        _start(d, "g.qcow2")
+        d.qmp.cmd("block-dirty-bitmap-add", node="d0", name="b0",
+                  persistent=True)
+        b0 = d.qmp.bitmap("d0", "b0")
+        g1 = b0["generation"]
+        assert len(g1) == 36 and g1.count("-") == 4
+        qb = _query_block_bitmap(d, "b0")
+        assert qb is not None and qb["generation"] == g1
+        d.qmp.cmd("block-export-add", type="nbd", id="e0",
+                  **{"node-name": "d0"}, name="d0", writable=True)
+        run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 64k",
+             d.nbd_uri("d0")])
+        assert d.qmp.bitmap("d0", "b0")["generation"] == g1
+        assert d.quit() == 0
+
+    assert gens(img) == {"b0": g1}
+    assert_our_extension_matches(img)
+    qemu_check_clean(img)
+
+    with Daemon(tmp_path) as d:
+        _start(d, "g.qcow2")
+        b0 = d.qmp.bitmap("d0", "b0")
+        assert b0["generation"] == g1 and b0["count"] == 64 * 1024
+        assert b0["inconsistent"] is False
+        d.qmp.cmd("block-dirty-bitmap-clear", node="d0", name="b0")
+        g2 = d.qmp.bitmap("d0", "b0")["generation"]
+        assert g2 != g1
+        assert d.quit() == 0
+
+    assert gens(img) == {"b0": g2}
+    with Daemon(tmp_path) as d:
+        _start(d, "g.qcow2")
+        assert d.qmp.bitmap("d0", "b0")["generation"] == g2
+        # A crash: the bitmap is in-use on disk, so the next open shows it
+        # inconsistent, and never with the generation of a consistent one.
+        d.kill()
+
+    bms = info_bitmaps(img)
+    assert bms["b0"]["inconsistent"] is True
+    assert bms["b0"]["generation"] != g2
+    with Daemon(tmp_path) as d:
+        _start(d, "g.qcow2")
+        b0 = d.qmp.bitmap("d0", "b0")
+        assert b0["inconsistent"] is True and b0["generation"] != g2
+        assert d.quit() == 0
+    # Still in-use (never silently clean), and QEMU agrees.
+    p = run(["qemu-img", "info", "--output=json", img])
+    flags = json.loads(p.stdout)["format-specific"]["data"]["bitmaps"][0]["flags"]
+    assert "in-use" in flags
+    assert info_bitmaps(img)["b0"]["generation"] != g2
