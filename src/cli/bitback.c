@@ -18,6 +18,18 @@
 #include "cli/cli.h"
 #include "cli/cli-version.h"
 
+/* The backup tools: each prints its own --help. */
+static const struct {
+    const char *name;
+    int (*fn)(int argc, char **argv);
+} backup_cmds[] = {
+    { "backup", cli_cmd_backup },
+    { "restore", cli_cmd_restore },
+    { "verify", cli_cmd_verify },
+    { "list", cli_cmd_list },
+    { "prune", cli_cmd_prune },
+};
+
 static void usage(FILE *out)
 {
     const char *const *names = bdrv_format_names();
@@ -40,6 +52,17 @@ static void usage(FILE *out)
             "                         change persistent bitmaps (see 'bitback bitmap --help')\n"
             "  io [-f FMT] [-r] FILE -c CMD [-c CMD ...]\n"
             "                         read and write the image (see 'bitback io --help')\n"
+            "  backup --repo DIR (--connect QMP --node NODE... | --image FILE)\n"
+            "         [--level full|inc|diff|auto] [--bitmap NAME]\n"
+            "                         take a backup into a repository\n"
+            "  restore --repo DIR [--node NODE] [--at ID|latest] OUTPUT [-f raw|qcow2]\n"
+            "                         write the image as it was at a backup\n"
+            "  verify --repo DIR [--at ID|all] [--against NBD_URI|FILE]\n"
+            "                         re-read and check backups against their hashes\n"
+            "  list --repo DIR [--output=human|json]\n"
+            "                         the backups, oldest first\n"
+            "  prune --repo DIR --keep N\n"
+            "                         keep the newest N backups, merging older ones\n"
             "  help                   show this help\n"
             "\n"
             "Options:\n"
@@ -98,6 +121,11 @@ int main(int argc, char **argv)
     }
     if (!strcmp(cmd, "io")) {
         return cli_cmd_io(argc - 1, argv + 1);
+    }
+    for (size_t i = 0; i < sizeof(backup_cmds) / sizeof(backup_cmds[0]); i++) {
+        if (!strcmp(cmd, backup_cmds[i].name)) {
+            return backup_cmds[i].fn(argc - 1, argv + 1);
+        }
     }
     error_report("unknown command '%s' (try 'bitback --help')", cmd);
     return CLI_EXIT_ERROR;

@@ -31,6 +31,33 @@
 int cli_cmd_img(int argc, char **argv);
 int cli_cmd_bitmap(int argc, char **argv);
 int cli_cmd_io(int argc, char **argv);
+/* The backup tools (docs/specs/repository.md); exit 0 ok, 1 failure,
+ * 2 verification mismatch. */
+int cli_cmd_backup(int argc, char **argv);      /* backup-cmd.c */
+int cli_cmd_list(int argc, char **argv);        /* repo-cmd.c */
+int cli_cmd_restore(int argc, char **argv);     /* restore-cmd.c */
+int cli_cmd_verify(int argc, char **argv);      /* verify-cmd.c */
+int cli_cmd_prune(int argc, char **argv);       /* prune-cmd.c */
+#define CLI_EXIT_MISMATCH    2
+
+/* restore-cmd.c, shared with prune-cmd.c: write the image that the backup
+ * file src_qcow2 (opened read-only with its backing chain) shows into the
+ * NEW file dst (it must not exist; O_EXCL), as "raw" (sparse: zero and
+ * unallocated ranges are holes, the size set by ftruncate) or "qcow2" (no
+ * backing file, 64 KiB clusters; only clusters holding non-zero data are
+ * written).  dst is fsynced before returning true; on failure it is
+ * removed.  progress (may be NULL) is called with the bytes scanned.
+ * *ret_written (may be NULL) gets the data bytes written. */
+bool cli_restore_image(const char *src_qcow2, const char *dst,
+                       const char *format,
+                       void (*progress)(void *opaque, uint64_t done,
+                                        uint64_t total),
+                       void *opaque, uint64_t *ret_written, Error **errp);
+/* The node of repo to work on: `node` when given (it must have backups),
+ * else the repository's only node; an error listing the nodes otherwise. */
+struct Repo;
+const char *cli_repo_pick_node(struct Repo *repo, const char *node,
+                               Error **errp);
 
 void cli_img_usage(FILE *out);
 void cli_bitmap_usage(FILE *out);

@@ -1,0 +1,36 @@
+/*
+ * A small QMP client for `bitback backup --connect`: it talks to bitbackd
+ * or qemu-storage-daemon over a UNIX socket, one JSON object per line.
+ *
+ * Replies and events share the socket.  qmp_conn_execute() waits for its
+ * reply and queues any event that arrives first; qmp_conn_next_event()
+ * returns queued events before reading more.
+ */
+#ifndef BITBACK_CLI_QMP_CLIENT_H
+#define BITBACK_CLI_QMP_CLIENT_H
+
+#include <json-c/json.h>
+#include "util/error.h"
+
+typedef struct QmpConn QmpConn;
+
+/* Connect, read the greeting and negotiate capabilities. */
+QmpConn *qmp_conn_connect(const char *path, Error **errp);
+void qmp_conn_free(QmpConn *c);
+
+/* Run `command` with `args` (consumed; NULL for none).  Returns the
+ * "return" value (caller owns a reference; an empty object when the reply
+ * has none) or NULL with errp set to "COMMAND: desc". */
+struct json_object *qmp_conn_execute(QmpConn *c, const char *command,
+                                     struct json_object *args, Error **errp);
+
+/* The next event (caller owns it), waiting up to timeout_ms (-1 forever).
+ * NULL on timeout (errp untouched) or on a connection error (errp set). */
+struct json_object *qmp_conn_next_event(QmpConn *c, int timeout_ms,
+                                        Error **errp);
+
+/* Drop every queued event (those of jobs that ended before a point the
+ * caller knows, e.g. a job of a killed run that was cancelled). */
+void qmp_conn_discard_events(QmpConn *c);
+
+#endif

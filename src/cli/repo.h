@@ -1,0 +1,171 @@
+/*
+ * The backup repository (docs/specs/repository.md): its layout, manifests,
+ * per-cluster hashes and Merkle roots, and the two-phase commit.
+ *
+ * Used by `bitback backup` (writes), `restore`, `verify`, `list` and
+ * `prune` (read, and prune rewrites).  Everything here is control code:
+ * functions take Error **errp last and report nothing themselves.
+ *
+ * Ownership: a Repo owns its manifests; pointers returned by the lookup
+ * functions stay valid until repo_free() or repo_reload().
+ */
+#ifndef BITBACK_CLI_REPO_H
+#define BITBACK_CLI_REPO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <json-c/json.h>
+
+#include "block/block.h"
+#include "util/error.h"
+
+#define REPO_CLUSTER_SIZE   65536u
+#define REPO_HASH_LEN       16       /* XXH3-128 */
+#define REPO_ROOT_LEN       32       /* SHA-256 */
+#define REPO_ID_LEN         16       /* "000001" + NUL, with room */
+#define REPO_MAX_NODE_NAME  127
+
+typedef enum RepoLevel {
+    REPO_LEVEL_FULL,
+    REPO_LEVEL_INC,
+    REPO_LEVEL_DIFF,
+} RepoLevel;
+
+const char *repo_level_name(RepoLevel level);            /* "full", ... */
+bool repo_level_parse(const char *s, RepoLevel *ret);
+
+typedef struct RepoExtent {
+    uint64_t start;
+    uint64_t length;
+} RepoExtent;
+
+typedef struct RepoHash {
+    uint64_t cluster;                  /* index: byte offset / cluster size */
+    uint8_t hash[REPO_HASH_LEN];
+} RepoHash;
+
+typedef struct RepoManifest {
+    unsigned seq;                      /* the ID as a number */
+    char id[REPO_ID_LEN];              /* "%06u" of seq */
+    char *node;
+    char *time;                        /* ISO 8601 UTC */
+    RepoLevel level;
+    bool synthetic;
+    unsigned parent_seq;               /* 0 = none (a full) */
+    uint64_t image_size;
+    uint32_t granularity;
+    uint32_t cluster_size;
+    char *bitmap;                      /* may be NULL */
+    char *generation;                  /* may be NULL */
+    uint64_t changed_bytes;
+    uint64_t stored_bytes;
+    RepoExtent *extents;
+    size_t n_extents;
+    RepoHash *hashes;                  /* sorted by cluster, unique */
+    size_t n_hashes;
+    uint8_t merkle_root[REPO_ROOT_LEN];
+} RepoManifest;
+
+void repo_manifest_free(RepoManifest *m);
+
+/* JSON form (the manifest file, and `list --output=json` with
+ * full=false: only id, node, level, time, parent, changed-bytes,
+ * stored-bytes, synthetic). */
+struct json_object *repo_manifest_to_json(const RepoManifest *m, bool full);
+/* Parse and validate a manifest: every key present with the right type,
+ * id/parent well formed, hashes sorted and inside image-size, extents
+ * sorted and inside image-size, root 64 hex digits.  `what` names the
+ * file in errors. */
+RepoManifest *repo_manifest_from_json(struct json_object *obj,
+                                      const char *what, Error **errp);
+
+typedef struct Repo {
+    char *path;
+    /* Every committed backup of every node, sorted by (seq, node). */
+    RepoManifest **backups;
+    size_t n_backups;
+    unsigned max_seq;                  /* over manifests, attempts, tmp files */
+} Repo;
+
+/* Open the repository at path.  create: make the folder and
+ * bitback-repo.json when missing (an existing non-empty folder without
+ * bitback-repo.json is refused).  Loads every manifest; a manifest that
+ * does not parse is an error naming the file. */
+Repo *repo_open(const char *path, bool create, Error **errp);
+void repo_free(Repo *repo);
+bool repo_reload(Repo *repo, Error **errp);
+
+/* Names of the nodes that have backups, sorted; NULL-terminated, caller
+ * frees the array (not the strings, which the repo owns). */
+const char **repo_nodes(Repo *repo);
+
+/* Parse an --at argument: "latest" -> *ret_seq = 0; digits -> the number
+ * (leading zeros allowed).  Anything else is an error. */
+bool repo_parse_id(const char *s, unsigned *ret_seq, Error **errp);
+/* Format seq as an ID into buf (REPO_ID_LEN). */
+void repo_format_id(unsigned seq, char *buf);
+
+/* Backup seq of node, or the node's latest when seq == 0.  NULL with a
+ * clear error ("no backup 000007 of disk0 in REPO").  node NULL: the
+ * repository's only disk (an error naming them when it has several). */
+RepoManifest *repo_find(Repo *repo, const char *node, unsigned seq,
+                        Error **errp);
+/* NULL when the node has none (no error). */
+RepoManifest *repo_latest(Repo *repo, const char *node);
+RepoManifest *repo_latest_full(Repo *repo, const char *node);
+RepoManifest *repo_parent(Repo *repo, const RepoManifest *m);
+
+/* The chain from m down to its full backup: ret[0] = the full,
+ * ret[n-1] = m.  Caller frees the array.  Error if a parent is missing. */
+RepoManifest **repo_chain(Repo *repo, const RepoManifest *m, size_t *ret_n,
+                          Error **errp);
+
+/* Paths (caller frees): REPO/NODE, REPO/NODE/ID.qcow2, REPO/NODE/ID.json,
+ * REPO/NODE/.ID.qcow2.tmp. */
+char *repo_node_dir(Repo *repo, const char *node);
+char *repo_data_path(Repo *repo, const char *node, unsigned seq);
+char *repo_manifest_path(Repo *repo, const char *node, unsigned seq);
+char *repo_tmp_data_path(Repo *repo, const char *node, unsigned seq);
+
+/* Attempt markers (NODE/ID.attempt), written and synced before a backup's
+ * transaction.  repo_attempts returns the seqs of the node's markers whose
+ * backup is not committed, ascending (caller frees). */
+bool repo_mark_attempt(Repo *repo, const char *node, unsigned seq,
+                       Error **errp);
+unsigned *repo_attempts(Repo *repo, const char *node, size_t *ret_n);
+/* Remove the node's markers with seq < below (after a full removed their
+ * bitmaps), and the node's leftover .tmp files. */
+void repo_remove_attempts_below(Repo *repo, const char *node, unsigned below);
+void repo_remove_tmp_files(Repo *repo, const char *node);
+
+/* ---- Hashes ---- */
+
+void repo_hash_cluster(const void *buf, size_t len,
+                       uint8_t out[REPO_HASH_LEN]);
+/* The hash of a cluster of zeroes of len bytes. */
+void repo_hash_zero_cluster(size_t len, uint8_t out[REPO_HASH_LEN]);
+void repo_merkle_root(const RepoHash *hashes, size_t n,
+                      uint8_t out[REPO_ROOT_LEN]);
+
+/* Progress callback: called with bytes done so far and the total. */
+typedef void RepoProgressFn(void *opaque, uint64_t done, uint64_t total);
+
+/* Scan a backup's qcow2 file (opened read-only with its backing chain):
+ * for every cluster allocated in its own layer, read the image's content
+ * there through the chain and hash it.  Fills m->extents, m->hashes,
+ * m->merkle_root, m->changed_bytes, m->cluster_size and checks that the
+ * image size equals m->image_size (sets it when 0). */
+bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
+                      RepoProgressFn *progress, void *opaque, Error **errp);
+
+/* Commit: m describes the file at repo_tmp_data_path(); fill stored_bytes,
+ * write the manifest to a tmp file, fsync both, rename the qcow2 then the
+ * manifest into place, fsync the folder, remove the attempt marker.  On
+ * return true the backup exists; the repo's list is reloaded. */
+bool repo_commit(Repo *repo, RepoManifest *m, Error **errp);
+
+/* fsync a file by path (used for the qcow2 files the daemon wrote). */
+bool repo_fsync_path(const char *path, Error **errp);
+
+#endif

@@ -1,0 +1,347 @@
+"""`bitback backup --connect`: live backup chains through bitbackd (issue 6).
+
+A writer thread keeps writing random data through NBD between and during
+the backups.  Around each backup's start the writer pauses, the test copies
+the image as it is then (the reference, read through NBD), starts `bitback
+backup`, and lets the writer go on as soon as the tool says the backup
+started (its point in time is fixed).  Every point is then restored and
+compared with its reference, by `bitback restore` and, independently of
+bitback, by `qemu-img convert` of the repository's qcow2 file.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import nbd
+
+from bitbackd import Daemon
+from conftest import BITBACK, bitback, require, run
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 32 * MiB
+
+
+class Writer(threading.Thread):
+    """Random writes through NBD until stopped; pause() waits until no
+    write is in flight."""
+
+    def __init__(self, uris, seed=7):
+        super().__init__(daemon=True)
+        self.rng = random.Random(seed)
+        self.handles = []
+        for uri in uris:
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            self.handles.append(h)
+        self.go = threading.Event()
+        self.go.set()
+        self.idle = threading.Event()
+        self.stop_flag = False
+        self.writes = 0
+        self.error = None
+
+    def run(self):
+        try:
+            while not self.stop_flag:
+                if not self.go.is_set():
+                    self.idle.set()
+                    self.go.wait()
+                    continue
+                self.idle.clear()
+                for h in self.handles:
+                    size = h.get_size()
+                    length = self.rng.choice([4 * KiB, 16 * KiB, 64 * KiB, 200 * KiB])
+                    off = self.rng.randrange(0, size - length) // 512 * 512
+                    if self.rng.random() < 0.1:
+                        h.zero(length, off)
+                    else:
+                        h.pwrite(self.rng.randbytes(length), off)
+                    self.writes += 1
+                time.sleep(0.02)
+        except Exception as e:          # reported by stop()
+            self.error = e
+        finally:
+            self.idle.set()
+
+    def pause(self):
+        self.go.clear()
+        self.idle.wait(30)
+        assert self.idle.is_set()
+
+    def resume(self):
+        self.go.set()
+
+    def stop(self):
+        self.stop_flag = True
+        self.go.set()
+        self.join(30)
+        for h in self.handles:
+            h.shutdown()
+        assert self.error is None, self.error
+
+
+def nbd_read_all(uri, path):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    size = h.get_size()
+    with open(path, "wb") as f:
+        for off in range(0, size, 4 * MiB):
+            f.write(h.pread(min(4 * MiB, size - off), off))
+    h.shutdown()
+    return path
+
+
+def make_disk(d, name, seed):
+    """A qbm disk with random data in half of its MiB chunks."""
+    path = d / f"{name}.qbm"
+    bitback("img", "create", "-f", "qbm", path, str(SIZE))
+    rng = random.Random(seed)
+    cmds = []
+    for c in range(0, SIZE // MiB, 2):
+        cmds += ["-c", f"write -P {rng.randrange(1, 255)} {c}M 1M"]
+    bitback("io", "-f", "qbm", path, *cmds)
+    return path
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    require("qemu-img")
+    d = Daemon(tmp_path)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+def start(daemon, tmp_path, nodes):
+    args = []
+    for n in nodes:
+        make_disk(tmp_path, n, seed=hash(n) & 0xffff)
+        args += ["--blockdev", f"driver=qbm,node-name={n},file.driver=file,"
+                 f"file.filename={n}.qbm",
+                 "--export", f"type=nbd,id=e-{n},node-name={n},name={n},"
+                 "writable=on"]
+    daemon.start(*args, nbd=True)
+    return daemon
+
+
+def backup_cmd(daemon, repo, nodes, level, *extra):
+    args = [BITBACK, "backup", "--connect", str(daemon.qmp_sock), "--repo", repo,
+            "--level", level, *extra]
+    for n in nodes:
+        args += ["--node", n]
+    return args
+
+
+def run_backup_live(daemon, repo, nodes, level, writer, refs_dir, tag,
+                    *extra):
+    """Pause the writer, copy the references, start the backup, resume the
+    writer once every disk's backup started; returns (id, stderr)."""
+    writer.pause()
+    refs = {n: nbd_read_all(daemon.nbd_uri(n), refs_dir / f"{tag}-{n}.raw")
+            for n in nodes}
+    p = subprocess.Popen(backup_cmd(daemon, repo, nodes, level,
+                                    "--speed", "24M", *extra),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    lines = []
+    try:
+        started = 0
+        while started < len(nodes):
+            line = p.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if " started (" in line:
+                started += 1
+        writer.resume()
+        out, err = p.communicate(timeout=300)
+    finally:
+        writer.resume()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = "".join(lines) + err
+    assert p.returncode == 0, f"backup failed: {err}\n{out}"
+    ids = {line.split()[2] for line in lines if " started (" in line}
+    assert len(ids) == 1, lines
+    return ids.pop(), refs, err
+
+
+def listing(repo):
+    return json.loads(bitback("list", "--repo", repo, "--output=json").stdout)
+
+
+def check_point(repo, node, bid, ref, tmp_path):
+    """Restore backup bid and compare with the reference; also flatten the
+    repository file with qemu-img alone."""
+    qfile = repo / node / f"{bid}.qcow2"
+    run(["qemu-img", "check", "-q", qfile])
+    flat = tmp_path / f"flat-{node}-{bid}.raw"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qfile, flat])
+    run(["cmp", flat, ref])
+    out = tmp_path / f"restored-{node}-{bid}.raw"
+    bitback("restore", "--repo", repo, "--node", node, "--at", bid, out)
+    run(["cmp", out, ref])
+    flat.unlink()
+    out.unlink()
+
+
+def test_live_chain_under_load(daemon, tmp_path):
+    """full, inc, inc, diff with a writer running between and during the
+    backups; every point restores bit for bit."""
+    start(daemon, tmp_path, ["disk0"])
+    repo = tmp_path / "repo"
+    writer = Writer([daemon.nbd_uri("disk0")])
+    writer.start()
+    points = []
+    try:
+        for tag, level in [("p1", "auto"), ("p2", "inc"), ("p3", "inc"),
+                           ("p4", "diff")]:
+            time.sleep(0.3)            # writes between backups
+            bid, refs, _ = run_backup_live(daemon, repo, ["disk0"], level,
+                                           writer, tmp_path, tag)
+            points.append((bid, refs["disk0"]))
+    finally:
+        writer.stop()
+    assert writer.writes > 50
+    backups = listing(repo)
+    assert [b["level"] for b in backups] == ["full", "inc", "inc", "diff"]
+    ids = [b["id"] for b in backups]
+    assert [p[0] for p in points] == ids
+    assert backups[1]["parent"] == ids[0]
+    assert backups[2]["parent"] == ids[1]
+    assert backups[3]["parent"] == ids[0]           # diff: since the full
+    # The incrementals copied what changed, not the disk.
+    for b in backups[1:]:
+        assert 0 < b["changed-bytes"] < SIZE // 2, b
+    # The diff holds at least what both incrementals held.
+    assert backups[3]["changed-bytes"] >= backups[1]["changed-bytes"]
+    for bid, ref in points:
+        check_point(repo, "disk0", bid, ref, tmp_path)
+    bitback("verify", "--repo", repo)
+    # Bitmaps: the newest backup's recording, older ones since the full
+    # kept frozen for later diffs.
+    bms = {b["name"]: b for b in daemon.qmp.node("disk0")["dirty-bitmaps"]}
+    assert bms[f"bitback-{ids[-1]}"]["recording"]
+    assert not bms[f"bitback-{ids[0]}"]["recording"]
+    assert not any(n.endswith(".src") for n in bms)
+    assert daemon.qmp.cmd("query-jobs") == []
+
+
+def test_multi_disk_same_instant(daemon, tmp_path):
+    """Two disks in one run share one transaction: both restore to the
+    same instant, while the writer writes to both."""
+    nodes = ["sda", "sdb"]
+    start(daemon, tmp_path, nodes)
+    repo = tmp_path / "repo"
+    writer = Writer([daemon.nbd_uri(n) for n in nodes], seed=3)
+    writer.start()
+    points = []
+    try:
+        for tag, level in [("p1", "full"), ("p2", "inc")]:
+            time.sleep(0.3)
+            bid, refs, _ = run_backup_live(daemon, repo, nodes, level, writer,
+                                           tmp_path, tag)
+            points.append((bid, refs))
+    finally:
+        writer.stop()
+    backups = listing(repo)
+    assert sorted((b["id"], b["node"]) for b in backups) == sorted(
+        (bid, n) for bid, _ in points for n in nodes)
+    for bid, refs in points:
+        for n in nodes:
+            check_point(repo, n, bid, refs[n], tmp_path)
+
+
+def quiet_backup(daemon, repo, nodes, level="auto", check=True):
+    return run(backup_cmd(daemon, repo, nodes, level), check=check)
+
+
+def test_chain_identity_falls_back_to_full(daemon, tmp_path):
+    """A bitmap cleared or removed behind the tool's back makes the next
+    auto run a full backup, with one line saying why."""
+    start(daemon, tmp_path, ["disk0"])
+    repo = tmp_path / "repo"
+    uri = daemon.nbd_uri("disk0")
+    q = daemon.qmp
+    quiet_backup(daemon, repo, ["disk0"])
+    run(["qemu-io", "-f", "raw", "-c", "write -P 9 1M 64K", uri])
+    p = quiet_backup(daemon, repo, ["disk0"])
+    assert "taking a full backup" not in p.stderr
+    last = listing(repo)[-1]
+    assert last["level"] == "inc"
+
+    # Cleared behind our back: the generation changed.
+    q.cmd("block-dirty-bitmap-clear", node="disk0", name=f"bitback-{last['id']}")
+    run(["qemu-io", "-f", "raw", "-c", "write -P 10 2M 64K", uri])
+    p = quiet_backup(daemon, repo, ["disk0"])
+    msgs = [l for l in p.stderr.splitlines() if "taking a full backup" in l]
+    assert len(msgs) == 1 and "cleared" in msgs[0], p.stderr
+    assert listing(repo)[-1]["level"] == "full"
+
+    # Removed behind our back.
+    last = listing(repo)[-1]
+    q.cmd("block-dirty-bitmap-remove", node="disk0", name=f"bitback-{last['id']}")
+    p = quiet_backup(daemon, repo, ["disk0"], level="inc")
+    msgs = [l for l in p.stderr.splitlines() if "taking a full backup" in l]
+    assert len(msgs) == 1 and "missing" in msgs[0], p.stderr
+    assert listing(repo)[-1]["level"] == "full"
+
+    # And the chain goes on with incrementals.
+    run(["qemu-io", "-f", "raw", "-c", "write -P 11 3M 64K", uri])
+    p = quiet_backup(daemon, repo, ["disk0"])
+    assert "taking a full backup" not in p.stderr
+    assert listing(repo)[-1]["level"] == "inc"
+    ref = nbd_read_all(uri, tmp_path / "ref.raw")
+    check_point(repo, "disk0", listing(repo)[-1]["id"], ref, tmp_path)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.6])
+def test_sigkill_mid_run(daemon, tmp_path, delay):
+    """SIGKILL `bitback backup` mid-run: the repository stays consistent
+    (verify passes) and the next run makes a correct incremental."""
+    start(daemon, tmp_path, ["disk0"])
+    repo = tmp_path / "repo"
+    uri = daemon.nbd_uri("disk0")
+    quiet_backup(daemon, repo, ["disk0"])
+    before = listing(repo)
+    run(["qemu-io", "-f", "raw", "-c", "write -P 21 0 3M", uri])
+    p = subprocess.Popen(backup_cmd(daemon, repo, ["disk0"], "inc",
+                                    "--speed", "2M"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if delay:
+            # Kill once the job runs, `delay` seconds into it.
+            line = p.stderr.readline()
+            assert b"started" in line, line
+            time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    after = listing(repo)
+    assert after == before             # nothing half-made became visible
+    bitback("verify", "--repo", repo)
+    # Writes after the killed run's point in time, then the next run.
+    run(["qemu-io", "-f", "raw", "-c", "write -P 22 8M 1M", uri])
+    p = quiet_backup(daemon, repo, ["disk0"], level="inc")
+    assert "taking a full backup" not in p.stderr, p.stderr
+    last = listing(repo)[-1]
+    assert last["level"] == "inc" and last["parent"] == before[-1]["id"]
+    # It holds both the writes before and after the killed run.
+    assert last["changed-bytes"] >= 4 * MiB
+    ref = nbd_read_all(uri, tmp_path / "ref.raw")
+    check_point(repo, "disk0", last["id"], ref, tmp_path)
+    bitback("verify", "--repo", repo)
+    assert not list((repo / "disk0").glob(".*.tmp"))
+    assert daemon.qmp.cmd("query-jobs") == []

@@ -1,0 +1,962 @@
+/*
+ * Unit tests for the backup repository library (src/cli/repo.c,
+ * docs/specs/repository.md):
+ *  - the Merkle root against a naive recursive model, n = 0..40 leaves;
+ *  - the zero-cluster hash against hashing a zero buffer;
+ *  - manifests: to_json -> text -> from_json round trip, and from_json
+ *    rejecting every kind of damage with an error;
+ *  - backup IDs: repo_parse_id;
+ *  - repo_open: create, attempt markers and tmp files raising max_seq, a
+ *    folder that is not a repository refused;
+ *  - repo_scan_backup on a qcow2 overlay built with the block library,
+ *    against hashes of a flat in-memory model of the image;
+ *  - repo_commit: the files appear, the marker goes, repo_find and
+ *    repo_chain see the backups.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include <openssl/sha.h>
+#include <xxhash.h>
+
+#include "cli/repo.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+
+#define CL REPO_CLUSTER_SIZE
+
+static char tmpdir[] = "/tmp/bitback-test-repo-XXXXXX";
+
+static char *tpath(const char *name)
+{
+    char *p = NULL;
+    assert_true(asprintf(&p, "%s/%s", tmpdir, name) > 0);
+    return p;
+}
+
+static void die_on(Error *err)
+{
+    if (err) {
+        fail_msg("%s", error_get_pretty(err));
+    }
+}
+
+static void fill_random(void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    for (size_t i = 0; i < len; i++) {
+        p[i] = (uint8_t)random();
+    }
+}
+
+/* ---- Merkle root: a naive recursive model ---- */
+
+typedef struct Digest {
+    uint8_t b[32];
+} Digest;
+
+/* Root of the nodes list: pair neighbours into a new list (an odd last one
+ * is carried), recurse until one node is left. */
+static Digest model_root_of(const Digest *nodes, size_t n)
+{
+    if (n == 1) {
+        return nodes[0];
+    }
+    size_t m = (n + 1) / 2;
+    Digest *up = calloc(m, sizeof(*up));
+    for (size_t i = 0; i < m; i++) {
+        if (2 * i + 1 < n) {
+            uint8_t pair[64];
+            memcpy(pair, nodes[2 * i].b, 32);
+            memcpy(pair + 32, nodes[2 * i + 1].b, 32);
+            SHA256(pair, 64, up[i].b);
+        } else {
+            up[i] = nodes[2 * i];
+        }
+    }
+    Digest r = model_root_of(up, m);
+    free(up);
+    return r;
+}
+
+static Digest model_root(const RepoHash *h, size_t n)
+{
+    Digest r;
+    if (n == 0) {
+        SHA256((const uint8_t *)"", 0, r.b);
+        return r;
+    }
+    Digest *leaves = calloc(n, sizeof(*leaves));
+    for (size_t i = 0; i < n; i++) {
+        uint8_t buf[24];
+        uint64_t c = h[i].cluster;
+        for (int k = 0; k < 8; k++) {
+            buf[k] = (uint8_t)(c >> (8 * k));      /* le64 */
+        }
+        memcpy(buf + 8, h[i].hash, 16);
+        SHA256(buf, sizeof(buf), leaves[i].b);
+    }
+    r = model_root_of(leaves, n);
+    free(leaves);
+    return r;
+}
+
+static void test_merkle(void **state)
+{
+    RepoHash h[40] = { 0 };
+    for (size_t n = 0; n <= 40; n++) {
+        uint64_t c = 0;
+        for (size_t i = 0; i < n; i++) {
+            c += 1 + (uint64_t)(random() % 5);
+            h[i].cluster = c;
+            fill_random(h[i].hash, sizeof(h[i].hash));
+        }
+        uint8_t root[REPO_ROOT_LEN];
+        repo_merkle_root(h, n, root);
+        Digest want = model_root(h, n);
+        assert_memory_equal(root, want.b, 32);
+    }
+    /* n = 3 by hand: SHA(SHA(l0 || l1) || l2). */
+    Digest l[3];
+    for (int i = 0; i < 3; i++) {
+        l[i] = model_root(&h[i], 1);
+    }
+    uint8_t pair[64], root[32], want[32];
+    memcpy(pair, l[0].b, 32);
+    memcpy(pair + 32, l[1].b, 32);
+    SHA256(pair, 64, pair);
+    memcpy(pair + 32, l[2].b, 32);
+    SHA256(pair, 64, want);
+    repo_merkle_root(h, 3, root);
+    assert_memory_equal(root, want, 32);
+    /* Changing one hash changes the root. */
+    h[1].hash[5] ^= 1;
+    repo_merkle_root(h, 3, pair);
+    assert_memory_not_equal(root, pair, 32);
+}
+
+/* ---- Cluster hashes ---- */
+
+static void canonical_xxh(const void *buf, size_t len, uint8_t out[16])
+{
+    XXH128_hash_t x = XXH3_128bits(buf, len);
+    /* Big endian high64 then low64: the standard text form. */
+    for (int i = 0; i < 8; i++) {
+        out[i] = (uint8_t)(x.high64 >> (56 - 8 * i));
+        out[8 + i] = (uint8_t)(x.low64 >> (56 - 8 * i));
+    }
+}
+
+static void test_hash_zero(void **state)
+{
+    static const size_t lens[] = { 0, 1, 512, 3000, CL - 1, CL, 3 * CL + 7 };
+    for (size_t i = 0; i < ARRAY_SIZE(lens); i++) {
+        uint8_t *z = calloc(1, lens[i] + 1);
+        uint8_t a[16], b[16], c[16];
+        repo_hash_zero_cluster(lens[i], a);
+        repo_hash_cluster(z, lens[i], b);
+        canonical_xxh(z, lens[i], c);
+        assert_memory_equal(a, b, 16);
+        assert_memory_equal(a, c, 16);
+        free(z);
+    }
+    uint8_t buf[100], a[16], b[16];
+    fill_random(buf, sizeof(buf));
+    repo_hash_cluster(buf, sizeof(buf), a);
+    canonical_xxh(buf, sizeof(buf), b);
+    assert_memory_equal(a, b, 16);
+}
+
+/* ---- Manifests ---- */
+
+static RepoManifest *sample_manifest(void)
+{
+    RepoManifest *m = calloc(1, sizeof(*m));
+    m->seq = 7;
+    repo_format_id(7, m->id);
+    m->node = strdup("disk0");
+    m->time = strdup("2026-11-23T15:11:32Z");
+    m->level = REPO_LEVEL_INC;
+    m->parent_seq = 3;
+    m->image_size = 100 * (uint64_t)CL + 4096;     /* 101 clusters */
+    m->granularity = 65536;
+    m->cluster_size = CL;
+    m->bitmap = strdup("bitback-7");
+    m->generation = strdup("2b7e1516-28ae-42a6-abf7-158809cf4f3c");
+    m->n_extents = 2;
+    m->extents = calloc(2, sizeof(*m->extents));
+    m->extents[0] = (RepoExtent){ 2 * CL, 3 * CL };
+    m->extents[1] = (RepoExtent){ 100 * CL, 4096 };
+    m->changed_bytes = 3 * CL + 4096;
+    m->stored_bytes = 12345;
+    m->n_hashes = 4;
+    m->hashes = calloc(4, sizeof(*m->hashes));
+    uint64_t cl[] = { 2, 3, 4, 100 };
+    for (int i = 0; i < 4; i++) {
+        m->hashes[i].cluster = cl[i];
+        fill_random(m->hashes[i].hash, 16);
+    }
+    repo_merkle_root(m->hashes, m->n_hashes, m->merkle_root);
+    return m;
+}
+
+static void assert_manifest_equal(const RepoManifest *a, const RepoManifest *b)
+{
+    assert_int_equal(a->seq, b->seq);
+    assert_string_equal(a->id, b->id);
+    assert_string_equal(a->node, b->node);
+    assert_string_equal(a->time, b->time);
+    assert_int_equal(a->level, b->level);
+    assert_int_equal(a->synthetic, b->synthetic);
+    assert_int_equal(a->parent_seq, b->parent_seq);
+    assert_int_equal(a->image_size, b->image_size);
+    assert_int_equal(a->granularity, b->granularity);
+    assert_int_equal(a->cluster_size, b->cluster_size);
+    if (a->bitmap || b->bitmap) {
+        assert_string_equal(a->bitmap, b->bitmap);
+    }
+    if (a->generation || b->generation) {
+        assert_string_equal(a->generation, b->generation);
+    }
+    assert_int_equal(a->changed_bytes, b->changed_bytes);
+    assert_int_equal(a->stored_bytes, b->stored_bytes);
+    assert_int_equal(a->n_extents, b->n_extents);
+    for (size_t i = 0; i < a->n_extents; i++) {
+        assert_int_equal(a->extents[i].start, b->extents[i].start);
+        assert_int_equal(a->extents[i].length, b->extents[i].length);
+    }
+    assert_int_equal(a->n_hashes, b->n_hashes);
+    for (size_t i = 0; i < a->n_hashes; i++) {
+        assert_int_equal(a->hashes[i].cluster, b->hashes[i].cluster);
+        assert_memory_equal(a->hashes[i].hash, b->hashes[i].hash, 16);
+    }
+    assert_memory_equal(a->merkle_root, b->merkle_root, 32);
+}
+
+/* to_json, print, parse the text, from_json. */
+static RepoManifest *round_trip(const RepoManifest *m, Error **errp)
+{
+    struct json_object *o = repo_manifest_to_json(m, true);
+    char *text = strdup(json_object_to_json_string(o));
+    json_object_put(o);
+    o = json_tokener_parse(text);
+    assert_non_null(o);
+    free(text);
+    RepoManifest *r = repo_manifest_from_json(o, "x.json", errp);
+    json_object_put(o);
+    return r;
+}
+
+static void test_manifest_round_trip(void **state)
+{
+    Error *err = NULL;
+    RepoManifest *m = sample_manifest();
+    RepoManifest *r = round_trip(m, &err);
+    die_on(err);
+    assert_manifest_equal(m, r);
+    repo_manifest_free(r);
+
+    /* A full backup: parent null, bitmap and generation null, no hashes. */
+    m->level = REPO_LEVEL_FULL;
+    m->parent_seq = 0;
+    m->synthetic = true;
+    free(m->bitmap);
+    m->bitmap = NULL;
+    free(m->generation);
+    m->generation = NULL;
+    m->n_hashes = 0;
+    m->n_extents = 0;
+    m->changed_bytes = 0;
+    repo_merkle_root(m->hashes, 0, m->merkle_root);
+    r = round_trip(m, &err);
+    die_on(err);
+    assert_manifest_equal(m, r);
+    assert_null(r->bitmap);
+    repo_manifest_free(r);
+
+    /* The short form for `list`. */
+    struct json_object *o = repo_manifest_to_json(m, false), *v;
+    assert_true(json_object_object_get_ex(o, "id", &v));
+    assert_string_equal(json_object_get_string(v), "000007");
+    assert_true(json_object_object_get_ex(o, "parent", &v));
+    assert_null(v);
+    assert_true(json_object_object_get_ex(o, "changed-bytes", &v));
+    assert_true(json_object_object_get_ex(o, "stored-bytes", &v));
+    assert_false(json_object_object_get_ex(o, "hashes", &v));
+    json_object_put(o);
+    repo_manifest_free(m);
+}
+
+/* Apply one damage to the good manifest's JSON and expect a rejection. */
+typedef void Damage(struct json_object *o);
+
+static void set(struct json_object *o, const char *key, struct json_object *v)
+{
+    json_object_object_add(o, key, v);
+}
+
+static void d_id_short(struct json_object *o) { set(o, "id", json_object_new_string("7")); }
+static void d_id_abc(struct json_object *o) { set(o, "id", json_object_new_string("abc")); }
+static void d_id_zero(struct json_object *o) { set(o, "id", json_object_new_string("000000")); }
+static void d_id_int(struct json_object *o) { set(o, "id", json_object_new_int(7)); }
+static void d_parent_bad(struct json_object *o) { set(o, "parent", json_object_new_string("x")); }
+static void d_parent_newer(struct json_object *o) { set(o, "parent", json_object_new_string("000008")); }
+static void d_parent_null(struct json_object *o) { set(o, "parent", NULL); }
+static void d_level(struct json_object *o) { set(o, "level", json_object_new_string("weekly")); }
+static void d_time(struct json_object *o) { set(o, "time", json_object_new_string("yesterday")); }
+static void d_node_slash(struct json_object *o) { set(o, "node", json_object_new_string("a/b")); }
+static void d_node_dot(struct json_object *o) { set(o, "node", json_object_new_string(".x")); }
+static void d_node_int(struct json_object *o) { set(o, "node", json_object_new_int(1)); }
+static void d_size_neg(struct json_object *o) { set(o, "image-size", json_object_new_int(-1)); }
+static void d_size_str(struct json_object *o) { set(o, "image-size", json_object_new_string("1")); }
+static void d_size_small(struct json_object *o) { set(o, "image-size", json_object_new_int64(4 * CL)); }
+static void d_gran(struct json_object *o) { set(o, "granularity", json_object_new_int(1000)); }
+static void d_cs(struct json_object *o) { set(o, "cluster-size", json_object_new_int(4096)); }
+static void d_synth(struct json_object *o) { set(o, "synthetic", json_object_new_int(0)); }
+static void d_format(struct json_object *o) { set(o, "format", json_object_new_string("other")); }
+static void d_version(struct json_object *o) { set(o, "version", json_object_new_int(2)); }
+static void d_algo(struct json_object *o) { set(o, "hash-algorithm", json_object_new_string("md5")); }
+static void d_gen_int(struct json_object *o) { set(o, "generation", json_object_new_int(3)); }
+static void d_changed_big(struct json_object *o) { set(o, "changed-bytes", json_object_new_int64(200 * (int64_t)CL)); }
+static void d_root_short(struct json_object *o) { set(o, "merkle-root", json_object_new_string("abcd")); }
+static void d_root_hex(struct json_object *o)
+{
+    set(o, "merkle-root", json_object_new_string(
+        "zz00000000000000000000000000000000000000000000000000000000000000"));
+}
+static void d_root_null(struct json_object *o) { set(o, "merkle-root", NULL); }
+static void d_id_null(struct json_object *o) { set(o, "id", NULL); }
+static void d_hashes_null(struct json_object *o) { set(o, "hashes", NULL); }
+static void d_extents_null(struct json_object *o) { set(o, "extents", NULL); }
+static void d_synth_null(struct json_object *o) { set(o, "synthetic", NULL); }
+static void d_size_null(struct json_object *o) { set(o, "image-size", NULL); }
+static void d_node_null(struct json_object *o) { set(o, "node", NULL); }
+
+static struct json_object *hash_entry(struct json_object *o, size_t i)
+{
+    struct json_object *hs;
+    assert_true(json_object_object_get_ex(o, "hashes", &hs));
+    return json_object_array_get_idx(hs, i);
+}
+
+static void d_hash_unsorted(struct json_object *o)
+{
+    json_object_array_put_idx(hash_entry(o, 1), 0, json_object_new_int(9));
+}
+static void d_hash_dup(struct json_object *o)
+{
+    json_object_array_put_idx(hash_entry(o, 1), 0, json_object_new_int(2));
+}
+static void d_hash_outside(struct json_object *o)
+{
+    json_object_array_put_idx(hash_entry(o, 3), 0, json_object_new_int(101));
+}
+static void d_hash_hex(struct json_object *o)
+{
+    json_object_array_put_idx(hash_entry(o, 0), 1,
+                              json_object_new_string("0123456789abcdef0123456789abcdeg"));
+}
+static void d_hash_len(struct json_object *o)
+{
+    json_object_array_put_idx(hash_entry(o, 0), 1, json_object_new_string("0123"));
+}
+static void d_hash_notarray(struct json_object *o)
+{
+    struct json_object *hs;
+    assert_true(json_object_object_get_ex(o, "hashes", &hs));
+    json_object_array_put_idx(hs, 0, json_object_new_string("x"));
+}
+static void d_hashes_obj(struct json_object *o) { set(o, "hashes", json_object_new_object()); }
+static void d_ext_outside(struct json_object *o)
+{
+    struct json_object *ex, *e;
+    assert_true(json_object_object_get_ex(o, "extents", &ex));
+    e = json_object_array_get_idx(ex, 1);
+    json_object_array_put_idx(e, 1, json_object_new_int(8192));
+}
+static void d_ext_unsorted(struct json_object *o)
+{
+    struct json_object *ex, *e;
+    assert_true(json_object_object_get_ex(o, "extents", &ex));
+    e = json_object_array_get_idx(ex, 1);
+    json_object_array_put_idx(e, 0, json_object_new_int(CL));
+}
+static void d_ext_empty(struct json_object *o)
+{
+    struct json_object *ex, *e;
+    assert_true(json_object_object_get_ex(o, "extents", &ex));
+    e = json_object_array_get_idx(ex, 0);
+    json_object_array_put_idx(e, 1, json_object_new_int(0));
+}
+
+static void test_manifest_rejects(void **state)
+{
+    static const char *const keys[] = {
+        "format", "version", "id", "node", "time", "level", "parent",
+        "synthetic", "image-size", "granularity", "cluster-size", "bitmap",
+        "generation", "changed-bytes", "stored-bytes", "extents",
+        "hash-algorithm", "hashes", "merkle-root",
+    };
+    static Damage *const damages[] = {
+        d_id_short, d_id_abc, d_id_zero, d_id_int, d_parent_bad, d_parent_newer,
+        d_parent_null, d_level, d_time, d_node_slash, d_node_dot, d_node_int,
+        d_size_neg, d_size_str, d_size_small, d_gran, d_cs, d_synth, d_format,
+        d_version, d_algo, d_gen_int, d_changed_big, d_root_short, d_root_hex,
+        d_root_null, d_hash_unsorted, d_hash_dup, d_hash_outside, d_hash_hex,
+        d_hash_len, d_hash_notarray, d_hashes_obj, d_ext_outside,
+        d_ext_unsorted, d_ext_empty, d_id_null, d_hashes_null,
+        d_extents_null, d_synth_null, d_size_null, d_node_null,
+    };
+    RepoManifest *m = sample_manifest();
+    struct json_object *good = repo_manifest_to_json(m, true);
+
+    /* Every key is required. */
+    for (size_t i = 0; i < ARRAY_SIZE(keys); i++) {
+        struct json_object *o = NULL;
+        Error *err = NULL;
+        assert_int_equal(json_object_deep_copy(good, &o, NULL), 0);
+        assert_true(json_object_object_get_ex(o, keys[i], NULL));
+        json_object_object_del(o, keys[i]);
+        assert_null(repo_manifest_from_json(o, "m.json", &err));
+        assert_non_null(err);
+        assert_non_null(strstr(error_get_pretty(err), "m.json"));
+        assert_non_null(strstr(error_get_pretty(err), keys[i]));
+        error_free(err);
+        json_object_put(o);
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(damages); i++) {
+        struct json_object *o = NULL;
+        Error *err = NULL;
+        assert_int_equal(json_object_deep_copy(good, &o, NULL), 0);
+        damages[i](o);
+        RepoManifest *r = repo_manifest_from_json(o, "m.json", &err);
+        if (r) {
+            fail_msg("damage %zu accepted", i);
+        }
+        assert_non_null(err);
+        assert_non_null(strstr(error_get_pretty(err), "m.json"));
+        error_free(err);
+        json_object_put(o);
+    }
+    /* Not an object at all. */
+    Error *err = NULL;
+    struct json_object *arr = json_object_new_array();
+    assert_null(repo_manifest_from_json(arr, "m.json", &err));
+    assert_non_null(err);
+    error_free(err);
+    err = NULL;
+    json_object_put(arr);
+    /* And the undamaged one still parses (so the checks above mean it). */
+    RepoManifest *r = repo_manifest_from_json(good, "m.json", &err);
+    die_on(err);
+    repo_manifest_free(r);
+    json_object_put(good);
+    repo_manifest_free(m);
+}
+
+static void test_parse_id(void **state)
+{
+    unsigned seq = 99;
+    Error *err = NULL;
+    assert_true(repo_parse_id("latest", &seq, &err));
+    assert_int_equal(seq, 0);
+    assert_true(repo_parse_id("7", &seq, &err));
+    assert_int_equal(seq, 7);
+    assert_true(repo_parse_id("000007", &seq, &err));
+    assert_int_equal(seq, 7);
+    assert_true(repo_parse_id("0000000000000123", &seq, &err));
+    assert_int_equal(seq, 123);
+    die_on(err);
+    static const char *const bad[] = {
+        "", "abc", "-1", "0", "000000", "99999999999999999999", "4294967297",
+        "7x", " 7", "+7", "latest2",
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(bad); i++) {
+        seq = 42;
+        assert_false(repo_parse_id(bad[i], &seq, &err));
+        assert_non_null(err);
+        assert_int_equal(seq, 42);
+        error_free(err);
+        err = NULL;
+    }
+    char buf[REPO_ID_LEN];
+    repo_format_id(12, buf);
+    assert_string_equal(buf, "000012");
+    RepoLevel l;
+    assert_true(repo_level_parse("diff", &l));
+    assert_int_equal(l, REPO_LEVEL_DIFF);
+    assert_false(repo_level_parse("weekly", &l));
+    assert_string_equal(repo_level_name(REPO_LEVEL_INC), "inc");
+}
+
+/* ---- repo_open ---- */
+
+static void touch(const char *path)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    close(fd);
+}
+
+static void test_open(void **state)
+{
+    Error *err = NULL;
+    _cleanup_free_ char *rp = tpath("r1");
+    _cleanup_free_ char *marker = tpath("r1/bitback-repo.json");
+
+    /* Missing, create = false: refused. */
+    assert_null(repo_open(rp, false, &err));
+    assert_non_null(err);
+    error_free(err);
+    err = NULL;
+
+    Repo *r = repo_open(rp, true, &err);
+    die_on(err);
+    assert_non_null(r);
+    assert_int_equal(access(marker, F_OK), 0);
+    assert_int_equal(r->n_backups, 0);
+    assert_int_equal(r->max_seq, 0);
+    _cleanup_free_ const char **nodes = repo_nodes(r);
+    assert_null(nodes[0]);
+    assert_null(repo_latest(r, "disk0"));
+    assert_null(repo_find(r, "disk0", 0, &err));
+    assert_non_null(err);
+    error_free(err);
+    err = NULL;
+
+    /* Markers and tmp files of any node raise max_seq; unknown files
+     * are ignored. */
+    assert_true(repo_mark_attempt(r, "disk0", 3, &err));
+    die_on(err);
+    assert_int_equal(r->max_seq, 3);
+    repo_free(r);
+    _cleanup_free_ char *d1 = tpath("r1/disk1");
+    assert_int_equal(mkdir(d1, 0755), 0);
+    _cleanup_free_ char *t1 = tpath("r1/disk1/.000005.qcow2.tmp");
+    touch(t1);
+    _cleanup_free_ char *junk = tpath("r1/disk1/12.json");
+    touch(junk);
+    _cleanup_free_ char *junk2 = tpath("r1/disk1/notes.txt");
+    touch(junk2);
+    _cleanup_free_ char *junkdir = tpath("r1/.hidden");
+    assert_int_equal(mkdir(junkdir, 0755), 0);
+    _cleanup_free_ char *junk3 = tpath("r1/.hidden/000099.attempt");
+    touch(junk3);
+
+    r = repo_open(rp, false, &err);
+    die_on(err);
+    assert_int_equal(r->max_seq, 5);
+    assert_int_equal(r->n_backups, 0);
+    size_t n;
+    unsigned *att = repo_attempts(r, "disk0", &n);
+    assert_int_equal(n, 1);
+    assert_int_equal(att[0], 3);
+    free(att);
+    _cleanup_free_ char *t2 = tpath("r1/disk0/.000009.json.tmp");
+    touch(t2);
+    assert_true(repo_reload(r, &err));
+    die_on(err);
+    assert_int_equal(r->max_seq, 9);
+    repo_remove_tmp_files(r, "disk0");
+    repo_remove_tmp_files(r, "disk1");
+    assert_int_equal(access(t1, F_OK), -1);
+    assert_int_equal(access(t2, F_OK), -1);
+    assert_int_equal(access(junk2, F_OK), 0);
+    repo_remove_attempts_below(r, "disk0", 4);
+    assert_true(repo_reload(r, &err));
+    assert_int_equal(r->max_seq, 0);
+    att = repo_attempts(r, "disk0", &n);
+    assert_int_equal(n, 0);
+    free(att);
+    /* Bad node names are refused. */
+    assert_false(repo_mark_attempt(r, "a/b", 10, &err));
+    assert_non_null(err);
+    error_free(err);
+    err = NULL;
+    repo_free(r);
+
+    /* A broken manifest is an error naming the file. */
+    _cleanup_free_ char *bad = tpath("r1/disk1/000004.json");
+    FILE *f = fopen(bad, "w");
+    fputs("{\"format\": \"bitback-manifest\", ", f);
+    fclose(f);
+    assert_null(repo_open(rp, false, &err));
+    assert_non_null(err);
+    assert_non_null(strstr(error_get_pretty(err), "000004.json"));
+    error_free(err);
+    err = NULL;
+    unlink(bad);
+
+    /* A folder with files but no bitback-repo.json is refused, even with
+     * create; an empty one is adopted. */
+    _cleanup_free_ char *other = tpath("other");
+    _cleanup_free_ char *ofile = tpath("other/data.bin");
+    assert_int_equal(mkdir(other, 0755), 0);
+    touch(ofile);
+    assert_null(repo_open(other, true, &err));
+    assert_non_null(err);
+    assert_non_null(strstr(error_get_pretty(err), "not a bitback repository"));
+    error_free(err);
+    err = NULL;
+    unlink(ofile);
+    r = repo_open(other, true, &err);
+    die_on(err);
+    repo_free(r);
+    /* A damaged repository marker. */
+    _cleanup_free_ char *omarker = tpath("other/bitback-repo.json");
+    f = fopen(omarker, "w");
+    fputs("{\"format\": \"bitback-repository\", \"version\": 2}", f);
+    fclose(f);
+    assert_null(repo_open(other, false, &err));
+    assert_non_null(err);
+    error_free(err);
+}
+
+/* ---- repo_scan_backup and repo_commit ---- */
+
+#define NCL 20
+#define IMG_SIZE ((uint64_t)NCL * CL + 3072)   /* last cluster is short */
+
+static uint8_t model[IMG_SIZE];
+
+static void create_qcow2(const char *path, const char *backing,
+                         const char *backing_fmt, const char *cluster_size)
+{
+    Error *err = NULL;
+    struct json_object *opts = json_object_new_object();
+    if (backing) {
+        json_object_object_add(opts, "backing_file", json_object_new_string(backing));
+        json_object_object_add(opts, "backing_fmt", json_object_new_string(backing_fmt));
+    }
+    if (cluster_size) {
+        json_object_object_add(opts, "cluster_size", json_object_new_string(cluster_size));
+    }
+    bool ok = bdrv_img_create(path, "qcow2", IMG_SIZE, opts, &err);
+    die_on(err);
+    assert_true(ok);
+    json_object_put(opts);
+}
+
+/* Write through the block layer and into the model. */
+static void img_write(BlockDriverState *bs, uint64_t off, uint64_t len, bool zero)
+{
+    if (zero) {
+        memset(model + off, 0, len);
+        assert_int_equal(bdrv_pwrite_zeroes(bs, off, len, 0), 0);
+    } else {
+        fill_random(model + off, len);
+        assert_int_equal(bdrv_pwrite(bs, off, model + off, len, 0), 0);
+    }
+}
+
+/* Expected hashes of clusters `cl` from the flat model. */
+static void check_scan(const RepoManifest *m, const uint64_t *cl, size_t n)
+{
+    assert_int_equal(m->n_hashes, n);
+    uint64_t changed = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t off = cl[i] * CL;
+        uint64_t len = MIN((uint64_t)CL, IMG_SIZE - off);
+        uint8_t want[16];
+        canonical_xxh(model + off, len, want);
+        assert_int_equal(m->hashes[i].cluster, cl[i]);
+        assert_memory_equal(m->hashes[i].hash, want, 16);
+        changed += len;
+    }
+    assert_int_equal(m->changed_bytes, changed);
+    /* Extents: the same clusters, merged. */
+    uint64_t covered = 0;
+    size_t k = 0;
+    for (size_t e = 0; e < m->n_extents; e++) {
+        assert_int_equal(m->extents[e].start % CL, 0);
+        if (e) {
+            assert_true(m->extents[e].start >
+                        m->extents[e - 1].start + m->extents[e - 1].length);
+        }
+        for (uint64_t o = m->extents[e].start;
+             o < m->extents[e].start + m->extents[e].length; o += CL) {
+            assert_true(k < n);
+            assert_int_equal(o / CL, cl[k++]);
+        }
+        covered += m->extents[e].length;
+    }
+    assert_int_equal(k, n);
+    assert_int_equal(covered, changed);
+    uint8_t root[32];
+    repo_merkle_root(m->hashes, m->n_hashes, root);
+    assert_memory_equal(root, m->merkle_root, 32);
+    Digest d = model_root(m->hashes, m->n_hashes);
+    assert_memory_equal(root, d.b, 32);
+}
+
+typedef struct ProgressLog {
+    unsigned calls;
+    uint64_t last_done, total;
+} ProgressLog;
+
+static void progress_cb(void *opaque, uint64_t done, uint64_t total)
+{
+    ProgressLog *p = opaque;
+    assert_true(done >= p->last_done);
+    assert_true(done <= total);
+    p->calls++;
+    p->last_done = done;
+    p->total = total;
+}
+
+static void test_scan_and_commit(void **state)
+{
+    Error *err = NULL;
+    _cleanup_free_ char *rp = tpath("r2");
+    Repo *r = repo_open(rp, true, &err);
+    die_on(err);
+
+    /* A base image outside the repository (its full backup comes first). */
+    for (uint64_t i = 0; i < IMG_SIZE; i++) {
+        model[i] = (uint8_t)(i / 4096 * 13 + 5);
+    }
+
+    /* Backup 1, full: a qcow2 without backing holding the whole image. */
+    assert_true(repo_mark_attempt(r, "disk0", 1, &err));
+    die_on(err);
+    _cleanup_free_ char *tmp1 = repo_tmp_data_path(r, "disk0", 1);
+    create_qcow2(tmp1, NULL, NULL, NULL);
+    BlockDriverState *bs = bdrv_open_image(tmp1, "qcow2", BDRV_O_RDWR, &err);
+    die_on(err);
+    assert_int_equal(bdrv_pwrite(bs, 0, model, IMG_SIZE, 0), 0);
+    bdrv_unref(bs);
+
+    RepoManifest *m = calloc(1, sizeof(*m));
+    m->seq = 1;
+    m->node = strdup("disk0");
+    m->time = strdup("2026-01-01T00:00:00Z");
+    m->level = REPO_LEVEL_FULL;
+    m->granularity = 65536;
+    ProgressLog log = { 0 };
+    assert_true(repo_scan_backup(tmp1, m, progress_cb, &log, &err));
+    die_on(err);
+    assert_int_equal(m->image_size, IMG_SIZE);
+    uint64_t all[NCL + 1];
+    for (uint64_t i = 0; i <= NCL; i++) {
+        all[i] = i;
+    }
+    check_scan(m, all, NCL + 1);
+    assert_int_equal(m->n_extents, 1);
+    assert_true(log.calls >= 2);
+    assert_int_equal(log.last_done, IMG_SIZE);
+    assert_int_equal(log.total, IMG_SIZE);
+
+    assert_true(repo_commit(r, m, &err));
+    die_on(err);
+    _cleanup_free_ char *data1 = repo_data_path(r, "disk0", 1);
+    _cleanup_free_ char *man1 = repo_manifest_path(r, "disk0", 1);
+    _cleanup_free_ char *att1 = tpath("r2/disk0/000001.attempt");
+    assert_int_equal(access(data1, F_OK), 0);
+    assert_int_equal(access(man1, F_OK), 0);
+    assert_int_equal(access(tmp1, F_OK), -1);
+    assert_int_equal(access(att1, F_OK), -1);
+    assert_int_equal(r->n_backups, 1);
+    RepoManifest *f1 = repo_find(r, "disk0", 1, &err);
+    die_on(err);
+    assert_non_null(f1);
+    assert_true(f1->stored_bytes > 0);
+    m->stored_bytes = f1->stored_bytes;
+    assert_manifest_equal(m, f1);
+    assert_ptr_equal(repo_find(r, NULL, 0, &err), f1);   /* the only node */
+    /* Committing the same ID again is refused. */
+    assert_false(repo_commit(r, m, &err));
+    assert_non_null(err);
+    error_free(err);
+    err = NULL;
+    repo_manifest_free(m);
+
+    /* Backup 2, inc: an overlay over 000001.qcow2 with a few clusters:
+     * a full cluster, a partial write (COW fills the rest from the
+     * backing), a zero write, a run over three clusters, and the short last
+     * cluster. */
+    assert_true(repo_mark_attempt(r, "disk0", 2, &err));
+    die_on(err);
+    _cleanup_free_ char *tmp2 = repo_tmp_data_path(r, "disk0", 2);
+    create_qcow2(tmp2, "000001.qcow2", "qcow2", NULL);
+    bs = bdrv_open_image(tmp2, "qcow2", BDRV_O_RDWR, &err);
+    die_on(err);
+    img_write(bs, 2 * CL, CL, false);
+    img_write(bs, 5 * CL + 100, 100, false);
+    img_write(bs, 8 * CL, CL, true);
+    img_write(bs, 10 * CL + 4096, 2 * CL, false);
+    img_write(bs, 20 * CL + 1024, 1024, false);
+    bdrv_unref(bs);
+
+    m = calloc(1, sizeof(*m));
+    m->seq = 2;
+    m->node = strdup("disk0");
+    m->time = strdup("2026-01-02T00:00:00Z");
+    m->level = REPO_LEVEL_INC;
+    m->parent_seq = 1;
+    m->granularity = 65536;
+    m->image_size = IMG_SIZE;
+    assert_true(repo_scan_backup(tmp2, m, NULL, NULL, &err));
+    die_on(err);
+    static const uint64_t inc_cl[] = { 2, 5, 8, 10, 11, 12, 20 };
+    check_scan(m, inc_cl, ARRAY_SIZE(inc_cl));
+    assert_int_equal(m->n_extents, 5);
+    /* The zero cluster hashes as zeroes. */
+    uint8_t z[16];
+    repo_hash_zero_cluster(CL, z);
+    assert_memory_equal(m->hashes[2].hash, z, 16);
+    assert_true(repo_commit(r, m, &err));
+    die_on(err);
+    repo_manifest_free(m);
+
+    /* A size mismatch is refused. */
+    _cleanup_free_ char *data2 = repo_data_path(r, "disk0", 2);
+    m = calloc(1, sizeof(*m));
+    m->image_size = IMG_SIZE + CL;
+    assert_false(repo_scan_backup(data2, m, NULL, NULL, &err));
+    assert_non_null(err);
+    error_free(err);
+    err = NULL;
+    repo_manifest_free(m);
+
+    /* Backup 3 of disk0 with qcow2 clusters of 4 KiB: one small write makes
+     * its whole 64 KiB repository cluster count, read through the chain. */
+    _cleanup_free_ char *tmp3 = repo_tmp_data_path(r, "disk0", 3);
+    create_qcow2(tmp3, "000002.qcow2", "qcow2", "4096");
+    bs = bdrv_open_image(tmp3, "qcow2", BDRV_O_RDWR, &err);
+    die_on(err);
+    img_write(bs, 15 * CL + 8192, 4096, false);
+    img_write(bs, 16 * CL + CL - 4096, 8192, false);      /* crosses into 17 */
+    bdrv_unref(bs);
+    m = calloc(1, sizeof(*m));
+    m->seq = 3;
+    m->node = strdup("disk0");
+    m->time = strdup("2026-01-03T00:00:00Z");
+    m->level = REPO_LEVEL_DIFF;
+    m->parent_seq = 1;
+    m->granularity = 4096;
+    assert_true(repo_scan_backup(tmp3, m, NULL, NULL, &err));
+    die_on(err);
+    static const uint64_t diff_cl[] = { 15, 16, 17 };
+    check_scan(m, diff_cl, ARRAY_SIZE(diff_cl));
+    assert_int_equal(m->n_extents, 1);
+    /* A crash before commit: the tmp file and a marker bump max_seq. */
+    repo_manifest_free(m);
+    assert_true(repo_reload(r, &err));
+    assert_int_equal(r->max_seq, 3);
+    assert_int_equal(r->n_backups, 2);
+
+    /* Another node in the same repository. */
+    assert_true(repo_mark_attempt(r, "disk1", 4, &err));
+    _cleanup_free_ char *tmp4 = repo_tmp_data_path(r, "disk1", 4);
+    create_qcow2(tmp4, NULL, NULL, NULL);
+    m = calloc(1, sizeof(*m));
+    m->seq = 4;
+    m->node = strdup("disk1");
+    m->time = strdup("2026-01-04T00:00:00Z");
+    m->level = REPO_LEVEL_FULL;
+    m->granularity = 65536;
+    assert_true(repo_scan_backup(tmp4, m, NULL, NULL, &err));
+    die_on(err);
+    assert_int_equal(m->n_hashes, 0);
+    /* A manifest readers would refuse is not committed. */
+    free(m->time);
+    m->time = strdup("now");
+    assert_false(repo_commit(r, m, &err));
+    assert_non_null(err);
+    error_free(err);
+    err = NULL;
+    assert_int_equal(access(tmp4, F_OK), 0);
+    free(m->time);
+    m->time = strdup("2026-01-04T00:00:00Z");
+    assert_true(repo_commit(r, m, &err));
+    die_on(err);
+    repo_manifest_free(m);
+
+    /* Lookups. */
+    assert_int_equal(r->n_backups, 3);
+    assert_int_equal(r->max_seq, 4);
+    _cleanup_free_ const char **nodes = repo_nodes(r);
+    assert_string_equal(nodes[0], "disk0");
+    assert_string_equal(nodes[1], "disk1");
+    assert_null(nodes[2]);
+    RepoManifest *l0 = repo_latest(r, "disk0");
+    assert_int_equal(l0->seq, 2);
+    assert_int_equal(repo_latest_full(r, "disk0")->seq, 1);
+    assert_int_equal(repo_latest(r, "disk1")->seq, 4);
+    assert_ptr_equal(repo_parent(r, l0), repo_find(r, "disk0", 1, &err));
+    assert_null(repo_find(r, "disk1", 2, &err));
+    assert_non_null(strstr(error_get_pretty(err), "no backup 000002 of disk1"));
+    error_free(err);
+    err = NULL;
+    assert_null(repo_find(r, NULL, 0, &err));          /* two nodes */
+    assert_non_null(err);
+    error_free(err);
+    err = NULL;
+    size_t n = 0;
+    RepoManifest **chain = repo_chain(r, l0, &n, &err);
+    die_on(err);
+    assert_int_equal(n, 2);
+    assert_int_equal(chain[0]->seq, 1);
+    assert_int_equal(chain[1]->seq, 2);
+    free(chain);
+    size_t na;
+    unsigned *att = repo_attempts(r, "disk0", &na);
+    assert_int_equal(na, 0);       /* 3 never marked; 1, 2 committed */
+    free(att);
+
+    /* A missing parent is an error. */
+    unlink(man1);
+    assert_true(repo_reload(r, &err));
+    l0 = repo_latest(r, "disk0");
+    assert_null(repo_chain(r, l0, &n, &err));
+    assert_non_null(err);
+    assert_non_null(strstr(error_get_pretty(err), "missing"));
+    error_free(err);
+    repo_free(r);
+}
+
+static int setup(void **state)
+{
+    srandom(12345);
+    if (!mkdtemp(tmpdir)) {
+        return -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    char *cmd = NULL;
+    if (asprintf(&cmd, "rm -rf '%s'", tmpdir) > 0) {
+        if (system(cmd) != 0) {
+            fprintf(stderr, "could not remove %s\n", tmpdir);
+        }
+    }
+    free(cmd);
+    return 0;
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_merkle),
+        cmocka_unit_test(test_hash_zero),
+        cmocka_unit_test(test_manifest_round_trip),
+        cmocka_unit_test(test_manifest_rejects),
+        cmocka_unit_test(test_parse_id),
+        cmocka_unit_test(test_open),
+        cmocka_unit_test(test_scan_and_commit),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
