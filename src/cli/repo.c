@@ -1301,29 +1301,38 @@ static bool ensure_node_dir(Repo *repo, const char *node, Error **errp)
     return true;
 }
 
-bool repo_mark_attempt(Repo *repo, const char *node, unsigned seq,
-                       Error **errp)
+/* Write NODE/N.attempt as {"id": N, "started": started}: through a
+ * temporary file and a rename, so a reader sees the old or the new
+ * content, then sync the folder. */
+static bool write_attempt(Repo *repo, const char *node, unsigned seq,
+                          bool started, Error **errp)
 {
     if (!ensure_node_dir(repo, node, errp)) {
         return false;
     }
     _cleanup_free_ char *path = repo_attempt_path(repo, node, seq);
     _cleanup_free_ char *dir = repo_node_dir(repo, node);
-    _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
+    _cleanup_free_ char *tmp = path_printf("%s/.%06u.attempt.tmp", dir, seq);
+    _cleanup_close_ int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
                                   0644);
     char text[64];
-    int len = snprintf(text, sizeof(text), "{\"id\": \"%06u\"}\n", seq);
+    int len = snprintf(text, sizeof(text), "{\"id\": \"%06u\", \"started\": %s}\n",
+                       seq, started ? "true" : "false");
 
     if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot create '%s'", path);
+        error_setg_errno(errp, errno, "cannot create '%s'", tmp);
         return false;
     }
     int r = pwrite_full(fd, text, (size_t)len, 0);
     if (r == 0 && fsync(fd) < 0) {
         r = -errno;
     }
+    if (r == 0 && rename(tmp, path) < 0) {
+        r = -errno;
+    }
     if (r < 0) {
         error_setg_errno(errp, -r, "cannot write '%s'", path);
+        unlink(tmp);
         return false;
     }
     if (!fsync_dir(dir, errp)) {
@@ -1331,6 +1340,34 @@ bool repo_mark_attempt(Repo *repo, const char *node, unsigned seq,
     }
     repo->max_seq = MAX(repo->max_seq, seq);
     return true;
+}
+
+bool repo_mark_attempt(Repo *repo, const char *node, unsigned seq,
+                       Error **errp)
+{
+    return write_attempt(repo, node, seq, false, errp);
+}
+
+bool repo_mark_attempt_started(Repo *repo, const char *node, unsigned seq,
+                               Error **errp)
+{
+    return write_attempt(repo, node, seq, true, errp);
+}
+
+bool repo_attempt_started(Repo *repo, const char *node, unsigned seq)
+{
+    _cleanup_free_ char *path = repo_attempt_path(repo, node, seq);
+    _cleanup_json_ struct json_object *obj =
+        parse_json_file(path, 4096, NULL);
+    struct json_object *v;
+
+    /* Unreadable or without the key: assume it started (the safe side:
+     * its bitmap is then required). */
+    if (!obj || !json_object_object_get_ex(obj, "started", &v) ||
+        !json_object_is_type(v, json_type_boolean)) {
+        return true;
+    }
+    return json_object_get_boolean(v);
 }
 
 static int cmp_unsigned(const void *a, const void *b)

@@ -134,6 +134,11 @@ char *repo_tmp_data_path(Repo *repo, const char *node, unsigned seq);
 bool repo_mark_attempt(Repo *repo, const char *node, unsigned seq,
                        Error **errp);
 unsigned *repo_attempts(Repo *repo, const char *node, size_t *ret_n);
+/* After the transaction ran: the marker now says so.  A marker that does
+ * not (the run was killed before its transaction) may have no bitmap. */
+bool repo_mark_attempt_started(Repo *repo, const char *node, unsigned seq,
+                               Error **errp);
+bool repo_attempt_started(Repo *repo, const char *node, unsigned seq);
 /* Remove the node's markers with seq < below (after a full removed their
  * bitmaps), and the node's leftover .tmp files. */
 void repo_remove_attempts_below(Repo *repo, const char *node, unsigned below);

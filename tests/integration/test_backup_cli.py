@@ -345,3 +345,86 @@ def test_sigkill_mid_run(daemon, tmp_path, delay):
     bitback("verify", "--repo", repo)
     assert not list((repo / "disk0").glob(".*.tmp"))
     assert daemon.qmp.cmd("query-jobs") == []
+
+
+def test_attempt_markers(daemon, tmp_path):
+    """A run killed before its transaction (marker not started, no bitmap)
+    costs nothing; a started run whose bitmap is gone forces a full."""
+    start(daemon, tmp_path, ["disk0"])
+    repo = tmp_path / "repo"
+    uri = daemon.nbd_uri("disk0")
+    quiet_backup(daemon, repo, ["disk0"])
+    (repo / "disk0" / "000005.attempt").write_text(
+        '{"id": "000005", "started": false}\n')
+    run(["qemu-io", "-f", "raw", "-c", "write -P 31 5M 64K", uri])
+    p = quiet_backup(daemon, repo, ["disk0"], level="inc")
+    assert "taking a full backup" not in p.stderr, p.stderr
+    last = listing(repo)[-1]
+    assert (last["id"], last["level"]) == ("000006", "inc")
+    ref = nbd_read_all(uri, tmp_path / "ref.raw")
+    check_point(repo, "disk0", last["id"], ref, tmp_path)
+
+    (repo / "disk0" / "000009.attempt").write_text(
+        '{"id": "000009", "started": true}\n')
+    p = quiet_backup(daemon, repo, ["disk0"], level="inc")
+    msgs = [l for l in p.stderr.splitlines() if "taking a full backup" in l]
+    assert len(msgs) == 1 and "bitback-000009" in msgs[0] and \
+        "missing" in msgs[0], p.stderr
+    last = listing(repo)[-1]
+    assert (last["id"], last["level"]) == ("000010", "full")
+    # The full removed the older bitmaps and markers.
+    names = [b["name"] for b in daemon.qmp.node("disk0")["dirty-bitmaps"]]
+    assert names == ["bitback-000010"]
+    assert not list((repo / "disk0").glob("*.attempt"))
+
+
+@pytest.mark.parametrize("args,msg", [
+    ([], "--repo is required"),
+    (["--repo", "R"], "exactly one of --connect"),
+    (["--repo", "R", "--connect", "x", "--image", "y"], "exactly one of"),
+    (["--repo", "R", "--connect", "x"], "at least one --node"),
+    (["--repo", "R", "--image", "y", "--level", "weekly"], "--level must be"),
+    (["--repo", "R", "--image", "y", "--node", "a/b"], "invalid node name"),
+    (["--repo", "R", "--image", "missing.img"], "missing.img"),
+    (["--repo", "R", "--connect", "/nonexistent/qmp", "--node", "d"],
+     "cannot connect"),
+])
+def test_bad_arguments(tmp_path, args, msg):
+    p = run([BITBACK, "backup", *args], check=False, cwd=tmp_path)
+    assert p.returncode == 1, p
+    assert msg in p.stderr, p.stderr
+    assert "Sanitizer" not in p.stderr
+
+
+def test_unknown_node_and_not_a_repo(daemon, tmp_path):
+    start(daemon, tmp_path, ["disk0"])
+    p = run(backup_cmd(daemon, tmp_path / "repo", ["nosuch"], "auto"),
+            check=False)
+    assert p.returncode == 1 and "nosuch" in p.stderr, p.stderr
+    assert not list((tmp_path / "repo").glob("nosuch/*.qcow2"))
+    other = tmp_path / "notrepo"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    p = run(backup_cmd(daemon, other, ["disk0"], "auto"), check=False)
+    assert p.returncode == 1 and "not a bitback repository" in p.stderr
+    assert sorted(os.listdir(other)) == ["precious.txt"]
+
+
+def test_progress_and_json_output(daemon, tmp_path):
+    """--progress draws on stderr even without a terminal; --output=json
+    gives the backups as `list` shows them, plus timings."""
+    start(daemon, tmp_path, ["disk0"])
+    repo = tmp_path / "repo"
+    p = run(backup_cmd(daemon, repo, ["disk0"], "full", "--progress",
+                       "--output=json"))
+    out = json.loads(p.stdout)
+    assert len(out) == 1
+    listed = listing(repo)[0]
+    for k in ("id", "node", "level", "time", "parent", "changed-bytes",
+              "stored-bytes"):
+        assert out[0][k] == listed[k]
+    assert out[0]["copy-seconds"] >= 0 and out[0]["hash-seconds"] >= 0
+    assert "100%" in p.stderr and "/s" in p.stderr
+    # Without --progress and without a terminal: no bar.
+    p = run(backup_cmd(daemon, repo, ["disk0"], "inc"))
+    assert "%" not in p.stderr
