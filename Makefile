@@ -47,6 +47,7 @@ demo: build
 bench: build
 	bench/nbd.sh $(abspath $(BUILD))
 	bench/backup.sh $(abspath $(BUILD))
+	bench/chain.sh $(abspath $(BUILD))
 
 clean:
 	rm -rf build build-san

@@ -8,6 +8,7 @@
 #     runs, each verified with qemu-img compare.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+"$here/demo-chain.sh"; echo
 "$here/demo-offline.sh"
 if [ -x "$here/demo-daemon.sh" ]; then
   echo

@@ -1,0 +1,179 @@
+#!/bin/bash
+# Backup chains with `bitback backup / list / verify / restore / prune`
+# (issue 6), the way a user runs them every night:
+#
+#   bitbackd serves a qbm disk over NBD; a client writes to it; `bitback
+#   backup` takes a full backup (auto: the repository is empty), more
+#   writes, `bitback backup` again (auto: an incremental); `bitback list`
+#   and `bitback verify`; `bitback restore` of each point, compared with a
+#   copy of the disk taken at that point; `bitback prune --keep 1` merges
+#   the chain into a synthetic full, which still verifies and restores.
+#
+# Binaries come from build/ (override with BITBACK_BUILD=folder).  The work
+# happens in a temporary folder (DEMO_DIR=folder to keep it somewhere).
+# Exits non-zero if any check fails.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BUILD=${BITBACK_BUILD:-$REPO/build}
+case $BUILD in /*) ;; *) BUILD=$REPO/$BUILD ;; esac
+BITBACK=$BUILD/bitback
+BITBACKD=$BUILD/bitbackd
+PYTHON=/usr/bin/python3
+
+for b in "$BITBACK" "$BITBACKD"; do
+    if [ ! -x "$b" ]; then
+        echo "demo: $b not found; build first (make)" >&2
+        exit 1
+    fi
+done
+for t in qemu-io qemu-img "$PYTHON"; do
+    if ! command -v "$t" >/dev/null; then
+        echo "demo: $t is not installed: run scripts/install-deps.sh" >&2
+        exit 1
+    fi
+done
+
+if [ -n "${DEMO_DIR:-}" ]; then
+    mkdir -p "$DEMO_DIR"
+    DIR=$(cd "$DEMO_DIR" && pwd)
+    KEEP=1
+else
+    DIR=$(mktemp -d "${TMPDIR:-/tmp}/bitback-chain-demo.XXXXXX")
+    KEEP=
+fi
+# Sockets go in a short folder of their own (UNIX paths are limited).
+SOCKDIR=$(mktemp -d /tmp/bbd-chain.XXXXXX)
+QMP_SOCK=$SOCKDIR/qmp.sock
+NBD_SOCK=$SOCKDIR/nbd.sock
+PID=
+cleanup() {
+    if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
+        kill "$PID" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$PID" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill -9 "$PID" 2>/dev/null || true
+    fi
+    rm -rf "$SOCKDIR"
+    [ -n "$KEEP" ] || rm -rf "$DIR"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+cd "$DIR"
+
+if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
+step=0
+say() {
+    step=$((step + 1))
+    printf '\n%s== %d. %s%s\n' "$BOLD" "$step" "$*" "$PLAIN"
+}
+# show CMD ARGS...: print the command (quoted so it can be pasted), run it.
+show() {
+    printf '$'
+    local a
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./=,:+?-]+$ ]]; then
+            printf ' %s' "$a"
+        else
+            printf " '%s'" "${a//\'/\'\\\'\'}"
+        fi
+    done
+    printf '\n'
+    "$@"
+}
+# backups EXPR: a Python expression on the repository's backup list
+# (`bitback list --output=json`, oldest first) as b, printed.
+backups() {
+    "$BITBACK" list --repo "$R" --output=json |
+        "$PYTHON" -c 'import json, sys; b = json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"
+}
+# expect WHAT GOT WANT: fail the demo when GOT is not WANT.
+expect() {
+    if [ "$2" != "$3" ]; then
+        echo "FAILED: $1 is $2, expected $3" >&2
+        exit 1
+    fi
+}
+# snapshot NAME: copy the disk as it is now (read over NBD) to NAME.raw, the
+# reference a restore of this point must equal.
+snapshot() {
+    qemu-img convert -f raw -O raw "$URI" "$1.raw"
+}
+# same A B: the check of this demo; fails the script when A and B differ.
+same() {
+    if show qemu-img compare -f raw -F raw "$1" "$2"; then
+        echo "ok: $1 is bit for bit the disk as it was ($2)"
+    else
+        echo "FAILED: $1 differs from $2" >&2
+        exit 1
+    fi
+}
+
+URI="nbd+unix:///disk0?socket=$NBD_SOCK"
+R=$DIR/repo
+
+say "Create a 64 MiB qbm disk and serve it with bitbackd over NBD"
+show "$BITBACK" img create -f qbm disk.qbm 64M
+show "$BITBACKD" \
+    --blockdev driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm \
+    --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
+    --export type=nbd,id=e0,node-name=disk0,name=disk0,writable=on \
+    --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
+    --monitor chardev=m0 \
+    --pidfile "$DIR/daemon.pid" --daemonize
+PID=$(cat "$DIR/daemon.pid")
+
+say "A client writes 24 MiB through NBD"
+show qemu-io -f raw "$URI" -c "write -P 0x11 0 16M" -c "write -P 0x22 32M 8M"
+
+say "First backup: --level auto takes a full backup into the empty repository"
+show "$BITBACK" backup --connect "$QMP_SOCK" --node disk0 --repo "$R"
+snapshot point1
+expect "the first backup's level" "$(backups 'b[-1]["level"]')" full
+FIRST=$(backups 'b[-1]["id"]')
+
+say "The client writes more: 2 MiB here and there, and discards 1 MiB"
+show qemu-io -f raw "$URI" -c "write -P 0x33 4M 1M" -c "write -P 0x44 40M 1M" \
+    -c "write -z 33M 1M"
+
+say "Second backup: auto takes an incremental, only what changed"
+show "$BITBACK" backup --connect "$QMP_SOCK" --node disk0 --repo "$R"
+snapshot point2
+expect "the second backup's level" "$(backups 'b[-1]["level"]')" inc
+expect "its parent" "$(backups 'b[-1]["parent"]')" "$FIRST"
+
+say "The repository: backups oldest first; each is a plain qcow2 file"
+show "$BITBACK" list --repo "$R"
+show qemu-img info --backing-chain "$R/disk0/$(backups 'b[-1]["id"]').qcow2" \
+    | grep -E '^(image|backing file|virtual size):'
+
+say "Verify: re-read every stored cluster against the hashes taken at backup time"
+show "$BITBACK" verify --repo "$R"
+
+say "Restore each point and compare it with the disk as it was then"
+show "$BITBACK" restore --repo "$R" --at "$FIRST" restored1.raw
+same restored1.raw point1.raw
+show "$BITBACK" restore --repo "$R" --at latest restored2.raw
+same restored2.raw point2.raw
+
+say "Retention: keep 1 backup; the incremental becomes a synthetic full"
+show "$BITBACK" prune --repo "$R" --keep 1
+show "$BITBACK" list --repo "$R"
+expect "the number of backups left" "$(backups 'len(b)')" 1
+expect "the backup left" "$(backups 'b[0]["parent"]')" None
+show "$BITBACK" verify --repo "$R"
+show "$BITBACK" restore --repo "$R" --at latest restored3.raw
+same restored3.raw point2.raw
+
+say "Shut down"
+kill "$PID"
+for _ in $(seq 1 200); do
+    kill -0 "$PID" 2>/dev/null || break
+    sleep 0.05
+done
+PID=
+
+echo
+echo "Chain demo finished: full + incremental, verified, restored and pruned${KEEP:+ (files kept in $DIR)}."
