@@ -10,7 +10,12 @@
  *   inconsistent loaded from an image that was not closed cleanly or whose
  *                checksum did not match; it can only be removed
  *   generation   a UUID that changes on every clear, so a backup chain can
- *                tell whether the bitmap still belongs to it
+ *                tell whether the bitmap still belongs to it; or "" when
+ *                unknown: a bitmap loaded from an image whose history
+ *                bitback cannot vouch for (qcow2 after a QEMU write
+ *                session, or an inconsistent one).  A backup chain does
+ *                not compare an unknown generation.  Creating a bitmap,
+ *                clearing it and abdicating start a new, known generation.
  *
  * Locking: the list and every bitmap's bits are protected by bs->lock.
  * Functions with a _locked suffix need the caller to hold it; the others
@@ -43,7 +48,7 @@ struct BdrvDirtyBitmap {
     bool busy;
     bool inconsistent;
     char *inconsistent_reason;     /* why, when inconsistent (owned) */
-    char generation[UUID_STR_LEN];
+    char generation[UUID_STR_LEN]; /* "" when unknown */
     BdrvDirtyBitmap *successor;    /* backup jobs: new writes go here too */
     BdrvDirtyBitmap *next;
 };

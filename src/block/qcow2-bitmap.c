@@ -426,8 +426,12 @@ static bool bitmap_load_data(BlockDriverState *bs, const Qcow2BitmapEntry *e,
  *       consistent, the autoclear bit QCOW2_AUTOCLEAR_BITBACK_GENERATIONS
  *       is set (qcow2.c drops the records otherwise), and its directory
  *       entry's table offset is non-zero and equal to the record's.  Any
- *       other bitmap keeps the fresh random generation it was created
- *       with: an unknown history never matches a backup manifest.
+ *       other bitmap (inconsistent ones included) loads with an *unknown*
+ *       generation, the empty string: bitback cannot vouch for its
+ *       history, so a backup chain does not compare it (the bitmap is
+ *       trusted as QEMU and libvirt trust it: it exists and is
+ *       consistent).  A fresh random one would force a full backup after
+ *       every QEMU session on the image.
  *   G2. Why both checks: QEMU rewrites every bitmap's table whenever it
  *       stores bitmaps, so a cleared bitmap moves; but after two QEMU
  *       sessions a table can land at its old offset again (QEMU allocates
@@ -441,9 +445,13 @@ static bool bitmap_load_data(BlockDriverState *bs, const Qcow2BitmapEntry *e,
  *       header update that publishes the directory also publishes them.
  *   G4. Records that do not parse (bad version, truncated, a record past
  *       the end, a bad name size, a NUL in a name, an invalid UUID,
- *       duplicate names, bytes after the last record) are all ignored: the extension is an optimization
- *       and must never make an image unusable.  Bitmaps that would not
- *       fit the first cluster get no record.
+ *       duplicate names, bytes after the last record) are all ignored: the
+ *       extension is an optimization and must never make an image
+ *       unusable.  Bitmaps that would not fit the first cluster get no
+ *       record.
+ *   G5. Only a known generation is recorded: a bitmap whose generation is
+ *       unknown ("") gets no record, so it stays unknown after reopen
+ *       until a clear (ours) starts a new, known generation.
  */
 
 #define GEN_EXT_VERSION 1
@@ -608,7 +616,7 @@ static bool gen_build_locked(BlockDriverState *bs,
         BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap_locked(bs, e->name);
         if (!bm || !bm->persistent || bm->inconsistent ||
             !uuid_is_valid_str(bm->generation)) {
-            continue;
+            continue;                  /* G5: "" (unknown) is not valid */
         }
         uint8_t *p = buf + size;
         uint64_t off = htobe64(e->table_offset);
@@ -871,7 +879,7 @@ static bool dir_write_locked(BlockDriverState *bs, const Qcow2BitmapEntry *entri
     }
 
     /* G3: the records for these entries, in the same header update.  Out
-     * of memory here only costs the records (fresh generations later). */
+     * of memory here only costs the records (unknown generations later). */
     if (nb && !gen_build_locked(bs, entries, nb, qcow2_gen_ext_space_locked(bs),
                                 &gen, &gen_len)) {
         gen = NULL;
@@ -1050,14 +1058,18 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
         } else if (!bitmap_load_data(bs, e, bm, (uint64_t)file_len, errp)) {
             created++;
             goto fail;
-        } else {
-            const char *gen = gen_lookup(gens, nb_gens, e);   /* G1 */
-            if (gen) {
-                pthread_mutex_lock(&bs->lock);
-                memcpy(bm->generation, gen, UUID_STR_LEN);
-                pthread_mutex_unlock(&bs->lock);
-            }
         }
+        /* G1: the recorded generation, or unknown.  bm is already on the
+         * node's list, hence the lock. */
+        const char *gen = e->inconsistent ? NULL
+                                          : gen_lookup(gens, nb_gens, e);
+        pthread_mutex_lock(&bs->lock);
+        if (gen) {
+            memcpy(bm->generation, gen, UUID_STR_LEN);
+        } else {
+            bm->generation[0] = '\0';
+        }
+        pthread_mutex_unlock(&bs->lock);
     }
 
     if (!bs->read_only) {

@@ -271,7 +271,7 @@ int qcow2_update_header_locked(BlockDriverState *bs)
     /* The generations extension goes with its autoclear bit, both or
      * neither.  If it no longer fits (qcow2-bitmap.c sizes it by
      * qcow2_gen_ext_space_locked, so only a corner case), it is dropped:
-     * every bitmap then gets a fresh generation at the next open. */
+     * every bitmap's generation is then unknown at the next open. */
     if (s->gen_ext_len && (s->autoclear_features & QCOW2_AUTOCLEAR_BITBACK_GENERATIONS) &&
         ROUND_UP((uint64_t)s->gen_ext_len, 8) > qcow2_gen_ext_space_locked(bs)) {
         free(s->gen_ext);

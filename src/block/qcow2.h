@@ -234,7 +234,7 @@ uint64_t qcow2_gen_ext_space_locked(BlockDriverState *bs);
  * entries or tables pointing outside the file fail the open with a clear
  * error.  A consistent bitmap takes its generation from the bitback
  * generations extension when the record still matches its table (see
- * qcow2-bitmap.c, G1); every other bitmap gets a fresh one. */
+ * qcow2-bitmap.c, G1); every other bitmap's generation is unknown (""). */
 bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp);
 /* Driver hooks (BlockDriver.persistent_bitmap_add/remove/store_bitmaps). */
 bool qcow2_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,

@@ -233,6 +233,7 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
     RepoManifest *parent;
     unsigned *seqs = NULL;
     size_t n_seqs = 0;
+    const BitmapInfo *newest = NULL;
     char reason[BDRV_BITMAP_MAX_NAME + 2 * REPO_MAX_NODE_NAME + 512] = "";
 
     *ret_reason = NULL;
@@ -324,6 +325,11 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
                 m = repo->backups[j];
             }
         }
+        if (!b && !m && !repo_attempt_started(repo, d->node, seqs[i])) {
+            /* A run killed before its transaction: it made no bitmap and
+             * froze nothing, so it adds no writes. */
+            continue;
+        }
         if (!b) {
             snprintf(reason, sizeof(reason), "bitmap '%s' is missing on %s",
                      name, d->node);
@@ -349,13 +355,16 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
             goto full;
         }
         d->granularity = b->granularity;
-        if (i == n_seqs - 1 && !b->recording) {
-            snprintf(reason, sizeof(reason),
-                     "bitmap '%s' on %s stopped recording; later writes are "
-                     "unknown", name, d->node);
-            goto full;
-        }
         push_name(&d->sources, &d->n_sources, name);
+        newest = b;
+    }
+    /* The newest bitmap must still record: else writes since it stopped
+     * are nowhere. */
+    if (!newest || !newest->recording) {
+        snprintf(reason, sizeof(reason),
+                 "bitmap '%s' on %s stopped recording; later writes are "
+                 "unknown", newest ? newest->name : "?", d->node);
+        goto full;
     }
     free(seqs);
     d->parent_seq = parent->seq;
@@ -491,6 +500,22 @@ static void print_result(const BackupOpts *o, const Disk *disks,
         printf("%s: backup %s (%s%s): %s changed, %s stored\n", made[i]->node,
                made[i]->id, repo_level_name(made[i]->level), parent, changed,
                stored);
+    }
+}
+
+/* After the transaction: the attempt markers say its bitmaps exist.  A
+ * failure only costs a full backup if the bitmap later goes missing, so
+ * it is a warning. */
+static void mark_started(Repo *repo, const Disk *disks, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        Error *err = NULL;
+        unsigned seq = (unsigned)strtoul(disks[i].id, NULL, 10);
+
+        if (!repo_mark_attempt_started(repo, disks[i].node, seq, &err)) {
+            error_prepend(&err, "warning: ");
+            error_report_err(err);
+        }
     }
 }
 
@@ -989,6 +1014,7 @@ static int backup_live(const BackupOpts *o, Repo *repo)
     }
     time_iso = now_iso();
     t0 = now_seconds();
+    mark_started(repo, disks, n);
     announce(disks, n);
     for (size_t i = 0; i < n; i++) {
         const BitmapInfo *b;
@@ -1094,7 +1120,9 @@ static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
         b->inconsistent = bm->inconsistent;
         b->busy = bm->busy;
         b->granularity = bm->granularity;
-        b->generation = bm->persistent ? xstrdup(bm->generation) : NULL;
+        /* NULL when unknown (""): plan_disk then skips the check. */
+        b->generation = bm->persistent && bm->generation[0]
+                        ? xstrdup(bm->generation) : NULL;
     }
 }
 
@@ -1331,6 +1359,7 @@ static int backup_offline(const BackupOpts *o, Repo *repo)
         goto out_tmp;
     }
     time_iso = now_iso();
+    mark_started(repo, &d, 1);
     announce(&d, 1);
     bs = cli_open_image(o->image, o->format, 0, &err);
     if (!bs) {
@@ -1341,7 +1370,8 @@ static int backup_offline(const BackupOpts *o, Repo *repo)
 
         if (nb) {
             d.granularity = nb->granularity;
-            d.generation = xstrdup(nb->generation);
+            d.generation = nb->generation[0] ? xstrdup(nb->generation)
+                                             : NULL;
         }
     }
     d.copy_seconds = now_seconds();

@@ -159,8 +159,10 @@ struct json_object *cli_bitmap_info(BdrvDirtyBitmap *bm)
                            json_object_new_boolean(!bm->disabled &&
                                                    !bm->inconsistent));
     json_object_object_add(o, "busy", json_object_new_boolean(bm->busy));
+    /* null when unknown (""): bitback cannot vouch for its history. */
     json_object_object_add(o, "generation",
-                           json_object_new_string(bm->generation));
+                           bm->generation[0]
+                           ? json_object_new_string(bm->generation) : NULL);
     json_object_object_add(o, "persistent",
                            json_object_new_boolean(bm->persistent));
     return o;

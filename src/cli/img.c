@@ -528,8 +528,9 @@ static void print_info_human(struct json_object *o)
         printf("        persistent: %s\n",
                json_object_get_boolean(json_object_object_get(b, "persistent"))
                ? "true" : "false");
-        printf("        generation: %s\n",
-               json_object_get_string(json_object_object_get(b, "generation")));
+        const char *gen =
+            json_object_get_string(json_object_object_get(b, "generation"));
+        printf("        generation: %s\n", gen ? gen : "unknown");
         if (json_object_get_boolean(json_object_object_get(b, "inconsistent"))) {
             printf("        inconsistent: %s (the bitmap can only be removed)\n",
                    json_object_get_string(

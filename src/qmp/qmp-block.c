@@ -74,12 +74,16 @@ static struct json_object *qmp_bitmap_info(BdrvDirtyBitmap *bm)
     json_object_object_add(o, "inconsistent",
                            json_object_new_boolean(bm->inconsistent));
     /* bitback extension: the UUID that changes on every clear (backup
-     * chains compare it).  Copied under bs->lock: a clear rewrites it. */
+     * chains compare it), present only when known (not "").  Copied under
+     * bs->lock: a clear rewrites it. */
     char generation[UUID_STR_LEN];
     pthread_mutex_lock(&bm->bs->lock);
     memcpy(generation, bm->generation, sizeof(generation));
     pthread_mutex_unlock(&bm->bs->lock);
-    json_object_object_add(o, "generation", json_object_new_string(generation));
+    if (generation[0]) {
+        json_object_object_add(o, "generation",
+                               json_object_new_string(generation));
+    }
     return o;
 }
 

@@ -1,20 +1,26 @@
 """Bitmap generations survive reopen for qcow2 images.
 
-A bitmap's generation (a UUID that changes on every clear) is what backup
-chains compare to decide whether an incremental is safe.  qcow2 keeps it in
-bitback's private header extension 0x62626b67 together with the bitmap's
-table offset, trusted only while bitback's autoclear bit (63) is set
-(docs/specs/qcow2.md).  These tests check, with qemu-img as the judge of
-the image, that:
+A bitmap's generation (a UUID that changes on every clear by bitback) is
+what backup chains compare to decide whether an incremental is safe.  qcow2
+keeps it in bitback's private header extension 0x62626b67 together with the
+bitmap's table offset, trusted only while bitback's autoclear bit (63) is
+set (docs/specs/qcow2.md).  A generation bitback cannot vouch for is
+*unknown*: absent in QMP, null in `bitback img info --output=json`, and the
+backup tool does not compare it.  These tests check, with qemu-img as the
+judge of the image, that:
   - the generation is the same on every reopen, changes on clear only;
   - whatever QEMU did to a bitmap, our next open never shows the old
-    generation (QEMU rewrites every bitmap table when it stores bitmaps,
-    and clears the autoclear bit, so even a table that lands back at its
-    old offset does not match);
+    generation: it is unknown (QEMU rewrites every bitmap table when it
+    stores bitmaps, and clears the autoclear bit, so even a table that
+    lands back at its old offset does not match), and it stays unknown
+    across our reopen until bitback clears the bitmap;
   - bitbackd reports it in query-named-block-nodes / query-block, keeps it
     across a clean restart, changes it on block-dirty-bitmap-clear, and a
-    SIGKILL still leaves the bitmap inconsistent;
-  - a damaged extension never crashes and never yields the old generation.
+    SIGKILL leaves the bitmap inconsistent with an unknown generation;
+  - a damaged extension never crashes and never yields the old generation;
+  - end to end: a QEMU session on the image does not force a full backup
+    (`bitback backup --image` stays incremental and restores bit for bit),
+    while a clear by bitback does.
 """
 import json
 import os
@@ -55,7 +61,13 @@ def info_bitmaps(img):
 
 
 def gens(img):
+    """{name: generation}, None when unknown."""
     return {n: b["generation"] for n, b in info_bitmaps(img).items()}
+
+
+def qemu_write(img, cmd):
+    """A QEMU session on the image: it clears our autoclear bit."""
+    run(["qemu-io", "-f", "qcow2", "-c", cmd, img])
 
 
 def qemu_check_clean(img):
@@ -147,16 +159,22 @@ def replace_gen_payload(img, payload, length=None):
 
 
 def assert_our_extension_matches(img):
-    """The extension describes every bitmap with its current table offset
-    and the generation bitback shows."""
+    """The extension describes every bitmap whose generation is known, with
+    its current table offset and the generation bitback shows, and no
+    other; with none known, there is no extension and no autoclear bit."""
     autoclear, exts, tables = header(img)
+    g = gens(img)
+    known = {n: u for n, u in g.items() if u is not None}
+    assert sorted(tables) == sorted(g)
+    if not known:
+        assert GEN_EXT not in exts and not autoclear & GEN_AUTOCLEAR
+        return
     assert autoclear & GEN_AUTOCLEAR
     assert autoclear & 1                      # bitmaps autoclear bit too
     recs = gen_records(exts[GEN_EXT][1])
-    g = gens(img)
-    assert sorted(recs) == sorted(tables) == sorted(g)
+    assert sorted(recs) == sorted(known)
     for name, (toff, uuid) in recs.items():
-        assert toff == tables[name] and uuid == g[name]
+        assert toff == tables[name] and uuid == known[name]
 
 
 # ---- offline ------------------------------------------------------------
@@ -165,6 +183,7 @@ def test_generation_stable_across_reopen(tmp_path):
     img = create(tmp_path / "a.qcow2", "b0", "b1")
     g1 = gens(img)
     assert set(g1) == {"b0", "b1"} and g1["b0"] != g1["b1"]
+    assert None not in g1.values()               # ours: known
     assert gens(img) == g1                       # reopen: the same
     assert_our_extension_matches(img)
 
@@ -215,7 +234,7 @@ def test_generation_stable_across_reopen(tmp_path):
     ["--remove"],            # then --add below: same name, new bitmap
     ["--disable"],           # QEMU does not clear here, but rewrites
 ])
-def test_qemu_rewrite_gives_new_generation(tmp_path, op):
+def test_qemu_rewrite_makes_generation_unknown(tmp_path, op):
     img = create(tmp_path / "q.qcow2", "b0", "other")
     run([BITBACK, "io", "-c", "write 0 64k", img])
     g1 = gens(img)
@@ -235,16 +254,31 @@ def test_qemu_rewrite_gives_new_generation(tmp_path, op):
     assert tables2["b0"] != tables1["b0"]
     assert tables2["other"] != tables1["other"]
 
-    # The safe direction: no bitmap keeps its old generation.
-    g2 = gens(img)
-    assert g2["b0"] != g1["b0"]
-    assert g2["other"] != g1["other"]
+    # No bitmap keeps its old generation, nor gets a made-up one: bitback
+    # cannot vouch for them, so they are unknown (and still consistent).
+    assert None not in g1.values()
+    assert gens(img) == {"b0": None, "other": None}
     b0 = info_bitmaps(img)["b0"]
     assert b0["inconsistent"] is False
+    p = run([BITBACK, "img", "info", img])
+    assert "generation: unknown" in p.stdout
 
-    # The next writable open by bitback records generations again.
+    # Our writable open does not make them known: no records, and unknown
+    # after every reopen.
     run([BITBACK, "bitmap", "--enable", img, "b0"])
+    assert gens(img) == {"b0": None, "other": None}
+    assert_our_extension_matches(img)
+    autoclear, exts, _ = header(img)
+    assert GEN_EXT not in exts and not autoclear & GEN_AUTOCLEAR
+    run([BITBACK, "io", "-c", "write 1M 64k", img])
+    assert gens(img) == {"b0": None, "other": None}
+
+    # A clear by bitback starts a known generation, stable afterwards;
+    # "other" stays unknown.
+    run([BITBACK, "bitmap", "--clear", img, "b0"])
     g3 = gens(img)
+    assert g3["other"] is None and g3["b0"] is not None
+    assert g3["b0"] not in g1.values()
     assert gens(img) == g3
     assert_our_extension_matches(img)
     qemu_check_clean(img)
@@ -252,17 +286,18 @@ def test_qemu_rewrite_gives_new_generation(tmp_path, op):
 
 def test_qemu_add_other_bitmap_and_data_writes(tmp_path):
     """qemu-img bitmap --add of another bitmap and qemu-io writes: QEMU
-    stores every bitmap again; ours get new generations, QEMU's bitmaps and
-    the dirty bits QEMU recorded stay intact."""
+    stores every bitmap again; ours become unknown, QEMU's bitmaps and the
+    dirty bits QEMU recorded stay intact."""
     img = create(tmp_path / "q.qcow2", "b0")
     g1 = gens(img)
+    assert g1["b0"] is not None
     run(["qemu-img", "bitmap", "--add", img, "qemu"])
-    g2 = gens(img)
-    assert g2["b0"] != g1["b0"] and "qemu" in g2
+    assert gens(img) == {"b0": None, "qemu": None}
     run(["qemu-io", "-f", "qcow2", "-c", "write 2M 64k", img])
     bms = info_bitmaps(img)
     assert bms["b0"]["count"] == 64 * 1024 and bms["qemu"]["count"] == 64 * 1024
     assert not bms["b0"]["inconsistent"]
+    assert bms["b0"]["generation"] is None and bms["qemu"]["generation"] is None
     qemu_check_clean(img)
     assert qemu_bitmap_names(img) == ["b0", "qemu"]
 
@@ -270,22 +305,23 @@ def test_qemu_add_other_bitmap_and_data_writes(tmp_path):
 def test_forged_offset_without_autoclear_bit_is_not_trusted(tmp_path):
     """After two QEMU sessions a bitmap table can land at its old offset
     again.  Simulate exactly that: records whose offsets match the tables
-    QEMU wrote.  Without our autoclear bit they must not be used; with it
-    they are (which shows the bit is what protects us)."""
+    QEMU wrote.  Without our autoclear bit they must not be used (the
+    generation is unknown); with it they are (which shows the bit is what
+    protects us)."""
     img = create(tmp_path / "f.qcow2", "b0")
     run(["qemu-img", "bitmap", "--clear", img, "b0"])
     autoclear, exts, tables = header(img)
     assert not autoclear & GEN_AUTOCLEAR
     payload = struct.pack(">II", 1, 1) + gen_record("b0", tables["b0"], UUID_A)
     replace_gen_payload(img, payload)
-    assert gens(img)["b0"] != UUID_A
+    assert gens(img)["b0"] is None
     set_autoclear(img, autoclear | GEN_AUTOCLEAR)
     assert gens(img)["b0"] == UUID_A
     # A record with a different offset is not trusted, bit or not.
     payload = struct.pack(">II", 1, 1) + gen_record("b0", tables["b0"] + 65536,
                                                     UUID_A)
     replace_gen_payload(img, payload)
-    assert gens(img)["b0"] != UUID_A
+    assert gens(img)["b0"] is None
 
 
 # ---- damaged extension ---------------------------------------------------
@@ -335,12 +371,14 @@ def test_damaged_extension(tmp_path, case):
     if case == "control-valid":
         assert b0["generation"] == UUID_A        # the test can tell
     else:
-        assert b0["generation"] != UUID_A        # ignored: a fresh one
+        assert b0["generation"] is None          # ignored: unknown
 
-    # A writable open repairs it: records written again, stable after.
+    # A writable open repairs it: records written again (for the known
+    # generations only), stable after.
     run([BITBACK, "bitmap", "--enable", img, "b0"])
     g = gens(img)
     assert gens(img) == g
+    assert g["b0"] == (UUID_A if case == "control-valid" else None)
     assert_our_extension_matches(img)
     qemu_check_clean(img)
 
@@ -417,14 +455,113 @@ def test_bitbackd_generation(tmp_path):
 
     bms = info_bitmaps(img)
     assert bms["b0"]["inconsistent"] is True
-    assert bms["b0"]["generation"] != g2
+    assert bms["b0"]["generation"] is None
     with Daemon(tmp_path) as d:
         _start(d, "g.qcow2")
         b0 = d.qmp.bitmap("d0", "b0")
-        assert b0["inconsistent"] is True and b0["generation"] != g2
+        assert b0["inconsistent"] is True and "generation" not in b0
+        qb = _query_block_bitmap(d, "b0")
+        assert qb is not None and "generation" not in qb
         assert d.quit() == 0
     # Still in-use (never silently clean), and QEMU agrees.
     p = run(["qemu-img", "info", "--output=json", img])
     flags = json.loads(p.stdout)["format-specific"]["data"]["bitmaps"][0]["flags"]
     assert "in-use" in flags
-    assert info_bitmaps(img)["b0"]["generation"] != g2
+    assert info_bitmaps(img)["b0"]["generation"] is None
+
+
+def test_bitbackd_unknown_generation(tmp_path):
+    """After a QEMU session, bitbackd omits `generation` (unknown) in both
+    queries; block-dirty-bitmap-clear makes it known, and it is kept."""
+    img = create(tmp_path / "u.qcow2", "b0")
+    qemu_write(img, "write -P 3 1M 64k")
+    with Daemon(tmp_path) as d:
+        _start(d, "u.qcow2")
+        b0 = d.qmp.bitmap("d0", "b0")
+        assert b0 is not None and "generation" not in b0, b0
+        assert b0["count"] == 64 * 1024 and b0["inconsistent"] is False
+        qb = _query_block_bitmap(d, "b0")
+        assert qb is not None and "generation" not in qb, qb
+        d.qmp.cmd("block-dirty-bitmap-clear", node="d0", name="b0")
+        g = d.qmp.bitmap("d0", "b0")["generation"]
+        assert len(g) == 36 and _query_block_bitmap(d, "b0")["generation"] == g
+        assert d.quit() == 0
+    assert gens(img) == {"b0": g}
+    assert_our_extension_matches(img)
+    qemu_check_clean(img)
+
+
+# ---- end to end: the backup tool -------------------------------------------
+
+def _backup(img, repo):
+    return run([BITBACK, "backup", "--image", img, "--repo", repo])
+
+
+def _listing(repo):
+    p = run([BITBACK, "list", "--repo", repo, "--output=json"])
+    return json.loads(p.stdout)
+
+
+def _check_restore(img, repo, tmp_path, tag):
+    """`bitback restore --at latest` equals the image as QEMU reads it."""
+    ref = tmp_path / f"ref-{tag}.raw"
+    out = tmp_path / f"out-{tag}.raw"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, ref])
+    run([BITBACK, "restore", "--repo", repo, "--at", "latest", out])
+    run(["cmp", out, ref])
+
+
+def test_backup_after_qemu_session_stays_incremental(tmp_path):
+    """A QEMU session on the image (a VM running on it) makes the bitmap's
+    generation unknown; the next offline backup trusts the bitmap, as QEMU
+    and libvirt do, and takes an incremental that restores bit for bit.  A
+    clear by bitback itself is still caught: a full backup saying why."""
+    img = str(tmp_path / "vm.qcow2")
+    repo = tmp_path / "repo"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
+    qemu_write(img, "write -P 1 0 2M")
+    qemu_write(img, "write -P 2 9M 128K")
+
+    p = _backup(img, repo)
+    lst = _listing(repo)
+    assert [b["level"] for b in lst] == ["full"], p.stderr
+    _check_restore(img, repo, tmp_path, "1")
+    bm = f"bitback-{lst[-1]['id']}"
+    assert gens(img)[bm] is not None             # made by us: known
+
+    # A QEMU session: its write must be in the next incremental.
+    qemu_write(img, "write -P 7 1M 64K")
+    b = info_bitmaps(img)[bm]
+    assert b["generation"] is None and b["count"] == 64 * 1024
+    assert not b["inconsistent"]
+    p = _backup(img, repo)
+    assert "taking a full backup" not in p.stderr, p.stderr
+    lst = _listing(repo)
+    assert [b["level"] for b in lst] == ["full", "inc"]
+    assert lst[-1]["changed-bytes"] == 64 * 1024
+    _check_restore(img, repo, tmp_path, "2")
+    run(["qemu-img", "check", "-q", img])
+
+    # A clear by bitback: a known new generation, so the manifest's no
+    # longer matches and the next backup is a full one, saying why.
+    bm = f"bitback-{lst[-1]['id']}"
+    assert gens(img)[bm] is not None
+    run([BITBACK, "bitmap", "--clear", img, bm])
+    assert info_bitmaps(img)[bm]["count"] == 0
+    p = _backup(img, repo)
+    msgs = [l for l in p.stderr.splitlines() if "taking a full backup" in l]
+    assert len(msgs) == 1 and "cleared" in msgs[0], p.stderr
+    lst = _listing(repo)
+    assert [b["level"] for b in lst] == ["full", "inc", "full"]
+    _check_restore(img, repo, tmp_path, "3")
+
+    # And the chain goes on with incrementals.
+    qemu_write(img, "write -P 9 5M 64K")
+    p = _backup(img, repo)
+    assert "taking a full backup" not in p.stderr, p.stderr
+    lst = _listing(repo)
+    assert [b["level"] for b in lst] == ["full", "inc", "full", "inc"]
+    assert lst[-1]["parent"] == lst[-2]["id"]
+    _check_restore(img, repo, tmp_path, "4")
+    run([BITBACK, "verify", "--repo", repo])
+    qemu_check_clean(img)
