@@ -95,6 +95,7 @@ BdrvDirtyBitmap *bdrv_create_dirty_bitmap(BlockDriverState *bs,
         p = &(*p)->next;
     }
     __atomic_store_n(p, bm, __ATOMIC_RELEASE);
+    bdrv_dirty_bitmaps_changed(bs);
     return bm;
 }
 
@@ -125,6 +126,7 @@ void bdrv_release_dirty_bitmap(BdrvDirtyBitmap *bm)
     }
     pthread_mutex_unlock(&bs->lock);
     dirty_bitmap_free(bm);
+    bdrv_dirty_bitmaps_changed(bs);
 }
 
 void bdrv_release_all_dirty_bitmaps(BlockDriverState *bs)
@@ -163,12 +165,22 @@ bool bdrv_dirty_bitmap_check(const BdrvDirtyBitmap *bm, unsigned flags,
     return true;
 }
 
+void bdrv_dirty_bitmaps_changed(BlockDriverState *bs)
+{
+    __atomic_store_n(&bs->bitmaps_changed, true, __ATOMIC_SEQ_CST);
+}
+
 void bdrv_set_dirty(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
 {
     if (!__atomic_load_n(&bs->dirty_bitmaps, __ATOMIC_ACQUIRE)) {
         return;
     }
     LOCK_GUARD(&bs->lock);
+    bdrv_set_dirty_locked(bs, offset, bytes);
+}
+
+void bdrv_set_dirty_locked(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
     for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
         if (!bm->disabled) {
             hbitmap_set(bm->hb, offset, bytes);
@@ -187,6 +199,7 @@ bool bdrv_clear_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
     LOCK_GUARD(&bm->bs->lock);
     hbitmap_reset_all(bm->hb);
     uuid_generate_str(bm->generation);
+    bdrv_dirty_bitmaps_changed(bm->bs);
     return true;
 }
 
@@ -197,6 +210,7 @@ bool bdrv_enable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
     }
     LOCK_GUARD(&bm->bs->lock);
     bm->disabled = false;
+    bdrv_dirty_bitmaps_changed(bm->bs);
     return true;
 }
 
@@ -207,6 +221,7 @@ bool bdrv_disable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
     }
     LOCK_GUARD(&bm->bs->lock);
     bm->disabled = true;
+    bdrv_dirty_bitmaps_changed(bm->bs);
     return true;
 }
 
@@ -258,6 +273,7 @@ bool bdrv_merge_dirty_bitmaps(BdrvDirtyBitmap *target,
     HBitmap *old = target->hb;
     target->hb = acc;
     hbitmap_free(old);
+    bdrv_dirty_bitmaps_changed(target->bs);
     return true;
 }
 
@@ -265,6 +281,7 @@ void bdrv_dirty_bitmap_set_persistent(BdrvDirtyBitmap *bm, bool persistent)
 {
     LOCK_GUARD(&bm->bs->lock);
     bm->persistent = persistent;
+    bdrv_dirty_bitmaps_changed(bm->bs);
 }
 
 void bdrv_dirty_bitmap_set_busy(BdrvDirtyBitmap *bm, bool busy)
@@ -404,6 +421,7 @@ void bdrv_dirty_bitmap_abdicate(BdrvDirtyBitmap *bm)
     bm->successor = NULL;
     uuid_generate_str(bm->generation);
     dirty_bitmap_free(succ);
+    bdrv_dirty_bitmaps_changed(bm->bs);
 }
 
 void bdrv_dirty_bitmap_reclaim(BdrvDirtyBitmap *bm)
@@ -418,6 +436,7 @@ void bdrv_dirty_bitmap_reclaim(BdrvDirtyBitmap *bm)
     bm->busy = false;
     bm->successor = NULL;
     dirty_bitmap_free(succ);
+    bdrv_dirty_bitmaps_changed(bm->bs);
 }
 
 HBitmap *bdrv_dirty_bitmap_copy_bits(BdrvDirtyBitmap *bm)
@@ -430,6 +449,7 @@ void bdrv_dirty_bitmap_merge_bits(BdrvDirtyBitmap *bm, const HBitmap *bits)
 {
     LOCK_GUARD(&bm->bs->lock);
     hbitmap_merge(bm->hb, bits);
+    bdrv_dirty_bitmaps_changed(bm->bs);
 }
 
 /* ---- transaction undo ---- */
@@ -466,6 +486,7 @@ void bdrv_dirty_bitmap_restore(BdrvDirtyBitmap *bm, BdrvDirtyBitmapBackup *b)
         b->hb = old;
         bm->disabled = b->disabled;
         memcpy(bm->generation, b->generation, sizeof(bm->generation));
+        bdrv_dirty_bitmaps_changed(bm->bs);
     }
     bdrv_dirty_bitmap_backup_free(b);
 }

@@ -49,6 +49,9 @@ struct BdrvDirtyBitmap {
     bool inconsistent;
     char *inconsistent_reason;     /* why, when inconsistent (owned) */
     char generation[UUID_STR_LEN]; /* "" when unknown */
+    bool recovered;                /* rebuilt from the write-intent log
+                                      after a crash (write-intent.h) */
+    uint64_t recovered_bytes;      /* dirty bytes the recovery added */
     BdrvDirtyBitmap *successor;    /* backup jobs: new writes go here too */
     BdrvDirtyBitmap *next;
 };
@@ -83,6 +86,10 @@ bool bdrv_dirty_bitmap_check(const BdrvDirtyBitmap *bm, unsigned flags,
 /* Mark [offset, offset+bytes) in every enabled bitmap of bs (and their
  * successors). */
 void bdrv_set_dirty(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
+void bdrv_set_dirty_locked(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
+/* Note that bs's bitmaps changed in a way the write-intent log must save
+ * (add, remove, clear, enable, disable, merge, successor end). */
+void bdrv_dirty_bitmaps_changed(BlockDriverState *bs);
 
 /* User operations: each checks the bitmap (busy, inconsistent) first. */
 bool bdrv_clear_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp);  /* new generation */

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/write-intent.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
@@ -266,9 +267,21 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
         }
     }
 
-    bool ro;
-    if (!opt_bool(options, "read-only", !(flags & BDRV_O_RDWR), &ro, errp)) {
+    bool ro, crash_safe;
+    if (!opt_bool(options, "read-only", !(flags & BDRV_O_RDWR), &ro, errp) ||
+        !opt_bool(options, "crash-safe", true, &crash_safe, errp)) {
         return NULL;
+    }
+    /* "crash-safe" is the block layer's (write-intent.h): drivers do not
+     * see it. */
+    _cleanup_json_ struct json_object *drv_options = NULL;
+    if (json_object_object_get_ex(options, "crash-safe", NULL)) {
+        if (json_object_deep_copy(options, &drv_options, NULL) < 0) {
+            error_setg(errp, "out of memory");
+            return NULL;
+        }
+        json_object_object_del(drv_options, "crash-safe");
+        options = drv_options;
     }
     flags = ro ? (flags & ~BDRV_O_RDWR) : (flags | BDRV_O_RDWR);
     struct json_object *cache;
@@ -288,6 +301,7 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
         return NULL;
     }
     bs->read_only = ro;
+    bs->crash_safe = crash_safe;
     bs->open_flags = flags;
     if (node_name) {
         bs->node_name = strdup(node_name);
@@ -344,6 +358,12 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
         goto fail;
     }
     bs->size = (uint64_t)len;
+    if (!write_intent_open(bs, errp)) {
+        if (drv->close) {
+            drv->close(bs);
+        }
+        goto fail;
+    }
     graph_link(bs);
     return bs;
 
@@ -531,6 +551,7 @@ void bdrv_ref(BlockDriverState *bs)
 static bool bdrv_do_close(BlockDriverState *bs, Error **errp)
 {
     bool ok = true;
+    write_intent_close_begin(bs);
     if (!bs->read_only && bs->drv->store_bitmaps) {
         Error *err = NULL;
         if (!bs->drv->store_bitmaps(bs, &err)) {
@@ -540,6 +561,9 @@ static bool bdrv_do_close(BlockDriverState *bs, Error **errp)
             ok = false;
         }
     }
+    /* Invariant 7 of write-intent.md: the log goes inactive only once the
+     * format holds the bitmaps. */
+    write_intent_close_end(bs, ok);
     if (bs->drv->close) {
         bs->drv->close(bs);
     }
@@ -933,9 +957,12 @@ int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
         return 0;
     }
     bool counted = write_enter(bs);
-    /* Invariant 1: the bitmaps know about the write before the data lands. */
-    bdrv_set_dirty(bs, offset, bytes);
-    r = run_write_hooks(bs, offset, bytes);
+    /* Invariant 1: the bitmaps know about the write before the data lands
+     * (and, crash-safe, durably: write-intent.h). */
+    r = write_intent_mark(bs, offset, bytes);
+    if (r == 0) {
+        r = run_write_hooks(bs, offset, bytes);
+    }
     if (r < 0) {
         write_leave(bs, counted);
         return r;
@@ -1049,8 +1076,10 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
         return 0;
     }
     bool counted = write_enter(bs);
-    bdrv_set_dirty(bs, offset, bytes);
-    r = run_write_hooks(bs, offset, bytes);
+    r = write_intent_mark(bs, offset, bytes);
+    if (r == 0) {
+        r = run_write_hooks(bs, offset, bytes);
+    }
     if (r < 0) {
         write_leave(bs, counted);
         return r;
@@ -1082,8 +1111,10 @@ int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
     }
     bool counted = write_enter(bs);
     /* Discarded data may read back differently: that is a change. */
-    bdrv_set_dirty(bs, offset, bytes);
-    r = run_write_hooks(bs, offset, bytes);
+    r = write_intent_mark(bs, offset, bytes);
+    if (r == 0) {
+        r = run_write_hooks(bs, offset, bytes);
+    }
     if (r < 0) {
         write_leave(bs, counted);
         return r;
@@ -1110,7 +1141,11 @@ int bdrv_flush(BlockDriverState *bs)
     if (bs->read_only || !bs->drv->flush) {
         return 0;
     }
-    return bs->drv->flush(bs);
+    int r = bs->drv->flush(bs);
+    if (r == 0) {
+        write_intent_flushed(bs);
+    }
+    return r;
 }
 
 static int layer_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,

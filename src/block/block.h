@@ -149,6 +149,16 @@ struct BlockDriverState {
     const char *job_blocker;       /* non-NULL while a job uses the node:
                                       the job's id, for "in use" errors
                                       (main thread) */
+
+    /* Crash-safe bitmaps (write-intent.h). */
+    bool crash_safe;               /* option "crash-safe" (default on) */
+    bool bitmaps_foreign_writes;   /* set by a driver's open when another
+                                      program may have written the image
+                                      since our last session: no recovery */
+    bool bitmaps_changed;          /* (atomic) a bitmap was added, removed,
+                                      cleared, enabled, disabled, merged:
+                                      the log must save it */
+    struct WriteIntent *wil;       /* NULL: not crash-safe or read-only */
 };
 
 /* Registry of drivers (file, raw, qbm, ...). */

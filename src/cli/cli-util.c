@@ -165,5 +165,12 @@ struct json_object *cli_bitmap_info(BdrvDirtyBitmap *bm)
                            ? json_object_new_string(bm->generation) : NULL);
     json_object_object_add(o, "persistent",
                            json_object_new_boolean(bm->persistent));
+    /* Rebuilt after a crash from the write-intent log, and what that added
+     * (docs/specs/write-intent.md). */
+    json_object_object_add(o, "recovered", json_object_new_boolean(bm->recovered));
+    if (bm->recovered) {
+        json_object_object_add(o, "recovered-bytes",
+                               json_object_new_int64((int64_t)bm->recovered_bytes));
+    }
     return o;
 }

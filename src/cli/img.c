@@ -531,6 +531,12 @@ static void print_info_human(struct json_object *o)
         const char *gen =
             json_object_get_string(json_object_object_get(b, "generation"));
         printf("        generation: %s\n", gen ? gen : "unknown");
+        if (json_object_get_boolean(json_object_object_get(b, "recovered"))) {
+            uint64_t added = (uint64_t)json_object_get_int64(
+                json_object_object_get(b, "recovered-bytes"));
+            printf("        recovered: after a crash, from the write-intent log "
+                   "(%s added)\n", cli_size_to_str(added, buf, sizeof(buf)));
+        }
         if (json_object_get_boolean(json_object_object_get(b, "inconsistent"))) {
             printf("        inconsistent: %s (the bitmap can only be removed)\n",
                    json_object_get_string(

@@ -38,6 +38,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "block/write-intent.h"
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 
@@ -138,6 +139,7 @@ int qmp_main_loop_run_pending(void)
         QmpScheduled *next = list->next;
         list->fn(list->opaque);
         free(list);
+        write_intent_sync_all_changed();     /* a job ended: its bitmaps */
         list = next;
         n++;
     }
@@ -305,6 +307,9 @@ static void qmp_client_handle(QmpClient *c, struct json_object *req)
         return;
     }
     _cleanup_json_ struct json_object *reply = qmp_dispatch(req);
+    /* Bitmap changes the command made (add, clear, a transaction, ...) are
+     * durable before the reply (write-intent.md, invariant 9). */
+    write_intent_sync_all_changed();
     /* Events emitted before or while the command ran go out before its
      * reply (QEMU emits them synchronously), so a client that sees a job's
      * new status in a reply has already received its JOB_STATUS_CHANGE. */

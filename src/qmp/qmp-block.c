@@ -77,9 +77,20 @@ static struct json_object *qmp_bitmap_info(BdrvDirtyBitmap *bm)
      * chains compare it), present only when known (not "").  Copied under
      * bs->lock: a clear rewrites it. */
     char generation[UUID_STR_LEN];
+    bool recovered;
+    uint64_t recovered_bytes;
     pthread_mutex_lock(&bm->bs->lock);
     memcpy(generation, bm->generation, sizeof(generation));
+    recovered = bm->recovered;
+    recovered_bytes = bm->recovered_bytes;
     pthread_mutex_unlock(&bm->bs->lock);
+    /* bitback extensions (docs/specs/write-intent.md): rebuilt from the
+     * write-intent log after a crash, and what that added. */
+    json_object_object_add(o, "recovered", json_object_new_boolean(recovered));
+    if (recovered) {
+        json_object_object_add(o, "recovered-bytes",
+                               json_object_new_int64((int64_t)recovered_bytes));
+    }
     if (generation[0]) {
         json_object_object_add(o, "generation",
                                json_object_new_string(generation));

@@ -498,6 +498,12 @@ def test_sigkill_leaves_bitmap_inconsistent(tmp_path):
     proc.stdout.close()
     proc.stderr.close()
 
+    # Crash-safe (the default): recovered from the write-intent log.
+    bm = bitmaps_of(qbm)["b0"]
+    assert bm["inconsistent"] is False and bm["recovered"] is True, bm
+    assert bm["count"] >= 64 * 1024
+    # Without the log (lost, or crash-safe=off) the clean flag decides.
+    os.unlink(str(qbm) + ".wil")
     bm = bitmaps_of(qbm)["b0"]
     assert bm["inconsistent"] is True
     assert "in-use" in bm["flags"] and "auto" not in bm["flags"]

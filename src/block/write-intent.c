@@ -1,0 +1,1024 @@
+/*
+ * The write-intent log (write-intent.h, docs/specs/write-intent.md).
+ *
+ * A node's persistent bitmaps live in memory and reach the image only at a
+ * clean close.  This file makes them survive a crash cheaply: a coarse map
+ * of regions that may hold unsaved writes is made durable *before* the
+ * first write to a region (group commit), and the fine bitmaps are saved
+ * lazily in alternating snapshot slots, after which the map is reset to
+ * the regions written since.  Recovery is snapshot ∪ marked regions.
+ *
+ * Locks, always taken in this order (never the other way round):
+ *   io_lock   serializes every write to the .wil file (map, slots, header)
+ *   bs->lock  the bitmaps (dirty-bitmap.h), and here: active, durable[],
+ *             epoch[], cur_epoch, n_marked -- so checking a region and
+ *             setting a write's bits is one step (invariant 2)
+ *   mu        pending[], syncing, io_error, the thread's wake-up flags
+ * Writers hold only bs->lock or only mu, never across I/O.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "block/block.h"
+#include "block/write-intent.h"
+#include "bitmap/dirty-bitmap.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+
+#define WIL_MAGIC        "BBWIL\0v1"
+#define WIL_SLOT_MAGIC   "BBWSNAP1"
+#define WIL_HEADER_SIZE  4096u
+#define WIL_HEADER_USED  56u
+#define WIL_SLOT_HEADER  32u
+#define WIL_STATE_INACTIVE 0u
+#define WIL_STATE_ACTIVE   1u
+#define WIL_MAX_SLOT     (1ull << 34)      /* 16 GiB: more is corruption */
+#define WIL_MIN_SHIFT    16
+#define WIL_MAX_SHIFT    40
+
+struct WriteIntent {
+    BlockDriverState *bs;
+    char *path;
+    int fd;                        /* -1 until activated */
+    unsigned shift;
+    uint64_t image_size;
+    uint64_t n_regions;
+    uint64_t map_bytes;            /* padded to 4096 */
+    uint64_t slot_off[2];
+    uint64_t slot_size;
+    int newest_slot;               /* -1: none written in this session */
+    uint64_t snap_seq;
+
+    /* bs->lock */
+    bool active;
+    uint8_t *durable;
+    uint32_t *epoch;
+    uint32_t cur_epoch;
+    uint64_t n_marked;
+
+    /* mu */
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    uint8_t *pending;
+    bool syncing;
+    int io_error;
+    bool stop;
+    bool kick;
+    double last_flush_snapshot;
+    double last_snapshot;
+    pthread_t thread;
+    bool thread_started;
+
+    pthread_mutex_t io_lock;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static inline bool bit_get(const uint8_t *m, uint64_t i)
+{
+    return m[i >> 3] & (1u << (i & 7));
+}
+
+static inline void bit_set(uint8_t *m, uint64_t i)
+{
+    m[i >> 3] |= (uint8_t)(1u << (i & 7));
+}
+
+static void st64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) {
+        p[i] = (uint8_t)(v >> (8 * i));
+    }
+}
+
+static void st32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++) {
+        p[i] = (uint8_t)(v >> (8 * i));
+    }
+}
+
+static void st16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static uint64_t ld64(const uint8_t *p)
+{
+    uint64_t v = 0;
+
+    for (int i = 7; i >= 0; i--) {
+        v = (v << 8) | p[i];
+    }
+    return v;
+}
+
+static uint32_t ld32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
+}
+
+static uint16_t ld16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const uint8_t *p = buf;
+
+    while (len) {
+        ssize_t n = pwrite(fd, p, len, (off_t)off);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return n < 0 ? -errno : -EIO;
+        }
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int pread_all(int fd, void *buf, size_t len, uint64_t off)
+{
+    uint8_t *p = buf;
+
+    while (len) {
+        ssize_t n = pread(fd, p, len, (off_t)off);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            return -errno;
+        }
+        if (n == 0) {
+            return -EIO;                       /* short file */
+        }
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static char *wil_path(BlockDriverState *bs)
+{
+    char *p = NULL;
+
+    if (!bs->filename || asprintf(&p, "%s.wil", bs->filename) < 0) {
+        return NULL;
+    }
+    return p;
+}
+
+/* ---- the file's header ---- */
+
+typedef struct WilHeader {
+    uint32_t state;
+    uint32_t shift;
+    uint64_t image_size;
+    uint64_t slot_off[2];
+    uint64_t slot_size;
+} WilHeader;
+
+static void header_encode(const WilHeader *h, uint8_t buf[WIL_HEADER_SIZE])
+{
+    memset(buf, 0, WIL_HEADER_SIZE);
+    memcpy(buf, WIL_MAGIC, 8);
+    st32(buf + 8, h->state);
+    st32(buf + 12, h->shift);
+    st64(buf + 16, h->image_size);
+    st64(buf + 24, h->slot_off[0]);
+    st64(buf + 32, h->slot_off[1]);
+    st64(buf + 40, h->slot_size);
+    st64(buf + 48, XXH64(buf, 48, 0));
+}
+
+static bool header_decode(const uint8_t *buf, WilHeader *h)
+{
+    if (memcmp(buf, WIL_MAGIC, 8) || ld64(buf + 48) != XXH64(buf, 48, 0)) {
+        return false;
+    }
+    h->state = ld32(buf + 8);
+    h->shift = ld32(buf + 12);
+    h->image_size = ld64(buf + 16);
+    h->slot_off[0] = ld64(buf + 24);
+    h->slot_off[1] = ld64(buf + 32);
+    h->slot_size = ld64(buf + 40);
+    return h->shift >= WIL_MIN_SHIFT && h->shift <= WIL_MAX_SHIFT &&
+           h->slot_size >= WIL_SLOT_HEADER && h->slot_size <= WIL_MAX_SLOT;
+}
+
+static uint64_t map_bytes_for(uint64_t n_regions)
+{
+    return ROUND_UP(DIV_ROUND_UP(MAX(n_regions, 1), 8), 4096);
+}
+
+/* ---- snapshots ---- */
+
+/* The payload of a snapshot of every persistent bitmap (caller holds
+ * bs->lock).  A bitmap with a successor (a backup job) is saved merged with
+ * it, as a failed job would leave it (invariant 9). */
+static uint8_t *snapshot_payload_locked(BlockDriverState *bs, size_t *ret_len)
+{
+    size_t len = 4;
+    uint32_t count = 0;
+    uint8_t *buf, *p;
+
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        if (bm->persistent && !bm->inconsistent) {
+            len += 2 + strlen(bm->name) + 4 + 4 + 36 + 8 +
+                   hbitmap_serialized_size(bm->hb);
+            count++;
+        }
+    }
+    buf = calloc(1, len);
+    if (!buf) {
+        return NULL;
+    }
+    st32(buf, count);
+    p = buf + 4;
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        size_t nl;
+        uint64_t sz;
+
+        if (!bm->persistent || bm->inconsistent) {
+            continue;
+        }
+        nl = strlen(bm->name);
+        sz = hbitmap_serialized_size(bm->hb);
+        st16(p, (uint16_t)nl);
+        memcpy(p + 2, bm->name, nl);
+        p += 2 + nl;
+        st32(p, bm->granularity);
+        st32(p + 4, bm->disabled ? 1u : 0u);
+        if (bm->generation[0]) {
+            memcpy(p + 8, bm->generation, 36);
+        }
+        st64(p + 44, sz);
+        p += 52;
+        if (bm->successor) {
+            HBitmap *m = hbitmap_copy(bm->hb);
+
+            if (!m) {
+                free(buf);
+                return NULL;
+            }
+            hbitmap_merge(m, bm->successor->hb);
+            hbitmap_serialize_part(m, p, 0, hbitmap_nb_bits(m));
+            hbitmap_free(m);
+        } else {
+            hbitmap_serialize_part(bm->hb, p, 0, hbitmap_nb_bits(bm->hb));
+        }
+        p += sz;
+    }
+    *ret_len = len;
+    return buf;
+}
+
+/* Write the header (caller holds io_lock). */
+static int write_header(WriteIntent *w, uint32_t state)
+{
+    WilHeader h = {
+        .state = state, .shift = w->shift, .image_size = w->image_size,
+        .slot_off = { w->slot_off[0], w->slot_off[1] },
+        .slot_size = w->slot_size,
+    };
+    uint8_t buf[WIL_HEADER_SIZE];
+    int r;
+
+    header_encode(&h, buf);
+    r = pwrite_all(w->fd, buf, sizeof(buf), 0);
+    if (r == 0 && fdatasync(w->fd) < 0) {
+        r = -errno;
+    }
+    return r;
+}
+
+/* Write payload as the next snapshot (caller holds io_lock): into the slot
+ * that does not hold the newest one, or into two new bigger slots at the
+ * end of the file followed by a header pointing at them (invariant 5). */
+static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
+                          uint32_t state_after_grow)
+{
+    _cleanup_free_ uint8_t *slot = NULL;
+    int target;
+    bool grow = WIL_SLOT_HEADER + len > w->slot_size;
+    int r;
+
+    if (grow) {
+        struct stat st;
+        uint64_t size = ROUND_UP((WIL_SLOT_HEADER + len) * 2, 4096);
+        uint64_t end;
+
+        if (fstat(w->fd, &st) < 0) {
+            return -errno;
+        }
+        end = ROUND_UP(MAX((uint64_t)st.st_size,
+                           WIL_HEADER_SIZE + w->map_bytes), 4096);
+        end = MAX(end, w->slot_off[1] + w->slot_size);
+        w->slot_off[0] = end;
+        w->slot_off[1] = end + size;
+        w->slot_size = size;
+        w->newest_slot = -1;
+    }
+    target = w->newest_slot == 0 ? 1 : 0;
+    slot = calloc(1, WIL_SLOT_HEADER + len);
+    if (!slot) {
+        return -ENOMEM;
+    }
+    memcpy(slot, WIL_SLOT_MAGIC, 8);
+    st64(slot + 8, w->snap_seq + 1);
+    st64(slot + 16, len);
+    st64(slot + 24, XXH64(payload, len, 0));
+    memcpy(slot + WIL_SLOT_HEADER, payload, len);
+    r = pwrite_all(w->fd, slot, WIL_SLOT_HEADER + len, w->slot_off[target]);
+    if (r == 0 && fdatasync(w->fd) < 0) {
+        r = -errno;
+    }
+    if (r == 0 && grow) {
+        r = write_header(w, state_after_grow);
+    }
+    if (r == 0) {
+        w->snap_seq++;
+        w->newest_slot = target;
+    }
+    return r;
+}
+
+/* Write the intent map: durable (reset: only regions stamped with epoch
+ * >= reset_epoch) plus every pending region, sync, and then count the
+ * pending ones durable.  Caller holds io_lock (invariants 3 and 4). */
+static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
+{
+    BlockDriverState *bs = w->bs;
+    _cleanup_free_ uint8_t *map = calloc(1, w->map_bytes);
+    _cleanup_free_ uint8_t *take = calloc(1, w->map_bytes);
+    uint64_t bytes = DIV_ROUND_UP(w->n_regions, 8);
+    int r;
+
+    if (!map || !take) {
+        return -ENOMEM;
+    }
+    pthread_mutex_lock(&bs->lock);
+    if (reset) {
+        memset(w->durable, 0, bytes);
+        for (uint64_t i = 0; i < w->n_regions; i++) {
+            if (w->epoch[i] && (int32_t)(w->epoch[i] - reset_epoch) >= 0) {
+                bit_set(w->durable, i);
+            }
+        }
+    }
+    pthread_mutex_lock(&w->mu);
+    memcpy(take, w->pending, bytes);
+    memset(w->pending, 0, bytes);
+    pthread_mutex_unlock(&w->mu);
+    for (uint64_t i = 0; i < bytes; i++) {
+        map[i] = w->durable[i] | take[i];
+    }
+    pthread_mutex_unlock(&bs->lock);
+
+    r = pwrite_all(w->fd, map, w->map_bytes, WIL_HEADER_SIZE);
+    if (r == 0 && fdatasync(w->fd) < 0) {
+        r = -errno;
+    }
+
+    pthread_mutex_lock(&bs->lock);
+    if (r == 0) {
+        uint64_t n = 0;
+
+        for (uint64_t i = 0; i < bytes; i++) {
+            w->durable[i] |= take[i];
+            n += (uint64_t)__builtin_popcount(w->durable[i]);
+        }
+        w->n_marked = n;
+    }
+    pthread_mutex_unlock(&bs->lock);
+    if (r < 0) {
+        pthread_mutex_lock(&w->mu);
+        w->io_error = r;
+        pthread_mutex_unlock(&w->mu);
+    }
+    return r;
+}
+
+/*
+ * Take a snapshot: copy the bitmaps and start a new epoch in one critical
+ * section (invariant 2), write it, then reset the map to the regions
+ * written since.  With activate, this also starts the log (invariant 8):
+ * the map is zeroed, the header says active.
+ */
+static int take_snapshot(WriteIntent *w, bool activate)
+{
+    BlockDriverState *bs = w->bs;
+    _cleanup_free_ uint8_t *payload = NULL;
+    size_t len = 0;
+    uint32_t epoch;
+    int r;
+
+    pthread_mutex_lock(&w->io_lock);
+    pthread_mutex_lock(&bs->lock);
+    if (!activate && !w->active) {
+        pthread_mutex_unlock(&bs->lock);
+        pthread_mutex_unlock(&w->io_lock);
+        return 0;
+    }
+    payload = snapshot_payload_locked(bs, &len);
+    epoch = ++w->cur_epoch;
+    if (activate && payload) {
+        memset(w->durable, 0, w->map_bytes);
+        w->n_marked = 0;
+        w->active = true;
+    }
+    pthread_mutex_unlock(&bs->lock);
+    if (!payload) {
+        pthread_mutex_unlock(&w->io_lock);
+        return -ENOMEM;
+    }
+    if (activate) {
+        _cleanup_free_ uint8_t *zero = calloc(1, w->map_bytes);
+
+        r = zero ? pwrite_all(w->fd, zero, w->map_bytes, WIL_HEADER_SIZE)
+                 : -ENOMEM;
+        if (r == 0) {
+            r = write_snapshot(w, payload, len, WIL_STATE_ACTIVE);
+        }
+        if (r == 0) {
+            r = write_header(w, WIL_STATE_ACTIVE);
+        }
+    } else {
+        r = write_snapshot(w, payload, len, WIL_STATE_ACTIVE);
+    }
+    if (r == 0) {
+        r = write_map(w, true, epoch);
+    } else {
+        pthread_mutex_lock(&w->mu);
+        w->io_error = r;
+        pthread_mutex_unlock(&w->mu);
+    }
+    pthread_mutex_unlock(&w->io_lock);
+    pthread_mutex_lock(&w->mu);
+    w->last_snapshot = now_s();
+    pthread_mutex_unlock(&w->mu);
+    return r;
+}
+
+/* ---- the background thread ---- */
+
+static void *wil_thread(void *opaque)
+{
+    WriteIntent *w = opaque;
+
+    bdrv_thread_set_internal();
+    pthread_mutex_lock(&w->mu);
+    while (!w->stop) {
+        struct timespec ts;
+        bool due;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += WIL_SNAPSHOT_INTERVAL_MS / 1000;
+        if (!w->kick) {
+            pthread_cond_timedwait(&w->cond, &w->mu, &ts);
+        }
+        if (w->stop) {
+            break;
+        }
+        due = w->kick ||
+              now_s() - w->last_snapshot >= WIL_SNAPSHOT_INTERVAL_MS / 1000.0;
+        w->kick = false;
+        pthread_mutex_unlock(&w->mu);
+        if (due) {
+            bool marked;
+
+            pthread_mutex_lock(&w->bs->lock);
+            marked = w->active && w->n_marked > 0;
+            pthread_mutex_unlock(&w->bs->lock);
+            if (marked || __atomic_exchange_n(&w->bs->bitmaps_changed, false,
+                                              __ATOMIC_SEQ_CST)) {
+                take_snapshot(w, false);
+            }
+        }
+        pthread_mutex_lock(&w->mu);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+static void kick(WriteIntent *w)
+{
+    pthread_mutex_lock(&w->mu);
+    w->kick = true;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* ---- the write path ---- */
+
+/* Ask for regions [r0, r1] to become durable; returns when a map write that
+ * may include them finished (the caller re-checks). */
+static int request_regions(WriteIntent *w, uint64_t r0, uint64_t r1)
+{
+    int r;
+
+    pthread_mutex_lock(&w->mu);
+    if (w->io_error) {
+        r = w->io_error;
+        pthread_mutex_unlock(&w->mu);
+        return r;
+    }
+    for (uint64_t i = r0; i <= r1; i++) {
+        bit_set(w->pending, i);
+    }
+    if (w->syncing) {
+        /* Someone is writing the map: wait, then the caller re-checks (it
+         * may have taken our regions, else we become the next writer). */
+        while (w->syncing) {
+            pthread_cond_wait(&w->cond, &w->mu);
+        }
+        r = w->io_error;
+        pthread_mutex_unlock(&w->mu);
+        return r;
+    }
+    w->syncing = true;
+    pthread_mutex_unlock(&w->mu);
+
+    pthread_mutex_lock(&w->io_lock);
+    r = write_map(w, false, 0);
+    pthread_mutex_unlock(&w->io_lock);
+
+    pthread_mutex_lock(&w->mu);
+    w->syncing = false;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->mu);
+    return r;
+}
+
+int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
+    WriteIntent *w = bs->wil;
+    uint64_t r0, r1;
+    bool over = false;
+
+    if (!w || bytes == 0) {
+        bdrv_set_dirty(bs, offset, bytes);
+        return 0;
+    }
+    r0 = offset >> w->shift;
+    r1 = (offset + bytes - 1) >> w->shift;
+    if (r1 >= w->n_regions) {
+        r1 = w->n_regions - 1;
+    }
+    for (;;) {
+        bool all = true;
+        int r;
+
+        pthread_mutex_lock(&bs->lock);
+        if (!w->active) {
+            bdrv_set_dirty_locked(bs, offset, bytes);
+            pthread_mutex_unlock(&bs->lock);
+            return 0;
+        }
+        for (uint64_t i = r0; i <= r1 && r0 < w->n_regions; i++) {
+            if (!bit_get(w->durable, i)) {
+                all = false;
+                break;
+            }
+        }
+        if (all) {
+            for (uint64_t i = r0; i <= r1 && r0 < w->n_regions; i++) {
+                w->epoch[i] = w->cur_epoch;
+            }
+            bdrv_set_dirty_locked(bs, offset, bytes);
+            over = w->n_marked > WIL_MAX_MARKED_REGIONS;
+            pthread_mutex_unlock(&bs->lock);
+            if (over) {
+                kick(w);
+            }
+            return 0;
+        }
+        pthread_mutex_unlock(&bs->lock);
+        r = request_regions(w, r0, r1);
+        if (r < 0) {
+            return r;
+        }
+    }
+}
+
+void write_intent_flushed(BlockDriverState *bs)
+{
+    WriteIntent *w = bs->wil;
+    bool due;
+
+    if (!w) {
+        return;
+    }
+    pthread_mutex_lock(&w->mu);
+    due = now_s() - w->last_flush_snapshot >= 1.0;
+    if (due) {
+        w->last_flush_snapshot = now_s();
+        w->kick = true;
+        pthread_cond_broadcast(&w->cond);
+    }
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* ---- open, recovery, close ---- */
+
+static bool has_persistent_bitmaps(BlockDriverState *bs)
+{
+    bool any = false;
+
+    pthread_mutex_lock(&bs->lock);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        any |= bm->persistent;
+    }
+    pthread_mutex_unlock(&bs->lock);
+    return any;
+}
+
+/* The newest valid snapshot of the file (malloc'd payload) or NULL. */
+static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
+                                     uint64_t file_size, size_t *ret_len,
+                                     uint64_t *ret_seq)
+{
+    uint8_t *best = NULL;
+    uint64_t best_seq = 0;
+
+    for (int i = 0; i < 2; i++) {
+        uint8_t sh[WIL_SLOT_HEADER];
+        uint64_t len;
+        uint8_t *p;
+
+        if (h->slot_off[i] < WIL_HEADER_SIZE ||
+            h->slot_off[i] > file_size ||
+            file_size - h->slot_off[i] < WIL_SLOT_HEADER ||
+            pread_all(fd, sh, sizeof(sh), h->slot_off[i]) < 0 ||
+            memcmp(sh, WIL_SLOT_MAGIC, 8)) {
+            continue;
+        }
+        len = ld64(sh + 16);
+        if (len > h->slot_size - WIL_SLOT_HEADER ||
+            len > file_size - h->slot_off[i] - WIL_SLOT_HEADER ||
+            (best && ld64(sh + 8) <= best_seq)) {
+            continue;
+        }
+        p = malloc(len ? len : 1);
+        if (!p) {
+            continue;
+        }
+        if (pread_all(fd, p, len, h->slot_off[i] + WIL_SLOT_HEADER) < 0 ||
+            XXH64(p, len, 0) != ld64(sh + 24)) {
+            free(p);
+            continue;
+        }
+        free(best);
+        best = p;
+        best_seq = ld64(sh + 8);
+        *ret_len = len;
+    }
+    *ret_seq = best_seq;
+    return best;
+}
+
+/* Apply a snapshot and the marked regions to the bitmaps the format could
+ * not load cleanly (invariant 6).  Returns how many were recovered. */
+static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
+                   uint64_t n_regions, const uint8_t *payload, size_t len)
+{
+    const uint8_t *p = payload, *end = payload + len;
+    uint32_t count;
+    int recovered = 0;
+
+    if (len < 4) {
+        return 0;
+    }
+    count = ld32(p);
+    p += 4;
+    for (uint32_t k = 0; k < count; k++) {
+        char name[BDRV_BITMAP_MAX_NAME + 1];
+        uint16_t nl;
+        uint32_t gran, flags;
+        char gen[UUID_STR_LEN];
+        uint64_t sz;
+        BdrvDirtyBitmap *bm;
+
+        if (end - p < 2) {
+            return recovered;
+        }
+        nl = ld16(p);
+        if (nl > BDRV_BITMAP_MAX_NAME || (size_t)(end - p) < 2u + nl + 52u) {
+            return recovered;
+        }
+        memcpy(name, p + 2, nl);
+        name[nl] = '\0';
+        p += 2 + nl;
+        gran = ld32(p);
+        flags = ld32(p + 4);
+        memcpy(gen, p + 8, 36);
+        gen[36] = '\0';
+        sz = ld64(p + 44);
+        p += 52;
+        if (sz > (uint64_t)(end - p)) {
+            return recovered;
+        }
+        pthread_mutex_lock(&bs->lock);
+        bm = bdrv_find_dirty_bitmap_locked(bs, name);
+        if (bm && bm->persistent && bm->inconsistent && bm->granularity == gran &&
+            hbitmap_serialized_size(bm->hb) == sz) {
+            uint64_t before;
+
+            hbitmap_reset_all(bm->hb);
+            hbitmap_deserialize_part(bm->hb, p, 0, hbitmap_nb_bits(bm->hb));
+            before = hbitmap_count_bytes(bm->hb);
+            for (uint64_t r = 0; r < n_regions; r++) {
+                if (bit_get(map, r)) {
+                    uint64_t off = r << h->shift;
+                    uint64_t size = hbitmap_size(bm->hb);
+
+                    if (off < size) {
+                        hbitmap_set(bm->hb, off, MIN(1ull << h->shift, size - off));
+                    }
+                }
+            }
+            bm->inconsistent = false;
+            free(bm->inconsistent_reason);
+            bm->inconsistent_reason = NULL;
+            bm->disabled = flags & 1;
+            if (uuid_is_valid_str(gen)) {
+                memcpy(bm->generation, gen, UUID_STR_LEN);
+            } else {
+                bm->generation[0] = '\0';
+            }
+            bm->recovered = true;
+            bm->recovered_bytes = hbitmap_count_bytes(bm->hb) - before;
+            recovered++;
+        }
+        pthread_mutex_unlock(&bs->lock);
+        p += sz;
+    }
+    return recovered;
+}
+
+/* Read IMAGE.wil if it is active and recover from it.  Never fails: a log
+ * that cannot be used leaves the bitmaps as the format loaded them
+ * (inconsistent: the safe side).  *ret_seq: the newest snapshot's seq. */
+static void try_recover(BlockDriverState *bs, const char *path,
+                        uint64_t *ret_seq)
+{
+    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    uint8_t hbuf[WIL_HEADER_SIZE];
+    WilHeader h;
+    struct stat st;
+    uint64_t n_regions, map_bytes;
+    _cleanup_free_ uint8_t *map = NULL;
+    _cleanup_free_ uint8_t *payload = NULL;
+    size_t len = 0;
+    bool any_inconsistent = false;
+
+    *ret_seq = 0;
+    if (fd < 0 || fstat(fd, &st) < 0 ||
+        pread_all(fd, hbuf, sizeof(hbuf), 0) < 0 || !header_decode(hbuf, &h)) {
+        return;
+    }
+    payload = read_newest_snapshot(fd, &h, (uint64_t)st.st_size, &len, ret_seq);
+    if (h.state != WIL_STATE_ACTIVE || h.image_size != bs->size ||
+        bs->bitmaps_foreign_writes || !payload) {
+        return;
+    }
+    pthread_mutex_lock(&bs->lock);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        any_inconsistent |= bm->persistent && bm->inconsistent;
+    }
+    pthread_mutex_unlock(&bs->lock);
+    if (!any_inconsistent) {
+        return;                        /* a clean format wins (invariant 7) */
+    }
+    n_regions = DIV_ROUND_UP(h.image_size, 1ull << h.shift);
+    map_bytes = map_bytes_for(n_regions);
+    if ((uint64_t)st.st_size < WIL_HEADER_SIZE + map_bytes) {
+        return;
+    }
+    map = malloc(map_bytes);
+    if (!map || pread_all(fd, map, map_bytes, WIL_HEADER_SIZE) < 0) {
+        return;
+    }
+    recover(bs, &h, map, n_regions, payload, len);
+}
+
+static void wil_free(WriteIntent *w)
+{
+    if (!w) {
+        return;
+    }
+    if (w->fd >= 0) {
+        close(w->fd);
+    }
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cond);
+    pthread_mutex_destroy(&w->io_lock);
+    free(w->durable);
+    free(w->epoch);
+    free(w->pending);
+    free(w->path);
+    free(w);
+}
+
+/* Open the file for writing and start the log (invariant 8). */
+static bool activate(WriteIntent *w, Error **errp)
+{
+    int r;
+
+    if (w->fd < 0) {
+        w->fd = open(w->path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (w->fd < 0) {
+            error_setg_errno(errp, errno, "cannot open the write-intent log '%s'",
+                             w->path);
+            return false;
+        }
+        /* Slots after the map; sized on first use. */
+        w->slot_off[0] = w->slot_off[1] = WIL_HEADER_SIZE + w->map_bytes;
+        w->slot_size = 0;
+        w->newest_slot = -1;
+    }
+    r = take_snapshot(w, true);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "cannot write the write-intent log '%s'",
+                         w->path);
+        return false;
+    }
+    if (!w->thread_started) {
+        if (pthread_create(&w->thread, NULL, wil_thread, w) != 0) {
+            error_setg(errp, "cannot start the write-intent log thread");
+            return false;
+        }
+        w->thread_started = true;
+    }
+    return true;
+}
+
+bool write_intent_open(BlockDriverState *bs, Error **errp)
+{
+    _cleanup_free_ char *path = NULL;
+    WriteIntent *w;
+    uint64_t seq = 0;
+
+    if (!bs->crash_safe || !bs->drv->store_bitmaps || !bs->filename ||
+        bs->drv->is_protocol) {
+        return true;
+    }
+    path = wil_path(bs);
+    if (!path) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    try_recover(bs, path, &seq);
+    if (bs->read_only) {
+        return true;
+    }
+    w = calloc(1, sizeof(*w));
+    if (!w) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    w->bs = bs;
+    w->fd = -1;
+    w->path = steal_pointer(&path);
+    w->shift = WIL_DEFAULT_REGION_SHIFT;
+    w->image_size = bs->size;
+    w->n_regions = MAX(DIV_ROUND_UP(bs->size, 1ull << w->shift), 1);
+    w->map_bytes = map_bytes_for(w->n_regions);
+    w->snap_seq = seq;
+    w->newest_slot = -1;
+    w->durable = calloc(1, w->map_bytes);
+    w->pending = calloc(1, w->map_bytes);
+    w->epoch = calloc(w->n_regions, sizeof(*w->epoch));
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cond, NULL);
+    pthread_mutex_init(&w->io_lock, NULL);
+    if (!w->durable || !w->pending || !w->epoch) {
+        wil_free(w);
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    bs->wil = w;
+    if (has_persistent_bitmaps(bs) && !activate(w, errp)) {
+        bs->wil = NULL;
+        wil_free(w);
+        return false;
+    }
+    __atomic_store_n(&bs->bitmaps_changed, false, __ATOMIC_SEQ_CST);
+    return true;
+}
+
+bool write_intent_snapshot(BlockDriverState *bs, Error **errp)
+{
+    WriteIntent *w = bs->wil;
+    int r;
+
+    if (!w) {
+        return true;
+    }
+    r = take_snapshot(w, false);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "cannot write the write-intent log '%s'",
+                         w->path);
+        return false;
+    }
+    return true;
+}
+
+bool write_intent_sync_metadata(BlockDriverState *bs, Error **errp)
+{
+    WriteIntent *w = bs->wil;
+    bool active;
+
+    if (!w) {
+        return true;
+    }
+    pthread_mutex_lock(&bs->lock);
+    active = w->active;
+    pthread_mutex_unlock(&bs->lock);
+    if (!active) {
+        return has_persistent_bitmaps(bs) ? activate(w, errp) : true;
+    }
+    return write_intent_snapshot(bs, errp);
+}
+
+void write_intent_sync_all_changed(void)
+{
+    for (BlockDriverState *bs = bdrv_next_node(NULL); bs; bs = bdrv_next_node(bs)) {
+        if (bs->wil && __atomic_exchange_n(&bs->bitmaps_changed, false,
+                                           __ATOMIC_SEQ_CST)) {
+            Error *err = NULL;
+
+            if (!write_intent_sync_metadata(bs, &err)) {
+                error_report_err(err);
+            }
+        }
+    }
+}
+
+void write_intent_close_begin(BlockDriverState *bs)
+{
+    WriteIntent *w = bs->wil;
+
+    if (!w || !w->thread_started) {
+        return;
+    }
+    pthread_mutex_lock(&w->mu);
+    w->stop = true;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    w->thread_started = false;
+}
+
+void write_intent_close_end(BlockDriverState *bs, bool stored_ok)
+{
+    WriteIntent *w = bs->wil;
+
+    if (!w) {
+        return;
+    }
+    write_intent_close_begin(bs);
+    if (stored_ok && w->fd >= 0) {
+        pthread_mutex_lock(&w->io_lock);
+        write_header(w, WIL_STATE_INACTIVE);
+        pthread_mutex_unlock(&w->io_lock);
+    }
+    bs->wil = NULL;
+    wil_free(w);
+}
+
+uint64_t write_intent_marked_regions(BlockDriverState *bs)
+{
+    WriteIntent *w = bs->wil;
+    uint64_t n;
+
+    if (!w) {
+        return 0;
+    }
+    pthread_mutex_lock(&bs->lock);
+    n = w->active ? w->n_marked : 0;
+    pthread_mutex_unlock(&bs->lock);
+    return n;
+}

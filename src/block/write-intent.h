@@ -1,0 +1,66 @@
+/*
+ * Crash-safe persistent bitmaps: the write-intent log (WIL), next to an
+ * image as IMAGE.wil.  docs/specs/write-intent.md has the format, the
+ * numbered invariants this code keeps, and why it is cheap.
+ *
+ * block.c owns the calls:
+ *   open    write_intent_open() after the driver loaded its bitmaps: after a
+ *           crash it recovers them (RO or RW); on RW nodes it prepares the
+ *           log, active as soon as the node has a persistent bitmap
+ *   write   write_intent_mark() instead of bdrv_set_dirty() on every write
+ *           path: it sets the dirty bits and returns only when the write's
+ *           regions are durable in the log (invariant 1)
+ *   flush   write_intent_flushed() after a guest flush
+ *   meta    write_intent_sync_metadata() after a command changed bitmaps
+ *   close   write_intent_close() around the format's final store
+ */
+#ifndef BITBACK_WRITE_INTENT_H
+#define BITBACK_WRITE_INTENT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include "util/error.h"
+
+typedef struct BlockDriverState BlockDriverState;
+typedef struct WriteIntent WriteIntent;
+
+#define WIL_DEFAULT_REGION_SHIFT 26        /* 64 MiB */
+#define WIL_SNAPSHOT_INTERVAL_MS 5000
+#define WIL_MAX_MARKED_REGIONS   64        /* more: snapshot now */
+
+/* For block.c, after drv->open.  A no-op (true) when the node is not
+ * crash-safe or its driver stores no persistent bitmaps.  Fails only when
+ * the log cannot be set up on a read-write node. */
+bool write_intent_open(BlockDriverState *bs, Error **errp);
+
+/* Set the dirty bits of [offset, offset+bytes) in every enabled bitmap and,
+ * when the log is active, first make the regions' intent durable.
+ * 0 or -errno (the write must then fail: its bit would not be safe). */
+int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
+
+/* A guest flush completed: take a snapshot soon (at most once a second). */
+void write_intent_flushed(BlockDriverState *bs);
+
+/* Bitmaps of bs were added, removed, cleared, enabled, disabled or merged:
+ * make that durable now (invariant 9).  Activates the log when bs now has a
+ * persistent bitmap. */
+bool write_intent_sync_metadata(BlockDriverState *bs, Error **errp);
+
+/* Every node whose bitmaps changed (bs->bitmaps_changed): sync them.  For
+ * the monitor, after each command and job completion; errors are
+ * reported on stderr. */
+void write_intent_sync_all_changed(void);
+
+/* Take a snapshot and reset the intent map now (tests, shutdown paths). */
+bool write_intent_snapshot(BlockDriverState *bs, Error **errp);
+
+/* Before the format's final store: stop the background thread.  After it:
+ * stored_ok marks the log inactive (invariant 7); otherwise it stays
+ * active so the next open recovers.  Frees the state. */
+void write_intent_close_begin(BlockDriverState *bs);
+void write_intent_close_end(BlockDriverState *bs, bool stored_ok);
+
+/* For query output: regions marked now (tests and `info`). */
+uint64_t write_intent_marked_regions(BlockDriverState *bs);
+
+#endif
