@@ -130,6 +130,40 @@ static void graph_unlink(BlockDriverState *bs)
     }
 }
 
+/* A power of two in [min, max], as a JSON integer or a decimal string. */
+static bool opt_pow2(struct json_object *opts, const char *key, uint64_t def,
+                     uint64_t min, uint64_t max, uint64_t *ret, Error **errp)
+{
+    struct json_object *v;
+    uint64_t val;
+    *ret = def;
+    if (!json_object_object_get_ex(opts, key, &v) || !v) {
+        return true;
+    }
+    if (json_object_is_type(v, json_type_int)) {
+        int64_t i = json_object_get_int64(v);
+        val = i < 0 ? 0 : (uint64_t)i;
+    } else if (json_object_is_type(v, json_type_string)) {
+        const char *s = json_object_get_string(v);
+        char *end;
+        errno = 0;
+        val = strtoull(s, &end, 10);
+        if (!*s || *end || errno) {
+            val = 0;
+        }
+    } else {
+        val = 0;
+    }
+    if (val < min || val > max || (val & (val - 1))) {
+        error_setg(errp, "Parameter '%s' expects a power of two between %llu "
+                   "and %llu", key, (unsigned long long)min,
+                   (unsigned long long)max);
+        return false;
+    }
+    *ret = val;
+    return true;
+}
+
 /* Accept a JSON bool or the strings on/off/true/false/yes/no. */
 static bool opt_bool(struct json_object *opts, const char *key, bool def,
                      bool *ret, Error **errp)
@@ -268,19 +302,25 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
     }
 
     bool ro, crash_safe;
+    uint64_t region;
     if (!opt_bool(options, "read-only", !(flags & BDRV_O_RDWR), &ro, errp) ||
-        !opt_bool(options, "crash-safe", true, &crash_safe, errp)) {
+        !opt_bool(options, "crash-safe", true, &crash_safe, errp) ||
+        !opt_pow2(options, "crash-safe-region-size",
+                  1ull << WIL_DEFAULT_REGION_SHIFT, 1ull << WIL_MIN_REGION_SHIFT,
+                  1ull << WIL_MAX_REGION_SHIFT, &region, errp)) {
         return NULL;
     }
-    /* "crash-safe" is the block layer's (write-intent.h): drivers do not
-     * see it. */
+    /* "crash-safe*" are the block layer's (write-intent.h): drivers do not
+     * see them. */
     _cleanup_json_ struct json_object *drv_options = NULL;
-    if (json_object_object_get_ex(options, "crash-safe", NULL)) {
+    if (json_object_object_get_ex(options, "crash-safe", NULL) ||
+        json_object_object_get_ex(options, "crash-safe-region-size", NULL)) {
         if (json_object_deep_copy(options, &drv_options, NULL) < 0) {
             error_setg(errp, "out of memory");
             return NULL;
         }
         json_object_object_del(drv_options, "crash-safe");
+        json_object_object_del(drv_options, "crash-safe-region-size");
         options = drv_options;
     }
     flags = ro ? (flags & ~BDRV_O_RDWR) : (flags | BDRV_O_RDWR);
@@ -302,6 +342,7 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
     }
     bs->read_only = ro;
     bs->crash_safe = crash_safe;
+    bs->wil_region_shift = (unsigned)__builtin_ctzll(region);
     bs->open_flags = flags;
     if (node_name) {
         bs->node_name = strdup(node_name);
@@ -688,6 +729,7 @@ static void *aligned_alloc_bytes(uint32_t align, uint64_t bytes)
  */
 static __thread int io_depth;
 static __thread bool io_thread_internal;
+static __thread int drain_owner_depth;     /* drained sections this thread began */
 
 void bdrv_thread_set_internal(void)
 {
@@ -705,7 +747,10 @@ static void drain_wake(BlockDriverState *bs)
  * bs->in_flight (then write_leave must uncount it). */
 static bool write_enter(BlockDriverState *bs)
 {
-    bool external = io_depth == 0 && !io_thread_internal;
+    /* The thread holding a drained section does not wait for it: a
+     * transaction adding a qcow2 persistent bitmap writes the image. */
+    bool external = io_depth == 0 && !io_thread_internal &&
+                    !drain_owner_depth;
     io_depth++;
     if (!external) {
         return false;
@@ -741,6 +786,7 @@ void bdrv_drain_all_begin(void)
      * runs for each node open_options_depth creates, whether it is opened
      * by the user or as a file/backing child. */
     drain_all_depth++;
+    drain_owner_depth++;
     for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
         pthread_mutex_lock(&bs->drain_lock);
         __atomic_add_fetch(&bs->quiesce_counter, 1, __ATOMIC_SEQ_CST);
@@ -761,6 +807,9 @@ void bdrv_drain_all_end(void)
         return;    /* unbalanced: nothing to end */
     }
     drain_all_depth--;
+    if (drain_owner_depth > 0) {
+        drain_owner_depth--;
+    }
     for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
         pthread_mutex_lock(&bs->drain_lock);
         if (__atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) > 0 &&

@@ -152,6 +152,7 @@ struct BlockDriverState {
 
     /* Crash-safe bitmaps (write-intent.h). */
     bool crash_safe;               /* option "crash-safe" (default on) */
+    unsigned wil_region_shift;     /* "crash-safe-region-size", log2 */
     bool bitmaps_foreign_writes;   /* set by a driver's open when another
                                       program may have written the image
                                       since our last session: no recovery */

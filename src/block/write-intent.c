@@ -41,8 +41,8 @@
 #define WIL_STATE_INACTIVE 0u
 #define WIL_STATE_ACTIVE   1u
 #define WIL_MAX_SLOT     (1ull << 34)      /* 16 GiB: more is corruption */
-#define WIL_MIN_SHIFT    16
-#define WIL_MAX_SHIFT    40
+#define WIL_MIN_SHIFT    WIL_MIN_REGION_SHIFT
+#define WIL_MAX_SHIFT    WIL_MAX_REGION_SHIFT
 
 struct WriteIntent {
     BlockDriverState *bs;
@@ -902,7 +902,8 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
     w->bs = bs;
     w->fd = -1;
     w->path = steal_pointer(&path);
-    w->shift = WIL_DEFAULT_REGION_SHIFT;
+    w->shift = bs->wil_region_shift ? bs->wil_region_shift
+                                    : WIL_DEFAULT_REGION_SHIFT;
     w->image_size = bs->size;
     w->n_regions = MAX(DIV_ROUND_UP(bs->size, 1ull << w->shift), 1);
     w->map_bytes = map_bytes_for(w->n_regions);

@@ -25,6 +25,8 @@ typedef struct BlockDriverState BlockDriverState;
 typedef struct WriteIntent WriteIntent;
 
 #define WIL_DEFAULT_REGION_SHIFT 26        /* 64 MiB */
+#define WIL_MIN_REGION_SHIFT     16        /* 64 KiB */
+#define WIL_MAX_REGION_SHIFT     40        /* 1 TiB */
 #define WIL_SNAPSHOT_INTERVAL_MS 5000
 #define WIL_MAX_MARKED_REGIONS   64        /* more: snapshot now */
 

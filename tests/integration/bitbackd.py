@@ -208,14 +208,15 @@ class Daemon:
         self.args = []
 
     # -- start / stop --------------------------------------------------
-    def start(self, *args, qmp=True, nbd=False, wait=True):
+    def start(self, *args, qmp=True, nbd=False, wait=True, env=None):
         """Start the daemon with args (options in command-line order).
 
         qmp=True adds a --chardev/--monitor pair on self.qmp_sock first;
         nbd=True adds --nbd-server on self.nbd_sock before args (so that
         --export in args finds it).  Returns when the daemon is ready (its
         pidfile exists: every option was processed), or raises with its
-        stderr if it exits first."""
+        stderr if it exits first.  env: the daemon's environment (default:
+        this process's)."""
         if self.proc is not None:
             raise AssertionError("daemon already started")
         argv = [self.binary]
@@ -236,7 +237,7 @@ class Daemon:
                 open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(argv, cwd=self.workdir,
                                          stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=err)
+                                         stdout=out, stderr=err, env=env)
         if not wait:
             return self
         deadline = time.monotonic() + START_TIMEOUT
