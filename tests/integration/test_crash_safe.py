@@ -6,6 +6,8 @@ every acknowledged write, and give an incremental backup that restores to
 the image byte for byte (crash_scenarios.trial).  tests/stress/crash_trials.py
 runs the same trial hundreds of times.
 """
+import json
+
 import pytest
 
 from conftest import require
@@ -33,3 +35,166 @@ def test_sigkill_trial_qcow2(tmp_path, seed):
     r = crash_scenarios.trial(tmp_path, "qcow2", seed)
     assert r["acked"] > 0, r
     assert r["over"] <= 80 * crash_scenarios.MiB, r
+
+
+def _bitmap_extents(d, names):
+    """Dirty extents of each bitmap in names, through a temporary export."""
+    q = d.qmp
+    q.cmd("block-export-add", type="nbd", id="bx", writable=False,
+          bitmaps=list(names), **{"node-name": "disk0", "name": "bx"})
+    try:
+        return {n: crash_scenarios.dirty_extents(d.nbd_uri("bx"), n)
+                for n in names}
+    finally:
+        q.cmd("block-export-del", id="bx")
+
+
+def _union(*extent_lists):
+    ranges = sorted(r for l in extent_lists for r in l)
+    out = []
+    for s, l in ranges:
+        if out and s <= out[-1][0] + out[-1][1]:
+            e = max(out[-1][0] + out[-1][1], s + l)
+            out[-1] = (out[-1][0], e - out[-1][0])
+        else:
+            out.append((s, l))
+    return out
+
+
+@pytest.mark.parametrize("kill_after", [0.2, 0.6, 1.2])
+def test_crash_mid_backup_job(tmp_path, kill_after):
+    """The daemon dies while `bitback backup` runs its job: after the
+    restart both bitmaps of the chain load consistent and together cover
+    every acknowledged write, and the next run is a correct incremental."""
+    import subprocess
+    import time
+    from bitbackd import Daemon
+    from conftest import BITBACK, run
+
+    crash_scenarios.make_disk(tmp_path, "qbm")
+    repo = tmp_path / "repo"
+    d = Daemon(tmp_path)
+    try:
+        d.start("--blockdev", crash_scenarios.blockdev("qbm"), "--export",
+                "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on", nbd=True)
+        crash_scenarios.backup(d, repo, "full")
+        w = crash_scenarios.Writers(d.nbd_uri("disk0"), seed=int(kill_after * 10))
+        w.start()
+        time.sleep(0.5)
+        p = subprocess.Popen([BITBACK, "backup", "--connect", str(d.qmp_sock),
+                              "--node", "disk0", "--repo", repo, "--level", "inc",
+                              "--speed", "64K"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            line = p.stderr.readline()
+            assert "started" in line, line + p.stderr.read()
+            time.sleep(kill_after)
+            d.kill()
+            w.join()
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode != 0           # it lost its daemon
+        acked = list(w.acked)
+        assert acked
+
+        d.restart("--blockdev", crash_scenarios.blockdev("qbm"), nbd=True)
+        b1 = d.qmp.bitmap("disk0", "bitback-000001")
+        b2 = d.qmp.bitmap("disk0", "bitback-000002")
+        assert b1 and b2, d.qmp.node("disk0")["dirty-bitmaps"]
+        assert not b1["inconsistent"] and not b2["inconsistent"]
+        assert b2["recording"] and not b1["recording"]
+        ext = _bitmap_extents(d, ["bitback-000001", "bitback-000002"])
+        both = _union(*ext.values())
+        missing = [a for a in acked if not crash_scenarios.covered(both, *a)]
+        assert not missing, missing[:5]
+
+        q = d.qmp
+        q.cmd("block-export-add", type="nbd", id="e0", writable=True,
+              **{"node-name": "disk0", "name": "disk0"})
+        run(["qemu-io", "-f", "raw", "-c", "write -P 77 7M 1M", d.nbd_uri("disk0")])
+        p2 = crash_scenarios.backup(d, repo, "inc")
+        assert "taking a full backup" not in p2.stderr, p2.stderr
+        listing = json.loads(run([BITBACK, "list", "--repo", repo,
+                                  "--output=json"]).stdout)
+        assert [b["level"] for b in listing] == ["full", "inc"], listing
+        crash_scenarios.read_all(d.nbd_uri("disk0"), tmp_path / "now.raw")
+        run([BITBACK, "restore", "--repo", repo, "--at", "latest",
+             tmp_path / "r.raw"])
+        run(["cmp", tmp_path / "r.raw", tmp_path / "now.raw"])
+        assert d.quit() == 0
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.parametrize("delay_ms", [0, 1, 3, 10, 40])
+def test_crash_mid_clear_transaction(tmp_path, delay_ms):
+    """A QEMU-style backup script clears its bitmap and starts a backup in
+    one transaction; the daemon is killed around it.  After the restart
+    the bitmap is either the old generation with every acknowledged write,
+    or -- whenever the reply had arrived, always -- the new generation with
+    every write acknowledged after the reply."""
+    import threading
+    import time
+    from bitbackd import Daemon, QMPClient
+
+    crash_scenarios.make_disk(tmp_path, "qbm")
+    d = Daemon(tmp_path)
+    try:
+        d.start("--blockdev", crash_scenarios.blockdev("qbm"), "--export",
+                "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on", nbd=True)
+        q = d.qmp
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="b0", persistent=True)
+        g_old = q.bitmap("disk0", "b0")["generation"]
+        w = crash_scenarios.Writers(d.nbd_uri("disk0"), seed=delay_ms)
+        w.start()
+        time.sleep(0.3)
+        reply = {}
+        acked_at_reply = []
+
+        c = QMPClient(d.qmp_sock)
+
+        def txn():
+            try:
+                reply["r"] = c.execute("transaction", actions=[
+                    {"type": "block-dirty-bitmap-clear",
+                     "data": {"node": "disk0", "name": "b0"}},
+                    {"type": "drive-backup",
+                     "data": {"device": "disk0", "job-id": "j0", "sync": "full",
+                              "target": str(tmp_path / "t.raw"), "format": "raw",
+                              "speed": 1 << 20}}])
+                with w.lock:
+                    acked_at_reply.append(len(w.acked))
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                c.close()
+
+        t = threading.Thread(target=txn)
+        t.start()
+        time.sleep(delay_ms / 1000)
+        time.sleep(0.05 if delay_ms >= 40 else 0)
+        d.kill()
+        t.join(30)
+        w.join()
+        acked = list(w.acked)
+
+        d.restart("--blockdev", crash_scenarios.blockdev("qbm"), nbd=True)
+        b0 = d.qmp.bitmap("disk0", "b0")
+        assert b0 and not b0["inconsistent"], b0
+        ext = _bitmap_extents(d, ["b0"])["b0"]
+        if "r" in reply and "return" in reply["r"]:
+            # The clear was acknowledged: it must have been durable.
+            assert b0["generation"] != g_old
+        if b0["generation"] == g_old:
+            need = acked
+        else:
+            need = acked[acked_at_reply[0]:] if acked_at_reply else []
+        missing = [a for a in need if not crash_scenarios.covered(ext, *a)]
+        assert not missing, (b0, missing[:5])
+        assert d.quit() == 0
+    finally:
+        d.cleanup()
