@@ -970,6 +970,11 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
     size_t created = 0, nb_gens = 0;
     uint32_t nb = s->nb_bitmaps;
     bool trusted = s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS;
+    /* For the write-intent log (write-intent.h): only when our own
+     * autoclear bit survived can no other program have written the image
+     * since bitback last had it open for writing. */
+    bs->bitmaps_foreign_writes =
+        !trusted || !(s->autoclear_features & QCOW2_AUTOCLEAR_BITBACK_GENERATIONS);
     int64_t file_len;
     int r;
 

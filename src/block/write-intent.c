@@ -778,6 +778,32 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
     return recovered;
 }
 
+/* The format still holds a recovered bitmap as it found it (not stored
+ * cleanly), and drivers never rewrite such an entry.  On a writable node,
+ * replace it: remove the stale entry and add the bitmap anew, so the next
+ * store writes it.  A failure leaves the stale entry, which the next open
+ * again finds unclean: the safe side. */
+static void refresh_recovered(BlockDriverState *bs)
+{
+    if (bs->read_only || !bs->drv->persistent_bitmap_remove ||
+        !bs->drv->persistent_bitmap_add) {
+        return;
+    }
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        Error *err = NULL;
+
+        if (!bm->recovered || !bm->persistent) {
+            continue;
+        }
+        if (!bs->drv->persistent_bitmap_remove(bs, bm->name, &err) ||
+            !bs->drv->persistent_bitmap_add(bs, bm, &err)) {
+            error_prepend(&err, "warning: recovered bitmap '%s' could not be "
+                          "rewritten in its image: ", bm->name);
+            error_report_err(err);
+        }
+    }
+}
+
 /* Read IMAGE.wil if it is active and recover from it.  Never fails: a log
  * that cannot be used leaves the bitmaps as the format loaded them
  * (inconsistent: the safe side).  *ret_seq: the newest snapshot's seq. */
@@ -894,6 +920,7 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
     if (bs->read_only) {
         return true;
     }
+    refresh_recovered(bs);
     w = calloc(1, sizeof(*w));
     if (!w) {
         error_setg(errp, "out of memory");
