@@ -80,14 +80,6 @@ struct WriteIntent {
     pthread_mutex_t io_lock;
 };
 
-static double now_s(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static inline bool bit_get(const uint8_t *m, uint64_t i)
 {
     return m[i >> 3] & (1u << (i & 7));
@@ -137,47 +129,6 @@ static uint32_t ld32(const uint8_t *p)
 static uint16_t ld16(const uint8_t *p)
 {
     return (uint16_t)(p[0] | p[1] << 8);
-}
-
-static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
-{
-    const uint8_t *p = buf;
-
-    while (len) {
-        ssize_t n = pwrite(fd, p, len, (off_t)off);
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n <= 0) {
-            return n < 0 ? -errno : -EIO;
-        }
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
-}
-
-static int pread_all(int fd, void *buf, size_t len, uint64_t off)
-{
-    uint8_t *p = buf;
-
-    while (len) {
-        ssize_t n = pread(fd, p, len, (off_t)off);
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n < 0) {
-            return -errno;
-        }
-        if (n == 0) {
-            return -EIO;                       /* short file */
-        }
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
 }
 
 static char *wil_path(BlockDriverState *bs)
@@ -307,7 +258,7 @@ static int write_header(WriteIntent *w, uint32_t state)
     int r;
 
     header_encode(&h, buf);
-    r = pwrite_all(w->fd, buf, sizeof(buf), 0);
+    r = pwrite_full(w->fd, buf, sizeof(buf), 0);
     if (r == 0 && fdatasync(w->fd) < 0) {
         r = -errno;
     }
@@ -351,7 +302,7 @@ static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
     st64(slot + 16, len);
     st64(slot + 24, XXH64(payload, len, 0));
     memcpy(slot + WIL_SLOT_HEADER, payload, len);
-    r = pwrite_all(w->fd, slot, WIL_SLOT_HEADER + len, w->slot_off[target]);
+    r = pwrite_full(w->fd, slot, WIL_SLOT_HEADER + len, (off_t)(w->slot_off[target]));
     if (r == 0 && fdatasync(w->fd) < 0) {
         r = -errno;
     }
@@ -397,7 +348,7 @@ static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
     }
     pthread_mutex_unlock(&bs->lock);
 
-    r = pwrite_all(w->fd, map, w->map_bytes, WIL_HEADER_SIZE);
+    r = pwrite_full(w->fd, map, w->map_bytes, WIL_HEADER_SIZE);
     if (r == 0 && fdatasync(w->fd) < 0) {
         r = -errno;
     }
@@ -457,7 +408,7 @@ static int take_snapshot(WriteIntent *w, bool activate)
     if (activate) {
         _cleanup_free_ uint8_t *zero = calloc(1, w->map_bytes);
 
-        r = zero ? pwrite_all(w->fd, zero, w->map_bytes, WIL_HEADER_SIZE)
+        r = zero ? pwrite_full(w->fd, zero, w->map_bytes, WIL_HEADER_SIZE)
                  : -ENOMEM;
         if (r == 0) {
             r = write_snapshot(w, payload, len, WIL_STATE_ACTIVE);
@@ -477,7 +428,7 @@ static int take_snapshot(WriteIntent *w, bool activate)
     }
     pthread_mutex_unlock(&w->io_lock);
     pthread_mutex_lock(&w->mu);
-    w->last_snapshot = now_s();
+    w->last_snapshot = clock_monotonic_seconds();
     pthread_mutex_unlock(&w->mu);
     return r;
 }
@@ -503,7 +454,7 @@ static void *wil_thread(void *opaque)
             break;
         }
         due = w->kick ||
-              now_s() - w->last_snapshot >= WIL_SNAPSHOT_INTERVAL_MS / 1000.0;
+              clock_monotonic_seconds() - w->last_snapshot >= WIL_SNAPSHOT_INTERVAL_MS / 1000.0;
         w->kick = false;
         pthread_mutex_unlock(&w->mu);
         if (due) {
@@ -632,9 +583,9 @@ void write_intent_flushed(BlockDriverState *bs)
         return;
     }
     pthread_mutex_lock(&w->mu);
-    due = now_s() - w->last_flush_snapshot >= 1.0;
+    due = clock_monotonic_seconds() - w->last_flush_snapshot >= 1.0;
     if (due) {
-        w->last_flush_snapshot = now_s();
+        w->last_flush_snapshot = clock_monotonic_seconds();
         w->kick = true;
         pthread_cond_broadcast(&w->cond);
     }
@@ -671,7 +622,7 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
         if (h->slot_off[i] < WIL_HEADER_SIZE ||
             h->slot_off[i] > file_size ||
             file_size - h->slot_off[i] < WIL_SLOT_HEADER ||
-            pread_all(fd, sh, sizeof(sh), h->slot_off[i]) < 0 ||
+            pread_full(fd, sh, sizeof(sh), (off_t)(h->slot_off[i])) < 0 ||
             memcmp(sh, WIL_SLOT_MAGIC, 8)) {
             continue;
         }
@@ -685,7 +636,7 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
         if (!p) {
             continue;
         }
-        if (pread_all(fd, p, len, h->slot_off[i] + WIL_SLOT_HEADER) < 0 ||
+        if (pread_full(fd, p, len, (off_t)(h->slot_off[i] + WIL_SLOT_HEADER)) < 0 ||
             XXH64(p, len, 0) != ld64(sh + 24)) {
             free(p);
             continue;
@@ -822,7 +773,7 @@ static void try_recover(BlockDriverState *bs, const char *path,
 
     *ret_seq = 0;
     if (fd < 0 || fstat(fd, &st) < 0 ||
-        pread_all(fd, hbuf, sizeof(hbuf), 0) < 0 || !header_decode(hbuf, &h)) {
+        pread_full(fd, hbuf, sizeof(hbuf), 0) < 0 || !header_decode(hbuf, &h)) {
         return;
     }
     payload = read_newest_snapshot(fd, &h, (uint64_t)st.st_size, &len, ret_seq);
@@ -844,7 +795,7 @@ static void try_recover(BlockDriverState *bs, const char *path,
         return;
     }
     map = malloc(map_bytes);
-    if (!map || pread_all(fd, map, map_bytes, WIL_HEADER_SIZE) < 0) {
+    if (!map || pread_full(fd, map, map_bytes, WIL_HEADER_SIZE) < 0) {
         return;
     }
     recover(bs, &h, map, n_regions, payload, len);

@@ -38,6 +38,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "util/cutils.h"
 #include "cli/progress.h"
 #include "cli/qmp-client.h"
 #include "cli/repo.h"
@@ -408,14 +409,6 @@ static bool create_target(Repo *repo, Disk *d, unsigned seq, Error **errp)
     return true;
 }
 
-static double now_seconds(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static char *now_iso(void)
 {
     char buf[32];
@@ -451,13 +444,13 @@ static RepoManifest *commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
     m->bitmap = xstrdup(d->new_bitmap);
     m->generation = d->generation ? xstrdup(d->generation) : NULL;
 
-    d->hash_seconds = now_seconds();
+    d->hash_seconds = clock_monotonic_seconds();
     p = cli_progress_new("hashing", d->size, cli_progress_wanted(o->progress));
     ok = repo_fsync_path(d->tmp_path, errp) &&
          repo_scan_backup(d->tmp_path, m, cli_progress_cb, p, errp) &&
          repo_commit(repo, m, errp);
     cli_progress_finish(p);
-    d->hash_seconds = now_seconds() - d->hash_seconds;
+    d->hash_seconds = clock_monotonic_seconds() - d->hash_seconds;
     if (!ok) {
         error_prepend(errp, "%s: ", d->node);
         repo_manifest_free(m);
@@ -1013,7 +1006,7 @@ static int backup_live(const BackupOpts *o, Repo *repo)
         goto out_tmp;
     }
     time_iso = now_iso();
-    t0 = now_seconds();
+    t0 = clock_monotonic_seconds();
     mark_started(repo, disks, n);
     announce(disks, n);
     for (size_t i = 0; i < n; i++) {
@@ -1032,7 +1025,7 @@ static int backup_live(const BackupOpts *o, Repo *repo)
         goto out_tmp;
     }
     for (size_t i = 0; i < n; i++) {
-        disks[i].copy_seconds = now_seconds() - t0;
+        disks[i].copy_seconds = clock_monotonic_seconds() - t0;
     }
     for (size_t i = 0; i < n; i++) {
         char *src = disks[i].src_bitmap;
@@ -1374,13 +1367,13 @@ static int backup_offline(const BackupOpts *o, Repo *repo)
                                              : NULL;
         }
     }
-    d.copy_seconds = now_seconds();
+    d.copy_seconds = clock_monotonic_seconds();
     if (!offline_copy(o, bs, &d, &err)) {
         bdrv_close(bs, NULL);
         goto out_tmp;
     }
     bdrv_close(bs, NULL);
-    d.copy_seconds = now_seconds() - d.copy_seconds;
+    d.copy_seconds = clock_monotonic_seconds() - d.copy_seconds;
     made = commit_disk(repo, o, &d, seq, time_iso, &err);
     if (!made) {
         goto out_tmp;

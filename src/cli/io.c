@@ -29,6 +29,7 @@
 #include <time.h>
 
 #include "cli/cli.h"
+#include "util/cutils.h"
 #include "util/cleanup.h"
 
 #define IO_MAX_ARGS 32
@@ -64,13 +65,6 @@ void cli_io_usage(FILE *out)
             "  sleep MS              hold the image open for MS milliseconds\n"
             "\n"
             "OFF and LEN accept the suffixes K, M, G, T.\n");
-}
-
-static double now_sec(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 /* qemu-io's size notation: "512 bytes", "2.930 KiB". */
@@ -284,7 +278,7 @@ static bool io_write(IoState *s, int argc, char **argv, Error **errp)
         }
         memset(buf, pattern, (size_t)MIN(len, (uint64_t)BDRV_MAX_REQUEST));
     }
-    t0 = now_sec();
+    t0 = clock_monotonic_seconds();
     while (done < len) {
         uint64_t n = MIN(len - done, (uint64_t)BDRV_MAX_REQUEST);
         int ret = zero ? bdrv_pwrite_zeroes(s->bs, off + done, n, flags)
@@ -299,7 +293,7 @@ static bool io_write(IoState *s, int argc, char **argv, Error **errp)
     if (!quiet) {
         printf("wrote %" PRIu64 "/%" PRIu64 " bytes at offset %" PRIu64 "\n",
                len, len, off);
-        print_stats(len, now_sec() - t0);
+        print_stats(len, clock_monotonic_seconds() - t0);
     }
     return true;
 }
@@ -331,7 +325,7 @@ static bool io_read(IoState *s, int argc, char **argv, bool *ret_mismatch,
     if (!buf) {
         return false;
     }
-    t0 = now_sec();
+    t0 = clock_monotonic_seconds();
     while (done < len) {
         uint64_t n = MIN(len - done, (uint64_t)BDRV_MAX_REQUEST);
         int ret = bdrv_pread(s->bs, off + done, buf, n);
@@ -367,7 +361,7 @@ static bool io_read(IoState *s, int argc, char **argv, bool *ret_mismatch,
     if (!quiet) {
         printf("read %" PRIu64 "/%" PRIu64 " bytes at offset %" PRIu64 "\n",
                len, len, off);
-        print_stats(len, now_sec() - t0);
+        print_stats(len, clock_monotonic_seconds() - t0);
     }
     return true;
 }
@@ -391,7 +385,7 @@ static bool io_discard(IoState *s, int argc, char **argv, Error **errp)
         error_setg(errp, "discard: the image is open read-only (-r)");
         return false;
     }
-    t0 = now_sec();
+    t0 = clock_monotonic_seconds();
     while (done < len) {
         uint64_t n = MIN(len - done, (uint64_t)BDRV_MAX_REQUEST);
         int ret = bdrv_pdiscard(s->bs, off + done, n);
@@ -405,7 +399,7 @@ static bool io_discard(IoState *s, int argc, char **argv, Error **errp)
     if (!OPT('q')) {
         printf("discard %" PRIu64 "/%" PRIu64 " bytes at offset %" PRIu64 "\n",
                len, len, off);
-        print_stats(len, now_sec() - t0);
+        print_stats(len, clock_monotonic_seconds() - t0);
     }
     return true;
 }

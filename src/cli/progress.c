@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "util/cutils.h"
 #include "cli/progress.h"
 
 struct CliProgress {
@@ -21,14 +22,6 @@ struct CliProgress {
     double last_draw;
     bool drawn;
 };
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 bool cli_progress_wanted(bool force)
 {
@@ -45,7 +38,7 @@ CliProgress *cli_progress_new(const char *label, uint64_t total, bool enabled)
     p->enabled = enabled;
     snprintf(p->label, sizeof(p->label), "%s", label);
     p->total = total;
-    p->start = p->last_draw = now_seconds();
+    p->start = p->last_draw = clock_monotonic_seconds();
     return p;
 }
 
@@ -85,7 +78,7 @@ void cli_progress_update(CliProgress *p, uint64_t done, uint64_t total)
     if (p->done > p->total) {
         p->total = p->done;
     }
-    now = now_seconds();
+    now = clock_monotonic_seconds();
     if (p->drawn && now - p->last_draw < 0.1) {
         return;
     }
@@ -101,7 +94,7 @@ void cli_progress_finish(CliProgress *p)
         if (p->done < p->total) {
             p->done = p->total;
         }
-        draw(p, now_seconds());
+        draw(p, clock_monotonic_seconds());
         fputc('\n', stderr);
     }
     free(p);

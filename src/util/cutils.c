@@ -6,6 +6,7 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <time.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
@@ -124,6 +125,14 @@ bool uuid_is_valid_str(const char *s)
         }
     }
     return true;
+}
+
+double clock_monotonic_seconds(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 int pread_full(int fd, void *buf, size_t len, off_t off)

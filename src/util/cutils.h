@@ -21,6 +21,9 @@ bool parse_size(const char *str, const char *what, uint64_t *ret, Error **errp);
 void uuid_generate_str(char out[UUID_STR_LEN]);
 bool uuid_is_valid_str(const char *s);
 
+/* Seconds on the monotonic clock (for rates and intervals). */
+double clock_monotonic_seconds(void);
+
 /* pread/pwrite that loop over short transfers and EINTR.  They return 0 on
  * success, -errno on failure; a read past EOF returns -EIO (short file). */
 int pread_full(int fd, void *buf, size_t len, off_t off);
