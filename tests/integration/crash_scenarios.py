@@ -157,7 +157,7 @@ def backup(daemon, repo, level):
 
 
 def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
-          writer_threads=2):
+          writer_threads=2, tear=0):
     """Run one trial in workdir; returns a dict of what it measured.
     Raises AssertionError on any violation."""
     rng = random.Random(seed)
@@ -183,7 +183,7 @@ def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
         cut = None
         if powerloss:
             import plcut
-            cut = plcut.cut(env["PLSIM_LOG"], seed, "random")
+            cut = plcut.cut(env["PLSIM_LOG"], seed, "random", tear=tear)
 
         d.restart("--blockdev", blockdev(fmt), nbd=True)
         q = d.qmp
