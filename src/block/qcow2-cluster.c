@@ -1,15 +1,30 @@
 /*
  * qcow2 guest-to-host mapping: the L1 and L2 tables, the table cache that
- * holds L2 tables (and refcount blocks, qcow2-refcount.c), zero clusters
- * and compressed clusters.
+ * holds L2 tables (and refcount blocks, qcow2-refcount.c), metadata
+ * write-back, zero clusters and compressed clusters.
  *
  * A guest offset splits into an L1 index, an L2 index and an offset in the
- * cluster.  The L1 table lives in memory (s->l1_table, host order); L2
- * tables come through an LRU cache that stores them as they are on disk
- * (big-endian).  The cache is write-through: a caller changes entries in
- * the cached table and writes exactly those entries to the file, so the
- * cache never holds anything the file lacks and there is nothing to write
- * back at flush or close.
+ * cluster.  The L1 table lives in memory (s->l1_table, host order, changed
+ * entries written back as the range [l1_dirty_lo, l1_dirty_hi)); L2 tables
+ * come through an LRU cache that stores them as they are on disk
+ * (big-endian).  The cache is write-back (QEMU's model): a caller changes
+ * entries in the cached table and marks it dirty; the table reaches the
+ * file at qcow2_flush_metadata_locked or when it is evicted, so an
+ * allocating write costs no fdatasync.  The order that keeps a crashed
+ * image consistent (qcow2.h has the three steps) is enforced here:
+ *   W1. No dirty L2 table or L1 entry is written before every dirty
+ *       refcount block is written and synced (the L2 cache depends on the
+ *       refcount block cache), and before the data of the clusters it
+ *       maps is synced (write_gen/synced_gen: an allocating write notes
+ *       its data write before it changes the L2 entry).
+ *   W2. A new L2 table is written zero-filled when it is allocated, and
+ *       its L1 entry only at a flush, after a sync: L1 never names a table
+ *       whose content is not durable.
+ *   W3. Deferred frees are applied only after the L2/L1 writes that
+ *       removed the references are synced.
+ *   W4. Eviction prefers clean tables; a dirty victim is written (W1
+ *       applies) before its slot is reused.  A failed write-back leaves
+ *       the table dirty and fails the request.
  *
  * Every offset read from a table is checked (alignment, end of file)
  * before use: a bad table fails the access with -EIO, never a wild read.
@@ -29,6 +44,7 @@
 typedef struct Qcow2CacheEntry {
     uint64_t offset;                 /* 0 = empty slot */
     uint64_t lru;                    /* last use, larger = newer */
+    bool dirty;                      /* changed since read or written */
     void *table;
 } Qcow2CacheEntry;
 
@@ -36,6 +52,8 @@ struct Qcow2L2Cache {
     unsigned nb;
     size_t table_size;
     uint64_t clock;
+    unsigned nb_dirty;
+    Qcow2L2Cache *depends;           /* written back (and synced) first */
     Qcow2CacheEntry *e;
 };
 
@@ -74,6 +92,89 @@ void qcow2_cache_free(Qcow2L2Cache *c)
     free(c);
 }
 
+void qcow2_cache_set_dependency(Qcow2L2Cache *c, Qcow2L2Cache *depends)
+{
+    c->depends = depends;
+}
+
+void qcow2_note_write_locked(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    s->write_gen++;
+}
+
+int qcow2_sync_locked(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t gen = s->write_gen;
+    int r = bdrv_flush(bs->file);
+    if (r == 0 && gen > s->synced_gen) {
+        s->synced_gen = gen;
+    }
+    return r;
+}
+
+int qcow2_sync_if_needed_locked(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    return s->write_gen > s->synced_gen ? qcow2_sync_locked(bs) : 0;
+}
+
+/* Write one dirty entry (W1: after the dependency, synced). */
+static int cache_entry_write_locked(BlockDriverState *bs, Qcow2L2Cache *c,
+                                    Qcow2CacheEntry *e)
+{
+    if (!e->dirty) {
+        return 0;
+    }
+    if (c->depends) {
+        int r = qcow2_cache_writeback_locked(bs, c->depends);
+        if (r == 0) {
+            r = qcow2_sync_if_needed_locked(bs);
+        }
+        if (r < 0) {
+            return r;
+        }
+    }
+    int r = bdrv_pwrite(bs->file, e->offset, e->table, c->table_size, 0);
+    if (r < 0) {
+        return r;
+    }
+    e->dirty = false;
+    c->nb_dirty--;
+    if (!c->depends) {
+        /* A refcount block: L2 writes wait for it (W1).  Nothing waits
+         * for an L2 table write but the deferred frees, which sync
+         * unconditionally (W3). */
+        qcow2_note_write_locked(bs);
+    }
+    return 0;
+}
+
+int qcow2_cache_writeback_locked(BlockDriverState *bs, Qcow2L2Cache *c)
+{
+    if (c->nb_dirty == 0) {
+        return 0;
+    }
+    if (c->depends) {
+        /* Once for all the tables, rather than per table. */
+        int r = qcow2_cache_writeback_locked(bs, c->depends);
+        if (r == 0) {
+            r = qcow2_sync_if_needed_locked(bs);
+        }
+        if (r < 0) {
+            return r;
+        }
+    }
+    for (unsigned i = 0; i < c->nb && c->nb_dirty; i++) {
+        int r = cache_entry_write_locked(bs, c, &c->e[i]);
+        if (r < 0) {
+            return r;
+        }
+    }
+    return 0;
+}
+
 int qcow2_cache_get_locked(BlockDriverState *bs, Qcow2L2Cache *c,
                            uint64_t offset, bool fresh, void **ret_table)
 {
@@ -88,10 +189,19 @@ int qcow2_cache_get_locked(BlockDriverState *bs, Qcow2L2Cache *c,
             *ret_table = e->table;
             return 0;
         }
-        /* An empty slot, else the least recently used one. */
+        /* An empty slot, else the least recently used clean one, else the
+         * least recently used (W4). */
         if (!victim || (victim->offset != 0 &&
-                        (e->offset == 0 || e->lru < victim->lru))) {
+                        (e->offset == 0 ||
+                         (e->dirty == victim->dirty ? e->lru < victim->lru
+                                                    : victim->dirty)))) {
             victim = e;
+        }
+    }
+    if (victim->offset) {
+        int r = cache_entry_write_locked(bs, c, victim);
+        if (r < 0) {
+            return r;
         }
     }
     victim->offset = 0;
@@ -109,13 +219,90 @@ int qcow2_cache_get_locked(BlockDriverState *bs, Qcow2L2Cache *c,
     return 0;
 }
 
+void qcow2_cache_mark_dirty_locked(Qcow2L2Cache *c, const void *table)
+{
+    for (unsigned i = 0; i < c->nb; i++) {
+        if (c->e[i].table == table && c->e[i].offset) {
+            if (!c->e[i].dirty) {
+                c->e[i].dirty = true;
+                c->nb_dirty++;
+            }
+            return;
+        }
+    }
+}
+
 void qcow2_cache_drop_locked(Qcow2L2Cache *c, uint64_t offset)
 {
     for (unsigned i = 0; i < c->nb; i++) {
         if (c->e[i].offset == offset) {
             c->e[i].offset = 0;
+            if (c->e[i].dirty) {
+                c->e[i].dirty = false;
+                c->nb_dirty--;
+            }
         }
     }
+}
+
+/* Write the changed L1 entries (W2: the caller synced before). */
+static int l1_writeback_locked(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint32_t lo = s->l1_dirty_lo, hi = s->l1_dirty_hi;
+    if (lo >= hi) {
+        return 0;
+    }
+    _cleanup_free_ uint64_t *be = malloc((size_t)(hi - lo) * 8);
+    if (!be) {
+        return -ENOMEM;
+    }
+    for (uint32_t i = lo; i < hi; i++) {
+        be[i - lo] = htobe64(s->l1_table[i]);
+    }
+    int r = bdrv_pwrite(bs->file, s->l1_table_offset + (uint64_t)lo * 8, be,
+                        (uint64_t)(hi - lo) * 8, 0);
+    if (r == 0) {
+        s->l1_dirty_lo = UINT32_MAX;
+        s->l1_dirty_hi = 0;
+    }
+    return r;
+}
+
+int qcow2_flush_metadata_locked(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    if (!s->writable) {
+        return 0;
+    }
+    /* Step 1: refcount blocks. */
+    int r = qcow2_cache_writeback_locked(bs, s->refblock_cache);
+    if (r < 0) {
+        return r;
+    }
+    /* Step 2: L2 tables, then L1 (W1, W2). */
+    if (s->l2_cache->nb_dirty || s->l1_dirty_lo < s->l1_dirty_hi) {
+        r = qcow2_sync_if_needed_locked(bs);
+        if (r == 0) {
+            r = qcow2_cache_writeback_locked(bs, s->l2_cache);
+        }
+        if (r == 0) {
+            r = l1_writeback_locked(bs);
+        }
+        if (r < 0) {
+            return r;
+        }
+    }
+    /* Step 3: deferred frees, once the removals are durable (W3). */
+    if (s->nb_pending_frees) {
+        r = qcow2_sync_locked(bs);
+        if (r < 0) {
+            return r;
+        }
+        qcow2_apply_pending_frees_locked(bs);
+        r = qcow2_cache_writeback_locked(bs, s->refblock_cache);
+    }
+    return r;
 }
 
 /* ---- mapping ---- */
@@ -240,7 +427,8 @@ int qcow2_get_l2_locked(BlockDriverState *bs, uint64_t offset, bool alloc,
         return 0;
     }
 
-    /* A new, empty L2 table: refcount, table, then the L1 entry. */
+    /* A new, empty L2 table: refcount (cached), the zero-filled table
+     * written now, the L1 entry in memory, written at a flush (W2). */
     int64_t off = qcow2_alloc_clusters_locked(bs, s->cluster_size);
     if (off < 0) {
         return (int)off;
@@ -250,20 +438,15 @@ int qcow2_get_l2_locked(BlockDriverState *bs, uint64_t offset, bool alloc,
     if (r == 0) {
         r = bdrv_pwrite(bs->file, (uint64_t)off, table, s->cluster_size, 0);
     }
-    if (r == 0 && s->refcounts_unflushed) {
-        r = bdrv_flush(bs->file);
-        s->refcounts_unflushed = r < 0;
-    }
-    if (r == 0) {
-        uint64_t be = htobe64((uint64_t)off | QCOW2_OFLAG_COPIED);
-        r = bdrv_pwrite(bs->file, s->l1_table_offset + l1_index * 8, &be, 8, 0);
-    }
     if (r < 0) {
         qcow2_cache_drop_locked(s->l2_cache, (uint64_t)off);
         qcow2_free_clusters_locked(bs, (uint64_t)off, s->cluster_size);
         return r;
     }
+    qcow2_note_write_locked(bs);
     s->l1_table[l1_index] = (uint64_t)off | QCOW2_OFLAG_COPIED;
+    s->l1_dirty_lo = MIN(s->l1_dirty_lo, (uint32_t)l1_index);
+    s->l1_dirty_hi = MAX(s->l1_dirty_hi, (uint32_t)l1_index + 1);
     *ret_table = table;
     *ret_l2_offset = (uint64_t)off;
     return 0;
@@ -274,13 +457,11 @@ int qcow2_write_l2_entries_locked(BlockDriverState *bs, uint64_t *table,
                                   unsigned n)
 {
     BDRVQcow2State *s = bs->opaque;
-    int r = bdrv_pwrite(bs->file, l2_offset + (uint64_t)index * 8,
-                        table + index, (uint64_t)n * 8, 0);
-    if (r < 0) {
-        /* Memory and disk may now differ: forget the cached table. */
-        qcow2_cache_drop_locked(s->l2_cache, l2_offset);
-    }
-    return r;
+    (void)l2_offset;
+    (void)index;
+    (void)n;
+    qcow2_cache_mark_dirty_locked(s->l2_cache, table);
+    return 0;
 }
 
 void qcow2_compressed_range(BDRVQcow2State *s, uint64_t entry,

@@ -6,10 +6,14 @@
  * Every host cluster in use has a refcount >= 1; a cluster that no
  * refcount block covers has refcount 0 and is free.  Invariants kept by
  * the allocator:
- *   1. A refcount is on disk before the structure pointing at the cluster
- *      (the caller writes L1/L2 entries after qcow2_alloc_clusters_locked
- *      returns, and flushes first when s->refcounts_unflushed).  A crash
- *      leaks clusters at worst.
+ *   1. A refcount is on disk before the structure pointing at the cluster:
+ *      increments change the cached refcount block (dirty), and the
+ *      write-back order of qcow2-cluster.c (W1) writes and syncs refcount
+ *      blocks before any L2 table or L1 entry; qcow2_update_header_locked
+ *      flushes metadata before the header names anything.  Decrements are
+ *      deferred (s->pending_frees) until the removed references are
+ *      durable (W3), so a crash leaks clusters at worst, and a freed
+ *      cluster is not reused while an L2 entry on disk may still map it.
  *   2. A new refcount block for region R (the clusters it describes) is
  *      placed in the first cluster of R, which is free because nothing
  *      counts it, and counts itself.  Only then does the refcount table
@@ -119,15 +123,6 @@ static void rb_set(BDRVQcow2State *s, void *block, uint64_t i, uint64_t val)
     }
 }
 
-/* Byte range [*start, *end) of block entries [first, last]. */
-static void rb_bytes(BDRVQcow2State *s, uint64_t first, uint64_t last,
-                     uint64_t *start, uint64_t *end)
-{
-    unsigned bits = 1u << s->refcount_order;
-    *start = first * bits / 8;
-    *end = DIV_ROUND_UP((last + 1) * bits, 8);
-}
-
 static uint64_t refcount_max(BDRVQcow2State *s)
 {
     return s->refcount_order == 6 ? UINT64_MAX
@@ -172,8 +167,8 @@ int qcow2_get_refcount_locked(BlockDriverState *bs, uint64_t cluster_index,
 }
 
 /* Add `delta` to the refcount of clusters [first, first+n), all covered by
- * existing blocks.  Writes each block's changed bytes once.  On -ERANGE /
- * -EIO nothing past the failing block is changed. */
+ * existing blocks.  Changes the cached blocks and marks them dirty.  On
+ * -ERANGE / -EIO nothing past the failing block is changed. */
 static int update_refcounts_locked(BlockDriverState *bs, uint64_t first,
                                    uint64_t n, int64_t delta,
                                    uint64_t *ret_freed_first)
@@ -209,15 +204,7 @@ static int update_refcounts_locked(BlockDriverState *bs, uint64_t first,
                 *ret_freed_first = c + i;
             }
         }
-        uint64_t bs_start, bs_end;
-        rb_bytes(s, idx, idx + cnt - 1, &bs_start, &bs_end);
-        r = bdrv_pwrite(bs->file, boff + bs_start, (uint8_t *)block + bs_start,
-                        bs_end - bs_start, 0);
-        if (r < 0) {
-            qcow2_cache_drop_locked(s->refblock_cache, boff);
-            return r;
-        }
-        s->refcounts_unflushed = true;
+        qcow2_cache_mark_dirty_locked(s->refblock_cache, block);
         c += cnt;
     }
     return 0;
@@ -279,7 +266,7 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
     }
     int r = bdrv_pwrite(bs->file, table_first * cs, table, new_size * 8, 0);
     if (r == 0) {
-        r = bdrv_flush(bs->file);
+        r = qcow2_sync_locked(bs);
     }
     if (r < 0) {
         return r;
@@ -292,7 +279,7 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
     memcpy(hdr + 8, &be_cl, 4);
     r = bdrv_pwrite(bs->file, 48, hdr, sizeof(hdr), 0);
     if (r == 0) {
-        r = bdrv_flush(bs->file);
+        r = qcow2_sync_locked(bs);
     }
     if (r < 0) {
         return r;
@@ -341,7 +328,7 @@ static int ensure_refblock_locked(BlockDriverState *bs, uint64_t rt_index)
     rb_set(s, block, 0, 1);
     r = bdrv_pwrite(bs->file, off, block, cs, 0);
     if (r == 0) {
-        r = bdrv_flush(bs->file);
+        r = qcow2_sync_locked(bs);
     }
     if (r == 0) {
         uint64_t be = htobe64(off);
@@ -450,33 +437,80 @@ int64_t qcow2_alloc_clusters_upto_locked(BlockDriverState *bs, uint64_t n,
     return c < 0 ? c : (int64_t)((uint64_t)c * s->cluster_size);
 }
 
+typedef struct Qcow2PendingFree {
+    uint64_t offset, size;           /* host bytes */
+} Qcow2PendingFree;
+
 int qcow2_free_clusters_locked(BlockDriverState *bs, uint64_t offset,
                                uint64_t size)
+{
+    BDRVQcow2State *s = bs->opaque;
+    if (size == 0) {
+        return 0;
+    }
+    if (s->nb_pending_frees) {
+        /* Runs of adjacent clusters (a discard) merge into one. */
+        Qcow2PendingFree *last = &s->pending_frees[s->nb_pending_frees - 1];
+        uint64_t cs = s->cluster_size;
+        if ((last->offset + last->size) % cs == 0 && offset % cs == 0 &&
+            last->offset + last->size == offset) {
+            last->size += size;
+            return 0;
+        }
+    }
+    if (s->nb_pending_frees == s->pending_frees_cap) {
+        size_t cap = MAX(64, s->pending_frees_cap * 2);
+        Qcow2PendingFree *n = realloc(s->pending_frees, cap * sizeof(*n));
+        if (!n) {
+            return -ENOMEM;   /* the clusters leak */
+        }
+        s->pending_frees = n;
+        s->pending_frees_cap = cap;
+    }
+    s->pending_frees[s->nb_pending_frees++] = (Qcow2PendingFree){ offset, size };
+    return 0;
+}
+
+/* Drop one reference now (the removals are durable). */
+static void free_now_locked(BlockDriverState *bs, uint64_t offset,
+                            uint64_t size)
 {
     BDRVQcow2State *s = bs->opaque;
     uint64_t cs = s->cluster_size;
     uint64_t first = offset / cs;
     uint64_t n = DIV_ROUND_UP(offset + size, cs) - first;
-    if (size == 0) {
-        return 0;
-    }
     uint64_t freed_first = UINT64_MAX;
-    int r = update_refcounts_locked(bs, first, n, -1, &freed_first);
-    if (r < 0) {
-        return r;
+    if (update_refcounts_locked(bs, first, n, -1, &freed_first) < 0) {
+        return;   /* a bad refcount: leave it (a leak at worst) */
     }
     if (freed_first < s->free_cluster_index) {
         s->free_cluster_index = freed_first;
     }
     /* Give freed clusters back to the file system (advisory). */
+    uint64_t flen = file_length(bs);
     for (uint64_t c = first; c < first + n; c++) {
         uint64_t rc;
         if (qcow2_get_refcount_locked(bs, c, &rc) == 0 && rc == 0 &&
-            (c + 1) * cs <= file_length(bs)) {
+            (c + 1) * cs <= flen) {
             bdrv_pdiscard(bs->file, c * cs, cs);
         }
     }
-    return 0;
+}
+
+void qcow2_apply_pending_frees_locked(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    for (size_t i = 0; i < s->nb_pending_frees; i++) {
+        free_now_locked(bs, s->pending_frees[i].offset, s->pending_frees[i].size);
+    }
+    s->nb_pending_frees = 0;
+}
+
+void qcow2_pending_frees_free(BDRVQcow2State *s)
+{
+    free(s->pending_frees);
+    s->pending_frees = NULL;
+    s->nb_pending_frees = s->pending_frees_cap = 0;
 }
 
 /* ---- check ---- */
@@ -638,6 +672,11 @@ int qcow2_check(BlockDriverState *bs, char **report)
         return -ENOTSUP;   /* snapshot tables are not walked */
     }
     LOCK_GUARD(&s->lock);
+    /* The walk reads tables from the file: write the cached ones first. */
+    int fr = qcow2_flush_metadata_locked(bs);
+    if (fr < 0) {
+        return fr;
+    }
     CheckState cs = { .s = s, .report = report };
     cs.nb_clusters = DIV_ROUND_UP(file_length(bs), csz);
     cs.refs = calloc(cs.nb_clusters ? cs.nb_clusters : 1, sizeof(uint16_t));

@@ -14,8 +14,10 @@
  * Encryption, external data files, extended L2 entries and unknown
  * incompatible features are refused at open; an image with internal
  * snapshots opens read-only only.  Nothing is marked dirty at open (no lazy
- * refcounts): every metadata update reaches the file before the request
- * completes, so a cleanly closed image passes `qemu-img check`.
+ * refcounts): metadata is written back in an order that keeps the image
+ * consistent at every moment (qcow2.h, qcow2-cluster.c W1-W4), at each
+ * flush and at close, so a cleanly closed image passes `qemu-img check`
+ * and a crashed one shows leaks at worst.
  *
  * Writes and allocation (the contract with concurrent requests):
  *   1. Metadata (L1, L2 tables and cache, refcounts, header) changes only
@@ -25,11 +27,12 @@
  *      without it.
  *   3. A write that needs new clusters registers the guest clusters as
  *      in flight (s->inflight) while holding the lock, allocates host
- *      clusters (refcounts written), then drops the lock to copy the
- *      untouched head and tail of the clusters (from what a read of them
+ *      clusters (refcounts changed in the cache), then drops the lock to
+ *      copy the untouched head and tail of the clusters (from what a read of them
  *      returns now: backing file, zeroes, compressed data) and write the
- *      data, and takes the lock again to flush refcounts (if unflushed)
- *      and write the L2 entries, freeing what they replaced.  Any request
+ *      data, and takes the lock again to change the L2 entries in the
+ *      cache (written back later, after the refcounts and the data are
+ *      synced), freeing (deferred) what they replaced.  Any request
  *      touching an in-flight cluster (write, zero write, discard) waits,
  *      so two writers never allocate the same guest cluster.
  *   4. Zero writes and discards of whole clusters change L2 entries only
@@ -331,9 +334,17 @@ int qcow2_update_header_locked(BlockDriverState *bs)
     st32(buf + 100, QCOW2_HEADER_V3_LENGTH);
     buf[104] = s->compression_type;
 
-    int r = bdrv_pwrite(bs->file, 0, buf, pos, 0);
+    /* Whatever the header names (bitmap directory, tables) has its
+     * refcounts durable first. */
+    int r = qcow2_flush_metadata_locked(bs);
     if (r == 0) {
-        r = bdrv_flush(bs->file);
+        r = qcow2_sync_if_needed_locked(bs);
+    }
+    if (r == 0) {
+        r = bdrv_pwrite(bs->file, 0, buf, pos, 0);
+    }
+    if (r == 0) {
+        r = qcow2_sync_locked(bs);
     }
     if (r == 0) {
         s->header_length = QCOW2_HEADER_V3_LENGTH;
@@ -353,6 +364,7 @@ static void qcow2_state_free(BDRVQcow2State *s)
     free(s->gen_ext);
     qcow2_cache_free(s->l2_cache);
     qcow2_cache_free(s->refblock_cache);
+    qcow2_pending_frees_free(s);
     s->l1_table = NULL;
     s->refcount_table = NULL;
     s->backing_file = NULL;
@@ -571,6 +583,8 @@ static bool qcow2_open(BlockDriverState *bs, struct json_object *options,
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->inflight_cond, NULL);
     s->writable = (flags & BDRV_O_RDWR) != 0;
+    s->l1_dirty_lo = UINT32_MAX;
+    s->l1_dirty_hi = 0;
 
     if (!qcow2_read_header(bs, errp) || !qcow2_refcount_init(bs, errp)) {
         goto fail;
@@ -596,11 +610,15 @@ static bool qcow2_open(BlockDriverState *bs, struct json_object *options,
     }
     unsigned nb_l2 = (unsigned)MAX(4, MIN(64, (4u << 20) >> s->cluster_bits));
     s->l2_cache = qcow2_cache_new(nb_l2, s->cluster_size);
-    s->refblock_cache = qcow2_cache_new(4, s->cluster_size);
+    /* Refcount blocks: each covers cluster_size * 8 / refcount bits
+     * clusters, so a few suffice (at most 1 MiB). */
+    unsigned nb_rb = (unsigned)MAX(4, MIN(16, (1u << 20) >> s->cluster_bits));
+    s->refblock_cache = qcow2_cache_new(nb_rb, s->cluster_size);
     if (!s->l2_cache || !s->refblock_cache) {
         error_setg(errp, "out of memory");
         goto fail;
     }
+    qcow2_cache_set_dependency(s->l2_cache, s->refblock_cache);
     s->free_cluster_index = 1;
 
     if (s->writable && (s->autoclear_features & ~QCOW2_AUTOCLEAR_KNOWN)) {
@@ -636,12 +654,25 @@ fail:
     return false;
 }
 
+/* Write back the cached metadata (ordered, qcow2-cluster.c), then sync
+ * the file without holding the lock, so in-place writes go on meanwhile. */
 static int qcow2_flush(BlockDriverState *bs)
 {
     BDRVQcow2State *s = bs->opaque;
-    int r = bdrv_flush(bs->file);
+    pthread_mutex_lock(&s->lock);
+    int r = qcow2_flush_metadata_locked(bs);
+    uint64_t gen = s->write_gen;
+    pthread_mutex_unlock(&s->lock);
+    if (r < 0) {
+        return r;
+    }
+    r = bdrv_flush(bs->file);
     if (r == 0) {
-        __atomic_store_n(&s->refcounts_unflushed, false, __ATOMIC_RELAXED);
+        pthread_mutex_lock(&s->lock);
+        if (gen > s->synced_gen) {
+            s->synced_gen = gen;
+        }
+        pthread_mutex_unlock(&s->lock);
     }
     return r;
 }
@@ -771,21 +802,6 @@ static void inflight_wait_locked(BDRVQcow2State *s, uint64_t first, uint64_t end
     }
 }
 
-/* Before the first L2 update that points at new clusters: their refcounts
- * must be durable (crash: leak, never a dangling reference). */
-static int order_refcounts_locked(BlockDriverState *bs)
-{
-    BDRVQcow2State *s = bs->opaque;
-    if (!s->refcounts_unflushed) {
-        return 0;
-    }
-    int r = bdrv_flush(bs->file);
-    if (r == 0) {
-        s->refcounts_unflushed = false;
-    }
-    return r;
-}
-
 /* Write guest [offset, offset+bytes) (bytes within one L2 table, starting in
  * clusters that need allocation: n clusters from `first`) into new
  * clusters.  Called with s->lock held, which it drops for the data I/O.
@@ -872,9 +888,8 @@ static int write_allocating_locked(BlockDriverState *bs, uint64_t offset,
 
     pthread_mutex_lock(&s->lock);
     if (r == 0) {
-        r = order_refcounts_locked(bs);
-    }
-    if (r == 0) {
+        /* The data must be synced before the L2 entries are written (W1). */
+        qcow2_note_write_locked(bs);
         r = qcow2_get_l2_locked(bs, offset, false, &table, &l2_offset, &index);
         if (r == 0 && !table) {
             r = -EIO;
@@ -1047,6 +1062,13 @@ static int clear_clusters(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                         qcow2_free_l2_entry_locked(bs, olds[i]);
                     }
                 }
+            }
+        }
+        if (s->nb_pending_frees > QCOW2_MAX_PENDING_FREES) {
+            /* Bound the deferred frees (a discard of scattered clusters). */
+            r = qcow2_flush_metadata_locked(bs);
+            if (r < 0) {
+                return r;
             }
         }
         done += span;

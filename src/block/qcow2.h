@@ -18,10 +18,26 @@
  * runs without it (the mapping is looked up under the lock, the data
  * transfer happens after dropping it).
  *
- * Crash safety (ordering, as QEMU does): a new cluster's refcount is
- * written (and flushed before the L2 update when needed) before the L2
- * entry pointing at it, and the data before the L2 entry; so a crash
- * leaks clusters at worst and never exposes unwritten or shared data.
+ * Metadata write-back (as QEMU does; qcow2-cluster.c has the details):
+ * L2 tables, refcount blocks and the L1 table change in memory (the
+ * table cache and s->l1_table are the truth while the node is open) and
+ * reach the file at a flush (guest flush, FUA, header update, close) or
+ * when a dirty table is evicted, in this order:
+ *   1. dirty refcount blocks (increments only: decrements are deferred,
+ *      see 3), and the data of newly allocated clusters, which is written
+ *      directly before its L2 entry changes in memory;
+ *   2. fdatasync, then dirty L2 tables and L1 entries (a new L2 table is
+ *      written zero-filled at allocation, so it is durable by this sync
+ *      before any L1 entry names it);
+ *   3. fdatasync, then the deferred frees: refcount decrements of clusters
+ *      whose last reference was removed, applied only once the removal is
+ *      durable, so a freed cluster is neither counted 0 while referenced
+ *      on disk nor reused (overwritten) while an old L2 entry on disk
+ *      still maps it.
+ * A crash at any moment thus leaks clusters at worst; data followed by a
+ * completed flush survives; a read never sees another cluster's data.
+ * An allocating write costs no fdatasync: a flush costs two (three when
+ * clusters were freed).
  */
 #ifndef BITBACK_QCOW2_H
 #define BITBACK_QCOW2_H
@@ -108,8 +124,17 @@ typedef struct BDRVQcow2State {
                                         raw (type, length, data, padding),
                                         preserved on header rewrites */
     size_t other_exts_len;
-    bool refcounts_unflushed;        /* refcount writes not yet flushed:
-                                        flush before an L2 update */
+    /* Write-back bookkeeping (qcow2-cluster.c), all under s->lock.
+     * write_gen counts writes to bs->file that a later metadata write
+     * depends on (refcount blocks, new clusters' data, new L2 tables);
+     * synced_gen is the write_gen an fdatasync that completed had seen. */
+    uint64_t write_gen;
+    uint64_t synced_gen;
+    uint32_t l1_dirty_lo, l1_dirty_hi;   /* L1 entries [lo, hi) to write */
+    /* Deferred frees: host byte ranges whose refcount drops by one once
+     * the references removed before are durable (step 3 above). */
+    struct Qcow2PendingFree *pending_frees;
+    size_t nb_pending_frees, pending_frees_cap;
     struct Qcow2InFlight *inflight;  /* guest clusters being allocated */
     pthread_cond_t inflight_cond;
 
@@ -144,16 +169,37 @@ typedef enum Qcow2ClusterType {
 /* ---- qcow2-cluster.c ---- */
 
 /* An LRU cache of cluster-sized tables (L2 tables, refcount blocks),
- * write-through: callers change a cached table in memory and write the
- * changed bytes to the file themselves.  A table pointer is valid until
- * the next call on the same cache; everything runs under s->lock. */
+ * write-back: callers change a cached table in memory and mark it dirty;
+ * it reaches the file at qcow2_flush_metadata_locked or when evicted.  A
+ * cache with a dependency (the L2 cache depends on the refcount block
+ * cache) writes back the dependency and syncs before writing any of its
+ * own dirty tables.  A table pointer is valid until the next get on the
+ * same cache; everything runs under s->lock. */
 Qcow2L2Cache *qcow2_cache_new(unsigned nb_tables, size_t table_size);
 void qcow2_cache_free(Qcow2L2Cache *c);
+void qcow2_cache_set_dependency(Qcow2L2Cache *c, Qcow2L2Cache *depends);
 /* The table at host offset `offset`: read from bs->file on a miss, or
- * zero-filled without reading when `fresh`.  0 or -errno. */
+ * zero-filled without reading when `fresh` (not dirty: the caller writes
+ * it or marks it).  A dirty victim is written back first.  0 or -errno. */
 int qcow2_cache_get_locked(BlockDriverState *bs, Qcow2L2Cache *c,
                            uint64_t offset, bool fresh, void **ret_table);
+/* Mark the cached table `table` (a pointer from get) dirty. */
+void qcow2_cache_mark_dirty_locked(Qcow2L2Cache *c, const void *table);
+/* Forget the table at `offset`, dirty or not (its cluster is unused). */
 void qcow2_cache_drop_locked(Qcow2L2Cache *c, uint64_t offset);
+/* Write every dirty table of c (after its dependency's, synced). */
+int qcow2_cache_writeback_locked(BlockDriverState *bs, Qcow2L2Cache *c);
+/* Write all dirty metadata in the order of the header comment (steps 1-3,
+ * syncing between them as needed), apply the deferred frees.  The last
+ * writes are not synced: callers that need durability sync after.  0 or
+ * -errno (dirty state is kept on error, to retry). */
+int qcow2_flush_metadata_locked(BlockDriverState *bs);
+/* fdatasync bs->file, and record that everything before is durable. */
+int qcow2_sync_locked(BlockDriverState *bs);
+/* The same, only when something written since the last sync needs it. */
+int qcow2_sync_if_needed_locked(BlockDriverState *bs);
+/* Note a write that later metadata writes depend on (see write_gen). */
+void qcow2_note_write_locked(BlockDriverState *bs);
 
 /* Classify a (host order) L2 entry. */
 Qcow2ClusterType qcow2_l2_entry_type(BDRVQcow2State *s, uint64_t entry);
@@ -171,12 +217,13 @@ int qcow2_get_mapping_locked(BlockDriverState *bs, uint64_t offset,
 int qcow2_get_l2_locked(BlockDriverState *bs, uint64_t offset, bool alloc,
                         uint64_t **ret_table, uint64_t *ret_l2_offset,
                         unsigned *ret_index);
-/* Write entries [index, index+n) of a cached L2 table to the file. */
+/* Entries [index, index+n) of a cached L2 table changed: mark it dirty
+ * (written back later).  Always 0. */
 int qcow2_write_l2_entries_locked(BlockDriverState *bs, uint64_t *table,
                                   uint64_t l2_offset, unsigned index,
                                   unsigned n);
 /* Drop the references an L2 entry holds (data, compressed or
- * preallocated-zero clusters). */
+ * preallocated-zero clusters): deferred frees, see the header comment. */
 int qcow2_free_l2_entry_locked(BlockDriverState *bs, uint64_t entry);
 /* Decompress the compressed cluster described by L2 entry `entry` into
  * `out` (cluster_size bytes).  No lock needed.  0 or -errno. */
@@ -206,18 +253,32 @@ void qcow2_compressed_range(BDRVQcow2State *s, uint64_t entry,
 
 /* Allocate `size` bytes (rounded up to clusters) of contiguous host
  * clusters with refcount 1; returns the host offset or -errno.  The
- * refcounts are on disk when this returns.  s->lock held. */
+ * refcounts are in the refcount block cache (dirty) when this returns:
+ * anything on disk that points at the clusters must be written only
+ * after a qcow2_flush_metadata_locked + sync (qcow2_update_header_locked
+ * does both first; L1/L2 changes go through the caches).  s->lock held. */
 int64_t qcow2_alloc_clusters_locked(BlockDriverState *bs, uint64_t size);
-/* Drop one reference on each cluster of [offset, offset+size).  s->lock
- * held. */
+/* Drop one reference on each cluster of [offset, offset+size), deferred:
+ * the decrement is applied by the next qcow2_flush_metadata_locked, after
+ * the removal of the references is durable; until then the clusters stay
+ * allocated.  0 or -ENOMEM (a leak at worst).  s->lock held. */
 int qcow2_free_clusters_locked(BlockDriverState *bs, uint64_t offset,
                                uint64_t size);
+/* Apply the deferred frees to the refcount cache (dirty blocks), give
+ * freed clusters back to the file system.  Called by
+ * qcow2_flush_metadata_locked once the removals are durable. */
+void qcow2_apply_pending_frees_locked(BlockDriverState *bs);
+void qcow2_pending_frees_free(BDRVQcow2State *s);
+/* Deferred frees above which clear_clusters flushes metadata to apply. */
+#define QCOW2_MAX_PENDING_FREES 4096
 
 /* ---- qcow2.c ---- */
 
 /* Rewrite the header and all its extensions (including the bitmaps
  * extension from s->nb_bitmaps / bitmap_directory_*, and autoclear) in
- * the first cluster, then flush.  s->lock held.  0 or -errno. */
+ * the first cluster, then flush.  All dirty metadata is written back and
+ * synced first, so the header never names a structure whose refcounts
+ * are not durable.  s->lock held.  0 or -errno. */
 int qcow2_update_header_locked(BlockDriverState *bs);
 /* Bytes of payload the generations extension may have so that the header
  * (with a bitmaps extension) still fits the first cluster.  s->lock held. */
