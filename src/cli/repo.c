@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1447,6 +1448,228 @@ void repo_remove_tmp_files(Repo *repo, const char *node)
     }
 }
 
+/* ---- Hashing on a pool of threads ----
+ *
+ * repo_hash_extents splits the extents into batches of SCAN_BATCH bytes
+ * (never crossing an extent) and hands them out, in order, from a cursor
+ * under pool->lock.  Each thread (the caller's plus up to threads - 1
+ * helpers) reads its batch with bdrv_pread into its own buffer and hashes
+ * the batch's clusters into out[] at the index the cursor assigned, so the
+ * result does not depend on which thread did what.
+ *
+ * Invariants (pool->lock protects every field below it):
+ *   1. Batches are handed out in ascending offset order; batch k's hashes
+ *      go to out[first_k ..], first_k = the number of clusters in batches
+ *      before k.  Slots of out[] are written by exactly one thread.
+ *   2. done only grows: it is the sum of the lengths of finished batches.
+ *      Only the calling thread calls progress, with done under the lock
+ *      read, so the callback sees a monotonic count from one thread; it
+ *      reports the final done before returning, even when the helpers did
+ *      every batch.
+ *   3. After an error no new batch is handed out; err/err_offset keep the
+ *      failed batch with the lowest offset.  Every batch below a handed
+ *      out one was handed out too (1), so that is the first bad batch of
+ *      the whole scan, whatever the thread count.
+ *   4. The caller returns only after every helper it started has joined.
+ */
+
+typedef struct HashPool {
+    BlockDriverState *bs;
+    const RepoExtent *ext;
+    size_t n_ext;
+    RepoHash *out;
+
+    pthread_mutex_t lock;
+    pthread_cond_t cond;          /* a batch finished */
+    size_t cur_ext;               /* cursor: next batch */
+    uint64_t cur_off;
+    size_t cur_hash;
+    uint64_t done;
+    uint64_t reported;            /* done as last reported (caller only) */
+    unsigned running;             /* helpers not yet finished */
+    int err;
+    uint64_t err_offset;
+} HashPool;
+
+static unsigned hash_threads_override;
+
+void repo_set_hash_threads(unsigned n)
+{
+    hash_threads_override = MIN(n, REPO_MAX_HASH_THREADS);
+}
+
+unsigned repo_hash_threads(void)
+{
+    if (hash_threads_override) {
+        return hash_threads_override;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1) {
+        return 1;
+    }
+    return (unsigned)MIN(n, (long)REPO_DEFAULT_HASH_THREADS);
+}
+
+/* Take the next batch: false when none is left or after an error. */
+static bool hash_pool_next_locked(HashPool *p, uint64_t *ret_off,
+                                  uint64_t *ret_len, size_t *ret_first)
+{
+    while (p->cur_ext < p->n_ext &&
+           p->cur_off >= p->ext[p->cur_ext].start + p->ext[p->cur_ext].length) {
+        p->cur_ext++;
+        if (p->cur_ext < p->n_ext) {
+            p->cur_off = p->ext[p->cur_ext].start;
+        }
+    }
+    if (p->err || p->cur_ext == p->n_ext) {
+        return false;
+    }
+    uint64_t end = p->ext[p->cur_ext].start + p->ext[p->cur_ext].length;
+    *ret_off = p->cur_off;
+    *ret_len = MIN((uint64_t)SCAN_BATCH, end - p->cur_off);
+    *ret_first = p->cur_hash;
+    p->cur_off += *ret_len;
+    p->cur_hash += DIV_ROUND_UP(*ret_len, REPO_CLUSTER_SIZE);
+    return true;
+}
+
+/* Read and hash one batch into p->out[first ..].  0 or -errno. */
+static int hash_batch(HashPool *p, uint8_t *buf, uint64_t off, uint64_t len,
+                      size_t first)
+{
+    int r = bdrv_pread(p->bs, off, buf, len);
+    if (r < 0) {
+        return r;
+    }
+    for (uint64_t c = 0; c < len; c += REPO_CLUSTER_SIZE) {
+        RepoHash *h = &p->out[first++];
+        h->cluster = (off + c) / REPO_CLUSTER_SIZE;
+        repo_hash_cluster(buf + c, MIN(REPO_CLUSTER_SIZE, len - c), h->hash);
+    }
+    return 0;
+}
+
+/* Take and do batches until none is left.  progress is non-NULL only in
+ * the calling thread, which reports after each of its own batches;
+ * helpers wake it instead (pool->cond). */
+static void hash_pool_work(HashPool *p, uint8_t *buf, RepoProgressFn *progress,
+                           void *opaque, uint64_t base, uint64_t total)
+{
+    uint64_t off, len;
+    size_t first;
+
+    pthread_mutex_lock(&p->lock);
+    while (hash_pool_next_locked(p, &off, &len, &first)) {
+        pthread_mutex_unlock(&p->lock);
+        int r = hash_batch(p, buf, off, len, first);
+        pthread_mutex_lock(&p->lock);
+        if (r < 0) {
+            if (!p->err || off < p->err_offset) {
+                p->err = r;
+                p->err_offset = off;
+            }
+        } else {
+            p->done += len;
+        }
+        if (progress) {
+            uint64_t done = p->done;
+            p->reported = done;
+            pthread_mutex_unlock(&p->lock);
+            progress(opaque, base + done, total);
+            pthread_mutex_lock(&p->lock);
+        } else {
+            pthread_cond_broadcast(&p->cond);
+        }
+    }
+    pthread_mutex_unlock(&p->lock);
+}
+
+static void *hash_pool_helper(void *opaque)
+{
+    HashPool *p = opaque;
+    uint8_t *buf = malloc(SCAN_BATCH);
+
+    if (buf) {
+        hash_pool_work(p, buf, NULL, NULL, 0, 0);
+        free(buf);
+    }
+    /* Without a buffer this helper does nothing; the others cover. */
+    pthread_mutex_lock(&p->lock);
+    p->running--;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
+                      size_t n_ext, RepoHash *out, RepoProgressFn *progress,
+                      void *opaque, uint64_t base, uint64_t total,
+                      uint64_t *ret_err_offset)
+{
+    HashPool p = {
+        .bs = bs, .ext = ext, .n_ext = n_ext, .out = out,
+        .cur_off = n_ext ? ext[0].start : 0,
+    };
+    pthread_t tids[REPO_MAX_HASH_THREADS];
+    unsigned n_tids = 0;
+    uint64_t n_batches = 0;
+    _cleanup_free_ uint8_t *buf = malloc(SCAN_BATCH);
+
+    if (!buf) {
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < n_ext; i++) {
+        n_batches += DIV_ROUND_UP(ext[i].length, SCAN_BATCH);
+    }
+    pthread_mutex_init(&p.lock, NULL);
+    pthread_cond_init(&p.cond, NULL);
+
+    /* Helpers: never more than there are batches for. */
+    unsigned want = (unsigned)MIN((uint64_t)repo_hash_threads(), n_batches);
+    for (unsigned i = 1; i < want; i++) {
+        pthread_mutex_lock(&p.lock);
+        p.running++;
+        pthread_mutex_unlock(&p.lock);
+        if (pthread_create(&tids[n_tids], NULL, hash_pool_helper, &p) != 0) {
+            /* Fewer threads only make it slower. */
+            pthread_mutex_lock(&p.lock);
+            p.running--;
+            pthread_mutex_unlock(&p.lock);
+            break;
+        }
+        n_tids++;
+    }
+
+    hash_pool_work(&p, buf, progress, opaque, base, total);
+
+    /* Wait for the helpers, reporting their progress (invariant 2). */
+    pthread_mutex_lock(&p.lock);
+    uint64_t reported = p.reported;
+    for (;;) {
+        if (progress && p.done != reported) {
+            reported = p.done;
+            pthread_mutex_unlock(&p.lock);
+            progress(opaque, base + reported, total);
+            pthread_mutex_lock(&p.lock);
+            continue;            /* more may have finished meanwhile */
+        }
+        if (!p.running) {
+            break;
+        }
+        pthread_cond_wait(&p.cond, &p.lock);
+    }
+    pthread_mutex_unlock(&p.lock);
+    for (unsigned i = 0; i < n_tids; i++) {
+        pthread_join(tids[i], NULL);
+    }
+    pthread_cond_destroy(&p.cond);
+    pthread_mutex_destroy(&p.lock);
+    if (p.err && ret_err_offset) {
+        *ret_err_offset = p.err_offset;
+    }
+    return p.err;
+}
+
 /* ---- Scanning a backup file ---- */
 
 static bool extents_append(RepoExtent **ext, size_t *n, size_t *cap,
@@ -1476,9 +1699,8 @@ bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
     BlockDriverState *bs = bdrv_open_image(qcow2_path, "qcow2", 0, errp);
     _cleanup_free_ RepoExtent *ext = NULL;
     _cleanup_free_ RepoHash *hashes = NULL;
-    _cleanup_free_ uint8_t *buf = NULL;
     size_t n_ext = 0, cap = 0, n_hashes = 0;
-    uint64_t total = 0, done = 0;
+    uint64_t total = 0;
     bool ok = false;
 
     if (!bs) {
@@ -1528,38 +1750,29 @@ bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
         n_clusters += DIV_ROUND_UP(ext[i].length, REPO_CLUSTER_SIZE);
     }
     hashes = calloc(n_clusters ? n_clusters : 1, sizeof(*hashes));
-    buf = malloc(SCAN_BATCH);
-    if (!hashes || !buf) {
+    if (!hashes) {
         error_setg(errp, "out of memory");
         goto out;
     }
 
-    /* 2. Read them through the chain in big batches and hash each cluster. */
+    /* 2. Read them through the chain in big batches and hash each cluster,
+     *    on a pool of threads. */
     if (progress) {
         progress(opaque, 0, total);
     }
-    for (size_t i = 0; i < n_ext; i++) {
-        uint64_t end = ext[i].start + ext[i].length;
-        for (uint64_t off = ext[i].start; off < end;) {
-            uint64_t n = MIN((uint64_t)SCAN_BATCH, end - off);
-            int r = bdrv_pread(bs, off, buf, n);
-            if (r < 0) {
-                error_setg_errno(errp, -r, "%s: read error at offset %" PRIu64,
-                                 qcow2_path, off);
-                goto out;
-            }
-            for (uint64_t c = 0; c < n; c += REPO_CLUSTER_SIZE) {
-                RepoHash *h = &hashes[n_hashes++];
-                h->cluster = (off + c) / REPO_CLUSTER_SIZE;
-                repo_hash_cluster(buf + c, MIN(REPO_CLUSTER_SIZE, n - c), h->hash);
-            }
-            off += n;
-            done += n;
-            if (progress) {
-                progress(opaque, done, total);
-            }
+    uint64_t err_off = 0;
+    int r = repo_hash_extents(bs, ext, n_ext, hashes, progress, opaque, 0,
+                              total, &err_off);
+    if (r < 0) {
+        if (r == -ENOMEM) {
+            error_setg(errp, "out of memory");
+        } else {
+            error_setg_errno(errp, -r, "%s: read error at offset %" PRIu64,
+                             qcow2_path, err_off);
         }
+        goto out;
     }
+    n_hashes = (size_t)n_clusters;
 
     free(m->extents);
     free(m->hashes);

@@ -156,11 +156,34 @@ void repo_merkle_root(const RepoHash *hashes, size_t n,
 /* Progress callback: called with bytes done so far and the total. */
 typedef void RepoProgressFn(void *opaque, uint64_t done, uint64_t total);
 
+/* Threads that hash (repo_hash_extents, repo_scan_backup): the number of
+ * online CPUs, at most REPO_DEFAULT_HASH_THREADS, unless set with
+ * repo_set_hash_threads (0 = back to that default; capped at
+ * REPO_MAX_HASH_THREADS).  Not thread-safe: set it before scanning. */
+#define REPO_DEFAULT_HASH_THREADS 8
+#define REPO_MAX_HASH_THREADS     64
+void repo_set_hash_threads(unsigned n);
+unsigned repo_hash_threads(void);
+
+/* Data path: read the clusters of bs in ext[0..n_ext) (sorted, disjoint,
+ * starting on cluster boundaries, ending on one or at the end of bs) and
+ * hash them on repo_hash_threads() threads, the caller's included.
+ * out[] receives one entry per cluster, in offset order (the caller sizes
+ * it: the sum of DIV_ROUND_UP(length, REPO_CLUSTER_SIZE)).  progress, if
+ * not NULL, is called from the calling thread only with base + bytes done
+ * (monotonic) and total.  Returns 0 or -errno; on a read error
+ * *ret_err_offset (if not NULL) is the offset of the lowest failed batch. */
+int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
+                      size_t n_ext, RepoHash *out, RepoProgressFn *progress,
+                      void *opaque, uint64_t base, uint64_t total,
+                      uint64_t *ret_err_offset);
+
 /* Scan a backup's qcow2 file (opened read-only with its backing chain):
  * for every cluster allocated in its own layer, read the image's content
  * there through the chain and hash it.  Fills m->extents, m->hashes,
  * m->merkle_root, m->changed_bytes, m->cluster_size and checks that the
- * image size equals m->image_size (sets it when 0). */
+ * image size equals m->image_size (sets it when 0).  Reads and hashes on
+ * repo_hash_extents' threads; the result does not depend on their number. */
 bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
                       RepoProgressFn *progress, void *opaque, Error **errp);
 

@@ -8,7 +8,9 @@
  * Stored check (without --against; default --at all, every disk unless
  * --node): for each backup, repo_scan_backup() re-reads every cluster
  * allocated in the backup's own qcow2 layer, through its backing chain, and
- * hashes it.  The result must equal the manifest exactly:
+ * hashes it, on a pool of threads (repo_hash_extents: one per online
+ * CPU, at most 8; the result does not depend on their number).  The result
+ * must equal the manifest exactly:
  *   1. the same set of clusters (a cluster stored but not listed, or listed
  *      but not stored, is a mismatch),
  *   2. the same hash for each cluster,
@@ -23,9 +25,12 @@
  * ID's chain (repo_chain) that lists c, else the hash of zeroes (a full
  * backup lists every cluster it stores; what it does not store reads as
  * zeroes).  The target (an NBD URI, or a file probed as raw/qcow2/qbm) must
- * have the backup's size; it is read in 4 MiB requests and hashed per
- * cluster, except clusters that its block status reports as zero, which
- * are compared against the zero hash without reading.  The manifests are
+ * have the backup's size; it is checked 256 MiB at a time: block status
+ * first, then the clusters not reported as zero are read in 4 MiB requests
+ * and hashed on the same pool of threads (zero clusters are compared
+ * against the zero hash without reading), then compared in order.  (An
+ * NBD target's reads are serialized on its one connection; the hashing of
+ * one batch still overlaps the read of the next.)  The manifests are
  * the reference here: run verify without --against to check the stored
  * files themselves.
  *
@@ -34,6 +39,7 @@
  * 2 any mismatch or unreadable backup, 1 operational errors (bad
  * arguments, no repository, unknown ID, a target that cannot be opened).
  */
+#include <assert.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -49,9 +55,12 @@
 #include "cli/repo.h"
 #include "util/cleanup.h"
 
-/* Bytes per read of the target (a multiple of REPO_CLUSTER_SIZE). */
-#define VERIFY_CHUNK (4u * 1024 * 1024)
-#define VERIFY_CHUNK_CLUSTERS (VERIFY_CHUNK / REPO_CLUSTER_SIZE)
+/* The target is checked a window at a time (a multiple of
+ * REPO_CLUSTER_SIZE): block status for the window, then its non-zero
+ * clusters read and hashed on repo_hash_extents' threads, then compared.
+ * The window bounds the memory for the hashes. */
+#define VERIFY_WINDOW (256u * 1024 * 1024)
+#define VERIFY_WINDOW_CLUSTERS (VERIFY_WINDOW / REPO_CLUSTER_SIZE)
 /* Mismatch lines printed per backup before they are only counted. */
 #define VERIFY_MAX_LINES 100
 
@@ -362,7 +371,9 @@ static bool verify_against(VerifyState *vs, Repo *repo, RepoManifest *m,
 {
     _cleanup_free_ RepoManifest **chain = NULL;
     _cleanup_free_ Expected *exp = NULL;
-    _cleanup_free_ uint8_t *buf = NULL;
+    _cleanup_free_ bool *zero = NULL;
+    _cleanup_free_ RepoExtent *ext = NULL;
+    _cleanup_free_ RepoHash *got_hashes = NULL;
     BlockDriverState *bs;
     size_t n_chain, n_exp = 0, cur = 0;
     uint64_t cs = REPO_CLUSTER_SIZE, size = m->image_size;
@@ -384,8 +395,10 @@ static bool verify_against(VerifyState *vs, Repo *repo, RepoManifest *m,
         }
     }
     exp = build_expected(chain, n_chain, &n_exp);
-    buf = malloc(VERIFY_CHUNK);
-    if (!exp || !buf) {
+    zero = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*zero));
+    ext = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*ext));
+    got_hashes = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*got_hashes));
+    if (!exp || !zero || !ext || !got_hashes) {
         error_setg(errp, "out of memory");
         return false;
     }
@@ -416,22 +429,24 @@ static bool verify_against(VerifyState *vs, Repo *repo, RepoManifest *m,
     char label[REPO_MAX_NODE_NAME + 32];
     snprintf(label, sizeof(label), "%s verify %s", m->node, m->id);
     CliProgress *prog = cli_progress_new(label, size, vs->progress);
-    for (uint64_t off = 0; off < size; off += VERIFY_CHUNK) {
-        uint64_t chunk = MIN(VERIFY_CHUNK, size - off);
-        unsigned ncl = (unsigned)DIV_ROUND_UP(chunk, cs);
-        bool zero[VERIFY_CHUNK_CLUSTERS];
+    for (uint64_t off = 0; off < size; off += VERIFY_WINDOW) {
+        uint64_t win = MIN((uint64_t)VERIFY_WINDOW, size - off);
+        size_t ncl = (size_t)DIV_ROUND_UP(win, cs);
+        size_t n_ext = 0, n_read = 0;
+        uint64_t rbytes = 0;
 
         /* Which whole clusters does the target report as zeroes? */
-        for (unsigned k = 0; k < ncl; k++) {
+        for (size_t k = 0; k < ncl; k++) {
             zero[k] = true;
         }
-        for (uint64_t p = 0; p < chunk;) {
+        for (uint64_t p = 0; p < win;) {
             uint64_t pnum;
-            int st = bdrv_block_status(bs, off + p, chunk - p, &pnum);
+            int st = bdrv_block_status(bs, off + p, win - p, &pnum);
             if (st < 0 || pnum == 0) {
                 st = BDRV_BLOCK_DATA;   /* unknown: read it */
-                pnum = chunk - p;
+                pnum = win - p;
             }
+            pnum = MIN(pnum, win - p);
             if (!(st & BDRV_BLOCK_ZERO)) {
                 for (uint64_t k = p / cs; k <= (p + pnum - 1) / cs; k++) {
                     zero[k] = false;
@@ -439,33 +454,38 @@ static bool verify_against(VerifyState *vs, Repo *repo, RepoManifest *m,
             }
             p += pnum;
         }
-        /* Read the runs of non-zero clusters. */
-        for (unsigned k = 0; k < ncl;) {
+        /* The runs of non-zero clusters, read and hashed on the pool. */
+        for (size_t k = 0; k < ncl;) {
             if (zero[k]) {
                 k++;
                 continue;
             }
-            unsigned end = k;
+            size_t end = k;
             while (end < ncl && !zero[end]) {
                 end++;
             }
             uint64_t roff = (uint64_t)k * cs;
-            uint64_t rlen = MIN((uint64_t)end * cs, chunk) - roff;
-            int r = bdrv_pread(bs, off + roff, buf + roff, rlen);
-            if (r < 0) {
-                cli_progress_finish(prog);
-                error_setg_errno(errp, -r, "cannot read %s at offset %" PRIu64,
-                                 target, off + roff);
-                goto out;
-            }
-            vs->bytes_read += rlen;
+            uint64_t rlen = MIN((uint64_t)end * cs, win) - roff;
+            ext[n_ext++] = (RepoExtent){ .start = off + roff, .length = rlen };
+            rbytes += rlen;
+            n_read += end - k;
             k = end;
         }
+        uint64_t err_off = 0;
+        int r = repo_hash_extents(bs, ext, n_ext, got_hashes, cli_progress_cb,
+                                  prog, off, size, &err_off);
+        if (r < 0) {
+            cli_progress_finish(prog);
+            error_setg_errno(errp, -r, "cannot read %s at offset %" PRIu64,
+                             target, err_off);
+            goto out;
+        }
+        vs->bytes_read += rbytes;
         /* Compare. */
-        for (unsigned k = 0; k < ncl; k++) {
+        size_t next = 0;
+        for (size_t k = 0; k < ncl; k++) {
             uint64_t c = off / cs + k;
             uint64_t clen = MIN(cs, size - c * cs);
-            uint8_t h[REPO_HASH_LEN];
             const uint8_t *want = clen == cs ? zero_full : zero_tail;
             const uint8_t *got;
             unsigned from = 0;
@@ -480,8 +500,8 @@ static bool verify_against(VerifyState *vs, Repo *repo, RepoManifest *m,
             if (zero[k]) {
                 got = clen == cs ? zero_full : zero_tail;
             } else {
-                repo_hash_cluster(buf + (uint64_t)k * cs, clen, h);
-                got = h;
+                assert(next < n_read && got_hashes[next].cluster == c);
+                got = got_hashes[next++].hash;
             }
             if (memcmp(want, got, REPO_HASH_LEN)) {
                 if (from) {
@@ -497,7 +517,7 @@ static bool verify_against(VerifyState *vs, Repo *repo, RepoManifest *m,
                 }
             }
         }
-        cli_progress_update(prog, off + chunk, size);
+        cli_progress_update(prog, off + win, size);
     }
     cli_progress_finish(prog);
     ok = true;

@@ -9,13 +9,16 @@
  *  - repo_open: create, attempt markers and tmp files raising max_seq, a
  *    folder that is not a repository refused;
  *  - repo_scan_backup on a qcow2 overlay built with the block library,
- *    against hashes of a flat in-memory model of the image;
+ *    against hashes of a flat in-memory model of the image; and on a pool
+ *    of 1, 2, 3, 8 threads: byte-identical results, progress, errors;
  *  - repo_commit: the files appear, the marker goes, repo_find and
  *    repo_chain see the backups.
  */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -705,9 +708,13 @@ typedef struct ProgressLog {
     uint64_t last_done, total;
 } ProgressLog;
 
+/* The thread that runs the tests: progress comes from it only. */
+static pthread_t test_thread;
+
 static void progress_cb(void *opaque, uint64_t done, uint64_t total)
 {
     ProgressLog *p = opaque;
+    assert_true(pthread_equal(pthread_self(), test_thread));
     assert_true(done >= p->last_done);
     assert_true(done <= total);
     p->calls++;
@@ -926,9 +933,292 @@ static void test_scan_and_commit(void **state)
     repo_free(r);
 }
 
+/* ---- repo_scan_backup on a pool of threads ----
+ *
+ * A 37 MiB + 4 KiB image (the last repository cluster is 4 KiB) with
+ * scattered allocation: runs of several 4 MiB batches, single clusters, a
+ * partial write, a zero write and the short tail.  The scan must equal the
+ * flat model with 1, 2, 3 and 8 threads and the default, and be
+ * byte-identical to the one-thread result; a top layer with fewer batches
+ * than threads and an empty one too; and a read error in the backing chain
+ * names the lowest failed batch whatever the thread count.
+ */
+
+#define BIG_SIZE ((uint64_t)37 * 1024 * 1024 + 4096)
+
+static uint8_t *big_model;
+
+static void create_sized(const char *path, uint64_t size, const char *backing,
+                         const char *cluster_size)
+{
+    Error *err = NULL;
+    struct json_object *opts = json_object_new_object();
+    if (backing) {
+        json_object_object_add(opts, "backing_file", json_object_new_string(backing));
+        json_object_object_add(opts, "backing_fmt", json_object_new_string("qcow2"));
+    }
+    if (cluster_size) {
+        json_object_object_add(opts, "cluster_size", json_object_new_string(cluster_size));
+    }
+    bool ok = bdrv_img_create(path, "qcow2", size, opts, &err);
+    die_on(err);
+    assert_true(ok);
+    json_object_put(opts);
+}
+
+static void big_write(BlockDriverState *bs, uint64_t off, uint64_t len, bool zero)
+{
+    assert_true(off + len <= BIG_SIZE);
+    if (zero) {
+        memset(big_model + off, 0, len);
+        assert_int_equal(bdrv_pwrite_zeroes(bs, off, len, 0), 0);
+    } else {
+        fill_random(big_model + off, len);
+        assert_int_equal(bdrv_pwrite(bs, off, big_model + off, len, 0), 0);
+    }
+}
+
+/* The scan of path with `threads` threads (0: the default). */
+static RepoManifest *scan_with(const char *path, unsigned threads,
+                               ProgressLog *log)
+{
+    Error *err = NULL;
+    RepoManifest *m = calloc(1, sizeof(*m));
+    assert_non_null(m);
+    repo_set_hash_threads(threads);
+    bool ok = repo_scan_backup(path, m, log ? progress_cb : NULL, log, &err);
+    repo_set_hash_threads(0);
+    die_on(err);
+    assert_true(ok);
+    return m;
+}
+
+/* m against the flat model: cl[] are the expected cluster indexes. */
+static void check_big(const RepoManifest *m, const uint64_t *cl, size_t n)
+{
+    uint64_t changed = 0;
+    assert_int_equal(m->image_size, BIG_SIZE);
+    assert_int_equal(m->n_hashes, n);
+    for (size_t i = 0; i < n; i++) {
+        uint64_t off = cl[i] * CL;
+        uint64_t len = MIN((uint64_t)CL, BIG_SIZE - off);
+        uint8_t want[16];
+        canonical_xxh(big_model + off, len, want);
+        assert_int_equal(m->hashes[i].cluster, cl[i]);
+        assert_memory_equal(m->hashes[i].hash, want, 16);
+        changed += len;
+    }
+    assert_int_equal(m->changed_bytes, changed);
+    Digest d = model_root(m->hashes, m->n_hashes);
+    assert_memory_equal(m->merkle_root, d.b, 32);
+}
+
+static void assert_scan_identical(const RepoManifest *a, const RepoManifest *b)
+{
+    assert_int_equal(a->n_hashes, b->n_hashes);
+    assert_int_equal(a->n_extents, b->n_extents);
+    assert_int_equal(a->changed_bytes, b->changed_bytes);
+    if (a->n_hashes) {
+        assert_memory_equal(a->hashes, b->hashes, a->n_hashes * sizeof(*a->hashes));
+    }
+    if (a->n_extents) {
+        assert_memory_equal(a->extents, b->extents, a->n_extents * sizeof(*a->extents));
+    }
+    assert_memory_equal(a->merkle_root, b->merkle_root, 32);
+}
+
+/* Make the L2 entry of guest cluster `cl` in the (64 KiB cluster, L1 entry
+ * 0) qcow2 at path point to an unaligned host offset: reads there fail
+ * with -EIO. */
+static void corrupt_l2_entry(const char *path, uint64_t cl)
+{
+    int fd = open(path, O_RDWR);
+    uint8_t b[8];
+    assert_true(fd >= 0);
+    assert_int_equal(pread(fd, b, 8, 40), 8);            /* l1_table_offset */
+    uint64_t l1 = 0, l2 = 0, e = 0;
+    for (int i = 0; i < 8; i++) {
+        l1 = l1 << 8 | b[i];
+    }
+    assert_int_equal(pread(fd, b, 8, (off_t)l1), 8);
+    for (int i = 0; i < 8; i++) {
+        l2 = l2 << 8 | b[i];
+    }
+    l2 &= UINT64_C(0x00fffffffffffe00);
+    assert_true(l2 != 0);
+    assert_int_equal(pread(fd, b, 8, (off_t)(l2 + 8 * cl)), 8);
+    for (int i = 0; i < 8; i++) {
+        e = e << 8 | b[i];
+    }
+    assert_true((e & UINT64_C(0x00fffffffffffe00)) != 0);
+    e |= 0x200;
+    for (int i = 7; i >= 0; i--) {
+        b[i] = (uint8_t)e;
+        e >>= 8;
+    }
+    assert_int_equal(pwrite(fd, b, 8, (off_t)(l2 + 8 * cl)), 8);
+    close(fd);
+}
+
+static void test_scan_threads(void **state)
+{
+    static const unsigned threads[] = { 1, 2, 3, 8, 0 };
+    Error *err = NULL;
+    _cleanup_free_ char *dir = tpath("threads");
+    _cleanup_free_ char *base = tpath("threads/base.qcow2");
+    _cleanup_free_ char *top = tpath("threads/top.qcow2");
+    _cleanup_free_ char *few = tpath("threads/few.qcow2");
+    _cleanup_free_ char *none = tpath("threads/none.qcow2");
+    _cleanup_free_ char *small = tpath("threads/small.qcow2");
+    BlockDriverState *bs;
+
+    assert_int_equal(mkdir(dir, 0755), 0);
+    big_model = malloc(BIG_SIZE);
+    assert_non_null(big_model);
+    assert_true(repo_hash_threads() >= 1);
+    assert_true(repo_hash_threads() <= REPO_DEFAULT_HASH_THREADS);
+
+    /* The base: every cluster written, so all of it is one extent. */
+    create_sized(base, BIG_SIZE, NULL, NULL);
+    bs = bdrv_open_image(base, "qcow2", BDRV_O_RDWR, &err);
+    die_on(err);
+    big_write(bs, 0, BIG_SIZE, false);
+    bdrv_unref(bs);
+
+    ProgressLog log = { 0 };
+    RepoManifest *ref = scan_with(base, 1, &log);
+    uint64_t n_all = DIV_ROUND_UP(BIG_SIZE, CL);
+    uint64_t *all = calloc(n_all, sizeof(*all));
+    for (uint64_t i = 0; i < n_all; i++) {
+        all[i] = i;
+    }
+    check_big(ref, all, n_all);
+    assert_int_equal(ref->n_extents, 1);
+    assert_int_equal(log.last_done, BIG_SIZE);
+    for (size_t t = 1; t < ARRAY_SIZE(threads); t++) {
+        ProgressLog tl = { 0 };
+        RepoManifest *m = scan_with(base, threads[t], &tl);
+        assert_scan_identical(ref, m);
+        /* Progress: from the caller's thread (progress_cb asserts that
+         * done never goes back), ending at the total. */
+        assert_true(tl.calls >= 2);
+        assert_int_equal(tl.last_done, BIG_SIZE);
+        assert_int_equal(tl.total, BIG_SIZE);
+        repo_manifest_free(m);
+    }
+    repo_manifest_free(ref);
+    free(all);
+
+    /* The scattered overlay (64 KiB clusters). */
+    create_sized(top, BIG_SIZE, "base.qcow2", NULL);
+    bs = bdrv_open_image(top, "qcow2", BDRV_O_RDWR, &err);
+    die_on(err);
+    big_write(bs, 0, 9 * 1024 * 1024 + CL, false);            /* 3 batches */
+    big_write(bs, 12 * 1024 * 1024 + 3 * CL, CL, false);
+    big_write(bs, 13 * 1024 * 1024 + 5 * CL, 2 * CL, false);
+    big_write(bs, 16 * 1024 * 1024 - CL, 8 * 1024 * 1024 + 2 * CL, false);
+    big_write(bs, 26 * 1024 * 1024 + 7 * CL, 5 * CL, false);
+    big_write(bs, 33 * 1024 * 1024 + 100, 100, false);          /* COW */
+    big_write(bs, 35 * 1024 * 1024, 3 * CL, true);              /* zeroes */
+    big_write(bs, BIG_SIZE - 4096, 4096, false);                /* the tail */
+    bdrv_unref(bs);
+
+    uint64_t *cl = calloc(n_all, sizeof(*cl));
+    size_t n = 0;
+    for (uint64_t i = 0; i < (9 * 1024 * 1024 + CL) / CL; i++) {
+        cl[n++] = i;
+    }
+    cl[n++] = 12 * 16 + 3;
+    cl[n++] = 13 * 16 + 5;
+    cl[n++] = 13 * 16 + 6;
+    for (uint64_t i = 16 * 16 - 1; i < 16 * 16 - 1 + 8 * 16 + 2; i++) {
+        cl[n++] = i;
+    }
+    for (uint64_t i = 26 * 16 + 7; i < 26 * 16 + 12; i++) {
+        cl[n++] = i;
+    }
+    cl[n++] = 33 * 16;
+    cl[n++] = 35 * 16;
+    cl[n++] = 35 * 16 + 1;
+    cl[n++] = 35 * 16 + 2;
+    cl[n++] = 37 * 16;
+    ref = scan_with(top, 1, NULL);
+    check_big(ref, cl, n);
+    assert_int_equal(ref->n_extents, 8);
+    for (size_t t = 1; t < ARRAY_SIZE(threads); t++) {
+        ProgressLog tl = { 0 };
+        RepoManifest *m = scan_with(top, threads[t], &tl);
+        assert_scan_identical(ref, m);
+        assert_int_equal(tl.last_done, m->changed_bytes);
+        assert_int_equal(tl.total, m->changed_bytes);
+        repo_manifest_free(m);
+    }
+    repo_manifest_free(ref);
+
+    /* Fewer batches than threads: two single clusters, then nothing. */
+    create_sized(few, BIG_SIZE, "base.qcow2", NULL);
+    bs = bdrv_open_image(few, "qcow2", BDRV_O_RDWR, &err);
+    die_on(err);
+    big_write(bs, 5 * CL, CL, false);
+    big_write(bs, BIG_SIZE - 4096, 4096, false);
+    bdrv_unref(bs);
+    static const uint64_t few_cl[] = { 5, 37 * 16 };
+    for (size_t t = 0; t < ARRAY_SIZE(threads); t++) {
+        ProgressLog tl = { 0 };
+        RepoManifest *m = scan_with(few, threads[t], &tl);
+        check_big(m, few_cl, ARRAY_SIZE(few_cl));
+        assert_int_equal(tl.last_done, CL + 4096);
+        repo_manifest_free(m);
+    }
+    create_sized(none, BIG_SIZE, "base.qcow2", NULL);
+    for (size_t t = 0; t < ARRAY_SIZE(threads); t++) {
+        ProgressLog tl = { 0 };
+        RepoManifest *m = scan_with(none, threads[t], &tl);
+        assert_int_equal(m->n_hashes, 0);
+        assert_int_equal(m->n_extents, 0);
+        assert_int_equal(tl.last_done, 0);
+        repo_manifest_free(m);
+    }
+
+    /* A read error in the backing file: an overlay with 4 KiB clusters
+     * reads the rest of each 64 KiB cluster from the base, where two L2
+     * entries are corrupt.  The error names the lower one's batch. */
+    create_sized(small, BIG_SIZE, "base.qcow2", "4096");
+    bs = bdrv_open_image(small, "qcow2", BDRV_O_RDWR, &err);
+    die_on(err);
+    for (uint64_t c = 3; c < 37 * 16; c += 29) {
+        big_write(bs, c * CL + 8192, 4096, false);
+    }
+    bdrv_unref(bs);
+    corrupt_l2_entry(base, 3 + 29 * 7);
+    corrupt_l2_entry(base, 3 + 29 * 15);
+    for (size_t t = 0; t < ARRAY_SIZE(threads); t++) {
+        RepoManifest *m = calloc(1, sizeof(*m));
+        repo_set_hash_threads(threads[t]);
+        assert_false(repo_scan_backup(small, m, NULL, NULL, &err));
+        repo_set_hash_threads(0);
+        assert_non_null(err);
+        char want[64];
+        snprintf(want, sizeof(want), "read error at offset %" PRIu64,
+                 (uint64_t)(3 + 29 * 7) * CL);
+        if (!strstr(error_get_pretty(err), want)) {
+            fail_msg("threads %u: '%s' lacks '%s'", threads[t],
+                     error_get_pretty(err), want);
+        }
+        error_free(err);
+        err = NULL;
+        repo_manifest_free(m);
+    }
+
+    free(cl);
+    free(big_model);
+    big_model = NULL;
+}
+
 static int setup(void **state)
 {
     srandom(12345);
+    test_thread = pthread_self();
     if (!mkdtemp(tmpdir)) {
         return -1;
     }
@@ -957,6 +1247,7 @@ int main(void)
         cmocka_unit_test(test_parse_id),
         cmocka_unit_test(test_open),
         cmocka_unit_test(test_scan_and_commit),
+        cmocka_unit_test(test_scan_threads),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
