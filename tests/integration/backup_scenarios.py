@@ -161,7 +161,7 @@ def export(q, node, name=None, writable=False, bitmaps=()):
 
 
 def unexport(q, name):
-    q.cmd("block-export-del", id=f"exp-{name}")
+    q.del_export(f"exp-{name}")
     # Wait until the export is really gone (QEMU removes it asynchronously).
     for _ in range(500):
         if all(e["id"] != f"exp-{name}" for e in q.cmd("query-block-exports")):

@@ -161,6 +161,20 @@ class QMPClient:
                 self.events.append(msg)
 
     # -- helpers -------------------------------------------------------
+    def del_export(self, export_id, timeout=10):
+        """block-export-del, retrying while a client that just went away
+        still counts as connected (the server notices a closed socket
+        asynchronously, in QEMU too)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.execute("block-export-del", id=export_id)
+            if "error" not in reply:
+                return reply["return"]
+            err = reply["error"]
+            if "in use" not in err.get("desc", "") or time.monotonic() > deadline:
+                raise QMPError(err.get("class"), err.get("desc"), reply)
+            time.sleep(0.01)
+
     def node(self, node_name):
         """The query-named-block-nodes entry of node_name (or None)."""
         for n in self.cmd("query-named-block-nodes"):

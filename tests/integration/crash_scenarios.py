@@ -206,7 +206,7 @@ def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
         g = bm["granularity"]
         written = union_bytes([(o // g * g, (o + l + g - 1) // g * g - o // g * g)
                                for o, l in acked])
-        q.cmd("block-export-del", id="e0")
+        q.del_export("e0")
 
         p = backup(d, repo, "inc")
         assert "taking a full backup" not in p.stderr, p.stderr

@@ -46,7 +46,7 @@ def _bitmap_extents(d, names):
         return {n: crash_scenarios.dirty_extents(d.nbd_uri("bx"), n)
                 for n in names}
     finally:
-        q.cmd("block-export-del", id="bx")
+        q.del_export("bx")
 
 
 def _union(*extent_lists):
