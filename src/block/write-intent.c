@@ -9,7 +9,9 @@
  * the regions written since.  Recovery is snapshot ∪ marked regions.
  *
  * Locks, always taken in this order (never the other way round):
- *   io_lock   serializes every write to the .wil file (map, slots, header)
+ *   snap_lock serializes snapshots (slot writes); writers never take it,
+ *             so a snapshot being written does not hold up intent syncs
+ *   io_lock   serializes writes of the map and the header
  *   bs->lock  the bitmaps (dirty-bitmap.h), and here: active, durable[],
  *             epoch[], cur_epoch, n_marked -- so checking a region and
  *             setting a write's bits is one step (invariant 2)
@@ -78,6 +80,7 @@ struct WriteIntent {
     bool thread_started;
 
     pthread_mutex_t io_lock;
+    pthread_mutex_t snap_lock;
 };
 
 static inline bool bit_get(const uint8_t *m, uint64_t i)
@@ -265,7 +268,8 @@ static int write_header(WriteIntent *w, uint32_t state)
     return r;
 }
 
-/* Write payload as the next snapshot (caller holds io_lock): into the slot
+/* Write payload as the next snapshot (caller holds snap_lock; the header,
+ * when the slots grow, is written under io_lock): into the slot
  * that does not hold the newest one, or into two new bigger slots at the
  * end of the file followed by a header pointing at them (invariant 5). */
 static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
@@ -307,7 +311,9 @@ static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
         r = -errno;
     }
     if (r == 0 && grow) {
+        pthread_mutex_lock(&w->io_lock);
         r = write_header(w, state_after_grow);
+        pthread_mutex_unlock(&w->io_lock);
     }
     if (r == 0) {
         w->snap_seq++;
@@ -386,11 +392,11 @@ static int take_snapshot(WriteIntent *w, bool activate)
     uint32_t epoch;
     int r;
 
-    pthread_mutex_lock(&w->io_lock);
+    pthread_mutex_lock(&w->snap_lock);
     pthread_mutex_lock(&bs->lock);
     if (!activate && !w->active) {
         pthread_mutex_unlock(&bs->lock);
-        pthread_mutex_unlock(&w->io_lock);
+        pthread_mutex_unlock(&w->snap_lock);
         return 0;
     }
     payload = snapshot_payload_locked(bs, &len);
@@ -402,31 +408,43 @@ static int take_snapshot(WriteIntent *w, bool activate)
     }
     pthread_mutex_unlock(&bs->lock);
     if (!payload) {
-        pthread_mutex_unlock(&w->io_lock);
+        pthread_mutex_unlock(&w->snap_lock);
         return -ENOMEM;
     }
     if (activate) {
+        /* A writer arriving now may write the map before the header says
+         * active; a crash in that window finds an inactive log, so the
+         * bitmaps load inconsistent: the safe side. */
         _cleanup_free_ uint8_t *zero = calloc(1, w->map_bytes);
 
+        pthread_mutex_lock(&w->io_lock);
         r = zero ? pwrite_full(w->fd, zero, w->map_bytes, WIL_HEADER_SIZE)
                  : -ENOMEM;
+        pthread_mutex_unlock(&w->io_lock);
         if (r == 0) {
             r = write_snapshot(w, payload, len, WIL_STATE_ACTIVE);
         }
         if (r == 0) {
+            pthread_mutex_lock(&w->io_lock);
             r = write_header(w, WIL_STATE_ACTIVE);
+            pthread_mutex_unlock(&w->io_lock);
         }
     } else {
         r = write_snapshot(w, payload, len, WIL_STATE_ACTIVE);
     }
     if (r == 0) {
-        r = write_map(w, true, epoch);
+        /* Keep the regions written in this epoch or the one before: a
+         * region goes only after a whole snapshot period without writes,
+         * so a hot region never pays a sync again (invariant 3). */
+        pthread_mutex_lock(&w->io_lock);
+        r = write_map(w, true, epoch > 1 ? epoch - 1 : epoch);
+        pthread_mutex_unlock(&w->io_lock);
     } else {
         pthread_mutex_lock(&w->mu);
         w->io_error = r;
         pthread_mutex_unlock(&w->mu);
     }
-    pthread_mutex_unlock(&w->io_lock);
+    pthread_mutex_unlock(&w->snap_lock);
     pthread_mutex_lock(&w->mu);
     w->last_snapshot = clock_monotonic_seconds();
     pthread_mutex_unlock(&w->mu);
@@ -474,11 +492,15 @@ static void *wil_thread(void *opaque)
     return NULL;
 }
 
-static void kick(WriteIntent *w)
+/* Kick the thread unless a snapshot finished less than gap seconds ago:
+ * the marked-regions trigger must not turn every write into a snapshot. */
+static void kick_if_idle(WriteIntent *w, double gap)
 {
     pthread_mutex_lock(&w->mu);
-    w->kick = true;
-    pthread_cond_broadcast(&w->cond);
+    if (clock_monotonic_seconds() - w->last_snapshot >= gap) {
+        w->kick = true;
+        pthread_cond_broadcast(&w->cond);
+    }
     pthread_mutex_unlock(&w->mu);
 }
 
@@ -562,7 +584,7 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
             over = w->n_marked > WIL_MAX_MARKED_REGIONS;
             pthread_mutex_unlock(&bs->lock);
             if (over) {
-                kick(w);
+                kick_if_idle(w, WIL_MIN_SNAPSHOT_GAP_MS / 1000.0);
             }
             return 0;
         }
@@ -812,6 +834,7 @@ static void wil_free(WriteIntent *w)
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cond);
     pthread_mutex_destroy(&w->io_lock);
+    pthread_mutex_destroy(&w->snap_lock);
     free(w->durable);
     free(w->epoch);
     free(w->pending);
@@ -893,6 +916,7 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cond, NULL);
     pthread_mutex_init(&w->io_lock, NULL);
+    pthread_mutex_init(&w->snap_lock, NULL);
     if (!w->durable || !w->pending || !w->epoch) {
         wil_free(w);
         error_setg(errp, "out of memory");

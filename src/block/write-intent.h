@@ -28,7 +28,8 @@ typedef struct WriteIntent WriteIntent;
 #define WIL_MIN_REGION_SHIFT     16        /* 64 KiB */
 #define WIL_MAX_REGION_SHIFT     40        /* 1 TiB */
 #define WIL_SNAPSHOT_INTERVAL_MS 5000
-#define WIL_MAX_MARKED_REGIONS   64        /* more: snapshot now */
+#define WIL_MAX_MARKED_REGIONS   64        /* more: snapshot soon... */
+#define WIL_MIN_SNAPSHOT_GAP_MS  1000      /* ...but at most once a second */
 
 /* For block.c, after drv->open.  A no-op (true) when the node is not
  * crash-safe or its driver stores no persistent bitmaps.  Fails only when

@@ -70,6 +70,7 @@ class Writers:
         self.stop = False
         self.flush_every = flush_every
         self.size = size
+        self.span = (0, size)       # [lo, hi): where writes go; may change
         self.threads = [threading.Thread(target=self.run, args=(seed * 31 + i,),
                                          daemon=True) for i in range(threads)]
 
@@ -84,7 +85,8 @@ class Writers:
         try:
             while not self.stop:
                 length = rng.choice([4 * KiB, 64 * KiB, 100 * KiB, 256 * KiB])
-                off = rng.randrange(0, self.size - length) // 512 * 512
+                lo, hi = self.span
+                off = rng.randrange(lo, hi - length) // 512 * 512
                 if rng.random() < 0.1:
                     h.zero(length, off)
                 else:
