@@ -12,9 +12,31 @@
 # can only keep them in memory (non-persistent).  qemu-nbd and nbdkit track
 # nothing.  All servers use the host page cache (no O_DIRECT).
 #
+# A second table measures the cost of crash-safe bitmaps (the write-intent
+# log, docs/specs/write-intent.md): bitbackd on a QBM with no bitmaps, with
+# two persistent bitmaps crash-safe (the default) and with crash-safe=off,
+# and qemu-storage-daemon on a qcow2 with two persistent bitmaps, on
+#
+#   seq-write   1 MiB writes, iodepth 8, over a fully written image
+#   rand-write  4 KiB writes, iodepth 32, over a fully written image
+#   first-seq   1 MiB writes, iodepth 8, one pass over a FRESH image: every
+#               region's first write waits for an intent sync (worst case)
+#   first-rand  4 KiB random writes, iodepth 32, on a FRESH image (RUNTIME s
+#               or one pass, whichever ends first)
+#
+# Each row runs CS_RUNS times (configurations interleaved) and prints the
+# median, and the ratios crash-safe / no-bitmaps (target >= 0.97) and
+# crash-safe / qemu-storage-daemon (target >= 1.00).
+#
 # Usage: bench/nbd.sh [BUILD_DIR]        (default: build)
 # Environment: RUNTIME (seconds per fio run, default 10), SIZE (image size,
-# default 1G), WORKDIR (default: a new folder under /tmp).
+# default 1G), WORKDIR (default: a new folder under /tmp), SECTIONS (peers,
+# crash-safe or all, the default), CS_RUNS (default 3), CS_REGION_SIZES
+# (extra crash-safe configurations with these crash-safe-region-size values
+# in bytes, e.g. "4194304 268435456"; default none), CS_FRESH_SIZE (size of
+# the fresh images of the first-write rows, default SIZE; they are sparse, so
+# e.g. 64G costs no disk: more than 64 regions shows the snapshot thrash
+# described in docs/performance.md).
 # This is a benchmark, not a test: it prints a table and never fails on speed.
 set -euo pipefail
 
@@ -25,6 +47,12 @@ BITBACK=$build/bitback
 BITBACKD=$build/bitbackd
 RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1G}
+SECTIONS=${SECTIONS:-all}
+CS_RUNS=${CS_RUNS:-3}
+CS_REGION_SIZES=${CS_REGION_SIZES:-}
+CS_FRESH_SIZE=${CS_FRESH_SIZE:-$SIZE}
+case $SECTIONS in all|peers|crash-safe) ;; *) echo "nbd.sh: SECTIONS must be all, peers or crash-safe" >&2; exit 1 ;; esac
+want() { [ "$SECTIONS" = all ] || [ "$SECTIONS" = "$1" ]; }
 
 for tool in fio qemu-storage-daemon qemu-nbd nbdkit qemu-img python3; do
     command -v "$tool" >/dev/null || { echo "nbd.sh: $tool is not installed" >&2; exit 1; }
@@ -83,6 +111,18 @@ for c in sys.argv[2:]: send(json.loads(c))
 EOF
 }
 
+# fio_value BS <<<JSON -> MiB/s (BS 1M) or IOPS (other BS) of fio's JSON
+fio_value() {
+    python3 -c '
+import json, sys
+text = sys.stdin.read()
+j = json.loads(text[text.index("{"):])["jobs"][0]   # fio may print a line first
+side = j["write"] if j["write"]["io_bytes"] else j["read"]
+kind = sys.argv[1]
+print("%.0f" % (side["bw_bytes"] / 1048576 if kind == "1M" else side["iops"]))
+' "$1"
+}
+
 # run_fio NAME URI -> "seqw seqr randw randr" (MiB/s, MiB/s, IOPS, IOPS)
 run_fio() {
     local uri=$1 out=()
@@ -93,20 +133,14 @@ run_fio() {
         json=$(fio --name=bench --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" \
                    --iodepth="$3" --size="$bytes" --time_based --runtime="$RUNTIME" \
                    --ramp_time=1 --output-format=json 2>"$W/fio.err") || { cat "$W/fio.err" >&2; exit 1; }
-        out+=("$(python3 -c '
-import json, sys
-text = sys.stdin.read()
-j = json.loads(text[text.index("{"):])["jobs"][0]   # fio may print a line first
-side = j["write"] if j["write"]["io_bytes"] else j["read"]
-kind = sys.argv[1]
-print("%.0f" % (side["bw_bytes"] / 1048576 if kind == "1M" else side["iops"]))
-' "$2" <<<"$json")")
+        out+=("$(fio_value "$2" <<<"$json")")
     done
     echo "${out[*]}"
 }
 
 declare -A R
 
+if want peers; then
 # --- bitbackd: qbm over the raw image, two persistent bitmaps ------------
 "$BITBACK" img create -f qbm -o data-file="$IMG",data-format=raw "$W/disk.qbm" >/dev/null
 "$BITBACK" bitmap --add "$W/disk.qbm" b0 >/dev/null
@@ -214,3 +248,157 @@ for i, row in enumerate(rows):
     print("%-27s%21.0f%21.0f%10.2f" % (row, mine[i], qsd[i],
                                         mine[i] / qsd[i] if qsd[i] else float("inf")))
 EOF
+fi  # want peers
+
+# --- crash-safe bitmaps (issue 7): the cost of the write-intent log -------
+# Configurations: cs-nobm (bitbackd, qbm, no bitmaps), cs-on (two persistent
+# bitmaps, crash-safe, the default), cs-off (the same with crash-safe=off),
+# cs-qsd (qemu-storage-daemon, qcow2 with two persistent bitmaps; QEMU's are
+# not crash-safe), and cs-rN (crash-safe with crash-safe-region-size=N).
+# Steady rows use images over fully written data (the qbm overlays share the
+# raw image; the qcow2 is preallocation=full); first-write rows use a new,
+# empty image for every run (a sparse raw behind the qbm, a plain qcow2).
+if want crash-safe; then
+CS_CFGS=(cs-nobm cs-on cs-off cs-qsd)
+for rs in $CS_REGION_SIZES; do CS_CFGS+=("cs-r$rs"); done
+declare -A CSV          # CSV[cfg,row] = one value per run, space separated
+
+# cs_make CFG PREFIX fresh|steady: create the image of CFG, print its path
+cs_make() {
+    local cfg=$1 p=$2 kind=$3
+    if [ "$cfg" = cs-qsd ]; then
+        if [ "$kind" = fresh ]; then
+            qemu-img create -q -f qcow2 "$p.qcow2" "$CS_FRESH_SIZE"
+        else
+            qemu-img create -q -f qcow2 -o preallocation=full "$p.qcow2" "$SIZE"
+        fi
+        qemu-img bitmap --add "$p.qcow2" b0
+        qemu-img bitmap --add "$p.qcow2" b1
+        echo "$p.qcow2"
+        return
+    fi
+    if [ "$kind" = fresh ]; then
+        "$BITBACK" img create -f qbm "$p.qbm" "$CS_FRESH_SIZE" >/dev/null
+    else
+        "$BITBACK" img create -f qbm -o data-file="$IMG",data-format=raw "$p.qbm" >/dev/null
+    fi
+    if [ "$cfg" != cs-nobm ]; then
+        "$BITBACK" bitmap --add "$p.qbm" b0 >/dev/null
+        "$BITBACK" bitmap --add "$p.qbm" b1 >/dev/null
+    fi
+    echo "$p.qbm"
+}
+
+# cs_start CFG IMAGE: start CFG's server on $W/cs.sock
+cs_start() {
+    local cfg=$1 img=$2 opts=
+    rm -f "$W/cs.sock"
+    case $cfg in
+    cs-qsd)
+        qemu-storage-daemon \
+            --blockdev "driver=file,node-name=f0,filename=$img" \
+            --blockdev driver=qcow2,node-name=d0,file=f0 \
+            --nbd-server "addr.type=unix,addr.path=$W/cs.sock" \
+            --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
+            >>"$W/cs-server.log" 2>&1 &
+        SERVER_PID=$!
+        wait_socket "$W/cs.sock"
+        return ;;
+    cs-off) opts=crash-safe=off, ;;
+    cs-r*)  opts=crash-safe-region-size=${cfg#cs-r}, ;;
+    esac
+    "$BITBACKD" --blockdev "driver=qbm,node-name=d0,${opts}file.driver=file,file.filename=$img" \
+        --nbd-server "addr.type=unix,addr.path=$W/cs.sock" \
+        --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
+        >>"$W/cs-server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_socket "$W/cs.sock"
+}
+
+# cs_fio ROW: one fio run of ROW against $W/cs.sock, print its value
+# (first-* rows span CS_FRESH_SIZE, the others the steady image).
+# Each run starts with the page cache's dirty data written back (syncfs), so
+# a run is not throttled by the writeback of the one before it.
+cs_fio() {
+    local args json bs size=$bytes
+    sync -f "$W" 2>/dev/null || sync
+    case $1 in
+    seq-write)  bs=1M; args=(--rw=write --bs=1M --iodepth=8 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+    rand-write) bs=4k; args=(--rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+    first-seq)  bs=1M; size=$CS_FRESH_SIZE; args=(--rw=write --bs=1M --iodepth=8 --runtime="$RUNTIME") ;;
+    first-rand) bs=4k; size=$CS_FRESH_SIZE; args=(--rw=randwrite --bs=4k --iodepth=32 --runtime="$RUNTIME") ;;
+    esac
+    json=$(fio --name=bench --ioengine=nbd --uri="nbd+unix:///d0?socket=$W/cs.sock" \
+               --size="$size" "${args[@]}" --output-format=json 2>"$W/fio.err") ||
+        { cat "$W/fio.err" >&2; exit 1; }
+    fio_value "$bs" <<<"$json"
+}
+
+echo "# crash-safe rows: ${CS_CFGS[*]}, $CS_RUNS run(s) each, fresh images $CS_FRESH_SIZE" >&2
+for p in "${CS_CFGS[@]}"; do cs_make "$p" "$W/steady-$p" steady >/dev/null; done
+for ((run = 0; run < CS_RUNS; run++)); do
+    n=${#CS_CFGS[@]}
+    for ((k = 0; k < n; k++)); do
+        cfg=${CS_CFGS[$(((k + run) % n))]}      # rotate the order per run
+        img=$W/steady-$cfg.qbm; [ "$cfg" = cs-qsd ] && img=$W/steady-$cfg.qcow2
+        cs_start "$cfg" "$img"
+        for row in seq-write rand-write; do
+            CSV[$cfg,$row]+="$(cs_fio $row) "
+        done
+        stop_server
+        for row in first-seq first-rand; do
+            img=$(cs_make "$cfg" "$W/fresh" fresh)
+            cs_start "$cfg" "$img"
+            CSV[$cfg,$row]+="$(cs_fio $row) "
+            stop_server
+            rm -f "$W"/fresh.*
+        done
+        echo "#   run $((run + 1)) $cfg done" >&2
+    done
+done
+
+cs_args=()
+for cfg in "${CS_CFGS[@]}"; do
+    for row in seq-write rand-write first-seq first-rand; do
+        cs_args+=("$cfg,$row=${CSV[$cfg,$row]}")
+    done
+done
+python3 - "$CS_RUNS" "${CS_CFGS[*]}" "${cs_args[@]}" <<'EOF'
+import statistics, sys
+runs, cfgs = int(sys.argv[1]), sys.argv[2].split()
+vals = {}
+for a in sys.argv[3:]:
+    key, v = a.split("=", 1)
+    vals[tuple(key.split(","))] = [float(x) for x in v.split()]
+rows = [("seq-write", "seq-write 1M qd8 (MiB/s)"),
+        ("rand-write", "rand-write 4k qd32 (IOPS)"),
+        ("first-seq", "first-seq 1M qd8 (MiB/s)"),
+        ("first-rand", "first-rand 4k qd32 (IOPS)")]
+names = {"cs-nobm": "no-bitmaps", "cs-on": "crash-safe", "cs-off": "cs=off",
+         "cs-qsd": "qsd+bitmaps"}
+med = {k: statistics.median(v) for k, v in vals.items()}
+def ratio(a, b):
+    return a / b if b else float("inf")
+print()
+print("crash-safe bitmaps (write-intent log): bitbackd qbm, two persistent bitmaps;")
+print("median of %d run(s) per cell" % runs)
+print("%-27s" % "test" + "".join("%13s" % names.get(c, c) for c in cfgs) +
+      "%16s%16s" % ("cs/no-bitmaps", "cs/qsd"))
+for key, label in rows:
+    line = "%-27s" % label + "".join("%13.0f" % med[c, key] for c in cfgs)
+    r1 = ratio(med["cs-on", key], med["cs-nobm", key])
+    r2 = ratio(med["cs-on", key], med["cs-qsd", key])
+    line += "%11.3f %-4s" % (r1, "PASS" if r1 >= 0.97 else "MISS")
+    line += "%11.2f %-4s" % (r2, "PASS" if r2 >= 1.0 else "MISS")
+    print(line)
+print("\nper-run values:")
+for key, label in rows:
+    print("  %-12s" % key + "  ".join("%s %s" % (names.get(c, c),
+          "/".join("%.0f" % x for x in vals[c, key])) for c in cfgs))
+print("\ntargets: crash-safe / no-bitmaps >= 0.97 (at most 3% below);")
+print("crash-safe / qemu-storage-daemon with its (not crash-safe) bitmaps >= 1.00.")
+print("first-seq / first-rand write a new empty image (CS_FRESH_SIZE): every region's")
+print("first write waits for one intent sync (64 MiB regions unless cs-rN says")
+print("otherwise); past 64 marked regions the log snapshots continuously.")
+EOF
+fi  # want crash-safe
