@@ -399,6 +399,7 @@ print("\ntargets: crash-safe / no-bitmaps >= 0.97 (at most 3% below);")
 print("crash-safe / qemu-storage-daemon with its (not crash-safe) bitmaps >= 1.00.")
 print("first-seq / first-rand write a new empty image (CS_FRESH_SIZE): every region's")
 print("first write waits for one intent sync (64 MiB regions unless cs-rN says")
-print("otherwise); past 64 marked regions the log snapshots continuously.")
+print("otherwise); past 64 marked regions snapshots come once a second and clear")
+print("only regions idle for a whole snapshot period.")
 EOF
 fi  # want crash-safe
