@@ -939,6 +939,13 @@ int bdrv_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
+    /* A read that must not wait goes only where every layer can promise
+     * that: no hooks (they may wait for a job), no bounce buffer. */
+    if ((flags & BDRV_REQ_NOWAIT) &&
+        (!(bs->supported_read_flags & BDRV_REQ_NOWAIT) ||
+         __atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE))) {
+        return -EAGAIN;
+    }
     /* Reads are never gated, but they count as nesting: what a read hook
      * or a driver does inside is internal. */
     io_depth++;

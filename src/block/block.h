@@ -48,6 +48,8 @@ typedef struct BlockDriverState BlockDriverState;
 #define BDRV_REQ_FUA          0x0001  /* write: data durable on return */
 #define BDRV_REQ_MAY_UNMAP    0x0002  /* write_zeroes: may deallocate */
 #define BDRV_REQ_NO_FALLBACK  0x0004  /* write_zeroes: -ENOTSUP unless fast */
+#define BDRV_REQ_NOWAIT       0x0008  /* read: -EAGAIN rather than wait for
+                                         the disk (data not in page cache) */
 
 /* block_status result bits. */
 #define BDRV_BLOCK_DATA       0x01  /* the range holds data (may be non-zero) */
@@ -122,6 +124,9 @@ struct BlockDriverState {
     bool read_only;
     int open_flags;
     uint32_t request_alignment;    /* set by the driver's open; default 1 */
+    int supported_read_flags;      /* BDRV_REQ_NOWAIT if preadv honours it
+                                      (set by the driver's open); without
+                                      it a NOWAIT read fails with -EAGAIN */
     bool auto_node_name;           /* node_name was generated */
     bool user_owned;               /* opened by the user (blockdev-add,
                                       --blockdev, the CLI), not as a child */

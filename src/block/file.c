@@ -67,6 +67,10 @@ static bool file_open(BlockDriverState *bs, struct json_object *options, int fla
     s->has_fallocate = true;
     if (flags & BDRV_O_NOCACHE) {
         bs->request_alignment = FILE_DIRECT_ALIGNMENT;
+    } else {
+        /* RWF_NOWAIT means "only from the page cache"; with O_DIRECT the
+         * read would still wait for the device. */
+        bs->supported_read_flags = BDRV_REQ_NOWAIT;
     }
     return true;
 }
@@ -115,10 +119,15 @@ static int file_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     }
     uint64_t done = 0;
     while (done < bytes) {
-        ssize_t r = preadv(s->fd, iov, MIN(niov, IOV_MAX), (off_t)(offset + done));
+        ssize_t r = preadv2(s->fd, iov, MIN(niov, IOV_MAX), (off_t)(offset + done),
+                            (flags & BDRV_REQ_NOWAIT) ? RWF_NOWAIT : 0);
         if (r < 0) {
             if (errno == EINTR) {
                 continue;
+            }
+            if ((flags & BDRV_REQ_NOWAIT) &&
+                (errno == EOPNOTSUPP || errno == EINVAL)) {
+                return -EAGAIN;   /* a kernel or file system without it */
             }
             return -errno;
         }

@@ -290,6 +290,7 @@ static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flag
             goto fail;
         }
         s->data->user_owned = false;
+        bs->supported_read_flags = s->data->supported_read_flags;
         struct stat st_desc, st_data;
         if (stat(s->desc_path, &st_desc) == 0 && stat(path, &st_data) == 0 &&
             st_desc.st_dev == st_data.st_dev && st_desc.st_ino == st_data.st_ino) {
@@ -397,6 +398,8 @@ static int qbm_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                 return -EINVAL;
             }
             r = bdrv_preadv(s->data, offset + done, n, sub, cnt, flags);
+        } else if ((flags & BDRV_REQ_NOWAIT) && bs->backing) {
+            return -EAGAIN;
         } else {
             r = bdrv_preadv_backing(bs, offset + done, n, iov, niov, done);
         }

@@ -15,6 +15,7 @@ static bool raw_open(BlockDriverState *bs, struct json_object *options, int flag
                      Error **errp)
 {
     bs->request_alignment = bs->file->request_alignment;
+    bs->supported_read_flags = bs->file->supported_read_flags;
     return true;
 }
 

@@ -23,6 +23,8 @@ bool uuid_is_valid_str(const char *s);
 
 /* Seconds on the monotonic clock (for rates and intervals). */
 double clock_monotonic_seconds(void);
+/* Nanoseconds on the monotonic clock. */
+uint64_t clock_monotonic_ns(void);
 
 /* pread/pwrite that loop over short transfers and EINTR.  They return 0 on
  * success, -errno on failure; a read past EOF returns -EIO (short file). */

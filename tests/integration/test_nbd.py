@@ -428,3 +428,61 @@ def test_parallel_clients_and_bitmap_union(daemon, tmp_path):
               for e in json.loads(p.stdout) if e["dirty"]]
     assert clusters_to_extents(
         c for off, n in stored for c in touched(off, n)) == want
+
+
+def evict(path):
+    """Drop the file's pages from the page cache (after writing them back)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qbm-backing"])
+def test_reads_cold_and_cached(daemon, tmp_path, fmt):
+    """Small reads are answered by the receiving thread when their data is
+    in the page cache, and handed to a worker when it is not (or when the
+    node cannot promise a read that does not wait, such as a qbm overlay
+    reading its backing file).  Many reads in flight, cold then warm, of
+    sizes on both sides of the inline limit, must return the image's bytes."""
+    size = 32 * MiB
+    rnd = random.Random(7)
+    model = bytearray(rnd.randbytes(size))
+    (tmp_path / "base.raw").write_bytes(model)
+    if fmt == "raw":
+        image, drv = "base.raw", "raw"
+    else:
+        raw_image(tmp_path / "top.raw", size)
+        run([BITBACK, "img", "create", "-f", "qbm", "-o", "data-file=top.raw",
+             "-b", "base.raw", "-F", "raw", str(tmp_path / "top.qbm")])
+        image, drv = "top.qbm", "qbm"
+    start(daemon, image=image, fmt=drv)
+    h = connect(daemon.nbd_uri("d0"))
+    if fmt != "raw":
+        # Half of the overlay's clusters get data of their own.
+        for c in range(0, size // GRAN, 2):
+            data = rnd.randbytes(GRAN)
+            h.pwrite(data, c * GRAN)
+            model[c * GRAN:(c + 1) * GRAN] = data
+        h.flush()
+    for rnd_pass in ("cold", "warm"):
+        if rnd_pass == "cold":
+            for f in ("base.raw", "top.raw"):
+                if (tmp_path / f).exists():
+                    evict(tmp_path / f)
+        reads = []
+        for _ in range(600):
+            n = rnd.choice([512, 4096, 16384, 32768, 32769, 65536, 200000])
+            off = rnd.randrange(0, size - n)
+            buf = nbd.Buffer(n)
+            reads.append((off, n, buf, h.aio_pread(buf, off)))
+            while h.aio_in_flight() >= 64:
+                h.poll(-1)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for off, n, buf, cookie in reads:
+            assert h.aio_command_completed(cookie)
+            assert buf.to_bytearray() == model[off:off + n], (rnd_pass, off, n)
+    h.shutdown()
