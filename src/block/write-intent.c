@@ -43,8 +43,6 @@
 #define WIL_STATE_INACTIVE 0u
 #define WIL_STATE_ACTIVE   1u
 #define WIL_MAX_SLOT     (1ull << 34)      /* 16 GiB: more is corruption */
-#define WIL_MIN_SHIFT    WIL_MIN_REGION_SHIFT
-#define WIL_MAX_SHIFT    WIL_MAX_REGION_SHIFT
 
 struct WriteIntent {
     BlockDriverState *bs;
@@ -65,6 +63,8 @@ struct WriteIntent {
     uint32_t *epoch;
     uint32_t cur_epoch;
     uint64_t n_marked;
+    uint64_t seq_end;              /* end of the last tracked write */
+    uint64_t readahead;            /* region last asked for ahead (+1) */
 
     /* mu */
     pthread_mutex_t mu;
@@ -74,6 +74,7 @@ struct WriteIntent {
     int io_error;
     bool stop;
     bool kick;
+    bool readahead_kick;           /* pending[] holds a read-ahead region */
     double last_flush_snapshot;
     double last_snapshot;
     pthread_t thread;
@@ -81,6 +82,9 @@ struct WriteIntent {
 
     pthread_mutex_t io_lock;
     pthread_mutex_t snap_lock;
+
+    /* Counters (atomic): write_intent_stats(). */
+    uint64_t n_syncs, n_waits, wait_ns, n_snapshots;
 };
 
 static inline bool bit_get(const uint8_t *m, uint64_t i)
@@ -178,7 +182,7 @@ static bool header_decode(const uint8_t *buf, WilHeader *h)
     h->slot_off[0] = ld64(buf + 24);
     h->slot_off[1] = ld64(buf + 32);
     h->slot_size = ld64(buf + 40);
-    return h->shift >= WIL_MIN_SHIFT && h->shift <= WIL_MAX_SHIFT &&
+    return h->shift >= WIL_MIN_REGION_SHIFT && h->shift <= WIL_MAX_REGION_SHIFT &&
            h->slot_size >= WIL_SLOT_HEADER && h->slot_size <= WIL_MAX_SLOT;
 }
 
@@ -370,6 +374,7 @@ static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
         w->n_marked = n;
     }
     pthread_mutex_unlock(&bs->lock);
+    __atomic_add_fetch(&w->n_syncs, 1, __ATOMIC_RELAXED);
     if (r < 0) {
         pthread_mutex_lock(&w->mu);
         w->io_error = r;
@@ -433,6 +438,7 @@ static int take_snapshot(WriteIntent *w, bool activate)
         r = write_snapshot(w, payload, len, WIL_STATE_ACTIVE);
     }
     if (r == 0) {
+        __atomic_add_fetch(&w->n_snapshots, 1, __ATOMIC_RELAXED);
         /* Keep the regions written in this epoch or the one before: a
          * region goes only after a whole snapshot period without writes,
          * so a hot region never pays a sync again (invariant 3). */
@@ -451,6 +457,23 @@ static int take_snapshot(WriteIntent *w, bool activate)
     return r;
 }
 
+/* With mu held and no map write running: write the map with every pending
+ * region, then wake whoever waits for it.  Returns with mu held. */
+static int write_pending_locked(WriteIntent *w)
+{
+    int r;
+
+    w->syncing = true;
+    pthread_mutex_unlock(&w->mu);
+    pthread_mutex_lock(&w->io_lock);
+    r = write_map(w, false, 0);
+    pthread_mutex_unlock(&w->io_lock);
+    pthread_mutex_lock(&w->mu);
+    w->syncing = false;
+    pthread_cond_broadcast(&w->cond);
+    return r;
+}
+
 /* ---- the background thread ---- */
 
 static void *wil_thread(void *opaque)
@@ -465,11 +488,17 @@ static void *wil_thread(void *opaque)
 
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_sec += WIL_SNAPSHOT_INTERVAL_MS / 1000;
-        if (!w->kick) {
+        if (!w->kick && !w->readahead_kick) {
             pthread_cond_timedwait(&w->cond, &w->mu, &ts);
         }
         if (w->stop) {
             break;
+        }
+        if (w->readahead_kick && !w->syncing && !w->io_error) {
+            /* A sequential writer is about to enter a new region: make it
+             * durable now, so the writer finds it so (invariant 10). */
+            w->readahead_kick = false;
+            write_pending_locked(w);
         }
         due = w->kick ||
               clock_monotonic_seconds() - w->last_snapshot >= WIL_SNAPSHOT_INTERVAL_MS / 1000.0;
@@ -531,24 +560,49 @@ static int request_regions(WriteIntent *w, uint64_t r0, uint64_t r1)
         pthread_mutex_unlock(&w->mu);
         return r;
     }
-    w->syncing = true;
-    pthread_mutex_unlock(&w->mu);
-
-    pthread_mutex_lock(&w->io_lock);
-    r = write_map(w, false, 0);
-    pthread_mutex_unlock(&w->io_lock);
-
-    pthread_mutex_lock(&w->mu);
-    w->syncing = false;
-    pthread_cond_broadcast(&w->cond);
+    r = write_pending_locked(w);
     pthread_mutex_unlock(&w->mu);
     return r;
+}
+
+/* Read-ahead (bs->lock held, the write's regions durable): a write that
+ * continues the previous one and ends in the last quarter of its region
+ * asks for the next region, so that a sequential writer does not stop at
+ * every region boundary to wait for a sync.  Returns the region to ask the
+ * thread for, or UINT64_MAX. */
+static uint64_t readahead_region_locked(WriteIntent *w, uint64_t offset,
+                                        uint64_t bytes, uint64_t r1)
+{
+    uint64_t end = offset + bytes, prev = w->seq_end;
+    uint64_t region = UINT64_C(1) << w->shift;
+    uint64_t next = r1 + 1;
+
+    w->seq_end = end;
+    if (next >= w->n_regions || bit_get(w->durable, next) ||
+        w->readahead == next + 1 ||
+        offset + WIL_READAHEAD_WINDOW < prev || offset > prev + WIL_READAHEAD_WINDOW ||
+        ((end - 1) & (region - 1)) < region - region / 4) {
+        return UINT64_MAX;
+    }
+    w->readahead = next + 1;
+    return next;
+}
+
+static void request_readahead(WriteIntent *w, uint64_t region)
+{
+    pthread_mutex_lock(&w->mu);
+    if (!w->io_error) {
+        bit_set(w->pending, region);
+        w->readahead_kick = true;
+        pthread_cond_broadcast(&w->cond);
+    }
+    pthread_mutex_unlock(&w->mu);
 }
 
 int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
 {
     WriteIntent *w = bs->wil;
-    uint64_t r0, r1;
+    uint64_t r0, r1, waited_from = 0;
     bool over = false;
 
     if (!w || bytes == 0) {
@@ -577,18 +631,32 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
             }
         }
         if (all) {
+            uint64_t ahead;
+
             for (uint64_t i = r0; i <= r1 && r0 < w->n_regions; i++) {
                 w->epoch[i] = w->cur_epoch;
             }
             bdrv_set_dirty_locked(bs, offset, bytes);
             over = w->n_marked > WIL_MAX_MARKED_REGIONS;
+            ahead = readahead_region_locked(w, offset, bytes, r1);
             pthread_mutex_unlock(&bs->lock);
+            if (ahead != UINT64_MAX) {
+                request_readahead(w, ahead);
+            }
             if (over) {
                 kick_if_idle(w, WIL_MIN_SNAPSHOT_GAP_MS / 1000.0);
+            }
+            if (waited_from) {
+                __atomic_add_fetch(&w->n_waits, 1, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&w->wait_ns, clock_monotonic_ns() - waited_from,
+                                   __ATOMIC_RELAXED);
             }
             return 0;
         }
         pthread_mutex_unlock(&bs->lock);
+        if (!waited_from) {
+            waited_from = clock_monotonic_ns();
+        }
         r = request_regions(w, r0, r1);
         if (r < 0) {
             return r;
@@ -1010,6 +1078,24 @@ void write_intent_close_end(BlockDriverState *bs, bool stored_ok)
     }
     bs->wil = NULL;
     wil_free(w);
+}
+
+bool write_intent_stats(BlockDriverState *bs, WriteIntentStats *st)
+{
+    WriteIntent *w = bs->wil;
+
+    if (!w) {
+        return false;
+    }
+    *st = (WriteIntentStats){
+        .region_size = UINT64_C(1) << w->shift,
+        .marked_regions = write_intent_marked_regions(bs),
+        .intent_syncs = __atomic_load_n(&w->n_syncs, __ATOMIC_RELAXED),
+        .writer_waits = __atomic_load_n(&w->n_waits, __ATOMIC_RELAXED),
+        .writer_wait_ns = __atomic_load_n(&w->wait_ns, __ATOMIC_RELAXED),
+        .snapshots = __atomic_load_n(&w->n_snapshots, __ATOMIC_RELAXED),
+    };
+    return true;
 }
 
 uint64_t write_intent_marked_regions(BlockDriverState *bs)

@@ -30,6 +30,8 @@ typedef struct WriteIntent WriteIntent;
 #define WIL_SNAPSHOT_INTERVAL_MS 5000
 #define WIL_MAX_MARKED_REGIONS   64        /* more: snapshot soon... */
 #define WIL_MIN_SNAPSHOT_GAP_MS  1000      /* ...but at most once a second */
+#define WIL_READAHEAD_WINDOW     (8u << 20) /* a write this close to the last
+                                               one's end continues it */
 
 /* For block.c, after drv->open.  A no-op (true) when the node is not
  * crash-safe or its driver stores no persistent bitmaps.  Fails only when
@@ -65,5 +67,18 @@ void write_intent_close_end(BlockDriverState *bs, bool stored_ok);
 
 /* For query output: regions marked now (tests and `info`). */
 uint64_t write_intent_marked_regions(BlockDriverState *bs);
+
+/* What crash safety has cost this node since it was opened: intent-map
+ * syncs, how many writes waited for one and for how long in all, and
+ * snapshots written.  False when the node keeps no log. */
+typedef struct WriteIntentStats {
+    uint64_t region_size;
+    uint64_t marked_regions;
+    uint64_t intent_syncs;
+    uint64_t writer_waits;
+    uint64_t writer_wait_ns;
+    uint64_t snapshots;
+} WriteIntentStats;
+bool write_intent_stats(BlockDriverState *bs, WriteIntentStats *st);
 
 #endif

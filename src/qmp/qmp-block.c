@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "block/write-intent.h"
 #include "nbd/server.h"
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
@@ -172,6 +173,22 @@ static struct json_object *qmp_node_info(BlockDriverState *bs)
     json_object_object_add(o, "cache", cache);
     json_object_object_add(o, "write_threshold", json_object_new_int(0));
     json_object_object_add(o, "dirty-bitmaps", qmp_node_bitmaps(bs));
+    WriteIntentStats ws;
+    if (write_intent_stats(bs, &ws)) {
+        struct json_object *cs = json_object_new_object();
+        const struct { const char *key; uint64_t v; } f[] = {
+            { "region-size", ws.region_size },
+            { "marked-regions", ws.marked_regions },
+            { "intent-syncs", ws.intent_syncs },
+            { "writer-waits", ws.writer_waits },
+            { "writer-wait-ns", ws.writer_wait_ns },
+            { "snapshots", ws.snapshots },
+        };
+        for (size_t i = 0; i < ARRAY_SIZE(f); i++) {
+            json_object_object_add(cs, f[i].key, json_object_new_int64((int64_t)f[i].v));
+        }
+        json_object_object_add(o, "crash-safe", cs);
+    }
     return o;
 }
 
