@@ -31,7 +31,8 @@
 # Usage: bench/nbd.sh [BUILD_DIR]        (default: build)
 # Environment: RUNTIME (seconds per fio run, default 10), SIZE (image size,
 # default 1G), WORKDIR (default: a new folder under /tmp), SECTIONS (peers,
-# crash-safe or all, the default), CS_RUNS (default 3), CS_REGION_SIZES
+# crash-safe or all, the default), PEER_RUNS (runs of the peers table,
+# default 3; cells are medians), CS_RUNS (default 3), CS_REGION_SIZES
 # (extra crash-safe configurations with these crash-safe-region-size values
 # in bytes, e.g. "4194304 268435456"; default none), CS_FRESH_SIZE (size of
 # the fresh images of the first-write rows, default SIZE; they are sparse, so
@@ -49,6 +50,7 @@ RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1G}
 SECTIONS=${SECTIONS:-all}
 CS_RUNS=${CS_RUNS:-3}
+PEER_RUNS=${PEER_RUNS:-3}
 CS_REGION_SIZES=${CS_REGION_SIZES:-}
 CS_FRESH_SIZE=${CS_FRESH_SIZE:-$SIZE}
 case $SECTIONS in all|peers|crash-safe) ;; *) echo "nbd.sh: SECTIONS must be all, peers or crash-safe" >&2; exit 1 ;; esac
@@ -123,6 +125,40 @@ print("%.0f" % (side["bw_bytes"] / 1048576 if kind == "1M" else side["iops"]))
 ' "$1"
 }
 
+# serve_bitbackd BLOCKDEV SOCKET: bitbackd serving node d0 (BLOCKDEV) as
+# export d0 on SOCKET; serve_qsd_qcow2 IMAGE SOCKET: qemu-storage-daemon
+# serving the qcow2 IMAGE the same way.  Both set SERVER_PID.
+serve_bitbackd() {
+    "$BITBACKD" --blockdev "$1" --nbd-server "addr.type=unix,addr.path=$2" \
+        --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
+        >>"$W/server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_socket "$2"
+}
+serve_qsd_qcow2() {
+    qemu-storage-daemon \
+        --blockdev "driver=file,node-name=f0,filename=$1" \
+        --blockdev driver=qcow2,node-name=d0,file=f0 \
+        --nbd-server "addr.type=unix,addr.path=$2" \
+        --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
+        >>"$W/server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_socket "$2"
+}
+
+# cell_args ARRAY "ROWS" NAMES...: one line "NAME,ROW=values" per cell of
+# the associative ARRAY (ARRAY[NAME,ROW] = values), for the summary script
+cell_args() {
+    local -n cells=$1
+    local rows=$2 name row
+    shift 2
+    for name in "$@"; do
+        for row in $rows; do
+            printf '%s\n' "$name,$row=${cells[$name,$row]}"
+        done
+    done
+}
+
 # run_fio NAME URI -> "seqw seqr randw randr" (MiB/s, MiB/s, IOPS, IOPS)
 run_fio() {
     local uri=$1 out=()
@@ -138,115 +174,119 @@ run_fio() {
     echo "${out[*]}"
 }
 
-declare -A R
 
 if want peers; then
-# --- bitbackd: qbm over the raw image, two persistent bitmaps ------------
+# Six servers; each run starts every server in turn (the order rotates from
+# run to run, so slow drift on a shared machine does not favour one), runs
+# the four rows against it and stops it.  Cells are medians over PEER_RUNS.
+PEERS=(bitbackd qsd qemu-nbd nbdkit bitbackd-qcow2 qsd-qcow2)
+declare -A PV          # PV[server,row] = one value per run, space separated
+
+# bitbackd: a qbm over the raw image with two persistent bitmaps.
 "$BITBACK" img create -f qbm -o data-file="$IMG",data-format=raw "$W/disk.qbm" >/dev/null
 "$BITBACK" bitmap --add "$W/disk.qbm" b0 >/dev/null
 "$BITBACK" bitmap --add "$W/disk.qbm" b1 >/dev/null
-"$BITBACKD" --blockdev "driver=qbm,node-name=d0,file.driver=file,file.filename=$W/disk.qbm" \
-    --nbd-server "addr.type=unix,addr.path=$W/bb.sock" \
-    --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
-    --chardev "socket,path=$W/bb-qmp.sock,server=on,wait=off,id=m0" --monitor chardev=m0 \
-    >"$W/bitbackd.log" 2>&1 &
-SERVER_PID=$!
-wait_socket "$W/bb.sock"
-R[bitbackd]=$(run_fio "nbd+unix:///d0?socket=$W/bb.sock")
-qmp "$W/bb-qmp.sock" '{"execute":"query-named-block-nodes"}' >/dev/null
-stop_server
-
-# --- qemu-storage-daemon: two in-memory bitmaps (raw cannot store them) --
-qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f0,filename=$IMG" \
-    --blockdev driver=raw,node-name=d0,file=f0 \
-    --nbd-server "addr.type=unix,addr.path=$W/qsd.sock" \
-    --chardev "socket,path=$W/qsd-qmp.sock,server=on,wait=off,id=m0" --monitor chardev=m0 \
-    >"$W/qsd.log" 2>&1 &
-SERVER_PID=$!
-wait_socket "$W/qsd-qmp.sock"
-qmp "$W/qsd-qmp.sock" \
-    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"d0","name":"b0"}}' \
-    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"d0","name":"b1"}}' \
-    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e0","node-name":"d0","name":"d0","writable":true}}'
-wait_socket "$W/qsd.sock"
-R[qsd]=$(run_fio "nbd+unix:///d0?socket=$W/qsd.sock")
-stop_server
-
-# --- qemu-nbd ------------------------------------------------------------
-qemu-nbd -f raw -k "$W/qnbd.sock" -x d0 --shared=16 --persistent "$IMG" \
-    >"$W/qemu-nbd.log" 2>&1 &
-SERVER_PID=$!
-wait_socket "$W/qnbd.sock"
-R[qemu-nbd]=$(run_fio "nbd+unix:///d0?socket=$W/qnbd.sock")
-stop_server
-
-# --- nbdkit file plugin --------------------------------------------------
-nbdkit -f -U "$W/kit.sock" -e d0 file "$IMG" >"$W/nbdkit.log" 2>&1 &
-SERVER_PID=$!
-wait_socket "$W/kit.sock"
-R[nbdkit]=$(run_fio "nbd+unix:///d0?socket=$W/kit.sock")
-stop_server
-
-# --- qcow2 rows: bitbackd and qemu-storage-daemon on the same qcow2 image,
-# each with two persistent bitmaps stored in the image -------------------
+# qcow2 rows: the same data converted, two persistent bitmaps in the image.
 for who in bb qsd; do
     qemu-img convert -O qcow2 -f raw "$IMG" "$W/$who.qcow2"
     qemu-img bitmap --add "$W/$who.qcow2" b0
     qemu-img bitmap --add "$W/$who.qcow2" b1
 done
-"$BITBACKD" --blockdev "driver=qcow2,node-name=d0,file.driver=file,file.filename=$W/bb.qcow2" \
-    --nbd-server "addr.type=unix,addr.path=$W/bbq.sock" \
-    --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
-    >"$W/bitbackd-qcow2.log" 2>&1 &
-SERVER_PID=$!
-wait_socket "$W/bbq.sock"
-R[bitbackd-qcow2]=$(run_fio "nbd+unix:///d0?socket=$W/bbq.sock")
-stop_server
-qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f0,filename=$W/qsd.qcow2" \
-    --blockdev driver=qcow2,node-name=d0,file=f0 \
-    --nbd-server "addr.type=unix,addr.path=$W/qsdq.sock" \
-    --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
-    >"$W/qsd-qcow2.log" 2>&1 &
-SERVER_PID=$!
-wait_socket "$W/qsdq.sock"
-R[qsd-qcow2]=$(run_fio "nbd+unix:///d0?socket=$W/qsdq.sock")
-stop_server
 
-python3 - "${R[bitbackd]}" "${R[qsd]}" "${R[qemu-nbd]}" "${R[nbdkit]}" <<'EOF'
-import sys
-names = ["bitbackd", "qemu-storage-daemon", "qemu-nbd", "nbdkit-file"]
-vals = [list(map(float, a.split())) for a in sys.argv[1:]]
-rows = ["seq-write 1M qd8 (MiB/s)", "seq-read 1M qd8 (MiB/s)",
-        "rand-write 4k qd32 (IOPS)", "rand-read 4k qd32 (IOPS)"]
+# peer_start NAME: start NAME serving export d0 on $W/peer.sock
+peer_start() {
+    rm -f "$W/peer.sock" "$W/peer-qmp.sock"
+    case $1 in
+    bitbackd)
+        serve_bitbackd "driver=qbm,node-name=d0,file.driver=file,file.filename=$W/disk.qbm" "$W/peer.sock"
+        return ;;
+    qsd)
+        # Two in-memory bitmaps: on a raw image QEMU cannot store them.
+        qemu-storage-daemon \
+            --blockdev "driver=file,node-name=f0,filename=$IMG" \
+            --blockdev driver=raw,node-name=d0,file=f0 \
+            --nbd-server "addr.type=unix,addr.path=$W/peer.sock" \
+            --chardev "socket,path=$W/peer-qmp.sock,server=on,wait=off,id=m0" --monitor chardev=m0 \
+            >>"$W/server.log" 2>&1 &
+        SERVER_PID=$!
+        wait_socket "$W/peer-qmp.sock"
+        qmp "$W/peer-qmp.sock" \
+            '{"execute":"block-dirty-bitmap-add","arguments":{"node":"d0","name":"b0"}}' \
+            '{"execute":"block-dirty-bitmap-add","arguments":{"node":"d0","name":"b1"}}' \
+            '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e0","node-name":"d0","name":"d0","writable":true}}'
+        wait_socket "$W/peer.sock"
+        return ;;
+    qemu-nbd)
+        qemu-nbd -f raw -k "$W/peer.sock" -x d0 --shared=16 --persistent "$IMG" \
+            >>"$W/server.log" 2>&1 & ;;
+    nbdkit)
+        nbdkit -f -U "$W/peer.sock" -e d0 file "$IMG" >>"$W/server.log" 2>&1 & ;;
+    bitbackd-qcow2)
+        serve_bitbackd "driver=qcow2,node-name=d0,file.driver=file,file.filename=$W/bb.qcow2" "$W/peer.sock"
+        return ;;
+    qsd-qcow2)
+        serve_qsd_qcow2 "$W/qsd.qcow2" "$W/peer.sock"
+        return ;;
+    esac
+    SERVER_PID=$!
+    wait_socket "$W/peer.sock"
+}
+
+echo "# peers: ${PEERS[*]}, $PEER_RUNS run(s) each" >&2
+for ((run = 0; run < PEER_RUNS; run++)); do
+    n=${#PEERS[@]}
+    for ((k = 0; k < n; k++)); do
+        peer=${PEERS[$(((k + run) % n))]}
+        peer_start "$peer"
+        set -- $(run_fio "nbd+unix:///d0?socket=$W/peer.sock")
+        for row in seq-write seq-read rand-write rand-read; do
+            PV[$peer,$row]+="$1 "
+            shift
+        done
+        stop_server
+    done
+    echo "#   run $((run + 1)) done" >&2
+done
+
+mapfile -t pv_args < <(cell_args PV "seq-write seq-read rand-write rand-read" "${PEERS[@]}")
+python3 - "$PEER_RUNS" "${pv_args[@]}" <<'EOF'
+import statistics, sys
+runs = int(sys.argv[1])
+vals = {}
+for a in sys.argv[2:]:
+    key, v = a.split("=", 1)
+    vals[tuple(key.split(","))] = [float(x) for x in v.split()]
+med = {k: statistics.median(v) for k, v in vals.items()}
+rows = [("seq-write", "seq-write 1M qd8 (MiB/s)"), ("seq-read", "seq-read 1M qd8 (MiB/s)"),
+        ("rand-write", "rand-write 4k qd32 (IOPS)"), ("rand-read", "rand-read 4k qd32 (IOPS)")]
+def ratio(a, b):
+    return a / b if b else float("inf")
+names = [("bitbackd", "bitbackd"), ("qsd", "qemu-storage-daemon"),
+         ("qemu-nbd", "qemu-nbd"), ("nbdkit", "nbdkit-file")]
 print()
-print("%-27s" % "test" + "".join("%21s" % n for n in names) +
+print("raw image; median of %d run(s) per cell" % runs)
+print("%-27s" % "test" + "".join("%21s" % n for _, n in names) +
       "".join("%10s" % r for r in ["/qsd", "/qemu-nbd", "/nbdkit"]) + "  vs best")
-for i, row in enumerate(rows):
-    mine = vals[0][i]
-    line = "%-27s" % row + "".join("%21.0f" % v[i] for v in vals)
-    line += "".join("%10.2f" % (mine / v[i] if v[i] else float("inf")) for v in vals[1:])
-    best = max(v[i] for v in vals[1:])
-    line += "  %6.2f" % (mine / best if best else float("inf"))
+for key, label in rows:
+    mine = med["bitbackd", key]
+    line = "%-27s" % label + "".join("%21.0f" % med[p, key] for p, _ in names)
+    line += "".join("%10.2f" % ratio(mine, med[p, key]) for p, _ in names[1:])
+    line += "  %6.2f" % ratio(mine, max(med[p, key] for p, _ in names[1:]))
     print(line)
 print("\nratio = bitbackd / peer (>= 1.00: bitbackd at least as fast).")
 print("bitbackd tracks writes in 2 persistent bitmaps (qbm over the raw image);")
 print("qemu-storage-daemon in 2 non-persistent bitmaps (raw cannot store them);")
 print("qemu-nbd and nbdkit track nothing.")
-EOF
-
-python3 - "${R[bitbackd-qcow2]}" "${R[qsd-qcow2]}" <<'EOF'
-import sys
-rows = ["seq-write 1M qd8 (MiB/s)", "seq-read 1M qd8 (MiB/s)",
-        "rand-write 4k qd32 (IOPS)", "rand-read 4k qd32 (IOPS)"]
-mine, qsd = (list(map(float, a.split())) for a in sys.argv[1:])
 print()
 print("qcow2 (two persistent bitmaps in the image on both daemons)")
 print("%-27s%21s%21s%10s" % ("test", "bitbackd", "qemu-storage-daemon", "/qsd"))
-for i, row in enumerate(rows):
-    print("%-27s%21.0f%21.0f%10.2f" % (row, mine[i], qsd[i],
-                                        mine[i] / qsd[i] if qsd[i] else float("inf")))
+for key, label in rows:
+    a, b = med["bitbackd-qcow2", key], med["qsd-qcow2", key]
+    print("%-27s%21.0f%21.0f%10.2f" % (label, a, b, ratio(a, b)))
+print("\nper-run values (run order rotates):")
+for key, _ in rows:
+    print("  %-11s" % key + "  ".join("%s %s" % (p, "/".join("%.0f" % x for x in vals[p, key]))
+                                      for p in [n for n, _ in names] + ["bitbackd-qcow2", "qsd-qcow2"]))
 EOF
 fi  # want peers
 
@@ -295,24 +335,12 @@ cs_start() {
     rm -f "$W/cs.sock"
     case $cfg in
     cs-qsd)
-        qemu-storage-daemon \
-            --blockdev "driver=file,node-name=f0,filename=$img" \
-            --blockdev driver=qcow2,node-name=d0,file=f0 \
-            --nbd-server "addr.type=unix,addr.path=$W/cs.sock" \
-            --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
-            >>"$W/cs-server.log" 2>&1 &
-        SERVER_PID=$!
-        wait_socket "$W/cs.sock"
+        serve_qsd_qcow2 "$img" "$W/cs.sock"
         return ;;
     cs-off) opts=crash-safe=off, ;;
     cs-r*)  opts=crash-safe-region-size=${cfg#cs-r}, ;;
     esac
-    "$BITBACKD" --blockdev "driver=qbm,node-name=d0,${opts}file.driver=file,file.filename=$img" \
-        --nbd-server "addr.type=unix,addr.path=$W/cs.sock" \
-        --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
-        >>"$W/cs-server.log" 2>&1 &
-    SERVER_PID=$!
-    wait_socket "$W/cs.sock"
+    serve_bitbackd "driver=qbm,node-name=d0,${opts}file.driver=file,file.filename=$img" "$W/cs.sock"
 }
 
 # cs_fio ROW: one fio run of ROW against $W/cs.sock, print its value
@@ -357,12 +385,7 @@ for ((run = 0; run < CS_RUNS; run++)); do
     done
 done
 
-cs_args=()
-for cfg in "${CS_CFGS[@]}"; do
-    for row in seq-write rand-write first-seq first-rand; do
-        cs_args+=("$cfg,$row=${CSV[$cfg,$row]}")
-    done
-done
+mapfile -t cs_args < <(cell_args CSV "seq-write rand-write first-seq first-rand" "${CS_CFGS[@]}")
 python3 - "$CS_RUNS" "${CS_CFGS[*]}" "${cs_args[@]}" <<'EOF'
 import statistics, sys
 runs, cfgs = int(sys.argv[1]), sys.argv[2].split()
