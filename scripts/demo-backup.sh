@@ -66,26 +66,8 @@ cleanup() {
 trap cleanup EXIT
 cd "$DIR"
 
-if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD= PLAIN=; fi
-step=0
-say() {
-    step=$((step + 1))
-    printf '\n%s== %d. %s%s\n' "$BOLD" "$step" "$*" "$PLAIN"
-}
+. "$REPO/scripts/demo-lib.sh"
 # show CMD ARGS...: print the command (quoted so it can be pasted), run it.
-show() {
-    printf '$'
-    local a
-    for a in "$@"; do
-        if [[ $a =~ ^[A-Za-z0-9_./=,:+?-]+$ ]]; then
-            printf ' %s' "$a"
-        else
-            printf " '%s'" "${a//\'/\'\\\'\'}"
-        fi
-    done
-    printf '\n'
-    "$@"
-}
 # qmp COMMAND [JSON-ARGUMENTS [JOB-ID]]: one QMP exchange on the monitor
 # socket, printed as a person would type it and as the daemon answers.
 # With JOB-ID, also wait on the same connection for that job's

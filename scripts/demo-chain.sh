@@ -63,26 +63,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 cd "$DIR"
 
-if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
-step=0
-say() {
-    step=$((step + 1))
-    printf '\n%s== %d. %s%s\n' "$BOLD" "$step" "$*" "$PLAIN"
-}
+. "$REPO/scripts/demo-lib.sh"
 # show CMD ARGS...: print the command (quoted so it can be pasted), run it.
-show() {
-    printf '$'
-    local a
-    for a in "$@"; do
-        if [[ $a =~ ^[A-Za-z0-9_./=,:+?-]+$ ]]; then
-            printf ' %s' "$a"
-        else
-            printf " '%s'" "${a//\'/\'\\\'\'}"
-        fi
-    done
-    printf '\n'
-    "$@"
-}
 # backups EXPR: a Python expression on the repository's backup list
 # (`bitback list --output=json`, oldest first) as b, printed.
 backups() {

@@ -27,30 +27,8 @@ else
 fi
 cd "$DIR"
 
-if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD= PLAIN=; fi
-step=0
-say() {
-    step=$((step + 1))
-    printf '\n%s== %d. %s%s\n' "$BOLD" "$step" "$*" "$PLAIN"
-}
-# show NAME CMD ARGS...: echo "$ NAME ARGS" (quoted so it can be pasted),
-# then run CMD ARGS.
-show() {
-    local name=$1
-    shift
-    printf '$ %s' "$name"
-    local a
-    for a in "${@:2}"; do
-        if [[ $a =~ ^[A-Za-z0-9_./=,:+-]+$ ]]; then
-            printf ' %s' "$a"
-        else
-            printf " '%s'" "${a//\'/\'\\\'\'}"
-        fi
-    done
-    printf '\n'
-    "$@"
-}
-bitback() { show bitback "$BITBACK" "$@"; }
+. "$REPO/scripts/demo-lib.sh"
+bitback() { show_as bitback "$BITBACK" "$@"; }
 
 echo "bitback offline demo in $DIR"
 "$BITBACK" --version
@@ -60,7 +38,7 @@ bitback img create -f raw disk.raw 64M
 
 say "Wrap it in a QBM overlay: a small JSON descriptor; the raw file is not copied or changed"
 bitback img create -f qbm -o data-file=disk.raw disk.qbm
-show cat cat disk.qbm
+show cat disk.qbm
 
 say "Add a persistent dirty bitmap b0 with 64 KiB granularity"
 bitback bitmap --add -g 64K disk.qbm b0
@@ -95,7 +73,7 @@ EOF
 
 say "The data file holds exactly what was written (qemu-io reads it as plain raw)"
 if command -v qemu-io >/dev/null; then
-    show qemu-io qemu-io -f raw -r -c 'read -P 0xab 0 1M' -c 'read -P 0xcd 33M 200K' disk.raw
+    show qemu-io -f raw -r -c 'read -P 0xab 0 1M' -c 'read -P 0xcd 33M 200K' disk.raw
 else
     echo "(qemu-io not installed: skipped)"
 fi

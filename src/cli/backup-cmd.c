@@ -215,13 +215,6 @@ static void bitmap_name(char *buf, const char *prefix, unsigned seq,
     snprintf(buf, BDRV_BITMAP_MAX_NAME + 1, "%s-%s%s", prefix, id, suffix);
 }
 
-static int cmp_uint(const void *a, const void *b)
-{
-    unsigned x = *(const unsigned *)a, y = *(const unsigned *)b;
-
-    return x < y ? -1 : x > y;
-}
-
 /*
  * Decide the disk's level and the bitmaps holding its changes since the
  * parent.  Returns a malloc'd reason when a requested inc/diff must become
@@ -233,7 +226,7 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
 {
     RepoManifest *latest = repo_latest(repo, d->node);
     RepoManifest *parent;
-    unsigned *seqs = NULL;
+    _cleanup_free_ unsigned *seqs = NULL;
     size_t n_seqs = 0;
     const BitmapInfo *newest = NULL;
     char reason[BDRV_BITMAP_MAX_NAME + 2 * REPO_MAX_NODE_NAME + 512] = "";
@@ -287,46 +280,15 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
 
     /* The time partition since the parent: its own bitmap, every later
      * committed backup's, and every later attempt's (spec, Bitmaps 3). */
-    for (size_t i = 0; i < repo->n_backups; i++) {
-        RepoManifest *m = repo->backups[i];
-
-        if (!strcmp(m->node, d->node) && m->seq >= parent->seq) {
-            seqs = realloc(seqs, (n_seqs + 1) * sizeof(*seqs));
-            if (!seqs) {
-                abort();
-            }
-            seqs[n_seqs++] = m->seq;
-        }
-    }
-    {
-        size_t n_att = 0;
-        _cleanup_free_ unsigned *att = repo_attempts(repo, d->node, &n_att);
-
-        for (size_t i = 0; i < n_att; i++) {
-            if (att[i] > parent->seq) {
-                seqs = realloc(seqs, (n_seqs + 1) * sizeof(*seqs));
-                if (!seqs) {
-                    abort();
-                }
-                seqs[n_seqs++] = att[i];
-            }
-        }
-    }
-    qsort(seqs, n_seqs, sizeof(*seqs), cmp_uint);
+    seqs = repo_seqs_since(repo, d->node, parent->seq, &n_seqs);
 
     for (size_t i = 0; i < n_seqs; i++) {
         char name[BDRV_BITMAP_MAX_NAME + 1];
         const BitmapInfo *b;
-        RepoManifest *m = NULL;
+        RepoManifest *m = repo_find(repo, d->node, seqs[i], NULL);
 
         bitmap_name(name, o->prefix, seqs[i], "");
         b = disk_bitmap(d, name);
-        for (size_t j = 0; j < repo->n_backups; j++) {
-            if (repo->backups[j]->seq == seqs[i] &&
-                !strcmp(repo->backups[j]->node, d->node)) {
-                m = repo->backups[j];
-            }
-        }
         if (!b && !m && !repo_attempt_started(repo, d->node, seqs[i])) {
             /* A run killed before its transaction: it made no bitmap and
              * froze nothing, so it adds no writes. */
@@ -368,14 +330,12 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
                  "unknown", newest ? newest->name : "?", d->node);
         goto full;
     }
-    free(seqs);
     d->parent_seq = parent->seq;
     d->level = (!o->level_auto && o->level == REPO_LEVEL_DIFF)
                ? REPO_LEVEL_DIFF : REPO_LEVEL_INC;
     return true;
 
 full:
-    free(seqs);
     for (size_t i = 0; i < d->n_sources; i++) {
         free(d->sources[i]);
     }

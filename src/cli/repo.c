@@ -1377,6 +1377,16 @@ static int cmp_unsigned(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+static void seq_push(unsigned **seqs, size_t *n, unsigned seq)
+{
+    unsigned *ns = realloc(*seqs, (*n + 1) * sizeof(*ns));
+    if (!ns) {
+        abort();
+    }
+    *seqs = ns;
+    ns[(*n)++] = seq;
+}
+
 unsigned *repo_attempts(Repo *repo, const char *node, size_t *ret_n)
 {
     _cleanup_free_ char *dir = repo_node_dir(repo, node);
@@ -1391,15 +1401,34 @@ unsigned *repo_attempts(Repo *repo, const char *node, size_t *ret_n)
     }
     while ((de = readdir(d))) {
         unsigned seq = match_seq_name(de->d_name, "", ".attempt");
-        if (!seq || repo_lookup(repo, node, seq)) {
-            continue;
+        if (seq && !repo_lookup(repo, node, seq)) {
+            seq_push(&seqs, &n, seq);
         }
-        unsigned *ns = realloc(seqs, (n + 1) * sizeof(*ns));
-        if (!ns) {
-            abort();
+    }
+    if (n) {
+        qsort(seqs, n, sizeof(*seqs), cmp_unsigned);
+    }
+    *ret_n = n;
+    return seqs;
+}
+
+unsigned *repo_seqs_since(Repo *repo, const char *node, unsigned from,
+                          size_t *ret_n)
+{
+    unsigned *seqs = NULL;
+    size_t n = 0, n_att = 0;
+    _cleanup_free_ unsigned *att = repo_attempts(repo, node, &n_att);
+
+    for (size_t i = 0; i < repo->n_backups; i++) {
+        const RepoManifest *m = repo->backups[i];
+        if (!strcmp(m->node, node) && m->seq >= from) {
+            seq_push(&seqs, &n, m->seq);
         }
-        seqs = ns;
-        seqs[n++] = seq;
+    }
+    for (size_t i = 0; i < n_att; i++) {
+        if (att[i] > from) {
+            seq_push(&seqs, &n, att[i]);
+        }
     }
     if (n) {
         qsort(seqs, n, sizeof(*seqs), cmp_unsigned);

@@ -134,6 +134,11 @@ char *repo_tmp_data_path(Repo *repo, const char *node, unsigned seq);
 bool repo_mark_attempt(Repo *repo, const char *node, unsigned seq,
                        Error **errp);
 unsigned *repo_attempts(Repo *repo, const char *node, size_t *ret_n);
+/* The time partition since backup `from` of node: `from` itself, every later
+ * committed backup and every later attempt, ascending (caller frees; NULL
+ * with *ret_n = 0 when there are none). */
+unsigned *repo_seqs_since(Repo *repo, const char *node, unsigned from,
+                          size_t *ret_n);
 /* After the transaction ran: the marker now says so.  A marker that does
  * not (the run was killed before its transaction) may have no bitmap. */
 bool repo_mark_attempt_started(Repo *repo, const char *node, unsigned seq,

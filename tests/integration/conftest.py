@@ -20,6 +20,19 @@ BITBACK = str(BUILD / "bitback")
 BITBACKD = str(BUILD / "bitbackd")
 
 
+def random_write(h, rng, lo, hi, lengths):
+    """One random write through libnbd handle h inside [lo, hi), 512-byte
+    aligned: a zero write one time in ten, random data otherwise.  Returns
+    (offset, length) once the server acknowledged it."""
+    length = rng.choice(lengths)
+    off = rng.randrange(lo, hi - length) // 512 * 512
+    if rng.random() < 0.1:
+        h.zero(length, off)
+    else:
+        h.pwrite(rng.randbytes(length), off)
+    return off, length
+
+
 def run(cmd, check=True, **kw):
     """Run a command, capture text output, and fail with its stderr."""
     kw.setdefault("capture_output", True)

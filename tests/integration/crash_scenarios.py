@@ -27,7 +27,7 @@ import time
 import nbd
 
 from bitbackd import Daemon
-from conftest import BITBACK, dirty_extents, run
+from conftest import BITBACK, dirty_extents, random_write, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -66,6 +66,7 @@ class Writers:
         self.uri = uri
         self.rng = random.Random(seed)
         self.acked = []
+        self.unflushed = 0          # acknowledged since the last flush
         self.lock = threading.Lock()
         self.stop = False
         self.flush_every = flush_every
@@ -84,18 +85,17 @@ class Writers:
         n = 0
         try:
             while not self.stop:
-                length = rng.choice([4 * KiB, 64 * KiB, 100 * KiB, 256 * KiB])
                 lo, hi = self.span
-                off = rng.randrange(lo, hi - length) // 512 * 512
-                if rng.random() < 0.1:
-                    h.zero(length, off)
-                else:
-                    h.pwrite(rng.randbytes(length), off)
+                done = random_write(h, rng, lo, hi,
+                                    [4 * KiB, 64 * KiB, 100 * KiB, 256 * KiB])
                 with self.lock:
-                    self.acked.append((off, length))
+                    self.acked.append(done)
+                    self.unflushed += 1
                 n += 1
                 if n % self.flush_every == 0:
                     h.flush()
+                    with self.lock:
+                        self.unflushed = 0
         except nbd.Error:
             pass                    # the server died: expected
         finally:
@@ -180,6 +180,12 @@ def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
         w = Writers(d.nbd_uri("disk0"), seed, threads=writer_threads, size=size)
         w.start()
         time.sleep(run_time if run_time is not None else rng.uniform(0.05, 0.8))
+        if powerloss:
+            # Cut power while some acknowledged write is not yet flushed
+            # (on a slow machine the sleep may end right after a flush).
+            deadline = time.monotonic() + 10
+            while w.unflushed == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
         d.kill()
         w.join()
         cut = None

@@ -21,7 +21,7 @@ import pytest
 import nbd
 
 from bitbackd import Daemon
-from conftest import BITBACK, bitback, require, run
+from conftest import BITBACK, bitback, random_write, require, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -56,13 +56,8 @@ class Writer(threading.Thread):
                     continue
                 self.idle.clear()
                 for h in self.handles:
-                    size = h.get_size()
-                    length = self.rng.choice([4 * KiB, 16 * KiB, 64 * KiB, 200 * KiB])
-                    off = self.rng.randrange(0, size - length) // 512 * 512
-                    if self.rng.random() < 0.1:
-                        h.zero(length, off)
-                    else:
-                        h.pwrite(self.rng.randbytes(length), off)
+                    random_write(h, self.rng, 0, h.get_size(),
+                                 [4 * KiB, 16 * KiB, 64 * KiB, 200 * KiB])
                     self.writes += 1
                 time.sleep(0.02)
         except Exception as e:          # reported by stop()
