@@ -131,6 +131,7 @@ print("%.0f" % (side["bw_bytes"] / 1048576 if kind == "1M" else side["iops"]))
 serve_bitbackd() {
     "$BITBACKD" --blockdev "$1" --nbd-server "addr.type=unix,addr.path=$2" \
         --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
+        --chardev "socket,path=$2.qmp,server=on,wait=off,id=m0" --monitor chardev=m0 \
         >>"$W/server.log" 2>&1 &
     SERVER_PID=$!
     wait_socket "$2"
@@ -159,6 +160,10 @@ cell_args() {
     done
 }
 
+# settle: write back the page cache's dirty data before a run, so that a
+# run is not throttled by the writeback of the one before it
+settle() { sync -f "$W" 2>/dev/null || sync; }
+
 # run_fio NAME URI -> "seqw seqr randw randr" (MiB/s, MiB/s, IOPS, IOPS)
 run_fio() {
     local uri=$1 out=()
@@ -166,6 +171,7 @@ run_fio() {
     for spec in "write 1M 8" "read 1M 8" "randwrite 4k 32" "randread 4k 32"; do
         set -- $spec
         local json
+        settle
         json=$(fio --name=bench --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" \
                    --iodepth="$3" --size="$bytes" --time_based --runtime="$RUNTIME" \
                    --ramp_time=1 --output-format=json 2>"$W/fio.err") || { cat "$W/fio.err" >&2; exit 1; }
@@ -343,13 +349,29 @@ cs_start() {
     serve_bitbackd "driver=qbm,node-name=d0,${opts}file.driver=file,file.filename=$img" "$W/cs.sock"
 }
 
+# cs_waits SOCKET: "WAITS WAIT_NS" so far, from the crash-safe counters of
+# bitbackd's node d0 (query-named-block-nodes; "0 0" without a log)
+cs_waits() {
+    python3 - "$1.qmp" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+json.loads(f.readline())
+for cmd in ("qmp_capabilities", "query-named-block-nodes"):
+    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "event" not in r:
+            break
+cs = next((n.get("crash-safe") for n in r["return"] if n["node-name"] == "d0"), None) or {}
+print(cs.get("writer-waits", 0), cs.get("writer-wait-ns", 0))
+PY
+}
+
 # cs_fio ROW: one fio run of ROW against $W/cs.sock, print its value
 # (first-* rows span CS_FRESH_SIZE, the others the steady image).
-# Each run starts with the page cache's dirty data written back (syncfs), so
-# a run is not throttled by the writeback of the one before it.
 cs_fio() {
     local args json bs size=$bytes
-    sync -f "$W" 2>/dev/null || sync
+    settle
     case $1 in
     seq-write)  bs=1M; args=(--rw=write --bs=1M --iodepth=8 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
     rand-write) bs=4k; args=(--rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
@@ -362,6 +384,21 @@ cs_fio() {
     fio_value "$bs" <<<"$json"
 }
 
+# cs_row CFG ROW: run ROW on CFG's server; for bitbackd with crash-safe
+# bitmaps also note how many writes waited for an intent sync in it, and
+# how long they waited in all (CSW[CFG,ROW] += "WAITS/MS ")
+declare -A CSW
+cs_row() {
+    local before after
+    case $1 in cs-on|cs-r*) before=$(cs_waits "$W/cs.sock") ;; esac
+    CSV[$1,$2]+="$(cs_fio "$2") "
+    if [ -n "${before:-}" ]; then
+        after=$(cs_waits "$W/cs.sock")
+        set -- "$1" "$2" $before $after
+        CSW[$1,$2]+="$(($5 - $3))/$(( ($6 - $4) / 1000000 )) "
+    fi
+}
+
 echo "# crash-safe rows: ${CS_CFGS[*]}, $CS_RUNS run(s) each, fresh images $CS_FRESH_SIZE" >&2
 for p in "${CS_CFGS[@]}"; do cs_make "$p" "$W/steady-$p" steady >/dev/null; done
 for ((run = 0; run < CS_RUNS; run++)); do
@@ -371,13 +408,13 @@ for ((run = 0; run < CS_RUNS; run++)); do
         img=$W/steady-$cfg.qbm; [ "$cfg" = cs-qsd ] && img=$W/steady-$cfg.qcow2
         cs_start "$cfg" "$img"
         for row in seq-write rand-write; do
-            CSV[$cfg,$row]+="$(cs_fio $row) "
+            cs_row "$cfg" "$row"
         done
         stop_server
         for row in first-seq first-rand; do
             img=$(cs_make "$cfg" "$W/fresh" fresh)
             cs_start "$cfg" "$img"
-            CSV[$cfg,$row]+="$(cs_fio $row) "
+            cs_row "$cfg" "$row"
             stop_server
             rm -f "$W"/fresh.*
         done
@@ -386,6 +423,15 @@ for ((run = 0; run < CS_RUNS; run++)); do
 done
 
 mapfile -t cs_args < <(cell_args CSV "seq-write rand-write first-seq first-rand" "${CS_CFGS[@]}")
+echo
+echo "crash-safe: writes that waited for an intent sync / total ms they waited, per run"
+for row in seq-write rand-write first-seq first-rand; do
+    line=$(printf '  %-12s' "$row")
+    for cfg in "${CS_CFGS[@]}"; do
+        [ -n "${CSW[$cfg,$row]:-}" ] && line+="  $cfg ${CSW[$cfg,$row]}"
+    done
+    echo "$line"
+done
 python3 - "$CS_RUNS" "${CS_CFGS[*]}" "${cs_args[@]}" <<'EOF'
 import statistics, sys
 runs, cfgs = int(sys.argv[1]), sys.argv[2].split()
