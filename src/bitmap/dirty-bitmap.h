@@ -49,6 +49,12 @@ struct BdrvDirtyBitmap {
     bool inconsistent;
     char *inconsistent_reason;     /* why, when inconsistent (owned) */
     char generation[UUID_STR_LEN]; /* "" when unknown */
+    char prior_generation[UUID_STR_LEN]; /* when generation is unknown:
+                                      the one bitback last recorded before
+                                      another program wrote the bitmap
+                                      ("" if none); a backup chain whose
+                                      manifest differs knows the bitmap was
+                                      cleared since (qcow2-bitmap.c G6) */
     bool recovered;                /* rebuilt from the write-intent log
                                       after a crash (write-intent.h) */
     uint64_t recovered_bytes;      /* dirty bytes the recovery added */

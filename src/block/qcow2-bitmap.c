@@ -418,7 +418,8 @@ static bool bitmap_load_data(BlockDriverState *bs, const Qcow2BitmapEntry *e,
  *   4  u32 number of records           directory entry when written
  *   8  records                 8   36 bytes: generation UUID, ASCII
  *                              44  u16 name size (1..1023)
- *                              46  u16 reserved (0)
+ *                              46  u16 flags: bit 0 PRIOR (G6),
+ *                                      the others reserved (0)
  *                              48  name, then zero padding to 8 bytes
  *
  * Invariants:
@@ -449,15 +450,28 @@ static bool bitmap_load_data(BlockDriverState *bs, const Qcow2BitmapEntry *e,
  *       extension is an optimization and must never make an image
  *       unusable.  Bitmaps that would not fit the first cluster get no
  *       record.
- *   G5. Only a known generation is recorded: a bitmap whose generation is
- *       unknown ("") gets no record, so it stays unknown after reopen
- *       until a clear (ours) starts a new, known generation.
+ *   G5. Only a known generation is recorded as current: a bitmap whose
+ *       generation is unknown ("") gets no current record, so it stays
+ *       unknown after reopen until a clear (ours) starts a new, known
+ *       generation.
+ *   G6. What bitback last knew is kept.  When G1 refuses a record (the
+ *       autoclear bit was clear, or the offsets differ), the record's
+ *       generation becomes the bitmap's *prior* generation: the one it had
+ *       when bitback last stored it, before another program wrote it.  A
+ *       bitmap with an unknown generation and a prior one is recorded with
+ *       the PRIOR flag, so the knowledge survives later sessions; a PRIOR
+ *       record never makes a generation current.  A backup chain whose
+ *       manifest names a different generation than the prior one knows the
+ *       bitmap was cleared (by bitback) after that backup, whatever
+ *       happened since; an equal one proves nothing and is not compared,
+ *       as G1 says.
  */
 
 #define GEN_EXT_VERSION 1
 #define GEN_EXT_HEADER_SIZE 8
 #define GEN_REC_HEADER_SIZE 48
 #define GEN_UUID_LEN 36
+#define GEN_REC_FLAG_PRIOR 0x1
 #define GEN_MAX_RECORDS QCOW2_MAX_BITMAPS
 
 typedef struct Qcow2GenRecord {
@@ -465,6 +479,7 @@ typedef struct Qcow2GenRecord {
     uint16_t name_size;
     uint64_t table_offset;
     char generation[UUID_STR_LEN];
+    bool prior;                    /* GEN_REC_FLAG_PRIOR */
 } Qcow2GenRecord;
 
 static uint64_t gen_rec_size(size_t name_len)
@@ -508,7 +523,7 @@ static Qcow2GenRecord *gen_parse(const uint8_t *buf, uint32_t len,
     for (uint32_t i = 0; i < nb; i++) {
         Qcow2GenRecord *r = &recs[i];
         const uint8_t *p = buf + pos;
-        uint16_t name_size, reserved;
+        uint16_t name_size, flags;
 
         if (len - pos < GEN_REC_HEADER_SIZE) {
             error_setg(errp, "bitmap generations extension: record %u lies "
@@ -521,7 +536,9 @@ static Qcow2GenRecord *gen_parse(const uint8_t *buf, uint32_t len,
         r->generation[GEN_UUID_LEN] = '\0';
         memcpy(&name_size, p + 44, 2);
         name_size = be16toh(name_size);
-        memcpy(&reserved, p + 46, 2);
+        memcpy(&flags, p + 46, 2);
+        flags = be16toh(flags);
+        r->prior = flags & GEN_REC_FLAG_PRIOR;
         if (name_size == 0 || name_size > QCOW2_BITMAP_MAX_NAME) {
             error_setg(errp, "bitmap generations extension: record %u has a "
                        "bad name size %u (must be 1 to %d)", i, name_size,
@@ -533,7 +550,8 @@ static Qcow2GenRecord *gen_parse(const uint8_t *buf, uint32_t len,
                        "past the end", i);
             goto fail;
         }
-        if (reserved || memchr(p + GEN_REC_HEADER_SIZE, 0, name_size)) {
+        if ((flags & ~GEN_REC_FLAG_PRIOR) ||
+            memchr(p + GEN_REC_HEADER_SIZE, 0, name_size)) {
             error_setg(errp, "bitmap generations extension: record %u has "
                        "reserved bits set or a NUL in its name", i);
             goto fail;
@@ -568,19 +586,40 @@ fail:
     return NULL;
 }
 
-/* The generation recorded for entry e, or NULL (G1). */
-static const char *gen_lookup(const Qcow2GenRecord *recs, size_t n,
-                              const Qcow2BitmapEntry *e)
+/* The record for bitmap `name`, or NULL. */
+static const Qcow2GenRecord *gen_find(const Qcow2GenRecord *recs, size_t n,
+                                      const char *name)
 {
-    size_t len = strlen(e->name);
+    size_t len = strlen(name);
     for (size_t i = 0; recs && i < n; i++) {
-        if (recs[i].name_size == len &&
-            memcmp(recs[i].name, e->name, len) == 0) {
-            return e->table_offset && recs[i].table_offset == e->table_offset
-                   ? recs[i].generation : NULL;
+        if (recs[i].name_size == len && memcmp(recs[i].name, name, len) == 0) {
+            return &recs[i];
         }
     }
     return NULL;
+}
+
+/* The current generation recorded for entry e, or NULL (G1). */
+static const char *gen_lookup(const Qcow2GenRecord *recs, size_t n,
+                              const Qcow2BitmapEntry *e)
+{
+    const Qcow2GenRecord *r = gen_find(recs, n, e->name);
+    return r && !r->prior && e->table_offset &&
+           r->table_offset == e->table_offset ? r->generation : NULL;
+}
+
+/* The prior generation of entry e when it has no current one (G6): its
+ * record in the trusted payload (PRIOR, or refused by G1), else its record
+ * in a stale one.  NULL when bitback never recorded one. */
+static const char *gen_lookup_prior(const Qcow2GenRecord *recs, size_t n,
+                                    const Qcow2GenRecord *stale, size_t n_stale,
+                                    const Qcow2BitmapEntry *e)
+{
+    const Qcow2GenRecord *r = gen_find(recs, n, e->name);
+    if (!r) {
+        r = gen_find(stale, n_stale, e->name);
+    }
+    return r ? r->generation : NULL;
 }
 
 /* Build the payload describing `entries` with the current generations of
@@ -614,16 +653,23 @@ static bool gen_build_locked(BlockDriverState *bs,
             continue;
         }
         BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap_locked(bs, e->name);
-        if (!bm || !bm->persistent || bm->inconsistent ||
-            !uuid_is_valid_str(bm->generation)) {
-            continue;                  /* G5: "" (unknown) is not valid */
+        if (!bm || !bm->persistent || bm->inconsistent) {
+            continue;
+        }
+        /* G5: "" (unknown) is not valid; G6: then the prior one, if any. */
+        bool prior = !uuid_is_valid_str(bm->generation);
+        const char *gen = prior ? bm->prior_generation : bm->generation;
+        if (!uuid_is_valid_str(gen)) {
+            continue;
         }
         uint8_t *p = buf + size;
         uint64_t off = htobe64(e->table_offset);
         uint16_t ns = htobe16((uint16_t)name_len);
+        uint16_t fl = htobe16(prior ? GEN_REC_FLAG_PRIOR : 0);
         memcpy(p, &off, 8);
-        memcpy(p + 8, bm->generation, GEN_UUID_LEN);
+        memcpy(p + 8, gen, GEN_UUID_LEN);
         memcpy(p + 44, &ns, 2);
+        memcpy(p + 46, &fl, 2);
         memcpy(p + GEN_REC_HEADER_SIZE, e->name, name_len);
         size += rsize;
         nrec++;
@@ -966,8 +1012,8 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
     Qcow2Bitmaps *bms = bitmaps_state(s);
     Qcow2BitmapEntry *entries = NULL;
     _cleanup_free_ uint8_t *buf = NULL;
-    _cleanup_free_ Qcow2GenRecord *gens = NULL;
-    size_t created = 0, nb_gens = 0;
+    _cleanup_free_ Qcow2GenRecord *gens = NULL, *stale = NULL;
+    size_t created = 0, nb_gens = 0, nb_stale = 0;
     uint32_t nb = s->nb_bitmaps;
     bool trusted = s->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS;
     /* For the write-intent log (write-intent.h): only when our own
@@ -1034,6 +1080,10 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
         /* G4: bad records are ignored (gens stays NULL). */
         gens = gen_parse(s->gen_ext, s->gen_ext_len, &nb_gens, NULL);
     }
+    if (trusted && s->gen_ext_stale) {
+        stale = gen_parse(s->gen_ext_stale, s->gen_ext_stale_len, &nb_stale,
+                          NULL);
+    }
 
     /* bdrv_create_dirty_bitmap sizes bitmaps by the node's length, which
      * block.c caches only after open returns. */
@@ -1068,11 +1118,18 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
          * node's list, hence the lock. */
         const char *gen = e->inconsistent ? NULL
                                           : gen_lookup(gens, nb_gens, e);
+        const char *prior = gen ? NULL : gen_lookup_prior(gens, nb_gens, stale,
+                                                          nb_stale, e);
         pthread_mutex_lock(&bs->lock);
         if (gen) {
             memcpy(bm->generation, gen, UUID_STR_LEN);
         } else {
             bm->generation[0] = '\0';
+        }
+        if (prior) {
+            memcpy(bm->prior_generation, prior, UUID_STR_LEN);
+        } else {
+            bm->prior_generation[0] = '\0';
         }
         pthread_mutex_unlock(&bs->lock);
     }

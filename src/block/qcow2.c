@@ -362,6 +362,7 @@ static void qcow2_state_free(BDRVQcow2State *s)
     free(s->backing_format);
     free(s->other_exts);
     free(s->gen_ext);
+    free(s->gen_ext_stale);
     qcow2_cache_free(s->l2_cache);
     qcow2_cache_free(s->refblock_cache);
     qcow2_pending_frees_free(s);
@@ -494,8 +495,10 @@ static bool qcow2_read_header(BlockDriverState *bs, Error **errp)
         !s->gen_ext) {
         /* Another program opened the image for writing since bitback wrote
          * the records (or there are none): they may describe bitmaps that
-         * were cleared and rewritten since, even at the same offsets. */
-        free(s->gen_ext);
+         * were cleared and rewritten since, even at the same offsets.  They
+         * still say what bitback last knew (G6). */
+        s->gen_ext_stale = s->gen_ext;
+        s->gen_ext_stale_len = s->gen_ext_len;
         s->gen_ext = NULL;
         s->gen_ext_len = 0;
         s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITBACK_GENERATIONS;

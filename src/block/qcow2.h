@@ -144,6 +144,11 @@ typedef struct BDRVQcow2State {
      * autoclear_features has QCOW2_AUTOCLEAR_BITBACK_GENERATIONS. */
     uint8_t *gen_ext;
     uint32_t gen_ext_len;
+    /* The payload found when the autoclear bit was clear (another program
+     * wrote the image since): read at load for prior generations only
+     * (qcow2-bitmap.c G6), never written back as is. */
+    uint8_t *gen_ext_stale;
+    uint32_t gen_ext_stale_len;
 } BDRVQcow2State;
 
 /* Entry layouts (host order after be64toh). */

@@ -55,6 +55,9 @@ typedef struct BitmapInfo {
     bool busy;
     uint32_t granularity;
     char *generation;                  /* NULL when not reported */
+    char *prior_generation;            /* when generation is NULL: the one
+                                          bitback knew before another
+                                          program wrote the image, or NULL */
 } BitmapInfo;
 
 typedef struct Disk {
@@ -134,6 +137,7 @@ static void bitmap_info_clear(BitmapInfo *b)
 {
     free(b->name);
     free(b->generation);
+    free(b->prior_generation);
 }
 
 static void disk_free(Disk *d)
@@ -310,6 +314,15 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
             snprintf(reason, sizeof(reason),
                      "bitmap '%s' on %s was cleared or replaced since backup %s",
                      name, d->node, m->id);
+            goto full;
+        }
+        /* Unknown now (another program wrote the image), but already
+         * different before that: cleared since the backup. */
+        if (m && m->generation && !b->generation && b->prior_generation &&
+            strcmp(m->generation, b->prior_generation)) {
+            snprintf(reason, sizeof(reason),
+                     "bitmap '%s' on %s was cleared since backup %s (before "
+                     "another program wrote the image)", name, d->node, m->id);
             goto full;
         }
         if (d->granularity && b->granularity != d->granularity) {
@@ -688,6 +701,8 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
             bi->granularity = (uint32_t)jint(b, "granularity");
             bi->generation = jstr(b, "generation")
                              ? xstrdup(jstr(b, "generation")) : NULL;
+            bi->prior_generation = jstr(b, "prior-generation")
+                                   ? xstrdup(jstr(b, "prior-generation")) : NULL;
             d->n_bitmaps++;
         }
     }
@@ -1085,6 +1100,9 @@ static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
         /* NULL when unknown (""): plan_disk then skips the check. */
         b->generation = bm->persistent && bm->generation[0]
                         ? xstrdup(bm->generation) : NULL;
+        b->prior_generation = bm->persistent && !bm->generation[0] &&
+                              bm->prior_generation[0]
+                              ? xstrdup(bm->prior_generation) : NULL;
     }
 }
 

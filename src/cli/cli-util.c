@@ -163,6 +163,12 @@ struct json_object *cli_bitmap_info(BdrvDirtyBitmap *bm)
     json_object_object_add(o, "generation",
                            bm->generation[0]
                            ? json_object_new_string(bm->generation) : NULL);
+    /* While unknown: the one bitback recorded before another program
+     * wrote the image (docs/specs/qcow2.md, rule 6). */
+    if (!bm->generation[0] && bm->prior_generation[0]) {
+        json_object_object_add(o, "prior-generation",
+                               json_object_new_string(bm->prior_generation));
+    }
     json_object_object_add(o, "persistent",
                            json_object_new_boolean(bm->persistent));
     /* Rebuilt after a crash from the write-intent log, and what that added

@@ -530,7 +530,14 @@ static void print_info_human(struct json_object *o)
                ? "true" : "false");
         const char *gen =
             json_object_get_string(json_object_object_get(b, "generation"));
-        printf("        generation: %s\n", gen ? gen : "unknown");
+        const char *prior = json_object_get_string(
+            json_object_object_get(b, "prior-generation"));
+        if (gen || !prior) {
+            printf("        generation: %s\n", gen ? gen : "unknown");
+        } else {
+            printf("        generation: unknown (was %s before another "
+                   "program wrote the image)\n", prior);
+        }
         if (json_object_get_boolean(json_object_object_get(b, "recovered"))) {
             uint64_t added = (uint64_t)json_object_get_int64(
                 json_object_object_get(b, "recovered-bytes"));

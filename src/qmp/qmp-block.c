@@ -77,11 +77,12 @@ static struct json_object *qmp_bitmap_info(BdrvDirtyBitmap *bm)
     /* bitback extension: the UUID that changes on every clear (backup
      * chains compare it), present only when known (not "").  Copied under
      * bs->lock: a clear rewrites it. */
-    char generation[UUID_STR_LEN];
+    char generation[UUID_STR_LEN], prior[UUID_STR_LEN];
     bool recovered;
     uint64_t recovered_bytes;
     pthread_mutex_lock(&bm->bs->lock);
     memcpy(generation, bm->generation, sizeof(generation));
+    memcpy(prior, bm->prior_generation, sizeof(prior));
     recovered = bm->recovered;
     recovered_bytes = bm->recovered_bytes;
     pthread_mutex_unlock(&bm->bs->lock);
@@ -95,6 +96,11 @@ static struct json_object *qmp_bitmap_info(BdrvDirtyBitmap *bm)
     if (generation[0]) {
         json_object_object_add(o, "generation",
                                json_object_new_string(generation));
+    } else if (prior[0]) {
+        /* Unknown now, but bitback knew it before another program wrote
+         * the image (qcow2-bitmap.c G6). */
+        json_object_object_add(o, "prior-generation",
+                               json_object_new_string(prior));
     }
     return o;
 }

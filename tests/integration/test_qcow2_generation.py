@@ -65,6 +65,12 @@ def gens(img):
     return {n: b["generation"] for n, b in info_bitmaps(img).items()}
 
 
+def priors(img):
+    """{name: prior generation} of the bitmaps that show one (rule 6)."""
+    return {n: b["prior-generation"] for n, b in info_bitmaps(img).items()
+            if "prior-generation" in b}
+
+
 def qemu_write(img, cmd):
     """A QEMU session on the image: it clears our autoclear bit."""
     run(["qemu-io", "-f", "qcow2", "-c", cmd, img])
@@ -114,15 +120,15 @@ def header(img):
 
 
 def gen_records(payload):
-    """Decode our extension's payload: {name: (table offset, uuid)}."""
+    """Decode our extension's payload: {name: (table offset, uuid, flags)}."""
     version, nb = struct.unpack(">II", payload[:8])
     assert version == 1
     out, p = {}, 8
     for _ in range(nb):
         toff = struct.unpack(">Q", payload[p:p + 8])[0]
         uuid = payload[p + 8:p + 44].decode()
-        ns = struct.unpack(">H", payload[p + 44:p + 46])[0]
-        out[payload[p + 48:p + 48 + ns].decode()] = (toff, uuid)
+        ns, flags = struct.unpack(">HH", payload[p + 44:p + 48])
+        out[payload[p + 48:p + 48 + ns].decode()] = (toff, uuid, flags)
         p += (48 + ns + 7) // 8 * 8
     assert p == len(payload)
     return out
@@ -160,21 +166,27 @@ def replace_gen_payload(img, payload, length=None):
 
 def assert_our_extension_matches(img):
     """The extension describes every bitmap whose generation is known, with
-    its current table offset and the generation bitback shows, and no
-    other; with none known, there is no extension and no autoclear bit."""
+    its current table offset and the generation bitback shows, and every
+    bitmap that shows a prior generation, flagged prior (rule 6), and no
+    other; with neither, there is no extension and no autoclear bit."""
     autoclear, exts, tables = header(img)
     g = gens(img)
     known = {n: u for n, u in g.items() if u is not None}
+    prior = priors(img)
     assert sorted(tables) == sorted(g)
-    if not known:
+    assert not set(known) & set(prior)
+    if not known and not prior:
         assert GEN_EXT not in exts and not autoclear & GEN_AUTOCLEAR
         return
     assert autoclear & GEN_AUTOCLEAR
     assert autoclear & 1                      # bitmaps autoclear bit too
     recs = gen_records(exts[GEN_EXT][1])
-    assert sorted(recs) == sorted(known)
-    for name, (toff, uuid) in recs.items():
-        assert toff == tables[name] and uuid == known[name]
+    assert sorted(recs) == sorted(set(known) | set(prior))
+    for name, (toff, uuid, flags) in recs.items():
+        if name in known:
+            assert (toff, uuid, flags) == (tables[name], known[name], 0)
+        else:
+            assert (uuid, flags) == (prior[name], 1)
 
 
 # ---- offline ------------------------------------------------------------
@@ -256,22 +268,26 @@ def test_qemu_rewrite_makes_generation_unknown(tmp_path, op):
 
     # No bitmap keeps its old generation, nor gets a made-up one: bitback
     # cannot vouch for them, so they are unknown (and still consistent).
+    # What bitback knew before is shown as their prior generation (rule 6).
     assert None not in g1.values()
     assert gens(img) == {"b0": None, "other": None}
+    assert priors(img) == g1
     b0 = info_bitmaps(img)["b0"]
     assert b0["inconsistent"] is False
     p = run([BITBACK, "img", "info", img])
-    assert "generation: unknown" in p.stdout
+    assert "generation: unknown (was %s" % g1["b0"] in p.stdout
 
-    # Our writable open does not make them known: no records, and unknown
-    # after every reopen.
+    # Our writable open does not make them known: only prior records, and
+    # unknown after every reopen; the prior generations stay.
     run([BITBACK, "bitmap", "--enable", img, "b0"])
     assert gens(img) == {"b0": None, "other": None}
+    assert priors(img) == g1
     assert_our_extension_matches(img)
     autoclear, exts, _ = header(img)
-    assert GEN_EXT not in exts and not autoclear & GEN_AUTOCLEAR
+    assert {f for _, _, f in gen_records(exts[GEN_EXT][1]).values()} == {1}
     run([BITBACK, "io", "-c", "write 1M 64k", img])
     assert gens(img) == {"b0": None, "other": None}
+    assert priors(img) == g1
 
     # A clear by bitback starts a known generation, stable afterwards;
     # "other" stays unknown.
@@ -280,6 +296,7 @@ def test_qemu_rewrite_makes_generation_unknown(tmp_path, op):
     assert g3["other"] is None and g3["b0"] is not None
     assert g3["b0"] not in g1.values()
     assert gens(img) == g3
+    assert priors(img) == {"other": g1["other"]}
     assert_our_extension_matches(img)
     qemu_check_clean(img)
 
@@ -317,11 +334,13 @@ def test_forged_offset_without_autoclear_bit_is_not_trusted(tmp_path):
     assert gens(img)["b0"] is None
     set_autoclear(img, autoclear | GEN_AUTOCLEAR)
     assert gens(img)["b0"] == UUID_A
-    # A record with a different offset is not trusted, bit or not.
+    # A record with a different offset is not trusted, bit or not; it is
+    # what bitback knew before (rule 6).
     payload = struct.pack(">II", 1, 1) + gen_record("b0", tables["b0"] + 65536,
                                                     UUID_A)
     replace_gen_payload(img, payload)
     assert gens(img)["b0"] is None
+    assert priors(img) == {"b0": UUID_A}
 
 
 # ---- damaged extension ---------------------------------------------------
@@ -332,6 +351,7 @@ def _corruptions(toff):
     bad_uuid = UUID_A[:10] + "g" + UUID_A[11:]
     return {
         "control-valid": (hdr1 + ok, None),
+        "control-prior": (hdr1 + gen_record("b0", toff, UUID_A, reserved=1), None),
         "version": (struct.pack(">II", 2, 1) + ok, None),
         "too-many-records": (struct.pack(">II", 1, 0xffffffff) + ok, None),
         "record-past-end": (struct.pack(">II", 1, 2) + ok, None),
@@ -372,6 +392,9 @@ def test_damaged_extension(tmp_path, case):
         assert b0["generation"] == UUID_A        # the test can tell
     else:
         assert b0["generation"] is None          # ignored: unknown
+    # A prior record never gives a current generation (rule 6).
+    assert b0.get("prior-generation") == (UUID_A if case == "control-prior"
+                                          else None)
 
     # A writable open repairs it: records written again (for the known
     # generations only), stable after.
@@ -475,21 +498,27 @@ def test_bitbackd_generation(tmp_path):
 
 def test_bitbackd_unknown_generation(tmp_path):
     """After a QEMU session, bitbackd omits `generation` (unknown) in both
-    queries; block-dirty-bitmap-clear makes it known, and it is kept."""
+    queries and shows the prior one; block-dirty-bitmap-clear makes it
+    known, and it is kept."""
     img = create(tmp_path / "u.qcow2", "b0")
+    g0 = gens(img)["b0"]
     qemu_write(img, "write -P 3 1M 64k")
     with Daemon(tmp_path) as d:
         _start(d, "u.qcow2")
         b0 = d.qmp.bitmap("d0", "b0")
         assert b0 is not None and "generation" not in b0, b0
+        assert b0["prior-generation"] == g0, b0
         assert b0["count"] == 64 * 1024 and b0["inconsistent"] is False
         qb = _query_block_bitmap(d, "b0")
         assert qb is not None and "generation" not in qb, qb
         d.qmp.cmd("block-dirty-bitmap-clear", node="d0", name="b0")
-        g = d.qmp.bitmap("d0", "b0")["generation"]
+        b0 = d.qmp.bitmap("d0", "b0")
+        g = b0["generation"]
         assert len(g) == 36 and _query_block_bitmap(d, "b0")["generation"] == g
+        assert "prior-generation" not in b0
         assert d.quit() == 0
     assert gens(img) == {"b0": g}
+    assert priors(img) == {}
     assert_our_extension_matches(img)
     qemu_check_clean(img)
 
@@ -568,3 +597,43 @@ def test_backup_after_qemu_session_stays_incremental(tmp_path):
     _check_restore(img, repo, tmp_path, "4")
     run([BITBACK, "verify", "--repo", repo])
     qemu_check_clean(img)
+
+
+def test_clear_by_bitback_then_qemu_session_forces_full(tmp_path):
+    """bitback clears a chain's bitmap, then a VM session writes the image:
+    the generation is unknown now, but the prior one (what bitback recorded
+    before the session) already differs from the manifest's, so the next
+    backup is a full one saying why.  An incremental would miss the write
+    made before the clear (the restore check below would catch it)."""
+    img = str(tmp_path / "vm.qcow2")
+    repo = tmp_path / "repo"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"])
+    qemu_write(img, "write -P 1 0 2M")
+    _backup(img, repo)
+    lst = _listing(repo)
+    bm = f"bitback-{lst[-1]['id']}"
+    manifest, = repo.glob(f"*/{lst[-1]['id']}.json")
+    recorded = json.loads(manifest.read_text())["generation"]
+    assert recorded and gens(img)[bm] == recorded
+
+    # A write bitback tracks, then a clear that drops its bit ...
+    run([BITBACK, "io", "-c", "write -P 5 4M 64k", img])
+    run([BITBACK, "bitmap", "--clear", img, bm])
+    cleared = gens(img)[bm]
+    assert cleared != recorded
+    # ... then a QEMU session.
+    qemu_write(img, "write -P 7 8M 64k")
+    assert gens(img)[bm] is None and priors(img)[bm] == cleared
+
+    p = _backup(img, repo)
+    msgs = [l for l in p.stderr.splitlines() if "taking a full backup" in l]
+    assert len(msgs) == 1 and "cleared" in msgs[0] and bm in msgs[0], p.stderr
+    assert [b["level"] for b in _listing(repo)] == ["full", "full"]
+    _check_restore(img, repo, tmp_path, "after")
+
+    # Without the clear, a QEMU session alone keeps the chain incremental.
+    qemu_write(img, "write -P 9 10M 64k")
+    p = _backup(img, repo)
+    assert "taking a full backup" not in p.stderr, p.stderr
+    assert [b["level"] for b in _listing(repo)] == ["full", "full", "inc"]
+    _check_restore(img, repo, tmp_path, "inc")
