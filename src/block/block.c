@@ -1353,6 +1353,26 @@ bool bdrv_store_bitmaps(BlockDriverState *bs, Error **errp)
     return bs->drv->store_bitmaps(bs, errp);
 }
 
+bool bdrv_check_create_opts(struct json_object *opts, const char *const *known,
+                            size_t n, const char *format, Error **errp)
+{
+    json_object_object_foreach(opts, key, val) {
+        bool found = false;
+        for (size_t i = 0; i < n; i++) {
+            found |= strcmp(key, known[i]) == 0;
+        }
+        if (!found) {
+            error_setg(errp, "Invalid parameter '%s' for format %s", key, format);
+            return false;
+        }
+        if (!json_object_is_type(val, json_type_string)) {
+            error_setg(errp, "Parameter '%s' expects a string", key);
+            return false;
+        }
+    }
+    return true;
+}
+
 bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
                      struct json_object *opts, Error **errp)
 {

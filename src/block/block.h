@@ -267,6 +267,10 @@ uint32_t bdrv_default_bitmap_granularity(BlockDriverState *bs);
 int64_t bdrv_refresh_length(BlockDriverState *bs);
 
 /* Image creation through a driver (img create). */
+/* For a driver's create: every key of opts is one of known[0..n) and has a
+ * string value; otherwise an error naming the key (and the format). */
+bool bdrv_check_create_opts(struct json_object *opts, const char *const *known,
+                            size_t n, const char *format, Error **errp);
 bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
                      struct json_object *opts, Error **errp);
 

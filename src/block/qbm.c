@@ -932,19 +932,8 @@ static bool qbm_create(const char *filename, uint64_t size,
     static const char *const known[] = {
         "data-file", "data-format", "backing", "backing-format", "granularity",
     };
-    json_object_object_foreach(opts, key, val) {
-        bool found = false;
-        for (size_t i = 0; i < ARRAY_SIZE(known); i++) {
-            found |= strcmp(key, known[i]) == 0;
-        }
-        if (!found) {
-            error_setg(errp, "Invalid parameter '%s' for format qbm", key);
-            return false;
-        }
-        if (!json_object_is_type(val, json_type_string)) {
-            error_setg(errp, "Parameter '%s' expects a string", key);
-            return false;
-        }
+    if (!bdrv_check_create_opts(opts, known, ARRAY_SIZE(known), "qbm", errp)) {
+        return false;
     }
     const char *data_file = opt_str(opts, "data-file");
     const char *data_format = opt_str(opts, "data-format");

@@ -1200,19 +1200,8 @@ static bool qcow2_create(const char *filename, uint64_t size,
         "backing-format", "compat", "refcount_bits", "lazy_refcounts",
         "compression_type", "preallocation",
     };
-    json_object_object_foreach(opts, key, val) {
-        bool found = false;
-        for (size_t i = 0; i < ARRAY_SIZE(known); i++) {
-            found |= strcmp(key, known[i]) == 0;
-        }
-        if (!found) {
-            error_setg(errp, "Invalid parameter '%s' for format qcow2", key);
-            return false;
-        }
-        if (!json_object_is_type(val, json_type_string)) {
-            error_setg(errp, "Parameter '%s' expects a string", key);
-            return false;
-        }
+    if (!bdrv_check_create_opts(opts, known, ARRAY_SIZE(known), "qcow2", errp)) {
+        return false;
     }
     const char *backing = opt_str(opts, "backing_file");
     if (!backing) {

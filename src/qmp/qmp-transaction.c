@@ -114,40 +114,34 @@ static void bitmap_drop_backup(TxnAction *a)
     a->backup = NULL;
 }
 
-static bool bitmap_clear_prepare(TxnAction *a, Error **errp)
+/* Back the bitmap up, then apply op to it; no backup is kept on failure. */
+static bool bitmap_change_prepare(TxnAction *a,
+                                  bool (*op)(BdrvDirtyBitmap *, Error **),
+                                  Error **errp)
 {
     if (!bitmap_take_backup(a, errp)) {
         return false;
     }
-    if (!bdrv_clear_dirty_bitmap(a->bm, errp)) {
+    if (!op(a->bm, errp)) {
         bitmap_drop_backup(a);
         return false;
     }
     return true;
+}
+
+static bool bitmap_clear_prepare(TxnAction *a, Error **errp)
+{
+    return bitmap_change_prepare(a, bdrv_clear_dirty_bitmap, errp);
 }
 
 static bool bitmap_enable_prepare(TxnAction *a, Error **errp)
 {
-    if (!bitmap_take_backup(a, errp)) {
-        return false;
-    }
-    if (!bdrv_enable_dirty_bitmap(a->bm, errp)) {
-        bitmap_drop_backup(a);
-        return false;
-    }
-    return true;
+    return bitmap_change_prepare(a, bdrv_enable_dirty_bitmap, errp);
 }
 
 static bool bitmap_disable_prepare(TxnAction *a, Error **errp)
 {
-    if (!bitmap_take_backup(a, errp)) {
-        return false;
-    }
-    if (!bdrv_disable_dirty_bitmap(a->bm, errp)) {
-        bitmap_drop_backup(a);
-        return false;
-    }
-    return true;
+    return bitmap_change_prepare(a, bdrv_disable_dirty_bitmap, errp);
 }
 
 static bool bitmap_merge_prepare(TxnAction *a, Error **errp)

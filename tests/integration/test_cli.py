@@ -525,3 +525,14 @@ def test_sigkill_leaves_bitmap_inconsistent(tmp_path):
     bitback("bitmap", "--remove", str(qbm), "b0")
     assert bitmaps_of(qbm) == {}
     assert bitback("img", "check", str(qbm)).returncode == 0
+
+
+@pytest.mark.parametrize("fmt", ["qbm", "qcow2"])
+def test_img_create_rejects_unknown_options(tmp_path, fmt):
+    """An unknown -o key is named in the error; nothing is created."""
+    out = tmp_path / f"x.{fmt}"
+    p = bitback("img", "create", "-f", fmt, "-o", "bogus=1", str(out), "1M",
+                check=False)
+    assert p.returncode == 1
+    assert f"Invalid parameter 'bogus' for format {fmt}" in p.stderr, p.stderr
+    assert not out.exists()
