@@ -230,8 +230,8 @@ for kind in DAEMONS:
         b[0] = min(b[0], t_full)
         b[1] = min(b[1], t_inc)
 
-if len(best) < 2:
-    sys.exit(0)
+if "bitbackd" not in best or "qsd" not in best:
+    sys.exit(0)                 # no ratio without both (DAEMONS chose fewer)
 bf, bi = best["bitbackd"]
 qf, qi = best["qsd"]
 print()
