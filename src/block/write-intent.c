@@ -457,6 +457,17 @@ static int take_snapshot(WriteIntent *w, bool activate)
     return r;
 }
 
+/* Is any region waiting to be written to the map?  mu held. */
+static bool any_pending_locked(const WriteIntent *w)
+{
+    for (uint64_t i = 0; i < DIV_ROUND_UP(w->n_regions, 8); i++) {
+        if (w->pending[i]) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* With mu held and no map write running: write the map with every pending
  * region, then wake whoever waits for it.  Returns with mu held. */
 static int write_pending_locked(WriteIntent *w)
@@ -488,17 +499,21 @@ static void *wil_thread(void *opaque)
 
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_sec += WIL_SNAPSHOT_INTERVAL_MS / 1000;
-        if (!w->kick && !w->readahead_kick) {
+        /* While a writer syncs the map, wait for it (it broadcasts when
+         * done): its sync may well take the read-ahead region too. */
+        if (!w->kick && !(w->readahead_kick && !w->syncing)) {
             pthread_cond_timedwait(&w->cond, &w->mu, &ts);
         }
         if (w->stop) {
             break;
         }
-        if (w->readahead_kick && !w->syncing && !w->io_error) {
+        if (w->readahead_kick && !w->syncing) {
             /* A sequential writer is about to enter a new region: make it
              * durable now, so the writer finds it so (invariant 10). */
             w->readahead_kick = false;
-            write_pending_locked(w);
+            if (!w->io_error && any_pending_locked(w)) {
+                write_pending_locked(w);
+            }
         }
         due = w->kick ||
               clock_monotonic_seconds() - w->last_snapshot >= WIL_SNAPSHOT_INTERVAL_MS / 1000.0;
