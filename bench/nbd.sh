@@ -301,8 +301,9 @@ fi  # want peers
 # bitmaps, crash-safe, the default), cs-off (the same with crash-safe=off),
 # cs-qsd (qemu-storage-daemon, qcow2 with two persistent bitmaps; QEMU's are
 # not crash-safe), and cs-rN (crash-safe with crash-safe-region-size=N).
-# Steady rows use images over fully written data (the qbm overlays share the
-# raw image; the qcow2 is preallocation=full); first-write rows use a new,
+# Steady rows use images over fully written data (each its own, created by
+# qemu-img with preallocation=full: the qbm's raw data file as the qcow2);
+# first-write rows use a new,
 # empty image for every run (a sparse raw behind the qbm, a plain qcow2).
 if want crash-safe; then
 CS_CFGS=(cs-nobm cs-on cs-off cs-qsd)
@@ -326,7 +327,11 @@ cs_make() {
     if [ "$kind" = fresh ]; then
         "$BITBACK" img create -f qbm "$p.qbm" "$CS_FRESH_SIZE" >/dev/null
     else
-        "$BITBACK" img create -f qbm -o data-file="$IMG",data-format=raw "$p.qbm" >/dev/null
+        # Its own data file, made the way the qcow2 above is (qemu-img,
+        # preallocation=full), so that no configuration inherits the page
+        # cache state left by the peers' rows on the shared image.
+        qemu-img create -q -f raw -o preallocation=full "$p.raw" "$SIZE"
+        "$BITBACK" img create -f qbm -o data-file="$p.raw",data-format=raw "$p.qbm" >/dev/null
     fi
     if [ "$cfg" != cs-nobm ]; then
         "$BITBACK" bitmap --add "$p.qbm" b0 >/dev/null
