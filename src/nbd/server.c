@@ -1989,7 +1989,6 @@ bool nbd_server_start(struct json_object *addr, unsigned max_connections,
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     srv.max_workers = (int)MIN(MAX(4 * (ncpu > 0 ? ncpu : 1), 8L),
                                (long)NBD_MAX_WORKERS);
-    if (getenv("XW")) srv.max_workers = atoi(getenv("XW"));
     srv.unix_path = steal_pointer(&unix_path);
     if (pthread_create(&srv.accept_thread, NULL, accept_main, NULL) != 0) {
         error_setg(errp, "cannot start the NBD accept thread");
