@@ -63,8 +63,9 @@ struct WriteIntent {
     uint32_t *epoch;
     uint32_t cur_epoch;
     uint64_t n_marked;
-    uint64_t seq_end;              /* end of the last tracked write */
-    uint64_t readahead;            /* region last asked for ahead (+1) */
+    uint64_t seq_start, seq_end;   /* the stream of the last tracked write */
+    uint64_t ra_start, ra_end;     /* regions last asked for ahead */
+    unsigned ra_lead;              /* read-ahead distance, in half regions */
 
     /* mu */
     pthread_mutex_t mu;
@@ -95,6 +96,11 @@ static inline bool bit_get(const uint8_t *m, uint64_t i)
 static inline void bit_set(uint8_t *m, uint64_t i)
 {
     m[i >> 3] |= (uint8_t)(1u << (i & 7));
+}
+
+static inline void bit_clear(uint8_t *m, uint64_t i)
+{
+    m[i >> 3] &= (uint8_t)~(1u << (i & 7));
 }
 
 static void st64(uint8_t *p, uint64_t v)
@@ -342,10 +348,11 @@ static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
     }
     pthread_mutex_lock(&bs->lock);
     if (reset) {
-        memset(w->durable, 0, bytes);
+        /* Only ever clears: a read-ahead region is stamped before its sync
+         * is done, and must not look durable until it is. */
         for (uint64_t i = 0; i < w->n_regions; i++) {
-            if (w->epoch[i] && (int32_t)(w->epoch[i] - reset_epoch) >= 0) {
-                bit_set(w->durable, i);
+            if (!w->epoch[i] || (int32_t)(w->epoch[i] - reset_epoch) < 0) {
+                bit_clear(w->durable, i);
             }
         }
     }
@@ -406,6 +413,7 @@ static int take_snapshot(WriteIntent *w, bool activate)
     }
     payload = snapshot_payload_locked(bs, &len);
     epoch = ++w->cur_epoch;
+    w->ra_lead = MAX(w->ra_lead / 2, 1u);
     if (activate && payload) {
         memset(w->durable, 0, w->map_bytes);
         w->n_marked = 0;
@@ -581,33 +589,75 @@ static int request_regions(WriteIntent *w, uint64_t r0, uint64_t r1)
 }
 
 /* Read-ahead (bs->lock held, the write's regions durable): a write that
- * continues the previous one and ends in the last quarter of its region
- * asks for the next region, so that a sequential writer does not stop at
- * every region boundary to wait for a sync.  Returns the region to ask the
- * thread for, or UINT64_MAX. */
-static uint64_t readahead_region_locked(WriteIntent *w, uint64_t offset,
-                                        uint64_t bytes, uint64_t r1)
+ * continues the previous one keeps the regions up to ra_lead half regions
+ * past its end durable or asked for, so that a sequential writer does not
+ * stop at a region boundary to wait for a sync.  It asks once less than
+ * half the lead is left, for the whole lead at once: one sync covers many
+ * regions.  With the first lead (half a region) that is: in the last
+ * quarter of a region, ask for the next.  The lead grows to
+ * WIL_READAHEAD_MAX_BYTES when the writer catches up with its read-ahead
+ * (readahead_late_locked).  Sets [*first, *last] and returns true when
+ * there is something to ask the thread for. */
+static bool readahead_range_locked(WriteIntent *w, uint64_t offset, uint64_t bytes,
+                                   uint64_t r1, uint64_t *first, uint64_t *last)
 {
     uint64_t end = offset + bytes, prev = w->seq_end;
-    uint64_t region = UINT64_C(1) << w->shift;
-    uint64_t next = r1 + 1;
+    uint64_t lead = (uint64_t)w->ra_lead << (w->shift - 1);
+    uint64_t from = r1 + 1, to = (end - 1 + lead) >> w->shift;
 
     w->seq_end = end;
-    if (next >= w->n_regions || bit_get(w->durable, next) ||
-        w->readahead == next + 1 ||
-        offset + WIL_READAHEAD_WINDOW < prev || offset > prev + WIL_READAHEAD_WINDOW ||
-        ((end - 1) & (region - 1)) < region - region / 4) {
-        return UINT64_MAX;
+    if (offset + WIL_READAHEAD_WINDOW < prev || offset > prev + WIL_READAHEAD_WINDOW) {
+        w->seq_start = offset;             /* a new stream, if any */
+        return false;
     }
-    w->readahead = next + 1;
-    return next;
+    if (from >= w->ra_start && from < w->ra_end) {
+        from = w->ra_end;                  /* asked for already */
+    }
+    if ((from << w->shift) >= end + lead / 2) {
+        return false;                      /* enough ahead */
+    }
+    to = MIN(to, w->n_regions - 1);
+    while (from <= to && bit_get(w->durable, from)) {
+        from++;
+    }
+    if (from > to) {
+        return false;
+    }
+    w->ra_start = r1 + 1;
+    w->ra_end = to + 1;
+    /* Stamped as if written now, so that the next reset keeps them for the
+     * writer that is about to arrive (invariants 3 and 10). */
+    for (uint64_t i = from; i <= to; i++) {
+        w->epoch[i] = w->cur_epoch;
+    }
+    *first = from;
+    *last = to;
+    return true;
 }
 
-static void request_readahead(WriteIntent *w, uint64_t region)
+/* A write must wait for regions [r0, r1] (bs->lock held): when one of them
+ * was asked for ahead, the read-ahead came too late for this writer (the
+ * syncs are slow, or the writer fast: the page cache is writing back), so
+ * reach as far as WIL_READAHEAD_MAX_BYTES from now on.  Each snapshot
+ * halves the distance again. */
+static void readahead_late_locked(WriteIntent *w, uint64_t r0, uint64_t r1)
+{
+    /* Only for a stream that has moved on WIL_READAHEAD_STREAM_MIN: random
+     * writes in a small span also "continue" each other, and must not get
+     * a long read-ahead (it would add to what a crash marks). */
+    if (r1 >= w->ra_start && r0 < w->ra_end &&
+        w->seq_end >= w->seq_start + WIL_READAHEAD_STREAM_MIN) {
+        w->ra_lead = (unsigned)MAX(WIL_READAHEAD_MAX_BYTES >> (w->shift - 1), 2);
+    }
+}
+
+static void request_readahead(WriteIntent *w, uint64_t first, uint64_t last)
 {
     pthread_mutex_lock(&w->mu);
     if (!w->io_error) {
-        bit_set(w->pending, region);
+        for (uint64_t i = first; i <= last; i++) {
+            bit_set(w->pending, i);
+        }
         w->readahead_kick = true;
         pthread_cond_broadcast(&w->cond);
     }
@@ -646,17 +696,18 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
             }
         }
         if (all) {
-            uint64_t ahead;
+            uint64_t ra_first, ra_last;
+            bool ahead;
 
             for (uint64_t i = r0; i <= r1 && r0 < w->n_regions; i++) {
                 w->epoch[i] = w->cur_epoch;
             }
             bdrv_set_dirty_locked(bs, offset, bytes);
             over = w->n_marked > WIL_MAX_MARKED_REGIONS;
-            ahead = readahead_region_locked(w, offset, bytes, r1);
+            ahead = readahead_range_locked(w, offset, bytes, r1, &ra_first, &ra_last);
             pthread_mutex_unlock(&bs->lock);
-            if (ahead != UINT64_MAX) {
-                request_readahead(w, ahead);
+            if (ahead) {
+                request_readahead(w, ra_first, ra_last);
             }
             if (over) {
                 kick_if_idle(w, WIL_MIN_SNAPSHOT_GAP_MS / 1000.0);
@@ -667,6 +718,9 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
                                    __ATOMIC_RELAXED);
             }
             return 0;
+        }
+        if (!waited_from) {
+            readahead_late_locked(w, r0, r1);
         }
         pthread_mutex_unlock(&bs->lock);
         if (!waited_from) {
@@ -988,6 +1042,7 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
     w->path = steal_pointer(&path);
     w->shift = bs->wil_region_shift ? bs->wil_region_shift
                                     : WIL_DEFAULT_REGION_SHIFT;
+    w->ra_lead = 1;
     w->image_size = bs->size;
     w->n_regions = MAX(DIV_ROUND_UP(bs->size, 1ull << w->shift), 1);
     w->map_bytes = map_bytes_for(w->n_regions);

@@ -32,6 +32,10 @@ typedef struct WriteIntent WriteIntent;
 #define WIL_MIN_SNAPSHOT_GAP_MS  1000      /* ...but at most once a second */
 #define WIL_READAHEAD_WINDOW     (8u << 20) /* a write this close to the last
                                                one's end continues it */
+#define WIL_READAHEAD_MAX_BYTES  (1ull << 30) /* read-ahead reaches at most
+                                               this far (or one region) */
+#define WIL_READAHEAD_STREAM_MIN (64ull << 20) /* ...once a stream has moved
+                                               on this far */
 
 /* For block.c, after drv->open.  A no-op (true) when the node is not
  * crash-safe or its driver stores no persistent bitmaps.  Fails only when
