@@ -349,7 +349,9 @@ static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
     pthread_mutex_lock(&bs->lock);
     if (reset) {
         /* Only ever clears: a read-ahead region is stamped before its sync
-         * is done, and must not look durable until it is. */
+         * is done, and must not look durable until it is.  What was asked
+         * for ahead may go here, so the next write looks again. */
+        w->ra_start = w->ra_end = 0;
         for (uint64_t i = 0; i < w->n_regions; i++) {
             if (!w->epoch[i] || (int32_t)(w->epoch[i] - reset_epoch) < 0) {
                 bit_clear(w->durable, i);
@@ -613,18 +615,18 @@ static bool readahead_range_locked(WriteIntent *w, uint64_t offset, uint64_t byt
     if (from >= w->ra_start && from < w->ra_end) {
         from = w->ra_end;                  /* asked for already */
     }
-    if ((from << w->shift) >= end + lead / 2) {
-        return false;                      /* enough ahead */
-    }
     to = MIN(to, w->n_regions - 1);
     while (from <= to && bit_get(w->durable, from)) {
         from++;
     }
-    if (from > to) {
-        return false;
+    if (from <= to && (from << w->shift) >= end + lead / 2) {
+        return false;                      /* enough ahead */
     }
     w->ra_start = r1 + 1;
     w->ra_end = to + 1;
+    if (from > to) {
+        return false;                      /* all durable */
+    }
     /* Stamped as if written now, so that the next reset keeps them for the
      * writer that is about to arrive (invariants 3 and 10). */
     for (uint64_t i = from; i <= to; i++) {

@@ -7,6 +7,7 @@ the image byte for byte (crash_scenarios.trial).  tests/stress/crash_trials.py
 runs the same trial hundreds of times.
 """
 import json
+import os
 
 import pytest
 
@@ -338,6 +339,55 @@ def test_sequential_writer_waits_once(tmp_path):
         # little slack for a busy machine where a background sync is late.
         assert 1 <= after["writer-waits"] <= 3, after
         assert after["writer-wait-ns"] > 0
+        assert d.quit() == 0
+    finally:
+        d.cleanup()
+
+
+def test_outrun_read_ahead_grows(tmp_path):
+    """When intent syncs are slow (20 ms each, as while the page cache
+    writes back) a sequential writer outruns a read-ahead of half a region
+    and waits at nearly every region.  Once the stream has moved on 64 MiB,
+    such a wait makes the lead 1 GiB, asked for in batches, so the rest of
+    the pass hardly waits (write-intent invariant 10)."""
+    import nbd
+    import plcut
+    from bitbackd import Daemon
+    MiB = crash_scenarios.MiB
+    region, size = MiB, 192 * MiB
+    crash_scenarios.make_disk(tmp_path, "qbm", size)
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = plcut.plsim_lib()
+    env["PLSIM_SYNC_DELAY_US"] = "20000"
+    env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"
+    d = Daemon(tmp_path)
+    try:
+        d.start("--blockdev", crash_scenarios.blockdev("qbm", region=region),
+                "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on",
+                nbd=True, env=env)
+        d.qmp.cmd("block-dirty-bitmap-add", node="disk0", name="b0",
+                  persistent=True)
+
+        def waits():
+            nodes = d.qmp.cmd("query-named-block-nodes")
+            return next(n for n in nodes if n["node-name"] == "disk0")["crash-safe"]["writer-waits"]
+
+        h = nbd.NBD()
+        h.connect_uri(d.nbd_uri("disk0"))
+        buf = b"\x5a" * MiB
+        half = size // 2
+        for off in range(0, half, MiB):
+            h.pwrite(buf, off)
+        head = waits()
+        for off in range(half, size, MiB):
+            h.pwrite(buf, off)
+        tail = waits() - head
+        h.shutdown()
+        # The first 64 MiB show the syncs are slow enough to be outrun ...
+        assert head >= 10, head
+        # ... and after the lead grew, the second 96 MiB waited at most for
+        # a sync already under way when it grew.
+        assert tail <= 3, (head, tail)
         assert d.quit() == 0
     finally:
         d.cleanup()

@@ -181,6 +181,7 @@ static pthread_mutex_t plsim_lock = PTHREAD_MUTEX_INITIALIZER;
 static __thread int plsim_busy;             /* inside the shim: pass through */
 static int plsim_enabled;                   /* PLSIM_DIR and PLSIM_LOG set */
 static char plsim_dir[PATH_MAX];
+static unsigned long plsim_sync_delay_us;    /* PLSIM_SYNC_DELAY_US */
 static size_t plsim_dir_len;
 static char plsim_log_path[PATH_MAX];
 static int log_fd = -1;
@@ -228,6 +229,10 @@ __attribute__((constructor))
 static void plsim_init(void)
 {
     plsim_resolve();
+    const char *delay = getenv("PLSIM_SYNC_DELAY_US");
+    if (delay && *delay) {
+        plsim_sync_delay_us = strtoul(delay, NULL, 10);
+    }
     const char *dir = getenv("PLSIM_DIR");
     const char *log = getenv("PLSIM_LOG");
     if (!dir || !*dir || !log || !*log) {
@@ -1144,6 +1149,9 @@ static int do_sync(int fd, int data)
 {
     struct stat st;
     char path[PATH_MAX];
+    if (plsim_sync_delay_us) {
+        usleep(plsim_sync_delay_us);    /* a slow disk flush, for any file */
+    }
     if (!fd_begin(fd, &st, path, sizeof(path))) {
         return data ? real_fdatasync(fd) : real_fsync(fd);
     }
