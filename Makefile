@@ -36,8 +36,13 @@ build: deps $(BUILD)/build.ninja
 unit: build
 	meson test -C $(BUILD) --print-errorlogs
 
+# Test files go to a temporary folder that is removed when every test
+# passed (and kept, with its name printed, when one failed): pytest's own
+# default keeps the last three runs, which is tens of GiB here.
 integration: build
-	BITBACK_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest -v -rfE $(PYTEST_ARGS) tests/integration
+	@tmp=$$(mktemp -d /tmp/bitback-pytest.XXXXXX) && \
+	if BITBACK_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest --basetemp=$$tmp -v -rfE $(PYTEST_ARGS) tests/integration; \
+	then rm -rf $$tmp; else echo "test files kept in $$tmp" >&2; exit 1; fi
 
 check: unit integration
 
