@@ -268,9 +268,6 @@ rows = [("seq-write", "seq-write 1M qd8 (MiB/s)"), ("seq-read", "seq-read 1M qd8
         ("rand-write", "rand-write 4k qd32 (IOPS)"), ("rand-read", "rand-read 4k qd32 (IOPS)")]
 def ratio(a, b):
     return a / b if b else float("inf")
-def paired(key):  # median of the per-run ratios (run i of both ran in round i)
-    return statistics.median(ratio(a, b) for a, b in
-                             zip(vals["cs-on", key], vals["cs-nobm", key]))
 names = [("bitbackd", "bitbackd"), ("qsd", "qemu-storage-daemon"),
          ("qemu-nbd", "qemu-nbd"), ("nbdkit", "nbdkit-file")]
 print()
