@@ -65,7 +65,9 @@ struct WriteIntent {
     uint64_t n_marked;
     uint64_t seq_start, seq_end;   /* the stream of the last tracked write */
     uint64_t ra_start, ra_end;     /* regions last asked for ahead */
-    unsigned ra_lead;              /* read-ahead distance, in half regions */
+    uint64_t rate;                 /* the stream's top speed, bytes/s, decaying */
+    uint64_t rate_pos, rate_ns;    /* where and when it was last measured */
+    uint64_t sync_ns, sync_at;     /* slowest recent map sync, decaying */
 
     /* mu */
     pthread_mutex_t mu;
@@ -332,6 +334,27 @@ static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
     return r;
 }
 
+/* v after dt_ns, halving every half_ns (linear in between). */
+static uint64_t decay(uint64_t v, uint64_t dt_ns, uint64_t half_ns)
+{
+    uint64_t halvings = dt_ns / half_ns;
+
+    if (halvings >= 64) {
+        return 0;
+    }
+    v >>= halvings;
+    return v - (uint64_t)((double)v * (double)(dt_ns % half_ns) / (double)half_ns / 2);
+}
+
+/* Note how long a map write took (bs->lock held): the read-ahead reaches
+ * further while syncs are slow.  The slowest recent one counts, halving
+ * for every second since. */
+static void sync_latency_locked(WriteIntent *w, uint64_t start, uint64_t now)
+{
+    w->sync_ns = MAX(decay(w->sync_ns, now - w->sync_at, 1000000000ull), now - start);
+    w->sync_at = now;
+}
+
 /* Write the intent map: durable (reset: only regions stamped with epoch
  * >= reset_epoch) plus every pending region, sync, and then count the
  * pending ones durable.  Caller holds io_lock (invariants 3 and 4). */
@@ -341,6 +364,7 @@ static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
     _cleanup_free_ uint8_t *map = calloc(1, w->map_bytes);
     _cleanup_free_ uint8_t *take = calloc(1, w->map_bytes);
     uint64_t bytes = DIV_ROUND_UP(w->n_regions, 8);
+    uint64_t start;
     int r;
 
     if (!map || !take) {
@@ -367,12 +391,14 @@ static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
     }
     pthread_mutex_unlock(&bs->lock);
 
+    start = clock_monotonic_ns();
     r = pwrite_full(w->fd, map, w->map_bytes, WIL_HEADER_SIZE);
     if (r == 0 && fdatasync(w->fd) < 0) {
         r = -errno;
     }
 
     pthread_mutex_lock(&bs->lock);
+    sync_latency_locked(w, start, clock_monotonic_ns());
     if (r == 0) {
         uint64_t n = 0;
 
@@ -415,7 +441,6 @@ static int take_snapshot(WriteIntent *w, bool activate)
     }
     payload = snapshot_payload_locked(bs, &len);
     epoch = ++w->cur_epoch;
-    w->ra_lead = MAX(w->ra_lead / 2, 1u);
     if (activate && payload) {
         memset(w->durable, 0, w->map_bytes);
         w->n_marked = 0;
@@ -590,67 +615,84 @@ static int request_regions(WriteIntent *w, uint64_t r0, uint64_t r1)
     return r;
 }
 
+/* How far ahead of a stream its regions are kept durable or asked for
+ * (bs->lock held): what it writes in WIL_READAHEAD_TIME_MS at the top speed
+ * it has shown (decaying), or in 3 times the slowest recent map sync if that is longer (the
+ * page cache writing back makes syncs slow), at least half a region, at
+ * most WIL_READAHEAD_MAX_BYTES.  A stream gets more than half a region only
+ * once it has moved on WIL_READAHEAD_STREAM_MIN: random writes in a small
+ * span also "continue" each other. */
+static uint64_t readahead_lead_locked(const WriteIntent *w)
+{
+    uint64_t half = 1ull << (w->shift - 1);
+    uint64_t ns = MAX((uint64_t)WIL_READAHEAD_TIME_MS * 1000000ull, 3 * w->sync_ns);
+    uint64_t lead;
+
+    if (w->seq_end < w->seq_start + WIL_READAHEAD_STREAM_MIN) {
+        return half;
+    }
+    lead = (uint64_t)((double)w->rate * (double)ns / 1e9);
+    return MIN(MAX(lead, half), MAX(WIL_READAHEAD_MAX_BYTES, half));
+}
+
 /* Read-ahead (bs->lock held, the write's regions durable): a write that
- * continues the previous one keeps the regions up to ra_lead half regions
- * past its end durable or asked for, so that a sequential writer does not
- * stop at a region boundary to wait for a sync.  It asks once less than
- * half the lead is left, for the whole lead at once: one sync covers many
- * regions.  With the first lead (half a region) that is: in the last
- * quarter of a region, ask for the next.  The lead grows to
- * WIL_READAHEAD_MAX_BYTES when the writer catches up with its read-ahead
- * (readahead_late_locked).  Sets [*first, *last] and returns true when
- * there is something to ask the thread for. */
+ * continues the previous one keeps the regions up to a lead past its end
+ * durable or asked for (readahead_lead_locked), so that a sequential
+ * writer does not stop at a region boundary to wait for a sync.  It asks
+ * once less than half the lead is asked for, for the whole lead at once,
+ * so that one sync covers many regions.
+ * Every region of the lead is stamped with the current epoch, so that a
+ * reset keeps it for the writer that is about to arrive.  Sets
+ * [*first, *last] and returns true when there is something to ask the
+ * thread for. */
 static bool readahead_range_locked(WriteIntent *w, uint64_t offset, uint64_t bytes,
                                    uint64_t r1, uint64_t *first, uint64_t *last)
 {
     uint64_t end = offset + bytes, prev = w->seq_end;
-    uint64_t lead = (uint64_t)w->ra_lead << (w->shift - 1);
-    uint64_t from = r1 + 1, to = (end - 1 + lead) >> w->shift;
+    uint64_t now = clock_monotonic_ns();
+    uint64_t lead, from = r1 + 1, to;
+    bool any = false;
 
     w->seq_end = end;
     if (offset + WIL_READAHEAD_WINDOW < prev || offset > prev + WIL_READAHEAD_WINDOW) {
         w->seq_start = offset;             /* a new stream, if any */
+        w->rate = 0;
+        w->rate_pos = end;
+        w->rate_ns = now;
         return false;
     }
+    if (now - w->rate_ns >= WIL_READAHEAD_RATE_NS) {
+        uint64_t moved = end > w->rate_pos ? end - w->rate_pos : 0;
+        uint64_t r = (uint64_t)((double)moved * 1e9 / (double)(now - w->rate_ns));
+
+        w->rate = MAX(r, decay(w->rate, now - w->rate_ns, WIL_READAHEAD_RATE_HALF_NS));
+        w->rate_pos = end;
+        w->rate_ns = now;
+    }
+    lead = readahead_lead_locked(w);
+    to = MIN((end - 1 + lead) >> w->shift, w->n_regions - 1);
     if (from >= w->ra_start && from < w->ra_end) {
-        from = w->ra_end;                  /* asked for already */
+        if ((w->ra_end << w->shift) >= end + lead / 2 || w->ra_end > to) {
+            return false;                  /* enough asked for ahead */
+        }
+        from = w->ra_end;
     }
-    to = MIN(to, w->n_regions - 1);
-    while (from <= to && bit_get(w->durable, from)) {
-        from++;
-    }
-    if (from <= to && (from << w->shift) >= end + lead / 2) {
-        return false;                      /* enough ahead */
+    if (from > to) {
+        return false;
     }
     w->ra_start = r1 + 1;
     w->ra_end = to + 1;
-    if (from > to) {
-        return false;                      /* all durable */
-    }
-    /* Stamped as if written now, so that the next reset keeps them for the
-     * writer that is about to arrive (invariants 3 and 10). */
     for (uint64_t i = from; i <= to; i++) {
         w->epoch[i] = w->cur_epoch;
+        if (!bit_get(w->durable, i)) {
+            if (!any) {
+                *first = i;
+            }
+            *last = i;
+            any = true;
+        }
     }
-    *first = from;
-    *last = to;
-    return true;
-}
-
-/* A write must wait for regions [r0, r1] (bs->lock held): when one of them
- * was asked for ahead, the read-ahead came too late for this writer (the
- * syncs are slow, or the writer fast: the page cache is writing back), so
- * reach as far as WIL_READAHEAD_MAX_BYTES from now on.  Each snapshot
- * halves the distance again. */
-static void readahead_late_locked(WriteIntent *w, uint64_t r0, uint64_t r1)
-{
-    /* Only for a stream that has moved on WIL_READAHEAD_STREAM_MIN: random
-     * writes in a small span also "continue" each other, and must not get
-     * a long read-ahead (it would add to what a crash marks). */
-    if (r1 >= w->ra_start && r0 < w->ra_end &&
-        w->seq_end >= w->seq_start + WIL_READAHEAD_STREAM_MIN) {
-        w->ra_lead = (unsigned)MAX(WIL_READAHEAD_MAX_BYTES >> (w->shift - 1), 2);
-    }
+    return any;
 }
 
 static void request_readahead(WriteIntent *w, uint64_t first, uint64_t last)
@@ -698,7 +740,7 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
             }
         }
         if (all) {
-            uint64_t ra_first, ra_last;
+            uint64_t ra_first = 0, ra_last = 0;
             bool ahead;
 
             for (uint64_t i = r0; i <= r1 && r0 < w->n_regions; i++) {
@@ -720,9 +762,6 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
                                    __ATOMIC_RELAXED);
             }
             return 0;
-        }
-        if (!waited_from) {
-            readahead_late_locked(w, r0, r1);
         }
         pthread_mutex_unlock(&bs->lock);
         if (!waited_from) {
@@ -1044,7 +1083,6 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
     w->path = steal_pointer(&path);
     w->shift = bs->wil_region_shift ? bs->wil_region_shift
                                     : WIL_DEFAULT_REGION_SHIFT;
-    w->ra_lead = 1;
     w->image_size = bs->size;
     w->n_regions = MAX(DIV_ROUND_UP(bs->size, 1ull << w->shift), 1);
     w->map_bytes = map_bytes_for(w->n_regions);

@@ -32,10 +32,17 @@ typedef struct WriteIntent WriteIntent;
 #define WIL_MIN_SNAPSHOT_GAP_MS  1000      /* ...but at most once a second */
 #define WIL_READAHEAD_WINDOW     (8u << 20) /* a write this close to the last
                                                one's end continues it */
-#define WIL_READAHEAD_MAX_BYTES  (1ull << 30) /* read-ahead reaches at most
-                                               this far (or one region) */
-#define WIL_READAHEAD_STREAM_MIN (64ull << 20) /* ...once a stream has moved
-                                               on this far */
+/* A stream's read-ahead (invariant 10): what it writes in
+ * WIL_READAHEAD_TIME_MS at its top speed (measured over steps of
+ * WIL_READAHEAD_RATE_NS, the peak halving every WIL_READAHEAD_RATE_HALF_NS),
+ * or in 3 times the slowest recent sync if longer; at least half a region,
+ * at most WIL_READAHEAD_MAX_BYTES; and more than half a region only once
+ * the stream has moved on WIL_READAHEAD_STREAM_MIN. */
+#define WIL_READAHEAD_TIME_MS      500
+#define WIL_READAHEAD_RATE_NS      50000000ull
+#define WIL_READAHEAD_RATE_HALF_NS 2000000000ull
+#define WIL_READAHEAD_MAX_BYTES    (4ull << 30)
+#define WIL_READAHEAD_STREAM_MIN   (64ull << 20)
 
 /* For block.c, after drv->open.  A no-op (true) when the node is not
  * crash-safe or its driver stores no persistent bitmaps.  Fails only when

@@ -182,6 +182,7 @@ static __thread int plsim_busy;             /* inside the shim: pass through */
 static int plsim_enabled;                   /* PLSIM_DIR and PLSIM_LOG set */
 static char plsim_dir[PATH_MAX];
 static unsigned long plsim_sync_delay_us;    /* PLSIM_SYNC_DELAY_US */
+static char plsim_sync_delay_file[PATH_MAX]; /* PLSIM_SYNC_DELAY_FILE */
 static size_t plsim_dir_len;
 static char plsim_log_path[PATH_MAX];
 static int log_fd = -1;
@@ -232,6 +233,13 @@ static void plsim_init(void)
     const char *delay = getenv("PLSIM_SYNC_DELAY_US");
     if (delay && *delay) {
         plsim_sync_delay_us = strtoul(delay, NULL, 10);
+    }
+    const char *delay_file = getenv("PLSIM_SYNC_DELAY_FILE");
+    if (delay_file && *delay_file) {
+        if (strlen(delay_file) >= sizeof(plsim_sync_delay_file)) {
+            plsim_die("PLSIM_SYNC_DELAY_FILE is too long");
+        }
+        strcpy(plsim_sync_delay_file, delay_file);
     }
     const char *dir = getenv("PLSIM_DIR");
     const char *log = getenv("PLSIM_LOG");
@@ -1149,7 +1157,8 @@ static int do_sync(int fd, int data)
 {
     struct stat st;
     char path[PATH_MAX];
-    if (plsim_sync_delay_us) {
+    if (plsim_sync_delay_us &&
+        (!plsim_sync_delay_file[0] || access(plsim_sync_delay_file, F_OK) == 0)) {
         usleep(plsim_sync_delay_us);    /* a slow disk flush, for any file */
     }
     if (!fd_begin(fd, &st, path, sizeof(path))) {

@@ -33,6 +33,7 @@
 #include "block/block.h"
 #include "block/write-intent.h"
 #include "util/cleanup.h"
+#include "util/cutils.h"
 
 #define IMG_SIZE   (16u * 1024 * 1024)
 #define GRAN       (64u * 1024)
@@ -385,6 +386,39 @@ static void test_readahead(void **state)
     assert_true(bdrv_close(bs, &err));
 }
 
+/* Invariant 10, the stream rule: random writes in a small span also
+ * "continue" each other, but their stream never moves on
+ * WIL_READAHEAD_STREAM_MIN, so they never get more than half a region of
+ * read-ahead, however fast they come. */
+static void test_readahead_not_for_random(void **state)
+{
+    _cleanup_free_ char *img = new_image();
+    _cleanup_free_ char *wil = wil_of(img);
+    Error *err = NULL;
+    BlockDriverState *bs = open_with_b0(img);
+    uint8_t buf[4096] = { 5 };
+    const uint64_t lo = 4u << 20, span = WIL_READAHEAD_WINDOW;
+    uint64_t x = 12345, until = clock_monotonic_ns() + 300000000ull;
+    WilState st;
+
+    while (clock_monotonic_ns() < until) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        uint64_t off = lo + ((x >> 33) % (span / sizeof(buf))) * sizeof(buf);
+        assert_int_equal(bdrv_pwrite(bs, off, buf, sizeof(buf), 0), 0);
+    }
+    usleep(200 * 1000);                    /* any read-ahead sync is done */
+    read_wil(wil, &st);
+    assert_true(map_has(&st, lo / REGION));
+    /* The last region of the span may ask for the next one (half a region
+     * of lead); nothing beyond. */
+    for (uint64_t r = (lo + span) / REGION + 1; r < NREGIONS; r++) {
+        if (map_has(&st, r)) {
+            fail_msg("region %llu is marked", (unsigned long long)r);
+        }
+    }
+    assert_true(bdrv_close(bs, &err));
+}
+
 static void test_clean_close_not_recovered(void **state)
 {
     _cleanup_free_ char *img = new_image();
@@ -412,6 +446,7 @@ int main(void)
         cmocka_unit_test(test_reset_and_recovery),
         cmocka_unit_test(test_clean_close_not_recovered),
         cmocka_unit_test(test_readahead),
+        cmocka_unit_test(test_readahead_not_for_random),
     };
     if (!mkdtemp(tmpdir)) {
         perror("mkdtemp");
