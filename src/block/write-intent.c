@@ -348,10 +348,11 @@ static uint64_t decay(uint64_t v, uint64_t dt_ns, uint64_t half_ns)
 
 /* Note how long a map write took (bs->lock held): the read-ahead reaches
  * further while syncs are slow.  The slowest recent one counts, halving
- * for every second since. */
+ * every WIL_READAHEAD_SYNC_HALF_NS since. */
 static void sync_latency_locked(WriteIntent *w, uint64_t start, uint64_t now)
 {
-    w->sync_ns = MAX(decay(w->sync_ns, now - w->sync_at, 1000000000ull), now - start);
+    w->sync_ns = MAX(decay(w->sync_ns, now - w->sync_at, WIL_READAHEAD_SYNC_HALF_NS),
+                     now - start);
     w->sync_at = now;
 }
 
@@ -617,9 +618,9 @@ static int request_regions(WriteIntent *w, uint64_t r0, uint64_t r1)
 
 /* How far ahead of a stream its regions are kept durable or asked for
  * (bs->lock held): what it writes in WIL_READAHEAD_TIME_MS at the top speed
- * it has shown (decaying), or in 3 times the slowest recent map sync if that is longer (the
- * page cache writing back makes syncs slow), at least half a region, at
- * most WIL_READAHEAD_MAX_BYTES.  A stream gets more than half a region only
+ * it has shown (decaying), or in 3 times the slowest recent map sync if
+ * that is longer (the page cache writing back makes syncs slow), at least
+ * half a region, at most WIL_READAHEAD_MAX_BYTES.  A stream gets more than half a region only
  * once it has moved on WIL_READAHEAD_STREAM_MIN: random writes in a small
  * span also "continue" each other. */
 static uint64_t readahead_lead_locked(const WriteIntent *w)

@@ -35,12 +35,14 @@ typedef struct WriteIntent WriteIntent;
 /* A stream's read-ahead (invariant 10): what it writes in
  * WIL_READAHEAD_TIME_MS at its top speed (measured over steps of
  * WIL_READAHEAD_RATE_NS, the peak halving every WIL_READAHEAD_RATE_HALF_NS),
- * or in 3 times the slowest recent sync if longer; at least half a region,
+ * or in 3 times the slowest recent sync (halving every
+ * WIL_READAHEAD_SYNC_HALF_NS) if longer; at least half a region,
  * at most WIL_READAHEAD_MAX_BYTES; and more than half a region only once
  * the stream has moved on WIL_READAHEAD_STREAM_MIN. */
 #define WIL_READAHEAD_TIME_MS      500
 #define WIL_READAHEAD_RATE_NS      50000000ull
 #define WIL_READAHEAD_RATE_HALF_NS 2000000000ull
+#define WIL_READAHEAD_SYNC_HALF_NS 1000000000ull
 #define WIL_READAHEAD_MAX_BYTES    (4ull << 30)
 #define WIL_READAHEAD_STREAM_MIN   (64ull << 20)
 
