@@ -376,10 +376,14 @@ def _slow_sync_daemon(tmp_path, size, delay_file=None):
     return d, h
 
 
-def _write_seq(h, start, end):
+def _write_seq(h, start, end, pause=0.0):
+    """1 MiB writes from start to end, sleeping PAUSE seconds after each."""
+    import time
     buf = b"\x5a" * crash_scenarios.MiB
     for off in range(start, end, len(buf)):
         h.pwrite(buf, off)
+        if pause:
+            time.sleep(pause)
 
 
 def test_outrun_read_ahead_grows(tmp_path):
@@ -418,20 +422,20 @@ def test_read_ahead_covers_syncs_turning_slow(tmp_path):
     under way, so it does not wait -- also across the snapshots (one a
     second: more than 64 regions are marked), whose resets clear idle
     regions but keep the ones asked for ahead (write-intent invariant
-    10).  A lead of half a region would wait at every region."""
+    10).  A lead of half a region would wait at every region.  The writer
+    keeps a steady pace (at most 200 MiB/s), so that its lead (half a
+    second of writing) stays well short of the image's end and the slow
+    part has to sync as it goes."""
     MiB = crash_scenarios.MiB
-    size = 1024 * MiB
+    size, fast, pause = 640 * MiB, 128 * MiB, 0.005
     slow = tmp_path / "slow-syncs"
     d, h = _slow_sync_daemon(tmp_path, size, delay_file=slow)
     try:
-        def stats():
-            return crash_safe_stats(d)
-
-        _write_seq(h, 0, 256 * MiB)
-        before = stats()
+        _write_seq(h, 0, fast, pause)
+        before = crash_safe_stats(d)
         slow.touch()
-        _write_seq(h, 256 * MiB, size)
-        after = stats()
+        _write_seq(h, fast, size, pause)
+        after = crash_safe_stats(d)
         h.shutdown()
         # The slow part took syncs and snapshots ...
         assert after["intent-syncs"] - before["intent-syncs"] >= 3, (before, after)
