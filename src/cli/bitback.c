@@ -41,7 +41,7 @@ static void usage(FILE *out)
             "\n"
             "Commands:\n"
             "  img create [-f FMT] [-o OPTIONS] FILE [SIZE]\n"
-            "                         create an image (raw, or a qbm overlay)\n"
+            "                         create an image (raw, qcow2, or a qbm overlay)\n"
             "  img info [--output=human|json] [-f FMT] FILE\n"
             "                         show size, format and bitmaps\n"
             "  img map [--output=human|json] [--bitmap NAME] [-f FMT] FILE\n"

@@ -98,7 +98,7 @@ static void usage(void)
 "  --nbd-server addr.type=unix,addr.path=PATH[,max-connections=N]\n"
 "  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT\n"
 "                         start the NBD server (nbd-server-start)\n"
-"  --export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]\n"
+"  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]\n"
 "           [,description=TEXT][,bitmaps.0=BITMAP...]\n"
 "                         export a node over NBD (block-export-add)\n"
 "  --pidfile FILE         write the process id to FILE once ready\n"
@@ -160,10 +160,14 @@ static bool opt_blockdev(const char *arg, Error **errp)
     return ret != NULL;
 }
 
-/* Run QMP command `cmd` with the option's arguments. */
-static bool opt_command(const char *cmd, const char *arg, Error **errp)
+/* Run QMP command `cmd` with the option's arguments; implied_key names
+ * the key of a leading bare value (qsd's `--export nbd,...` is
+ * `type=nbd,...`), or is NULL. */
+static bool opt_command(const char *cmd, const char *arg,
+                        const char *implied_key, Error **errp)
 {
-    _cleanup_json_ struct json_object *args = keyval_parse_or_json(arg, NULL, errp);
+    _cleanup_json_ struct json_object *args =
+        keyval_parse_or_json(arg, implied_key, errp);
     if (!args) {
         return false;
     }
@@ -459,11 +463,11 @@ int main(int argc, char **argv)
             break;
         case OPT_NBD_SERVER:
             optname = "--nbd-server";
-            ok = opt_command("nbd-server-start", optarg, &err);
+            ok = opt_command("nbd-server-start", optarg, NULL, &err);
             break;
         case OPT_EXPORT:
             optname = "--export";
-            ok = opt_command("block-export-add", optarg, &err);
+            ok = opt_command("block-export-add", optarg, "type", &err);
             break;
         case OPT_OBJECT:
             optname = "--object";

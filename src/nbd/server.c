@@ -489,6 +489,14 @@ NBDExport *nbd_export_add(const char *id, BlockDriverState *bs,
             export_free(e);
             return NULL;
         }
+        /* As QEMU: a read-only export of a node that others may still
+         * write would show a bitmap that changes under the client. */
+        if (!writable && !bs->read_only && !bm->disabled) {
+            export_free(e);
+            error_setg(errp, "Enabled bitmap '%s' incompatible with readonly "
+                       "export", bname);
+            return NULL;
+        }
         if (asprintf(&e->ctx_names[i], META_DIRTY_PREFIX "%s", bname) < 0) {
             e->ctx_names[i] = NULL;
             export_free(e);

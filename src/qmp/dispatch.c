@@ -23,18 +23,21 @@ typedef struct QmpCommand {
     char *name;
     QmpCommandFunc fn;
     const QmpArgSpec *spec;
+    QmpArgPrecheck precheck;
 } QmpCommand;
 
 static QmpCommand *qmp_commands;
 static size_t qmp_ncommands;
 
-void qmp_register_command_spec(const char *name, QmpCommandFunc fn,
-                               const QmpArgSpec *spec)
+void qmp_register_command_checked(const char *name, QmpCommandFunc fn,
+                                  const QmpArgSpec *spec,
+                                  QmpArgPrecheck precheck)
 {
     for (size_t i = 0; i < qmp_ncommands; i++) {
         if (strcmp(qmp_commands[i].name, name) == 0) {
             qmp_commands[i].fn = fn;      /* re-registration replaces */
             qmp_commands[i].spec = spec;
+            qmp_commands[i].precheck = precheck;
             return;
         }
     }
@@ -46,10 +49,17 @@ void qmp_register_command_spec(const char *name, QmpCommandFunc fn,
     qmp_commands[qmp_ncommands].name = strdup(name);
     qmp_commands[qmp_ncommands].fn = fn;
     qmp_commands[qmp_ncommands].spec = spec;
+    qmp_commands[qmp_ncommands].precheck = precheck;
     if (!qmp_commands[qmp_ncommands].name) {
         abort();
     }
     qmp_ncommands++;
+}
+
+void qmp_register_command_spec(const char *name, QmpCommandFunc fn,
+                               const QmpArgSpec *spec)
+{
+    qmp_register_command_checked(name, fn, spec, NULL);
 }
 
 void qmp_register_command(const char *name, QmpCommandFunc fn)
@@ -219,6 +229,9 @@ struct json_object *qmp_execute(const char *name, struct json_object *args,
     if (!cmd) {
         error_set(errp, ERROR_CLASS_COMMAND_NOT_FOUND,
                   "The command %s has not been found", name);
+        return NULL;
+    }
+    if (cmd->precheck && !cmd->precheck(args, errp)) {
         return NULL;
     }
     if (cmd->spec) {

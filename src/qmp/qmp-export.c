@@ -144,22 +144,39 @@ static struct json_object *qmp_cmd_nbd_server_stop(struct json_object *args,
     return json_object_new_object();
 }
 
+/* block-export-add's discriminator, checked before the members that
+ * depend on it: a fuse export's `mountpoint` must not hide that fuse
+ * exports are not supported. */
+static bool qmp_export_check_type(struct json_object *args, Error **errp)
+{
+    struct json_object *jt;
+    if (!json_object_object_get_ex(args, "type", &jt) ||
+        !json_object_is_type(jt, json_type_string)) {
+        return true;     /* missing or mistyped: the spec check says so */
+    }
+    const char *type = json_object_get_string(jt);
+    if (strcmp(type, "nbd") == 0) {
+        return true;
+    }
+    if (strcmp(type, "fuse") == 0 || strcmp(type, "vhost-user-blk") == 0 ||
+        strcmp(type, "vduse-blk") == 0) {
+        error_setg(errp, "Export type '%s' is not supported (only 'nbd')",
+                   type);
+    } else {
+        error_setg(errp, "Parameter 'type' does not accept value '%s'", type);
+    }
+    return false;
+}
+
 struct json_object *qmp_export_add(struct json_object *args,
                                    bool require_server, Error **errp)
 {
-    const char *type = qmp_arg_str(args, "type");
     const char *id = qmp_arg_str(args, "id");
     const char *node = qmp_arg_str(args, "node-name");
     const char *name = qmp_arg_str(args, "name");
     struct json_object *list = NULL;
 
-    if (strcmp(type, "nbd") != 0) {
-        if (strcmp(type, "fuse") == 0 || strcmp(type, "vhost-user-blk") == 0 ||
-            strcmp(type, "vduse-blk") == 0) {
-            error_setg(errp, "Export type '%s' is not supported", type);
-        } else {
-            error_setg(errp, "Parameter 'type' does not accept value '%s'", type);
-        }
+    if (!qmp_export_check_type(args, errp)) {
         return NULL;
     }
     if (qmp_arg_bool(args, "allocation-depth", false)) {
@@ -375,8 +392,8 @@ void qmp_register_export_commands(void)
                               spec_nbd_server_start);
     qmp_register_command_spec("nbd-server-stop", qmp_cmd_nbd_server_stop,
                               spec_none);
-    qmp_register_command_spec("block-export-add", qmp_cmd_block_export_add,
-                              spec_block_export_add);
+    qmp_register_command_checked("block-export-add", qmp_cmd_block_export_add,
+                                 spec_block_export_add, qmp_export_check_type);
     qmp_register_command_spec("block-export-del", qmp_cmd_block_export_del,
                               spec_block_export_del);
     qmp_register_command_spec("query-block-exports",

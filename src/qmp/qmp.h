@@ -65,6 +65,14 @@ typedef struct QmpArgSpec {
  * messages ("Parameter 'x' is missing", ...).  spec NULL = no check. */
 void qmp_register_command_spec(const char *name, QmpCommandFunc fn,
                                const QmpArgSpec *spec);
+/* A check of a union's discriminator (QAPI checks `type` before the members
+ * that depend on it), run before spec's checks: returns false with errp set
+ * for a value the command does not take. */
+typedef bool (*QmpArgPrecheck)(struct json_object *args, Error **errp);
+/* As qmp_register_command_spec, with a precheck run first. */
+void qmp_register_command_checked(const char *name, QmpCommandFunc fn,
+                                  const QmpArgSpec *spec,
+                                  QmpArgPrecheck precheck);
 bool qmp_check_args(struct json_object *args, const QmpArgSpec *spec,
                     Error **errp);
 /* Command-line (keyval) values are strings: convert members that spec says

@@ -128,7 +128,8 @@ def test_writes_land_on_remote_and_bitmap_tracks_them(tmp_path, sockdir,
         assert node is not None and node["drv"] == "nbd"
         d.qmp.cmd("block-dirty-bitmap-add", node="n0", name="b0")
         d.qmp.cmd("block-export-add", type="nbd", id="e1",
-                  **{"node-name": "n0"}, name="n0b", bitmaps=["b0"])
+                  **{"node-name": "n0"}, name="n0b", writable=True,
+                  bitmaps=["b0"])
         uri = d.nbd_uri("n0")
 
         # The node has the remote size.

@@ -117,7 +117,7 @@ def test_qemu_bitmap_loads_in_bitbackd(tmp_path):
     assert qemu_nbd_extents(img, "off") == []
 
     with Daemon(tmp_path) as d:
-        uri = start_daemon(d, "q.qcow2", writable=False, bitmaps=("b0", "off"))
+        uri = start_daemon(d, "q.qcow2", bitmaps=("b0", "off"))
         assert dirty_extents(uri, "b0") == want
         assert dirty_extents(uri, "off") == []
         b0 = d.qmp.bitmap("d0", "b0")

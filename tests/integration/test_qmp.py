@@ -248,7 +248,7 @@ def test_dirty_count_and_map_match_nbd_writes(daemon):
     c.cmd("block-dirty-bitmap-clear", node="disk0", name="b0")
     assert c.bitmap("disk0", "b0")["count"] == 0
     c.cmd("block-export-add", type="nbd", id="e0", name="disk0",
-          bitmaps=["b0"], **{"node-name": "disk0"})
+          writable=True, bitmaps=["b0"], **{"node-name": "disk0"})
     assert dirty_extents(uri, "b0") == []
 
 
@@ -358,7 +358,8 @@ def test_quit_and_restart_keeps_bitmap(tmp_path):
         assert "b0" in json.dumps(info)
 
         d.restart("--blockdev", QBM_DISK, "--export",
-                  "type=nbd,id=e0,node-name=disk0,bitmaps.0=b0", nbd=True)
+                  "type=nbd,id=e0,node-name=disk0,writable=on,bitmaps.0=b0",
+                  nbd=True)
         b0 = d.qmp.bitmap("disk0", "b0")
         assert b0["inconsistent"] is False and b0["persistent"] is True
         assert b0["recording"] is True and b0["count"] == 4 * G
