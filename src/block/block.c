@@ -200,6 +200,8 @@ static void bdrv_free(BlockDriverState *bs)
     free(bs->opaque);
     free(bs->node_name);
     free(bs->filename);
+    free(bs->backing_file);
+    free(bs->backing_format);
     pthread_mutex_destroy(&bs->lock);
     pthread_rwlock_destroy(&bs->rmw_lock);
     pthread_mutex_destroy(&bs->drain_lock);
@@ -552,6 +554,17 @@ bool bdrv_open_backing(BlockDriverState *bs, struct json_object *options,
 {
     struct json_object *v = NULL;
     int depth = open_depth + 1;
+
+    if (backing_name && *backing_name) {
+        free(bs->backing_file);
+        free(bs->backing_format);
+        bs->backing_file = strdup(backing_name);
+        bs->backing_format = backing_fmt ? strdup(backing_fmt) : NULL;
+        if (!bs->backing_file || (backing_fmt && !bs->backing_format)) {
+            error_setg(errp, "out of memory");
+            return false;
+        }
+    }
     if (options && json_object_object_get_ex(options, "backing", &v)) {
         if (!v) {
             return true;   /* "backing": null: no backing file */
@@ -581,6 +594,37 @@ bool bdrv_open_backing(BlockDriverState *bs, struct json_object *options,
         error_prepend(errp, "Could not open backing file '%s': ", backing_name);
         return false;
     }
+    return true;
+}
+
+bool bdrv_set_backing(BlockDriverState *bs, BlockDriverState *backing,
+                      Error **errp)
+{
+    int depth = 1;
+
+    if (!bs->drv->supports_backing) {
+        error_setg(errp, "'%s' (%s) cannot have a backing node", bs->node_name,
+                   bs->drv->format_name);
+        return false;
+    }
+    if (bs->backing) {
+        error_setg(errp, "'%s' already has a backing node", bs->node_name);
+        return false;
+    }
+    for (BlockDriverState *b = backing; b; b = b->backing) {
+        if (b == bs) {
+            error_setg(errp, "'%s' cannot be the backing of '%s': it would "
+                       "make a loop", backing->node_name, bs->node_name);
+            return false;
+        }
+        if (++depth > BDRV_MAX_BACKING_DEPTH) {
+            error_setg(errp, "a backing chain under '%s' would be more than "
+                       "%d levels deep", bs->node_name, BDRV_MAX_BACKING_DEPTH);
+            return false;
+        }
+    }
+    bdrv_ref(backing);
+    bs->backing = backing;
     return true;
 }
 

@@ -121,6 +121,12 @@ struct BlockDriverState {
     char *filename;                /* for info: the image's file name */
     BlockDriverState *file;        /* protocol child (formats only), owned */
     BlockDriverState *backing;     /* backing child or NULL, owned */
+    char *backing_file;            /* the backing file name the image itself
+                                      records (what its driver passed to
+                                      bdrv_open_backing), NULL when none;
+                                      set whether or not that file was
+                                      opened (BDRV_O_NO_BACKING, "backing") */
+    char *backing_format;          /* its recorded format, or NULL */
     bool read_only;
     int open_flags;
     uint32_t request_alignment;    /* set by the driver's open; default 1 */
@@ -190,13 +196,24 @@ BlockDriverState *bdrv_open_image(const char *filename, const char *format,
 /* Does filename look like an NBD URI (nbd://, nbd+unix://, ...)?  Such
  * names open an "nbd" node (bdrv_open_image) and cannot be created. */
 bool bdrv_filename_is_nbd_uri(const char *filename);
-/* For drivers: open the backing image named `backing_name` (relative names
- * resolve against the folder of bs->filename) with format `backing_fmt`
- * (NULL = probe), read-only, unless options has "backing" (a node name
- * string, an object, or null), which wins.  Sets bs->backing. */
+/* For drivers: record `backing_name` and `backing_fmt` (the image's own
+ * backing reference; NULL or "" = none) in bs->backing_file and
+ * bs->backing_format, then open that image (relative names resolve
+ * against the folder of bs->filename) with format `backing_fmt` (NULL =
+ * probe), read-only, unless options has "backing" (a node name string, an
+ * object, or null), which wins, or bs was opened with BDRV_O_NO_BACKING
+ * (nothing is opened).  Sets bs->backing. */
 bool bdrv_open_backing(BlockDriverState *bs, struct json_object *options,
                        const char *backing_name, const char *backing_fmt,
                        Error **errp);
+/* Make `backing` the backing node of bs, which has none (opened with
+ * BDRV_O_NO_BACKING or "backing": null): the caller chose it, whatever
+ * bs->backing_file says.  Takes a reference to backing (the caller keeps
+ * its own).  Refused when bs's driver takes no backing, bs already has
+ * one, bs is in backing's chain (a loop) or the chain would be deeper
+ * than the block layer follows.  Main thread, before any I/O on bs. */
+bool bdrv_set_backing(BlockDriverState *bs, BlockDriverState *backing,
+                      Error **errp);
 
 /* Take / drop a reference.  Dropping the last one closes the node:
  * persistent bitmaps are stored (errors reported on stderr), the driver's

@@ -423,7 +423,7 @@ static RepoManifest *commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
     ok = repo_fsync_path(d->tmp_path, errp);
     t1 = clock_monotonic_seconds();
     p = cli_progress_new("hashing", d->size, cli_progress_wanted(o->progress));
-    ok = ok && repo_scan_backup(d->tmp_path, m, cli_progress_cb, p, errp);
+    ok = ok && repo_scan_backup(repo, d->tmp_path, m, cli_progress_cb, p, errp);
     cli_progress_finish(p);
     t2 = clock_monotonic_seconds();
     ok = ok && repo_commit(repo, m, errp);

@@ -40,16 +40,17 @@ int cli_cmd_verify(int argc, char **argv);      /* verify-cmd.c */
 int cli_cmd_prune(int argc, char **argv);       /* prune-cmd.c */
 #define CLI_EXIT_MISMATCH    2
 
-/* restore-cmd.c, shared with prune-cmd.c: write the image that the backup
- * file src_qcow2 (opened read-only with its backing chain) shows into the
- * NEW file dst (it must not exist; O_EXCL), as "raw" (sparse: zero and
- * unallocated ranges are holes, the size set by ftruncate) or "qcow2" (no
- * backing file, 64 KiB clusters; only clusters holding non-zero data are
- * written).  dst is fsynced before returning true; on failure it is
- * removed.  progress (may be NULL) is called with the bytes scanned.
- * *ret_written (may be NULL) gets the data bytes written. */
-bool cli_restore_image(const char *src_qcow2, const char *dst,
-                       const char *format,
+/* restore-cmd.c, shared with prune-cmd.c: write the image that src shows
+ * (a backup's chain as repo_open_chain() opened it; `what` names it in
+ * errors; it stays the caller's) into the NEW file dst (it must not exist;
+ * O_EXCL), as "raw" (sparse: zero and unallocated ranges are holes, the
+ * size set by ftruncate) or "qcow2" (no backing file, 64 KiB clusters;
+ * only clusters holding non-zero data are written).  dst is fsynced before
+ * returning true; on failure it is removed.  progress (may be NULL) is
+ * called with the bytes scanned.  *ret_written (may be NULL) gets the data
+ * bytes written. */
+bool cli_restore_image(BlockDriverState *src, const char *what,
+                       const char *dst, const char *format,
                        void (*progress)(void *opaque, uint64_t done,
                                         uint64_t total),
                        void *opaque, uint64_t *ret_written, Error **errp);

@@ -37,8 +37,16 @@
  *      backup's parent kept, or made it a full), and deleting newest first
  *      keeps the chain of every pruned backup still present complete.
  *   0. At start, roll forward: a backup whose manifest names a parent but
- *      whose file has no backing file is a step 2 that was cut short; its
- *      file is rescanned and its manifest rewritten as a synthetic full.
+ *      whose file has no backing file, while its synthetic full's manifest
+ *      is pending (.B.json.tmp, repo_pending_manifest), is a step 2 that was
+ *      cut short; its file is rescanned and its manifest rewritten as a
+ *      synthetic full.  (Without the pending manifest a missing link is
+ *      damage, which repo_open_chain refuses, never a prune to finish.)
+ *
+ * Every chain is opened by repo_open_chain(), exactly as the manifests
+ * describe it: a backing link that differs (swapped, removed, added,
+ * pointing out of the repository) stops prune before it writes anything
+ * for that backup.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -79,17 +87,6 @@ static void prune_usage(FILE *out)
             "\n"
             "Dirty bitmaps are not changed.  A kill at any point leaves every remaining\n"
             "backup restorable; running prune again finishes the job.\n");
-}
-
-static char *tmp_manifest_path(Repo *repo, const char *node, unsigned seq)
-{
-    _cleanup_free_ char *dir = repo_node_dir(repo, node);
-    char *p;
-
-    if (!dir || asprintf(&p, "%s/.%06u.json.tmp", dir, seq) < 0) {
-        return NULL;
-    }
-    return p;
 }
 
 /* A synthetic full manifest for the point of m (its hashes still empty). */
@@ -158,14 +155,21 @@ static bool synthesize(Repo *repo, RepoManifest *m, bool progress,
     _cleanup_free_ char *data = repo_data_path(repo, m->node, m->seq);
     _cleanup_free_ char *json = repo_manifest_path(repo, m->node, m->seq);
     _cleanup_free_ char *tmp = repo_tmp_data_path(repo, m->node, m->seq);
-    _cleanup_free_ char *tmp_json = tmp_manifest_path(repo, m->node, m->seq);
+    _cleanup_free_ char *tmp_json = repo_tmp_manifest_path(repo, m->node,
+                                                           m->seq);
     _cleanup_free_ char *dir = repo_node_dir(repo, m->node);
     RepoManifest *nm = synthetic_manifest(m);
+    BlockDriverState *src = NULL;
     struct stat st;
     bool ok = false;
 
     if (!data || !json || !tmp || !tmp_json || !dir || !nm) {
         error_setg(errp, "out of memory");
+        goto out;
+    }
+    /* Merge the chain the manifests describe, nothing else. */
+    src = repo_open_chain(repo, m, errp);
+    if (!src) {
         goto out;
     }
     unlink(tmp);        /* leftovers of an interrupted run */
@@ -174,14 +178,15 @@ static bool synthesize(Repo *repo, RepoManifest *m, bool progress,
     char label[REPO_MAX_NODE_NAME + 32];
     snprintf(label, sizeof(label), "%s merge %s", m->node, m->id);
     CliProgress *prog = cli_progress_new(label, m->image_size, progress);
-    ok = cli_restore_image(data, tmp, "qcow2", cli_progress_cb, prog, NULL,
-                           errp);
+    ok = cli_restore_image(src, data, tmp, "qcow2", cli_progress_cb, prog,
+                           NULL, errp);
     cli_progress_finish(prog);
+    bdrv_unref(steal_pointer(&src));
     if (!ok) {
         goto out;
     }
     ok = false;
-    if (!repo_scan_backup(tmp, nm, NULL, NULL, errp)) {
+    if (!repo_scan_backup(repo, tmp, nm, NULL, NULL, errp)) {
         goto out_unlink;
     }
     if (stat(tmp, &st) < 0) {
@@ -217,25 +222,36 @@ out_unlink:
     unlink(tmp);
     unlink(tmp_json);
 out:
+    bdrv_unref(src);
     repo_manifest_free(nm);
     return ok;
 }
 
-/* Step 0: does m's file have a backing file?  -1 when it cannot be
- * opened (left for verify to report). */
-static int has_backing(Repo *repo, const RepoManifest *m)
+/* Step 0: is m in the window of step 2 -- its manifest names a parent, its
+ * file is the synthetic full (no backing file) and that full's manifest is
+ * pending?  Then *ret_bs is its chain (the file alone).  The chain opens
+ * through repo_open_chain(), which accepts exactly this difference. */
+static bool in_prune_window(Repo *repo, const RepoManifest *m,
+                            BlockDriverState **ret_bs, Error **errp)
 {
-    _cleanup_free_ char *data = repo_data_path(repo, m->node, m->seq);
+    RepoManifest *pending;
     BlockDriverState *bs;
-    int r;
 
-    bs = data ? bdrv_open_image(data, "qcow2", 0, NULL) : NULL;
-    if (!bs) {
-        return -1;
+    *ret_bs = NULL;
+    if (!m->parent_seq || !(pending = repo_pending_manifest(repo, m))) {
+        return true;
     }
-    r = bs->backing != NULL;
-    bdrv_close(bs, NULL);
-    return r;
+    repo_manifest_free(pending);
+    bs = repo_open_chain(repo, m, errp);
+    if (!bs) {
+        return false;
+    }
+    if (bs->backing) {
+        bdrv_unref(bs);       /* killed in step 1: still the old file */
+    } else {
+        *ret_bs = bs;
+    }
+    return true;
 }
 
 static bool roll_forward(Repo *repo, const char *node, unsigned *ret_done,
@@ -243,12 +259,21 @@ static bool roll_forward(Repo *repo, const char *node, unsigned *ret_done,
 {
     for (size_t i = 0; i < repo->n_backups; i++) {
         RepoManifest *m = repo->backups[i];
-        if (strcmp(m->node, node) || !m->parent_seq || has_backing(repo, m)) {
+        BlockDriverState *bs;
+
+        if (strcmp(m->node, node)) {
+            continue;
+        }
+        if (!in_prune_window(repo, m, &bs, errp)) {
+            return false;
+        }
+        if (!bs) {
             continue;
         }
         _cleanup_free_ char *data = repo_data_path(repo, node, m->seq);
         _cleanup_free_ char *json = repo_manifest_path(repo, node, m->seq);
-        _cleanup_free_ char *tmp_json = tmp_manifest_path(repo, node, m->seq);
+        _cleanup_free_ char *tmp_json = repo_tmp_manifest_path(repo, node,
+                                                               m->seq);
         RepoManifest *nm = synthetic_manifest(m);
         struct stat st;
         bool ok = nm && data && json && tmp_json;
@@ -256,7 +281,8 @@ static bool roll_forward(Repo *repo, const char *node, unsigned *ret_done,
         if (!ok) {
             error_setg(errp, "out of memory");
         }
-        ok = ok && repo_scan_backup(data, nm, NULL, NULL, errp);
+        ok = ok && repo_scan_node(bs, data, nm, NULL, NULL, errp);
+        bdrv_unref(bs);
         if (ok && stat(data, &st) == 0) {
             nm->stored_bytes = (uint64_t)st.st_blocks * 512;
         }

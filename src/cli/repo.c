@@ -16,6 +16,11 @@
  *      manifests, attempt markers, temporary files and qcow2 files (a
  *      qcow2 renamed into place whose manifest was not yet renamed when
  *      the run died).
+ *   4. A chain is exactly the one its manifests describe: every chain is
+ *      opened by repo_open_chain()/repo_open_new() ("Chains" below), which
+ *      check each file's recorded backing reference against its manifest
+ *      and attach the parent themselves; a header's backing name is never
+ *      followed.
  *
  * Everything here is control code: functions take Error **errp last and
  * report nothing themselves.  The manifest is read with explicit size
@@ -1261,7 +1266,7 @@ char *repo_tmp_data_path(Repo *repo, const char *node, unsigned seq)
     return path_printf("%s/%s/.%06u.qcow2.tmp", repo->path, node, seq);
 }
 
-static char *repo_tmp_manifest_path(Repo *repo, const char *node, unsigned seq)
+char *repo_tmp_manifest_path(Repo *repo, const char *node, unsigned seq)
 {
     return path_printf("%s/%s/.%06u.json.tmp", repo->path, node, seq);
 }
@@ -1269,6 +1274,282 @@ static char *repo_tmp_manifest_path(Repo *repo, const char *node, unsigned seq)
 static char *repo_attempt_path(Repo *repo, const char *node, unsigned seq)
 {
     return path_printf("%s/%s/%06u.attempt", repo->path, node, seq);
+}
+
+/* ---- Chains: the one way a backup's chain is opened ----
+ *
+ * Invariant 4 (above; repository.md "Invariants"): a chain is exactly the
+ * one its manifests describe.  A backup's qcow2 header names a backing
+ * file, but that name is data from a file, not an instruction: every layer
+ * is opened with its backing disabled (BDRV_O_NO_BACKING), the name it
+ * records is checked against its manifest's parent, and the parent's
+ * layer, which bitback opened itself from the manifests, is attached with
+ * bdrv_set_backing().  Nothing the header names is ever opened.
+ */
+
+/* Longest piece of a recorded backing name quoted in an error. */
+#define LINK_QUOTE_MAX 160
+
+/* name, quoted for an error message: printable ASCII only (anything else
+ * becomes '?'), cut at LINK_QUOTE_MAX bytes.  Caller frees. */
+static char *quote_name(const char *name)
+{
+    size_t n = strnlen(name, LINK_QUOTE_MAX + 1);
+    char *q = malloc(LINK_QUOTE_MAX + 4);
+
+    if (!q) {
+        abort();
+    }
+    for (size_t i = 0; i < n && i < LINK_QUOTE_MAX; i++) {
+        q[i] = name[i] >= 0x20 && name[i] < 0x7f ? name[i] : '?';
+    }
+    strcpy(q + MIN(n, (size_t)LINK_QUOTE_MAX), n > LINK_QUOTE_MAX ? "..." : "");
+    return q;
+}
+
+/* What kind of reference a recorded backing name that is not the expected
+ * one is, for errors: the ways out of the repository first. */
+static void describe_backing_name(const char *name, char *buf, size_t len)
+{
+    const char *colon = strchr(name, ':'), *slash = strchr(name, '/');
+    unsigned seq;
+
+    if (!strncmp(name, "json:", 5)) {
+        snprintf(buf, len, "a json: filename");
+    } else if (colon && (!slash || colon < slash)) {
+        snprintf(buf, len, "a protocol prefix");
+    } else if (name[0] == '/') {
+        snprintf(buf, len, "an absolute path");
+    } else if (!strcmp(name, "..") || !strncmp(name, "../", 3) ||
+               strstr(name, "/../") ||
+               (strlen(name) >= 3 && !strcmp(name + strlen(name) - 3, "/.."))) {
+        snprintf(buf, len, "a path with '..'");
+    } else if (!path_is_simple_name(name)) {
+        snprintf(buf, len, "not a plain file name in the backup's folder");
+    } else if ((seq = match_seq_name(name, "", ".qcow2"))) {
+        snprintf(buf, len, "the file of backup %06u", seq);
+    } else {
+        snprintf(buf, len, "not a backup's file");
+    }
+}
+
+typedef enum LinkCheck {
+    LINK_OK,
+    LINK_MISSING,                /* no backing file, the manifest names one */
+    LINK_WRONG,                  /* any other difference */
+} LinkCheck;
+
+/* Check the backing reference bs's header records against the manifest of
+ * backup `id` of `node` (parent_seq 0: a full, which has no backing file;
+ * else exactly the parent's file name, "PARENT.qcow2", as backup writes
+ * it, with backing format qcow2).  Sets errp unless LINK_OK. */
+static LinkCheck check_link(const BlockDriverState *bs, const char *node,
+                            const char *id, unsigned parent_seq, Error **errp)
+{
+    const char *name = bs->backing_file, *fmt = bs->backing_format;
+    char want[REPO_ID_LEN + 8], pid[REPO_ID_LEN], what[64];
+    _cleanup_free_ char *q = NULL;
+
+    if (!parent_seq) {
+        if (!name) {
+            return LINK_OK;
+        }
+        q = quote_name(name);
+        describe_backing_name(name, what, sizeof(what));
+        error_setg(errp, "backup %s of %s is a full backup (its manifest names "
+                   "no parent), but its file names the backing file '%s' (%s): "
+                   "a full backup has no backing file", id, node, q, what);
+        return LINK_WRONG;
+    }
+    repo_format_id(parent_seq, pid);
+    snprintf(want, sizeof(want), "%s.qcow2", pid);
+    if (!name) {
+        error_setg(errp, "backup %s of %s: its file has no backing file, but "
+                   "its manifest's parent is backup %s (expected backing "
+                   "file '%s')", id, node, pid, want);
+        return LINK_MISSING;
+    }
+    if (strcmp(name, want)) {
+        q = quote_name(name);
+        describe_backing_name(name, what, sizeof(what));
+        error_setg(errp, "backup %s of %s: its file names the backing file "
+                   "'%s' (%s), but its manifest's parent is backup %s: the "
+                   "backing file must be '%s'", id, node, q, what, pid, want);
+        return LINK_WRONG;
+    }
+    if (!fmt || strcmp(fmt, "qcow2")) {
+        q = quote_name(fmt ? fmt : "none");
+        error_setg(errp, "backup %s of %s: its file records the backing "
+                   "format '%s' for '%s', not qcow2", id, node, q, want);
+        return LINK_WRONG;
+    }
+    return LINK_OK;
+}
+
+/* path (a file of the repository) with symlinks resolved, when it is a
+ * regular file inside the repository; an error otherwise.  Caller frees. */
+static char *contained_path(Repo *repo, const char *path, Error **errp)
+{
+    _cleanup_free_ char *root = realpath(repo->path, NULL);
+    _cleanup_free_ char *real = NULL;
+    struct stat st;
+    size_t n;
+
+    if (!root) {
+        error_setg_errno(errp, errno, "cannot resolve the repository '%s'",
+                         repo->path);
+        return NULL;
+    }
+    real = realpath(path, NULL);
+    if (!real) {
+        error_setg_errno(errp, errno, "cannot open '%s'", path);
+        return NULL;
+    }
+    n = strcmp(root, "/") ? strlen(root) : 0;
+    if (strncmp(real, root, n) || real[n] != '/') {
+        _cleanup_free_ char *q = quote_name(real);
+        error_setg(errp, "'%s' leads outside the repository (to '%s'): "
+                   "a symbolic link out of the repository is not followed",
+                   path, q);
+        return NULL;
+    }
+    if (stat(real, &st) < 0) {
+        error_setg_errno(errp, errno, "cannot open '%s'", path);
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        error_setg(errp, "'%s' is not a regular file", path);
+        return NULL;
+    }
+    return steal_pointer(&real);
+}
+
+RepoManifest *repo_pending_manifest(Repo *repo, const RepoManifest *m)
+{
+    _cleanup_free_ char *path = repo_tmp_manifest_path(repo, m->node, m->seq);
+    uint8_t root[REPO_ROOT_LEN];
+    RepoManifest *p;
+
+    if (access(path, F_OK) < 0) {
+        return NULL;
+    }
+    p = manifest_load(path, NULL);
+    if (!p) {
+        return NULL;
+    }
+    repo_merkle_root(p->hashes, p->n_hashes, root);
+    if (p->seq != m->seq || strcmp(p->node, m->node) || p->parent_seq ||
+        !p->synthetic || memcmp(root, p->merkle_root, REPO_ROOT_LEN)) {
+        repo_manifest_free(p);
+        return NULL;
+    }
+    return p;
+}
+
+/* Open path, the file of backup `id` of `node` whose manifest names
+ * parent_seq, with flags and its backing disabled, check its link and put
+ * it on top of *top (the chain of parent_seq as this code opened it, or
+ * NULL for none; consumed).  pending_ok: a committed backup, for which a
+ * missing link is the window of an interrupted prune when
+ * repo_pending_manifest() has its synthetic full: then the layer is the
+ * base of the chain and *top is dropped.  On success *top is the new top;
+ * on failure *top is released and NULL. */
+static bool push_layer(Repo *repo, const RepoManifest *m, const char *path,
+                       int flags, bool pending_ok, BlockDriverState **top,
+                       Error **errp)
+{
+    _cleanup_free_ char *real = contained_path(repo, path, errp);
+    BlockDriverState *bs = NULL;
+    Error *err = NULL;
+    char id[REPO_ID_LEN];
+
+    repo_format_id(m->seq, id);      /* m->id may not be set yet (new files) */
+
+    if (!real) {
+        error_prepend(errp, "backup %s of %s: ", id, m->node);
+        goto out;
+    }
+    bs = bdrv_open_image(real, "qcow2", flags | BDRV_O_NO_BACKING, errp);
+    if (!bs) {
+        error_prepend(errp, "backup %s of %s: ", id, m->node);
+        goto out;
+    }
+    switch (check_link(bs, m->node, id, m->parent_seq, &err)) {
+    case LINK_OK:
+        break;
+    case LINK_MISSING:
+        if (pending_ok) {
+            RepoManifest *p = repo_pending_manifest(repo, m);
+            if (p) {
+                repo_manifest_free(p);
+                error_free(err);
+                err = NULL;
+                bdrv_unref(*top);
+                *top = NULL;
+                break;
+            }
+        }
+        /* fall through */
+    case LINK_WRONG:
+        error_propagate(errp, err);
+        goto out;
+    }
+    if (*top) {
+        if (!bdrv_set_backing(bs, *top, errp)) {
+            error_prepend(errp, "backup %s of %s: ", id, m->node);
+            goto out;
+        }
+        (*top)->user_owned = false;       /* now a child of bs */
+        bdrv_unref(*top);
+    }
+    *top = steal_pointer(&bs);
+    return true;
+out:
+    bdrv_unref(bs);
+    bdrv_unref(*top);
+    *top = NULL;
+    return false;
+}
+
+BlockDriverState *repo_open_chain(Repo *repo, const RepoManifest *m,
+                                  Error **errp)
+{
+    _cleanup_free_ RepoManifest **chain = NULL;
+    BlockDriverState *top = NULL;
+    size_t n;
+
+    chain = repo_chain(repo, m, &n, errp);
+    if (!chain) {
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        _cleanup_free_ char *path = repo_data_path(repo, m->node,
+                                                   chain[i]->seq);
+        if (!push_layer(repo, chain[i], path, 0, true, &top, errp)) {
+            return NULL;
+        }
+    }
+    return top;
+}
+
+BlockDriverState *repo_open_new(Repo *repo, const RepoManifest *m,
+                                const char *path, int flags, Error **errp)
+{
+    BlockDriverState *top = NULL;
+
+    if (m->parent_seq) {
+        RepoManifest *p = repo_parent(repo, m);
+        if (!p) {
+            error_setg(errp, "backup %06u of %s: its parent %06u is missing "
+                       "from %s", m->seq, m->node, m->parent_seq, repo->path);
+            return NULL;
+        }
+        top = repo_open_chain(repo, p, errp);
+        if (!top) {
+            return NULL;
+        }
+    }
+    return push_layer(repo, m, path, flags, false, &top, errp) ? top : NULL;
 }
 
 /* ---- Attempt markers and leftovers ---- */
@@ -1722,31 +2003,40 @@ static bool extents_append(RepoExtent **ext, size_t *n, size_t *cap,
     return true;
 }
 
-bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
+bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
                       RepoProgressFn *progress, void *opaque, Error **errp)
 {
-    BlockDriverState *bs = bdrv_open_image(qcow2_path, "qcow2", 0, errp);
-    _cleanup_free_ RepoExtent *ext = NULL;
-    _cleanup_free_ RepoHash *hashes = NULL;
-    size_t n_ext = 0, cap = 0, n_hashes = 0;
-    uint64_t total = 0;
-    bool ok = false;
+    BlockDriverState *bs = repo_open_new(repo, m, qcow2_path, 0, errp);
+    bool ok;
 
     if (!bs) {
         error_prepend(errp, "cannot open backup '%s': ", qcow2_path);
         return false;
     }
+    ok = repo_scan_node(bs, qcow2_path, m, progress, opaque, errp);
+    bdrv_unref(bs);
+    return ok;
+}
+
+bool repo_scan_node(BlockDriverState *bs, const char *qcow2_path,
+                    RepoManifest *m, RepoProgressFn *progress, void *opaque,
+                    Error **errp)
+{
+    _cleanup_free_ RepoExtent *ext = NULL;
+    _cleanup_free_ RepoHash *hashes = NULL;
+    size_t n_ext = 0, cap = 0, n_hashes = 0;
+    uint64_t total = 0;
     int64_t len = bdrv_getlength(bs);
     if (len < 0) {
         error_setg_errno(errp, (int)-len, "%s: cannot get the image size",
                          qcow2_path);
-        goto out;
+        return false;
     }
     uint64_t size = (uint64_t)len;
     if (m->image_size && m->image_size != size) {
         error_setg(errp, "%s: the image is %" PRIu64 " bytes, expected %" PRIu64,
                    qcow2_path, size, m->image_size);
-        goto out;
+        return false;
     }
 
     /* 1. The clusters allocated in this layer, as merged extents. */
@@ -1756,19 +2046,19 @@ bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
         if (r < 0) {
             error_setg_errno(errp, -r, "%s: cannot read the allocation at "
                              "offset %" PRIu64, qcow2_path, off);
-            goto out;
+            return false;
         }
         if (pnum == 0) {
             error_setg(errp, "%s: the allocation status at offset %" PRIu64
                        " makes no progress", qcow2_path, off);
-            goto out;
+            return false;
         }
         if (r) {
             uint64_t s = ROUND_DOWN(off, REPO_CLUSTER_SIZE);
             uint64_t e = MIN(ROUND_UP(off + pnum, REPO_CLUSTER_SIZE), size);
             if (!extents_append(&ext, &n_ext, &cap, s, e)) {
                 error_setg(errp, "out of memory");
-                goto out;
+                return false;
             }
         }
         off += pnum;
@@ -1781,7 +2071,7 @@ bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
     hashes = calloc(n_clusters ? n_clusters : 1, sizeof(*hashes));
     if (!hashes) {
         error_setg(errp, "out of memory");
-        goto out;
+        return false;
     }
 
     /* 2. Read them through the chain in big batches and hash each cluster,
@@ -1799,7 +2089,7 @@ bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
             error_setg_errno(errp, -r, "%s: read error at offset %" PRIu64,
                              qcow2_path, err_off);
         }
-        goto out;
+        return false;
     }
     n_hashes = (size_t)n_clusters;
 
@@ -1813,10 +2103,7 @@ bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
     m->cluster_size = REPO_CLUSTER_SIZE;
     m->changed_bytes = total;
     repo_merkle_root(m->hashes, m->n_hashes, m->merkle_root);
-    ok = true;
-out:
-    bdrv_unref(bs);
-    return ok;
+    return true;
 }
 
 /* ---- Commit ---- */

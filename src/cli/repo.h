@@ -121,12 +121,48 @@ RepoManifest *repo_parent(Repo *repo, const RepoManifest *m);
 RepoManifest **repo_chain(Repo *repo, const RepoManifest *m, size_t *ret_n,
                           Error **errp);
 
+/* ---- Chains (docs/specs/repository.md, invariant 4: a chain is exactly
+ * the one its manifests describe) ----
+ *
+ * The one way to open a backup's chain, for restore, verify, prune and
+ * backup.  Every layer is a regular file inside the repository (symbolic
+ * links are resolved and must stay inside), opened read-only with its
+ * backing disabled; the backing reference its qcow2 header records must be
+ * exactly what its manifest says -- none for a full, else its parent's
+ * file name "PARENT.qcow2" with format qcow2 (no absolute path, "..",
+ * protocol prefix or json: filename can match) -- and the parent's layer,
+ * opened the same way from the manifests, is attached by bitback
+ * (bdrv_set_backing).  The header's name is never followed.  Errors name
+ * the backup (ID and disk) whose link is wrong and how.
+ *
+ * The one tolerated difference is the window of an interrupted prune
+ * (prune-cmd.c, step 2): a committed backup whose file has no backing
+ * file while its manifest names a parent, and repo_pending_manifest()
+ * holds its synthetic full; its file is then the chain's base. */
+
+/* The chain of backup m: the top node (m's file), read-only; releasing it
+ * (bdrv_unref) releases the chain.  NULL with errp set when a layer is
+ * missing, unreadable, outside the repository or linked otherwise than the
+ * manifests say. */
+BlockDriverState *repo_open_chain(Repo *repo, const RepoManifest *m,
+                                  Error **errp);
+/* The file `path` of backup m that is not committed yet (m->node, m->id,
+ * m->parent_seq set), opened with flags (0 or BDRV_O_RDWR) and checked
+ * the same way, over repo_open_chain() of m's parent when it has one. */
+BlockDriverState *repo_open_new(Repo *repo, const RepoManifest *m,
+                                const char *path, int flags, Error **errp);
+/* The manifest an interrupted prune left pending for m (NODE/.ID.json.tmp):
+ * a valid synthetic full of the same backup and disk whose Merkle root
+ * matches its hash list; NULL when there is none (caller frees). */
+RepoManifest *repo_pending_manifest(Repo *repo, const RepoManifest *m);
+
 /* Paths (caller frees): REPO/NODE, REPO/NODE/ID.qcow2, REPO/NODE/ID.json,
- * REPO/NODE/.ID.qcow2.tmp. */
+ * REPO/NODE/.ID.qcow2.tmp, REPO/NODE/.ID.json.tmp. */
 char *repo_node_dir(Repo *repo, const char *node);
 char *repo_data_path(Repo *repo, const char *node, unsigned seq);
 char *repo_manifest_path(Repo *repo, const char *node, unsigned seq);
 char *repo_tmp_data_path(Repo *repo, const char *node, unsigned seq);
+char *repo_tmp_manifest_path(Repo *repo, const char *node, unsigned seq);
 
 /* Attempt markers (NODE/ID.attempt), written and synced before a backup's
  * transaction.  repo_attempts returns the seqs of the node's markers whose
@@ -183,13 +219,20 @@ int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
                       void *opaque, uint64_t base, uint64_t total,
                       uint64_t *ret_err_offset);
 
-/* Scan a backup's qcow2 file (opened read-only with its backing chain):
- * for every cluster allocated in its own layer, read the image's content
- * there through the chain and hash it.  Fills m->extents, m->hashes,
- * m->merkle_root, m->changed_bytes, m->cluster_size and checks that the
- * image size equals m->image_size (sets it when 0).  Reads and hashes on
- * repo_hash_extents' threads; the result does not depend on their number. */
-bool repo_scan_backup(const char *qcow2_path, RepoManifest *m,
+/* Scan a backup: for every cluster allocated in the top layer of bs (a
+ * chain repo_open_chain or repo_open_new opened; qcow2_path names it in
+ * errors), read the image's content there through the chain and hash it.
+ * Fills m->extents, m->hashes, m->merkle_root, m->changed_bytes,
+ * m->cluster_size and checks that the image size equals m->image_size
+ * (sets it when 0).  Reads and hashes on repo_hash_extents' threads; the
+ * result does not depend on their number.  bs stays the caller's. */
+bool repo_scan_node(BlockDriverState *bs, const char *qcow2_path,
+                    RepoManifest *m, RepoProgressFn *progress, void *opaque,
+                    Error **errp);
+/* repo_scan_node on the file qcow2_path of backup m, not committed yet
+ * (backup's and prune's .ID.qcow2.tmp), opened by repo_open_new: m->seq,
+ * m->id, m->node and m->parent_seq must be set. */
+bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
                       RepoProgressFn *progress, void *opaque, Error **errp);
 
 /* Commit: m describes the file at repo_tmp_data_path(); fill stored_bytes,

@@ -5,9 +5,11 @@
  *   bitback restore --repo DIR [--node NODE] [--at ID|latest] OUTPUT
  *                   [-f raw|qcow2] [--force] [--progress] [--output=json]
  *
- * The backup's qcow2 file opens read-only through the block library, which
- * opens its backing chain down to the full backup by itself; so restoring
- * any point is one sequential pass over the top node.  Ranges that block
+ * The backup's chain opens read-only through repo_open_chain(), exactly as
+ * the manifests describe it (its qcow2 headers' backing names are checked,
+ * never followed; a chain that differs is refused before OUTPUT or its
+ * temporary file is created); so restoring any point is one sequential
+ * pass over the top node.  Ranges that block
  * status reports as zero or unallocated are skipped, and so are 64 KiB
  * pieces of data ranges that read as zeroes: the raw output is sparse, the
  * qcow2 output holds only non-zero clusters (both read back bit-identical,
@@ -66,7 +68,12 @@ static void restore_usage(FILE *out)
             "The image is written to .OUTPUT.bitback-restore.tmp in OUTPUT's folder,\n"
             "synced, and renamed to OUTPUT only when complete: an interrupted restore\n"
             "never leaves a partial OUTPUT (remove the .tmp file it leaves behind).\n"
-            "OUTPUT must be a regular file path.\n");
+            "OUTPUT must be a regular file path.\n"
+            "\n"
+            "The backup's chain is opened as its manifests describe it: a backup\n"
+            "file whose backing file is not its manifest's parent (another backup,\n"
+            "none, a path outside the repository, ...) is refused and nothing is\n"
+            "written.\n");
 }
 
 const char *cli_repo_pick_node(Repo *repo, const char *node, Error **errp)
@@ -200,13 +207,13 @@ static int copy_data(BlockDriverState *src, uint64_t size, int fd,
     return 0;
 }
 
-bool cli_restore_image(const char *src_qcow2, const char *dst,
-                       const char *format,
+bool cli_restore_image(BlockDriverState *src, const char *what,
+                       const char *dst, const char *format,
                        void (*progress)(void *opaque, uint64_t done,
                                         uint64_t total),
                        void *opaque, uint64_t *ret_written, Error **errp)
 {
-    BlockDriverState *src, *dst_bs = NULL;
+    BlockDriverState *dst_bs = NULL;
     _cleanup_close_ int fd = -1;
     bool raw = !strcmp(format, "raw");
     int64_t len;
@@ -216,16 +223,9 @@ bool cli_restore_image(const char *src_qcow2, const char *dst,
         error_setg(errp, "restore writes raw or qcow2, not '%s'", format);
         return false;
     }
-    src = bdrv_open_image(src_qcow2, "qcow2", 0, errp);
-    if (!src) {
-        error_prepend(errp, "cannot open the backup file %s: ", src_qcow2);
-        return false;
-    }
     len = bdrv_getlength(src);
     if (len < 0) {
-        error_setg_errno(errp, (int)-len, "cannot get the size of %s",
-                         src_qcow2);
-        bdrv_close(src, NULL);
+        error_setg_errno(errp, (int)-len, "cannot get the size of %s", what);
         return false;
     }
 
@@ -233,7 +233,6 @@ bool cli_restore_image(const char *src_qcow2, const char *dst,
     fd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) {
         error_setg_errno(errp, errno, "cannot create %s", dst);
-        bdrv_close(src, NULL);
         return false;
     }
     if (raw) {
@@ -258,7 +257,7 @@ bool cli_restore_image(const char *src_qcow2, const char *dst,
     r = copy_data(src, (uint64_t)len, fd, dst_bs, progress, opaque,
                   ret_written);
     if (r < 0) {
-        error_setg_errno(errp, -r, "cannot copy %s to %s", src_qcow2, dst);
+        error_setg_errno(errp, -r, "cannot copy %s to %s", what, dst);
         goto fail;
     }
     if (dst_bs) {
@@ -278,14 +277,12 @@ bool cli_restore_image(const char *src_qcow2, const char *dst,
         error_setg_errno(errp, errno, "cannot sync %s", dst);
         goto fail;
     }
-    bdrv_close(src, NULL);
     return true;
 
 fail:
     if (dst_bs) {
         bdrv_close(dst_bs, NULL);
     }
-    bdrv_close(src, NULL);
     unlink(dst);
     return false;
 }
@@ -407,6 +404,7 @@ int cli_cmd_restore(int argc, char **argv)
     _cleanup_free_ char *data = NULL, *tmp = NULL;
     RepoManifest *m;
     CliProgress *prog = NULL;
+    BlockDriverState *src = NULL;
     uint64_t written = 0;
 
     node = cli_repo_pick_node(repo, node_arg, &err);
@@ -423,13 +421,19 @@ int cli_cmd_restore(int argc, char **argv)
         error_setg(&err, "out of memory");
         goto out;
     }
+    /* The chain as the manifests describe it, or nothing is written. */
+    src = repo_open_chain(repo, m, &err);
+    if (!src) {
+        error_prepend(&err, "cannot restore backup %s of %s: ", m->id, node);
+        goto out;
+    }
     unlink(tmp);   /* a leftover of an interrupted restore */
 
     char label[REPO_MAX_NODE_NAME + 32];
     snprintf(label, sizeof(label), "%s restore %s", node, m->id);
     prog = cli_progress_new(label, m->image_size,
                             cli_progress_wanted(force_progress));
-    bool ok = cli_restore_image(data, tmp, format, cli_progress_cb, prog,
+    bool ok = cli_restore_image(src, data, tmp, format, cli_progress_cb, prog,
                                 &written, &err);
     cli_progress_finish(steal_pointer(&prog));
     if (!ok) {
@@ -467,6 +471,7 @@ out:
     if (err) {
         error_report_err(err);
     }
+    bdrv_unref(src);
     repo_free(repo);
     return ret;
 }

@@ -6,10 +6,13 @@
  *                  [--against NBD_URI|FILE] [--progress] [--output=json]
  *
  * Stored check (without --against; default --at all, every disk unless
- * --node): for each backup, repo_scan_backup() re-reads every cluster
- * allocated in the backup's own qcow2 layer, through its backing chain, and
- * hashes it, on a pool of threads (repo_hash_extents: one per online
- * CPU, at most 8; the result does not depend on their number).  The result
+ * --node): for each backup, repo_open_chain() opens its chain exactly as
+ * the manifests describe it (each file's recorded backing name must be its
+ * manifest's parent; it is checked, never followed), and repo_scan_node()
+ * re-reads every cluster allocated in the backup's own qcow2 layer,
+ * through that chain, and hashes it, on a pool of threads
+ * (repo_hash_extents: one per online CPU, at most 8; the result does not
+ * depend on their number).  The result
  * must equal the manifest exactly:
  *   1. the same set of clusters (a cluster stored but not listed, or listed
  *      but not stored, is a mismatch),
@@ -17,8 +20,12 @@
  *   3. the Merkle root recomputed from the manifest's list and the one
  *      computed from the re-read data both equal the manifest's
  *      merkle-root (so an edited hash list is caught too).
- * A backup file that cannot be opened or read, or whose parent is missing,
- * is a failure of that backup.
+ * A backup whose chain cannot be opened as its manifests describe it (a
+ * file missing, unreadable or outside the repository, a parent missing, a
+ * backing link that is not the manifest's: swapped, removed, added to a
+ * full, or pointing anywhere else) is a failure of that backup ("chain",
+ * naming the backup whose link is wrong), and so is a file that cannot be
+ * read.
  *
  * Target check (--against, default --at latest, one disk): the expected
  * content of cluster c at point ID is the hash of c in the newest backup of
@@ -97,6 +104,9 @@ static void verify_usage(FILE *out)
             "  --progress         draw a progress bar even when stdout is not a terminal\n"
             "  --output=FMT       human (default) or json\n"
             "\n"
+            "Each backup's chain is opened as its manifests describe it: a backing\n"
+            "link that differs (swapped, removed, added to a full, pointing outside\n"
+            "the repository) fails every backup whose chain holds it.\n"
             "Each mismatch is one line naming the backup, the disk and the byte offset.\n"
             "Exit status: 0 all good, 2 a mismatch or an unreadable backup,\n"
             "1 an error (bad arguments, no repository, unknown backup).\n");
@@ -212,51 +222,18 @@ static uint64_t compare_scan(VerifyState *vs, const RepoManifest *m,
     return found;
 }
 
-/* The manifest that an interrupted `prune` left pending for m
- * (.ID.json.tmp, a synthetic full of the same backup), or NULL. */
-static RepoManifest *pending_manifest(Repo *repo, const RepoManifest *m)
-{
-    _cleanup_free_ char *dir = repo_node_dir(repo, m->node);
-    _cleanup_free_ char *path = NULL;
-    _cleanup_json_ struct json_object *obj = NULL;
-    RepoManifest *p;
-
-    if (!dir || asprintf(&path, "%s/.%s.json.tmp", dir, m->id) < 0) {
-        return NULL;
-    }
-    if (access(path, F_OK) < 0) {
-        return NULL;
-    }
-    obj = json_object_from_file(path);
-    p = obj ? repo_manifest_from_json(obj, path, NULL) : NULL;
-    if (p && (p->seq != m->seq || strcmp(p->node, m->node) ||
-              p->parent_seq || !p->synthetic)) {
-        repo_manifest_free(p);
-        p = NULL;
-    }
-    return p;
-}
-
 static void verify_stored(VerifyState *vs, Repo *repo, RepoManifest *m)
 {
     _cleanup_free_ char *path = repo_data_path(repo, m->node, m->seq);
-    _cleanup_free_ RepoManifest **chain = NULL;
     RepoManifest *scan = calloc(1, sizeof(*scan));
+    BlockDriverState *bs = NULL;
     uint8_t root[REPO_ROOT_LEN];
     Error *err = NULL;
-    size_t n_chain;
 
     vs->backups_checked++;
     if (!path || !scan) {
         problem(vs, m, -1, "error", "out of memory");
         goto out;
-    }
-    chain = repo_chain(repo, m, &n_chain, &err);
-    if (!chain) {
-        problem(vs, m, -1, "chain", "%s", error_get_pretty(err));
-        error_free(err);
-        err = NULL;
-        /* The file may still be readable: check it anyway. */
     }
 
     /* 3a: the manifest's own list against its root. */
@@ -264,6 +241,14 @@ static void verify_stored(VerifyState *vs, Repo *repo, RepoManifest *m)
     if (memcmp(root, m->merkle_root, REPO_ROOT_LEN)) {
         problem(vs, m, -1, "merkle-root",
                 "the merkle-root of the manifest does not match its hash list");
+    }
+
+    /* The chain the manifests describe, or this backup fails. */
+    bs = repo_open_chain(repo, m, &err);
+    if (!bs) {
+        problem(vs, m, -1, "chain", "%s", error_get_pretty(err));
+        error_free(err);
+        goto out;
     }
 
     /* Re-read the layer. */
@@ -274,7 +259,7 @@ static void verify_stored(VerifyState *vs, Repo *repo, RepoManifest *m)
     char label[REPO_MAX_NODE_NAME + 32];
     snprintf(label, sizeof(label), "%s verify %s", m->node, m->id);
     CliProgress *prog = cli_progress_new(label, m->image_size, vs->progress);
-    bool ok = repo_scan_backup(path, scan, cli_progress_cb, prog, &err);
+    bool ok = repo_scan_node(bs, path, scan, cli_progress_cb, prog, &err);
     cli_progress_finish(prog);
     if (!ok) {
         problem(vs, m, -1, "unreadable", "cannot read %s: %s", path,
@@ -288,13 +273,8 @@ static void verify_stored(VerifyState *vs, Repo *repo, RepoManifest *m)
      * full in place while its manifest is still pending: check the file
      * against that manifest, which is the one the next prune commits. */
     if (m->parent_seq && compare_scan(vs, m, m, scan, path, true)) {
-        RepoManifest *p = pending_manifest(repo, m);
-        uint8_t proot[REPO_ROOT_LEN];
-        if (p) {
-            repo_merkle_root(p->hashes, p->n_hashes, proot);
-        }
-        if (p && !memcmp(proot, p->merkle_root, REPO_ROOT_LEN) &&
-            !compare_scan(vs, m, p, scan, path, true)) {
+        RepoManifest *p = repo_pending_manifest(repo, m);
+        if (p && !compare_scan(vs, m, p, scan, path, true)) {
             if (!vs->json) {
                 printf("verify: backup %s disk %s: an interrupted prune made "
                        "it a synthetic full; its file matches the pending "
@@ -310,6 +290,7 @@ static void verify_stored(VerifyState *vs, Repo *repo, RepoManifest *m)
 
 out:
     end_backup(vs, m);
+    bdrv_unref(bs);
     repo_manifest_free(scan);
 }
 

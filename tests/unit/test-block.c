@@ -8,6 +8,8 @@
  *  - bitmap states: disabled bitmaps do not record, merge leaves the target
  *    untouched when it fails, busy/inconsistent bitmaps refuse changes;
  *  - block status on a sparse file;
+ *  - BDRV_O_NO_BACKING records the header's backing name without opening
+ *    it; bdrv_set_backing attaches the caller's node, refuses a loop;
  *  - BDRV_REQ_NOWAIT reads: -EAGAIN for data that is not in the page cache
  *    (checked with mincore), for O_DIRECT nodes and while hooks are
  *    installed; the right bytes once the data is cached.
@@ -330,6 +332,84 @@ static int hook_noop_read(BdrvIoHook *h, BlockDriverState *bs, uint64_t offset,
     return 0;
 }
 
+/* A qcow2 image named `name` in tmpdir, with backing file `backing`
+ * (format qcow2) when not NULL.  Returns its path (caller frees). */
+static char *make_qcow2(const char *name, const char *backing)
+{
+    _cleanup_json_ struct json_object *opts = json_object_new_object();
+    char *path = NULL;
+    Error *err = NULL;
+
+    assert_true(asprintf(&path, "%s/%s", tmpdir, name) > 0);
+    if (backing) {
+        json_object_object_add(opts, "backing_file",
+                               json_object_new_string(backing));
+        json_object_object_add(opts, "backing_fmt",
+                               json_object_new_string("qcow2"));
+    }
+    if (!bdrv_img_create(path, "qcow2", 1 << 20, opts, &err)) {
+        fail_msg("create: %s", error_get_pretty(err));
+    }
+    return path;
+}
+
+/* ok is false and *errp says `part`; *errp is freed and reset. */
+static void expect_error(bool ok, Error **errp, const char *part)
+{
+    assert_false(ok);
+    assert_non_null(*errp);
+    if (!strstr(error_get_pretty(*errp), part)) {
+        fail_msg("'%s' lacks '%s'", error_get_pretty(*errp), part);
+    }
+    error_free(*errp);
+    *errp = NULL;
+}
+
+/* BDRV_O_NO_BACKING opens nothing the header names but records it;
+ * bdrv_set_backing attaches the backing the caller chose, and refuses a
+ * second backing, a loop and a driver without backing. */
+static void test_set_backing(void **state)
+{
+    _cleanup_free_ char *base = make_qcow2("sb-base.qcow2", NULL);
+    _cleanup_free_ char *top = make_qcow2("sb-top.qcow2", "elsewhere.qcow2");
+    _cleanup_free_ char *raw = make_image("sb.raw", 1 << 20);
+    uint8_t buf[4096], pattern[4096];
+    Error *err = NULL;
+
+    /* The header's name is not opened (the file does not exist). */
+    BlockDriverState *t = bdrv_open_image(top, "qcow2", BDRV_O_NO_BACKING,
+                                          &err);
+    assert_non_null(t);
+    assert_null(t->backing);
+    assert_string_equal(t->backing_file, "elsewhere.qcow2");
+    assert_string_equal(t->backing_format, "qcow2");
+    BlockDriverState *b = bdrv_open_image(base, "qcow2", BDRV_O_RDWR, &err);
+    assert_non_null(b);
+    assert_null(b->backing_file);
+    memset(pattern, 0x5a, sizeof(pattern));
+    assert_int_equal(bdrv_pwrite(b, 8192, pattern, sizeof(pattern), 0), 0);
+
+    assert_true(bdrv_set_backing(t, b, &err));
+    assert_ptr_equal(t->backing, b);
+    /* t reads b's data where it has none of its own. */
+    assert_int_equal(bdrv_pread(t, 8192, buf, sizeof(buf)), 0);
+    assert_memory_equal(buf, pattern, sizeof(buf));
+
+    bool ok = bdrv_set_backing(t, b, &err);
+    expect_error(ok, &err, "already has");
+    ok = bdrv_set_backing(b, t, &err);
+    expect_error(ok, &err, "loop");
+    BlockDriverState *r = bdrv_open_image(raw, "raw", 0, &err);
+    assert_non_null(r);
+    ok = bdrv_set_backing(r, b, &err);
+    expect_error(ok, &err, "cannot have");
+    bdrv_unref(r);
+
+    /* t holds its own reference to b. */
+    bdrv_unref(b);
+    bdrv_unref(t);
+}
+
 static void test_read_nowait(void **state)
 {
     enum { LEN = 65536 };
@@ -399,6 +479,7 @@ int main(void)
         cmocka_unit_test(test_bitmap_states),
         cmocka_unit_test(test_block_status_sparse),
         cmocka_unit_test(test_read_nowait),
+        cmocka_unit_test(test_set_backing),
     };
     return cmocka_run_group_tests(tests, NULL, teardown_dir);
 }

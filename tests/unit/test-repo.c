@@ -8,9 +8,11 @@
  *  - backup IDs: repo_parse_id;
  *  - repo_open: create, attempt markers and tmp files raising max_seq, a
  *    folder that is not a repository refused;
- *  - repo_scan_backup on a qcow2 overlay built with the block library,
- *    against hashes of a flat in-memory model of the image; and on a pool
- *    of 1, 2, 3, 8 threads: byte-identical results, progress, errors;
+ *  - repo_scan_backup / repo_scan_node on a qcow2 overlay built with the
+ *    block library, against hashes of a flat in-memory model of the image
+ *    (a file whose backing link is not its manifest's parent refused); on
+ *    a pool of 1, 2, 3, 8 threads: byte-identical results, progress,
+ *    errors;
  *  - repo_commit: the files appear, the marker goes, repo_find and
  *    repo_chain see the backups.
  */
@@ -751,7 +753,7 @@ static void test_scan_and_commit(void **state)
     m->level = REPO_LEVEL_FULL;
     m->granularity = 65536;
     ProgressLog log = { 0 };
-    assert_true(repo_scan_backup(tmp1, m, progress_cb, &log, &err));
+    assert_true(repo_scan_backup(r, tmp1, m, progress_cb, &log, &err));
     die_on(err);
     assert_int_equal(m->image_size, IMG_SIZE);
     uint64_t all[NCL + 1];
@@ -813,7 +815,7 @@ static void test_scan_and_commit(void **state)
     m->parent_seq = 1;
     m->granularity = 65536;
     m->image_size = IMG_SIZE;
-    assert_true(repo_scan_backup(tmp2, m, NULL, NULL, &err));
+    assert_true(repo_scan_backup(r, tmp2, m, NULL, NULL, &err));
     die_on(err);
     static const uint64_t inc_cl[] = { 2, 5, 8, 10, 11, 12, 20 };
     check_scan(m, inc_cl, ARRAY_SIZE(inc_cl));
@@ -829,8 +831,12 @@ static void test_scan_and_commit(void **state)
     /* A size mismatch is refused. */
     _cleanup_free_ char *data2 = repo_data_path(r, "disk0", 2);
     m = calloc(1, sizeof(*m));
+    m->seq = 2;
+    m->node = strdup("disk0");
+    m->parent_seq = 1;
     m->image_size = IMG_SIZE + CL;
-    assert_false(repo_scan_backup(data2, m, NULL, NULL, &err));
+    assert_false(repo_scan_backup(r, data2, m, NULL, NULL, &err));
+    assert_non_null(strstr(error_get_pretty(err), "expected"));
     assert_non_null(err);
     error_free(err);
     err = NULL;
@@ -852,7 +858,20 @@ static void test_scan_and_commit(void **state)
     m->level = REPO_LEVEL_DIFF;
     m->parent_seq = 1;
     m->granularity = 4096;
-    assert_true(repo_scan_backup(tmp3, m, NULL, NULL, &err));
+    /* Its file names 000002.qcow2: not the chain this manifest describes
+     * (repository.md invariant 4), so nothing is read. */
+    assert_false(repo_scan_backup(r, tmp3, m, NULL, NULL, &err));
+    assert_non_null(err);
+    assert_non_null(strstr(error_get_pretty(err),
+                           "backup 000003 of disk0: its file names the "
+                           "backing file '000002.qcow2' (the file of backup "
+                           "000002), but its manifest's parent is backup "
+                           "000001: the backing file must be '000001.qcow2'"));
+    error_free(err);
+    err = NULL;
+    m->level = REPO_LEVEL_INC;
+    m->parent_seq = 2;
+    assert_true(repo_scan_backup(r, tmp3, m, NULL, NULL, &err));
     die_on(err);
     static const uint64_t diff_cl[] = { 15, 16, 17 };
     check_scan(m, diff_cl, ARRAY_SIZE(diff_cl));
@@ -873,7 +892,7 @@ static void test_scan_and_commit(void **state)
     m->time = strdup("2026-01-04T00:00:00Z");
     m->level = REPO_LEVEL_FULL;
     m->granularity = 65536;
-    assert_true(repo_scan_backup(tmp4, m, NULL, NULL, &err));
+    assert_true(repo_scan_backup(r, tmp4, m, NULL, NULL, &err));
     die_on(err);
     assert_int_equal(m->n_hashes, 0);
     /* A manifest readers would refuse is not committed. */
@@ -978,6 +997,18 @@ static void big_write(BlockDriverState *bs, uint64_t off, uint64_t len, bool zer
     }
 }
 
+/* repo_scan_node on an image outside a repository, opened with the
+ * backing chain its header names (these tests are about hashing). */
+static bool scan_file(const char *path, RepoManifest *m,
+                      RepoProgressFn *progress, void *opaque, Error **errp)
+{
+    BlockDriverState *bs = bdrv_open_image(path, "qcow2", 0, errp);
+    bool ok = bs && repo_scan_node(bs, path, m, progress, opaque, errp);
+
+    bdrv_unref(bs);
+    return ok;
+}
+
 /* The scan of path with `threads` threads (0: the default). */
 static RepoManifest *scan_with(const char *path, unsigned threads,
                                ProgressLog *log)
@@ -986,7 +1017,7 @@ static RepoManifest *scan_with(const char *path, unsigned threads,
     RepoManifest *m = calloc(1, sizeof(*m));
     assert_non_null(m);
     repo_set_hash_threads(threads);
-    bool ok = repo_scan_backup(path, m, log ? progress_cb : NULL, log, &err);
+    bool ok = scan_file(path, m, log ? progress_cb : NULL, log, &err);
     repo_set_hash_threads(0);
     die_on(err);
     assert_true(ok);
@@ -1195,7 +1226,7 @@ static void test_scan_threads(void **state)
     for (size_t t = 0; t < ARRAY_SIZE(threads); t++) {
         RepoManifest *m = calloc(1, sizeof(*m));
         repo_set_hash_threads(threads[t]);
-        assert_false(repo_scan_backup(small, m, NULL, NULL, &err));
+        assert_false(scan_file(small, m, NULL, NULL, &err));
         repo_set_hash_threads(0);
         assert_non_null(err);
         char want[64];
