@@ -764,22 +764,31 @@ static bool qbm_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
             continue;
         }
         path = qbm_file_path(s, file);
+        if (!path) {
+            error_setg(errp, "out of memory");
+            goto out;
+        }
         Error *err = NULL;
-        if (!qbm_bitmap_file_create(path, s->desc.size, shift, bm->generation, 0,
-                                    true, &hdr, &err)) {
-            bool exists = access(path, F_OK) == 0;
+        int r = qbm_bitmap_file_create(path, s->desc.size, shift, bm->generation,
+                                       0, true, &hdr, &err);
+        if (r < 0) {
+            /* Only a name taken by another file moves on to the next name;
+             * any other failure (ENOSPC, EACCES, ...) is the answer, and the
+             * create left no file behind. */
             free(path);
             path = NULL;
-            if (exists) {
+            if (r == -EEXIST) {
                 error_free(err);
                 continue;
             }
             error_propagate(errp, err);
+            error_prepend(errp, "cannot add bitmap '%s': ", bm->name);
             goto out;
         }
     }
     if (!path) {
-        error_setg(errp, "cannot find a free file name for bitmap '%s'", bm->name);
+        error_setg(errp, "cannot find a free file name for bitmap '%s' in '%s'",
+                   bm->name, s->dir);
         goto out;
     }
     QbmBitmapEntry *arr = realloc(s->desc.bitmaps,
@@ -1058,8 +1067,8 @@ static bool qbm_create(const char *filename, uint64_t size,
             qbm_descriptor_clear(&d);
             return false;
         }
-        if (!qbm_bitmap_file_create(apath, size, (unsigned)shift, gen,
-                                    QBM_FLAG_CLEAN, false, NULL, errp)) {
+        if (qbm_bitmap_file_create(apath, size, (unsigned)shift, gen,
+                                   QBM_FLAG_CLEAN, false, NULL, errp) < 0) {
             qbm_descriptor_clear(&d);
             return false;
         }
