@@ -14,6 +14,7 @@ import pytest
 
 from bitbackd import Daemon
 from conftest import run
+from test_transaction import BACKUP_ERRORS
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
@@ -51,22 +52,10 @@ def args(target, **kw):
     return {k: v for k, v in a.items() if v is not None}
 
 
-# (extra arguments, a part of the error message)
-INVALID = [
+# (extra arguments, a part of the error message): the bitmap and sync
+# checks test_transaction.py runs on blockdev-backup, and more.
+INVALID = BACKUP_ERRORS[:8] + [
     (dict(speed=-5), "Parameter 'speed' expects a non-negative value"),
-    (dict(sync="bitmap"), "must provide a valid bitmap name for 'bitmap'"),
-    (dict(sync="incremental"),
-     "must provide a valid bitmap name for 'incremental'"),
-    (dict(sync="bitmap", bitmap="nope", **{"bitmap-mode": "on-success"}),
-     "Bitmap 'nope' could not be found"),
-    (dict(sync="bitmap", bitmap="b0"),
-     "Bitmap sync mode must be given when providing a bitmap"),
-    (dict(**{"bitmap-mode": "always"}),
-     "Cannot specify bitmap sync mode without a bitmap"),
-    (dict(sync="none", bitmap="b0", **{"bitmap-mode": "always"}),
-     "sync mode 'none' does not produce meaningful bitmap outputs"),
-    (dict(bitmap="b0", **{"bitmap-mode": "never"}),
-     "Bitmap sync mode 'never' has no meaningful effect"),
     (dict(device="nope"), "Cannot find device='nope' nor node-name='nope'"),
     (dict(mode="bogus"), "Parameter 'mode' does not accept value 'bogus'"),
     (dict(format="bogus"), "Unknown file format 'bogus'"),

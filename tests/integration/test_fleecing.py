@@ -62,11 +62,22 @@ class Writer(threading.Thread):
         except Exception as e:      # reported by the test
             self.error = e
 
+    def let_run(self, count=50):
+        """Wait until the writer has made `count` writes (or died)."""
+        while len(self.writes) < count and self.is_alive():
+            self.stop.wait(0.01)
+
     def finish(self):
         self.stop.set()
         self.join(60)
         assert not self.is_alive(), "writer did not stop"
         assert self.error is None, f"writer failed: {self.error}"
+
+
+def assert_raw_same(a, b, what):
+    p = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b],
+            check=False)
+    assert p.returncode == 0, f"{what}: {p.stdout}"
 
 
 def test_fleecing_frozen_view_while_writing(flavour):
@@ -102,8 +113,7 @@ def test_fleecing_frozen_view_while_writing(flavour):
         furi = d.nbd_uri("fleece")
         # Let the writer make some progress first (it must not stop the
         # fleecing view from being frozen).
-        while len(writer.writes) < 50 and writer.is_alive():
-            writer.stop.wait(0.01)
+        writer.let_run()
         extents = dirty_extents(furi, "b0")
         assert extents_to_clusters(extents) == frozen
         run(["qemu-img", "convert", "-f", "raw", "-O", "raw", furi,
@@ -112,9 +122,7 @@ def test_fleecing_frozen_view_while_writing(flavour):
     finally:
         writer.finish()
     assert written_during >= 50
-    p = run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
-             fl.path("pulled.raw"), ref], check=False)
-    assert p.returncode == 0, f"fleecing view is not frozen: {p.stdout}"
+    assert_raw_same(fl.path("pulled.raw"), ref, "fleecing view is not frozen")
 
     # The writer's writes went to disk0 and into the new active bitmap b1;
     # b0 stayed frozen.
@@ -175,22 +183,18 @@ def test_fleecing_into_an_empty_qbm_with_backing_at_blockdev_add(tmp_path):
         try:
             export(q, "fleece")
             furi = d.nbd_uri("fleece")
-            while len(writer.writes) < 50 and writer.is_alive():
-                writer.stop.wait(0.01)
+            writer.let_run()
             run(["nbdcopy", furi, fl.path("pulled.raw")])
             written_during = len(writer.writes)
         finally:
             writer.finish()
         assert written_during >= 50
-        p = run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
-                 fl.path("pulled.raw"), ref], check=False)
-        assert p.returncode == 0, f"fleecing export of an empty qbm is " \
-            f"not the image at the fleecing point: {p.stdout}"
+        assert_raw_same(fl.path("pulled.raw"), ref, "fleecing export of an "
+                        "empty qbm is not the image at the fleecing point")
         # And qemu-img convert of the export agrees.
         run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
              d.nbd_uri("fleece"), fl.path("pulled2.raw")])
-        run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
-             fl.path("pulled2.raw"), ref])
+        assert_raw_same(fl.path("pulled2.raw"), ref, "qemu-img convert")
 
         unexport(q, "fleece")
         q.cmd("block-job-cancel", device="fleecing")
