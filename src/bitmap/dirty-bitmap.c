@@ -38,6 +38,19 @@ BdrvDirtyBitmap *bdrv_find_dirty_bitmap(BlockDriverState *bs, const char *name)
     return bdrv_find_dirty_bitmap_locked(bs, name);
 }
 
+bool bdrv_dirty_bitmap_check_new_name(const char *name, Error **errp)
+{
+    for (size_t i = 0; name && name[i]; i++) {
+        unsigned char c = (unsigned char)name[i];
+        if (c < 0x20 || c == 0x7f) {
+            error_setg(errp, "Bitmap name must not contain control characters "
+                       "(byte 0x%02x at offset %zu)", c, i);
+            return false;
+        }
+    }
+    return true;
+}
+
 BdrvDirtyBitmap *bdrv_create_dirty_bitmap(BlockDriverState *bs,
                                           uint32_t granularity,
                                           const char *name, Error **errp)

@@ -68,6 +68,13 @@ struct BdrvDirtyBitmap {
 #define BDRV_BITMAP_DEFAULT      (BDRV_BITMAP_BUSY | BDRV_BITMAP_INCONSISTENT)
 #define BDRV_BITMAP_ALLOW_RO     0x4   /* allow on read-only nodes */
 
+/* A name for a NEW bitmap (QMP block-dirty-bitmap-add, bitmap --add): on
+ * top of what bdrv_create_dirty_bitmap checks, no control characters
+ * (bytes below 0x20, 0x7f), which would end up in descriptors, file names,
+ * NBD context names and terminals.  Bitmaps that images already hold are
+ * loaded whatever their names.  Returns false with errp set. */
+bool bdrv_dirty_bitmap_check_new_name(const char *name, Error **errp);
+
 /* Create a bitmap covering the node's current length.  granularity must be
  * a power of two in [512, 2 GiB]; name must be unique on the node, non-empty
  * and at most BDRV_BITMAP_MAX_NAME bytes.  The new bitmap is enabled, not

@@ -1330,6 +1330,9 @@ BdrvDirtyBitmap *bdrv_dirty_bitmap_add(BlockDriverState *bs, const char *name,
                                        uint32_t granularity, bool persistent,
                                        bool disabled, Error **errp)
 {
+    if (!bdrv_dirty_bitmap_check_new_name(name, errp)) {
+        return NULL;
+    }
     if (persistent) {
         if (!bdrv_can_store_persistent_bitmaps(bs)) {
             error_setg(errp, "Cannot store persistent bitmap '%s' in '%s': "

@@ -288,50 +288,41 @@ uint64_t qbm_checksum_bits(uint64_t data_size, QbmSerializeFn *fn, void *opaque)
     return sum;
 }
 
-static bool write_header_fd(int fd, const char *path, const QbmHeader *h,
-                            Error **errp)
+/* Write the header at fd and fdatasync: 0, or -errno with errp set. */
+static int write_header_fd(int fd, const char *path, const QbmHeader *h,
+                           Error **errp)
 {
     uint8_t hbuf[QBM_HEADER_SIZE];
     qbm_header_encode(h, hbuf);
     int r = pwrite_full(fd, hbuf, sizeof(hbuf), 0);
     if (r < 0) {
         error_setg_errno(errp, -r, "cannot write bitmap file '%s'", path);
-        return false;
+        return r;
     }
     if (fdatasync(fd) < 0) {
-        error_setg_errno(errp, errno, "cannot sync bitmap file '%s'", path);
-        return false;
+        r = -errno;
+        error_setg_errno(errp, -r, "cannot sync bitmap file '%s'", path);
+        return r;
     }
-    return true;
+    return 0;
 }
 
-bool qbm_bitmap_file_create(const char *path, uint64_t image_size,
-                            unsigned shift, const char *generation,
-                            uint32_t flags, bool exclusive, QbmHeader *ret_hdr,
-                            Error **errp)
+/* Size the new file at fd and write its header (the body of
+ * qbm_bitmap_file_create); -errno with errp set on failure. */
+static int bitmap_file_init(int fd, const char *path, uint64_t image_size,
+                            unsigned shift, uint64_t data_size,
+                            const char *generation, uint32_t flags,
+                            bool exclusive, QbmHeader *ret_hdr, Error **errp)
 {
-    uint64_t data_size = qbm_data_size(image_size, shift);
-    if (data_size > QBM_MAX_BITMAP_DATA) {
-        error_setg(errp, "bitmap for %llu bytes at granularity %llu would need "
-                   "%llu bytes (limit %llu): use a larger granularity",
-                   (unsigned long long)image_size, 1ULL << shift,
-                   (unsigned long long)data_size,
-                   (unsigned long long)QBM_MAX_BITMAP_DATA);
-        return false;
-    }
-    int oflags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
-    _cleanup_close_ int fd = open(path, oflags, 0644);
-    if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot create bitmap file '%s'", path);
-        return false;
-    }
     if (!exclusive && ftruncate(fd, 0) < 0) {
-        error_setg_errno(errp, errno, "cannot truncate '%s'", path);
-        return false;
+        int e = errno;
+        error_setg_errno(errp, e, "cannot truncate '%s'", path);
+        return -e;
     }
     if (ftruncate(fd, (off_t)(QBM_HEADER_SIZE + data_size)) < 0) {
-        error_setg_errno(errp, errno, "cannot size bitmap file '%s'", path);
-        return false;
+        int e = errno;
+        error_setg_errno(errp, e, "cannot size bitmap file '%s'", path);
+        return -e;
     }
     QbmHeader h = {
         .version = QBM_VERSION,
@@ -343,17 +334,49 @@ bool qbm_bitmap_file_create(const char *path, uint64_t image_size,
         .checksum = qbm_checksum_bits(data_size, zero_serialize, NULL),
     };
     snprintf(h.generation, sizeof(h.generation), "%s", generation);
-    if (!write_header_fd(fd, path, &h, errp)) {
-        return false;
+    int r = write_header_fd(fd, path, &h, errp);
+    if (r < 0) {
+        return r;
     }
     if (fsync_parent_dir(path) < 0) {
-        error_setg_errno(errp, errno, "cannot sync the folder of '%s'", path);
-        return false;
+        int e = errno;
+        error_setg_errno(errp, e, "cannot sync the folder of '%s'", path);
+        return -e;
     }
     if (ret_hdr) {
         *ret_hdr = h;
     }
-    return true;
+    return 0;
+}
+
+int qbm_bitmap_file_create(const char *path, uint64_t image_size,
+                           unsigned shift, const char *generation,
+                           uint32_t flags, bool exclusive, QbmHeader *ret_hdr,
+                           Error **errp)
+{
+    uint64_t data_size = qbm_data_size(image_size, shift);
+    if (data_size > QBM_MAX_BITMAP_DATA) {
+        error_setg(errp, "bitmap for %llu bytes at granularity %llu would need "
+                   "%llu bytes (limit %llu): use a larger granularity",
+                   (unsigned long long)image_size, 1ULL << shift,
+                   (unsigned long long)data_size,
+                   (unsigned long long)QBM_MAX_BITMAP_DATA);
+        return -EFBIG;
+    }
+    int oflags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
+    _cleanup_close_ int fd = open(path, oflags, 0644);
+    if (fd < 0) {
+        int e = errno;
+        error_setg_errno(errp, e, "cannot create bitmap file '%s'", path);
+        return -e;
+    }
+    int r = bitmap_file_init(fd, path, image_size, shift, data_size, generation,
+                             flags, exclusive, ret_hdr, errp);
+    if (r < 0 && exclusive) {
+        /* O_EXCL: the file is ours, so a failure leaves nothing behind. */
+        unlink(path);
+    }
+    return r;
 }
 
 bool qbm_bitmap_file_write_header(const char *path, const QbmHeader *h,
@@ -364,7 +387,7 @@ bool qbm_bitmap_file_write_header(const char *path, const QbmHeader *h,
         error_setg_errno(errp, errno, "cannot open bitmap file '%s'", path);
         return false;
     }
-    return write_header_fd(fd, path, h, errp);
+    return write_header_fd(fd, path, h, errp) == 0;
 }
 
 bool qbm_bitmap_file_store(const char *path, QbmHeader *h,
@@ -402,12 +425,12 @@ bool qbm_bitmap_file_store(const char *path, QbmHeader *h,
     }
     /* Bits and checksum durable first, with CLEAN still clear ... */
     h->flags &= ~QBM_FLAG_CLEAN;
-    if (!write_header_fd(fd, path, h, errp)) {
+    if (write_header_fd(fd, path, h, errp) < 0) {
         return false;
     }
     /* ... and only then CLEAN. */
     h->flags |= QBM_FLAG_CLEAN;
-    if (!write_header_fd(fd, path, h, errp)) {
+    if (write_header_fd(fd, path, h, errp) < 0) {
         h->flags &= ~QBM_FLAG_CLEAN;
         return false;
     }

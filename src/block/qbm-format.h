@@ -87,12 +87,14 @@ QbmLoadResult qbm_bitmap_file_load(const char *path, const char *display,
                                    char **ret_reason);
 
 /* Create a bitmap file with all bits clear.  exclusive: fail if it exists
- * (O_EXCL), else truncate an existing file.  The header gets `flags` and
- * the checksum of the zero bits.  The file and its folder are synced. */
-bool qbm_bitmap_file_create(const char *path, uint64_t image_size,
-                            unsigned shift, const char *generation,
-                            uint32_t flags, bool exclusive, QbmHeader *ret_hdr,
-                            Error **errp);
+ * (O_EXCL, -EEXIST), else truncate an existing file.  The header gets
+ * `flags` and the checksum of the zero bits.  The file and its folder are
+ * synced.  Returns 0, or -errno of the step that failed with errp set; an
+ * exclusive create that fails after creating the file unlinks it. */
+int qbm_bitmap_file_create(const char *path, uint64_t image_size,
+                           unsigned shift, const char *generation,
+                           uint32_t flags, bool exclusive, QbmHeader *ret_hdr,
+                           Error **errp);
 
 /* Rewrite only the header (e.g. to clear or set CLEAN) and fdatasync. */
 bool qbm_bitmap_file_write_header(const char *path, const QbmHeader *h,

@@ -46,7 +46,8 @@ typedef struct BDRVQbmState {
     pthread_rwlock_t clean_lock;
     bool files_clean;               /* bitmap files say CLEAN (after a store) */
 
-    /* Allocation bitmap (only with desc.alloc_file). */
+    /* Allocation bitmap: with desc.alloc_file, or in memory only (no
+     * alloc_path) for a backing node attached at open (section 4.1). */
     HBitmap *alloc;                 /* which clusters the data image holds */
     HBitmap *alloc_pending;         /* set in memory, not yet on disk */
     char *alloc_path;
@@ -188,6 +189,54 @@ static bool qbm_load_allocation(BlockDriverState *bs, BDRVQbmState *s, Error **e
     return true;
 }
 
+/* Section 4.1: a backing node attached at open (blockdev-add's "backing")
+ * to an image without an allocation bitmap.  The overlay then needs to know
+ * which clusters it holds; it can only know that "none" is the answer when
+ * the data image provably holds no data (no extent reports DATA: holes,
+ * zero clusters, or an empty image).  Then every cluster starts
+ * unallocated, in an allocation bitmap kept in memory for this open only;
+ * otherwise the open fails rather than read the data image's zeros or
+ * stale bytes where the backing node's data belongs. */
+static bool qbm_start_runtime_allocation(BDRVQbmState *s, Error **errp)
+{
+    uint64_t off = 0;
+    while (off < s->desc.size) {
+        uint64_t n = 0;
+        int r = bdrv_block_status(s->data, off, s->desc.size - off, &n);
+        if (r < 0) {
+            error_setg_errno(errp, -r, "cannot read the block status of the "
+                             "data image '%s'", s->desc.data_file);
+            return false;
+        }
+        if (r & BDRV_BLOCK_DATA) {
+            error_setg(errp, "'%s' has no allocation bitmap and its data image "
+                       "'%s' holds data (at offset %llu), so it cannot tell "
+                       "its own clusters from those of a backing node: attach "
+                       "a backing node only to an empty qbm image, or create "
+                       "the overlay with -o backing=FILE", s->desc_path,
+                       s->desc.data_file, (unsigned long long)off);
+            return false;
+        }
+        if (n == 0) {
+            break;      /* past the data image's end: nothing there */
+        }
+        off += n;
+    }
+    unsigned shift = 16;    /* section 6's default granularity, 64 KiB */
+    while (qbm_data_size(s->desc.size, shift) > QBM_MAX_BITMAP_DATA &&
+           (UINT64_C(1) << shift) < QBM_MAX_ALLOC_GRANULARITY) {
+        shift++;
+    }
+    s->alloc_cluster = UINT64_C(1) << shift;
+    s->alloc = hbitmap_new(s->desc.size, shift);
+    s->alloc_pending = hbitmap_new(s->desc.size, shift);
+    if (!s->alloc || !s->alloc_pending) {
+        error_setg(errp, "out of memory for the allocation bitmap");
+        return false;
+    }
+    return true;
+}
+
 static void qbm_load_bitmaps(BlockDriverState *bs, BDRVQbmState *s, Error **errp,
                              bool *ok)
 {
@@ -316,6 +365,10 @@ static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flag
         goto fail;
     }
     if (s->desc.alloc_file && !qbm_load_allocation(bs, s, errp)) {
+        goto fail;
+    }
+    if (!s->desc.alloc_file && bs->backing &&
+        !qbm_start_runtime_allocation(s, errp)) {
         goto fail;
     }
 
@@ -573,7 +626,8 @@ static void serialize_hbitmap(void *opaque, uint8_t *buf, uint64_t byte_off,
 static int qbm_flush_locked(BlockDriverState *bs)
 {
     BDRVQbmState *s = bs->opaque;
-    if (!s->alloc || !s->rw) {
+    if (!s->alloc || !s->rw || !s->alloc_path) {
+        /* No allocation bitmap, or one kept in memory (section 4.1). */
         return bdrv_flush(s->data);
     }
     /* (1) snapshot the bytes of the allocation bitmap that hold pending bits */
@@ -764,22 +818,31 @@ static bool qbm_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
             continue;
         }
         path = qbm_file_path(s, file);
+        if (!path) {
+            error_setg(errp, "out of memory");
+            goto out;
+        }
         Error *err = NULL;
-        if (!qbm_bitmap_file_create(path, s->desc.size, shift, bm->generation, 0,
-                                    true, &hdr, &err)) {
-            bool exists = access(path, F_OK) == 0;
+        int r = qbm_bitmap_file_create(path, s->desc.size, shift, bm->generation,
+                                       0, true, &hdr, &err);
+        if (r < 0) {
+            /* Only a name taken by another file moves on to the next name;
+             * any other failure (ENOSPC, EACCES, ...) is the answer, and the
+             * create left no file behind. */
             free(path);
             path = NULL;
-            if (exists) {
+            if (r == -EEXIST) {
                 error_free(err);
                 continue;
             }
             error_propagate(errp, err);
+            error_prepend(errp, "cannot add bitmap '%s': ", bm->name);
             goto out;
         }
     }
     if (!path) {
-        error_setg(errp, "cannot find a free file name for bitmap '%s'", bm->name);
+        error_setg(errp, "cannot find a free file name for bitmap '%s' in '%s'",
+                   bm->name, s->dir);
         goto out;
     }
     QbmBitmapEntry *arr = realloc(s->desc.bitmaps,
@@ -1058,8 +1121,8 @@ static bool qbm_create(const char *filename, uint64_t size,
             qbm_descriptor_clear(&d);
             return false;
         }
-        if (!qbm_bitmap_file_create(apath, size, (unsigned)shift, gen,
-                                    QBM_FLAG_CLEAN, false, NULL, errp)) {
+        if (qbm_bitmap_file_create(apath, size, (unsigned)shift, gen,
+                                   QBM_FLAG_CLEAN, false, NULL, errp) < 0) {
             qbm_descriptor_clear(&d);
             return false;
         }

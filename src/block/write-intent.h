@@ -65,9 +65,11 @@ void write_intent_flushed(BlockDriverState *bs);
 bool write_intent_sync_metadata(BlockDriverState *bs, Error **errp);
 
 /* Every node whose bitmaps changed (bs->bitmaps_changed): sync them.  For
- * the monitor, after each command and job completion; errors are
- * reported on stderr. */
-void write_intent_sync_all_changed(void);
+ * the monitor, after each command and job completion, and for the daemon
+ * at shutdown.  Errors are reported on stderr, and a node that failed stays
+ * marked changed, so the next call tries again.  Returns false if any node
+ * failed. */
+bool write_intent_sync_all_changed(void);
 
 /* Take a snapshot and reset the intent map now (tests, shutdown paths). */
 bool write_intent_snapshot(BlockDriverState *bs, Error **errp);

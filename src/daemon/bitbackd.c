@@ -21,7 +21,8 @@
  *   4. Shutdown: the NBD server stops (clients are disconnected after their
  *      in-flight requests are answered), then every node is closed from the
  *      top of the graph down with bdrv_close(), which stores persistent
- *      bitmaps and marks them clean.  A failure there is reported on stderr
+ *      bitmaps and marks them clean.  A failure there, or a write-intent
+ *      log that still cannot record a bitmap change, is reported on stderr
  *      and the exit status is 1.
  */
 #include <errno.h>
@@ -37,6 +38,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/write-intent.h"
 #include "nbd/server.h"
 #include "qmp/qmp.h"
 #include "job/job.h"
@@ -521,7 +523,11 @@ int main(int argc, char **argv)
      * their nodes are released before the nodes are closed. */
     job_cancel_sync_all();
     nbd_server_stop();
-    bool ok = close_all_nodes();
+    /* A bitmap change whose write-intent log could not be written (ENOSPC,
+     * EIO) is retried once more; if it still fails, the exit status says
+     * so even when the bitmaps are then stored. */
+    bool ok = write_intent_sync_all_changed();
+    ok = close_all_nodes() && ok;
     qmp_monitor_cleanup();
     if (pidfile_path) {
         unlink(pidfile_path);

@@ -608,7 +608,7 @@ static const char *sync_mode_name(MirrorSyncMode m)
     return "?";
 }
 
-static bool check_not_busy(BlockDriverState *bs, Error **errp)
+bool backup_check_not_busy(BlockDriverState *bs, Error **errp)
 {
     if (bs->job_blocker) {
         error_setg(errp, "Node '%s' is busy: block device is in use by block "
@@ -637,7 +637,8 @@ Job *backup_job_create(const char *job_id, BlockDriverState *source,
         error_setg(errp, "Block node is read-only");
         return NULL;
     }
-    if (!check_not_busy(source, errp) || !check_not_busy(target, errp)) {
+    if (!backup_check_not_busy(source, errp) ||
+        !backup_check_not_busy(target, errp)) {
         return NULL;
     }
     int64_t len = bdrv_getlength(source);

@@ -59,6 +59,10 @@ typedef struct BackupOptions {
     bool compress;                  /* refused: no target supports it yet */
 } BackupOptions;
 
+/* "Node 'X' is busy: ..." if a job uses bs (the check backup_job_create
+ * makes on its source and target). */
+bool backup_check_not_busy(BlockDriverState *bs, Error **errp);
+
 /* Create a backup job from source to target (both already in the graph)
  * in state "created".  Must run inside bdrv_drain_all_begin/end.  Checks,
  * with QEMU's messages where QEMU has one:

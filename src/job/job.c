@@ -283,11 +283,10 @@ static Job *job_find_locked(const char *id)
     return NULL;
 }
 
-Job *job_create(const JobDriver *driver, const char *job_id, const char *device,
-                JobTxn *txn, bool auto_finalize, bool auto_dismiss,
-                uint64_t speed, Error **errp)
+/* The id job_create() would use, checked except for uniqueness. */
+static const char *job_id_or_device(const char *job_id, const char *device,
+                                    Error **errp)
 {
-    job_init();
     if (!job_id) {
         job_id = device;
     }
@@ -299,6 +298,38 @@ Job *job_create(const JobDriver *driver, const char *job_id, const char *device,
         error_setg(errp, "Invalid job ID '%s'", job_id);
         return NULL;
     }
+    return job_id;
+}
+
+static bool job_id_free_locked(const char *job_id, Error **errp)
+{
+    if (job_find_locked(job_id)) {
+        error_setg(errp, "Job ID '%s' already in use", job_id);
+        return false;
+    }
+    return true;
+}
+
+bool job_check_new_id(const char *job_id, const char *device, Error **errp)
+{
+    job_init();
+    job_id = job_id_or_device(job_id, device, errp);
+    if (!job_id) {
+        return false;
+    }
+    LOCK_GUARD(&job_lock);
+    return job_id_free_locked(job_id, errp);
+}
+
+Job *job_create(const JobDriver *driver, const char *job_id, const char *device,
+                JobTxn *txn, bool auto_finalize, bool auto_dismiss,
+                uint64_t speed, Error **errp)
+{
+    job_init();
+    job_id = job_id_or_device(job_id, device, errp);
+    if (!job_id) {
+        return NULL;
+    }
     if (driver->instance_size < sizeof(Job)) {
         error_setg(errp, "Job driver '%s' has a bad instance size",
                    driver->type);
@@ -306,8 +337,7 @@ Job *job_create(const JobDriver *driver, const char *job_id, const char *device,
     }
 
     LOCK_GUARD(&job_lock);
-    if (job_find_locked(job_id)) {
-        error_setg(errp, "Job ID '%s' already in use", job_id);
+    if (!job_id_free_locked(job_id, errp)) {
         return NULL;
     }
     Job *job = job_xmalloc0(driver->instance_size);

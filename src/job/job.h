@@ -180,6 +180,11 @@ struct Job {
 JobTxn *job_txn_new(void);
 void job_txn_unref(JobTxn *txn);
 
+/* The checks job_create() makes on an id (job_id NULL: `device`): present,
+ * a valid QMP id, not in use.  For commands that must refuse a bad id
+ * before they change anything.  Returns false with errp set. */
+bool job_check_new_id(const char *job_id, const char *device, Error **errp);
+
 /* Create a job in state "created" (emits JOB_STATUS_CHANGE created).
  * job_id NULL means: use `device` (QEMU's default for block jobs).  The id
  * must be a valid QMP id and unique among jobs ("Job ID 'x' already in use").

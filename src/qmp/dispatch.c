@@ -222,6 +222,49 @@ bool qmp_arg_has(struct json_object *args, const char *name)
     return json_object_object_get_ex(args, name, NULL);
 }
 
+/* Refuse any string in v (at any depth) that holds a NUL byte: C code
+ * sees such a string cut at the NUL, so "b\u0000x" would silently name
+ * bitmap "b" (or a node, a file ...).  path names v in the message. */
+static bool qmp_check_no_nul(struct json_object *v, const char *path,
+                             Error **errp)
+{
+    switch (json_object_get_type(v)) {
+    case json_type_string:
+        if (strlen(json_object_get_string(v)) !=
+            (size_t)json_object_get_string_len(v)) {
+            error_setg(errp, "Parameter '%s' must not contain a NUL character",
+                       path);
+            return false;
+        }
+        return true;
+    case json_type_object: {
+        json_object_object_foreach(v, key, val) {
+            _cleanup_free_ char *sub = NULL;
+            if (asprintf(&sub, "%s%s%s", path, *path ? "." : "", key) < 0) {
+                abort();
+            }
+            if (!qmp_check_no_nul(val, sub, errp)) {
+                return false;
+            }
+        }
+        return true;
+    }
+    case json_type_array:
+        for (size_t i = 0; i < json_object_array_length(v); i++) {
+            _cleanup_free_ char *sub = NULL;
+            if (asprintf(&sub, "%s[%zu]", path, i) < 0) {
+                abort();
+            }
+            if (!qmp_check_no_nul(json_object_array_get_idx(v, i), sub, errp)) {
+                return false;
+            }
+        }
+        return true;
+    default:
+        return true;
+    }
+}
+
 struct json_object *qmp_execute(const char *name, struct json_object *args,
                                 bool from_keyval, Error **errp)
 {
@@ -229,6 +272,9 @@ struct json_object *qmp_execute(const char *name, struct json_object *args,
     if (!cmd) {
         error_set(errp, ERROR_CLASS_COMMAND_NOT_FOUND,
                   "The command %s has not been found", name);
+        return NULL;
+    }
+    if (!qmp_check_no_nul(args, "", errp)) {
         return NULL;
     }
     if (cmd->precheck && !cmd->precheck(args, errp)) {
@@ -272,7 +318,8 @@ static const char *qmp_check_request(struct json_object *request,
     }
     json_object_object_foreach(request, key, val) {
         if (strcmp(key, "execute") == 0) {
-            if (!json_object_is_type(val, json_type_string)) {
+            if (!json_object_is_type(val, json_type_string) ||
+                !qmp_check_no_nul(val, "execute", NULL)) {
                 error_setg(errp, "QMP input member 'execute' must be a string");
                 return NULL;
             }

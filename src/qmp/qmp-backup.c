@@ -5,7 +5,8 @@
  * the job is created inside a drained section and its point in time is
  * exact, as in QEMU.  This file holds the part the transaction's backup
  * actions share with the standalone commands: argument parsing, QEMU's
- * checks with QEMU's messages (do_backup_common), and for drive-backup the
+ * checks with QEMU's messages (do_backup_common), all made before anything
+ * is created or opened (backup_validate), and for drive-backup the
  * target image: created unless mode=existing, opened as an auto-named node
  * that the job owns (the job's reference is the only one once the job
  * exists, so the node goes away when the job does).
@@ -21,6 +22,7 @@
  *     source's size.
  */
 #include <limits.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,7 +59,7 @@ static const char *const image_mode_names[] = {
     "existing", "absolute-paths", NULL,
 };
 
-/* Common arguments, parsed. */
+/* Common arguments, parsed and checked (backup_validate). */
 typedef struct BackupArgs {
     MirrorSyncMode sync;
     bool has_bitmap_mode;
@@ -65,6 +67,9 @@ typedef struct BackupArgs {
     BlockdevOnError on_source_error;
     BlockdevOnError on_target_error;
     int image_mode;                 /* drive-backup only */
+    BlockDriverState *bs;           /* the source (device) */
+    BdrvDirtyBitmap *bm;            /* NULL: none */
+    uint64_t speed;
 } BackupArgs;
 
 /* Look up enum member `key` of args in names[]; absent: *ret = dflt and
@@ -132,19 +137,18 @@ bool qmp_backup_check_args(struct json_object *args, bool drive, Error **errp)
     return parse_backup_args(args, drive, &a, errp);
 }
 
-/* QEMU's do_backup_common: the bitmap and sync checks, then the job. */
-static Job *backup_common(struct json_object *args, BackupArgs *a,
-                          BlockDriverState *bs, BlockDriverState *target,
-                          JobTxn *txn, Error **errp)
+/* QEMU's do_backup_common checks on the bitmap and the sync mode; sets
+ * a->bm.  May turn sync=incremental into bitmap + on-success. */
+static bool check_bitmap_args(struct json_object *args, BackupArgs *a,
+                              Error **errp)
 {
     const char *bitmap_name = qmp_arg_str(args, "bitmap");
-    BdrvDirtyBitmap *bm = NULL;
 
     if ((a->sync == MIRROR_SYNC_MODE_BITMAP ||
          a->sync == MIRROR_SYNC_MODE_INCREMENTAL) && !bitmap_name) {
         error_setg(errp, "must provide a valid bitmap name for '%s' sync mode",
                    sync_names[a->sync]);
-        return NULL;
+        return false;
     }
     if (a->sync == MIRROR_SYNC_MODE_INCREMENTAL) {
         if (a->has_bitmap_mode &&
@@ -153,55 +157,144 @@ static Job *backup_common(struct json_object *args, BackupArgs *a,
                        "mode '%s'",
                        bitmap_mode_names[BITMAP_SYNC_MODE_ON_SUCCESS],
                        sync_names[a->sync]);
-            return NULL;
+            return false;
         }
         /* incremental is bitmap with on-success */
         a->has_bitmap_mode = true;
         a->bitmap_mode = BITMAP_SYNC_MODE_ON_SUCCESS;
         a->sync = MIRROR_SYNC_MODE_BITMAP;
     }
-    if (bitmap_name) {
-        bm = bdrv_find_dirty_bitmap(bs, bitmap_name);
-        if (!bm) {
-            error_setg(errp, "Bitmap '%s' could not be found", bitmap_name);
-            return NULL;
+    a->bm = NULL;
+    if (!bitmap_name) {
+        if (a->has_bitmap_mode) {
+            error_setg(errp, "Cannot specify bitmap sync mode without a bitmap");
+            return false;
         }
-        if (!a->has_bitmap_mode) {
-            error_setg(errp, "Bitmap sync mode must be given when providing a "
-                       "bitmap");
-            return NULL;
-        }
-        if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT |
-                                     BDRV_BITMAP_ALLOW_RO, errp)) {
-            return NULL;
-        }
-        if (a->sync == MIRROR_SYNC_MODE_NONE) {
-            error_setg(errp, "sync mode '%s' does not produce meaningful "
-                       "bitmap outputs", sync_names[a->sync]);
-            return NULL;
-        }
-        if (a->bitmap_mode == BITMAP_SYNC_MODE_NEVER &&
-            a->sync != MIRROR_SYNC_MODE_BITMAP) {
-            error_setg(errp, "Bitmap sync mode '%s' has no meaningful effect "
-                       "when combined with sync mode '%s'",
-                       bitmap_mode_names[a->bitmap_mode], sync_names[a->sync]);
-            return NULL;
-        }
-    } else if (a->has_bitmap_mode) {
-        error_setg(errp, "Cannot specify bitmap sync mode without a bitmap");
-        return NULL;
+        return true;
     }
+    a->bm = bdrv_find_dirty_bitmap(a->bs, bitmap_name);
+    if (!a->bm) {
+        error_setg(errp, "Bitmap '%s' could not be found", bitmap_name);
+        return false;
+    }
+    if (!a->has_bitmap_mode) {
+        error_setg(errp, "Bitmap sync mode must be given when providing a "
+                   "bitmap");
+        return false;
+    }
+    if (!bdrv_dirty_bitmap_check(a->bm, BDRV_BITMAP_DEFAULT |
+                                 BDRV_BITMAP_ALLOW_RO, errp)) {
+        return false;
+    }
+    if (a->sync == MIRROR_SYNC_MODE_NONE) {
+        error_setg(errp, "sync mode '%s' does not produce meaningful "
+                   "bitmap outputs", sync_names[a->sync]);
+        return false;
+    }
+    if (a->bitmap_mode == BITMAP_SYNC_MODE_NEVER &&
+        a->sync != MIRROR_SYNC_MODE_BITMAP) {
+        error_setg(errp, "Bitmap sync mode '%s' has no meaningful effect "
+                   "when combined with sync mode '%s'",
+                   bitmap_mode_names[a->bitmap_mode], sync_names[a->sync]);
+        return false;
+    }
+    return true;
+}
 
+/* drive-backup's target, before anything is created: the format exists
+ * (and can create images unless mode=existing), and a new image would not
+ * replace the image of an open node (creating truncates). */
+static bool check_drive_target(struct json_object *args, BackupArgs *a,
+                               Error **errp)
+{
+    const char *filename = qmp_arg_str(args, "target");
+    const char *format = qmp_arg_str(args, "format");
+
+    if (bdrv_filename_is_nbd_uri(filename)) {
+        return true;    /* opened as it is, never created */
+    }
+    if (format && !bdrv_find_format(format)) {
+        error_setg(errp, "Unknown file format '%s'", format);
+        return false;
+    }
+    if (a->image_mode == NEW_IMAGE_MODE_EXISTING) {
+        return true;    /* only opened: the open checks the rest */
+    }
+    const BlockDriver *drv = bdrv_find_format(format ? format
+                                                     : a->bs->drv->format_name);
+    if (!drv || !drv->create) {
+        error_setg(errp, "Format driver '%s' does not support image creation",
+                   format ? format : a->bs->drv->format_name);
+        return false;
+    }
+    struct stat st;
+    if (stat(filename, &st) < 0) {
+        return true;    /* a new file */
+    }
+    for (BlockDriverState *n = bdrv_next_node(NULL); n; n = bdrv_next_node(n)) {
+        struct stat nst;
+        if (n->drv->is_protocol && n->filename && stat(n->filename, &nst) == 0 &&
+            nst.st_dev == st.st_dev && nst.st_ino == st.st_ino) {
+            error_setg(errp, "Cannot create '%s': it is the image of node '%s', "
+                       "which is open", filename, n->node_name);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Every check a backup makes before it changes anything, for blockdev-backup
+ * and drive-backup alike and for their transaction actions (the standalone
+ * commands run as transactions of one action): the arguments (enum values,
+ * speed, compress, job id), the source node, the bitmap and sync mode, and
+ * for drive-backup the target file (check_drive_target).  What is left for
+ * backup_job_create needs the target node (sizes, read-only, busy target).
+ * drive-backup's sync=top on a source without backing becomes full here,
+ * as QEMU does before its checks. */
+static bool backup_validate(struct json_object *args, bool drive,
+                            BackupArgs *a, Error **errp)
+{
+    if (!parse_backup_args(args, drive, a, errp)) {
+        return false;
+    }
+    a->bs = qmp_lookup_node(qmp_arg_str(args, "device"), errp);
+    if (!a->bs) {
+        return false;
+    }
+    if (drive && a->sync == MIRROR_SYNC_MODE_TOP && !a->bs->backing) {
+        a->sync = MIRROR_SYNC_MODE_FULL;
+    }
+    if (!check_bitmap_args(args, a, errp)) {
+        return false;
+    }
     int64_t speed = qmp_arg_int(args, "speed", 0);
     if (speed < 0) {
         error_setg(errp, "Parameter 'speed' expects a non-negative value");
-        return NULL;
+        return false;
     }
+    a->speed = (uint64_t)speed;
+    if (drive && qmp_arg_bool(args, "compress", false)) {
+        /* No target driver compresses (backup_job_create refuses it). */
+        error_setg(errp, "Compression is not supported for this drive %s",
+                   qmp_arg_str(args, "target"));
+        return false;
+    }
+    if (!job_check_new_id(qmp_arg_str(args, "job-id"), a->bs->node_name, errp) ||
+        !backup_check_not_busy(a->bs, errp)) {
+        return false;
+    }
+    return !drive || check_drive_target(args, a, errp);
+}
+
+/* The job, from validated arguments (backup_validate). */
+static Job *backup_common(struct json_object *args, BackupArgs *a,
+                          BlockDriverState *target, JobTxn *txn, Error **errp)
+{
     BackupOptions opts = {
         .sync = a->sync,
-        .bitmap = bm,
+        .bitmap = a->bm,
         .bitmap_mode = a->bitmap_mode,
-        .speed = (uint64_t)speed,
+        .speed = a->speed,
         .on_source_error = a->on_source_error,
         .on_target_error = a->on_target_error,
         .auto_finalize = qmp_arg_bool(args, "auto-finalize", true),
@@ -211,7 +304,7 @@ static Job *backup_common(struct json_object *args, BackupArgs *a,
     /* filter-node-name and x-perf are accepted and ignored: our
      * copy-before-write is a hook, not a node, and the copy engine tunes
      * itself. */
-    return backup_job_create(qmp_arg_str(args, "job-id"), bs, target, &opts,
+    return backup_job_create(qmp_arg_str(args, "job-id"), a->bs, target, &opts,
                              txn, errp);
 }
 
@@ -227,15 +320,14 @@ static char *backing_file_name(BlockDriverState *backing)
     return abs ? abs : strdup(name);
 }
 
-/* drive-backup: create (unless existing) and open the target.  May turn
- * a->sync from top into full.  Returns a new reference. */
+/* drive-backup: create (unless existing) and open the target, from
+ * validated arguments.  Returns a new reference. */
 static BlockDriverState *drive_backup_target(struct json_object *args,
-                                             BackupArgs *a,
-                                             BlockDriverState *bs,
-                                             Error **errp)
+                                             BackupArgs *a, Error **errp)
 {
     const char *filename = qmp_arg_str(args, "target");
     const char *format = qmp_arg_str(args, "format");
+    BlockDriverState *bs = a->bs;
     BlockDriverState *target;
 
     if (bdrv_filename_is_nbd_uri(filename)) {
@@ -254,9 +346,6 @@ static BlockDriverState *drive_backup_target(struct json_object *args,
     int flags = BDRV_O_RDWR;
     if (a->sync == MIRROR_SYNC_MODE_TOP) {
         backing_src = bs->backing;
-        if (!backing_src) {
-            a->sync = MIRROR_SYNC_MODE_FULL;
-        }
     }
     if (a->sync == MIRROR_SYNC_MODE_NONE) {
         backing_src = bs;
@@ -304,23 +393,21 @@ Job *qmp_backup_prepare(struct json_object *args, bool drive, JobTxn *txn,
                         Error **errp)
 {
     BackupArgs a;
-    if (!parse_backup_args(args, drive, &a, errp)) {
-        return NULL;
-    }
-    BlockDriverState *bs = qmp_lookup_node(qmp_arg_str(args, "device"), errp);
-    if (!bs) {
+    /* Nothing is created or opened before every argument is checked: a
+     * rejected drive-backup leaves an existing target file untouched. */
+    if (!backup_validate(args, drive, &a, errp)) {
         return NULL;
     }
     if (!drive) {
         BlockDriverState *target = qmp_lookup_node(qmp_arg_str(args, "target"),
                                                    errp);
-        return target ? backup_common(args, &a, bs, target, txn, errp) : NULL;
+        return target ? backup_common(args, &a, target, txn, errp) : NULL;
     }
-    BlockDriverState *target = drive_backup_target(args, &a, bs, errp);
+    BlockDriverState *target = drive_backup_target(args, &a, errp);
     if (!target) {
         return NULL;
     }
-    Job *job = backup_common(args, &a, bs, target, txn, errp);
+    Job *job = backup_common(args, &a, target, txn, errp);
     /* The job holds the target now; without a job this closes it. */
     bdrv_unref(target);
     return job;

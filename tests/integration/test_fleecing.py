@@ -21,11 +21,13 @@ import random
 import shutil
 import threading
 
-from backup_scenarios import (MiB, add_overlay, assert_same, bitmap_count, clusters_of,
+from backup_scenarios import (MiB, Flavour, add_overlay, assert_same,
+                              bitmap_count, clusters_of,
                               connect, dirty_extents, export,
                               extents_to_clusters, flavour, random_image,
                               random_writes, reference_copy, run, unexport,
                               wait_job_end, nbd_write)
+from conftest import BITBACK
 
 assert flavour  # a fixture, used by name
 
@@ -60,11 +62,22 @@ class Writer(threading.Thread):
         except Exception as e:      # reported by the test
             self.error = e
 
+    def let_run(self, count=50):
+        """Wait until the writer has made `count` writes (or died)."""
+        while len(self.writes) < count and self.is_alive():
+            self.stop.wait(0.01)
+
     def finish(self):
         self.stop.set()
         self.join(60)
         assert not self.is_alive(), "writer did not stop"
         assert self.error is None, f"writer failed: {self.error}"
+
+
+def assert_raw_same(a, b, what):
+    p = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b],
+            check=False)
+    assert p.returncode == 0, f"{what}: {p.stdout}"
 
 
 def test_fleecing_frozen_view_while_writing(flavour):
@@ -100,8 +113,7 @@ def test_fleecing_frozen_view_while_writing(flavour):
         furi = d.nbd_uri("fleece")
         # Let the writer make some progress first (it must not stop the
         # fleecing view from being frozen).
-        while len(writer.writes) < 50 and writer.is_alive():
-            writer.stop.wait(0.01)
+        writer.let_run()
         extents = dirty_extents(furi, "b0")
         assert extents_to_clusters(extents) == frozen
         run(["qemu-img", "convert", "-f", "raw", "-O", "raw", furi,
@@ -110,9 +122,7 @@ def test_fleecing_frozen_view_while_writing(flavour):
     finally:
         writer.finish()
     assert written_during >= 50
-    p = run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
-             fl.path("pulled.raw"), ref], check=False)
-    assert p.returncode == 0, f"fleecing view is not frozen: {p.stdout}"
+    assert_raw_same(fl.path("pulled.raw"), ref, "fleecing view is not frozen")
 
     # The writer's writes went to disk0 and into the new active bitmap b1;
     # b0 stayed frozen.
@@ -137,3 +147,101 @@ def test_fleecing_frozen_view_while_writing(flavour):
     assert all(n["node-name"] != "fleece"
                for n in q.cmd("query-named-block-nodes"))
     assert d.quit() == 0
+
+
+# -- a qbm target created empty, its backing given at blockdev-add ----------
+#
+# QEMU's fleecing recipe creates the target without a backing file
+# (`qemu-img create -f qcow2 fleece.qcow2 SIZE`) and names the live node as
+# its backing at blockdev-add.  A qbm created that way has no allocation
+# bitmap; it must still read what it has not written from the backing node
+# (docs/specs/qbm.md section 4.1), and one whose data image already holds
+# data must be refused, never read as zeros.
+
+def empty_qbm(path, size):
+    run([BITBACK, "img", "create", "-f", "qbm", path, str(size)])
+    return path
+
+
+def test_fleecing_into_an_empty_qbm_with_backing_at_blockdev_add(tmp_path):
+    fl = Flavour("bitbackd", tmp_path)
+    try:
+        img = random_image(fl.path("disk0.raw"), SIZE, seed=11)
+        fleece = empty_qbm(fl.path("fleece.qbm"), SIZE)
+        d = fl.start({"disk0": img})
+        q = d.qmp
+        uri = d.nbd_uri("disk0")
+        export(q, "disk0", writable=True)
+        nbd_write(uri, random_writes(random.Random(12), SIZE, 40, length=8192))
+        ref = reference_copy(uri, fl.path("ref.raw"))   # the fleecing point
+
+        add_overlay(fl, "fleece", fleece, "disk0")
+        q.cmd("blockdev-backup", **{"job-id": "fleecing", "device": "disk0",
+                                    "target": "fleece", "sync": "none"})
+        writer = Writer(uri, seed=13)
+        writer.start()
+        try:
+            export(q, "fleece")
+            furi = d.nbd_uri("fleece")
+            writer.let_run()
+            run(["nbdcopy", furi, fl.path("pulled.raw")])
+            written_during = len(writer.writes)
+        finally:
+            writer.finish()
+        assert written_during >= 50
+        assert_raw_same(fl.path("pulled.raw"), ref, "fleecing export of an "
+                        "empty qbm is not the image at the fleecing point")
+        # And qemu-img convert of the export agrees.
+        run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+             d.nbd_uri("fleece"), fl.path("pulled2.raw")])
+        assert_raw_same(fl.path("pulled2.raw"), ref, "qemu-img convert")
+
+        unexport(q, "fleece")
+        q.cmd("block-job-cancel", device="fleecing")
+        wait_job_end(q, "fleecing")
+        q.cmd("blockdev-del", **{"node-name": "fleece"})
+        assert d.quit() == 0, d.stderr()
+    finally:
+        fl.daemon.cleanup()
+
+
+def test_qbm_holding_data_refuses_a_backing_node(tmp_path):
+    fl = Flavour("bitbackd", tmp_path)
+    try:
+        img = random_image(fl.path("disk0.raw"), SIZE, seed=21)
+        full = empty_qbm(fl.path("full.qbm"), SIZE)
+        run([BITBACK, "io", "-c", "write -P 0x5a 1M 64K", full])
+        empty = empty_qbm(fl.path("empty.qbm"), SIZE)
+        d = fl.start({"disk0": img})
+        q = d.qmp
+        err = q.error("blockdev-add", driver="qbm", **{"node-name": "ov"},
+                      file={"driver": "file", "filename": str(full)},
+                      backing="disk0")
+        assert "has no allocation bitmap" in err.desc, err.desc
+        assert "holds data" in err.desc, err.desc
+        assert q.node("ov") is None
+        # Without a backing node it opens as it always did.
+        q.cmd("blockdev-add", driver="qbm", **{"node-name": "ov"},
+              file={"driver": "file", "filename": str(full)})
+        q.cmd("blockdev-del", **{"node-name": "ov"})
+        # An empty one reads the backing node where it has not written.
+        add_overlay(fl, "ov2", empty, "disk0")
+        export(q, "ov2", writable=True)
+        ouri = d.nbd_uri("ov2")
+        nbd_write(ouri, [(4 * MiB, b"\xee" * 65536)])
+        expected = fl.path("expected.raw")
+        shutil.copyfile(img, expected)
+        with open(expected, "r+b") as f:
+            f.seek(4 * MiB)
+            f.write(b"\xee" * 65536)
+        assert_same(ouri, expected)
+        unexport(q, "ov2")
+        q.cmd("blockdev-del", **{"node-name": "ov2"})
+        # It now holds data: it refuses a backing node from now on.
+        err = q.error("blockdev-add", driver="qbm", **{"node-name": "ov3"},
+                      file={"driver": "file", "filename": str(empty)},
+                      backing="disk0")
+        assert "holds data" in err.desc, err.desc
+        assert d.quit() == 0, d.stderr()
+    finally:
+        fl.daemon.cleanup()
