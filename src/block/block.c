@@ -625,6 +625,11 @@ bool bdrv_set_backing(BlockDriverState *bs, BlockDriverState *backing,
     }
     bdrv_ref(backing);
     bs->backing = backing;
+    if (bs->drv->backing_attached && !bs->drv->backing_attached(bs, errp)) {
+        bs->backing = NULL;
+        bdrv_unref(backing);
+        return false;
+    }
     return true;
 }
 

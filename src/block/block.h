@@ -75,6 +75,10 @@ struct BlockDriver {
                  Error **errp);
     /* Free driver state.  Persistent bitmaps were already stored. */
     void (*close)(BlockDriverState *bs);
+    /* A backing node was attached after open (bdrv_set_backing): the driver
+     * checks it can tell its own clusters from the backing node's, and
+     * prepares for it.  Optional; false with errp set refuses the link. */
+    bool (*backing_attached)(BlockDriverState *bs, Error **errp);
 
     int64_t (*getlength)(BlockDriverState *bs);
     int (*preadv)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,

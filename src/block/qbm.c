@@ -237,6 +237,15 @@ static bool qbm_start_runtime_allocation(BDRVQbmState *s, Error **errp)
     return true;
 }
 
+/* A backing node attached after open (drive-backup sync=none into an
+ * existing qbm): the same rule as at open, section 4.1. */
+static bool qbm_backing_attached(BlockDriverState *bs, Error **errp)
+{
+    BDRVQbmState *s = bs->opaque;
+    return s->desc.alloc_file || s->alloc ||
+           qbm_start_runtime_allocation(s, errp);
+}
+
 static void qbm_load_bitmaps(BlockDriverState *bs, BDRVQbmState *s, Error **errp,
                              bool *ok)
 {
@@ -1244,6 +1253,7 @@ const BlockDriver bdrv_qbm = {
     .probe = qbm_probe,
     .open = qbm_open,
     .close = qbm_close,
+    .backing_attached = qbm_backing_attached,
     .getlength = qbm_getlength,
     .preadv = qbm_preadv,
     .pwritev = qbm_pwritev,

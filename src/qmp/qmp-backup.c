@@ -382,9 +382,9 @@ static BlockDriverState *drive_backup_target(struct json_object *args,
     }
     target->user_owned = false;
     if (a->sync == MIRROR_SYNC_MODE_NONE && target->drv->supports_backing &&
-        !target->backing) {
-        bdrv_ref(bs);
-        target->backing = bs;
+        !target->backing && !bdrv_set_backing(target, bs, errp)) {
+        bdrv_unref(target);
+        return NULL;
     }
     return target;
 }

@@ -245,3 +245,30 @@ def test_qbm_holding_data_refuses_a_backing_node(tmp_path):
         assert d.quit() == 0, d.stderr()
     finally:
         fl.daemon.cleanup()
+
+
+def test_drive_backup_sync_none_into_a_qbm_holding_data_refused(tmp_path):
+    """drive-backup sync=none links the live source under an existing
+    target after opening it: the same rule as a backing at blockdev-add."""
+    fl = Flavour("bitbackd", tmp_path)
+    try:
+        img = random_image(fl.path("disk0.raw"), SIZE, seed=31)
+        full = empty_qbm(fl.path("full.qbm"), SIZE)
+        run([BITBACK, "io", "-c", "write -P 0x5a 1M 64K", full])
+        before = open(fl.path("full.raw"), "rb").read()
+        d = fl.start({"disk0": img})
+        q = d.qmp
+        args = {"job-id": "j0", "device": "disk0", "sync": "none",
+                "mode": "existing", "format": "qbm"}
+        err = q.error("drive-backup", target=str(full), **args)
+        assert "holds data" in err.desc, err.desc
+        assert q.cmd("query-jobs") == []
+        assert open(fl.path("full.raw"), "rb").read() == before
+        # An empty qbm takes the source as its backing.
+        empty = empty_qbm(fl.path("empty.qbm"), SIZE)
+        q.cmd("drive-backup", target=str(empty), **args)
+        q.cmd("block-job-cancel", device="j0")
+        wait_job_end(q, "j0")
+        assert d.quit() == 0, d.stderr()
+    finally:
+        fl.daemon.cleanup()
