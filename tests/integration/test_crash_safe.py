@@ -38,9 +38,10 @@ def test_sigkill_trial_qcow2(tmp_path, seed):
 
 
 def _bitmap_extents(d, names):
-    """Dirty extents of each bitmap in names, through a temporary export."""
+    """Dirty extents of each bitmap in names, through a temporary export
+    (writable, as QEMU requires for an enabled bitmap; nothing writes)."""
     q = d.qmp
-    q.cmd("block-export-add", type="nbd", id="bx", writable=False,
+    q.cmd("block-export-add", type="nbd", id="bx", writable=True,
           bitmaps=list(names), **{"node-name": "disk0", "name": "bx"})
     try:
         return {n: crash_scenarios.dirty_extents(d.nbd_uri("bx"), n)
