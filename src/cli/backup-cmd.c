@@ -131,15 +131,29 @@ static void usage(FILE *out)
             "  --level LEVEL         full, inc (changes since the latest backup), diff\n"
             "                        (changes since the latest full) or auto (default: a full\n"
             "                        into an empty repository, an incremental after that)\n"
-            "  --bitmap NAME         prefix of the dirty bitmaps bitback keeps (default bitback);\n"
-            "                        backup ID adds NAME-ID to each disk\n"
+            "  --bitmap NAME         prefix of the dirty bitmaps bitback keeps; backup ID adds\n"
+            "                        NAME-ID to each disk.  Default: bitback-XXXXXXXX, the first\n"
+            "                        8 hex digits of the repository's UUID, so that several\n"
+            "                        repositories back up one disk independently\n"
             "  --speed BYTES         live: the backup jobs' rate limit (bytes per second)\n"
             "  --output=human|json   the result as text or as a JSON list of backups\n"
             "  --progress            draw progress even when stdout is not a terminal\n"
             "\n"
             "When an incremental or differential cannot be trusted (the bitmap is missing,\n"
             "inconsistent, or was cleared by someone else) a full backup is taken instead,\n"
-            "with one line saying why.  Exit status: 0 ok, 1 failure.\n");
+            "with one line saying why.  A clear is seen by the bitmap's generation (bitbackd)\n"
+            "or by its dirty count falling below the one the last backup recorded\n"
+            "(qemu-storage-daemon reports no generation); a clear followed by as many new\n"
+            "writes cannot be detected there: after clearing a bitmap by hand, run with\n"
+            "--level full.\n"
+            "\n"
+            "Live, the target files are sent to the daemon as absolute paths.  A node that\n"
+            "cannot store persistent bitmaps (raw) gets one kept in the daemon's memory:\n"
+            "incrementals work while the daemon runs, the first run after it restarts is a\n"
+            "full backup.  SIGINT or SIGTERM cancels the backup jobs and removes what the\n"
+            "run made (the bitmaps stay able to give the next incremental).\n"
+            "\n"
+            "Exit status: 0 ok, 1 failure, 128 + N after signal N (130 SIGINT, 143 SIGTERM).\n");
 }
 
 static void bitmap_info_clear(BitmapInfo *b)
