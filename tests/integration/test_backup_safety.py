@@ -17,7 +17,6 @@ serves one client at a time, so the test's QMP connection is closed
 before every `bitback backup` run.
 """
 import json
-import os
 import signal
 import subprocess
 import time
@@ -76,6 +75,25 @@ def backup_args(fl, repo, level="auto", *extra):
 def backup(fl, repo, level="auto", *extra, cwd=None, check=True):
     release_qmp(fl)
     return run(backup_args(fl, repo, level, *extra), cwd=cwd, check=check)
+
+
+def backup_midway(fl, repo, level, speed, action):
+    """Run a throttled backup; once it says its job started, call
+    action(process).  Returns (returncode, stderr)."""
+    release_qmp(fl)
+    p = subprocess.Popen(backup_args(fl, repo, level, "--speed", speed),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        line = p.stderr.readline()
+        assert "started" in line, line + p.stderr.read()
+        action(p)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, err
 
 
 def write(fl, cmd):
@@ -220,20 +238,10 @@ def test_cleared_bitmap_is_caught_by_its_count(flavour, tmp_path):
     start_disk(fl)
     repo = tmp_path / "repo"
     ref1 = point(fl, tmp_path, "1")
-    release_qmp(fl)
-    p = subprocess.Popen(backup_args(fl, repo, "auto", "--speed", "4M"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    try:
-        line = p.stderr.readline()
-        assert "started" in line, line
-        write(fl, "write -P 21 8M 1M")       # after the point in time
-        out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 0, err
+    # The write lands after the point in time, before the commit.
+    rc, err = backup_midway(fl, repo, "auto", "4M",
+                            lambda p: write(fl, "write -P 21 8M 1M"))
+    assert rc == 0, err
     bid = listing(repo)[0]["id"]
     manifest = json.loads((repo / "disk0" / f"{bid}.json").read_text())
     bm = started_bitmap(repo, bid)
@@ -328,21 +336,13 @@ def test_signal_cancels_the_job_and_cleans_up(flavour, tmp_path, sig):
     bitmaps_before = sorted((b["name"], b["recording"])
                             for b in q.node("disk0")["dirty-bitmaps"])
     write(fl, "write -P 41 0 4M")
-    release_qmp(fl)
-    p = subprocess.Popen(backup_args(fl, repo, "inc", "--speed", "512K"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    try:
-        line = p.stderr.readline()
-        assert "started" in line, line + p.stderr.read()
+
+    def interrupt(p):
         time.sleep(0.5)                    # mid-copy: 4 MiB at 512 KiB/s
         p.send_signal(sig)
-        out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 128 + sig, (p.returncode, err)
+
+    rc, err = backup_midway(fl, repo, "inc", "512K", interrupt)
+    assert rc == 128 + sig, (rc, err)
     assert "interrupted" in err, err
     q = fl.daemon.qmp
     assert q.cmd("query-jobs") == []
