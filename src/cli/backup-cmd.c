@@ -348,7 +348,6 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
         char name[BDRV_BITMAP_MAX_NAME + 1];
         const BitmapInfo *b;
         RepoManifest *m = repo_find(repo, d->node, seqs[i], NULL);
-
         int64_t rec;
 
         bitmap_name(name, o->prefix, seqs[i], "");
