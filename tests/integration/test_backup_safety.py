@@ -239,7 +239,7 @@ def test_cleared_bitmap_is_caught_by_its_count(flavour, tmp_path):
     repo = tmp_path / "repo"
     ref1 = point(fl, tmp_path, "1")
     # The write lands after the point in time, before the commit.
-    rc, err = backup_midway(fl, repo, "auto", "4M",
+    rc, err = backup_midway(fl, repo, "auto", "2M",
                             lambda p: write(fl, "write -P 21 8M 1M"))
     assert rc == 0, err
     bid = listing(repo)[0]["id"]
