@@ -17,15 +17,20 @@ serves one client at a time, so the test's QMP connection is closed
 before every `bitback backup` run.
 """
 import json
+import os
+import pathlib
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
 
 from backup_scenarios import (MiB, flavour, random_image,  # noqa: F401
                               reference_copy)
-from conftest import BITBACK, bitback, repo_bitmap, repo_prefix, run
+from bitbackd import QSD, QMPClient, qmp_socket_ready
+from conftest import BITBACK, bitback, repo_bitmap, repo_prefix, require, run
 
 SIZE = 32 * MiB
 
@@ -158,6 +163,45 @@ def test_relative_repo_from_another_folder(flavour, tmp_path):
     for b, ref in zip(lst, refs):
         check_restore(repo, b["id"], ref, tmp_path)
     assert leftovers(repo) == []
+
+
+def test_relative_repo_qsd_daemonized(tmp_path):
+    """The issue's case itself: qemu-storage-daemon --daemonize (it runs in
+    /) and `bitback backup --repo repo` run from the image's folder."""
+    require(QSD)
+    image = tmp_path / "disk.qcow2"
+    raw = random_image(tmp_path / "disk.raw", SIZE, seed=9, allocated=0.25)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image])
+    sockdir = pathlib.Path(tempfile.mkdtemp(prefix="bbq-"))  # short path
+    sock = sockdir / "q.sock"
+    pidfile = tmp_path / "qsd.pid"
+    pid = None
+    try:
+        run([QSD, "--daemonize", "--pidfile", pidfile,
+             "--blockdev", f"driver=file,node-name=f0,filename={image}",
+             "--blockdev", "driver=qcow2,node-name=disk0,file=f0",
+             "--chardev", f"socket,id=m0,path={sock},server=on,wait=off",
+             "--monitor", "chardev=m0"])
+        pid = int(pidfile.read_text())
+        assert qmp_socket_ready(sock)
+        args = [BITBACK, "backup", "--connect", str(sock), "--node", "disk0",
+                "--repo", "repo"]
+        run(args, cwd=tmp_path)
+        run(args, cwd=tmp_path)
+        lst = listing(tmp_path / "repo")
+        assert [b["level"] for b in lst] == ["full", "inc"]
+        with QMPClient(sock) as c:
+            c.cmd("quit")
+        deadline = time.monotonic() + 60
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = None
+        check_restore(tmp_path / "repo", lst[-1]["id"], raw, tmp_path)
+        assert leftovers(tmp_path / "repo") == []
+    finally:
+        if pid is not None and os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 # -- item 4: two repositories, one disk ---------------------------------
