@@ -27,6 +27,12 @@
  *   5. wait for the jobs; remove PREFIX-ID.src
  *   6. hash each target and commit it (repo_commit)
  *   7. remove bitmaps older than the newest full backup
+ *
+ * Bitmaps are this repository's: PREFIX defaults to bitback-<8 hex of the
+ * repository's UUID>, and steps 1 and 7 touch PREFIX-* only.  Live, a
+ * SIGINT/SIGTERM before step 6 cancels the jobs, folds PREFIX-ID back
+ * into the bitmaps step 4 froze and removes the run's files
+ * (live_interrupted); the exit status is then 128 + the signal.
  */
 #include <errno.h>
 #include <getopt.h>
