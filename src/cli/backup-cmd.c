@@ -27,10 +27,17 @@
  *   5. wait for the jobs; remove PREFIX-ID.src
  *   6. hash each target and commit it (repo_commit)
  *   7. remove bitmaps older than the newest full backup
+ *
+ * Bitmaps are this repository's: PREFIX defaults to bitback-<8 hex of the
+ * repository's UUID>, and steps 1 and 7 touch PREFIX-* only.  Live, a
+ * SIGINT/SIGTERM before step 6 cancels the jobs, folds PREFIX-ID back
+ * into the bitmaps step 4 froze and removes the run's files
+ * (live_interrupted); the exit status is then 128 + the signal.
  */
 #include <errno.h>
 #include <getopt.h>
 #include <libgen.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +61,7 @@ typedef struct BitmapInfo {
     bool inconsistent;
     bool busy;
     uint32_t granularity;
+    int64_t count;                     /* dirty bytes; -1 when not reported */
     char *generation;                  /* NULL when not reported */
     char *prior_generation;            /* when generation is NULL: the one
                                           bitback knew before another
@@ -63,6 +71,9 @@ typedef struct BitmapInfo {
 typedef struct Disk {
     char *node;                        /* node name / disk name in the repo */
     uint64_t size;
+    bool volatile_bitmaps;             /* live: the node cannot store
+                                        * persistent bitmaps (raw) */
+    char *drv;                         /* live: the node's driver */
     BitmapInfo *bitmaps;
     size_t n_bitmaps;
 
@@ -80,7 +91,9 @@ typedef struct Disk {
     char src_bitmap[BDRV_BITMAP_MAX_NAME + 1];
     char *tmp_path;
     char *generation;                  /* of new_bitmap, after step 4 */
-    char job_id[REPO_MAX_NODE_NAME + 16];
+    char job_id[REPO_MAX_NODE_NAME + 32];
+    RepoBitmapCount *counts;           /* for the manifest, at commit */
+    size_t n_counts;
     bool job_failed;
     char *job_error;
     double copy_seconds;               /* point in time -> data written */
@@ -93,7 +106,9 @@ typedef struct BackupOpts {
     const char *connect;
     const char *image;
     const char *format;
-    const char *prefix;
+    const char *prefix;                /* --bitmap, or the repository's */
+    bool prefix_given;                 /* --bitmap: the pre-UUID behaviour */
+    char prefix_buf[32];               /* "bitback-" + 8 hex of the UUID */
     const char *nodes[BACKUP_MAX_DISKS];
     size_t n_nodes;
     bool level_auto;
@@ -122,15 +137,29 @@ static void usage(FILE *out)
             "  --level LEVEL         full, inc (changes since the latest backup), diff\n"
             "                        (changes since the latest full) or auto (default: a full\n"
             "                        into an empty repository, an incremental after that)\n"
-            "  --bitmap NAME         prefix of the dirty bitmaps bitback keeps (default bitback);\n"
-            "                        backup ID adds NAME-ID to each disk\n"
+            "  --bitmap NAME         prefix of the dirty bitmaps bitback keeps; backup ID adds\n"
+            "                        NAME-ID to each disk.  Default: bitback-XXXXXXXX, the first\n"
+            "                        8 hex digits of the repository's UUID, so that several\n"
+            "                        repositories back up one disk independently\n"
             "  --speed BYTES         live: the backup jobs' rate limit (bytes per second)\n"
             "  --output=human|json   the result as text or as a JSON list of backups\n"
             "  --progress            draw progress even when stdout is not a terminal\n"
             "\n"
             "When an incremental or differential cannot be trusted (the bitmap is missing,\n"
             "inconsistent, or was cleared by someone else) a full backup is taken instead,\n"
-            "with one line saying why.  Exit status: 0 ok, 1 failure.\n");
+            "with one line saying why.  A clear is seen by the bitmap's generation (bitbackd)\n"
+            "or by its dirty count falling below the one the last backup recorded\n"
+            "(qemu-storage-daemon reports no generation); a clear followed by as many new\n"
+            "writes cannot be detected there: after clearing a bitmap by hand, run with\n"
+            "--level full.\n"
+            "\n"
+            "Live, the target files are sent to the daemon as absolute paths.  A node that\n"
+            "cannot store persistent bitmaps (raw) gets one kept in the daemon's memory:\n"
+            "incrementals work while the daemon runs, the first run after it restarts is a\n"
+            "full backup.  SIGINT or SIGTERM cancels the backup jobs and removes what the\n"
+            "run made (the bitmaps stay able to give the next incremental).\n"
+            "\n"
+            "Exit status: 0 ok, 1 failure, 128 + N after signal N (130 SIGINT, 143 SIGTERM).\n");
 }
 
 static void bitmap_info_clear(BitmapInfo *b)
@@ -140,12 +169,25 @@ static void bitmap_info_clear(BitmapInfo *b)
     free(b->prior_generation);
 }
 
-static void disk_free(Disk *d)
+/* Forget what the last query said about the disk's bitmaps. */
+static void disk_clear_bitmaps(Disk *d)
 {
     for (size_t i = 0; i < d->n_bitmaps; i++) {
         bitmap_info_clear(&d->bitmaps[i]);
     }
     free(d->bitmaps);
+    d->bitmaps = NULL;
+    d->n_bitmaps = 0;
+}
+
+static void disk_free(Disk *d)
+{
+    disk_clear_bitmaps(d);
+    for (size_t i = 0; i < d->n_counts; i++) {
+        free(d->counts[i].name);
+    }
+    free(d->counts);
+    free(d->drv);
     for (size_t i = 0; i < d->n_sources; i++) {
         free(d->sources[i]);
     }
@@ -219,6 +261,28 @@ static void bitmap_name(char *buf, const char *prefix, unsigned seq,
     snprintf(buf, BDRV_BITMAP_MAX_NAME + 1, "%s-%s%s", prefix, id, suffix);
 }
 
+/* The highest count any manifest of node recorded for bitmap `name`, or
+ * -1 when none did.  Counts only grow while bitback keeps a bitmap (it
+ * never clears one), so a lower count now means someone cleared it. */
+static int64_t recorded_count(Repo *repo, const char *node, const char *name)
+{
+    int64_t best = -1;
+
+    for (size_t i = 0; i < repo->n_backups; i++) {
+        const RepoManifest *m = repo->backups[i];
+
+        if (strcmp(m->node, node)) {
+            continue;
+        }
+        for (size_t j = 0; j < m->n_bitmap_counts; j++) {
+            if (!strcmp(m->bitmap_counts[j].name, name)) {
+                best = MAX(best, (int64_t)m->bitmap_counts[j].count);
+            }
+        }
+    }
+    return best;
+}
+
 /*
  * Decide the disk's level and the bitmaps holding its changes since the
  * parent.  Returns a malloc'd reason when a requested inc/diff must become
@@ -290,8 +354,20 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
         char name[BDRV_BITMAP_MAX_NAME + 1];
         const BitmapInfo *b;
         RepoManifest *m = repo_find(repo, d->node, seqs[i], NULL);
+        int64_t rec;
 
         bitmap_name(name, o->prefix, seqs[i], "");
+        if (m && m->bitmap && strcmp(m->bitmap, name)) {
+            /* A bitmap of another naming (before repository UUIDs, or
+             * another --bitmap): nothing shows that this repository
+             * still owns it (spec, Bitmaps 5). */
+            snprintf(reason, sizeof(reason),
+                     "backup %s of %s started bitmap '%s', not '%s' (bitmaps "
+                     "are now named after the repository; the old one may "
+                     "belong to another repository)", m->id, d->node,
+                     m->bitmap, name);
+            goto full;
+        }
         b = disk_bitmap(d, name);
         if (!b && !m && !repo_attempt_started(repo, d->node, seqs[i])) {
             /* A run killed before its transaction: it made no bitmap and
@@ -299,8 +375,10 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
             continue;
         }
         if (!b) {
-            snprintf(reason, sizeof(reason), "bitmap '%s' is missing on %s",
-                     name, d->node);
+            snprintf(reason, sizeof(reason), "bitmap '%s' is missing on %s%s",
+                     name, d->node, d->volatile_bitmaps
+                     ? " (its bitmaps live in the daemon's memory only: "
+                       "was the daemon restarted?)" : "");
             goto full;
         }
         if (b->inconsistent) {
@@ -323,6 +401,14 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
             snprintf(reason, sizeof(reason),
                      "bitmap '%s' on %s was cleared since backup %s (before "
                      "another program wrote the image)", name, d->node, m->id);
+            goto full;
+        }
+        rec = recorded_count(repo, d->node, name);
+        if (rec >= 0 && b->count >= 0 && b->count < rec) {
+            snprintf(reason, sizeof(reason),
+                     "bitmap '%s' on %s was cleared behind bitback's back (it "
+                     "marks %lld bytes, a backup recorded %lld)", name,
+                     d->node, (long long)b->count, (long long)rec);
             goto full;
         }
         if (d->granularity && b->granularity != d->granularity) {
@@ -394,6 +480,29 @@ static char *now_iso(void)
     return xstrdup(buf);
 }
 
+/* The counts of the bitmaps this backup relied on (its sources) and of
+ * the one it started, as d->bitmaps (queried after the job) reports
+ * them; commit_disk puts them in the manifest (spec, Bitmaps 3). */
+static void disk_record_counts(Disk *d)
+{
+    for (size_t i = 0; i <= d->n_sources; i++) {
+        const char *name = i < d->n_sources ? d->sources[i] : d->new_bitmap;
+        const BitmapInfo *b = disk_bitmap(d, name);
+        RepoBitmapCount *c;
+
+        if (!b || b->count < 0) {
+            continue;
+        }
+        c = realloc(d->counts, (d->n_counts + 1) * sizeof(*c));
+        if (!c) {
+            abort();
+        }
+        d->counts = c;
+        c[d->n_counts].name = xstrdup(name);
+        c[d->n_counts++].count = (uint64_t)b->count;
+    }
+}
+
 /* Step 6: hash the target and commit it. */
 static RepoManifest *commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
                                  unsigned seq, const char *time_iso,
@@ -418,6 +527,10 @@ static RepoManifest *commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
     m->cluster_size = REPO_CLUSTER_SIZE;
     m->bitmap = xstrdup(d->new_bitmap);
     m->generation = d->generation ? xstrdup(d->generation) : NULL;
+    disk_record_counts(d);
+    m->bitmap_counts = steal_pointer(&d->counts);
+    m->n_bitmap_counts = d->n_counts;
+    d->n_counts = 0;
 
     t0 = clock_monotonic_seconds();
     ok = repo_fsync_path(d->tmp_path, errp);
@@ -571,8 +684,26 @@ static bool prepare_disks(Repo *repo, const BackupOpts *o, Disk *disks,
     return true;
 }
 
-/* Names of bitmaps older than the disk's newest full backup (spec,
- * Bitmaps 4); called after the commit. */
+/* Did a backup of node below seq `below` start bitmap `name` (a name of
+ * the naming before repository UUIDs, which the planner no longer uses)? */
+static bool legacy_bitmap_below(Repo *repo, const char *node,
+                                const char *name, unsigned below)
+{
+    for (size_t i = 0; i < repo->n_backups; i++) {
+        const RepoManifest *m = repo->backups[i];
+
+        if (m->seq < below && m->bitmap && !strcmp(m->node, node) &&
+            !strcmp(m->bitmap, name)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Names of this repository's bitmaps older than the disk's newest full
+ * backup (spec, Bitmaps 4): PREFIX-N with N below it, and with the default
+ * prefix the bitmaps of older naming that its backups below it started;
+ * called after the commit.  Never a bitmap of another repository. */
 static char **stale_bitmaps(Repo *repo, const BackupOpts *o, Disk *d,
                             size_t *ret_n)
 {
@@ -584,10 +715,13 @@ static char **stale_bitmaps(Repo *repo, const BackupOpts *o, Disk *d,
         return NULL;
     }
     for (size_t i = 0; i < d->n_bitmaps; i++) {
-        unsigned s = bitmap_seq(o->prefix, d->bitmaps[i].name);
+        const char *name = d->bitmaps[i].name;
+        unsigned s = bitmap_seq(o->prefix, name);
 
-        if (s && s < full->seq) {
-            push_name(&names, ret_n, d->bitmaps[i].name);
+        if (s ? s < full->seq : !o->prefix_given &&
+                                legacy_bitmap_below(repo, d->node, name,
+                                                    full->seq)) {
+            push_name(&names, ret_n, name);
         }
     }
     return names;
@@ -595,6 +729,36 @@ static char **stale_bitmaps(Repo *repo, const BackupOpts *o, Disk *d,
 
 /* ------------------------------------------------------------------ */
 /* Live: bitbackd over QMP                                            */
+
+/* SIGINT / SIGTERM while a live backup runs: the signal number.  The
+ * handler only records it (SA_RESETHAND: a second signal kills as usual);
+ * the run notices it between QMP messages (live_wait_jobs polls every
+ * 250 ms) and stops cleanly (live_interrupted). */
+static volatile sig_atomic_t backup_signal;
+
+static void backup_on_signal(int sig)
+{
+    backup_signal = sig;
+}
+
+/* Catch SIGINT and SIGTERM (install) or give them back (!install). */
+static void backup_catch_signals(bool install)
+{
+    static struct sigaction old_int, old_term;
+
+    if (install) {
+        struct sigaction sa = { .sa_handler = backup_on_signal,
+                                .sa_flags = SA_RESETHAND };
+
+        sigemptyset(&sa.sa_mask);
+        backup_signal = 0;
+        sigaction(SIGINT, &sa, &old_int);
+        sigaction(SIGTERM, &sa, &old_term);
+    } else {
+        sigaction(SIGINT, &old_int, NULL);
+        sigaction(SIGTERM, &old_term, NULL);
+    }
+}
 
 static struct json_object *bitmap_args(const char *node, const char *name)
 {
@@ -673,12 +837,13 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
         return false;
     }
     d->size = (uint64_t)jint(img, "virtual-size");
-    for (size_t i = 0; i < d->n_bitmaps; i++) {
-        bitmap_info_clear(&d->bitmaps[i]);
-    }
-    free(d->bitmaps);
-    d->bitmaps = NULL;
-    d->n_bitmaps = 0;
+    free(d->drv);
+    d->drv = xstrdup(jstr(node, "drv"));
+    /* QEMU and bitbackd store persistent bitmaps in qcow2 (and qbm)
+     * images only; on any other node ours must be non-persistent. */
+    d->volatile_bitmaps = jstr(node, "drv") && strcmp(d->drv, "qcow2") &&
+                          strcmp(d->drv, "qbm");
+    disk_clear_bitmaps(d);
     if (json_object_object_get_ex(node, "dirty-bitmaps", &bms) &&
         json_object_is_type(bms, json_type_array)) {
         size_t n = json_object_array_length(bms);
@@ -699,6 +864,7 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
             bi->inconsistent = jbool(b, "inconsistent");
             bi->busy = jbool(b, "busy");
             bi->granularity = (uint32_t)jint(b, "granularity");
+            bi->count = jint(b, "count");
             bi->generation = jstr(b, "generation")
                              ? xstrdup(jstr(b, "generation")) : NULL;
             bi->prior_generation = jstr(b, "prior-generation")
@@ -769,9 +935,17 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
     for (size_t i = 0; i < d->n_bitmaps; i++) {
         const char *name = d->bitmaps[i].name;
         size_t len = strlen(name);
+        char base[BDRV_BITMAP_MAX_NAME + 1];
 
-        if (len > 4 && !strcmp(name + len - 4, ".src") &&
-            !strncmp(name, o->prefix, strlen(o->prefix))) {
+        /* Only PREFIX-N.src: another repository's run may be using its
+         * own temporary bitmap right now. */
+        if (len <= 4 || len > BDRV_BITMAP_MAX_NAME ||
+            strcmp(name + len - 4, ".src")) {
+            continue;
+        }
+        memcpy(base, name, len - 4);
+        base[len - 4] = '\0';
+        if (bitmap_seq(o->prefix, base)) {
             struct json_object *r = qmp_conn_execute(
                 qmp, "block-dirty-bitmap-remove", bitmap_args(d->node, name),
                 errp);
@@ -797,7 +971,14 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         struct json_object *a = bitmap_args(d->node, d->new_bitmap);
         struct json_object *job = json_object_new_object();
 
-        json_object_object_add(a, "persistent", json_object_new_boolean(true));
+        json_object_object_add(a, "persistent",
+                               json_object_new_boolean(!d->volatile_bitmaps));
+        if (d->volatile_bitmaps) {
+            fprintf(stderr, "%s: a %s node cannot store persistent bitmaps: "
+                    "'%s' lives in the daemon's memory, so the first run "
+                    "after the daemon restarts takes a full backup\n",
+                    d->node, d->drv, d->new_bitmap);
+        }
         if (d->granularity) {
             json_object_object_add(a, "granularity",
                                    json_object_new_int64(d->granularity));
@@ -876,7 +1057,14 @@ static bool live_wait_jobs(QmpConn *qmp, const BackupOpts *o, Disk *disks,
 
     while (left) {
         Error *err = NULL;
-        struct json_object *ev = qmp_conn_next_event(qmp, 250, &err);
+        struct json_object *ev;
+
+        if (backup_signal) {
+            error_setg(errp, "interrupted by %s", strsignal(backup_signal));
+            cli_progress_finish(p);
+            return false;
+        }
+        ev = qmp_conn_next_event(qmp, 250, &err);
 
         if (!ev && err) {
             error_propagate(errp, err);
@@ -950,6 +1138,88 @@ static void live_remove_bitmaps(QmpConn *qmp, const char *node, char **names,
     }
 }
 
+/* Fold this run's bitmaps back (after its jobs ended, not committed): one
+ * transaction merges PREFIX-N into every bitmap the run froze, enables
+ * them again and removes PREFIX-N.  The older bitmaps then hold every
+ * write since their own start, as if the run had never been. */
+static bool live_undo_bitmaps(QmpConn *qmp, Disk *disks, size_t n,
+                              Error **errp)
+{
+    struct json_object *args = json_object_new_object();
+    struct json_object *actions = json_object_new_array();
+    struct json_object *r;
+
+    for (size_t i = 0; i < n; i++) {
+        Disk *d = &disks[i];
+
+        for (size_t j = 0; j < d->n_freeze; j++) {
+            struct json_object *a = json_object_new_object();
+            struct json_object *srcs = json_object_new_array();
+
+            json_object_array_add(srcs, json_object_new_string(d->new_bitmap));
+            json_object_object_add(a, "node", json_object_new_string(d->node));
+            json_object_object_add(a, "target",
+                                   json_object_new_string(d->freeze[j]));
+            json_object_object_add(a, "bitmaps", srcs);
+            add_action(actions, "block-dirty-bitmap-merge", a);
+            add_action(actions, "block-dirty-bitmap-enable",
+                       bitmap_args(d->node, d->freeze[j]));
+        }
+        add_action(actions, "block-dirty-bitmap-remove",
+                   bitmap_args(d->node, d->new_bitmap));
+    }
+    json_object_object_add(args, "actions", actions);
+    r = qmp_conn_execute(qmp, "transaction", args, errp);
+    json_object_put(r);
+    return r != NULL;
+}
+
+/*
+ * A signal stopped the run before disks[0..n) were committed.  started:
+ * their transaction ran.  Cancel the jobs and wait for them to end
+ * (live_cleanup, bounded), fold the bitmaps back (live_undo_bitmaps),
+ * remove the temporary files and, when no bitmap of the run is left, the
+ * attempt markers.  When the jobs or the bitmaps cannot be put back, the
+ * bitmap and its marker stay: the next run counts the attempt, exactly as
+ * after a failed job (spec, Bitmaps 2-3), so no write is lost either way.
+ * Returns the exit status, 128 + the signal.
+ */
+static int live_interrupted(QmpConn *qmp, Repo *repo, const BackupOpts *o,
+                            Disk *disks, size_t n, unsigned seq, bool started)
+{
+    int sig = backup_signal;
+    bool undone = !started;
+
+    if (started) {
+        Error *err = NULL;
+
+        undone = true;
+        for (size_t i = 0; i < n && undone; i++) {
+            undone = live_cleanup(qmp, o, &disks[i], &err);
+        }
+        undone = undone && live_undo_bitmaps(qmp, disks, n, &err);
+        if (!undone) {
+            error_prepend(&err, "warning: cannot fold this run's bitmaps "
+                          "back; the next run counts them: ");
+            error_report_err(err);
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        Error *err = NULL;
+
+        if (disks[i].tmp_path) {
+            unlink(disks[i].tmp_path);
+        }
+        if (undone && !repo_remove_attempt(repo, disks[i].node, seq, &err)) {
+            error_prepend(&err, "warning: ");
+            error_report_err(err);
+        }
+        error_report("%s: backup %s interrupted by %s; nothing was committed",
+                     disks[i].node, disks[i].id, strsignal(sig));
+    }
+    return 128 + sig;
+}
+
 static int backup_live(const BackupOpts *o, Repo *repo)
 {
     Error *err = NULL;
@@ -964,14 +1234,17 @@ static int backup_live(const BackupOpts *o, Repo *repo)
     bool failed = false;
     double t0;
 
+    backup_catch_signals(true);
     qmp = qmp_conn_connect(o->connect, &err);
     if (!qmp) {
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
         disks[i].node = xstrdup(o->nodes[i]);
-        snprintf(disks[i].job_id, sizeof(disks[i].job_id), "bitback-%s",
-                 o->nodes[i]);
+        /* The repository's own job ID: another repository backing up the
+         * same disk must never see it as a job of its killed runs. */
+        snprintf(disks[i].job_id, sizeof(disks[i].job_id), "bitback-%.8s-%s",
+                 repo->uuid, o->nodes[i]);
         for (size_t j = 0; j < i; j++) {
             if (!strcmp(o->nodes[i], o->nodes[j])) {
                 error_setg(&err, "node '%s' given twice", o->nodes[i]);
@@ -985,8 +1258,14 @@ static int backup_live(const BackupOpts *o, Repo *repo)
     /* Events so far belong to jobs of earlier runs, which live_cleanup
      * saw end: ours share their job IDs, so forget them. */
     qmp_conn_discard_events(qmp);
-    if (!prepare_disks(repo, o, disks, n, &seq, &err) ||
-        !live_transaction(qmp, o, disks, n, &err)) {
+    if (!prepare_disks(repo, o, disks, n, &seq, &err)) {
+        goto out_tmp;
+    }
+    if (backup_signal) {
+        ret = live_interrupted(qmp, repo, o, disks, n, seq, false);
+        goto out;
+    }
+    if (!live_transaction(qmp, o, disks, n, &err)) {
         goto out_tmp;
     }
     time_iso = now_iso();
@@ -1006,6 +1285,12 @@ static int backup_live(const BackupOpts *o, Repo *repo)
         }
     }
     if (!live_wait_jobs(qmp, o, disks, n, &err)) {
+        if (backup_signal) {
+            error_free(err);
+            err = NULL;
+            ret = live_interrupted(qmp, repo, o, disks, n, seq, true);
+            goto out;
+        }
         goto out_tmp;
     }
     for (size_t i = 0; i < n; i++) {
@@ -1027,6 +1312,16 @@ static int backup_live(const BackupOpts *o, Repo *repo)
         goto out_tmp;
     }
     for (size_t i = 0; i < n; i++) {
+        /* The counts the manifest records are those after the job. */
+        if (!live_query_disk(qmp, &disks[i], &err)) {
+            goto out_tmp;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (backup_signal) {
+            ret = live_interrupted(qmp, repo, o, &disks[i], n - i, seq, true);
+            goto out;
+        }
         made[n_made] = commit_disk(repo, o, &disks[i], seq, time_iso, &err);
         if (!made[n_made]) {
             goto out_tmp;
@@ -1072,6 +1367,7 @@ out:
         disk_free(&disks[i]);
     }
     qmp_conn_free(qmp);
+    backup_catch_signals(false);
     return ret;
 }
 
@@ -1082,6 +1378,7 @@ static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
 {
     size_t n = 0;
 
+    disk_clear_bitmaps(d);
     for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
         n++;
     }
@@ -1097,6 +1394,7 @@ static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
         b->inconsistent = bm->inconsistent;
         b->busy = bm->busy;
         b->granularity = bm->granularity;
+        b->count = (int64_t)bdrv_dirty_bitmap_count(bm);
         /* NULL when unknown (""): plan_disk then skips the check. */
         b->generation = bm->persistent && bm->generation[0]
                         ? xstrdup(bm->generation) : NULL;
@@ -1359,6 +1657,7 @@ static int backup_offline(const BackupOpts *o, Repo *repo)
         bdrv_close(bs, NULL);
         goto out_tmp;
     }
+    offline_read_bitmaps(bs, &d);      /* the counts for the manifest */
     bdrv_close(bs, NULL);
     d.copy_seconds = clock_monotonic_seconds() - d.copy_seconds;
     made = commit_disk(repo, o, &d, seq, time_iso, &err);
@@ -1411,8 +1710,9 @@ int cli_cmd_backup(int argc, char **argv)
         { "speed", required_argument, NULL, OPT_SPEED },
         { NULL, 0, NULL, 0 },
     };
-    BackupOpts o = { .prefix = "bitback", .level_auto = true };
+    BackupOpts o = { .level_auto = true };
     Error *err = NULL;
+    _cleanup_free_ char *repo_abs = NULL;
     Repo *repo;
     int c, ret;
 
@@ -1463,6 +1763,7 @@ int cli_cmd_backup(int argc, char **argv)
                 return CLI_EXIT_ERROR;
             }
             o.prefix = optarg;
+            o.prefix_given = true;
             break;
         case OPT_OUTPUT:
             if (!cli_parse_output(optarg, &o.json, &err)) {
@@ -1508,10 +1809,35 @@ int cli_cmd_backup(int argc, char **argv)
         error_report("-f applies to --image only");
         return CLI_EXIT_ERROR;
     }
+    /* The daemon opens the targets by the names we send, from its own
+     * working folder (qemu-storage-daemon --daemonize runs in /): every
+     * path is made absolute first. */
+    if (o.repo_path[0] != '/') {
+        _cleanup_free_ char *cwd = getcwd(NULL, 0);
+
+        if (!cwd) {
+            error_report("cannot resolve --repo '%s': %s", o.repo_path,
+                         strerror(errno));
+            return CLI_EXIT_ERROR;
+        }
+        repo_abs = path_join(cwd, o.repo_path);
+        if (!repo_abs) {
+            error_report("out of memory");
+            return CLI_EXIT_ERROR;
+        }
+        o.repo_path = repo_abs;
+    }
     repo = repo_open(o.repo_path, true, &err);
     if (!repo) {
         error_report_err(err);
         return CLI_EXIT_ERROR;
+    }
+    if (!o.prefix_given) {
+        /* Bitmaps belong to the repository that made them (spec,
+         * Bitmaps): repo_open(create) gave it a UUID. */
+        snprintf(o.prefix_buf, sizeof(o.prefix_buf), "bitback-%.8s",
+                 repo->uuid);
+        o.prefix = o.prefix_buf;
     }
     ret = o.connect ? backup_live(&o, repo) : backup_offline(&o, repo);
     repo_free(repo);

@@ -114,6 +114,21 @@ static RepoManifest *synthetic_manifest(const RepoManifest *m)
         repo_manifest_free(n);
         return NULL;
     }
+    /* The counts stay: the next run still checks the bitmaps against them. */
+    n->bitmap_counts = calloc(m->n_bitmap_counts + 1, sizeof(*n->bitmap_counts));
+    if (!n->bitmap_counts) {
+        repo_manifest_free(n);
+        return NULL;
+    }
+    for (size_t i = 0; i < m->n_bitmap_counts; i++) {
+        n->bitmap_counts[i].name = strdup(m->bitmap_counts[i].name);
+        n->bitmap_counts[i].count = m->bitmap_counts[i].count;
+        n->n_bitmap_counts = i + 1;
+        if (!n->bitmap_counts[i].name) {
+            repo_manifest_free(n);
+            return NULL;
+        }
+    }
     return n;
 }
 

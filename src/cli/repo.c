@@ -292,6 +292,10 @@ void repo_manifest_free(RepoManifest *m)
     free(m->time);
     free(m->bitmap);
     free(m->generation);
+    for (size_t i = 0; i < m->n_bitmap_counts; i++) {
+        free(m->bitmap_counts[i].name);
+    }
+    free(m->bitmap_counts);
     free(m->extents);
     free(m->hashes);
     free(m);
@@ -344,6 +348,16 @@ struct json_object *repo_manifest_to_json(const RepoManifest *m, bool full)
                                json_object_new_int64(m->cluster_size));
         json_object_object_add(o, "bitmap", json_str_or_null(m->bitmap));
         json_object_object_add(o, "generation", json_str_or_null(m->generation));
+        if (m->n_bitmap_counts) {
+            struct json_object *c = json_object_new_object();
+
+            for (size_t i = 0; i < m->n_bitmap_counts; i++) {
+                json_object_object_add(
+                    c, m->bitmap_counts[i].name,
+                    json_object_new_int64((int64_t)m->bitmap_counts[i].count));
+            }
+            json_object_object_add(o, "bitmap-counts", c);
+        }
     }
     json_object_object_add(o, "changed-bytes",
                            json_object_new_int64((int64_t)m->changed_bytes));
@@ -495,6 +509,49 @@ static bool parse_id_value(struct json_object *v, unsigned *ret)
     return true;
 }
 
+/* The optional "bitmap-counts": {"NAME": count, ...}, names of 1 to
+ * BDRV_BITMAP_MAX_NAME bytes, at most REPO_MAX_BITMAP_COUNTS entries. */
+static bool get_bitmap_counts(struct json_object *obj, RepoManifest *m,
+                              const char *what, Error **errp)
+{
+    struct json_object *v;
+    size_t n = 0;
+
+    if (!json_object_object_get_ex(obj, "bitmap-counts", &v)) {
+        return true;
+    }
+    if (!json_object_is_type(v, json_type_object) ||
+        json_object_object_length(v) > REPO_MAX_BITMAP_COUNTS) {
+        error_setg(errp, "%s: 'bitmap-counts' must be an object of at most "
+                   "%u entries", what, REPO_MAX_BITMAP_COUNTS);
+        return false;
+    }
+    m->bitmap_counts = calloc(json_object_object_length(v) + 1,
+                              sizeof(*m->bitmap_counts));
+    if (!m->bitmap_counts) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    json_object_object_foreach(v, key, val) {
+        uint64_t count;
+
+        if (!*key || strlen(key) > BDRV_BITMAP_MAX_NAME ||
+            !json_uint(val, BDRV_MAX_LENGTH, &count)) {
+            error_setg(errp, "%s: 'bitmap-counts' entries must map a bitmap "
+                       "name to a byte count", what);
+            return false;
+        }
+        m->bitmap_counts[n].name = strdup(key);
+        if (!m->bitmap_counts[n].name) {
+            error_setg(errp, "out of memory");
+            return false;
+        }
+        m->bitmap_counts[n++].count = count;
+        m->n_bitmap_counts = n;
+    }
+    return true;
+}
+
 RepoManifest *repo_manifest_from_json(struct json_object *obj,
                                       const char *what, Error **errp)
 {
@@ -615,6 +672,9 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
     m->cluster_size = (uint32_t)u;
     if (!get_string(obj, "bitmap", true, 1023, &m->bitmap, what, errp) ||
         !get_string(obj, "generation", true, 128, &m->generation, what, errp)) {
+        return NULL;
+    }
+    if (!get_bitmap_counts(obj, m, what, errp)) {
         return NULL;
     }
     if (!get_uint(obj, "changed-bytes", m->image_size, &m->changed_bytes,
@@ -989,11 +1049,47 @@ static int dir_is_empty(const char *path)
     return errno ? -errno : 1;
 }
 
-static bool repo_check_marker(const char *path, Error **errp)
+/* Is s a UUID in its text form (8-4-4-4-12 hex digits)? */
+static bool uuid_valid(const char *s)
+{
+    if (strlen(s) != REPO_UUID_LEN - 1) {
+        return false;
+    }
+    for (size_t i = 0; i < REPO_UUID_LEN - 1; i++) {
+        bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+
+        if (dash ? s[i] != '-' : hex_value(s[i]) < 0) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Write the marker of a repository: format, version and uuid, one line. */
+static bool repo_write_marker(const char *path, struct json_object *obj,
+                              Error **errp)
+{
+    _cleanup_free_ char *text = NULL;
+
+    if (asprintf(&text, "%s\n", json_object_to_json_string_ext(
+                     obj, JSON_C_TO_STRING_SPACED)) < 0) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    return file_replace_atomic(path, text, strlen(text), errp);
+}
+
+/* Check bitback-repo.json and read its UUID into uuid ("" when it has
+ * none).  create: give a marker without a UUID a new one, written once
+ * (temporary file, fsync, rename, folder fsync), keeping its other keys. */
+static bool repo_check_marker(const char *path, bool create,
+                              char uuid[REPO_UUID_LEN], Error **errp)
 {
     _cleanup_json_ struct json_object *obj =
         parse_json_file(path, REPO_MAX_MARKER, errp);
     struct json_object *v;
+
+    uuid[0] = '\0';
     if (!obj) {
         return false;
     }
@@ -1015,6 +1111,26 @@ static bool repo_check_marker(const char *path, Error **errp)
                    json_object_get_int64(v));
         return false;
     }
+    if (json_object_object_get_ex(obj, "uuid", &v)) {
+        if (!json_object_is_type(v, json_type_string) ||
+            !uuid_valid(json_object_get_string(v))) {
+            error_setg(errp, "%s: 'uuid' must be a UUID "
+                       "(xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)", path);
+            return false;
+        }
+        memcpy(uuid, json_object_get_string(v), REPO_UUID_LEN);
+        return true;
+    }
+    if (!create) {
+        return true;
+    }
+    uuid_generate_str(uuid);
+    json_object_object_add(obj, "uuid", json_object_new_string(uuid));
+    if (!repo_write_marker(path, obj, errp)) {
+        error_prepend(errp, "cannot give the repository a UUID: ");
+        uuid[0] = '\0';
+        return false;
+    }
     return true;
 }
 
@@ -1022,6 +1138,7 @@ Repo *repo_open(const char *path, bool create, Error **errp)
 {
     _cleanup_(repo_freep) Repo *repo = NULL;
     _cleanup_free_ char *marker = NULL;
+    char uuid[REPO_UUID_LEN] = "";
     struct stat st;
 
     if (!path || !*path) {
@@ -1055,12 +1172,17 @@ Repo *repo_open(const char *path, bool create, Error **errp)
                        REPO_MARKER_NAME ")", path);
             return NULL;
         }
-        static const char text[] =
-            "{\"format\": \"" REPO_FORMAT_NAME "\", \"version\": 1}\n";
-        if (!file_replace_atomic(marker, text, sizeof(text) - 1, errp)) {
+        _cleanup_json_ struct json_object *obj = json_object_new_object();
+
+        uuid_generate_str(uuid);
+        json_object_object_add(obj, "format",
+                               json_object_new_string(REPO_FORMAT_NAME));
+        json_object_object_add(obj, "version", json_object_new_int(1));
+        json_object_object_add(obj, "uuid", json_object_new_string(uuid));
+        if (!repo_write_marker(marker, obj, errp)) {
             return NULL;
         }
-    } else if (!repo_check_marker(marker, errp)) {
+    } else if (!repo_check_marker(marker, create, uuid, errp)) {
         return NULL;
     }
     repo = calloc(1, sizeof(*repo));
@@ -1068,6 +1190,7 @@ Repo *repo_open(const char *path, bool create, Error **errp)
         error_setg(errp, "out of memory");
         return NULL;
     }
+    memcpy(repo->uuid, uuid, REPO_UUID_LEN);
     /* Drop trailing slashes (not a lone "/") so paths print cleanly. */
     for (size_t n = strlen(repo->path); n > 1 && repo->path[n - 1] == '/'; n--) {
         repo->path[n - 1] = '\0';
@@ -1738,6 +1861,19 @@ void repo_remove_attempts_below(Repo *repo, const char *node, unsigned below)
     if (removed) {
         fsync_dir(dir, NULL);
     }
+}
+
+bool repo_remove_attempt(Repo *repo, const char *node, unsigned seq,
+                         Error **errp)
+{
+    _cleanup_free_ char *path = repo_attempt_path(repo, node, seq);
+    _cleanup_free_ char *dir = repo_node_dir(repo, node);
+
+    if (unlink(path) < 0 && errno != ENOENT) {
+        error_setg_errno(errp, errno, "cannot remove '%s'", path);
+        return false;
+    }
+    return fsync_dir(dir, errp);
 }
 
 void repo_remove_tmp_files(Repo *repo, const char *node)

@@ -45,6 +45,16 @@ typedef struct RepoHash {
     uint8_t hash[REPO_HASH_LEN];
 } RepoHash;
 
+/* A dirty bitmap's dirty byte count as a backup's commit saw it
+ * (manifest key "bitmap-counts"). */
+typedef struct RepoBitmapCount {
+    char *name;
+    uint64_t count;
+} RepoBitmapCount;
+
+/* At most this many entries in "bitmap-counts". */
+#define REPO_MAX_BITMAP_COUNTS 4096
+
 typedef struct RepoManifest {
     unsigned seq;                      /* the ID as a number */
     char id[REPO_ID_LEN];              /* "%06u" of seq */
@@ -58,6 +68,11 @@ typedef struct RepoManifest {
     uint32_t cluster_size;
     char *bitmap;                      /* may be NULL */
     char *generation;                  /* may be NULL */
+    /* The bitmaps the backup relied on (its sources and its own bitmap)
+     * with their counts at commit; none in manifests written before the
+     * key existed. */
+    RepoBitmapCount *bitmap_counts;
+    size_t n_bitmap_counts;
     uint64_t changed_bytes;
     uint64_t stored_bytes;
     RepoExtent *extents;
@@ -80,8 +95,13 @@ struct json_object *repo_manifest_to_json(const RepoManifest *m, bool full);
 RepoManifest *repo_manifest_from_json(struct json_object *obj,
                                       const char *what, Error **errp);
 
+#define REPO_UUID_LEN 37                /* "8-4-4-4-12" + NUL */
+
 typedef struct Repo {
     char *path;
+    /* The repository's UUID from bitback-repo.json ("" when the file has
+     * none and the repository was opened without create). */
+    char uuid[REPO_UUID_LEN];
     /* Every committed backup of every node, sorted by (seq, node). */
     RepoManifest **backups;
     size_t n_backups;
@@ -89,8 +109,9 @@ typedef struct Repo {
 } Repo;
 
 /* Open the repository at path.  create: make the folder and
- * bitback-repo.json when missing (an existing non-empty folder without
- * bitback-repo.json is refused).  Loads every manifest; a manifest that
+ * bitback-repo.json (with a new UUID) when missing (an existing non-empty
+ * folder without bitback-repo.json is refused), and give an existing
+ * repository that has no UUID one, written once by atomic replacement.  Loads every manifest; a manifest that
  * does not parse is an error naming the file. */
 Repo *repo_open(const char *path, bool create, Error **errp);
 void repo_free(Repo *repo);
@@ -184,6 +205,10 @@ bool repo_attempt_started(Repo *repo, const char *node, unsigned seq);
  * bitmaps), and the node's leftover .tmp files. */
 void repo_remove_attempts_below(Repo *repo, const char *node, unsigned below);
 void repo_remove_tmp_files(Repo *repo, const char *node);
+/* Remove NODE/ID.attempt and sync the folder: only for a run that leaves
+ * no bitmap behind (its transaction never ran, or it was undone). */
+bool repo_remove_attempt(Repo *repo, const char *node, unsigned seq,
+                         Error **errp);
 
 /* ---- Hashes ---- */
 

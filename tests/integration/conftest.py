@@ -78,3 +78,15 @@ def dirty_extents(uri, bitmap="b0"):
             else:
                 out.append((e["offset"], e["length"]))
     return out
+
+
+def repo_prefix(repo):
+    """The default bitmap prefix of a repository: "bitback-" and the first
+    8 hex digits of its UUID (docs/specs/repository.md, Bitmaps)."""
+    marker = json.loads((pathlib.Path(repo) / "bitback-repo.json").read_text())
+    return f"bitback-{marker['uuid'][:8]}"
+
+
+def repo_bitmap(repo, bid):
+    """The dirty bitmap that backup `bid` ("000001") of `repo` started."""
+    return f"{repo_prefix(repo)}-{bid}"

@@ -4,7 +4,7 @@ and tests/stress/crash_trials.py (hundreds, with the worst case reported).
 
 One trial:
   1. a disk (qbm over raw, or qcow2) served by bitbackd with an NBD export;
-     `bitback backup` takes a full backup (it adds the bitmap bitback-000001)
+     `bitback backup` takes a full backup (it adds the bitmap bitback-UUID8-000001)
   2. writer threads issue random writes, zero writes and flushes through
      NBD and log every write the server *acknowledged*
   3. the daemon is killed with SIGKILL at a random moment -- optionally
@@ -27,7 +27,7 @@ import time
 import nbd
 
 from bitbackd import Daemon
-from conftest import BITBACK, dirty_extents, random_write, run
+from conftest import BITBACK, dirty_extents, random_write, repo_bitmap, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -195,7 +195,8 @@ def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
 
         d.restart("--blockdev", blockdev(fmt), nbd=True)
         q = d.qmp
-        bm = q.bitmap("disk0", "bitback-000001")
+        b1 = repo_bitmap(repo, "000001")
+        bm = q.bitmap("disk0", b1)
         assert bm is not None, q.node("disk0")
         assert bm["inconsistent"] is False, bm
         assert bm["recording"] is True, bm
@@ -203,9 +204,9 @@ def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
         if acked:
             assert bm["recovered"] is True, bm
         q.cmd("block-export-add", type="nbd", id="e0", writable=True,
-              bitmaps=["bitback-000001"], **{"node-name": "disk0", "name": "disk0"})
+              bitmaps=[b1], **{"node-name": "disk0", "name": "disk0"})
         uri = d.nbd_uri("disk0")
-        ext = dirty_extents(uri, "bitback-000001")
+        ext = dirty_extents(uri, b1)
         missing = [(o, l) for o, l in acked if not covered(ext, o, l)]
         assert not missing, f"acknowledged writes missing from the bitmap: {missing[:5]}"
         dirty = sum(l for _, l in ext)
@@ -239,7 +240,7 @@ def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
                                    workdir / "disk/disk.qcow2"]).stdout)
             flags = {b["name"]: b["flags"] for b in
                      info["format-specific"]["data"].get("bitmaps", [])}
-            assert "in-use" not in flags.get("bitback-000001", []), flags
+            assert "in-use" not in flags.get(b1, []), flags
         return {"acked": len(acked), "written": written, "dirty": dirty,
                 "over": max(dirty - written, 0),
                 "recovered-bytes": bm.get("recovered-bytes", 0), "cut": cut}

@@ -21,7 +21,7 @@ import pytest
 import nbd
 
 from bitbackd import Daemon
-from conftest import BITBACK, bitback, random_write, require, run
+from conftest import BITBACK, bitback, random_write, repo_bitmap, require, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -225,8 +225,8 @@ def test_live_chain_under_load(daemon, tmp_path):
     # Bitmaps: the newest backup's recording, older ones since the full
     # kept frozen for later diffs.
     bms = {b["name"]: b for b in daemon.qmp.node("disk0")["dirty-bitmaps"]}
-    assert bms[f"bitback-{ids[-1]}"]["recording"]
-    assert not bms[f"bitback-{ids[0]}"]["recording"]
+    assert bms[repo_bitmap(repo, ids[-1])]["recording"]
+    assert not bms[repo_bitmap(repo, ids[0])]["recording"]
     assert not any(n.endswith(".src") for n in bms)
     assert daemon.qmp.cmd("query-jobs") == []
 
@@ -275,7 +275,7 @@ def test_chain_identity_falls_back_to_full(daemon, tmp_path):
     assert last["level"] == "inc"
 
     # Cleared behind our back: the generation changed.
-    q.cmd("block-dirty-bitmap-clear", node="disk0", name=f"bitback-{last['id']}")
+    q.cmd("block-dirty-bitmap-clear", node="disk0", name=repo_bitmap(repo, last['id']))
     run(["qemu-io", "-f", "raw", "-c", "write -P 10 2M 64K", uri])
     p = quiet_backup(daemon, repo, ["disk0"])
     msgs = [l for l in p.stderr.splitlines() if "taking a full backup" in l]
@@ -284,7 +284,7 @@ def test_chain_identity_falls_back_to_full(daemon, tmp_path):
 
     # Removed behind our back.
     last = listing(repo)[-1]
-    q.cmd("block-dirty-bitmap-remove", node="disk0", name=f"bitback-{last['id']}")
+    q.cmd("block-dirty-bitmap-remove", node="disk0", name=repo_bitmap(repo, last['id']))
     p = quiet_backup(daemon, repo, ["disk0"], level="inc")
     msgs = [l for l in p.stderr.splitlines() if "taking a full backup" in l]
     assert len(msgs) == 1 and "missing" in msgs[0], p.stderr
@@ -363,13 +363,13 @@ def test_attempt_markers(daemon, tmp_path):
         '{"id": "000009", "started": true}\n')
     p = quiet_backup(daemon, repo, ["disk0"], level="inc")
     msgs = [l for l in p.stderr.splitlines() if "taking a full backup" in l]
-    assert len(msgs) == 1 and "bitback-000009" in msgs[0] and \
+    assert len(msgs) == 1 and repo_bitmap(repo, "000009") in msgs[0] and \
         "missing" in msgs[0], p.stderr
     last = listing(repo)[-1]
     assert (last["id"], last["level"]) == ("000010", "full")
     # The full removed the older bitmaps and markers.
     names = [b["name"] for b in daemon.qmp.node("disk0")["dirty-bitmaps"]]
-    assert names == ["bitback-000010"]
+    assert names == [repo_bitmap(repo, "000010")]
     assert not list((repo / "disk0").glob("*.attempt"))
 
 

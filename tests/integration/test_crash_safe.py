@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import require
+from conftest import repo_bitmap, require
 import crash_scenarios
 
 
@@ -103,12 +103,13 @@ def test_crash_mid_backup_job(tmp_path, kill_after):
         assert acked
 
         d.restart("--blockdev", crash_scenarios.blockdev("qbm"), nbd=True)
-        b1 = d.qmp.bitmap("disk0", "bitback-000001")
-        b2 = d.qmp.bitmap("disk0", "bitback-000002")
+        n1, n2 = repo_bitmap(repo, "000001"), repo_bitmap(repo, "000002")
+        b1 = d.qmp.bitmap("disk0", n1)
+        b2 = d.qmp.bitmap("disk0", n2)
         assert b1 and b2, d.qmp.node("disk0")["dirty-bitmaps"]
         assert not b1["inconsistent"] and not b2["inconsistent"]
         assert b2["recording"] and not b1["recording"]
-        ext = _bitmap_extents(d, ["bitback-000001", "bitback-000002"])
+        ext = _bitmap_extents(d, [n1, n2])
         both = _union(*ext.values())
         missing = [a for a in acked if not crash_scenarios.covered(both, *a)]
         assert not missing, missing[:5]

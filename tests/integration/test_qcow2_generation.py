@@ -29,7 +29,7 @@ import struct
 import pytest
 
 from bitbackd import Daemon
-from conftest import BITBACK, require, run
+from conftest import BITBACK, repo_bitmap, require, run
 
 MiB = 1024 * 1024
 BITMAPS_EXT = 0x23852875
@@ -558,7 +558,7 @@ def test_backup_after_qemu_session_stays_incremental(tmp_path):
     lst = _listing(repo)
     assert [b["level"] for b in lst] == ["full"], p.stderr
     _check_restore(img, repo, tmp_path, "1")
-    bm = f"bitback-{lst[-1]['id']}"
+    bm = repo_bitmap(repo, lst[-1]['id'])
     assert gens(img)[bm] is not None             # made by us: known
 
     # A QEMU session: its write must be in the next incremental.
@@ -576,7 +576,7 @@ def test_backup_after_qemu_session_stays_incremental(tmp_path):
 
     # A clear by bitback: a known new generation, so the manifest's no
     # longer matches and the next backup is a full one, saying why.
-    bm = f"bitback-{lst[-1]['id']}"
+    bm = repo_bitmap(repo, lst[-1]['id'])
     assert gens(img)[bm] is not None
     run([BITBACK, "bitmap", "--clear", img, bm])
     assert info_bitmaps(img)[bm]["count"] == 0
@@ -611,7 +611,7 @@ def test_clear_by_bitback_then_qemu_session_forces_full(tmp_path):
     qemu_write(img, "write -P 1 0 2M")
     _backup(img, repo)
     lst = _listing(repo)
-    bm = f"bitback-{lst[-1]['id']}"
+    bm = repo_bitmap(repo, lst[-1]['id'])
     manifest, = repo.glob(f"*/{lst[-1]['id']}.json")
     recorded = json.loads(manifest.read_text())["generation"]
     assert recorded and gens(img)[bm] == recorded

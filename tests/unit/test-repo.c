@@ -199,6 +199,10 @@ static RepoManifest *sample_manifest(void)
     m->cluster_size = CL;
     m->bitmap = strdup("bitback-7");
     m->generation = strdup("2b7e1516-28ae-42a6-abf7-158809cf4f3c");
+    m->n_bitmap_counts = 2;
+    m->bitmap_counts = calloc(2, sizeof(*m->bitmap_counts));
+    m->bitmap_counts[0] = (RepoBitmapCount){ strdup("bitback-3"), 5 * CL };
+    m->bitmap_counts[1] = (RepoBitmapCount){ strdup("bitback-7"), 0 };
     m->n_extents = 2;
     m->extents = calloc(2, sizeof(*m->extents));
     m->extents[0] = (RepoExtent){ 2 * CL, 3 * CL };
@@ -233,6 +237,11 @@ static void assert_manifest_equal(const RepoManifest *a, const RepoManifest *b)
     }
     if (a->generation || b->generation) {
         assert_string_equal(a->generation, b->generation);
+    }
+    assert_int_equal(a->n_bitmap_counts, b->n_bitmap_counts);
+    for (size_t i = 0; i < a->n_bitmap_counts; i++) {
+        assert_string_equal(a->bitmap_counts[i].name, b->bitmap_counts[i].name);
+        assert_int_equal(a->bitmap_counts[i].count, b->bitmap_counts[i].count);
     }
     assert_int_equal(a->changed_bytes, b->changed_bytes);
     assert_int_equal(a->stored_bytes, b->stored_bytes);
@@ -347,6 +356,19 @@ static void d_extents_null(struct json_object *o) { set(o, "extents", NULL); }
 static void d_synth_null(struct json_object *o) { set(o, "synthetic", NULL); }
 static void d_size_null(struct json_object *o) { set(o, "image-size", NULL); }
 static void d_node_null(struct json_object *o) { set(o, "node", NULL); }
+static void d_counts_arr(struct json_object *o) { set(o, "bitmap-counts", json_object_new_array()); }
+
+/* "bitmap-counts": {name: value} with one bad entry. */
+static void set_count(struct json_object *o, const char *name,
+                      struct json_object *v)
+{
+    struct json_object *c = json_object_new_object();
+    json_object_object_add(c, name, v);
+    set(o, "bitmap-counts", c);
+}
+static void d_counts_neg(struct json_object *o) { set_count(o, "b", json_object_new_int(-1)); }
+static void d_counts_str(struct json_object *o) { set_count(o, "b", json_object_new_string("12")); }
+static void d_counts_noname(struct json_object *o) { set_count(o, "", json_object_new_int(1)); }
 
 static struct json_object *hash_entry(struct json_object *o, size_t i)
 {
@@ -422,6 +444,7 @@ static void test_manifest_rejects(void **state)
         d_hash_len, d_hash_notarray, d_hashes_obj, d_ext_outside,
         d_ext_unsorted, d_ext_empty, d_id_null, d_hashes_null,
         d_extents_null, d_synth_null, d_size_null, d_node_null,
+        d_counts_arr, d_counts_neg, d_counts_str, d_counts_noname,
     };
     RepoManifest *m = sample_manifest();
     struct json_object *good = repo_manifest_to_json(m, true);
@@ -465,6 +488,12 @@ static void test_manifest_rejects(void **state)
     /* And the undamaged one still parses (so the checks above mean it). */
     RepoManifest *r = repo_manifest_from_json(good, "m.json", &err);
     die_on(err);
+    repo_manifest_free(r);
+    /* "bitmap-counts" is optional (manifests written before it). */
+    json_object_object_del(good, "bitmap-counts");
+    r = repo_manifest_from_json(good, "m.json", &err);
+    die_on(err);
+    assert_int_equal(r->n_bitmap_counts, 0);
     repo_manifest_free(r);
     json_object_put(good);
     repo_manifest_free(m);
@@ -512,6 +541,81 @@ static void touch(const char *path)
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     assert_true(fd >= 0);
     close(fd);
+}
+
+static char *read_text(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    char *buf = calloc(1, 4096);
+
+    assert_non_null(f);
+    assert_true(fread(buf, 1, 4095, f) > 0);
+    fclose(f);
+    return buf;
+}
+
+static void write_text(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* bitback-repo.json's UUID: made with the repository, given once to a
+ * repository without one (only when opened to write), refused when bad. */
+static void test_open_uuid(void **state)
+{
+    Error *err = NULL;
+    _cleanup_free_ char *rp = tpath("ru");
+    _cleanup_free_ char *marker = tpath("ru/bitback-repo.json");
+    char uuid[REPO_UUID_LEN];
+    Repo *r = repo_open(rp, true, &err);
+
+    die_on(err);
+    assert_int_equal(strlen(r->uuid), 36);
+    memcpy(uuid, r->uuid, sizeof(uuid));
+    repo_free(r);
+    r = repo_open(rp, false, &err);
+    die_on(err);
+    assert_string_equal(r->uuid, uuid);
+    repo_free(r);
+
+    /* Made before UUIDs: readers leave it alone ... */
+    static const char old[] =
+        "{\"format\": \"bitback-repository\", \"version\": 1, \"x\": 5}\n";
+    write_text(marker, old);
+    r = repo_open(rp, false, &err);
+    die_on(err);
+    assert_string_equal(r->uuid, "");
+    repo_free(r);
+    _cleanup_free_ char *same = read_text(marker);
+    assert_string_equal(same, old);
+    /* ... a writer gives it one, once, keeping the other keys. */
+    r = repo_open(rp, true, &err);
+    die_on(err);
+    assert_int_equal(strlen(r->uuid), 36);
+    assert_string_not_equal(r->uuid, uuid);
+    memcpy(uuid, r->uuid, sizeof(uuid));
+    repo_free(r);
+    _cleanup_free_ char *text = read_text(marker);
+    assert_non_null(strstr(text, uuid));
+    assert_non_null(strstr(text, "\"x\": 5"));
+    _cleanup_free_ char *tmp = tpath("ru/bitback-repo.json.tmp");
+    assert_int_equal(access(tmp, F_OK), -1);
+    r = repo_open(rp, true, &err);
+    die_on(err);
+    assert_string_equal(r->uuid, uuid);
+    repo_free(r);
+
+    /* A uuid that is not one is refused. */
+    write_text(marker, "{\"format\": \"bitback-repository\", \"version\": 1, "
+                       "\"uuid\": \"not-a-uuid\"}\n");
+    assert_null(repo_open(rp, true, &err));
+    assert_non_null(err);
+    assert_non_null(strstr(error_get_pretty(err), "uuid"));
+    error_free(err);
 }
 
 static void test_open(void **state)
@@ -1277,6 +1381,7 @@ int main(void)
         cmocka_unit_test(test_manifest_rejects),
         cmocka_unit_test(test_parse_id),
         cmocka_unit_test(test_open),
+        cmocka_unit_test(test_open_uuid),
         cmocka_unit_test(test_scan_and_commit),
         cmocka_unit_test(test_scan_threads),
     };
