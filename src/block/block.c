@@ -1051,6 +1051,60 @@ static int pwritev_rmw(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     return r;
 }
 
+/* The one prologue of every request that changes data (write, write
+ * zeroes, discard; QEMU's write_req_prepare): counted for drained sections,
+ * then, invariant 1, marked in the bitmaps before the data can land (and,
+ * crash-safe, durably: write-intent.h), then shown to a backup job's I/O
+ * hooks so copy-before-write saves the old data first.  Returns 0 with
+ * *ret_counted set for write_req_finish, or -errno with the request
+ * already left. */
+static int write_req_prepare(BlockDriverState *bs, uint64_t offset,
+                             uint64_t bytes, bool *ret_counted)
+{
+    *ret_counted = write_enter(bs);
+    int r = write_intent_mark(bs, offset, bytes);
+    if (r == 0) {
+        r = run_write_hooks(bs, offset, bytes);
+    }
+    if (r < 0) {
+        write_leave(bs, *ret_counted);
+    }
+    return r;
+}
+
+/* The epilogue matching write_req_prepare: a protocol node that wrote up to
+ * `end` (0: nothing to note, as for discard) notes its growth, and the
+ * request leaves the drain count.  Returns r as the request's result
+ * (0 or -errno). */
+static int write_req_finish(BlockDriverState *bs, bool counted, uint64_t end,
+                            int r)
+{
+    if (r >= 0 && end && bs->drv->is_protocol) {
+        note_growth(bs, end);
+    }
+    write_leave(bs, counted);
+    return r < 0 ? r : 0;
+}
+
+/* Hand a write to the driver: unaligned to the node's request alignment
+ * it goes through read-modify-write, aligned it holds the RMW lock shared
+ * so that no read-modify-write of the same block runs across it. */
+static int drv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                       const struct iovec *iov, int niov, int flags)
+{
+    uint32_t align = bs->request_alignment;
+    if (align <= 1) {
+        return bs->drv->pwritev(bs, offset, bytes, iov, niov, flags);
+    }
+    if ((offset | bytes) & (align - 1) || !iov_is_aligned(iov, niov, align)) {
+        return pwritev_rmw(bs, offset, bytes, iov, niov, flags);
+    }
+    pthread_rwlock_rdlock(&bs->rmw_lock);
+    int r = bs->drv->pwritev(bs, offset, bytes, iov, niov, flags);
+    pthread_rwlock_unlock(&bs->rmw_lock);
+    return r;
+}
+
 int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                  const struct iovec *iov, int niov, int flags)
 {
@@ -1061,34 +1115,13 @@ int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
-    bool counted = write_enter(bs);
-    /* Invariant 1: the bitmaps know about the write before the data lands
-     * (and, crash-safe, durably: write-intent.h). */
-    r = write_intent_mark(bs, offset, bytes);
-    if (r == 0) {
-        r = run_write_hooks(bs, offset, bytes);
-    }
+    bool counted;
+    r = write_req_prepare(bs, offset, bytes, &counted);
     if (r < 0) {
-        write_leave(bs, counted);
         return r;
     }
-    uint32_t align = bs->request_alignment;
-    if (align > 1) {
-        if ((offset | bytes) & (align - 1) || !iov_is_aligned(iov, niov, align)) {
-            r = pwritev_rmw(bs, offset, bytes, iov, niov, flags);
-        } else {
-            pthread_rwlock_rdlock(&bs->rmw_lock);
-            r = bs->drv->pwritev(bs, offset, bytes, iov, niov, flags);
-            pthread_rwlock_unlock(&bs->rmw_lock);
-        }
-    } else {
-        r = bs->drv->pwritev(bs, offset, bytes, iov, niov, flags);
-    }
-    if (r >= 0 && bs->drv->is_protocol) {
-        note_growth(bs, offset + bytes);
-    }
-    write_leave(bs, counted);
-    return r < 0 ? r : 0;
+    r = drv_pwritev(bs, offset, bytes, iov, niov, flags);
+    return write_req_finish(bs, counted, offset + bytes, r);
 }
 
 int bdrv_preadv_zero_tail(BlockDriverState *child, uint64_t offset,
@@ -1151,16 +1184,10 @@ static uint8_t zero_buf[ZERO_BUF_SIZE] __attribute__((aligned(4096)));
 static int write_zero_buffers(BlockDriverState *bs, uint64_t offset,
                               uint64_t bytes, int flags)
 {
-    uint32_t align = bs->request_alignment;
     while (bytes > 0) {
         uint64_t n = MIN(bytes, (uint64_t)ZERO_BUF_SIZE);
         struct iovec iov = { .iov_base = zero_buf, .iov_len = n };
-        int r;
-        if (align > 1 && ((offset | n) & (align - 1))) {
-            r = pwritev_rmw(bs, offset, n, &iov, 1, flags & BDRV_REQ_FUA);
-        } else {
-            r = bs->drv->pwritev(bs, offset, n, &iov, 1, flags & BDRV_REQ_FUA);
-        }
+        int r = drv_pwritev(bs, offset, n, &iov, 1, flags & BDRV_REQ_FUA);
         if (r < 0) {
             return r;
         }
@@ -1180,13 +1207,9 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
-    bool counted = write_enter(bs);
-    r = write_intent_mark(bs, offset, bytes);
-    if (r == 0) {
-        r = run_write_hooks(bs, offset, bytes);
-    }
+    bool counted;
+    r = write_req_prepare(bs, offset, bytes, &counted);
     if (r < 0) {
-        write_leave(bs, counted);
         return r;
     }
     r = -ENOTSUP;
@@ -1198,11 +1221,7 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (r == -ENOTSUP && !(flags & BDRV_REQ_NO_FALLBACK)) {
         r = write_zero_buffers(bs, offset, bytes, flags);
     }
-    if (r >= 0 && bs->drv->is_protocol) {
-        note_growth(bs, offset + bytes);
-    }
-    write_leave(bs, counted);
-    return r < 0 ? r : 0;
+    return write_req_finish(bs, counted, offset + bytes, r);
 }
 
 int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
@@ -1214,14 +1233,10 @@ int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
     if (bytes == 0 || !bs->drv->pdiscard) {
         return 0;
     }
-    bool counted = write_enter(bs);
     /* Discarded data may read back differently: that is a change. */
-    r = write_intent_mark(bs, offset, bytes);
-    if (r == 0) {
-        r = run_write_hooks(bs, offset, bytes);
-    }
+    bool counted;
+    r = write_req_prepare(bs, offset, bytes, &counted);
     if (r < 0) {
-        write_leave(bs, counted);
         return r;
     }
     uint32_t align = bs->request_alignment;
@@ -1230,15 +1245,12 @@ int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
         uint64_t start = ROUND_UP(offset, align);
         uint64_t end = ROUND_DOWN(offset + bytes, align);
         if (end <= start) {
-            write_leave(bs, counted);
-            return 0;
+            return write_req_finish(bs, counted, 0, 0);
         }
         offset = start;
         bytes = end - start;
     }
-    r = bs->drv->pdiscard(bs, offset, bytes);
-    write_leave(bs, counted);
-    return r;
+    return write_req_finish(bs, counted, 0, bs->drv->pdiscard(bs, offset, bytes));
 }
 
 int bdrv_flush(BlockDriverState *bs)
