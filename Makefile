@@ -1,7 +1,8 @@
 # Thin wrapper around meson + ninja.  The two set-up commands are
 # `make demo` and `make check`; both install missing dependencies first.
 #
-#   make            build into build/
+#   make            build into build/ (installs nothing: run `make deps` once)
+#   make deps       install missing dependencies (apt; check, demo and bench do it)
 #   make check      unit tests (meson test) + integration tests (pytest)
 #   make check SANITIZE=1   the same with ASan+UBSan, in build-san/
 #   make demo       the end-to-end demo
@@ -30,7 +31,7 @@ deps:
 $(BUILD)/build.ninja:
 	meson setup $(BUILD) $(MESON_OPTS)
 
-build: deps $(BUILD)/build.ninja
+build: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
 
 unit: build
@@ -44,12 +45,12 @@ integration: build
 	if BITBACK_BUILD=$(abspath $(BUILD)) $(PYTHON) -m pytest --basetemp=$$tmp -v -rfE $(PYTEST_ARGS) tests/integration; \
 	then rm -rf $$tmp; else echo "test files kept in $$tmp" >&2; exit 1; fi
 
-check: unit integration
+check: deps unit integration
 
-demo: build
+demo: deps build
 	BITBACK_BUILD=$(abspath $(BUILD)) scripts/demo.sh
 
-bench: build
+bench: deps build
 	bench/nbd.sh $(abspath $(BUILD))
 	bench/backup.sh $(abspath $(BUILD))
 	bench/chain.sh $(abspath $(BUILD))
