@@ -24,6 +24,7 @@
 
 #include "block/block.h"
 #include "block/qbm-format.h"
+#include "util/bswap.h"
 #include "util/cleanup.h"
 
 #define QBM_IO_CHUNK (1024 * 1024)
@@ -47,10 +48,6 @@ int qbm_granularity_shift(uint64_t granularity)
 
 /* ---- header ---- */
 
-static void put_le32(uint8_t *p, uint32_t v) { v = htole32(v); memcpy(p, &v, 4); }
-static void put_le64(uint8_t *p, uint64_t v) { v = htole64(v); memcpy(p, &v, 8); }
-static uint32_t get_le32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return le32toh(v); }
-static uint64_t get_le64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return le64toh(v); }
 
 #define OFF_MAGIC       0
 #define OFF_VERSION     8
@@ -67,13 +64,13 @@ void qbm_header_encode(const QbmHeader *h, uint8_t buf[QBM_HEADER_SIZE])
 {
     memset(buf, 0, QBM_HEADER_SIZE);
     memcpy(buf + OFF_MAGIC, QBM_BITMAP_MAGIC, 8);
-    put_le32(buf + OFF_VERSION, h->version);
-    put_le32(buf + OFF_HEADER_SIZE, h->header_size);
-    put_le32(buf + OFF_FLAGS, h->flags);
-    put_le32(buf + OFF_SHIFT, h->granularity_shift);
-    put_le64(buf + OFF_IMAGE_SIZE, h->image_size);
-    put_le64(buf + OFF_DATA_SIZE, h->data_size);
-    put_le64(buf + OFF_CHECKSUM, h->checksum);
+    st_le32(buf + OFF_VERSION, h->version);
+    st_le32(buf + OFF_HEADER_SIZE, h->header_size);
+    st_le32(buf + OFF_FLAGS, h->flags);
+    st_le32(buf + OFF_SHIFT, h->granularity_shift);
+    st_le64(buf + OFF_IMAGE_SIZE, h->image_size);
+    st_le64(buf + OFF_DATA_SIZE, h->data_size);
+    st_le64(buf + OFF_CHECKSUM, h->checksum);
     memcpy(buf + OFF_GENERATION, h->generation,
            strnlen(h->generation, GENERATION_LEN));
 }
@@ -98,13 +95,13 @@ static char *header_decode(const uint8_t *buf, const char *display, QbmHeader *h
         return reasonf("bitmap file '%s' has wrong magic (not a QBM bitmap file)",
                        display);
     }
-    h->version = get_le32(buf + OFF_VERSION);
-    h->header_size = get_le32(buf + OFF_HEADER_SIZE);
-    h->flags = get_le32(buf + OFF_FLAGS);
-    h->granularity_shift = get_le32(buf + OFF_SHIFT);
-    h->image_size = get_le64(buf + OFF_IMAGE_SIZE);
-    h->data_size = get_le64(buf + OFF_DATA_SIZE);
-    h->checksum = get_le64(buf + OFF_CHECKSUM);
+    h->version = ld_le32(buf + OFF_VERSION);
+    h->header_size = ld_le32(buf + OFF_HEADER_SIZE);
+    h->flags = ld_le32(buf + OFF_FLAGS);
+    h->granularity_shift = ld_le32(buf + OFF_SHIFT);
+    h->image_size = ld_le64(buf + OFF_IMAGE_SIZE);
+    h->data_size = ld_le64(buf + OFF_DATA_SIZE);
+    h->checksum = ld_le64(buf + OFF_CHECKSUM);
     memcpy(h->generation, buf + OFF_GENERATION, GENERATION_LEN);
     h->generation[GENERATION_LEN] = '\0';
 

@@ -54,6 +54,7 @@
 #include <string.h>
 
 #include "block/qcow2.h"
+#include "util/bswap.h"
 #include "util/cleanup.h"
 
 #define QCOW2_MAX_BITMAPS 65535
@@ -185,18 +186,13 @@ static bool dir_parse(BlockDriverState *bs, const uint8_t *buf, uint64_t size,
                        "the directory (%" PRIu64 " bytes)", i, size);
             goto fail;
         }
-        memcpy(&e->table_offset, p, 8);
-        e->table_offset = be64toh(e->table_offset);
-        memcpy(&e->table_size, p + 8, 4);
-        e->table_size = be32toh(e->table_size);
-        memcpy(&e->flags, p + 12, 4);
-        e->flags = be32toh(e->flags);
+        e->table_offset = ld_be64(p);
+        e->table_size = ld_be32(p + 8);
+        e->flags = ld_be32(p + 12);
         type = p[16];
         e->granularity_bits = p[17];
-        memcpy(&name_size, p + 18, 2);
-        name_size = be16toh(name_size);
-        memcpy(&e->extra_data_size, p + 20, 4);
-        e->extra_data_size = be32toh(e->extra_data_size);
+        name_size = ld_be16(p + 18);
+        e->extra_data_size = ld_be32(p + 20);
 
         esize = entry_disk_size(e->extra_data_size, name_size);
         if (esize > size - pos) {
@@ -500,10 +496,8 @@ static Qcow2GenRecord *gen_parse(const uint8_t *buf, uint32_t len,
                    len);
         return NULL;
     }
-    memcpy(&version, buf, 4);
-    version = be32toh(version);
-    memcpy(&nb, buf + 4, 4);
-    nb = be32toh(nb);
+    version = ld_be32(buf);
+    nb = ld_be32(buf + 4);
     if (version != GEN_EXT_VERSION) {
         error_setg(errp, "bitmap generations extension: unknown version %u",
                    version);
@@ -530,14 +524,11 @@ static Qcow2GenRecord *gen_parse(const uint8_t *buf, uint32_t len,
                        "past the end", i);
             goto fail;
         }
-        memcpy(&r->table_offset, p, 8);
-        r->table_offset = be64toh(r->table_offset);
+        r->table_offset = ld_be64(p);
         memcpy(r->generation, p + 8, GEN_UUID_LEN);
         r->generation[GEN_UUID_LEN] = '\0';
-        memcpy(&name_size, p + 44, 2);
-        name_size = be16toh(name_size);
-        memcpy(&flags, p + 46, 2);
-        flags = be16toh(flags);
+        name_size = ld_be16(p + 44);
+        flags = ld_be16(p + 46);
         r->prior = flags & GEN_REC_FLAG_PRIOR;
         if (name_size == 0 || name_size > QCOW2_BITMAP_MAX_NAME) {
             error_setg(errp, "bitmap generations extension: record %u has a "
@@ -663,13 +654,10 @@ static bool gen_build_locked(BlockDriverState *bs,
             continue;
         }
         uint8_t *p = buf + size;
-        uint64_t off = htobe64(e->table_offset);
-        uint16_t ns = htobe16((uint16_t)name_len);
-        uint16_t fl = htobe16(prior ? GEN_REC_FLAG_PRIOR : 0);
-        memcpy(p, &off, 8);
+        st_be64(p, e->table_offset);
         memcpy(p + 8, gen, GEN_UUID_LEN);
-        memcpy(p + 44, &ns, 2);
-        memcpy(p + 46, &fl, 2);
+        st_be16(p + 44, (uint16_t)name_len);
+        st_be16(p + 46, prior ? GEN_REC_FLAG_PRIOR : 0);
         memcpy(p + GEN_REC_HEADER_SIZE, e->name, name_len);
         size += rsize;
         nrec++;
@@ -679,10 +667,8 @@ static bool gen_build_locked(BlockDriverState *bs,
         free(buf);
         return true;
     }
-    uint32_t v = htobe32(GEN_EXT_VERSION);
-    memcpy(buf, &v, 4);
-    v = htobe32(nrec);
-    memcpy(buf + 4, &v, 4);
+    st_be32(buf, GEN_EXT_VERSION);
+    st_be32(buf + 4, nrec);
     *ret_buf = buf;
     *ret_len = (uint32_t)size;
     return true;
@@ -885,22 +871,15 @@ static bool dir_write_locked(BlockDriverState *bs, const Qcow2BitmapEntry *entri
         for (size_t i = 0; i < nb; i++) {
             const Qcow2BitmapEntry *e = &entries[i];
             uint8_t *p = buf + pos;
-            uint64_t v64 = htobe64(e->table_offset);
-            uint32_t v32;
-            uint16_t v16;
             size_t name_len = strlen(e->name);
 
-            memcpy(p, &v64, 8);
-            v32 = htobe32(e->table_size);
-            memcpy(p + 8, &v32, 4);
-            v32 = htobe32(e->flags);
-            memcpy(p + 12, &v32, 4);
+            st_be64(p, e->table_offset);
+            st_be32(p + 8, e->table_size);
+            st_be32(p + 12, e->flags);
             p[16] = BME_TYPE_DIRTY_TRACKING;
             p[17] = e->granularity_bits;
-            v16 = htobe16((uint16_t)name_len);
-            memcpy(p + 18, &v16, 2);
-            v32 = htobe32(e->extra_data_size);
-            memcpy(p + 20, &v32, 4);
+            st_be16(p + 18, (uint16_t)name_len);
+            st_be32(p + 20, e->extra_data_size);
             if (e->extra_data_size) {
                 memcpy(p + BME_HEADER_SIZE, e->extra_data, e->extra_data_size);
             }

@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "block/qcow2.h"
+#include "util/bswap.h"
 #include "util/cleanup.h"
 
 static uint64_t file_length(BlockDriverState *bs)
@@ -98,9 +99,9 @@ static uint64_t rb_get(BDRVQcow2State *s, const void *block, uint64_t i)
         return (b[i / per_byte] >> ((i % per_byte) * bits)) & ((1u << bits) - 1);
     }
     case 3: return b[i];
-    case 4: { uint16_t v; memcpy(&v, b + i * 2, 2); return be16toh(v); }
-    case 5: { uint32_t v; memcpy(&v, b + i * 4, 4); return be32toh(v); }
-    default: { uint64_t v; memcpy(&v, b + i * 8, 8); return be64toh(v); }
+    case 4: return ld_be16(b + i * 2);
+    case 5: return ld_be32(b + i * 4);
+    default: return ld_be64(b + i * 8);
     }
 }
 
@@ -117,9 +118,9 @@ static void rb_set(BDRVQcow2State *s, void *block, uint64_t i, uint64_t val)
         break;
     }
     case 3: b[i] = (uint8_t)val; break;
-    case 4: { uint16_t v = htobe16((uint16_t)val); memcpy(b + i * 2, &v, 2); break; }
-    case 5: { uint32_t v = htobe32((uint32_t)val); memcpy(b + i * 4, &v, 4); break; }
-    default: { uint64_t v = htobe64(val); memcpy(b + i * 8, &v, 8); break; }
+    case 4: st_be16(b + i * 2, (uint16_t)val); break;
+    case 5: st_be32(b + i * 4, (uint32_t)val); break;
+    default: st_be64(b + i * 8, val); break;
     }
 }
 
@@ -273,10 +274,8 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
     }
     /* Switch the header over (offset and cluster count are adjacent). */
     uint8_t hdr[12];
-    uint64_t be_off = htobe64(table_first * cs);
-    uint32_t be_cl = htobe32((uint32_t)table_clusters);
-    memcpy(hdr, &be_off, 8);
-    memcpy(hdr + 8, &be_cl, 4);
+    st_be64(hdr, table_first * cs);
+    st_be32(hdr + 8, (uint32_t)table_clusters);
     r = bdrv_pwrite(bs->file, 48, hdr, sizeof(hdr), 0);
     if (r == 0) {
         r = qcow2_sync_locked(bs);
@@ -631,17 +630,10 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
     }
     uint64_t pos = 0;
     for (uint32_t i = 0; i < s->nb_bitmaps && pos + 24 <= dsize; i++) {
-        uint64_t toff;
-        uint32_t tsize, extra;
-        uint16_t name_size;
-        memcpy(&toff, dir + pos, 8);
-        memcpy(&tsize, dir + pos + 8, 4);
-        memcpy(&name_size, dir + pos + 18, 2);
-        memcpy(&extra, dir + pos + 20, 4);
-        toff = be64toh(toff);
-        tsize = be32toh(tsize);
-        name_size = be16toh(name_size);
-        extra = be32toh(extra);
+        uint64_t toff = ld_be64(dir + pos);
+        uint32_t tsize = ld_be32(dir + pos + 8);
+        uint16_t name_size = ld_be16(dir + pos + 18);
+        uint32_t extra = ld_be32(dir + pos + 20);
         pos += ROUND_UP(24 + (uint64_t)extra + name_size, 8);
         uint64_t tbytes = (uint64_t)tsize * 8;
         if (tbytes > 64ull * 1024 * 1024 ||

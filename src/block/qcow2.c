@@ -39,7 +39,6 @@
  *      (zero flag, or unallocated without a backing file); partial
  *      clusters of a zero write are written as data, of a discard ignored.
  */
-#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -50,6 +49,7 @@
 
 #include "block/qcow2.h"
 #include "util/cleanup.h"
+#include "util/bswap.h"
 #include "util/cutils.h"
 #include "util/iov.h"
 
@@ -61,34 +61,6 @@ typedef struct Qcow2InFlight {
     struct Qcow2InFlight *next;
 } Qcow2InFlight;
 
-/* ---- big-endian helpers ---- */
-
-static uint32_t ld32(const uint8_t *p)
-{
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return be32toh(v);
-}
-
-static uint64_t ld64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return be64toh(v);
-}
-
-static void st32(uint8_t *p, uint32_t v)
-{
-    v = htobe32(v);
-    memcpy(p, &v, 4);
-}
-
-static void st64(uint8_t *p, uint64_t v)
-{
-    v = htobe64(v);
-    memcpy(p, &v, 8);
-}
-
 static uint64_t file_length(BlockDriverState *bs)
 {
     int64_t len = bdrv_getlength(bs->file);
@@ -99,8 +71,8 @@ static uint64_t file_length(BlockDriverState *bs)
 
 static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
 {
-    if (len >= 8 && ld32(buf) == QCOW2_MAGIC) {
-        uint32_t v = ld32(buf + 4);
+    if (len >= 8 && ld_be32(buf) == QCOW2_MAGIC) {
+        uint32_t v = ld_be32(buf + 4);
         return v == 2 || v == 3 ? 100 : 0;
     }
     return 0;
@@ -142,8 +114,8 @@ static bool parse_extensions(BDRVQcow2State *s, const uint8_t *hdr,
     bool seen_bitmaps = false;
     bool seen_gen = false;
     while (pos + 8 <= end) {
-        uint32_t type = ld32(hdr + pos);
-        uint32_t len = ld32(hdr + pos + 4);
+        uint32_t type = ld_be32(hdr + pos);
+        uint32_t len = ld_be32(hdr + pos + 4);
         uint64_t total = 8 + ROUND_UP((uint64_t)len, 8);
         if (type == QCOW2_EXT_END) {
             return true;
@@ -168,9 +140,9 @@ static bool parse_extensions(BDRVQcow2State *s, const uint8_t *hdr,
                 error_setg(errp, "qcow2: the bitmaps extension is too short");
                 return false;
             }
-            s->nb_bitmaps = ld32(data);
-            s->bitmap_directory_size = ld64(data + 8);
-            s->bitmap_directory_offset = ld64(data + 16);
+            s->nb_bitmaps = ld_be32(data);
+            s->bitmap_directory_size = ld_be64(data + 8);
+            s->bitmap_directory_offset = ld_be64(data + 16);
             seen_bitmaps = true;
             break;
         case QCOW2_EXT_DATA_FILE:
@@ -255,8 +227,8 @@ int qcow2_update_header_locked(BlockDriverState *bs)
         if (pos + 8 + ROUND_UP(n, 8) > cs) {
             return -EFBIG;
         }
-        st32(buf + pos, QCOW2_EXT_BACKING_FORMAT);
-        st32(buf + pos + 4, (uint32_t)n);
+        st_be32(buf + pos, QCOW2_EXT_BACKING_FORMAT);
+        st_be32(buf + pos + 4, (uint32_t)n);
         memcpy(buf + pos + 8, s->backing_format, n);
         pos += 8 + ROUND_UP(n, 8);
     }
@@ -264,11 +236,11 @@ int qcow2_update_header_locked(BlockDriverState *bs)
         if (pos + 32 > cs) {
             return -EFBIG;
         }
-        st32(buf + pos, QCOW2_EXT_BITMAPS);
-        st32(buf + pos + 4, 24);
-        st32(buf + pos + 8, s->nb_bitmaps);
-        st64(buf + pos + 16, s->bitmap_directory_size);
-        st64(buf + pos + 24, s->bitmap_directory_offset);
+        st_be32(buf + pos, QCOW2_EXT_BITMAPS);
+        st_be32(buf + pos + 4, 24);
+        st_be32(buf + pos + 8, s->nb_bitmaps);
+        st_be64(buf + pos + 16, s->bitmap_directory_size);
+        st_be64(buf + pos + 24, s->bitmap_directory_offset);
         pos += 32;
     }
     /* The generations extension goes with its autoclear bit, both or
@@ -285,8 +257,8 @@ int qcow2_update_header_locked(BlockDriverState *bs)
         s->autoclear_features &= ~QCOW2_AUTOCLEAR_BITBACK_GENERATIONS;
     }
     if (s->autoclear_features & QCOW2_AUTOCLEAR_BITBACK_GENERATIONS) {
-        st32(buf + pos, QCOW2_EXT_BITBACK_GENERATIONS);
-        st32(buf + pos + 4, s->gen_ext_len);
+        st_be32(buf + pos, QCOW2_EXT_BITBACK_GENERATIONS);
+        st_be32(buf + pos + 4, s->gen_ext_len);
         memcpy(buf + pos + 8, s->gen_ext, s->gen_ext_len);
         pos += 8 + ROUND_UP((uint64_t)s->gen_ext_len, 8);
     }
@@ -314,24 +286,24 @@ int qcow2_update_header_locked(BlockDriverState *bs)
     if (s->compression_type != 0) {
         incompat |= QCOW2_INCOMPAT_COMPRESSION;
     }
-    st32(buf + 0, QCOW2_MAGIC);
-    st32(buf + 4, 3);
-    st64(buf + 8, backing_offset);
-    st32(buf + 16, backing_size);
-    st32(buf + 20, s->cluster_bits);
-    st64(buf + 24, s->size);
-    st32(buf + 32, 0);
-    st32(buf + 36, s->l1_size);
-    st64(buf + 40, s->l1_table_offset);
-    st64(buf + 48, s->refcount_table_offset);
-    st32(buf + 56, s->refcount_table_clusters);
-    st32(buf + 60, s->nb_snapshots);
-    st64(buf + 64, s->snapshots_offset);
-    st64(buf + 72, incompat);
-    st64(buf + 80, s->compatible_features);
-    st64(buf + 88, s->autoclear_features);
-    st32(buf + 96, s->refcount_order);
-    st32(buf + 100, QCOW2_HEADER_V3_LENGTH);
+    st_be32(buf + 0, QCOW2_MAGIC);
+    st_be32(buf + 4, 3);
+    st_be64(buf + 8, backing_offset);
+    st_be32(buf + 16, backing_size);
+    st_be32(buf + 20, s->cluster_bits);
+    st_be64(buf + 24, s->size);
+    st_be32(buf + 32, 0);
+    st_be32(buf + 36, s->l1_size);
+    st_be64(buf + 40, s->l1_table_offset);
+    st_be64(buf + 48, s->refcount_table_offset);
+    st_be32(buf + 56, s->refcount_table_clusters);
+    st_be32(buf + 60, s->nb_snapshots);
+    st_be64(buf + 64, s->snapshots_offset);
+    st_be64(buf + 72, incompat);
+    st_be64(buf + 80, s->compatible_features);
+    st_be64(buf + 88, s->autoclear_features);
+    st_be32(buf + 96, s->refcount_order);
+    st_be32(buf + 100, QCOW2_HEADER_V3_LENGTH);
     buf[104] = s->compression_type;
 
     /* Whatever the header names (bitmap directory, tables) has its
@@ -394,16 +366,16 @@ static bool qcow2_read_header(BlockDriverState *bs, Error **errp)
         error_setg_errno(errp, -r, "qcow2: cannot read the header of '%s'", name);
         return false;
     }
-    if (ld32(h) != QCOW2_MAGIC) {
+    if (ld_be32(h) != QCOW2_MAGIC) {
         error_setg(errp, "qcow2: '%s' is not a qcow2 image (bad magic)", name);
         return false;
     }
-    s->version = ld32(h + 4);
+    s->version = ld_be32(h + 4);
     if (s->version != 2 && s->version != 3) {
         error_setg(errp, "qcow2: unsupported qcow2 version %u", s->version);
         return false;
     }
-    s->cluster_bits = ld32(h + 20);
+    s->cluster_bits = ld_be32(h + 20);
     if (s->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
         s->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
         error_setg(errp, "qcow2: unsupported cluster size: 2^%u (cluster_bits "
@@ -413,29 +385,29 @@ static bool qcow2_read_header(BlockDriverState *bs, Error **errp)
     }
     s->cluster_size = 1ull << s->cluster_bits;
     s->l2_bits = s->cluster_bits - 3;
-    s->size = ld64(h + 24);
+    s->size = ld_be64(h + 24);
     if (s->size > BDRV_MAX_LENGTH) {
         error_setg(errp, "qcow2: the image size %" PRIu64 " is too large", s->size);
         return false;
     }
-    if (ld32(h + 32) != 0) {
+    if (ld_be32(h + 32) != 0) {
         error_setg(errp, "qcow2: encrypted images are not supported");
         return false;
     }
-    s->l1_size = ld32(h + 36);
-    s->l1_table_offset = ld64(h + 40);
-    s->refcount_table_offset = ld64(h + 48);
-    s->refcount_table_clusters = ld32(h + 56);
-    s->nb_snapshots = ld32(h + 60);
-    s->snapshots_offset = ld64(h + 64);
+    s->l1_size = ld_be32(h + 36);
+    s->l1_table_offset = ld_be64(h + 40);
+    s->refcount_table_offset = ld_be64(h + 48);
+    s->refcount_table_clusters = ld_be32(h + 56);
+    s->nb_snapshots = ld_be32(h + 60);
+    s->snapshots_offset = ld_be64(h + 64);
     s->refcount_order = 4;
     s->header_length = 72;
     if (s->version >= 3) {
-        s->incompatible_features = ld64(h + 72);
-        s->compatible_features = ld64(h + 80);
-        s->autoclear_features = ld64(h + 88);
-        s->refcount_order = ld32(h + 96);
-        s->header_length = ld32(h + 100);
+        s->incompatible_features = ld_be64(h + 72);
+        s->compatible_features = ld_be64(h + 80);
+        s->autoclear_features = ld_be64(h + 88);
+        s->refcount_order = ld_be32(h + 96);
+        s->header_length = ld_be32(h + 100);
         if (s->header_length < 104 || (s->header_length & 7)) {
             error_setg(errp, "qcow2: invalid header_length %u (at least 104 "
                        "and a multiple of 8)", s->header_length);
@@ -468,8 +440,8 @@ static bool qcow2_read_header(BlockDriverState *bs, Error **errp)
         error_setg_errno(errp, -r, "qcow2: cannot read the header of '%s'", name);
         return false;
     }
-    uint64_t backing_offset = ld64(h + 8);
-    uint32_t backing_size = ld32(h + 16);
+    uint64_t backing_offset = ld_be64(h + 8);
+    uint32_t backing_size = ld_be32(h + 16);
     uint64_t ext_end = first_len;
     if (backing_offset) {
         if (backing_size > 1023 || backing_offset > first_len ||
@@ -1322,8 +1294,8 @@ static bool qcow2_create(const char *filename, uint64_t size,
     uint64_t pos = QCOW2_HEADER_V3_LENGTH;
     if (backing && backing_fmt) {
         size_t n = strlen(backing_fmt);
-        st32(h + pos, QCOW2_EXT_BACKING_FORMAT);
-        st32(h + pos + 4, (uint32_t)n);
+        st_be32(h + pos, QCOW2_EXT_BACKING_FORMAT);
+        st_be32(h + pos + 4, (uint32_t)n);
         memcpy(h + pos + 8, backing_fmt, n);
         pos += 8 + ROUND_UP(n, 8);
     }
@@ -1337,27 +1309,26 @@ static bool qcow2_create(const char *filename, uint64_t size,
         boff = pos;
         memcpy(h + pos, backing, strlen(backing));
     }
-    st32(h + 0, QCOW2_MAGIC);
-    st32(h + 4, 3);
-    st64(h + 8, boff);
-    st32(h + 16, backing ? (uint32_t)strlen(backing) : 0);
-    st32(h + 20, cluster_bits);
-    st64(h + 24, size);
-    st32(h + 36, (uint32_t)l1_size);
-    st64(h + 40, l1_size ? l1_off : 0);
-    st64(h + 48, rt_off);
-    st32(h + 56, (uint32_t)rt_clusters);
-    st64(h + 72, compression_type ? QCOW2_INCOMPAT_COMPRESSION : 0);
-    st32(h + 96, 4);
-    st32(h + 100, QCOW2_HEADER_V3_LENGTH);
+    st_be32(h + 0, QCOW2_MAGIC);
+    st_be32(h + 4, 3);
+    st_be64(h + 8, boff);
+    st_be32(h + 16, backing ? (uint32_t)strlen(backing) : 0);
+    st_be32(h + 20, cluster_bits);
+    st_be64(h + 24, size);
+    st_be32(h + 36, (uint32_t)l1_size);
+    st_be64(h + 40, l1_size ? l1_off : 0);
+    st_be64(h + 48, rt_off);
+    st_be32(h + 56, (uint32_t)rt_clusters);
+    st_be64(h + 72, compression_type ? QCOW2_INCOMPAT_COMPRESSION : 0);
+    st_be32(h + 96, 4);
+    st_be32(h + 100, QCOW2_HEADER_V3_LENGTH);
     h[104] = compression_type;
     /* Refcount table and blocks: clusters [0, total) have refcount 1. */
     for (uint64_t i = 0; i < rb; i++) {
-        st64(buf + rt_off + i * 8, rb_off + i * cs);
+        st_be64(buf + rt_off + i * 8, rb_off + i * cs);
     }
     for (uint64_t c = 0; c < total; c++) {
-        uint16_t one = htobe16(1);
-        memcpy(buf + rb_off + c * 2, &one, 2);
+        st_be16(buf + rb_off + c * 2, 1);
     }
 
     _cleanup_close_ int fd = open(filename, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

@@ -33,6 +33,7 @@
 #include "block/write-intent.h"
 #include "bitmap/dirty-bitmap.h"
 #include "util/cleanup.h"
+#include "util/bswap.h"
 #include "util/cutils.h"
 
 #define WIL_MAGIC        "BBWIL\0v1"
@@ -105,47 +106,6 @@ static inline void bit_clear(uint8_t *m, uint64_t i)
     m[i >> 3] &= (uint8_t)~(1u << (i & 7));
 }
 
-static void st64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) {
-        p[i] = (uint8_t)(v >> (8 * i));
-    }
-}
-
-static void st32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++) {
-        p[i] = (uint8_t)(v >> (8 * i));
-    }
-}
-
-static void st16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-
-static uint64_t ld64(const uint8_t *p)
-{
-    uint64_t v = 0;
-
-    for (int i = 7; i >= 0; i--) {
-        v = (v << 8) | p[i];
-    }
-    return v;
-}
-
-static uint32_t ld32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-           (uint32_t)p[3] << 24;
-}
-
-static uint16_t ld16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] | p[1] << 8);
-}
-
 static char *wil_path(BlockDriverState *bs)
 {
     char *p = NULL;
@@ -170,26 +130,26 @@ static void header_encode(const WilHeader *h, uint8_t buf[WIL_HEADER_SIZE])
 {
     memset(buf, 0, WIL_HEADER_SIZE);
     memcpy(buf, WIL_MAGIC, 8);
-    st32(buf + 8, h->state);
-    st32(buf + 12, h->shift);
-    st64(buf + 16, h->image_size);
-    st64(buf + 24, h->slot_off[0]);
-    st64(buf + 32, h->slot_off[1]);
-    st64(buf + 40, h->slot_size);
-    st64(buf + 48, XXH64(buf, 48, 0));
+    st_le32(buf + 8, h->state);
+    st_le32(buf + 12, h->shift);
+    st_le64(buf + 16, h->image_size);
+    st_le64(buf + 24, h->slot_off[0]);
+    st_le64(buf + 32, h->slot_off[1]);
+    st_le64(buf + 40, h->slot_size);
+    st_le64(buf + 48, XXH64(buf, 48, 0));
 }
 
 static bool header_decode(const uint8_t *buf, WilHeader *h)
 {
-    if (memcmp(buf, WIL_MAGIC, 8) || ld64(buf + 48) != XXH64(buf, 48, 0)) {
+    if (memcmp(buf, WIL_MAGIC, 8) || ld_le64(buf + 48) != XXH64(buf, 48, 0)) {
         return false;
     }
-    h->state = ld32(buf + 8);
-    h->shift = ld32(buf + 12);
-    h->image_size = ld64(buf + 16);
-    h->slot_off[0] = ld64(buf + 24);
-    h->slot_off[1] = ld64(buf + 32);
-    h->slot_size = ld64(buf + 40);
+    h->state = ld_le32(buf + 8);
+    h->shift = ld_le32(buf + 12);
+    h->image_size = ld_le64(buf + 16);
+    h->slot_off[0] = ld_le64(buf + 24);
+    h->slot_off[1] = ld_le64(buf + 32);
+    h->slot_size = ld_le64(buf + 40);
     return h->shift >= WIL_MIN_REGION_SHIFT && h->shift <= WIL_MAX_REGION_SHIFT &&
            h->slot_size >= WIL_SLOT_HEADER && h->slot_size <= WIL_MAX_SLOT;
 }
@@ -221,7 +181,7 @@ static uint8_t *snapshot_payload_locked(BlockDriverState *bs, size_t *ret_len)
     if (!buf) {
         return NULL;
     }
-    st32(buf, count);
+    st_le32(buf, count);
     p = buf + 4;
     for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
         size_t nl;
@@ -232,15 +192,15 @@ static uint8_t *snapshot_payload_locked(BlockDriverState *bs, size_t *ret_len)
         }
         nl = strlen(bm->name);
         sz = hbitmap_serialized_size(bm->hb);
-        st16(p, (uint16_t)nl);
+        st_le16(p, (uint16_t)nl);
         memcpy(p + 2, bm->name, nl);
         p += 2 + nl;
-        st32(p, bm->granularity);
-        st32(p + 4, bm->disabled ? 1u : 0u);
+        st_le32(p, bm->granularity);
+        st_le32(p + 4, bm->disabled ? 1u : 0u);
         if (bm->generation[0]) {
             memcpy(p + 8, bm->generation, 36);
         }
-        st64(p + 44, sz);
+        st_le64(p + 44, sz);
         p += 52;
         if (bm->successor) {
             HBitmap *m = hbitmap_copy(bm->hb);
@@ -314,9 +274,9 @@ static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
         return -ENOMEM;
     }
     memcpy(slot, WIL_SLOT_MAGIC, 8);
-    st64(slot + 8, w->snap_seq + 1);
-    st64(slot + 16, len);
-    st64(slot + 24, XXH64(payload, len, 0));
+    st_le64(slot + 8, w->snap_seq + 1);
+    st_le64(slot + 16, len);
+    st_le64(slot + 24, XXH64(payload, len, 0));
     memcpy(slot + WIL_SLOT_HEADER, payload, len);
     r = pwrite_full(w->fd, slot, WIL_SLOT_HEADER + len, (off_t)(w->slot_off[target]));
     if (r == 0 && fdatasync(w->fd) < 0) {
@@ -827,10 +787,10 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
             memcmp(sh, WIL_SLOT_MAGIC, 8)) {
             continue;
         }
-        len = ld64(sh + 16);
+        len = ld_le64(sh + 16);
         if (len > h->slot_size - WIL_SLOT_HEADER ||
             len > file_size - h->slot_off[i] - WIL_SLOT_HEADER ||
-            (best && ld64(sh + 8) <= best_seq)) {
+            (best && ld_le64(sh + 8) <= best_seq)) {
             continue;
         }
         p = malloc(len ? len : 1);
@@ -838,13 +798,13 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
             continue;
         }
         if (pread_full(fd, p, len, (off_t)(h->slot_off[i] + WIL_SLOT_HEADER)) < 0 ||
-            XXH64(p, len, 0) != ld64(sh + 24)) {
+            XXH64(p, len, 0) != ld_le64(sh + 24)) {
             free(p);
             continue;
         }
         free(best);
         best = p;
-        best_seq = ld64(sh + 8);
+        best_seq = ld_le64(sh + 8);
         *ret_len = len;
     }
     *ret_seq = best_seq;
@@ -863,7 +823,7 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
     if (len < 4) {
         return 0;
     }
-    count = ld32(p);
+    count = ld_le32(p);
     p += 4;
     for (uint32_t k = 0; k < count; k++) {
         char name[BDRV_BITMAP_MAX_NAME + 1];
@@ -876,18 +836,18 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
         if (end - p < 2) {
             return recovered;
         }
-        nl = ld16(p);
+        nl = ld_le16(p);
         if (nl > BDRV_BITMAP_MAX_NAME || (size_t)(end - p) < 2u + nl + 52u) {
             return recovered;
         }
         memcpy(name, p + 2, nl);
         name[nl] = '\0';
         p += 2 + nl;
-        gran = ld32(p);
-        flags = ld32(p + 4);
+        gran = ld_le32(p);
+        flags = ld_le32(p + 4);
         memcpy(gen, p + 8, 36);
         gen[36] = '\0';
-        sz = ld64(p + 44);
+        sz = ld_le64(p + 44);
         p += 52;
         if (sz > (uint64_t)(end - p)) {
             return recovered;

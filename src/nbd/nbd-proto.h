@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 #include <string.h>
-#include <endian.h>
+#include "util/bswap.h"
 
 /* Handshake magics. */
 #define NBD_MAGIC             UINT64_C(0x4e42444d41474943)  /* "NBDMAGIC" */
@@ -119,13 +119,5 @@
 #define NBD_ESHUTDOWN              108
 
 #define NBD_MAX_STRING             4096  /* names, descriptions, queries */
-
-/* Big-endian packing helpers. */
-static inline void nbd_put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
-static inline void nbd_put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
-static inline void nbd_put64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
-static inline uint16_t nbd_get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
-static inline uint32_t nbd_get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
-static inline uint64_t nbd_get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
 
 #endif

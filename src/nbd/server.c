@@ -635,10 +635,10 @@ static int opt_reply(NBDClient *c, uint32_t opt, uint32_t type,
                      const void *data, uint32_t len)
 {
     uint8_t hdr[20];
-    nbd_put64(hdr, NBD_REP_MAGIC);
-    nbd_put32(hdr + 8, opt);
-    nbd_put32(hdr + 12, type);
-    nbd_put32(hdr + 16, len);
+    st_be64(hdr, NBD_REP_MAGIC);
+    st_be32(hdr + 8, opt);
+    st_be32(hdr + 12, type);
+    st_be32(hdr + 16, len);
     struct iovec iov[2] = {
         { .iov_base = hdr, .iov_len = sizeof(hdr) },
         { .iov_base = (void *)data, .iov_len = len },
@@ -667,9 +667,9 @@ static int opt_info_export(NBDClient *c, uint32_t opt, NBDExport *e,
                            uint64_t size)
 {
     uint8_t d[12];
-    nbd_put16(d, NBD_INFO_EXPORT);
-    nbd_put64(d + 2, size);
-    nbd_put16(d + 10, export_tflags(e, c->structured));
+    st_be16(d, NBD_INFO_EXPORT);
+    st_be64(d + 2, size);
+    st_be16(d + 10, export_tflags(e, c->structured));
     return opt_reply(c, opt, NBD_REP_INFO, d, sizeof(d));
 }
 
@@ -679,7 +679,7 @@ static int opt_info_string(NBDClient *c, uint32_t opt, uint16_t type,
     size_t len = strlen(s);
     uint8_t d[2 + NBD_MAX_STRING];
     len = MIN(len, (size_t)NBD_MAX_STRING);
-    nbd_put16(d, type);
+    st_be16(d, type);
     memcpy(d + 2, s, len);
     return opt_reply(c, opt, NBD_REP_INFO, d, (uint32_t)(2 + len));
 }
@@ -687,10 +687,10 @@ static int opt_info_string(NBDClient *c, uint32_t opt, uint16_t type,
 static int opt_info_block_size(NBDClient *c, uint32_t opt)
 {
     uint8_t d[14];
-    nbd_put16(d, NBD_INFO_BLOCK_SIZE);
-    nbd_put32(d + 2, 1);
-    nbd_put32(d + 6, 4096);
-    nbd_put32(d + 10, NBD_MAX_PAYLOAD);
+    st_be16(d, NBD_INFO_BLOCK_SIZE);
+    st_be32(d + 2, 1);
+    st_be32(d + 6, 4096);
+    st_be32(d + 10, NBD_MAX_PAYLOAD);
     return opt_reply(c, opt, NBD_REP_INFO, d, sizeof(d));
 }
 
@@ -727,11 +727,11 @@ static int opt_info_go(NBDClient *c, uint32_t opt, const uint8_t *data,
     if (len < 6) {
         return opt_error(c, opt, NBD_REP_ERR_INVALID, "option too short");
     }
-    uint32_t namelen = nbd_get32(data);
+    uint32_t namelen = ld_be32(data);
     if (namelen > NBD_MAX_STRING || namelen > len - 6) {
         return opt_error(c, opt, NBD_REP_ERR_INVALID, "bad export name length");
     }
-    uint16_t nreq = nbd_get16(data + 4 + namelen);
+    uint16_t nreq = ld_be16(data + 4 + namelen);
     if ((uint64_t)len != 6 + (uint64_t)namelen + 2 * (uint64_t)nreq) {
         return opt_error(c, opt, NBD_REP_ERR_INVALID, "bad option length");
     }
@@ -743,7 +743,7 @@ static int opt_info_go(NBDClient *c, uint32_t opt, const uint8_t *data,
     }
     bool want_name = false, want_desc = false;
     for (uint16_t i = 0; i < nreq; i++) {
-        uint16_t t = nbd_get16(data + 6 + namelen + 2 * i);
+        uint16_t t = ld_be16(data + 6 + namelen + 2 * i);
         want_name |= t == NBD_INFO_NAME;
         want_desc |= t == NBD_INFO_DESCRIPTION;
     }
@@ -800,8 +800,8 @@ static int opt_export_name(NBDClient *c, const uint8_t *data, uint32_t len)
         return OPT_CLOSE;
     }
     uint8_t reply[8 + 2 + 124] = { 0 };
-    nbd_put64(reply, (uint64_t)size);
-    nbd_put16(reply + 8, export_tflags(e, c->structured));
+    st_be64(reply, (uint64_t)size);
+    st_be16(reply + 8, export_tflags(e, c->structured));
     if (send_buf(c->fd, reply, c->no_zeroes ? 10 : sizeof(reply)) < 0) {
         export_unpin(e);
         return OPT_CLOSE;
@@ -848,7 +848,7 @@ static int opt_list(NBDClient *c, uint32_t len)
                 buf = nb;
                 cap = ncap;
             }
-            nbd_put32(buf + used, (uint32_t)nl);
+            st_be32(buf + used, (uint32_t)nl);
             memcpy(buf + used + 4, e->name, nl);
             if (dl) {
                 memcpy(buf + used + 4 + nl, e->description, dl);
@@ -902,7 +902,7 @@ static int meta_reply(NBDClient *c, uint32_t opt, uint32_t id,
     if (!d) {
         return OPT_CLOSE;
     }
-    nbd_put32(d, id);
+    st_be32(d, id);
     memcpy(d + 4, name, nl);
     return opt_reply(c, opt, NBD_REP_META_CONTEXT, d, (uint32_t)(4 + nl));
 }
@@ -920,21 +920,21 @@ static int opt_meta(NBDClient *c, uint32_t opt, const uint8_t *data,
     if (len < 8) {
         return opt_error(c, opt, NBD_REP_ERR_INVALID, "option too short");
     }
-    uint32_t namelen = nbd_get32(data);
+    uint32_t namelen = ld_be32(data);
     if (namelen > NBD_MAX_STRING || namelen > len - 8) {
         return opt_error(c, opt, NBD_REP_ERR_INVALID, "bad export name length");
     }
     char name[NBD_MAX_STRING + 1];
     memcpy(name, data + 4, namelen);
     name[namelen] = '\0';
-    uint32_t nq = nbd_get32(data + 4 + namelen);
+    uint32_t nq = ld_be32(data + 4 + namelen);
     /* Validate every query before acting on any. */
     uint64_t pos = 8 + (uint64_t)namelen;
     for (uint32_t i = 0; i < nq; i++) {
         if (pos + 4 > len) {
             return opt_error(c, opt, NBD_REP_ERR_INVALID, "truncated query");
         }
-        uint32_t ql = nbd_get32(data + pos);
+        uint32_t ql = ld_be32(data + pos);
         if (ql > NBD_MAX_STRING || pos + 4 + ql > len) {
             return opt_error(c, opt, NBD_REP_ERR_INVALID, "bad query length");
         }
@@ -961,7 +961,7 @@ static int opt_meta(NBDClient *c, uint32_t opt, const uint8_t *data,
     }
     pos = 8 + (uint64_t)namelen;
     for (uint32_t i = 0; i < nq; i++) {
-        uint32_t ql = nbd_get32(data + pos);
+        uint32_t ql = ld_be32(data + pos);
         meta_match(e, (const char *)data + pos + 4, ql, list, sel);
         pos += 4 + (uint64_t)ql;
     }
@@ -998,9 +998,9 @@ static int opt_meta(NBDClient *c, uint32_t opt, const uint8_t *data,
 static int negotiate(NBDClient *c)
 {
     uint8_t hello[18];
-    nbd_put64(hello, NBD_MAGIC);
-    nbd_put64(hello + 8, NBD_IHAVEOPT);
-    nbd_put16(hello + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+    st_be64(hello, NBD_MAGIC);
+    st_be64(hello + 8, NBD_IHAVEOPT);
+    st_be16(hello + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
     if (send_buf(c->fd, hello, sizeof(hello)) < 0) {
         return OPT_CLOSE;
     }
@@ -1008,7 +1008,7 @@ static int negotiate(NBDClient *c)
     if (recv_full(c->fd, cflags, 4) < 0) {
         return OPT_CLOSE;
     }
-    uint32_t flags = nbd_get32(cflags);
+    uint32_t flags = ld_be32(cflags);
     if (flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
         return OPT_CLOSE;   /* the spec says: drop unknown client flags */
     }
@@ -1023,11 +1023,11 @@ static int negotiate(NBDClient *c)
         if (recv_full(c->fd, hdr, sizeof(hdr)) < 0) {
             return OPT_CLOSE;
         }
-        if (nbd_get64(hdr) != NBD_IHAVEOPT) {
+        if (ld_be64(hdr) != NBD_IHAVEOPT) {
             return OPT_CLOSE;
         }
-        uint32_t opt = nbd_get32(hdr + 8);
-        uint32_t len = nbd_get32(hdr + 12);
+        uint32_t opt = ld_be32(hdr + 8);
+        uint32_t len = ld_be32(hdr + 12);
         if (len > NBD_MAX_OPT_PAYLOAD) {
             return OPT_CLOSE;   /* invariant 5: never allocate for it */
         }
@@ -1138,20 +1138,20 @@ static void client_send(NBDClient *c, struct iovec *iov, int niov)
 static void put_chunk_header(uint8_t *p, uint16_t flags, uint16_t type,
                              uint64_t handle, uint32_t len)
 {
-    nbd_put32(p, NBD_STRUCTURED_REPLY_MAGIC);
-    nbd_put16(p + 4, flags);
-    nbd_put16(p + 6, type);
-    nbd_put64(p + 8, handle);
-    nbd_put32(p + 16, len);
+    st_be32(p, NBD_STRUCTURED_REPLY_MAGIC);
+    st_be16(p + 4, flags);
+    st_be16(p + 6, type);
+    st_be64(p + 8, handle);
+    st_be32(p + 16, len);
 }
 
 static void reply_simple(NBDClient *c, const NBDRequest *req, int err,
                          const void *data, size_t len)
 {
     uint8_t hdr[NBD_SIMPLE_REPLY_SIZE];
-    nbd_put32(hdr, NBD_SIMPLE_REPLY_MAGIC);
-    nbd_put32(hdr + 4, nbd_error_code(err));
-    nbd_put64(hdr + 8, req->handle);
+    st_be32(hdr, NBD_SIMPLE_REPLY_MAGIC);
+    st_be32(hdr + 4, nbd_error_code(err));
+    st_be64(hdr + 8, req->handle);
     struct iovec iov[2] = {
         { .iov_base = hdr, .iov_len = sizeof(hdr) },
         { .iov_base = (void *)data, .iov_len = len },
@@ -1172,8 +1172,8 @@ static void reply_error(NBDClient *c, const NBDRequest *req, int err,
     uint8_t hdr[NBD_CHUNK_HEADER_SIZE + 6];
     put_chunk_header(hdr, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR,
                      req->handle, (uint32_t)(6 + ml));
-    nbd_put32(hdr + NBD_CHUNK_HEADER_SIZE, nbd_error_code(err));
-    nbd_put16(hdr + NBD_CHUNK_HEADER_SIZE + 4, (uint16_t)ml);
+    st_be32(hdr + NBD_CHUNK_HEADER_SIZE, nbd_error_code(err));
+    st_be16(hdr + NBD_CHUNK_HEADER_SIZE + 4, (uint16_t)ml);
     struct iovec iov[2] = {
         { .iov_base = hdr, .iov_len = sizeof(hdr) },
         { .iov_base = (void *)msg, .iov_len = ml },
@@ -1303,13 +1303,13 @@ static bool do_read_structured(NBDClient *c, NBDWorker *w, const NBDRequest *req
         uint8_t *h = seg[i].hdr;
         if (seg[i].hole) {
             put_chunk_header(h, flags, NBD_REPLY_TYPE_OFFSET_HOLE, req->handle, 12);
-            nbd_put64(h + NBD_CHUNK_HEADER_SIZE, seg[i].offset);
-            nbd_put32(h + NBD_CHUNK_HEADER_SIZE + 8, seg[i].len);
+            st_be64(h + NBD_CHUNK_HEADER_SIZE, seg[i].offset);
+            st_be32(h + NBD_CHUNK_HEADER_SIZE + 8, seg[i].len);
             iov[niov++] = (struct iovec){ h, NBD_CHUNK_HEADER_SIZE + 12 };
         } else {
             put_chunk_header(h, flags, NBD_REPLY_TYPE_OFFSET_DATA, req->handle,
                              8 + seg[i].len);
-            nbd_put64(h + NBD_CHUNK_HEADER_SIZE, seg[i].offset);
+            st_be64(h + NBD_CHUNK_HEADER_SIZE, seg[i].offset);
             iov[niov++] = (struct iovec){ h, NBD_CHUNK_HEADER_SIZE + 8 };
             iov[niov++] = (struct iovec){ w->buf + (seg[i].offset - req->offset),
                                           seg[i].len };
@@ -1403,23 +1403,23 @@ static int extents_allocation(BlockDriverState *bs, uint64_t offset,
                      (st & BDRV_BLOCK_ZERO ? NBD_STATE_ZERO : 0);
         if (n > 0 && f == last_flags) {
             last_len += (uint32_t)pnum;
-            nbd_put32(out + 8 * (n - 1), last_len);
+            st_be32(out + 8 * (n - 1), last_len);
         } else {
             if (n == max) {
                 break;
             }
             last_flags = f;
             last_len = (uint32_t)pnum;
-            nbd_put32(out + 8 * n, last_len);
-            nbd_put32(out + 8 * n + 4, last_flags);
+            st_be32(out + 8 * n, last_len);
+            st_be32(out + 8 * n + 4, last_flags);
             n++;
         }
         pos += pnum;
     }
     if (n == 0) {
         /* Nothing known: status 0 is always a safe answer. */
-        nbd_put32(out, len);
-        nbd_put32(out + 4, 0);
+        st_be32(out, len);
+        st_be32(out + 4, 0);
         n = 1;
     }
     return n;
@@ -1439,14 +1439,14 @@ static int extents_dirty(BdrvDirtyBitmap *bm, uint64_t offset, uint32_t len,
         if (ext[i].length == 0) {
             continue;
         }
-        nbd_put32(out + 8 * n, (uint32_t)ext[i].length);
-        nbd_put32(out + 8 * n + 4, ext[i].dirty ? NBD_STATE_DIRTY : 0);
+        st_be32(out + 8 * n, (uint32_t)ext[i].length);
+        st_be32(out + 8 * n + 4, ext[i].dirty ? NBD_STATE_DIRTY : 0);
         n++;
     }
     if (n == 0) {
         /* Past the end of the bitmap (a smaller backing node): clean. */
-        nbd_put32(out, len);
-        nbd_put32(out + 4, 0);
+        st_be32(out, len);
+        st_be32(out + 4, 0);
         n = 1;
     }
     return n;
@@ -1490,7 +1490,7 @@ static void do_block_status(NBDClient *c, const NBDRequest *req)
         put_chunk_header(chunk, k == c->nctx - 1 ? NBD_REPLY_FLAG_DONE : 0,
                          NBD_REPLY_TYPE_BLOCK_STATUS, req->handle,
                          (uint32_t)(4 + 8 * n));
-        nbd_put32(chunk + NBD_CHUNK_HEADER_SIZE, id);
+        st_be32(chunk + NBD_CHUNK_HEADER_SIZE, id);
         iov[k] = (struct iovec){ chunk, NBD_CHUNK_HEADER_SIZE + 4 + 8 * (size_t)n };
         k++;
     }
@@ -1606,16 +1606,16 @@ next:
     }
     uint8_t h[NBD_REQUEST_SIZE];
     if (client_recv(c, h, sizeof(h)) < 0 ||
-        nbd_get32(h) != NBD_REQUEST_MAGIC) {
+        ld_be32(h) != NBD_REQUEST_MAGIC) {
         client_set_closing(c);
         return 0;
     }
     *req = (NBDRequest){
-        .flags = nbd_get16(h + 4),
-        .type = nbd_get16(h + 6),
-        .handle = nbd_get64(h + 8),
-        .offset = nbd_get64(h + 16),
-        .len = nbd_get32(h + 24),
+        .flags = ld_be16(h + 4),
+        .type = ld_be16(h + 6),
+        .handle = ld_be64(h + 8),
+        .offset = ld_be64(h + 16),
+        .len = ld_be32(h + 24),
     };
     if (try_read_inline(c, w, req)) {
         goto next;
