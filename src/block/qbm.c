@@ -1102,7 +1102,10 @@ static bool qbm_create(const char *filename, uint64_t size,
     _cleanup_free_ char *probed_backing_format = NULL;
     if (backing) {
         _cleanup_free_ char *bpath = path_join(dir, backing);
-        BlockDriverState *b = bpath ? bdrv_open_image(bpath, backing_format, 0, errp)
+        /* Shared, as qemu-img create reads a backing file that may be in
+         * use. */
+        BlockDriverState *b = bpath ? bdrv_open_image(bpath, backing_format,
+                                                      BDRV_O_FORCE_SHARE, errp)
                                     : NULL;
         if (!b) {
             error_prepend(errp, "Could not open backing file '%s': ", backing);

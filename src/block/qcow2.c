@@ -1263,7 +1263,10 @@ static bool qcow2_create(const char *filename, uint64_t size,
             error_setg(errp, "out of memory");
             return false;
         }
-        BlockDriverState *b = bdrv_open_image(path, backing_fmt, 0, errp);
+        /* Shared, as qemu-img create reads the size of a backing file
+         * that may be in use. */
+        BlockDriverState *b = bdrv_open_image(path, backing_fmt,
+                                              BDRV_O_FORCE_SHARE, errp);
         if (!b) {
             error_prepend(errp, "Could not open backing image '%s': ", backing);
             return false;
