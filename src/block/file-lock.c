@@ -77,11 +77,10 @@ static void set_conflict(Error **errp, int r, const char *what, unsigned i,
                "the image [%s]?", what, perm_names[i], filename);
 }
 
-bool file_lock_fd(int fd, const char *filename, int flags, Error **errp)
+/* Take the bytes of (perm, shared) on fd and check for conflicts. */
+static bool lock_perms_fd(int fd, const char *filename, uint32_t perm,
+                          uint32_t shared, Error **errp)
 {
-    uint32_t perm, shared;
-    file_lock_perms(flags, &perm, &shared);
-
     /* Step one: announce what we use and what we do not share. */
     for (unsigned i = 0; i < FILE_PERM_COUNT; i++) {
         uint32_t bit = 1u << i;
@@ -129,6 +128,34 @@ bool file_lock_fd(int fd, const char *filename, int flags, Error **errp)
         }
     }
     return true;
+}
+
+bool file_lock_fd(int fd, const char *filename, int flags, Error **errp)
+{
+    uint32_t perm, shared;
+    file_lock_perms(flags, &perm, &shared);
+    return lock_perms_fd(fd, filename, perm, shared, errp);
+}
+
+int file_lock_create(const char *filename, Error **errp)
+{
+    int fd = open(filename, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "Could not create '%s'", filename);
+        return -1;
+    }
+    /* QEMU's create: write and resize, sharing all but resize. */
+    if (!lock_perms_fd(fd, filename, FILE_PERM_WRITE | FILE_PERM_RESIZE,
+                       FILE_PERM_ALL & ~FILE_PERM_RESIZE, errp)) {
+        close(fd);
+        return -1;
+    }
+    if (ftruncate(fd, 0) < 0) {
+        error_setg_errno(errp, errno, "Could not truncate '%s'", filename);
+        close(fd);
+        return -1;
+    }
+    return fd;
 }
 
 int file_lock_open(const char *filename, int flags, Error **errp)

@@ -61,4 +61,11 @@ bool file_lock_fd(int fd, const char *filename, int flags, Error **errp);
  * with errp set. */
 int file_lock_open(const char *filename, int flags, Error **errp);
 
+/* Open `filename` read-write, creating it, to write a new image into it,
+ * as QEMU's create does: the lock bytes of a writer that does not share
+ * resize are taken BEFORE the file is truncated to 0 bytes, so an image in
+ * use is refused rather than destroyed.  Returns the fd (the lock lasts
+ * until it is closed), or -1 with errp set. */
+int file_lock_create(const char *filename, Error **errp);
+
 #endif

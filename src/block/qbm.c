@@ -1095,6 +1095,16 @@ static bool qbm_create(const char *filename, uint64_t size,
         error_setg(errp, "out of memory");
         return false;
     }
+    /* An existing descriptor is replaced only if nobody uses it: held
+     * with a writer's lock (not truncated: the rename replaces it) until
+     * the new one is in place. */
+    _cleanup_close_ int desc_lock = -1;
+    if (access(filename, F_OK) == 0) {
+        desc_lock = file_lock_open(filename, BDRV_O_RDWR, errp);
+        if (desc_lock < 0) {
+            return false;
+        }
+    }
     if (!data_file) {
         data_file = default_data;
     }
@@ -1151,10 +1161,9 @@ static bool qbm_create(const char *filename, uint64_t size,
         }
         size = (uint64_t)dlen;
     } else if (strcmp(data_format, "raw") == 0) {
-        _cleanup_close_ int fd = open(dpath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
-                                      0644);
+        _cleanup_close_ int fd = file_lock_create(dpath, errp);
         if (fd < 0) {
-            error_setg_errno(errp, errno, "cannot create data file '%s'", dpath);
+            error_prepend(errp, "cannot create data file: ");
             return false;
         }
         if (ftruncate(fd, (off_t)size) < 0 || fsync(fd) < 0) {

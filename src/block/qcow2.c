@@ -48,6 +48,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "block/file-lock.h"
 #include "block/qcow2.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
@@ -1363,9 +1364,8 @@ static bool qcow2_create(const char *filename, uint64_t size,
         memcpy(buf + rb_off + c * 2, &one, 2);
     }
 
-    _cleanup_close_ int fd = open(filename, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    _cleanup_close_ int fd = file_lock_create(filename, errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "Could not create '%s'", filename);
         return false;
     }
     int r = pwrite_full(fd, buf, total * cs, 0);

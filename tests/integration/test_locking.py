@@ -12,6 +12,8 @@ exactly as two QEMU processes do:
     files and the .wil write-intent log.
   - force-share=on needs a read-only node; a second daemon with the same
     --pidfile is refused, as qemu-storage-daemon refuses it.
+  - `bitback img create` over an image in use is refused before anything
+    is truncated, as qemu-img create is.
 """
 import os
 import subprocess
@@ -270,3 +272,29 @@ def test_second_daemon_with_same_pidfile_refused(tmp_path):
         assert pidfile.read_text().strip() == str(d.pid)
         assert d.quit() == 0
     assert not pidfile.exists()
+
+
+def test_img_create_over_an_image_in_use_is_refused(tmp_path):
+    img = tmp_path / "d.qcow2"
+    qemu_img_create(img, size="1M")
+    qbm, raw = make_qbm(tmp_path)
+    with Holder(img):
+        for fmt in ("qcow2", "raw"):
+            assert_refused(run([BITBACK, "img", "create", "-f", fmt, img, "2M"],
+                               check=False))
+        # The same refusal from qemu-img, the same protocol.
+        assert_refused(run(["qemu-img", "create", "-f", "qcow2", img, "2M"],
+                           check=False))
+    info = run(["qemu-img", "info", "--output=json", img]).stdout
+    assert '"virtual-size": 1048576' in info and '"qcow2"' in info, info
+    with Daemon(tmp_path) as d:
+        serve(d, qbm.name, "qbm")
+        before = qbm.read_text()
+        assert_refused(run([BITBACK, "img", "create", "-f", "qbm", qbm,
+                            "16M"], check=False))
+        assert_refused(run([BITBACK, "img", "create", "-f", "raw", raw, "1M"],
+                           check=False))
+        assert qbm.read_text() == before
+        assert raw.stat().st_size == 16 * 1024 * 1024
+        assert d.quit() == 0
+    run([BITBACK, "img", "check", qbm])
