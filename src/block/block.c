@@ -303,9 +303,11 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
         }
     }
 
-    bool ro, crash_safe;
+    bool ro, crash_safe, force_share;
     uint64_t region;
     if (!opt_bool(options, "read-only", !(flags & BDRV_O_RDWR), &ro, errp) ||
+        !opt_bool(options, "force-share", (flags & BDRV_O_FORCE_SHARE) != 0,
+                  &force_share, errp) ||
         !opt_bool(options, "crash-safe", true, &crash_safe, errp) ||
         !opt_pow2(options, "crash-safe-region-size",
                   1ull << WIL_DEFAULT_REGION_SHIFT, 1ull << WIL_MIN_REGION_SHIFT,
@@ -325,7 +327,13 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
         json_object_object_del(drv_options, "crash-safe-region-size");
         options = drv_options;
     }
+    if (force_share && !ro) {
+        error_setg(errp, "force-share=on can only be used with read-only images");
+        return NULL;
+    }
     flags = ro ? (flags & ~BDRV_O_RDWR) : (flags | BDRV_O_RDWR);
+    flags = force_share ? (flags | BDRV_O_FORCE_SHARE)
+                        : (flags & ~BDRV_O_FORCE_SHARE);
     struct json_object *cache;
     if (json_object_object_get_ex(options, "cache", &cache) && cache) {
         bool direct;
@@ -378,6 +386,7 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
         if (bs->file->filename) {
             bs->filename = strdup(bs->file->filename);
         }
+        bs->locking = bs->file->locking;
     } else if (json_object_object_get_ex(options, "filename", &v) &&
                json_object_is_type(v, json_type_string)) {
         bs->filename = strdup(json_object_get_string(v));

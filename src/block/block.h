@@ -43,6 +43,11 @@ typedef struct BlockDriverState BlockDriverState;
 #define BDRV_O_RDWR     0x0001   /* open for writing */
 #define BDRV_O_NOCACHE  0x0002   /* O_DIRECT on file nodes */
 #define BDRV_O_NO_BACKING 0x0004 /* do not open the image's backing file */
+#define BDRV_O_FORCE_SHARE 0x0008 /* read-only, and let others write and
+                                     resize every file (force-share=on, -U) */
+#define BDRV_O_NO_LOCK  0x0010   /* file nodes default to locking=off (for
+                                     files a driver opens on behalf of a
+                                     node whose file has locking=off) */
 
 /* Request flags. */
 #define BDRV_REQ_FUA          0x0001  /* write: data durable on return */
@@ -133,6 +138,10 @@ struct BlockDriverState {
     char *backing_format;          /* its recorded format, or NULL */
     bool read_only;
     int open_flags;
+    bool locking;                  /* its files hold QEMU's lock bytes
+                                      (file-lock.h): the file node's
+                                      "locking" option; a format node
+                                      copies its file child's */
     uint32_t request_alignment;    /* set by the driver's open; default 1 */
     int supported_read_flags;      /* BDRV_REQ_NOWAIT if preadv honours it
                                       (set by the driver's open); without

@@ -5,6 +5,12 @@
  *
  * Holes are found with SEEK_DATA/SEEK_HOLE, zero writes use fallocate
  * (punching holes when the caller allows it), FUA writes use RWF_DSYNC.
+ *
+ * Locking (option "locking": on | off | auto, as QEMU's file driver; auto
+ * means on, since Linux has OFD locks): the fd takes QEMU's lock bytes at
+ * open (file-lock.h) for a writer or a reader, so the open fails while
+ * QEMU's tools or another bitback hold the file in a conflicting way, and
+ * they are refused while we hold it.  The locks live as long as the fd.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -19,6 +25,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/file-lock.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
@@ -32,6 +39,28 @@ typedef struct BDRVFileState {
     bool has_fallocate;     /* cleared after EOPNOTSUPP */
 } BDRVFileState;
 
+/* The "locking" option: *ret_on (default: on unless BDRV_O_NO_LOCK). */
+static bool file_opt_locking(struct json_object *options, int flags,
+                             bool *ret_on, Error **errp)
+{
+    struct json_object *v;
+    *ret_on = !(flags & BDRV_O_NO_LOCK);
+    if (!json_object_object_get_ex(options, "locking", &v) || !v) {
+        return true;
+    }
+    const char *s = json_object_is_type(v, json_type_string)
+                    ? json_object_get_string(v) : "";
+    if (!strcmp(s, "on") || !strcmp(s, "auto")) {
+        *ret_on = true;
+    } else if (!strcmp(s, "off")) {
+        *ret_on = false;
+    } else {
+        error_setg(errp, "Parameter 'locking' expects 'on', 'off' or 'auto'");
+        return false;
+    }
+    return true;
+}
+
 static bool file_open(BlockDriverState *bs, struct json_object *options, int flags,
                       Error **errp)
 {
@@ -43,6 +72,9 @@ static bool file_open(BlockDriverState *bs, struct json_object *options, int fla
         return false;
     }
     const char *filename = json_object_get_string(v);
+    if (!file_opt_locking(options, flags, &bs->locking, errp)) {
+        return false;
+    }
     int oflags = O_CLOEXEC | ((flags & BDRV_O_RDWR) ? O_RDWR : O_RDONLY);
     if (flags & BDRV_O_NOCACHE) {
         oflags |= O_DIRECT;
@@ -60,6 +92,10 @@ static bool file_open(BlockDriverState *bs, struct json_object *options, int fla
     }
     if (S_ISDIR(st.st_mode)) {
         error_setg(errp, "'%s' is a directory", filename);
+        close(s->fd);
+        return false;
+    }
+    if (bs->locking && !file_lock_fd(s->fd, filename, flags, errp)) {
         close(s->fd);
         return false;
     }

@@ -23,6 +23,7 @@
 #include <json-c/json.h>
 
 #include "block/block.h"
+#include "block/file-lock.h"
 #include "block/qbm-format.h"
 #include "util/bswap.h"
 #include "util/cleanup.h"
@@ -813,14 +814,23 @@ char *qbm_descriptor_to_json(const QbmDescriptor *d)
     return out;
 }
 
-bool qbm_descriptor_write(const char *path, const QbmDescriptor *d, Error **errp)
+static bool descriptor_lock_new(int fd, const char *tmp_path, void *opaque,
+                                Error **errp)
+{
+    return file_lock_fd(fd, tmp_path, *(const int *)opaque, errp);
+}
+
+bool qbm_descriptor_write(const char *path, const QbmDescriptor *d,
+                          int lock_flags, int *ret_lock_fd, Error **errp)
 {
     _cleanup_free_ char *text = qbm_descriptor_to_json(d);
     if (!text) {
         error_setg(errp, "out of memory");
         return false;
     }
-    return file_replace_atomic(path, text, strlen(text), errp);
+    return file_replace_atomic_full(path, text, strlen(text),
+                                    ret_lock_fd ? descriptor_lock_new : NULL,
+                                    &lock_flags, ret_lock_fd, errp);
 }
 
 int qbm_descriptor_probe(const uint8_t *buf, size_t len)

@@ -122,8 +122,13 @@ bool qbm_descriptor_parse(const char *text, size_t len, const char *display,
 bool qbm_descriptor_read(const char *path, QbmDescriptor *d, Error **errp);
 /* The descriptor as JSON text ("QBM" first, pretty).  Caller frees. */
 char *qbm_descriptor_to_json(const QbmDescriptor *d);
-/* Atomically replace the descriptor at path (invariant 3). */
-bool qbm_descriptor_write(const char *path, const QbmDescriptor *d, Error **errp);
+/* Atomically replace the descriptor at path (invariant 3).  With
+ * ret_lock_fd (NULL: none), the new descriptor takes the lock bytes of an
+ * open with BDRV_O_* lock_flags (file-lock.h) before it replaces the old
+ * one, and *ret_lock_fd gets the fd that holds them (the caller closes
+ * it). */
+bool qbm_descriptor_write(const char *path, const QbmDescriptor *d,
+                          int lock_flags, int *ret_lock_fd, Error **errp);
 void qbm_descriptor_clear(QbmDescriptor *d);
 void qbm_bitmap_entry_clear(QbmBitmapEntry *e);
 

@@ -9,6 +9,15 @@
  * because replacement is a rename in its folder).  The data image is a
  * child node we open ourselves (s->data); bs->backing is the backing image.
  *
+ * Image locks (file-lock.h), when bs->locking: the data image's file node
+ * and bs->file (the descriptor as opened) lock themselves; the bitmap
+ * files and the allocation file, which we read and write with short-lived
+ * fds, are locked by fds kept in s->locks for as long as the node uses
+ * them; a descriptor written by us takes its lock before it replaces the
+ * old one (qbm_descriptor_write), and that fd joins s->locks too.  So no
+ * file of the image can be opened in a conflicting way by QEMU's tools or
+ * another bitback while the node is open.
+ *
  * Locks (outermost first):
  *   clean_lock (rwlock)  every data-changing request holds it shared while
  *                        it runs; store_bitmaps and descriptor changes hold
@@ -31,10 +40,17 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/file-lock.h"
 #include "block/qbm-format.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
+
+/* An fd that holds the lock bytes of one file of the image. */
+typedef struct QbmFileLock {
+    char *path;
+    int fd;
+} QbmFileLock;
 
 typedef struct BDRVQbmState {
     char *desc_path;                /* the descriptor file */
@@ -57,11 +73,93 @@ typedef struct BDRVQbmState {
     pthread_mutex_t alloc_write_lock;
     pthread_mutex_t flush_lock;
     bool locks_init;
+
+    QbmFileLock *locks;             /* lock fds of side files (see top) */
+    size_t nb_locks;
 } BDRVQbmState;
 
 static char *qbm_file_path(BDRVQbmState *s, const char *name)
 {
     return path_join(s->dir, name);
+}
+
+/* Keep `fd` (a lock holder for `path`) in s->locks, replacing the entry of
+ * the same path.  Takes ownership of fd. */
+static bool qbm_keep_lock(BDRVQbmState *s, const char *path, int fd, Error **errp)
+{
+    for (size_t i = 0; i < s->nb_locks; i++) {
+        if (strcmp(s->locks[i].path, path) == 0) {
+            close(s->locks[i].fd);
+            s->locks[i].fd = fd;
+            return true;
+        }
+    }
+    QbmFileLock *arr = realloc(s->locks, (s->nb_locks + 1) * sizeof(*arr));
+    char *copy = strdup(path);
+    if (!arr || !copy) {
+        if (arr) {
+            s->locks = arr;
+        }
+        free(copy);
+        close(fd);
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    s->locks = arr;
+    s->locks[s->nb_locks++] = (QbmFileLock){ .path = copy, .fd = fd };
+    return true;
+}
+
+/* Lock the side file `name` of the image for as long as the node uses it
+ * (a no-op with locking off, or when the file does not exist: loading it
+ * reports that). */
+static bool qbm_lock_file(BlockDriverState *bs, const char *name, Error **errp)
+{
+    BDRVQbmState *s = bs->opaque;
+    if (!bs->locking) {
+        return true;
+    }
+    _cleanup_free_ char *path = qbm_file_path(s, name);
+    if (!path) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    if (access(path, F_OK) != 0) {
+        return true;
+    }
+    int fd = file_lock_open(path, bs->open_flags, errp);
+    return fd >= 0 && qbm_keep_lock(s, path, fd, errp);
+}
+
+/* Drop the lock of the side file `name` (once the node no longer uses it). */
+static void qbm_unlock_file(BDRVQbmState *s, const char *name)
+{
+    _cleanup_free_ char *path = qbm_file_path(s, name);
+    for (size_t i = 0; path && i < s->nb_locks; i++) {
+        if (strcmp(s->locks[i].path, path) == 0) {
+            close(s->locks[i].fd);
+            free(s->locks[i].path);
+            s->locks[i] = s->locks[--s->nb_locks];
+            return;
+        }
+    }
+}
+
+/* Replace the descriptor with s->desc; with locking, the new descriptor is
+ * locked before it takes the old one's place. */
+static bool qbm_write_descriptor(BlockDriverState *bs, Error **errp)
+{
+    BDRVQbmState *s = bs->opaque;
+    int fd = -1;
+    if (!qbm_descriptor_write(s->desc_path, &s->desc, bs->open_flags,
+                              bs->locking ? &fd : NULL, errp)) {
+        return false;
+    }
+    if (fd >= 0 && !qbm_keep_lock(s, s->desc_path, fd, errp)) {
+        error_prepend(errp, "'%s' is written, but not locked: ", s->desc_path);
+        return false;
+    }
+    return true;
 }
 
 static void qbm_state_free(BDRVQbmState *s)
@@ -78,6 +176,13 @@ static void qbm_state_free(BDRVQbmState *s)
     free(s->dir);
     s->alloc_path = s->desc_path = s->dir = NULL;
     qbm_descriptor_clear(&s->desc);
+    for (size_t i = 0; i < s->nb_locks; i++) {
+        close(s->locks[i].fd);
+        free(s->locks[i].path);
+    }
+    free(s->locks);
+    s->locks = NULL;
+    s->nb_locks = 0;
     if (s->locks_init) {
         pthread_rwlock_destroy(&s->clean_lock);
         pthread_mutex_destroy(&s->alloc_lock);
@@ -340,8 +445,11 @@ static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flag
             error_setg(errp, "out of memory");
             goto fail;
         }
-        s->data = bdrv_open_image(path, s->desc.data_format,
-                                  flags & (BDRV_O_RDWR | BDRV_O_NOCACHE), errp);
+        /* Locked as the descriptor is (its file node's "locking"). */
+        int data_flags = (flags & (BDRV_O_RDWR | BDRV_O_NOCACHE |
+                                   BDRV_O_FORCE_SHARE)) |
+                         (bs->locking ? 0 : BDRV_O_NO_LOCK);
+        s->data = bdrv_open_image(path, s->desc.data_format, data_flags, errp);
         if (!s->data) {
             error_prepend(errp, "cannot open the data image of '%s': ",
                           s->desc_path);
@@ -361,6 +469,16 @@ static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flag
             error_setg(errp, "data image '%s' is %lld bytes, shorter than the "
                        "image size %llu in '%s'", path, (long long)len,
                        (unsigned long long)s->desc.size, s->desc_path);
+            goto fail;
+        }
+    }
+
+    /* The side files, before anything reads or writes them. */
+    if (s->desc.alloc_file && !qbm_lock_file(bs, s->desc.alloc_file, errp)) {
+        goto fail;
+    }
+    for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
+        if (!qbm_lock_file(bs, s->desc.bitmaps[i].file, errp)) {
             goto fail;
         }
     }
@@ -854,9 +972,14 @@ static bool qbm_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
                    bm->name, s->dir);
         goto out;
     }
+    if (!qbm_lock_file(bs, file, errp)) {
+        unlink(path);
+        goto out;
+    }
     QbmBitmapEntry *arr = realloc(s->desc.bitmaps,
                                   (s->desc.nb_bitmaps + 1) * sizeof(*arr));
     if (!arr) {
+        qbm_unlock_file(s, file);
         unlink(path);
         error_setg(errp, "out of memory");
         goto out;
@@ -871,11 +994,12 @@ static bool qbm_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
     e->hdr = hdr;
     s->desc.nb_bitmaps++;
     /* Invariant 4: the file exists and is synced before it is published. */
-    if (!e->name || !qbm_descriptor_write(s->desc_path, &s->desc, errp)) {
+    if (!e->name || !qbm_write_descriptor(bs, errp)) {
         if (!e->name) {
             error_setg(errp, "out of memory");
         }
         s->desc.nb_bitmaps--;
+        qbm_unlock_file(s, e->file);
         qbm_bitmap_entry_clear(e);
         unlink(path);
         goto out;
@@ -908,7 +1032,7 @@ static bool qbm_persistent_bitmap_remove(BlockDriverState *bs, const char *name,
             (s->desc.nb_bitmaps - idx - 1) * sizeof(*e));
     s->desc.nb_bitmaps--;
     /* Invariant 4: unpublish first, then delete. */
-    if (!qbm_descriptor_write(s->desc_path, &s->desc, errp)) {
+    if (!qbm_write_descriptor(bs, errp)) {
         memmove(&s->desc.bitmaps[idx + 1], &s->desc.bitmaps[idx],
                 (s->desc.nb_bitmaps - idx) * sizeof(*e));
         s->desc.bitmaps[idx] = saved;
@@ -919,6 +1043,7 @@ static bool qbm_persistent_bitmap_remove(BlockDriverState *bs, const char *name,
     if (path && unlink(path) == 0) {
         fsync_parent_dir(path);
     }
+    qbm_unlock_file(s, saved.file);
     qbm_bitmap_entry_clear(&saved);
     ok = true;
 out:
@@ -976,7 +1101,7 @@ static bool qbm_store_bitmaps(BlockDriverState *bs, Error **errp)
         }
         s->alloc_hdr = h;
     }
-    if (desc_changed && !qbm_descriptor_write(s->desc_path, &s->desc, errp)) {
+    if (desc_changed && !qbm_write_descriptor(bs, errp)) {
         goto out;
     }
     __atomic_store_n(&s->files_clean, true, __ATOMIC_RELEASE);
@@ -1042,6 +1167,16 @@ static bool qbm_create(const char *filename, uint64_t size,
         error_setg(errp, "out of memory");
         return false;
     }
+    /* An existing descriptor is replaced only if nobody uses it: held
+     * with a writer's lock (not truncated: the rename replaces it) until
+     * the new one is in place. */
+    _cleanup_close_ int desc_lock = -1;
+    if (access(filename, F_OK) == 0) {
+        desc_lock = file_lock_open(filename, BDRV_O_RDWR, errp);
+        if (desc_lock < 0) {
+            return false;
+        }
+    }
     if (!data_file) {
         data_file = default_data;
     }
@@ -1049,7 +1184,10 @@ static bool qbm_create(const char *filename, uint64_t size,
     _cleanup_free_ char *probed_backing_format = NULL;
     if (backing) {
         _cleanup_free_ char *bpath = path_join(dir, backing);
-        BlockDriverState *b = bpath ? bdrv_open_image(bpath, backing_format, 0, errp)
+        /* Shared, as qemu-img create reads a backing file that may be in
+         * use. */
+        BlockDriverState *b = bpath ? bdrv_open_image(bpath, backing_format,
+                                                      BDRV_O_FORCE_SHARE, errp)
                                     : NULL;
         if (!b) {
             error_prepend(errp, "Could not open backing file '%s': ", backing);
@@ -1095,10 +1233,9 @@ static bool qbm_create(const char *filename, uint64_t size,
         }
         size = (uint64_t)dlen;
     } else if (strcmp(data_format, "raw") == 0) {
-        _cleanup_close_ int fd = open(dpath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
-                                      0644);
+        _cleanup_close_ int fd = file_lock_create(dpath, errp);
         if (fd < 0) {
-            error_setg_errno(errp, errno, "cannot create data file '%s'", dpath);
+            error_prepend(errp, "cannot create data file: ");
             return false;
         }
         if (ftruncate(fd, (off_t)size) < 0 || fsync(fd) < 0) {
@@ -1138,7 +1275,7 @@ static bool qbm_create(const char *filename, uint64_t size,
     } else if (!ok) {
         error_setg(errp, "out of memory");
     }
-    ok = ok && qbm_descriptor_write(filename, &d, errp);
+    ok = ok && qbm_descriptor_write(filename, &d, 0, NULL, errp);
     qbm_descriptor_clear(&d);
     return ok;
 }

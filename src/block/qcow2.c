@@ -47,6 +47,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "block/file-lock.h"
 #include "block/qcow2.h"
 #include "util/cleanup.h"
 #include "util/bswap.h"
@@ -1235,7 +1236,10 @@ static bool qcow2_create(const char *filename, uint64_t size,
             error_setg(errp, "out of memory");
             return false;
         }
-        BlockDriverState *b = bdrv_open_image(path, backing_fmt, 0, errp);
+        /* Shared, as qemu-img create reads the size of a backing file
+         * that may be in use. */
+        BlockDriverState *b = bdrv_open_image(path, backing_fmt,
+                                              BDRV_O_FORCE_SHARE, errp);
         if (!b) {
             error_prepend(errp, "Could not open backing image '%s': ", backing);
             return false;
@@ -1331,9 +1335,8 @@ static bool qcow2_create(const char *filename, uint64_t size,
         st_be16(buf + rb_off + c * 2, 1);
     }
 
-    _cleanup_close_ int fd = open(filename, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    _cleanup_close_ int fd = file_lock_create(filename, errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "Could not create '%s'", filename);
         return false;
     }
     int r = pwrite_full(fd, buf, total * cs, 0);

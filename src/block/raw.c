@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/file-lock.h"
 #include "util/cleanup.h"
 
 static bool raw_open(BlockDriverState *bs, struct json_object *options, int flags,
@@ -77,9 +78,8 @@ static bool raw_create(const char *filename, uint64_t size,
                    json_object_iter_peek_name(&it));
         return false;
     }
-    _cleanup_close_ int fd = open(filename, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    _cleanup_close_ int fd = file_lock_create(filename, errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "Could not create '%s'", filename);
         return false;
     }
     if (ftruncate(fd, (off_t)size) < 0) {

@@ -30,6 +30,7 @@
 #include <xxhash.h>
 
 #include "block/block.h"
+#include "block/file-lock.h"
 #include "block/write-intent.h"
 #include "bitmap/dirty-bitmap.h"
 #include "util/cleanup.h"
@@ -991,6 +992,13 @@ static bool activate(WriteIntent *w, Error **errp)
         if (w->fd < 0) {
             error_setg_errno(errp, errno, "cannot open the write-intent log '%s'",
                              w->path);
+            return false;
+        }
+        /* The log is a file of the image: locked as the image is. */
+        if (w->bs->locking &&
+            !file_lock_fd(w->fd, w->path, w->bs->open_flags, errp)) {
+            close(w->fd);
+            w->fd = -1;
             return false;
         }
         /* Slots after the map; sized on first use. */

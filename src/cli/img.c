@@ -48,10 +48,14 @@ void cli_img_usage(FILE *out)
             "      FMT is raw (default), qcow2 or qbm.  qbm options: data-file, data-format,\n"
             "      backing, backing-format, granularity.  qcow2 options: cluster_size,\n"
             "      backing_file, backing_fmt, compression_type.  -o may be repeated.\n"
-            "  bitback img info [--output=human|json] [--backing-chain] [-f FMT] FILE\n"
+            "  bitback img info [--output=human|json] [--backing-chain] [-f FMT] [-U] FILE\n"
             "  bitback img map [--output=human|json] [--bitmap NAME] [--start-offset OFF]\n"
-            "                  [--max-length LEN] [-f FMT] FILE\n"
-            "  bitback img check [--output=human|json] [-f FMT] FILE\n"
+            "                  [--max-length LEN] [-f FMT] [-U] FILE\n"
+            "  bitback img check [--output=human|json] [-f FMT] [-U] FILE\n"
+            "\n"
+            "Images are locked as QEMU locks them: an image another process (bitbackd,\n"
+            "qemu-io, qemu-storage-daemon...) holds for writing cannot be opened.\n"
+            "-U, --force-share opens it anyway (read-only; what it shows may be stale).\n"
             "\n"
             "img check exits 0 when the image is consistent, 2 when it is corrupt,\n"
             "3 when only bitmaps are inconsistent (data intact; remove them),\n"
@@ -555,14 +559,14 @@ static void print_info_human(struct json_object *o)
 /* Open for reading; if the backing chain can not be opened, retry without
  * it so info still describes the image itself. */
 static BlockDriverState *open_read_only(const char *filename, const char *fmt,
-                                        Error **errp)
+                                        int flags, Error **errp)
 {
     Error *err = NULL;
-    BlockDriverState *bs = cli_open_image(filename, fmt, 0, &err);
+    BlockDriverState *bs = cli_open_image(filename, fmt, flags, &err);
 
     if (!bs) {
         BlockDriverState *nb = cli_open_image(filename, fmt,
-                                              BDRV_O_NO_BACKING, NULL);
+                                              flags | BDRV_O_NO_BACKING, NULL);
         if (nb) {
             error_free(err);
             return nb;
@@ -587,7 +591,7 @@ static int img_info(int argc, char **argv)
     bool json = false, backing_chain = false;
     BlockDriverState *bs;
     Error *err = NULL;
-    int c;
+    int c, open_flags = 0;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "hf:U", long_opts, NULL)) != -1) {
@@ -599,6 +603,7 @@ static int img_info(int argc, char **argv)
             fmt = optarg;
             break;
         case 'U':
+            open_flags |= BDRV_O_FORCE_SHARE;
             break;
         case OPT_OUTPUT:
             if (!cli_parse_output(optarg, &json, &err)) {
@@ -619,7 +624,7 @@ static int img_info(int argc, char **argv)
     }
     filename = argv[optind];
 
-    bs = open_read_only(filename, fmt, &err);
+    bs = open_read_only(filename, fmt, open_flags, &err);
     if (!bs) {
         error_report_err(err);
         return CLI_EXIT_ERROR;
@@ -872,7 +877,7 @@ static int img_map(int argc, char **argv)
     BlockDriverState *bs;
     Error *err = NULL;
     int64_t len;
-    int c, ret;
+    int c, ret, open_flags = 0;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "hf:U", long_opts, NULL)) != -1) {
@@ -884,6 +889,7 @@ static int img_map(int argc, char **argv)
             fmt = optarg;
             break;
         case 'U':
+            open_flags |= BDRV_O_FORCE_SHARE;
             break;
         case OPT_OUTPUT:
             if (!cli_parse_output(optarg, &json, &err)) {
@@ -918,7 +924,7 @@ static int img_map(int argc, char **argv)
 
     /* No fallback without the backing file here: the map of an overlay
      * depends on it. */
-    bs = cli_open_image(filename, fmt, 0, &err);
+    bs = cli_open_image(filename, fmt, open_flags, &err);
     if (!bs) {
         error_report_err(err);
         return CLI_EXIT_ERROR;
@@ -966,7 +972,7 @@ static int img_check(int argc, char **argv)
     bool json = false;
     BlockDriverState *bs;
     Error *err = NULL;
-    int c, errors = 0, ret;
+    int c, errors = 0, ret, open_flags = 0;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "hf:Uq", long_opts, NULL)) != -1) {
@@ -978,6 +984,8 @@ static int img_check(int argc, char **argv)
             fmt = optarg;
             break;
         case 'U':
+            open_flags |= BDRV_O_FORCE_SHARE;
+            break;
         case 'q':
             break;
         case OPT_OUTPUT:
@@ -996,7 +1004,7 @@ static int img_check(int argc, char **argv)
     }
     filename = argv[optind];
 
-    bs = cli_open_image(filename, fmt, 0, &err);
+    bs = cli_open_image(filename, fmt, open_flags, &err);
     if (!bs) {
         /* An image too broken to open is a failed check, not a crash. */
         error_prepend(&err, "Check failed: ");

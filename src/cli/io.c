@@ -1,7 +1,7 @@
 /*
  * `bitback io`: qemu-io style reads and writes through the block library.
  *
- *   bitback io [-f FMT] [-r] [-n] FILE -c CMD [-c CMD ...]
+ *   bitback io [-f FMT] [-r [-U]] [-n] FILE -c CMD [-c CMD ...]
  *
  * Commands (a subset of qemu-io's, same syntax and output):
  *   write [-P PATTERN] [-z [-u]] [-f] [-q] OFF LEN
@@ -45,12 +45,14 @@ typedef struct IoState {
 void cli_io_usage(FILE *out)
 {
     fprintf(out,
-            "Usage: bitback io [-f FMT] [-r] [-n] FILE -c CMD [-c CMD ...]\n"
+            "Usage: bitback io [-f FMT] [-r [-U]] [-n] FILE -c CMD [-c CMD ...]\n"
             "\n"
             "Options:\n"
             "  -c, --cmd CMD      run CMD (may be repeated; run in order)\n"
             "  -f, --format FMT   image format (default: probe)\n"
             "  -r, --read-only    open the image read-only\n"
+            "  -U, --force-share  open it even while another process writes it\n"
+            "                     (with -r only, as qemu-io)\n"
             "  -n, --nocache      use O_DIRECT\n"
             "\n"
             "Commands:\n"
@@ -538,6 +540,7 @@ int cli_cmd_io(int argc, char **argv)
             flags |= BDRV_O_NOCACHE;
             break;
         case 'U':
+            flags |= BDRV_O_FORCE_SHARE;   /* the block layer wants -r too */
             break;
         default:
             return CLI_EXIT_ERROR;

@@ -57,6 +57,7 @@ typedef struct Chardev {
 static Chardev chardevs[BITBACKD_MAX_CHARDEVS];
 static int nchardevs;
 static char *pidfile_path;     /* absolute, for unlink at exit */
+static int pidfile_fd = -1;    /* holds the pidfile's lock while we run */
 static int daemon_ready_fd = -1;
 
 enum {
@@ -265,21 +266,50 @@ static bool opt_monitor(const char *arg, Error **errp)
     return false;
 }
 
+/* Write our pid to `path` and hold a lock on it for the life of the
+ * process, as qemu-storage-daemon does (a POSIX record lock, lockf): a
+ * second daemon with the same pidfile -- bitbackd or qemu-storage-daemon --
+ * is refused and leaves the file alone.  The file is truncated only once
+ * it is ours, and a file unlinked by its previous owner between our open
+ * and our lock is not taken for the one at `path`. */
 static bool write_pidfile(const char *path, Error **errp)
 {
     char buf[32];
     int len = snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
-    _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
-                                  0644);
-    if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot create pid file '%s'", path);
-        return false;
+    for (int tries = 0; ; tries++) {
+        struct stat st_fd, st_path;
+        int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            error_setg_errno(errp, errno, "cannot create pid file '%s'", path);
+            return false;
+        }
+        if (lockf(fd, F_TLOCK, 0) < 0) {
+            int e = errno;
+            close(fd);
+            if (e == EAGAIN || e == EACCES) {
+                error_setg(errp, "cannot lock pid file '%s': is another daemon "
+                           "using it?", path);
+            } else {
+                error_setg_errno(errp, e, "cannot lock pid file '%s'", path);
+            }
+            return false;
+        }
+        if (fstat(fd, &st_fd) == 0 && stat(path, &st_path) == 0 &&
+            st_fd.st_dev == st_path.st_dev && st_fd.st_ino == st_path.st_ino) {
+            if (ftruncate(fd, 0) < 0 || write(fd, buf, len) != len) {
+                error_setg_errno(errp, errno, "cannot write pid file '%s'", path);
+                close(fd);
+                return false;
+            }
+            pidfile_fd = fd;
+            return true;
+        }
+        close(fd);
+        if (tries == 10) {
+            error_setg(errp, "pid file '%s' keeps being replaced", path);
+            return false;
+        }
     }
-    if (write(fd, buf, len) != len) {
-        error_setg_errno(errp, errno, "cannot write pid file '%s'", path);
-        return false;
-    }
-    return true;
 }
 
 /* ---- daemonizing ---- */
@@ -529,8 +559,9 @@ int main(int argc, char **argv)
     bool ok = write_intent_sync_all_changed();
     ok = close_all_nodes() && ok;
     qmp_monitor_cleanup();
-    if (pidfile_path) {
-        unlink(pidfile_path);
+    if (pidfile_fd >= 0) {
+        unlink(pidfile_path);    /* while still ours */
+        close(pidfile_fd);
     }
     return ok ? 0 : 1;
 

@@ -231,12 +231,19 @@ int fsync_parent_dir(const char *path)
 bool file_replace_atomic(const char *path, const void *data, size_t len,
                          Error **errp)
 {
+    return file_replace_atomic_full(path, data, len, NULL, NULL, NULL, errp);
+}
+
+bool file_replace_atomic_full(const char *path, const void *data, size_t len,
+                              FileReplacePrepareFn *prepare, void *opaque,
+                              int *ret_fd, Error **errp)
+{
     _cleanup_free_ char *tmp = NULL;
     if (asprintf(&tmp, "%s.tmp", path) < 0) {
         error_setg(errp, "out of memory");
         return false;
     }
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
         error_setg_errno(errp, errno, "cannot create '%s'", tmp);
         return false;
@@ -245,24 +252,42 @@ bool file_replace_atomic(const char *path, const void *data, size_t len,
     if (r == 0 && fsync(fd) < 0) {
         r = -errno;
     }
-    if (close(fd) < 0 && r == 0) {
-        r = -errno;
-    }
     if (r < 0) {
-        unlink(tmp);
         error_setg_errno(errp, -r, "cannot write '%s'", tmp);
-        return false;
+        goto fail;
+    }
+    if (prepare && !prepare(fd, tmp, opaque, errp)) {
+        goto fail;
+    }
+    if (!ret_fd) {
+        int cfd = fd;
+        fd = -1;
+        if (close(cfd) < 0) {
+            error_setg_errno(errp, errno, "cannot write '%s'", tmp);
+            goto fail;
+        }
     }
     if (rename(tmp, path) < 0) {
-        int e = errno;
-        unlink(tmp);
-        error_setg_errno(errp, e, "cannot rename '%s' to '%s'", tmp, path);
-        return false;
+        error_setg_errno(errp, errno, "cannot rename '%s' to '%s'", tmp, path);
+        goto fail;
     }
     r = fsync_parent_dir(path);
     if (r < 0) {
         error_setg_errno(errp, -r, "cannot sync the folder of '%s'", path);
+        if (fd >= 0) {
+            close(fd);
+        }
         return false;
     }
+    if (ret_fd) {
+        *ret_fd = fd;
+    }
     return true;
+
+fail:
+    if (fd >= 0) {
+        close(fd);
+    }
+    unlink(tmp);
+    return false;
 }

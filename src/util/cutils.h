@@ -44,6 +44,16 @@ bool path_is_simple_name(const char *name);
  * either the old or the new file.  Returns false with errp set on failure. */
 bool file_replace_atomic(const char *path, const void *data, size_t len,
                          Error **errp);
+/* The same, and then some: `prepare` (NULL: none) runs on the new file --
+ * its fd open read-write, the data synced -- before the file takes path's
+ * place, and its failure abandons the replacement (for taking the new
+ * file's lock before anyone can open it by name).  With ret_fd (NULL: not
+ * wanted) the new file's fd stays open there for the caller to close. */
+typedef bool FileReplacePrepareFn(int fd, const char *tmp_path, void *opaque,
+                                  Error **errp);
+bool file_replace_atomic_full(const char *path, const void *data, size_t len,
+                              FileReplacePrepareFn *prepare, void *opaque,
+                              int *ret_fd, Error **errp);
 /* fsync the folder that holds `path`. */
 int fsync_parent_dir(const char *path);
 

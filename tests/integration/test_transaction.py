@@ -336,8 +336,12 @@ def test_transaction_commits_bitmap_clear_with_backup_and_grouped_jobs(
     assert wait_job_end(c, "j")["event"] == "BLOCK_JOB_COMPLETED"
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
          tmp_path / "src.raw", tmp_path / "t0.raw"])
-    # Two jobs completing together.
-    qemu_io(tmp_path / "t1.raw", "write -P 0x62 7M 1M")
+    # Two jobs completing together.  t1.raw is open in the daemon for
+    # writing (image locking): write it through an export.
+    c.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "t1"},
+          writable=True)
+    qemu_io(daemon.nbd_uri("t1"), "write -P 0x62 7M 1M")
+    c.del_export("e1")
     c.cmd("transaction", actions=[
         {"type": "blockdev-backup", "data": backup_args(**{"job-id": "ga"},
                                                         target="t0")},
@@ -394,7 +398,8 @@ def create_overlay(kind, path, backing, backing_fmt="raw"):
 def image_info(path):
     return json.loads(run(["qemu-img", "info", "-U", "--output=json", str(path)]).stdout) \
         if not str(path).endswith(".qbm") else \
-        json.loads(run([BITBACK, "img", "info", "--output=json", str(path)]).stdout)
+        json.loads(run([BITBACK, "img", "info", "-U", "--output=json",
+                        str(path)]).stdout)
 
 
 def test_drive_backup_creates_its_target(daemon, tmp_path):
@@ -410,12 +415,14 @@ def test_drive_backup_creates_its_target(daemon, tmp_path):
     assert sorted(n for n in names if not n.startswith("#")) == \
         ["d0", "small", "t0", "t1", "t2"]
     assert len(names) == 10      # 5 format nodes + their file nodes
-    # An existing target, mode=existing.
-    c.cmd("drive-backup", backup_args(target="t1.raw", mode="existing",
+    # An existing target, mode=existing (one no node holds: a file a
+    # writable node has open is locked, in the daemon too).
+    raw_image(tmp_path / "t3.raw")
+    c.cmd("drive-backup", backup_args(target="t3.raw", mode="existing",
                                       format="raw", **{"job-id": "j2"}))
     assert wait_job_end(c, "j2")["event"] == "BLOCK_JOB_COMPLETED"
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
-         tmp_path / "src.raw", tmp_path / "t1.raw"])
+         tmp_path / "src.raw", tmp_path / "t3.raw"])
 
 
 def test_drive_backup_sync_none_gets_the_source_as_backing(kind, tmp_path):
