@@ -1,0 +1,315 @@
+/*
+ * NBD server exports: the registry of named exports of block nodes, and
+ * the dirty bitmaps each one serves as qemu:dirty-bitmap:NAME.
+ *
+ * The list lives in nbd_srv.exports under nbd_srv.lock.  An export is
+ * found by id (QMP) or by name (clients; the empty name is the first
+ * export).  A client pins the export it negotiates (nbd_export_pin counts
+ * it in nclients) and the export is freed only once nclients is 0
+ * (invariant 4 in nbd-internal.h): nbd_export_del hides it from new
+ * clients, shuts its clients' sockets for reading, and waits.  An exported
+ * bitmap is marked busy until the export is freed.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "nbd/nbd-internal.h"
+#include "util/cleanup.h"
+
+static NBDExport *export_find_locked(const char *name)
+{
+    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+        if (!e->removing && strcmp(e->name, name) == 0) {
+            return e;
+        }
+    }
+    if (name[0] == '\0') {
+        /* The default export: the first one added. */
+        for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+            if (!e->removing) {
+                return e;
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Find an export by name and count a user of it (invariant 4). */
+NBDExport *nbd_export_pin(const char *name)
+{
+    LOCK_GUARD(&nbd_srv.lock);
+    NBDExport *e = export_find_locked(name);
+    if (e) {
+        e->nclients++;
+    }
+    return e;
+}
+
+void nbd_export_unpin(NBDExport *e)
+{
+    if (!e) {
+        return;
+    }
+    LOCK_GUARD(&nbd_srv.lock);
+    e->nclients--;
+    pthread_cond_broadcast(&nbd_srv.cond);
+}
+
+void nbd_export_free(NBDExport *e)
+{
+    if (!e) {
+        return;
+    }
+    for (int i = 0; i < e->nbitmaps; i++) {
+        if (e->bitmaps[i]) {
+            bdrv_dirty_bitmap_set_busy(e->bitmaps[i], false);
+        }
+        free(e->ctx_names[i]);
+    }
+    free(e->bitmaps);
+    free(e->ctx_names);
+    if (e->bs) {
+        bdrv_unref(e->bs);
+    }
+    free(e->id);
+    free(e->name);
+    free(e->description);
+    free(e);
+}
+
+/* A bitmap named `name` on bs or down its backing chain. */
+static BdrvDirtyBitmap *find_bitmap_in_chain(BlockDriverState *bs,
+                                             const char *name)
+{
+    for (BlockDriverState *cur = bs; cur; cur = cur->backing) {
+        BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(cur, name);
+        if (bm) {
+            return bm;
+        }
+    }
+    return NULL;
+}
+
+NBDExport *nbd_export_add(const char *id, BlockDriverState *bs,
+                          const char *name, const char *description,
+                          bool writable, const char *const *bitmaps,
+                          int nbitmaps, Error **errp)
+{
+    if (!id || !*id) {
+        error_setg(errp, "export id must not be empty");
+        return NULL;
+    }
+    if (!name) {
+        name = bs->node_name;
+    }
+    if (!name || strlen(name) > NBD_MAX_STRING) {
+        error_setg(errp, "export name must be at most %d bytes", NBD_MAX_STRING);
+        return NULL;
+    }
+    if (description && strlen(description) > NBD_MAX_STRING) {
+        error_setg(errp, "export description must be at most %d bytes",
+                   NBD_MAX_STRING);
+        return NULL;
+    }
+    if (nbitmaps < 0 || (nbitmaps > 0 && !bitmaps)) {
+        error_setg(errp, "bad bitmap list");
+        return NULL;
+    }
+    if (writable && bs->read_only) {
+        error_setg(errp, "node '%s' is read-only: cannot export it writable",
+                   bs->node_name ? bs->node_name : "?");
+        return NULL;
+    }
+    {
+        LOCK_GUARD(&nbd_srv.lock);
+        for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+            if (strcmp(e->id, id) == 0) {
+                error_setg(errp, "export id '%s' is already in use", id);
+                return NULL;
+            }
+            if (!e->removing && strcmp(e->name, name) == 0) {
+                error_setg(errp, "NBD export '%s' already exists", name);
+                return NULL;
+            }
+        }
+    }
+
+    NBDExport *e = calloc(1, sizeof(*e));
+    if (!e) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    e->id = strdup(id);
+    e->name = strdup(name);
+    e->description = description ? strdup(description) : NULL;
+    e->writable = writable;
+    e->bitmaps = calloc((size_t)nbitmaps + 1, sizeof(*e->bitmaps));
+    e->ctx_names = calloc((size_t)nbitmaps + 1, sizeof(*e->ctx_names));
+    if (!e->id || !e->name || (description && !e->description) ||
+        !e->bitmaps || !e->ctx_names) {
+        nbd_export_free(e);
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    for (int i = 0; i < nbitmaps; i++) {
+        const char *bname = bitmaps[i];
+        if (!bname) {
+            nbd_export_free(e);
+            error_setg(errp, "bad bitmap list");
+            return NULL;
+        }
+        for (int j = 0; j < i; j++) {
+            if (strcmp(bitmaps[j], bname) == 0) {
+                nbd_export_free(e);
+                error_setg(errp, "bitmap '%s' is listed twice", bname);
+                return NULL;
+            }
+        }
+        BdrvDirtyBitmap *bm = find_bitmap_in_chain(bs, bname);
+        if (!bm) {
+            nbd_export_free(e);
+            error_setg(errp, "Bitmap '%s' is not found", bname);
+            return NULL;
+        }
+        if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT | BDRV_BITMAP_ALLOW_RO,
+                                     errp)) {
+            nbd_export_free(e);
+            return NULL;
+        }
+        /* As QEMU: a read-only export of a node that others may still
+         * write would show a bitmap that changes under the client. */
+        if (!writable && !bs->read_only && !bm->disabled) {
+            nbd_export_free(e);
+            error_setg(errp, "Enabled bitmap '%s' incompatible with readonly "
+                       "export", bname);
+            return NULL;
+        }
+        if (asprintf(&e->ctx_names[i], META_DIRTY_PREFIX "%s", bname) < 0) {
+            e->ctx_names[i] = NULL;
+            nbd_export_free(e);
+            error_setg(errp, "out of memory");
+            return NULL;
+        }
+        bdrv_dirty_bitmap_set_busy(bm, true);
+        e->bitmaps[i] = bm;
+        e->nbitmaps = i + 1;
+    }
+    bdrv_ref(bs);
+    e->bs = bs;
+
+    LOCK_GUARD(&nbd_srv.lock);
+    e->serial = ++nbd_srv.next_serial;
+    NBDExport **pp = &nbd_srv.exports;
+    while (*pp) {
+        pp = &(*pp)->next;
+    }
+    *pp = e;
+    return e;
+}
+
+NBDExport *nbd_export_find(const char *id)
+{
+    LOCK_GUARD(&nbd_srv.lock);
+    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+        if (!e->removing && strcmp(e->id, id) == 0) {
+            return e;
+        }
+    }
+    return NULL;
+}
+
+const char *nbd_export_id(const NBDExport *exp)
+{
+    return exp->id;
+}
+
+NBDExport *nbd_export_find_by_name(const char *name)
+{
+    LOCK_GUARD(&nbd_srv.lock);
+    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+        if (!e->removing && strcmp(e->name, name) == 0) {
+            return e;
+        }
+    }
+    return NULL;
+}
+
+/* Unlink e, disconnect its clients (requests in flight are answered) and
+ * wait for them.  Called with nbd_srv.lock held; e->removing is set. */
+static void export_drain_locked(NBDExport *e)
+{
+    for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
+        if (c->exp == e) {
+            shutdown(c->fd, SHUT_RD);
+        }
+    }
+    while (e->nclients > 0) {
+        pthread_cond_wait(&nbd_srv.cond, &nbd_srv.lock);
+    }
+    for (NBDExport **pp = &nbd_srv.exports; *pp; pp = &(*pp)->next) {
+        if (*pp == e) {
+            *pp = e->next;
+            break;
+        }
+    }
+}
+
+bool nbd_export_del(const char *id, bool force, Error **errp)
+{
+    NBDExport *e = NULL;
+    {
+        LOCK_GUARD(&nbd_srv.lock);
+        for (NBDExport *it = nbd_srv.exports; it; it = it->next) {
+            if (!it->removing && strcmp(it->id, id) == 0) {
+                e = it;
+                break;
+            }
+        }
+        if (!e) {
+            error_set(errp, ERROR_CLASS_GENERIC_ERROR,
+                      "Export '%s' is not found", id);
+            return false;
+        }
+        if (e->nclients > 0 && !force) {
+            error_setg(errp, "export '%s' still in use (%u connection%s); "
+                       "use mode 'hard' to disconnect", id, e->nclients,
+                       e->nclients == 1 ? "" : "s");
+            return false;
+        }
+        e->removing = true;
+        export_drain_locked(e);
+    }
+    nbd_export_free(e);
+    return true;
+}
+
+struct json_object *nbd_export_query(void)
+{
+    struct json_object *arr = json_object_new_array();
+    LOCK_GUARD(&nbd_srv.lock);
+    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "type", json_object_new_string("nbd"));
+        json_object_object_add(o, "id", json_object_new_string(e->id));
+        json_object_object_add(o, "node-name",
+                               json_object_new_string(e->bs->node_name ?
+                                                      e->bs->node_name : ""));
+        json_object_object_add(o, "shutting-down",
+                               json_object_new_boolean(e->removing));
+        json_object_array_add(arr, o);
+    }
+    return arr;
+}
+
+bool nbd_node_is_exported(BlockDriverState *bs)
+{
+    LOCK_GUARD(&nbd_srv.lock);
+    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+        if (e->bs == bs) {
+            return true;
+        }
+    }
+    return false;
+}

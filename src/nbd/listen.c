@@ -1,0 +1,297 @@
+/*
+ * NBD server listening: the server state (nbd_srv), the listening UNIX or
+ * TCP socket, the accept thread, and server start and stop.
+ *
+ * Contract: nbd_server_start either leaves a running server (listening
+ * socket, wake pipe and accept thread) or nothing at all.
+ * nbd_server_stop stops accepting, disconnects every client (requests
+ * already read are answered, invariant 3 in nbd-internal.h), waits for
+ * them, and frees every export.  The accept thread hands each accepted
+ * socket to connections.c, which enforces max_connections.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "nbd/nbd-internal.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+
+NBDServer nbd_srv = {
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .cond = PTHREAD_COND_INITIALIZER,
+    .listen_fd = -1,
+    .wake_pipe = { -1, -1 },
+};
+
+static void *accept_main(void *opaque)
+{
+    for (;;) {
+        struct pollfd p[2] = {
+            { .fd = nbd_srv.listen_fd, .events = POLLIN },
+            { .fd = nbd_srv.wake_pipe[0], .events = POLLIN },
+        };
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            break;
+        }
+        if (p[1].revents) {
+            break;
+        }
+        if (!(p[0].revents & POLLIN)) {
+            continue;
+        }
+        int fd = accept4(nbd_srv.listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+                errno == ENOMEM) {
+                poll(NULL, 0, 100);   /* let resources come back */
+            }
+            continue;
+        }
+        nbd_client_start(fd, nbd_srv.inet);
+    }
+    return NULL;
+}
+
+static const char *addr_str(struct json_object *o, const char *key)
+{
+    struct json_object *v;
+    if (!json_object_object_get_ex(o, key, &v)) {
+        return NULL;
+    }
+    if (json_object_is_type(v, json_type_string)) {
+        return json_object_get_string(v);
+    }
+    return NULL;
+}
+
+static int listen_unix(const char *path, Error **errp)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        error_setg(errp, "UNIX socket path '%s' is too long (max %zu bytes)",
+                   path, sizeof(sa.sun_path) - 1);
+        return -1;
+    }
+    strcpy(sa.sun_path, path);
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        unlink(path);   /* a stale socket from an earlier run */
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "cannot create socket");
+        return -1;
+    }
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        error_setg_errno(errp, errno, "cannot bind to '%s'", path);
+        close(fd);
+        return -1;
+    }
+    if (listen(fd, 128) < 0) {
+        error_setg_errno(errp, errno, "cannot listen on '%s'", path);
+        close(fd);
+        unlink(path);
+        return -1;
+    }
+    return fd;
+}
+
+static int listen_inet(const char *host, const char *port, Error **errp)
+{
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC,
+        .ai_socktype = SOCK_STREAM,
+        .ai_flags = AI_PASSIVE,
+    };
+    struct addrinfo *res = NULL;
+    int r = getaddrinfo(host && *host ? host : NULL, port, &hints, &res);
+    if (r != 0) {
+        error_setg(errp, "cannot resolve '%s:%s': %s", host ? host : "",
+                   port, gai_strerror(r));
+        return -1;
+    }
+    int err = 0;
+    int fd = -1;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 128) == 0) {
+            break;
+        }
+        err = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        error_setg_errno(errp, err, "cannot listen on '%s:%s'",
+                         host ? host : "", port);
+    }
+    return fd;
+}
+
+bool nbd_server_start(struct json_object *addr, unsigned max_connections,
+                      Error **errp)
+{
+    if (nbd_server_is_running()) {
+        error_setg(errp, "NBD server already running");
+        return false;
+    }
+    if (!addr || !json_object_is_type(addr, json_type_object)) {
+        error_setg(errp, "NBD server address must be an object");
+        return false;
+    }
+    const char *type = addr_str(addr, "type");
+    struct json_object *data;
+    if (json_object_object_get_ex(addr, "data", &data) &&
+        json_object_is_type(data, json_type_object)) {
+        addr = data;   /* the legacy {"type": ..., "data": {...}} form */
+    }
+    if (!type) {
+        error_setg(errp, "NBD server address needs 'type'");
+        return false;
+    }
+    int fd;
+    bool inet = false;
+    _cleanup_free_ char *unix_path = NULL;
+    if (strcmp(type, "unix") == 0) {
+        const char *path = addr_str(addr, "path");
+        if (!path || !*path) {
+            error_setg(errp, "NBD server address needs 'path'");
+            return false;
+        }
+        unix_path = strdup(path);
+        if (!unix_path) {
+            error_setg(errp, "out of memory");
+            return false;
+        }
+        fd = listen_unix(path, errp);
+    } else if (strcmp(type, "inet") == 0) {
+        const char *host = addr_str(addr, "host");
+        struct json_object *pv;
+        char port[32];
+        if (!json_object_object_get_ex(addr, "port", &pv)) {
+            snprintf(port, sizeof(port), "10809");
+        } else if (json_object_is_type(pv, json_type_int)) {
+            int64_t p = json_object_get_int64(pv);
+            if (p < 0 || p > 65535) {
+                error_setg(errp, "bad port %lld", (long long)p);
+                return false;
+            }
+            snprintf(port, sizeof(port), "%lld", (long long)p);
+        } else if (json_object_is_type(pv, json_type_string) &&
+                   strlen(json_object_get_string(pv)) < sizeof(port)) {
+            snprintf(port, sizeof(port), "%s", json_object_get_string(pv));
+        } else {
+            error_setg(errp, "bad 'port'");
+            return false;
+        }
+        fd = listen_inet(host, port, errp);
+        inet = true;
+    } else {
+        error_setg(errp, "unsupported NBD server address type '%s'", type);
+        return false;
+    }
+    if (fd < 0) {
+        return false;
+    }
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0) {
+        error_setg_errno(errp, errno, "cannot create pipe");
+        close(fd);
+        if (unix_path) {
+            unlink(unix_path);
+        }
+        return false;
+    }
+    LOCK_GUARD(&nbd_srv.lock);
+    nbd_srv.listen_fd = fd;
+    nbd_srv.wake_pipe[0] = pfd[0];
+    nbd_srv.wake_pipe[1] = pfd[1];
+    nbd_srv.inet = inet;
+    nbd_srv.max_connections = max_connections;
+    /* More workers than CPUs only pays while requests wait for a disk; on
+     * cached data extra threads just add context switches. */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    nbd_srv.max_workers = (int)MIN(MAX(4 * (ncpu > 0 ? ncpu : 1), 8L),
+                               (long)NBD_MAX_WORKERS);
+    nbd_srv.unix_path = steal_pointer(&unix_path);
+    if (pthread_create(&nbd_srv.accept_thread, NULL, accept_main, NULL) != 0) {
+        error_setg(errp, "cannot start the NBD accept thread");
+        close(fd);
+        close(pfd[0]);
+        close(pfd[1]);
+        nbd_srv.listen_fd = nbd_srv.wake_pipe[0] = nbd_srv.wake_pipe[1] = -1;
+        if (nbd_srv.unix_path) {
+            unlink(nbd_srv.unix_path);
+        }
+        free(nbd_srv.unix_path);
+        nbd_srv.unix_path = NULL;
+        return false;
+    }
+    nbd_srv.running = true;
+    return true;
+}
+
+bool nbd_server_is_running(void)
+{
+    LOCK_GUARD(&nbd_srv.lock);
+    return nbd_srv.running;
+}
+
+void nbd_server_stop(void)
+{
+    pthread_mutex_lock(&nbd_srv.lock);
+    if (nbd_srv.running) {
+        nbd_srv.running = false;
+        ssize_t w;
+        do {
+            w = write(nbd_srv.wake_pipe[1], "x", 1);
+        } while (w < 0 && errno == EINTR);
+        pthread_mutex_unlock(&nbd_srv.lock);
+        pthread_join(nbd_srv.accept_thread, NULL);
+        pthread_mutex_lock(&nbd_srv.lock);
+        close(nbd_srv.listen_fd);
+        close(nbd_srv.wake_pipe[0]);
+        close(nbd_srv.wake_pipe[1]);
+        nbd_srv.listen_fd = nbd_srv.wake_pipe[0] = nbd_srv.wake_pipe[1] = -1;
+        if (nbd_srv.unix_path) {
+            unlink(nbd_srv.unix_path);
+            free(nbd_srv.unix_path);
+            nbd_srv.unix_path = NULL;
+        }
+    }
+    /* Disconnect every client: requests already read are answered. */
+    for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
+        shutdown(c->fd, SHUT_RD);
+    }
+    while (nbd_srv.nclients > 0) {
+        pthread_cond_wait(&nbd_srv.cond, &nbd_srv.lock);
+    }
+    NBDExport *list = nbd_srv.exports;
+    nbd_srv.exports = NULL;
+    pthread_mutex_unlock(&nbd_srv.lock);
+    while (list) {
+        NBDExport *next = list->next;
+        nbd_export_free(list);
+        list = next;
+    }
+}

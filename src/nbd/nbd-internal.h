@@ -1,0 +1,218 @@
+/*
+ * NBD server internals, shared by the files of the server
+ * (NetworkBlockDevice/nbd doc/proto.md): one listening socket, named
+ * exports of block nodes, fixed newstyle negotiation, simple and structured
+ * replies, and the base:allocation and qemu:dirty-bitmap:NAME metadata
+ * contexts (the latter with qemu-nbd -B semantics: flag 1 = dirty).  The
+ * public API is server.h; the wire constants are nbd-proto.h.
+ *
+ * The files, split the way nbdkit splits its server/ folder, each answering
+ * one question:
+ *   socket-io.c    how bytes cross the socket: whole reads and writes,
+ *                  the buffered and busy-polled transmission-phase reads,
+ *                  one whole reply under send_lock, socket options
+ *   exports.c      which exports exist: add, find, pin, delete, query
+ *   handshake.c    the newstyle negotiation: every NBD_OPT_*
+ *   protocol.c     what a request does: request checks, simple and
+ *                  structured replies, reads (inline or not), writes,
+ *                  errno to NBD error mapping
+ *   extents.c      NBD_CMD_BLOCK_STATUS: base:allocation and
+ *                  qemu:dirty-bitmap:NAME extents
+ *   connections.c  a client's connection: its thread, its workers, the
+ *                  receiver that reads one request at a time
+ *   listen.c       the server state, the listening socket, the accept
+ *                  thread, server start and stop
+ *
+ * Threads.  An accept thread hands every connection to a thread of its own,
+ * which negotiates and then becomes worker 0 of that connection.  Workers
+ * follow the leader/follower pattern: a worker takes the connection's
+ * recv_lock, reads ONE request (header and, for writes, payload), drops the
+ * lock, runs the request against the node and sends the reply under the
+ * connection's send_lock.  When a worker takes a request and no other worker
+ * is idle, it starts another one (up to 4 per CPU, 8..32), so several
+ * requests of one client run in parallel without a hand-off queue and
+ * without any lock shared between connections on the data path.  Each
+ * worker owns a reusable buffer; no request allocates memory of its own
+ * except block status replies.
+ *
+ * Small reads (up to NBD_INLINE_READ_MAX) are first tried with
+ * BDRV_REQ_NOWAIT: when the data is in the page cache, the worker that read
+ * the request answers it on the spot and goes on reading, with no hand-off
+ * to another thread.  A hand-off (a futex wake and a context switch) costs
+ * more than a cached 4 KiB read, and on a small machine the extra wake-ups
+ * steal CPU from the client.  A read that would wait for the disk goes the
+ * normal way, so a cold read never stalls the connection's other requests.
+ *
+ * Invariants (the server's files cite them as "invariant N"):
+ *  1. Only the worker holding recv_lock reads the socket; all writes to the
+ *     socket happen under send_lock, one whole reply (all chunks) at a time.
+ *  2. A reply is sent only after the node call returned, so an answered
+ *     write is in the node (and in its dirty bitmaps, block.c invariant).
+ *  3. A connection ends (closing = true) on EOF, NBD_CMD_DISC, a protocol
+ *     violation (bad magic, oversized write payload), a failed send, or a
+ *     shutdown(SHUT_RD) from nbd_export_del/nbd_server_stop.  Requests
+ *     already read still run and are answered before the socket closes.
+ *  4. A connection counts in its export's nclients from NBD_OPT_GO (or
+ *     EXPORT_NAME) until its socket is closed; an export is freed only
+ *     when nclients is 0, so the data path never sees a freed export.
+ *  5. Payload and option sizes are checked against NBD_MAX_PAYLOAD and
+ *     NBD_MAX_OPT_PAYLOAD before anything is allocated; the bytes of
+ *     requests in flight on one connection stay under
+ *     NBD_MAX_INFLIGHT_BYTES (one oversized request may run alone).
+ *  6. A request answered inline (under recv_lock) never waits for the disk
+ *     (BDRV_REQ_NOWAIT) or for another request; recv_lock is taken before
+ *     send_lock, never the other way round.
+ *
+ * Only protocol.c maps errno values to NBD error codes.
+ */
+#ifndef BITBACK_NBD_INTERNAL_H
+#define BITBACK_NBD_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "nbd/server.h"
+#include "nbd/nbd-proto.h"
+
+#define NBD_MAX_PAYLOAD        (32u * 1024 * 1024)  /* read/write data */
+#define NBD_MAX_OPT_PAYLOAD    (64u * 1024)         /* option data */
+#define NBD_MAX_WORKERS        32                   /* per connection, at most */
+#define NBD_MAX_INFLIGHT_BYTES (UINT64_C(256) * 1024 * 1024)
+#define NBD_RECV_BUF           (64 * 1024)          /* buffered request headers */
+
+#define META_BASE_ALLOCATION   "base:allocation"
+#define META_DIRTY_PREFIX      "qemu:dirty-bitmap:"
+
+struct NBDExport {
+    char *id;
+    char *name;
+    char *description;            /* may be NULL */
+    BlockDriverState *bs;         /* referenced */
+    bool writable;
+    int nbitmaps;
+    BdrvDirtyBitmap **bitmaps;    /* marked busy while exported */
+    char **ctx_names;             /* "qemu:dirty-bitmap:NAME" */
+    unsigned nclients;            /* connections using it (nbd_srv.lock) */
+    bool removing;                /* hidden from new connections */
+    uint64_t serial;              /* unique per export ever added */
+    NBDExport *next;
+};
+
+typedef struct NBDClient NBDClient;
+
+typedef struct NBDWorker {
+    NBDClient *c;
+    pthread_t thread;
+    uint8_t *buf;                 /* NBD_BUF_ALIGN aligned */
+    size_t cap;
+} NBDWorker;
+
+typedef struct NBDRequest {
+    uint16_t flags;
+    uint16_t type;
+    uint64_t handle;
+    uint64_t offset;
+    uint32_t len;
+    uint64_t budget;              /* bytes counted in inflight_bytes */
+    int early_err;                /* errno found while receiving, or 0 */
+} NBDRequest;
+
+struct NBDClient {
+    int fd;
+    bool inet;
+    NBDClient *next;              /* nbd_srv.clients */
+
+    /* Negotiated state (fixed once transmission starts). */
+    NBDExport *exp;               /* pinned (nclients) from GO on */
+    uint64_t size;
+    uint16_t tflags;
+    bool structured;
+    bool no_zeroes;
+    NBDExport *meta_exp;          /* export named by SET_META_CONTEXT */
+    uint64_t meta_serial;
+    uint32_t next_ctx_id;
+    uint32_t base_id;             /* 0: base:allocation not selected */
+    uint32_t *bitmap_ids;         /* per exported bitmap, 0: not selected */
+    int nctx;                     /* selected contexts */
+
+    pthread_mutex_t recv_lock;    /* invariant 1; guards rbuf too */
+    uint8_t *rbuf;                /* bytes received, not yet consumed */
+    size_t rpos, rlen;
+    uint64_t poll_ns;             /* busy-poll time before blocking (recv_lock) */
+    pthread_mutex_t send_lock;
+    bool send_failed;             /* send_lock */
+
+    pthread_mutex_t lock;         /* the fields below */
+    pthread_cond_t cond;
+    bool closing;
+    int nworkers;
+    int busy;                     /* workers holding a request */
+    uint64_t inflight_bytes;
+    NBDWorker workers[NBD_MAX_WORKERS];
+};
+
+/* The one server of the process (defined in listen.c). */
+typedef struct NBDServer {
+    pthread_mutex_t lock;         /* everything here */
+    pthread_cond_t cond;          /* nclients / exp->nclients changes */
+    bool running;
+    int listen_fd;
+    int wake_pipe[2];
+    pthread_t accept_thread;
+    char *unix_path;              /* to unlink on stop */
+    bool inet;
+    unsigned max_connections;
+    unsigned nclients;
+    NBDClient *clients;
+    NBDExport *exports;
+    uint64_t next_serial;
+    int max_workers;              /* per connection, set at start */
+} NBDServer;
+
+extern NBDServer nbd_srv;
+
+/* Results of option handlers and of nbd_negotiate. */
+enum { OPT_CONTINUE = 0, OPT_TRANSMIT = 1, OPT_CLOSE = -1 };
+
+/* socket-io.c.  Reads and writes return 0, or -1 on EOF or error. */
+int nbd_recv_full(int fd, void *buf, size_t len);
+int nbd_send_iov(int fd, struct iovec *iov, int niov);
+int nbd_send_buf(int fd, const void *buf, size_t len);
+/* Transmission phase, recv_lock held (invariant 1). */
+int nbd_client_recv(NBDClient *c, void *dst, size_t len);
+int nbd_client_recv_discard(NBDClient *c, uint64_t len);
+/* One whole reply under send_lock; a failed send ends the connection. */
+void nbd_client_send(NBDClient *c, struct iovec *iov, int niov);
+void nbd_socket_setup(int fd, bool inet);
+
+/* exports.c.  pin/unpin count a user of the export (invariant 4);
+ * nbd_export_pin returns NULL when no export has that name. */
+NBDExport *nbd_export_pin(const char *name);
+void nbd_export_unpin(NBDExport *e);
+void nbd_export_free(NBDExport *e);
+
+/* handshake.c: OPT_TRANSMIT with c->exp pinned, or OPT_CLOSE. */
+int nbd_negotiate(NBDClient *c);
+
+/* protocol.c */
+void nbd_put_chunk_header(uint8_t *p, uint16_t flags, uint16_t type,
+                          uint64_t handle, uint32_t len);
+void nbd_reply_error(NBDClient *c, const NBDRequest *req, int err,
+                     const char *msg);
+bool nbd_in_bounds(const NBDClient *c, const NBDRequest *req);
+bool nbd_try_read_inline(NBDClient *c, NBDWorker *w, const NBDRequest *req);
+void nbd_handle_request(NBDClient *c, NBDWorker *w, const NBDRequest *req);
+
+/* extents.c: answer NBD_CMD_BLOCK_STATUS. */
+void nbd_do_block_status(NBDClient *c, const NBDRequest *req);
+
+/* connections.c */
+void nbd_client_set_closing(NBDClient *c);
+int nbd_worker_buf(NBDWorker *w, size_t len);
+/* Serve an accepted socket (owned from here on) on a thread of its own. */
+void nbd_client_start(int fd, bool inet);
+
+#endif

@@ -1,0 +1,191 @@
+/*
+ * NBD server socket I/O: how bytes cross a client's socket.
+ *
+ * nbd_recv_full / nbd_send_iov / nbd_send_buf move whole buffers on a bare
+ * fd (the handshake uses them directly).  In the transmission phase a
+ * connection reads through nbd_client_recv, which serves pipelined request
+ * headers from the connection's buffer and busy-polls the socket briefly
+ * while requests arrive close together; the caller holds recv_lock
+ * (invariant 1 in nbd-internal.h).  Every reply goes out through
+ * nbd_client_send, whole, under send_lock; a failed send shuts the socket
+ * and ends the connection (invariant 3).  nbd_socket_setup sets the
+ * options of an accepted socket, among them the send timeout that drops a
+ * peer which stops reading.  The busy poll lives here rather than with the
+ * connection threads because it is how one receive is done, not a thread's
+ * business.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "nbd/nbd-internal.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+
+#define NBD_SEND_TIMEOUT_SEC   60                   /* a peer that stops reading is dropped */
+#define NBD_SOCKET_SNDBUF      (4 * 1024 * 1024)
+#define NBD_POLL_MAX_NS        32000                /* busy-poll at most this long */
+#define NBD_POLL_START_NS      4000                 /* first busy-poll time once it pays */
+
+/* Read exactly len bytes: 0, or -1 on EOF / error. */
+int nbd_recv_full(int fd, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    while (len > 0) {
+        ssize_t n = recv(fd, p, len, 0);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* One recv() into the empty c->rbuf (recv_lock held), with adaptive busy
+ * polling, the scheme of QEMU's iothread poll-max-ns: when the client's
+ * requests arrive at short intervals, poll the socket for up to c->poll_ns
+ * before sleeping in recv().  A sleeping server thread must be woken by
+ * the client's send(), and that wake-up is paid on the client's CPU.  The
+ * poll time doubles (from NBD_POLL_START_NS to NBD_POLL_MAX_NS) while the
+ * sleeps it failed to avoid were short, and drops to 0 after a longer one,
+ * so an idle or slow client costs no polling. */
+static ssize_t client_fill(NBDClient *c)
+{
+    if (c->poll_ns > 0) {
+        uint64_t start = clock_monotonic_ns();
+        do {
+            ssize_t n = recv(c->fd, c->rbuf, NBD_RECV_BUF, MSG_DONTWAIT);
+            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+                return n;
+            }
+        } while (clock_monotonic_ns() - start < c->poll_ns);
+    }
+    uint64_t start = clock_monotonic_ns();
+    ssize_t n = recv(c->fd, c->rbuf, NBD_RECV_BUF, 0);
+    uint64_t slept = clock_monotonic_ns() - start;
+    if (slept > NBD_POLL_MAX_NS) {
+        c->poll_ns = 0;
+    } else if (slept > c->poll_ns) {
+        c->poll_ns = c->poll_ns ? MIN(2 * c->poll_ns, (uint64_t)NBD_POLL_MAX_NS)
+                                : NBD_POLL_START_NS;
+    }
+    return n;
+}
+
+/* Transmission-phase reads (recv_lock held): serve from the connection's
+ * buffer first, so that one recv() picks up many pipelined request headers;
+ * large payloads go straight to their destination. */
+int nbd_client_recv(NBDClient *c, void *dst, size_t len)
+{
+    uint8_t *p = dst;
+    while (len > 0) {
+        if (c->rpos < c->rlen) {
+            size_t n = MIN(len, c->rlen - c->rpos);
+            memcpy(p, c->rbuf + c->rpos, n);
+            c->rpos += n;
+            p += n;
+            len -= n;
+            continue;
+        }
+        if (len >= NBD_RECV_BUF / 2) {
+            return nbd_recv_full(c->fd, p, len);
+        }
+        ssize_t n = client_fill(c);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return -1;
+        }
+        c->rpos = 0;
+        c->rlen = (size_t)n;
+    }
+    return 0;
+}
+
+int nbd_client_recv_discard(NBDClient *c, uint64_t len)
+{
+    uint8_t tmp[16384];
+    while (len > 0) {
+        size_t n = MIN(len, sizeof(tmp));
+        if (nbd_client_recv(c, tmp, n) < 0) {
+            return -1;
+        }
+        len -= n;
+    }
+    return 0;
+}
+
+/* Send every byte of iov (which is consumed).  0, or -1 on error. */
+int nbd_send_iov(int fd, struct iovec *iov, int niov)
+{
+    while (niov > 0) {
+        struct msghdr msg = {
+            .msg_iov = iov,
+            .msg_iovlen = (size_t)MIN(niov, IOV_MAX),
+        };
+        ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return -1;
+        }
+        size_t left = (size_t)n;
+        while (niov > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+int nbd_send_buf(int fd, const void *buf, size_t len)
+{
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    return nbd_send_iov(fd, &iov, 1);
+}
+
+/* Send one whole reply (invariant 1).  A failed send ends the connection. */
+void nbd_client_send(NBDClient *c, struct iovec *iov, int niov)
+{
+    bool failed = false;
+    pthread_mutex_lock(&c->send_lock);
+    if (!c->send_failed && nbd_send_iov(c->fd, iov, niov) < 0) {
+        c->send_failed = true;
+        shutdown(c->fd, SHUT_RDWR);
+    }
+    failed = c->send_failed;
+    pthread_mutex_unlock(&c->send_lock);
+    if (failed) {
+        nbd_client_set_closing(c);
+    }
+}
+
+/* Options of an accepted connection: no Nagle delay on TCP, a send timeout
+ * (a peer that stops reading is dropped), and a large send buffer. */
+void nbd_socket_setup(int fd, bool inet)
+{
+    if (inet) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
+    struct timeval tv = { .tv_sec = NBD_SEND_TIMEOUT_SEC };
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    /* Room for a few large read replies without blocking on every one
+     * (the kernel caps it at net.core.wmem_max). */
+    int sndbuf = NBD_SOCKET_SNDBUF;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+}
