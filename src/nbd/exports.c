@@ -18,12 +18,36 @@
 #include "nbd/nbd-internal.h"
 #include "util/cleanup.h"
 
-static NBDExport *export_find_locked(const char *name)
+/* The export (not being removed) whose id is id, or NULL (nbd_srv.lock
+ * held). */
+static NBDExport *export_find_id_locked(const char *id)
+{
+    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+        if (!e->removing && strcmp(e->id, id) == 0) {
+            return e;
+        }
+    }
+    return NULL;
+}
+
+/* The export (not being removed) named exactly name, or NULL (nbd_srv.lock
+ * held). */
+static NBDExport *export_find_name_locked(const char *name)
 {
     for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
         if (!e->removing && strcmp(e->name, name) == 0) {
             return e;
         }
+    }
+    return NULL;
+}
+
+/* As a client names it: the empty name is the default export. */
+static NBDExport *export_find_locked(const char *name)
+{
+    NBDExport *found = export_find_name_locked(name);
+    if (found) {
+        return found;
     }
     if (name[0] == '\0') {
         /* The default export: the first one added. */
@@ -212,12 +236,7 @@ NBDExport *nbd_export_add(const char *id, BlockDriverState *bs,
 NBDExport *nbd_export_find(const char *id)
 {
     LOCK_GUARD(&nbd_srv.lock);
-    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
-        if (!e->removing && strcmp(e->id, id) == 0) {
-            return e;
-        }
-    }
-    return NULL;
+    return export_find_id_locked(id);
 }
 
 const char *nbd_export_id(const NBDExport *exp)
@@ -228,12 +247,7 @@ const char *nbd_export_id(const NBDExport *exp)
 NBDExport *nbd_export_find_by_name(const char *name)
 {
     LOCK_GUARD(&nbd_srv.lock);
-    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
-        if (!e->removing && strcmp(e->name, name) == 0) {
-            return e;
-        }
-    }
-    return NULL;
+    return export_find_name_locked(name);
 }
 
 /* Unlink e, disconnect its clients (requests in flight are answered) and
@@ -261,12 +275,7 @@ bool nbd_export_del(const char *id, bool force, Error **errp)
     NBDExport *e = NULL;
     {
         LOCK_GUARD(&nbd_srv.lock);
-        for (NBDExport *it = nbd_srv.exports; it; it = it->next) {
-            if (!it->removing && strcmp(it->id, id) == 0) {
-                e = it;
-                break;
-            }
-        }
+        e = export_find_id_locked(id);
         if (!e) {
             error_set(errp, ERROR_CLASS_GENERIC_ERROR,
                       "Export '%s' is not found", id);

@@ -148,6 +148,21 @@ static int listen_inet(const char *host, const char *port, Error **errp)
     return fd;
 }
 
+/* Close the listening socket and the wake pipe and remove the UNIX socket
+ * file (nbd_srv.lock held, no accept thread running). */
+static void listener_close_locked(void)
+{
+    close(nbd_srv.listen_fd);
+    close(nbd_srv.wake_pipe[0]);
+    close(nbd_srv.wake_pipe[1]);
+    nbd_srv.listen_fd = nbd_srv.wake_pipe[0] = nbd_srv.wake_pipe[1] = -1;
+    if (nbd_srv.unix_path) {
+        unlink(nbd_srv.unix_path);
+    }
+    free(nbd_srv.unix_path);
+    nbd_srv.unix_path = NULL;
+}
+
 bool nbd_server_start(struct json_object *addr, unsigned max_connections,
                       Error **errp)
 {
@@ -236,15 +251,7 @@ bool nbd_server_start(struct json_object *addr, unsigned max_connections,
     nbd_srv.unix_path = steal_pointer(&unix_path);
     if (pthread_create(&nbd_srv.accept_thread, NULL, accept_main, NULL) != 0) {
         error_setg(errp, "cannot start the NBD accept thread");
-        close(fd);
-        close(pfd[0]);
-        close(pfd[1]);
-        nbd_srv.listen_fd = nbd_srv.wake_pipe[0] = nbd_srv.wake_pipe[1] = -1;
-        if (nbd_srv.unix_path) {
-            unlink(nbd_srv.unix_path);
-        }
-        free(nbd_srv.unix_path);
-        nbd_srv.unix_path = NULL;
+        listener_close_locked();
         return false;
     }
     nbd_srv.running = true;
@@ -269,15 +276,7 @@ void nbd_server_stop(void)
         pthread_mutex_unlock(&nbd_srv.lock);
         pthread_join(nbd_srv.accept_thread, NULL);
         pthread_mutex_lock(&nbd_srv.lock);
-        close(nbd_srv.listen_fd);
-        close(nbd_srv.wake_pipe[0]);
-        close(nbd_srv.wake_pipe[1]);
-        nbd_srv.listen_fd = nbd_srv.wake_pipe[0] = nbd_srv.wake_pipe[1] = -1;
-        if (nbd_srv.unix_path) {
-            unlink(nbd_srv.unix_path);
-            free(nbd_srv.unix_path);
-            nbd_srv.unix_path = NULL;
-        }
+        listener_close_locked();
     }
     /* Disconnect every client: requests already read are answered. */
     for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
