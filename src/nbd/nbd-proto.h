@@ -1,7 +1,7 @@
 /*
  * NBD wire constants, as NetworkBlockDevice/nbd doc/proto.md defines them.
  * Every field travels in network byte order (big endian); the server packs
- * and unpacks them with the helpers at the end of this file, never by
+ * and unpacks them with util/bswap.h's ld_be / st_be helpers, never by
  * casting packed structs.
  */
 #ifndef BITBACK_NBD_PROTO_H
