@@ -3,7 +3,7 @@
  * nbd-server-stop, block-export-add, block-export-del, query-block-exports
  * and the older nbd-server-add / nbd-server-remove.
  *
- * These only translate arguments: the NBD server itself is src/nbd/server.c
+ * These only translate arguments: the NBD server itself is src/nbd/ (server.h)
  * behind src/nbd/server.h.  nbd-server-start takes QEMU's SocketAddressLegacy
  * ({"type":"unix","data":{"path":...}}) as well as the flat SocketAddress
  * ({"type":"unix","path":...}) that --nbd-server uses; both become the flat
@@ -116,7 +116,7 @@ static struct json_object *qmp_cmd_nbd_server_start(struct json_object *args,
 
 /* QEMU's BLOCK_EXPORT_DELETED: the export is gone (its clients too).
  * nbd_export_del() and nbd_server_stop() return only after that, so the
- * event is sent here, after they return (server.c does not send it). */
+ * event is sent here, after they return (src/nbd does not send it). */
 static void qmp_emit_export_deleted(const char *id)
 {
     struct json_object *data = json_object_new_object();
