@@ -3,7 +3,7 @@
  * nbd-server-stop, block-export-add, block-export-del, query-block-exports
  * and the older nbd-server-add / nbd-server-remove.
  *
- * These only translate arguments: the NBD server itself is src/nbd/ (server.h)
+ * These only translate arguments: the NBD server itself is src/nbd/,
  * behind src/nbd/server.h.  nbd-server-start takes QEMU's SocketAddressLegacy
  * ({"type":"unix","data":{"path":...}}) as well as the flat SocketAddress
  * ({"type":"unix","path":...}) that --nbd-server uses; both become the flat
