@@ -38,7 +38,10 @@
 # in bytes, e.g. "4194304 268435456"; default none), CS_FRESH_SIZE (size of
 # the fresh images of the first-write rows, default SIZE; they are sparse, so
 # e.g. 64G costs no disk: more than 64 regions shows the snapshot thrash
-# described in docs/performance.md).
+# described in docs/performance.md), BASE_BUILD (a build folder of another
+# bitback version: the peers table then also runs its bitbackd on the same
+# images, interleaved, and prints this build / that build per row, by
+# medians and paired round by round: a before/after check of a change).
 # This is a benchmark, not a test: it prints a table and never fails on speed.
 set -euo pipefail
 
@@ -47,6 +50,7 @@ build=${1:-build}
 case $build in /*) ;; *) build=$here/$build ;; esac
 BITBACK=$build/bitback
 BITBACKD=$build/bitbackd
+BASE_BUILD=${BASE_BUILD:-}
 RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1G}
 SECTIONS=${SECTIONS:-all}
@@ -60,7 +64,7 @@ want() { [ "$SECTIONS" = all ] || [ "$SECTIONS" = "$1" ]; }
 for tool in fio qemu-storage-daemon qemu-nbd nbdkit qemu-img python3; do
     command -v "$tool" >/dev/null || { echo "nbd.sh: $tool is not installed" >&2; exit 1; }
 done
-for bin in "$BITBACK" "$BITBACKD"; do
+for bin in "$BITBACK" "$BITBACKD" ${BASE_BUILD:+"$BASE_BUILD/bitbackd"}; do
     [ -x "$bin" ] || { echo "nbd.sh: $bin not built (run ninja -C $build)" >&2; exit 1; }
 done
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "nbd.sh: fio lacks the nbd engine" >&2; exit 1; }
@@ -130,7 +134,7 @@ print("%.0f" % (side["bw_bytes"] / 1048576 if kind == "1M" else side["iops"]))
 # export d0 on SOCKET; serve_qsd_qcow2 IMAGE SOCKET: qemu-storage-daemon
 # serving the qcow2 IMAGE the same way.  Both set SERVER_PID.
 serve_bitbackd() {
-    "$BITBACKD" --blockdev "$1" --nbd-server "addr.type=unix,addr.path=$2" \
+    "${SERVE_BITBACKD:-$BITBACKD}" --blockdev "$1" --nbd-server "addr.type=unix,addr.path=$2" \
         --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
         --chardev "socket,path=$2.qmp,server=on,wait=off,id=m0" --monitor chardev=m0 \
         >>"$W/server.log" 2>&1 &
@@ -187,6 +191,7 @@ if want peers; then
 # run to run, so slow drift on a shared machine does not favour one), runs
 # the four rows against it and stops it.  Cells are medians over PEER_RUNS.
 PEERS=(bitbackd qsd qemu-nbd nbdkit bitbackd-qcow2 qsd-qcow2)
+[ -z "$BASE_BUILD" ] || PEERS+=(base base-qcow2)
 declare -A PV          # PV[server,row] = one value per run, space separated
 
 # bitbackd: a qbm over the raw image with two persistent bitmaps.
@@ -230,6 +235,12 @@ peer_start() {
         nbdkit -f -U "$W/peer.sock" -e d0 file "$IMG" >>"$W/server.log" 2>&1 & ;;
     bitbackd-qcow2)
         serve_bitbackd "driver=qcow2,node-name=d0,file.driver=file,file.filename=$W/bb.qcow2" "$W/peer.sock"
+        return ;;
+    base)
+        SERVE_BITBACKD=$BASE_BUILD/bitbackd serve_bitbackd "driver=qbm,node-name=d0,file.driver=file,file.filename=$W/disk.qbm" "$W/peer.sock"
+        return ;;
+    base-qcow2)
+        SERVE_BITBACKD=$BASE_BUILD/bitbackd serve_bitbackd "driver=qcow2,node-name=d0,file.driver=file,file.filename=$W/bb.qcow2" "$W/peer.sock"
         return ;;
     qsd-qcow2)
         serve_qsd_qcow2 "$W/qsd.qcow2" "$W/peer.sock"
@@ -290,10 +301,20 @@ print("%-27s%21s%21s%10s" % ("test", "bitbackd", "qemu-storage-daemon", "/qsd"))
 for key, label in rows:
     a, b = med["bitbackd-qcow2", key], med["qsd-qcow2", key]
     print("%-27s%21.0f%21.0f%10.2f" % (label, a, b, ratio(a, b)))
+if ("base", "seq-write") in vals:
+    print("\nthis build / BASE_BUILD (bitbackd both; medians, and paired: median of per-round ratios)")
+    print("%-27s%12s%12s%12s%12s" % ("test", "qbm", "paired", "qcow2", "paired"))
+    for key, label in rows:
+        line = "%-27s" % label
+        for mine, base in (("bitbackd", "base"), ("bitbackd-qcow2", "base-qcow2")):
+            pr = statistics.median(ratio(a, b) for a, b in zip(vals[mine, key], vals[base, key]))
+            line += "%12.3f%12.3f" % (ratio(med[mine, key], med[base, key]), pr)
+        print(line)
+extra = ["base", "base-qcow2"] if ("base", "seq-write") in vals else []
 print("\nper-run values (run order rotates):")
 for key, _ in rows:
     print("  %-11s" % key + "  ".join("%s %s" % (p, "/".join("%.0f" % x for x in vals[p, key]))
-                                      for p in [n for n, _ in names] + ["bitbackd-qcow2", "qsd-qcow2"]))
+                                      for p in [n for n, _ in names] + ["bitbackd-qcow2", "qsd-qcow2"] + extra))
 EOF
 fi  # want peers
 
