@@ -32,7 +32,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1313,54 +1312,34 @@ static void qbm_info(BlockDriverState *bs, struct json_object *data)
     json_object_object_add(data, "bitmap-files", files);
 }
 
-static void report_add(char **report, int *count, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void report_add(char **report, int *count, const char *fmt, ...)
-{
-    va_list ap;
-    char *line = NULL;
-    va_start(ap, fmt);
-    if (vasprintf(&line, fmt, ap) < 0) {
-        line = NULL;
-    }
-    va_end(ap);
-    (*count)++;
-    if (!line) {
-        return;
-    }
-    char *joined = NULL;
-    if (asprintf(&joined, "%s%s\n", *report ? *report : "", line) >= 0) {
-        free(*report);
-        *report = joined;
-    }
-    free(line);
-}
-
-static int qbm_check(BlockDriverState *bs, char **report)
+/* Every problem found is a corruption: the image has no leaks to find. */
+static int qbm_check(BlockDriverState *bs, BdrvCheckResult *res)
 {
     BDRVQbmState *s = bs->opaque;
-    int count = 0;
     /* The descriptor on disk must still parse. */
     QbmDescriptor d;
     Error *err = NULL;
     if (!qbm_descriptor_read(s->desc_path, &d, &err)) {
-        report_add(report, &count, "%s", error_get_pretty(err));
+        bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "%s",
+                          error_get_pretty(err));
         error_free(err);
     } else {
         qbm_descriptor_clear(&d);
     }
     int64_t dlen = bdrv_getlength(s->data);
     if (dlen >= 0 && (uint64_t)dlen != s->desc.size) {
-        report_add(report, &count, "data image '%s' is %lld bytes, the image "
-                   "size is %llu", s->desc.data_file, (long long)dlen,
-                   (unsigned long long)s->desc.size);
+        bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "data image '%s' is "
+                          "%lld bytes, the image size is %llu",
+                          s->desc.data_file, (long long)dlen,
+                          (unsigned long long)s->desc.size);
     }
     if (s->alloc_path) {
         char *reason = NULL;
         unsigned shift = hbitmap_granularity_shift(s->alloc);
         if (qbm_bitmap_file_load(s->alloc_path, s->desc.alloc_file, s->desc.size,
                                  shift, NULL, NULL, &reason) == QBM_LOAD_BAD) {
-            report_add(report, &count, "allocation bitmap: %s", reason);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION,
+                              "allocation bitmap: %s", reason);
         }
         free(reason);
     }
@@ -1376,11 +1355,12 @@ static int qbm_check(BlockDriverState *bs, char **report)
         if (path && qbm_bitmap_file_load(path, e->file, s->desc.size,
                                          (unsigned)qbm_granularity_shift(e->granularity),
                                          NULL, NULL, &reason) == QBM_LOAD_BAD) {
-            report_add(report, &count, "bitmap '%s': %s", e->name, reason);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "bitmap '%s': %s",
+                              e->name, reason);
         }
         free(reason);
     }
-    return count;
+    return 0;
 }
 
 const BlockDriver bdrv_qbm = {

@@ -248,7 +248,7 @@ bool qcow2_refcount_init(BlockDriverState *bs, Error **errp);
 int qcow2_get_refcount_locked(BlockDriverState *bs, uint64_t cluster_index,
                               uint64_t *ret_refcount);
 /* The check hook: walk every structure, compare with the refcounts. */
-int qcow2_check(BlockDriverState *bs, char **report);
+int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res);
 /* Free-cluster helper for tests and check: the byte range of compressed
  * data an L2 entry names. */
 void qcow2_compressed_range(BDRVQcow2State *s, uint64_t entry,
