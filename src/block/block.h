@@ -10,7 +10,7 @@
  *   2. handle request alignment in one place (read-modify-write for writes,
  *      bounce buffers for reads) when the driver needs alignment > 1,
  *   3. for writes, mark every enabled dirty bitmap BEFORE calling the driver
- *      (DESIGN.md invariant 1),
+ *      (DESIGN.md D1),
  *   4. call the driver.
  * They are thread-safe: any number of threads may issue requests to the same
  * node at once; drivers protect their own metadata.

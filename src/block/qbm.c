@@ -23,7 +23,7 @@
  *                        it runs; store_bitmaps and descriptor changes hold
  *                        it exclusive.  This is what makes "CLEAN on disk"
  *                        and "a write in flight" mutually exclusive
- *                        (invariant 1).
+ *                        (Q1).
  *   alloc_write_lock     serializes allocating writes (section 4).
  *   flush_lock           serializes flushes of the allocation bitmap.
  *   alloc_lock           protects the in-memory allocation HBitmaps; held
@@ -667,7 +667,7 @@ static int qbm_overlay_write(BlockDriverState *bs, uint64_t offset, uint64_t byt
     }
     pthread_mutex_unlock(&s->alloc_write_lock);
     if (r == 0 && (flags & BDRV_REQ_FUA)) {
-        /* The allocation bit must be durable too (invariant 7). */
+        /* The allocation bit must be durable too (Q7). */
         pthread_mutex_lock(&s->flush_lock);
         r = qbm_flush_locked(bs);
         pthread_mutex_unlock(&s->flush_lock);
@@ -992,7 +992,7 @@ static bool qbm_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
     e->recording = !bm->disabled;
     e->hdr = hdr;
     s->desc.nb_bitmaps++;
-    /* Invariant 4: the file exists and is synced before it is published. */
+    /* Q4: the file exists and is synced before it is published. */
     if (!e->name || !qbm_write_descriptor(bs, errp)) {
         if (!e->name) {
             error_setg(errp, "out of memory");
@@ -1030,7 +1030,7 @@ static bool qbm_persistent_bitmap_remove(BlockDriverState *bs, const char *name,
     memmove(&s->desc.bitmaps[idx], &s->desc.bitmaps[idx + 1],
             (s->desc.nb_bitmaps - idx - 1) * sizeof(*e));
     s->desc.nb_bitmaps--;
-    /* Invariant 4: unpublish first, then delete. */
+    /* Q4: unpublish first, then delete. */
     if (!qbm_write_descriptor(bs, errp)) {
         memmove(&s->desc.bitmaps[idx + 1], &s->desc.bitmaps[idx],
                 (s->desc.nb_bitmaps - idx) * sizeof(*e));
@@ -1067,7 +1067,7 @@ static bool qbm_store_bitmaps(BlockDriverState *bs, Error **errp)
     for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
         QbmBitmapEntry *e = &s->desc.bitmaps[i];
         if (e->inconsistent) {
-            continue;   /* invariant 2: never rewritten */
+            continue;   /* Q2: never rewritten */
         }
         BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, e->name);
         if (!bm || bm->inconsistent) {
