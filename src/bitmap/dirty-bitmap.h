@@ -21,7 +21,7 @@
  * Functions with a _locked suffix need the caller to hold it; the others
  * take it themselves.
  *
- * Invariant (DESIGN.md #1): bdrv_set_dirty() runs before a write is issued
+ * Invariant (DESIGN.md D1): bdrv_set_dirty() runs before a write is issued
  * to the driver, for every write path of the node (block.c does this).
  */
 #ifndef BITBACK_DIRTY_BITMAP_H

@@ -2,7 +2,7 @@
  * The block layer core: the node graph, opening nodes from blockdev-add
  * style options, and the generic I/O path every request goes through.
  *
- * The generic write path is where DESIGN.md invariant 1 lives: every write,
+ * The generic write path is where DESIGN.md D1 lives: every write,
  * zero write and discard marks the node's enabled dirty bitmaps before the
  * driver sees it, so a bitmap can never miss a write that reached the disk.
  *
@@ -660,7 +660,7 @@ static bool bdrv_do_close(BlockDriverState *bs, Error **errp)
             ok = false;
         }
     }
-    /* Invariant 7 of write-intent.md: the log goes inactive only once the
+    /* W7 (write-intent.md): the log goes inactive only once the
      * format holds the bitmaps. */
     write_intent_close_end(bs, ok);
     if (bs->drv->close) {
@@ -1062,7 +1062,7 @@ static int pwritev_rmw(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 
 /* The one prologue of every request that changes data (write, write
  * zeroes, discard; QEMU's write_req_prepare): counted for drained sections,
- * then, invariant 1, marked in the bitmaps before the data can land (and,
+ * then, DESIGN.md D1, marked in the bitmaps before the data can land (and,
  * crash-safe, durably: write-intent.h), then shown to a backup job's I/O
  * hooks so copy-before-write saves the old data first.  Returns 0 with
  * *ret_counted set for write_req_finish, or -errno with the request

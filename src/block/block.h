@@ -10,7 +10,7 @@
  *   2. handle request alignment in one place (read-modify-write for writes,
  *      bounce buffers for reads) when the driver needs alignment > 1,
  *   3. for writes, mark every enabled dirty bitmap BEFORE calling the driver
- *      (DESIGN.md invariant 1),
+ *      (DESIGN.md D1),
  *   4. call the driver.
  * They are thread-safe: any number of threads may issue requests to the same
  * node at once; drivers protect their own metadata.
@@ -28,6 +28,7 @@
 #include <json-c/json.h>
 
 #include "bitmap/dirty-bitmap.h"
+#include "block/check.h"
 #include "util/error.h"
 
 typedef struct BlockDriver BlockDriver;
@@ -117,10 +118,12 @@ struct BlockDriver {
     /* Add format-specific fields to `info` (the "data" object of qemu-img
      * info's "format-specific").  Optional. */
     void (*info)(BlockDriverState *bs, struct json_object *data);
-    /* Consistency check: returns the number of errors found (0 = clean) and
-     * appends one line per problem to *report (malloc'd text).  -errno if
-     * the check itself could not run.  Optional. */
-    int (*check)(BlockDriverState *bs, char **report);
+    /* Consistency check: counts every problem found in *res (the caller
+     * initializes it with BDRV_CHECK_RESULT_INIT and clears it), with a
+     * message each as room allows (check.h).  Returns 0 when the check ran,
+     * whatever it found, or -errno if it could not run.  Never prints.
+     * Optional. */
+    int (*check)(BlockDriverState *bs, BdrvCheckResult *res);
 };
 
 struct BlockDriverState {

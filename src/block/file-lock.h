@@ -1,7 +1,7 @@
 /*
  * Image locking with QEMU's own protocol (block/file-posix.c), so that
  * bitback, bitbackd, qemu-img, qemu-io, qemu-nbd and qemu-storage-daemon
- * all see each other's locks (DESIGN.md invariant 8).
+ * all see each other's locks (DESIGN.md D8).
  *
  * The protocol: every open file description (OFD) of an image file holds
  * shared OFD locks (F_OFD_SETLK, F_RDLCK) on single bytes:

@@ -5,10 +5,10 @@
  * Everything read from disk is validated here before it is used: the
  * descriptor's length, field types and ranges, file names that must stay in
  * the descriptor's folder, and each bitmap file's header against the length
- * of the file, before any allocation sized by those fields (invariant 6).
+ * of the file, before any allocation sized by those fields (Q6).
  * A bitmap file problem is reported as a reason string, not as an Error,
  * because the caller turns it into an *inconsistent* bitmap rather than a
- * failed open (invariant 2).
+ * failed open (Q2).
  */
 #include <endian.h>
 #include <errno.h>

@@ -115,14 +115,14 @@ bool qbm_bitmap_file_store(const char *path, QbmHeader *h,
 uint64_t qbm_checksum_bits(uint64_t data_size, QbmSerializeFn *fn, void *opaque);
 
 /* Parse descriptor text (len bytes).  Validates every field (section 1,
- * invariants 5 and 6).  `display` names the file in messages. */
+ * Q5 and Q6).  `display` names the file in messages. */
 bool qbm_descriptor_parse(const char *text, size_t len, const char *display,
                           QbmDescriptor *d, Error **errp);
 /* Read a descriptor file (at most QBM_MAX_DESCRIPTOR_SIZE bytes) and parse. */
 bool qbm_descriptor_read(const char *path, QbmDescriptor *d, Error **errp);
 /* The descriptor as JSON text ("QBM" first, pretty).  Caller frees. */
 char *qbm_descriptor_to_json(const QbmDescriptor *d);
-/* Atomically replace the descriptor at path (invariant 3).  With
+/* Atomically replace the descriptor at path (Q3).  With
  * ret_lock_fd (NULL: none), the new descriptor takes the lock bytes of an
  * open with BDRV_O_* lock_flags (file-lock.h) before it replaces the old
  * one, and *ret_lock_fd gets the fd that holds them (the caller closes

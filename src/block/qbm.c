@@ -23,7 +23,7 @@
  *                        it runs; store_bitmaps and descriptor changes hold
  *                        it exclusive.  This is what makes "CLEAN on disk"
  *                        and "a write in flight" mutually exclusive
- *                        (invariant 1).
+ *                        (Q1).
  *   alloc_write_lock     serializes allocating writes (section 4).
  *   flush_lock           serializes flushes of the allocation bitmap.
  *   alloc_lock           protects the in-memory allocation HBitmaps; held
@@ -32,7 +32,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -668,7 +667,7 @@ static int qbm_overlay_write(BlockDriverState *bs, uint64_t offset, uint64_t byt
     }
     pthread_mutex_unlock(&s->alloc_write_lock);
     if (r == 0 && (flags & BDRV_REQ_FUA)) {
-        /* The allocation bit must be durable too (invariant 7). */
+        /* The allocation bit must be durable too (Q7). */
         pthread_mutex_lock(&s->flush_lock);
         r = qbm_flush_locked(bs);
         pthread_mutex_unlock(&s->flush_lock);
@@ -993,7 +992,7 @@ static bool qbm_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
     e->recording = !bm->disabled;
     e->hdr = hdr;
     s->desc.nb_bitmaps++;
-    /* Invariant 4: the file exists and is synced before it is published. */
+    /* Q4: the file exists and is synced before it is published. */
     if (!e->name || !qbm_write_descriptor(bs, errp)) {
         if (!e->name) {
             error_setg(errp, "out of memory");
@@ -1031,7 +1030,7 @@ static bool qbm_persistent_bitmap_remove(BlockDriverState *bs, const char *name,
     memmove(&s->desc.bitmaps[idx], &s->desc.bitmaps[idx + 1],
             (s->desc.nb_bitmaps - idx - 1) * sizeof(*e));
     s->desc.nb_bitmaps--;
-    /* Invariant 4: unpublish first, then delete. */
+    /* Q4: unpublish first, then delete. */
     if (!qbm_write_descriptor(bs, errp)) {
         memmove(&s->desc.bitmaps[idx + 1], &s->desc.bitmaps[idx],
                 (s->desc.nb_bitmaps - idx) * sizeof(*e));
@@ -1068,7 +1067,7 @@ static bool qbm_store_bitmaps(BlockDriverState *bs, Error **errp)
     for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
         QbmBitmapEntry *e = &s->desc.bitmaps[i];
         if (e->inconsistent) {
-            continue;   /* invariant 2: never rewritten */
+            continue;   /* Q2: never rewritten */
         }
         BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, e->name);
         if (!bm || bm->inconsistent) {
@@ -1313,54 +1312,34 @@ static void qbm_info(BlockDriverState *bs, struct json_object *data)
     json_object_object_add(data, "bitmap-files", files);
 }
 
-static void report_add(char **report, int *count, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void report_add(char **report, int *count, const char *fmt, ...)
-{
-    va_list ap;
-    char *line = NULL;
-    va_start(ap, fmt);
-    if (vasprintf(&line, fmt, ap) < 0) {
-        line = NULL;
-    }
-    va_end(ap);
-    (*count)++;
-    if (!line) {
-        return;
-    }
-    char *joined = NULL;
-    if (asprintf(&joined, "%s%s\n", *report ? *report : "", line) >= 0) {
-        free(*report);
-        *report = joined;
-    }
-    free(line);
-}
-
-static int qbm_check(BlockDriverState *bs, char **report)
+/* Every problem found is a corruption: the image has no leaks to find. */
+static int qbm_check(BlockDriverState *bs, BdrvCheckResult *res)
 {
     BDRVQbmState *s = bs->opaque;
-    int count = 0;
     /* The descriptor on disk must still parse. */
     QbmDescriptor d;
     Error *err = NULL;
     if (!qbm_descriptor_read(s->desc_path, &d, &err)) {
-        report_add(report, &count, "%s", error_get_pretty(err));
+        bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "%s",
+                          error_get_pretty(err));
         error_free(err);
     } else {
         qbm_descriptor_clear(&d);
     }
     int64_t dlen = bdrv_getlength(s->data);
     if (dlen >= 0 && (uint64_t)dlen != s->desc.size) {
-        report_add(report, &count, "data image '%s' is %lld bytes, the image "
-                   "size is %llu", s->desc.data_file, (long long)dlen,
-                   (unsigned long long)s->desc.size);
+        bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "data image '%s' is "
+                          "%lld bytes, the image size is %llu",
+                          s->desc.data_file, (long long)dlen,
+                          (unsigned long long)s->desc.size);
     }
     if (s->alloc_path) {
         char *reason = NULL;
         unsigned shift = hbitmap_granularity_shift(s->alloc);
         if (qbm_bitmap_file_load(s->alloc_path, s->desc.alloc_file, s->desc.size,
                                  shift, NULL, NULL, &reason) == QBM_LOAD_BAD) {
-            report_add(report, &count, "allocation bitmap: %s", reason);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION,
+                              "allocation bitmap: %s", reason);
         }
         free(reason);
     }
@@ -1376,11 +1355,12 @@ static int qbm_check(BlockDriverState *bs, char **report)
         if (path && qbm_bitmap_file_load(path, e->file, s->desc.size,
                                          (unsigned)qbm_granularity_shift(e->granularity),
                                          NULL, NULL, &reason) == QBM_LOAD_BAD) {
-            report_add(report, &count, "bitmap '%s': %s", e->name, reason);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "bitmap '%s': %s",
+                              e->name, reason);
         }
         free(reason);
     }
-    return count;
+    return 0;
 }
 
 const BlockDriver bdrv_qbm = {

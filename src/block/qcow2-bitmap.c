@@ -28,7 +28,7 @@
  *   3. While the image is open for writing, every entry on disk has in_use
  *      set, from open (before any guest write can happen) until the close
  *      store.  So a process that dies leaves them in_use, and in_use at load
- *      makes the bitmap inconsistent (DESIGN.md invariant 2).
+ *      makes the bitmap inconsistent (DESIGN.md D2).
  *   4. An entry loaded as inconsistent is never rewritten: its table and
  *      data stay as they are, with in_use set, until the bitmap is removed.
  *   5. When the header's autoclear bit is clear while the extension exists,

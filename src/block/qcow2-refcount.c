@@ -27,7 +27,6 @@
 #include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -514,38 +513,11 @@ void qcow2_pending_frees_free(BDRVQcow2State *s)
 
 /* ---- check ---- */
 
-static void report_add(char **report, int *count, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void report_add(char **report, int *count, const char *fmt, ...)
-{
-    va_list ap;
-    char *line = NULL;
-    (*count)++;
-    if (*count > 1000) {
-        return;   /* enough lines; the count still grows */
-    }
-    va_start(ap, fmt);
-    if (vasprintf(&line, fmt, ap) < 0) {
-        line = NULL;
-    }
-    va_end(ap);
-    if (!line) {
-        return;
-    }
-    char *joined = NULL;
-    if (asprintf(&joined, "%s%s\n", *report ? *report : "", line) >= 0) {
-        free(*report);
-        *report = joined;
-    }
-    free(line);
-}
-
 typedef struct CheckState {
     BDRVQcow2State *s;
     uint16_t *refs;                  /* expected refcount per cluster */
     uint64_t nb_clusters;
-    char **report;
-    int errors;
+    BdrvCheckResult *res;
 } CheckState;
 
 /* Count one reference to every cluster of [offset, offset+size). */
@@ -558,8 +530,9 @@ static void check_ref(CheckState *cs, uint64_t offset, uint64_t size,
     }
     uint64_t first = offset / csz, last = (offset + size - 1) / csz;
     if (last >= cs->nb_clusters) {
-        report_add(cs->report, &cs->errors, "ERROR %s at offset 0x%" PRIx64
-                   " is past the end of the file", what, offset);
+        bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR %s at offset "
+                          "0x%" PRIx64 " is past the end of the file", what,
+                          offset);
         return;
     }
     for (uint64_t c = first; c <= last; c++) {
@@ -585,20 +558,24 @@ static int check_l2(BlockDriverState *bs, CheckState *cs, uint64_t l2_offset,
             uint64_t off, len;
             qcow2_compressed_range(s, e, &off, &len);
             check_ref(cs, off, len, "compressed cluster");
+            cs->res->allocated_clusters++;
             break;
         }
         case QCOW2_CLUSTER_NORMAL:
         case QCOW2_CLUSTER_ZERO_ALLOC:
             if (host & (s->cluster_size - 1)) {
-                report_add(cs->report, &cs->errors, "ERROR offset=%" PRIx64
-                           ": data cluster is not properly aligned; L2 entry "
-                           "corrupted", host);
+                bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION,
+                                  "ERROR offset=%" PRIx64 ": data cluster is "
+                                  "not properly aligned; L2 entry corrupted",
+                                  host);
                 break;
             }
             check_ref(cs, host, s->cluster_size, "data cluster");
+            cs->res->allocated_clusters++;
             if (s->nb_snapshots == 0 && !(e & QCOW2_OFLAG_COPIED)) {
-                report_add(cs->report, &cs->errors, "ERROR OFLAG_COPIED data "
-                           "cluster: l2_entry=%" PRIx64 " refcount=1", e);
+                bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION,
+                                  "ERROR OFLAG_COPIED data cluster: "
+                                  "l2_entry=%" PRIx64 " refcount=1", e);
             }
             break;
         default:
@@ -618,14 +595,15 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
     uint64_t dsize = s->bitmap_directory_size;
     if (dsize > 64ull * 1024 * 1024 ||
         s->bitmap_directory_offset + dsize > cs->nb_clusters * s->cluster_size) {
-        report_add(cs->report, &cs->errors, "ERROR the bitmap directory is "
-                   "past the end of the file");
+        bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR the bitmap "
+                          "directory is past the end of the file");
         return;
     }
     check_ref(cs, s->bitmap_directory_offset, dsize, "bitmap directory");
     _cleanup_free_ uint8_t *dir = malloc(dsize);
     if (!dir || bdrv_pread(bs->file, s->bitmap_directory_offset, dir, dsize) < 0) {
-        report_add(cs->report, &cs->errors, "ERROR cannot read the bitmap directory");
+        bdrv_check_report(cs->res, BDRV_CHECK_ERROR,
+                          "ERROR cannot read the bitmap directory");
         return;
     }
     uint64_t pos = 0;
@@ -638,8 +616,8 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
         uint64_t tbytes = (uint64_t)tsize * 8;
         if (tbytes > 64ull * 1024 * 1024 ||
             toff + tbytes > cs->nb_clusters * s->cluster_size) {
-            report_add(cs->report, &cs->errors, "ERROR bitmap table %u is past "
-                       "the end of the file", i);
+            bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR bitmap "
+                              "table %u is past the end of the file", i);
             continue;
         }
         check_ref(cs, toff, tbytes, "bitmap table");
@@ -656,7 +634,7 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
     }
 }
 
-int qcow2_check(BlockDriverState *bs, char **report)
+int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
 {
     BDRVQcow2State *s = bs->opaque;
     uint64_t csz = s->cluster_size;
@@ -669,7 +647,7 @@ int qcow2_check(BlockDriverState *bs, char **report)
     if (fr < 0) {
         return fr;
     }
-    CheckState cs = { .s = s, .report = report };
+    CheckState cs = { .s = s, .res = res };
     cs.nb_clusters = DIV_ROUND_UP(file_length(bs), csz);
     cs.refs = calloc(cs.nb_clusters ? cs.nb_clusters : 1, sizeof(uint16_t));
     _cleanup_free_ uint64_t *l2 = malloc(csz);
@@ -686,17 +664,20 @@ int qcow2_check(BlockDriverState *bs, char **report)
             continue;
         }
         if (l2_offset & (csz - 1)) {
-            report_add(report, &cs.errors, "ERROR l2_offset=%" PRIx64 ": Table "
-                       "is not cluster aligned; L1 entry corrupted", l2_offset);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR l2_offset=%"
+                              PRIx64 ": Table is not cluster aligned; L1 "
+                              "entry corrupted", l2_offset);
             continue;
         }
         if (!(s->l1_table[i] & QCOW2_OFLAG_COPIED)) {
-            report_add(report, &cs.errors, "ERROR OFLAG_COPIED L2 cluster: "
-                       "l1_index=%u l1_entry=%" PRIx64, i, s->l1_table[i]);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR OFLAG_COPIED "
+                              "L2 cluster: l1_index=%u l1_entry=%" PRIx64, i,
+                              s->l1_table[i]);
         }
         if (l2_offset + csz > cs.nb_clusters * csz) {
-            report_add(report, &cs.errors, "ERROR L2 table at 0x%" PRIx64
-                       " is past the end of the file", l2_offset);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR L2 table at "
+                              "0x%" PRIx64 " is past the end of the file",
+                              l2_offset);
             continue;
         }
         check_ref(&cs, l2_offset, csz, "L2 table");
@@ -714,8 +695,9 @@ int qcow2_check(BlockDriverState *bs, char **report)
             continue;
         }
         if (off & (csz - 1)) {
-            report_add(report, &cs.errors, "ERROR refcount block %" PRIu64
-                       " is not cluster aligned; refcount table entry corrupted", i);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR refcount "
+                              "block %" PRIu64 " is not cluster aligned; "
+                              "refcount table entry corrupted", i);
             continue;
         }
         check_ref(&cs, off, csz, "refcount block");
@@ -727,19 +709,21 @@ int qcow2_check(BlockDriverState *bs, char **report)
         uint64_t rc;
         int r = qcow2_get_refcount_locked(bs, c, &rc);
         if (r < 0) {
-            report_add(report, &cs.errors, "ERROR cannot read the refcount of "
-                       "cluster %" PRIu64, c);
+            bdrv_check_report(res, BDRV_CHECK_ERROR, "ERROR cannot read the "
+                              "refcount of cluster %" PRIu64, c);
             continue;
         }
         if (rc == cs.refs[c]) {
             continue;
         }
         if (rc > cs.refs[c] && cs.refs[c] == 0) {
-            report_add(report, &cs.errors, "Leaked cluster %" PRIu64
-                       " refcount=%" PRIu64 " reference=%u", c, rc, cs.refs[c]);
+            bdrv_check_report(res, BDRV_CHECK_LEAK, "Leaked cluster %" PRIu64
+                              " refcount=%" PRIu64 " reference=%u", c, rc,
+                              cs.refs[c]);
         } else {
-            report_add(report, &cs.errors, "ERROR cluster %" PRIu64
-                       " refcount=%" PRIu64 " reference=%u", c, rc, cs.refs[c]);
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR cluster %"
+                              PRIu64 " refcount=%" PRIu64 " reference=%u", c,
+                              rc, cs.refs[c]);
         }
     }
     /* Refcounts past the end of the file. */
@@ -752,12 +736,20 @@ int qcow2_check(BlockDriverState *bs, char **report)
              c < (i + 1) << s->refcount_block_bits; c++) {
             uint64_t rc;
             if (qcow2_get_refcount_locked(bs, c, &rc) == 0 && rc) {
-                report_add(report, &cs.errors, "ERROR cluster %" PRIu64
-                           " past the end of the file has refcount %" PRIu64,
-                           c, rc);
+                bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR cluster %"
+                                  PRIu64 " past the end of the file has "
+                                  "refcount %" PRIu64, c, rc);
             }
         }
     }
+    /* The used space ends after the last cluster something refers to. */
+    for (uint64_t c = cs.nb_clusters; c > 0; c--) {
+        if (cs.refs[c - 1]) {
+            res->image_end_offset = c * csz;
+            break;
+        }
+    }
+    res->total_clusters = DIV_ROUND_UP(s->size, csz);
     free(cs.refs);
-    return cs.errors;
+    return 0;
 }

@@ -248,7 +248,7 @@ bool qcow2_refcount_init(BlockDriverState *bs, Error **errp);
 int qcow2_get_refcount_locked(BlockDriverState *bs, uint64_t cluster_index,
                               uint64_t *ret_refcount);
 /* The check hook: walk every structure, compare with the refcounts. */
-int qcow2_check(BlockDriverState *bs, char **report);
+int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res);
 /* Free-cluster helper for tests and check: the byte range of compressed
  * data an L2 entry names. */
 void qcow2_compressed_range(BDRVQcow2State *s, uint64_t entry,
@@ -294,7 +294,7 @@ uint64_t qcow2_gen_ext_space_locked(BlockDriverState *bs);
 /* At open, after the header (and its bitmaps extension fields) is read:
  * load every bitmap into bs as a persistent BdrvDirtyBitmap.  A bitmap
  * marked in_use, or whose autoclear bit is clear while the extension
- * exists, loads as inconsistent (DESIGN.md invariant 2).  For a writable
+ * exists, loads as inconsistent (DESIGN.md D2).  For a writable
  * open, every loaded bitmap with the auto flag is then marked in_use on
  * disk (header rewritten), so a crash leaves it in_use.  Bad directory
  * entries or tables pointing outside the file fail the open with a clear

@@ -14,7 +14,7 @@
  *   io_lock   serializes writes of the map and the header
  *   bs->lock  the bitmaps (dirty-bitmap.h), and here: active, durable[],
  *             epoch[], cur_epoch, n_marked -- so checking a region and
- *             setting a write's bits is one step (invariant 2)
+ *             setting a write's bits is one step (W2)
  *   mu        pending[], syncing, io_error, the thread's wake-up flags
  * Writers hold only bs->lock or only mu, never across I/O.
  */
@@ -164,7 +164,7 @@ static uint64_t map_bytes_for(uint64_t n_regions)
 
 /* The payload of a snapshot of every persistent bitmap (caller holds
  * bs->lock).  A bitmap with a successor (a backup job) is saved merged with
- * it, as a failed job would leave it (invariant 9). */
+ * it, as a failed job would leave it (W9). */
 static uint8_t *snapshot_payload_locked(BlockDriverState *bs, size_t *ret_len)
 {
     size_t len = 4;
@@ -244,7 +244,7 @@ static int write_header(WriteIntent *w, uint32_t state)
 /* Write payload as the next snapshot (caller holds snap_lock; the header,
  * when the slots grow, is written under io_lock): into the slot
  * that does not hold the newest one, or into two new bigger slots at the
- * end of the file followed by a header pointing at them (invariant 5). */
+ * end of the file followed by a header pointing at them (W5). */
 static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
                           uint32_t state_after_grow)
 {
@@ -319,7 +319,7 @@ static void sync_latency_locked(WriteIntent *w, uint64_t start, uint64_t now)
 
 /* Write the intent map: durable (reset: only regions stamped with epoch
  * >= reset_epoch) plus every pending region, sync, and then count the
- * pending ones durable.  Caller holds io_lock (invariants 3 and 4). */
+ * pending ones durable.  Caller holds io_lock (W3 and W4). */
 static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
 {
     BlockDriverState *bs = w->bs;
@@ -382,8 +382,8 @@ static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
 
 /*
  * Take a snapshot: copy the bitmaps and start a new epoch in one critical
- * section (invariant 2), write it, then reset the map to the regions
- * written since.  With activate, this also starts the log (invariant 8):
+ * section (W2), write it, then reset the map to the regions
+ * written since.  With activate, this also starts the log (W8):
  * the map is zeroed, the header says active.
  */
 static int take_snapshot(WriteIntent *w, bool activate)
@@ -438,7 +438,7 @@ static int take_snapshot(WriteIntent *w, bool activate)
         __atomic_add_fetch(&w->n_snapshots, 1, __ATOMIC_RELAXED);
         /* Keep the regions written in this epoch or the one before: a
          * region goes only after a whole snapshot period without writes,
-         * so a hot region never pays a sync again (invariant 3). */
+         * so a hot region never pays a sync again (W3). */
         pthread_mutex_lock(&w->io_lock);
         r = write_map(w, true, epoch > 1 ? epoch - 1 : epoch);
         pthread_mutex_unlock(&w->io_lock);
@@ -506,7 +506,7 @@ static void *wil_thread(void *opaque)
         }
         if (w->readahead_kick && !w->syncing) {
             /* A sequential writer is about to enter a new region: make it
-             * durable now, so the writer finds it so (invariant 10). */
+             * durable now, so the writer finds it so (W10). */
             w->readahead_kick = false;
             if (!w->io_error && any_pending_locked(w)) {
                 write_pending_locked(w);
@@ -813,7 +813,7 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
 }
 
 /* Apply a snapshot and the marked regions to the bitmaps the format could
- * not load cleanly (invariant 6).  Returns how many were recovered. */
+ * not load cleanly (W6).  Returns how many were recovered. */
 static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
                    uint64_t n_regions, const uint8_t *payload, size_t len)
 {
@@ -949,7 +949,7 @@ static void try_recover(BlockDriverState *bs, const char *path,
     }
     pthread_mutex_unlock(&bs->lock);
     if (!any_inconsistent) {
-        return;                        /* a clean format wins (invariant 7) */
+        return;                        /* a clean format wins (W7) */
     }
     n_regions = DIV_ROUND_UP(h.image_size, 1ull << h.shift);
     map_bytes = map_bytes_for(n_regions);
@@ -982,7 +982,7 @@ static void wil_free(WriteIntent *w)
     free(w);
 }
 
-/* Open the file for writing and start the log (invariant 8). */
+/* Open the file for writing and start the log (W8). */
 static bool activate(WriteIntent *w, Error **errp)
 {
     int r;

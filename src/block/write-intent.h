@@ -9,7 +9,7 @@
  *           log, active as soon as the node has a persistent bitmap
  *   write   write_intent_mark() instead of bdrv_set_dirty() on every write
  *           path: it sets the dirty bits and returns only when the write's
- *           regions are durable in the log (invariant 1)
+ *           regions are durable in the log (W1)
  *   flush   write_intent_flushed() after a guest flush
  *   meta    write_intent_sync_metadata() after a command changed bitmaps
  *   close   write_intent_close() around the format's final store
@@ -32,7 +32,7 @@ typedef struct WriteIntent WriteIntent;
 #define WIL_MIN_SNAPSHOT_GAP_MS  1000      /* ...but at most once a second */
 #define WIL_READAHEAD_WINDOW     (8u << 20) /* a write this close to the last
                                                one's end continues it */
-/* A stream's read-ahead (invariant 10): what it writes in
+/* A stream's read-ahead (W10): what it writes in
  * WIL_READAHEAD_TIME_MS at its top speed (measured over steps of
  * WIL_READAHEAD_RATE_NS, the peak halving every WIL_READAHEAD_RATE_HALF_NS),
  * or in 3 times the slowest recent sync (halving every
@@ -60,7 +60,7 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
 void write_intent_flushed(BlockDriverState *bs);
 
 /* Bitmaps of bs were added, removed, cleared, enabled, disabled or merged:
- * make that durable now (invariant 9).  Activates the log when bs now has a
+ * make that durable now (W9).  Activates the log when bs now has a
  * persistent bitmap. */
 bool write_intent_sync_metadata(BlockDriverState *bs, Error **errp);
 
@@ -75,7 +75,7 @@ bool write_intent_sync_all_changed(void);
 bool write_intent_snapshot(BlockDriverState *bs, Error **errp);
 
 /* Before the format's final store: stop the background thread.  After it:
- * stored_ok marks the log inactive (invariant 7); otherwise it stays
+ * stored_ok marks the log inactive (W7); otherwise it stays
  * active so the next open recovers.  Frees the state. */
 void write_intent_close_begin(BlockDriverState *bs);
 void write_intent_close_end(BlockDriverState *bs, bool stored_ok);

@@ -1,5 +1,5 @@
 /*
- * bitback: the offline command-line tool.
+ * bitback: the command-line tool.
  *
  * It works on images directly through the block library (src/block), the
  * same code the daemon uses, so a write made with `bitback io` marks the

@@ -11,7 +11,7 @@
  * done, as with qemu-img).  The image is opened read-write so the driver
  * stores the result when it is closed; a failure to store is reported and
  * gives a non-zero exit.  A --merge from another file opens that file
- * read-only.  No operation here touches guest data (DESIGN.md invariant 4).
+ * read-only.  No operation here touches guest data (DESIGN.md D4).
  */
 #include <getopt.h>
 #include <stdio.h>

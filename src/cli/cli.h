@@ -1,5 +1,5 @@
 /*
- * Shared declarations of the offline `bitback` tool (src/cli).
+ * Shared declarations of the `bitback` tool (src/cli).
  *
  * Each sub-command lives in its own file and has the signature of main():
  * it parses its own options with getopt_long (argv[0] is the sub-command

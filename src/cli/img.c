@@ -957,6 +957,103 @@ static int img_map(int argc, char **argv)
 
 /* ----------------------------------------------------------------- check */
 
+/* The driver's messages, one per line, for the JSON "problems" string;
+ * NULL when there are none (caller frees). */
+static char *check_messages_text(const BdrvCheckResult *res)
+{
+    size_t len = 0;
+    for (size_t i = 0; i < res->nb_messages; i++) {
+        len += strlen(res->messages[i]) + 1;
+    }
+    if (!len) {
+        return NULL;
+    }
+    char *text = malloc(len + 1), *p = text;
+    if (!text) {
+        return NULL;
+    }
+    for (size_t i = 0; i < res->nb_messages; i++) {
+        p = stpcpy(p, res->messages[i]);
+        *p++ = '\n';
+    }
+    *p = '\0';
+    return text;
+}
+
+/*
+ * Print a finished check as qemu-img check does: JSON on stdout, or the
+ * messages and warnings on stderr and the verdict on stdout.  `problems` is
+ * every problem the driver counted: as before BdrvCheckResult existed, leaks
+ * and check errors count as corruption here, in "corruptions" and in the
+ * exit status (qemu-img check would exit 3 on leaks only, 1 on check
+ * errors).  The numbers qemu-img adds to its JSON are added when known.
+ */
+static void check_print(const char *filename, const char *format,
+                        const BdrvCheckResult *res,
+                        struct json_object *bad_bitmaps, bool json)
+{
+    uint64_t problems = bdrv_check_problems(res);
+    size_t nb_bad = json_object_array_length(bad_bitmaps);
+
+    if (json) {
+        _cleanup_json_ struct json_object *o = json_object_new_object();
+        _cleanup_free_ char *text = check_messages_text(res);
+        json_object_object_add(o, "filename", json_object_new_string(filename));
+        json_object_object_add(o, "format", json_object_new_string(format));
+        json_object_object_add(o, "check-errors", json_object_new_int(0));
+        json_object_object_add(o, "corruptions",
+                               json_object_new_int64((int64_t)problems));
+        if (text) {
+            json_object_object_add(o, "problems", json_object_new_string(text));
+        }
+        if (res->messages_dropped) {
+            json_object_object_add(o, "problems-not-listed", json_object_new_int64(
+                (int64_t)res->messages_dropped));
+        }
+        if (res->image_end_offset) {
+            json_object_object_add(o, "image-end-offset", json_object_new_int64(
+                (int64_t)res->image_end_offset));
+        }
+        if (res->total_clusters) {
+            json_object_object_add(o, "total-clusters", json_object_new_int64(
+                (int64_t)res->total_clusters));
+            json_object_object_add(o, "allocated-clusters", json_object_new_int64(
+                (int64_t)res->allocated_clusters));
+        }
+        json_object_object_add(o, "inconsistent-bitmaps",
+                               json_object_get(bad_bitmaps));
+        cli_print_json(o);
+        return;
+    }
+    for (size_t i = 0; i < res->nb_messages; i++) {
+        fprintf(stderr, "%s\n", res->messages[i]);
+    }
+    if (res->messages_dropped) {
+        fprintf(stderr, "(%" PRIu64 " more problems were not listed)\n",
+                res->messages_dropped);
+    }
+    for (size_t i = 0; i < nb_bad; i++) {
+        struct json_object *b = json_object_array_get_idx(bad_bitmaps, i);
+        fprintf(stderr, "Warning: bitmap '%s' is inconsistent: %s. "
+                "Its dirty bits can not be trusted; remove it with "
+                "'bitback bitmap --remove %s %s' and take a full backup.\n",
+                json_object_get_string(json_object_object_get(b, "name")),
+                json_object_get_string(json_object_object_get(b, "reason")),
+                filename,
+                json_object_get_string(json_object_object_get(b, "name")));
+    }
+    if (problems > 0) {
+        fprintf(stderr, "\n%" PRIu64 " errors were found on the image.\n"
+                "Data may be corrupted, or further writes to the image "
+                "may corrupt it.\n", problems);
+    } else if (nb_bad) {
+        fprintf(stderr, "\n%zu inconsistent bitmap(s) were found; the "
+                "image data itself is intact.\n", nb_bad);
+    } else {
+        printf("No errors were found on the image.\n");
+    }
+}
+
 static int img_check(int argc, char **argv)
 {
     static const struct option long_opts[] = {
@@ -967,12 +1064,12 @@ static int img_check(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *fmt = NULL, *filename;
-    _cleanup_free_ char *report = NULL;
+    BdrvCheckResult res = BDRV_CHECK_RESULT_INIT;
     _cleanup_json_ struct json_object *bad_bitmaps = json_object_new_array();
     bool json = false;
     BlockDriverState *bs;
     Error *err = NULL;
-    int c, errors = 0, ret, open_flags = 0;
+    int c, ret, open_flags = 0;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "hf:Uq", long_opts, NULL)) != -1) {
@@ -1012,10 +1109,11 @@ static int img_check(int argc, char **argv)
         return CLI_EXIT_ERROR;
     }
     if (bs->drv->check) {
-        errors = bs->drv->check(bs, &report);
-        if (errors < 0) {
+        int r = bs->drv->check(bs, &res);
+        if (r < 0) {
             error_report("Check of '%s' could not complete: %s", filename,
-                         strerror(-errors));
+                         strerror(-r));
+            bdrv_check_result_clear(&res);
             bdrv_close(bs, NULL);
             return CLI_EXIT_ERROR;
         }
@@ -1029,50 +1127,11 @@ static int img_check(int argc, char **argv)
             json_object_array_add(bad_bitmaps, b);
         }
     }
-    ret = errors > 0 ? CLI_EXIT_CORRUPT
+    ret = bdrv_check_problems(&res) > 0 ? CLI_EXIT_CORRUPT
         : json_object_array_length(bad_bitmaps) ? CLI_EXIT_CHECK_WARN
         : CLI_EXIT_OK;
-
-    if (json) {
-        _cleanup_json_ struct json_object *o = json_object_new_object();
-        json_object_object_add(o, "filename", json_object_new_string(filename));
-        json_object_object_add(o, "format",
-                               json_object_new_string(bs->drv->format_name));
-        json_object_object_add(o, "check-errors", json_object_new_int(0));
-        json_object_object_add(o, "corruptions", json_object_new_int(errors));
-        if (report && *report) {
-            json_object_object_add(o, "problems", json_object_new_string(report));
-        }
-        json_object_object_add(o, "inconsistent-bitmaps",
-                               json_object_get(bad_bitmaps));
-        cli_print_json(o);
-    } else {
-        if (report && *report) {
-            fprintf(stderr, "%s%s", report,
-                    report[strlen(report) - 1] == '\n' ? "" : "\n");
-        }
-        for (size_t i = 0; i < json_object_array_length(bad_bitmaps); i++) {
-            struct json_object *b = json_object_array_get_idx(bad_bitmaps, i);
-            fprintf(stderr, "Warning: bitmap '%s' is inconsistent: %s. "
-                    "Its dirty bits can not be trusted; remove it with "
-                    "'bitback bitmap --remove %s %s' and take a full backup.\n",
-                    json_object_get_string(json_object_object_get(b, "name")),
-                    json_object_get_string(json_object_object_get(b, "reason")),
-                    filename,
-                    json_object_get_string(json_object_object_get(b, "name")));
-        }
-        if (errors > 0) {
-            fprintf(stderr, "\n%d errors were found on the image.\n"
-                    "Data may be corrupted, or further writes to the image "
-                    "may corrupt it.\n", errors);
-        } else if (ret == CLI_EXIT_CHECK_WARN) {
-            fprintf(stderr, "\n%zu inconsistent bitmap(s) were found; the "
-                    "image data itself is intact.\n",
-                    json_object_array_length(bad_bitmaps));
-        } else {
-            printf("No errors were found on the image.\n");
-        }
-    }
+    check_print(filename, bs->drv->format_name, &res, bad_bitmaps, json);
+    bdrv_check_result_clear(&res);
     fflush(stdout);
     if (!cli_close_image(bs) && ret == CLI_EXIT_OK) {
         ret = CLI_EXIT_ERROR;

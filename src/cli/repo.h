@@ -142,7 +142,7 @@ RepoManifest *repo_parent(Repo *repo, const RepoManifest *m);
 RepoManifest **repo_chain(Repo *repo, const RepoManifest *m, size_t *ret_n,
                           Error **errp);
 
-/* ---- Chains (docs/specs/repository.md, invariant 4: a chain is exactly
+/* ---- Chains (docs/specs/repository.md, R4: a chain is exactly
  * the one its manifests describe) ----
  *
  * The one way to open a backup's chain, for restore, verify, prune and

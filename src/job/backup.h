@@ -3,7 +3,7 @@
  * target node while writers keep writing to the source (QEMU's backup job
  * with its copy-before-write filter).
  *
- * Point in time (DESIGN.md invariant 3): backup_job_create() must be called
+ * Point in time (DESIGN.md D3): backup_job_create() must be called
  * inside a drained section (bdrv_drain_all_begin).  It fixes the set of
  * clusters to copy and installs a copy-before-write hook on the source;
  * from then on a write to a cluster that has not been copied yet first

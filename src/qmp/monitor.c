@@ -74,7 +74,7 @@ static size_t nclients;
 
 static int wake_fds[2] = { -1, -1 };
 /* Set once a monitor socket exists; until then (and in programs without a
- * monitor, like the offline CLI) events are dropped instead of queued. */
+ * monitor, like the CLI) events are dropped instead of queued. */
 static bool have_monitor;
 static volatile sig_atomic_t quit_flag;
 
@@ -308,7 +308,7 @@ static void qmp_client_handle(QmpClient *c, struct json_object *req)
     }
     _cleanup_json_ struct json_object *reply = qmp_dispatch(req);
     /* Bitmap changes the command made (add, clear, a transaction, ...) are
-     * durable before the reply (write-intent.md, invariant 9). */
+     * durable before the reply (write-intent.md W9). */
     write_intent_sync_all_changed();
     /* Events emitted before or while the command ran go out before its
      * reply (QEMU emits them synchronously), so a client that sees a job's

@@ -40,8 +40,7 @@ void qmp_main_loop(void);
 /* Ask the main loop to return (async-signal-safe). */
 void qmp_request_quit(void);
 
-/* ---- Additions (qmp helper): argument schemas, shared by QMP and the
- * daemon's command line. ---- */
+/* ---- Argument schemas, shared by QMP and the daemon's command line ---- */
 
 typedef enum QmpArgType {
     QMP_ARG_STR,

@@ -12,10 +12,14 @@
  *    it; bdrv_set_backing attaches the caller's node, refuses a loop;
  *  - BDRV_REQ_NOWAIT reads: -EAGAIN for data that is not in the page cache
  *    (checked with mincore), for O_DIRECT nodes and while hooks are
- *    installed; the right bytes once the data is cached.
+ *    installed; the right bytes once the data is cached;
+ *  - the qcow2 check on an image with more problems than
+ *    BDRV_CHECK_MAX_MESSAGES: every problem is counted, the messages kept
+ *    are capped and the rest counted as dropped.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -24,11 +28,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cmocka.h>
 
 #include "block/block.h"
+#include "util/bswap.h"
 #include "util/cleanup.h"
+#include "util/cutils.h"
 
 #define IMG_SIZE (8u * 1024 * 1024)
 
@@ -458,6 +465,69 @@ static void test_read_nowait(void **state)
     }
 }
 
+/* Run the driver's check on `path` read-only into *res (0 expected). */
+static void run_check(const char *path, BdrvCheckResult *res)
+{
+    Error *err = NULL;
+    BlockDriverState *bs = bdrv_open_image(path, "qcow2", 0, &err);
+    if (!bs) {
+        fail_msg("open: %s", error_get_pretty(err));
+    }
+    assert_int_equal(bs->drv->check(bs, res), 0);
+    assert_true(bdrv_close(bs, NULL));
+}
+
+/* A refcount of 1 for every cluster the first refcount block covers past
+ * the end of the file: one corruption each, far more than the messages a
+ * result keeps. */
+static void test_qcow2_check_bounded(void **state)
+{
+    _cleanup_free_ char *path = make_qcow2("check.qcow2", NULL);
+    BdrvCheckResult res = BDRV_CHECK_RESULT_INIT;
+    run_check(path, &res);
+    assert_int_equal(bdrv_check_problems(&res), 0);
+    assert_int_equal(res.nb_messages, 0);
+    bdrv_check_result_clear(&res);
+
+    _cleanup_close_ int fd = open(path, O_RDWR);
+    assert_true(fd >= 0);
+    uint8_t hdr[104], ent[8];
+    assert_int_equal(pread_full(fd, hdr, sizeof(hdr), 0), 0);
+    assert_int_equal(ld_be32(hdr + 96), 4);            /* 16-bit refcounts */
+    uint64_t csz = UINT64_C(1) << ld_be32(hdr + 20);
+    assert_int_equal(pread_full(fd, ent, 8, (off_t)ld_be64(hdr + 48)), 0);
+    uint64_t block = ld_be64(ent);
+    struct stat st;
+    assert_int_equal(fstat(fd, &st), 0);
+    uint64_t in_file = DIV_ROUND_UP((uint64_t)st.st_size, csz);
+    uint64_t per_block = csz / 2;
+    _cleanup_free_ uint8_t *refs = malloc(csz);
+    assert_non_null(refs);
+    assert_int_equal(pread_full(fd, refs, csz, (off_t)block), 0);
+    for (uint64_t c = in_file; c < per_block; c++) {
+        st_be16(refs + 2 * c, 1);
+    }
+    assert_int_equal(pwrite_full(fd, refs, csz, (off_t)block), 0);
+    uint64_t expected = per_block - in_file;
+    assert_true(expected > BDRV_CHECK_MAX_MESSAGES);
+
+    run_check(path, &res);
+    assert_int_equal(res.corruptions, expected);
+    assert_int_equal(res.leaks, 0);
+    assert_int_equal(res.check_errors, 0);
+    assert_int_equal(res.nb_messages, BDRV_CHECK_MAX_MESSAGES);
+    assert_int_equal(res.messages_dropped, expected - BDRV_CHECK_MAX_MESSAGES);
+    char want[128];
+    snprintf(want, sizeof(want), "ERROR cluster %" PRIu64 " past the end of "
+             "the file has refcount 1", in_file);
+    assert_string_equal(res.messages[0], want);
+    assert_int_equal(res.total_clusters, DIV_ROUND_UP(1 << 20, csz));
+    assert_int_equal(res.allocated_clusters, 0);
+    assert_true(res.image_end_offset > 0 &&
+                res.image_end_offset <= (uint64_t)st.st_size);
+    bdrv_check_result_clear(&res);
+}
+
 static int teardown_dir(void **state)
 {
     char cmd[128];
@@ -480,6 +550,7 @@ int main(void)
         cmocka_unit_test(test_block_status_sparse),
         cmocka_unit_test(test_read_nowait),
         cmocka_unit_test(test_set_backing),
+        cmocka_unit_test(test_qcow2_check_bounded),
     };
     return cmocka_run_group_tests(tests, NULL, teardown_dir);
 }

@@ -7,7 +7,9 @@
  *    also after a reopen;
  *  - invariant 7: an allocation bit reaches the file only on flush;
  *  - a store while the image stays open sets CLEAN, and the next write
- *    clears it again before the data lands (invariant 1 of qbm.md).
+ *    clears it again before the data lands (invariant 1 of qbm.md);
+ *  - the check counts every problem but keeps no more messages than the
+ *    result's bound.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -273,6 +275,43 @@ static void test_store_then_write_reclears_clean(void **state)
     bdrv_unref(bs);
 }
 
+/* Five problems (an empty descriptor, four truncated bitmap files) found
+ * by a check whose result keeps two messages. */
+static void test_check_messages_bounded(void **state)
+{
+    _cleanup_free_ char *img = tpath("ck.qbm");
+    Error *err = NULL;
+    assert_true(bdrv_img_create(img, "qbm", SIZE, NULL, &err));
+    die_on(err);
+    BlockDriverState *bs = open_img(img, BDRV_O_RDWR);
+    static const char *const names[] = { "b0", "b1", "b2", "b3" };
+    for (size_t i = 0; i < ARRAY_SIZE(names); i++) {
+        assert_non_null(bdrv_dirty_bitmap_add(bs, names[i], 0, true, false, &err));
+        die_on(err);
+    }
+    assert_true(bdrv_close(bs, &err));
+    die_on(err);
+
+    bs = open_img(img, 0);
+    assert_int_equal(truncate(img, 0), 0);
+    for (size_t i = 0; i < ARRAY_SIZE(names); i++) {
+        char name[64];
+        snprintf(name, sizeof(name), "ck.%s.bm", names[i]);
+        _cleanup_free_ char *p = tpath(name);
+        assert_int_equal(truncate(p, 0), 0);
+    }
+    BdrvCheckResult res = { .max_messages = 2 };
+    assert_int_equal(bs->drv->check(bs, &res), 0);
+    assert_int_equal(res.corruptions, 1 + ARRAY_SIZE(names));
+    assert_int_equal(res.leaks + res.check_errors, 0);
+    assert_int_equal(res.nb_messages, 2);
+    assert_int_equal(res.messages_dropped, ARRAY_SIZE(names) - 1);
+    assert_non_null(strstr(res.messages[0], "ck.qbm"));
+    assert_non_null(strstr(res.messages[1], "bitmap 'b0'"));
+    bdrv_check_result_clear(&res);
+    bdrv_unref(bs);
+}
+
 static int teardown(void **state)
 {
     char cmd[128];
@@ -292,6 +331,7 @@ int main(void)
         cmocka_unit_test(test_random_overlay_io),
         cmocka_unit_test(test_allocation_bits_on_flush),
         cmocka_unit_test(test_store_then_write_reclears_clean),
+        cmocka_unit_test(test_check_messages_bounded),
     };
     int r = cmocka_run_group_tests(tests, NULL, teardown);
     return r;
