@@ -54,6 +54,23 @@ def assert_refused(p, msg=LOCK_MSG):
     assert msg.lower() in p.stderr.lower(), p.stderr
 
 
+def ofd_lock_on(path, byte):
+    """True when /proc/locks lists an OFD lock of path's inode covering
+    byte (lines: "N: OFDLCK ADVISORY READ -1 MAJ:MIN:INODE START END")."""
+    ino = os.stat(path).st_ino
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "OFDLCK" not in fields or len(fields) < 8:
+                continue
+            if int(fields[-3].rsplit(":", 1)[1]) != ino:
+                continue
+            end = fields[-1]
+            if int(fields[-2]) <= byte and (end == "EOF" or byte <= int(end)):
+                return True
+    return False
+
+
 def qemu_io_write(path, fmt):
     return run(["qemu-io", "-f", fmt, "-c", "write -P 0x5a 0 512", path],
                check=False)
@@ -70,11 +87,12 @@ class Holder:
             ["qemu-io", "-f", fmt, *extra, "-c", "sleep 60000", str(path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
-        # Held once qemu-img info (a reader that shares no write) fails.
-        for _ in range(500):
-            p = run(["qemu-img", "info", path], check=False)
-            if p.returncode != 0:
-                assert LOCK_MSG in p.stderr.lower(), p.stderr
+        # Held once the kernel lists its lock on byte 201 ("does not share
+        # write", QEMU's last byte for a writer).  Watched in /proc/locks
+        # rather than probed with another opener: a probing reader that
+        # takes its own lock could make qemu-io itself fail to start.
+        for _ in range(1500):
+            if ofd_lock_on(path, 200 + 1):
                 return
             assert self.proc.poll() is None, self.proc.stderr.read()
             time.sleep(0.02)
