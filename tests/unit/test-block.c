@@ -324,10 +324,9 @@ static int hook_noop_read(BdrvIoHook *h, BlockDriverState *bs, uint64_t offset,
 static char *make_qcow2(const char *name, const char *backing)
 {
     _cleanup_json_ struct json_object *opts = json_object_new_object();
-    char *path = NULL;
+    char *path = tpath(name);
     Error *err = NULL;
 
-    assert_true(asprintf(&path, "%s/%s", tmpdir, name) > 0);
     if (backing) {
         json_object_object_add(opts, "backing_file",
                                json_object_new_string(backing));
