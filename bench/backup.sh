@@ -53,7 +53,8 @@ trap cleanup EXIT
 
 export BENCH_DIR=$W BENCH_SIZE=$SIZE BENCH_REPEAT=$REPEAT
 export BENCH_BITBACK=$BITBACK BENCH_BITBACKD=$BITBACKD
-export BENCH_TESTS=$here/tests/integration
+# The shared test helpers (bitback_testlib: Daemon, QMP client).
+export PYTHONPATH=$here/tests/lib${PYTHONPATH:+:$PYTHONPATH}
 export BENCH_DAEMONS=${DAEMONS:-bitbackd bitbackd-qcow2 qsd}
 
 "$PYTHON" - <<'EOF'
@@ -64,9 +65,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.environ["BENCH_TESTS"])
-import nbd                                  # noqa: E402
-from bitbackd import QSD, Daemon            # noqa: E402
+import nbd
+from bitback_testlib import QSD, Daemon
 
 W = os.environ["BENCH_DIR"]
 REPEAT = int(os.environ["BENCH_REPEAT"])

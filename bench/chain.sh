@@ -72,7 +72,8 @@ trap 'exit 130' INT TERM
 
 export BENCH_DIR=$W BENCH_SIZE=${SIZE:-2G} BENCH_DIRTY=${DIRTY:-10}
 export BENCH_BITBACK=$BITBACK BENCH_BITBACKD=$BITBACKD
-export BENCH_TESTS=$here/tests/integration
+# The shared test helpers (bitback_testlib: Daemon, QMP client).
+export PYTHONPATH=$here/tests/lib${PYTHONPATH:+:$PYTHONPATH}
 
 "$PYTHON" - <<'EOF' &
 import json
@@ -84,9 +85,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.environ["BENCH_TESTS"])
-import nbd                                  # noqa: E402
-from bitbackd import QSD, Daemon            # noqa: E402
+import nbd
+from bitback_testlib import QSD, Daemon
 
 # SIGTERM (from the shell's trap) unwinds like an exception, so that the
 # finally blocks stop the daemons.

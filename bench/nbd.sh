@@ -51,6 +51,8 @@ case $build in /*) ;; *) build=$here/$build ;; esac
 BITBACK=$build/bitback
 BITBACKD=$build/bitbackd
 BASE_BUILD=${BASE_BUILD:-}
+# The QMP client of the shared test helpers (python3 -m bitback_testlib.qmpcli).
+export PYTHONPATH=$here/tests/lib${PYTHONPATH:+:$PYTHONPATH}
 RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1G}
 SECTIONS=${SECTIONS:-all}
@@ -102,20 +104,7 @@ stop_server() {
 }
 
 qmp() {  # qmp SOCKET JSON-COMMAND...: run QMP commands, fail on an error reply
-    python3 - "$@" <<'EOF'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
-def send(cmd):
-    f.write(json.dumps(cmd) + "\n"); f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "event" in r: continue
-        if "error" in r: sys.exit("QMP error: %s" % r["error"])
-        return r
-json.loads(f.readline())
-send({"execute": "qmp_capabilities"})
-for c in sys.argv[2:]: send(json.loads(c))
-EOF
+    python3 -m bitback_testlib.qmpcli "$1" run "${@:2}"
 }
 
 # fio_value BS <<<JSON -> MiB/s (BS 1M) or IOPS (other BS) of fio's JSON
@@ -379,19 +368,7 @@ cs_start() {
 # cs_waits SOCKET: "WAITS WAIT_NS" so far, from the crash-safe counters of
 # bitbackd's node d0 (query-named-block-nodes; "0 0" without a log)
 cs_waits() {
-    python3 - "$1.qmp" <<'PY'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
-json.loads(f.readline())
-for cmd in ("qmp_capabilities", "query-named-block-nodes"):
-    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "event" not in r:
-            break
-cs = next((n.get("crash-safe") for n in r["return"] if n["node-name"] == "d0"), None) or {}
-print(cs.get("writer-waits", 0), cs.get("writer-wait-ns", 0))
-PY
+    python3 -m bitback_testlib.qmpcli "$1.qmp" node d0 crash-safe.writer-waits crash-safe.writer-wait-ns
 }
 
 # cs_fio ROW: one fio run of ROW against $W/cs.sock, print its value

@@ -18,6 +18,8 @@ case $BUILD in /*) ;; *) BUILD=$REPO/$BUILD ;; esac
 BITBACK=$BUILD/bitback
 BITBACKD=$BUILD/bitbackd
 PYTHON=/usr/bin/python3
+# The QMP client (bitback_testlib.qmpcli) of the tests' shared helpers.
+export PYTHONPATH=$REPO/tests/lib${PYTHONPATH:+:$PYTHONPATH}
 SIZE_MB=128
 
 if [ "${DEMO_DAEMON:-bitbackd}" = qsd ]; then
@@ -74,65 +76,11 @@ cd "$DIR"
 # BLOCK_JOB_COMPLETED (or _CANCELLED) event, print it, and fail if the job
 # failed.
 qmp() {
-    "$PYTHON" - "$QMP_SOCK" "$1" "${2:-}" "${3:-}" <<'PY'
-import json, socket, sys
-path, cmd, args, job = sys.argv[1:5]
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(600)
-s.connect(path)
-f = s.makefile("rwb")
-events = []
-def call(req):
-    f.write(json.dumps(req).encode() + b"\n"); f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "event" not in r:
-            return r
-        events.append(r)
-json.loads(f.readline())                       # greeting
-call({"execute": "qmp_capabilities"})
-req = {"execute": cmd}
-if args:
-    req["arguments"] = json.loads(args)
-print("qmp> " + json.dumps(req))
-r = call(req)
-print(json.dumps(r, indent=2) if cmd.startswith("query") else json.dumps(r))
-if "error" in r:
-    sys.exit(1)
-if job:
-    while True:
-        ev = events.pop(0) if events else json.loads(f.readline())
-        if ev.get("event") in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") \
-                and ev["data"].get("device") == job:
-            print("event: " + json.dumps(ev["data"]))
-            ok = ev["event"] == "BLOCK_JOB_COMPLETED" and "error" not in ev["data"]
-            sys.exit(0 if ok else 1)
-        if ev.get("event") == "JOB_STATUS_CHANGE" and \
-                ev["data"] == {"id": job, "status": "concluded"}:
-            sys.exit(f"job {job} concluded without a BLOCK_JOB_COMPLETED "
-                     f"event for device {job!r}")
-PY
+    "$PYTHON" -m bitback_testlib.qmpcli "$QMP_SOCK" show "$1" "${2:-}" --job "${3:-}"
 }
 # bitmap_count NODE NAME: the dirty byte count of a bitmap.
 bitmap_count() {
-    "$PYTHON" - "$QMP_SOCK" "$1" "$2" <<'PY'
-import json, socket, sys
-path, node, name = sys.argv[1:4]
-s = socket.socket(socket.AF_UNIX); s.connect(path); f = s.makefile("rwb")
-def call(req):
-    f.write(json.dumps(req).encode() + b"\n"); f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "event" not in r:
-            return r
-json.loads(f.readline())
-call({"execute": "qmp_capabilities"})
-for n in call({"execute": "query-named-block-nodes"})["return"]:
-    if n["node-name"] == node:
-        for b in n.get("dirty-bitmaps", []):
-            if b["name"] == name:
-                print(b["count"])
-PY
+    "$PYTHON" -m bitback_testlib.qmpcli "$QMP_SOCK" bitmap "$1" "$2" count
 }
 writes_so_far() { cat writer.log 2>/dev/null | wc -l; }
 

@@ -14,6 +14,8 @@ case $BUILD in /*) ;; *) BUILD=$REPO/$BUILD ;; esac
 BITBACK=$BUILD/bitback
 BITBACKD=$BUILD/bitbackd
 PYTHON=/usr/bin/python3
+# The QMP client (bitback_testlib.qmpcli) of the tests' shared helpers.
+export PYTHONPATH=$REPO/tests/lib${PYTHONPATH:+:$PYTHONPATH}
 
 for b in "$BITBACK" "$BITBACKD"; do
     if [ ! -x "$b" ]; then
@@ -57,33 +59,7 @@ cd "$DIR"
 # socket, printed as a person would type it and as the daemon answers.  With
 # NODE (for query-named-block-nodes), only that node's dirty-bitmaps.
 qmp() {
-    "$PYTHON" - "$QMP_SOCK" "$1" "${2:-}" "${3:-}" <<'PY'
-import json, socket, sys
-path, cmd, args, node = sys.argv[1:5]
-s = socket.socket(socket.AF_UNIX)
-s.connect(path)
-f = s.makefile("rwb")
-def call(req):
-    f.write(json.dumps(req).encode() + b"\n"); f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "event" not in r:
-            return r
-json.loads(f.readline())                       # greeting
-call({"execute": "qmp_capabilities"})
-req = {"execute": cmd}
-if args:
-    req["arguments"] = json.loads(args)
-print("qmp> " + json.dumps(req))
-r = call(req)
-if node and "return" in r:
-    bitmaps = [n.get("dirty-bitmaps") for n in r["return"]
-               if n.get("node-name") == node]
-    print(f'... node "{node}", "dirty-bitmaps": ' + json.dumps(bitmaps[0], indent=2))
-else:
-    print(json.dumps(r, indent=2) if cmd.startswith("query") else json.dumps(r))
-sys.exit(1 if "error" in r else 0)
-PY
+    "$PYTHON" -m bitback_testlib.qmpcli "$QMP_SOCK" show "$1" "${2:-}" --node "${3:-}"
 }
 
 say "Create a 64 MiB QBM image (a raw data file plus bitmap metadata)"

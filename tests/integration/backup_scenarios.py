@@ -23,9 +23,8 @@ import time
 
 import pytest
 
-import nbd
-
-from bitbackd import QSD, Daemon
+from bitback_testlib import QSD, Daemon
+from bitback_testlib.nbdio import connect
 from conftest import BITBACK, dirty_extents, require, run
 
 KiB = 1024
@@ -183,23 +182,7 @@ def bitmap_count(q, node, name):
 
 def wait_event(q, pred, timeout=120):
     """Wait for (and remove from q.events) the first event with pred(ev)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for i, ev in enumerate(q.events):
-            if pred(ev):
-                return q.events.pop(i)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no matching event within {timeout}s; "
-                               f"events: {q.events}")
-        old = q.sock.gettimeout()
-        q.sock.settimeout(left)
-        try:
-            msg = q.recv()
-        finally:
-            q.sock.settimeout(old)
-        if "event" in msg:
-            q.events.append(msg)
+    return q.wait_event(pred, timeout)
 
 
 def wait_job_end(q, job_id, timeout=120):
@@ -252,14 +235,6 @@ def job_progress(q, job_id):
 
 
 # -- NBD helpers ----------------------------------------------------------
-
-def connect(uri, contexts=()):
-    h = nbd.NBD()
-    for c in contexts:
-        h.add_meta_context(c)
-    h.connect_uri(uri)
-    return h
-
 
 def nbd_write(uri, writes):
     """Write [(offset, bytes)] through NBD, then flush."""

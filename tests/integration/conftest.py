@@ -9,28 +9,18 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# The shared helpers (QMP client, Daemon, random writer): tests/lib.
+sys.path.insert(0, str(REPO / "tests" / "lib"))
 BUILD = pathlib.Path(os.environ.get("BITBACK_BUILD", REPO / "build"))
 if not BUILD.is_absolute():
     BUILD = REPO / BUILD
 BITBACK = str(BUILD / "bitback")
 BITBACKD = str(BUILD / "bitbackd")
-
-
-def random_write(h, rng, lo, hi, lengths):
-    """One random write through libnbd handle h inside [lo, hi), 512-byte
-    aligned: a zero write one time in ten, random data otherwise.  Returns
-    (offset, length) once the server acknowledged it."""
-    length = rng.choice(lengths)
-    off = rng.randrange(lo, hi - length) // 512 * 512
-    if rng.random() < 0.1:
-        h.zero(length, off)
-    else:
-        h.pwrite(rng.randbytes(length), off)
-    return off, length
 
 
 def run(cmd, check=True, **kw):

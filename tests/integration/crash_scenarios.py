@@ -5,8 +5,9 @@ and tests/stress/crash_trials.py (hundreds, with the worst case reported).
 One trial:
   1. a disk (qbm over raw, or qcow2) served by bitbackd with an NBD export;
      `bitback backup` takes a full backup (it adds the bitmap bitback-UUID8-000001)
-  2. writer threads issue random writes, zero writes and flushes through
-     NBD and log every write the server *acknowledged*
+  2. writer threads (bitback_testlib.writer) issue random writes, zero
+     writes and flushes through NBD and log every write the server
+     *acknowledged*
   3. the daemon is killed with SIGKILL at a random moment -- optionally
      under the power-loss shim (tests/plsim), after which every write that
      was not synced is dropped or kept at random
@@ -21,13 +22,12 @@ import pathlib
 import random
 import subprocess
 import sys
-import threading
 import time
 
-import nbd
-
-from bitbackd import Daemon
-from conftest import BITBACK, dirty_extents, random_write, repo_bitmap, run
+from bitback_testlib import Daemon
+from bitback_testlib.nbdio import read_all  # noqa: F401 (crash_scenarios.read_all)
+from bitback_testlib.writer import Writer
+from conftest import BITBACK, dirty_extents, repo_bitmap, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -58,60 +58,13 @@ def make_disk(workdir, fmt, size=SIZE):
         run(["qemu-img", "create", "-q", "-f", "qcow2", d / "disk.qcow2", str(size)])
 
 
-class Writers:
-    """Writer threads through NBD; .acked lists (offset, length) of every
-    write the server acknowledged."""
-
-    def __init__(self, uri, seed, threads=2, flush_every=25, size=SIZE):
-        self.uri = uri
-        self.rng = random.Random(seed)
-        self.acked = []
-        self.unflushed = 0          # acknowledged since the last flush
-        self.lock = threading.Lock()
-        self.stop = False
-        self.flush_every = flush_every
-        self.size = size
-        self.span = (0, size)       # [lo, hi): where writes go; may change
-        self.threads = [threading.Thread(target=self.run, args=(seed * 31 + i,),
-                                         daemon=True) for i in range(threads)]
-
-    def run(self, seed):
-        rng = random.Random(seed)
-        try:
-            h = nbd.NBD()
-            h.connect_uri(self.uri)
-        except nbd.Error:
-            return
-        n = 0
-        try:
-            while not self.stop:
-                lo, hi = self.span
-                done = random_write(h, rng, lo, hi,
-                                    [4 * KiB, 64 * KiB, 100 * KiB, 256 * KiB])
-                with self.lock:
-                    self.acked.append(done)
-                    self.unflushed += 1
-                n += 1
-                if n % self.flush_every == 0:
-                    h.flush()
-                    with self.lock:
-                        self.unflushed = 0
-        except nbd.Error:
-            pass                    # the server died: expected
-        finally:
-            try:
-                h.shutdown()
-            except nbd.Error:
-                pass
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-
-    def join(self):
-        self.stop = True
-        for t in self.threads:
-            t.join(30)
+def writers(uri, seed, threads=2, flush_every=25, size=SIZE):
+    """The crash trials' writers: `threads` threads through NBD inside
+    .span (all of size), a flush every flush_every writes of each, until
+    the server dies; .acked logs every acknowledged write (an Ack)."""
+    return Writer([uri], [seed * 31 + i for i in range(threads)],
+                  [4 * KiB, 64 * KiB, 100 * KiB, 256 * KiB],
+                  flush_every=flush_every, until_error=True, span=(0, size))
 
 
 def covered(extents, off, length):
@@ -143,16 +96,6 @@ def union_bytes(ranges):
     return total
 
 
-def read_all(uri, path):
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    size = h.get_size()
-    with open(path, "wb") as f:
-        for off in range(0, size, 4 * MiB):
-            f.write(h.pread(min(4 * MiB, size - off), off))
-    h.shutdown()
-
-
 def backup(daemon, repo, level):
     return run([BITBACK, "backup", "--connect", str(daemon.qmp_sock), "--node",
                 "disk0", "--repo", repo, "--level", level])
@@ -177,7 +120,7 @@ def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
                 "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on",
                 nbd=True, **({"env": env} if env else {}))
         backup(d, repo, "full")
-        w = Writers(d.nbd_uri("disk0"), seed, threads=writer_threads, size=size)
+        w = writers(d.nbd_uri("disk0"), seed, threads=writer_threads, size=size)
         w.start()
         time.sleep(run_time if run_time is not None else rng.uniform(0.05, 0.8))
         if powerloss:
@@ -207,14 +150,14 @@ def trial(workdir, fmt, seed, powerloss=False, run_time=None, size=SIZE,
               bitmaps=[b1], **{"node-name": "disk0", "name": "disk0"})
         uri = d.nbd_uri("disk0")
         ext = dirty_extents(uri, b1)
-        missing = [(o, l) for o, l in acked if not covered(ext, o, l)]
+        missing = [(o, l) for o, l, _ in acked if not covered(ext, o, l)]
         assert not missing, f"acknowledged writes missing from the bitmap: {missing[:5]}"
         dirty = sum(l for _, l in ext)
         # What the writes dirtied at the bitmap's granularity (64 KiB): the
         # least any bitmap can show.  dirty - written is what recovery added.
         g = bm["granularity"]
         written = union_bytes([(o // g * g, (o + l + g - 1) // g * g - o // g * g)
-                               for o, l in acked])
+                               for o, l, _ in acked])
         q.del_export("e0")
 
         p = backup(d, repo, "inc")

@@ -13,84 +13,24 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
-import nbd
-
-from bitbackd import Daemon
-from conftest import BITBACK, bitback, random_write, repo_bitmap, require, run
+from bitback_testlib import Daemon
+from bitback_testlib.nbdio import read_all
+from bitback_testlib.writer import Writer, write_lengths
+from conftest import BITBACK, bitback, repo_bitmap, require, run
 
 KiB = 1024
 MiB = 1024 * KiB
 SIZE = 32 * MiB
 
 
-class Writer(threading.Thread):
-    """Random writes through NBD until stopped; pause() waits until no
-    write is in flight."""
-
-    def __init__(self, uris, seed=7):
-        super().__init__(daemon=True)
-        self.rng = random.Random(seed)
-        self.handles = []
-        for uri in uris:
-            h = nbd.NBD()
-            h.connect_uri(uri)
-            self.handles.append(h)
-        self.go = threading.Event()
-        self.go.set()
-        self.idle = threading.Event()
-        self.stop_flag = False
-        self.writes = 0
-        self.error = None
-
-    def run(self):
-        try:
-            while not self.stop_flag:
-                if not self.go.is_set():
-                    self.idle.set()
-                    self.go.wait()
-                    continue
-                self.idle.clear()
-                for h in self.handles:
-                    random_write(h, self.rng, 0, h.get_size(),
-                                 [4 * KiB, 16 * KiB, 64 * KiB, 200 * KiB])
-                    self.writes += 1
-                time.sleep(0.02)
-        except Exception as e:          # reported by stop()
-            self.error = e
-        finally:
-            self.idle.set()
-
-    def pause(self):
-        self.go.clear()
-        self.idle.wait(30)
-        assert self.idle.is_set()
-
-    def resume(self):
-        self.go.set()
-
-    def stop(self):
-        self.stop_flag = True
-        self.go.set()
-        self.join(30)
-        for h in self.handles:
-            h.shutdown()
-        assert self.error is None, self.error
-
-
-def nbd_read_all(uri, path):
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    size = h.get_size()
-    with open(path, "wb") as f:
-        for off in range(0, size, 4 * MiB):
-            f.write(h.pread(min(4 * MiB, size - off), off))
-    h.shutdown()
-    return path
+def live_writer(uris, seed=7):
+    """Random writes through NBD to every URI in turn until stopped;
+    pause() waits until no write is in flight."""
+    return Writer(uris, [seed], write_lengths(4, 16, 64, 200), pause_s=0.02)
 
 
 def make_disk(d, name, seed):
@@ -140,7 +80,7 @@ def run_backup_live(daemon, repo, nodes, level, writer, refs_dir, tag,
     """Pause the writer, copy the references, start the backup, resume the
     writer once every disk's backup started; returns (id, stderr)."""
     writer.pause()
-    refs = {n: nbd_read_all(daemon.nbd_uri(n), refs_dir / f"{tag}-{n}.raw")
+    refs = {n: read_all(daemon.nbd_uri(n), refs_dir / f"{tag}-{n}.raw")
             for n in nodes}
     p = subprocess.Popen(backup_cmd(daemon, repo, nodes, level,
                                     "--speed", "24M", *extra),
@@ -194,7 +134,7 @@ def test_live_chain_under_load(daemon, tmp_path):
     backups; every point restores bit for bit."""
     start(daemon, tmp_path, ["disk0"])
     repo = tmp_path / "repo"
-    writer = Writer([daemon.nbd_uri("disk0")])
+    writer = live_writer([daemon.nbd_uri("disk0")])
     writer.start()
     points = []
     try:
@@ -237,7 +177,7 @@ def test_multi_disk_same_instant(daemon, tmp_path):
     nodes = ["sda", "sdb"]
     start(daemon, tmp_path, nodes)
     repo = tmp_path / "repo"
-    writer = Writer([daemon.nbd_uri(n) for n in nodes], seed=3)
+    writer = live_writer([daemon.nbd_uri(n) for n in nodes], seed=3)
     writer.start()
     points = []
     try:
@@ -295,7 +235,7 @@ def test_chain_identity_falls_back_to_full(daemon, tmp_path):
     p = quiet_backup(daemon, repo, ["disk0"])
     assert "taking a full backup" not in p.stderr
     assert listing(repo)[-1]["level"] == "inc"
-    ref = nbd_read_all(uri, tmp_path / "ref.raw")
+    ref = read_all(uri, tmp_path / "ref.raw")
     check_point(repo, "disk0", listing(repo)[-1]["id"], ref, tmp_path)
 
 
@@ -335,7 +275,7 @@ def test_sigkill_mid_run(daemon, tmp_path, delay):
     assert last["level"] == "inc" and last["parent"] == before[-1]["id"]
     # It holds both the writes before and after the killed run.
     assert last["changed-bytes"] >= 4 * MiB
-    ref = nbd_read_all(uri, tmp_path / "ref.raw")
+    ref = read_all(uri, tmp_path / "ref.raw")
     check_point(repo, "disk0", last["id"], ref, tmp_path)
     bitback("verify", "--repo", repo)
     assert not list((repo / "disk0").glob(".*.tmp"))
@@ -356,7 +296,7 @@ def test_attempt_markers(daemon, tmp_path):
     assert "taking a full backup" not in p.stderr, p.stderr
     last = listing(repo)[-1]
     assert (last["id"], last["level"]) == ("000006", "inc")
-    ref = nbd_read_all(uri, tmp_path / "ref.raw")
+    ref = read_all(uri, tmp_path / "ref.raw")
     check_point(repo, "disk0", last["id"], ref, tmp_path)
 
     (repo / "disk0" / "000009.attempt").write_text(

@@ -29,7 +29,7 @@ import pytest
 
 from backup_scenarios import (MiB, flavour, random_image,  # noqa: F401
                               reference_copy)
-from bitbackd import QSD, QMPClient, qmp_socket_ready
+from bitback_testlib import QSD, QMPClient, qmp_socket_ready
 from conftest import BITBACK, bitback, repo_bitmap, repo_prefix, require, run
 
 SIZE = 32 * MiB

@@ -70,7 +70,7 @@ def test_crash_mid_backup_job(tmp_path, kill_after):
     every acknowledged write, and the next run is a correct incremental."""
     import subprocess
     import time
-    from bitbackd import Daemon
+    from bitback_testlib import Daemon
     from conftest import BITBACK, run
 
     crash_scenarios.make_disk(tmp_path, "qbm")
@@ -80,7 +80,7 @@ def test_crash_mid_backup_job(tmp_path, kill_after):
         d.start("--blockdev", crash_scenarios.blockdev("qbm"), "--export",
                 "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on", nbd=True)
         crash_scenarios.backup(d, repo, "full")
-        w = crash_scenarios.Writers(d.nbd_uri("disk0"), seed=int(kill_after * 10))
+        w = crash_scenarios.writers(d.nbd_uri("disk0"), seed=int(kill_after * 10))
         w.start()
         time.sleep(0.5)
         p = subprocess.Popen([BITBACK, "backup", "--connect", str(d.qmp_sock),
@@ -112,7 +112,7 @@ def test_crash_mid_backup_job(tmp_path, kill_after):
         assert b2["recording"] and not b1["recording"]
         ext = _bitmap_extents(d, [n1, n2])
         both = _union(*ext.values())
-        missing = [a for a in acked if not crash_scenarios.covered(both, *a)]
+        missing = [a for a in acked if not crash_scenarios.covered(both, a.offset, a.length)]
         assert not missing, missing[:5]
 
         q = d.qmp
@@ -142,7 +142,7 @@ def test_crash_mid_clear_transaction(tmp_path, delay_ms):
     every write acknowledged after the reply."""
     import threading
     import time
-    from bitbackd import Daemon, QMPClient
+    from bitback_testlib import Daemon, QMPClient
 
     crash_scenarios.make_disk(tmp_path, "qbm")
     d = Daemon(tmp_path)
@@ -152,7 +152,7 @@ def test_crash_mid_clear_transaction(tmp_path, delay_ms):
         q = d.qmp
         q.cmd("block-dirty-bitmap-add", node="disk0", name="b0", persistent=True)
         g_old = q.bitmap("disk0", "b0")["generation"]
-        w = crash_scenarios.Writers(d.nbd_uri("disk0"), seed=delay_ms)
+        w = crash_scenarios.writers(d.nbd_uri("disk0"), seed=delay_ms)
         w.start()
         time.sleep(0.3)
         reply = {}
@@ -196,7 +196,7 @@ def test_crash_mid_clear_transaction(tmp_path, delay_ms):
             need = acked
         else:
             need = acked[acked_at_reply[0]:] if acked_at_reply else []
-        missing = [a for a in need if not crash_scenarios.covered(ext, *a)]
+        missing = [a for a in need if not crash_scenarios.covered(ext, a.offset, a.length)]
         assert not missing, (b0, missing[:5])
         assert d.quit() == 0
     finally:
@@ -209,7 +209,7 @@ def test_over_approximation_is_bounded(tmp_path):
     than 64 regions are marked) clear regions idle for a whole period, so
     a crash a few seconds later adds little beyond those 4 regions."""
     import time
-    from bitbackd import Daemon
+    from bitback_testlib import Daemon
     MiB = crash_scenarios.MiB
     size = 512 * MiB
     crash_scenarios.make_disk(tmp_path, "qbm", size)
@@ -219,7 +219,7 @@ def test_over_approximation_is_bounded(tmp_path):
                 "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on", nbd=True)
         d.qmp.cmd("block-dirty-bitmap-add", node="disk0", name="b0",
                   persistent=True)
-        w = crash_scenarios.Writers(d.nbd_uri("disk0"), seed=9, size=size)
+        w = crash_scenarios.writers(d.nbd_uri("disk0"), seed=9, size=size)
         w.start()
         time.sleep(1.5)
         wide = len(w.acked)
@@ -232,7 +232,7 @@ def test_over_approximation_is_bounded(tmp_path):
         b0 = d.qmp.bitmap("disk0", "b0")
         assert b0["recovered"] is True and not b0["inconsistent"], b0
         ext = _bitmap_extents(d, ["b0"])["b0"]
-        missing = [a for a in w.acked if not crash_scenarios.covered(ext, *a)]
+        missing = [a for a in w.acked if not crash_scenarios.covered(ext, a.offset, a.length)]
         assert not missing, missing[:5]
         # What recovery added beyond the saved bits: the hot 4 regions and
         # at most a few regions of writes in flight around the switch.
@@ -313,7 +313,7 @@ def test_sequential_writer_waits_once(tmp_path):
     (write-intent invariant 10).  Without the read-ahead every region
     would cost a wait."""
     import nbd
-    from bitbackd import Daemon
+    from bitback_testlib import Daemon
     MiB = crash_scenarios.MiB
     regions, region = 8, 64 * MiB
     crash_scenarios.make_disk(tmp_path, "qbm", regions * region)
@@ -357,7 +357,7 @@ def _slow_sync_daemon(tmp_path, size, delay_file=None):
     the page cache writes back; and an NBD handle on it."""
     import nbd
     import plcut
-    from bitbackd import Daemon
+    from bitback_testlib import Daemon
     crash_scenarios.make_disk(tmp_path, "qbm", size)
     # Start from written-back page cache: earlier tests' dirty data written
     # back during the run would slow syncs beyond the shim's 20 ms, and the

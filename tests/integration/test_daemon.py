@@ -6,13 +6,13 @@ Results are checked over QMP, with qemu-io through NBD and with
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
-from bitbackd import BITBACKD, Daemon, QMPClient, qmp_socket_ready
+from bitback_testlib import BITBACKD, Daemon, QMPClient, qmp_socket_ready
+from bitback_testlib.nbdio import free_port
 from conftest import bitback, require, run
 
 SIZE = 8 * 1024 * 1024
@@ -231,18 +231,10 @@ def test_restart_after_kill_reuses_socket_paths(tmp_path):
         assert d.quit() == 0
 
 
-def free_tcp_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_nbd_server_on_tcp(tmp_path):
     require("qemu-io")
     make_qbm(tmp_path)
-    port = free_tcp_port()
+    port = free_port()
     with Daemon(tmp_path) as d:
         d.start("--blockdev", QBM_DISK, "--nbd-server",
                 f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",

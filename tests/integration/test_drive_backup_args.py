@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from bitbackd import Daemon
+from bitback_testlib import Daemon
 from conftest import run
 from test_transaction import BACKUP_ERRORS
 

@@ -19,7 +19,7 @@ import subprocess
 import nbd
 import pytest
 
-from bitbackd import Daemon
+from bitback_testlib import Daemon
 from conftest import BITBACK, bitback, run
 
 K = 1024

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from bitbackd import QSD, Daemon, QMPError
+from bitback_testlib import QSD, Daemon, QMPError
 from conftest import BITBACK, BITBACKD, require, run
 
 LOCK_MSG = "is another process using the image"

@@ -10,14 +10,14 @@ the dirty bitmap holding exactly the union of their writes.
 import json
 import os
 import random
-import socket
 import threading
 
 import pytest
 
 import nbd
 
-from bitbackd import Daemon
+from bitback_testlib import Daemon
+from bitback_testlib.nbdio import connect, free_port
 from conftest import BITBACK, dirty_extents, require, run
 
 MiB = 1024 * 1024
@@ -49,14 +49,6 @@ def start(d, *extra, image="d.raw", writable=True, bitmaps=(), nbd_args=None,
         d.qmp.cmd("block-export-add", type="nbd", id="e1",
                   **{"node-name": "d0"}, name="ro", writable=False)
     return d
-
-
-def connect(uri, contexts=()):
-    h = nbd.NBD()
-    for c in contexts:
-        h.add_meta_context(c)
-    h.connect_uri(uri)
-    return h
 
 
 
@@ -335,14 +327,6 @@ def test_read_only_export_refuses_writes(daemon, tmp_path):
     h.shutdown()
     with open(tmp_path / "d.raw", "rb") as f:
         assert f.read(512) == bytes(512)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_tcp(daemon, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 import nbd
 
-from bitbackd import Daemon
+from bitback_testlib import Daemon
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from bitbackd import Daemon
+from bitback_testlib import Daemon
+from bitback_testlib.nbdio import free_port
 from conftest import require, run
 
 MiB = 1024 * 1024
@@ -243,14 +244,6 @@ def test_bad_connections_fail_blockdev_add(tmp_path, sockdir, servers):
         node = d.qmp.node("n0")
         assert node is not None and node["ro"] is True
         assert d.quit() == 0
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_inet_server(tmp_path, servers):

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from conftest import REPO, require, run
-from bitbackd import Daemon
+from bitback_testlib import Daemon
 
 sys.path.insert(0, str(REPO / "tests" / "plsim"))
 import plcut  # noqa: E402

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from bitbackd import Daemon
+from bitback_testlib import Daemon
 from conftest import bitback, require, run
 
 MiB = 1024 * 1024

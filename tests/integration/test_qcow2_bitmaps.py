@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from bitbackd import Daemon, QMPError
+from bitback_testlib import Daemon, QMPError
 from conftest import BITBACK, dirty_extents, require, run
 
 MiB = 1024 * 1024

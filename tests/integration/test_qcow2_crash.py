@@ -33,7 +33,7 @@ import threading
 import nbd
 import pytest
 
-from bitbackd import Daemon
+from bitback_testlib import Daemon
 from conftest import BITBACK, bitback, require, run
 
 MiB = 1024 * 1024

@@ -28,7 +28,7 @@ import struct
 
 import pytest
 
-from bitbackd import Daemon
+from bitback_testlib import Daemon
 from conftest import BITBACK, repo_bitmap, require, run
 
 MiB = 1024 * 1024

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from bitbackd import QSD, Daemon, QMPClient, QMPError
+from bitback_testlib import QSD, Daemon, QMPClient, QMPError
 from conftest import bitback, dirty_extents, require, run
 
 G = 64 * 1024

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from bitbackd import BITBACKD, QSD, Daemon, QMPError
+from bitback_testlib import BITBACKD, QSD, Daemon, QMPError
 from conftest import BITBACK, require, run
 
 MiB = 1024 * 1024

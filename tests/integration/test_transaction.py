@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from bitbackd import QSD, Daemon
+from bitback_testlib import QSD, Daemon
 from conftest import BITBACK, dirty_extents, require, run
 
 MiB = 1024 * 1024

@@ -35,36 +35,11 @@
 #include "job/job.h"
 #include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "test-util.h"
 
 #define IMG_SIZE  (8u * 1024 * 1024)
 #define CLUSTER   (64u * 1024)
 #define NCLUSTERS (IMG_SIZE / CLUSTER)
-
-static char tmpdir[] = "/tmp/bitback-test-backup-XXXXXX";
-static int name_counter;
-
-static void die_on(Error *err)
-{
-    if (err) {
-        fail_msg("%s", error_get_pretty(err));
-    }
-}
-
-static char *tpath(const char *stem)
-{
-    char *path = NULL;
-    assert_true(asprintf(&path, "%s/%s-%d", tmpdir, stem, name_counter++) > 0);
-    return path;
-}
-
-static char *make_image(const char *stem, uint64_t size)
-{
-    char *path = tpath(stem);
-    Error *err = NULL;
-    bdrv_img_create(path, "raw", size, NULL, &err);
-    die_on(err);
-    return path;
-}
 
 static BlockDriverState *open_raw(const char *path, const char *node_name)
 {
@@ -81,17 +56,6 @@ static BlockDriverState *open_raw(const char *path, const char *node_name)
     return bs;
 }
 
-static uint8_t *read_file(const char *path)
-{
-    uint8_t *buf = malloc(IMG_SIZE);
-    assert_non_null(buf);
-    int fd = open(path, O_RDONLY);
-    assert_true(fd >= 0);
-    assert_int_equal(pread(fd, buf, IMG_SIZE, 0), (ssize_t)IMG_SIZE);
-    close(fd);
-    return buf;
-}
-
 static void fill_random(BlockDriverState *bs, uint64_t off, uint64_t len,
                         unsigned seed)
 {
@@ -102,12 +66,6 @@ static void fill_random(BlockDriverState *bs, uint64_t off, uint64_t len,
     }
     assert_int_equal(bdrv_pwrite(bs, off, buf, len, 0), 0);
     free(buf);
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
-    nanosleep(&ts, NULL);
 }
 
 /* ---- the main loop ---- */
@@ -141,7 +99,7 @@ static Job *create_job(const char *id, BlockDriverState *src,
     Error *err = NULL;
     bdrv_drain_all_begin();
     if (ret_snapshot) {
-        *ret_snapshot = read_file(src_path);
+        *ret_snapshot = read_file(src_path, IMG_SIZE);
     }
     pthread_mutex_lock(&st_lock);
     watched = NULL;
@@ -252,8 +210,8 @@ static uint64_t stop_writers(Writer *w, int n)
 static void test_full_point_in_time(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image("src", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image("tgt", IMG_SIZE);
+    _cleanup_free_ char *sp = make_image(tpath_unique("src"), "raw", IMG_SIZE);
+    _cleanup_free_ char *tp = make_image(tpath_unique("tgt"), "raw", IMG_SIZE);
     BlockDriverState *src = open_raw(sp, "src");
     BlockDriverState *tgt = open_raw(tp, "tgt");
     fill_random(src, 0, IMG_SIZE / 2, 1);
@@ -278,14 +236,14 @@ static void test_full_point_in_time(void **state)
     assert_true(during > 0);           /* the writers really overlapped */
     assert_int_equal(job->progress_current, IMG_SIZE);
     assert_int_equal(job->progress_total, IMG_SIZE);
-    _cleanup_free_ uint8_t *got = read_file(tp);
+    _cleanup_free_ uint8_t *got = read_file(tp, IMG_SIZE);
     for (uint32_t c = 0; c < NCLUSTERS; c++) {
         if (memcmp(got + c * CLUSTER, snap + c * CLUSTER, CLUSTER) != 0) {
             fail_msg("cluster %u of the backup differs from the snapshot", c);
         }
     }
     /* The source moved on. */
-    _cleanup_free_ uint8_t *now = read_file(sp);
+    _cleanup_free_ uint8_t *now = read_file(sp, IMG_SIZE);
     assert_true(memcmp(now, snap, IMG_SIZE) != 0);
     dismiss(job);
     assert_null(src->job_blocker);
@@ -301,8 +259,8 @@ static void test_full_point_in_time(void **state)
 static void test_full_sparse(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image("sparse-src", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image("sparse-tgt", IMG_SIZE);
+    _cleanup_free_ char *sp = make_image(tpath_unique("sparse-src"), "raw", IMG_SIZE);
+    _cleanup_free_ char *tp = make_image(tpath_unique("sparse-tgt"), "raw", IMG_SIZE);
     BlockDriverState *src = open_raw(sp, "ssrc");
     BlockDriverState *tgt = open_raw(tp, "stgt");
     fill_random(src, 1024 * 1024, 1024 * 1024, 2);
@@ -318,8 +276,8 @@ static void test_full_sparse(void **state)
     assert_int_equal(job->progress_current, IMG_SIZE);
     dismiss(job);
 
-    _cleanup_free_ uint8_t *a = read_file(sp);
-    _cleanup_free_ uint8_t *b = read_file(tp);
+    _cleanup_free_ uint8_t *a = read_file(sp, IMG_SIZE);
+    _cleanup_free_ uint8_t *b = read_file(tp, IMG_SIZE);
     assert_memory_equal(a, b, IMG_SIZE);
     struct stat st;
     assert_int_equal(stat(tp, &st), 0);
@@ -406,8 +364,8 @@ static void assert_bitmap_is(BdrvDirtyBitmap *bm, const bool *want)
 static void test_incremental_copies_dirty_only(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image("inc-src", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image("inc-tgt", IMG_SIZE);
+    _cleanup_free_ char *sp = make_image(tpath_unique("inc-src"), "raw", IMG_SIZE);
+    _cleanup_free_ char *tp = make_image(tpath_unique("inc-tgt"), "raw", IMG_SIZE);
     BlockDriverState *src = open_raw(sp, "isrc");
     BlockDriverState *tgt = open_raw(tp, "itgt");
     fill_random(src, 0, IMG_SIZE, 3);
@@ -451,8 +409,8 @@ static void test_incremental_copies_dirty_only(void **state)
         }
     }
     assert_int_equal(spy.bytes, ndirty * CLUSTER);
-    _cleanup_free_ uint8_t *a = read_file(sp);
-    _cleanup_free_ uint8_t *b = read_file(tp);
+    _cleanup_free_ uint8_t *a = read_file(sp, IMG_SIZE);
+    _cleanup_free_ uint8_t *b = read_file(tp, IMG_SIZE);
     static const uint8_t zero[CLUSTER];
     for (uint32_t c = 0; c < NCLUSTERS; c++) {
         const uint8_t *want = dirty[c] ? a + c * CLUSTER : zero;
@@ -475,8 +433,8 @@ typedef enum Outcome { OUT_SUCCESS, OUT_CANCEL, OUT_TARGET_ERROR } Outcome;
  * set B: clusters written after the job was created. */
 static void run_bitmap_case(BitmapSyncMode mode, Outcome outcome)
 {
-    _cleanup_free_ char *sp = make_image("bm-src", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image("bm-tgt", IMG_SIZE);
+    _cleanup_free_ char *sp = make_image(tpath_unique("bm-src"), "raw", IMG_SIZE);
+    _cleanup_free_ char *tp = make_image(tpath_unique("bm-tgt"), "raw", IMG_SIZE);
     BlockDriverState *src = open_raw(sp, "bsrc");
     BlockDriverState *tgt = open_raw(tp, "btgt");
     fill_random(src, 0, IMG_SIZE, 5);
@@ -533,7 +491,7 @@ static void run_bitmap_case(BitmapSyncMode mode, Outcome outcome)
 
     /* Whatever the outcome, every cluster the target got holds the
      * point-in-time data. */
-    _cleanup_free_ uint8_t *got = read_file(tp);
+    _cleanup_free_ uint8_t *got = read_file(tp, IMG_SIZE);
     for (uint32_t c = 0; c < NCLUSTERS; c++) {
         if (spy.written[c]) {
             assert_memory_equal(got + c * CLUSTER, snap + c * CLUSTER, CLUSTER);
@@ -591,7 +549,7 @@ static void test_bitmap_always(void **state)
 static void test_fleecing_sync_none(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image("fl-src", IMG_SIZE);
+    _cleanup_free_ char *sp = make_image(tpath_unique("fl-src"), "raw", IMG_SIZE);
     _cleanup_free_ char *op = tpath("fl-overlay.qbm");
     BlockDriverState *src = open_raw(sp, "flsrc");
     fill_random(src, 0, IMG_SIZE, 7);
@@ -651,11 +609,11 @@ static void test_fleecing_sync_none(void **state)
 static void test_create_errors(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image("err-src", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image("err-tgt", IMG_SIZE / 2);
+    _cleanup_free_ char *sp = make_image(tpath_unique("err-src"), "raw", IMG_SIZE);
+    _cleanup_free_ char *tp = make_image(tpath_unique("err-tgt"), "raw", IMG_SIZE / 2);
     BlockDriverState *src = open_raw(sp, "esrc");
     BlockDriverState *tgt = open_raw(tp, "etgt");
-    _cleanup_free_ char *tp2 = make_image("err-tgt2", IMG_SIZE);
+    _cleanup_free_ char *tp2 = make_image(tpath_unique("err-tgt2"), "raw", IMG_SIZE);
     BlockDriverState *tgt2 = open_raw(tp2, "etgt2");
     Error *err = NULL;
     BackupOptions opts = default_opts(MIRROR_SYNC_MODE_FULL);
@@ -707,15 +665,7 @@ static int setup(void **state)
 {
     (void)state;
     job_set_status_hook(status_hook, NULL);
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tmpdir_create("backup");
 }
 
 int main(void)
@@ -730,5 +680,5 @@ int main(void)
         cmocka_unit_test(test_fleecing_sync_none),
         cmocka_unit_test(test_create_errors),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, setup, tmpdir_teardown);
 }

@@ -36,22 +36,9 @@
 #include "util/bswap.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "test-util.h"
 
 #define IMG_SIZE (8u * 1024 * 1024)
-
-static char tmpdir[] = "/tmp/bitback-test-block-XXXXXX";
-
-static char *make_image(const char *name, uint64_t size)
-{
-    char *path = NULL;
-    assert_true(asprintf(&path, "%s/%s", tmpdir, name) > 0);
-    Error *err = NULL;
-    bool ok = bdrv_img_create(path, "raw", size, NULL, &err);
-    if (!ok) {
-        fail_msg("create: %s", error_get_pretty(err));
-    }
-    return path;
-}
 
 static BlockDriverState *open_raw(const char *path, bool direct)
 {
@@ -116,7 +103,7 @@ static void random_io(BlockDriverState *bs)
 
 static void test_random_io_buffered(void **state)
 {
-    _cleanup_free_ char *path = make_image("buffered.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("buffered.raw"), "raw", IMG_SIZE);
     BlockDriverState *bs = open_raw(path, false);
     random_io(bs);
     assert_true(bdrv_close(bs, NULL));
@@ -124,7 +111,7 @@ static void test_random_io_buffered(void **state)
 
 static void test_random_io_direct(void **state)
 {
-    _cleanup_free_ char *path = make_image("direct.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("direct.raw"), "raw", IMG_SIZE);
     BlockDriverState *bs = open_raw(path, true);
     if (!bs) {
         skip();
@@ -136,7 +123,7 @@ static void test_random_io_direct(void **state)
 
 static void test_out_of_range(void **state)
 {
-    _cleanup_free_ char *path = make_image("range.raw", 1024 * 1024);
+    _cleanup_free_ char *path = make_image(tpath("range.raw"), "raw", 1024 * 1024);
     BlockDriverState *bs = open_raw(path, false);
     uint8_t buf[512] = { 0 };
     assert_int_equal(bdrv_pread(bs, 1024 * 1024 - 256, buf, 512), -EINVAL);
@@ -188,7 +175,7 @@ static int checking_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
 
 static void test_bitmap_marked_before_write(void **state)
 {
-    _cleanup_free_ char *path = make_image("order.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("order.raw"), "raw", IMG_SIZE);
     BlockDriverState *bs = open_raw(path, false);
     static BlockDriver checking;
     real_file_drv = bs->file->drv;
@@ -226,7 +213,7 @@ static void test_bitmap_marked_before_write(void **state)
 
 static void test_bitmap_states(void **state)
 {
-    _cleanup_free_ char *path = make_image("states.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("states.raw"), "raw", IMG_SIZE);
     BlockDriverState *bs = open_raw(path, false);
     Error *err = NULL;
     uint8_t buf[512] = { 1 };
@@ -286,7 +273,7 @@ static void test_bitmap_states(void **state)
 
 static void test_block_status_sparse(void **state)
 {
-    _cleanup_free_ char *path = make_image("sparse.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("sparse.raw"), "raw", IMG_SIZE);
     BlockDriverState *bs = open_raw(path, false);
     uint8_t buf[65536];
     memset(buf, 7, sizeof(buf));
@@ -344,10 +331,9 @@ static int hook_noop_read(BdrvIoHook *h, BlockDriverState *bs, uint64_t offset,
 static char *make_qcow2(const char *name, const char *backing)
 {
     _cleanup_json_ struct json_object *opts = json_object_new_object();
-    char *path = NULL;
+    char *path = tpath(name);
     Error *err = NULL;
 
-    assert_true(asprintf(&path, "%s/%s", tmpdir, name) > 0);
     if (backing) {
         json_object_object_add(opts, "backing_file",
                                json_object_new_string(backing));
@@ -360,18 +346,6 @@ static char *make_qcow2(const char *name, const char *backing)
     return path;
 }
 
-/* ok is false and *errp says `part`; *errp is freed and reset. */
-static void expect_error(bool ok, Error **errp, const char *part)
-{
-    assert_false(ok);
-    assert_non_null(*errp);
-    if (!strstr(error_get_pretty(*errp), part)) {
-        fail_msg("'%s' lacks '%s'", error_get_pretty(*errp), part);
-    }
-    error_free(*errp);
-    *errp = NULL;
-}
-
 /* BDRV_O_NO_BACKING opens nothing the header names but records it;
  * bdrv_set_backing attaches the backing the caller chose, and refuses a
  * second backing, a loop and a driver without backing. */
@@ -379,7 +353,7 @@ static void test_set_backing(void **state)
 {
     _cleanup_free_ char *base = make_qcow2("sb-base.qcow2", NULL);
     _cleanup_free_ char *top = make_qcow2("sb-top.qcow2", "elsewhere.qcow2");
-    _cleanup_free_ char *raw = make_image("sb.raw", 1 << 20);
+    _cleanup_free_ char *raw = make_image(tpath("sb.raw"), "raw", 1 << 20);
     uint8_t buf[4096], pattern[4096];
     Error *err = NULL;
 
@@ -420,7 +394,7 @@ static void test_set_backing(void **state)
 static void test_read_nowait(void **state)
 {
     enum { LEN = 65536 };
-    _cleanup_free_ char *path = make_image("nowait.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("nowait.raw"), "raw", IMG_SIZE);
     BlockDriverState *bs = open_raw(path, false);
     assert_true(bs->supported_read_flags & BDRV_REQ_NOWAIT);
     uint8_t pat[LEN], buf[LEN];
@@ -536,17 +510,9 @@ static void test_qcow2_check_bounded(void **state)
     bdrv_check_result_clear(&res);
 }
 
-static int teardown_dir(void **state)
-{
-    char cmd[128];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
-}
-
 int main(void)
 {
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
+    if (tmpdir_create("block") < 0) {
         return 1;
     }
     const struct CMUnitTest tests[] = {
@@ -560,5 +526,5 @@ int main(void)
         cmocka_unit_test(test_set_backing),
         cmocka_unit_test(test_qcow2_check_bounded),
     };
-    return cmocka_run_group_tests(tests, NULL, teardown_dir);
+    return cmocka_run_group_tests(tests, NULL, tmpdir_teardown);
 }

@@ -28,23 +28,11 @@
 
 #include "block/block.h"
 #include "util/cleanup.h"
+#include "test-util.h"
 
 #define IMG_SIZE    (4u * 1024 * 1024)
 #define NWRITERS    4
 #define REGION      (IMG_SIZE / NWRITERS)
-
-static char tmpdir[] = "/tmp/bitback-test-drain-XXXXXX";
-
-static char *make_image(const char *name, uint64_t size)
-{
-    char *path = NULL;
-    assert_true(asprintf(&path, "%s/%s", tmpdir, name) > 0);
-    Error *err = NULL;
-    if (!bdrv_img_create(path, "raw", size, NULL, &err)) {
-        fail_msg("create: %s", error_get_pretty(err));
-    }
-    return path;
-}
 
 static BlockDriverState *open_raw(const char *path)
 {
@@ -60,23 +48,6 @@ static BlockDriverState *open_raw(const char *path)
         fail_msg("open: %s", error_get_pretty(err));
     }
     return bs;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
-    nanosleep(&ts, NULL);
-}
-
-static uint8_t *read_file(const char *path)
-{
-    uint8_t *buf = malloc(IMG_SIZE);
-    assert_non_null(buf);
-    int fd = open(path, O_RDONLY);
-    assert_true(fd >= 0);
-    assert_int_equal(pread(fd, buf, IMG_SIZE, 0), (ssize_t)IMG_SIZE);
-    close(fd);
-    return buf;
 }
 
 /* ---- writers ---- */
@@ -176,7 +147,7 @@ static uint64_t total_done(Writer *w, int n)
 static void test_drain_freezes_writers(void **state)
 {
     (void)state;
-    _cleanup_free_ char *path = make_image("freeze.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("freeze.raw"), "raw", IMG_SIZE);
     BlockDriverState *bs = open_raw(path);
     Writer w[NWRITERS];
     start_writers(w, NWRITERS, bs, false, true, false);
@@ -190,9 +161,9 @@ static void test_drain_freezes_writers(void **state)
         assert_int_equal(__atomic_load_n(&bs->file->in_flight, __ATOMIC_SEQ_CST), 0);
         assert_true(bs->quiesce_counter > 0 && bs->file->quiesce_counter > 0);
         uint64_t frozen = total_done(w, NWRITERS);
-        _cleanup_free_ uint8_t *a = read_file(path);
+        _cleanup_free_ uint8_t *a = read_file(path, IMG_SIZE);
         sleep_ms(20);
-        _cleanup_free_ uint8_t *b = read_file(path);
+        _cleanup_free_ uint8_t *b = read_file(path, IMG_SIZE);
         uint64_t after = total_done(w, NWRITERS);
         bool same = memcmp(a, b, IMG_SIZE) == 0;
         if (!same || after > frozen + NWRITERS) {
@@ -265,7 +236,7 @@ static int failing_before_write(BdrvIoHook *hook, BlockDriverState *bs,
 static void test_hook_sees_writes_first(void **state)
 {
     (void)state;
-    _cleanup_free_ char *path = make_image("hook.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("hook.raw"), "raw", IMG_SIZE);
     BlockDriverState *bs = open_raw(path);
     Error *err = NULL;
     BdrvDirtyBitmap *bm = bdrv_dirty_bitmap_add(bs, "b0", 4096, false, false, &err);
@@ -294,7 +265,7 @@ static void test_hook_sees_writes_first(void **state)
     assert_int_equal(c.calls, total_done(w, NWRITERS));
     assert_true(c.calls > 0);
     /* The final content is the models'. */
-    _cleanup_free_ uint8_t *img = read_file(path);
+    _cleanup_free_ uint8_t *img = read_file(path, IMG_SIZE);
     for (int i = 0; i < NWRITERS; i++) {
         assert_memory_equal(img + (size_t)i * REGION, w[i].model, REGION);
         free(w[i].model);
@@ -402,8 +373,8 @@ static void *reader_main(void *opaque)
 static void test_nested_requests_under_drain(void **state)
 {
     (void)state;
-    _cleanup_free_ char *path = make_image("nest-a.raw", IMG_SIZE);
-    _cleanup_free_ char *path2 = make_image("nest-b.raw", IMG_SIZE);
+    _cleanup_free_ char *path = make_image(tpath("nest-a.raw"), "raw", IMG_SIZE);
+    _cleanup_free_ char *path2 = make_image(tpath("nest-b.raw"), "raw", IMG_SIZE);
     BlockDriverState *a = open_raw(path);
     BlockDriverState *b = open_raw(path2);
     NestHook n = { .other = b };
@@ -466,8 +437,8 @@ static void test_nested_requests_under_drain(void **state)
 static void test_open_inside_drain(void **state)
 {
     (void)state;
-    _cleanup_free_ char *p1 = make_image("bal1.raw", 65536);
-    _cleanup_free_ char *p2 = make_image("bal2.raw", 65536);
+    _cleanup_free_ char *p1 = make_image(tpath("bal1.raw"), "raw", 65536);
+    _cleanup_free_ char *p2 = make_image(tpath("bal2.raw"), "raw", 65536);
     BlockDriverState *a = open_raw(p1);
     bdrv_drain_all_begin();
     bdrv_drain_all_begin();               /* sections nest */
@@ -498,15 +469,7 @@ static void test_open_inside_drain(void **state)
 static int setup(void **state)
 {
     (void)state;
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tmpdir_create("drain");
 }
 
 int main(void)
@@ -517,5 +480,5 @@ int main(void)
         cmocka_unit_test(test_nested_requests_under_drain),
         cmocka_unit_test(test_open_inside_drain),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, setup, tmpdir_teardown);
 }

@@ -26,27 +26,13 @@
 
 #include "block/block.h"
 #include "util/cleanup.h"
+#include "test-util.h"
 #include "util/cutils.h"
 
 #define SIZE (4u * 1024 * 1024)
 #define CLUSTER (64u * 1024)
 
-static char tmpdir[] = "/tmp/bitback-test-qbm-XXXXXX";
 static uint8_t model[SIZE];
-
-static char *tpath(const char *name)
-{
-    char *p = NULL;
-    assert_true(asprintf(&p, "%s/%s", tmpdir, name) > 0);
-    return p;
-}
-
-static void die_on(Error *err)
-{
-    if (err) {
-        fail_msg("%s", error_get_pretty(err));
-    }
-}
 
 /* base.raw with a pattern (the model starts equal to it), and ov.qbm over it. */
 static char *make_overlay(const char *stem)
@@ -312,18 +298,10 @@ static void test_check_messages_bounded(void **state)
     bdrv_unref(bs);
 }
 
-static int teardown(void **state)
-{
-    char cmd[128];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
-}
-
 int main(void)
 {
     error_progname = "test-qbm";
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
+    if (tmpdir_create("qbm") < 0) {
         return 1;
     }
     const struct CMUnitTest tests[] = {
@@ -333,6 +311,6 @@ int main(void)
         cmocka_unit_test(test_store_then_write_reclears_clean),
         cmocka_unit_test(test_check_messages_bounded),
     };
-    int r = cmocka_run_group_tests(tests, NULL, teardown);
+    int r = cmocka_run_group_tests(tests, NULL, tmpdir_teardown);
     return r;
 }

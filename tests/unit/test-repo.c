@@ -37,25 +37,10 @@
 
 #include "cli/repo.h"
 #include "util/cleanup.h"
+#include "test-util.h"
 #include "util/cutils.h"
 
 #define CL REPO_CLUSTER_SIZE
-
-static char tmpdir[] = "/tmp/bitback-test-repo-XXXXXX";
-
-static char *tpath(const char *name)
-{
-    char *p = NULL;
-    assert_true(asprintf(&p, "%s/%s", tmpdir, name) > 0);
-    return p;
-}
-
-static void die_on(Error *err)
-{
-    if (err) {
-        fail_msg("%s", error_get_pretty(err));
-    }
-}
 
 static void fill_random(void *buf, size_t len)
 {
@@ -1354,22 +1339,7 @@ static int setup(void **state)
 {
     srandom(12345);
     test_thread = pthread_self();
-    if (!mkdtemp(tmpdir)) {
-        return -1;
-    }
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    char *cmd = NULL;
-    if (asprintf(&cmd, "rm -rf '%s'", tmpdir) > 0) {
-        if (system(cmd) != 0) {
-            fprintf(stderr, "could not remove %s\n", tmpdir);
-        }
-    }
-    free(cmd);
-    return 0;
+    return tmpdir_create("repo");
 }
 
 int main(void)
@@ -1385,5 +1355,5 @@ int main(void)
         cmocka_unit_test(test_scan_and_commit),
         cmocka_unit_test(test_scan_threads),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, setup, tmpdir_teardown);
 }

@@ -33,6 +33,7 @@
 #include "block/block.h"
 #include "block/write-intent.h"
 #include "util/cleanup.h"
+#include "test-util.h"
 #include "util/cutils.h"
 
 #define IMG_SIZE   (16u * 1024 * 1024)
@@ -40,15 +41,7 @@
 #define REGION     (64u * 1024)
 #define NREGIONS   (IMG_SIZE / REGION)
 
-static char tmpdir[] = "/tmp/bitback-test-wil-XXXXXX";
 static int counter;
-
-static void die_on(Error *err)
-{
-    if (err) {
-        fail_msg("%s", error_get_pretty(err));
-    }
-}
 
 static uint64_t ld64(const uint8_t *p)
 {
@@ -164,12 +157,9 @@ static BlockDriverState *open_qbm(const char *path)
 
 static char *new_image(void)
 {
-    char *path = NULL;
-    Error *err = NULL;
-    assert_true(asprintf(&path, "%s/img%d.qbm", tmpdir, counter++) > 0);
-    bdrv_img_create(path, "qbm", IMG_SIZE, NULL, &err);
-    die_on(err);
-    return path;
+    char name[32];
+    snprintf(name, sizeof(name), "img%d.qbm", counter++);
+    return make_image(tpath(name), "qbm", IMG_SIZE);
 }
 
 static char *wil_of(const char *img)
@@ -448,15 +438,10 @@ int main(void)
         cmocka_unit_test(test_readahead),
         cmocka_unit_test(test_readahead_not_for_random),
     };
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
+    if (tmpdir_create("wil") < 0) {
         return 1;
     }
     int r = cmocka_run_group_tests(tests, NULL, NULL);
-    char cmd[256];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
-    if (system(cmd) != 0) {
-        fprintf(stderr, "could not remove %s\n", tmpdir);
-    }
+    tmpdir_remove();
     return r;
 }
