@@ -27,7 +27,7 @@
 #include <sys/uio.h>
 #include <json-c/json.h>
 
-#include "bitmap/dirty-bitmap.h"
+#include "block/dirty-bitmap.h"
 #include "util/error.h"
 
 typedef struct BlockDriver BlockDriver;

@@ -47,8 +47,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "block/file-lock.h"
-#include "block/qcow2.h"
+#include "block/drivers/file-lock.h"
+#include "block/drivers/qcow2/qcow2.h"
 #include "util/cleanup.h"
 #include "util/bswap.h"
 #include "util/cutils.h"

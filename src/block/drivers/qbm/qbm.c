@@ -40,8 +40,8 @@
 #include <unistd.h>
 
 #include "block/block.h"
-#include "block/file-lock.h"
-#include "block/qbm-format.h"
+#include "block/drivers/file-lock.h"
+#include "block/drivers/qbm/qbm-format.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
