@@ -1,10 +1,11 @@
 /*
  * QMP blockdev-backup and drive-backup (qapi/block-core.json).
  *
- * Both commands run as a transaction of one action (qmp-transaction.c), so
- * the job is created inside a drained section and its point in time is
- * exact, as in QEMU.  This file holds the part the transaction's backup
- * actions share with the standalone commands: argument parsing, QEMU's
+ * Both commands run as a transaction of one action (qmp-transaction.c
+ * registers them), so the job is created inside a drained section and its
+ * point in time is exact, as in QEMU.  This file holds the part the
+ * transaction's backup actions share with the standalone commands, and
+ * calls nothing of qmp-transaction.c: argument parsing, QEMU's
  * checks with QEMU's messages (do_backup_common), all made before anything
  * is created or opened (backup_validate), and for drive-backup the
  * target image: created unless mode=existing, opened as an auto-named node
@@ -413,24 +414,6 @@ Job *qmp_backup_prepare(struct json_object *args, bool drive, JobTxn *txn,
     return job;
 }
 
-static struct json_object *qmp_cmd_blockdev_backup(struct json_object *args,
-                                                   Error **errp)
-{
-    if (!qmp_transaction_run_single("blockdev-backup", args, errp)) {
-        return NULL;
-    }
-    return json_object_new_object();
-}
-
-static struct json_object *qmp_cmd_drive_backup(struct json_object *args,
-                                                Error **errp)
-{
-    if (!qmp_transaction_run_single("drive-backup", args, errp)) {
-        return NULL;
-    }
-    return json_object_new_object();
-}
-
 const QmpArgSpec qmp_spec_blockdev_backup[] = {
     { "job-id", QMP_ARG_STR, true },
     { "device", QMP_ARG_STR, false },
@@ -468,12 +451,3 @@ const QmpArgSpec qmp_spec_drive_backup[] = {
     { "x-perf", QMP_ARG_OBJECT, true },
     { NULL },
 };
-
-void qmp_register_backup_commands(void)
-{
-    qmp_register_command_spec("blockdev-backup", qmp_cmd_blockdev_backup,
-                              qmp_spec_blockdev_backup);
-    qmp_register_command_spec("drive-backup", qmp_cmd_drive_backup,
-                              qmp_spec_drive_backup);
-    qmp_register_transaction_command();
-}

@@ -12,8 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "job/job.h"
-#include "qmp/qmp.h"
+#include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 
 static Job *find_job(const char *id, Error **errp)
@@ -254,7 +253,7 @@ static const QmpArgSpec speed_args[] = {
     { NULL },
 };
 
-void job_register_qmp_commands(void)
+void qmp_register_job_commands(void)
 {
     qmp_register_command_spec("query-jobs", qmp_query_jobs, no_args);
     qmp_register_command_spec("query-block-jobs", qmp_query_block_jobs, no_args);
