@@ -138,6 +138,10 @@ struct BlockDriverState {
     char *backing_format;          /* its recorded format, or NULL */
     bool read_only;
     int open_flags;
+    int open_depth;                /* how deep in the graph being opened it
+                                      was opened (0: by the user); set
+                                      before the driver's open, which opens
+                                      the backing one deeper */
     bool locking;                  /* its files hold QEMU's lock bytes
                                       (file-lock.h): the file node's
                                       "locking" option; a format node
