@@ -99,8 +99,8 @@ static void bitmap_add_abort(TxnAction *a)
  * generation, recording state) and put it back on abort. */
 static bool bitmap_take_backup(TxnAction *a, Error **errp)
 {
-    a->bm = qmp_lookup_bitmap(qmp_arg_str(a->data, "node"),
-                              qmp_arg_str(a->data, "name"), &a->bs, errp);
+    a->bm = qmp_lookup_bitmap(json_opt_str(a->data, "node"),
+                              json_opt_str(a->data, "name"), &a->bs, errp);
     if (!a->bm) {
         return false;
     }

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <json-c/json.h>
 #include "util/error.h"
+#include "util/json-opts.h"
 
 /* A command handler: args is the "arguments" object (never NULL; an empty
  * object when absent).  On success it returns a new reference to the
@@ -93,10 +94,8 @@ bool qmp_quit_requested(void);
 /* Close every monitor socket and client, unlink the socket paths. */
 void qmp_monitor_cleanup(void);
 
-/* Argument getters for handlers whose args were checked by a spec. */
-const char *qmp_arg_str(struct json_object *args, const char *name);
-bool qmp_arg_bool(struct json_object *args, const char *name, bool dflt);
-int64_t qmp_arg_int(struct json_object *args, const char *name, int64_t dflt);
+/* Argument getters for handlers whose args were checked by a spec are
+ * json_opt_str, json_opt_bool and json_opt_int (util/json-opts.h). */
 bool qmp_arg_has(struct json_object *args, const char *name);
 
 #endif
