@@ -259,8 +259,6 @@ BlockDriverState *bdrv_open_options(struct json_object *options, int flags,
     return bs;
 }
 
-static __thread int open_depth;
-
 static BlockDriverState *open_options_depth(struct json_object *options, int flags,
                                             int depth, Error **errp)
 {
@@ -393,11 +391,8 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
     }
 
     /* Tell bdrv_open_backing how deep we are, through the driver's open. */
-    int saved_depth = open_depth;
-    open_depth = depth;
-    bool ok = drv->open(bs, options, flags, errp);
-    open_depth = saved_depth;
-    if (!ok) {
+    bs->open_depth = depth;
+    if (!drv->open(bs, options, flags, errp)) {
         goto fail;
     }
     int64_t len = drv->getlength(bs);
@@ -562,7 +557,7 @@ bool bdrv_open_backing(BlockDriverState *bs, struct json_object *options,
                        Error **errp)
 {
     struct json_object *v = NULL;
-    int depth = open_depth + 1;
+    int depth = bs->open_depth + 1;
 
     if (backing_name && *backing_name) {
         free(bs->backing_file);
@@ -594,11 +589,9 @@ bool bdrv_open_backing(BlockDriverState *bs, struct json_object *options,
         error_setg(errp, "out of memory");
         return false;
     }
-    int saved = open_depth;
     bs->backing = open_image_depth(path, backing_fmt,
                                    bs->open_flags & ~(BDRV_O_RDWR | BDRV_O_NO_BACKING),
                                    depth, errp);
-    open_depth = saved;
     if (!bs->backing) {
         error_prepend(errp, "Could not open backing file '%s': ", backing_name);
         return false;

@@ -27,8 +27,8 @@
 #include <sys/uio.h>
 #include <json-c/json.h>
 
-#include "bitmap/dirty-bitmap.h"
 #include "block/check.h"
+#include "block/dirty-bitmap.h"
 #include "util/error.h"
 
 typedef struct BlockDriver BlockDriver;
@@ -141,6 +141,10 @@ struct BlockDriverState {
     char *backing_format;          /* its recorded format, or NULL */
     bool read_only;
     int open_flags;
+    int open_depth;                /* how deep in the graph being opened it
+                                      was opened (0: by the user); set
+                                      before the driver's open, which opens
+                                      the backing one deeper */
     bool locking;                  /* its files hold QEMU's lock bytes
                                       (file-lock.h): the file node's
                                       "locking" option; a format node

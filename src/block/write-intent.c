@@ -30,9 +30,9 @@
 #include <xxhash.h>
 
 #include "block/block.h"
-#include "block/file-lock.h"
+#include "block/drivers/file-lock.h"
 #include "block/write-intent.h"
-#include "bitmap/dirty-bitmap.h"
+#include "block/dirty-bitmap.h"
 #include "util/cleanup.h"
 #include "util/bswap.h"
 #include "util/cutils.h"

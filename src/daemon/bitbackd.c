@@ -195,9 +195,9 @@ static bool opt_chardev(const char *arg, Error **errp)
         !qmp_check_args(o, spec, errp)) {
         return false;
     }
-    const char *backend = qmp_arg_str(o, "backend");
-    const char *id = qmp_arg_str(o, "id");
-    const char *path = qmp_arg_str(o, "path");
+    const char *backend = json_opt_str(o, "backend");
+    const char *id = json_opt_str(o, "id");
+    const char *path = json_opt_str(o, "path");
     if (strcmp(backend, "socket") != 0) {
         error_setg(errp, "chardev backend '%s' is not supported (only 'socket')",
                    backend);
@@ -208,7 +208,7 @@ static bool opt_chardev(const char *arg, Error **errp)
                    "are supported)");
         return false;
     }
-    if (!qmp_arg_bool(o, "server", false)) {
+    if (!json_opt_bool(o, "server", false)) {
         error_setg(errp, "only server=on is supported");
         return false;
     }
@@ -246,12 +246,12 @@ static bool opt_monitor(const char *arg, Error **errp)
         !qmp_check_args(o, spec, errp)) {
         return false;
     }
-    const char *mode = qmp_arg_str(o, "mode");
+    const char *mode = json_opt_str(o, "mode");
     if (mode && strcmp(mode, "control") != 0) {
         error_setg(errp, "only mode=control is supported");
         return false;
     }
-    const char *id = qmp_arg_str(o, "chardev");
+    const char *id = json_opt_str(o, "chardev");
     for (int i = 0; i < nchardevs; i++) {
         if (strcmp(chardevs[i].id, id) == 0) {
             if (chardevs[i].used) {

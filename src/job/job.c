@@ -6,7 +6,7 @@
  * Each job's run() executes in a thread of its own.  Everything else -- the
  * QMP verbs, completion, commit/abort/clean, dismissal -- happens on the main
  * thread: when run() returns, the job thread schedules job_completed_bh()
- * with qmp_main_loop_schedule() and exits.  One global mutex (job_lock)
+ * with main_loop_schedule() and exits.  One global mutex (job_lock)
  * protects the job list, every (L) field of every job and every JobTxn; one
  * global condition variable (job_cond, CLOCK_MONOTONIC) wakes job threads
  * that sleep in job_pause_point() or job_sleep_ns().
@@ -40,9 +40,10 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "block/write-intent.h"
 #include "job/job.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/main-loop.h"
 
 #define JOB_SLICE_NS 100000000ULL      /* rate-limit time slice: 100 ms */
 
@@ -184,7 +185,7 @@ static void job_transition_locked(Job *job, JobStatus to)
     json_object_object_add(data, "id", json_object_new_string(job->id));
     json_object_object_add(data, "status",
                            json_object_new_string(job_status_name(to)));
-    qmp_event_emit("JOB_STATUS_CHANGE", data);
+    event_emit("JOB_STATUS_CHANGE", data);
     if (status_hook) {
         status_hook(job, to, status_hook_opaque);
     }
@@ -408,7 +409,7 @@ static void *job_thread_main(void *opaque)
     }
     error_free(err);
     /* The main thread joins this thread before it touches the job. */
-    qmp_main_loop_schedule(job_completed_bh, job);
+    main_loop_schedule(job_completed_bh, job);
     return NULL;
 }
 
@@ -425,7 +426,7 @@ void job_start(Job *job)
         job->thread_started = false;
         job->ret = -r;
         job->error = job_xstrdup("Cannot start the job thread");
-        qmp_main_loop_schedule(job_completed_bh, job);
+        main_loop_schedule(job_completed_bh, job);
     }
 }
 
@@ -509,13 +510,13 @@ static void job_emit_done_locked(Job *job)
         __atomic_load_n(&job->progress_current, __ATOMIC_RELAXED)));
     json_object_object_add(data, "speed", json_object_new_uint64(job->speed));
     if (job->cancelled) {
-        qmp_event_emit("BLOCK_JOB_CANCELLED", data);
+        event_emit("BLOCK_JOB_CANCELLED", data);
         return;
     }
     if (job->ret < 0 && job->error) {
         json_object_object_add(data, "error", json_object_new_string(job->error));
     }
-    qmp_event_emit("BLOCK_JOB_COMPLETED", data);
+    event_emit("BLOCK_JOB_COMPLETED", data);
 }
 
 /* Invariant 4: commit or abort every member, then clean every member, then
@@ -598,7 +599,7 @@ static void job_txn_progress(JobTxn *txn)
                         json_object_new_string(job->driver->type));
                     json_object_object_add(data, "id",
                         json_object_new_string(job->id));
-                    qmp_event_emit("BLOCK_JOB_PENDING", data);
+                    event_emit("BLOCK_JOB_PENDING", data);
                 }
             }
             finalize = all_auto;
@@ -637,6 +638,7 @@ static void job_completed_bh(void *opaque)
         job->sleeping = false;
     }
     job_completed(job);
+    write_intent_sync_all_changed();     /* the job's end changed bitmaps */
 }
 
 /* ---- in the job's thread ---- */
@@ -785,7 +787,7 @@ JobErrorAction job_error_action(Job *job, BlockdevOnError on_err,
         json_object_object_add(data, "operation",
                                json_object_new_string(is_read ? "read" : "write"));
         json_object_object_add(data, "action", json_object_new_string(action));
-        qmp_event_emit("BLOCK_JOB_ERROR", data);
+        event_emit("BLOCK_JOB_ERROR", data);
         if (stop) {
             if (job->cancelled) {
                 return JOB_ERROR_ACTION_REPORT;
@@ -993,7 +995,7 @@ void job_cancel_sync_all(void)
             job_cancel(victim, true);
             continue;
         }
-        if (qmp_main_loop_run_pending() == 0) {
+        if (main_loop_run_pending() == 0) {
             usleep(2000);
         }
     }

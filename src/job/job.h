@@ -44,7 +44,7 @@
  * drains, see block.h).  Every state change, the driver's commit / abort /
  * clean, and all graph changes happen on the main thread: when run()
  * returns, the job thread schedules its completion on the main loop
- * (qmp_main_loop_schedule).  The job list and the fields marked (L) are
+ * (main_loop_schedule).  The job list and the fields marked (L) are
  * protected by a global job mutex; run() reads them through the accessors
  * below.
  *
@@ -259,11 +259,5 @@ void job_set_status_hook(JobStatusHook *fn, void *opaque);
  * more I/O, 0 when the slice's quota (speed / 10 per 100 ms) is not used
  * up.  Thread-safe. */
 uint64_t job_rate_limit_delay_ns(Job *job, uint64_t bytes, uint64_t now_ns);
-
-/* Register query-jobs, query-block-jobs, job-pause, job-resume,
- * job-cancel, job-finalize, job-dismiss, job-complete, block-job-cancel,
- * block-job-pause, block-job-resume, block-job-set-speed,
- * block-job-finalize, block-job-dismiss, block-job-complete. */
-void job_register_qmp_commands(void);
 
 #endif

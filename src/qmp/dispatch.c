@@ -187,36 +187,6 @@ bool qmp_coerce_keyval_args(struct json_object *args, const QmpArgSpec *spec,
     return true;
 }
 
-const char *qmp_arg_str(struct json_object *args, const char *name)
-{
-    struct json_object *v;
-    if (!json_object_object_get_ex(args, name, &v) ||
-        !json_object_is_type(v, json_type_string)) {
-        return NULL;
-    }
-    return json_object_get_string(v);
-}
-
-bool qmp_arg_bool(struct json_object *args, const char *name, bool dflt)
-{
-    struct json_object *v;
-    if (!json_object_object_get_ex(args, name, &v) ||
-        !json_object_is_type(v, json_type_boolean)) {
-        return dflt;
-    }
-    return json_object_get_boolean(v);
-}
-
-int64_t qmp_arg_int(struct json_object *args, const char *name, int64_t dflt)
-{
-    struct json_object *v;
-    if (!json_object_object_get_ex(args, name, &v) ||
-        !json_object_is_type(v, json_type_int)) {
-        return dflt;
-    }
-    return json_object_get_int64(v);
-}
-
 bool qmp_arg_has(struct json_object *args, const char *name)
 {
     return json_object_object_get_ex(args, name, NULL);

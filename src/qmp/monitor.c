@@ -4,7 +4,8 @@
  *
  * Everything here runs on the main thread except qmp_event_emit() and
  * qmp_request_quit(), which only touch the event queue (under its mutex)
- * and the wake pipe.  The main loop is a single poll() over the wake pipe,
+ * and the wake pipe.  The main loop is a single poll() over the wake pipe
+(util/main-loop.h, which also holds the calls it runs for jobs),
  * every listening socket and every client; command handlers run inline, one
  * at a time.
  *
@@ -41,6 +42,7 @@
 #include "block/write-intent.h"
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
+#include "util/main-loop.h"
 
 #define QMP_MAX_REQUEST   (16u * 1024 * 1024)
 #define QMP_MAX_OUTPUT    (64u * 1024 * 1024)
@@ -72,7 +74,6 @@ static size_t nlisteners;
 static QmpClient **clients;
 static size_t nclients;
 
-static int wake_fds[2] = { -1, -1 };
 /* Set once a monitor socket exists; until then (and in programs without a
  * monitor, like the CLI) events are dropped instead of queued. */
 static bool have_monitor;
@@ -81,75 +82,10 @@ static volatile sig_atomic_t quit_flag;
 static pthread_mutex_t event_lock = PTHREAD_MUTEX_INITIALIZER;
 static QmpEvent *event_head, **event_tail = &event_head;
 
-typedef struct QmpScheduled {
-    void (*fn)(void *opaque);
-    void *opaque;
-    struct QmpScheduled *next;
-} QmpScheduled;
-
-static QmpScheduled *sched_head, **sched_tail = &sched_head;
-
-static void qmp_wake_init(void)
-{
-    if (wake_fds[0] >= 0) {
-        return;
-    }
-    if (pipe2(wake_fds, O_CLOEXEC | O_NONBLOCK) < 0) {
-        perror("pipe2");
-        abort();
-    }
-}
-
-static void qmp_wake(void)
-{
-    int fd = wake_fds[1];
-    if (fd >= 0) {
-        ssize_t r = write(fd, "x", 1);   /* full pipe: already awake */
-        (void)r;
-    }
-}
-
-void qmp_main_loop_schedule(void (*fn)(void *opaque), void *opaque)
-{
-    QmpScheduled *s = calloc(1, sizeof(*s));
-    if (!s) {
-        abort();
-    }
-    s->fn = fn;
-    s->opaque = opaque;
-    {
-        LOCK_GUARD(&event_lock);
-        *sched_tail = s;
-        sched_tail = &s->next;
-    }
-    qmp_wake();
-}
-
-int qmp_main_loop_run_pending(void)
-{
-    QmpScheduled *list;
-    {
-        LOCK_GUARD(&event_lock);
-        list = sched_head;
-        sched_head = NULL;
-        sched_tail = &sched_head;
-    }
-    int n = 0;
-    while (list) {
-        QmpScheduled *next = list->next;
-        list->fn(list->opaque);
-        free(list);
-        write_intent_sync_all_changed();     /* a job ended: its bitmaps */
-        list = next;
-        n++;
-    }
-    return n;
-}
-
 void qmp_request_quit(void)
 {
     quit_flag = 1;
-    qmp_wake();
+    main_loop_wake();
 }
 
 bool qmp_quit_requested(void)
@@ -240,7 +176,7 @@ void qmp_event_emit(const char *name, struct json_object *data)
         *event_tail = e;
         event_tail = &e->next;
     }
-    qmp_wake();
+    main_loop_wake();
 }
 
 static void qmp_deliver_events(void)
@@ -431,7 +367,7 @@ bool qmp_monitor_add_unix(const char *path, Error **errp)
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
     struct stat st;
 
-    qmp_wake_init();
+    main_loop_wake_fd();
     if (strlen(path) >= sizeof(sun.sun_path)) {
         error_setg(errp, "UNIX socket path '%s' is too long", path);
         return false;
@@ -464,6 +400,7 @@ bool qmp_monitor_add_unix(const char *path, Error **errp)
     listeners = n;
     listeners[nlisteners].path = strdup(path);
     __atomic_store_n(&have_monitor, true, __ATOMIC_RELEASE);
+    event_sink_set(qmp_event_emit);
     listeners[nlisteners].fd = fd;
     fd = -1;                       /* now owned by the listener */
     nlisteners++;
@@ -526,15 +463,15 @@ static void qmp_flush_all_blocking(void)
 
 void qmp_main_loop(void)
 {
-    qmp_wake_init();
+    int wake_fd = main_loop_wake_fd();
     while (!quit_flag) {
-        qmp_main_loop_run_pending();   /* what was scheduled before the pipe */
+        main_loop_run_pending();   /* what was scheduled before the pipe */
         size_t nfds = 1 + nlisteners + nclients;
         _cleanup_free_ struct pollfd *pfd = calloc(nfds, sizeof(*pfd));
         if (!pfd) {
             abort();
         }
-        pfd[0].fd = wake_fds[0];
+        pfd[0].fd = wake_fd;
         pfd[0].events = POLLIN;
         for (size_t i = 0; i < nlisteners; i++) {
             pfd[1 + i].fd = listeners[i].fd;
@@ -554,10 +491,7 @@ void qmp_main_loop(void)
             abort();
         }
         if (pfd[0].revents & POLLIN) {
-            char drain[256];
-            while (read(wake_fds[0], drain, sizeof(drain)) > 0) {
-                /* nothing */
-            }
+            main_loop_wake_drain();
         }
         for (size_t i = 0; i < ncl && !quit_flag; i++) {
             short re = pfd[1 + nlisteners + i].revents;
@@ -570,7 +504,7 @@ void qmp_main_loop(void)
                 qmp_accept(&listeners[i]);
             }
         }
-        qmp_main_loop_run_pending();
+        main_loop_run_pending();
         qmp_deliver_events();
         for (size_t i = 0; i < nclients; i++) {
             qmp_client_flush(clients[i]);

@@ -1,10 +1,11 @@
 /*
  * QMP blockdev-backup and drive-backup (qapi/block-core.json).
  *
- * Both commands run as a transaction of one action (qmp-transaction.c), so
- * the job is created inside a drained section and its point in time is
- * exact, as in QEMU.  This file holds the part the transaction's backup
- * actions share with the standalone commands: argument parsing, QEMU's
+ * Both commands run as a transaction of one action (qmp-transaction.c
+ * registers them), so the job is created inside a drained section and its
+ * point in time is exact, as in QEMU.  This file holds the part the
+ * transaction's backup actions share with the standalone commands, and
+ * calls nothing of qmp-transaction.c: argument parsing, QEMU's
  * checks with QEMU's messages (do_backup_common), all made before anything
  * is created or opened (backup_validate), and for drive-backup the
  * target image: created unless mode=existing, opened as an auto-named node
@@ -79,7 +80,7 @@ static bool parse_enum(struct json_object *args, const char *key,
                        const char *const *names, int dflt, int *ret,
                        bool *ret_given, Error **errp)
 {
-    const char *v = qmp_arg_str(args, key);
+    const char *v = json_opt_str(args, key);
     *ret = dflt;
     if (ret_given) {
         *ret_given = v != NULL;
@@ -142,7 +143,7 @@ bool qmp_backup_check_args(struct json_object *args, bool drive, Error **errp)
 static bool check_bitmap_args(struct json_object *args, BackupArgs *a,
                               Error **errp)
 {
-    const char *bitmap_name = qmp_arg_str(args, "bitmap");
+    const char *bitmap_name = json_opt_str(args, "bitmap");
 
     if ((a->sync == MIRROR_SYNC_MODE_BITMAP ||
          a->sync == MIRROR_SYNC_MODE_INCREMENTAL) && !bitmap_name) {
@@ -207,8 +208,8 @@ static bool check_bitmap_args(struct json_object *args, BackupArgs *a,
 static bool check_drive_target(struct json_object *args, BackupArgs *a,
                                Error **errp)
 {
-    const char *filename = qmp_arg_str(args, "target");
-    const char *format = qmp_arg_str(args, "format");
+    const char *filename = json_opt_str(args, "target");
+    const char *format = json_opt_str(args, "format");
 
     if (bdrv_filename_is_nbd_uri(filename)) {
         return true;    /* opened as it is, never created */
@@ -257,7 +258,7 @@ static bool backup_validate(struct json_object *args, bool drive,
     if (!parse_backup_args(args, drive, a, errp)) {
         return false;
     }
-    a->bs = qmp_lookup_node(qmp_arg_str(args, "device"), errp);
+    a->bs = qmp_lookup_node(json_opt_str(args, "device"), errp);
     if (!a->bs) {
         return false;
     }
@@ -267,19 +268,19 @@ static bool backup_validate(struct json_object *args, bool drive,
     if (!check_bitmap_args(args, a, errp)) {
         return false;
     }
-    int64_t speed = qmp_arg_int(args, "speed", 0);
+    int64_t speed = json_opt_int(args, "speed", 0);
     if (speed < 0) {
         error_setg(errp, "Parameter 'speed' expects a non-negative value");
         return false;
     }
     a->speed = (uint64_t)speed;
-    if (drive && qmp_arg_bool(args, "compress", false)) {
+    if (drive && json_opt_bool(args, "compress", false)) {
         /* No target driver compresses (backup_job_create refuses it). */
         error_setg(errp, "Compression is not supported for this drive %s",
-                   qmp_arg_str(args, "target"));
+                   json_opt_str(args, "target"));
         return false;
     }
-    if (!job_check_new_id(qmp_arg_str(args, "job-id"), a->bs->node_name, errp) ||
+    if (!job_check_new_id(json_opt_str(args, "job-id"), a->bs->node_name, errp) ||
         !backup_check_not_busy(a->bs, errp)) {
         return false;
     }
@@ -297,14 +298,14 @@ static Job *backup_common(struct json_object *args, BackupArgs *a,
         .speed = a->speed,
         .on_source_error = a->on_source_error,
         .on_target_error = a->on_target_error,
-        .auto_finalize = qmp_arg_bool(args, "auto-finalize", true),
-        .auto_dismiss = qmp_arg_bool(args, "auto-dismiss", true),
-        .compress = qmp_arg_bool(args, "compress", false),
+        .auto_finalize = json_opt_bool(args, "auto-finalize", true),
+        .auto_dismiss = json_opt_bool(args, "auto-dismiss", true),
+        .compress = json_opt_bool(args, "compress", false),
     };
     /* filter-node-name and x-perf are accepted and ignored: our
      * copy-before-write is a hook, not a node, and the copy engine tunes
      * itself. */
-    return backup_job_create(qmp_arg_str(args, "job-id"), a->bs, target, &opts,
+    return backup_job_create(json_opt_str(args, "job-id"), a->bs, target, &opts,
                              txn, errp);
 }
 
@@ -325,8 +326,8 @@ static char *backing_file_name(BlockDriverState *backing)
 static BlockDriverState *drive_backup_target(struct json_object *args,
                                              BackupArgs *a, Error **errp)
 {
-    const char *filename = qmp_arg_str(args, "target");
-    const char *format = qmp_arg_str(args, "format");
+    const char *filename = json_opt_str(args, "target");
+    const char *format = json_opt_str(args, "format");
     BlockDriverState *bs = a->bs;
     BlockDriverState *target;
 
@@ -399,7 +400,7 @@ Job *qmp_backup_prepare(struct json_object *args, bool drive, JobTxn *txn,
         return NULL;
     }
     if (!drive) {
-        BlockDriverState *target = qmp_lookup_node(qmp_arg_str(args, "target"),
+        BlockDriverState *target = qmp_lookup_node(json_opt_str(args, "target"),
                                                    errp);
         return target ? backup_common(args, &a, target, txn, errp) : NULL;
     }
@@ -411,24 +412,6 @@ Job *qmp_backup_prepare(struct json_object *args, bool drive, JobTxn *txn,
     /* The job holds the target now; without a job this closes it. */
     bdrv_unref(target);
     return job;
-}
-
-static struct json_object *qmp_cmd_blockdev_backup(struct json_object *args,
-                                                   Error **errp)
-{
-    if (!qmp_transaction_run_single("blockdev-backup", args, errp)) {
-        return NULL;
-    }
-    return json_object_new_object();
-}
-
-static struct json_object *qmp_cmd_drive_backup(struct json_object *args,
-                                                Error **errp)
-{
-    if (!qmp_transaction_run_single("drive-backup", args, errp)) {
-        return NULL;
-    }
-    return json_object_new_object();
 }
 
 const QmpArgSpec qmp_spec_blockdev_backup[] = {
@@ -468,12 +451,3 @@ const QmpArgSpec qmp_spec_drive_backup[] = {
     { "x-perf", QMP_ARG_OBJECT, true },
     { NULL },
 };
-
-void qmp_register_backup_commands(void)
-{
-    qmp_register_command_spec("blockdev-backup", qmp_cmd_blockdev_backup,
-                              qmp_spec_blockdev_backup);
-    qmp_register_command_spec("drive-backup", qmp_cmd_drive_backup,
-                              qmp_spec_drive_backup);
-    qmp_register_transaction_command();
-}

@@ -311,7 +311,7 @@ static struct json_object *qmp_cmd_blockdev_add(struct json_object *args,
 static struct json_object *qmp_cmd_blockdev_del(struct json_object *args,
                                                 Error **errp)
 {
-    const char *name = qmp_arg_str(args, "node-name");
+    const char *name = json_opt_str(args, "node-name");
     BlockDriverState *bs = bdrv_find_node(name);
 
     if (!bs) {
@@ -357,8 +357,8 @@ static struct json_object *qmp_cmd_blockdev_del(struct json_object *args,
 
 BdrvDirtyBitmap *qmp_bitmap_add(struct json_object *args, Error **errp)
 {
-    const char *name = qmp_arg_str(args, "name");
-    BlockDriverState *bs = qmp_lookup_node(qmp_arg_str(args, "node"), errp);
+    const char *name = json_opt_str(args, "name");
+    BlockDriverState *bs = qmp_lookup_node(json_opt_str(args, "node"), errp);
     uint32_t granularity;
 
     if (!bs) {
@@ -369,7 +369,7 @@ BdrvDirtyBitmap *qmp_bitmap_add(struct json_object *args, Error **errp)
         return NULL;
     }
     if (qmp_arg_has(args, "granularity")) {
-        int64_t g = qmp_arg_int(args, "granularity", 0);
+        int64_t g = json_opt_int(args, "granularity", 0);
         if (g < 512 || g > (INT64_C(1) << 31) || !IS_POW2((uint64_t)g)) {
             error_setg(errp, "Granularity must be power of 2 and at least 512");
             return NULL;
@@ -383,8 +383,8 @@ BdrvDirtyBitmap *qmp_bitmap_add(struct json_object *args, Error **errp)
         return NULL;
     }
     return bdrv_dirty_bitmap_add(bs, name, granularity,
-                                 qmp_arg_bool(args, "persistent", false),
-                                 qmp_arg_bool(args, "disabled", false), errp);
+                                 json_opt_bool(args, "persistent", false),
+                                 json_opt_bool(args, "disabled", false), errp);
 }
 
 static struct json_object *qmp_cmd_bitmap_add(struct json_object *args,
@@ -401,8 +401,8 @@ BdrvDirtyBitmap *qmp_bitmap_remove_check(struct json_object *args,
                                          Error **errp)
 {
     BlockDriverState *bs;
-    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
-                                            qmp_arg_str(args, "name"), &bs,
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(json_opt_str(args, "node"),
+                                            json_opt_str(args, "name"), &bs,
                                             errp);
     if (!bm || !bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_BUSY, errp)) {
         return NULL;
@@ -430,8 +430,8 @@ static struct json_object *qmp_cmd_bitmap_remove(struct json_object *args,
 static struct json_object *qmp_cmd_bitmap_clear(struct json_object *args,
                                                 Error **errp)
 {
-    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
-                                            qmp_arg_str(args, "name"), NULL,
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(json_opt_str(args, "node"),
+                                            json_opt_str(args, "name"), NULL,
                                             errp);
     if (!bm || !bdrv_clear_dirty_bitmap(bm, errp)) {
         return NULL;
@@ -442,8 +442,8 @@ static struct json_object *qmp_cmd_bitmap_clear(struct json_object *args,
 static struct json_object *qmp_cmd_bitmap_enable(struct json_object *args,
                                                  Error **errp)
 {
-    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
-                                            qmp_arg_str(args, "name"), NULL,
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(json_opt_str(args, "node"),
+                                            json_opt_str(args, "name"), NULL,
                                             errp);
     if (!bm || !bdrv_enable_dirty_bitmap(bm, errp)) {
         return NULL;
@@ -454,8 +454,8 @@ static struct json_object *qmp_cmd_bitmap_enable(struct json_object *args,
 static struct json_object *qmp_cmd_bitmap_disable(struct json_object *args,
                                                   Error **errp)
 {
-    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
-                                            qmp_arg_str(args, "name"), NULL,
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(json_opt_str(args, "node"),
+                                            json_opt_str(args, "name"), NULL,
                                             errp);
     if (!bm || !bdrv_disable_dirty_bitmap(bm, errp)) {
         return NULL;
@@ -467,8 +467,8 @@ BdrvDirtyBitmap *qmp_bitmap_merge_lookup(struct json_object *args,
                                          BdrvDirtyBitmap ***ret_srcs,
                                          size_t *ret_n, Error **errp)
 {
-    const char *node = qmp_arg_str(args, "node");
-    BdrvDirtyBitmap *target = qmp_lookup_bitmap(node, qmp_arg_str(args, "target"),
+    const char *node = json_opt_str(args, "node");
+    BdrvDirtyBitmap *target = qmp_lookup_bitmap(node, json_opt_str(args, "target"),
                                                 NULL, errp);
     struct json_object *list;
 
@@ -535,8 +535,8 @@ static struct json_object *qmp_cmd_bitmap_sha256(struct json_object *args,
                                                  Error **errp)
 {
     char hex[65];
-    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(qmp_arg_str(args, "node"),
-                                            qmp_arg_str(args, "name"), NULL,
+    BdrvDirtyBitmap *bm = qmp_lookup_bitmap(json_opt_str(args, "node"),
+                                            json_opt_str(args, "name"), NULL,
                                             errp);
     if (!bm) {
         return NULL;

@@ -101,7 +101,7 @@ static struct json_object *qmp_cmd_nbd_server_start(struct json_object *args,
         error_setg(errp, "NBD server already running");
         return NULL;
     }
-    int64_t maxc = qmp_arg_int(args, "max-connections", 0);
+    int64_t maxc = json_opt_int(args, "max-connections", 0);
     if (maxc > UINT_MAX) {
         error_setg(errp, "Parameter 'max-connections' is too large");
         return NULL;
@@ -171,15 +171,15 @@ static bool qmp_export_check_type(struct json_object *args, Error **errp)
 struct json_object *qmp_export_add(struct json_object *args,
                                    bool require_server, Error **errp)
 {
-    const char *id = qmp_arg_str(args, "id");
-    const char *node = qmp_arg_str(args, "node-name");
-    const char *name = qmp_arg_str(args, "name");
+    const char *id = json_opt_str(args, "id");
+    const char *node = json_opt_str(args, "node-name");
+    const char *name = json_opt_str(args, "name");
     struct json_object *list = NULL;
 
     if (!qmp_export_check_type(args, errp)) {
         return NULL;
     }
-    if (qmp_arg_bool(args, "allocation-depth", false)) {
+    if (json_opt_bool(args, "allocation-depth", false)) {
         error_setg(errp, "allocation-depth is not supported");
         return NULL;
     }
@@ -236,8 +236,8 @@ struct json_object *qmp_export_add(struct json_object *args,
             return NULL;
         }
     }
-    if (!nbd_export_add(id, bs, name, qmp_arg_str(args, "description"),
-                        qmp_arg_bool(args, "writable", false),
+    if (!nbd_export_add(id, bs, name, json_opt_str(args, "description"),
+                        json_opt_bool(args, "writable", false),
                         (const char *const *)names, (int)n, errp)) {
         return NULL;
     }
@@ -254,7 +254,7 @@ static struct json_object *qmp_cmd_block_export_add(struct json_object *args,
 static bool qmp_export_mode(struct json_object *args, bool *ret_force,
                             Error **errp)
 {
-    const char *mode = qmp_arg_str(args, "mode");
+    const char *mode = json_opt_str(args, "mode");
     *ret_force = false;
     if (!mode || strcmp(mode, "safe") == 0) {
         return true;
@@ -293,7 +293,7 @@ static struct json_object *qmp_export_del(const char *id,
 static struct json_object *qmp_cmd_block_export_del(struct json_object *args,
                                                     Error **errp)
 {
-    return qmp_export_del(qmp_arg_str(args, "id"), args, errp);
+    return qmp_export_del(json_opt_str(args, "id"), args, errp);
 }
 
 static struct json_object *qmp_cmd_query_block_exports(struct json_object *args,
@@ -305,10 +305,10 @@ static struct json_object *qmp_cmd_query_block_exports(struct json_object *args,
 static struct json_object *qmp_cmd_nbd_server_add(struct json_object *args,
                                                   Error **errp)
 {
-    const char *device = qmp_arg_str(args, "device");
-    const char *name = qmp_arg_str(args, "name");
-    const char *bitmap = qmp_arg_str(args, "bitmap");
-    const char *desc = qmp_arg_str(args, "description");
+    const char *device = json_opt_str(args, "device");
+    const char *name = json_opt_str(args, "name");
+    const char *bitmap = json_opt_str(args, "bitmap");
+    const char *desc = json_opt_str(args, "description");
     _cleanup_json_ struct json_object *eargs = json_object_new_object();
 
     if (!name) {
@@ -322,7 +322,7 @@ static struct json_object *qmp_cmd_nbd_server_add(struct json_object *args,
         json_object_object_add(eargs, "description", json_object_new_string(desc));
     }
     json_object_object_add(eargs, "writable", json_object_new_boolean(
-                               qmp_arg_bool(args, "writable", false)));
+                               json_opt_bool(args, "writable", false)));
     if (bitmap) {
         struct json_object *arr = json_object_new_array();
         json_object_array_add(arr, json_object_new_string(bitmap));
@@ -336,7 +336,7 @@ static struct json_object *qmp_cmd_nbd_server_remove(struct json_object *args,
 {
     /* QEMU looks nbd-server-remove's name up as the NBD export name, which
      * differs from the id for exports made by block-export-add. */
-    const char *name = qmp_arg_str(args, "name");
+    const char *name = json_opt_str(args, "name");
     NBDExport *exp = nbd_export_find_by_name(name);
     return qmp_export_del(exp ? nbd_export_id(exp) : name, args, errp);
 }

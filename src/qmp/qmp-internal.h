@@ -20,8 +20,11 @@ struct json_object *qmp_query_commands_list(void);
 void qmp_register_control_commands(void);
 void qmp_register_block_commands(void);
 void qmp_register_export_commands(void);
-/* qmp-backup.c: blockdev-backup, drive-backup, transaction. */
-void qmp_register_backup_commands(void);
+/* qmp-job.c: query-jobs, query-block-jobs, job-pause, job-resume,
+ * job-cancel, job-finalize, job-dismiss, job-complete, block-job-cancel,
+ * block-job-pause, block-job-resume, block-job-set-speed,
+ * block-job-finalize, block-job-dismiss, block-job-complete. */
+void qmp_register_job_commands(void);
 
 /* qmp-block.c: find a node as the bitmap/export commands do, with QEMU's
  * "Cannot find device='X' nor node-name='X'" error. */
@@ -55,7 +58,8 @@ BdrvDirtyBitmap *qmp_bitmap_merge_lookup(struct json_object *args,
                                          BdrvDirtyBitmap ***ret_srcs,
                                          size_t *ret_n, Error **errp);
 
-/* qmp-backup.c: blockdev-backup (drive false) and drive-backup (true). */
+/* qmp-backup.c: the arguments and the job of blockdev-backup (drive
+ * false) and drive-backup (true), for qmp-transaction.c, which runs them. */
 extern const QmpArgSpec qmp_spec_blockdev_backup[];
 extern const QmpArgSpec qmp_spec_drive_backup[];
 /* Check the enum-valued arguments (sync, bitmap-mode, ...). */
@@ -65,10 +69,8 @@ bool qmp_backup_check_args(struct json_object *args, bool drive, Error **errp);
 Job *qmp_backup_prepare(struct json_object *args, bool drive, JobTxn *txn,
                         Error **errp);
 
-/* qmp-transaction.c: register `transaction`; run one action as a
- * transaction of its own (the standalone blockdev-backup/drive-backup). */
-void qmp_register_transaction_command(void);
-bool qmp_transaction_run_single(const char *type, struct json_object *data,
-                                Error **errp);
+/* qmp-transaction.c: register `transaction`, and blockdev-backup and
+ * drive-backup, which run as a transaction of one action. */
+void qmp_register_transaction_commands(void);
 
 #endif

@@ -99,8 +99,8 @@ static void bitmap_add_abort(TxnAction *a)
  * generation, recording state) and put it back on abort. */
 static bool bitmap_take_backup(TxnAction *a, Error **errp)
 {
-    a->bm = qmp_lookup_bitmap(qmp_arg_str(a->data, "node"),
-                              qmp_arg_str(a->data, "name"), &a->bs, errp);
+    a->bm = qmp_lookup_bitmap(json_opt_str(a->data, "node"),
+                              json_opt_str(a->data, "name"), &a->bs, errp);
     if (!a->bm) {
         return false;
     }
@@ -388,8 +388,9 @@ static bool txn_run(TxnAction *actions, size_t n, bool grouped, Error **errp)
     return ok;
 }
 
-bool qmp_transaction_run_single(const char *type_name, struct json_object *data,
-                                Error **errp)
+static bool qmp_transaction_run_single(const char *type_name,
+                                       struct json_object *data,
+                                       Error **errp)
 {
     const TxnActionType *type = txn_find_type(type_name);
     if (!type) {
@@ -519,8 +520,30 @@ static const QmpArgSpec spec_transaction[] = {
     { NULL },
 };
 
-void qmp_register_transaction_command(void)
+static struct json_object *qmp_cmd_blockdev_backup(struct json_object *args,
+                                                   Error **errp)
 {
+    if (!qmp_transaction_run_single("blockdev-backup", args, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_drive_backup(struct json_object *args,
+                                                Error **errp)
+{
+    if (!qmp_transaction_run_single("drive-backup", args, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+void qmp_register_transaction_commands(void)
+{
+    qmp_register_command_spec("blockdev-backup", qmp_cmd_blockdev_backup,
+                              qmp_spec_blockdev_backup);
+    qmp_register_command_spec("drive-backup", qmp_cmd_drive_backup,
+                              qmp_spec_drive_backup);
     qmp_register_command_spec("transaction", qmp_cmd_transaction,
                               spec_transaction);
 }

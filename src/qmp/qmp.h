@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <json-c/json.h>
 #include "util/error.h"
+#include "util/json-opts.h"
 
 /* A command handler: args is the "arguments" object (never NULL; an empty
  * object when absent).  On success it returns a new reference to the
@@ -29,8 +30,10 @@ void qmp_register_command(const char *name, QmpCommandFunc fn);
 struct json_object *qmp_dispatch(struct json_object *request);
 
 /* Emit an event to every connected monitor that has finished capabilities
- * negotiation.  Takes ownership of data (may be NULL).  Thread-safe: jobs
- * and NBD threads may call it; delivery happens from the main loop. */
+ * negotiation.  Takes ownership of data (may be NULL).  Thread-safe;
+ * delivery happens from the main loop.  The first monitor registers it as
+ * the event sink (util/main-loop.h), so lower layers' event_emit() reaches
+ * it. */
 void qmp_event_emit(const char *name, struct json_object *data);
 
 /* Listen on a UNIX socket path (from --chardev socket,path=...,server=on). */
@@ -90,18 +93,8 @@ bool qmp_quit_requested(void);
 /* Close every monitor socket and client, unlink the socket paths. */
 void qmp_monitor_cleanup(void);
 
-/* Argument getters for handlers whose args were checked by a spec. */
-const char *qmp_arg_str(struct json_object *args, const char *name);
-bool qmp_arg_bool(struct json_object *args, const char *name, bool dflt);
-int64_t qmp_arg_int(struct json_object *args, const char *name, int64_t dflt);
+/* Argument getters for handlers whose args were checked by a spec are
+ * json_opt_str, json_opt_bool and json_opt_int (util/json-opts.h). */
 bool qmp_arg_has(struct json_object *args, const char *name);
-
-/* Run fn(opaque) on the main thread, soon, in the order scheduled (jobs
- * finish this way: their threads never change the graph).  Thread-safe;
- * works before the main loop starts and after it stops (the callbacks then
- * wait for qmp_main_loop_run_pending()). */
-void qmp_main_loop_schedule(void (*fn)(void *opaque), void *opaque);
-/* Run the callbacks scheduled so far (main thread).  Returns how many ran. */
-int qmp_main_loop_run_pending(void);
 
 #endif

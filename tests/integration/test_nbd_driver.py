@@ -1,4 +1,4 @@
-"""The nbd block driver (src/block/nbd.c): bitbackd opens a node on a remote
+"""The nbd block driver (src/block/drivers/nbd.c): bitbackd opens a node on a remote
 NBD export (qemu-nbd or nbdkit) with blockdev-add driver=nbd and re-exports
 it.  Data written through bitbackd must land on the remote server (checked
 from the server's side with qemu-io and qemu-img compare), the node's dirty

@@ -2,9 +2,9 @@
 
 The qcow2 driver keeps L2 tables, refcount blocks and L1 changes in a
 write-back cache and writes them at a flush, in an order that keeps the
-file consistent at every moment (src/block/qcow2.h).  These tests kill
-bitbackd with SIGKILL while NBD clients write, then judge the image with
-qemu's tools:
+file consistent at every moment (src/block/drivers/qcow2/qcow2.h).  These
+tests kill bitbackd with SIGKILL while NBD clients write, then judge the
+image with qemu's tools:
 
   * `qemu-img check` finds no corruption (exit 0, or 3 for leaked
     clusters, which a crash may leave, as with QEMU);

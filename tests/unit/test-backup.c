@@ -2,7 +2,7 @@
  * Unit tests for the backup job (job/backup.c) on raw-over-file nodes in a
  * temporary folder, driven the way bitbackd drives it: the job is created
  * inside a drained section and the test is the main loop, calling
- * qmp_main_loop_run_pending() until the job concludes.
+ * main_loop_run_pending() until the job concludes.
  *  - point in time: writer threads write at random while a rate-limited
  *    full backup runs; the target equals the snapshot copied from the
  *    source file inside the drained section;
@@ -33,9 +33,9 @@
 #include "block/block.h"
 #include "job/backup.h"
 #include "job/job.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
 #include "test-util.h"
+#include "util/main-loop.h"
 
 #define IMG_SIZE  (8u * 1024 * 1024)
 #define CLUSTER   (64u * 1024)
@@ -119,7 +119,7 @@ static Job *create_job(const char *id, BlockDriverState *src,
 static int wait_concluded(Job *job)
 {
     for (int i = 0; i < 60000; i++) {
-        qmp_main_loop_run_pending();
+        main_loop_run_pending();
         if (status_of_watched() == JOB_STATUS_CONCLUDED) {
             return job->ret;
         }
@@ -134,7 +134,7 @@ static void dismiss(Job *job)
     Error *err = NULL;
     job_dismiss(job, &err);
     die_on(err);
-    qmp_main_loop_run_pending();
+    main_loop_run_pending();
 }
 
 static BackupOptions default_opts(MirrorSyncMode sync)
@@ -469,7 +469,7 @@ static void run_bitmap_case(BitmapSyncMode mode, Outcome outcome)
     job_start(job);
     if (outcome == OUT_CANCEL) {
         sleep_ms(50);
-        qmp_main_loop_run_pending();
+        main_loop_run_pending();
         job_user_cancel(job, false, &err);
         die_on(err);
     }
@@ -577,7 +577,7 @@ static void test_fleecing_sync_none(void **state)
     _cleanup_free_ uint8_t *buf = malloc(IMG_SIZE);
     for (int round = 0; round < 3; round++) {
         sleep_ms(30);
-        qmp_main_loop_run_pending();
+        main_loop_run_pending();
         for (uint32_t c = 0; c < NCLUSTERS; c += 16) {
             uint64_t n = 16 * CLUSTER;
             assert_int_equal(bdrv_pread(fl, (uint64_t)c * CLUSTER,

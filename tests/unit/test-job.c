@@ -4,7 +4,7 @@
  * it (or makes it fail) records commit/abort/clean/free calls and every
  * status change (through job_set_status_hook) by job id, so the records
  * outlive auto-dismissed jobs.  The test is the "main loop": it calls
- * qmp_main_loop_run_pending() until a condition holds, with a bound.
+ * main_loop_run_pending() until a condition holds, with a bound.
  * Verbs are checked against a naive table written out here for every state
  * the jobs reach.
  */
@@ -20,8 +20,8 @@
 #include <cmocka.h>
 
 #include "job/job.h"
-#include "qmp/qmp.h"
 #include "util/cleanup.h"
+#include "util/main-loop.h"
 
 #define MAX_RECS 16
 #define MAX_SEQ 64
@@ -160,7 +160,7 @@ static const JobDriver test_driver = {
 
 static void pump(void)
 {
-    if (qmp_main_loop_run_pending() == 0) {
+    if (main_loop_run_pending() == 0) {
         usleep(1000);
     }
 }
@@ -182,7 +182,7 @@ static void wait_status(const char *id, JobStatus s)
 static void settle(void)
 {
     for (int i = 0; i < 30; i++) {
-        qmp_main_loop_run_pending();
+        main_loop_run_pending();
         usleep(1000);
     }
 }

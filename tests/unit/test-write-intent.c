@@ -29,7 +29,7 @@
 #include <cmocka.h>
 #include <xxhash.h>
 
-#include "bitmap/dirty-bitmap.h"
+#include "block/dirty-bitmap.h"
 #include "block/block.h"
 #include "block/write-intent.h"
 #include "util/cleanup.h"

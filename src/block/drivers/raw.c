@@ -9,7 +9,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
-#include "block/file-lock.h"
+#include "block/drivers/file-lock.h"
 #include "util/cleanup.h"
 
 static bool raw_open(BlockDriverState *bs, struct json_object *options, int flags,

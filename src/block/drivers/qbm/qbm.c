@@ -39,11 +39,12 @@
 #include <unistd.h>
 
 #include "block/block.h"
-#include "block/file-lock.h"
-#include "block/qbm-format.h"
+#include "block/drivers/file-lock.h"
+#include "block/drivers/qbm/qbm-format.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
+#include "util/json-opts.h"
 
 /* An fd that holds the lock bytes of one file of the image. */
 typedef struct QbmFileLock {
@@ -1112,16 +1113,6 @@ out:
 
 /* ---- create ---- */
 
-static const char *opt_str(struct json_object *opts, const char *key)
-{
-    struct json_object *v;
-    if (opts && json_object_object_get_ex(opts, key, &v) &&
-        json_object_is_type(v, json_type_string)) {
-        return json_object_get_string(v);
-    }
-    return NULL;
-}
-
 static bool qbm_create(const char *filename, uint64_t size,
                        struct json_object *opts, Error **errp)
 {
@@ -1131,11 +1122,11 @@ static bool qbm_create(const char *filename, uint64_t size,
     if (!bdrv_check_create_opts(opts, known, ARRAY_SIZE(known), "qbm", errp)) {
         return false;
     }
-    const char *data_file = opt_str(opts, "data-file");
-    const char *data_format = opt_str(opts, "data-format");
-    const char *backing = opt_str(opts, "backing");
-    const char *backing_format = opt_str(opts, "backing-format");
-    const char *gran_str = opt_str(opts, "granularity");
+    const char *data_file = json_opt_str(opts, "data-file");
+    const char *data_format = json_opt_str(opts, "data-format");
+    const char *backing = json_opt_str(opts, "backing");
+    const char *backing_format = json_opt_str(opts, "backing-format");
+    const char *gran_str = json_opt_str(opts, "granularity");
     if (!data_format) {
         data_format = "raw";
     }

@@ -8,7 +8,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
-#include "block/file-lock.h"
+#include "block/drivers/file-lock.h"
 
 /* QEMU's names for the permissions, as its messages print them. */
 static const char *const perm_names[FILE_PERM_COUNT] = {

@@ -25,7 +25,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
-#include "block/file-lock.h"
+#include "block/drivers/file-lock.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"

@@ -31,7 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "block/qcow2.h"
+#include "block/drivers/qcow2/qcow2.h"
 #include "util/bswap.h"
 #include "util/cleanup.h"
 

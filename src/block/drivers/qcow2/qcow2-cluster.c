@@ -36,7 +36,7 @@
 #include <zlib.h>
 #include <zstd.h>
 
-#include "block/qcow2.h"
+#include "block/drivers/qcow2/qcow2.h"
 #include "util/cleanup.h"
 
 /* ---- table cache ---- */

@@ -47,12 +47,13 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "block/file-lock.h"
-#include "block/qcow2.h"
+#include "block/drivers/file-lock.h"
+#include "block/drivers/qcow2/qcow2.h"
 #include "util/cleanup.h"
 #include "util/bswap.h"
 #include "util/cutils.h"
 #include "util/iov.h"
+#include "util/json-opts.h"
 
 #define QCOW2_HEADER_V3_LENGTH 112   /* 104 + compression type + padding */
 
@@ -1155,16 +1156,6 @@ static int qcow2_block_status(BlockDriverState *bs, uint64_t offset,
 
 /* ---- create ---- */
 
-static const char *opt_str(struct json_object *opts, const char *key)
-{
-    struct json_object *v;
-    if (opts && json_object_object_get_ex(opts, key, &v) &&
-        json_object_is_type(v, json_type_string)) {
-        return json_object_get_string(v);
-    }
-    return NULL;
-}
-
 static bool qcow2_create(const char *filename, uint64_t size,
                          struct json_object *opts, Error **errp)
 {
@@ -1176,17 +1167,17 @@ static bool qcow2_create(const char *filename, uint64_t size,
     if (!bdrv_check_create_opts(opts, known, ARRAY_SIZE(known), "qcow2", errp)) {
         return false;
     }
-    const char *backing = opt_str(opts, "backing_file");
+    const char *backing = json_opt_str(opts, "backing_file");
     if (!backing) {
-        backing = opt_str(opts, "backing");
+        backing = json_opt_str(opts, "backing");
     }
-    const char *backing_fmt = opt_str(opts, "backing_fmt");
+    const char *backing_fmt = json_opt_str(opts, "backing_fmt");
     if (!backing_fmt) {
-        backing_fmt = opt_str(opts, "backing-format");
+        backing_fmt = json_opt_str(opts, "backing-format");
     }
     const char *v;
     uint64_t cs = 65536;
-    if ((v = opt_str(opts, "cluster_size")) && !parse_size(v, "cluster_size", &cs, errp)) {
+    if ((v = json_opt_str(opts, "cluster_size")) && !parse_size(v, "cluster_size", &cs, errp)) {
         return false;
     }
     if (!IS_POW2(cs) || cs < (1u << QCOW2_MIN_CLUSTER_BITS) ||
@@ -1195,24 +1186,24 @@ static bool qcow2_create(const char *filename, uint64_t size,
                    "2048k");
         return false;
     }
-    if ((v = opt_str(opts, "compat")) && strcmp(v, "1.1") && strcmp(v, "v3")) {
+    if ((v = json_opt_str(opts, "compat")) && strcmp(v, "1.1") && strcmp(v, "v3")) {
         error_setg(errp, "qcow2: only compat=1.1 images can be created");
         return false;
     }
-    if ((v = opt_str(opts, "refcount_bits")) && strcmp(v, "16")) {
+    if ((v = json_opt_str(opts, "refcount_bits")) && strcmp(v, "16")) {
         error_setg(errp, "qcow2: only refcount_bits=16 is supported");
         return false;
     }
-    if ((v = opt_str(opts, "lazy_refcounts")) && strcmp(v, "off") && strcmp(v, "false")) {
+    if ((v = json_opt_str(opts, "lazy_refcounts")) && strcmp(v, "off") && strcmp(v, "false")) {
         error_setg(errp, "qcow2: lazy_refcounts is not supported");
         return false;
     }
-    if ((v = opt_str(opts, "preallocation")) && strcmp(v, "off")) {
+    if ((v = json_opt_str(opts, "preallocation")) && strcmp(v, "off")) {
         error_setg(errp, "qcow2: only preallocation=off is supported");
         return false;
     }
     uint8_t compression_type = 0;
-    if ((v = opt_str(opts, "compression_type"))) {
+    if ((v = json_opt_str(opts, "compression_type"))) {
         if (!strcmp(v, "zstd")) {
             compression_type = 1;
         } else if (strcmp(v, "zlib")) {

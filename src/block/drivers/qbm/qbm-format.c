@@ -23,8 +23,8 @@
 #include <json-c/json.h>
 
 #include "block/block.h"
-#include "block/file-lock.h"
-#include "block/qbm-format.h"
+#include "block/drivers/file-lock.h"
+#include "block/drivers/qbm/qbm-format.h"
 #include "util/bswap.h"
 #include "util/cleanup.h"
 

@@ -12,8 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "job/job.h"
-#include "qmp/qmp.h"
+#include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 
 static Job *find_job(const char *id, Error **errp)
@@ -84,7 +83,7 @@ static struct json_object *qmp_query_block_jobs(struct json_object *args,
 static struct json_object *qmp_job_pause(struct json_object *args, Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_job(qmp_arg_str(args, "id"), errp);
+    Job *job = find_job(json_opt_str(args, "id"), errp);
     if (!job) {
         return NULL;
     }
@@ -95,7 +94,7 @@ static struct json_object *qmp_job_pause(struct json_object *args, Error **errp)
 static struct json_object *qmp_job_resume(struct json_object *args, Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_job(qmp_arg_str(args, "id"), errp);
+    Job *job = find_job(json_opt_str(args, "id"), errp);
     if (!job) {
         return NULL;
     }
@@ -106,7 +105,7 @@ static struct json_object *qmp_job_resume(struct json_object *args, Error **errp
 static struct json_object *qmp_job_cancel(struct json_object *args, Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_job(qmp_arg_str(args, "id"), errp);
+    Job *job = find_job(json_opt_str(args, "id"), errp);
     if (!job) {
         return NULL;
     }
@@ -116,7 +115,7 @@ static struct json_object *qmp_job_cancel(struct json_object *args, Error **errp
 
 static struct json_object *qmp_job_complete(struct json_object *args, Error **errp)
 {
-    Job *job = find_job(qmp_arg_str(args, "id"), errp);
+    Job *job = find_job(json_opt_str(args, "id"), errp);
     if (!job || !job_complete(job, errp)) {
         return NULL;
     }
@@ -126,7 +125,7 @@ static struct json_object *qmp_job_complete(struct json_object *args, Error **er
 static struct json_object *qmp_job_finalize(struct json_object *args, Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_job(qmp_arg_str(args, "id"), errp);
+    Job *job = find_job(json_opt_str(args, "id"), errp);
     if (!job) {
         return NULL;
     }
@@ -137,7 +136,7 @@ static struct json_object *qmp_job_finalize(struct json_object *args, Error **er
 static struct json_object *qmp_job_dismiss(struct json_object *args, Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_job(qmp_arg_str(args, "id"), errp);
+    Job *job = find_job(json_opt_str(args, "id"), errp);
     if (!job) {
         return NULL;
     }
@@ -151,8 +150,8 @@ static struct json_object *qmp_block_job_cancel(struct json_object *args,
                                                 Error **errp)
 {
     Error *err = NULL;
-    const char *device = qmp_arg_str(args, "device");
-    bool force = qmp_arg_bool(args, "force", false);
+    const char *device = json_opt_str(args, "device");
+    bool force = json_opt_bool(args, "force", false);
     Job *job = find_block_job(device, errp);
     if (!job) {
         return NULL;
@@ -170,7 +169,7 @@ static struct json_object *qmp_block_job_pause(struct json_object *args,
                                                Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_block_job(qmp_arg_str(args, "device"), errp);
+    Job *job = find_block_job(json_opt_str(args, "device"), errp);
     if (!job) {
         return NULL;
     }
@@ -182,7 +181,7 @@ static struct json_object *qmp_block_job_resume(struct json_object *args,
                                                 Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_block_job(qmp_arg_str(args, "device"), errp);
+    Job *job = find_block_job(json_opt_str(args, "device"), errp);
     if (!job) {
         return NULL;
     }
@@ -193,7 +192,7 @@ static struct json_object *qmp_block_job_resume(struct json_object *args,
 static struct json_object *qmp_block_job_complete(struct json_object *args,
                                                   Error **errp)
 {
-    Job *job = find_block_job(qmp_arg_str(args, "device"), errp);
+    Job *job = find_block_job(json_opt_str(args, "device"), errp);
     if (!job || !job_complete(job, errp)) {
         return NULL;
     }
@@ -203,8 +202,8 @@ static struct json_object *qmp_block_job_complete(struct json_object *args,
 static struct json_object *qmp_block_job_set_speed(struct json_object *args,
                                                    Error **errp)
 {
-    Job *job = find_block_job(qmp_arg_str(args, "device"), errp);
-    if (!job || !job_set_speed(job, qmp_arg_int(args, "speed", 0), errp)) {
+    Job *job = find_block_job(json_opt_str(args, "device"), errp);
+    if (!job || !job_set_speed(job, json_opt_int(args, "speed", 0), errp)) {
         return NULL;
     }
     return json_object_new_object();
@@ -214,7 +213,7 @@ static struct json_object *qmp_block_job_finalize(struct json_object *args,
                                                   Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_block_job(qmp_arg_str(args, "id"), errp);
+    Job *job = find_block_job(json_opt_str(args, "id"), errp);
     if (!job) {
         return NULL;
     }
@@ -226,7 +225,7 @@ static struct json_object *qmp_block_job_dismiss(struct json_object *args,
                                                  Error **errp)
 {
     Error *err = NULL;
-    Job *job = find_block_job(qmp_arg_str(args, "id"), errp);
+    Job *job = find_block_job(json_opt_str(args, "id"), errp);
     if (!job) {
         return NULL;
     }
@@ -254,7 +253,7 @@ static const QmpArgSpec speed_args[] = {
     { NULL },
 };
 
-void job_register_qmp_commands(void)
+void qmp_register_job_commands(void)
 {
     qmp_register_command_spec("query-jobs", qmp_query_jobs, no_args);
     qmp_register_command_spec("query-block-jobs", qmp_query_block_jobs, no_args);

@@ -12,7 +12,7 @@
 #include <string.h>
 #include <openssl/evp.h>
 
-#include "bitmap/dirty-bitmap.h"
+#include "block/dirty-bitmap.h"
 #include "block/block.h"
 #include "util/cleanup.h"
 

@@ -1,0 +1,54 @@
+#!/bin/sh
+# Check that no source file includes a header of a higher layer
+# (docs/DESIGN.md, "Layers").  Usage: check-layers.sh [SRC_DIR]
+#
+# Every folder directly under src/ is a layer.  For each file under it
+# (.c and .h, at any depth), every `#include "LAYER/..."` must name a layer
+# that the table below allows it to use.  A folder missing from the table
+# is an error too, so a new layer must be placed in it.  Exit status: 0
+# when every include is allowed, 1 otherwise (each offending line is
+# printed as FILE:LINE: ...).
+set -u
+src=${1:-$(dirname "$0")/../src}
+
+# may_use LAYER: the layers that LAYER's files may include, itself first.
+may_use() {
+    case $1 in
+    util)   echo "util" ;;
+    bitmap) echo "bitmap util" ;;
+    block)  echo "block bitmap util" ;;
+    repo)   echo "repo block bitmap util" ;;
+    job)    echo "job block bitmap util" ;;
+    nbd)    echo "nbd block bitmap util" ;;
+    qmp)    echo "qmp job nbd block bitmap util" ;;
+    daemon) echo "daemon qmp job nbd repo block bitmap util" ;;
+    cli)    echo "cli repo block bitmap util" ;;
+    *)      return 1 ;;
+    esac
+}
+
+status=0
+for dir in "$src"/*/; do
+    layer=$(basename "$dir")
+    if ! allowed=$(may_use "$layer"); then
+        echo "check-layers: src/$layer is not in the layer table of $0" >&2
+        status=1
+        continue
+    fi
+    # FILE:LINE:#include "X/...", for every quoted include with a folder.
+    hits=$(find "$dir" -name '*.[ch]' -exec grep -Hn \
+               '^[[:space:]]*#[[:space:]]*include[[:space:]]*"[^"/]*/' {} +)
+    [ -n "$hits" ] || continue
+    bad=$(printf '%s\n' "$hits" | while IFS= read -r hit; do
+        used=$(printf '%s\n' "$hit" | sed 's/^[^"]*"\([^"/]*\)\/.*/\1/')
+        case " $allowed " in
+        *" $used "*) ;;
+        *) printf '%s: %s may not include %s/\n' "$hit" "$layer" "$used" ;;
+        esac
+    done)
+    if [ -n "$bad" ]; then
+        printf '%s\n' "$bad" >&2
+        status=1
+    fi
+done
+exit $status
