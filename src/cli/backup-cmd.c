@@ -48,7 +48,7 @@
 #include "util/cutils.h"
 #include "cli/progress.h"
 #include "cli/qmp-client.h"
-#include "cli/repo.h"
+#include "repo/repo.h"
 #include "util/cleanup.h"
 
 #define BACKUP_MAX_DISKS 64

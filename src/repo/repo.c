@@ -41,7 +41,7 @@
 #include <openssl/sha.h>
 #include <xxhash.h>
 
-#include "cli/repo.h"
+#include "repo/repo.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 

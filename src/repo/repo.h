@@ -9,8 +9,8 @@
  * Ownership: a Repo owns its manifests; pointers returned by the lookup
  * functions stay valid until repo_free() or repo_reload().
  */
-#ifndef BITBACK_CLI_REPO_H
-#define BITBACK_CLI_REPO_H
+#ifndef BITBACK_REPO_REPO_H
+#define BITBACK_REPO_REPO_H
 
 #include <stdbool.h>
 #include <stddef.h>
