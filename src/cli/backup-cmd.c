@@ -179,14 +179,8 @@ static void disk_free(Disk *d)
     }
     free(d->counts);
     free(d->drv);
-    for (size_t i = 0; i < d->n_sources; i++) {
-        free(d->sources[i]);
-    }
-    free(d->sources);
-    for (size_t i = 0; i < d->n_freeze; i++) {
-        free(d->freeze[i]);
-    }
-    free(d->freeze);
+    repo_plan_free_names(d->sources, d->n_sources);
+    repo_plan_free_names(d->freeze, d->n_freeze);
     free(d->tmp_path);
     free(d->generation);
     free(d->job_error);
@@ -1114,10 +1108,7 @@ static int backup_live(const BackupOpts *o, Repo *repo)
         }
         stale = stale_bitmaps(repo, o, &disks[i], &n_stale);
         live_remove_bitmaps(qmp, disks[i].node, stale, n_stale);
-        for (size_t j = 0; j < n_stale; j++) {
-            free(stale[j]);
-        }
-        free(stale);
+        repo_plan_free_names(stale, n_stale);
         if (full) {
             repo_remove_attempts_below(repo, disks[i].node, full->seq);
         }
@@ -1361,9 +1352,8 @@ static bool offline_remove_stale(Repo *repo, const BackupOpts *o, Disk *d,
         if (bs && ok && !bdrv_dirty_bitmap_remove(bs, stale[i], errp)) {
             ok = false;
         }
-        free(stale[i]);
     }
-    free(stale);
+    repo_plan_free_names(stale, n_stale);
     if (!bs) {
         return false;
     }

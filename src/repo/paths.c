@@ -114,35 +114,43 @@ char *repo_node_dir(Repo *repo, const char *node)
     return repo_path_printf("%s/%s", repo->path, node);
 }
 
+/* REPO/NODE/<prefix>ID<suffix>: the one place a backup's file names are
+ * built (repo_file_kind recognises the same names). */
+static char *seq_path(Repo *repo, const char *node, const char *prefix,
+                      unsigned seq, const char *suffix)
+{
+    return repo_path_printf("%s/%s/%s%06u%s", repo->path, node, prefix, seq,
+                            suffix);
+}
+
 char *repo_data_path(Repo *repo, const char *node, unsigned seq)
 {
-    return repo_path_printf("%s/%s/%06u.qcow2", repo->path, node, seq);
+    return seq_path(repo, node, "", seq, ".qcow2");
 }
 
 char *repo_manifest_path(Repo *repo, const char *node, unsigned seq)
 {
-    return repo_path_printf("%s/%s/%06u.json", repo->path, node, seq);
+    return seq_path(repo, node, "", seq, ".json");
 }
 
 char *repo_tmp_data_path(Repo *repo, const char *node, unsigned seq)
 {
-    return repo_path_printf("%s/%s/.%06u.qcow2.tmp", repo->path, node, seq);
+    return seq_path(repo, node, ".", seq, ".qcow2.tmp");
 }
 
 char *repo_tmp_manifest_path(Repo *repo, const char *node, unsigned seq)
 {
-    return repo_path_printf("%s/%s/.%06u.json.tmp", repo->path, node, seq);
+    return seq_path(repo, node, ".", seq, ".json.tmp");
 }
 
 char *repo_attempt_path(Repo *repo, const char *node, unsigned seq)
 {
-    return repo_path_printf("%s/%s/%06u.attempt", repo->path, node, seq);
+    return seq_path(repo, node, "", seq, ".attempt");
 }
-
 
 char *repo_tmp_attempt_path(Repo *repo, const char *node, unsigned seq)
 {
-    return repo_path_printf("%s/%s/.%06u.attempt.tmp", repo->path, node, seq);
+    return seq_path(repo, node, ".", seq, ".attempt.tmp");
 }
 
 RepoFileKind repo_file_kind(const char *name, unsigned *ret_seq)

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "repo/planner.h"
+#include "repo/repo-internal.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
@@ -54,7 +55,7 @@ unsigned repo_bitmap_seq(const char *prefix, const char *name)
     }
     errno = 0;
     v = strtoul(name + pl + 1, &end, 10);
-    if (*end || errno || v == 0 || v > 999999999) {
+    if (*end || errno || v == 0 || v > REPO_MAX_SEQ) {
         return 0;
     }
     return (unsigned)v;
@@ -289,16 +290,18 @@ char **repo_plan_stale_bitmaps(Repo *repo, const RepoPlanOpts *o,
     return names;
 }
 
+void repo_plan_free_names(char **names, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(names[i]);
+    }
+    free(names);
+}
+
 void repo_plan_clear(RepoPlan *p)
 {
-    for (size_t i = 0; i < p->n_sources; i++) {
-        free(p->sources[i]);
-    }
-    free(p->sources);
-    for (size_t i = 0; i < p->n_freeze; i++) {
-        free(p->freeze[i]);
-    }
-    free(p->freeze);
+    repo_plan_free_names(p->sources, p->n_sources);
+    repo_plan_free_names(p->freeze, p->n_freeze);
     free(p->reason);
     *p = (RepoPlan){ 0 };
 }

@@ -69,6 +69,8 @@ typedef struct RepoPlan {
 bool repo_plan_disk(Repo *repo, const RepoPlanOpts *o, const RepoPlanDisk *d,
                     RepoPlan *ret, Error **errp);
 void repo_plan_clear(RepoPlan *p);
+/* Free names[0..n) and names (a plan's or repo_plan_stale_bitmaps'). */
+void repo_plan_free_names(char **names, size_t n);
 
 /* The bitmap called name among bitmaps[0..n), or NULL. */
 const RepoPlanBitmap *repo_plan_find_bitmap(const RepoPlanBitmap *bitmaps,

@@ -339,10 +339,7 @@ static void test_stale_bitmaps(void **state)
 
     join(got, sizeof(got), names, n);
     assert_string_equal(got, PREFIX "-000001," PREFIX "-000002");
-    for (size_t i = 0; i < n; i++) {
-        free(names[i]);
-    }
-    free(names);
+    repo_plan_free_names(names, n);
     assert_int_equal(repo_bitmap_seq(PREFIX, PREFIX "-000042"), 42);
     assert_int_equal(repo_bitmap_seq(PREFIX, PREFIX "-x"), 0);
     assert_int_equal(repo_bitmap_seq(PREFIX, "other-000042"), 0);
