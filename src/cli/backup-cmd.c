@@ -8,8 +8,9 @@
  *            shares one point in time; the tool then hashes what landed.
  *   offline  --image FILE: the same steps done on the image directly.
  *
- * Both share the planner (plan_disk): which level the run can really take
- * and which bitmaps hold the changes since the parent.  Bitmaps are never
+ * Both share the planner (repo_plan_disk, src/repo/planner.c): which
+ * level the run can really take and which bitmaps hold the changes since
+ * the parent.  Bitmaps are never
  * cleared: each backup N adds `PREFIX-N` and freezes the older ones, so a
  * run killed at any point loses no write (the spec's "Bitmaps" section).
  * When the chain cannot be trusted (bitmap missing, cleared behind our
@@ -48,25 +49,15 @@
 #include "util/cutils.h"
 #include "cli/progress.h"
 #include "cli/qmp-client.h"
-#include "cli/repo.h"
+#include "repo/planner.h"
+#include "repo/repo.h"
 #include "util/cleanup.h"
 
 #define BACKUP_MAX_DISKS 64
 #define BACKUP_COPY_CHUNK (4u << 20)
 
-/* What the planner needs to know about one bitmap of a disk. */
-typedef struct BitmapInfo {
-    char *name;
-    bool recording;
-    bool inconsistent;
-    bool busy;
-    uint32_t granularity;
-    int64_t count;                     /* dirty bytes; -1 when not reported */
-    char *generation;                  /* NULL when not reported */
-    char *prior_generation;            /* when generation is NULL: the one
-                                          bitback knew before another
-                                          program wrote the image, or NULL */
-} BitmapInfo;
+/* A bitmap of a disk as the planner sees it. */
+typedef RepoPlanBitmap BitmapInfo;
 
 typedef struct Disk {
     char *node;                        /* node name / disk name in the repo */
@@ -188,14 +179,8 @@ static void disk_free(Disk *d)
     }
     free(d->counts);
     free(d->drv);
-    for (size_t i = 0; i < d->n_sources; i++) {
-        free(d->sources[i]);
-    }
-    free(d->sources);
-    for (size_t i = 0; i < d->n_freeze; i++) {
-        free(d->freeze[i]);
-    }
-    free(d->freeze);
+    repo_plan_free_names(d->sources, d->n_sources);
+    repo_plan_free_names(d->freeze, d->n_freeze);
     free(d->tmp_path);
     free(d->generation);
     free(d->job_error);
@@ -212,238 +197,56 @@ static char *xstrdup(const char *s)
     return r;
 }
 
-static void push_name(char ***arr, size_t *n, const char *name)
-{
-    char **a = realloc(*arr, (*n + 1) * sizeof(**arr));
-
-    if (!a) {
-        abort();
-    }
-    a[(*n)++] = xstrdup(name);
-    *arr = a;
-}
-
 static const BitmapInfo *disk_bitmap(const Disk *d, const char *name)
 {
-    for (size_t i = 0; i < d->n_bitmaps; i++) {
-        if (!strcmp(d->bitmaps[i].name, name)) {
-            return &d->bitmaps[i];
-        }
-    }
-    return NULL;
+    return repo_plan_find_bitmap(d->bitmaps, d->n_bitmaps, name);
 }
 
-/* If name is "PREFIX-<digits>", its seq; else 0. */
-static unsigned bitmap_seq(const char *prefix, const char *name)
+/* The planner's view of disk d. */
+static RepoPlanDisk plan_input(const Disk *d)
 {
-    size_t pl = strlen(prefix);
-    unsigned long v;
-    char *end;
-
-    if (strncmp(name, prefix, pl) || name[pl] != '-' ||
-        name[pl + 1] < '0' || name[pl + 1] > '9') {
-        return 0;
-    }
-    errno = 0;
-    v = strtoul(name + pl + 1, &end, 10);
-    if (*end || errno || v == 0 || v > 999999999) {
-        return 0;
-    }
-    return (unsigned)v;
+    return (RepoPlanDisk){
+        .node = d->node,
+        .size = d->size,
+        .volatile_bitmaps = d->volatile_bitmaps,
+        .bitmaps = d->bitmaps,
+        .n_bitmaps = d->n_bitmaps,
+    };
 }
 
-static void bitmap_name(char *buf, const char *prefix, unsigned seq,
-                        const char *suffix)
+static RepoPlanOpts plan_opts(const BackupOpts *o)
 {
-    char id[REPO_ID_LEN];
-
-    repo_format_id(seq, id);
-    snprintf(buf, BDRV_BITMAP_MAX_NAME + 1, "%s-%s%s", prefix, id, suffix);
+    return (RepoPlanOpts){
+        .prefix = o->prefix,
+        .level_auto = o->level_auto,
+        .level = o->level,
+    };
 }
 
-/* The highest count any manifest of node recorded for bitmap `name`, or
- * -1 when none did.  Counts only grow while bitback keeps a bitmap (it
- * never clears one), so a lower count now means someone cleared it. */
-static int64_t recorded_count(Repo *repo, const char *node, const char *name)
-{
-    int64_t best = -1;
-
-    for (size_t i = 0; i < repo->n_backups; i++) {
-        const RepoManifest *m = repo->backups[i];
-
-        if (strcmp(m->node, node)) {
-            continue;
-        }
-        for (size_t j = 0; j < m->n_bitmap_counts; j++) {
-            if (!strcmp(m->bitmap_counts[j].name, name)) {
-                best = MAX(best, (int64_t)m->bitmap_counts[j].count);
-            }
-        }
-    }
-    return best;
-}
-
-/*
- * Decide the disk's level and the bitmaps holding its changes since the
- * parent.  Returns a malloc'd reason when a requested inc/diff must become
- * a full, NULL otherwise.  Fails (false) only for conditions a full backup
- * cannot fix either (a bitmap in use by another job).
- */
+/* Plan disk d (repo_plan_disk) and take the plan into d.  *ret_reason:
+ * why a requested inc/diff must be a full, or NULL (caller frees). */
 static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
                       char **ret_reason, Error **errp)
 {
-    RepoManifest *latest = repo_latest(repo, d->node);
-    RepoManifest *parent;
-    _cleanup_free_ unsigned *seqs = NULL;
-    size_t n_seqs = 0;
-    const BitmapInfo *newest = NULL;
-    char reason[BDRV_BITMAP_MAX_NAME + 2 * REPO_MAX_NODE_NAME + 512] = "";
+    RepoPlanDisk in = plan_input(d);
+    RepoPlanOpts po = plan_opts(o);
+    RepoPlan plan;
 
     *ret_reason = NULL;
-    d->level = REPO_LEVEL_FULL;
-    d->parent_seq = 0;
-
-    /* Bitmaps of ours that record writes are frozen by the transaction,
-     * whatever the level; one busy in another job stops the run. */
-    for (size_t i = 0; i < d->n_bitmaps; i++) {
-        const BitmapInfo *b = &d->bitmaps[i];
-
-        if (!bitmap_seq(o->prefix, b->name)) {
-            continue;
-        }
-        if (b->busy) {
-            error_setg(errp, "%s: bitmap '%s' is in use by another job",
-                       d->node, b->name);
-            return false;
-        }
-        if (b->recording) {
-            push_name(&d->freeze, &d->n_freeze, b->name);
-        }
+    if (!repo_plan_disk(repo, &po, &in, &plan, errp)) {
+        repo_plan_clear(&plan);
+        return false;
     }
-
-    if (!o->level_auto && o->level == REPO_LEVEL_FULL) {
-        return true;
-    }
-    if (!latest) {
-        if (!o->level_auto) {
-            snprintf(reason, sizeof(reason), "no earlier backup of %s in %s",
-                     d->node, repo->path);
-        }
-        goto full;
-    }
-    parent = (!o->level_auto && o->level == REPO_LEVEL_DIFF)
-             ? repo_latest_full(repo, d->node) : latest;
-    if (!parent) {
-        snprintf(reason, sizeof(reason), "no full backup of %s in %s",
-                 d->node, repo->path);
-        goto full;
-    }
-    if (latest->image_size != d->size) {
-        snprintf(reason, sizeof(reason),
-                 "the disk's size changed from %llu to %llu bytes",
-                 (unsigned long long)latest->image_size,
-                 (unsigned long long)d->size);
-        goto full;
-    }
-
-    /* The time partition since the parent: its own bitmap, every later
-     * committed backup's, and every later attempt's (spec, Bitmaps 3). */
-    seqs = repo_seqs_since(repo, d->node, parent->seq, &n_seqs);
-
-    for (size_t i = 0; i < n_seqs; i++) {
-        char name[BDRV_BITMAP_MAX_NAME + 1];
-        const BitmapInfo *b;
-        RepoManifest *m = repo_find(repo, d->node, seqs[i], NULL);
-        int64_t rec;
-
-        bitmap_name(name, o->prefix, seqs[i], "");
-        if (m && m->bitmap && strcmp(m->bitmap, name)) {
-            /* A bitmap of another naming (before repository UUIDs, or
-             * another --bitmap): nothing shows that this repository
-             * still owns it (spec, Bitmaps 5). */
-            snprintf(reason, sizeof(reason),
-                     "backup %s of %s started bitmap '%s', not '%s' (bitmaps "
-                     "are now named after the repository; the old one may "
-                     "belong to another repository)", m->id, d->node,
-                     m->bitmap, name);
-            goto full;
-        }
-        b = disk_bitmap(d, name);
-        if (!b && !m && !repo_attempt_started(repo, d->node, seqs[i])) {
-            /* A run killed before its transaction: it made no bitmap and
-             * froze nothing, so it adds no writes. */
-            continue;
-        }
-        if (!b) {
-            snprintf(reason, sizeof(reason), "bitmap '%s' is missing on %s%s",
-                     name, d->node, d->volatile_bitmaps
-                     ? " (its bitmaps live in the daemon's memory only: "
-                       "was the daemon restarted?)" : "");
-            goto full;
-        }
-        if (b->inconsistent) {
-            snprintf(reason, sizeof(reason),
-                     "bitmap '%s' on %s is inconsistent (not stored cleanly)",
-                     name, d->node);
-            goto full;
-        }
-        if (m && m->generation && b->generation &&
-            strcmp(m->generation, b->generation)) {
-            snprintf(reason, sizeof(reason),
-                     "bitmap '%s' on %s was cleared or replaced since backup %s",
-                     name, d->node, m->id);
-            goto full;
-        }
-        /* Unknown now (another program wrote the image), but already
-         * different before that: cleared since the backup. */
-        if (m && m->generation && !b->generation && b->prior_generation &&
-            strcmp(m->generation, b->prior_generation)) {
-            snprintf(reason, sizeof(reason),
-                     "bitmap '%s' on %s was cleared since backup %s (before "
-                     "another program wrote the image)", name, d->node, m->id);
-            goto full;
-        }
-        rec = recorded_count(repo, d->node, name);
-        if (rec >= 0 && b->count >= 0 && b->count < rec) {
-            snprintf(reason, sizeof(reason),
-                     "bitmap '%s' on %s was cleared behind bitback's back (it "
-                     "marks %lld bytes, a backup recorded %lld)", name,
-                     d->node, (long long)b->count, (long long)rec);
-            goto full;
-        }
-        if (d->granularity && b->granularity != d->granularity) {
-            snprintf(reason, sizeof(reason),
-                     "bitmap '%s' on %s has granularity %u, not %u",
-                     name, d->node, b->granularity, d->granularity);
-            goto full;
-        }
-        d->granularity = b->granularity;
-        push_name(&d->sources, &d->n_sources, name);
-        newest = b;
-    }
-    /* The newest bitmap must still record: else writes since it stopped
-     * are nowhere. */
-    if (!newest || !newest->recording) {
-        snprintf(reason, sizeof(reason),
-                 "bitmap '%s' on %s stopped recording; later writes are "
-                 "unknown", newest ? newest->name : "?", d->node);
-        goto full;
-    }
-    d->parent_seq = parent->seq;
-    d->level = (!o->level_auto && o->level == REPO_LEVEL_DIFF)
-               ? REPO_LEVEL_DIFF : REPO_LEVEL_INC;
-    return true;
-
-full:
-    for (size_t i = 0; i < d->n_sources; i++) {
-        free(d->sources[i]);
-    }
-    d->n_sources = 0;
-    d->level = REPO_LEVEL_FULL;
-    d->parent_seq = 0;
-    if (reason[0]) {
-        *ret_reason = xstrdup(reason);
-    }
+    d->level = plan.level;
+    d->parent_seq = plan.parent_seq;
+    d->granularity = plan.granularity;
+    d->sources = steal_pointer(&plan.sources);
+    d->n_sources = plan.n_sources;
+    d->freeze = steal_pointer(&plan.freeze);
+    d->n_freeze = plan.n_freeze;
+    *ret_reason = steal_pointer(&plan.reason);
+    plan.n_sources = plan.n_freeze = 0;
+    repo_plan_clear(&plan);
     return true;
 }
 
@@ -638,7 +441,7 @@ static unsigned pick_seq(Repo *repo, const BackupOpts *o, Disk *disks,
 
     for (size_t i = 0; i < n; i++) {
         for (size_t j = 0; j < disks[i].n_bitmaps; j++) {
-            unsigned s = bitmap_seq(o->prefix, disks[i].bitmaps[j].name);
+            unsigned s = repo_bitmap_seq(o->prefix, disks[i].bitmaps[j].name);
             if (s > seq) {
                 seq = s;
             }
@@ -672,8 +475,8 @@ static bool prepare_disks(Repo *repo, const BackupOpts *o, Disk *disks,
         Disk *d = &disks[i];
 
         repo_format_id(seq, d->id);
-        bitmap_name(d->new_bitmap, o->prefix, seq, "");
-        bitmap_name(d->src_bitmap, o->prefix, seq, ".src");
+        repo_bitmap_name(d->new_bitmap, o->prefix, seq, "");
+        repo_bitmap_name(d->src_bitmap, o->prefix, seq, ".src");
         repo_remove_tmp_files(repo, d->node);
         if (!repo_mark_attempt(repo, d->node, seq, errp) ||
             !create_target(repo, d, seq, errp)) {
@@ -684,47 +487,14 @@ static bool prepare_disks(Repo *repo, const BackupOpts *o, Disk *disks,
     return true;
 }
 
-/* Did a backup of node below seq `below` start bitmap `name` (a name of
- * the naming before repository UUIDs, which the planner no longer uses)? */
-static bool legacy_bitmap_below(Repo *repo, const char *node,
-                                const char *name, unsigned below)
-{
-    for (size_t i = 0; i < repo->n_backups; i++) {
-        const RepoManifest *m = repo->backups[i];
-
-        if (m->seq < below && m->bitmap && !strcmp(m->node, node) &&
-            !strcmp(m->bitmap, name)) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* Names of this repository's bitmaps older than the disk's newest full
- * backup (spec, Bitmaps 4): PREFIX-N with N below it, and with the default
- * prefix the bitmaps of older naming that its backups below it started;
- * called after the commit.  Never a bitmap of another repository. */
+/* Bitmaps of d the run may remove (repo_plan_stale_bitmaps). */
 static char **stale_bitmaps(Repo *repo, const BackupOpts *o, Disk *d,
                             size_t *ret_n)
 {
-    RepoManifest *full = repo_latest_full(repo, d->node);
-    char **names = NULL;
+    RepoPlanDisk in = plan_input(d);
+    RepoPlanOpts po = plan_opts(o);
 
-    *ret_n = 0;
-    if (!full) {
-        return NULL;
-    }
-    for (size_t i = 0; i < d->n_bitmaps; i++) {
-        const char *name = d->bitmaps[i].name;
-        unsigned s = bitmap_seq(o->prefix, name);
-
-        if (s ? s < full->seq : !o->prefix_given &&
-                                legacy_bitmap_below(repo, d->node, name,
-                                                    full->seq)) {
-            push_name(&names, ret_n, name);
-        }
-    }
-    return names;
+    return repo_plan_stale_bitmaps(repo, &po, o->prefix_given, &in, ret_n);
 }
 
 /* ------------------------------------------------------------------ */
@@ -945,7 +715,7 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
         }
         memcpy(base, name, len - 4);
         base[len - 4] = '\0';
-        if (bitmap_seq(o->prefix, base)) {
+        if (repo_bitmap_seq(o->prefix, base)) {
             struct json_object *r = qmp_conn_execute(
                 qmp, "block-dirty-bitmap-remove", bitmap_args(d->node, name),
                 errp);
@@ -1338,10 +1108,7 @@ static int backup_live(const BackupOpts *o, Repo *repo)
         }
         stale = stale_bitmaps(repo, o, &disks[i], &n_stale);
         live_remove_bitmaps(qmp, disks[i].node, stale, n_stale);
-        for (size_t j = 0; j < n_stale; j++) {
-            free(stale[j]);
-        }
-        free(stale);
+        repo_plan_free_names(stale, n_stale);
         if (full) {
             repo_remove_attempts_below(repo, disks[i].node, full->seq);
         }
@@ -1585,9 +1352,8 @@ static bool offline_remove_stale(Repo *repo, const BackupOpts *o, Disk *d,
         if (bs && ok && !bdrv_dirty_bitmap_remove(bs, stale[i], errp)) {
             ok = false;
         }
-        free(stale[i]);
     }
-    free(stale);
+    repo_plan_free_names(stale, n_stale);
     if (!bs) {
         return false;
     }

@@ -60,7 +60,7 @@
 
 #include "cli/cli.h"
 #include "cli/progress.h"
-#include "cli/repo.h"
+#include "repo/repo.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
@@ -132,36 +132,6 @@ static RepoManifest *synthetic_manifest(const RepoManifest *m)
     return n;
 }
 
-/* Write nm to .ID.json.tmp and fsync it. */
-static bool write_tmp_manifest(const char *path, RepoManifest *nm,
-                               Error **errp)
-{
-    _cleanup_json_ struct json_object *obj = repo_manifest_to_json(nm, true);
-    const char *text = json_object_to_json_string_ext(
-        obj, JSON_C_TO_STRING_SPACED | JSON_C_TO_STRING_NOSLASHESCAPE);
-    _cleanup_close_ int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC |
-                                  O_CLOEXEC, 0644);
-    int r;
-
-    if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot create %s", path);
-        return false;
-    }
-    r = pwrite_full(fd, text, strlen(text), 0);
-    if (r == 0) {
-        r = pwrite_full(fd, "\n", 1, (off_t)strlen(text));
-    }
-    if (r == 0 && fsync(fd) < 0) {
-        r = -errno;
-    }
-    if (r < 0) {
-        error_setg_errno(errp, -r, "cannot write %s", path);
-        unlink(path);
-        return false;
-    }
-    return true;
-}
-
 /* Steps 1-2 for backup m: replace its file and manifest by a synthetic
  * full.  m is invalid afterwards (the repo is reloaded). */
 static bool synthesize(Repo *repo, RepoManifest *m, bool progress,
@@ -209,7 +179,7 @@ static bool synthesize(Repo *repo, RepoManifest *m, bool progress,
         goto out_unlink;
     }
     nm->stored_bytes = (uint64_t)st.st_blocks * 512;
-    if (!write_tmp_manifest(tmp_json, nm, errp)) {
+    if (!repo_manifest_write(repo, tmp_json, nm, errp)) {
         goto out_unlink;
     }
     if (fsync_parent_dir(tmp) < 0) {
@@ -301,7 +271,7 @@ static bool roll_forward(Repo *repo, const char *node, unsigned *ret_done,
         if (ok && stat(data, &st) == 0) {
             nm->stored_bytes = (uint64_t)st.st_blocks * 512;
         }
-        ok = ok && write_tmp_manifest(tmp_json, nm, errp);
+        ok = ok && repo_manifest_write(repo, tmp_json, nm, errp);
         if (ok && rename(tmp_json, json) < 0) {
             error_setg_errno(errp, errno, "cannot rename %s to %s", tmp_json,
                              json);

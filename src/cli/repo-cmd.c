@@ -13,7 +13,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
-#include "cli/repo.h"
+#include "repo/repo.h"
 #include "util/cleanup.h"
 
 static void list_usage(FILE *out)

@@ -38,7 +38,7 @@
 
 #include "cli/cli.h"
 #include "cli/progress.h"
-#include "cli/repo.h"
+#include "repo/repo.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 

@@ -59,7 +59,7 @@
 
 #include "cli/cli.h"
 #include "cli/progress.h"
-#include "cli/repo.h"
+#include "repo/repo.h"
 #include "util/cleanup.h"
 
 /* The target is checked a window at a time (a multiple of

@@ -1,5 +1,5 @@
 /*
- * Unit tests for the backup repository library (src/cli/repo.c,
+ * Unit tests for the backup repository library (src/repo/,
  * docs/specs/repository.md):
  *  - the Merkle root against a naive recursive model, n = 0..40 leaves;
  *  - the zero-cluster hash against hashing a zero buffer;
@@ -35,7 +35,7 @@
 #include <openssl/sha.h>
 #include <xxhash.h>
 
-#include "cli/repo.h"
+#include "repo/repo.h"
 #include "util/cleanup.h"
 #include "test-util.h"
 #include "util/cutils.h"

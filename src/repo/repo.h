@@ -9,8 +9,8 @@
  * Ownership: a Repo owns its manifests; pointers returned by the lookup
  * functions stay valid until repo_free() or repo_reload().
  */
-#ifndef BITBACK_CLI_REPO_H
-#define BITBACK_CLI_REPO_H
+#ifndef BITBACK_REPO_REPO_H
+#define BITBACK_REPO_REPO_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -18,6 +18,7 @@
 #include <json-c/json.h>
 
 #include "block/block.h"
+#include "repo/storage.h"
 #include "util/error.h"
 
 #define REPO_CLUSTER_SIZE   65536u
@@ -99,6 +100,7 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
 
 typedef struct Repo {
     char *path;
+    const RepoStorage *storage;        /* its files' backend (storage.h) */
     /* The repository's UUID from bitback-repo.json ("" when the file has
      * none and the repository was opened without create). */
     char uuid[REPO_UUID_LEN];
@@ -145,7 +147,7 @@ RepoManifest **repo_chain(Repo *repo, const RepoManifest *m, size_t *ret_n,
 /* ---- Chains (docs/specs/repository.md, R4: a chain is exactly
  * the one its manifests describe) ----
  *
- * The one way to open a backup's chain, for restore, verify, prune and
+ * (chain.c) The one way to open a backup's chain, for restore, verify, prune and
  * backup.  Every layer is a regular file inside the repository (symbolic
  * links are resolved and must stay inside), opened read-only with its
  * backing disabled; the backing reference its qcow2 header records must be
@@ -265,6 +267,13 @@ bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
  * manifest into place, fsync the folder, remove the attempt marker.  On
  * return true the backup exists; the repo's list is reloaded. */
 bool repo_commit(Repo *repo, RepoManifest *m, Error **errp);
+
+/* Write manifest m durably to path (a temporary name, .ID.json.tmp):
+ * validated first as a reader would (a manifest readers would refuse is
+ * never written), then written and synced through repo's storage.  The
+ * one writer of manifests, for commit and prune. */
+bool repo_manifest_write(Repo *repo, const char *path, const RepoManifest *m,
+                         Error **errp);
 
 /* fsync a file by path (used for the qcow2 files the daemon wrote). */
 bool repo_fsync_path(const char *path, Error **errp);
