@@ -7,7 +7,9 @@ the image byte for byte (crash_scenarios.trial).  tests/stress/crash_trials.py
 runs the same trial hundreds of times.
 """
 import json
-import os
+import pathlib
+import shutil
+import tempfile
 
 import pytest
 
@@ -351,6 +353,20 @@ def test_sequential_writer_waits_once(tmp_path):
         d.cleanup()
 
 
+@pytest.fixture
+def shm_path():
+    """A folder on tmpfs (/dev/shm) for the slow-sync tests' image: a sync
+    there costs nothing, so the only slow syncs are the shim's.  On disk,
+    a sync's real latency depends on what earlier tests left to write back
+    and on the file system's state (the full sanitizer suite made some take
+    far longer than the shim's 20 ms), which these counts are not about."""
+    p = pathlib.Path(tempfile.mkdtemp(prefix="bitback-cs-", dir="/dev/shm"))
+    try:
+        yield p
+    finally:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def _slow_sync_daemon(tmp_path, size, delay_file=None):
     """A daemon serving a fresh qbm of SIZE with 1 MiB regions and b0, whose
     syncs take 20 ms (only while DELAY_FILE exists, when given), as while
@@ -359,10 +375,6 @@ def _slow_sync_daemon(tmp_path, size, delay_file=None):
     import plcut
     from bitback_testlib import Daemon
     crash_scenarios.make_disk(tmp_path, "qbm", size)
-    # Start from written-back page cache: earlier tests' dirty data written
-    # back during the run would slow syncs beyond the shim's 20 ms, and the
-    # counts below are about the shim's slow syncs, not the suite's history.
-    os.sync()
     # The shim only slows syncs here: without PLSIM_DIR it logs nothing.
     env = plcut.plsim_env(tmp_path)
     del env["PLSIM_DIR"], env["PLSIM_LOG"]
@@ -393,7 +405,7 @@ def _write_seq(h, start, end, pause=0.0):
             time.sleep(pause)
 
 
-def test_outrun_read_ahead_grows(tmp_path):
+def test_outrun_read_ahead_grows(shm_path):
     """When intent syncs are slow (20 ms each) a sequential writer outruns
     a read-ahead of half a region and waits at nearly every region, until
     its stream has moved on 64 MiB.  From then on the lead is what the
@@ -401,7 +413,7 @@ def test_outrun_read_ahead_grows(tmp_path):
     the pass hardly waits (write-intent invariant 10)."""
     MiB = crash_scenarios.MiB
     size = 192 * MiB
-    d, h = _slow_sync_daemon(tmp_path, size)
+    d, h = _slow_sync_daemon(shm_path, size)
     try:
         def waits():
             return crash_safe_stats(d)["writer-waits"]
@@ -422,7 +434,7 @@ def test_outrun_read_ahead_grows(tmp_path):
         d.cleanup()
 
 
-def test_read_ahead_covers_syncs_turning_slow(tmp_path):
+def test_read_ahead_covers_syncs_turning_slow(tmp_path, shm_path):
     """A sequential writer's lead is sized by time, not by regions: when
     syncs turn slow mid-stream (20 ms, as when the page cache starts to
     write back), the regions it is about to enter are already durable or
@@ -436,7 +448,7 @@ def test_read_ahead_covers_syncs_turning_slow(tmp_path):
     MiB = crash_scenarios.MiB
     size, fast, pause = 640 * MiB, 128 * MiB, 0.005
     slow = tmp_path / "slow-syncs"
-    d, h = _slow_sync_daemon(tmp_path, size, delay_file=slow)
+    d, h = _slow_sync_daemon(shm_path, size, delay_file=slow)
     try:
         _write_seq(h, 0, fast, pause)
         before = crash_safe_stats(d)
