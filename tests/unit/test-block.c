@@ -10,9 +10,9 @@
  *  - block status on a sparse file;
  *  - BDRV_O_NO_BACKING records the header's backing name without opening
  *    it; bdrv_set_backing attaches the caller's node, refuses a loop;
- *  - BDRV_REQ_NOWAIT reads: -EAGAIN for data that is not in the page cache
- *    (checked with mincore), for O_DIRECT nodes and while hooks are
- *    installed; the right bytes once the data is cached;
+ *  - BDRV_REQ_NOWAIT reads: -EAGAIN for O_DIRECT nodes and while hooks are
+ *    installed; on evicted data -EAGAIN or (when the kernel's readahead was
+ *    quicker) the right bytes, never an error; the right bytes once cached;
  *  - the qcow2 check on an image with more problems than
  *    BDRV_CHECK_MAX_MESSAGES: every problem is counted, the messages kept
  *    are capped and the rest counted as dropped.
@@ -27,7 +27,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cmocka.h>
@@ -290,27 +289,6 @@ static void test_block_status_sparse(void **state)
     assert_true(bdrv_close(bs, NULL));
 }
 
-/* Is any page of [off, off+len) of the file resident in the page cache? */
-static bool cached(const char *path, uint64_t off, uint64_t len)
-{
-    int fd = open(path, O_RDONLY);
-    assert_true(fd >= 0);
-    void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, (off_t)off);
-    assert_true(m != MAP_FAILED);
-    long pg = sysconf(_SC_PAGESIZE);
-    size_t npages = (len + (uint64_t)pg - 1) / (uint64_t)pg;
-    unsigned char vec[256];
-    assert_true(npages <= sizeof(vec));
-    assert_int_equal(mincore(m, len, vec), 0);
-    bool any = false;
-    for (size_t i = 0; i < npages; i++) {
-        any |= vec[i] & 1;
-    }
-    munmap(m, len);
-    close(fd);
-    return any;
-}
-
 static void evict(const char *path)
 {
     int fd = open(path, O_RDONLY);
@@ -405,13 +383,28 @@ static void test_read_nowait(void **state)
     assert_int_equal(bdrv_flush(bs), 0);
     struct iovec iov = { buf, LEN };
 
-    /* Cold: the read must refuse rather than go to the disk. */
-    evict(path);
-    if (!cached(path, 1 << 20, LEN)) {
-        assert_int_equal(bdrv_preadv(bs, 1 << 20, LEN, &iov, 1, BDRV_REQ_NOWAIT),
-                         -EAGAIN);
-    } else {
-        print_message("page cache kept the pages; cold case not checked\n");
+    /* Cold: the read must not wait for the disk.  RWF_NOWAIT lets the
+     * kernel start readahead without waiting for it, and on a virtual disk
+     * with a host cache that readahead can finish before the read looks
+     * again, so a cold read either refuses (-EAGAIN) or returns the right
+     * data: never an error, never other bytes.  (Where bitback itself
+     * decides to refuse, O_DIRECT and installed hooks below, the refusal is
+     * asserted exactly.) */
+    int refused = 0;
+    for (int round = 0; round < 3; round++) {
+        evict(path);
+        memset(buf, 0, LEN);
+        int rc = bdrv_preadv(bs, 1 << 20, LEN, &iov, 1, BDRV_REQ_NOWAIT);
+        if (rc == -EAGAIN) {
+            refused++;
+        } else {
+            assert_int_equal(rc, 0);
+            assert_memory_equal(buf, pat, LEN);
+        }
+    }
+    if (!refused) {
+        print_message("cold NOWAIT reads were all served: the kernel's "
+                      "readahead finished first\n");
     }
     /* Warm: an ordinary read caches the data; NOWAIT then returns it.  The
      * kernel may refuse a NOWAIT read once more where the ordinary read left
