@@ -14,11 +14,12 @@
  * Graph changes (open, close, find) happen on one thread at a time (the
  * daemon's main thread or the CLI); I/O may come from any thread.
  *
- * Backup jobs fix a point in time with drained sections (external writes
- * wait at the entry of the write path, before their dirty bits are set)
+ * Backup jobs fix a point in time with drained sections (client writes,
+ * bdrv_client_*, wait at their entry, before their dirty bits are set)
  * and see every write before its data lands through I/O hooks, which run
  * after the dirty bitmaps are marked and before the driver.  The write
- * path is therefore: check, gate, mark bitmaps, hooks, alignment, driver.
+ * path is therefore: (client: gate,) check, mark bitmaps, hooks,
+ * alignment, driver.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -762,31 +763,20 @@ static void *aligned_alloc_bytes(uint32_t align, uint64_t bytes)
 
 /* ---- drained sections and I/O hooks ----
  *
- * Gate protocol (all on SEQ_CST atomics, so the two sides cannot both miss
- * each other):
- *   writer:   in_flight++; if quiesce_counter > 0: in_flight--, wake the
+ * Gate protocol for client requests (bdrv_client_*; all on SEQ_CST
+ * atomics, so the two sides cannot both miss each other):
+ *   client:   in_flight++; if quiesce_counter > 0: in_flight--, wake the
  *             drainer, sleep until quiesce_counter == 0, start over
  *   drainer:  quiesce_counter++ on every node; then per node sleep until
  *             in_flight == 0
- * A writer that saw quiesce_counter == 0 is counted before the drainer
- * reads in_flight, so the drainer waits for it; a writer that arrives
+ * A client request that saw quiesce_counter == 0 is counted before the
+ * drainer reads in_flight, so the drainer waits for it; one that arrives
  * later sees the counter and waits.  The fast path costs one atomic
  * increment, one load and one decrement; drain_lock is only taken while a
- * drain is going on.
- *
- * Only external requests are gated: depth 0 (io_depth counts the bdrv_*
- * I/O calls this thread is inside) from threads that did not call
- * bdrv_thread_set_internal().
+ * drain is going on.  Requests made with bdrv_* (drivers, hooks, jobs, the
+ * monitor) are never gated: which kind a request is, is said by the
+ * function its caller chose, not by the calling thread.
  */
-static __thread int io_depth;
-static __thread bool io_thread_internal;
-static __thread int drain_owner_depth;     /* drained sections this thread began */
-
-void bdrv_thread_set_internal(void)
-{
-    io_thread_internal = true;
-}
-
 static void drain_wake(BlockDriverState *bs)
 {
     pthread_mutex_lock(&bs->drain_lock);
@@ -794,22 +784,14 @@ static void drain_wake(BlockDriverState *bs)
     pthread_mutex_unlock(&bs->drain_lock);
 }
 
-/* Enter a write-type request.  Returns whether it was counted in
- * bs->in_flight (then write_leave must uncount it). */
-static bool write_enter(BlockDriverState *bs)
+/* Enter a client request: wait while bs is drained, then count it in
+ * bs->in_flight (client_leave uncounts it). */
+static void client_enter(BlockDriverState *bs)
 {
-    /* The thread holding a drained section does not wait for it: a
-     * transaction adding a qcow2 persistent bitmap writes the image. */
-    bool external = io_depth == 0 && !io_thread_internal &&
-                    !drain_owner_depth;
-    io_depth++;
-    if (!external) {
-        return false;
-    }
     for (;;) {
         __atomic_add_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) == 0) {
-            return true;
+            return;
         }
         pthread_mutex_lock(&bs->drain_lock);
         __atomic_sub_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST);
@@ -821,14 +803,13 @@ static bool write_enter(BlockDriverState *bs)
     }
 }
 
-static void write_leave(BlockDriverState *bs, bool counted)
+static int client_leave(BlockDriverState *bs, int r)
 {
-    io_depth--;
-    if (counted &&
-        __atomic_sub_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST) == 0 &&
+    if (__atomic_sub_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST) == 0 &&
         __atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) > 0) {
         drain_wake(bs);
     }
+    return r;
 }
 
 void bdrv_drain_all_begin(void)
@@ -837,7 +818,6 @@ void bdrv_drain_all_begin(void)
      * runs for each node open_options_depth creates, whether it is opened
      * by the user or as a file/backing child. */
     drain_all_depth++;
-    drain_owner_depth++;
     for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
         pthread_mutex_lock(&bs->drain_lock);
         __atomic_add_fetch(&bs->quiesce_counter, 1, __ATOMIC_SEQ_CST);
@@ -858,9 +838,6 @@ void bdrv_drain_all_end(void)
         return;    /* unbalanced: nothing to end */
     }
     drain_all_depth--;
-    if (drain_owner_depth > 0) {
-        drain_owner_depth--;
-    }
     for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
         pthread_mutex_lock(&bs->drain_lock);
         if (__atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) > 0 &&
@@ -997,16 +974,10 @@ int bdrv_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
          __atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE))) {
         return -EAGAIN;
     }
-    /* Reads are never gated, but they count as nesting: what a read hook
-     * or a driver does inside is internal. */
-    io_depth++;
     if (__atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE)) {
-        r = preadv_hooked(bs, offset, bytes, iov, niov, flags);
-    } else {
-        r = do_preadv(bs, offset, bytes, iov, niov, flags);
+        return preadv_hooked(bs, offset, bytes, iov, niov, flags);
     }
-    io_depth--;
-    return r;
+    return do_preadv(bs, offset, bytes, iov, niov, flags);
 }
 
 static int do_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
@@ -1054,37 +1025,26 @@ static int pwritev_rmw(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 }
 
 /* The one prologue of every request that changes data (write, write
- * zeroes, discard; QEMU's write_req_prepare): counted for drained sections,
- * then, DESIGN.md D1, marked in the bitmaps before the data can land (and,
- * crash-safe, durably: write-intent.h), then shown to a backup job's I/O
- * hooks so copy-before-write saves the old data first.  Returns 0 with
- * *ret_counted set for write_req_finish, or -errno with the request
- * already left. */
+ * zeroes, discard; QEMU's write_req_prepare): DESIGN.md D1, marked in the
+ * bitmaps before the data can land (and, crash-safe, durably:
+ * write-intent.h), then shown to a backup job's I/O hooks so
+ * copy-before-write saves the old data first.  0 or -errno (the request
+ * must then fail without touching data). */
 static int write_req_prepare(BlockDriverState *bs, uint64_t offset,
-                             uint64_t bytes, bool *ret_counted)
+                             uint64_t bytes)
 {
-    *ret_counted = write_enter(bs);
     int r = write_intent_mark(bs, offset, bytes);
-    if (r == 0) {
-        r = run_write_hooks(bs, offset, bytes);
-    }
-    if (r < 0) {
-        write_leave(bs, *ret_counted);
-    }
-    return r;
+    return r < 0 ? r : run_write_hooks(bs, offset, bytes);
 }
 
 /* The epilogue matching write_req_prepare: a protocol node that wrote up to
- * `end` (0: nothing to note, as for discard) notes its growth, and the
- * request leaves the drain count.  Returns r as the request's result
- * (0 or -errno). */
-static int write_req_finish(BlockDriverState *bs, bool counted, uint64_t end,
-                            int r)
+ * `end` (0: nothing to note, as for discard) notes its growth.  Returns r
+ * as the request's result (0 or -errno). */
+static int write_req_finish(BlockDriverState *bs, uint64_t end, int r)
 {
     if (r >= 0 && end && bs->drv->is_protocol) {
         note_growth(bs, end);
     }
-    write_leave(bs, counted);
     return r < 0 ? r : 0;
 }
 
@@ -1117,13 +1077,12 @@ int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
-    bool counted;
-    r = write_req_prepare(bs, offset, bytes, &counted);
+    r = write_req_prepare(bs, offset, bytes);
     if (r < 0) {
         return r;
     }
     r = drv_pwritev(bs, offset, bytes, iov, niov, flags);
-    return write_req_finish(bs, counted, offset + bytes, r);
+    return write_req_finish(bs, offset + bytes, r);
 }
 
 int bdrv_preadv_zero_tail(BlockDriverState *child, uint64_t offset,
@@ -1209,8 +1168,7 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (bytes == 0) {
         return 0;
     }
-    bool counted;
-    r = write_req_prepare(bs, offset, bytes, &counted);
+    r = write_req_prepare(bs, offset, bytes);
     if (r < 0) {
         return r;
     }
@@ -1223,7 +1181,7 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (r == -ENOTSUP && !(flags & BDRV_REQ_NO_FALLBACK)) {
         r = write_zero_buffers(bs, offset, bytes, flags);
     }
-    return write_req_finish(bs, counted, offset + bytes, r);
+    return write_req_finish(bs, offset + bytes, r);
 }
 
 int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
@@ -1236,8 +1194,7 @@ int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
         return 0;
     }
     /* Discarded data may read back differently: that is a change. */
-    bool counted;
-    r = write_req_prepare(bs, offset, bytes, &counted);
+    r = write_req_prepare(bs, offset, bytes);
     if (r < 0) {
         return r;
     }
@@ -1247,12 +1204,32 @@ int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
         uint64_t start = ROUND_UP(offset, align);
         uint64_t end = ROUND_DOWN(offset + bytes, align);
         if (end <= start) {
-            return write_req_finish(bs, counted, 0, 0);
+            return write_req_finish(bs, 0, 0);
         }
         offset = start;
         bytes = end - start;
     }
-    return write_req_finish(bs, counted, 0, bs->drv->pdiscard(bs, offset, bytes));
+    return write_req_finish(bs, 0, bs->drv->pdiscard(bs, offset, bytes));
+}
+
+int bdrv_client_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                        const struct iovec *iov, int niov, int flags)
+{
+    client_enter(bs);
+    return client_leave(bs, bdrv_pwritev(bs, offset, bytes, iov, niov, flags));
+}
+
+int bdrv_client_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
+                              uint64_t bytes, int flags)
+{
+    client_enter(bs);
+    return client_leave(bs, bdrv_pwrite_zeroes(bs, offset, bytes, flags));
+}
+
+int bdrv_client_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
+    client_enter(bs);
+    return client_leave(bs, bdrv_pdiscard(bs, offset, bytes));
 }
 
 int bdrv_flush(BlockDriverState *bs)

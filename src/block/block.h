@@ -168,9 +168,9 @@ struct BlockDriverState {
     BlockDriverState *next_node;   /* global list of named nodes */
 
     /* Drain and I/O hooks (see "Drained sections" below). */
-    unsigned in_flight;            /* external writes/zero/discards in
-                                      progress (atomic) */
-    int quiesce_counter;           /* > 0: new external writes wait */
+    unsigned in_flight;            /* client writes/zero/discards in
+                                      progress (atomic; bdrv_client_*) */
+    int quiesce_counter;           /* > 0: new client writes wait */
     pthread_mutex_t drain_lock;    /* with drain_cond: waiting on either */
     pthread_cond_t drain_cond;
     pthread_rwlock_t hooks_lock;   /* requests hold it shared while they
@@ -314,25 +314,34 @@ bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
 /* ---- Drained sections and I/O hooks (for backup jobs) ----
  *
  * A drained section fixes a point in time: bdrv_drain_all_begin() makes new
- * *external* writes, zero-writes and discards on every node wait at entry
+ * client writes, zero-writes and discards on every node wait at entry
  * (before their dirty bits are set), and returns once none is in progress.
  * Everything done before bdrv_drain_all_end() (creating successor bitmaps,
  * installing hooks, clearing bitmaps in a transaction) happens atomically
  * with respect to the writers.  Reads are never blocked.
  *
- * A request is external when it enters the block layer at nesting depth 0
- * from a thread not marked internal: the NBD server's requests and the
- * CLI's.  Requests that a driver or a hook makes (a qbm node writing its
- * file child, copy-before-write writing the backup target) are nested, and
- * job threads call bdrv_thread_set_internal(), so neither waits for a drain
- * -- otherwise a drain could wait for a request that waits for the drain.
+ * Only *client* requests are gated: those made with bdrv_client_pwritev,
+ * bdrv_client_pwrite_zeroes and bdrv_client_pdiscard, which the NBD server
+ * uses for its clients' writes (QEMU's BlockBackend requests play this
+ * part).  Every request made with bdrv_* (a driver writing its children, a
+ * hook copying before a write, a job, the monitor, the CLI) is never
+ * gated, so a drain cannot wait for a request that waits for the drain.
+ * The thread inside a drained section must not make client requests.
  *
  * Sections nest (a counter per node).  Main thread only.
  */
 void bdrv_drain_all_begin(void);
 void bdrv_drain_all_end(void);
-/* Requests from the calling thread never wait for a drained section. */
-void bdrv_thread_set_internal(void);
+
+/* The same as bdrv_pwritev, bdrv_pwrite_zeroes and bdrv_pdiscard, for a
+ * request from outside the graph: it waits (before its dirty bits are set)
+ * while bs is in a drained section, and is counted in bs->in_flight until
+ * it finishes, so bdrv_drain_all_begin waits for it. */
+int bdrv_client_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                        const struct iovec *iov, int niov, int flags);
+int bdrv_client_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
+                              uint64_t bytes, int flags);
+int bdrv_client_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
 
 /* A hook sees requests to one node.  before_write runs for every write,
  * zero-write and discard of [offset, offset+bytes) after the node's dirty

@@ -488,7 +488,6 @@ static void *wil_thread(void *opaque)
 {
     WriteIntent *w = opaque;
 
-    bdrv_thread_set_internal();
     pthread_mutex_lock(&w->mu);
     while (!w->stop) {
         struct timespec ts;

@@ -259,7 +259,6 @@ static int backup_before_fleecing_read(BdrvIoHook *hook, BlockDriverState *bs,
 static void *backup_worker(void *opaque)
 {
     BackupJob *s = opaque;
-    bdrv_thread_set_internal();
     uint8_t *buf = malloc(BACKUP_CHUNK_SIZE);
 
     pthread_mutex_lock(&s->lock);
@@ -437,7 +436,6 @@ static int backup_run(Job *job, Error **errp)
     BackupJob *s = to_backup(job);
     int ret = 0;
 
-    bdrv_thread_set_internal();
     s->started = true;
     if (s->sync == MIRROR_SYNC_MODE_NONE) {
         /* Only copy-before-write copies: run until cancelled (its normal

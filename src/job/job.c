@@ -397,7 +397,6 @@ static void *job_thread_main(void *opaque)
     Job *job = opaque;
     Error *err = NULL;
 
-    bdrv_thread_set_internal();
     job_pause_point(job);           /* a pause before start is honoured */
     int ret = job->driver->run(job, &err);
     {

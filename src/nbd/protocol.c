@@ -322,8 +322,8 @@ void nbd_handle_request(NBDClient *c, NBDWorker *w, const NBDRequest *req)
         return;
     case NBD_CMD_WRITE: {
         struct iovec iov = { .iov_base = w->buf, .iov_len = req->len };
-        r = req->len ? bdrv_pwritev(bs, req->offset, req->len, &iov, 1,
-                                    fua ? BDRV_REQ_FUA : 0) : 0;
+        r = req->len ? bdrv_client_pwritev(bs, req->offset, req->len, &iov, 1,
+                                           fua ? BDRV_REQ_FUA : 0) : 0;
         reply_result(c, req, r, "write failed");
         return;
     }
@@ -331,7 +331,7 @@ void nbd_handle_request(NBDClient *c, NBDWorker *w, const NBDRequest *req)
         reply_result(c, req, bdrv_flush(bs), "flush failed");
         return;
     case NBD_CMD_TRIM:
-        r = bdrv_pdiscard(bs, req->offset, req->len);
+        r = bdrv_client_pdiscard(bs, req->offset, req->len);
         if (r >= 0 && fua) {
             r = bdrv_flush(bs);
         }
@@ -345,7 +345,7 @@ void nbd_handle_request(NBDClient *c, NBDWorker *w, const NBDRequest *req)
         if (req->flags & NBD_CMD_FLAG_FAST_ZERO) {
             flags |= BDRV_REQ_NO_FALLBACK;
         }
-        r = bdrv_pwrite_zeroes(bs, req->offset, req->len, flags);
+        r = bdrv_client_pwrite_zeroes(bs, req->offset, req->len, flags);
         if (r >= 0 && fua) {
             r = bdrv_flush(bs);
         }

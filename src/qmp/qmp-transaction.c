@@ -10,7 +10,7 @@
  *
  * Running a transaction:
  *   1. check every action's arguments (nothing has happened yet);
- *   2. bdrv_drain_all_begin(): no external write is in flight or can start;
+ *   2. bdrv_drain_all_begin(): no client write is in flight or can start;
  *   3. prepare the actions in order;
  *   4. if action i fails: abort actions i-1 .. 0 (reverse order), clean
  *      them, end the drain and return action i's error, unprefixed, as

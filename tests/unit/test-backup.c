@@ -28,6 +28,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/uio.h>
 #include <cmocka.h>
 
 #include "block/block.h"
@@ -169,9 +170,12 @@ static void *writer_main(void *opaque)
         uint64_t len = 1 + (uint64_t)rand_r(&w->seed) % (64 * 1024);
         uint64_t off = (uint64_t)rand_r(&w->seed) % (IMG_SIZE - len);
         memset(buf, (int)(rand_r(&w->seed) & 0xff), len);
+        /* Client requests, as the NBD server makes: a drained section
+         * holds them back. */
+        struct iovec iov = { .iov_base = buf, .iov_len = len };
         int r = (rand_r(&w->seed) % 8 == 0)
-                ? bdrv_pwrite_zeroes(w->bs, off, len, BDRV_REQ_MAY_UNMAP)
-                : bdrv_pwrite(w->bs, off, buf, len, 0);
+                ? bdrv_client_pwrite_zeroes(w->bs, off, len, BDRV_REQ_MAY_UNMAP)
+                : bdrv_client_pwritev(w->bs, off, len, &iov, 1, 0);
         if (r < 0) {
             w->errors++;
         }

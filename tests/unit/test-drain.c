@@ -8,8 +8,8 @@
  *    its data lands: it reads the old data through the node and compares it
  *    with each writer's model, and checks the dirty bit is already set;
  *  - hooks that issue nested I/O (to another node and to the same node)
- *    and threads marked internal never wait for a drained section, so
- *    draining while they run does not deadlock;
+ *    and requests made with bdrv_* (not bdrv_client_*) never wait for a
+ *    drained section, so draining while they run does not deadlock;
  *  - a node opened inside a drained section leaves the section balanced.
  */
 #include <errno.h>
@@ -24,6 +24,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/uio.h>
 #include <cmocka.h>
 
 #include "block/block.h"
@@ -56,7 +57,7 @@ typedef struct Writer {
     BlockDriverState *bs;
     int id;                       /* owns [id * REGION, (id + 1) * REGION) */
     unsigned seed;
-    bool internal;                /* bdrv_thread_set_internal() */
+    bool internal;                /* bdrv_* requests, not bdrv_client_* */
     bool mixed;                   /* also zero writes and discards */
     uint8_t *model;               /* the region's content, when tracked */
     uint64_t done;                /* writes completed (atomic) */
@@ -65,16 +66,13 @@ typedef struct Writer {
 } Writer;
 
 static bool writers_stop;
-static __thread bool tl_internal;   /* this writer called set_internal */
+static __thread bool tl_internal;   /* this writer makes bdrv_* requests */
 
 static void *writer_main(void *opaque)
 {
     Writer *w = opaque;
     uint8_t *buf = malloc(64 * 1024);
-    if (w->internal) {
-        bdrv_thread_set_internal();
-        tl_internal = true;
-    }
+    tl_internal = w->internal;
     while (!__atomic_load_n(&writers_stop, __ATOMIC_ACQUIRE)) {
         uint64_t len = 1 + (uint64_t)rand_r(&w->seed) % (64 * 1024);
         uint64_t rel = (uint64_t)rand_r(&w->seed) % (REGION - len);
@@ -82,12 +80,14 @@ static void *writer_main(void *opaque)
         int op = w->mixed ? rand_r(&w->seed) % 4 : 0;
         int r;
         if (op == 2) {
-            r = bdrv_pwrite_zeroes(w->bs, off, len, 0);
+            r = w->internal ? bdrv_pwrite_zeroes(w->bs, off, len, 0)
+                            : bdrv_client_pwrite_zeroes(w->bs, off, len, 0);
             if (r == 0 && w->model) {
                 memset(w->model + rel, 0, len);
             }
         } else if (op == 3) {
-            r = bdrv_pdiscard(w->bs, off, len);
+            r = w->internal ? bdrv_pdiscard(w->bs, off, len)
+                            : bdrv_client_pdiscard(w->bs, off, len);
             if (r == 0 && w->model) {
                 /* Discard is a hint: learn what it left. */
                 r = bdrv_pread(w->bs, off, w->model + rel, len);
@@ -95,7 +95,9 @@ static void *writer_main(void *opaque)
         } else {
             memset(buf, (int)(rand_r(&w->seed) & 0xff), len);
             buf[0] = (uint8_t)w->id;
-            r = bdrv_pwrite(w->bs, off, buf, len, 0);
+            struct iovec iov = { .iov_base = buf, .iov_len = len };
+            r = w->internal ? bdrv_pwritev(w->bs, off, len, &iov, 1, 0)
+                            : bdrv_client_pwritev(w->bs, off, len, &iov, 1, 0);
             if (r == 0 && w->model) {
                 memcpy(w->model + rel, buf, len);
             }
