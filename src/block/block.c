@@ -1322,9 +1322,9 @@ uint32_t bdrv_default_bitmap_granularity(BlockDriverState *bs)
     return 64 * 1024;
 }
 
-BdrvDirtyBitmap *bdrv_dirty_bitmap_add(BlockDriverState *bs, const char *name,
-                                       uint32_t granularity, bool persistent,
-                                       bool disabled, Error **errp)
+static BdrvDirtyBitmap *dirty_bitmap_add(BlockDriverState *bs, const char *name,
+                                         uint32_t granularity, bool persistent,
+                                         bool disabled, Error **errp)
 {
     if (!bdrv_dirty_bitmap_check_new_name(name, errp)) {
         return NULL;
@@ -1359,6 +1359,19 @@ BdrvDirtyBitmap *bdrv_dirty_bitmap_add(BlockDriverState *bs, const char *name,
             return NULL;
         }
     }
+    return bm;
+}
+
+/* Adding is create, disable, set persistent and the driver's add: one
+ * change (W9), made durable once all of it is done. */
+BdrvDirtyBitmap *bdrv_dirty_bitmap_add(BlockDriverState *bs, const char *name,
+                                       uint32_t granularity, bool persistent,
+                                       bool disabled, Error **errp)
+{
+    bdrv_dirty_bitmap_batch_begin();
+    BdrvDirtyBitmap *bm = dirty_bitmap_add(bs, name, granularity, persistent,
+                                           disabled, errp);
+    bdrv_dirty_bitmap_batch_end();
     return bm;
 }
 

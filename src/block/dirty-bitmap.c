@@ -14,7 +14,34 @@
 
 #include "block/dirty-bitmap.h"
 #include "block/block.h"
+#include "block/write-intent.h"
 #include "util/cleanup.h"
+
+/* ---- W9: a change is durable before the call that made it returns ---- */
+
+static unsigned batch_depth;        /* open batches (main thread) */
+
+void bdrv_dirty_bitmap_batch_begin(void)
+{
+    __atomic_add_fetch(&batch_depth, 1, __ATOMIC_SEQ_CST);
+}
+
+bool bdrv_dirty_bitmap_batch_end(void)
+{
+    if (__atomic_sub_fetch(&batch_depth, 1, __ATOMIC_SEQ_CST) > 0) {
+        return true;
+    }
+    return write_intent_sync_all_changed();
+}
+
+/* The end of every public function that changes a node's bitmaps, called
+ * without bs->lock: outside a batch the change is made durable now. */
+static void change_made(BlockDriverState *bs)
+{
+    if (__atomic_load_n(&batch_depth, __ATOMIC_SEQ_CST) == 0) {
+        write_intent_sync_changed(bs);
+    }
+}
 
 static unsigned granularity_shift(uint32_t granularity)
 {
@@ -48,6 +75,23 @@ bool bdrv_dirty_bitmap_check_new_name(const char *name, Error **errp)
             return false;
         }
     }
+    return true;
+}
+
+/* Append bm to bs's list (listings keep creation order), unless its name
+ * is taken. */
+static bool append_bitmap(BlockDriverState *bs, BdrvDirtyBitmap *bm)
+{
+    LOCK_GUARD(&bs->lock);
+    if (bdrv_find_dirty_bitmap_locked(bs, bm->name)) {
+        return false;
+    }
+    BdrvDirtyBitmap **p = &bs->dirty_bitmaps;
+    while (*p) {
+        p = &(*p)->next;
+    }
+    __atomic_store_n(p, bm, __ATOMIC_RELEASE);
+    bdrv_dirty_bitmaps_changed(bs);
     return true;
 }
 
@@ -94,21 +138,14 @@ BdrvDirtyBitmap *bdrv_create_dirty_bitmap(BlockDriverState *bs,
     bm->granularity = granularity;
     uuid_generate_str(bm->generation);
 
-    LOCK_GUARD(&bs->lock);
-    if (bdrv_find_dirty_bitmap_locked(bs, name)) {
+    if (!append_bitmap(bs, bm)) {
         hbitmap_free(bm->hb);
         free(bm->name);
         free(bm);
         error_setg(errp, "Bitmap already exists: %s", name);
         return NULL;
     }
-    /* Append, so listings keep creation order. */
-    BdrvDirtyBitmap **p = &bs->dirty_bitmaps;
-    while (*p) {
-        p = &(*p)->next;
-    }
-    __atomic_store_n(p, bm, __ATOMIC_RELEASE);
-    bdrv_dirty_bitmaps_changed(bs);
+    change_made(bs);
     return bm;
 }
 
@@ -140,6 +177,7 @@ void bdrv_release_dirty_bitmap(BdrvDirtyBitmap *bm)
     pthread_mutex_unlock(&bs->lock);
     dirty_bitmap_free(bm);
     bdrv_dirty_bitmaps_changed(bs);
+    change_made(bs);
 }
 
 void bdrv_release_all_dirty_bitmaps(BlockDriverState *bs)
@@ -209,10 +247,12 @@ bool bdrv_clear_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
     if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT, errp)) {
         return false;
     }
-    LOCK_GUARD(&bm->bs->lock);
+    pthread_mutex_lock(&bm->bs->lock);
     hbitmap_reset_all(bm->hb);
     uuid_generate_str(bm->generation);
     bdrv_dirty_bitmaps_changed(bm->bs);
+    pthread_mutex_unlock(&bm->bs->lock);
+    change_made(bm->bs);
     return true;
 }
 
@@ -221,9 +261,11 @@ bool bdrv_enable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
     if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT, errp)) {
         return false;
     }
-    LOCK_GUARD(&bm->bs->lock);
+    pthread_mutex_lock(&bm->bs->lock);
     bm->disabled = false;
     bdrv_dirty_bitmaps_changed(bm->bs);
+    pthread_mutex_unlock(&bm->bs->lock);
+    change_made(bm->bs);
     return true;
 }
 
@@ -232,9 +274,11 @@ bool bdrv_disable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp)
     if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT, errp)) {
         return false;
     }
-    LOCK_GUARD(&bm->bs->lock);
+    pthread_mutex_lock(&bm->bs->lock);
     bm->disabled = true;
     bdrv_dirty_bitmaps_changed(bm->bs);
+    pthread_mutex_unlock(&bm->bs->lock);
+    change_made(bm->bs);
     return true;
 }
 
@@ -281,20 +325,24 @@ bool bdrv_merge_dirty_bitmaps(BdrvDirtyBitmap *target,
         }
     }
     /* Writes that marked the target since the copy are merged in too. */
-    LOCK_GUARD(&target->bs->lock);
+    pthread_mutex_lock(&target->bs->lock);
     hbitmap_merge(acc, target->hb);
     HBitmap *old = target->hb;
     target->hb = acc;
-    hbitmap_free(old);
     bdrv_dirty_bitmaps_changed(target->bs);
+    pthread_mutex_unlock(&target->bs->lock);
+    hbitmap_free(old);
+    change_made(target->bs);
     return true;
 }
 
 void bdrv_dirty_bitmap_set_persistent(BdrvDirtyBitmap *bm, bool persistent)
 {
-    LOCK_GUARD(&bm->bs->lock);
+    pthread_mutex_lock(&bm->bs->lock);
     bm->persistent = persistent;
     bdrv_dirty_bitmaps_changed(bm->bs);
+    pthread_mutex_unlock(&bm->bs->lock);
+    change_made(bm->bs);
 }
 
 void bdrv_dirty_bitmap_set_busy(BdrvDirtyBitmap *bm, bool busy)
@@ -419,12 +467,11 @@ bool bdrv_dirty_bitmap_create_successor(BdrvDirtyBitmap *bm, Error **errp)
     return true;
 }
 
-void bdrv_dirty_bitmap_abdicate(BdrvDirtyBitmap *bm)
+static bool abdicate_locked(BdrvDirtyBitmap *bm)
 {
-    LOCK_GUARD(&bm->bs->lock);
     BdrvDirtyBitmap *succ = bm->successor;
     if (!succ) {
-        return;
+        return false;
     }
     HBitmap *old = bm->hb;
     bm->hb = succ->hb;
@@ -435,14 +482,24 @@ void bdrv_dirty_bitmap_abdicate(BdrvDirtyBitmap *bm)
     uuid_generate_str(bm->generation);
     dirty_bitmap_free(succ);
     bdrv_dirty_bitmaps_changed(bm->bs);
+    return true;
 }
 
-void bdrv_dirty_bitmap_reclaim(BdrvDirtyBitmap *bm)
+void bdrv_dirty_bitmap_abdicate(BdrvDirtyBitmap *bm)
 {
-    LOCK_GUARD(&bm->bs->lock);
+    pthread_mutex_lock(&bm->bs->lock);
+    bool changed = abdicate_locked(bm);
+    pthread_mutex_unlock(&bm->bs->lock);
+    if (changed) {
+        change_made(bm->bs);
+    }
+}
+
+static bool reclaim_locked(BdrvDirtyBitmap *bm)
+{
     BdrvDirtyBitmap *succ = bm->successor;
     if (!succ) {
-        return;
+        return false;
     }
     hbitmap_merge(bm->hb, succ->hb);
     bm->disabled = succ->disabled;
@@ -450,6 +507,17 @@ void bdrv_dirty_bitmap_reclaim(BdrvDirtyBitmap *bm)
     bm->successor = NULL;
     dirty_bitmap_free(succ);
     bdrv_dirty_bitmaps_changed(bm->bs);
+    return true;
+}
+
+void bdrv_dirty_bitmap_reclaim(BdrvDirtyBitmap *bm)
+{
+    pthread_mutex_lock(&bm->bs->lock);
+    bool changed = reclaim_locked(bm);
+    pthread_mutex_unlock(&bm->bs->lock);
+    if (changed) {
+        change_made(bm->bs);
+    }
 }
 
 HBitmap *bdrv_dirty_bitmap_copy_bits(BdrvDirtyBitmap *bm)
@@ -460,9 +528,11 @@ HBitmap *bdrv_dirty_bitmap_copy_bits(BdrvDirtyBitmap *bm)
 
 void bdrv_dirty_bitmap_merge_bits(BdrvDirtyBitmap *bm, const HBitmap *bits)
 {
-    LOCK_GUARD(&bm->bs->lock);
+    pthread_mutex_lock(&bm->bs->lock);
     hbitmap_merge(bm->hb, bits);
     bdrv_dirty_bitmaps_changed(bm->bs);
+    pthread_mutex_unlock(&bm->bs->lock);
+    change_made(bm->bs);
 }
 
 /* ---- transaction undo ---- */
@@ -502,6 +572,7 @@ void bdrv_dirty_bitmap_restore(BdrvDirtyBitmap *bm, BdrvDirtyBitmapBackup *b)
         bdrv_dirty_bitmaps_changed(bm->bs);
     }
     bdrv_dirty_bitmap_backup_free(b);
+    change_made(bm->bs);
 }
 
 void bdrv_dirty_bitmap_backup_free(BdrvDirtyBitmapBackup *b)

@@ -104,6 +104,20 @@ void bdrv_set_dirty_locked(BlockDriverState *bs, uint64_t offset, uint64_t bytes
  * (add, remove, clear, enable, disable, merge, successor end). */
 void bdrv_dirty_bitmaps_changed(BlockDriverState *bs);
 
+/* W9 (write-intent.md): every function here that changes a node's bitmaps
+ * (create, release, clear, enable, disable, merge, set_persistent,
+ * abdicate, reclaim, merge_bits, restore) makes the change durable in the
+ * node's write-intent log before it returns (write_intent_sync_changed),
+ * unless a batch is open.  A caller that makes several changes as one (a
+ * QMP command, a transaction, a job's completion, bdrv_dirty_bitmap_add)
+ * opens a batch: the outermost batch_end syncs every node whose bitmaps
+ * changed (write_intent_sync_all_changed) and returns false if one failed
+ * (reported on stderr; the node stays pending).  Batches nest; main thread
+ * only.  A failed sync never fails the change itself: the log's thread
+ * retries it.  Releasing every bitmap of a node (close) is not a change. */
+void bdrv_dirty_bitmap_batch_begin(void);
+bool bdrv_dirty_bitmap_batch_end(void);
+
 /* User operations: each checks the bitmap (busy, inconsistent) first. */
 bool bdrv_clear_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp);  /* new generation */
 bool bdrv_enable_dirty_bitmap(BdrvDirtyBitmap *bm, Error **errp);

@@ -1112,22 +1112,28 @@ bool write_intent_sync_metadata(BlockDriverState *bs, Error **errp)
     return write_intent_snapshot(bs, errp);
 }
 
+bool write_intent_sync_changed(BlockDriverState *bs)
+{
+    if (!bs->wil ||
+        !__atomic_exchange_n(&bs->bitmaps_changed, false, __ATOMIC_SEQ_CST)) {
+        return true;
+    }
+    Error *err = NULL;
+    if (!write_intent_sync_metadata(bs, &err)) {
+        /* Not durable yet: keep it pending for the next call. */
+        __atomic_store_n(&bs->bitmaps_changed, true, __ATOMIC_SEQ_CST);
+        error_report_err(err);
+        return false;
+    }
+    return true;
+}
+
 bool write_intent_sync_all_changed(void)
 {
     bool ok = true;
 
     for (BlockDriverState *bs = bdrv_next_node(NULL); bs; bs = bdrv_next_node(bs)) {
-        if (bs->wil && __atomic_exchange_n(&bs->bitmaps_changed, false,
-                                           __ATOMIC_SEQ_CST)) {
-            Error *err = NULL;
-
-            if (!write_intent_sync_metadata(bs, &err)) {
-                /* Not durable yet: keep it pending for the next call. */
-                __atomic_store_n(&bs->bitmaps_changed, true, __ATOMIC_SEQ_CST);
-                error_report_err(err);
-                ok = false;
-            }
-        }
+        ok &= write_intent_sync_changed(bs);
     }
     return ok;
 }

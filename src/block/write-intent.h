@@ -11,7 +11,8 @@
  *           path: it sets the dirty bits and returns only when the write's
  *           regions are durable in the log (W1)
  *   flush   write_intent_flushed() after a guest flush
- *   meta    write_intent_sync_metadata() after a command changed bitmaps
+ *   meta    write_intent_sync_changed() at the end of every bitmap change
+ *           (dirty-bitmap.c; a batch of changes syncs once at its end: W9)
  *   close   write_intent_close() around the format's final store
  */
 #ifndef BITBACK_WRITE_INTENT_H
@@ -64,9 +65,15 @@ void write_intent_flushed(BlockDriverState *bs);
  * persistent bitmap. */
 bool write_intent_sync_metadata(BlockDriverState *bs, Error **errp);
 
+/* If bs's bitmaps changed (bs->bitmaps_changed) and it has a log: sync them
+ * (write_intent_sync_metadata).  On failure the error is reported on stderr,
+ * bs stays marked changed, so a later call (or the log's thread) tries
+ * again, and the result is false. */
+bool write_intent_sync_changed(BlockDriverState *bs);
+
 /* Every node whose bitmaps changed (bs->bitmaps_changed): sync them.  For
- * the monitor, after each command and job completion, and for the daemon
- * at shutdown.  Errors are reported on stderr, and a node that failed stays
+ * the end of a batch of bitmap changes (bdrv_dirty_bitmap_batch_end) and
+ * for the daemon at shutdown.  Errors are reported on stderr, and a node that failed stays
  * marked changed, so the next call tries again.  Returns false if any node
  * failed. */
 bool write_intent_sync_all_changed(void);

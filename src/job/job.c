@@ -40,7 +40,6 @@
 #include <unistd.h>
 
 #include "block/block.h"
-#include "block/write-intent.h"
 #include "job/job.h"
 #include "util/cleanup.h"
 #include "util/main-loop.h"
@@ -636,8 +635,11 @@ static void job_completed_bh(void *opaque)
         job->thread_started = false;
         job->sleeping = false;
     }
+    /* The job's end changes bitmaps (successors merged or abdicated): one
+     * change, durable once made (W9). */
+    bdrv_dirty_bitmap_batch_begin();
     job_completed(job);
-    write_intent_sync_all_changed();     /* the job's end changed bitmaps */
+    bdrv_dirty_bitmap_batch_end();
 }
 
 /* ---- in the job's thread ---- */

@@ -39,7 +39,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "block/write-intent.h"
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 #include "util/main-loop.h"
@@ -242,10 +241,11 @@ static void qmp_client_handle(QmpClient *c, struct json_object *req)
                          "command ignored", id);
         return;
     }
+    /* Bitmap changes the command makes (add, clear, a transaction, ...) are
+     * one change, durable before the reply (write-intent.md W9). */
+    bdrv_dirty_bitmap_batch_begin();
     _cleanup_json_ struct json_object *reply = qmp_dispatch(req);
-    /* Bitmap changes the command made (add, clear, a transaction, ...) are
-     * durable before the reply (write-intent.md W9). */
-    write_intent_sync_all_changed();
+    bdrv_dirty_bitmap_batch_end();
     /* Events emitted before or while the command ran go out before its
      * reply (QEMU emits them synchronously), so a client that sees a job's
      * new status in a reply has already received its JOB_STATUS_CHANGE. */

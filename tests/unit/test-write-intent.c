@@ -12,7 +12,10 @@
  *  - recovery model: SIGKILL is simulated by reading the files while the
  *    node is still open (nothing is stored cleanly), opening a copy, and
  *    comparing the recovered bitmap with snapshot | regions computed here;
- *  - clean close: the header goes inactive, and a reopen is not "recovered".
+ *  - clean close: the header goes inactive, and a reopen is not "recovered";
+ *  - W9: adding, clearing, disabling and merging into a persistent bitmap
+ *    through the bitmap API alone (no monitor) is in the log's snapshot
+ *    when the call returns; inside a batch only at the batch's end.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -65,6 +68,8 @@ typedef struct WilState {
     uint32_t state;
     uint8_t map[NREGIONS / 8];
     bool have_bits;
+    uint32_t flags;               /* b0's flags in the snapshot */
+    char generation[37];          /* b0's generation in the snapshot */
     uint8_t bits[IMG_SIZE / GRAN / 8];
 } WilState;
 
@@ -119,6 +124,9 @@ static void read_wil(const char *path, WilState *st)
                 assert_int_equal(ld32(q - 52), GRAN);
                 assert_int_equal(bl, sizeof(st->bits));
                 memcpy(st->bits, q, sizeof(st->bits));
+                st->flags = ld32(q - 48);
+                memcpy(st->generation, q - 44, 36);
+                st->generation[36] = 0;
                 st->have_bits = true;
                 best_seq = ld64(sh + 8);
             }
@@ -429,12 +437,80 @@ static void test_clean_close_not_recovered(void **state)
     bdrv_close(bs, NULL);
 }
 
+/* ---- W9: metadata durable at once, through the bitmap API alone ---- */
+
+static bool bits_all_zero(const WilState *st)
+{
+    for (size_t i = 0; i < sizeof(st->bits); i++) {
+        if (st->bits[i]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void test_metadata_durable_at_once(void **state)
+{
+    (void)state;
+    _cleanup_free_ char *img = new_image();
+    _cleanup_free_ char *wil = wil_of(img);
+    Error *err = NULL;
+    BlockDriverState *bs = open_qbm(img);
+    WilState st;
+
+    /* Add: the log goes active with b0 in its snapshot. */
+    BdrvDirtyBitmap *bm = bdrv_dirty_bitmap_add(bs, "b0", GRAN, true, false, &err);
+    die_on(err);
+    read_wil(wil, &st);
+    assert_int_equal(st.state, 1);
+    assert_true(st.have_bits);
+    assert_string_equal(st.generation, bm->generation);
+
+    uint8_t buf[4096] = { 7 };
+    assert_int_equal(bdrv_pwrite(bs, 3 * GRAN, buf, sizeof(buf), 0), 0);
+    assert_true(write_intent_snapshot(bs, &err));
+    read_wil(wil, &st);
+    assert_false(bits_all_zero(&st));
+
+    /* Clear: a new generation and no bits, on disk when the call returns. */
+    assert_true(bdrv_clear_dirty_bitmap(bm, &err));
+    read_wil(wil, &st);
+    assert_string_equal(st.generation, bm->generation);
+    assert_true(bits_all_zero(&st));
+
+    /* Disable, then merge a non-persistent bitmap into it. */
+    uint32_t flags_enabled = st.flags;
+    assert_true(bdrv_disable_dirty_bitmap(bm, &err));
+    read_wil(wil, &st);
+    assert_int_not_equal(st.flags, flags_enabled);
+    BdrvDirtyBitmap *tmp = bdrv_dirty_bitmap_add(bs, "tmp", GRAN, false, false, &err);
+    die_on(err);
+    assert_int_equal(bdrv_pwrite(bs, 5 * GRAN, buf, sizeof(buf), 0), 0);
+    assert_true(bdrv_merge_dirty_bitmaps(bm, &tmp, 1, &err));
+    read_wil(wil, &st);
+    assert_true(st.bits[5 / 8] & (1u << (5 % 8)));
+
+    /* Inside a batch the change waits for the batch's end. */
+    char before[37];
+    memcpy(before, st.generation, sizeof(before));
+    bdrv_dirty_bitmap_batch_begin();
+    assert_true(bdrv_clear_dirty_bitmap(bm, &err));
+    read_wil(wil, &st);
+    assert_string_equal(st.generation, before);
+    assert_true(bdrv_dirty_bitmap_batch_end());
+    read_wil(wil, &st);
+    assert_string_equal(st.generation, bm->generation);
+    assert_true(bits_all_zero(&st));
+    assert_true(bdrv_close(bs, &err));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_coverage),
         cmocka_unit_test(test_reset_and_recovery),
         cmocka_unit_test(test_clean_close_not_recovered),
+        cmocka_unit_test(test_metadata_durable_at_once),
         cmocka_unit_test(test_readahead),
         cmocka_unit_test(test_readahead_not_for_random),
     };
