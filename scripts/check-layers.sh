@@ -1,6 +1,12 @@
 #!/bin/sh
 # Check that no source file includes a header of a higher layer
 # (docs/DESIGN.md, "Layers").  Usage: check-layers.sh [SRC_DIR]
+#    or: check-layers.sh --roots OUT_DIR SRC_DIR
+#
+# With --roots it makes the per-layer include roots the build compiles
+# with (meson.build): OUT_DIR/LAYER/ holds a link to SRC_DIR/X for every
+# layer X that LAYER may use, and nothing else, so an upward #include does
+# not compile.  The table below is the one source of both.
 #
 # Every folder directly under src/ is a layer.  For each file under it
 # (.c and .h, at any depth), every `#include "LAYER/..."` must name a layer
@@ -26,6 +32,23 @@ may_use() {
     *)      return 1 ;;
     esac
 }
+
+if [ "${1:-}" = --roots ]; then
+    out=$2 src=$3
+    for dir in "$src"/*/; do
+        layer=$(basename "$dir")
+        allowed=$(may_use "$layer") || {
+            echo "check-layers: src/$layer is not in the layer table of $0" >&2
+            exit 1
+        }
+        rm -rf "$out/$layer"
+        mkdir -p "$out/$layer" || exit 1
+        for used in $allowed; do
+            ln -s "$src/$used" "$out/$layer/$used" || exit 1
+        done
+    done
+    exit 0
+fi
 
 status=0
 for dir in "$src"/*/; do
