@@ -162,7 +162,23 @@ struct BlockDriverState {
     pthread_rwlock_t rmw_lock;     /* unaligned read-modify-write excludes
                                       other writes (only when alignment > 1) */
 
-    pthread_mutex_t lock;          /* protects dirty_bitmaps */
+    /* bs->lock, the node's bitmap lock.  The one definition; the other
+     * comments point here, docs/DESIGN.md "Locks" gives the global order.
+     * Guards: the list dirty_bitmaps and every field of its bitmaps (bits,
+     * flags, generations, successors; dirty-bitmap.h), and the in-memory
+     * map of the write-intent log (the WriteIntent fields write-intent.c
+     * marks "bs->lock"), so that checking a write's region and setting
+     * its bits are one step (W2).  Nothing else: not the graph, not a
+     * driver's metadata.
+     * Rules: never held across I/O or a sleep (qbm's open reads bitmap
+     * files under it before the node is in use); nothing is taken under
+     * it but the log's mu; two nodes' locks are never held at once; a
+     * driver may take it inside its own metadata lock.  The list and the
+     * flags change only on the main thread (under the lock), which may
+     * therefore read them without it; the bits change in every writer and
+     * are read under it everywhere.  Drivers' bitmap callbacks are called
+     * without it. */
+    pthread_mutex_t lock;
     BdrvDirtyBitmap *dirty_bitmaps;
 
     BlockDriverState *next_node;   /* global list of named nodes */
@@ -175,7 +191,10 @@ struct BlockDriverState {
     pthread_cond_t drain_cond;
     pthread_rwlock_t hooks_lock;   /* requests hold it shared while they
                                       run hooks; add/remove hold it
-                                      exclusively */
+                                      exclusively.  Prefers readers: it
+                                      may be taken shared again, on the
+                                      same node or in either order between
+                                      a job's nodes (DESIGN.md "Locks") */
     struct BdrvIoHook *hooks;      /* list, protected by hooks_lock */
     const char *job_blocker;       /* non-NULL while a job uses the node:
                                       the job's id, for "in use" errors

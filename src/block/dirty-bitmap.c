@@ -2,7 +2,7 @@
  * Named dirty bitmaps on block nodes: creation, lookup, the user operations
  * (clear, enable, disable, merge), and marking writes.
  *
- * All bitmaps of a node and their bits are protected by bs->lock.  Marking
+ * All bitmaps of a node are guarded by bs->lock (see block.h).  Marking
  * (bdrv_set_dirty) is on the write path of every request, so it first checks
  * without the lock whether the node has any bitmap at all: a bitmap added
  * while a write is in flight need not see that write, exactly as in QEMU.

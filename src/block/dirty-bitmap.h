@@ -17,9 +17,9 @@
  *                not compare an unknown generation.  Creating a bitmap,
  *                clearing it and abdicating start a new, known generation.
  *
- * Locking: the list and every bitmap's bits are protected by bs->lock.
- * Functions with a _locked suffix need the caller to hold it; the others
- * take it themselves.
+ * Locking: the node's bs->lock (what it guards and its rules: block.h,
+ * next to the field).  Functions with a _locked suffix need the caller to
+ * hold it; the others take it themselves.
  *
  * Invariant (DESIGN.md D1): bdrv_set_dirty() runs before a write is issued
  * to the driver, for every write path of the node (block.c does this).

@@ -12,8 +12,9 @@
  *   snap_lock serializes snapshots (slot writes); writers never take it,
  *             so a snapshot being written does not hold up intent syncs
  *   io_lock   serializes writes of the map and the header
- *   bs->lock  the bitmaps (dirty-bitmap.h), and here: active, durable[],
- *             epoch[], cur_epoch, n_marked -- so checking a region and
+ *   bs->lock  see block.h: the bitmaps, and the fields marked "bs->lock"
+ *             below (active, durable[], epoch[], cur_epoch, n_marked, the
+ *             read-ahead and sync estimates), so checking a region and
  *             setting a write's bits is one step (W2)
  *   mu        pending[], syncing, io_error, the thread's wake-up flags
  * Writers hold only bs->lock or only mu, never across I/O.

@@ -416,8 +416,9 @@ static struct json_object *image_info(BlockDriverState *bs,
     if (json_object_object_get_ex(data, "bitmaps", &driver_bitmaps)) {
         json_object_get(driver_bitmaps);
     }
-    /* The CLI is single-threaded: nothing changes the list while we walk
-     * it, and the per-bitmap helpers take bs->lock themselves. */
+    /* Only this thread changes the list (block.h's rules for bs->lock), so
+     * we walk it without the lock; the per-bitmap helpers take it
+     * themselves. */
     if (bdrv_can_store_persistent_bitmaps(bs) || bs->dirty_bitmaps) {
         bitmaps = json_object_new_array();
         for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {

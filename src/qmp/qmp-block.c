@@ -6,9 +6,10 @@
  * Argument names, reply shapes and error messages follow QEMU so that a
  * qemu-storage-daemon script runs unchanged.  Handlers run on the main
  * thread, which is also the only thread that changes the node graph or a
- * node's bitmap list; NBD threads only set bits.  So the bitmap lists are
- * walked here without bs->lock, and the per-bitmap functions that need the
- * lock (count, sha256, clear, ...) take it themselves.
+ * node's bitmap list and flags; other threads only set bits.  So, as
+ * block.h's rules for bs->lock allow, the bitmap lists and flags are read
+ * here without bs->lock, and the per-bitmap functions that read or change
+ * bits (count, sha256, clear, ...) take it themselves.
  *
  * The checks of add, remove and merge are helpers (qmp-internal.h) that
  * `transaction` (qmp-transaction.c) shares, so a bitmap action fails with
@@ -76,7 +77,9 @@ static struct json_object *qmp_bitmap_info(BdrvDirtyBitmap *bm)
                            json_object_new_boolean(bm->inconsistent));
     /* bitback extension: the UUID that changes on every clear (backup
      * chains compare it), present only when known (not "").  Copied under
-     * bs->lock: a clear rewrites it. */
+     * bs->lock (see block.h), which this thread, the only one that
+     * rewrites these fields, need not take.  The only place qmp/ takes a
+     * node's lock itself: a dirty-bitmap.c accessor should. */
     char generation[UUID_STR_LEN], prior[UUID_STR_LEN];
     bool recovered;
     uint64_t recovered_bytes;

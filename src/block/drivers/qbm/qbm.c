@@ -28,7 +28,8 @@
  *   flush_lock           serializes flushes of the allocation bitmap.
  *   alloc_lock           protects the in-memory allocation HBitmaps; held
  *                        only for bitmap operations, never across I/O.
- *   bs->lock             dirty bitmap bits (dirty-bitmap.c's lock).
+ *   bs->lock             the node's bitmaps: bits and fields (see
+ *                        block.h).
  */
 #include <errno.h>
 #include <fcntl.h>

@@ -43,8 +43,9 @@
  * bytes, and at most QCOW2_BITMAP_MAX_DATA bytes of bits per bitmap.
  *
  * Locking: every entry point takes s->lock itself (callers must not hold
- * it); bitmap bits are read and written under bs->lock, taken inside
- * s->lock and never held across I/O.
+ * it); bitmap bits and fields (generations, flags) are read and written
+ * under bs->lock (see block.h), taken inside s->lock and never held
+ * across I/O.
  */
 #include <endian.h>
 #include <errno.h>
