@@ -12,6 +12,8 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "cli/progress.h"
+#include "repo/ops.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
@@ -60,6 +62,62 @@ bool cli_parse_output(const char *arg, bool *ret_json, Error **errp)
         return false;
     }
     return true;
+}
+
+bool cli_output_opt(const char *arg, bool *ret_json)
+{
+    Error *err = NULL;
+
+    if (!cli_parse_output(arg, ret_json, &err)) {
+        error_report_err(err);
+        return false;
+    }
+    return true;
+}
+
+bool cli_repo_opt(int c, CliRepoOpts *o, void (*usage)(FILE *out))
+{
+    switch (c) {
+    case CLI_OPT_REPO:
+        o->repo = optarg;
+        return true;
+    case CLI_OPT_NODE:
+        o->node = optarg;
+        return true;
+    case CLI_OPT_AT:
+        o->at = optarg;
+        return true;
+    case CLI_OPT_PROGRESS:
+        o->progress = true;
+        return true;
+    case CLI_OPT_OUTPUT:
+        return cli_output_opt(optarg, &o->json);
+    default:
+        if (usage) {
+            usage(stderr);
+        }
+        return false;
+    }
+}
+
+static void *progress_begin(void *opaque, const char *label, uint64_t total)
+{
+    return cli_progress_new(label, total, opaque != NULL);
+}
+
+static void progress_end(void *step)
+{
+    cli_progress_finish(step);
+}
+
+void cli_progress_ops(RepoProgressOps *ops, bool enabled)
+{
+    *ops = (RepoProgressOps){
+        .begin = progress_begin,
+        .update = cli_progress_cb,
+        .end = progress_end,
+        .opaque = enabled ? ops : NULL,   /* any non-NULL pointer: on */
+    };
 }
 
 char *cli_size_to_str(uint64_t bytes, char *buf, size_t len)

@@ -40,26 +40,6 @@ int cli_cmd_verify(int argc, char **argv);      /* verify-cmd.c */
 int cli_cmd_prune(int argc, char **argv);       /* prune-cmd.c */
 #define CLI_EXIT_MISMATCH    2
 
-/* restore-cmd.c, shared with prune-cmd.c: write the image that src shows
- * (a backup's chain as repo_open_chain() opened it; `what` names it in
- * errors; it stays the caller's) into the NEW file dst (it must not exist;
- * O_EXCL), as "raw" (sparse: zero and unallocated ranges are holes, the
- * size set by ftruncate) or "qcow2" (no backing file, 64 KiB clusters;
- * only clusters holding non-zero data are written).  dst is fsynced before
- * returning true; on failure it is removed.  progress (may be NULL) is
- * called with the bytes scanned.  *ret_written (may be NULL) gets the data
- * bytes written. */
-bool cli_restore_image(BlockDriverState *src, const char *what,
-                       const char *dst, const char *format,
-                       void (*progress)(void *opaque, uint64_t done,
-                                        uint64_t total),
-                       void *opaque, uint64_t *ret_written, Error **errp);
-/* The node of repo to work on: `node` when given (it must have backups),
- * else the repository's only node; an error listing the nodes otherwise. */
-struct Repo;
-const char *cli_repo_pick_node(struct Repo *repo, const char *node,
-                               Error **errp);
-
 void cli_img_usage(FILE *out);
 void cli_bitmap_usage(FILE *out);
 void cli_io_usage(FILE *out);
@@ -74,6 +54,33 @@ bool cli_parse_size(const char *str, const char *what, uint64_t *ret,
 
 /* Parse --output=human|json into *ret_json. */
 bool cli_parse_output(const char *arg, bool *ret_json, Error **errp);
+/* The same for an option being parsed: reports the error (false). */
+bool cli_output_opt(const char *arg, bool *ret_json);
+
+/* The options the repository tools (list, restore, verify, prune) share;
+ * each tool lists in its long options the ones it takes, with these
+ * codes, and gives the others codes from CLI_OPT_FIRST_FREE. */
+enum {
+    CLI_OPT_REPO = 256,                /* --repo DIR */
+    CLI_OPT_NODE,                      /* --node NODE */
+    CLI_OPT_AT,                        /* --at ID */
+    CLI_OPT_PROGRESS,                  /* --progress */
+    CLI_OPT_OUTPUT,                    /* --output=FMT */
+    CLI_OPT_FIRST_FREE,
+};
+typedef struct CliRepoOpts {
+    const char *repo, *node, *at;
+    bool progress, json;
+} CliRepoOpts;
+/* Store option c (getopt_long's result) in *o.  False when c is not one
+ * of them (usage, if not NULL, is printed on stderr) or its value is bad
+ * (reported): the tool then exits with CLI_EXIT_ERROR. */
+bool cli_repo_opt(int c, CliRepoOpts *o, void (*usage)(FILE *out));
+
+/* Progress bars (progress.h) as the repository operations' progress
+ * callbacks (repo/ops.h): one bar per step, drawn when enabled. */
+struct RepoProgressOps;
+void cli_progress_ops(struct RepoProgressOps *ops, bool enabled);
 
 /* Human-readable size as qemu-img prints it ("1 MiB", "2.93 KiB").
  * Writes into buf (at least 32 bytes) and returns it. */

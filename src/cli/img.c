@@ -1087,8 +1087,7 @@ static int img_check(int argc, char **argv)
         case 'q':
             break;
         case OPT_OUTPUT:
-            if (!cli_parse_output(optarg, &json, &err)) {
-                error_report_err(err);
+            if (!cli_output_opt(optarg, &json)) {
                 return CLI_EXIT_ERROR;
             }
             break;

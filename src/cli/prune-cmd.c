@@ -3,50 +3,12 @@
  *
  *   bitback prune --repo DIR --keep N [--node NODE] [--progress] [--output=json]
  *
- * Per disk, the newest N backups (by ID) stay.  A kept backup whose parent
- * does not stay becomes a synthetic full: the image at its point in time is
- * written (cli_restore_image, the restore code) into a qcow2 with no
- * backing file, scanned for its hashes (a full lists every cluster
- * allocated in its file) and put in place of the old file and manifest,
- * under the same ID.  A forever-incremental chain therefore never has to
- * re-read the source.  Then the pruned backups are deleted.  Dirty bitmaps
- * are not touched: the newest backup's bitmap stays valid, since the
- * newest backup always stays.
- *
- * Crash safety.  The order of the steps, and why a kill anywhere leaves
- * every remaining backup restorable bit for bit:
- *   1. Synthesize, oldest kept first, before anything is deleted, so the
- *      chains being read are complete.  For backup B: write
- *      .B.qcow2.tmp, fsync it, scan it, write .B.json.tmp, fsync it.
- *      (A kill here leaves tmp files that readers ignore and the next
- *      backup or prune removes.)
- *   2. rename .B.qcow2.tmp over B.qcow2, then .B.json.tmp over B.json,
- *      fsync the folder.  The new B.qcow2 shows exactly the content of the
- *      old one at B's point in time, so B and every backup whose chain
- *      goes through B (their backing file names "B.qcow2") restore the same
- *      bytes before and after each rename.  The one window where B's
- *      manifest does not describe its file lies between the two renames:
- *      B.qcow2 is already a full while B.json is still the old one.  In it
- *      .B.json.tmp (synced in 1) holds the new manifest; `verify` then
- *      checks B against that pending manifest, and the next `prune` rolls
- *      the change forward (step 0) -- so verify stays clean too.
- *   3. Delete the pruned backups, newest first, each by unlinking its
- *      manifest (the backup stops existing: a backup exists iff its
- *      manifest does), syncing the folder, then unlinking its qcow2.  No
- *      kept backup reads a pruned file any more (1-2 made every kept
- *      backup's parent kept, or made it a full), and deleting newest first
- *      keeps the chain of every pruned backup still present complete.
- *   0. At start, roll forward: a backup whose manifest names a parent but
- *      whose file has no backing file, while its synthetic full's manifest
- *      is pending (.B.json.tmp, repo_pending_manifest), is a step 2 that was
- *      cut short; its file is rescanned and its manifest rewritten as a
- *      synthetic full.  (Without the pending manifest a missing link is
- *      damage, which repo_open_chain refuses, never a prune to finish.)
- *
- * Every chain is opened by repo_open_chain(), exactly as the manifests
- * describe it: a backing link that differs (swapped, removed, added,
- * pointing out of the repository) stops prune before it writes anything
- * for that backup.
+ * Per disk, the newest N backups (by ID) stay; a kept backup whose parent
+ * does not stay becomes a synthetic full (same ID, same content, no
+ * backing file), then the older backups are deleted.  The work, and its
+ * crash-safe order, is the repository library's (src/repo/prune.c,
+ * repo_prune_node); this file parses the options, draws the progress bars
+ * and prints what was done (lines, or a JSON report).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -60,7 +22,7 @@
 
 #include "cli/cli.h"
 #include "cli/progress.h"
-#include "repo/repo.h"
+#include "repo/ops.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
@@ -89,344 +51,84 @@ static void prune_usage(FILE *out)
             "backup restorable; running prune again finishes the job.\n");
 }
 
-/* A synthetic full manifest for the point of m (its hashes still empty). */
-static RepoManifest *synthetic_manifest(const RepoManifest *m)
-{
-    RepoManifest *n = calloc(1, sizeof(*n));
+/* What prune did to one disk, for the report. */
+typedef struct PruneReport {
+    bool json;
+    struct json_object *merged, *deleted;     /* arrays of IDs (json) */
+} PruneReport;
 
-    if (!n) {
-        return NULL;
-    }
-    n->seq = m->seq;
-    memcpy(n->id, m->id, sizeof(n->id));
-    n->node = strdup(m->node);
-    n->time = strdup(m->time);
-    n->level = REPO_LEVEL_FULL;
-    n->synthetic = true;
-    n->parent_seq = 0;
-    n->image_size = m->image_size;
-    n->granularity = m->granularity;
-    n->cluster_size = m->cluster_size;
-    n->bitmap = m->bitmap ? strdup(m->bitmap) : NULL;
-    n->generation = m->generation ? strdup(m->generation) : NULL;
-    if (!n->node || !n->time || (m->bitmap && !n->bitmap) ||
-        (m->generation && !n->generation)) {
-        repo_manifest_free(n);
-        return NULL;
-    }
-    /* The counts stay: the next run still checks the bitmaps against them. */
-    n->bitmap_counts = calloc(m->n_bitmap_counts + 1, sizeof(*n->bitmap_counts));
-    if (!n->bitmap_counts) {
-        repo_manifest_free(n);
-        return NULL;
-    }
-    for (size_t i = 0; i < m->n_bitmap_counts; i++) {
-        n->bitmap_counts[i].name = strdup(m->bitmap_counts[i].name);
-        n->bitmap_counts[i].count = m->bitmap_counts[i].count;
-        n->n_bitmap_counts = i + 1;
-        if (!n->bitmap_counts[i].name) {
-            repo_manifest_free(n);
-            return NULL;
+/* RepoPruneEventFn: a line per step (human), or the ID in the report. */
+static void prune_event(void *opaque, RepoPruneEvent ev, const char *node,
+                        const char *id)
+{
+    PruneReport *r = opaque;
+
+    switch (ev) {
+    case REPO_PRUNE_ROLLED:
+        printf("prune: %s: finished making backup %s a synthetic full "
+               "(an earlier prune was interrupted)\n", node, id);
+        break;
+    case REPO_PRUNE_MERGED:
+        json_object_array_add(r->merged, json_object_new_string(id));
+        if (!r->json) {
+            printf("prune: %s: backup %s is now a synthetic full\n", node, id);
         }
+        break;
+    case REPO_PRUNE_DELETED:
+        json_object_array_add(r->deleted, json_object_new_string(id));
+        if (!r->json) {
+            printf("prune: %s: deleted backup %s\n", node, id);
+        }
+        break;
     }
-    return n;
 }
 
-/* Steps 1-2 for backup m: replace its file and manifest by a synthetic
- * full.  m is invalid afterwards (the repo is reloaded). */
-static bool synthesize(Repo *repo, RepoManifest *m, bool progress,
-                       Error **errp)
-{
-    _cleanup_free_ char *data = repo_data_path(repo, m->node, m->seq);
-    _cleanup_free_ char *json = repo_manifest_path(repo, m->node, m->seq);
-    _cleanup_free_ char *tmp = repo_tmp_data_path(repo, m->node, m->seq);
-    _cleanup_free_ char *tmp_json = repo_tmp_manifest_path(repo, m->node,
-                                                           m->seq);
-    _cleanup_free_ char *dir = repo_node_dir(repo, m->node);
-    RepoManifest *nm = synthetic_manifest(m);
-    BlockDriverState *src = NULL;
-    struct stat st;
-    bool ok = false;
-
-    if (!data || !json || !tmp || !tmp_json || !dir || !nm) {
-        error_setg(errp, "out of memory");
-        goto out;
-    }
-    /* Merge the chain the manifests describe, nothing else. */
-    src = repo_open_chain(repo, m, errp);
-    if (!src) {
-        goto out;
-    }
-    unlink(tmp);        /* leftovers of an interrupted run */
-    unlink(tmp_json);
-
-    char label[REPO_MAX_NODE_NAME + 32];
-    snprintf(label, sizeof(label), "%s merge %s", m->node, m->id);
-    CliProgress *prog = cli_progress_new(label, m->image_size, progress);
-    ok = cli_restore_image(src, data, tmp, "qcow2", cli_progress_cb, prog,
-                           NULL, errp);
-    cli_progress_finish(prog);
-    bdrv_unref(steal_pointer(&src));
-    if (!ok) {
-        goto out;
-    }
-    ok = false;
-    if (!repo_scan_backup(repo, tmp, nm, NULL, NULL, errp)) {
-        goto out_unlink;
-    }
-    if (stat(tmp, &st) < 0) {
-        error_setg_errno(errp, errno, "cannot stat %s", tmp);
-        goto out_unlink;
-    }
-    nm->stored_bytes = (uint64_t)st.st_blocks * 512;
-    if (!repo_manifest_write(repo, tmp_json, nm, errp)) {
-        goto out_unlink;
-    }
-    if (fsync_parent_dir(tmp) < 0) {
-        error_setg_errno(errp, errno, "cannot sync %s", dir);
-        goto out_unlink;
-    }
-    /* Step 2: the window between these renames is covered (see top). */
-    if (rename(tmp, data) < 0) {
-        error_setg_errno(errp, errno, "cannot rename %s to %s", tmp, data);
-        goto out_unlink;
-    }
-    if (rename(tmp_json, json) < 0) {
-        error_setg_errno(errp, errno, "cannot rename %s to %s", tmp_json,
-                         json);
-        goto out;
-    }
-    if (fsync_parent_dir(json) < 0) {
-        error_setg_errno(errp, errno, "cannot sync %s", dir);
-        goto out;
-    }
-    ok = repo_reload(repo, errp);
-    goto out;
-
-out_unlink:
-    unlink(tmp);
-    unlink(tmp_json);
-out:
-    bdrv_unref(src);
-    repo_manifest_free(nm);
-    return ok;
-}
-
-/* Step 0: is m in the window of step 2 -- its manifest names a parent, its
- * file is the synthetic full (no backing file) and that full's manifest is
- * pending?  Then *ret_bs is its chain (the file alone).  The chain opens
- * through repo_open_chain(), which accepts exactly this difference. */
-static bool in_prune_window(Repo *repo, const RepoManifest *m,
-                            BlockDriverState **ret_bs, Error **errp)
-{
-    RepoManifest *pending;
-    BlockDriverState *bs;
-
-    *ret_bs = NULL;
-    if (!m->parent_seq || !(pending = repo_pending_manifest(repo, m))) {
-        return true;
-    }
-    repo_manifest_free(pending);
-    bs = repo_open_chain(repo, m, errp);
-    if (!bs) {
-        return false;
-    }
-    if (bs->backing) {
-        bdrv_unref(bs);       /* killed in step 1: still the old file */
-    } else {
-        *ret_bs = bs;
-    }
-    return true;
-}
-
-static bool roll_forward(Repo *repo, const char *node, unsigned *ret_done,
-                         Error **errp)
-{
-    for (size_t i = 0; i < repo->n_backups; i++) {
-        RepoManifest *m = repo->backups[i];
-        BlockDriverState *bs;
-
-        if (strcmp(m->node, node)) {
-            continue;
-        }
-        if (!in_prune_window(repo, m, &bs, errp)) {
-            return false;
-        }
-        if (!bs) {
-            continue;
-        }
-        _cleanup_free_ char *data = repo_data_path(repo, node, m->seq);
-        _cleanup_free_ char *json = repo_manifest_path(repo, node, m->seq);
-        _cleanup_free_ char *tmp_json = repo_tmp_manifest_path(repo, node,
-                                                               m->seq);
-        RepoManifest *nm = synthetic_manifest(m);
-        struct stat st;
-        bool ok = nm && data && json && tmp_json;
-
-        if (!ok) {
-            error_setg(errp, "out of memory");
-        }
-        ok = ok && repo_scan_node(bs, data, nm, NULL, NULL, errp);
-        bdrv_unref(bs);
-        if (ok && stat(data, &st) == 0) {
-            nm->stored_bytes = (uint64_t)st.st_blocks * 512;
-        }
-        ok = ok && repo_manifest_write(repo, tmp_json, nm, errp);
-        if (ok && rename(tmp_json, json) < 0) {
-            error_setg_errno(errp, errno, "cannot rename %s to %s", tmp_json,
-                             json);
-            unlink(tmp_json);
-            ok = false;
-        }
-        if (ok) {
-            fsync_parent_dir(json);
-            printf("prune: %s: finished making backup %s a synthetic full "
-                   "(an earlier prune was interrupted)\n", node, nm->id);
-        }
-        repo_manifest_free(nm);
-        if (!ok || !repo_reload(repo, errp)) {
-            return false;
-        }
-        (*ret_done)++;
-        i = (size_t)-1;   /* the list was reloaded: start over */
-    }
-    return true;
-}
-
-static bool is_kept(const unsigned *kept, size_t n, unsigned seq)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (kept[i] == seq) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* Prune one node.  Adds to the JSON report when json is non-NULL. */
-static bool prune_node(Repo *repo, const char *node_name, unsigned keep,
+/* Prune one node.  Adds to the JSON report when report is non-NULL. */
+static bool prune_node(Repo *repo, const char *node, unsigned keep,
                        bool progress, struct json_object *report,
                        Error **errp)
 {
-    _cleanup_free_ char *node = strdup(node_name);  /* survives reloads */
-    _cleanup_free_ unsigned *seqs = NULL;
-    size_t n = 0;
-    unsigned rolled = 0, merged = 0, deleted = 0;
-    struct json_object *jm = json_object_new_array();
-    struct json_object *jd = json_object_new_array();
-    bool ok = false;
+    PruneReport r = { .json = report != NULL,
+                      .merged = json_object_new_array(),
+                      .deleted = json_object_new_array() };
+    RepoProgressOps prog;
+    RepoPruneResult res;
+    bool ok;
 
-    if (!node || !roll_forward(repo, node, &rolled, errp)) {
-        goto out;
-    }
-    seqs = calloc(repo->n_backups + 1, sizeof(*seqs));
-    if (!seqs) {
-        error_setg(errp, "out of memory");
-        goto out;
-    }
-    for (size_t i = 0; i < repo->n_backups; i++) {
-        if (!strcmp(repo->backups[i]->node, node)) {
-            seqs[n++] = repo->backups[i]->seq;   /* ascending */
-        }
-    }
-    size_t n_keep = MIN((size_t)keep, n);
-    const unsigned *kept = seqs + (n - n_keep);
-
-    /* Steps 1-2, oldest kept first. */
-    for (size_t k = 0; k < n_keep; k++) {
-        RepoManifest *m = repo_find(repo, node, kept[k], errp);
-        if (!m) {
-            goto out;
-        }
-        if (!m->parent_seq || is_kept(kept, n_keep, m->parent_seq)) {
-            continue;
-        }
-        char id[REPO_ID_LEN];
-        memcpy(id, m->id, sizeof(id));
-        if (!synthesize(repo, m, progress, errp)) {
-            error_prepend(errp, "cannot merge backup %s of %s into a full: ",
-                          id, node);
-            goto out;
-        }
-        merged++;
-        json_object_array_add(jm, json_object_new_string(id));
-        if (!report) {
-            printf("prune: %s: backup %s is now a synthetic full\n", node, id);
-        }
-    }
-
-    /* Step 3, newest first. */
-    for (size_t k = n - n_keep; k-- > 0;) {
-        _cleanup_free_ char *json = repo_manifest_path(repo, node, seqs[k]);
-        _cleanup_free_ char *data = repo_data_path(repo, node, seqs[k]);
-        char id[REPO_ID_LEN];
-
-        repo_format_id(seqs[k], id);
-        if (!json || !data) {
-            error_setg(errp, "out of memory");
-            goto out;
-        }
-        if (unlink(json) < 0 && errno != ENOENT) {
-            error_setg_errno(errp, errno, "cannot delete %s", json);
-            goto out;
-        }
-        if (fsync_parent_dir(json) < 0) {
-            error_setg_errno(errp, errno, "cannot sync the folder of %s", json);
-            goto out;
-        }
-        if (unlink(data) < 0 && errno != ENOENT) {
-            error_setg_errno(errp, errno, "cannot delete %s", data);
-            goto out;
-        }
-        deleted++;
-        json_object_array_add(jd, json_object_new_string(id));
-        if (!report) {
-            printf("prune: %s: deleted backup %s\n", node, id);
-        }
-    }
-    if (deleted) {
-        _cleanup_free_ char *dir = repo_node_dir(repo, node);
-        _cleanup_free_ char *probe = dir ? path_join(dir, "x") : NULL;
-        if (probe) {
-            fsync_parent_dir(probe);
-        }
-    }
-    if (!repo_reload(repo, errp)) {
-        goto out;
-    }
-    if (report) {
+    cli_progress_ops(&prog, progress);
+    ok = repo_prune_node(repo, node, keep, &prog, prune_event, &r, &res,
+                         errp);
+    if (ok && report) {
         struct json_object *o = json_object_new_object();
         json_object_object_add(o, "node", json_object_new_string(node));
-        json_object_object_add(o, "kept", json_object_new_int64((int64_t)n_keep));
-        json_object_object_add(o, "merged", json_object_get(jm));
-        json_object_object_add(o, "deleted", json_object_get(jd));
+        json_object_object_add(o, "kept", json_object_new_int64((int64_t)res.kept));
+        json_object_object_add(o, "merged", json_object_get(r.merged));
+        json_object_object_add(o, "deleted", json_object_get(r.deleted));
         json_object_array_add(report, o);
-    } else {
+    } else if (ok) {
         printf("prune: %s: kept %zu backup%s, merged %u into synthetic "
-               "fulls, deleted %u\n", node, n_keep, n_keep == 1 ? "" : "s",
-               merged + rolled, deleted);
+               "fulls, deleted %u\n", node, res.kept, res.kept == 1 ? "" : "s",
+               res.merged + res.rolled, res.deleted);
     }
-    ok = true;
-out:
-    json_object_put(jm);
-    json_object_put(jd);
+    json_object_put(r.merged);
+    json_object_put(r.deleted);
     return ok;
 }
 
 int cli_cmd_prune(int argc, char **argv)
 {
-    enum { OPT_REPO = 256, OPT_NODE, OPT_KEEP, OPT_PROGRESS, OPT_OUTPUT };
+    enum { OPT_KEEP = CLI_OPT_FIRST_FREE };
     static const struct option long_opts[] = {
         {"help", no_argument, NULL, 'h'},
-        {"repo", required_argument, NULL, OPT_REPO},
-        {"node", required_argument, NULL, OPT_NODE},
+        {"repo", required_argument, NULL, CLI_OPT_REPO},
+        {"node", required_argument, NULL, CLI_OPT_NODE},
         {"keep", required_argument, NULL, OPT_KEEP},
-        {"progress", no_argument, NULL, OPT_PROGRESS},
-        {"output", required_argument, NULL, OPT_OUTPUT},
+        {"progress", no_argument, NULL, CLI_OPT_PROGRESS},
+        {"output", required_argument, NULL, CLI_OPT_OUTPUT},
         {NULL, 0, NULL, 0},
     };
-    const char *repo_path = NULL, *node_arg = NULL, *keep_str = NULL;
-    bool progress = false, json = false;
+    CliRepoOpts opts = { 0 };
+    const char *keep_str = NULL;
     Error *err = NULL;
     unsigned long keep;
     char *end;
@@ -434,33 +136,18 @@ int cli_cmd_prune(int argc, char **argv)
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
-        switch (c) {
-        case 'h':
+        if (c == 'h') {
             prune_usage(stdout);
             return CLI_EXIT_OK;
-        case OPT_REPO:
-            repo_path = optarg;
-            break;
-        case OPT_NODE:
-            node_arg = optarg;
-            break;
-        case OPT_KEEP:
+        } else if (c == OPT_KEEP) {
             keep_str = optarg;
-            break;
-        case OPT_PROGRESS:
-            progress = true;
-            break;
-        case OPT_OUTPUT:
-            if (!cli_parse_output(optarg, &json, &err)) {
-                error_report_err(err);
-                return CLI_EXIT_ERROR;
-            }
-            break;
-        default:
-            prune_usage(stderr);
+        } else if (!cli_repo_opt(c, &opts, prune_usage)) {
             return CLI_EXIT_ERROR;
         }
     }
+    const char *repo_path = opts.repo, *node_arg = opts.node;
+    bool json = opts.json;
+    bool progress = opts.progress;
     if (!repo_path || !keep_str) {
         error_report("prune: --repo DIR and --keep N are required "
                      "(see 'bitback prune --help')");
@@ -493,7 +180,7 @@ int cli_cmd_prune(int argc, char **argv)
     size_t n_nodes = 0;
     char **names = NULL;
 
-    if (node_arg && !cli_repo_pick_node(repo, node_arg, &err)) {
+    if (node_arg && !repo_pick_node(repo, node_arg, &err)) {
         goto out;
     }
     /* Copy the names: the repo's strings go away when it reloads. */

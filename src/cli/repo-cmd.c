@@ -91,37 +91,27 @@ static void print_table(Repo *repo)
 
 int cli_cmd_list(int argc, char **argv)
 {
-    enum { OPT_REPO = 256, OPT_OUTPUT };
     static const struct option long_opts[] = {
         {"help", no_argument, NULL, 'h'},
-        {"repo", required_argument, NULL, OPT_REPO},
-        {"output", required_argument, NULL, OPT_OUTPUT},
+        {"repo", required_argument, NULL, CLI_OPT_REPO},
+        {"output", required_argument, NULL, CLI_OPT_OUTPUT},
         {NULL, 0, NULL, 0},
     };
-    const char *repo_path = NULL;
-    bool json = false;
-    Error *err = NULL;
+    CliRepoOpts opts = { 0 };
     int c;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
-        switch (c) {
-        case 'h':
+        if (c == 'h') {
             list_usage(stdout);
             return CLI_EXIT_OK;
-        case OPT_REPO:
-            repo_path = optarg;
-            break;
-        case OPT_OUTPUT:
-            if (!cli_parse_output(optarg, &json, &err)) {
-                error_report_err(err);
-                return CLI_EXIT_ERROR;
-            }
-            break;
-        default:
+        } else if (!cli_repo_opt(c, &opts, NULL)) {
             return CLI_EXIT_ERROR;
         }
     }
+    const char *repo_path = opts.repo;
+    bool json = opts.json;
+    Error *err = NULL;
     if (optind < argc) {
         error_report("unexpected argument '%s' (try 'bitback list --help')",
                      argv[optind]);

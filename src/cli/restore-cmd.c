@@ -23,8 +23,9 @@
  * targets a disk somebody may still need; qemu-img convert's silent
  * overwrite is the wrong default here).
  *
- * cli_restore_image() is shared with `bitback prune`, which writes
- * synthetic full backups with it.
+ * The work is the repository library's (src/repo/restore.c,
+ * repo_restore); this file parses the options, checks OUTPUT, draws the
+ * progress bar and prints the summary.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,12 +39,9 @@
 
 #include "cli/cli.h"
 #include "cli/progress.h"
-#include "repo/repo.h"
+#include "repo/ops.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
-
-/* Bytes per copy request (and per block-status query). */
-#define RESTORE_CHUNK (4u * 1024 * 1024)
 
 static void restore_usage(FILE *out)
 {
@@ -76,290 +74,42 @@ static void restore_usage(FILE *out)
             "written.\n");
 }
 
-const char *cli_repo_pick_node(Repo *repo, const char *node, Error **errp)
-{
-    _cleanup_free_ const char **nodes = repo_nodes(repo);
-    size_t n = 0;
-
-    while (nodes && nodes[n]) {
-        n++;
-    }
-    if (node) {
-        for (size_t i = 0; i < n; i++) {
-            if (!strcmp(nodes[i], node)) {
-                return nodes[i];
-            }
-        }
-        error_setg(errp, "no backups of disk '%s' in %s", node, repo->path);
-        return NULL;
-    }
-    if (n == 1) {
-        return nodes[0];
-    }
-    if (n == 0) {
-        error_setg(errp, "the repository %s holds no backups", repo->path);
-        return NULL;
-    }
-    /* List them so the user can pick one. */
-    size_t len = 1;
-    for (size_t i = 0; i < n; i++) {
-        len += strlen(nodes[i]) + 2;
-    }
-    _cleanup_free_ char *list = calloc(1, len);
-    if (!list) {
-        error_setg(errp, "out of memory");
-        return NULL;
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (i) {
-            strcat(list, ", ");
-        }
-        strcat(list, nodes[i]);
-    }
-    error_setg(errp, "the repository %s holds several disks (%s): choose one "
-               "with --node", repo->path, list);
-    return NULL;
-}
-
-static bool is_zero(const uint8_t *buf, size_t len)
-{
-    /* The first byte, then memcmp against the buffer shifted by one: every
-     * byte equals its neighbour and the first is zero. */
-    return len == 0 || (buf[0] == 0 && !memcmp(buf, buf + 1, len - 1));
-}
-
-/* Write [off, off+len) of buf (buf holds the data at offset `base`) to the
- * destination: the raw fd, or the qcow2 node. */
-static int dst_write(int fd, BlockDriverState *dst_bs, const uint8_t *buf,
-                     uint64_t off, uint64_t len)
-{
-    if (dst_bs) {
-        return bdrv_pwrite(dst_bs, off, buf, len, 0);
-    }
-    return pwrite_full(fd, buf, len, (off_t)off);
-}
-
-/* Copy every non-zero piece of src into the destination. */
-static int copy_data(BlockDriverState *src, uint64_t size, int fd,
-                     BlockDriverState *dst_bs,
-                     void (*progress)(void *, uint64_t, uint64_t),
-                     void *opaque, uint64_t *ret_written)
-{
-    _cleanup_free_ uint8_t *buf = malloc(RESTORE_CHUNK);
-    uint64_t off = 0, written = 0;
-
-    if (!buf) {
-        return -ENOMEM;
-    }
-    while (off < size) {
-        uint64_t pnum;
-        int st = bdrv_block_status(src, off, MIN(size - off, RESTORE_CHUNK),
-                                   &pnum);
-        if (st < 0) {
-            return st;
-        }
-        if (pnum == 0) {
-            return -EIO;   /* a driver that makes no progress */
-        }
-        if ((st & BDRV_BLOCK_DATA) && !(st & BDRV_BLOCK_ZERO)) {
-            int r = bdrv_pread(src, off, buf, pnum);
-            if (r < 0) {
-                return r;
-            }
-            /* Write the runs of non-zero 64 KiB pieces (aligned to the
-             * image, so qcow2 clusters are whole). */
-            uint64_t pos = 0, run = 0, run_len = 0;
-            while (pos < pnum) {
-                uint64_t piece = MIN(REPO_CLUSTER_SIZE -
-                                     (off + pos) % REPO_CLUSTER_SIZE,
-                                     pnum - pos);
-                if (!is_zero(buf + pos, piece)) {
-                    if (!run_len) {
-                        run = pos;
-                    }
-                    run_len += piece;
-                } else if (run_len) {
-                    r = dst_write(fd, dst_bs, buf + run, off + run, run_len);
-                    if (r < 0) {
-                        return r;
-                    }
-                    written += run_len;
-                    run_len = 0;
-                }
-                pos += piece;
-            }
-            if (run_len) {
-                r = dst_write(fd, dst_bs, buf + run, off + run, run_len);
-                if (r < 0) {
-                    return r;
-                }
-                written += run_len;
-            }
-        }
-        off += pnum;
-        if (progress) {
-            progress(opaque, off, size);
-        }
-    }
-    if (ret_written) {
-        *ret_written = written;
-    }
-    return 0;
-}
-
-bool cli_restore_image(BlockDriverState *src, const char *what,
-                       const char *dst, const char *format,
-                       void (*progress)(void *opaque, uint64_t done,
-                                        uint64_t total),
-                       void *opaque, uint64_t *ret_written, Error **errp)
-{
-    BlockDriverState *dst_bs = NULL;
-    _cleanup_close_ int fd = -1;
-    bool raw = !strcmp(format, "raw");
-    int64_t len;
-    int r;
-
-    if (!raw && strcmp(format, "qcow2")) {
-        error_setg(errp, "restore writes raw or qcow2, not '%s'", format);
-        return false;
-    }
-    len = bdrv_getlength(src);
-    if (len < 0) {
-        error_setg_errno(errp, (int)-len, "cannot get the size of %s", what);
-        return false;
-    }
-
-    /* Create the destination: it must be new (callers pick a tmp name). */
-    fd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot create %s", dst);
-        return false;
-    }
-    if (raw) {
-        if (ftruncate(fd, (off_t)len) < 0) {
-            error_setg_errno(errp, errno, "cannot set the size of %s", dst);
-            goto fail;
-        }
-    } else {
-        close(fd);
-        fd = -1;
-        if (!bdrv_img_create(dst, "qcow2", (uint64_t)len, NULL, errp)) {
-            error_prepend(errp, "cannot create %s: ", dst);
-            goto fail;
-        }
-        dst_bs = bdrv_open_image(dst, "qcow2", BDRV_O_RDWR, errp);
-        if (!dst_bs) {
-            error_prepend(errp, "cannot open %s: ", dst);
-            goto fail;
-        }
-    }
-
-    r = copy_data(src, (uint64_t)len, fd, dst_bs, progress, opaque,
-                  ret_written);
-    if (r < 0) {
-        error_setg_errno(errp, -r, "cannot copy %s to %s", what, dst);
-        goto fail;
-    }
-    if (dst_bs) {
-        r = bdrv_flush(dst_bs);
-        if (r < 0) {
-            error_setg_errno(errp, -r, "cannot flush %s", dst);
-            goto fail;
-        }
-        if (!bdrv_close(steal_pointer(&dst_bs), errp)) {
-            error_prepend(errp, "cannot close %s: ", dst);
-            goto fail;
-        }
-        if (!repo_fsync_path(dst, errp)) {
-            goto fail;
-        }
-    } else if (fsync(fd) < 0) {
-        error_setg_errno(errp, errno, "cannot sync %s", dst);
-        goto fail;
-    }
-    return true;
-
-fail:
-    if (dst_bs) {
-        bdrv_close(dst_bs, NULL);
-    }
-    unlink(dst);
-    return false;
-}
-
-/* ".NAME.bitback-restore.tmp" in OUTPUT's folder. */
-static char *restore_tmp_name(const char *output)
-{
-    _cleanup_free_ char *dir = path_dirname(output);
-    const char *base = strrchr(output, '/');
-    char *name, *path;
-
-    base = base ? base + 1 : output;
-    if (!dir || asprintf(&name, ".%s.bitback-restore.tmp", base) < 0) {
-        return NULL;
-    }
-    path = path_join(dir, name);
-    free(name);
-    return path;
-}
-
 int cli_cmd_restore(int argc, char **argv)
 {
-    enum { OPT_REPO = 256, OPT_NODE, OPT_AT, OPT_FORCE, OPT_PROGRESS,
-           OPT_OUTPUT };
+    enum { OPT_FORCE = CLI_OPT_FIRST_FREE };
     static const struct option long_opts[] = {
         {"help", no_argument, NULL, 'h'},
-        {"repo", required_argument, NULL, OPT_REPO},
-        {"node", required_argument, NULL, OPT_NODE},
-        {"at", required_argument, NULL, OPT_AT},
+        {"repo", required_argument, NULL, CLI_OPT_REPO},
+        {"node", required_argument, NULL, CLI_OPT_NODE},
+        {"at", required_argument, NULL, CLI_OPT_AT},
         {"format", required_argument, NULL, 'f'},
         {"force", no_argument, NULL, OPT_FORCE},
-        {"progress", no_argument, NULL, OPT_PROGRESS},
-        {"output", required_argument, NULL, OPT_OUTPUT},
+        {"progress", no_argument, NULL, CLI_OPT_PROGRESS},
+        {"output", required_argument, NULL, CLI_OPT_OUTPUT},
         {NULL, 0, NULL, 0},
     };
-    const char *repo_path = NULL, *node_arg = NULL, *at = "latest";
+    CliRepoOpts opts = { .at = "latest" };
     const char *format = "raw", *output, *node;
-    bool force = false, force_progress = false, json = false;
+    bool force = false;
     Error *err = NULL;
     unsigned seq;
     int c;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "hf:", long_opts, NULL)) != -1) {
-        switch (c) {
-        case 'h':
+        if (c == 'h') {
             restore_usage(stdout);
             return CLI_EXIT_OK;
-        case OPT_REPO:
-            repo_path = optarg;
-            break;
-        case OPT_NODE:
-            node_arg = optarg;
-            break;
-        case OPT_AT:
-            at = optarg;
-            break;
-        case 'f':
+        } else if (c == 'f') {
             format = optarg;
-            break;
-        case OPT_FORCE:
+        } else if (c == OPT_FORCE) {
             force = true;
-            break;
-        case OPT_PROGRESS:
-            force_progress = true;
-            break;
-        case OPT_OUTPUT:
-            if (!cli_parse_output(optarg, &json, &err)) {
-                error_report_err(err);
-                return CLI_EXIT_ERROR;
-            }
-            break;
-        default:
-            restore_usage(stderr);
+        } else if (!cli_repo_opt(c, &opts, restore_usage)) {
             return CLI_EXIT_ERROR;
         }
     }
+    const char *repo_path = opts.repo, *node_arg = opts.node, *at = opts.at;
+    bool json = opts.json;
     if (!repo_path) {
         error_report("restore: --repo DIR is required (see 'bitback restore --help')");
         return CLI_EXIT_ERROR;
@@ -401,13 +151,11 @@ int cli_cmd_restore(int argc, char **argv)
         return CLI_EXIT_ERROR;
     }
     int ret = CLI_EXIT_ERROR;
-    _cleanup_free_ char *data = NULL, *tmp = NULL;
     RepoManifest *m;
-    CliProgress *prog = NULL;
-    BlockDriverState *src = NULL;
+    RepoProgressOps prog;
     uint64_t written = 0;
 
-    node = cli_repo_pick_node(repo, node_arg, &err);
+    node = repo_pick_node(repo, node_arg, &err);
     if (!node) {
         goto out;
     }
@@ -415,37 +163,10 @@ int cli_cmd_restore(int argc, char **argv)
     if (!m) {
         goto out;
     }
-    data = repo_data_path(repo, node, m->seq);
-    tmp = restore_tmp_name(output);
-    if (!data || !tmp) {
-        error_setg(&err, "out of memory");
+    cli_progress_ops(&prog, cli_progress_wanted(opts.progress));
+    if (!repo_restore(repo, m, output, format, &prog, &written, &err)) {
         goto out;
     }
-    /* The chain as the manifests describe it, or nothing is written. */
-    src = repo_open_chain(repo, m, &err);
-    if (!src) {
-        error_prepend(&err, "cannot restore backup %s of %s: ", m->id, node);
-        goto out;
-    }
-    unlink(tmp);   /* a leftover of an interrupted restore */
-
-    char label[REPO_MAX_NODE_NAME + 32];
-    snprintf(label, sizeof(label), "%s restore %s", node, m->id);
-    prog = cli_progress_new(label, m->image_size,
-                            cli_progress_wanted(force_progress));
-    bool ok = cli_restore_image(src, data, tmp, format, cli_progress_cb, prog,
-                                &written, &err);
-    cli_progress_finish(steal_pointer(&prog));
-    if (!ok) {
-        error_prepend(&err, "restore of backup %s of %s failed: ", m->id, node);
-        goto out;
-    }
-    if (rename(tmp, output) < 0) {
-        error_setg_errno(&err, errno, "cannot rename %s to %s", tmp, output);
-        unlink(tmp);
-        goto out;
-    }
-    fsync_parent_dir(output);
 
     if (json) {
         _cleanup_json_ struct json_object *o = json_object_new_object();
@@ -471,7 +192,6 @@ out:
     if (err) {
         error_report_err(err);
     }
-    bdrv_unref(src);
     repo_free(repo);
     return ret;
 }

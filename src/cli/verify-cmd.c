@@ -59,24 +59,15 @@
 
 #include "cli/cli.h"
 #include "cli/progress.h"
-#include "repo/repo.h"
+#include "repo/ops.h"
 #include "util/cleanup.h"
 
-/* The target is checked a window at a time (a multiple of
- * REPO_CLUSTER_SIZE): block status for the window, then its non-zero
- * clusters read and hashed on repo_hash_extents' threads, then compared.
- * The window bounds the memory for the hashes. */
-#define VERIFY_WINDOW (256u * 1024 * 1024)
-#define VERIFY_WINDOW_CLUSTERS (VERIFY_WINDOW / REPO_CLUSTER_SIZE)
 /* Mismatch lines printed per backup before they are only counted. */
 #define VERIFY_MAX_LINES 100
 
 typedef struct VerifyState {
+    RepoVerify v;                 /* the library's callbacks and counters */
     bool json;
-    bool progress;
-    uint64_t bytes_read;
-    unsigned backups_checked;
-    uint64_t mismatches;          /* problems found, all backups */
     struct json_object *problems; /* --output=json: list of objects */
     /* Per backup: lines printed, for the cap. */
     unsigned lines;
@@ -120,21 +111,12 @@ static double now_seconds(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* Report one problem of backup m.  offset < 0: not about a cluster. */
-static void problem(VerifyState *vs, const RepoManifest *m, int64_t offset,
-                    const char *kind, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
-
-static void problem(VerifyState *vs, const RepoManifest *m, int64_t offset,
-                    const char *kind, const char *fmt, ...)
+/* RepoVerify.problem: print it, or add it to the JSON list. */
+static void problem(RepoVerify *v, const RepoManifest *m, int64_t offset,
+                    const char *kind, const char *msg)
 {
-    char msg[1024];
-    va_list ap;
+    VerifyState *vs = (VerifyState *)v;   /* v is its first member */
 
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    vs->mismatches++;
     if (++vs->lines > VERIFY_MAX_LINES) {
         return;
     }
@@ -153,6 +135,25 @@ static void problem(VerifyState *vs, const RepoManifest *m, int64_t offset,
     }
 }
 
+/* RepoVerify.note: human output only. */
+static void note(RepoVerify *v, const RepoManifest *m, const char *msg)
+{
+    VerifyState *vs = (VerifyState *)v;   /* v is its first member */
+
+    if (!vs->json) {
+        printf("verify: backup %s disk %s: %s\n", m->id, m->node, msg);
+    }
+}
+
+/* RepoVerify.open_target: an NBD URI, or an image file probed. */
+static BlockDriverState *open_target(const char *target, Error **errp)
+{
+    if (bdrv_filename_is_nbd_uri(target)) {
+        return bdrv_open_image(target, NULL, 0, errp);
+    }
+    return cli_open_image(target, NULL, 0, errp);
+}
+
 static void end_backup(VerifyState *vs, const RepoManifest *m)
 {
     if (vs->lines > VERIFY_MAX_LINES && !vs->json) {
@@ -162,370 +163,29 @@ static void end_backup(VerifyState *vs, const RepoManifest *m)
     vs->lines = 0;
 }
 
-static void hex(const uint8_t *h, size_t len, char *out)
+static void verify_one(VerifyState *vs, Repo *repo, const RepoManifest *m)
 {
-    for (size_t i = 0; i < len; i++) {
-        sprintf(out + 2 * i, "%02x", h[i]);
-    }
-}
-
-/* ---- the stored check ---- */
-
-/* Compare the scan of m's file with manifest ref (m itself, or a pending
- * one).  Returns the number of problems; reports them unless dry. */
-static uint64_t compare_scan(VerifyState *vs, const RepoManifest *m,
-                             const RepoManifest *ref, const RepoManifest *scan,
-                             const char *path, bool dry)
-{
-    uint64_t found = 0;
-    size_t i = 0, j = 0;
-    uint64_t cs = ref->cluster_size ? ref->cluster_size : REPO_CLUSTER_SIZE;
-
-#define REPORT(...) do { found++; if (!dry) { problem(vs, m, __VA_ARGS__); } } while (0)
-    /* 1 and 2: merge-walk the two sorted lists. */
-    while (i < ref->n_hashes || j < scan->n_hashes) {
-        if (j == scan->n_hashes ||
-            (i < ref->n_hashes && ref->hashes[i].cluster < scan->hashes[j].cluster)) {
-            REPORT((int64_t)(ref->hashes[i].cluster * cs), "missing",
-                   "cluster at offset %" PRIu64 " is listed in the manifest "
-                   "but not stored in %s", ref->hashes[i].cluster * cs, path);
-            i++;
-        } else if (i == ref->n_hashes ||
-                   scan->hashes[j].cluster < ref->hashes[i].cluster) {
-            REPORT((int64_t)(scan->hashes[j].cluster * cs), "extra",
-                   "cluster at offset %" PRIu64 " is stored in %s but not "
-                   "listed in the manifest", scan->hashes[j].cluster * cs,
-                   path);
-            j++;
-        } else {
-            if (memcmp(ref->hashes[i].hash, scan->hashes[j].hash,
-                       REPO_HASH_LEN)) {
-                REPORT((int64_t)(ref->hashes[i].cluster * cs), "data",
-                       "data mismatch at offset %" PRIu64 " (%" PRIu64
-                       "-byte cluster)", ref->hashes[i].cluster * cs, cs);
-            }
-            i++;
-            j++;
-        }
-    }
-
-    /* 3b: the root of the re-read data. */
-    if (memcmp(scan->merkle_root, ref->merkle_root, REPO_ROOT_LEN)) {
-        char a[2 * REPO_ROOT_LEN + 1], b[2 * REPO_ROOT_LEN + 1];
-        hex(scan->merkle_root, REPO_ROOT_LEN, a);
-        hex(ref->merkle_root, REPO_ROOT_LEN, b);
-        REPORT(-1, "merkle-root",
-               "the Merkle root of the re-read data is %s, the manifest "
-               "records %s", a, b);
-    }
-#undef REPORT
-    return found;
-}
-
-static void verify_stored(VerifyState *vs, Repo *repo, RepoManifest *m)
-{
-    _cleanup_free_ char *path = repo_data_path(repo, m->node, m->seq);
-    RepoManifest *scan = calloc(1, sizeof(*scan));
-    BlockDriverState *bs = NULL;
-    uint8_t root[REPO_ROOT_LEN];
-    Error *err = NULL;
-
-    vs->backups_checked++;
-    if (!path || !scan) {
-        problem(vs, m, -1, "error", "out of memory");
-        goto out;
-    }
-
-    /* 3a: the manifest's own list against its root. */
-    repo_merkle_root(m->hashes, m->n_hashes, root);
-    if (memcmp(root, m->merkle_root, REPO_ROOT_LEN)) {
-        problem(vs, m, -1, "merkle-root",
-                "the merkle-root of the manifest does not match its hash list");
-    }
-
-    /* The chain the manifests describe, or this backup fails. */
-    bs = repo_open_chain(repo, m, &err);
-    if (!bs) {
-        problem(vs, m, -1, "chain", "%s", error_get_pretty(err));
-        error_free(err);
-        goto out;
-    }
-
-    /* Re-read the layer. */
-    scan->seq = m->seq;
-    snprintf(scan->id, sizeof(scan->id), "%s", m->id);
-    scan->image_size = m->image_size;
-    scan->cluster_size = m->cluster_size;
-    char label[REPO_MAX_NODE_NAME + 32];
-    snprintf(label, sizeof(label), "%s verify %s", m->node, m->id);
-    CliProgress *prog = cli_progress_new(label, m->image_size, vs->progress);
-    bool ok = repo_scan_node(bs, path, scan, cli_progress_cb, prog, &err);
-    cli_progress_finish(prog);
-    if (!ok) {
-        problem(vs, m, -1, "unreadable", "cannot read %s: %s", path,
-                error_get_pretty(err));
-        error_free(err);
-        goto out;
-    }
-    vs->bytes_read += scan->changed_bytes;
-
-    /* An interrupted prune (prune-cmd.c, step 2) may have put a synthetic
-     * full in place while its manifest is still pending: check the file
-     * against that manifest, which is the one the next prune commits. */
-    if (m->parent_seq && compare_scan(vs, m, m, scan, path, true)) {
-        RepoManifest *p = repo_pending_manifest(repo, m);
-        if (p && !compare_scan(vs, m, p, scan, path, true)) {
-            if (!vs->json) {
-                printf("verify: backup %s disk %s: an interrupted prune made "
-                       "it a synthetic full; its file matches the pending "
-                       "manifest (run 'bitback prune' to finish)\n",
-                       m->id, m->node);
-            }
-            repo_manifest_free(p);
-            goto out;
-        }
-        repo_manifest_free(p);
-    }
-    compare_scan(vs, m, m, scan, path, false);
-
-out:
+    repo_verify_stored(&vs->v, repo, m);
     end_backup(vs, m);
-    bdrv_unref(bs);
-    repo_manifest_free(scan);
-}
-
-/* ---- the target check ---- */
-
-/* Expected hash per cluster: sparse, sorted, the newest backup's entry. */
-typedef struct Expected {
-    uint64_t cluster;
-    unsigned pos;                 /* index in the chain: larger is newer */
-    const uint8_t *hash;
-} Expected;
-
-static int expected_cmp(const void *a, const void *b)
-{
-    const Expected *x = a, *y = b;
-
-    if (x->cluster != y->cluster) {
-        return x->cluster < y->cluster ? -1 : 1;
-    }
-    return x->pos > y->pos ? -1 : x->pos < y->pos;   /* newest first */
-}
-
-static Expected *build_expected(RepoManifest **chain, size_t n_chain,
-                                size_t *ret_n)
-{
-    size_t total = 0, n = 0;
-    Expected *e;
-
-    for (size_t i = 0; i < n_chain; i++) {
-        total += chain[i]->n_hashes;
-    }
-    e = calloc(total ? total : 1, sizeof(*e));
-    if (!e) {
-        return NULL;
-    }
-    for (size_t i = 0; i < n_chain; i++) {
-        for (size_t k = 0; k < chain[i]->n_hashes; k++) {
-            e[n++] = (Expected){ chain[i]->hashes[k].cluster, (unsigned)i,
-                                 chain[i]->hashes[k].hash };
-        }
-    }
-    qsort(e, n, sizeof(*e), expected_cmp);
-    /* Keep the first (newest) entry of each cluster. */
-    size_t out = 0;
-    for (size_t k = 0; k < n; k++) {
-        if (out && e[out - 1].cluster == e[k].cluster) {
-            continue;
-        }
-        e[out++] = e[k];
-    }
-    *ret_n = out;
-    return e;
-}
-
-/* Check target against point m.  Returns false on an operational error
- * (errp set); mismatches are counted in vs. */
-static bool verify_against(VerifyState *vs, Repo *repo, RepoManifest *m,
-                           const char *target, Error **errp)
-{
-    _cleanup_free_ RepoManifest **chain = NULL;
-    _cleanup_free_ Expected *exp = NULL;
-    _cleanup_free_ bool *zero = NULL;
-    _cleanup_free_ RepoExtent *ext = NULL;
-    _cleanup_free_ RepoHash *got_hashes = NULL;
-    BlockDriverState *bs;
-    size_t n_chain, n_exp = 0, cur = 0;
-    uint64_t cs = REPO_CLUSTER_SIZE, size = m->image_size;
-    uint8_t zero_full[REPO_HASH_LEN], zero_tail[REPO_HASH_LEN];
-    int64_t len;
-    bool ok = false;
-
-    chain = repo_chain(repo, m, &n_chain, errp);
-    if (!chain) {
-        return false;
-    }
-    for (size_t i = 0; i < n_chain; i++) {
-        if (chain[i]->image_size != size ||
-            (chain[i]->cluster_size && chain[i]->cluster_size != cs)) {
-            error_setg(errp, "backup %s of %s has a different image or "
-                       "cluster size than backup %s", chain[i]->id, m->node,
-                       m->id);
-            return false;
-        }
-    }
-    exp = build_expected(chain, n_chain, &n_exp);
-    zero = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*zero));
-    ext = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*ext));
-    got_hashes = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*got_hashes));
-    if (!exp || !zero || !ext || !got_hashes) {
-        error_setg(errp, "out of memory");
-        return false;
-    }
-    repo_hash_zero_cluster(cs, zero_full);
-    repo_hash_zero_cluster(size % cs ? size % cs : cs, zero_tail);
-
-    if (bdrv_filename_is_nbd_uri(target)) {
-        bs = bdrv_open_image(target, NULL, 0, errp);
-    } else {
-        bs = cli_open_image(target, NULL, 0, errp);
-    }
-    if (!bs) {
-        return false;
-    }
-    vs->backups_checked++;
-    len = bdrv_getlength(bs);
-    if (len < 0) {
-        error_setg_errno(errp, (int)-len, "cannot get the size of %s", target);
-        goto out;
-    }
-    if ((uint64_t)len != size) {
-        problem(vs, m, -1, "size", "%s has %" PRId64 " bytes, the backup %"
-                PRIu64, target, len, size);
-        ok = true;
-        goto out;
-    }
-
-    char label[REPO_MAX_NODE_NAME + 32];
-    snprintf(label, sizeof(label), "%s verify %s", m->node, m->id);
-    CliProgress *prog = cli_progress_new(label, size, vs->progress);
-    for (uint64_t off = 0; off < size; off += VERIFY_WINDOW) {
-        uint64_t win = MIN((uint64_t)VERIFY_WINDOW, size - off);
-        size_t ncl = (size_t)DIV_ROUND_UP(win, cs);
-        size_t n_ext = 0, n_read = 0;
-        uint64_t rbytes = 0;
-
-        /* Which whole clusters does the target report as zeroes? */
-        for (size_t k = 0; k < ncl; k++) {
-            zero[k] = true;
-        }
-        for (uint64_t p = 0; p < win;) {
-            uint64_t pnum;
-            int st = bdrv_block_status(bs, off + p, win - p, &pnum);
-            if (st < 0 || pnum == 0) {
-                st = BDRV_BLOCK_DATA;   /* unknown: read it */
-                pnum = win - p;
-            }
-            pnum = MIN(pnum, win - p);
-            if (!(st & BDRV_BLOCK_ZERO)) {
-                for (uint64_t k = p / cs; k <= (p + pnum - 1) / cs; k++) {
-                    zero[k] = false;
-                }
-            }
-            p += pnum;
-        }
-        /* The runs of non-zero clusters, read and hashed on the pool. */
-        for (size_t k = 0; k < ncl;) {
-            if (zero[k]) {
-                k++;
-                continue;
-            }
-            size_t end = k;
-            while (end < ncl && !zero[end]) {
-                end++;
-            }
-            uint64_t roff = (uint64_t)k * cs;
-            uint64_t rlen = MIN((uint64_t)end * cs, win) - roff;
-            ext[n_ext++] = (RepoExtent){ .start = off + roff, .length = rlen };
-            rbytes += rlen;
-            n_read += end - k;
-            k = end;
-        }
-        uint64_t err_off = 0;
-        int r = repo_hash_extents(bs, ext, n_ext, got_hashes, cli_progress_cb,
-                                  prog, off, size, &err_off);
-        if (r < 0) {
-            cli_progress_finish(prog);
-            error_setg_errno(errp, -r, "cannot read %s at offset %" PRIu64,
-                             target, err_off);
-            goto out;
-        }
-        vs->bytes_read += rbytes;
-        /* Compare. */
-        size_t next = 0;
-        for (size_t k = 0; k < ncl; k++) {
-            uint64_t c = off / cs + k;
-            uint64_t clen = MIN(cs, size - c * cs);
-            const uint8_t *want = clen == cs ? zero_full : zero_tail;
-            const uint8_t *got;
-            unsigned from = 0;
-
-            while (cur < n_exp && exp[cur].cluster < c) {
-                cur++;
-            }
-            if (cur < n_exp && exp[cur].cluster == c) {
-                want = exp[cur].hash;
-                from = exp[cur].pos + 1;
-            }
-            if (zero[k]) {
-                got = clen == cs ? zero_full : zero_tail;
-            } else {
-                assert(next < n_read && got_hashes[next].cluster == c);
-                got = got_hashes[next++].hash;
-            }
-            if (memcmp(want, got, REPO_HASH_LEN)) {
-                if (from) {
-                    problem(vs, m, (int64_t)(c * cs), "data",
-                            "data mismatch at offset %" PRIu64 " (%" PRIu64
-                            "-byte cluster, stored by backup %s) in %s",
-                            c * cs, clen, chain[from - 1]->id, target);
-                } else {
-                    problem(vs, m, (int64_t)(c * cs), "data",
-                            "data mismatch at offset %" PRIu64 " (%" PRIu64
-                            "-byte cluster, zeroes in the backup) in %s",
-                            c * cs, clen, target);
-                }
-            }
-        }
-        cli_progress_update(prog, off + win, size);
-    }
-    cli_progress_finish(prog);
-    ok = true;
-
-out:
-    end_backup(vs, m);
-    bdrv_close(bs, NULL);
-    return ok;
 }
 
 int cli_cmd_verify(int argc, char **argv)
 {
-    enum { OPT_REPO = 256, OPT_NODE, OPT_AT, OPT_AGAINST, OPT_PROGRESS,
-           OPT_OUTPUT };
+    enum { OPT_AGAINST = CLI_OPT_FIRST_FREE };
     static const struct option long_opts[] = {
         {"help", no_argument, NULL, 'h'},
-        {"repo", required_argument, NULL, OPT_REPO},
-        {"node", required_argument, NULL, OPT_NODE},
-        {"at", required_argument, NULL, OPT_AT},
+        {"repo", required_argument, NULL, CLI_OPT_REPO},
+        {"node", required_argument, NULL, CLI_OPT_NODE},
+        {"at", required_argument, NULL, CLI_OPT_AT},
         {"against", required_argument, NULL, OPT_AGAINST},
-        {"progress", no_argument, NULL, OPT_PROGRESS},
-        {"output", required_argument, NULL, OPT_OUTPUT},
+        {"progress", no_argument, NULL, CLI_OPT_PROGRESS},
+        {"output", required_argument, NULL, CLI_OPT_OUTPUT},
         {NULL, 0, NULL, 0},
     };
-    const char *repo_path = NULL, *node_arg = NULL, *at = NULL;
+    CliRepoOpts opts = { 0 };
     const char *against = NULL;
-    VerifyState vs = { 0 };
+    VerifyState vs = { .v = { .problem = problem, .note = note,
+                              .open_target = open_target } };
     Error *err = NULL;
     unsigned seq = 0;
     bool all;
@@ -533,36 +193,17 @@ int cli_cmd_verify(int argc, char **argv)
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "h", long_opts, NULL)) != -1) {
-        switch (c) {
-        case 'h':
+        if (c == 'h') {
             verify_usage(stdout);
             return CLI_EXIT_OK;
-        case OPT_REPO:
-            repo_path = optarg;
-            break;
-        case OPT_NODE:
-            node_arg = optarg;
-            break;
-        case OPT_AT:
-            at = optarg;
-            break;
-        case OPT_AGAINST:
+        } else if (c == OPT_AGAINST) {
             against = optarg;
-            break;
-        case OPT_PROGRESS:
-            vs.progress = true;
-            break;
-        case OPT_OUTPUT:
-            if (!cli_parse_output(optarg, &vs.json, &err)) {
-                error_report_err(err);
-                return CLI_EXIT_ERROR;
-            }
-            break;
-        default:
-            verify_usage(stderr);
+        } else if (!cli_repo_opt(c, &opts, verify_usage)) {
             return CLI_EXIT_ERROR;
         }
     }
+    const char *repo_path = opts.repo, *node_arg = opts.node, *at = opts.at;
+    vs.json = opts.json;
     if (!repo_path) {
         error_report("verify: --repo DIR is required (see 'bitback verify --help')");
         return CLI_EXIT_ERROR;
@@ -584,7 +225,8 @@ int cli_cmd_verify(int argc, char **argv)
         error_report_err(err);
         return CLI_EXIT_ERROR;
     }
-    vs.progress = cli_progress_wanted(vs.progress) && !vs.json;
+    cli_progress_ops(&vs.v.progress,
+                     cli_progress_wanted(opts.progress) && !vs.json);
 
     Repo *repo = repo_open(repo_path, false, &err);
     if (!repo) {
@@ -599,7 +241,7 @@ int cli_cmd_verify(int argc, char **argv)
 
     vs.problems = json_object_new_array();
     if (against || node_arg) {
-        one[0] = cli_repo_pick_node(repo, node_arg, &err);
+        one[0] = repo_pick_node(repo, node_arg, &err);
         if (!one[0]) {
             goto out;
         }
@@ -619,7 +261,12 @@ int cli_cmd_verify(int argc, char **argv)
 
     if (against) {
         RepoManifest *m = repo_find(repo, scope[0], seq, &err);
-        if (!m || !verify_against(&vs, repo, m, against, &err)) {
+        if (!m) {
+            goto out;
+        }
+        bool ok = repo_verify_against(&vs.v, repo, m, against, &err);
+        end_backup(&vs, m);
+        if (!ok) {
             goto out;
         }
     } else if (all) {
@@ -627,7 +274,7 @@ int cli_cmd_verify(int argc, char **argv)
             RepoManifest *m = repo->backups[i];
             for (size_t k = 0; scope[k]; k++) {
                 if (!strcmp(scope[k], m->node)) {
-                    verify_stored(&vs, repo, m);
+                    verify_one(&vs, repo, m);
                 }
             }
         }
@@ -638,7 +285,7 @@ int cli_cmd_verify(int argc, char **argv)
             RepoManifest *m = repo_find(repo, scope[k], seq,
                                         scope == one ? &err : NULL);
             if (m) {
-                verify_stored(&vs, repo, m);
+                verify_one(&vs, repo, m);
                 found++;
             } else if (err) {
                 goto out;
@@ -654,37 +301,37 @@ int cli_cmd_verify(int argc, char **argv)
     }
 
     double secs = now_seconds() - start;
-    double rate = secs > 0 ? (double)vs.bytes_read / secs : 0;
+    double rate = secs > 0 ? (double)vs.v.bytes_read / secs : 0;
     if (vs.json) {
         _cleanup_json_ struct json_object *o = json_object_new_object();
-        json_object_object_add(o, "ok", json_object_new_boolean(!vs.mismatches));
+        json_object_object_add(o, "ok", json_object_new_boolean(!vs.v.problems));
         json_object_object_add(o, "backups-checked",
-                               json_object_new_int64(vs.backups_checked));
+                               json_object_new_int64(vs.v.backups_checked));
         json_object_object_add(o, "bytes-read",
-                               json_object_new_int64((int64_t)vs.bytes_read));
+                               json_object_new_int64((int64_t)vs.v.bytes_read));
         json_object_object_add(o, "seconds", json_object_new_double(secs));
         json_object_object_add(o, "mismatches",
-                               json_object_new_int64((int64_t)vs.mismatches));
+                               json_object_new_int64((int64_t)vs.v.problems));
         json_object_object_add(o, "problems", json_object_get(vs.problems));
         cli_print_json(o);
     } else {
         char rd[32], rt[32];
-        cli_size_to_str(vs.bytes_read, rd, sizeof(rd));
+        cli_size_to_str(vs.v.bytes_read, rd, sizeof(rd));
         cli_size_to_str((uint64_t)rate, rt, sizeof(rt));
-        if (vs.mismatches) {
+        if (vs.v.problems) {
             printf("verify: FAILED: %" PRIu64 " problem%s in %u backup%s "
-                   "checked (%s read in %.2f s, %s/s)\n", vs.mismatches,
-                   vs.mismatches == 1 ? "" : "s", vs.backups_checked,
-                   vs.backups_checked == 1 ? "" : "s", rd, secs, rt);
+                   "checked (%s read in %.2f s, %s/s)\n", vs.v.problems,
+                   vs.v.problems == 1 ? "" : "s", vs.v.backups_checked,
+                   vs.v.backups_checked == 1 ? "" : "s", rd, secs, rt);
         } else {
             printf("verify: %u backup%s checked%s%s, all good (%s read in "
-                   "%.2f s, %s/s)\n", vs.backups_checked,
-                   vs.backups_checked == 1 ? "" : "s",
+                   "%.2f s, %s/s)\n", vs.v.backups_checked,
+                   vs.v.backups_checked == 1 ? "" : "s",
                    against ? " against " : "", against ? against : "",
                    rd, secs, rt);
         }
     }
-    ret = vs.mismatches ? CLI_EXIT_MISMATCH : CLI_EXIT_OK;
+    ret = vs.v.problems ? CLI_EXIT_MISMATCH : CLI_EXIT_OK;
 
 out:
     if (err) {

@@ -123,35 +123,19 @@ static char *seq_path(Repo *repo, const char *node, const char *prefix,
                             suffix);
 }
 
-char *repo_data_path(Repo *repo, const char *node, unsigned seq)
-{
-    return seq_path(repo, node, "", seq, ".qcow2");
-}
+/* The named paths of a backup's files, each one seq_path. */
+#define SEQ_PATH_FN(fn, prefix, suffix)                         \
+    char *fn(Repo *repo, const char *node, unsigned seq)        \
+    {                                                           \
+        return seq_path(repo, node, prefix, seq, suffix);       \
+    }
 
-char *repo_manifest_path(Repo *repo, const char *node, unsigned seq)
-{
-    return seq_path(repo, node, "", seq, ".json");
-}
-
-char *repo_tmp_data_path(Repo *repo, const char *node, unsigned seq)
-{
-    return seq_path(repo, node, ".", seq, ".qcow2.tmp");
-}
-
-char *repo_tmp_manifest_path(Repo *repo, const char *node, unsigned seq)
-{
-    return seq_path(repo, node, ".", seq, ".json.tmp");
-}
-
-char *repo_attempt_path(Repo *repo, const char *node, unsigned seq)
-{
-    return seq_path(repo, node, "", seq, ".attempt");
-}
-
-char *repo_tmp_attempt_path(Repo *repo, const char *node, unsigned seq)
-{
-    return seq_path(repo, node, ".", seq, ".attempt.tmp");
-}
+SEQ_PATH_FN(repo_data_path, "", ".qcow2")
+SEQ_PATH_FN(repo_manifest_path, "", ".json")
+SEQ_PATH_FN(repo_tmp_data_path, ".", ".qcow2.tmp")
+SEQ_PATH_FN(repo_tmp_manifest_path, ".", ".json.tmp")
+SEQ_PATH_FN(repo_attempt_path, "", ".attempt")
+SEQ_PATH_FN(repo_tmp_attempt_path, ".", ".attempt.tmp")
 
 RepoFileKind repo_file_kind(const char *name, unsigned *ret_seq)
 {

@@ -25,7 +25,9 @@
  * the hash thread pool, scanning a backup file), commit.c (attempt
  * markers, leftovers, the two-phase commit), chain.c (opening chains),
  * repo.c (open/create, bitback-repo.json, the list of backups), planner.c
- * (the backup planner), storage-local.c (the file operations).
+ * (the backup planner), restore.c (restoring a point), verify.c (checking
+ * stored backups and targets), prune.c (retention: synthetic fulls and
+ * deletion), storage-local.c (the file operations).
  *
  * Everything here is control code: functions take Error **errp last and
  * report nothing themselves.
@@ -87,5 +89,16 @@ RepoManifest *repo_manifest_load(const RepoStorage *st, const char *path,
 
 /* Committed backup seq of node, or NULL. */
 RepoManifest *repo_lookup(Repo *repo, const char *node, unsigned seq);
+
+/* ---- restore.c: the operations' progress (ops.h RepoProgressOps) ---- */
+
+struct RepoProgressOps;
+/* p's begin(), or NULL when p or it is NULL. */
+void *repo_progress_begin(const struct RepoProgressOps *p, const char *label,
+                          uint64_t total);
+/* p's end(step), when there is one. */
+void repo_progress_end(const struct RepoProgressOps *p, void *step);
+/* p's update, or NULL. */
+RepoProgressFn *repo_progress_fn(const struct RepoProgressOps *p);
 
 #endif

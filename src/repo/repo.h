@@ -159,7 +159,7 @@ RepoManifest **repo_chain(Repo *repo, const RepoManifest *m, size_t *ret_n,
  * the backup (ID and disk) whose link is wrong and how.
  *
  * The one tolerated difference is the window of an interrupted prune
- * (prune-cmd.c, step 2): a committed backup whose file has no backing
+ * (prune.c, step 2): a committed backup whose file has no backing
  * file while its manifest names a parent, and repo_pending_manifest()
  * holds its synthetic full; its file is then the chain's base. */
 

@@ -8,7 +8,7 @@
  *
  * Not routed through it: the qcow2 data files themselves, which the block
  * layer opens and writes by path (bdrv_open_image, bdrv_img_create,
- * cli_restore_image), and the containment check of chain.c (realpath).
+ * repo_restore_image), and the containment check of chain.c (realpath).
  *
  * Paths are full paths ("REPO/NODE/ID.json") as paths.c builds them.
  * Operations made of several steps, whose failures need words, set errp;
