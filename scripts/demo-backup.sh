@@ -66,13 +66,7 @@ show qemu-img create -q -f raw disk.raw ${SIZE_MB}M
 show qemu-io -f raw disk.raw -c "write -P 0x11 0 ${SIZE_MB}M" >/dev/null
 
 say "Start ${DAEMON##*/} and export the disk over NBD, writable"
-show "$DAEMON" \
-    --blockdev driver=raw,node-name=disk0,file.driver=file,file.filename=disk.raw \
-    --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
-    --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
-    --monitor chardev=m0 \
-    --pidfile "$DIR/daemon.pid" --daemonize
-PID=$(cat "$DIR/daemon.pid")
+start_daemon "$DAEMON" driver=raw,node-name=disk0,file.driver=file,file.filename=disk.raw
 qmp block-export-add '{"type": "nbd", "id": "e0", "node-name": "disk0",
                        "name": "disk0", "writable": true}'
 

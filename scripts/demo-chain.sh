@@ -51,14 +51,8 @@ R=$DIR/repo
 
 say "Create a 64 MiB qbm disk and serve it with bitbackd over NBD"
 show "$BITBACK" img create -f qbm disk.qbm 64M
-show "$BITBACKD" \
-    --blockdev driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm \
-    --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
-    --export type=nbd,id=e0,node-name=disk0,name=disk0,writable=on \
-    --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
-    --monitor chardev=m0 \
-    --pidfile "$DIR/daemon.pid" --daemonize
-PID=$(cat "$DIR/daemon.pid")
+start_daemon "$BITBACKD" driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm \
+    --export type=nbd,id=e0,node-name=disk0,name=disk0,writable=on
 
 say "A client writes 24 MiB through NBD"
 show qemu-io -f raw "$URI" -c "write -P 0x11 0 16M" -c "write -P 0x22 32M 8M"

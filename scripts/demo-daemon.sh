@@ -23,13 +23,7 @@ say "Create a 64 MiB QBM image (a raw data file plus bitmap metadata)"
 show "$BITBACK" img create -f qbm disk.qbm 64M
 
 say "Start bitbackd with qemu-storage-daemon's options"
-show "$BITBACKD" \
-    --blockdev driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm \
-    --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
-    --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
-    --monitor chardev=m0 \
-    --pidfile "$DIR/bitbackd.pid" --daemonize
-PID=$(cat "$DIR/bitbackd.pid")
+start_daemon "$BITBACKD" driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm
 echo "bitbackd is running as process $PID"
 
 say "Add a persistent dirty bitmap b0 and export disk0 with it"

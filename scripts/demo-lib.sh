@@ -100,3 +100,18 @@ wait_gone() {
     done
     ! kill -0 "$1" 2>/dev/null
 }
+
+# start_daemon BINARY BLOCKDEV [OPTION...]: show and start BINARY (bitbackd
+# or qemu-storage-daemon) with --blockdev BLOCKDEV, its NBD server on
+# NBD_SOCK, the OPTIONs, and its QMP monitor on QMP_SOCK, daemonized; sets
+# PID.
+start_daemon() {
+    show "$1" \
+        --blockdev "$2" \
+        --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
+        "${@:3}" \
+        --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
+        --monitor chardev=m0 \
+        --pidfile "$DIR/daemon.pid" --daemonize
+    PID=$(cat "$DIR/daemon.pid")
+}
