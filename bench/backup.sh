@@ -27,22 +27,11 @@
 # >= 1.5, incremental bitbackd no slower than qemu-storage-daemon.
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")/.." && pwd)
-build=${1:-build}
-case $build in /*) ;; *) build=$here/$build ;; esac
-BITBACK=$build/bitback
-BITBACKD=$build/bitbackd
+. "$(dirname "$0")/lib.sh"
+bench_init backup.sh "${1:-build}" qemu-storage-daemon qemu-img /usr/bin/python3
+bench_need_libnbd
 SIZE=${SIZE:-4G}
 REPEAT=${REPEAT:-3}
-PYTHON=/usr/bin/python3
-
-for tool in qemu-storage-daemon qemu-img "$PYTHON"; do
-    command -v "$tool" >/dev/null || { echo "backup.sh: $tool is not installed" >&2; exit 1; }
-done
-for bin in "$BITBACK" "$BITBACKD"; do
-    [ -x "$bin" ] || { echo "backup.sh: $bin not built (run ninja -C $build)" >&2; exit 1; }
-done
-"$PYTHON" -c 'import nbd' 2>/dev/null || { echo "backup.sh: python3-libnbd is missing" >&2; exit 1; }
 
 W=$(mktemp -d "${TMPDIR:-/var/tmp}/bitback-backup-bench.XXXXXX")
 cleanup() {
@@ -53,20 +42,17 @@ trap cleanup EXIT
 
 export BENCH_DIR=$W BENCH_SIZE=$SIZE BENCH_REPEAT=$REPEAT
 export BENCH_BITBACK=$BITBACK BENCH_BITBACKD=$BITBACKD
-# The shared test helpers (bitback_testlib: Daemon, QMP client).
-export PYTHONPATH=$here/tests/lib${PYTHONPATH:+:$PYTHONPATH}
 export BENCH_DAEMONS=${DAEMONS:-bitbackd bitbackd-qcow2 qsd}
 
 "$PYTHON" - <<'EOF'
-import json
 import os
 import random
-import subprocess
 import sys
 import time
 
 import nbd
-from bitback_testlib import QSD, Daemon
+from benchlib import parse_size, quit, serve, sh, wait_job, warm
+from bitback_testlib import QSD
 
 W = os.environ["BENCH_DIR"]
 REPEAT = int(os.environ["BENCH_REPEAT"])
@@ -76,25 +62,9 @@ MiB = 1 << 20
 DAEMONS = os.environ["BENCH_DAEMONS"].split()
 
 
-def parse_size(s):
-    units = {"K": 10, "M": 20, "G": 30, "T": 40}
-    s = s.strip().upper().rstrip("B").rstrip("I")
-    if s and s[-1] in units:
-        return int(float(s[:-1]) * (1 << units[s[-1]]))
-    return int(s)
-
-
 SIZE = parse_size(os.environ["BENCH_SIZE"]) // MiB * MiB
 SRC = os.path.join(W, "disk.raw")
 PRISTINE = os.path.join(W, "pristine.raw")
-
-
-def sh(*argv):
-    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"backup.sh: {' '.join(map(str, argv))} failed: "
-                 f"{p.stdout}{p.stderr}")
-    return p.stdout
 
 
 def make_source():
@@ -110,21 +80,6 @@ def make_source():
     return len(chunks) * MiB
 
 
-def warm(path):
-    with open(path, "rb") as f:
-        while f.read(16 * MiB):
-            pass
-
-
-def wait_job(q, job):
-    while True:
-        ev = q.get_event("BLOCK_JOB_COMPLETED", timeout=3600)
-        if ev["data"]["device"] == job:
-            if "error" in ev["data"]:
-                sys.exit(f"backup.sh: job {job} failed: {ev['data']['error']}")
-            return ev
-
-
 def one_run(kind, run_no, verify):
     """Full + writes + incremental on one daemon; returns (full_s, incr_s,
     written_bytes)."""
@@ -134,10 +89,10 @@ def one_run(kind, run_no, verify):
     # "bitbackd-qcow2": bitbackd writing the incremental as qcow2.
     fmt = "qbm" if kind == "bitbackd" else "qcow2"
     inc = os.path.join(wd, f"inc.{fmt}")
-    d = Daemon(wd, binary=QSD if kind == "qsd" else BITBACKD)
+    d = serve(wd, QSD if kind == "qsd" else BITBACKD,
+              f"driver=raw,node-name=disk0,file.driver=file,"
+              f"file.filename={SRC}")
     try:
-        d.start("--blockdev", f"driver=raw,node-name=disk0,file.driver=file,"
-                f"file.filename={SRC}", nbd=True)
         q = d.qmp
         q.cmd("block-export-add", type="nbd", id="e0",
               **{"node-name": "disk0"}, name="disk0", writable=True)
@@ -189,9 +144,7 @@ def one_run(kind, run_no, verify):
                   **{"node-name": "inc"}, name="inc", writable=False)
             sh("qemu-img", "compare", "-f", "raw", "-F", "raw",
                d.nbd_uri("inc"), d.nbd_uri("disk0"))
-        rc = d.quit()
-        if rc != 0:
-            sys.exit(f"backup.sh: {kind} exited with {rc}: {d.stderr()}")
+        quit(d, kind)
     finally:
         d.cleanup()
     if verify:

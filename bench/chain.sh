@@ -36,25 +36,24 @@
 # build, e.g. meson setup build-rel -Dbuildtype=release)
 # Environment: SIZE (default 2G), DIRTY (percent, default 10), TMPDIR (where
 # the work folder is made, default /var/tmp), KEEP=1 keeps the work folder.
+# BASE_BUILD (a build folder of another bitback version, as bench/nbd.sh
+# takes it): the bitback side then runs ROUNDS times (default 3) for this
+# build and for that one, alternating on the same data (the order rotates
+# from round to round), and the tables print per step (full, inc, verify)
+# the median of each build and the paired ratio this/base (the median of
+# the per-round ratios of the times: below 1 this build is faster); the qsd
+# side runs once, as without BASE_BUILD.  A before/after check of a change.
 # This is a benchmark, not a test: it prints a table with PASS/MISS against
 # the targets of issue 6 (hashing <= 10% of backup time, verify >= 1 GB/s
 # per core) and exits 0 whatever the numbers.
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")/.." && pwd)
-build=${1:-build}
-case $build in /*) ;; *) build=$here/$build ;; esac
-BITBACK=$build/bitback
-BITBACKD=$build/bitbackd
-PYTHON=/usr/bin/python3
-
-for tool in qemu-storage-daemon qemu-img "$PYTHON"; do
-    command -v "$tool" >/dev/null || { echo "chain.sh: $tool is not installed" >&2; exit 1; }
-done
-for bin in "$BITBACK" "$BITBACKD"; do
-    [ -x "$bin" ] || { echo "chain.sh: $bin not built (run ninja -C $build)" >&2; exit 1; }
-done
-"$PYTHON" -c 'import nbd' 2>/dev/null || { echo "chain.sh: python3-libnbd is missing" >&2; exit 1; }
+. "$(dirname "$0")/lib.sh"
+bench_init chain.sh "${1:-build}" qemu-storage-daemon qemu-img /usr/bin/python3
+bench_need_libnbd
+BASE_BUILD=${BASE_BUILD:+$(bench_build_dir "$BASE_BUILD")}
+[ -z "$BASE_BUILD" ] || bench_need_bins "$BASE_BUILD/bitback" "$BASE_BUILD/bitbackd"
+ROUNDS=${ROUNDS:-3}
 
 W=$(mktemp -d "${TMPDIR:-/var/tmp}/bitback-chain-bench.XXXXXX")
 DRIVER=
@@ -72,21 +71,22 @@ trap 'exit 130' INT TERM
 
 export BENCH_DIR=$W BENCH_SIZE=${SIZE:-2G} BENCH_DIRTY=${DIRTY:-10}
 export BENCH_BITBACK=$BITBACK BENCH_BITBACKD=$BITBACKD
-# The shared test helpers (bitback_testlib: Daemon, QMP client).
-export PYTHONPATH=$here/tests/lib${PYTHONPATH:+:$PYTHONPATH}
+export BENCH_BASE_BUILD=$BASE_BUILD BENCH_ROUNDS=$ROUNDS
 
 "$PYTHON" - <<'EOF' &
 import json
 import os
 import random
 import resource
+import shutil
 import signal
-import subprocess
+import statistics
 import sys
 import time
 
 import nbd
-from bitback_testlib import QSD, Daemon
+from benchlib import EXPORT_DISK0, parse_size, quit, serve, sh, wait_job, warm
+from bitback_testlib import QSD
 
 # SIGTERM (from the shell's trap) unwinds like an exception, so that the
 # finally blocks stop the daemons.
@@ -95,31 +95,17 @@ signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 W = os.environ["BENCH_DIR"]
 BITBACK = os.environ["BENCH_BITBACK"]
 BITBACKD = os.environ["BENCH_BITBACKD"]
+BASE = os.environ["BENCH_BASE_BUILD"]
+ROUNDS = int(os.environ["BENCH_ROUNDS"])
 DIRTY = float(os.environ["BENCH_DIRTY"])
 KiB = 1 << 10
 MiB = 1 << 20
 GB = 1e9
 
 
-def parse_size(s):
-    units = {"K": 10, "M": 20, "G": 30, "T": 40}
-    s = s.strip().upper().rstrip("B").rstrip("I")
-    if s and s[-1] in units:
-        return int(float(s[:-1]) * (1 << units[s[-1]]))
-    return int(s)
-
-
 SIZE = parse_size(os.environ["BENCH_SIZE"]) // MiB * MiB
 PRISTINE = os.path.join(W, "pristine.raw")
 SRC = os.path.join(W, "src.raw")
-
-
-def sh(*argv, ok=(0,)):
-    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
-    if p.returncode not in ok:
-        sys.exit(f"chain.sh: {' '.join(map(str, argv))} failed "
-                 f"({p.returncode}): {p.stdout}{p.stderr}")
-    return p
 
 
 def timed(*argv, ok=(0,)):
@@ -147,9 +133,7 @@ def make_pristine():
 
 def reset_source():
     sh("cp", "--sparse=always", PRISTINE, SRC)
-    with open(SRC, "rb") as f:            # warm the page cache
-        while f.read(16 * MiB):
-            pass
+    warm(SRC)
 
 
 def dirty_source(uri):
@@ -169,32 +153,23 @@ def dirty_source(uri):
     return n * 64 * KiB
 
 
-def wait_job(q, job):
-    while True:
-        ev = q.get_event("BLOCK_JOB_COMPLETED", timeout=3600)
-        if ev["data"]["device"] == job:
-            if "error" in ev["data"]:
-                sys.exit(f"chain.sh: job {job} failed: {ev['data']['error']}")
-            return ev
-
-
-def run_bitback():
-    wd = os.path.join(W, "bitback")
+def run_bitback(bitback=BITBACK, bitbackd=BITBACKD, wd_name="bitback"):
+    """Full, dirty, inc and verify with bitback and bitbackd; their
+    results (the backups' JSON with "wall" added, the times, the stored
+    size)."""
+    wd = os.path.join(W, wd_name)
     os.makedirs(wd)
     repo = os.path.join(wd, "repo")
     qbm = os.path.join(wd, "disk.qbm")
-    sh(BITBACK, "img", "create", "-f", "qbm", "-o",
+    sh(bitback, "img", "create", "-f", "qbm", "-o",
        f"data-file={SRC},data-format=raw", qbm)
     r = {}
-    d = Daemon(wd, binary=BITBACKD)
+    d = serve(wd, bitbackd, f"driver=qbm,node-name=disk0,file.driver=file,"
+              f"file.filename={qbm}", *EXPORT_DISK0)
     try:
-        d.start("--blockdev", f"driver=qbm,node-name=disk0,file.driver=file,"
-                f"file.filename={qbm}",
-                "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,"
-                "writable=on", nbd=True)
 
         def backup(level):
-            t, p = timed(BITBACK, "backup", "--connect", d.qmp_sock,
+            t, p = timed(bitback, "backup", "--connect", d.qmp_sock,
                          "--node", "disk0", "--repo", repo, "--level", level,
                          "--output=json")
             (b,) = json.loads(p.stdout)
@@ -207,9 +182,7 @@ def run_bitback():
         r["full"] = backup("full")
         r["written"] = dirty_source(d.nbd_uri("disk0"))
         r["inc"] = backup("inc")
-        rc = d.quit()
-        if rc != 0:
-            sys.exit(f"chain.sh: bitbackd exited with {rc}: {d.stderr()}")
+        quit(d, "bitbackd")
     finally:
         d.cleanup()
 
@@ -217,7 +190,7 @@ def run_bitback():
     sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw",
        os.path.join(repo, "disk0", f"{r['inc']['id']}.qcow2"), SRC)
     # verify: re-read and hash every stored cluster (a thread pool).
-    t, p = timed(BITBACK, "verify", "--repo", repo, ok=(0, 1, 2))
+    t, p = timed(bitback, "verify", "--repo", repo, ok=(0, 1, 2))
     if "not implemented" in p.stderr:
         r["verify"] = None
     elif p.returncode != 0:
@@ -238,12 +211,9 @@ def run_qsd():
     full = os.path.join(wd, "full.qcow2")
     inc = os.path.join(wd, "inc.qcow2")
     r = {}
-    d = Daemon(wd, binary=QSD)
+    d = serve(wd, QSD, f"driver=raw,node-name=disk0,file.driver=file,"
+              f"file.filename={SRC}", *EXPORT_DISK0)
     try:
-        d.start("--blockdev", f"driver=raw,node-name=disk0,file.driver=file,"
-                f"file.filename={SRC}",
-                "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,"
-                "writable=on", nbd=True)
         q = d.qmp
         t0 = time.monotonic()
         sh("qemu-img", "create", "-q", "-f", "qcow2", full, str(SIZE))
@@ -267,10 +237,7 @@ def run_qsd():
                                  "bitmap": "b0"})
         wait_job(q, "inc0")
         r["inc"] = time.monotonic() - t0
-        rc = d.quit()
-        if rc != 0:
-            sys.exit(f"chain.sh: qemu-storage-daemon exited with {rc}: "
-                     f"{d.stderr()}")
+        quit(d, "qemu-storage-daemon")
     finally:
         d.cleanup()
     # "verify", the qemu-img way: metadata checks, then the chain's data
@@ -288,12 +255,52 @@ print(f"# source: {SIZE // MiB} MiB raw, ", end="", flush=True)
 data = make_pristine()
 print(f"{data // MiB} MiB of random data in random 1 MiB chunks; "
       f"{DIRTY:g}% rewritten between the backups", flush=True)
-reset_source()
-bb = run_bitback()
-print(f"# bitback: full {bb['full']['wall']:.2f} s, inc "
-      f"{bb['inc']['wall']:.2f} s, verify "
-      + (f"{bb['verify']:.2f} s" if bb["verify"] is not None
-         else "not implemented yet"), flush=True)
+
+
+def print_run(label, b):
+    print(f"# {label}: full {b['full']['wall']:.2f} s, inc "
+          f"{b['inc']['wall']:.2f} s, verify "
+          + (f"{b['verify']:.2f} s" if b["verify"] is not None
+             else "not implemented yet"), flush=True)
+
+
+def step_times(r):
+    """A bitback run's times per step (None: verify not implemented)."""
+    return {"full": r["full"]["wall"], "inc": r["inc"]["wall"],
+            "verify": r["verify"]}
+
+
+def rounds_this_and_base():
+    """ROUNDS rounds of run_bitback with this build and with BASE_BUILD on
+    the same data, the order rotating from round to round.  Returns
+    {"this": [step_times per round], "base": [...]} and this build's
+    first run (for the byte counts)."""
+    builds = {"this": (BITBACK, BITBACKD),
+              "base": (os.path.join(BASE, "bitback"),
+                       os.path.join(BASE, "bitbackd"))}
+    times = {"this": [], "base": []}
+    first = None
+    for rnd in range(ROUNDS):
+        order = ("this", "base") if rnd % 2 == 0 else ("base", "this")
+        for who in order:
+            reset_source()
+            wd_name = f"bitback-{who}-{rnd + 1}"
+            r = run_bitback(*builds[who], wd_name=wd_name)
+            if not os.environ.get("KEEP"):
+                shutil.rmtree(os.path.join(W, wd_name))
+            print_run(f"{who} build, round {rnd + 1}", r)
+            times[who].append(step_times(r))
+            if who == "this" and first is None:
+                first = r
+    return times, first
+
+
+if BASE:
+    base_times, bb = rounds_this_and_base()
+else:
+    reset_source()
+    bb = run_bitback()
+    print_run("bitback", bb)
 reset_source()
 qs = run_qsd()
 print(f"# qsd:     full {qs['full']:.2f} s, inc {qs['inc']:.2f} s, "
@@ -310,10 +317,43 @@ def mbs(nbytes, s):
     return nbytes / MiB / s
 
 
+def print_this_and_base(times):
+    """The BASE_BUILD table: per step the median time of each build, their
+    ratio and the paired ratio (median of the per-round ratios); then the
+    qsd rows (one run)."""
+    print()
+    print(f"this build / BASE_BUILD ({BASE}): median of {ROUNDS} round(s) "
+          f"per cell; paired: median of the per-round ratios this/base "
+          f"(times: below 1 this build is faster)")
+    print(f"{'step':<26}{'this':>10}{'base':>10}{'this/base':>11}"
+          f"{'paired':>9}")
+    for step, label in (("full", f"full backup ({full_b // MiB} MiB)"),
+                        ("inc", f"incremental ({inc_b // MiB} MiB)"),
+                        ("verify", f"verify ({vb // MiB} MiB)")):
+        mine = [t[step] for t in times["this"]]
+        base = [t[step] for t in times["base"]]
+        if None in mine or None in base:
+            print(f"{label:<26}{'(verify not implemented in a build)':>40}")
+            continue
+        m, b = statistics.median(mine), statistics.median(base)
+        paired = statistics.median(x / y for x, y in zip(mine, base))
+        print(f"{label:<26}{m:>8.2f} s{b:>8.2f} s{m / b:>11.2f}"
+              f"{paired:>9.2f}")
+    for label, t in (("qsd full backup", qs["full"]),
+                     ("qsd incremental", qs["inc"]),
+                     ("qsd check+compare", qs["verify"])):
+        print(f"{label:<26}{t:>8.2f} s  (one run)")
+
+
 def hash_share(b):
     # The hashing pass against the whole `bitback backup` run (wall time).
     return b["hash-seconds"] / b["wall"]
 
+
+vb = full_b + inc_b
+if BASE:
+    print_this_and_base(base_times)
+    sys.exit(0)
 
 print()
 print(f"{'':<26}{'bitback':>18}{'qsd + qemu-img':>18}{'bitback/qsd':>13}")
@@ -323,7 +363,6 @@ for name, b, q, nb in (("full backup", bb["full"], qs["full"], full_b),
     print(f"{label:<26}{b['wall']:>8.2f} s{mbs(nb, b['wall']):>6.0f} MiB/s"
           f"{q:>8.2f} s{mbs(nb, q):>6.0f} MiB/s"
           f"{q / b['wall']:>13.2f}")
-vb = full_b + inc_b
 if bb["verify"] is not None:
     label = f"verify ({vb // MiB} MiB)"
     print(f"{label:<26}{bb['verify']:>8.2f} s{vb / GB / bb['verify']:>6.2f} GB/s "

@@ -45,14 +45,10 @@
 # This is a benchmark, not a test: it prints a table and never fails on speed.
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")/.." && pwd)
-build=${1:-build}
-case $build in /*) ;; *) build=$here/$build ;; esac
-BITBACK=$build/bitback
-BITBACKD=$build/bitbackd
+. "$(dirname "$0")/lib.sh"
+bench_init nbd.sh "${1:-build}" fio qemu-storage-daemon qemu-nbd nbdkit qemu-img python3
 BASE_BUILD=${BASE_BUILD:-}
-# The QMP client of the shared test helpers (python3 -m bitback_testlib.qmpcli).
-export PYTHONPATH=$here/tests/lib${PYTHONPATH:+:$PYTHONPATH}
+[ -z "$BASE_BUILD" ] || bench_need_bins "$BASE_BUILD/bitbackd"
 RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1G}
 SECTIONS=${SECTIONS:-all}
@@ -63,12 +59,6 @@ CS_FRESH_SIZE=${CS_FRESH_SIZE:-$SIZE}
 case $SECTIONS in all|peers|crash-safe) ;; *) echo "nbd.sh: SECTIONS must be all, peers or crash-safe" >&2; exit 1 ;; esac
 want() { [ "$SECTIONS" = all ] || [ "$SECTIONS" = "$1" ]; }
 
-for tool in fio qemu-storage-daemon qemu-nbd nbdkit qemu-img python3; do
-    command -v "$tool" >/dev/null || { echo "nbd.sh: $tool is not installed" >&2; exit 1; }
-done
-for bin in "$BITBACK" "$BITBACKD" ${BASE_BUILD:+"$BASE_BUILD/bitbackd"}; do
-    [ -x "$bin" ] || { echo "nbd.sh: $bin not built (run ninja -C $build)" >&2; exit 1; }
-done
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "nbd.sh: fio lacks the nbd engine" >&2; exit 1; }
 
 W=${WORKDIR:-$(mktemp -d /tmp/bitback-nbd-bench.XXXXXX)}

@@ -13,62 +13,24 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-BUILD=${BITBACK_BUILD:-$REPO/build}
-case $BUILD in /*) ;; *) BUILD=$REPO/$BUILD ;; esac
-BITBACK=$BUILD/bitback
-BITBACKD=$BUILD/bitbackd
-PYTHON=/usr/bin/python3
-# The QMP client (bitback_testlib.qmpcli) of the tests' shared helpers.
-export PYTHONPATH=$REPO/tests/lib${PYTHONPATH:+:$PYTHONPATH}
+. "$REPO/scripts/demo-lib.sh"
 SIZE_MB=128
 
 if [ "${DEMO_DAEMON:-bitbackd}" = qsd ]; then
+    demo_init bitback-backup-demo qemu-io qemu-img nbdinfo qemu-storage-daemon
     DAEMON=qemu-storage-daemon OVL=qcow2
 else
+    demo_init bitback-backup-demo qemu-io qemu-img nbdinfo
     DAEMON=$BITBACKD OVL=qbm
 fi
-for b in "$BITBACK" "$BITBACKD"; do
-    if [ ! -x "$b" ]; then
-        echo "demo: $b not found; build first (make)" >&2
-        exit 1
-    fi
-done
-for t in qemu-io qemu-img nbdinfo "$DAEMON"; do
-    if ! command -v "$t" >/dev/null; then
-        echo "demo: $t is not installed: run scripts/install-deps.sh" >&2
-        exit 1
-    fi
-done
-
-if [ -n "${DEMO_DIR:-}" ]; then
-    mkdir -p "$DEMO_DIR"
-    DIR=$(cd "$DEMO_DIR" && pwd)
-    KEEP=1
-else
-    DIR=$(mktemp -d "${TMPDIR:-/tmp}/bitback-backup-demo.XXXXXX")
-    KEEP=
-fi
-# Sockets go in a short folder of their own (UNIX paths are limited).
-SOCKDIR=$(mktemp -d /tmp/bbd-demo.XXXXXX)
-QMP_SOCK=$SOCKDIR/qmp.sock
-NBD_SOCK=$SOCKDIR/nbd.sock
-PID=
 WRITER=
-cleanup() {
+# demo_cleanup: stop the writer (demo_init's exit trap runs it).
+demo_cleanup() {
     if [ -n "$WRITER" ] && kill -0 "$WRITER" 2>/dev/null; then
         kill "$WRITER" 2>/dev/null || true
         wait "$WRITER" 2>/dev/null || true
     fi
-    if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-        kill -9 "$PID" 2>/dev/null || true
-    fi
-    rm -rf "$SOCKDIR"
-    [ -n "$KEEP" ] || rm -rf "$DIR"
 }
-trap cleanup EXIT
-cd "$DIR"
-
-. "$REPO/scripts/demo-lib.sh"
 # show CMD ARGS...: print the command (quoted so it can be pasted), run it.
 # qmp COMMAND [JSON-ARGUMENTS [JOB-ID]]: one QMP exchange on the monitor
 # socket, printed as a person would type it and as the daemon answers.
@@ -83,6 +45,19 @@ bitmap_count() {
     "$PYTHON" -m bitback_testlib.qmpcli "$QMP_SOCK" bitmap "$1" "$2" count
 }
 writes_so_far() { cat writer.log 2>/dev/null | wc -l; }
+# overlay NAME BACKING-FILE BACKING-FORMAT BACKING-NODE: create NAME.$OVL
+# (qbm with bitback, qcow2 with qemu-img) over BACKING-FILE and add it as
+# node NAME backed by BACKING-NODE.
+overlay() {
+    if [ "$OVL" = qbm ]; then
+        show "$BITBACK" img create -f qbm -b "$2" -F "$3" "$1.qbm"
+    else
+        show qemu-img create -q -f qcow2 -b "$2" -F "$3" "$1.qcow2"
+    fi
+    qmp blockdev-add "{\"driver\": \"$OVL\", \"node-name\": \"$1\",
+                   \"file\": {\"driver\": \"file\", \"filename\": \"$DIR/$1.$OVL\"},
+                   \"backing\": \"$4\"}"
+}
 
 URI="nbd+unix:///disk0?socket=$NBD_SOCK"
 
@@ -91,13 +66,7 @@ show qemu-img create -q -f raw disk.raw ${SIZE_MB}M
 show qemu-io -f raw disk.raw -c "write -P 0x11 0 ${SIZE_MB}M" >/dev/null
 
 say "Start ${DAEMON##*/} and export the disk over NBD, writable"
-show "$DAEMON" \
-    --blockdev driver=raw,node-name=disk0,file.driver=file,file.filename=disk.raw \
-    --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
-    --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
-    --monitor chardev=m0 \
-    --pidfile "$DIR/daemon.pid" --daemonize
-PID=$(cat "$DIR/daemon.pid")
+start_daemon "$DAEMON" driver=raw,node-name=disk0,file.driver=file,file.filename=disk.raw
 qmp block-export-add '{"type": "nbd", "id": "e0", "node-name": "disk0",
                        "name": "disk0", "writable": true}'
 
@@ -134,14 +103,7 @@ echo "the writer made $(( $(writes_so_far) - before )) writes during the full ba
 echo "b0 now tracks $(bitmap_count disk0 b0) dirty bytes written since the job started"
 
 say "Incremental backup, live: only b0's dirty clusters, into an overlay on the full backup"
-if [ "$OVL" = qbm ]; then
-    show "$BITBACK" img create -f qbm -b full.raw -F raw inc1.qbm
-else
-    show qemu-img create -q -f qcow2 -b full.raw -F raw inc1.qcow2
-fi
-qmp blockdev-add "{\"driver\": \"$OVL\", \"node-name\": \"inc1\",
-                   \"file\": {\"driver\": \"file\", \"filename\": \"$DIR/inc1.$OVL\"},
-                   \"backing\": \"full\"}"
+overlay inc1 full.raw raw full
 before=$(writes_so_far)
 qmp blockdev-backup '{"job-id": "inc1", "device": "disk0", "target": "inc1",
                       "sync": "incremental", "bitmap": "b0"}' inc1
@@ -155,14 +117,7 @@ echo "the writer made $(writes_so_far) writes in all"
 echo "b0 holds $(bitmap_count disk0 b0) dirty bytes written since the incremental started"
 
 say "A last incremental, with no writer: inc2 on top of inc1 on top of full"
-if [ "$OVL" = qbm ]; then
-    show "$BITBACK" img create -f qbm -b inc1.qbm -F qbm inc2.qbm
-else
-    show qemu-img create -q -f qcow2 -b inc1.qcow2 -F qcow2 inc2.qcow2
-fi
-qmp blockdev-add "{\"driver\": \"$OVL\", \"node-name\": \"inc2\",
-                   \"file\": {\"driver\": \"file\", \"filename\": \"$DIR/inc2.$OVL\"},
-                   \"backing\": \"inc1\"}"
+overlay inc2 inc1.$OVL $OVL inc1
 qmp blockdev-backup '{"job-id": "inc2", "device": "disk0", "target": "inc2",
                       "sync": "incremental", "bitmap": "b0"}' inc2
 
@@ -181,10 +136,7 @@ done
 
 say "Shut down"
 qmp quit
-for _ in $(seq 1 600); do
-    kill -0 "$PID" 2>/dev/null || break
-    sleep 0.05
-done
+wait_gone "$PID" 600 || true
 PID=
 # (through a file: head closing the pipe early would fail the script)
 if [ "$OVL" = qbm ]; then

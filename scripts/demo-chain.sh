@@ -15,55 +15,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-BUILD=${BITBACK_BUILD:-$REPO/build}
-case $BUILD in /*) ;; *) BUILD=$REPO/$BUILD ;; esac
-BITBACK=$BUILD/bitback
-BITBACKD=$BUILD/bitbackd
-PYTHON=/usr/bin/python3
-
-for b in "$BITBACK" "$BITBACKD"; do
-    if [ ! -x "$b" ]; then
-        echo "demo: $b not found; build first (make)" >&2
-        exit 1
-    fi
-done
-for t in qemu-io qemu-img "$PYTHON"; do
-    if ! command -v "$t" >/dev/null; then
-        echo "demo: $t is not installed: run scripts/install-deps.sh" >&2
-        exit 1
-    fi
-done
-
-if [ -n "${DEMO_DIR:-}" ]; then
-    mkdir -p "$DEMO_DIR"
-    DIR=$(cd "$DEMO_DIR" && pwd)
-    KEEP=1
-else
-    DIR=$(mktemp -d "${TMPDIR:-/tmp}/bitback-chain-demo.XXXXXX")
-    KEEP=
-fi
-# Sockets go in a short folder of their own (UNIX paths are limited).
-SOCKDIR=$(mktemp -d /tmp/bbd-chain.XXXXXX)
-QMP_SOCK=$SOCKDIR/qmp.sock
-NBD_SOCK=$SOCKDIR/nbd.sock
-PID=
-cleanup() {
-    if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-        kill "$PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$PID" 2>/dev/null || break
-            sleep 0.05
-        done
-        kill -9 "$PID" 2>/dev/null || true
-    fi
-    rm -rf "$SOCKDIR"
-    [ -n "$KEEP" ] || rm -rf "$DIR"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-cd "$DIR"
-
 . "$REPO/scripts/demo-lib.sh"
+demo_init bitback-chain-demo qemu-io qemu-img
 # show CMD ARGS...: print the command (quoted so it can be pasted), run it.
 # backups EXPR: a Python expression on the repository's backup list
 # (`bitback list --output=json`, oldest first) as b, printed.
@@ -98,14 +51,8 @@ R=$DIR/repo
 
 say "Create a 64 MiB qbm disk and serve it with bitbackd over NBD"
 show "$BITBACK" img create -f qbm disk.qbm 64M
-show "$BITBACKD" \
-    --blockdev driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm \
-    --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
-    --export type=nbd,id=e0,node-name=disk0,name=disk0,writable=on \
-    --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
-    --monitor chardev=m0 \
-    --pidfile "$DIR/daemon.pid" --daemonize
-PID=$(cat "$DIR/daemon.pid")
+start_daemon "$BITBACKD" driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm \
+    --export type=nbd,id=e0,node-name=disk0,name=disk0,writable=on
 
 say "A client writes 24 MiB through NBD"
 show qemu-io -f raw "$URI" -c "write -P 0x11 0 16M" -c "write -P 0x22 32M 8M"
@@ -151,10 +98,7 @@ same restored3.raw point2.raw
 
 say "Shut down"
 kill "$PID"
-for _ in $(seq 1 200); do
-    kill -0 "$PID" 2>/dev/null || break
-    sleep 0.05
-done
+wait_gone "$PID" 200 || true
 PID=
 
 echo

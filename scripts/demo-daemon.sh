@@ -9,51 +9,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-BUILD=${BITBACK_BUILD:-$REPO/build}
-case $BUILD in /*) ;; *) BUILD=$REPO/$BUILD ;; esac
-BITBACK=$BUILD/bitback
-BITBACKD=$BUILD/bitbackd
-PYTHON=/usr/bin/python3
-# The QMP client (bitback_testlib.qmpcli) of the tests' shared helpers.
-export PYTHONPATH=$REPO/tests/lib${PYTHONPATH:+:$PYTHONPATH}
-
-for b in "$BITBACK" "$BITBACKD"; do
-    if [ ! -x "$b" ]; then
-        echo "demo: $b not found; build first (make)" >&2
-        exit 1
-    fi
-done
-for t in qemu-io nbdinfo; do
-    if ! command -v "$t" >/dev/null; then
-        echo "demo: $t is not installed: run scripts/install-deps.sh" >&2
-        exit 1
-    fi
-done
-
-if [ -n "${DEMO_DIR:-}" ]; then
-    mkdir -p "$DEMO_DIR"
-    DIR=$(cd "$DEMO_DIR" && pwd)
-    KEEP=1
-else
-    DIR=$(mktemp -d "${TMPDIR:-/tmp}/bitbackd-demo.XXXXXX")
-    KEEP=
-fi
-# Sockets go in a short folder of their own (UNIX paths are limited).
-SOCKDIR=$(mktemp -d /tmp/bbd-demo.XXXXXX)
-QMP_SOCK=$SOCKDIR/qmp.sock
-NBD_SOCK=$SOCKDIR/nbd.sock
-PID=
-cleanup() {
-    if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-        kill -9 "$PID" 2>/dev/null || true
-    fi
-    rm -rf "$SOCKDIR"
-    [ -n "$KEEP" ] || rm -rf "$DIR"
-}
-trap cleanup EXIT
-cd "$DIR"
-
 . "$REPO/scripts/demo-lib.sh"
+demo_init bitbackd-demo qemu-io nbdinfo
 # show CMD ARGS...: print the command (quoted so it can be pasted), run it.
 # qmp COMMAND [JSON-ARGUMENTS [NODE]]: one QMP exchange on the monitor
 # socket, printed as a person would type it and as the daemon answers.  With
@@ -66,13 +23,7 @@ say "Create a 64 MiB QBM image (a raw data file plus bitmap metadata)"
 show "$BITBACK" img create -f qbm disk.qbm 64M
 
 say "Start bitbackd with qemu-storage-daemon's options"
-show "$BITBACKD" \
-    --blockdev driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm \
-    --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
-    --chardev "socket,path=$QMP_SOCK,server=on,wait=off,id=m0" \
-    --monitor chardev=m0 \
-    --pidfile "$DIR/bitbackd.pid" --daemonize
-PID=$(cat "$DIR/bitbackd.pid")
+start_daemon "$BITBACKD" driver=qbm,node-name=disk0,file.driver=file,file.filename=disk.qbm
 echo "bitbackd is running as process $PID"
 
 say "Add a persistent dirty bitmap b0 and export disk0 with it"
@@ -93,11 +44,7 @@ qmp query-named-block-nodes '' disk0
 
 say "Shut down with quit: persistent bitmaps are stored and marked clean"
 qmp quit
-for _ in $(seq 1 600); do
-    kill -0 "$PID" 2>/dev/null || break
-    sleep 0.05
-done
-if kill -0 "$PID" 2>/dev/null; then
+if ! wait_gone "$PID" 600; then
     echo "demo: bitbackd did not exit" >&2
     exit 1
 fi

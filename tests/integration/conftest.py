@@ -80,3 +80,16 @@ def repo_prefix(repo):
 def repo_bitmap(repo, bid):
     """The dirty bitmap that backup `bid` ("000001") of `repo` started."""
     return f"{repo_prefix(repo)}-{bid}"
+
+
+def serve_qcow2_ro(workdir, image):
+    """bitbackd (in workdir) serving the qcow2 image read-only as node and
+    export d0 over NBD; the caller stops it (quit/cleanup)."""
+    from bitback_testlib import Daemon
+    d = Daemon(workdir)
+    d.start("--blockdev",
+            f"driver=qcow2,node-name=d0,read-only=on,file.driver=file,"
+            f"file.filename={image}", nbd=True)
+    d.qmp.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
+              name="d0", writable=False)
+    return d

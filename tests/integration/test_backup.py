@@ -61,14 +61,20 @@ def start_disk(fl, bitmaps=("b0",), size=SIZE, node="disk0", seed=1):
 
 # -- point in time --------------------------------------------------------
 
-def test_point_in_time_full_backup(flavour):
-    fl = flavour
+def start_slow_full(fl):
+    """disk0 served with no bitmap, a reference copy of it, and job0 (a full
+    backup into full.raw at 1 MiB/s) started.  Returns (uri, q, ref)."""
     uri = start_disk(fl, bitmaps=())
     q = fl.daemon.qmp
     ref = reference_copy(uri, fl.path("ref.raw"))
     add_raw_target(q, "full", fl.path("full.raw"), SIZE)
-
     backup(q, "job0", "disk0", "full", "full", speed=1 * MiB)
+    return uri, q, ref
+
+
+def test_point_in_time_full_backup(flavour):
+    fl = flavour
+    uri, q, ref = start_slow_full(fl)
     progress = job_progress(q, "job0")
     assert progress is not None and progress["total-progress"] == SIZE
     # Overwrite areas the job has not reached yet (the end of the disk is
@@ -119,14 +125,7 @@ def test_incremental_chain(chain_flavour):
     nbd_write(uri, random_writes(rng, SIZE, 20))
     assert bitmap_count(q, "disk0", "b0") > 0
     ref0 = reference_copy(uri, fl.path("ref0.raw"))
-    add_raw_target(q, "full", fl.path("full.raw"), SIZE)
-    q.cmd("transaction", actions=[
-        {"type": "block-dirty-bitmap-clear",
-         "data": {"node": "disk0", "name": "b0"}},
-        {"type": "blockdev-backup",
-         "data": {"job-id": "full0", "device": "disk0", "target": "full",
-                  "sync": "full"}}])
-    job_ok(q, "full0")
+    full_backup_with_clear(fl, q, uri)
     assert bitmap_count(q, "disk0", "b0") == 0
     assert_files_same(fl.path("full.raw"), ref0)
 
@@ -182,26 +181,42 @@ def full_backup_with_clear(fl, q, uri):
     return fl.path("full.raw")
 
 
+def dirty_after_full(fl, seed):
+    """The set-up of the keep-the-bitmap tests: disk0 served, a full
+    backup "full" that clears b0, then 30 random writes.  Returns (uri, q,
+    rng, full path, writes)."""
+    uri = start_disk(fl)
+    q = fl.daemon.qmp
+    rng = random.Random(seed)
+    full = full_backup_with_clear(fl, q, uri)
+    writes = random_writes(rng, SIZE, 30)
+    nbd_write(uri, writes)
+    return uri, q, rng, full, writes
+
+
+def backup_into_overlay(fl, q, name, full, ref, sync="incremental", **kw):
+    """Back disk0 up with b0 (sync, kw) into a new overlay NAME over the
+    full backup (node "full"), wait for the job and check the overlay chain
+    equals ref.  Returns the overlay's path."""
+    path = fl.create_overlay(fl.overlay_name(name), full)
+    add_overlay(fl, name, path, "full")
+    backup(q, name, "disk0", name, sync, bitmap="b0", **kw)
+    job_ok(q, name)
+    overlay_matches(fl, name, ref)
+    return path
+
+
 # -- differential, cancel, target error ---------------------------------------
 
 def test_differential_keeps_bitmap(flavour):
     fl = flavour
-    uri = start_disk(fl)
-    q = fl.daemon.qmp
-    rng = random.Random(21)
-    full = full_backup_with_clear(fl, q, uri)
-    writes = random_writes(rng, SIZE, 30)
-    nbd_write(uri, writes)
+    uri, q, rng, full, writes = dirty_after_full(fl, 21)
     sha = bitmap_sha256(q, "disk0", "b0")
     count, extents = dirty_state(fl)
     ref1 = reference_copy(uri, fl.path("ref1.raw"))
 
-    diff = fl.create_overlay(fl.overlay_name("diff1"), full)
-    add_overlay(fl, "diff1", diff, "full")
-    backup(q, "diff1", "disk0", "diff1", "bitmap", bitmap="b0",
-           **{"bitmap-mode": "never"})
-    job_ok(q, "diff1")
-    overlay_matches(fl, "diff1", ref1)
+    backup_into_overlay(fl, q, "diff1", full, ref1, "bitmap",
+                        **{"bitmap-mode": "never"})
     # The bitmap did not move.
     assert bitmap_sha256(q, "disk0", "b0") == sha
     assert dirty_state(fl) == (count, extents)
@@ -212,12 +227,8 @@ def test_differential_keeps_bitmap(flavour):
     count2, extents2 = dirty_state(fl)
     assert extents_to_clusters(extents2) == clusters_of(writes + more)
     ref2 = reference_copy(uri, fl.path("ref2.raw"))
-    diff2 = fl.create_overlay(fl.overlay_name("diff2"), full)
-    add_overlay(fl, "diff2", diff2, "full")
-    backup(q, "diff2", "disk0", "diff2", "bitmap", bitmap="b0",
-           **{"bitmap-mode": "never"})
-    job_ok(q, "diff2")
-    overlay_matches(fl, "diff2", ref2)
+    backup_into_overlay(fl, q, "diff2", full, ref2, "bitmap",
+                        **{"bitmap-mode": "never"})
     assert dirty_state(fl) == (count2, extents2)
     assert fl.daemon.quit() == 0
 
@@ -253,23 +264,14 @@ def test_cancelled_incremental_keeps_dirty_bits(flavour):
 
     # The kept bitmap gives a correct incremental.
     ref = reference_copy(uri, fl.path("ref.raw"))
-    inc2 = fl.create_overlay(fl.overlay_name("inc2"), full)
-    add_overlay(fl, "inc2", inc2, "full")
-    backup(q, "inc2", "disk0", "inc2", "incremental", bitmap="b0")
-    job_ok(q, "inc2")
-    overlay_matches(fl, "inc2", ref)
+    backup_into_overlay(fl, q, "inc2", full, ref)
     assert bitmap_count(q, "disk0", "b0") == 0
     assert fl.daemon.quit() == 0
 
 
 def test_target_error_keeps_bitmap(flavour):
     fl = flavour
-    uri = start_disk(fl)
-    q = fl.daemon.qmp
-    rng = random.Random(41)
-    full = full_backup_with_clear(fl, q, uri)
-    writes = random_writes(rng, SIZE, 30)
-    nbd_write(uri, writes)
+    uri, q, rng, full, writes = dirty_after_full(fl, 41)
     sha = bitmap_sha256(q, "disk0", "b0")
     count, extents = dirty_state(fl)
 
@@ -289,11 +291,7 @@ def test_target_error_keeps_bitmap(flavour):
     more = random_writes(rng, SIZE, 10)
     nbd_write(uri, more)
     ref = reference_copy(uri, fl.path("ref.raw"))
-    inc = fl.create_overlay(fl.overlay_name("inc1"), full)
-    add_overlay(fl, "inc1", inc, "full")
-    backup(q, "inc1", "disk0", "inc1", "incremental", bitmap="b0")
-    job_ok(q, "inc1")
-    overlay_matches(fl, "inc1", ref)
+    inc = backup_into_overlay(fl, q, "inc1", full, ref)
     assert fl.daemon.quit() == 0
     dirty = clusters_of(writes + more)
     alloc = fl.top_allocated(inc)
@@ -423,11 +421,7 @@ def test_job_lifecycle_manual_finalize_dismiss(flavour):
 
 def test_job_pause_resume(flavour):
     fl = flavour
-    uri = start_disk(fl, bitmaps=())
-    q = fl.daemon.qmp
-    ref = reference_copy(uri, fl.path("ref.raw"))
-    add_raw_target(q, "full", fl.path("full.raw"), SIZE)
-    backup(q, "job0", "disk0", "full", "full", speed=1 * MiB)
+    uri, q, ref = start_slow_full(fl)
     assert status_changes(q, "job0", "running") == ["created", "running"]
     q.cmd("job-pause", id="job0")
     # The pause takes effect at the job's next pause point.

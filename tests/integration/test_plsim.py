@@ -261,18 +261,27 @@ def test_cut_in_place_and_cli(crashed, tmp_path):
     assert os.path.getsize(log) == 0
 
 
-def test_killed_between_log_and_write_is_harmless(tmp_path):
-    """A record whose real write never happened (the log ends with it):
-    undoing it writes the current bytes back."""
+def killed_after_pwrite(tmp_path, content, pwrite):
+    """data/f holding content, then a process under the shim that does
+    os.pwrite(fd, <pwrite>) on it and is killed (SIGKILL) before it can
+    sync.  Returns (data folder, the shim's environment)."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "f").write_bytes(b"Q" * 8192)
+    (data / "f").write_bytes(content)
     env = plcut.plsim_env(data)
     code = ("import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
-            "os.pwrite(fd, b'R'*4096, 4096); os.kill(os.getpid(), 9)")
+            f"os.pwrite(fd, {pwrite}); os.kill(os.getpid(), 9)")
     p = subprocess.run(["/usr/bin/python3", "-c", code, str(data / "f")],
                        env=env, timeout=60)
     assert p.returncode == -signal.SIGKILL
+    return data, env
+
+
+def test_killed_between_log_and_write_is_harmless(tmp_path):
+    """A record whose real write never happened (the log ends with it):
+    undoing it writes the current bytes back."""
+    data, env = killed_after_pwrite(tmp_path, b"Q" * 8192,
+                                    "b'R'*4096, 4096")
     # Simulate "logged, never written": put the old bytes back by hand.
     with open(data / "f", "r+b") as f:
         f.seek(4096)
@@ -288,15 +297,8 @@ def test_killed_between_log_and_write_is_harmless(tmp_path):
 
 def test_cut_tears_writes(tmp_path):
     """tear=4096: an unsynced write lands page by page, in any mix."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "f").write_bytes(b"\0" * (64 * KIB))
-    env = plcut.plsim_env(data)
-    code = ("import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
-            "os.pwrite(fd, b'W'*(64*1024), 0); os.kill(os.getpid(), 9)")
-    p = subprocess.run(["/usr/bin/python3", "-c", code, str(data / "f")],
-                       env=env, timeout=60)
-    assert p.returncode == -signal.SIGKILL
+    data, env = killed_after_pwrite(tmp_path, b"\0" * (64 * KIB),
+                                    "b'W'*(64*1024), 0")
     torn = 0
     for seed in range(8):
         out = copy_data(data, tmp_path / f"o-{seed}")
@@ -320,17 +322,24 @@ def test_torn_log_tail_is_ignored(crashed, tmp_path):
     assert len(plcut.read_log(log)) == n
 
 
+def shim_raw_image(tmp_path, size):
+    """A raw image data/disk.raw of size (qemu-img's syntax) in a new
+    folder data, and the shim's environment for that folder.  Returns
+    (data, img, env)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    img = data / "disk.raw"
+    run(["qemu-img", "create", "-f", "raw", img, size])
+    return data, img, plcut.plsim_env(data)
+
+
 def test_qemu_io_flush_then_write(tmp_path):
     """A real C program (qemu-io: pwritev from its thread pool, fdatasync on
     flush) under the shim: after a cut that drops everything unsynced, the
     flushed write is there and the later one is gone."""
     require("qemu-io")
     require("qemu-img")
-    data = tmp_path / "data"
-    data.mkdir()
-    img = data / "disk.raw"
-    run(["qemu-img", "create", "-f", "raw", img, "128K"])
-    env = plcut.plsim_env(data)
+    data, img, env = shim_raw_image(tmp_path, "128K")
     # -t writeback: qemu-io defaults to writethrough (a sync per write);
     # writev with two buffers makes it call pwritev; abort skips the flush
     # at exit, as a crash would.
@@ -358,11 +367,7 @@ def test_bitbackd_under_shim(tmp_path):
     """bitbackd (threads, pwritev2 on the file driver) runs under the shim;
     NBD writes are logged, and a cut after SIGKILL drops the unflushed one."""
     require("qemu-io")
-    data = tmp_path / "data"
-    data.mkdir()
-    img = data / "disk.raw"
-    run(["qemu-img", "create", "-f", "raw", img, "1M"])
-    env = plcut.plsim_env(data)
+    data, img, env = shim_raw_image(tmp_path, "1M")
     d = Daemon(tmp_path / "d")
     try:
         d.start("--blockdev",

@@ -340,15 +340,26 @@ def test_inconsistent_bitmap_stays_inconsistent(tmp_path):
     assert read_header(bitmap_file(img, "b0"))["flags"] == 0
 
 
-@pytest.mark.parametrize("name", ["../evil.bm", "/tmp/evil.bm", "..", "a/b.bm"])
-def test_traversal_path(tmp_path, name):
+def dirty_image_with_bitmap(tmp_path, key, value):
+    """dirty_image() with b0's descriptor entry KEY set to VALUE."""
     img = dirty_image(tmp_path)
     d = descriptor(img)
-    d["QBM"]["bitmaps"][0]["file"] = name
+    d["QBM"]["bitmaps"][0][key] = value
     write_descriptor(img, d)
+    return img
+
+
+def info_fails(img):
+    """`bitback img info IMG` fails; returns its stderr."""
     p = bb("img", "info", img)
     assert p.returncode != 0
-    assert "not a plain name" in p.stderr
+    return p.stderr
+
+
+@pytest.mark.parametrize("name", ["../evil.bm", "/tmp/evil.bm", "..", "a/b.bm"])
+def test_traversal_path(tmp_path, name):
+    img = dirty_image_with_bitmap(tmp_path, "file", name)
+    assert "not a plain name" in info_fails(img)
     p = bb("bitmap", "--remove", img, "b0")
     assert p.returncode != 0
     assert not os.path.exists(tmp_path.parent / "evil.bm")
@@ -399,20 +410,13 @@ def test_descriptor_too_large(tmp_path):
 
 @pytest.mark.parametrize("gran", [65535, 0, -4096, 256, 1 << 32, 3 * 65536])
 def test_granularity_not_power_of_two(tmp_path, gran):
-    img = dirty_image(tmp_path)
-    d = descriptor(img)
-    d["QBM"]["bitmaps"][0]["granularity"] = gran
-    write_descriptor(img, d)
-    p = bb("img", "info", img)
-    assert p.returncode != 0
-    assert "granularity" in p.stderr and "power of two" in p.stderr, p.stderr
+    img = dirty_image_with_bitmap(tmp_path, "granularity", gran)
+    err = info_fails(img)
+    assert "granularity" in err and "power of two" in err, err
 
 
 def test_granularity_mismatch_with_file(tmp_path):
-    img = dirty_image(tmp_path)
-    d = descriptor(img)
-    d["QBM"]["bitmaps"][0]["granularity"] = 128 * K
-    write_descriptor(img, d)
+    img = dirty_image_with_bitmap(tmp_path, "granularity", 128 * K)
     assert_inconsistent(img, "b0", "granularity")
 
 

@@ -15,7 +15,7 @@ import struct
 import pytest
 
 from bitback_testlib import Daemon
-from conftest import bitback, require, run
+from conftest import bitback, require, run, serve_qcow2_ro
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB
@@ -82,20 +82,18 @@ def random_cmds(seed, size=SIZE, n=60, align=512):
     return cmds
 
 
-def serve(tmp_path, image, name="srv"):
-    """bitbackd serving image (probed as qcow2) as export d0, read-only."""
-    d = Daemon(tmp_path / name)
-    d.start("--blockdev",
-            f"driver=qcow2,node-name=d0,read-only=on,file.driver=file,"
-            f"file.filename={image}", nbd=True)
-    d.qmp.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
-              name="d0", writable=False)
-    return d
+def write_both(img, raw, cmds):
+    """qemu-io cmds through bitback on the qcow2 img and through qemu-io on
+    raw; then img passes qemu-img check and reads as raw does."""
+    bb_io(img, cmds)
+    qemu_io(raw, cmds, fmt="raw")
+    qemu_check(img)
+    compare(img, "qcow2", raw, "raw")
 
 
 def assert_nbd_equals(tmp_path, image, name="srv"):
     """What bitbackd serves from image equals what qemu reads from it."""
-    d = serve(tmp_path, image, name)
+    d = serve_qcow2_ro(tmp_path / name, image)
     try:
         compare(d.nbd_uri("d0"), "raw", image, "qcow2")
     finally:
@@ -113,10 +111,7 @@ def test_our_writes_pass_qemu_check_and_compare(tmp_path, cluster):
     qemu_check(img)
     run(["qemu-img", "create", "-f", "raw", raw, str(SIZE)])
     cmds = random_cmds({"4k": 1, "64k": 2, "2M": 3}[cluster])
-    bb_io(img, cmds)
-    qemu_io(raw, cmds, fmt="raw")
-    qemu_check(img)
-    compare(img, "qcow2", raw, "raw")
+    write_both(img, raw, cmds)
     assert bitback("img", "check", img).returncode == 0
     info = json.loads(run(["qemu-img", "info", "--output=json", img]).stdout)
     assert info["cluster-size"] == int(cluster.replace("k", "")) * 1024 \
@@ -134,10 +129,7 @@ def test_small_clusters_grow_refcount_table(tmp_path):
     run(["qemu-img", "create", "-f", "raw", raw, str(size)])
     cmds = [f"write -P {i + 1} {i * MiB} {MiB}" for i in range(24)]
     cmds += ["write -P 0xaa 1000 3000", "discard 4M 1M", "write -z 8M 64k"]
-    bb_io(img, cmds)
-    qemu_io(raw, cmds, fmt="raw")
-    qemu_check(img)
-    compare(img, "qcow2", raw, "raw")
+    write_both(img, raw, cmds)
 
 
 def test_overlay_writes_copy_on_write(tmp_path):
@@ -260,10 +252,7 @@ def test_read_compressed(tmp_path, ctype):
     raw = tmp_path / "w.raw"
     run(["cp", src, raw])
     cmds = ["write -P 0x77 4096 512", "write -P 0x78 200000 70000"]
-    bb_io(comp, cmds)
-    qemu_io(raw, cmds, fmt="raw")
-    qemu_check(comp)
-    compare(comp, "qcow2", raw, "raw")
+    write_both(comp, raw, cmds)
 
 
 def test_read_backing_chain_depth3(tmp_path):
@@ -316,10 +305,7 @@ def test_other_refcount_widths(tmp_path, bits):
     qemu_io(raw, base, fmt="raw")
     cmds = ["write -P 2 512k 2M", "discard 1M 64k", "write -z 4M 64k",
             "write -P 3 9M 4M"]
-    bb_io(img, cmds)
-    qemu_io(raw, cmds, fmt="raw")
-    qemu_check(img)
-    compare(img, "qcow2", raw, "raw")
+    write_both(img, raw, cmds)
 
 
 def test_internal_snapshots_read_only(tmp_path):

@@ -34,7 +34,7 @@ import nbd
 import pytest
 
 from bitback_testlib import Daemon
-from conftest import BITBACK, bitback, require, run
+from conftest import BITBACK, bitback, require, run, serve_qcow2_ro
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -162,16 +162,6 @@ def verify_contents(tmp_path, img, writers):
     raw.unlink()
 
 
-def serve_ro(tmp_path, img, name):
-    d = Daemon(tmp_path / name)
-    d.start("--blockdev",
-            f"driver=qcow2,node-name=d0,read-only=on,file.driver=file,"
-            f"file.filename={img}", nbd=True)
-    d.qmp.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
-              name="d0", writable=False)
-    return d
-
-
 def crash_trial(tmp_path, trial, cluster):
     rnd = random.Random(1000 + trial)
     img = tmp_path / f"t{trial}.qcow2"
@@ -204,7 +194,7 @@ def crash_trial(tmp_path, trial, cluster):
     check_image(img)
     verify_contents(tmp_path, img, writers)
     # Our driver reads the crashed image as qemu does.
-    srv = serve_ro(tmp_path, img, f"r{trial}")
+    srv = serve_qcow2_ro(tmp_path / f"r{trial}", img)
     try:
         p = run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
                  srv.nbd_uri("d0"), img], check=False)

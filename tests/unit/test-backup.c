@@ -57,6 +57,15 @@ static BlockDriverState *open_raw(const char *path, const char *node_name)
     return bs;
 }
 
+/* A new raw image of size bytes (tmpdir/STEM-N) opened as node_name; its
+ * path in *path (the caller frees it). */
+static BlockDriverState *new_raw(const char *stem, uint64_t size,
+                                 const char *node_name, char **path)
+{
+    *path = make_image(tpath_unique(stem), "raw", size);
+    return open_raw(*path, node_name);
+}
+
 static void fill_random(BlockDriverState *bs, uint64_t off, uint64_t len,
                         unsigned seed)
 {
@@ -214,10 +223,9 @@ static uint64_t stop_writers(Writer *w, int n)
 static void test_full_point_in_time(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image(tpath_unique("src"), "raw", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image(tpath_unique("tgt"), "raw", IMG_SIZE);
-    BlockDriverState *src = open_raw(sp, "src");
-    BlockDriverState *tgt = open_raw(tp, "tgt");
+    _cleanup_free_ char *sp = NULL, *tp = NULL;
+    BlockDriverState *src = new_raw("src", IMG_SIZE, "src", &sp);
+    BlockDriverState *tgt = new_raw("tgt", IMG_SIZE, "tgt", &tp);
     fill_random(src, 0, IMG_SIZE / 2, 1);
 
     Writer w[3];
@@ -263,10 +271,9 @@ static void test_full_point_in_time(void **state)
 static void test_full_sparse(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image(tpath_unique("sparse-src"), "raw", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image(tpath_unique("sparse-tgt"), "raw", IMG_SIZE);
-    BlockDriverState *src = open_raw(sp, "ssrc");
-    BlockDriverState *tgt = open_raw(tp, "stgt");
+    _cleanup_free_ char *sp = NULL, *tp = NULL;
+    BlockDriverState *src = new_raw("sparse-src", IMG_SIZE, "ssrc", &sp);
+    BlockDriverState *tgt = new_raw("sparse-tgt", IMG_SIZE, "stgt", &tp);
     fill_random(src, 1024 * 1024, 1024 * 1024, 2);
     /* The target starts fully allocated with garbage. */
     _cleanup_free_ uint8_t *ff = malloc(IMG_SIZE);
@@ -368,10 +375,9 @@ static void assert_bitmap_is(BdrvDirtyBitmap *bm, const bool *want)
 static void test_incremental_copies_dirty_only(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image(tpath_unique("inc-src"), "raw", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image(tpath_unique("inc-tgt"), "raw", IMG_SIZE);
-    BlockDriverState *src = open_raw(sp, "isrc");
-    BlockDriverState *tgt = open_raw(tp, "itgt");
+    _cleanup_free_ char *sp = NULL, *tp = NULL;
+    BlockDriverState *src = new_raw("inc-src", IMG_SIZE, "isrc", &sp);
+    BlockDriverState *tgt = new_raw("inc-tgt", IMG_SIZE, "itgt", &tp);
     fill_random(src, 0, IMG_SIZE, 3);
     Error *err = NULL;
     BdrvDirtyBitmap *bm = bdrv_dirty_bitmap_add(src, "b0", CLUSTER, false, false, &err);
@@ -437,10 +443,9 @@ typedef enum Outcome { OUT_SUCCESS, OUT_CANCEL, OUT_TARGET_ERROR } Outcome;
  * set B: clusters written after the job was created. */
 static void run_bitmap_case(BitmapSyncMode mode, Outcome outcome)
 {
-    _cleanup_free_ char *sp = make_image(tpath_unique("bm-src"), "raw", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image(tpath_unique("bm-tgt"), "raw", IMG_SIZE);
-    BlockDriverState *src = open_raw(sp, "bsrc");
-    BlockDriverState *tgt = open_raw(tp, "btgt");
+    _cleanup_free_ char *sp = NULL, *tp = NULL;
+    BlockDriverState *src = new_raw("bm-src", IMG_SIZE, "bsrc", &sp);
+    BlockDriverState *tgt = new_raw("bm-tgt", IMG_SIZE, "btgt", &tp);
     fill_random(src, 0, IMG_SIZE, 5);
     Error *err = NULL;
     BdrvDirtyBitmap *bm = bdrv_dirty_bitmap_add(src, "b0", CLUSTER, false, false, &err);
@@ -525,27 +530,27 @@ static void run_bitmap_case(BitmapSyncMode mode, Outcome outcome)
     bdrv_unref(tgt);
 }
 
-static void test_bitmap_on_success(void **state)
-{
-    (void)state;
-    run_bitmap_case(BITMAP_SYNC_MODE_ON_SUCCESS, OUT_SUCCESS);
-    run_bitmap_case(BITMAP_SYNC_MODE_ON_SUCCESS, OUT_CANCEL);
-    run_bitmap_case(BITMAP_SYNC_MODE_ON_SUCCESS, OUT_TARGET_ERROR);
-}
+/* The bitmap tests: a sync mode and whether a cancel is one of its cases. */
+typedef struct BitmapModeCase {
+    BitmapSyncMode mode;
+    bool cancel;
+} BitmapModeCase;
 
-static void test_bitmap_never(void **state)
-{
-    (void)state;
-    run_bitmap_case(BITMAP_SYNC_MODE_NEVER, OUT_SUCCESS);
-    run_bitmap_case(BITMAP_SYNC_MODE_NEVER, OUT_TARGET_ERROR);
-}
+static const BitmapModeCase bitmap_on_success = { BITMAP_SYNC_MODE_ON_SUCCESS, true };
+static const BitmapModeCase bitmap_never = { BITMAP_SYNC_MODE_NEVER, false };
+static const BitmapModeCase bitmap_always = { BITMAP_SYNC_MODE_ALWAYS, true };
 
-static void test_bitmap_always(void **state)
+/* run_bitmap_case for the mode of *state (a BitmapModeCase) with each
+ * outcome in turn: success, a cancel (if it has one), a target error. */
+static void test_bitmap_mode(void **state)
 {
-    (void)state;
-    run_bitmap_case(BITMAP_SYNC_MODE_ALWAYS, OUT_SUCCESS);
-    run_bitmap_case(BITMAP_SYNC_MODE_ALWAYS, OUT_CANCEL);
-    run_bitmap_case(BITMAP_SYNC_MODE_ALWAYS, OUT_TARGET_ERROR);
+    const BitmapModeCase *c = *state;
+
+    run_bitmap_case(c->mode, OUT_SUCCESS);
+    if (c->cancel) {
+        run_bitmap_case(c->mode, OUT_CANCEL);
+    }
+    run_bitmap_case(c->mode, OUT_TARGET_ERROR);
 }
 
 /* ---- fleecing ---- */
@@ -613,12 +618,11 @@ static void test_fleecing_sync_none(void **state)
 static void test_create_errors(void **state)
 {
     (void)state;
-    _cleanup_free_ char *sp = make_image(tpath_unique("err-src"), "raw", IMG_SIZE);
-    _cleanup_free_ char *tp = make_image(tpath_unique("err-tgt"), "raw", IMG_SIZE / 2);
-    BlockDriverState *src = open_raw(sp, "esrc");
-    BlockDriverState *tgt = open_raw(tp, "etgt");
-    _cleanup_free_ char *tp2 = make_image(tpath_unique("err-tgt2"), "raw", IMG_SIZE);
-    BlockDriverState *tgt2 = open_raw(tp2, "etgt2");
+    _cleanup_free_ char *sp = NULL, *tp = NULL;
+    BlockDriverState *src = new_raw("err-src", IMG_SIZE, "esrc", &sp);
+    BlockDriverState *tgt = new_raw("err-tgt", IMG_SIZE / 2, "etgt", &tp);
+    _cleanup_free_ char *tp2 = NULL;
+    BlockDriverState *tgt2 = new_raw("err-tgt2", IMG_SIZE, "etgt2", &tp2);
     Error *err = NULL;
     BackupOptions opts = default_opts(MIRROR_SYNC_MODE_FULL);
 
@@ -678,9 +682,10 @@ int main(void)
         cmocka_unit_test(test_full_point_in_time),
         cmocka_unit_test(test_full_sparse),
         cmocka_unit_test(test_incremental_copies_dirty_only),
-        cmocka_unit_test(test_bitmap_on_success),
-        cmocka_unit_test(test_bitmap_never),
-        cmocka_unit_test(test_bitmap_always),
+        /* test_bitmap_MODE: test_bitmap_mode with that mode's case. */
+        { "test_bitmap_on_success", test_bitmap_mode, NULL, NULL, (void *)&bitmap_on_success },
+        { "test_bitmap_never", test_bitmap_mode, NULL, NULL, (void *)&bitmap_never },
+        { "test_bitmap_always", test_bitmap_mode, NULL, NULL, (void *)&bitmap_always },
         cmocka_unit_test(test_fleecing_sync_none),
         cmocka_unit_test(test_create_errors),
     };

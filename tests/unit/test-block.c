@@ -308,20 +308,7 @@ static int hook_noop_read(BdrvIoHook *h, BlockDriverState *bs, uint64_t offset,
  * (format qcow2) when not NULL.  Returns its path (caller frees). */
 static char *make_qcow2(const char *name, const char *backing)
 {
-    _cleanup_json_ struct json_object *opts = json_object_new_object();
-    char *path = tpath(name);
-    Error *err = NULL;
-
-    if (backing) {
-        json_object_object_add(opts, "backing_file",
-                               json_object_new_string(backing));
-        json_object_object_add(opts, "backing_fmt",
-                               json_object_new_string("qcow2"));
-    }
-    if (!bdrv_img_create(path, "qcow2", 1 << 20, opts, &err)) {
-        fail_msg("create: %s", error_get_pretty(err));
-    }
-    return path;
+    return make_qcow2_image(tpath(name), 1 << 20, backing, "qcow2", NULL);
 }
 
 /* BDRV_O_NO_BACKING opens nothing the header names but records it;

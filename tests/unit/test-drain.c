@@ -135,6 +135,15 @@ static void stop_writers(Writer *w, int n)
     }
 }
 
+/* Remove hook from bs inside a drained section of all nodes, so that no
+ * request is between the hook's calls when it goes. */
+static void remove_hook_drained(BlockDriverState *bs, BdrvIoHook *hook)
+{
+    bdrv_drain_all_begin();
+    bdrv_remove_io_hook(bs, hook);
+    bdrv_drain_all_end();
+}
+
 static uint64_t total_done(Writer *w, int n)
 {
     uint64_t t = 0;
@@ -259,9 +268,7 @@ static void test_hook_sees_writes_first(void **state)
     }
     stop_writers(w, NWRITERS);
 
-    bdrv_drain_all_begin();
-    bdrv_remove_io_hook(bs, &c.hook);
-    bdrv_drain_all_end();
+    remove_hook_drained(bs, &c.hook);
 
     assert_int_equal(c.mismatches, 0);
     assert_int_equal(c.calls, total_done(w, NWRITERS));
@@ -286,9 +293,7 @@ static void test_hook_sees_writes_first(void **state)
     assert_int_equal(bdrv_pwrite_zeroes(bs, 8192, sizeof(buf), 0), -EIO);
     assert_int_equal(bdrv_pread(bs, 8192, after, sizeof(after)), 0);
     assert_memory_equal(before, after, sizeof(before));
-    bdrv_drain_all_begin();
-    bdrv_remove_io_hook(bs, &fail);
-    bdrv_drain_all_end();
+    remove_hook_drained(bs, &fail);
     assert_int_equal(bdrv_pwrite(bs, 8192, buf, sizeof(buf), 0), 0);
     assert_null(bs->hooks);
     bdrv_unref(bs);
@@ -424,9 +429,7 @@ static void test_nested_requests_under_drain(void **state)
     pthread_join(reader, NULL);
     alarm(0);
 
-    bdrv_drain_all_begin();
-    bdrv_remove_io_hook(a, &n.hook);
-    bdrv_drain_all_end();
+    remove_hook_drained(a, &n.hook);
     assert_int_equal(n.errors, 0);
     assert_int_equal(n.calls, total_done(w, NWRITERS));
     assert_true(n.reads > 0);

@@ -24,20 +24,13 @@
 #include "repo/repo.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "test-util.h"
 
 #define SIZE   (16 * REPO_CLUSTER_SIZE)
 #define GRAN   65536u
 #define PREFIX "bitback-0a1b2c3d"
 
-static char tmpdir[] = "/tmp/bitback-test-planner-XXXXXX";
 static unsigned n_repos;
-
-static void die_on(Error *err)
-{
-    if (err) {
-        fail_msg("%s", error_get_pretty(err));
-    }
-}
 
 /* A committed backup of disk0 for the table. */
 typedef struct Backup {
@@ -348,20 +341,7 @@ static void test_stale_bitmaps(void **state)
 
 static int setup(void **state)
 {
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-    char *cmd = NULL;
-
-    if (asprintf(&cmd, "rm -rf '%s'", tmpdir) > 0) {
-        if (system(cmd) != 0) {
-            fprintf(stderr, "warning: cannot remove %s\n", tmpdir);
-        }
-        free(cmd);
-    }
-    return 0;
+    return tmpdir_create("planner");
 }
 
 int main(void)
@@ -370,5 +350,5 @@ int main(void)
         cmocka_unit_test(test_plan_table),
         cmocka_unit_test(test_stale_bitmaps),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, setup, tmpdir_teardown);
 }

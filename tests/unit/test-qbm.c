@@ -80,6 +80,18 @@ static void verify(BlockDriverState *bs)
     }
 }
 
+/* Close bs (it must close cleanly), reopen img read-only and check it
+ * still reads as the model. */
+static void close_reopen_verify(BlockDriverState *bs, const char *img)
+{
+    Error *err = NULL;
+    assert_true(bdrv_close(bs, &err));
+    die_on(err);
+    bs = open_img(img, 0);
+    verify(bs);
+    bdrv_unref(bs);
+}
+
 static uint8_t alloc_file_byte(const char *stem, uint32_t cluster, uint32_t *flags)
 {
     char name[64];
@@ -140,12 +152,7 @@ static void test_concurrent_allocating_writes(void **state)
         memset(model + i * CHUNK, 0x80 + (int)(i % NTHREADS), CHUNK);
     }
     verify(bs);
-    Error *err = NULL;
-    assert_true(bdrv_close(bs, &err));
-    die_on(err);
-    bs = open_img(img, 0);
-    verify(bs);
-    bdrv_unref(bs);
+    close_reopen_verify(bs, img);
 }
 
 /* ---- random I/O against the model ---- */
@@ -188,12 +195,7 @@ static void test_random_overlay_io(void **state)
         assert_true(pnum > 0);
         pos += pnum;
     }
-    Error *err = NULL;
-    assert_true(bdrv_close(bs, &err));
-    die_on(err);
-    bs = open_img(img, 0);
-    verify(bs);
-    bdrv_unref(bs);
+    close_reopen_verify(bs, img);
 }
 
 /* ---- invariant 7: allocation bits reach the file only on flush ---- */
@@ -235,10 +237,8 @@ static uint32_t bitmap_flags(const char *file)
 
 static void test_store_then_write_reclears_clean(void **state)
 {
-    _cleanup_free_ char *img = tpath("st.qbm");
+    _cleanup_free_ char *img = make_image(tpath("st.qbm"), "qbm", SIZE);
     Error *err = NULL;
-    assert_true(bdrv_img_create(img, "qbm", SIZE, NULL, &err));
-    die_on(err);
     BlockDriverState *bs = open_img(img, BDRV_O_RDWR);
     BdrvDirtyBitmap *bm = bdrv_dirty_bitmap_add(bs, "b0", 0, true, false, &err);
     die_on(err);
@@ -265,10 +265,8 @@ static void test_store_then_write_reclears_clean(void **state)
  * by a check whose result keeps two messages. */
 static void test_check_messages_bounded(void **state)
 {
-    _cleanup_free_ char *img = tpath("ck.qbm");
+    _cleanup_free_ char *img = make_image(tpath("ck.qbm"), "qbm", SIZE);
     Error *err = NULL;
-    assert_true(bdrv_img_create(img, "qbm", SIZE, NULL, &err));
-    die_on(err);
     BlockDriverState *bs = open_img(img, BDRV_O_RDWR);
     static const char *const names[] = { "b0", "b1", "b2", "b3" };
     for (size_t i = 0; i < ARRAY_SIZE(names); i++) {

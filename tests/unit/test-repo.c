@@ -727,48 +727,53 @@ static uint8_t model[IMG_SIZE];
 static void create_qcow2(const char *path, const char *backing,
                          const char *backing_fmt, const char *cluster_size)
 {
-    Error *err = NULL;
-    struct json_object *opts = json_object_new_object();
-    if (backing) {
-        json_object_object_add(opts, "backing_file", json_object_new_string(backing));
-        json_object_object_add(opts, "backing_fmt", json_object_new_string(backing_fmt));
+    make_qcow2_image((char *)path, IMG_SIZE, backing, backing_fmt, cluster_size);
+}
+
+/* Write zeroes (zero) or random bytes through the block layer and into
+ * the flat model mdl (the image's bytes). */
+static void model_write(BlockDriverState *bs, uint8_t *mdl, uint64_t off,
+                        uint64_t len, bool zero)
+{
+    if (zero) {
+        memset(mdl + off, 0, len);
+        assert_int_equal(bdrv_pwrite_zeroes(bs, off, len, 0), 0);
+    } else {
+        fill_random(mdl + off, len);
+        assert_int_equal(bdrv_pwrite(bs, off, mdl + off, len, 0), 0);
     }
-    if (cluster_size) {
-        json_object_object_add(opts, "cluster_size", json_object_new_string(cluster_size));
-    }
-    bool ok = bdrv_img_create(path, "qcow2", IMG_SIZE, opts, &err);
-    die_on(err);
-    assert_true(ok);
-    json_object_put(opts);
 }
 
 /* Write through the block layer and into the model. */
 static void img_write(BlockDriverState *bs, uint64_t off, uint64_t len, bool zero)
 {
-    if (zero) {
-        memset(model + off, 0, len);
-        assert_int_equal(bdrv_pwrite_zeroes(bs, off, len, 0), 0);
-    } else {
-        fill_random(model + off, len);
-        assert_int_equal(bdrv_pwrite(bs, off, model + off, len, 0), 0);
-    }
+    model_write(bs, model, off, len, zero);
 }
 
-/* Expected hashes of clusters `cl` from the flat model. */
-static void check_scan(const RepoManifest *m, const uint64_t *cl, size_t n)
+/* m holds the hashes of clusters cl[0..n) of the flat model mdl (an image
+ * of size bytes), and changed_bytes their bytes; returns that count. */
+static uint64_t check_hashes(const RepoManifest *m, const uint8_t *mdl,
+                             uint64_t size, const uint64_t *cl, size_t n)
 {
     assert_int_equal(m->n_hashes, n);
     uint64_t changed = 0;
     for (size_t i = 0; i < n; i++) {
         uint64_t off = cl[i] * CL;
-        uint64_t len = MIN((uint64_t)CL, IMG_SIZE - off);
+        uint64_t len = MIN((uint64_t)CL, size - off);
         uint8_t want[16];
-        canonical_xxh(model + off, len, want);
+        canonical_xxh(mdl + off, len, want);
         assert_int_equal(m->hashes[i].cluster, cl[i]);
         assert_memory_equal(m->hashes[i].hash, want, 16);
         changed += len;
     }
     assert_int_equal(m->changed_bytes, changed);
+    return changed;
+}
+
+/* Expected hashes of clusters `cl` from the flat model. */
+static void check_scan(const RepoManifest *m, const uint64_t *cl, size_t n)
+{
+    uint64_t changed = check_hashes(m, model, IMG_SIZE, cl, n);
     /* Extents: the same clusters, merged. */
     uint64_t covered = 0;
     size_t k = 0;
@@ -813,6 +818,25 @@ static void progress_cb(void *opaque, uint64_t done, uint64_t total)
     p->total = total;
 }
 
+/* A new manifest of backup seq of node, taken at time (not set if NULL),
+ * at level, over parent_seq, with granularity. */
+static RepoManifest *new_manifest(unsigned seq, const char *node,
+                                  const char *time, RepoLevel level,
+                                  unsigned parent_seq, uint32_t granularity)
+{
+    RepoManifest *m = calloc(1, sizeof(*m));
+    assert_non_null(m);
+    m->seq = seq;
+    m->node = strdup(node);
+    if (time) {
+        m->time = strdup(time);
+    }
+    m->level = level;
+    m->parent_seq = parent_seq;
+    m->granularity = granularity;
+    return m;
+}
+
 static void test_scan_and_commit(void **state)
 {
     Error *err = NULL;
@@ -835,12 +859,8 @@ static void test_scan_and_commit(void **state)
     assert_int_equal(bdrv_pwrite(bs, 0, model, IMG_SIZE, 0), 0);
     bdrv_unref(bs);
 
-    RepoManifest *m = calloc(1, sizeof(*m));
-    m->seq = 1;
-    m->node = strdup("disk0");
-    m->time = strdup("2026-01-01T00:00:00Z");
-    m->level = REPO_LEVEL_FULL;
-    m->granularity = 65536;
+    RepoManifest *m = new_manifest(1, "disk0", "2026-01-01T00:00:00Z",
+                                   REPO_LEVEL_FULL, 0, 65536);
     ProgressLog log = { 0 };
     assert_true(repo_scan_backup(r, tmp1, m, progress_cb, &log, &err));
     die_on(err);
@@ -896,13 +916,8 @@ static void test_scan_and_commit(void **state)
     img_write(bs, 20 * CL + 1024, 1024, false);
     bdrv_unref(bs);
 
-    m = calloc(1, sizeof(*m));
-    m->seq = 2;
-    m->node = strdup("disk0");
-    m->time = strdup("2026-01-02T00:00:00Z");
-    m->level = REPO_LEVEL_INC;
-    m->parent_seq = 1;
-    m->granularity = 65536;
+    m = new_manifest(2, "disk0", "2026-01-02T00:00:00Z", REPO_LEVEL_INC, 1,
+                     65536);
     m->image_size = IMG_SIZE;
     assert_true(repo_scan_backup(r, tmp2, m, NULL, NULL, &err));
     die_on(err);
@@ -919,10 +934,7 @@ static void test_scan_and_commit(void **state)
 
     /* A size mismatch is refused. */
     _cleanup_free_ char *data2 = repo_data_path(r, "disk0", 2);
-    m = calloc(1, sizeof(*m));
-    m->seq = 2;
-    m->node = strdup("disk0");
-    m->parent_seq = 1;
+    m = new_manifest(2, "disk0", NULL, REPO_LEVEL_FULL, 1, 0);
     m->image_size = IMG_SIZE + CL;
     assert_false(repo_scan_backup(r, data2, m, NULL, NULL, &err));
     assert_non_null(strstr(error_get_pretty(err), "expected"));
@@ -940,13 +952,8 @@ static void test_scan_and_commit(void **state)
     img_write(bs, 15 * CL + 8192, 4096, false);
     img_write(bs, 16 * CL + CL - 4096, 8192, false);      /* crosses into 17 */
     bdrv_unref(bs);
-    m = calloc(1, sizeof(*m));
-    m->seq = 3;
-    m->node = strdup("disk0");
-    m->time = strdup("2026-01-03T00:00:00Z");
-    m->level = REPO_LEVEL_DIFF;
-    m->parent_seq = 1;
-    m->granularity = 4096;
+    m = new_manifest(3, "disk0", "2026-01-03T00:00:00Z", REPO_LEVEL_DIFF, 1,
+                     4096);
     /* Its file names 000002.qcow2: not the chain this manifest describes
      * (repository.md invariant 4), so nothing is read. */
     assert_false(repo_scan_backup(r, tmp3, m, NULL, NULL, &err));
@@ -975,12 +982,8 @@ static void test_scan_and_commit(void **state)
     assert_true(repo_mark_attempt(r, "disk1", 4, &err));
     _cleanup_free_ char *tmp4 = repo_tmp_data_path(r, "disk1", 4);
     create_qcow2(tmp4, NULL, NULL, NULL);
-    m = calloc(1, sizeof(*m));
-    m->seq = 4;
-    m->node = strdup("disk1");
-    m->time = strdup("2026-01-04T00:00:00Z");
-    m->level = REPO_LEVEL_FULL;
-    m->granularity = 65536;
+    m = new_manifest(4, "disk1", "2026-01-04T00:00:00Z", REPO_LEVEL_FULL, 0,
+                     65536);
     assert_true(repo_scan_backup(r, tmp4, m, NULL, NULL, &err));
     die_on(err);
     assert_int_equal(m->n_hashes, 0);
@@ -1059,31 +1062,13 @@ static uint8_t *big_model;
 static void create_sized(const char *path, uint64_t size, const char *backing,
                          const char *cluster_size)
 {
-    Error *err = NULL;
-    struct json_object *opts = json_object_new_object();
-    if (backing) {
-        json_object_object_add(opts, "backing_file", json_object_new_string(backing));
-        json_object_object_add(opts, "backing_fmt", json_object_new_string("qcow2"));
-    }
-    if (cluster_size) {
-        json_object_object_add(opts, "cluster_size", json_object_new_string(cluster_size));
-    }
-    bool ok = bdrv_img_create(path, "qcow2", size, opts, &err);
-    die_on(err);
-    assert_true(ok);
-    json_object_put(opts);
+    make_qcow2_image((char *)path, size, backing, "qcow2", cluster_size);
 }
 
 static void big_write(BlockDriverState *bs, uint64_t off, uint64_t len, bool zero)
 {
     assert_true(off + len <= BIG_SIZE);
-    if (zero) {
-        memset(big_model + off, 0, len);
-        assert_int_equal(bdrv_pwrite_zeroes(bs, off, len, 0), 0);
-    } else {
-        fill_random(big_model + off, len);
-        assert_int_equal(bdrv_pwrite(bs, off, big_model + off, len, 0), 0);
-    }
+    model_write(bs, big_model, off, len, zero);
 }
 
 /* repo_scan_node on an image outside a repository, opened with the
@@ -1116,19 +1101,8 @@ static RepoManifest *scan_with(const char *path, unsigned threads,
 /* m against the flat model: cl[] are the expected cluster indexes. */
 static void check_big(const RepoManifest *m, const uint64_t *cl, size_t n)
 {
-    uint64_t changed = 0;
     assert_int_equal(m->image_size, BIG_SIZE);
-    assert_int_equal(m->n_hashes, n);
-    for (size_t i = 0; i < n; i++) {
-        uint64_t off = cl[i] * CL;
-        uint64_t len = MIN((uint64_t)CL, BIG_SIZE - off);
-        uint8_t want[16];
-        canonical_xxh(big_model + off, len, want);
-        assert_int_equal(m->hashes[i].cluster, cl[i]);
-        assert_memory_equal(m->hashes[i].hash, want, 16);
-        changed += len;
-    }
-    assert_int_equal(m->changed_bytes, changed);
+    check_hashes(m, big_model, BIG_SIZE, cl, n);
     Digest d = model_root(m->hashes, m->n_hashes);
     assert_memory_equal(m->merkle_root, d.b, 32);
 }

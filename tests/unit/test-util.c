@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include "block/block.h"
+#include "util/cleanup.h"
 #include "test-util.h"
 
 char tmpdir[64];
@@ -71,6 +72,25 @@ char *make_image(char *path, const char *fmt, uint64_t size)
 {
     Error *err = NULL;
     bool ok = bdrv_img_create(path, fmt, size, NULL, &err);
+    die_on(err);
+    assert_true(ok);
+    return path;
+}
+
+char *make_qcow2_image(char *path, uint64_t size, const char *backing,
+                       const char *backing_fmt, const char *cluster_size)
+{
+    _cleanup_json_ struct json_object *opts = json_object_new_object();
+    Error *err = NULL;
+
+    if (backing) {
+        json_object_object_add(opts, "backing_file", json_object_new_string(backing));
+        json_object_object_add(opts, "backing_fmt", json_object_new_string(backing_fmt));
+    }
+    if (cluster_size) {
+        json_object_object_add(opts, "cluster_size", json_object_new_string(cluster_size));
+    }
+    bool ok = bdrv_img_create(path, "qcow2", size, opts, &err);
     die_on(err);
     assert_true(ok);
     return path;

@@ -39,6 +39,13 @@ void die_on(Error *err);
  * path; returns path (the caller keeps owning it). */
 char *make_image(char *path, const char *fmt, uint64_t size);
 
+/* Create a qcow2 image of size bytes at path; over the backing file
+ * `backing` (format backing_fmt) and with cluster_size (a size string such
+ * as "4096") when they are not NULL.  Returns path (the caller keeps
+ * owning it). */
+char *make_qcow2_image(char *path, uint64_t size, const char *backing,
+                       const char *backing_fmt, const char *cluster_size);
+
 /* ok is false and *errp says `part`; *errp is freed and reset. */
 void expect_error(bool ok, Error **errp, const char *part);
 
