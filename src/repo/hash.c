@@ -134,18 +134,8 @@ typedef struct HashPool {
     uint64_t err_offset;
 } HashPool;
 
-static unsigned hash_threads_override;
-
-void repo_set_hash_threads(unsigned n)
-{
-    hash_threads_override = MIN(n, REPO_MAX_HASH_THREADS);
-}
-
 unsigned repo_hash_threads(void)
 {
-    if (hash_threads_override) {
-        return hash_threads_override;
-    }
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     if (n < 1) {
         return 1;
@@ -245,9 +235,9 @@ static void *hash_pool_helper(void *opaque)
 }
 
 int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
-                      size_t n_ext, RepoHash *out, RepoProgressFn *progress,
-                      void *opaque, uint64_t base, uint64_t total,
-                      uint64_t *ret_err_offset)
+                      size_t n_ext, RepoHash *out, unsigned threads,
+                      RepoProgressFn *progress, void *opaque, uint64_t base,
+                      uint64_t total, uint64_t *ret_err_offset)
 {
     HashPool p = {
         .bs = bs, .ext = ext, .n_ext = n_ext, .out = out,
@@ -268,7 +258,11 @@ int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
     pthread_cond_init(&p.cond, NULL);
 
     /* Helpers: never more than there are batches for. */
-    unsigned want = (unsigned)MIN((uint64_t)repo_hash_threads(), n_batches);
+    if (threads == 0) {
+        threads = repo_hash_threads();
+    }
+    threads = MIN(threads, REPO_MAX_HASH_THREADS);
+    unsigned want = (unsigned)MIN((uint64_t)threads, n_batches);
     for (unsigned i = 1; i < want; i++) {
         pthread_mutex_lock(&p.lock);
         p.running++;
@@ -346,14 +340,14 @@ bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
         error_prepend(errp, "cannot open backup '%s': ", qcow2_path);
         return false;
     }
-    ok = repo_scan_node(bs, qcow2_path, m, progress, opaque, errp);
+    ok = repo_scan_node(bs, qcow2_path, m, 0, progress, opaque, errp);
     bdrv_unref(bs);
     return ok;
 }
 
 bool repo_scan_node(BlockDriverState *bs, const char *qcow2_path,
-                    RepoManifest *m, RepoProgressFn *progress, void *opaque,
-                    Error **errp)
+                    RepoManifest *m, unsigned threads, RepoProgressFn *progress,
+                    void *opaque, Error **errp)
 {
     _cleanup_free_ RepoExtent *ext = NULL;
     _cleanup_free_ RepoHash *hashes = NULL;
@@ -413,8 +407,8 @@ bool repo_scan_node(BlockDriverState *bs, const char *qcow2_path,
         progress(opaque, 0, total);
     }
     uint64_t err_off = 0;
-    int r = repo_hash_extents(bs, ext, n_ext, hashes, progress, opaque, 0,
-                              total, &err_off);
+    int r = repo_hash_extents(bs, ext, n_ext, hashes, threads, progress,
+                              opaque, 0, total, &err_off);
     if (r < 0) {
         if (r == -ENOMEM) {
             error_setg(errp, "out of memory");

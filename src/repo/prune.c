@@ -236,7 +236,7 @@ static bool roll_forward(Repo *repo, const char *node, RepoPruneEventFn *event,
         if (!ok) {
             error_setg(errp, "out of memory");
         }
-        ok = ok && repo_scan_node(bs, data, nm, NULL, NULL, errp);
+        ok = ok && repo_scan_node(bs, data, nm, 0, NULL, NULL, errp);
         bdrv_unref(bs);
         if (ok && stat(data, &st) == 0) {
             nm->stored_bytes = (uint64_t)st.st_blocks * 512;

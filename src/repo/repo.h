@@ -224,38 +224,38 @@ void repo_merkle_root(const RepoHash *hashes, size_t n,
 /* Progress callback: called with bytes done so far and the total. */
 typedef void RepoProgressFn(void *opaque, uint64_t done, uint64_t total);
 
-/* Threads that hash (repo_hash_extents, repo_scan_backup): the number of
- * online CPUs, at most REPO_DEFAULT_HASH_THREADS, unless set with
- * repo_set_hash_threads (0 = back to that default; capped at
- * REPO_MAX_HASH_THREADS).  Not thread-safe: set it before scanning. */
+/* Threads that hash (repo_hash_extents, repo_scan_node): the caller says how
+ * many (capped at REPO_MAX_HASH_THREADS), or 0 for the default,
+ * repo_hash_threads(): the number of online CPUs, at most
+ * REPO_DEFAULT_HASH_THREADS.  The result never depends on it. */
 #define REPO_DEFAULT_HASH_THREADS 8
 #define REPO_MAX_HASH_THREADS     64
-void repo_set_hash_threads(unsigned n);
 unsigned repo_hash_threads(void);
 
 /* Data path: read the clusters of bs in ext[0..n_ext) (sorted, disjoint,
  * starting on cluster boundaries, ending on one or at the end of bs) and
- * hash them on repo_hash_threads() threads, the caller's included.
+ * hash them on `threads` threads (0: the default), the caller's included.
  * out[] receives one entry per cluster, in offset order (the caller sizes
  * it: the sum of DIV_ROUND_UP(length, REPO_CLUSTER_SIZE)).  progress, if
  * not NULL, is called from the calling thread only with base + bytes done
  * (monotonic) and total.  Returns 0 or -errno; on a read error
  * *ret_err_offset (if not NULL) is the offset of the lowest failed batch. */
 int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
-                      size_t n_ext, RepoHash *out, RepoProgressFn *progress,
-                      void *opaque, uint64_t base, uint64_t total,
-                      uint64_t *ret_err_offset);
+                      size_t n_ext, RepoHash *out, unsigned threads,
+                      RepoProgressFn *progress, void *opaque, uint64_t base,
+                      uint64_t total, uint64_t *ret_err_offset);
 
 /* Scan a backup: for every cluster allocated in the top layer of bs (a
  * chain repo_open_chain or repo_open_new opened; qcow2_path names it in
  * errors), read the image's content there through the chain and hash it.
  * Fills m->extents, m->hashes, m->merkle_root, m->changed_bytes,
  * m->cluster_size and checks that the image size equals m->image_size
- * (sets it when 0).  Reads and hashes on repo_hash_extents' threads; the
- * result does not depend on their number.  bs stays the caller's. */
+ * (sets it when 0).  Reads and hashes on `threads` threads (0: the
+ * default; repo_hash_extents); the result does not depend on their
+ * number.  bs stays the caller's. */
 bool repo_scan_node(BlockDriverState *bs, const char *qcow2_path,
-                    RepoManifest *m, RepoProgressFn *progress, void *opaque,
-                    Error **errp);
+                    RepoManifest *m, unsigned threads, RepoProgressFn *progress,
+                    void *opaque, Error **errp);
 /* repo_scan_node on the file qcow2_path of backup m, not committed yet
  * (backup's and prune's .ID.qcow2.tmp), opened by repo_open_new: m->seq,
  * m->id, m->node and m->parent_seq must be set. */

@@ -164,7 +164,7 @@ void repo_verify_stored(RepoVerify *v, Repo *repo, const RepoManifest *m)
     char label[REPO_MAX_NODE_NAME + 32];
     snprintf(label, sizeof(label), "%s verify %s", m->node, m->id);
     void *step = repo_progress_begin(&v->progress, label, m->image_size);
-    bool ok = repo_scan_node(bs, path, scan, repo_progress_fn(&v->progress),
+    bool ok = repo_scan_node(bs, path, scan, 0, repo_progress_fn(&v->progress),
                              step, &err);
     repo_progress_end(&v->progress, step);
     if (!ok) {
@@ -353,7 +353,7 @@ bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
             k = end;
         }
         uint64_t err_off = 0;
-        int r = repo_hash_extents(bs, ext, n_ext, got_hashes, update, step,
+        int r = repo_hash_extents(bs, ext, n_ext, got_hashes, 0, update, step,
                                   off, size, &err_off);
         if (r < 0) {
             repo_progress_end(&v->progress, step);

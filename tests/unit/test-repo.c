@@ -1073,11 +1073,11 @@ static void big_write(BlockDriverState *bs, uint64_t off, uint64_t len, bool zer
 
 /* repo_scan_node on an image outside a repository, opened with the
  * backing chain its header names (these tests are about hashing). */
-static bool scan_file(const char *path, RepoManifest *m,
+static bool scan_file(const char *path, RepoManifest *m, unsigned threads,
                       RepoProgressFn *progress, void *opaque, Error **errp)
 {
     BlockDriverState *bs = bdrv_open_image(path, "qcow2", 0, errp);
-    bool ok = bs && repo_scan_node(bs, path, m, progress, opaque, errp);
+    bool ok = bs && repo_scan_node(bs, path, m, threads, progress, opaque, errp);
 
     bdrv_unref(bs);
     return ok;
@@ -1090,9 +1090,7 @@ static RepoManifest *scan_with(const char *path, unsigned threads,
     Error *err = NULL;
     RepoManifest *m = calloc(1, sizeof(*m));
     assert_non_null(m);
-    repo_set_hash_threads(threads);
-    bool ok = scan_file(path, m, log ? progress_cb : NULL, log, &err);
-    repo_set_hash_threads(0);
+    bool ok = scan_file(path, m, threads, log ? progress_cb : NULL, log, &err);
     die_on(err);
     assert_true(ok);
     return m;
@@ -1288,9 +1286,7 @@ static void test_scan_threads(void **state)
     corrupt_l2_entry(base, 3 + 29 * 15);
     for (size_t t = 0; t < ARRAY_SIZE(threads); t++) {
         RepoManifest *m = calloc(1, sizeof(*m));
-        repo_set_hash_threads(threads[t]);
-        assert_false(scan_file(small, m, NULL, NULL, &err));
-        repo_set_hash_threads(0);
+        assert_false(scan_file(small, m, threads[t], NULL, NULL, &err));
         assert_non_null(err);
         char want[64];
         snprintf(want, sizeof(want), "read error at offset %" PRIu64,
