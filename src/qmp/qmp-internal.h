@@ -13,6 +13,10 @@
 #define BITBACK_VERSION "0.1.0"
 #endif
 
+/* qmp-commands.c: the query-version reply, also the QMP greeting's
+ * "version" member; a new reference. */
+struct json_object *qmp_version_info(void);
+
 /* dispatch.c: [{"name": ...}] for query-commands. */
 struct json_object *qmp_query_commands_list(void);
 
