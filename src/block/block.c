@@ -960,14 +960,25 @@ static int preadv_hooked(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     return r;
 }
 
+/* A bounce buffer for the range [offset, offset + bytes) rounded out to
+ * bs's request alignment: that aligned range is [*ret_start, *ret_end)
+ * and the buffer (aligned too, free() it) covers it; NULL on ENOMEM. */
+static uint8_t *bounce_alloc(BlockDriverState *bs, uint64_t offset,
+                             uint64_t bytes, uint64_t *ret_start,
+                             uint64_t *ret_end)
+{
+    uint32_t align = bs->request_alignment;
+    *ret_start = ROUND_DOWN(offset, align);
+    *ret_end = ROUND_UP(offset + bytes, align);
+    return aligned_alloc_bytes(align, *ret_end - *ret_start);
+}
+
 /* Read through a bounce buffer covering the aligned superset of the range. */
 static int preadv_bounce(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                          const struct iovec *iov, int niov, int flags)
 {
-    uint32_t align = bs->request_alignment;
-    uint64_t start = ROUND_DOWN(offset, align);
-    uint64_t end = ROUND_UP(offset + bytes, align);
-    _cleanup_free_ uint8_t *buf = aligned_alloc_bytes(align, end - start);
+    uint64_t start, end;
+    _cleanup_free_ uint8_t *buf = bounce_alloc(bs, offset, bytes, &start, &end);
     if (!buf) {
         return -ENOMEM;
     }
@@ -1025,9 +1036,8 @@ static int pwritev_rmw(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                        const struct iovec *iov, int niov, int flags)
 {
     uint32_t align = bs->request_alignment;
-    uint64_t start = ROUND_DOWN(offset, align);
-    uint64_t end = ROUND_UP(offset + bytes, align);
-    _cleanup_free_ uint8_t *buf = aligned_alloc_bytes(align, end - start);
+    uint64_t start, end;
+    _cleanup_free_ uint8_t *buf = bounce_alloc(bs, offset, bytes, &start, &end);
     if (!buf) {
         return -ENOMEM;
     }

@@ -122,6 +122,21 @@ int qcow2_sync_if_needed_locked(BlockDriverState *bs)
     return s->write_gen > s->synced_gen ? qcow2_sync_locked(bs) : 0;
 }
 
+/* C1: the cache c depends on (refcount blocks), if any, written back and
+ * synced.  0 or -errno. */
+static int cache_depends_writeback_locked(BlockDriverState *bs,
+                                          Qcow2L2Cache *c)
+{
+    if (!c->depends) {
+        return 0;
+    }
+    int r = qcow2_cache_writeback_locked(bs, c->depends);
+    if (r == 0) {
+        r = qcow2_sync_if_needed_locked(bs);
+    }
+    return r;
+}
+
 /* Write one dirty entry (C1: after the dependency, synced). */
 static int cache_entry_write_locked(BlockDriverState *bs, Qcow2L2Cache *c,
                                     Qcow2CacheEntry *e)
@@ -129,16 +144,11 @@ static int cache_entry_write_locked(BlockDriverState *bs, Qcow2L2Cache *c,
     if (!e->dirty) {
         return 0;
     }
-    if (c->depends) {
-        int r = qcow2_cache_writeback_locked(bs, c->depends);
-        if (r == 0) {
-            r = qcow2_sync_if_needed_locked(bs);
-        }
-        if (r < 0) {
-            return r;
-        }
+    int r = cache_depends_writeback_locked(bs, c);
+    if (r < 0) {
+        return r;
     }
-    int r = bdrv_pwrite(bs->file, e->offset, e->table, c->table_size, 0);
+    r = bdrv_pwrite(bs->file, e->offset, e->table, c->table_size, 0);
     if (r < 0) {
         return r;
     }
@@ -158,18 +168,13 @@ int qcow2_cache_writeback_locked(BlockDriverState *bs, Qcow2L2Cache *c)
     if (c->nb_dirty == 0) {
         return 0;
     }
-    if (c->depends) {
-        /* Once for all the tables, rather than per table. */
-        int r = qcow2_cache_writeback_locked(bs, c->depends);
-        if (r == 0) {
-            r = qcow2_sync_if_needed_locked(bs);
-        }
-        if (r < 0) {
-            return r;
-        }
+    /* Once for all the tables, rather than per table. */
+    int r = cache_depends_writeback_locked(bs, c);
+    if (r < 0) {
+        return r;
     }
     for (unsigned i = 0; i < c->nb && c->nb_dirty; i++) {
-        int r = cache_entry_write_locked(bs, c, &c->e[i]);
+        r = cache_entry_write_locked(bs, c, &c->e[i]);
         if (r < 0) {
             return r;
         }
