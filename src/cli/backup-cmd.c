@@ -52,6 +52,7 @@
 #include "repo/planner.h"
 #include "repo/repo.h"
 #include "util/cleanup.h"
+#include "util/json-opts.h"
 
 #define BACKUP_MAX_DISKS 64
 #define BACKUP_COPY_CHUNK (4u << 20)
@@ -549,35 +550,6 @@ static void add_action(struct json_object *actions, const char *type,
     json_object_array_add(actions, a);
 }
 
-static const char *jstr(struct json_object *o, const char *key)
-{
-    struct json_object *v;
-
-    if (o && json_object_object_get_ex(o, key, &v) &&
-        json_object_is_type(v, json_type_string)) {
-        return json_object_get_string(v);
-    }
-    return NULL;
-}
-
-static bool jbool(struct json_object *o, const char *key)
-{
-    struct json_object *v;
-
-    return o && json_object_object_get_ex(o, key, &v) &&
-           json_object_get_boolean(v);
-}
-
-static int64_t jint(struct json_object *o, const char *key)
-{
-    struct json_object *v;
-
-    if (o && json_object_object_get_ex(o, key, &v)) {
-        return json_object_get_int64(v);
-    }
-    return -1;
-}
-
 /* Fill d->size and d->bitmaps from query-named-block-nodes. */
 static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
 {
@@ -590,7 +562,7 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
     }
     for (size_t i = 0; i < json_object_array_length(nodes); i++) {
         struct json_object *n = json_object_array_get_idx(nodes, i);
-        const char *name = jstr(n, "node-name");
+        const char *name = json_opt_str(n, "node-name");
 
         if (name && !strcmp(name, d->node)) {
             node = n;
@@ -602,16 +574,16 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
         return false;
     }
     if (!json_object_object_get_ex(node, "image", &img) ||
-        jint(img, "virtual-size") < 0) {
+        json_opt_int(img, "virtual-size", -1) < 0) {
         error_setg(errp, "%s: the daemon did not report its size", d->node);
         return false;
     }
-    d->size = (uint64_t)jint(img, "virtual-size");
+    d->size = (uint64_t)json_opt_int(img, "virtual-size", -1);
     free(d->drv);
-    d->drv = xstrdup(jstr(node, "drv"));
+    d->drv = xstrdup(json_opt_str(node, "drv"));
     /* QEMU and bitbackd store persistent bitmaps in qcow2 (and qbm)
      * images only; on any other node ours must be non-persistent. */
-    d->volatile_bitmaps = jstr(node, "drv") && strcmp(d->drv, "qcow2") &&
+    d->volatile_bitmaps = json_opt_str(node, "drv") && strcmp(d->drv, "qcow2") &&
                           strcmp(d->drv, "qbm");
     disk_clear_bitmaps(d);
     if (json_object_object_get_ex(node, "dirty-bitmaps", &bms) &&
@@ -626,19 +598,20 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
             struct json_object *b = json_object_array_get_idx(bms, i);
             BitmapInfo *bi = &d->bitmaps[d->n_bitmaps];
 
-            if (!jstr(b, "name")) {
+            if (!json_opt_str(b, "name")) {
                 continue;
             }
-            bi->name = xstrdup(jstr(b, "name"));
-            bi->recording = jbool(b, "recording");
-            bi->inconsistent = jbool(b, "inconsistent");
-            bi->busy = jbool(b, "busy");
-            bi->granularity = (uint32_t)jint(b, "granularity");
-            bi->count = jint(b, "count");
-            bi->generation = jstr(b, "generation")
-                             ? xstrdup(jstr(b, "generation")) : NULL;
-            bi->prior_generation = jstr(b, "prior-generation")
-                                   ? xstrdup(jstr(b, "prior-generation")) : NULL;
+            bi->name = xstrdup(json_opt_str(b, "name"));
+            bi->recording = json_opt_bool(b, "recording", false);
+            bi->inconsistent = json_opt_bool(b, "inconsistent", false);
+            bi->busy = json_opt_bool(b, "busy", false);
+            bi->granularity = (uint32_t)json_opt_int(b, "granularity", -1);
+            bi->count = json_opt_int(b, "count", -1);
+            bi->generation = json_opt_str(b, "generation")
+                             ? xstrdup(json_opt_str(b, "generation")) : NULL;
+            bi->prior_generation =
+                json_opt_str(b, "prior-generation")
+                ? xstrdup(json_opt_str(b, "prior-generation")) : NULL;
             d->n_bitmaps++;
         }
     }
@@ -656,10 +629,10 @@ static bool live_job_exists(QmpConn *qmp, const char *id, const char **ret_statu
     }
     for (size_t i = 0; i < json_object_array_length(jobs); i++) {
         struct json_object *j = json_object_array_get_idx(jobs, i);
-        const char *jid = jstr(j, "id");
+        const char *jid = json_opt_str(j, "id");
 
         if (jid && !strcmp(jid, id)) {
-            *ret_status = jstr(j, "status");
+            *ret_status = json_opt_str(j, "status");
             break;
         }
     }
@@ -842,15 +815,15 @@ static bool live_wait_jobs(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             return false;
         }
         if (ev) {
-            const char *name = jstr(ev, "event");
+            const char *name = json_opt_str(ev, "event");
             struct json_object *data = NULL;
             Disk *d;
 
             json_object_object_get_ex(ev, "data", &data);
-            d = disk_by_job(disks, n, jstr(data, "device"));
+            d = disk_by_job(disks, n, json_opt_str(data, "device"));
             if (d && name && (!strcmp(name, "BLOCK_JOB_COMPLETED") ||
                               !strcmp(name, "BLOCK_JOB_CANCELLED"))) {
-                const char *msg = jstr(data, "error");
+                const char *msg = json_opt_str(data, "error");
 
                 if (!strcmp(name, "BLOCK_JOB_CANCELLED") || msg) {
                     d->job_failed = true;
@@ -879,9 +852,9 @@ static bool live_wait_jobs(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             for (size_t i = 0; jobs && i < json_object_array_length(jobs); i++) {
                 struct json_object *j = json_object_array_get_idx(jobs, i);
 
-                if (disk_by_job(disks, n, jstr(j, "device"))) {
-                    done += (uint64_t)MAX(jint(j, "offset"), 0);
-                    total += (uint64_t)MAX(jint(j, "len"), 0);
+                if (disk_by_job(disks, n, json_opt_str(j, "device"))) {
+                    done += (uint64_t)MAX(json_opt_int(j, "offset", -1), 0);
+                    total += (uint64_t)MAX(json_opt_int(j, "len", -1), 0);
                 }
             }
             cli_progress_update(p, done, total);
