@@ -477,14 +477,10 @@ BdrvDirtyBitmap *qmp_bitmap_merge_lookup(struct json_object *args,
     }
     json_object_object_get_ex(args, "bitmaps", &list);
     size_t n = json_object_array_length(list);
-    if (n > QMP_MERGE_MAX_SOURCES) {
-        error_setg(errp, "Too many bitmaps to merge (at most %d)",
-                   QMP_MERGE_MAX_SOURCES);
-        return NULL;
-    }
-    _cleanup_free_ BdrvDirtyBitmap **srcs = calloc(n ? n : 1, sizeof(*srcs));
+    _cleanup_free_ BdrvDirtyBitmap **srcs = qmp_array_alloc(
+        n, QMP_MERGE_MAX_SOURCES, sizeof(*srcs), "bitmaps to merge", errp);
     if (!srcs) {
-        abort();
+        return NULL;
     }
     for (size_t i = 0; i < n; i++) {
         struct json_object *e = json_object_array_get_idx(list, i);
