@@ -14,7 +14,6 @@
 #include "repo/repo.h"
 
 #define BACKUP_MAX_DISKS 64
-#define BACKUP_COPY_CHUNK (4u << 20)
 
 /* A bitmap of a disk as the planner sees it. */
 typedef RepoPlanBitmap BitmapInfo;

@@ -125,8 +125,9 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
             bi->busy = json_opt_bool(b, "busy", false);
             bi->granularity = (uint32_t)json_opt_int(b, "granularity", -1);
             bi->count = json_opt_int(b, "count", -1);
-            bi->generation = json_opt_str(b, "generation")
-                             ? backup_strdup(json_opt_str(b, "generation")) : NULL;
+            bi->generation =
+                json_opt_str(b, "generation")
+                ? backup_strdup(json_opt_str(b, "generation")) : NULL;
             bi->prior_generation =
                 json_opt_str(b, "prior-generation")
                 ? backup_strdup(json_opt_str(b, "prior-generation")) : NULL;
@@ -583,7 +584,8 @@ int backup_live(const BackupOpts *o, Repo *repo)
             ret = live_interrupted(qmp, repo, o, &disks[i], n - i, seq, true);
             goto out;
         }
-        made[n_made] = backup_commit_disk(repo, o, &disks[i], seq, time_iso, &err);
+        made[n_made] = backup_commit_disk(repo, o, &disks[i], seq, time_iso,
+                                          &err);
         if (!made[n_made]) {
             goto out_tmp;
         }

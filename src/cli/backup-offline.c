@@ -15,6 +15,8 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
+#define BACKUP_COPY_CHUNK (4u << 20)
+
 static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
 {
     size_t n = 0;
