@@ -1084,6 +1084,21 @@ static int write_req_prepare(BlockDriverState *bs, uint64_t offset,
     return r;
 }
 
+/* The start of a request that changes data: check_request, then, unless
+ * it changes nothing (bytes == 0), write_req_prepare.  Returns 1 with the
+ * request begun (*ret_counted set for write_req_finish), 0 when there is
+ * nothing to do, or -errno with nothing begun. */
+static int write_req_begin(BlockDriverState *bs, uint64_t offset,
+                           uint64_t bytes, bool has_payload, bool *ret_counted)
+{
+    int r = check_request(bs, offset, bytes, true, has_payload);
+    if (r < 0 || bytes == 0) {
+        return r;
+    }
+    r = write_req_prepare(bs, offset, bytes, ret_counted);
+    return r < 0 ? r : 1;
+}
+
 /* The epilogue matching write_req_prepare: a protocol node that wrote up to
  * `end` (0: nothing to note, as for discard) notes its growth, and the
  * request leaves the drain count.  Returns r as the request's result
@@ -1120,16 +1135,9 @@ static int drv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                  const struct iovec *iov, int niov, int flags)
 {
-    int r = check_request(bs, offset, bytes, true, true);
-    if (r < 0) {
-        return r;
-    }
-    if (bytes == 0) {
-        return 0;
-    }
     bool counted;
-    r = write_req_prepare(bs, offset, bytes, &counted);
-    if (r < 0) {
+    int r = write_req_begin(bs, offset, bytes, true, &counted);
+    if (r <= 0) {
         return r;
     }
     r = drv_pwritev(bs, offset, bytes, iov, niov, flags);
@@ -1212,16 +1220,9 @@ static int write_zero_buffers(BlockDriverState *bs, uint64_t offset,
 int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                        int flags)
 {
-    int r = check_request(bs, offset, bytes, true, false);
-    if (r < 0) {
-        return r;
-    }
-    if (bytes == 0) {
-        return 0;
-    }
     bool counted;
-    r = write_req_prepare(bs, offset, bytes, &counted);
-    if (r < 0) {
+    int r = write_req_begin(bs, offset, bytes, false, &counted);
+    if (r <= 0) {
         return r;
     }
     r = -ENOTSUP;
@@ -1238,17 +1239,13 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 
 int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
 {
-    int r = check_request(bs, offset, bytes, true, false);
-    if (r < 0) {
-        return r;
-    }
-    if (bytes == 0 || !bs->drv->pdiscard) {
-        return 0;
+    if (!bs->drv->pdiscard) {
+        return check_request(bs, offset, bytes, true, false);  /* or 0 */
     }
     /* Discarded data may read back differently: that is a change. */
     bool counted;
-    r = write_req_prepare(bs, offset, bytes, &counted);
-    if (r < 0) {
+    int r = write_req_begin(bs, offset, bytes, false, &counted);
+    if (r <= 0) {
         return r;
     }
     uint32_t align = bs->request_alignment;
