@@ -937,14 +937,25 @@ static int preadv_hooked(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     return r;
 }
 
+/* A bounce buffer for the range [offset, offset + bytes) rounded out to
+ * bs's request alignment: that aligned range is [*ret_start, *ret_end)
+ * and the buffer (aligned too, free() it) covers it; NULL on ENOMEM. */
+static uint8_t *bounce_alloc(BlockDriverState *bs, uint64_t offset,
+                             uint64_t bytes, uint64_t *ret_start,
+                             uint64_t *ret_end)
+{
+    uint32_t align = bs->request_alignment;
+    *ret_start = ROUND_DOWN(offset, align);
+    *ret_end = ROUND_UP(offset + bytes, align);
+    return aligned_alloc_bytes(align, *ret_end - *ret_start);
+}
+
 /* Read through a bounce buffer covering the aligned superset of the range. */
 static int preadv_bounce(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                          const struct iovec *iov, int niov, int flags)
 {
-    uint32_t align = bs->request_alignment;
-    uint64_t start = ROUND_DOWN(offset, align);
-    uint64_t end = ROUND_UP(offset + bytes, align);
-    _cleanup_free_ uint8_t *buf = aligned_alloc_bytes(align, end - start);
+    uint64_t start, end;
+    _cleanup_free_ uint8_t *buf = bounce_alloc(bs, offset, bytes, &start, &end);
     if (!buf) {
         return -ENOMEM;
     }
@@ -996,9 +1007,8 @@ static int pwritev_rmw(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                        const struct iovec *iov, int niov, int flags)
 {
     uint32_t align = bs->request_alignment;
-    uint64_t start = ROUND_DOWN(offset, align);
-    uint64_t end = ROUND_UP(offset + bytes, align);
-    _cleanup_free_ uint8_t *buf = aligned_alloc_bytes(align, end - start);
+    uint64_t start, end;
+    _cleanup_free_ uint8_t *buf = bounce_alloc(bs, offset, bytes, &start, &end);
     if (!buf) {
         return -ENOMEM;
     }
@@ -1037,6 +1047,21 @@ static int write_req_prepare(BlockDriverState *bs, uint64_t offset,
     return r < 0 ? r : run_write_hooks(bs, offset, bytes);
 }
 
+/* The start of a request that changes data: check_request, then, unless
+ * it changes nothing (bytes == 0), write_req_prepare.  Returns 1 with the
+ * request begun (write_req_finish ends it), 0 when there is nothing to do,
+ * or -errno with nothing begun. */
+static int write_req_begin(BlockDriverState *bs, uint64_t offset,
+                           uint64_t bytes, bool has_payload)
+{
+    int r = check_request(bs, offset, bytes, true, has_payload);
+    if (r < 0 || bytes == 0) {
+        return r;
+    }
+    r = write_req_prepare(bs, offset, bytes);
+    return r < 0 ? r : 1;
+}
+
 /* The epilogue matching write_req_prepare: a protocol node that wrote up to
  * `end` (0: nothing to note, as for discard) notes its growth.  Returns r
  * as the request's result (0 or -errno). */
@@ -1070,15 +1095,8 @@ static int drv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                  const struct iovec *iov, int niov, int flags)
 {
-    int r = check_request(bs, offset, bytes, true, true);
-    if (r < 0) {
-        return r;
-    }
-    if (bytes == 0) {
-        return 0;
-    }
-    r = write_req_prepare(bs, offset, bytes);
-    if (r < 0) {
+    int r = write_req_begin(bs, offset, bytes, true);
+    if (r <= 0) {
         return r;
     }
     r = drv_pwritev(bs, offset, bytes, iov, niov, flags);
@@ -1161,15 +1179,8 @@ static int write_zero_buffers(BlockDriverState *bs, uint64_t offset,
 int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                        int flags)
 {
-    int r = check_request(bs, offset, bytes, true, false);
-    if (r < 0) {
-        return r;
-    }
-    if (bytes == 0) {
-        return 0;
-    }
-    r = write_req_prepare(bs, offset, bytes);
-    if (r < 0) {
+    int r = write_req_begin(bs, offset, bytes, false);
+    if (r <= 0) {
         return r;
     }
     r = -ENOTSUP;
@@ -1186,16 +1197,12 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 
 int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
 {
-    int r = check_request(bs, offset, bytes, true, false);
-    if (r < 0) {
-        return r;
-    }
-    if (bytes == 0 || !bs->drv->pdiscard) {
-        return 0;
+    if (!bs->drv->pdiscard) {
+        return check_request(bs, offset, bytes, true, false);  /* or 0 */
     }
     /* Discarded data may read back differently: that is a change. */
-    r = write_req_prepare(bs, offset, bytes);
-    if (r < 0) {
+    int r = write_req_begin(bs, offset, bytes, false);
+    if (r <= 0) {
         return r;
     }
     uint32_t align = bs->request_alignment;

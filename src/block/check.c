@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "block/check.h"
+#include "util/cutils.h"
 
 void bdrv_check_report(BdrvCheckResult *res, BdrvCheckProblem kind,
                        const char *fmt, ...)
@@ -34,11 +35,8 @@ void bdrv_check_report(BdrvCheckResult *res, BdrvCheckProblem kind,
         }
     }
     va_list ap;
-    char *line = NULL;
     va_start(ap, fmt);
-    if (vasprintf(&line, fmt, ap) < 0) {
-        line = NULL;
-    }
+    char *line = vstrprintf(fmt, ap);
     va_end(ap);
     if (!line) {
         res->messages_dropped++;

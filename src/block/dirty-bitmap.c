@@ -360,6 +360,16 @@ void bdrv_dirty_bitmap_set_inconsistent(BdrvDirtyBitmap *bm, const char *reason)
     bm->inconsistent_reason = strdup(reason ? reason : "unknown");
 }
 
+void bdrv_dirty_bitmap_history(BdrvDirtyBitmap *bm, BdrvDirtyBitmapHistory *out)
+{
+    LOCK_GUARD(&bm->bs->lock);
+    memcpy(out->generation, bm->generation, sizeof(out->generation));
+    memcpy(out->prior_generation, bm->prior_generation,
+           sizeof(out->prior_generation));
+    out->recovered = bm->recovered;
+    out->recovered_bytes = bm->recovered_bytes;
+}
+
 uint64_t bdrv_dirty_bitmap_count(BdrvDirtyBitmap *bm)
 {
     LOCK_GUARD(&bm->bs->lock);

@@ -133,6 +133,16 @@ void bdrv_dirty_bitmap_set_busy(BdrvDirtyBitmap *bm, bool busy);
 /* Mark inconsistent with a reason (copied); also disables it. */
 void bdrv_dirty_bitmap_set_inconsistent(BdrvDirtyBitmap *bm, const char *reason);
 
+/* bm's history fields, copied together under bs->lock: for callers above
+ * the block layer, which never take a node's lock themselves. */
+typedef struct BdrvDirtyBitmapHistory {
+    char generation[UUID_STR_LEN];
+    char prior_generation[UUID_STR_LEN];
+    bool recovered;
+    uint64_t recovered_bytes;
+} BdrvDirtyBitmapHistory;
+void bdrv_dirty_bitmap_history(BdrvDirtyBitmap *bm, BdrvDirtyBitmapHistory *out);
+
 uint64_t bdrv_dirty_bitmap_count(BdrvDirtyBitmap *bm);   /* dirty bytes */
 uint64_t bdrv_dirty_bitmap_size(const BdrvDirtyBitmap *bm);
 

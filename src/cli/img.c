@@ -557,6 +557,50 @@ static void print_info_human(struct json_object *o)
     }
 }
 
+/* The options img info, map and check share. */
+typedef struct ImgOpts {
+    const char *fmt;                    /* -f, NULL: probe */
+    int open_flags;                     /* -U: BDRV_O_FORCE_SHARE */
+    bool json;                          /* --output=json */
+} ImgOpts;
+
+#define IMG_OPT_PARSED  (-1)            /* a shared option, taken into o */
+
+/* Take getopt's option c, one the command does not handle itself, into
+ * o: IMG_OPT_PARSED for a shared option (-f, -U, --output), else the exit
+ * status the command ends with (--help: usage printed, CLI_EXIT_OK; a bad
+ * --output: reported, CLI_EXIT_ERROR; an unknown option, which getopt has
+ * reported: CLI_EXIT_ERROR). */
+static int img_parse_opt(int c, ImgOpts *o)
+{
+    switch (c) {
+    case 'h':
+        cli_img_usage(stdout);
+        return CLI_EXIT_OK;
+    case 'f':
+        o->fmt = optarg;
+        return IMG_OPT_PARSED;
+    case 'U':
+        o->open_flags |= BDRV_O_FORCE_SHARE;
+        return IMG_OPT_PARSED;
+    case OPT_OUTPUT:
+        return cli_output_opt(optarg, &o->json) ? IMG_OPT_PARSED
+                                                : CLI_EXIT_ERROR;
+    default:
+        return CLI_EXIT_ERROR;
+    }
+}
+
+/* The one file name after the options of `img cmd`, or NULL (reported). */
+static const char *img_one_file(const char *cmd, int argc, char **argv)
+{
+    if (optind != argc - 1) {
+        error_report("img %s: expecting exactly one file name", cmd);
+        return NULL;
+    }
+    return argv[optind];
+}
+
 /* Open for reading; if the backing chain can not be opened, retry without
  * it so info still describes the image itself. */
 static BlockDriverState *open_read_only(const char *filename, const char *fmt,
@@ -588,44 +632,31 @@ static int img_info(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     _cleanup_json_ struct json_object *chain = json_object_new_array();
-    const char *fmt = NULL, *filename;
-    bool json = false, backing_chain = false;
+    ImgOpts io = {0};
+    const char *filename;
+    bool backing_chain = false;
     BlockDriverState *bs;
     Error *err = NULL;
-    int c, open_flags = 0;
+    int c, r;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "hf:U", long_opts, NULL)) != -1) {
         switch (c) {
-        case 'h':
-            cli_img_usage(stdout);
-            return CLI_EXIT_OK;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'U':
-            open_flags |= BDRV_O_FORCE_SHARE;
-            break;
-        case OPT_OUTPUT:
-            if (!cli_parse_output(optarg, &json, &err)) {
-                error_report_err(err);
-                return CLI_EXIT_ERROR;
-            }
-            break;
         case OPT_BACKING_CHAIN:
             backing_chain = true;
-            break;
-        default:
-            return CLI_EXIT_ERROR;
+            continue;
+        }
+        r = img_parse_opt(c, &io);
+        if (r != IMG_OPT_PARSED) {
+            return r;
         }
     }
-    if (optind != argc - 1) {
-        error_report("img info: expecting exactly one file name");
+    filename = img_one_file("info", argc, argv);
+    if (!filename) {
         return CLI_EXIT_ERROR;
     }
-    filename = argv[optind];
 
-    bs = open_read_only(filename, fmt, open_flags, &err);
+    bs = open_read_only(filename, io.fmt, io.open_flags, &err);
     if (!bs) {
         error_report_err(err);
         return CLI_EXIT_ERROR;
@@ -647,7 +678,7 @@ static int img_info(int argc, char **argv)
         return CLI_EXIT_ERROR;
     }
 
-    if (json) {
+    if (io.json) {
         cli_print_json(backing_chain ? chain
                                      : json_object_array_get_idx(chain, 0));
     } else {
@@ -872,60 +903,46 @@ static int img_map(int argc, char **argv)
         {"force-share", no_argument, NULL, 'U'},
         {NULL, 0, NULL, 0},
     };
-    const char *fmt = NULL, *filename, *bitmap = NULL;
+    ImgOpts io = {0};
+    const char *filename, *bitmap = NULL;
     uint64_t start = 0, max_len = UINT64_MAX, end;
-    bool json = false;
     BlockDriverState *bs;
     Error *err = NULL;
     int64_t len;
-    int c, ret, open_flags = 0;
+    int c, ret;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "hf:U", long_opts, NULL)) != -1) {
         switch (c) {
-        case 'h':
-            cli_img_usage(stdout);
-            return CLI_EXIT_OK;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'U':
-            open_flags |= BDRV_O_FORCE_SHARE;
-            break;
-        case OPT_OUTPUT:
-            if (!cli_parse_output(optarg, &json, &err)) {
-                error_report_err(err);
-                return CLI_EXIT_ERROR;
-            }
-            break;
         case OPT_BITMAP:
             bitmap = optarg;
-            break;
+            continue;
         case OPT_START_OFFSET:
             if (!cli_parse_size(optarg, "start offset", &start, &err)) {
                 error_report_err(err);
                 return CLI_EXIT_ERROR;
             }
-            break;
+            continue;
         case OPT_MAX_LENGTH:
             if (!cli_parse_size(optarg, "max length", &max_len, &err)) {
                 error_report_err(err);
                 return CLI_EXIT_ERROR;
             }
-            break;
-        default:
-            return CLI_EXIT_ERROR;
+            continue;
+        }
+        ret = img_parse_opt(c, &io);
+        if (ret != IMG_OPT_PARSED) {
+            return ret;
         }
     }
-    if (optind != argc - 1) {
-        error_report("img map: expecting exactly one file name");
+    filename = img_one_file("map", argc, argv);
+    if (!filename) {
         return CLI_EXIT_ERROR;
     }
-    filename = argv[optind];
 
     /* No fallback without the backing file here: the map of an overlay
      * depends on it. */
-    bs = cli_open_image(filename, fmt, open_flags, &err);
+    bs = cli_open_image(filename, io.fmt, io.open_flags, &err);
     if (!bs) {
         error_report_err(err);
         return CLI_EXIT_ERROR;
@@ -945,9 +962,9 @@ static int img_map(int argc, char **argv)
         end = start + max_len;
     }
     if (bitmap) {
-        ret = map_bitmap(bs, bitmap, start, end, json);
+        ret = map_bitmap(bs, bitmap, start, end, io.json);
     } else {
-        ret = map_allocation(bs, start, end, json, filename);
+        ret = map_allocation(bs, start, end, io.json, filename);
     }
     fflush(stdout);
     if (!cli_close_image(bs) && ret == CLI_EXIT_OK) {
@@ -1064,44 +1081,30 @@ static int img_check(int argc, char **argv)
         {"force-share", no_argument, NULL, 'U'},
         {NULL, 0, NULL, 0},
     };
-    const char *fmt = NULL, *filename;
+    ImgOpts io = {0};
+    const char *filename;
     BdrvCheckResult res = BDRV_CHECK_RESULT_INIT;
     _cleanup_json_ struct json_object *bad_bitmaps = json_object_new_array();
-    bool json = false;
     BlockDriverState *bs;
     Error *err = NULL;
-    int c, ret, open_flags = 0;
+    int c, ret;
 
     cli_reset_getopt();
     while ((c = getopt_long(argc, argv, "hf:Uq", long_opts, NULL)) != -1) {
-        switch (c) {
-        case 'h':
-            cli_img_usage(stdout);
-            return CLI_EXIT_OK;
-        case 'f':
-            fmt = optarg;
-            break;
-        case 'U':
-            open_flags |= BDRV_O_FORCE_SHARE;
-            break;
-        case 'q':
-            break;
-        case OPT_OUTPUT:
-            if (!cli_output_opt(optarg, &json)) {
-                return CLI_EXIT_ERROR;
-            }
-            break;
-        default:
-            return CLI_EXIT_ERROR;
+        if (c == 'q') {
+            continue;
+        }
+        ret = img_parse_opt(c, &io);
+        if (ret != IMG_OPT_PARSED) {
+            return ret;
         }
     }
-    if (optind != argc - 1) {
-        error_report("img check: expecting exactly one file name");
+    filename = img_one_file("check", argc, argv);
+    if (!filename) {
         return CLI_EXIT_ERROR;
     }
-    filename = argv[optind];
 
-    bs = cli_open_image(filename, fmt, open_flags, &err);
+    bs = cli_open_image(filename, io.fmt, io.open_flags, &err);
     if (!bs) {
         /* An image too broken to open is a failed check, not a crash. */
         error_prepend(&err, "Check failed: ");
@@ -1130,7 +1133,7 @@ static int img_check(int argc, char **argv)
     ret = bdrv_check_problems(&res) > 0 ? CLI_EXIT_CORRUPT
         : json_object_array_length(bad_bitmaps) ? CLI_EXIT_CHECK_WARN
         : CLI_EXIT_OK;
-    check_print(filename, bs->drv->format_name, &res, bad_bitmaps, json);
+    check_print(filename, bs->drv->format_name, &res, bad_bitmaps, io.json);
     bdrv_check_result_clear(&res);
     fflush(stdout);
     if (!cli_close_image(bs) && ret == CLI_EXIT_OK) {

@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "qmp/qmp.h"
+#include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 #include "util/keyval.h"
 
@@ -116,6 +116,20 @@ static bool qmp_type_ok(struct json_object *v, QmpArgType t)
     case QMP_ARG_ANY: return true;
     }
     return false;
+}
+
+void *qmp_array_alloc(size_t n, size_t max, size_t elem_size,
+                      const char *what, Error **errp)
+{
+    if (n > max) {
+        error_setg(errp, "Too many %s (at most %zu)", what, max);
+        return NULL;
+    }
+    void *a = calloc(n ? n : 1, elem_size);
+    if (!a) {
+        abort();
+    }
+    return a;
 }
 
 bool qmp_check_args(struct json_object *args, const QmpArgSpec *spec,

@@ -126,16 +126,26 @@ static void qmp_client_send_json(QmpClient *c, struct json_object *obj)
     qmp_client_queue(c, "\r\n", 2);
 }
 
+/* After a failed send/recv on c's nonblocking socket: true to retry
+ * (EINTR); else false, and c is dead unless the socket would block. */
+static bool qmp_client_retry(QmpClient *c)
+{
+    if (errno == EINTR) {
+        return true;
+    }
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        c->dead = true;
+    }
+    return false;
+}
+
 static void qmp_client_flush(QmpClient *c)
 {
     while (!c->dead && c->out_len > 0) {
         ssize_t n = send(c->fd, c->out, c->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
-            if (errno == EINTR) {
+            if (qmp_client_retry(c)) {
                 continue;
-            }
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                c->dead = true;
             }
             return;
         }
@@ -317,15 +327,7 @@ static void qmp_greet(QmpClient *c)
 {
     _cleanup_json_ struct json_object *g = json_object_new_object();
     struct json_object *qmp = json_object_new_object();
-    struct json_object *ver = json_object_new_object();
-    struct json_object *q = json_object_new_object();
-    json_object_object_add(q, "micro", json_object_new_int(0));
-    json_object_object_add(q, "minor", json_object_new_int(0));
-    json_object_object_add(q, "major", json_object_new_int(8));
-    json_object_object_add(ver, "qemu", q);
-    json_object_object_add(ver, "package",
-                           json_object_new_string("bitback " BITBACK_VERSION));
-    json_object_object_add(qmp, "version", ver);
+    json_object_object_add(qmp, "version", qmp_version_info());
     json_object_object_add(qmp, "capabilities", json_object_new_array());
     json_object_object_add(g, "QMP", qmp);
     qmp_client_send_json(c, g);
@@ -426,11 +428,8 @@ static void qmp_client_read(QmpClient *c)
     for (;;) {
         ssize_t n = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
         if (n < 0) {
-            if (errno == EINTR) {
+            if (qmp_client_retry(c)) {
                 continue;
-            }
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                c->dead = true;
             }
             return;
         }

@@ -75,35 +75,25 @@ static struct json_object *qmp_bitmap_info(BdrvDirtyBitmap *bm)
                            json_object_new_int64(bdrv_dirty_bitmap_count(bm)));
     json_object_object_add(o, "inconsistent",
                            json_object_new_boolean(bm->inconsistent));
-    /* bitback extension: the UUID that changes on every clear (backup
-     * chains compare it), present only when known (not "").  Copied under
-     * bs->lock (see block.h), which this thread, the only one that
-     * rewrites these fields, need not take.  The only place qmp/ takes a
-     * node's lock itself: a dirty-bitmap.c accessor should. */
-    char generation[UUID_STR_LEN], prior[UUID_STR_LEN];
-    bool recovered;
-    uint64_t recovered_bytes;
-    pthread_mutex_lock(&bm->bs->lock);
-    memcpy(generation, bm->generation, sizeof(generation));
-    memcpy(prior, bm->prior_generation, sizeof(prior));
-    recovered = bm->recovered;
-    recovered_bytes = bm->recovered_bytes;
-    pthread_mutex_unlock(&bm->bs->lock);
-    /* bitback extensions (docs/specs/write-intent.md): rebuilt from the
+    /* bitback extensions: the UUID that changes on every clear (backup
+     * chains compare it), present only when known (not ""); and, from
+     * docs/specs/write-intent.md, whether the bitmap was rebuilt from the
      * write-intent log after a crash, and what that added. */
-    json_object_object_add(o, "recovered", json_object_new_boolean(recovered));
-    if (recovered) {
+    BdrvDirtyBitmapHistory h;
+    bdrv_dirty_bitmap_history(bm, &h);
+    json_object_object_add(o, "recovered", json_object_new_boolean(h.recovered));
+    if (h.recovered) {
         json_object_object_add(o, "recovered-bytes",
-                               json_object_new_int64((int64_t)recovered_bytes));
+                               json_object_new_int64((int64_t)h.recovered_bytes));
     }
-    if (generation[0]) {
+    if (h.generation[0]) {
         json_object_object_add(o, "generation",
-                               json_object_new_string(generation));
-    } else if (prior[0]) {
+                               json_object_new_string(h.generation));
+    } else if (h.prior_generation[0]) {
         /* Unknown now, but bitback knew it before another program wrote
          * the image (qcow2-bitmap.c G6). */
         json_object_object_add(o, "prior-generation",
-                               json_object_new_string(prior));
+                               json_object_new_string(h.prior_generation));
     }
     return o;
 }
@@ -480,14 +470,10 @@ BdrvDirtyBitmap *qmp_bitmap_merge_lookup(struct json_object *args,
     }
     json_object_object_get_ex(args, "bitmaps", &list);
     size_t n = json_object_array_length(list);
-    if (n > QMP_MERGE_MAX_SOURCES) {
-        error_setg(errp, "Too many bitmaps to merge (at most %d)",
-                   QMP_MERGE_MAX_SOURCES);
-        return NULL;
-    }
-    _cleanup_free_ BdrvDirtyBitmap **srcs = calloc(n ? n : 1, sizeof(*srcs));
+    _cleanup_free_ BdrvDirtyBitmap **srcs = qmp_array_alloc(
+        n, QMP_MERGE_MAX_SOURCES, sizeof(*srcs), "bitmaps to merge", errp);
     if (!srcs) {
-        abort();
+        return NULL;
     }
     for (size_t i = 0; i < n; i++) {
         struct json_object *e = json_object_array_get_idx(list, i);

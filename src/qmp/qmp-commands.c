@@ -27,8 +27,7 @@ static struct json_object *qmp_cmd_capabilities(struct json_object *args,
     return json_object_new_object();
 }
 
-static struct json_object *qmp_cmd_query_version(struct json_object *args,
-                                                 Error **errp)
+struct json_object *qmp_version_info(void)
 {
     struct json_object *ret = json_object_new_object();
     struct json_object *q = json_object_new_object();
@@ -39,6 +38,12 @@ static struct json_object *qmp_cmd_query_version(struct json_object *args,
     json_object_object_add(ret, "package",
                            json_object_new_string("bitback " BITBACK_VERSION));
     return ret;
+}
+
+static struct json_object *qmp_cmd_query_version(struct json_object *args,
+                                                 Error **errp)
+{
+    return qmp_version_info();
 }
 
 static struct json_object *qmp_cmd_query_commands(struct json_object *args,

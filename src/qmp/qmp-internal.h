@@ -13,6 +13,16 @@
 #define BITBACK_VERSION "0.1.0"
 #endif
 
+/* qmp-commands.c: the query-version reply, also the QMP greeting's
+ * "version" member; a new reference. */
+struct json_object *qmp_version_info(void);
+
+/* dispatch.c: a zeroed array for the n elements of an array argument
+ * (room for one when n is 0; free() it), or NULL with errp set to
+ * "Too many <what> (at most <max>)" when n > max (DESIGN.md D7). */
+void *qmp_array_alloc(size_t n, size_t max, size_t elem_size,
+                      const char *what, Error **errp);
+
 /* dispatch.c: [{"name": ...}] for query-commands. */
 struct json_object *qmp_query_commands_list(void);
 

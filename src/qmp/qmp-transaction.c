@@ -445,14 +445,11 @@ static struct json_object *qmp_cmd_transaction(struct json_object *args,
     struct json_object *list;
     json_object_object_get_ex(args, "actions", &list);
     size_t n = json_object_array_length(list);
-    if (n > TXN_MAX_ACTIONS) {
-        error_setg(errp, "Too many actions in one transaction (at most %d)",
-                   TXN_MAX_ACTIONS);
-        return NULL;
-    }
-    _cleanup_free_ TxnAction *actions = calloc(n ? n : 1, sizeof(*actions));
+    _cleanup_free_ TxnAction *actions = qmp_array_alloc(
+        n, TXN_MAX_ACTIONS, sizeof(*actions), "actions in one transaction",
+        errp);
     if (!actions) {
-        abort();
+        return NULL;
     }
 
     /* Step 1: check everything before anything happens. */

@@ -100,12 +100,12 @@ unsigned repo_match_seq_name(const char *name, const char *prefix,
 char *repo_path_printf(const char *fmt, ...)
 {
     va_list ap;
-    char *p = NULL;
     va_start(ap, fmt);
-    if (vasprintf(&p, fmt, ap) < 0) {
+    char *p = vstrprintf(fmt, ap);
+    va_end(ap);
+    if (!p) {
         abort();
     }
-    va_end(ap);
     return p;
 }
 

@@ -291,3 +291,12 @@ fail:
     unlink(tmp);
     return false;
 }
+
+char *vstrprintf(const char *fmt, va_list ap)
+{
+    char *s = NULL;
+    if (vasprintf(&s, fmt, ap) < 0) {
+        return NULL;
+    }
+    return s;
+}

@@ -5,6 +5,7 @@
 #ifndef BITBACK_CUTILS_H
 #define BITBACK_CUTILS_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -56,5 +57,9 @@ bool file_replace_atomic_full(const char *path, const void *data, size_t len,
                               int *ret_fd, Error **errp);
 /* fsync the folder that holds `path`. */
 int fsync_parent_dir(const char *path);
+
+/* vasprintf() that returns the new string (free() it), or NULL when out
+ * of memory. */
+char *vstrprintf(const char *fmt, va_list ap) __attribute__((format(printf, 1, 0)));
 
 #endif

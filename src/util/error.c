@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "util/cutils.h"
 #include "util/error.h"
 
 struct Error {
@@ -16,15 +17,6 @@ struct Error {
 };
 
 const char *error_progname = "bitback";
-
-static char *vformat(const char *fmt, va_list ap)
-{
-    char *s = NULL;
-    if (vasprintf(&s, fmt, ap) < 0) {
-        return NULL;
-    }
-    return s;
-}
 
 static void error_setv(Error **errp, ErrorClass cls, const char *fmt, va_list ap,
                        int errnum)
@@ -36,7 +28,7 @@ static void error_setv(Error **errp, ErrorClass cls, const char *fmt, va_list ap
     if (!err) {
         abort();
     }
-    char *msg = vformat(fmt, ap);
+    char *msg = vstrprintf(fmt, ap);
     if (!msg) {
         abort();
     }
@@ -89,7 +81,7 @@ void error_prepend(Error **errp, const char *fmt, ...)
     }
     va_list ap;
     va_start(ap, fmt);
-    char *prefix = vformat(fmt, ap);
+    char *prefix = vstrprintf(fmt, ap);
     va_end(ap);
     if (!prefix) {
         abort();

@@ -445,6 +445,30 @@ def test_bad_input_gives_clear_errors(tmp_path):
         assert "img create" in bitback(*h).stdout
 
 
+def test_img_shared_options(tmp_path):
+    """img info, map and check parse -h, -f, -U, --output and the one file
+    name the same way (img.c img_parse_opt, img_one_file)."""
+    f = tmp_path / "s.raw"
+    bitback("img", "create", "-f", "raw", str(f), "1M")
+    for cmd in ("info", "map", "check"):
+        p = bitback("img", cmd, "-h")
+        assert p.returncode == 0 and "img create" in p.stdout, (cmd, p)
+        p = bitback("img", cmd, "-f", "raw", "-U", "--output=json", str(f))
+        json.loads(p.stdout)
+        p = bitback("img", cmd, "--output=xml", str(f), check=False)
+        one_line_error(p)
+        assert "--output must be either 'human' or 'json', not 'xml'" in \
+            p.stderr, (cmd, p.stderr)
+        for names in ([], [str(f), str(f)]):
+            p = bitback("img", cmd, *names, check=False)
+            assert p.returncode == 1, (cmd, p)
+            assert p.stderr == ("bitback: img %s: expecting exactly one "
+                                "file name\n" % cmd), (cmd, p.stderr)
+        p = bitback("img", cmd, "--no-such-option", str(f), check=False)
+        assert p.returncode == 1 and "no-such-option" in p.stderr, (cmd, p)
+        assert p.stdout == "", (cmd, p.stdout)
+
+
 def test_failed_create_leaves_nothing(tmp_path):
     qbm = tmp_path / "w.qbm"
     # Wrapping a data file that does not exist.

@@ -262,6 +262,38 @@ def test_transaction_errors_match_qemu(daemon):
     c.cmd("blockdev-del", {"node-name": "t0"})
 
 
+def test_array_arguments_are_bounded(tmp_path):
+    """bitbackd bounds the arrays a client can send (DESIGN.md D7; QEMU
+    has no such limits): at most 1024 actions in a transaction and 1024
+    sources in a bitmap merge, alone or as a transaction action
+    (qmp_array_alloc)."""
+    raw_image(tmp_path / "src.raw", MiB)
+    abort = {"type": "abort", "data": {}}
+    with Daemon(tmp_path) as d:
+        d.start("--blockdev", raw_node("d0", "src.raw"))
+        c = d.qmp
+        c.cmd("block-dirty-bitmap-add", node="d0", name="b0")
+        c.cmd("block-dirty-bitmap-add", node="d0", name="b1")
+        e = c.error("transaction", actions=[abort] * 1025)
+        assert (e.cls, e.desc) == (
+            "GenericError", "Too many actions in one transaction (at most 1024)")
+        e = c.error("transaction", actions=[abort] * 1024)
+        assert e.desc == "Transaction aborted using Abort action"
+        merge = {"node": "d0", "target": "b0"}
+        e = c.error("block-dirty-bitmap-merge", bitmaps=["b1"] * 1025, **merge)
+        assert (e.cls, e.desc) == (
+            "GenericError", "Too many bitmaps to merge (at most 1024)")
+        e = c.error("transaction", actions=[{
+            "type": "block-dirty-bitmap-merge",
+            "data": dict(merge, bitmaps=["b1"] * 1025)}])
+        assert e.desc == "Too many bitmaps to merge (at most 1024)"
+        assert c.cmd("block-dirty-bitmap-merge", bitmaps=["b1"] * 1024,
+                     **merge) == {}
+        c.cmd("transaction", actions=[{
+            "type": "block-dirty-bitmap-merge",
+            "data": dict(merge, bitmaps=["b1"] * 1024)}])
+
+
 def test_transaction_rolls_back_bitmap_actions(daemon):
     c = daemon.qmp
     c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},

@@ -129,6 +129,11 @@ static void test_out_of_range(void **state)
     assert_int_equal(bdrv_pwrite(bs, 1024 * 1024, buf, 1, 0), -EINVAL);
     assert_int_equal(bdrv_pwrite(bs, UINT64_MAX - 10, buf, 100, 0), -EINVAL);
     assert_int_equal(bdrv_pwrite_zeroes(bs, 1024 * 1024 - 1, 2, 0), -EINVAL);
+    assert_int_equal(bdrv_pdiscard(bs, 1024 * 1024 - 1, 2), -EINVAL);
+    /* Empty requests that pass the checks change nothing. */
+    assert_int_equal(bdrv_pwrite(bs, 1024 * 1024, buf, 0, 0), 0);
+    assert_int_equal(bdrv_pwrite_zeroes(bs, 1024 * 1024, 0, 0), 0);
+    assert_int_equal(bdrv_pdiscard(bs, 1024 * 1024, 0), 0);
     assert_true(bdrv_close(bs, NULL));
 
     bs = bdrv_open_image(path, "raw", 0, NULL);
@@ -136,6 +141,11 @@ static void test_out_of_range(void **state)
     assert_true(bs->read_only);
     assert_int_equal(bdrv_pwrite(bs, 0, buf, 512, 0), -EPERM);
     assert_int_equal(bdrv_pdiscard(bs, 0, 512), -EPERM);
+    assert_int_equal(bdrv_pwrite_zeroes(bs, 0, 512, 0), -EPERM);
+    /* The checks come first, even for an empty request. */
+    assert_int_equal(bdrv_pwrite(bs, 0, buf, 0, 0), -EPERM);
+    assert_int_equal(bdrv_pwrite_zeroes(bs, 0, 0, 0), -EPERM);
+    assert_int_equal(bdrv_pdiscard(bs, 0, 0), -EPERM);
     assert_true(bdrv_close(bs, NULL));
 }
 

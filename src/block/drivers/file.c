@@ -137,12 +137,24 @@ static int64_t file_getlength(BlockDriverState *bs)
     return st.st_size;
 }
 
-/* Advance (iov, niov) by n bytes in place (copying into `tmp`). */
-static int iov_advance(const struct iovec *iov, int niov, size_t n,
-                       struct iovec *tmp)
+/* A transfer moved n more bytes of a `bytes`-long request: count them in
+ * *done and, unless the request is complete, advance (*iov, *niov) past
+ * them (the rest copied into `tmp`).  0, or -EINVAL if the rest does not
+ * fit in tmp. */
+static int file_advance(uint64_t *done, uint64_t bytes, size_t n,
+                        const struct iovec **iov, int *niov, struct iovec *tmp)
 {
-    size_t total = iov_size(iov, niov);
-    return iov_slice(iov, niov, n, total - n, tmp, FILE_MAX_IOV);
+    *done += n;
+    if (*done < bytes) {
+        size_t total = iov_size(*iov, *niov);
+        int r = iov_slice(*iov, *niov, n, total - n, tmp, FILE_MAX_IOV);
+        if (r < 0) {
+            return -EINVAL;
+        }
+        *niov = r;
+        *iov = tmp;
+    }
+    return 0;
 }
 
 static int file_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
@@ -172,13 +184,8 @@ static int file_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
             iov_memset(iov, niov, 0, 0, bytes - done);
             return 0;
         }
-        done += (uint64_t)r;
-        if (done < bytes) {
-            niov = iov_advance(iov, niov, (size_t)r, tmp);
-            if (niov < 0) {
-                return -EINVAL;
-            }
-            iov = tmp;
+        if (file_advance(&done, bytes, (size_t)r, &iov, &niov, tmp) < 0) {
+            return -EINVAL;
         }
     }
     return 0;
@@ -213,13 +220,8 @@ static int file_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
             }
             return -errno;
         }
-        done += (uint64_t)r;
-        if (done < bytes) {
-            niov = iov_advance(iov, niov, (size_t)r, tmp);
-            if (niov < 0) {
-                return -EINVAL;
-            }
-            iov = tmp;
+        if (file_advance(&done, bytes, (size_t)r, &iov, &niov, tmp) < 0) {
+            return -EINVAL;
         }
     }
     return 0;

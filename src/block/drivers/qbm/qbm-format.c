@@ -27,6 +27,7 @@
 #include "block/drivers/qbm/qbm-format.h"
 #include "util/bswap.h"
 #include "util/cleanup.h"
+#include "util/cutils.h"
 
 #define QBM_IO_CHUNK (1024 * 1024)
 
@@ -80,11 +81,8 @@ static char *reasonf(const char *fmt, ...) __attribute__((format(printf, 1, 2)))
 static char *reasonf(const char *fmt, ...)
 {
     va_list ap;
-    char *s = NULL;
     va_start(ap, fmt);
-    if (vasprintf(&s, fmt, ap) < 0) {
-        s = NULL;
-    }
+    char *s = vstrprintf(fmt, ap);
     va_end(ap);
     return s ? s : strdup("out of memory");
 }

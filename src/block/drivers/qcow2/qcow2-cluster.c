@@ -11,18 +11,20 @@
  * entries in the cached table and marks it dirty; the table reaches the
  * file at qcow2_flush_metadata_locked or when it is evicted, so an
  * allocating write costs no fdatasync.  The order that keeps a crashed
- * image consistent (qcow2.h has the three steps) is enforced here:
- *   W1. No dirty L2 table or L1 entry is written before every dirty
+ * image consistent (qcow2.h has the three steps) is enforced here; these
+ * are the C invariants of docs/DESIGN.md's index (C, not W: W is the
+ * write-intent log's set):
+ *   C1. No dirty L2 table or L1 entry is written before every dirty
  *       refcount block is written and synced (the L2 cache depends on the
  *       refcount block cache), and before the data of the clusters it
  *       maps is synced (write_gen/synced_gen: an allocating write notes
  *       its data write before it changes the L2 entry).
- *   W2. A new L2 table is written zero-filled when it is allocated, and
+ *   C2. A new L2 table is written zero-filled when it is allocated, and
  *       its L1 entry only at a flush, after a sync: L1 never names a table
  *       whose content is not durable.
- *   W3. Deferred frees are applied only after the L2/L1 writes that
+ *   C3. Deferred frees are applied only after the L2/L1 writes that
  *       removed the references are synced.
- *   W4. Eviction prefers clean tables; a dirty victim is written (W1
+ *   C4. Eviction prefers clean tables; a dirty victim is written (C1
  *       applies) before its slot is reused.  A failed write-back leaves
  *       the table dirty and fails the request.
  *
@@ -120,32 +122,42 @@ int qcow2_sync_if_needed_locked(BlockDriverState *bs)
     return s->write_gen > s->synced_gen ? qcow2_sync_locked(bs) : 0;
 }
 
-/* Write one dirty entry (W1: after the dependency, synced). */
+/* C1: the cache c depends on (refcount blocks), if any, written back and
+ * synced.  0 or -errno. */
+static int cache_depends_writeback_locked(BlockDriverState *bs,
+                                          Qcow2L2Cache *c)
+{
+    if (!c->depends) {
+        return 0;
+    }
+    int r = qcow2_cache_writeback_locked(bs, c->depends);
+    if (r == 0) {
+        r = qcow2_sync_if_needed_locked(bs);
+    }
+    return r;
+}
+
+/* Write one dirty entry (C1: after the dependency, synced). */
 static int cache_entry_write_locked(BlockDriverState *bs, Qcow2L2Cache *c,
                                     Qcow2CacheEntry *e)
 {
     if (!e->dirty) {
         return 0;
     }
-    if (c->depends) {
-        int r = qcow2_cache_writeback_locked(bs, c->depends);
-        if (r == 0) {
-            r = qcow2_sync_if_needed_locked(bs);
-        }
-        if (r < 0) {
-            return r;
-        }
+    int r = cache_depends_writeback_locked(bs, c);
+    if (r < 0) {
+        return r;
     }
-    int r = bdrv_pwrite(bs->file, e->offset, e->table, c->table_size, 0);
+    r = bdrv_pwrite(bs->file, e->offset, e->table, c->table_size, 0);
     if (r < 0) {
         return r;
     }
     e->dirty = false;
     c->nb_dirty--;
     if (!c->depends) {
-        /* A refcount block: L2 writes wait for it (W1).  Nothing waits
+        /* A refcount block: L2 writes wait for it (C1).  Nothing waits
          * for an L2 table write but the deferred frees, which sync
-         * unconditionally (W3). */
+         * unconditionally (C3). */
         qcow2_note_write_locked(bs);
     }
     return 0;
@@ -156,18 +168,13 @@ int qcow2_cache_writeback_locked(BlockDriverState *bs, Qcow2L2Cache *c)
     if (c->nb_dirty == 0) {
         return 0;
     }
-    if (c->depends) {
-        /* Once for all the tables, rather than per table. */
-        int r = qcow2_cache_writeback_locked(bs, c->depends);
-        if (r == 0) {
-            r = qcow2_sync_if_needed_locked(bs);
-        }
-        if (r < 0) {
-            return r;
-        }
+    /* Once for all the tables, rather than per table. */
+    int r = cache_depends_writeback_locked(bs, c);
+    if (r < 0) {
+        return r;
     }
     for (unsigned i = 0; i < c->nb && c->nb_dirty; i++) {
-        int r = cache_entry_write_locked(bs, c, &c->e[i]);
+        r = cache_entry_write_locked(bs, c, &c->e[i]);
         if (r < 0) {
             return r;
         }
@@ -190,7 +197,7 @@ int qcow2_cache_get_locked(BlockDriverState *bs, Qcow2L2Cache *c,
             return 0;
         }
         /* An empty slot, else the least recently used clean one, else the
-         * least recently used (W4). */
+         * least recently used (C4). */
         if (!victim || (victim->offset != 0 &&
                         (e->offset == 0 ||
                          (e->dirty == victim->dirty ? e->lru < victim->lru
@@ -245,7 +252,7 @@ void qcow2_cache_drop_locked(Qcow2L2Cache *c, uint64_t offset)
     }
 }
 
-/* Write the changed L1 entries (W2: the caller synced before). */
+/* Write the changed L1 entries (C2: the caller synced before). */
 static int l1_writeback_locked(BlockDriverState *bs)
 {
     BDRVQcow2State *s = bs->opaque;
@@ -280,7 +287,7 @@ int qcow2_flush_metadata_locked(BlockDriverState *bs)
     if (r < 0) {
         return r;
     }
-    /* Step 2: L2 tables, then L1 (W1, W2). */
+    /* Step 2: L2 tables, then L1 (C1, C2). */
     if (s->l2_cache->nb_dirty || s->l1_dirty_lo < s->l1_dirty_hi) {
         r = qcow2_sync_if_needed_locked(bs);
         if (r == 0) {
@@ -293,7 +300,7 @@ int qcow2_flush_metadata_locked(BlockDriverState *bs)
             return r;
         }
     }
-    /* Step 3: deferred frees, once the removals are durable (W3). */
+    /* Step 3: deferred frees, once the removals are durable (C3). */
     if (s->nb_pending_frees) {
         r = qcow2_sync_locked(bs);
         if (r < 0) {
@@ -428,7 +435,7 @@ int qcow2_get_l2_locked(BlockDriverState *bs, uint64_t offset, bool alloc,
     }
 
     /* A new, empty L2 table: refcount (cached), the zero-filled table
-     * written now, the L1 entry in memory, written at a flush (W2). */
+     * written now, the L1 entry in memory, written at a flush (C2). */
     int64_t off = qcow2_alloc_clusters_locked(bs, s->cluster_size);
     if (off < 0) {
         return (int)off;

@@ -8,11 +8,11 @@
  * the allocator:
  *   1. A refcount is on disk before the structure pointing at the cluster:
  *      increments change the cached refcount block (dirty), and the
- *      write-back order of qcow2-cluster.c (W1) writes and syncs refcount
+ *      write-back order of qcow2-cluster.c (C1) writes and syncs refcount
  *      blocks before any L2 table or L1 entry; qcow2_update_header_locked
  *      flushes metadata before the header names anything.  Decrements are
  *      deferred (s->pending_frees) until the removed references are
- *      durable (W3), so a crash leaks clusters at worst, and a freed
+ *      durable (C3), so a crash leaks clusters at worst, and a freed
  *      cluster is not reused while an L2 entry on disk may still map it.
  *   2. A new refcount block for region R (the clusters it describes) is
  *      placed in the first cluster of R, which is free because nothing

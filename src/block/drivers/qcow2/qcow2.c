@@ -15,7 +15,7 @@
  * incompatible features are refused at open; an image with internal
  * snapshots opens read-only only.  Nothing is marked dirty at open (no lazy
  * refcounts): metadata is written back in an order that keeps the image
- * consistent at every moment (qcow2.h, qcow2-cluster.c W1-W4), at each
+ * consistent at every moment (qcow2.h, qcow2-cluster.c C1-C4), at each
  * flush and at close, so a cleanly closed image passes `qemu-img check`
  * and a crashed one shows leaks at worst.
  *
@@ -865,7 +865,7 @@ static int write_allocating_locked(BlockDriverState *bs, uint64_t offset,
 
     pthread_mutex_lock(&s->lock);
     if (r == 0) {
-        /* The data must be synced before the L2 entries are written (W1). */
+        /* The data must be synced before the L2 entries are written (C1). */
         qcow2_note_write_locked(bs);
         r = qcow2_get_l2_locked(bs, offset, false, &table, &l2_offset, &index);
         if (r == 0 && !table) {

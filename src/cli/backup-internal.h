@@ -1,0 +1,119 @@
+/*
+ * Shared between the files of `bitback backup` (not a public API):
+ *   backup-cmd.c      options, main, the Disk helpers and the steps both
+ *                     modes share (plan, target, commit, result)
+ *   backup-live.c     live: the QMP transaction, job waiting, cleanup
+ *   backup-offline.c  offline: the same steps done on the image itself
+ * backup-cmd.c's opening comment describes a run.
+ */
+#ifndef BITBACK_CLI_BACKUP_INTERNAL_H
+#define BITBACK_CLI_BACKUP_INTERNAL_H
+
+#include "cli/cli.h"
+#include "repo/planner.h"
+#include "repo/repo.h"
+
+#define BACKUP_MAX_DISKS 64
+
+/* A bitmap of a disk as the planner sees it. */
+typedef RepoPlanBitmap BitmapInfo;
+
+typedef struct Disk {
+    char *node;                        /* node name / disk name in the repo */
+    uint64_t size;
+    bool volatile_bitmaps;             /* live: the node cannot store
+                                        * persistent bitmaps (raw) */
+    char *drv;                         /* live: the node's driver */
+    BitmapInfo *bitmaps;
+    size_t n_bitmaps;
+
+    /* The plan */
+    RepoLevel level;
+    unsigned parent_seq;               /* 0 for a full (not a pointer: a
+                                        * commit reloads the repo's list) */
+    char **sources;                    /* bitmaps whose union is the change */
+    size_t n_sources;
+    char **freeze;                     /* recording PREFIX-* bitmaps to disable */
+    size_t n_freeze;
+    uint32_t granularity;              /* 0: the default */
+    char id[REPO_ID_LEN];              /* this run's backup ID */
+    char new_bitmap[BDRV_BITMAP_MAX_NAME + 1];
+    char src_bitmap[BDRV_BITMAP_MAX_NAME + 1];
+    char *tmp_path;
+    char *generation;                  /* of new_bitmap, after step 4 */
+    char job_id[REPO_MAX_NODE_NAME + 32];
+    RepoBitmapCount *counts;           /* for the manifest, at commit */
+    size_t n_counts;
+    bool job_failed;
+    char *job_error;
+    double copy_seconds;               /* point in time -> data written */
+    double hash_seconds;               /* the hashing pass alone */
+    double sync_seconds;               /* fsync of the data + commit */
+} Disk;
+
+typedef struct BackupOpts {
+    const char *repo_path;
+    const char *connect;
+    const char *image;
+    const char *format;
+    const char *prefix;                /* --bitmap, or the repository's */
+    bool prefix_given;                 /* --bitmap: the pre-UUID behaviour */
+    char prefix_buf[32];               /* "bitback-" + 8 hex of the UUID */
+    const char *nodes[BACKUP_MAX_DISKS];
+    size_t n_nodes;
+    bool level_auto;
+    RepoLevel level;
+    uint64_t speed;
+    bool json;
+    bool progress;
+} BackupOpts;
+
+/* backup-cmd.c */
+
+/* Forget what the last query said about the disk's bitmaps. */
+void backup_disk_clear_bitmaps(Disk *d);
+
+void backup_disk_free(Disk *d);
+
+char *backup_strdup(const char *s);
+
+const BitmapInfo *backup_disk_bitmap(const Disk *d, const char *name);
+
+char *backup_now_iso(void);
+
+/* Step 6: hash the target and commit it. */
+RepoManifest *backup_commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
+                                 unsigned seq, const char *time_iso,
+                                 Error **errp);
+
+/* The result: one line per disk, or a JSON list of the backups as `list`
+ * shows them plus where the time went (for bench/): copy-seconds (the
+ * job or the offline copy), hash-seconds (the hashing pass alone) and
+ * sync-seconds (making the data durable and committing). */
+void backup_print_result(const BackupOpts *o, const Disk *disks,
+                         RepoManifest **made, size_t n);
+
+/* After the transaction: the attempt markers say its bitmaps exist.  A
+ * failure only costs a full backup if the bitmap later goes missing, so
+ * it is a warning. */
+void backup_mark_started(Repo *repo, const Disk *disks, size_t n);
+
+/* Once the point in time is fixed, say so on stderr (scripts and tests
+ * may wait for this line before letting writers go on). */
+void backup_announce(const Disk *disks, size_t n);
+
+/* Steps 2 and 3 for every disk, and the bitmap names. */
+bool backup_prepare_disks(Repo *repo, const BackupOpts *o, Disk *disks,
+                          size_t n, unsigned *ret_seq, Error **errp);
+
+/* Bitmaps of d the run may remove (repo_plan_stale_bitmaps). */
+char **backup_stale_bitmaps(Repo *repo, const BackupOpts *o, Disk *d,
+                            size_t *ret_n);
+
+/* backup-live.c: the run for --connect; a CLI exit status. */
+int backup_live(const BackupOpts *o, Repo *repo);
+
+/* backup-offline.c: the run for --image; a CLI exit status. */
+int backup_offline(const BackupOpts *o, Repo *repo);
+
+#endif

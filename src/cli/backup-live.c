@@ -1,0 +1,632 @@
+/*
+ * `bitback backup --connect`: a live backup through bitbackd (or
+ * qemu-storage-daemon) over QMP.  Steps 1-7 of backup-cmd.c's opening
+ * comment: clean up what a killed run left, one `transaction` that adds
+ * and freezes the bitmaps and starts the drive-backup jobs, waiting for
+ * the jobs, and the cleanup after SIGINT/SIGTERM (live_interrupted).
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/backup-internal.h"
+#include "cli/progress.h"
+#include "cli/qmp-client.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+#include "util/json-opts.h"
+
+/* SIGINT / SIGTERM while a live backup runs: the signal number.  The
+ * handler only records it (SA_RESETHAND: a second signal kills as usual);
+ * the run notices it between QMP messages (live_wait_jobs polls every
+ * 250 ms) and stops cleanly (live_interrupted). */
+static volatile sig_atomic_t backup_signal;
+
+static void backup_on_signal(int sig)
+{
+    backup_signal = sig;
+}
+
+/* Catch SIGINT and SIGTERM (install) or give them back (!install). */
+static void backup_catch_signals(bool install)
+{
+    static struct sigaction old_int, old_term;
+
+    if (install) {
+        struct sigaction sa = { .sa_handler = backup_on_signal,
+                                .sa_flags = SA_RESETHAND };
+
+        sigemptyset(&sa.sa_mask);
+        backup_signal = 0;
+        sigaction(SIGINT, &sa, &old_int);
+        sigaction(SIGTERM, &sa, &old_term);
+    } else {
+        sigaction(SIGINT, &old_int, NULL);
+        sigaction(SIGTERM, &old_term, NULL);
+    }
+}
+
+static struct json_object *bitmap_args(const char *node, const char *name)
+{
+    struct json_object *a = json_object_new_object();
+
+    json_object_object_add(a, "node", json_object_new_string(node));
+    json_object_object_add(a, "name", json_object_new_string(name));
+    return a;
+}
+
+static void add_action(struct json_object *actions, const char *type,
+                       struct json_object *data)
+{
+    struct json_object *a = json_object_new_object();
+
+    json_object_object_add(a, "type", json_object_new_string(type));
+    json_object_object_add(a, "data", data);
+    json_object_array_add(actions, a);
+}
+
+/* Fill d->size and d->bitmaps from query-named-block-nodes. */
+static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
+{
+    _cleanup_json_ struct json_object *nodes =
+        qmp_conn_execute(qmp, "query-named-block-nodes", NULL, errp);
+    struct json_object *node = NULL, *img, *bms;
+
+    if (!nodes) {
+        return false;
+    }
+    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+        struct json_object *n = json_object_array_get_idx(nodes, i);
+        const char *name = json_opt_str(n, "node-name");
+
+        if (name && !strcmp(name, d->node)) {
+            node = n;
+            break;
+        }
+    }
+    if (!node) {
+        error_setg(errp, "no block node named '%s' in the daemon", d->node);
+        return false;
+    }
+    if (!json_object_object_get_ex(node, "image", &img) ||
+        json_opt_int(img, "virtual-size", -1) < 0) {
+        error_setg(errp, "%s: the daemon did not report its size", d->node);
+        return false;
+    }
+    d->size = (uint64_t)json_opt_int(img, "virtual-size", -1);
+    free(d->drv);
+    d->drv = backup_strdup(json_opt_str(node, "drv"));
+    /* QEMU and bitbackd store persistent bitmaps in qcow2 (and qbm)
+     * images only; on any other node ours must be non-persistent. */
+    d->volatile_bitmaps = json_opt_str(node, "drv") && strcmp(d->drv, "qcow2") &&
+                          strcmp(d->drv, "qbm");
+    backup_disk_clear_bitmaps(d);
+    if (json_object_object_get_ex(node, "dirty-bitmaps", &bms) &&
+        json_object_is_type(bms, json_type_array)) {
+        size_t n = json_object_array_length(bms);
+
+        d->bitmaps = calloc(n ? n : 1, sizeof(*d->bitmaps));
+        if (!d->bitmaps) {
+            abort();
+        }
+        for (size_t i = 0; i < n; i++) {
+            struct json_object *b = json_object_array_get_idx(bms, i);
+            BitmapInfo *bi = &d->bitmaps[d->n_bitmaps];
+
+            if (!json_opt_str(b, "name")) {
+                continue;
+            }
+            bi->name = backup_strdup(json_opt_str(b, "name"));
+            bi->recording = json_opt_bool(b, "recording", false);
+            bi->inconsistent = json_opt_bool(b, "inconsistent", false);
+            bi->busy = json_opt_bool(b, "busy", false);
+            bi->granularity = (uint32_t)json_opt_int(b, "granularity", -1);
+            bi->count = json_opt_int(b, "count", -1);
+            bi->generation =
+                json_opt_str(b, "generation")
+                ? backup_strdup(json_opt_str(b, "generation")) : NULL;
+            bi->prior_generation =
+                json_opt_str(b, "prior-generation")
+                ? backup_strdup(json_opt_str(b, "prior-generation")) : NULL;
+            d->n_bitmaps++;
+        }
+    }
+    return true;
+}
+
+static bool live_job_exists(QmpConn *qmp, const char *id, const char **ret_status,
+                            struct json_object **ret_jobs, Error **errp)
+{
+    struct json_object *jobs = qmp_conn_execute(qmp, "query-jobs", NULL, errp);
+
+    *ret_status = NULL;
+    if (!jobs) {
+        return false;
+    }
+    for (size_t i = 0; i < json_object_array_length(jobs); i++) {
+        struct json_object *j = json_object_array_get_idx(jobs, i);
+        const char *jid = json_opt_str(j, "id");
+
+        if (jid && !strcmp(jid, id)) {
+            *ret_status = json_opt_str(j, "status");
+            break;
+        }
+    }
+    *ret_jobs = jobs;
+    return true;
+}
+
+/* Step 1: a killed run may have left its job running, and its temporary
+ * bitmaps.  Cancel and dismiss the job, remove PREFIX-*.src. */
+static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
+                         Error **errp)
+{
+    for (int tries = 0; tries < 6000; tries++) {
+        const char *status;
+        _cleanup_json_ struct json_object *jobs = NULL;
+        struct json_object *r = NULL;
+
+        if (!live_job_exists(qmp, d->job_id, &status, &jobs, errp)) {
+            return false;
+        }
+        if (!status) {
+            break;
+        }
+        if (!strcmp(status, "concluded")) {
+            struct json_object *a = json_object_new_object();
+            json_object_object_add(a, "id", json_object_new_string(d->job_id));
+            r = qmp_conn_execute(qmp, "job-dismiss", a, NULL);
+        } else if (!strcmp(status, "pending")) {
+            struct json_object *a = json_object_new_object();
+            json_object_object_add(a, "id", json_object_new_string(d->job_id));
+            r = qmp_conn_execute(qmp, "job-finalize", a, NULL);
+        } else if (tries == 0 || strcmp(status, "aborting")) {
+            struct json_object *a = json_object_new_object();
+            json_object_object_add(a, "id", json_object_new_string(d->job_id));
+            r = qmp_conn_execute(qmp, "job-cancel", a, NULL);
+        }
+        json_object_put(r);
+        usleep(10000);
+    }
+    if (!live_query_disk(qmp, d, errp)) {
+        return false;
+    }
+    for (size_t i = 0; i < d->n_bitmaps; i++) {
+        const char *name = d->bitmaps[i].name;
+        size_t len = strlen(name);
+        char base[BDRV_BITMAP_MAX_NAME + 1];
+
+        /* Only PREFIX-N.src: another repository's run may be using its
+         * own temporary bitmap right now. */
+        if (len <= 4 || len > BDRV_BITMAP_MAX_NAME ||
+            strcmp(name + len - 4, ".src")) {
+            continue;
+        }
+        memcpy(base, name, len - 4);
+        base[len - 4] = '\0';
+        if (repo_bitmap_seq(o->prefix, base)) {
+            struct json_object *r = qmp_conn_execute(
+                qmp, "block-dirty-bitmap-remove", bitmap_args(d->node, name),
+                errp);
+            if (!r) {
+                return false;
+            }
+            json_object_put(r);
+        }
+    }
+    return live_query_disk(qmp, d, errp);
+}
+
+/* Step 4: one transaction over every disk. */
+static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
+                             size_t n, Error **errp)
+{
+    struct json_object *args = json_object_new_object();
+    struct json_object *actions = json_object_new_array();
+    struct json_object *r;
+
+    for (size_t i = 0; i < n; i++) {
+        Disk *d = &disks[i];
+        struct json_object *a = bitmap_args(d->node, d->new_bitmap);
+        struct json_object *job = json_object_new_object();
+
+        json_object_object_add(a, "persistent",
+                               json_object_new_boolean(!d->volatile_bitmaps));
+        if (d->volatile_bitmaps) {
+            fprintf(stderr, "%s: a %s node cannot store persistent bitmaps: "
+                    "'%s' lives in the daemon's memory, so the first run "
+                    "after the daemon restarts takes a full backup\n",
+                    d->node, d->drv, d->new_bitmap);
+        }
+        if (d->granularity) {
+            json_object_object_add(a, "granularity",
+                                   json_object_new_int64(d->granularity));
+        }
+        add_action(actions, "block-dirty-bitmap-add", a);
+        for (size_t j = 0; j < d->n_freeze; j++) {
+            add_action(actions, "block-dirty-bitmap-disable",
+                       bitmap_args(d->node, d->freeze[j]));
+        }
+        if (d->level != REPO_LEVEL_FULL) {
+            struct json_object *srcs = json_object_new_array();
+
+            a = bitmap_args(d->node, d->src_bitmap);
+            json_object_object_add(a, "persistent", json_object_new_boolean(false));
+            json_object_object_add(a, "disabled", json_object_new_boolean(true));
+            json_object_object_add(a, "granularity",
+                                   json_object_new_int64(d->granularity));
+            add_action(actions, "block-dirty-bitmap-add", a);
+            for (size_t j = 0; j < d->n_sources; j++) {
+                json_object_array_add(srcs, json_object_new_string(d->sources[j]));
+            }
+            a = json_object_new_object();
+            json_object_object_add(a, "node", json_object_new_string(d->node));
+            json_object_object_add(a, "target", json_object_new_string(d->src_bitmap));
+            json_object_object_add(a, "bitmaps", srcs);
+            add_action(actions, "block-dirty-bitmap-merge", a);
+        }
+        json_object_object_add(job, "job-id", json_object_new_string(d->job_id));
+        json_object_object_add(job, "device", json_object_new_string(d->node));
+        json_object_object_add(job, "target", json_object_new_string(d->tmp_path));
+        json_object_object_add(job, "format", json_object_new_string("qcow2"));
+        json_object_object_add(job, "mode", json_object_new_string("existing"));
+        if (d->level == REPO_LEVEL_FULL) {
+            json_object_object_add(job, "sync", json_object_new_string("full"));
+        } else {
+            json_object_object_add(job, "sync", json_object_new_string("bitmap"));
+            json_object_object_add(job, "bitmap", json_object_new_string(d->src_bitmap));
+            json_object_object_add(job, "bitmap-mode", json_object_new_string("never"));
+        }
+        if (o->speed) {
+            json_object_object_add(job, "speed", json_object_new_int64((int64_t)o->speed));
+        }
+        add_action(actions, "drive-backup", job);
+    }
+    /* Not completion-mode "grouped": QEMU refuses it next to bitmap
+     * actions.  The transaction alone fixes one point in time for every
+     * disk; a failed job cancels the others (live_wait_jobs) and nothing
+     * of the run is committed. */
+    json_object_object_add(args, "actions", actions);
+    r = qmp_conn_execute(qmp, "transaction", args, errp);
+    if (!r) {
+        return false;
+    }
+    json_object_put(r);
+    return true;
+}
+
+static Disk *disk_by_job(Disk *disks, size_t n, const char *job_id)
+{
+    for (size_t i = 0; i < n && job_id; i++) {
+        if (!strcmp(disks[i].job_id, job_id)) {
+            return &disks[i];
+        }
+    }
+    return NULL;
+}
+
+/* Step 5: wait for BLOCK_JOB_COMPLETED / BLOCK_JOB_CANCELLED of every job,
+ * drawing progress from query-block-jobs. */
+static bool live_wait_jobs(QmpConn *qmp, const BackupOpts *o, Disk *disks,
+                           size_t n, Error **errp)
+{
+    size_t left = n;
+    CliProgress *p = cli_progress_new("backup", 0, cli_progress_wanted(o->progress));
+    bool want_progress = cli_progress_wanted(o->progress);
+
+    while (left) {
+        Error *err = NULL;
+        struct json_object *ev;
+
+        if (backup_signal) {
+            error_setg(errp, "interrupted by %s", strsignal(backup_signal));
+            cli_progress_finish(p);
+            return false;
+        }
+        ev = qmp_conn_next_event(qmp, 250, &err);
+
+        if (!ev && err) {
+            error_propagate(errp, err);
+            cli_progress_finish(p);
+            return false;
+        }
+        if (ev) {
+            const char *name = json_opt_str(ev, "event");
+            struct json_object *data = NULL;
+            Disk *d;
+
+            json_object_object_get_ex(ev, "data", &data);
+            d = disk_by_job(disks, n, json_opt_str(data, "device"));
+            if (d && name && (!strcmp(name, "BLOCK_JOB_COMPLETED") ||
+                              !strcmp(name, "BLOCK_JOB_CANCELLED"))) {
+                const char *msg = json_opt_str(data, "error");
+
+                if (!strcmp(name, "BLOCK_JOB_CANCELLED") || msg) {
+                    d->job_failed = true;
+                    d->job_error = backup_strdup(msg ? msg : "the job was cancelled");
+                    /* The set fails as a whole: stop the other jobs. */
+                    for (size_t i = 0; i < n; i++) {
+                        if (&disks[i] != d) {
+                            struct json_object *a = json_object_new_object();
+
+                            json_object_object_add(
+                                a, "id", json_object_new_string(disks[i].job_id));
+                            json_object_put(qmp_conn_execute(qmp, "job-cancel",
+                                                             a, NULL));
+                        }
+                    }
+                }
+                left--;
+            }
+            json_object_put(ev);
+        }
+        if (want_progress && left) {
+            _cleanup_json_ struct json_object *jobs =
+                qmp_conn_execute(qmp, "query-block-jobs", NULL, NULL);
+            uint64_t done = 0, total = 0;
+
+            for (size_t i = 0; jobs && i < json_object_array_length(jobs); i++) {
+                struct json_object *j = json_object_array_get_idx(jobs, i);
+
+                if (disk_by_job(disks, n, json_opt_str(j, "device"))) {
+                    done += (uint64_t)MAX(json_opt_int(j, "offset", -1), 0);
+                    total += (uint64_t)MAX(json_opt_int(j, "len", -1), 0);
+                }
+            }
+            cli_progress_update(p, done, total);
+        }
+    }
+    cli_progress_finish(p);
+    return true;
+}
+
+static void live_remove_bitmaps(QmpConn *qmp, const char *node, char **names,
+                                size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        Error *err = NULL;
+        struct json_object *r = qmp_conn_execute(
+            qmp, "block-dirty-bitmap-remove", bitmap_args(node, names[i]), &err);
+
+        if (!r) {
+            /* Harmless: the next run removes it. */
+            error_report("warning: %s: %s", node, error_get_pretty(err));
+            error_free(err);
+        }
+        json_object_put(r);
+    }
+}
+
+/* Fold this run's bitmaps back (after its jobs ended, not committed): one
+ * transaction merges PREFIX-N into every bitmap the run froze, enables
+ * them again and removes PREFIX-N.  The older bitmaps then hold every
+ * write since their own start, as if the run had never been. */
+static bool live_undo_bitmaps(QmpConn *qmp, Disk *disks, size_t n,
+                              Error **errp)
+{
+    struct json_object *args = json_object_new_object();
+    struct json_object *actions = json_object_new_array();
+    struct json_object *r;
+
+    for (size_t i = 0; i < n; i++) {
+        Disk *d = &disks[i];
+
+        for (size_t j = 0; j < d->n_freeze; j++) {
+            struct json_object *a = json_object_new_object();
+            struct json_object *srcs = json_object_new_array();
+
+            json_object_array_add(srcs, json_object_new_string(d->new_bitmap));
+            json_object_object_add(a, "node", json_object_new_string(d->node));
+            json_object_object_add(a, "target",
+                                   json_object_new_string(d->freeze[j]));
+            json_object_object_add(a, "bitmaps", srcs);
+            add_action(actions, "block-dirty-bitmap-merge", a);
+            add_action(actions, "block-dirty-bitmap-enable",
+                       bitmap_args(d->node, d->freeze[j]));
+        }
+        add_action(actions, "block-dirty-bitmap-remove",
+                   bitmap_args(d->node, d->new_bitmap));
+    }
+    json_object_object_add(args, "actions", actions);
+    r = qmp_conn_execute(qmp, "transaction", args, errp);
+    json_object_put(r);
+    return r != NULL;
+}
+
+/*
+ * A signal stopped the run before disks[0..n) were committed.  started:
+ * their transaction ran.  Cancel the jobs and wait for them to end
+ * (live_cleanup, bounded), fold the bitmaps back (live_undo_bitmaps),
+ * remove the temporary files and, when no bitmap of the run is left, the
+ * attempt markers.  When the jobs or the bitmaps cannot be put back, the
+ * bitmap and its marker stay: the next run counts the attempt, exactly as
+ * after a failed job (spec, Bitmaps 2-3), so no write is lost either way.
+ * Returns the exit status, 128 + the signal.
+ */
+static int live_interrupted(QmpConn *qmp, Repo *repo, const BackupOpts *o,
+                            Disk *disks, size_t n, unsigned seq, bool started)
+{
+    int sig = backup_signal;
+    bool undone = !started;
+
+    if (started) {
+        Error *err = NULL;
+
+        undone = true;
+        for (size_t i = 0; i < n && undone; i++) {
+            undone = live_cleanup(qmp, o, &disks[i], &err);
+        }
+        undone = undone && live_undo_bitmaps(qmp, disks, n, &err);
+        if (!undone) {
+            error_prepend(&err, "warning: cannot fold this run's bitmaps "
+                          "back; the next run counts them: ");
+            error_report_err(err);
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        Error *err = NULL;
+
+        if (disks[i].tmp_path) {
+            unlink(disks[i].tmp_path);
+        }
+        if (undone && !repo_remove_attempt(repo, disks[i].node, seq, &err)) {
+            error_prepend(&err, "warning: ");
+            error_report_err(err);
+        }
+        error_report("%s: backup %s interrupted by %s; nothing was committed",
+                     disks[i].node, disks[i].id, strsignal(sig));
+    }
+    return 128 + sig;
+}
+
+int backup_live(const BackupOpts *o, Repo *repo)
+{
+    Error *err = NULL;
+    QmpConn *qmp;
+    Disk disks[BACKUP_MAX_DISKS] = {0};
+    size_t n = o->n_nodes;
+    RepoManifest *made[BACKUP_MAX_DISKS] = {0};
+    size_t n_made = 0;
+    unsigned seq = 0;
+    int ret = CLI_EXIT_ERROR;
+    _cleanup_free_ char *time_iso = NULL;
+    bool failed = false;
+    double t0;
+
+    backup_catch_signals(true);
+    qmp = qmp_conn_connect(o->connect, &err);
+    if (!qmp) {
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        disks[i].node = backup_strdup(o->nodes[i]);
+        /* The repository's own job ID: another repository backing up the
+         * same disk must never see it as a job of its killed runs. */
+        snprintf(disks[i].job_id, sizeof(disks[i].job_id), "bitback-%.8s-%s",
+                 repo->uuid, o->nodes[i]);
+        for (size_t j = 0; j < i; j++) {
+            if (!strcmp(o->nodes[i], o->nodes[j])) {
+                error_setg(&err, "node '%s' given twice", o->nodes[i]);
+                goto out;
+            }
+        }
+        if (!live_cleanup(qmp, o, &disks[i], &err)) {
+            goto out;
+        }
+    }
+    /* Events so far belong to jobs of earlier runs, which live_cleanup
+     * saw end: ours share their job IDs, so forget them. */
+    qmp_conn_discard_events(qmp);
+    if (!backup_prepare_disks(repo, o, disks, n, &seq, &err)) {
+        goto out_tmp;
+    }
+    if (backup_signal) {
+        ret = live_interrupted(qmp, repo, o, disks, n, seq, false);
+        goto out;
+    }
+    if (!live_transaction(qmp, o, disks, n, &err)) {
+        goto out_tmp;
+    }
+    time_iso = backup_now_iso();
+    t0 = clock_monotonic_seconds();
+    backup_mark_started(repo, disks, n);
+    backup_announce(disks, n);
+    for (size_t i = 0; i < n; i++) {
+        const BitmapInfo *b;
+
+        if (!live_query_disk(qmp, &disks[i], &err)) {
+            goto out_tmp;
+        }
+        b = backup_disk_bitmap(&disks[i], disks[i].new_bitmap);
+        if (b) {
+            disks[i].granularity = b->granularity;
+            disks[i].generation = b->generation ? backup_strdup(b->generation) : NULL;
+        }
+    }
+    if (!live_wait_jobs(qmp, o, disks, n, &err)) {
+        if (backup_signal) {
+            error_free(err);
+            err = NULL;
+            ret = live_interrupted(qmp, repo, o, disks, n, seq, true);
+            goto out;
+        }
+        goto out_tmp;
+    }
+    for (size_t i = 0; i < n; i++) {
+        disks[i].copy_seconds = clock_monotonic_seconds() - t0;
+    }
+    for (size_t i = 0; i < n; i++) {
+        char *src = disks[i].src_bitmap;
+
+        if (disks[i].level != REPO_LEVEL_FULL) {
+            live_remove_bitmaps(qmp, disks[i].node, &src, 1);
+        }
+        if (disks[i].job_failed) {
+            error_report("%s: backup failed: %s", disks[i].node,
+                         disks[i].job_error);
+            failed = true;
+        }
+    }
+    if (failed) {
+        goto out_tmp;
+    }
+    for (size_t i = 0; i < n; i++) {
+        /* The counts the manifest records are those after the job. */
+        if (!live_query_disk(qmp, &disks[i], &err)) {
+            goto out_tmp;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (backup_signal) {
+            ret = live_interrupted(qmp, repo, o, &disks[i], n - i, seq, true);
+            goto out;
+        }
+        made[n_made] = backup_commit_disk(repo, o, &disks[i], seq, time_iso,
+                                          &err);
+        if (!made[n_made]) {
+            goto out_tmp;
+        }
+        n_made++;
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t n_stale = 0;
+        char **stale;
+        RepoManifest *full = repo_latest_full(repo, disks[i].node);
+
+        if (!live_query_disk(qmp, &disks[i], &err)) {
+            goto out;
+        }
+        stale = backup_stale_bitmaps(repo, o, &disks[i], &n_stale);
+        live_remove_bitmaps(qmp, disks[i].node, stale, n_stale);
+        repo_plan_free_names(stale, n_stale);
+        if (full) {
+            repo_remove_attempts_below(repo, disks[i].node, full->seq);
+        }
+    }
+    backup_print_result(o, disks, made, n_made);
+    ret = CLI_EXIT_OK;
+    goto out;
+
+out_tmp:
+    for (size_t i = 0; i < n; i++) {
+        if (disks[i].tmp_path) {
+            unlink(disks[i].tmp_path);
+        }
+    }
+out:
+    if (err) {
+        error_report_err(err);
+    }
+    for (size_t i = 0; i < n_made; i++) {
+        repo_manifest_free(made[i]);
+    }
+    for (size_t i = 0; i < n; i++) {
+        backup_disk_free(&disks[i]);
+    }
+    qmp_conn_free(qmp);
+    backup_catch_signals(false);
+    return ret;
+}

@@ -1,0 +1,331 @@
+/*
+ * `bitback backup --image`: an offline backup, the steps of backup-cmd.c's
+ * opening comment done on the image itself: the bitmaps changed in the
+ * image, the data copied by this process.
+ */
+#include <errno.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/backup-internal.h"
+#include "cli/progress.h"
+#include "util/bufzero.h"
+#include "util/cleanup.h"
+#include "util/cutils.h"
+
+#define BACKUP_COPY_CHUNK (4u << 20)
+
+static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
+{
+    size_t n = 0;
+
+    backup_disk_clear_bitmaps(d);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        n++;
+    }
+    d->bitmaps = calloc(n ? n : 1, sizeof(*d->bitmaps));
+    if (!d->bitmaps) {
+        abort();
+    }
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        BitmapInfo *b = &d->bitmaps[d->n_bitmaps++];
+
+        b->name = backup_strdup(bm->name);
+        b->recording = !bm->disabled;
+        b->inconsistent = bm->inconsistent;
+        b->busy = bm->busy;
+        b->granularity = bm->granularity;
+        b->count = (int64_t)bdrv_dirty_bitmap_count(bm);
+        /* NULL when unknown (""): plan_disk then skips the check. */
+        b->generation = bm->persistent && bm->generation[0]
+                        ? backup_strdup(bm->generation) : NULL;
+        b->prior_generation = bm->persistent && !bm->generation[0] &&
+                              bm->prior_generation[0]
+                              ? backup_strdup(bm->prior_generation) : NULL;
+    }
+}
+
+/* Copy [off, off+len) of src to dst; ranges that read as zeroes become
+ * zero writes, so an overlay hides its backing there. */
+static int copy_range(BlockDriverState *src, BlockDriverState *dst,
+                      uint64_t off, uint64_t len, void *buf)
+{
+    while (len) {
+        uint64_t n = MIN(len, BACKUP_COPY_CHUNK);
+        int r = bdrv_pread(src, off, buf, n);
+
+        if (r < 0) {
+            return r;
+        }
+        if (buf_is_zero(buf, n)) {
+            r = bdrv_pwrite_zeroes(dst, off, n, 0);
+        } else {
+            r = bdrv_pwrite(dst, off, buf, n, 0);
+        }
+        if (r < 0) {
+            return r;
+        }
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* The data of the backup: for a full, the source's data ranges (zero and
+ * unallocated ranges stay holes); else the union of the source bitmaps. */
+static bool offline_copy(const BackupOpts *o, BlockDriverState *src, Disk *d,
+                         Error **errp)
+{
+    _cleanup_free_ void *buf = aligned_alloc(4096, BACKUP_COPY_CHUNK);
+    BlockDriverState *dst;
+    BdrvDirtyExtent *ext = NULL;
+    size_t n_ext = 0;
+    uint64_t done = 0;
+    CliProgress *p;
+    int r = 0;
+
+    if (!buf) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    if (d->level == REPO_LEVEL_FULL) {
+        uint64_t off = 0;
+
+        while (off < d->size) {
+            uint64_t pnum = 0;
+            int st = bdrv_block_status(src, off, MIN(d->size - off, 1ull << 30),
+                                       &pnum);
+            if (st < 0 || pnum == 0) {
+                error_setg_errno(errp, st < 0 ? -st : EIO,
+                                 "%s: block status at %llu", d->node,
+                                 (unsigned long long)off);
+                free(ext);
+                return false;
+            }
+            if (!(st & BDRV_BLOCK_ZERO)) {
+                BdrvDirtyExtent *e = realloc(ext, (n_ext + 1) * sizeof(*ext));
+                if (!e) {
+                    abort();
+                }
+                ext = e;
+                ext[n_ext++] = (BdrvDirtyExtent){ off, pnum, true };
+            }
+            off += pnum;
+        }
+    } else {
+        BdrvDirtyBitmap *u = bdrv_create_dirty_bitmap(src, d->granularity,
+                                                      d->src_bitmap, errp);
+        BdrvDirtyBitmap *srcs[BACKUP_MAX_DISKS * 64];
+        int ns = 0;
+
+        if (!u) {
+            return false;
+        }
+        for (size_t i = 0; i < d->n_sources && ns < (int)(sizeof(srcs) / sizeof(*srcs)); i++) {
+            srcs[ns] = bdrv_find_dirty_bitmap(src, d->sources[i]);
+            if (!srcs[ns]) {
+                error_setg(errp, "%s: bitmap '%s' vanished", d->node, d->sources[i]);
+                bdrv_release_dirty_bitmap(u);
+                return false;
+            }
+            ns++;
+        }
+        if (!bdrv_merge_dirty_bitmaps(u, srcs, ns, errp)) {
+            bdrv_release_dirty_bitmap(u);
+            return false;
+        }
+        ext = bdrv_dirty_bitmap_extents(u, 0, d->size, true, &n_ext);
+        bdrv_release_dirty_bitmap(u);
+    }
+
+    dst = bdrv_open_image(d->tmp_path, "qcow2", BDRV_O_RDWR, errp);
+    if (!dst) {
+        free(ext);
+        return false;
+    }
+    {
+        uint64_t total = 0;
+
+        for (size_t i = 0; i < n_ext; i++) {
+            total += ext[i].length;
+        }
+        p = cli_progress_new("backup", total, cli_progress_wanted(o->progress));
+    }
+    for (size_t i = 0; i < n_ext && r >= 0; i++) {
+        uint64_t end = MIN(ext[i].start + ext[i].length, d->size);
+
+        if (ext[i].start < end) {
+            r = copy_range(src, dst, ext[i].start, end - ext[i].start, buf);
+            done += end - ext[i].start;
+            cli_progress_update(p, done, 0);
+        }
+    }
+    cli_progress_finish(p);
+    free(ext);
+    if (r >= 0) {
+        r = bdrv_flush(dst);
+    }
+    if (!bdrv_close(dst, errp)) {
+        return false;
+    }
+    if (r < 0) {
+        error_setg_errno(errp, -r, "%s: copying to %s", d->node, d->tmp_path);
+        return false;
+    }
+    return true;
+}
+
+/* The bitmap half of the transaction, done in the image: add PREFIX-ID
+ * (persistent, recording) and freeze the older ones, then close so the
+ * image is stored cleanly before any data is copied. */
+static bool offline_bitmaps(const BackupOpts *o, Disk *d, Error **errp)
+{
+    BlockDriverState *bs = cli_open_image(o->image, o->format, BDRV_O_RDWR, errp);
+
+    if (!bs) {
+        return false;
+    }
+    if (!bdrv_dirty_bitmap_add(bs, d->new_bitmap,
+                               d->granularity ? d->granularity
+                                              : bdrv_default_bitmap_granularity(bs),
+                               true, false, errp)) {
+        bdrv_close(bs, NULL);
+        return false;
+    }
+    for (size_t i = 0; i < d->n_freeze; i++) {
+        BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, d->freeze[i]);
+
+        if (bm && !bdrv_disable_dirty_bitmap(bm, errp)) {
+            bdrv_close(bs, NULL);
+            return false;
+        }
+    }
+    return bdrv_close(bs, errp);
+}
+
+static bool offline_remove_stale(Repo *repo, const BackupOpts *o, Disk *d,
+                                 Error **errp)
+{
+    size_t n_stale = 0;
+    char **stale = backup_stale_bitmaps(repo, o, d, &n_stale);
+    BlockDriverState *bs;
+    bool ok = true;
+
+    if (!n_stale) {
+        return true;
+    }
+    bs = cli_open_image(o->image, o->format, BDRV_O_RDWR, errp);
+    for (size_t i = 0; i < n_stale; i++) {
+        if (bs && ok && !bdrv_dirty_bitmap_remove(bs, stale[i], errp)) {
+            ok = false;
+        }
+    }
+    repo_plan_free_names(stale, n_stale);
+    if (!bs) {
+        return false;
+    }
+    if (!bdrv_close(bs, ok ? errp : NULL)) {
+        return false;
+    }
+    return ok;
+}
+
+int backup_offline(const BackupOpts *o, Repo *repo)
+{
+    Error *err = NULL;
+    Disk d = {0};
+    BlockDriverState *bs;
+    RepoManifest *made = NULL;
+    unsigned seq = 0;
+    int ret = CLI_EXIT_ERROR;
+    _cleanup_free_ char *time_iso = NULL;
+    int64_t len;
+
+    if (o->n_nodes) {
+        d.node = backup_strdup(o->nodes[0]);
+    } else {
+        _cleanup_free_ char *copy = backup_strdup(o->image);
+        char *base = basename(copy), *dot = strrchr(base, '.');
+
+        if (dot && dot != base) {
+            *dot = '\0';
+        }
+        d.node = backup_strdup(base);
+    }
+    /* Read-only first: plan without touching the image. */
+    bs = cli_open_image(o->image, o->format, 0, &err);
+    if (!bs) {
+        goto out;
+    }
+    len = bdrv_getlength(bs);
+    offline_read_bitmaps(bs, &d);
+    bdrv_close(bs, NULL);
+    if (len < 0) {
+        error_setg_errno(&err, (int)-len, "%s: cannot get its size", o->image);
+        goto out;
+    }
+    d.size = (uint64_t)len;
+    if (!backup_prepare_disks(repo, o, &d, 1, &seq, &err) ||
+        !offline_bitmaps(o, &d, &err)) {
+        goto out_tmp;
+    }
+    time_iso = backup_now_iso();
+    backup_mark_started(repo, &d, 1);
+    backup_announce(&d, 1);
+    bs = cli_open_image(o->image, o->format, 0, &err);
+    if (!bs) {
+        goto out_tmp;
+    }
+    {
+        BdrvDirtyBitmap *nb = bdrv_find_dirty_bitmap(bs, d.new_bitmap);
+
+        if (nb) {
+            d.granularity = nb->granularity;
+            d.generation = nb->generation[0] ? backup_strdup(nb->generation)
+                                             : NULL;
+        }
+    }
+    d.copy_seconds = clock_monotonic_seconds();
+    if (!offline_copy(o, bs, &d, &err)) {
+        bdrv_close(bs, NULL);
+        goto out_tmp;
+    }
+    offline_read_bitmaps(bs, &d);      /* the counts for the manifest */
+    bdrv_close(bs, NULL);
+    d.copy_seconds = clock_monotonic_seconds() - d.copy_seconds;
+    made = backup_commit_disk(repo, o, &d, seq, time_iso, &err);
+    if (!made) {
+        goto out_tmp;
+    }
+    {
+        RepoManifest *full = repo_latest_full(repo, d.node);
+
+        if (!offline_remove_stale(repo, o, &d, &err)) {
+            error_prepend(&err, "warning: backup %s is committed, but removing "
+                          "old bitmaps failed: ", made->id);
+            error_report_err(err);
+            err = NULL;
+        }
+        if (full) {
+            repo_remove_attempts_below(repo, d.node, full->seq);
+        }
+    }
+    backup_print_result(o, &d, &made, 1);
+    ret = CLI_EXIT_OK;
+    goto out;
+
+out_tmp:
+    if (d.tmp_path) {
+        unlink(d.tmp_path);
+    }
+out:
+    if (err) {
+        error_report_err(err);
+    }
+    repo_manifest_free(made);
+    backup_disk_free(&d);
+    return ret;
+}
