@@ -28,7 +28,8 @@ may_use() {
     nbd)    echo "nbd block bitmap util" ;;
     qmp)    echo "qmp job nbd block bitmap util" ;;
     daemon) echo "daemon qmp job nbd repo block bitmap util" ;;
-    cli)    echo "cli repo block bitmap util" ;;
+    client) echo "client util" ;;
+    cli)    echo "cli client repo block bitmap util" ;;
     *)      return 1 ;;
     esac
 }

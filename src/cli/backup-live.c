@@ -14,7 +14,7 @@
 
 #include "cli/backup-internal.h"
 #include "cli/progress.h"
-#include "cli/qmp-client.h"
+#include "client/qmp-client.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/json-opts.h"

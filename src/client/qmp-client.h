@@ -6,8 +6,8 @@
  * reply and queues any event that arrives first; qmp_conn_next_event()
  * returns queued events before reading more.
  */
-#ifndef BITBACK_CLI_QMP_CLIENT_H
-#define BITBACK_CLI_QMP_CLIENT_H
+#ifndef BITBACK_CLIENT_QMP_CLIENT_H
+#define BITBACK_CLIENT_QMP_CLIENT_H
 
 #include <json-c/json.h>
 #include "util/error.h"

@@ -12,7 +12,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "cli/qmp-client.h"
+#include "client/qmp-client.h"
 #include "util/cleanup.h"
 
 #define QMP_CONN_MAX_LINE (64u << 20)
