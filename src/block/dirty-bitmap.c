@@ -381,44 +381,77 @@ uint64_t bdrv_dirty_bitmap_size(const BdrvDirtyBitmap *bm)
     return hbitmap_size(bm->hb);
 }
 
-BdrvDirtyExtent *bdrv_dirty_bitmap_extents(BdrvDirtyBitmap *bm, uint64_t offset,
-                                           uint64_t bytes, bool dirty_only,
-                                           size_t *ret_n)
+/* The walk of bdrv_dirty_bitmap_extents holds bs->lock for at most
+ * EXTENTS_SEARCHES_PER_LOCK searches, each over at most EXTENTS_SEARCH_WORDS
+ * words of bits (hbitmap_next_dirty_area: the summary levels find the next
+ * set bit in O(levels), the end of a dirty run is a scan of level-0 words),
+ * then lets go of it so that writers (bdrv_set_dirty) get their turn.  An
+ * area longer than one search is found in pieces, merged again on push. */
+#define EXTENTS_SEARCHES_PER_LOCK 128
+#define EXTENTS_SEARCH_WORDS      512
+
+/* Append e to ext[0..*n), merged into the last extent when it continues it
+ * with the same state; false (nothing changed) when it needs a new slot and
+ * all max are used. */
+static bool extent_push(BdrvDirtyExtent *ext, size_t *n, size_t max,
+                        BdrvDirtyExtent e)
 {
-    size_t n = 0, cap = 16;
-    BdrvDirtyExtent *ext = malloc(cap * sizeof(*ext));
-    *ret_n = 0;
-    if (!ext) {
-        return NULL;
+    if (*n > 0) {
+        BdrvDirtyExtent *last = &ext[*n - 1];
+        if (last->dirty == e.dirty && last->start + last->length == e.start) {
+            last->length += e.length;
+            return true;
+        }
     }
-    LOCK_GUARD(&bm->bs->lock);
-    uint64_t size = hbitmap_size(bm->hb);
-    uint64_t end = offset < size ? MIN(size, offset + bytes) : offset;
+    if (*n == max) {
+        return false;
+    }
+    ext[(*n)++] = e;
+    return true;
+}
+
+size_t bdrv_dirty_bitmap_extents(BdrvDirtyBitmap *bm, uint64_t offset,
+                                 uint64_t bytes, bool dirty_only,
+                                 BdrvDirtyExtent *ext, size_t max)
+{
     uint64_t pos = offset;
-    while (pos < end) {
-        uint64_t dstart, dlen;
-        bool found = hbitmap_next_dirty_area(bm->hb, pos, end - pos, 0, &dstart, &dlen);
-        uint64_t clean_end = found ? dstart : end;
-        if (n + 2 > cap) {
-            cap *= 2;
-            BdrvDirtyExtent *bigger = realloc(ext, cap * sizeof(*ext));
-            if (!bigger) {
-                free(ext);
-                return NULL;
+    uint64_t end = bytes > UINT64_MAX - offset ? UINT64_MAX : offset + bytes;
+    size_t n = 0;
+    bool full = max == 0;
+
+    while (pos < end && !full) {
+        LOCK_GUARD(&bm->bs->lock);
+        /* bm->hb may be replaced while the lock is free (abdicate, restore):
+         * read it again on each hold; past its size the range ends. */
+        uint64_t size = hbitmap_size(bm->hb);
+        end = MIN(end, MAX(size, pos));
+        uint64_t window = (uint64_t)EXTENTS_SEARCH_WORDS * 64
+                          << hbitmap_granularity_shift(bm->hb);
+        for (int i = 0; i < EXTENTS_SEARCHES_PER_LOCK && pos < end && !full; i++) {
+            uint64_t lim = MIN(end - pos, window), dstart, dlen;
+            bool found = hbitmap_next_dirty_area(bm->hb, pos, lim, 0,
+                                                 &dstart, &dlen);
+            uint64_t clean_end = found ? dstart : pos + lim;
+            if (clean_end > pos) {
+                if (!dirty_only &&
+                    !extent_push(ext, &n, max, (BdrvDirtyExtent){
+                                     pos, clean_end - pos, false })) {
+                    full = true;
+                    break;
+                }
+                pos = clean_end;
             }
-            ext = bigger;
+            if (found) {
+                if (!extent_push(ext, &n, max,
+                                 (BdrvDirtyExtent){ dstart, dlen, true })) {
+                    full = true;
+                    break;
+                }
+                pos = dstart + dlen;
+            }
         }
-        if (clean_end > pos && !dirty_only) {
-            ext[n++] = (BdrvDirtyExtent){ pos, clean_end - pos, false };
-        }
-        if (!found) {
-            break;
-        }
-        ext[n++] = (BdrvDirtyExtent){ dstart, dlen, true };
-        pos = dstart + dlen;
     }
-    *ret_n = n;
-    return ext;
+    return n;
 }
 
 void bdrv_dirty_bitmap_sha256(BdrvDirtyBitmap *bm, char out[65])

@@ -153,13 +153,23 @@ typedef struct BdrvDirtyExtent {
     bool dirty;
 } BdrvDirtyExtent;
 
-/* The extents covering [offset, offset+bytes) in order, alternating dirty
- * and clean, merged where adjacent.  If dirty_only, only dirty ones.
- * Returns a malloc'd array (caller frees) and its length in *ret_n.
- * Cost is proportional to the number of extents. */
-BdrvDirtyExtent *bdrv_dirty_bitmap_extents(BdrvDirtyBitmap *bm, uint64_t offset,
-                                           uint64_t bytes, bool dirty_only,
-                                           size_t *ret_n);
+/* The first extents of [offset, offset+bytes) (clipped to the bitmap's
+ * size), in order, alternating dirty and clean, merged where adjacent; if
+ * dirty_only, only the dirty ones.  At most max of them are written to ext
+ * (the caller's array of max); returns how many.  They start at offset and
+ * are consecutive, so they cover a prefix of the range (unless dirty_only),
+ * and the last one is whole: the walk stops at the first extent that needs
+ * a slot past max, so a caller can go on from the last one's end with
+ * another call and get the list of a single walk.  0 when the range is
+ * empty, past the bitmap's end, or max is 0.
+ *
+ * Memory is the caller's: O(max), whatever the range.  The walk takes
+ * bs->lock for bounded steps and lets go of it in between (dirty-bitmap.c
+ * says how much one step does), so a write that lands meanwhile may or
+ * may not show; each extent was true when it was read. */
+size_t bdrv_dirty_bitmap_extents(BdrvDirtyBitmap *bm, uint64_t offset,
+                                 uint64_t bytes, bool dirty_only,
+                                 BdrvDirtyExtent *ext, size_t max);
 
 /* SHA-256 of the serialized bits, as lowercase hex (65 bytes with NUL),
  * for x-debug-block-dirty-bitmap-sha256. */

@@ -74,6 +74,40 @@ static int copy_range(BlockDriverState *src, BlockDriverState *dst,
     return 0;
 }
 
+/* Every dirty extent of bm in [0, size), in a malloc'd array (caller
+ * frees), asked of the bitmap DIRTY_BATCH at a time.  The copy needs the
+ * whole list up front (its total is the progress bar's) and the bitmap is
+ * this process's own; aborts when memory is short, as the full copy's list
+ * does. */
+#define DIRTY_BATCH 4096
+
+static BdrvDirtyExtent *all_dirty_extents(BdrvDirtyBitmap *bm, uint64_t size,
+                                          size_t *ret_n)
+{
+    BdrvDirtyExtent *ext = NULL;
+    size_t n = 0, cap = 0, got;
+    uint64_t pos = 0;
+
+    do {
+        if (cap - n < DIRTY_BATCH) {
+            cap = cap ? cap * 2 : DIRTY_BATCH;
+            BdrvDirtyExtent *bigger = realloc(ext, cap * sizeof(*ext));
+            if (!bigger) {
+                abort();
+            }
+            ext = bigger;
+        }
+        got = bdrv_dirty_bitmap_extents(bm, pos, size - pos, true, ext + n,
+                                        cap - n);
+        n += got;
+        if (got) {
+            pos = ext[n - 1].start + ext[n - 1].length;
+        }
+    } while (got && pos < size);
+    *ret_n = n;
+    return ext;
+}
+
 /* The data of the backup: for a full, the source's data ranges (zero and
  * unallocated ranges stay holes); else the union of the source bitmaps. */
 static bool offline_copy(const BackupOpts *o, BlockDriverState *src, Disk *d,
@@ -137,7 +171,7 @@ static bool offline_copy(const BackupOpts *o, BlockDriverState *src, Disk *d,
             bdrv_release_dirty_bitmap(u);
             return false;
         }
-        ext = bdrv_dirty_bitmap_extents(u, 0, d->size, true, &n_ext);
+        ext = all_dirty_extents(u, d->size, &n_ext);
         bdrv_release_dirty_bitmap(u);
     }
 

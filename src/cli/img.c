@@ -832,13 +832,14 @@ static int map_allocation(BlockDriverState *bs, uint64_t start, uint64_t end,
     return CLI_EXIT_OK;
 }
 
+#define MAP_BITMAP_BATCH 1024     /* extents asked of the bitmap at once */
+
 static int map_bitmap(BlockDriverState *bs, const char *name, uint64_t start,
                       uint64_t end, bool json)
 {
     BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, name);
-    _cleanup_free_ BdrvDirtyExtent *ext = NULL;
+    BdrvDirtyExtent ext[MAP_BITMAP_BATCH];
     uint64_t dirty = 0, ndirty = 0;
-    size_t n = 0;
 
     if (!bm) {
         error_report("Bitmap '%s' not found in '%s'", name,
@@ -853,31 +854,33 @@ static int map_bitmap(BlockDriverState *bs, const char *name, uint64_t start,
                                                    : "unknown reason");
         return CLI_EXIT_ERROR;
     }
-    if (end > start) {
-        ext = bdrv_dirty_bitmap_extents(bm, start, end - start, false, &n);
-        if (!ext && n) {
-            error_report("Out of memory listing the extents of '%s'", name);
-            return CLI_EXIT_ERROR;
-        }
-    }
     if (json) {
         printf("[");
     } else {
         printf("%-20s%-20s%s\n", "Offset", "Length", "Dirty");
     }
-    for (size_t i = 0; i < n; i++) {
-        if (json) {
-            printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
-                   ", \"dirty\": %s}", i ? ",\n" : "", ext[i].start,
-                   ext[i].length, ext[i].dirty ? "true" : "false");
-        } else {
-            printf("0x%-18" PRIx64 "0x%-18" PRIx64 "%s\n", ext[i].start,
-                   ext[i].length, ext[i].dirty ? "dirty" : "clean");
+    /* Streamed in batches of MAP_BITMAP_BATCH extents: memory stays the
+     * same whatever the bitmap's fragmentation. */
+    size_t i = 0, n;
+    uint64_t pos = start;
+    while (pos < end &&
+           (n = bdrv_dirty_bitmap_extents(bm, pos, end - pos, false, ext,
+                                          MAP_BITMAP_BATCH)) > 0) {
+        for (size_t j = 0; j < n; j++, i++) {
+            if (json) {
+                printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
+                       ", \"dirty\": %s}", i ? ",\n" : "", ext[j].start,
+                       ext[j].length, ext[j].dirty ? "true" : "false");
+            } else {
+                printf("0x%-18" PRIx64 "0x%-18" PRIx64 "%s\n", ext[j].start,
+                       ext[j].length, ext[j].dirty ? "dirty" : "clean");
+            }
+            if (ext[j].dirty) {
+                dirty += ext[j].length;
+                ndirty++;
+            }
         }
-        if (ext[i].dirty) {
-            dirty += ext[i].length;
-            ndirty++;
-        }
+        pos = ext[n - 1].start + ext[n - 1].length;
     }
     if (json) {
         printf("]\n");

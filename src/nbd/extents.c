@@ -66,23 +66,21 @@ static int extents_allocation(BlockDriverState *bs, uint64_t offset,
     return n;
 }
 
+/* The same for qemu:dirty-bitmap:NAME: the bitmap is asked for no more
+ * than max extents, so a request over a fragmented bitmap costs O(max)
+ * memory and bs->lock is never held for the whole range. */
 static int extents_dirty(BdrvDirtyBitmap *bm, uint64_t offset, uint32_t len,
                          uint8_t *out, int max)
 {
-    size_t next = 0;
-    _cleanup_free_ BdrvDirtyExtent *ext =
-        bdrv_dirty_bitmap_extents(bm, offset, len, false, &next);
+    _cleanup_free_ BdrvDirtyExtent *ext = calloc((size_t)max, sizeof(*ext));
     if (!ext) {
         return -ENOMEM;
     }
-    int n = 0;
-    for (size_t i = 0; i < next && n < max; i++) {
-        if (ext[i].length == 0) {
-            continue;
-        }
-        st_be32(out + 8 * n, (uint32_t)ext[i].length);
-        st_be32(out + 8 * n + 4, ext[i].dirty ? NBD_STATE_DIRTY : 0);
-        n++;
+    int n = (int)bdrv_dirty_bitmap_extents(bm, offset, len, false, ext,
+                                           (size_t)max);
+    for (int i = 0; i < n; i++) {
+        st_be32(out + 8 * i, (uint32_t)ext[i].length);
+        st_be32(out + 8 * i + 4, ext[i].dirty ? NBD_STATE_DIRTY : 0);
     }
     if (n == 0) {
         /* Past the end of the bitmap (a smaller backing node): clean. */

@@ -7,6 +7,8 @@
  *    (a wrapping driver checks it on every write);
  *  - bitmap states: disabled bitmaps do not record, merge leaves the target
  *    untouched when it fails, busy/inconsistent bitmaps refuse changes;
+ *  - bdrv_dirty_bitmap_extents with a limit, against a naive model on
+ *    random fragmented bitmaps: the first extents of the full list;
  *  - block status on a sparse file;
  *  - BDRV_O_NO_BACKING records the header's backing name without opening
  *    it; bdrv_set_backing attaches the caller's node, refuses a loop;
@@ -205,8 +207,8 @@ static void test_bitmap_marked_before_write(void **state)
     assert_int_equal(bdrv_pwrite_zeroes(bs, 65536 * 20, 65536 * 2, 0), 0);
     assert_int_equal(checked_writes, 3);
     /* Exactly the touched clusters: 3, 9, 10, 20, 21. */
-    size_t n;
-    BdrvDirtyExtent *ext = bdrv_dirty_bitmap_extents(bm, 0, IMG_SIZE, true, &n);
+    BdrvDirtyExtent ext[4];
+    size_t n = bdrv_dirty_bitmap_extents(bm, 0, IMG_SIZE, true, ext, 4);
     assert_int_equal(n, 3);
     assert_int_equal(ext[0].start, 65536 * 3);
     assert_int_equal(ext[0].length, 65536);
@@ -214,7 +216,6 @@ static void test_bitmap_marked_before_write(void **state)
     assert_int_equal(ext[1].length, 65536 * 2);
     assert_int_equal(ext[2].start, 65536 * 20);
     assert_int_equal(ext[2].length, 65536 * 2);
-    free(ext);
     assert_int_equal(bdrv_dirty_bitmap_count(bm), 65536 * 5);
     bs->file->drv = real_file_drv;
     assert_true(bdrv_close(bs, NULL));
@@ -500,6 +501,130 @@ static void test_qcow2_check_bounded(void **state)
     bdrv_check_result_clear(&res);
 }
 
+/* ---- bdrv_dirty_bitmap_extents: bounded, against a naive model ---- */
+
+#define EXT_IMG_SIZE (64u * 1024 * 1024)
+
+/* The full extent list of [offset, offset+bytes) by a cluster-by-cluster
+ * walk of model (one bool per cluster), clipped to size; dirty_only keeps
+ * only the dirty ones.  Returns the count. */
+static size_t model_extents(const bool *model, unsigned shift, uint64_t size,
+                            uint64_t offset, uint64_t bytes, bool dirty_only,
+                            BdrvDirtyExtent *out)
+{
+    uint64_t end = MIN(size, offset + bytes), pos = offset;
+    size_t n = 0;
+    while (pos < end) {
+        bool d = model[pos >> shift];
+        uint64_t e = pos;
+        while (e < end && model[e >> shift] == d) {
+            e = MIN(end, ((e >> shift) + 1) << shift);
+        }
+        if (d || !dirty_only) {
+            out[n++] = (BdrvDirtyExtent){ pos, e - pos, d };
+        }
+        pos = e;
+    }
+    return n;
+}
+
+static void assert_extents_equal(const BdrvDirtyExtent *a,
+                                 const BdrvDirtyExtent *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(a[i].start, b[i].start);
+        assert_int_equal(a[i].length, b[i].length);
+        assert_int_equal(a[i].dirty, b[i].dirty);
+    }
+}
+
+/* Random fragmented bitmaps (runs from one cluster to longer than one
+ * search window of the walk), random ranges and limits: the answer is the
+ * first min(limit, all) extents of the model's full list, and going on
+ * from the last one's end gives the rest of the list exactly. */
+static void test_bitmap_extents_bounded(void **state)
+{
+    _cleanup_free_ char *path = make_image(tpath("extents.raw"), "raw",
+                                           EXT_IMG_SIZE);
+    BlockDriverState *bs = open_raw(path, false);
+    static const uint32_t grans[] = { 512, 4096, 65536 };
+    static const size_t limits[] = { 1, 2, 3, 7, 64, 1000, 16384 };
+    uint64_t nb_max = EXT_IMG_SIZE / 512;
+    _cleanup_free_ bool *model = calloc(nb_max, sizeof(bool));
+    _cleanup_free_ BdrvDirtyExtent *want = calloc(nb_max + 1, sizeof(*want));
+    _cleanup_free_ BdrvDirtyExtent *got = calloc(nb_max + 1, sizeof(*got));
+    assert_non_null(model);
+    assert_non_null(want);
+    assert_non_null(got);
+    srand(17);
+
+    for (int round = 0; round < 24; round++) {
+        uint32_t gran = grans[round % 3];
+        unsigned shift = (unsigned)__builtin_ctz(gran);
+        uint64_t nb = EXT_IMG_SIZE >> shift;
+        Error *err = NULL;
+        BdrvDirtyBitmap *bm = bdrv_create_dirty_bitmap(bs, gran, "x", &err);
+        die_on(err);
+        /* Alternating runs; short ones mostly, some past a search window
+         * (512 words = 32768 clusters) so a run is found in pieces. */
+        bool d = rand() & 1;
+        for (uint64_t c = 0; c < nb; d = !d) {
+            uint64_t run = rand() % 8 ? 1 + (uint64_t)rand() % 6
+                                      : 1 + (uint64_t)rand() % 70000;
+            run = MIN(run, nb - c);
+            for (uint64_t i = c; i < c + run; i++) {
+                model[i] = d;
+            }
+            if (d) {
+                hbitmap_set(bm->hb, c << shift, run << shift);
+            }
+            c += run;
+        }
+        for (int q = 0; q < 20; q++) {
+            uint64_t off = (uint64_t)rand() % EXT_IMG_SIZE;
+            uint64_t len = q % 5 == 0 ? EXT_IMG_SIZE * 2    /* past the end */
+                                      : 1 + (uint64_t)rand() % (EXT_IMG_SIZE - off);
+            bool dirty_only = q % 3 == 0;
+            size_t limit = limits[rand() % ARRAY_SIZE(limits)];
+            size_t all = model_extents(model, shift, EXT_IMG_SIZE, off, len,
+                                       dirty_only, want);
+
+            size_t n = bdrv_dirty_bitmap_extents(bm, off, len, dirty_only,
+                                                 got, limit);
+            assert_int_equal(n, MIN(limit, all));
+            assert_extents_equal(got, want, n);
+            if (!dirty_only && n > 0) {
+                assert_int_equal(got[0].start, off);     /* a prefix */
+            }
+
+            /* Going on from the end of each answer: the whole list. */
+            size_t total = n;
+            while (total < all) {
+                uint64_t pos = got[total - 1].start + got[total - 1].length;
+                size_t k = bdrv_dirty_bitmap_extents(bm, pos, off + len - pos,
+                                                     dirty_only, got + total,
+                                                     limit);
+                assert_true(k > 0);
+                total += k;
+            }
+            assert_extents_equal(got, want, all);
+            uint64_t pos = total ? got[total - 1].start + got[total - 1].length
+                                 : off;
+            assert_int_equal(bdrv_dirty_bitmap_extents(bm, pos,
+                                                       off + len - pos,
+                                                       dirty_only, got, limit),
+                             0);
+        }
+        /* max 0 and an empty range: nothing. */
+        assert_int_equal(bdrv_dirty_bitmap_extents(bm, 0, EXT_IMG_SIZE, false,
+                                                   got, 0), 0);
+        assert_int_equal(bdrv_dirty_bitmap_extents(bm, 4096, 0, false, got, 8),
+                         0);
+        bdrv_release_dirty_bitmap(bm);
+    }
+    assert_true(bdrv_close(bs, NULL));
+}
+
 int main(void)
 {
     if (tmpdir_create("block") < 0) {
@@ -511,6 +636,7 @@ int main(void)
         cmocka_unit_test(test_out_of_range),
         cmocka_unit_test(test_bitmap_marked_before_write),
         cmocka_unit_test(test_bitmap_states),
+        cmocka_unit_test(test_bitmap_extents_bounded),
         cmocka_unit_test(test_block_status_sparse),
         cmocka_unit_test(test_read_nowait),
         cmocka_unit_test(test_set_backing),
