@@ -4,6 +4,8 @@ Binaries come from the meson build folder named by $BITBACK_BUILD
 (default: <repo>/build).  Tests run with Debian's /usr/bin/python3 so that
 python3-libnbd is importable.
 """
+import ctypes
+import ctypes.util
 import json
 import os
 import pathlib
@@ -53,6 +55,18 @@ def bitbackd_bin():
 def require(tool):
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} is not installed: run scripts/install-deps.sh")
+
+
+def xxh3_64(data):
+    """XXH3-64 (seed 0) of data by the system's libxxhash, independently of
+    bitback's code: the checksum of a qbm bitmap file."""
+    lib = ctypes.util.find_library("xxhash")
+    if lib is None:
+        pytest.fail("libxxhash is not installed: run scripts/install-deps.sh")
+    x = ctypes.CDLL(lib)
+    x.XXH3_64bits.restype = ctypes.c_uint64
+    x.XXH3_64bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    return x.XXH3_64bits(data, len(data))
 
 
 def dirty_extents(uri, bitmap="b0"):

@@ -17,8 +17,6 @@ The bitmap is written directly into its file (docs/specs/qbm.md, section
 2), with the checksum from the system's libxxhash: millions of small writes
 through the daemon would take minutes.  Memory is asserted, timings not.
 """
-import ctypes
-import ctypes.util
 import json
 import struct
 
@@ -28,7 +26,7 @@ import nbd
 
 from bitback_testlib import Daemon
 from bitback_testlib.nbdio import connect
-from conftest import bitback
+from conftest import bitback, xxh3_64
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -39,16 +37,6 @@ CLEAN = 1
 PATTERN = 0x11           # clusters 0 and 4 of every byte: 1 dirty, 3 clean
 MAX_EXTENTS = 16384      # NBD_MAX_EXTENTS in src/nbd/extents.c
 MEM_BOUND = 48 * MiB     # the new code needs < 1 MiB, the old one ~96 MiB
-
-
-def xxh3_64(data):
-    lib = ctypes.util.find_library("xxhash")
-    if lib is None:
-        pytest.fail("libxxhash is not installed: run scripts/install-deps.sh")
-    x = ctypes.CDLL(lib)
-    x.XXH3_64bits.restype = ctypes.c_uint64
-    x.XXH3_64bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-    return x.XXH3_64bits(data, len(data))
 
 
 def fragment_bitmap(img, name):

@@ -7,8 +7,6 @@ crash (no signal, no sanitizer report).  The layout tests read the files
 byte by byte against docs/specs/qbm.md; checksums are recomputed with the
 system's libxxhash, independently of our code.
 """
-import ctypes
-import ctypes.util
 import json
 import os
 import select
@@ -19,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import BITBACK, bitback, require, run
+from conftest import BITBACK, bitback, require, run, xxh3_64
 
 K = 1024
 M = 1024 * 1024
@@ -88,16 +86,6 @@ def patch(path, offset, data):
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
-
-
-def xxh3_64(data):
-    lib = ctypes.util.find_library("xxhash")
-    if lib is None:
-        pytest.fail("libxxhash is not installed: run scripts/install-deps.sh")
-    x = ctypes.CDLL(lib)
-    x.XXH3_64bits.restype = ctypes.c_uint64
-    x.XXH3_64bits.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-    return x.XXH3_64bits(data, len(data))
 
 
 def dirty_clusters(bits, nb):
