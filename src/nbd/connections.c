@@ -9,12 +9,15 @@
  * nbd_srv.nclients from nbd_client_start until its thread has joined every
  * worker, closed the socket and dropped its export pin (invariants 3 and
  * 4 in nbd-internal.h).  The bytes of requests in flight stay under
- * NBD_MAX_INFLIGHT_BYTES (invariant 5).
+ * NBD_MAX_INFLIGHT_BYTES (invariant 5).  A connection still negotiating
+ * at its handshake deadline is shut (invariant 7); disconnecting clients
+ * takes bounded time (invariant 3).
  */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "nbd/nbd-internal.h"
@@ -23,6 +26,7 @@
 
 #define NBD_KEEP_BUF           (4u * 1024 * 1024)   /* larger buffers are freed after use */
 #define NBD_BUF_ALIGN          4096
+#define NBD_STOP_GRACE_SEC     5    /* then replies in progress are cut off */
 
 void nbd_client_set_closing(NBDClient *c)
 {
@@ -181,6 +185,10 @@ static void *client_main(void *opaque)
     c->nworkers = 1;
     c->rbuf = malloc(NBD_RECV_BUF);
     if (c->rbuf && nbd_negotiate(c) == OPT_TRANSMIT) {
+        {
+            LOCK_GUARD(&nbd_srv.lock);
+            c->handshake_deadline_ns = 0;   /* invariant 7 no longer applies */
+        }
         worker_loop(&c->workers[0]);
     }
     nbd_client_set_closing(c);
@@ -246,6 +254,9 @@ void nbd_client_start(int fd, bool inet)
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_t t;
+    if (nbd_srv.handshake_max_ns) {
+        c->handshake_deadline_ns = clock_monotonic_ns() + nbd_srv.handshake_max_ns;
+    }
     c->next = nbd_srv.clients;
     nbd_srv.clients = c;
     nbd_srv.nclients++;
@@ -258,3 +269,57 @@ void nbd_client_start(int fd, bool inet)
     pthread_attr_destroy(&attr);
 }
 
+
+uint64_t nbd_clients_expire_handshakes(void)
+{
+    uint64_t now = clock_monotonic_ns();
+    uint64_t next = 0;
+    LOCK_GUARD(&nbd_srv.lock);
+    for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
+        if (!c->handshake_deadline_ns) {
+            continue;
+        }
+        if (c->handshake_deadline_ns <= now) {
+            /* Unblocks the connection thread's recv() or send(); it then
+             * ends the connection as on EOF and frees its slot. */
+            shutdown(c->fd, SHUT_RDWR);
+            c->handshake_deadline_ns = 0;
+        } else if (!next || c->handshake_deadline_ns < next) {
+            next = c->handshake_deadline_ns;
+        }
+    }
+    return next;
+}
+
+/* Shut the sockets of e's connections (every one when e is NULL). */
+static void clients_shutdown_locked(const NBDExport *e, int how)
+{
+    for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
+        if (!e || c->exp == e) {
+            shutdown(c->fd, how);
+        }
+    }
+}
+
+void nbd_clients_disconnect_locked(const NBDExport *e, const unsigned *count)
+{
+    /* Requests already read are answered first (invariant 3)... */
+    clients_shutdown_locked(e, SHUT_RD);
+    struct timespec grace;
+    clock_gettime(CLOCK_REALTIME, &grace);   /* nbd_srv.cond's clock */
+    grace.tv_sec += NBD_STOP_GRACE_SEC;
+    while (*count > 0) {
+        if (pthread_cond_timedwait(&nbd_srv.cond, &nbd_srv.lock,
+                                   &grace) == ETIMEDOUT) {
+            break;
+        }
+    }
+    /* ...but a peer that reads a large reply slowly, or not at all until
+     * the send timeout, must not hold the stop up: cut its replies off. */
+    if (*count > 0) {
+        clients_shutdown_locked(e, SHUT_RDWR);
+    }
+    while (*count > 0) {
+        pthread_cond_wait(&nbd_srv.cond, &nbd_srv.lock);
+    }
+}

@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netdb.h>
 #include <poll.h>
 #include <pthread.h>
@@ -33,6 +34,9 @@ NBDServer nbd_srv = {
     .wake_pipe = { -1, -1 },
 };
 
+/* The accept thread: accepts connections and enforces the handshake
+ * deadline (invariant 7), waking up for the nearest one.  Every connection
+ * is added by this thread, so a new deadline is seen on the next turn. */
 static void *accept_main(void *opaque)
 {
     for (;;) {
@@ -40,7 +44,14 @@ static void *accept_main(void *opaque)
             { .fd = nbd_srv.listen_fd, .events = POLLIN },
             { .fd = nbd_srv.wake_pipe[0], .events = POLLIN },
         };
-        if (poll(p, 2, -1) < 0) {
+        uint64_t next = nbd_clients_expire_handshakes();
+        int timeout = -1;
+        if (next) {
+            uint64_t now = clock_monotonic_ns();
+            uint64_t ms = next > now ? DIV_ROUND_UP(next - now, 1000000) : 0;
+            timeout = (int)MIN(ms, (uint64_t)INT_MAX);
+        }
+        if (poll(p, 2, timeout) < 0) {
             if (errno == EINTR) {
                 continue;
             }
@@ -164,7 +175,7 @@ static void listener_close_locked(void)
 }
 
 bool nbd_server_start(struct json_object *addr, unsigned max_connections,
-                      Error **errp)
+                      unsigned handshake_max_seconds, Error **errp)
 {
     if (nbd_server_is_running()) {
         error_setg(errp, "NBD server already running");
@@ -243,6 +254,7 @@ bool nbd_server_start(struct json_object *addr, unsigned max_connections,
     nbd_srv.wake_pipe[1] = pfd[1];
     nbd_srv.inet = inet;
     nbd_srv.max_connections = max_connections;
+    nbd_srv.handshake_max_ns = handshake_max_seconds * UINT64_C(1000000000);
     /* More workers than CPUs only pays while requests wait for a disk; on
      * cached data extra threads just add context switches. */
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -278,13 +290,9 @@ void nbd_server_stop(void)
         pthread_mutex_lock(&nbd_srv.lock);
         listener_close_locked();
     }
-    /* Disconnect every client: requests already read are answered. */
-    for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
-        shutdown(c->fd, SHUT_RD);
-    }
-    while (nbd_srv.nclients > 0) {
-        pthread_cond_wait(&nbd_srv.cond, &nbd_srv.lock);
-    }
+    /* Disconnect every client: requests already read are answered, in
+     * bounded time (invariant 3). */
+    nbd_clients_disconnect_locked(NULL, &nbd_srv.nclients);
     NBDExport *list = nbd_srv.exports;
     nbd_srv.exports = NULL;
     pthread_mutex_unlock(&nbd_srv.lock);

@@ -52,6 +52,10 @@
  *     violation (bad magic, oversized write payload), a failed send, or a
  *     shutdown(SHUT_RD) from nbd_export_del/nbd_server_stop.  Requests
  *     already read still run and are answered before the socket closes.
+ *     nbd_server_stop shuts the sockets of connections still open
+ *     NBD_STOP_GRACE_SEC later both ways (SHUT_RDWR): a reply still being
+ *     sent to a slow reader is cut off (the write it answers is in the
+ *     node already, invariant 2), so stopping takes bounded time.
  *  4. A connection counts in its export's nclients from NBD_OPT_GO (or
  *     EXPORT_NAME) until its socket is closed; an export is freed only
  *     when nclients is 0, so the data path never sees a freed export.
@@ -62,6 +66,11 @@
  *  6. A request answered inline (under recv_lock) never waits for the disk
  *     (BDRV_REQ_NOWAIT) or for another request; recv_lock is taken before
  *     send_lock, never the other way round.
+ *  7. A connection that has not finished negotiating handshake_max_ns
+ *     after it was accepted is shut (SHUT_RDWR) by the accept thread, so
+ *     idle or trickling sockets cannot hold max_connections slots; the
+ *     connection ends and frees its slot as on EOF.  A connection over
+ *     max_connections is closed at accept, never queued.
  *
  * Only protocol.c maps errno values to NBD error codes.
  */
@@ -124,6 +133,9 @@ struct NBDClient {
     int fd;
     bool inet;
     NBDClient *next;              /* nbd_srv.clients */
+    /* CLOCK_MONOTONIC ns by which negotiation must end (invariant 7);
+     * 0 once it ended or when there is no limit (nbd_srv.lock). */
+    uint64_t handshake_deadline_ns;
 
     /* Negotiated state (fixed once transmission starts). */
     NBDExport *exp;               /* pinned (nclients) from GO on */
@@ -164,7 +176,8 @@ typedef struct NBDServer {
     pthread_t accept_thread;
     char *unix_path;              /* to unlink on stop */
     bool inet;
-    unsigned max_connections;
+    unsigned max_connections;     /* 0: unlimited */
+    uint64_t handshake_max_ns;    /* 0: no handshake deadline */
     unsigned nclients;
     NBDClient *clients;
     NBDExport *exports;
@@ -214,5 +227,11 @@ void nbd_client_set_closing(NBDClient *c);
 int nbd_worker_buf(NBDWorker *w, size_t len);
 /* Serve an accepted socket (owned from here on) on a thread of its own. */
 void nbd_client_start(int fd, bool inet);
+/* Shut every connection whose handshake deadline is past (invariant 7)
+ * and return the nearest deadline still ahead, 0 if none (accept thread). */
+uint64_t nbd_clients_expire_handshakes(void);
+/* Disconnect the connections of export e (every connection when e is
+ * NULL) and wait, nbd_srv.lock held, until *count is 0 (invariant 3). */
+void nbd_clients_disconnect_locked(const NBDExport *e, const unsigned *count);
 
 #endif

@@ -17,15 +17,24 @@
 
 typedef struct NBDExport NBDExport;
 
+/* QEMU's defaults since the fix of CVE-2024-7409 (QEMU 9.1). */
+#define NBD_DEFAULT_MAX_CONNECTIONS        100
+#define NBD_DEFAULT_HANDSHAKE_MAX_SECONDS  10
+
 /* Start listening.  addr is a QAPI SocketAddress:
  *   {"type":"unix","path":"/run/x.sock"} or
  *   {"type":"inet","host":"127.0.0.1","port":"10809"} (port as string or int).
- * max_connections 0 means unlimited.  Fails if a server is running. */
+ * max_connections 0 means unlimited; a connection over the limit is closed
+ * at once.  A connection that has not finished the handshake
+ * handshake_max_seconds after it was accepted is disconnected (0: no
+ * limit).  Fails if a server is running. */
 bool nbd_server_start(struct json_object *addr, unsigned max_connections,
-                      Error **errp);
+                      unsigned handshake_max_seconds, Error **errp);
 bool nbd_server_is_running(void);
 /* Stop listening, disconnect every client (in-flight requests finish and are
- * answered first), and remove every export.  No-op when not running. */
+ * answered first; a reply still being sent a few seconds later is cut off,
+ * so this returns in bounded time), and remove every export.  No-op when not
+ * running. */
 void nbd_server_stop(void);
 
 /* Add an export of bs named `name` (defaults to the node name when NULL).

@@ -12,6 +12,8 @@
  * Per-client state machine:
  *   1. CONNECTED: greeting queued; only qmp_capabilities is accepted
  *      (others get CommandNotFound "Expecting capabilities negotiation...").
+ *      A client still here QMP_NEGOTIATION_SEC after it was accepted is
+ *      closed, so idle sockets cannot hold the QMP_MAX_CLIENTS slots.
  *   2. NEGOTIATED: after a successful qmp_capabilities; every command runs
  *      and events are delivered.
  *   3. DEAD: EOF, a read/write error or an output backlog over
@@ -24,9 +26,13 @@
  *      connection stays usable.
  *   c. A single object larger than QMP_MAX_REQUEST bytes is refused the same
  *      way, bounding memory per client.
+ * The main loop never blocks on one client: sockets are nonblocking and
+ * every send and recv uses MSG_DONTWAIT; output waits in the client's
+ * buffer (bounded by QMP_MAX_OUTPUT) until poll() says it can go.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -41,12 +47,14 @@
 
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
+#include "util/cutils.h"
 #include "util/main-loop.h"
 
 #define QMP_MAX_REQUEST   (16u * 1024 * 1024)
 #define QMP_MAX_OUTPUT    (64u * 1024 * 1024)
 #define QMP_MAX_CLIENTS   64
 #define QMP_MAX_DEPTH     64
+#define QMP_NEGOTIATION_SEC 10     /* to send qmp_capabilities, from accept */
 
 typedef struct QmpListener {
     int fd;
@@ -58,6 +66,7 @@ typedef struct QmpClient {
     struct json_tokener *tok;
     size_t pending;            /* bytes fed to tok since the last object */
     bool negotiated;
+    uint64_t deadline_ns;      /* CLOCK_MONOTONIC; closed if not negotiated by then */
     bool dead;
     char *out;
     size_t out_len, out_cap;
@@ -355,6 +364,7 @@ static void qmp_accept(QmpListener *l)
     }
     clients = n;
     c->fd = fd;
+    c->deadline_ns = clock_monotonic_ns() + QMP_NEGOTIATION_SEC * UINT64_C(1000000000);
     c->tok = json_tokener_new_ex(QMP_MAX_DEPTH);
     if (!c->tok) {
         qmp_client_free(c);
@@ -422,6 +432,29 @@ static void qmp_reap_clients(void)
     nclients = j;
 }
 
+/* Mark dead every client that missed its negotiation deadline; return the
+ * poll() timeout until the nearest deadline still ahead (-1: none). */
+static int qmp_expire_clients(void)
+{
+    uint64_t now = clock_monotonic_ns();
+    uint64_t next = UINT64_MAX;
+    for (size_t i = 0; i < nclients; i++) {
+        QmpClient *c = clients[i];
+        if (c->negotiated || c->dead) {
+            continue;
+        }
+        if (c->deadline_ns <= now) {
+            c->dead = true;
+        } else {
+            next = MIN(next, c->deadline_ns);
+        }
+    }
+    if (next == UINT64_MAX) {
+        return -1;
+    }
+    return (int)MIN(DIV_ROUND_UP(next - now, 1000000), (uint64_t)INT_MAX);
+}
+
 static void qmp_client_read(QmpClient *c)
 {
     char buf[65536];
@@ -465,6 +498,8 @@ void qmp_main_loop(void)
     int wake_fd = main_loop_wake_fd();
     while (!quit_flag) {
         main_loop_run_pending();   /* what was scheduled before the pipe */
+        int timeout = qmp_expire_clients();
+        qmp_reap_clients();
         size_t nfds = 1 + nlisteners + nclients;
         _cleanup_free_ struct pollfd *pfd = calloc(nfds, sizeof(*pfd));
         if (!pfd) {
@@ -482,7 +517,7 @@ void qmp_main_loop(void)
             pfd[1 + nlisteners + i].events =
                 POLLIN | (clients[i]->out_len ? POLLOUT : 0);
         }
-        if (poll(pfd, nfds, -1) < 0) {
+        if (poll(pfd, nfds, timeout) < 0) {
             if (errno == EINTR) {
                 continue;
             }

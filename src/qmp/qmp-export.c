@@ -101,14 +101,21 @@ static struct json_object *qmp_cmd_nbd_server_start(struct json_object *args,
         error_setg(errp, "NBD server already running");
         return NULL;
     }
-    int64_t maxc = json_opt_int(args, "max-connections", 0);
+    int64_t maxc = json_opt_int(args, "max-connections",
+                                NBD_DEFAULT_MAX_CONNECTIONS);
     if (maxc > UINT_MAX) {
         error_setg(errp, "Parameter 'max-connections' is too large");
         return NULL;
     }
+    int64_t hs = json_opt_int(args, "handshake-max-seconds",
+                              NBD_DEFAULT_HANDSHAKE_MAX_SECONDS);
+    if (hs > UINT32_MAX) {
+        error_setg(errp, "Parameter 'handshake-max-seconds' is too large");
+        return NULL;
+    }
     json_object_object_get_ex(args, "addr", &addr);
     _cleanup_json_ struct json_object *flat = qmp_socket_address(addr, errp);
-    if (!flat || !nbd_server_start(flat, (unsigned)maxc, errp)) {
+    if (!flat || !nbd_server_start(flat, (unsigned)maxc, (unsigned)hs, errp)) {
         return NULL;
     }
     return json_object_new_object();
@@ -349,7 +356,6 @@ static const QmpArgSpec spec_nbd_server_start[] = {
     { "tls-creds", QMP_ARG_STR, true },
     { "tls-authz", QMP_ARG_STR, true },
     { "max-connections", QMP_ARG_UINT, true },
-    /* QEMU 9.x: accepted; the server's own handshake limit applies. */
     { "handshake-max-seconds", QMP_ARG_UINT, true },
     { NULL },
 };
