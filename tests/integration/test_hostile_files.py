@@ -125,3 +125,26 @@ def test_user_named_image_may_be_a_symlink(tmp_path):
     os.symlink(tmp_path / "a.qbm", tmp_path / "link2")
     p = bb("img", "info", tmp_path / "link2")
     assert p.returncode == 0, p.stderr
+
+
+def test_write_intent_log_fifo_or_link_is_refused(tmp_path):
+    """IMAGE.wil is named from the image: a FIFO there is not waited on,
+    and a link there is not followed (its target is not written)."""
+    make(tmp_path / "a.qbm", "b0")
+    wil = tmp_path / "a.qbm.wil"
+    if wil.exists():
+        wil.unlink()
+    os.mkfifo(wil)
+    p = bb("bitmap", "--add", tmp_path / "a.qbm", "b1")
+    assert p.returncode != 0
+    assert "FIFO" in p.stderr and "a.qbm.wil" in p.stderr, p.stderr
+    p = bb("img", "info", tmp_path / "a.qbm")      # read-only: no log used
+    assert p.returncode == 0, p.stderr
+    wil.unlink()
+    target = tmp_path / "target"
+    target.write_bytes(b"keep me")
+    os.symlink(target, wil)
+    p = bb("bitmap", "--add", tmp_path / "a.qbm", "b1")
+    assert p.returncode != 0
+    assert "symbolic link" in p.stderr and "a.qbm.wil" in p.stderr, p.stderr
+    assert target.read_bytes() == b"keep me"
