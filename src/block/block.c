@@ -33,6 +33,7 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
+#include "util/osdep.h"
 
 extern const BlockDriver bdrv_file;
 extern const BlockDriver bdrv_raw;
@@ -453,9 +454,10 @@ static int probe_format(const char *filename, const BlockDriver **ret_drv,
                         Error **errp)
 {
     uint8_t buf[4096];
-    _cleanup_close_ int fd = open(filename, O_RDONLY | O_CLOEXEC);
+    /* As the file driver will: a FIFO is refused, not waited on. */
+    _cleanup_close_ int fd = open_checked(filename, O_RDONLY, 0, OPEN_BLOCKDEV,
+                                          errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "Could not open '%s'", filename);
         return -1;
     }
     ssize_t n = pread(fd, buf, sizeof(buf), 0);

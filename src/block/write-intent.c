@@ -37,6 +37,7 @@
 #include "util/cleanup.h"
 #include "util/bswap.h"
 #include "util/cutils.h"
+#include "util/osdep.h"
 
 #define WIL_MAGIC        "BBWIL\0v1"
 #define WIL_SLOT_MAGIC   "BBWSNAP1"
@@ -923,7 +924,9 @@ static void refresh_recovered(BlockDriverState *bs)
 static void try_recover(BlockDriverState *bs, const char *path,
                         uint64_t *ret_seq)
 {
-    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* A link or a FIFO at IMAGE.wil is not our log (and is not waited on);
+     * activate() then refuses it with the reason. */
+    _cleanup_close_ int fd = open_checked(path, O_RDONLY, 0, OPEN_NOFOLLOW, NULL);
     uint8_t hbuf[WIL_HEADER_SIZE];
     WilHeader h;
     struct stat st;
@@ -988,10 +991,11 @@ static bool activate(WriteIntent *w, Error **errp)
     int r;
 
     if (w->fd < 0) {
-        w->fd = open(w->path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        /* Named from the image: no link followed, regular only (qbm.md
+         * Q9, Q10 apply to it as to the files a descriptor names). */
+        w->fd = open_checked(w->path, O_RDWR | O_CREAT, 0644, OPEN_NOFOLLOW, errp);
         if (w->fd < 0) {
-            error_setg_errno(errp, errno, "cannot open the write-intent log '%s'",
-                             w->path);
+            error_prepend(errp, "cannot open the write-intent log: ");
             return false;
         }
         /* The log is a file of the image: locked as the image is. */

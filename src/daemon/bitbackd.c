@@ -4,7 +4,7 @@
  *
  *   bitbackd --blockdev OPTS --nbd-server OPTS --export OPTS
  *            --chardev socket,path=P,server=on,wait=off,id=ID --monitor ID
- *            [--pidfile F] [--daemonize]
+ *            [--pidfile F] [--daemonize] [--socket-mode 0600|0660]
  *
  * Each option is dotted key=value (util/keyval.h) or JSON, and is processed
  * in command-line order by running the same code as the matching QMP
@@ -44,6 +44,7 @@
 #include "job/job.h"
 #include "util/cleanup.h"
 #include "util/keyval.h"
+#include "util/osdep.h"
 
 #define BITBACKD_VERSION "0.1.0"
 #define BITBACKD_MAX_CHARDEVS 64
@@ -69,6 +70,7 @@ enum {
     OPT_OBJECT,
     OPT_PIDFILE,
     OPT_DAEMONIZE,
+    OPT_SOCKET_MODE,
 };
 
 static const struct option long_options[] = {
@@ -80,6 +82,7 @@ static const struct option long_options[] = {
     { "object", required_argument, NULL, OPT_OBJECT },
     { "pidfile", required_argument, NULL, OPT_PIDFILE },
     { "daemonize", no_argument, NULL, OPT_DAEMONIZE },
+    { "socket-mode", required_argument, NULL, OPT_SOCKET_MODE },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
@@ -108,6 +111,9 @@ static void usage(void)
 "                         export a node over NBD (block-export-add)\n"
 "  --pidfile FILE         write the process id to FILE once ready\n"
 "  --daemonize            run in the background once ready\n"
+"  --socket-mode MODE     mode of every UNIX socket the daemon creates (QMP\n"
+"                         monitors, NBD servers, also nbd-server-start):\n"
+"                         0600 (default) or 0660; the umask does not apply\n"
 "  -h, --help             show this help\n"
 "  -V, --version          show the version\n"
 "\n"
@@ -445,6 +451,31 @@ static void setup_signals(void)
     sigaction(SIGPIPE, &sa, NULL);
 }
 
+/* --socket-mode, wherever it is on the command line: it applies to every
+ * socket, including those of options before it.  false with errp set. */
+static bool opt_socket_mode(int argc, char **argv, Error **errp)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *v = NULL;
+        if (strcmp(argv[i], "--socket-mode") == 0 && i + 1 < argc) {
+            v = argv[++i];
+        } else if (strncmp(argv[i], "--socket-mode=", 14) == 0) {
+            v = argv[i] + 14;
+        } else {
+            continue;
+        }
+        if (strcmp(v, "0600") == 0 || strcmp(v, "600") == 0) {
+            unix_socket_mode_set(0600);
+        } else if (strcmp(v, "0660") == 0 || strcmp(v, "660") == 0) {
+            unix_socket_mode_set(0660);
+        } else {
+            error_setg(errp, "--socket-mode: expected 0600 or 0660, not '%s'", v);
+            return false;
+        }
+    }
+    return true;
+}
+
 static bool want_daemonize(int argc, char **argv)
 {
     bool daemonize = false;
@@ -467,6 +498,13 @@ int main(int argc, char **argv)
     error_progname = "bitbackd";
     setup_signals();
     qmp_init_commands();
+    {
+        Error *err = NULL;
+        if (!opt_socket_mode(argc, argv, &err)) {
+            error_report_err(err);
+            return 1;
+        }
+    }
     if (want_daemonize(argc, argv)) {
         daemonize_start();
     }
@@ -524,6 +562,7 @@ int main(int argc, char **argv)
             break;
         }
         case OPT_DAEMONIZE:
+        case OPT_SOCKET_MODE:      /* opt_socket_mode did it */
             break;
         default:
             fprintf(stderr, "Try 'bitbackd --help' for more information.\n");

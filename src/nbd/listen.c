@@ -26,6 +26,7 @@
 #include "nbd/nbd-internal.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "util/osdep.h"
 
 NBDServer nbd_srv = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
@@ -96,7 +97,6 @@ static int listen_unix(const char *path, Error **errp)
                    path, sizeof(sa.sun_path) - 1);
         return -1;
     }
-    strcpy(sa.sun_path, path);
     struct stat st;
     if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
         unlink(path);   /* a stale socket from an earlier run */
@@ -106,8 +106,8 @@ static int listen_unix(const char *path, Error **errp)
         error_setg_errno(errp, errno, "cannot create socket");
         return -1;
     }
-    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-        error_setg_errno(errp, errno, "cannot bind to '%s'", path);
+    /* Mode 0600 (or --socket-mode) whatever the umask. */
+    if (!unix_bind_private(fd, path, errp)) {
         close(fd);
         return -1;
     }

@@ -49,6 +49,7 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/main-loop.h"
+#include "util/osdep.h"
 
 #define QMP_MAX_REQUEST   (16u * 1024 * 1024)
 #define QMP_MAX_OUTPUT    (64u * 1024 * 1024)
@@ -384,7 +385,6 @@ bool qmp_monitor_add_unix(const char *path, Error **errp)
         error_setg(errp, "UNIX socket path '%s' is too long", path);
         return false;
     }
-    strcpy(sun.sun_path, path);
     /* A stale socket from an earlier run would make bind fail (QEMU also
      * replaces it); never remove anything that is not a socket. */
     if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
@@ -396,8 +396,8 @@ bool qmp_monitor_add_unix(const char *path, Error **errp)
         error_setg_errno(errp, errno, "Failed to create socket");
         return false;
     }
-    if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
-        error_setg_errno(errp, errno, "Failed to bind socket to %s", path);
+    /* Mode 0600 (or --socket-mode) whatever the umask. */
+    if (!unix_bind_private(fd, path, errp)) {
         return false;
     }
     if (listen(fd, 16) < 0) {

@@ -9,6 +9,7 @@
 
 #include "block/block.h"
 #include "block/drivers/file-lock.h"
+#include "util/osdep.h"
 
 /* QEMU's names for the permissions, as its messages print them. */
 static const char *const perm_names[FILE_PERM_COUNT] = {
@@ -158,11 +159,10 @@ int file_lock_create(const char *filename, Error **errp)
     return fd;
 }
 
-int file_lock_open(const char *filename, int flags, Error **errp)
+int file_lock_open(const char *filename, int flags, unsigned how, Error **errp)
 {
-    int fd = open(filename, O_RDONLY | O_CLOEXEC);
+    int fd = open_checked(filename, O_RDONLY, 0, how, errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "Could not open '%s'", filename);
         return -1;
     }
     if (!file_lock_fd(fd, filename, flags, errp)) {

@@ -57,9 +57,10 @@ bool file_lock_fd(int fd, const char *filename, int flags, Error **errp);
 
 /* Open `filename` read-only just to hold its lock bytes for an open with
  * `flags` (for files a driver otherwise reads and writes with short-lived
- * fds).  Returns the fd (the caller closes it to drop the locks), or -1
- * with errp set. */
-int file_lock_open(const char *filename, int flags, Error **errp);
+ * fds).  It must be a regular file (open_checked with `how`: OPEN_NOFOLLOW
+ * for a file an image names).  Returns the fd (the caller closes it to
+ * drop the locks), or -1 with errp set. */
+int file_lock_open(const char *filename, int flags, unsigned how, Error **errp);
 
 /* Open `filename` read-write, creating it, to write a new image into it,
  * as QEMU's create does: the lock bytes of a writer that does not share

@@ -28,6 +28,7 @@
 #include "util/bswap.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "util/osdep.h"
 
 #define QBM_IO_CHUNK (1024 * 1024)
 
@@ -137,12 +138,14 @@ QbmLoadResult qbm_bitmap_file_load(const char *path, const char *display,
     uint64_t expect_data = qbm_data_size(image_size, shift);
     uint64_t expect_len = QBM_HEADER_SIZE + expect_data;
 
-    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    Error *err = NULL;
+    _cleanup_close_ int fd = open_checked(path, O_RDONLY, 0, OPEN_NOFOLLOW, &err);
     if (fd < 0) {
-        int e = errno;
-        *ret_reason = e == ENOENT
+        *ret_reason = errno == ENOENT
             ? reasonf("bitmap file '%s' is missing", display)
-            : reasonf("cannot open bitmap file '%s': %s", display, strerror(e));
+            : reasonf("cannot open bitmap file '%s': %s", display,
+                      error_get_pretty(err));
+        error_free(err);
         return QBM_LOAD_BAD;
     }
     struct stat st;
@@ -359,11 +362,11 @@ int qbm_bitmap_file_create(const char *path, uint64_t image_size,
                    (unsigned long long)QBM_MAX_BITMAP_DATA);
         return -EFBIG;
     }
-    int oflags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
-    _cleanup_close_ int fd = open(path, oflags, 0644);
+    int oflags = O_RDWR | O_CREAT | (exclusive ? O_EXCL : O_TRUNC);
+    _cleanup_close_ int fd = open_checked(path, oflags, 0644, OPEN_NOFOLLOW, errp);
     if (fd < 0) {
         int e = errno;
-        error_setg_errno(errp, e, "cannot create bitmap file '%s'", path);
+        error_prepend(errp, "cannot create bitmap file: ");
         return -e;
     }
     int r = bitmap_file_init(fd, path, image_size, shift, data_size, generation,
@@ -378,9 +381,9 @@ int qbm_bitmap_file_create(const char *path, uint64_t image_size,
 bool qbm_bitmap_file_write_header(const char *path, const QbmHeader *h,
                                   Error **errp)
 {
-    _cleanup_close_ int fd = open(path, O_WRONLY | O_CLOEXEC);
+    _cleanup_close_ int fd = open_checked(path, O_WRONLY, 0, OPEN_NOFOLLOW, errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot open bitmap file '%s'", path);
+        error_prepend(errp, "cannot open bitmap file: ");
         return false;
     }
     return write_header_fd(fd, path, h, errp) == 0;
@@ -389,9 +392,9 @@ bool qbm_bitmap_file_write_header(const char *path, const QbmHeader *h,
 bool qbm_bitmap_file_store(const char *path, QbmHeader *h,
                            QbmSerializeFn *fn, void *opaque, Error **errp)
 {
-    _cleanup_close_ int fd = open(path, O_RDWR | O_CLOEXEC);
+    _cleanup_close_ int fd = open_checked(path, O_RDWR, 0, OPEN_NOFOLLOW, errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot open bitmap file '%s'", path);
+        error_prepend(errp, "cannot open bitmap file: ");
         return false;
     }
     XXH3_state_t *xs = XXH3_createState();
@@ -732,9 +735,10 @@ bool qbm_descriptor_parse(const char *text, size_t len, const char *display,
 bool qbm_descriptor_read(const char *path, QbmDescriptor *d, Error **errp)
 {
     memset(d, 0, sizeof(*d));
-    _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* The user's file: a link is followed, a FIFO refused (as file.c). */
+    _cleanup_close_ int fd = open_checked(path, O_RDONLY, 0, OPEN_BLOCKDEV, errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot open QBM descriptor '%s'", path);
+        error_prepend(errp, "cannot open QBM descriptor: ");
         return false;
     }
     struct stat st;

@@ -46,6 +46,7 @@
 #include "util/cutils.h"
 #include "util/iov.h"
 #include "util/json-opts.h"
+#include "util/osdep.h"
 
 /* An fd that holds the lock bytes of one file of the image. */
 typedef struct QbmFileLock {
@@ -128,7 +129,7 @@ static bool qbm_lock_file(BlockDriverState *bs, const char *name, Error **errp)
     if (access(path, F_OK) != 0) {
         return true;
     }
-    int fd = file_lock_open(path, bs->open_flags, errp);
+    int fd = file_lock_open(path, bs->open_flags, OPEN_NOFOLLOW, errp);
     return fd >= 0 && qbm_keep_lock(s, path, fd, errp);
 }
 
@@ -413,6 +414,35 @@ static void qbm_load_bitmaps(BlockDriverState *bs, BDRVQbmState *s, Error **errp
     }
 }
 
+/* Open the data image `path` (named by the descriptor) with `format`: its
+ * file node is opened with "x-no-follow", so a symbolic link is refused
+ * and anything but a regular file or block device too (Q9). */
+static BlockDriverState *qbm_open_data(const char *path, const char *format,
+                                       int flags, Error **errp)
+{
+    const BlockDriver *drv = bdrv_find_format(format);
+    if (!drv) {
+        error_setg(errp, "Unknown driver '%s'", format);
+        return NULL;
+    }
+    _cleanup_json_ struct json_object *file = json_object_new_object();
+    _cleanup_json_ struct json_object *opts =
+        drv->is_protocol ? json_object_get(file) : json_object_new_object();
+    if (!file || !opts) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    json_object_object_add(file, "driver", json_object_new_string(
+                               drv->is_protocol ? format : "file"));
+    json_object_object_add(file, "filename", json_object_new_string(path));
+    json_object_object_add(file, "x-no-follow", json_object_new_boolean(true));
+    if (!drv->is_protocol) {
+        json_object_object_add(opts, "driver", json_object_new_string(format));
+        json_object_object_add(opts, "file", json_object_get(file));
+    }
+    return bdrv_open_options(opts, flags, errp);
+}
+
 static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flags,
                      Error **errp)
 {
@@ -450,7 +480,7 @@ static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flag
         int data_flags = (flags & (BDRV_O_RDWR | BDRV_O_NOCACHE |
                                    BDRV_O_FORCE_SHARE)) |
                          (bs->locking ? 0 : BDRV_O_NO_LOCK);
-        s->data = bdrv_open_image(path, s->desc.data_format, data_flags, errp);
+        s->data = qbm_open_data(path, s->desc.data_format, data_flags, errp);
         if (!s->data) {
             error_prepend(errp, "cannot open the data image of '%s': ",
                           s->desc_path);
@@ -795,7 +825,8 @@ static int qbm_flush_locked(BlockDriverState *bs)
     int r = bdrv_flush(s->data);
     if (r == 0 && snap) {
         /* (3) then the bits, (4) synced */
-        _cleanup_close_ int fd = open(s->alloc_path, O_WRONLY | O_CLOEXEC);
+        _cleanup_close_ int fd = open_checked(s->alloc_path, O_WRONLY, 0,
+                                              OPEN_NOFOLLOW, NULL);
         if (fd < 0) {
             r = -errno;
         } else {
@@ -1163,7 +1194,7 @@ static bool qbm_create(const char *filename, uint64_t size,
      * the new one is in place. */
     _cleanup_close_ int desc_lock = -1;
     if (access(filename, F_OK) == 0) {
-        desc_lock = file_lock_open(filename, BDRV_O_RDWR, errp);
+        desc_lock = file_lock_open(filename, BDRV_O_RDWR, 0, errp);
         if (desc_lock < 0) {
             return false;
         }

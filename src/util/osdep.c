@@ -1,0 +1,143 @@
+/*
+ * See osdep.h.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "util/cleanup.h"
+#include "util/cutils.h"
+#include "util/osdep.h"
+
+static const char *file_type_name(mode_t m)
+{
+    return S_ISDIR(m) ? "a directory" : S_ISFIFO(m) ? "a FIFO"
+         : S_ISSOCK(m) ? "a socket" : S_ISCHR(m) ? "a character device"
+         : S_ISBLK(m) ? "a block device" : S_ISLNK(m) ? "a symbolic link"
+         : "not a regular file";
+}
+
+static bool type_ok(mode_t m, unsigned how)
+{
+    return S_ISREG(m) || ((how & OPEN_BLOCKDEV) && S_ISBLK(m));
+}
+
+static void set_type_error(Error **errp, const char *path, mode_t m,
+                           unsigned how)
+{
+    error_setg(errp, "'%s' is %s, not a regular file%s: refused", path,
+               file_type_name(m), (how & OPEN_BLOCKDEV) ? " or block device" : "");
+}
+
+int open_checked(const char *path, int oflags, mode_t mode, unsigned how,
+                 Error **errp)
+{
+    int fl = oflags | O_CLOEXEC | O_NONBLOCK |
+             ((how & OPEN_NOFOLLOW) ? O_NOFOLLOW : 0);
+    int fd = open(path, fl, mode);
+    if (fd < 0) {
+        int e = errno;
+        struct stat st;
+        if ((e == ELOOP || e == ENXIO || e == EISDIR) && lstat(path, &st) == 0 &&
+            ((how & OPEN_NOFOLLOW) || !S_ISLNK(st.st_mode)) &&
+            !type_ok(st.st_mode, how)) {
+            /* O_NOFOLLOW on a link, a FIFO without a reader opened for
+             * writing, a directory opened for writing: say which. */
+            if (S_ISLNK(st.st_mode)) {
+                error_setg(errp, "'%s' is a symbolic link: refused (the files "
+                           "an image names are opened without following "
+                           "links)", path);
+            } else {
+                set_type_error(errp, path, st.st_mode, how);
+            }
+        } else {
+            error_setg_errno(errp, e, "Could not open '%s'", path);
+        }
+        errno = e;
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        error_setg_errno(errp, e, "Could not stat '%s'", path);
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    if (!type_ok(st.st_mode, how)) {
+        set_type_error(errp, path, st.st_mode, how);
+        close(fd);
+        errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+        return -1;
+    }
+    int cur = fcntl(fd, F_GETFL);
+    if (!(oflags & O_NONBLOCK) &&
+        (cur < 0 || fcntl(fd, F_SETFL, cur & ~O_NONBLOCK) < 0)) {
+        int e = errno;
+        error_setg_errno(errp, e, "Could not clear O_NONBLOCK on '%s'", path);
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+static mode_t socket_mode = 0600;
+
+void unix_socket_mode_set(mode_t mode)
+{
+    socket_mode = mode;
+}
+
+mode_t unix_socket_mode(void)
+{
+    return socket_mode;
+}
+
+bool unix_bind_private(int fd, const char *path, Error **errp)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    _cleanup_free_ char *dir = path_dirname(path);
+    _cleanup_free_ char *tmpl = NULL;
+    if (!dir || asprintf(&tmpl, "%s/.bitback-sock-XXXXXX", dir) < 0) {
+        tmpl = NULL;
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    /* mkdtemp makes the folder 0700: nobody else can reach the socket
+     * while it still has the umask's mode. */
+    if (!mkdtemp(tmpl)) {
+        error_setg_errno(errp, errno, "Could not create a private folder "
+                         "next to '%s'", path);
+        return false;
+    }
+    bool ok = false;
+    int dfd = open(tmpl, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) {
+        error_setg_errno(errp, errno, "Could not open '%s'", tmpl);
+        rmdir(tmpl);
+        return false;
+    }
+    /* Bound through the folder's fd, so the length limit of sun_path
+     * applies to `path` only (checked by the caller), not to tmpl. */
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "/proc/self/fd/%d/s", dfd);
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        error_setg_errno(errp, errno, "Failed to bind socket to %s", path);
+    } else if (fchmodat(dfd, "s", socket_mode, 0) < 0) {
+        error_setg_errno(errp, errno, "Could not set the mode of '%s'", path);
+        unlinkat(dfd, "s", 0);
+    } else if (renameat2(dfd, "s", AT_FDCWD, path, RENAME_NOREPLACE) < 0) {
+        error_setg_errno(errp, errno, "Failed to bind socket to %s", path);
+        unlinkat(dfd, "s", 0);
+    } else {
+        ok = true;
+    }
+    close(dfd);
+    rmdir(tmpl);
+    return ok;
+}
