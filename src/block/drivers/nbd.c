@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include <libnbd.h>
 
@@ -49,6 +50,17 @@
 #define NBD_CMD_MAX_LEN (1u << 30)
 /* Largest minimum block size we honour as request alignment. */
 #define NBD_MAX_ALIGNMENT (64u * 1024)
+/* Bound in seconds on opening a node when 'open-timeout' is 0 (one
+ * attempt): connecting plus the whole NBD handshake.  A server that accepts
+ * but never greets, or trickles its greeting, fails the open after this long
+ * instead of holding the monitor (the open runs on the QMP main loop).  The
+ * same value as the NBD server's default handshake-max-seconds. */
+#define NBD_OPEN_ATTEMPT_SECONDS 10
+/* Largest 'open-timeout' accepted, in seconds: it bounds how long one
+ * blockdev-add may keep the monitor waiting. */
+#define NBD_OPEN_TIMEOUT_MAX 300
+/* Pause between two attempts when 'open-timeout' retries. */
+#define NBD_OPEN_RETRY_MS 1000
 
 typedef struct BDRVNBDState {
     struct nbd_handle *nbd;
@@ -94,10 +106,26 @@ static bool opt_string(struct json_object *obj, const char *key,
     return true;
 }
 
-/* Connect h to options' "server"; sets *ret_desc to a malloc'd URI-like
- * description of the server for messages and info. */
-static bool nbd_connect_server(struct nbd_handle *h, struct json_object *options,
-                               const char *export, char **ret_desc, Error **errp)
+/* Where a node connects: the arguments of one libnbd nbd_aio_connect_* call
+ * and a URI-like description of the server for messages and info. */
+typedef enum { NBD_TARGET_UNIX, NBD_TARGET_TCP, NBD_TARGET_URI } NBDTargetKind;
+
+typedef struct NBDTarget {
+    NBDTargetKind kind;
+    const char *addr;        /* unix: socket path; tcp: host; uri: the URI */
+    const char *port;        /* tcp: points at portbuf or into the options */
+    char portbuf[16];
+    char *desc;              /* malloc'd description; NULL if out of memory */
+} NBDTarget;
+
+static void nbd_target_cleanup(NBDTarget *t)
+{
+    free(t->desc);
+}
+
+/* Fill t from options' "server" (parsing only; nothing is connected). */
+static bool nbd_parse_server(struct json_object *options, const char *export,
+                             NBDTarget *t, Error **errp)
 {
     struct json_object *server;
     if (!json_object_object_get_ex(options, "server", &server) || !server) {
@@ -117,33 +145,26 @@ static bool nbd_connect_server(struct nbd_handle *h, struct json_object *options
         return false;
     }
     if (strcmp(type, "unix") == 0) {
-        const char *path;
-        if (!opt_string(server, "path", &path, errp)) {
+        if (!opt_string(server, "path", &t->addr, errp)) {
             return false;
         }
-        if (!path || !*path) {
+        if (!t->addr || !*t->addr) {
             error_setg(errp, "Parameter 'server.path' is missing");
             return false;
         }
-        if (asprintf(ret_desc, "nbd+unix:///%s?socket=%s", export, path) < 0) {
-            *ret_desc = NULL;
-        }
-        if (nbd_connect_unix(h, path) < 0) {
-            error_setg(errp, "Failed to connect to NBD server at '%s': %s",
-                       path, nbd_get_error());
-            return false;
+        t->kind = NBD_TARGET_UNIX;
+        if (asprintf(&t->desc, "nbd+unix:///%s?socket=%s", export, t->addr) < 0) {
+            t->desc = NULL;
         }
         return true;
     }
     if (strcmp(type, "inet") == 0 || strcmp(type, "tcp") == 0) {
-        const char *host;
-        const char *port = "10809";
-        char portbuf[16];
         struct json_object *v;
-        if (!opt_string(server, "host", &host, errp)) {
+        t->port = "10809";
+        if (!opt_string(server, "host", &t->addr, errp)) {
             return false;
         }
-        if (!host || !*host) {
+        if (!t->addr || !*t->addr) {
             error_setg(errp, "Parameter 'server.host' is missing");
             return false;
         }
@@ -154,28 +175,185 @@ static bool nbd_connect_server(struct nbd_handle *h, struct json_object *options
                     error_setg(errp, "Parameter 'server.port' must be 1..65535");
                     return false;
                 }
-                snprintf(portbuf, sizeof(portbuf), "%d", (int)p);
-                port = portbuf;
+                snprintf(t->portbuf, sizeof(t->portbuf), "%d", (int)p);
+                t->port = t->portbuf;
             } else if (json_object_is_type(v, json_type_string)) {
-                port = json_object_get_string(v);
+                t->port = json_object_get_string(v);
             } else {
                 error_setg(errp, "Parameter 'server.port' expects a string");
                 return false;
             }
         }
-        if (asprintf(ret_desc, "nbd://%s:%s/%s", host, port, export) < 0) {
-            *ret_desc = NULL;
-        }
-        if (nbd_connect_tcp(h, host, port) < 0) {
-            error_setg(errp, "Failed to connect to NBD server at '%s:%s': %s",
-                       host, port, nbd_get_error());
-            return false;
+        t->kind = NBD_TARGET_TCP;
+        if (asprintf(&t->desc, "nbd://%s:%s/%s", t->addr, t->port, export) < 0) {
+            t->desc = NULL;
         }
         return true;
     }
     error_setg(errp, "Unsupported NBD server type '%s' (use 'unix' or 'inet')",
                type);
     return false;
+}
+
+/* Fill t from options: either "filename" (an NBD URI) or "server". */
+static bool nbd_parse_target(struct json_object *options, const char *export,
+                             NBDTarget *t, Error **errp)
+{
+    const char *uri;
+    if (!opt_string(options, "filename", &uri, errp)) {
+        return false;
+    }
+    if (!uri) {
+        return nbd_parse_server(options, export, t, errp);
+    }
+    if (json_object_object_get_ex(options, "server", NULL)) {
+        error_setg(errp, "nbd: give either 'filename' (a URI) or 'server', "
+                   "not both");
+        return false;
+    }
+    t->kind = NBD_TARGET_URI;
+    t->addr = uri;
+    t->desc = strdup(uri);
+    return true;
+}
+
+/* Sets *ret to the whole number of seconds in options' member key (a JSON
+ * integer or a decimal string, as the command line gives it), 0 when
+ * absent.  Values above max are refused. */
+static bool opt_seconds(struct json_object *options, const char *key,
+                        uint64_t max, uint64_t *ret, Error **errp)
+{
+    struct json_object *v;
+    *ret = 0;
+    if (!json_object_object_get_ex(options, key, &v) || !v) {
+        return true;
+    }
+    bool ok = false;
+    if (json_object_is_type(v, json_type_int)) {
+        int64_t i = json_object_get_int64(v);
+        ok = i >= 0 && (uint64_t)i <= max;
+        *ret = ok ? (uint64_t)i : 0;
+    } else if (json_object_is_type(v, json_type_string)) {
+        const char *str = json_object_get_string(v);
+        char *end;
+        errno = 0;
+        unsigned long long u = strtoull(str, &end, 10);
+        ok = *str >= '0' && *str <= '9' && !*end && !errno && u <= max;
+        *ret = ok ? (uint64_t)u : 0;
+    }
+    if (!ok) {
+        error_setg(errp, "Parameter '%s' expects a number of seconds from 0 "
+                   "to %" PRIu64, key, max);
+    }
+    return ok;
+}
+
+/* A new handle set up for export, not yet connected. */
+static struct nbd_handle *nbd_new_handle(const char *export, Error **errp)
+{
+    _cleanup_(nbd_handle_closep) struct nbd_handle *h = nbd_create();
+    if (!h) {
+        error_setg(errp, "Cannot create an NBD client handle: %s",
+                   nbd_get_error());
+        return NULL;
+    }
+    if (nbd_set_export_name(h, export) < 0 ||
+        nbd_set_request_structured_replies(h, true) < 0 ||
+        nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
+        error_setg(errp, "Cannot set up the NBD client handle: %s",
+                   nbd_get_error());
+        return NULL;
+    }
+    return steal_pointer(&h);
+}
+
+/* Milliseconds from now until deadline_ns (monotonic), 0 when past. */
+static int nbd_ms_until(uint64_t deadline_ns)
+{
+    uint64_t now = clock_monotonic_ns();
+    if (now >= deadline_ns) {
+        return 0;
+    }
+    uint64_t ms = (deadline_ns - now + 999999) / 1000000;
+    return ms > INT_MAX ? INT_MAX : (int)ms;
+}
+
+/* One connection attempt: connect and run the NBD handshake with libnbd's
+ * asynchronous API, polling the handle's socket never past deadline_ns.
+ * Returns the handle, ready for commands, or NULL with errp set when the
+ * connection fails or the deadline passes first (a server that accepts but
+ * never greets, or trickles its greeting, cannot hold the caller longer). */
+static struct nbd_handle *nbd_connect_once(const char *export,
+                                           const NBDTarget *t,
+                                           uint64_t deadline_ns,
+                                           uint64_t limit_s, Error **errp)
+{
+    const char *where = t->desc ? t->desc : t->addr;
+    _cleanup_(nbd_handle_closep) struct nbd_handle *h =
+        nbd_new_handle(export, errp);
+    if (!h) {
+        return NULL;
+    }
+    int r;
+    switch (t->kind) {
+    case NBD_TARGET_UNIX:
+        r = nbd_aio_connect_unix(h, t->addr);
+        break;
+    case NBD_TARGET_TCP:
+        r = nbd_aio_connect_tcp(h, t->addr, t->port);
+        break;
+    default:
+        r = nbd_supports_uri(h) ? nbd_aio_connect_uri(h, t->addr) : -1;
+        break;
+    }
+    while (r >= 0 && !nbd_aio_is_ready(h)) {
+        if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) {
+            r = -1;
+            break;
+        }
+        int ms = nbd_ms_until(deadline_ns);
+        if (ms == 0) {
+            error_setg(errp, "Failed to connect to NBD server at '%s': no "
+                       "complete NBD handshake within %" PRIu64 " seconds",
+                       where, limit_s);
+            return NULL;
+        }
+        r = nbd_poll(h, ms);
+    }
+    if (r < 0) {
+        error_setg(errp, "Failed to connect to NBD server at '%s': %s", where,
+                   nbd_get_error() ? nbd_get_error() : "connection closed");
+        return NULL;
+    }
+    return steal_pointer(&h);
+}
+
+/* Connect to t, bounded in time (see NBD_OPEN_ATTEMPT_SECONDS).  With
+ * open_timeout 0 there is one attempt; otherwise failed attempts are
+ * retried every NBD_OPEN_RETRY_MS until open_timeout seconds have passed,
+ * and the last failure is reported. */
+static struct nbd_handle *nbd_connect(const char *export, const NBDTarget *t,
+                                      uint64_t open_timeout, Error **errp)
+{
+    uint64_t limit_s = open_timeout ? open_timeout : NBD_OPEN_ATTEMPT_SECONDS;
+    uint64_t end = clock_monotonic_ns() + limit_s * UINT64_C(1000000000);
+    for (;;) {
+        Error *err = NULL;
+        struct nbd_handle *h = nbd_connect_once(export, t, end, limit_s, &err);
+        if (h) {
+            return h;
+        }
+        int ms = nbd_ms_until(end);
+        if (open_timeout == 0 || ms == 0) {
+            error_propagate(errp, err);
+            return NULL;
+        }
+        error_free(err);
+        ms = MIN(ms, NBD_OPEN_RETRY_MS);
+        struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+        }
+    }
 }
 
 /* A libnbd can_* answer as a bool (errors count as "cannot"). */
@@ -200,39 +378,28 @@ static bool nbd_drv_open(BlockDriverState *bs, struct json_object *options,
         return false;
     }
 
-    _cleanup_(nbd_handle_closep) struct nbd_handle *h = nbd_create();
+    uint64_t open_timeout, reconnect_delay;
+    if (!opt_seconds(options, "open-timeout", NBD_OPEN_TIMEOUT_MAX,
+                     &open_timeout, errp) ||
+        !opt_seconds(options, "reconnect-delay", UINT32_MAX, &reconnect_delay,
+                     errp)) {
+        return false;
+    }
+    if (reconnect_delay) {
+        error_setg(errp, "nbd: 'reconnect-delay' is not supported (this "
+                   "driver does not reconnect); use 0");
+        return false;
+    }
+    _cleanup_(nbd_target_cleanup) NBDTarget target = { 0 };
+    if (!nbd_parse_target(options, export, &target, errp)) {
+        return false;
+    }
+    _cleanup_(nbd_handle_closep) struct nbd_handle *h =
+        nbd_connect(export, &target, open_timeout, errp);
     if (!h) {
-        error_setg(errp, "Cannot create an NBD client handle: %s",
-                   nbd_get_error());
         return false;
     }
-    if (nbd_set_export_name(h, export) < 0 ||
-        nbd_set_request_structured_replies(h, true) < 0 ||
-        nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
-        error_setg(errp, "Cannot set up the NBD client handle: %s",
-                   nbd_get_error());
-        return false;
-    }
-    _cleanup_free_ char *desc = NULL;
-    const char *uri;
-    if (!opt_string(options, "filename", &uri, errp)) {
-        return false;
-    }
-    if (uri) {
-        if (json_object_object_get_ex(options, "server", NULL)) {
-            error_setg(errp, "nbd: give either 'filename' (a URI) or 'server', "
-                       "not both");
-            return false;
-        }
-        if (!nbd_supports_uri(h) || nbd_connect_uri(h, uri) < 0) {
-            error_setg(errp, "Cannot connect to NBD URI '%s': %s", uri,
-                       nbd_get_error());
-            return false;
-        }
-        desc = strdup(uri);
-    } else if (!nbd_connect_server(h, options, export, &desc, errp)) {
-        return false;
-    }
+    _cleanup_free_ char *desc = steal_pointer(&target.desc);
     const char *where = desc ? desc : export;
 
     int64_t size = nbd_get_size(h);
