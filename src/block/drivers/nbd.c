@@ -25,6 +25,11 @@
  *      the server advertised it accepts.
  *   3. Flags are only sent when the server advertised them (FUA, FAST_ZERO),
  *      so the server never sees a flag it did not negotiate.
+ *   4. Open is bounded in time: connecting plus the handshake run on
+ *      libnbd's asynchronous API with a deadline (NBD_OPEN_ATTEMPT_SECONDS,
+ *      or the node's 'open-timeout'), because the open runs on the QMP main
+ *      loop and a server that accepts but never greets must not hold it.
+ *      Requests after open are not bounded.
  */
 #include <errno.h>
 #include <inttypes.h>
