@@ -11,10 +11,8 @@ instead of letting it hang.
 """
 import json
 import select
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -23,6 +21,9 @@ import pytest
 from bitback_testlib import Daemon
 from bitback_testlib.qmp import QMPClient
 from conftest import require, run
+# The socket directory fixture and the blockdev-add arguments of the nbd
+# driver's tests.
+from test_nbd_driver import nbd_blockdev, sockdir  # noqa: F401
 
 # Far above the driver's bounds (10 s by default, open-timeout below), far
 # below "until the listener closes" (never, in these tests).
@@ -69,13 +70,6 @@ class MuteListener:
 
 
 @pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="bbnbdto-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 def listeners():
     started = []
 
@@ -87,13 +81,6 @@ def listeners():
     yield start
     for lst in started:
         lst.stop()
-
-
-def nbd_blockdev(sock, node="n0", export="x", **extra):
-    opts = {"driver": "nbd", "node-name": node,
-            "server": {"type": "unix", "path": str(sock)}, "export": export}
-    opts.update(extra)
-    return opts
 
 
 def assert_monitor_free(d):
@@ -110,7 +97,7 @@ def test_silent_server_fails_blockdev_add(tmp_path, sockdir, listeners):
         d.start()
         with QMPClient(d.qmp_sock, timeout=QMP_TIMEOUT) as q:
             # Default bound: one attempt, 10 seconds.
-            err = q.error("blockdev-add", nbd_blockdev(sock))
+            err = q.error("blockdev-add", nbd_blockdev(sock, export="x"))
             assert "Failed to connect" in err.desc, err.desc
             assert "handshake" in err.desc and sock in err.desc, err.desc
             assert lst.accepted == 1
@@ -127,13 +114,15 @@ def test_partial_greeting_fails_with_open_timeout(tmp_path, sockdir,
         d.start()
         with QMPClient(d.qmp_sock, timeout=QMP_TIMEOUT) as q:
             err = q.error("blockdev-add",
-                          nbd_blockdev(sock, **{"open-timeout": 2}))
+                          nbd_blockdev(sock, export="x",
+                                       **{"open-timeout": 2}))
             assert "within 2 seconds" in err.desc, err.desc
             assert lst.accepted >= 1
             assert q.node("n0") is None
             # The command line form gives the number as a string.
             err = q.error("blockdev-add",
-                          nbd_blockdev(sock, **{"open-timeout": "1"}))
+                          nbd_blockdev(sock, export="x",
+                                       **{"open-timeout": "1"}))
             assert "within 1 seconds" in err.desc, err.desc
             assert_monitor_free(d)
         assert d.quit() == 0
@@ -167,17 +156,20 @@ def test_open_options_checked(tmp_path, sockdir):
         d.start()
         q = d.qmp
         err = q.error("blockdev-add",
-                      nbd_blockdev(sock, **{"reconnect-delay": 5}))
+                      nbd_blockdev(sock, export="x",
+                                   **{"reconnect-delay": 5}))
         assert "reconnect-delay" in err.desc and "not supported" in err.desc, \
             err.desc
         for bad in (-1, 100000, "soon", True):
             err = q.error("blockdev-add",
-                          nbd_blockdev(sock, **{"open-timeout": bad}))
+                          nbd_blockdev(sock, export="x",
+                                       **{"open-timeout": bad}))
             assert "open-timeout" in err.desc, err.desc
         # reconnect-delay 0 is QEMU's default and accepted; the missing
         # socket fails at once without open-timeout.
         err = q.error("blockdev-add",
-                      nbd_blockdev(sock, **{"reconnect-delay": 0}))
+                      nbd_blockdev(sock, export="x",
+                                   **{"reconnect-delay": 0}))
         assert "Failed to connect" in err.desc and sock in err.desc, err.desc
         assert d.quit() == 0
 
