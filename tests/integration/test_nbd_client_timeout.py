@@ -123,7 +123,7 @@ def test_partial_greeting_fails_with_open_timeout(tmp_path, sockdir,
             err = q.error("blockdev-add",
                           nbd_blockdev(sock, export="x",
                                        **{"open-timeout": "1"}))
-            assert "within 1 seconds" in err.desc, err.desc
+            assert "within 1 second" in err.desc, err.desc
             assert_monitor_free(d)
         assert d.quit() == 0
 

@@ -319,8 +319,8 @@ static struct nbd_handle *nbd_connect_once(const char *export,
         int ms = nbd_ms_until(deadline_ns);
         if (ms == 0) {
             error_setg(errp, "Failed to connect to NBD server at '%s': no "
-                       "complete NBD handshake within %" PRIu64 " seconds",
-                       where, limit_s);
+                       "complete NBD handshake within %" PRIu64 " second%s",
+                       where, limit_s, limit_s == 1 ? "" : "s");
             return NULL;
         }
         r = nbd_poll(h, ms);
