@@ -4,8 +4,9 @@
  * JSON object when the string starts with '{'), and the scalar converters
  * its callers apply to the values.
  *
- * Input: one byte selecting the implied key (none, "driver", "backend",
- * "type": the keys bitbackd and bitback imply), then the option string.
+ * Input: one byte selecting the implied key (byte % 5: none, "driver",
+ * "backend", "type", "chardev": the keys bitbackd implies), then the
+ * option string.
  */
 #include <stdbool.h>
 #include <stdint.h>
@@ -41,11 +42,13 @@ static void convert_values(struct json_object *obj)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    static const char *const implied[] = { NULL, "driver", "backend", "type" };
+    static const char *const implied[] = {
+        NULL, "driver", "backend", "type", "chardev",
+    };
     if (size < 1) {
         return 0;
     }
-    const char *key = implied[data[0] % 4];
+    const char *key = implied[data[0] % ARRAY_SIZE(implied)];
     _cleanup_free_ char *s = fuzz_strndup(data + 1, size - 1);
     if (!s) {
         return 0;
