@@ -7,6 +7,9 @@
 #   make check SANITIZE=1   the same with ASan+UBSan, in build-san/
 #   make demo       the end-to-end demo
 #   make bench      the benchmarks in bench/ (slow; not part of check)
+#   make fuzz       build the libFuzzer targets (clang) in build-fuzz/
+#   make fuzz-run SECONDS=N   replay fuzz/crashes/, then fuzz each target
+#                   N seconds (default 60) on a copy of fuzz/corpus/
 
 SANITIZE ?=
 ifeq ($(SANITIZE),1)
@@ -21,7 +24,7 @@ endif
 PYTHON = /usr/bin/python3
 PYTEST_ARGS ?=
 
-.PHONY: all deps build check unit integration demo bench clean
+.PHONY: all deps build check unit integration demo bench fuzz fuzz-run clean
 
 all: build
 
@@ -55,5 +58,19 @@ bench: deps build
 	bench/backup.sh $(abspath $(BUILD))
 	bench/chain.sh $(abspath $(BUILD))
 
+# docs/fuzzing.md.  The fuzzing build is its own folder: every library in
+# it carries libFuzzer's coverage instrumentation and the sanitizers.
+FUZZ_BUILD = build-fuzz
+SECONDS ?= 60
+
+$(FUZZ_BUILD)/build.ninja:
+	CC=clang meson setup $(FUZZ_BUILD) -Dfuzzing=true -Db_lundef=false
+
+fuzz: $(FUZZ_BUILD)/build.ninja
+	ninja -C $(FUZZ_BUILD)
+
+fuzz-run: fuzz
+	fuzz/run.sh $(FUZZ_BUILD) $(SECONDS)
+
 clean:
-	rm -rf build build-san
+	rm -rf build build-san build-fuzz

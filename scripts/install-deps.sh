@@ -8,6 +8,7 @@ PKGS=(
   libjson-c-dev libnbd-dev libssl-dev libxxhash-dev libzstd-dev libcmocka-dev zlib1g-dev
   python3-pytest python3-libnbd
   qemu-utils qemu-system-common nbdkit libnbd-bin fio
+  clang libclang-rt-14-dev
 )
 
 missing=()

@@ -613,16 +613,10 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
     return steal_pointer(&m);
 }
 
-struct json_object *repo_parse_json_file(const RepoStorage *st,
-                                         const char *path, uint64_t max,
+struct json_object *repo_parse_json_text(const char *text, const char *what,
                                          Error **errp)
 {
-    size_t len = 0;
-    _cleanup_free_ char *text = st->read(path, max, &len, errp);
-    if (!text) {
-        return NULL;
-    }
-    len = strlen(text);
+    size_t len = strlen(text);
     struct json_tokener *tok = json_tokener_new_ex(64);
     if (!tok) {
         error_setg(errp, "out of memory");
@@ -632,7 +626,7 @@ struct json_object *repo_parse_json_file(const RepoStorage *st,
     enum json_tokener_error jerr = json_tokener_get_error(tok);
     size_t used = json_tokener_get_parse_end(tok);
     if (!obj || jerr != json_tokener_success) {
-        error_setg(errp, "%s: invalid JSON: %s", path,
+        error_setg(errp, "%s: invalid JSON: %s", what,
                    jerr == json_tokener_continue ? "unexpected end of file"
                                                  : json_tokener_error_desc(jerr));
         json_object_put(obj);
@@ -643,12 +637,24 @@ struct json_object *repo_parse_json_file(const RepoStorage *st,
     for (; used < len; used++) {
         if (!strchr(" \t\r\n", text[used])) {
             error_setg(errp, "%s: invalid JSON: trailing data after the object",
-                       path);
+                       what);
             json_object_put(obj);
             return NULL;
         }
     }
     return obj;
+}
+
+struct json_object *repo_parse_json_file(const RepoStorage *st,
+                                         const char *path, uint64_t max,
+                                         Error **errp)
+{
+    size_t len = 0;
+    _cleanup_free_ char *text = st->read(path, max, &len, errp);
+    if (!text) {
+        return NULL;
+    }
+    return repo_parse_json_text(text, path, errp);
 }
 
 RepoManifest *repo_manifest_load(const RepoStorage *st, const char *path,

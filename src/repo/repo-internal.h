@@ -75,6 +75,12 @@ char *repo_tmp_attempt_path(Repo *repo, const char *node, unsigned seq);
 /* ---- manifest.c ---- */
 
 int repo_hex_value(char c);
+/* Parse the NUL-terminated text as one JSON object (json-c nesting
+ * limited); trailing data after the object other than white space is an
+ * error.  `what` names the source in errors.  The parser of every small
+ * JSON file of the repository (and of fuzz/fuzz-manifest.c). */
+struct json_object *repo_parse_json_text(const char *text, const char *what,
+                                         Error **errp);
 /* Read the JSON object in the small file path (at most max bytes; json-c
  * nesting limited) through the repository's storage; trailing data after
  * the object is an error. */
