@@ -510,57 +510,43 @@ bool bdrv_dirty_bitmap_create_successor(BdrvDirtyBitmap *bm, Error **errp)
     return true;
 }
 
-static bool abdicate_locked(BdrvDirtyBitmap *bm)
+/* End bm's successor: abdicate (its bits replace bm's, a new generation)
+ * or reclaim (its bits are merged into bm's).  Either way bm is thawed and
+ * recording as the successor was; nothing happens without a successor. */
+static void end_successor(BdrvDirtyBitmap *bm, bool abdicate)
 {
+    pthread_mutex_lock(&bm->bs->lock);
     BdrvDirtyBitmap *succ = bm->successor;
-    if (!succ) {
-        return false;
+    bool ended = succ != NULL;
+    if (ended) {
+        if (abdicate) {
+            HBitmap *old = bm->hb;
+            bm->hb = succ->hb;
+            succ->hb = old;
+            uuid_generate_str(bm->generation);
+        } else {
+            hbitmap_merge(bm->hb, succ->hb);
+        }
+        bm->disabled = succ->disabled;
+        bm->busy = false;
+        bm->successor = NULL;
+        dirty_bitmap_free(succ);
+        bdrv_dirty_bitmaps_changed(bm->bs);
     }
-    HBitmap *old = bm->hb;
-    bm->hb = succ->hb;
-    succ->hb = old;
-    bm->disabled = succ->disabled;
-    bm->busy = false;
-    bm->successor = NULL;
-    uuid_generate_str(bm->generation);
-    dirty_bitmap_free(succ);
-    bdrv_dirty_bitmaps_changed(bm->bs);
-    return true;
+    pthread_mutex_unlock(&bm->bs->lock);
+    if (ended) {
+        change_made(bm->bs);
+    }
 }
 
 void bdrv_dirty_bitmap_abdicate(BdrvDirtyBitmap *bm)
 {
-    pthread_mutex_lock(&bm->bs->lock);
-    bool changed = abdicate_locked(bm);
-    pthread_mutex_unlock(&bm->bs->lock);
-    if (changed) {
-        change_made(bm->bs);
-    }
-}
-
-static bool reclaim_locked(BdrvDirtyBitmap *bm)
-{
-    BdrvDirtyBitmap *succ = bm->successor;
-    if (!succ) {
-        return false;
-    }
-    hbitmap_merge(bm->hb, succ->hb);
-    bm->disabled = succ->disabled;
-    bm->busy = false;
-    bm->successor = NULL;
-    dirty_bitmap_free(succ);
-    bdrv_dirty_bitmaps_changed(bm->bs);
-    return true;
+    end_successor(bm, true);
 }
 
 void bdrv_dirty_bitmap_reclaim(BdrvDirtyBitmap *bm)
 {
-    pthread_mutex_lock(&bm->bs->lock);
-    bool changed = reclaim_locked(bm);
-    pthread_mutex_unlock(&bm->bs->lock);
-    if (changed) {
-        change_made(bm->bs);
-    }
+    end_successor(bm, false);
 }
 
 HBitmap *bdrv_dirty_bitmap_copy_bits(BdrvDirtyBitmap *bm)

@@ -11,7 +11,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <netdb.h>
 #include <poll.h>
 #include <pthread.h>
@@ -46,12 +45,7 @@ static void *accept_main(void *opaque)
             { .fd = nbd_srv.wake_pipe[0], .events = POLLIN },
         };
         uint64_t next = nbd_clients_expire_handshakes();
-        int timeout = -1;
-        if (next) {
-            uint64_t now = clock_monotonic_ns();
-            uint64_t ms = next > now ? DIV_ROUND_UP(next - now, 1000000) : 0;
-            timeout = (int)MIN(ms, (uint64_t)INT_MAX);
-        }
+        int timeout = next ? clock_ms_until(next) : -1;
         if (poll(p, 2, timeout) < 0) {
             if (errno == EINTR) {
                 continue;

@@ -449,10 +449,7 @@ static int qmp_expire_clients(void)
             next = MIN(next, c->deadline_ns);
         }
     }
-    if (next == UINT64_MAX) {
-        return -1;
-    }
-    return (int)MIN(DIV_ROUND_UP(next - now, 1000000), (uint64_t)INT_MAX);
+    return next == UINT64_MAX ? -1 : clock_ms_until(next);
 }
 
 static void qmp_client_read(QmpClient *c)

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <time.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -141,6 +142,15 @@ uint64_t clock_monotonic_ns(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int clock_ms_until(uint64_t deadline_ns)
+{
+    uint64_t now = clock_monotonic_ns();
+    if (now >= deadline_ns) {
+        return 0;
+    }
+    return (int)MIN(DIV_ROUND_UP(deadline_ns - now, 1000000), (uint64_t)INT_MAX);
 }
 
 int pread_full(int fd, void *buf, size_t len, off_t off)

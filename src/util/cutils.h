@@ -26,6 +26,9 @@ bool uuid_is_valid_str(const char *s);
 double clock_monotonic_seconds(void);
 /* Nanoseconds on the monotonic clock. */
 uint64_t clock_monotonic_ns(void);
+/* A poll() timeout: milliseconds from now until deadline_ns (monotonic),
+ * rounded up, 0 when it has passed, at most INT_MAX. */
+int clock_ms_until(uint64_t deadline_ns);
 
 /* pread/pwrite that loop over short transfers and EINTR.  They return 0 on
  * success, -errno on failure; a read past EOF returns -EIO (short file). */

@@ -33,7 +33,6 @@
  */
 #include <errno.h>
 #include <inttypes.h>
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -272,17 +271,6 @@ static struct nbd_handle *nbd_new_handle(const char *export, Error **errp)
     return steal_pointer(&h);
 }
 
-/* Milliseconds from now until deadline_ns (monotonic), 0 when past. */
-static int nbd_ms_until(uint64_t deadline_ns)
-{
-    uint64_t now = clock_monotonic_ns();
-    if (now >= deadline_ns) {
-        return 0;
-    }
-    uint64_t ms = (deadline_ns - now + 999999) / 1000000;
-    return ms > INT_MAX ? INT_MAX : (int)ms;
-}
-
 /* One connection attempt: connect and run the NBD handshake with libnbd's
  * asynchronous API, polling the handle's socket never past deadline_ns.
  * Returns the handle, ready for commands, or NULL with errp set when the
@@ -316,7 +304,7 @@ static struct nbd_handle *nbd_connect_once(const char *export,
             r = -1;
             break;
         }
-        int ms = nbd_ms_until(deadline_ns);
+        int ms = clock_ms_until(deadline_ns);
         if (ms == 0) {
             error_setg(errp, "Failed to connect to NBD server at '%s': no "
                        "complete NBD handshake within %" PRIu64 " second%s",
@@ -348,7 +336,7 @@ static struct nbd_handle *nbd_connect(const char *export, const NBDTarget *t,
         if (h) {
             return h;
         }
-        int ms = nbd_ms_until(end);
+        int ms = clock_ms_until(end);
         if (open_timeout == 0 || ms == 0) {
             error_propagate(errp, err);
             return NULL;
