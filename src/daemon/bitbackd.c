@@ -60,6 +60,23 @@ static int nchardevs;
 static char *pidfile_path;     /* absolute, for unlink at exit */
 static int pidfile_fd = -1;    /* holds the pidfile's lock while we run */
 static int daemon_ready_fd = -1;
+static uint64_t nbd_max_request_memory = NBD_DEFAULT_MAX_REQUEST_MEMORY;
+static unsigned nbd_max_workers = NBD_DEFAULT_MAX_EXTRA_WORKERS;
+
+/* A decimal count 0..max. */
+static bool parse_count(const char *str, const char *what, unsigned max,
+                        unsigned *ret, Error **errp)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(str, &end, 10);
+    if (!*str || *end || errno || *str == '-' || v > max) {
+        error_setg(errp, "%s: '%s' is not a number from 0 to %u", what, str, max);
+        return false;
+    }
+    *ret = (unsigned)v;
+    return true;
+}
 
 enum {
     OPT_BLOCKDEV = 256,
@@ -71,6 +88,8 @@ enum {
     OPT_PIDFILE,
     OPT_DAEMONIZE,
     OPT_SOCKET_MODE,
+    OPT_NBD_MAX_REQUEST_MEMORY,
+    OPT_NBD_MAX_WORKERS,
 };
 
 static const struct option long_options[] = {
@@ -83,6 +102,8 @@ static const struct option long_options[] = {
     { "pidfile", required_argument, NULL, OPT_PIDFILE },
     { "daemonize", no_argument, NULL, OPT_DAEMONIZE },
     { "socket-mode", required_argument, NULL, OPT_SOCKET_MODE },
+    { "nbd-max-request-memory", required_argument, NULL, OPT_NBD_MAX_REQUEST_MEMORY },
+    { "nbd-max-workers", required_argument, NULL, OPT_NBD_MAX_WORKERS },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
@@ -109,6 +130,12 @@ static void usage(void)
 "  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]\n"
 "           [,description=TEXT][,bitmaps.0=BITMAP...]\n"
 "                         export a node over NBD (block-export-add)\n"
+"  --nbd-max-request-memory SIZE\n"
+"                         NBD request buffers of all clients together (default\n"
+"                         1G, at least 32M); requests over it wait, never fail;\n"
+"                         each connection may exceed it by at most 1M\n"
+"  --nbd-max-workers N    extra NBD worker threads of all connections together\n"
+"                         (default 64; each connection also has its own thread)\n"
 "  --pidfile FILE         write the process id to FILE once ready\n"
 "  --daemonize            run in the background once ready\n"
 "  --socket-mode MODE     mode of every UNIX socket the daemon creates (QMP\n"
@@ -540,6 +567,20 @@ int main(int argc, char **argv)
         case OPT_EXPORT:
             optname = "--export";
             ok = opt_command("block-export-add", optarg, "type", &err);
+            break;
+        case OPT_NBD_MAX_REQUEST_MEMORY:
+            optname = "--nbd-max-request-memory";
+            ok = parse_size(optarg, optname, &nbd_max_request_memory, &err);
+            if (ok) {
+                nbd_set_resource_limits(nbd_max_request_memory, nbd_max_workers);
+            }
+            break;
+        case OPT_NBD_MAX_WORKERS:
+            optname = "--nbd-max-workers";
+            ok = parse_count(optarg, optname, 4096, &nbd_max_workers, &err);
+            if (ok) {
+                nbd_set_resource_limits(nbd_max_request_memory, nbd_max_workers);
+            }
             break;
         case OPT_OBJECT:
             optname = "--object";

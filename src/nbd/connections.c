@@ -28,44 +28,224 @@
 #define NBD_BUF_ALIGN          4096
 #define NBD_STOP_GRACE_SEC     5    /* then replies in progress are cut off */
 
+static void mem_cancel(NBDClient *c);
+
 void nbd_client_set_closing(NBDClient *c)
 {
-    LOCK_GUARD(&c->lock);
-    c->closing = true;
-    pthread_cond_broadcast(&c->cond);
+    {
+        LOCK_GUARD(&c->lock);
+        c->closing = true;
+        pthread_cond_broadcast(&c->cond);
+    }
+    mem_cancel(c);
 }
 
-/* Make w->buf hold at least len bytes.  0 or -ENOMEM. */
-int nbd_worker_buf(NBDWorker *w, size_t len)
+/*
+ * The daemon-wide budget for request buffers (invariant 8).  `used` counts
+ * every byte of every worker buffer, busy or cached.  A request that needs
+ * a larger buffer than its worker has is admitted when
+ *   - it is first in the FIFO queue (or the queue is empty) and the budget
+ *     has room: used + need <= limit ("budget path"), or
+ *   - its client has no other request holding a buffer and need <=
+ *     NBD_MEM_FREE_PASS ("free pass"); such a buffer is freed when its
+ *     request ends.
+ * Budget-path buffers never exceed limit in total (each was admitted with
+ * room for everything held then), and each client holds at most one
+ * free-pass buffer, so used <= limit + connections * NBD_MEM_FREE_PASS.
+ * A waiter holds no buffer of its own (it freed its old one) and frees the
+ * cached buffers of its client's idle workers, so a waiting client never
+ * holds memory that others wait for; a client with nothing in flight always
+ * progresses by the free pass.  Waiters wake when memory is freed, when
+ * their client stops having requests in flight, and when their connection
+ * is closed or shut (mem_cancel).
+ */
+#define NBD_MEM_FREE_PASS      (1u << 20)
+#define NBD_MEM_GRAIN          ((size_t)65536)
+
+typedef struct NBDMemWaiter {
+    struct NBDMemWaiter *next;
+} NBDMemWaiter;
+
+static struct {
+    pthread_mutex_t lock;         /* leaf: everything here, every worker's
+                                   * buf/cap/mem_busy/free_pass and every
+                                   * client's mem_inflight/mem_cancel */
+    pthread_cond_t cond;
+    uint64_t limit;
+    uint64_t used;
+    NBDMemWaiter *queue;          /* FIFO, first = next to admit */
+} nbd_mem = {
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .cond = PTHREAD_COND_INITIALIZER,
+    .limit = NBD_DEFAULT_MAX_REQUEST_MEMORY,
+};
+
+/* Extra worker threads (beyond each connection's own), daemon-wide. */
+static unsigned nbd_extra_workers;                 /* atomic */
+static unsigned nbd_max_extra_workers = NBD_DEFAULT_MAX_EXTRA_WORKERS;
+
+void nbd_set_resource_limits(uint64_t max_request_memory,
+                             unsigned max_extra_workers)
 {
-    if (len <= w->cap) {
-        return 0;
-    }
+    LOCK_GUARD(&nbd_mem.lock);
+    nbd_mem.limit = MAX(max_request_memory, (uint64_t)NBD_MAX_PAYLOAD);
+    __atomic_store_n(&nbd_max_extra_workers, max_extra_workers, __ATOMIC_RELAXED);
+    pthread_cond_broadcast(&nbd_mem.cond);
+}
+
+/* Free w's buffer (nbd_mem.lock held; w idle or owned by the caller). */
+static void mem_free_locked(NBDWorker *w)
+{
+    nbd_mem.used -= w->cap;
     free(w->buf);
     w->buf = NULL;
     w->cap = 0;
-    size_t cap = ROUND_UP(MAX(len, (size_t)65536), (size_t)65536);
-    void *p = NULL;
-    if (posix_memalign(&p, NBD_BUF_ALIGN, cap) != 0) {
-        return -ENOMEM;
+    w->free_pass = false;
+}
+
+static void mem_unqueue_locked(NBDMemWaiter *me)
+{
+    for (NBDMemWaiter **pp = &nbd_mem.queue; *pp; pp = &(*pp)->next) {
+        if (*pp == me) {
+            *pp = me->next;
+            break;
+        }
     }
-    w->buf = p;
-    w->cap = cap;
+    pthread_cond_broadcast(&nbd_mem.cond);   /* a new first may fit */
+}
+
+/* Wake c's worker waiting for memory, if any: its connection is ending. */
+static void mem_cancel(NBDClient *c)
+{
+    LOCK_GUARD(&nbd_mem.lock);
+    c->mem_cancel = true;
+    pthread_cond_broadcast(&nbd_mem.cond);
+}
+
+/* Make w->buf hold len bytes under the budget, waiting as long as needed
+ * (recv_lock held).  0, -ECANCELED when the connection is closed or shut
+ * while waiting, or -ENOMEM (nothing held then). */
+static int mem_acquire(NBDClient *c, NBDWorker *w, size_t len)
+{
+    if (len == 0) {
+        return 0;
+    }
+    int n;
+    {
+        LOCK_GUARD(&c->lock);
+        n = c->nworkers;
+    }
+    LOCK_GUARD(&nbd_mem.lock);
+    if (len > w->cap) {
+        size_t need = ROUND_UP(MAX(len, NBD_MEM_GRAIN), NBD_MEM_GRAIN);
+        NBDMemWaiter me = { NULL };
+        bool queued = false;
+        mem_free_locked(w);
+        for (;;) {
+            if (c->mem_cancel) {
+                if (queued) {
+                    mem_unqueue_locked(&me);
+                }
+                return -ECANCELED;
+            }
+            if ((!nbd_mem.queue || nbd_mem.queue == &me) &&
+                nbd_mem.used + need <= nbd_mem.limit) {
+                break;
+            }
+            if (c->mem_inflight == 0 && need <= NBD_MEM_FREE_PASS) {
+                w->free_pass = true;
+                break;
+            }
+            if (!queued) {
+                /* Idle workers of this client cannot touch their buffers
+                 * while we hold recv_lock: give their memory back. */
+                for (int i = 0; i < n; i++) {
+                    if (&c->workers[i] != w && !c->workers[i].mem_busy &&
+                        c->workers[i].cap) {
+                        mem_free_locked(&c->workers[i]);
+                    }
+                }
+                NBDMemWaiter **pp = &nbd_mem.queue;
+                while (*pp) {
+                    pp = &(*pp)->next;
+                }
+                *pp = &me;
+                queued = true;
+                continue;
+            }
+            pthread_cond_wait(&nbd_mem.cond, &nbd_mem.lock);
+        }
+        if (queued) {
+            mem_unqueue_locked(&me);
+        }
+        void *p = NULL;
+        if (posix_memalign(&p, NBD_BUF_ALIGN, need) != 0) {
+            w->free_pass = false;
+            return -ENOMEM;
+        }
+        w->buf = p;
+        w->cap = need;
+        nbd_mem.used += need;
+    }
+    w->mem_busy = true;
+    c->mem_inflight++;
     return 0;
+}
+
+/* The request of w ended: keep its buffer for the next one only when it is
+ * small, not a free pass, and nobody waits for memory. */
+static void mem_release(NBDClient *c, NBDWorker *w)
+{
+    LOCK_GUARD(&nbd_mem.lock);
+    if (w->mem_busy) {
+        w->mem_busy = false;
+        c->mem_inflight--;
+    }
+    if (w->free_pass || w->cap > NBD_KEEP_BUF || nbd_mem.queue ||
+        nbd_mem.used > nbd_mem.limit) {
+        mem_free_locked(w);
+    }
+    if (nbd_mem.queue) {
+        pthread_cond_broadcast(&nbd_mem.cond);
+    }
 }
 
 static void *worker_main(void *opaque);
 
-/* Start one more worker if every current one is busy (c->lock held). */
+/* Count one more extra worker if the daemon-wide cap allows it. */
+static bool extra_worker_get(void)
+{
+    unsigned cur = __atomic_load_n(&nbd_extra_workers, __ATOMIC_RELAXED);
+    do {
+        if (cur >= __atomic_load_n(&nbd_max_extra_workers, __ATOMIC_RELAXED)) {
+            return false;
+        }
+    } while (!__atomic_compare_exchange_n(&nbd_extra_workers, &cur, cur + 1,
+                                          false, __ATOMIC_RELAXED,
+                                          __ATOMIC_RELAXED));
+    return true;
+}
+
+static void extra_worker_put(void)
+{
+    __atomic_fetch_sub(&nbd_extra_workers, 1, __ATOMIC_RELAXED);
+}
+
+/* Start one more worker if every current one is busy and both the
+ * connection's and the daemon's caps allow it (c->lock held).  At a cap
+ * the connection goes on with the workers it has. */
 static void maybe_spawn_worker_locked(NBDClient *c)
 {
-    if (c->closing || c->busy < c->nworkers || c->nworkers >= nbd_srv.max_workers) {
+    if (c->closing || c->busy < c->nworkers || c->nworkers >= nbd_srv.max_workers ||
+        !extra_worker_get()) {
         return;
     }
     NBDWorker *w = &c->workers[c->nworkers];
     *w = (NBDWorker){ .c = c };
     if (pthread_create(&w->thread, NULL, worker_main, w) == 0) {
         c->nworkers++;
+    } else {
+        extra_worker_put();
     }
 }
 
@@ -121,24 +301,33 @@ next:
         c->inflight_bytes += req->budget;
         c->busy++;
     }
+    int r = mem_acquire(c, w, req->budget);
+    if (r == -ECANCELED) {
+        goto drop;
+    }
+    req->early_err = r < 0 ? -r : 0;
     if (req->type == NBD_CMD_WRITE && req->len > 0) {
-        int r = nbd_worker_buf(w, req->len);
         int rr = r < 0 ? nbd_client_recv_discard(c, req->len)
                        : nbd_client_recv(c, w->buf, req->len);
         if (rr < 0) {
-            /* Disconnected mid-payload: this request was never accepted. */
-            LOCK_GUARD(&c->lock);
-            c->inflight_bytes -= req->budget;
-            c->busy--;
-            c->closing = true;
-            pthread_cond_broadcast(&c->cond);
-            return 0;
+            goto drop;
         }
-        req->early_err = r < 0 ? -r : 0;
     }
-    LOCK_GUARD(&c->lock);
-    maybe_spawn_worker_locked(c);
+    {
+        LOCK_GUARD(&c->lock);
+        maybe_spawn_worker_locked(c);
+    }
     return 1;
+
+drop:
+    /* Disconnected before the request was whole: it was never accepted. */
+    mem_release(c, w);
+    LOCK_GUARD(&c->lock);
+    c->inflight_bytes -= req->budget;
+    c->busy--;
+    c->closing = true;
+    pthread_cond_broadcast(&c->cond);
+    return 0;
 }
 
 static void worker_loop(NBDWorker *w)
@@ -147,11 +336,7 @@ static void worker_loop(NBDWorker *w)
     NBDRequest req;
     while (receive_request(c, w, &req)) {
         nbd_handle_request(c, w, &req);
-        if (w->cap > NBD_KEEP_BUF) {
-            free(w->buf);
-            w->buf = NULL;
-            w->cap = 0;
-        }
+        mem_release(c, w);
         LOCK_GUARD(&c->lock);
         c->inflight_bytes -= req.budget;
         c->busy--;
@@ -162,6 +347,7 @@ static void worker_loop(NBDWorker *w)
 static void *worker_main(void *opaque)
 {
     worker_loop(opaque);
+    extra_worker_put();
     return NULL;
 }
 
@@ -201,7 +387,8 @@ static void *client_main(void *opaque)
         pthread_join(c->workers[i].thread, NULL);
     }
     for (int i = 0; i < n; i++) {
-        free(c->workers[i].buf);
+        LOCK_GUARD(&nbd_mem.lock);
+        mem_free_locked(&c->workers[i]);
     }
 
     pthread_mutex_lock(&nbd_srv.lock);
@@ -297,6 +484,7 @@ static void clients_shutdown_locked(const NBDExport *e, int how)
     for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
         if (!e || c->exp == e) {
             shutdown(c->fd, how);
+            mem_cancel(c);   /* a request waiting for memory goes too */
         }
     }
 }

@@ -29,7 +29,8 @@
  * recv_lock, reads ONE request (header and, for writes, payload), drops the
  * lock, runs the request against the node and sends the reply under the
  * connection's send_lock.  When a worker takes a request and no other worker
- * is idle, it starts another one (up to 4 per CPU, 8..32), so several
+ * is idle, it starts another one (up to 4 per CPU, 8..32, and up to the
+ * daemon-wide cap of invariant 8), so several
  * requests of one client run in parallel without a hand-off queue and
  * without any lock shared between connections on the data path.  Each
  * worker owns a reusable buffer; no request allocates memory of its own
@@ -62,7 +63,8 @@
  *  5. Payload and option sizes are checked against NBD_MAX_PAYLOAD and
  *     NBD_MAX_OPT_PAYLOAD before anything is allocated; the bytes of
  *     requests in flight on one connection stay under
- *     NBD_MAX_INFLIGHT_BYTES (one oversized request may run alone).
+ *     NBD_MAX_INFLIGHT_BYTES (one oversized request may run alone), and
+ *     of all connections under the budget of invariant 8.
  *  6. A request answered inline (under recv_lock) never waits for the disk
  *     (BDRV_REQ_NOWAIT) or for another request; recv_lock is taken before
  *     send_lock, never the other way round.
@@ -71,6 +73,19 @@
  *     idle or trickling sockets cannot hold max_connections slots; the
  *     connection ends and frees its slot as on EOF.  A connection over
  *     max_connections is closed at accept, never queued.
+ *  8. Memory and threads are bounded daemon-wide.  Every worker buffer
+ *     (busy or cached) counts in the request-memory budget
+ *     (--nbd-max-request-memory, at least NBD_MAX_PAYLOAD); a request
+ *     needing a larger buffer WAITS, never fails: FIFO for the budget, or
+ *     at once by the free pass (its client has no other request holding a
+ *     buffer and it needs at most 1 MiB; that buffer is freed after the
+ *     request).  So buffers stay under budget + connections x 1 MiB, a
+ *     client with nothing in flight always progresses, and a waiter holds
+ *     no buffer (its client's idle caches are freed when it queues).  A
+ *     connection closed or shut while it waits stops waiting and ends; its
+ *     request, never accepted, is not answered.  Extra workers (beyond
+ *     each connection's thread) are capped daemon-wide
+ *     (--nbd-max-workers): threads <= connections + cap + fixed ones.
  *
  * Only protocol.c maps errno values to NBD error codes.
  */
@@ -115,8 +130,10 @@ typedef struct NBDClient NBDClient;
 typedef struct NBDWorker {
     NBDClient *c;
     pthread_t thread;
-    uint8_t *buf;                 /* NBD_BUF_ALIGN aligned */
-    size_t cap;
+    uint8_t *buf;                 /* NBD_BUF_ALIGN aligned; counted in the */
+    size_t cap;                   /* budget (invariant 8) */
+    bool mem_busy;                /* buf holds a request's data */
+    bool free_pass;               /* buf was admitted over the budget */
 } NBDWorker;
 
 typedef struct NBDRequest {
@@ -164,6 +181,9 @@ struct NBDClient {
     int busy;                     /* workers holding a request */
     uint64_t inflight_bytes;
     NBDWorker workers[NBD_MAX_WORKERS];
+    /* Guarded by the request-memory lock of connections.c (invariant 8). */
+    int mem_inflight;             /* workers with mem_busy */
+    bool mem_cancel;              /* closed or shut: stop waiting */
 };
 
 /* The one server of the process (defined in listen.c). */
@@ -224,7 +244,6 @@ void nbd_do_block_status(NBDClient *c, const NBDRequest *req);
 
 /* connections.c */
 void nbd_client_set_closing(NBDClient *c);
-int nbd_worker_buf(NBDWorker *w, size_t len);
 /* Serve an accepted socket (owned from here on) on a thread of its own. */
 void nbd_client_start(int fd, bool inet);
 /* Shut every connection whose handshake deadline is past (invariant 7)

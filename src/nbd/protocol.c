@@ -248,11 +248,11 @@ static bool do_read(NBDClient *c, NBDWorker *w, const NBDRequest *req, int rflag
         }
         return true;
     }
-    int r = nbd_worker_buf(w, req->len);
-    if (r < 0) {
-        nbd_reply_error(c, req, r, "out of memory");
+    if (w->cap < req->len) {   /* admitted reads have their buffer */
+        nbd_reply_error(c, req, ENOMEM, "out of memory");
         return true;
     }
+    int r;
     if (c->structured) {
         return do_read_structured(c, w, req, rflags);
     }
@@ -276,7 +276,8 @@ static bool do_read(NBDClient *c, NBDWorker *w, const NBDRequest *req, int rflag
 bool nbd_try_read_inline(NBDClient *c, NBDWorker *w, const NBDRequest *req)
 {
     if (req->type != NBD_CMD_READ || req->len == 0 ||
-        req->len > NBD_INLINE_READ_MAX || !nbd_in_bounds(c, req) ||
+        req->len > NBD_INLINE_READ_MAX || req->len > w->cap ||
+        !nbd_in_bounds(c, req) ||
         (req->flags & ~allowed_flags(c, NBD_CMD_READ))) {
         return false;
     }

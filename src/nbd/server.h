@@ -20,6 +20,18 @@ typedef struct NBDExport NBDExport;
 /* QEMU's defaults since the fix of CVE-2024-7409 (QEMU 9.1). */
 #define NBD_DEFAULT_MAX_CONNECTIONS        100
 #define NBD_DEFAULT_HANDSHAKE_MAX_SECONDS  10
+/* Daemon-wide request-buffer budget and extra-worker cap (nbd-internal.h
+ * invariant 8).  1 GiB holds 32 maximal (32 MiB) requests in flight, far
+ * more than a few busy clients need to fill a disk. */
+#define NBD_DEFAULT_MAX_REQUEST_MEMORY     (UINT64_C(1) << 30)
+#define NBD_DEFAULT_MAX_EXTRA_WORKERS      64
+
+/* Set the request-buffer budget (raised to 32 MiB, so any request fits
+ * alone) and the daemon-wide cap on extra worker threads (0: each
+ * connection has only its own thread).  Any thread, any time; buffers and
+ * threads already there stay until released. */
+void nbd_set_resource_limits(uint64_t max_request_memory,
+                             unsigned max_extra_workers);
 
 /* Start listening.  addr is a QAPI SocketAddress:
  *   {"type":"unix","path":"/run/x.sock"} or
