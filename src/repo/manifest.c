@@ -18,9 +18,10 @@
 
 #define MANIFEST_FORMAT    "bitback-manifest"
 #define HASH_ALGORITHM     "xxh3-128"
-/* A manifest of a 4 TiB disk with every cluster listed is ~3.5 GiB of
- * text... we cap at 1 GiB (about 1 TiB fully changed per backup). */
-#define REPO_MAX_MANIFEST  (UINT64_C(1) << 30)
+/* A manifest lists extents, about 100 bytes each: 64 MiB holds ~600k
+ * extents, far more than real backups write (a fully fragmented 64 TiB disk
+ * would need more: issue 18).  A bigger file is refused before it is read. */
+#define REPO_MAX_MANIFEST  (UINT64_C(64) << 20)
 
 const char *repo_level_name(RepoLevel level)
 {
