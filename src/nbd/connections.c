@@ -249,23 +249,41 @@ static void maybe_spawn_worker_locked(NBDClient *c)
     }
 }
 
+/* A request leaves: give back its budget and its busy count (c->lock
+ * held). */
+static void request_drop_locked(NBDClient *c, const NBDRequest *req)
+{
+    c->inflight_bytes -= req->budget;
+    c->busy--;
+    pthread_cond_broadcast(&c->cond);
+}
+
+static bool client_is_closing(NBDClient *c)
+{
+    LOCK_GUARD(&c->lock);
+    return c->closing;
+}
+
 /* Read the next request under recv_lock.  Returns 1 with *req filled (and
- * its payload in w->buf), or 0 when the connection is closing. */
+ * its payload in w->buf), or 0 when the connection is closing.  A request
+ * is dispatched (answered inline, or returned) only if the connection was
+ * not closing once it was read: a hard export delete marks it closing
+ * (invariant 3), and nothing that arrives after that may run. */
 static int receive_request(NBDClient *c, NBDWorker *w, NBDRequest *req)
 {
     LOCK_GUARD(&c->recv_lock);
 next:
-    {
-        LOCK_GUARD(&c->lock);
-        if (c->closing) {
-            return 0;
-        }
+    if (client_is_closing(c)) {
+        return 0;
     }
     uint8_t h[NBD_REQUEST_SIZE];
     if (nbd_client_recv(c, h, sizeof(h)) < 0 ||
         ld_be32(h) != NBD_REQUEST_MAGIC) {
         nbd_client_set_closing(c);
         return 0;
+    }
+    if (client_is_closing(c)) {
+        return 0;   /* cut off while it came in: never answer it inline */
     }
     *req = (NBDRequest){
         .flags = ld_be16(h + 4),
@@ -315,18 +333,20 @@ next:
     }
     {
         LOCK_GUARD(&c->lock);
-        maybe_spawn_worker_locked(c);
+        if (!c->closing) {
+            maybe_spawn_worker_locked(c);
+            return 1;
+        }
     }
-    return 1;
+    /* Cut off while its payload came in: never run it. */
 
 drop:
-    /* Disconnected before the request was whole: it was never accepted. */
+    /* Disconnected or cut off before the request was whole: it was never
+     * accepted. */
     mem_release(c, w);
     LOCK_GUARD(&c->lock);
-    c->inflight_bytes -= req->budget;
-    c->busy--;
     c->closing = true;
-    pthread_cond_broadcast(&c->cond);
+    request_drop_locked(c, req);
     return 0;
 }
 
@@ -338,9 +358,7 @@ static void worker_loop(NBDWorker *w)
         nbd_handle_request(c, w, &req);
         mem_release(c, w);
         LOCK_GUARD(&c->lock);
-        c->inflight_bytes -= req.budget;
-        c->busy--;
-        pthread_cond_broadcast(&c->cond);
+        request_drop_locked(c, &req);
     }
 }
 
@@ -399,13 +417,14 @@ static void *client_main(void *opaque)
         }
     }
     close(c->fd);
-    if (c->exp) {
-        c->exp->nclients--;
-    }
+    bool reap = nbd_export_unpin_locked(c);
     nbd_srv.nclients--;
     pthread_cond_broadcast(&nbd_srv.cond);
     pthread_mutex_unlock(&nbd_srv.lock);
     client_free(c);
+    if (reap) {
+        nbd_exports_reap_later();
+    }
     return NULL;
 }
 
@@ -478,21 +497,32 @@ uint64_t nbd_clients_expire_handshakes(void)
     return next;
 }
 
-/* Shut the sockets of e's connections (every one when e is NULL). */
-static void clients_shutdown_locked(const NBDExport *e, int how)
+/* Shut the socket of every connection. */
+static void clients_shutdown_locked(int how)
 {
     for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
-        if (!e || c->exp == e) {
-            shutdown(c->fd, how);
-            mem_cancel(c);   /* a request waiting for memory goes too */
+        shutdown(c->fd, how);
+        mem_cancel(c);   /* a request waiting for memory goes too */
+    }
+}
+
+void nbd_clients_cut_off_locked(const NBDExport *e)
+{
+    for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
+        if (c->exp == e) {
+            /* closing first: whatever the socket still holds is never
+             * dispatched (invariant 3); it also wakes a request waiting
+             * for memory. */
+            nbd_client_set_closing(c);
+            shutdown(c->fd, SHUT_RDWR);
         }
     }
 }
 
-void nbd_clients_disconnect_locked(const NBDExport *e, const unsigned *count)
+void nbd_clients_disconnect_locked(const unsigned *count)
 {
     /* Requests already read are answered first (invariant 3)... */
-    clients_shutdown_locked(e, SHUT_RD);
+    clients_shutdown_locked(SHUT_RD);
     struct timespec grace;
     clock_gettime(CLOCK_REALTIME, &grace);   /* nbd_srv.cond's clock */
     grace.tv_sec += NBD_STOP_GRACE_SEC;
@@ -505,7 +535,7 @@ void nbd_clients_disconnect_locked(const NBDExport *e, const unsigned *count)
     /* ...but a peer that reads a large reply slowly, or not at all until
      * the send timeout, must not hold the stop up: cut its replies off. */
     if (*count > 0) {
-        clients_shutdown_locked(e, SHUT_RDWR);
+        clients_shutdown_locked(SHUT_RDWR);
     }
     while (*count > 0) {
         pthread_cond_wait(&nbd_srv.cond, &nbd_srv.lock);

@@ -5,10 +5,14 @@
  * The list lives in nbd_srv.exports under nbd_srv.lock.  An export is
  * found by id (QMP) or by name (clients; the empty name is the first
  * export).  A client pins the export it negotiates (nbd_export_pin counts
- * it in nclients) and the export is freed only once nclients is 0
- * (invariant 4 in nbd-internal.h): nbd_export_del hides it from new
- * clients, shuts its clients' sockets for reading, and waits.  An exported
- * bitmap is marked busy until the export is freed.
+ * it in nclients and records it in c->exp) and the export is freed only
+ * once nclients is 0 (invariant 4 in nbd-internal.h).  nbd_export_del
+ * never waits for a client: it frees an unused export at once; a hard
+ * delete of a used one marks it shutting down (hidden from new clients,
+ * still listed by query-block-exports and still holding its node), cuts
+ * every pinning client off, and returns; the last client to leave has the
+ * main thread free it and emit BLOCK_EXPORT_DELETED.  An exported bitmap
+ * is marked busy until the export is freed.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,13 +21,14 @@
 
 #include "nbd/nbd-internal.h"
 #include "util/cleanup.h"
+#include "util/main-loop.h"
 
-/* The export (not being removed) whose id is id, or NULL (nbd_srv.lock
- * held). */
+/* The export whose id is id, shutting down or not (as QEMU, an id stays
+ * taken until its export is freed), or NULL (nbd_srv.lock held). */
 static NBDExport *export_find_id_locked(const char *id)
 {
     for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
-        if (!e->removing && strcmp(e->id, id) == 0) {
+        if (strcmp(e->id, id) == 0) {
             return e;
         }
     }
@@ -60,25 +65,101 @@ static NBDExport *export_find_locked(const char *name)
     return NULL;
 }
 
-/* Find an export by name and count a user of it (invariant 4). */
-NBDExport *nbd_export_pin(const char *name)
+/* Find an export by name and count c as a user of it (invariant 4). */
+NBDExport *nbd_export_pin(NBDClient *c, const char *name)
 {
     LOCK_GUARD(&nbd_srv.lock);
     NBDExport *e = export_find_locked(name);
     if (e) {
         e->nclients++;
+        c->exp = e;
     }
     return e;
 }
 
-void nbd_export_unpin(NBDExport *e)
+bool nbd_export_unpin_locked(NBDClient *c)
 {
+    NBDExport *e = c->exp;
     if (!e) {
-        return;
+        return false;
     }
-    LOCK_GUARD(&nbd_srv.lock);
+    c->exp = NULL;
     e->nclients--;
     pthread_cond_broadcast(&nbd_srv.cond);
+    return e->removing && e->nclients == 0;
+}
+
+void nbd_export_unpin(NBDClient *c)
+{
+    bool reap;
+    {
+        LOCK_GUARD(&nbd_srv.lock);
+        reap = nbd_export_unpin_locked(c);
+    }
+    if (reap) {
+        nbd_exports_reap_later();
+    }
+}
+
+bool nbd_export_is_open(NBDExport *e)
+{
+    LOCK_GUARD(&nbd_srv.lock);
+    return !e->removing;
+}
+
+/* Unlink e from nbd_srv.exports (nbd_srv.lock held). */
+static void export_unlink_locked(NBDExport *e)
+{
+    for (NBDExport **pp = &nbd_srv.exports; *pp; pp = &(*pp)->next) {
+        if (*pp == e) {
+            *pp = e->next;
+            break;
+        }
+    }
+}
+
+/* The end of a removed export (main thread, unlinked, no pins): free it
+ * (the node reference, the bitmaps' busy marks) and say so, as QEMU's
+ * BLOCK_EXPORT_DELETED {"id": ...}. */
+static void export_finish(NBDExport *e)
+{
+    struct json_object *data = json_object_new_object();
+    json_object_object_add(data, "id", json_object_new_string(e->id));
+    nbd_export_free(e);
+    event_emit("BLOCK_EXPORT_DELETED", data);
+}
+
+/* Free every export that is shutting down and pinned by nobody (main
+ * thread).  An export that nbd_server_stop freed meanwhile is simply no
+ * longer in the list. */
+static void exports_reap(void *opaque)
+{
+    (void)opaque;
+    NBDExport *done = NULL;
+    {
+        LOCK_GUARD(&nbd_srv.lock);
+        NBDExport **pp = &nbd_srv.exports;
+        while (*pp) {
+            NBDExport *e = *pp;
+            if (e->removing && e->nclients == 0) {
+                *pp = e->next;
+                e->next = done;
+                done = e;
+            } else {
+                pp = &e->next;
+            }
+        }
+    }
+    while (done) {
+        NBDExport *next = done->next;
+        export_finish(done);
+        done = next;
+    }
+}
+
+void nbd_exports_reap_later(void)
+{
+    main_loop_schedule(exports_reap, NULL);
 }
 
 void nbd_export_free(NBDExport *e)
@@ -250,26 +331,6 @@ NBDExport *nbd_export_find_by_name(const char *name)
     return export_find_name_locked(name);
 }
 
-/* Unlink e, disconnect its clients (requests in flight are answered) and
- * wait for them.  Called with nbd_srv.lock held; e->removing is set. */
-static void export_drain_locked(NBDExport *e)
-{
-    for (NBDClient *c = nbd_srv.clients; c; c = c->next) {
-        if (c->exp == e) {
-            shutdown(c->fd, SHUT_RD);
-        }
-    }
-    while (e->nclients > 0) {
-        pthread_cond_wait(&nbd_srv.cond, &nbd_srv.lock);
-    }
-    for (NBDExport **pp = &nbd_srv.exports; *pp; pp = &(*pp)->next) {
-        if (*pp == e) {
-            *pp = e->next;
-            break;
-        }
-    }
-}
-
 bool nbd_export_del(const char *id, bool force, Error **errp)
 {
     NBDExport *e = NULL;
@@ -281,6 +342,11 @@ bool nbd_export_del(const char *id, bool force, Error **errp)
                       "Export '%s' is not found", id);
             return false;
         }
+        if (e->removing) {
+            error_setg(errp, "Export '%s' is already shutting down", id);
+            return false;
+        }
+        /* Negotiating connections that pinned it count too (invariant 4). */
         if (e->nclients > 0 && !force) {
             error_setg(errp, "export '%s' still in use (%u connection%s); "
                        "use mode 'hard' to disconnect", id, e->nclients,
@@ -288,9 +354,14 @@ bool nbd_export_del(const char *id, bool force, Error **errp)
             return false;
         }
         e->removing = true;
-        export_drain_locked(e);
+        if (e->nclients > 0) {
+            /* Its last connection to leave frees it (invariant 4). */
+            nbd_clients_cut_off_locked(e);
+            return true;
+        }
+        export_unlink_locked(e);
     }
-    nbd_export_free(e);
+    export_finish(e);
     return true;
 }
 

@@ -110,12 +110,12 @@ static void meta_clear(NBDClient *c)
     c->meta_serial = 0;
 }
 
-/* Negotiation is over: the client uses export e (its pin is kept) from now
- * on.  Meta contexts chosen for another export, or for an earlier export of
- * the same name, are dropped.  Returns OPT_TRANSMIT. */
+/* Negotiation is over: the client uses export e (pinned in c->exp, the
+ * pin is kept) from now on.  Meta contexts chosen for another export, or
+ * for an earlier export of the same name, are dropped.  Returns
+ * OPT_TRANSMIT. */
 static int client_enter_transmission(NBDClient *c, NBDExport *e, uint64_t size)
 {
-    c->exp = e;
     c->size = size;
     c->tflags = export_tflags(e, c->structured);
     if (c->meta_exp != e || c->meta_serial != e->serial) {
@@ -152,7 +152,7 @@ static int opt_info_go(NBDClient *c, uint32_t opt, const uint8_t *data,
         want_name |= t == NBD_INFO_NAME;
         want_desc |= t == NBD_INFO_DESCRIPTION;
     }
-    NBDExport *e = nbd_export_pin(name);
+    NBDExport *e = nbd_export_pin(c, name);
     if (!e) {
         return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' not found",
                          name);
@@ -161,7 +161,7 @@ static int opt_info_go(NBDClient *c, uint32_t opt, const uint8_t *data,
     int r = OPT_CONTINUE;
     if (size < 0) {
         r = opt_error(c, opt, NBD_REP_ERR_PLATFORM, "cannot get export size");
-        nbd_export_unpin(e);
+        nbd_export_unpin(c);
         return r;
     }
     if (want_name) {
@@ -176,11 +176,19 @@ static int opt_info_go(NBDClient *c, uint32_t opt, const uint8_t *data,
     if (r == OPT_CONTINUE) {
         r = opt_info_export(c, opt, e, (uint64_t)size);
     }
+    if (r == OPT_CONTINUE && !nbd_export_is_open(e)) {
+        /* Removed while we answered: no GO completes on it (a removal
+         * that comes after this check cuts the connection off). */
+        r = opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' not found",
+                      name);
+        nbd_export_unpin(c);
+        return r;
+    }
     if (r == OPT_CONTINUE) {
         r = opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
     }
     if (r != OPT_CONTINUE || opt == NBD_OPT_INFO) {
-        nbd_export_unpin(e);
+        nbd_export_unpin(c);
         return r;
     }
     /* GO: keep the pin, enter transmission. */
@@ -195,20 +203,21 @@ static int opt_export_name(NBDClient *c, const uint8_t *data, uint32_t len)
     char name[NBD_MAX_STRING + 1];
     memcpy(name, data, len);
     name[len] = '\0';
-    NBDExport *e = nbd_export_pin(name);
+    NBDExport *e = nbd_export_pin(c, name);
     if (!e) {
         return OPT_CLOSE;   /* this option cannot carry an error */
     }
     int64_t size = bdrv_getlength(e->bs);
     if (size < 0) {
-        nbd_export_unpin(e);
+        nbd_export_unpin(c);
         return OPT_CLOSE;
     }
     uint8_t reply[8 + 2 + 124] = { 0 };
     st_be64(reply, (uint64_t)size);
     st_be16(reply + 8, export_tflags(e, c->structured));
-    if (nbd_send_buf(c->fd, reply, c->no_zeroes ? 10 : sizeof(reply)) < 0) {
-        nbd_export_unpin(e);
+    if (!nbd_export_is_open(e) ||
+        nbd_send_buf(c->fd, reply, c->no_zeroes ? 10 : sizeof(reply)) < 0) {
+        nbd_export_unpin(c);
         return OPT_CLOSE;
     }
     return client_enter_transmission(c, e, (uint64_t)size);
@@ -348,7 +357,7 @@ static int opt_meta(NBDClient *c, uint32_t opt, const uint8_t *data,
     if (pos != len) {
         return opt_error(c, opt, NBD_REP_ERR_INVALID, "bad option length");
     }
-    NBDExport *e = nbd_export_pin(name);
+    NBDExport *e = nbd_export_pin(c, name);
     if (!e) {
         return opt_error(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' not found",
                          name);
@@ -356,7 +365,7 @@ static int opt_meta(NBDClient *c, uint32_t opt, const uint8_t *data,
     _cleanup_free_ bool *sel = calloc((size_t)e->nbitmaps + 1, sizeof(bool));
     _cleanup_free_ uint32_t *ids = calloc((size_t)e->nbitmaps + 1, sizeof(uint32_t));
     if (!sel || !ids) {
-        nbd_export_unpin(e);
+        nbd_export_unpin(c);
         return OPT_CLOSE;
     }
     if (list && nq == 0) {
@@ -395,7 +404,7 @@ static int opt_meta(NBDClient *c, uint32_t opt, const uint8_t *data,
                 (size_t)e->nbitmaps * sizeof(uint32_t));
         c->nctx = nsel;
     }
-    nbd_export_unpin(e);
+    nbd_export_unpin(c);
     return r;
 }
 

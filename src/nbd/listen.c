@@ -286,7 +286,7 @@ void nbd_server_stop(void)
     }
     /* Disconnect every client: requests already read are answered, in
      * bounded time (invariant 3). */
-    nbd_clients_disconnect_locked(NULL, &nbd_srv.nclients);
+    nbd_clients_disconnect_locked(&nbd_srv.nclients);
     NBDExport *list = nbd_srv.exports;
     nbd_srv.exports = NULL;
     pthread_mutex_unlock(&nbd_srv.lock);

@@ -51,15 +51,31 @@
  *     write is in the node (and in its dirty bitmaps, block.c invariant).
  *  3. A connection ends (closing = true) on EOF, NBD_CMD_DISC, a protocol
  *     violation (bad magic, oversized write payload), a failed send, or a
- *     shutdown(SHUT_RD) from nbd_export_del/nbd_server_stop.  Requests
- *     already read still run and are answered before the socket closes.
+ *     shutdown(SHUT_RD) from nbd_server_stop.  Requests already read
+ *     still run and are answered before the socket closes.  A hard
+ *     nbd_export_del cuts its clients off at once instead: it marks them
+ *     closing under c->lock and shuts their sockets both ways, so no
+ *     request is dispatched after that (the receiver checks closing under
+ *     c->lock after reading a request and before running it); requests
+ *     already running finish in the node, their replies are dropped.
  *     nbd_server_stop shuts the sockets of connections still open
  *     NBD_STOP_GRACE_SEC later both ways (SHUT_RDWR): a reply still being
  *     sent to a slow reader is cut off (the write it answers is in the
  *     node already, invariant 2), so stopping takes bounded time.
- *  4. A connection counts in its export's nclients from NBD_OPT_GO (or
- *     EXPORT_NAME) until its socket is closed; an export is freed only
- *     when nclients is 0, so the data path never sees a freed export.
+ *  4. A connection counts in an export's nclients exactly while c->exp
+ *     points to it (both change together under nbd_srv.lock): from
+ *     nbd_export_pin (NBD_OPT_INFO, GO, EXPORT_NAME, the META options)
+ *     until the option ends, and from GO (or EXPORT_NAME) on until its
+ *     socket is closed.  So every connection using an export, at any
+ *     stage of negotiation or transmission, is found by walking
+ *     nbd_srv.clients for c->exp == e.  An export is freed only when
+ *     nclients is 0, so no connection ever sees a freed export.  A
+ *     removed export that still has connections stays in the list as
+ *     "shutting down" (removing: no new pins, no GO completes on it); the
+ *     connection that drops the last pin schedules its freeing on the
+ *     main thread (nbd_exports_reap), which also emits
+ *     BLOCK_EXPORT_DELETED.  Nothing ever waits for a connection's
+ *     thread to free an export, so the monitor never waits on a client.
  *  5. Payload and option sizes are checked against NBD_MAX_PAYLOAD and
  *     NBD_MAX_OPT_PAYLOAD before anything is allocated; the bytes of
  *     requests in flight on one connection stay under
@@ -119,8 +135,10 @@ struct NBDExport {
     int nbitmaps;
     BdrvDirtyBitmap **bitmaps;    /* marked busy while exported */
     char **ctx_names;             /* "qemu:dirty-bitmap:NAME" */
-    unsigned nclients;            /* connections using it (nbd_srv.lock) */
-    bool removing;                /* hidden from new connections */
+    unsigned nclients;            /* connections pinning it (nbd_srv.lock) */
+    /* Shutting down (nbd_srv.lock): hidden from new connections, never
+     * entered by a GO; freed once nclients is 0 (invariant 4). */
+    bool removing;
     uint64_t serial;              /* unique per export ever added */
     NBDExport *next;
 };
@@ -155,7 +173,10 @@ struct NBDClient {
     uint64_t handshake_deadline_ns;
 
     /* Negotiated state (fixed once transmission starts). */
-    NBDExport *exp;               /* pinned (nclients) from GO on */
+    /* The export pinned (counted in its nclients, invariant 4); set and
+     * cleared under nbd_srv.lock; fixed from GO on, so the data path reads
+     * it without the lock. */
+    NBDExport *exp;
     uint64_t size;
     uint16_t tflags;
     bool structured;
@@ -221,10 +242,21 @@ int nbd_client_recv_discard(NBDClient *c, uint64_t len);
 void nbd_client_send(NBDClient *c, struct iovec *iov, int niov);
 void nbd_socket_setup(int fd, bool inet);
 
-/* exports.c.  pin/unpin count a user of the export (invariant 4);
- * nbd_export_pin returns NULL when no export has that name. */
-NBDExport *nbd_export_pin(const char *name);
-void nbd_export_unpin(NBDExport *e);
+/* exports.c.  pin/unpin count c as a user of an export in c->exp
+ * (invariant 4); c pins at most one at a time.  nbd_export_pin returns
+ * NULL (and pins nothing) when no export that is not shutting down has
+ * that name. */
+NBDExport *nbd_export_pin(NBDClient *c, const char *name);
+void nbd_export_unpin(NBDClient *c);
+/* As nbd_export_unpin, nbd_srv.lock held.  Returns true when c was the
+ * last user of an export that is shutting down: the caller must then call
+ * nbd_exports_reap_later() after dropping the lock. */
+bool nbd_export_unpin_locked(NBDClient *c);
+/* Schedule the freeing of the shut-down exports nobody pins any more on
+ * the main thread (which emits BLOCK_EXPORT_DELETED for each). */
+void nbd_exports_reap_later(void);
+/* False once e is shutting down (takes nbd_srv.lock). */
+bool nbd_export_is_open(NBDExport *e);
 void nbd_export_free(NBDExport *e);
 
 /* handshake.c: OPT_TRANSMIT with c->exp pinned, or OPT_CLOSE. */
@@ -249,8 +281,12 @@ void nbd_client_start(int fd, bool inet);
 /* Shut every connection whose handshake deadline is past (invariant 7)
  * and return the nearest deadline still ahead, 0 if none (accept thread). */
 uint64_t nbd_clients_expire_handshakes(void);
-/* Disconnect the connections of export e (every connection when e is
- * NULL) and wait, nbd_srv.lock held, until *count is 0 (invariant 3). */
-void nbd_clients_disconnect_locked(const NBDExport *e, const unsigned *count);
+/* Disconnect every connection and wait, nbd_srv.lock held, until
+ * *count is 0 (invariant 3: bounded). */
+void nbd_clients_disconnect_locked(const unsigned *count);
+/* Cut off, at once, every connection that pins e (at any stage,
+ * invariant 4): mark it closing and shut its socket both ways
+ * (invariant 3).  Does not wait (nbd_srv.lock held; takes c->lock). */
+void nbd_clients_cut_off_locked(const NBDExport *e);
 
 #endif

@@ -58,10 +58,19 @@ NBDExport *nbd_export_add(const char *id, BlockDriverState *bs,
                           const char *name, const char *description,
                           bool writable, const char *const *bitmaps,
                           int nbitmaps, Error **errp);
-/* Remove an export (block-export-del).  force=false is QEMU's mode "safe":
- * fail while clients are connected.  force=true is mode "hard": disconnect
- * its clients (in-flight requests are answered first), then remove. */
+/* Remove an export (block-export-del); never waits for a client (main
+ * thread).  force=false is QEMU's mode "safe": fail while any client uses
+ * it, connected or still negotiating.  force=true is mode "hard": cut
+ * every such client off at once (nothing it sends from now on runs;
+ * requests already in the node finish there, unanswered).  An unused
+ * export is freed at once; a used one is "shutting down" (still listed,
+ * still holding its node and id) until its last client has gone, then
+ * freed on the main thread.  Either way BLOCK_EXPORT_DELETED
+ * {"id": ...} is emitted when it is freed.  Fails for an unknown id or
+ * an export already shutting down.  id may be the export's own id string. */
 bool nbd_export_del(const char *id, bool force, Error **errp);
+/* The export with this id, shutting down or not (an id stays taken until
+ * the export is freed, as in QEMU), or NULL. */
 NBDExport *nbd_export_find(const char *id);
 NBDExport *nbd_export_find_by_name(const char *name);
 /* The export's id (owned by the export, valid until it is removed). */
@@ -69,7 +78,8 @@ const char *nbd_export_id(const NBDExport *exp);
 /* query-block-exports: a new JSON array of
  * {"type":"nbd","id":...,"node-name":...,"shutting-down":false}. */
 struct json_object *nbd_export_query(void);
-/* True when any export uses node bs (blockdev-del refuses then). */
+/* True when any export uses node bs, including one still shutting down
+ * (blockdev-del refuses then). */
 bool nbd_node_is_exported(BlockDriverState *bs);
 
 #endif

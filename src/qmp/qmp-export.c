@@ -121,9 +121,10 @@ static struct json_object *qmp_cmd_nbd_server_start(struct json_object *args,
     return json_object_new_object();
 }
 
-/* QEMU's BLOCK_EXPORT_DELETED: the export is gone (its clients too).
- * nbd_export_del() and nbd_server_stop() return only after that, so the
- * event is sent here, after they return (src/nbd does not send it). */
+/* QEMU's BLOCK_EXPORT_DELETED after nbd-server-stop, which returns only
+ * once every export is gone.  (An export removed by block-export-del may
+ * outlive the command while its clients leave: src/nbd emits the event
+ * for it when it is really freed.) */
 static void qmp_emit_export_deleted(const char *id)
 {
     struct json_object *data = json_object_new_object();
@@ -282,18 +283,11 @@ static struct json_object *qmp_export_del(const char *id,
     if (!qmp_export_mode(args, &force, errp)) {
         return NULL;
     }
-    if (!nbd_export_find(id)) {
-        error_setg(errp, "Export '%s' is not found", id);
+    /* BLOCK_EXPORT_DELETED comes from src/nbd, now or once the last
+     * client of a hard-deleted export has gone. */
+    if (!nbd_export_del(id, force, errp)) {
         return NULL;
     }
-    _cleanup_free_ char *id_copy = strdup(id);
-    if (!id_copy) {
-        abort();
-    }
-    if (!nbd_export_del(id_copy, force, errp)) {
-        return NULL;
-    }
-    qmp_emit_export_deleted(id_copy);
     return json_object_new_object();
 }
 
