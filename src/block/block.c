@@ -743,6 +743,16 @@ int64_t bdrv_refresh_length(BlockDriverState *bs)
 
 /* Validate a request.  Data transfers are limited to BDRV_MAX_REQUEST bytes;
  * zero writes and discards carry no payload and may be larger. */
+/* Does bs grow on writes past its end: a protocol node, or a filter
+ * over one (blkdebug under a qcow2)? */
+static bool node_grows(BlockDriverState *bs)
+{
+    while (bs->drv->is_filter && bs->file) {
+        bs = bs->file;
+    }
+    return bs->drv->is_protocol;
+}
+
 static int check_request(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                          bool write, bool has_payload)
 {
@@ -756,7 +766,7 @@ static int check_request(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
         return -EPERM;
     }
     /* Protocol nodes grow on writes past the end (qcow2 appends clusters). */
-    if (!(write && bs->drv->is_protocol) && offset + bytes > (uint64_t)bdrv_getlength(bs)) {
+    if (!(write && node_grows(bs)) && offset + bytes > (uint64_t)bdrv_getlength(bs)) {
         return -EINVAL;
     }
     return 0;
@@ -1091,12 +1101,12 @@ static int write_req_begin(BlockDriverState *bs, uint64_t offset,
     return r < 0 ? r : 1;
 }
 
-/* The epilogue matching write_req_prepare: a protocol node that wrote up to
+/* The epilogue matching write_req_prepare: a node that grows that wrote up to
  * `end` (0: nothing to note, as for discard) notes its growth.  Returns r
  * as the request's result (0 or -errno). */
 static int write_req_finish(BlockDriverState *bs, uint64_t end, int r)
 {
-    if (r >= 0 && end && bs->drv->is_protocol) {
+    if (r >= 0 && end && node_grows(bs)) {
         note_growth(bs, end);
     }
     return r < 0 ? r : 0;

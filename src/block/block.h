@@ -70,6 +70,9 @@ struct BlockDriver {
     /* The option naming the child that becomes bs->file, for drivers that
      * are not protocols: "file" when NULL ("image" for blkdebug). */
     const char *child_key;
+    bool is_filter;                /* passes requests to bs->file unchanged
+                                      (blkdebug): it grows as its file
+                                      does, on writes past the end */
 
     /* Score 0..100: how sure the driver is that buf (the first bytes of
      * the file, len of them) is its format.  Optional. */

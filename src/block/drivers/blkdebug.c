@@ -302,6 +302,7 @@ const BlockDriver bdrv_blkdebug = {
     .format_name = "blkdebug",
     .instance_size = sizeof(BDRVBlkdebugState),
     .child_key = "image",
+    .is_filter = true,
     .open = blkdebug_open,
     .close = blkdebug_close,
     .getlength = blkdebug_getlength,
