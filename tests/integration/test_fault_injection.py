@@ -27,12 +27,13 @@ import pytest
 
 from bitback_testlib import Daemon
 from bitback_testlib.writer import random_write, write_lengths
-from conftest import bitback, run
+from conftest import bitback
+from fault_checks import (assert_covers_or_untrusted, backup_restores,
+                          bitmap_info)
 
 KiB = 1024
 MiB = 1024 * KiB
 SIZE = 4 * MiB
-GRAN = 64 * KiB
 WRITES = 12          # client writes per trial, each followed by a flush
 
 
@@ -51,12 +52,6 @@ def make_disk(tmp_path, fmt):
         bitback("img", "create", "-f", "qcow2", img, str(SIZE))
         bitback("io", "-c", f"write -P 0x5a 0 {SIZE // 2}", img)
     return img
-
-
-def data_file(img):
-    """What qemu-img compares a restore with: the raw data or the qcow2."""
-    return (img.with_suffix(".raw"), "raw") if img.suffix == ".qbm" \
-        else (img, "qcow2")
 
 
 def blkdebug(filename, rules=()):
@@ -101,45 +96,6 @@ def write_through(d, seed, count=WRITES):
     finally:
         h.shutdown()
     return acked, failed
-
-
-def bitmap_info(img, name="b0"):
-    """The bitmap's entry in `bitback img info`, read offline."""
-    info = json.loads(bitback("img", "info", "--output=json", "-U", img).stdout)
-    for b in info["format-specific"]["data"].get("bitmaps", []):
-        if b["name"] == name:
-            return b
-    raise AssertionError(f"bitmap {name} is gone from {img}: {info}")
-
-
-def assert_covers_or_untrusted(img, acked):
-    """Every acknowledged write lies in b0's dirty extents, unless b0 is
-    marked inconsistent (then nothing trusts it)."""
-    if bitmap_info(img)["inconsistent"]:
-        return
-    p = bitback("img", "map", "--output=json", "--bitmap", "b0", "-U", img)
-    dirty = [(e["start"], e["start"] + e["length"])
-             for e in json.loads(p.stdout) if e["dirty"]]
-    for a in acked:
-        first = a.offset // GRAN * GRAN
-        for c in range(first, a.offset + a.length, GRAN):
-            assert any(lo <= c < hi for lo, hi in dirty), \
-                f"acknowledged write {a} not marked in b0 (dirty: {dirty})"
-
-
-def backup_restores(img, repo, tmp_path, expect="inc"):
-    """`bitback backup --image` then restore: the restore equals img bit
-    for bit.  expect: the level the run must take ("inc"), or None."""
-    p = bitback("backup", "--image", img, "--repo", repo)
-    if expect:
-        assert f"({expect}" in p.stdout + p.stderr, p.stdout + p.stderr
-    out = tmp_path / "restored.raw"
-    if out.exists():
-        out.unlink()
-    bitback("restore", "--repo", repo, "--at", "latest", out)
-    ref, fmt = data_file(img)
-    run(["qemu-img", "compare", "-U", "-f", "raw", "-F", fmt, out, ref])
-    bitback("verify", "--repo", repo)
 
 
 # -- the Nth write or flush fails ---------------------------------------
