@@ -1304,6 +1304,16 @@ static int layer_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     return r;
 }
 
+int bdrv_block_status_from_file(BlockDriverState *bs, uint64_t offset,
+                                uint64_t bytes, uint64_t *pnum)
+{
+    int r = bdrv_block_status(bs->file, offset, bytes, pnum);
+    if (r < 0) {
+        return r;
+    }
+    return (r & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO)) | BDRV_BLOCK_ALLOCATED;
+}
+
 int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                       uint64_t *pnum)
 {

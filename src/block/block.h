@@ -323,6 +323,11 @@ int bdrv_flush(BlockDriverState *bs);
  * layer holds it.  Sets *pnum as the driver hook does. */
 int bdrv_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                       uint64_t *pnum);
+/* For drivers that show their file child's bytes unchanged (raw,
+ * blkdebug): the child's DATA/ZERO bits, and ALLOCATED (such a node has
+ * no backing layer below it). */
+int bdrv_block_status_from_file(BlockDriverState *bs, uint64_t offset,
+                                uint64_t bytes, uint64_t *pnum);
 /* Only this layer: is [offset, +*pnum) allocated in bs itself? */
 int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                       uint64_t *pnum);

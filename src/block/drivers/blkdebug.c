@@ -22,6 +22,7 @@
 
 #include "block/drivers/blkdebug.h"
 #include "util/cleanup.h"
+#include "util/json-opts.h"
 
 typedef enum BlkdebugEvent {
     BLKDBG_READ,
@@ -82,9 +83,7 @@ static bool parse_rule(struct json_object *obj, BlkdebugRule *r, Error **errp)
             return false;
         }
     }
-    const char *ev = json_object_is_type(json_object_object_get(obj, "event"),
-                                         json_type_string)
-        ? json_object_get_string(json_object_object_get(obj, "event")) : NULL;
+    const char *ev = json_opt_str(obj, "event");
     if (!ev) {
         error_setg(errp, "blkdebug: inject-error parameter 'event' is missing");
         return false;
@@ -257,17 +256,6 @@ static int blkdebug_flush(BlockDriverState *bs)
     return r ? r : bdrv_flush(bs->file);
 }
 
-/* What the child says, as raw.c reports it: a filter adds no layer. */
-static int blkdebug_block_status(BlockDriverState *bs, uint64_t offset,
-                                 uint64_t bytes, uint64_t *pnum)
-{
-    int r = bdrv_block_status(bs->file, offset, bytes, pnum);
-    if (r < 0) {
-        return r;
-    }
-    return (r & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO)) | BDRV_BLOCK_ALLOCATED;
-}
-
 static BDRVBlkdebugState *blkdebug_state(BlockDriverState *bs, Error **errp)
 {
     if (bs->drv != &bdrv_blkdebug) {
@@ -311,5 +299,5 @@ const BlockDriver bdrv_blkdebug = {
     .pwrite_zeroes = blkdebug_pwrite_zeroes,
     .pdiscard = blkdebug_pdiscard,
     .flush = blkdebug_flush,
-    .block_status = blkdebug_block_status,
+    .block_status = bdrv_block_status_from_file,
 };
