@@ -33,6 +33,7 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
+#include "util/keyval.h"
 #include "util/osdep.h"
 
 extern const BlockDriver bdrv_file;
@@ -40,6 +41,7 @@ extern const BlockDriver bdrv_raw;
 extern const BlockDriver bdrv_qbm;
 extern const BlockDriver bdrv_nbd;
 extern const BlockDriver bdrv_qcow2;
+extern const BlockDriver bdrv_blkdebug;
 
 /* Probing order matters: specific formats first, raw last. */
 static const BlockDriver *const drivers[] = {
@@ -48,6 +50,7 @@ static const BlockDriver *const drivers[] = {
     &bdrv_nbd,
     &bdrv_raw,
     &bdrv_file,
+    &bdrv_blkdebug,
     NULL,
 };
 
@@ -166,9 +169,8 @@ static bool opt_pow2(struct json_object *opts, const char *key, uint64_t def,
     return true;
 }
 
-/* Accept a JSON bool or the strings on/off/true/false/yes/no. */
-static bool opt_bool(struct json_object *opts, const char *key, bool def,
-                     bool *ret, Error **errp)
+bool bdrv_opt_bool(struct json_object *opts, const char *key, bool def,
+                   bool *ret, Error **errp)
 {
     struct json_object *v;
     *ret = def;
@@ -179,19 +181,36 @@ static bool opt_bool(struct json_object *opts, const char *key, bool def,
         *ret = json_object_get_boolean(v);
         return true;
     }
-    if (json_object_is_type(v, json_type_string)) {
-        const char *s = json_object_get_string(v);
-        if (!strcmp(s, "on") || !strcmp(s, "true") || !strcmp(s, "yes")) {
-            *ret = true;
-            return true;
-        }
-        if (!strcmp(s, "off") || !strcmp(s, "false") || !strcmp(s, "no")) {
-            *ret = false;
-            return true;
-        }
+    if (json_object_is_type(v, json_type_string) &&
+        keyval_str_to_bool(json_object_get_string(v), ret)) {
+        return true;
     }
     error_setg(errp, "Parameter '%s' expects 'on' or 'off'", key);
     return false;
+}
+
+bool bdrv_opt_uint(struct json_object *opts, const char *key, uint64_t def,
+                   uint64_t max, uint64_t *ret, Error **errp)
+{
+    struct json_object *v;
+    int64_t i = -1;
+    *ret = def;
+    if (!json_object_object_get_ex(opts, key, &v) || !v) {
+        return true;
+    }
+    if (json_object_is_type(v, json_type_int)) {
+        i = json_object_get_int64(v);
+    } else if (!json_object_is_type(v, json_type_string) ||
+               !keyval_str_to_int(json_object_get_string(v), &i)) {
+        i = -1;
+    }
+    if (i < 0 || (uint64_t)i > max) {
+        error_setg(errp, "Parameter '%s' expects an integer between 0 and "
+                   "%llu", key, (unsigned long long)max);
+        return false;
+    }
+    *ret = (uint64_t)i;
+    return true;
 }
 
 static void bdrv_free(BlockDriverState *bs)
@@ -305,10 +324,10 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
 
     bool ro, crash_safe, force_share;
     uint64_t region;
-    if (!opt_bool(options, "read-only", !(flags & BDRV_O_RDWR), &ro, errp) ||
-        !opt_bool(options, "force-share", (flags & BDRV_O_FORCE_SHARE) != 0,
+    if (!bdrv_opt_bool(options, "read-only", !(flags & BDRV_O_RDWR), &ro, errp) ||
+        !bdrv_opt_bool(options, "force-share", (flags & BDRV_O_FORCE_SHARE) != 0,
                   &force_share, errp) ||
-        !opt_bool(options, "crash-safe", true, &crash_safe, errp) ||
+        !bdrv_opt_bool(options, "crash-safe", true, &crash_safe, errp) ||
         !opt_pow2(options, "crash-safe-region-size",
                   1ull << WIL_DEFAULT_REGION_SHIFT, 1ull << WIL_MIN_REGION_SHIFT,
                   1ull << WIL_MAX_REGION_SHIFT, &region, errp)) {
@@ -337,7 +356,7 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
     struct json_object *cache;
     if (json_object_object_get_ex(options, "cache", &cache) && cache) {
         bool direct;
-        if (!opt_bool(cache, "direct", false, &direct, errp)) {
+        if (!bdrv_opt_bool(cache, "direct", false, &direct, errp)) {
             return NULL;
         }
         if (direct) {
@@ -364,9 +383,10 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
     }
 
     if (!drv->is_protocol) {
+        const char *child_key = drv->child_key ? drv->child_key : "file";
         struct json_object *file = NULL;
         _cleanup_json_ struct json_object *shorthand = NULL;
-        if (!json_object_object_get_ex(options, "file", &file) || !file) {
+        if (!json_object_object_get_ex(options, child_key, &file) || !file) {
             if (json_object_object_get_ex(options, "filename", &v) &&
                 json_object_is_type(v, json_type_string)) {
                 shorthand = json_object_new_object();
@@ -374,7 +394,7 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
                 json_object_object_add(shorthand, "filename", json_object_get(v));
                 file = shorthand;
             } else {
-                error_setg(errp, "Parameter 'file' is missing");
+                error_setg(errp, "Parameter '%s' is missing", child_key);
                 goto fail;
             }
         }
@@ -448,6 +468,13 @@ static BlockDriverState *open_child(struct json_object *ref, int flags, int dept
         return bs;
     }
     return open_options_depth(ref, flags, depth, errp);
+}
+
+BlockDriverState *bdrv_open_child(BlockDriverState *parent,
+                                  struct json_object *ref, int flags,
+                                  Error **errp)
+{
+    return open_child(ref, flags, parent->open_depth + 1, errp);
 }
 
 static int probe_format(const char *filename, const BlockDriver **ret_drv,
@@ -716,6 +743,16 @@ int64_t bdrv_refresh_length(BlockDriverState *bs)
 
 /* Validate a request.  Data transfers are limited to BDRV_MAX_REQUEST bytes;
  * zero writes and discards carry no payload and may be larger. */
+/* Does bs grow on writes past its end: a protocol node, or a filter
+ * over one (blkdebug under a qcow2)? */
+static bool node_grows(BlockDriverState *bs)
+{
+    while (bs->drv->is_filter && bs->file) {
+        bs = bs->file;
+    }
+    return bs->drv->is_protocol;
+}
+
 static int check_request(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                          bool write, bool has_payload)
 {
@@ -729,7 +766,7 @@ static int check_request(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
         return -EPERM;
     }
     /* Protocol nodes grow on writes past the end (qcow2 appends clusters). */
-    if (!(write && bs->drv->is_protocol) && offset + bytes > (uint64_t)bdrv_getlength(bs)) {
+    if (!(write && node_grows(bs)) && offset + bytes > (uint64_t)bdrv_getlength(bs)) {
         return -EINVAL;
     }
     return 0;
@@ -1064,12 +1101,12 @@ static int write_req_begin(BlockDriverState *bs, uint64_t offset,
     return r < 0 ? r : 1;
 }
 
-/* The epilogue matching write_req_prepare: a protocol node that wrote up to
+/* The epilogue matching write_req_prepare: a node that grows that wrote up to
  * `end` (0: nothing to note, as for discard) notes its growth.  Returns r
  * as the request's result (0 or -errno). */
 static int write_req_finish(BlockDriverState *bs, uint64_t end, int r)
 {
-    if (r >= 0 && end && bs->drv->is_protocol) {
+    if (r >= 0 && end && node_grows(bs)) {
         note_growth(bs, end);
     }
     return r < 0 ? r : 0;
@@ -1265,6 +1302,16 @@ static int layer_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
         *pnum = bytes;   /* defensive: a driver must make progress */
     }
     return r;
+}
+
+int bdrv_block_status_from_file(BlockDriverState *bs, uint64_t offset,
+                                uint64_t bytes, uint64_t *pnum)
+{
+    int r = bdrv_block_status(bs->file, offset, bytes, pnum);
+    if (r < 0) {
+        return r;
+    }
+    return (r & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO)) | BDRV_BLOCK_ALLOCATED;
 }
 
 int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,

@@ -67,6 +67,12 @@ struct BlockDriver {
     size_t instance_size;          /* bytes of bs->opaque, zero-filled */
     bool is_protocol;              /* true for "file": opened on a filename */
     bool supports_backing;         /* may have bs->backing */
+    /* The option naming the child that becomes bs->file, for drivers that
+     * are not protocols: "file" when NULL ("image" for blkdebug). */
+    const char *child_key;
+    bool is_filter;                /* passes requests to bs->file unchanged
+                                      (blkdebug): it grows as its file
+                                      does, on writes past the end */
 
     /* Score 0..100: how sure the driver is that buf (the first bytes of
      * the file, len of them) is its format.  Optional. */
@@ -212,6 +218,15 @@ struct BlockDriverState {
     struct WriteIntent *wil;       /* NULL: not crash-safe or read-only */
 };
 
+/* Option getters for drivers' open: the member key of opts as a JSON
+ * value or, as the daemon's command line gives every value, a string
+ * ("on"/"off"/..., decimal).  Absent or null: *ret = def.  Mistyped or
+ * (for bdrv_opt_uint) above max: false with errp naming key. */
+bool bdrv_opt_bool(struct json_object *opts, const char *key, bool def,
+                   bool *ret, Error **errp);
+bool bdrv_opt_uint(struct json_object *opts, const char *key, uint64_t def,
+                   uint64_t max, uint64_t *ret, Error **errp);
+
 /* Registry of drivers (file, raw, qbm, ...). */
 const BlockDriver *bdrv_find_format(const char *name);
 /* Driver names, NULL-terminated. */
@@ -245,6 +260,13 @@ bool bdrv_filename_is_nbd_uri(const char *filename);
 bool bdrv_open_backing(BlockDriverState *bs, struct json_object *options,
                        const char *backing_name, const char *backing_fmt,
                        Error **errp);
+/* For drivers' open: a child of parent other than its file and backing
+ * (qbm's "data-file"): ref is a node name (that node, with a new
+ * reference; refused when flags ask for writing and it is read-only) or
+ * an options object (a new node, opened one level deeper than parent). */
+BlockDriverState *bdrv_open_child(BlockDriverState *parent,
+                                  struct json_object *ref, int flags,
+                                  Error **errp);
 /* Make `backing` the backing node of bs, which has none (opened with
  * BDRV_O_NO_BACKING or "backing": null): the caller chose it, whatever
  * bs->backing_file says.  Takes a reference to backing (the caller keeps
@@ -301,6 +323,11 @@ int bdrv_flush(BlockDriverState *bs);
  * layer holds it.  Sets *pnum as the driver hook does. */
 int bdrv_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                       uint64_t *pnum);
+/* For drivers that show their file child's bytes unchanged (raw,
+ * blkdebug): the child's DATA/ZERO bits, and ALLOCATED (such a node has
+ * no backing layer below it). */
+int bdrv_block_status_from_file(BlockDriverState *bs, uint64_t offset,
+                                uint64_t bytes, uint64_t *pnum);
 /* Only this layer: is [offset, +*pnum) allocated in bs itself? */
 int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                       uint64_t *pnum);

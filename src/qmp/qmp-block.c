@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "block/drivers/blkdebug.h"
 #include "block/write-intent.h"
 #include "nbd/server.h"
 #include "qmp/qmp-internal.h"
@@ -536,11 +537,57 @@ static struct json_object *qmp_cmd_bitmap_sha256(struct json_object *args,
     return ret;
 }
 
+/* x-blkdebug-inject: the arguments but node-name are one inject-error
+ * rule of the blkdebug node (blkdebug.h checks them). */
+static struct json_object *qmp_cmd_blkdebug_inject(struct json_object *args,
+                                                   Error **errp)
+{
+    BlockDriverState *bs = qmp_lookup_node(json_opt_str(args, "node-name"),
+                                           errp);
+    _cleanup_json_ struct json_object *rule = json_object_new_object();
+    if (!bs || !rule) {
+        if (bs) {
+            error_setg(errp, "out of memory");
+        }
+        return NULL;
+    }
+    json_object_object_foreach(args, key, val) {
+        if (strcmp(key, "node-name")) {
+            json_object_object_add(rule, key, json_object_get(val));
+        }
+    }
+    if (!blkdebug_inject(bs, rule, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
+static struct json_object *qmp_cmd_blkdebug_clear(struct json_object *args,
+                                                  Error **errp)
+{
+    BlockDriverState *bs = qmp_lookup_node(json_opt_str(args, "node-name"),
+                                           errp);
+    if (!bs || !blkdebug_clear(bs, errp)) {
+        return NULL;
+    }
+    return json_object_new_object();
+}
+
 static const QmpArgSpec spec_none[] = {
     { NULL },
 };
 static const QmpArgSpec spec_blockdev_del[] = {
     { "node-name", QMP_ARG_STR, false },
+    { NULL },
+};
+static const QmpArgSpec spec_blkdebug_inject[] = {
+    { "node-name", QMP_ARG_STR, false },
+    { "event", QMP_ARG_STR, false },
+    { "errno", QMP_ARG_UINT, true },
+    { "once", QMP_ARG_BOOL, true },
+    { "immediately", QMP_ARG_BOOL, true },
+    { "after", QMP_ARG_UINT, true },
+    { "sector", QMP_ARG_UINT, true },
     { NULL },
 };
 static const QmpArgSpec spec_query_named[] = {
@@ -589,4 +636,8 @@ void qmp_register_block_commands(void)
                               qmp_spec_bitmap_merge);
     qmp_register_command_spec("x-debug-block-dirty-bitmap-sha256",
                               qmp_cmd_bitmap_sha256, qmp_spec_bitmap);
+    qmp_register_command_spec("x-blkdebug-inject", qmp_cmd_blkdebug_inject,
+                              spec_blkdebug_inject);
+    qmp_register_command_spec("x-blkdebug-clear", qmp_cmd_blkdebug_clear,
+                              spec_blockdev_del);
 }

@@ -1,4 +1,4 @@
-"""A full filesystem and bad names (issue 15, item 10).
+"""A full filesystem and bad names (issue 15, item 10; issue 17).
 
 The images live on a small tmpfs mounted by the test (we run as root) and
 unmounted in its finally, so "No space left on device" is real:
@@ -12,42 +12,18 @@ unmounted in its finally, so "No space left on device" is real:
     control character are refused with a clear error, over QMP and by
     `bitback bitmap --add`.
 """
-import contextlib
 import os
-import subprocess
 
 import nbd
 import pytest
 
 from bitback_testlib import Daemon
+from bitback_testlib.smallfs import fill, small_fs
+from bitback_testlib.writer import Ack
 from conftest import BITBACK, bitback, run
+from fault_checks import assert_covers_or_untrusted, backup_restores
 
 K = 1024
-
-
-@contextlib.contextmanager
-def small_fs(tmp_path, size="2m"):
-    """A tmpfs of `size` mounted at tmp_path/mnt; unmounted on exit."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt])
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(folder):
-    """Write a file in folder until the filesystem is full."""
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        for _ in range(100000):     # bounded: 400 MB at most
-            os.write(fd, b"\xaa" * 4096)
-        raise AssertionError("the filesystem did not fill up")
-    except OSError as e:
-        assert e.errno == 28, e
-    finally:
-        os.close(fd)
 
 
 def listing(folder):
@@ -168,3 +144,75 @@ def test_cli_bitmap_add_refuses_control_chars(tmp_path):
     assert p.returncode != 0
     assert "control characters" in p.stderr, p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d.qbm", "d.raw"]
+
+
+# -- ENOSPC during a bitmap store, the intent log, a repository commit ---
+# (issue 17: these held on the code before it; they are its coverage.)
+
+def test_repository_commit_on_full_fs(tmp_path):
+    """The repository's filesystem fills up during an incremental: the run
+    fails saying so, the repository verifies, and once there is room the
+    next incremental restores bit for bit."""
+    img = make_qbm(tmp_path, size=1024 * K)
+    with small_fs(tmp_path, size="4m", name="repofs") as mnt:
+        repo = mnt / "repo"
+        bitback("backup", "--image", img, "--repo", repo)     # the full
+        bitback("io", "-c", f"write -P 0x11 {128 * K} {512 * K}", img)
+        fill(mnt)
+        p = bitback("backup", "--image", img, "--repo", repo, check=False)
+        assert p.returncode != 0, p.stdout
+        assert "No space left on device" in p.stderr, p.stderr
+        bitback("verify", "--repo", repo)
+        (mnt / "filler").unlink()
+        backup_restores(img, repo, tmp_path)
+
+
+def test_bitmap_store_and_intent_log_on_full_fs(tmp_path):
+    """Image, bitmap files and write-intent log on a full filesystem: the
+    data writes that find no room fail, every acknowledged one is marked
+    in b0 (or b0 is untrusted) after a quit that cannot store the bitmaps
+    and after kill -9, and the next incremental restores bit for bit."""
+    for stop in ("quit", "kill"):
+        with small_fs(tmp_path, size="3m", name=f"fs-{stop}") as mnt:
+            img = mnt / "d.qbm"
+            bitback("img", "create", "-f", "qbm", img, str(1024 * K))
+            repo = tmp_path / f"repo-{stop}"
+            bitback("bitmap", "--add", img, "b0")
+            bitback("backup", "--image", img, "--repo", repo)   # the full
+            args = ["--blockdev", f"driver=qbm,node-name=d0,file.driver=file,"
+                    f"file.filename={img},crash-safe-region-size=65536",
+                    "--export", "type=nbd,id=e0,node-name=d0,name=d0,"
+                    "writable=on"]
+            with Daemon(tmp_path / f"d-{stop}") as d:
+                d.start(*args, nbd=True)
+                fill(mnt)
+                # Bitmaps change (the data image is sparse: its writes
+                # need room too) and the log must record new regions.
+                d.qmp.cmd("block-dirty-bitmap-add", node="d0", name="b1",
+                          persistent=False)
+                acked, failed = [], 0
+                h = nbd.NBD()
+                h.connect_uri(d.nbd_uri("d0"))
+                try:
+                    for i in range(16):
+                        off = i * 64 * K
+                        try:
+                            h.pwrite(os.urandom(4 * K), off)
+                            h.flush()
+                            acked.append(Ack(off, 4 * K, None))
+                        except nbd.Error:
+                            failed += 1
+                finally:
+                    h.shutdown()
+                assert failed > 0, "the full filesystem failed no write"
+                if stop == "quit":
+                    d.quit()
+                else:
+                    d.kill()
+            (mnt / "filler").unlink()
+            if stop == "kill":
+                with Daemon(tmp_path / f"r-{stop}") as d:
+                    d.start(*args, nbd=True)
+                    assert d.quit() == 0, d.stderr()
+            assert_covers_or_untrusted(img, acked)
+            backup_restores(img, repo, tmp_path, expect=None)

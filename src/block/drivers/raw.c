@@ -53,16 +53,6 @@ static int raw_flush(BlockDriverState *bs)
     return bdrv_flush(bs->file);
 }
 
-static int raw_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
-                            uint64_t *pnum)
-{
-    int r = bdrv_block_status(bs->file, offset, bytes, pnum);
-    if (r < 0) {
-        return r;
-    }
-    return (r & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO)) | BDRV_BLOCK_ALLOCATED;
-}
-
 static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     return 1;   /* anything is raw, as a last resort */
@@ -100,6 +90,6 @@ const BlockDriver bdrv_raw = {
     .pwrite_zeroes = raw_pwrite_zeroes,
     .pdiscard = raw_pdiscard,
     .flush = raw_flush,
-    .block_status = raw_block_status,
+    .block_status = bdrv_block_status_from_file,
     .create = raw_create,
 };

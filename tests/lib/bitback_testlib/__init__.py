@@ -5,6 +5,7 @@
 - daemon: Daemon, bitbackd or qemu-storage-daemon in a test folder
 - writer: random_write and Writer, random NBD writes with a log of the
   acknowledged ones
+- smallfs: small_fs and fill, a small tmpfs for ENOSPC tests
 
 tests/integration/conftest.py puts tests/lib on sys.path; shell scripts
 set PYTHONPATH=<repo>/tests/lib.

@@ -7,7 +7,9 @@
  * Node layout: bs->file is the `file` node of the descriptor (we only use
  * its file name; the descriptor is read and replaced with plain POSIX I/O
  * because replacement is a rename in its folder).  The data image is a
- * child node we open ourselves (s->data); bs->backing is the backing image.
+ * child node we open ourselves (s->data) from the descriptor, or the node
+ * the "data-file" option gives (which must be that same file: a blkdebug
+ * filter over it, say); bs->backing is the backing image.
  *
  * Image locks (file-lock.h), when bs->locking: the data image's file node
  * and bs->file (the descriptor as opened) lock themselves; the bitmap
@@ -443,6 +445,14 @@ static BlockDriverState *qbm_open_data(const char *path, const char *format,
     return bdrv_open_options(opts, flags, errp);
 }
 
+/* Are a and b (b may be NULL) names of the same file? */
+static bool qbm_same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    return b && stat(a, &sa) == 0 && stat(b, &sb) == 0 &&
+           sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
 static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flags,
                      Error **errp)
 {
@@ -480,17 +490,25 @@ static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flag
         int data_flags = (flags & (BDRV_O_RDWR | BDRV_O_NOCACHE |
                                    BDRV_O_FORCE_SHARE)) |
                          (bs->locking ? 0 : BDRV_O_NO_LOCK);
-        s->data = qbm_open_data(path, s->desc.data_format, data_flags, errp);
+        struct json_object *data_ref = json_object_object_get(options,
+                                                              "data-file");
+        s->data = data_ref ? bdrv_open_child(bs, data_ref, data_flags, errp)
+                           : qbm_open_data(path, s->desc.data_format,
+                                           data_flags, errp);
         if (!s->data) {
             error_prepend(errp, "cannot open the data image of '%s': ",
                           s->desc_path);
             goto fail;
         }
-        s->data->user_owned = false;
+        if (!data_ref) {
+            s->data->user_owned = false;
+        } else if (!qbm_same_file(path, s->data->filename)) {
+            error_setg(errp, "qbm: 'data-file' must be the data image '%s' "
+                       "that '%s' names", path, s->desc_path);
+            goto fail;
+        }
         bs->supported_read_flags = s->data->supported_read_flags;
-        struct stat st_desc, st_data;
-        if (stat(s->desc_path, &st_desc) == 0 && stat(path, &st_data) == 0 &&
-            st_desc.st_dev == st_data.st_dev && st_desc.st_ino == st_data.st_ino) {
+        if (qbm_same_file(s->desc_path, path)) {
             error_setg(errp, "invalid QBM descriptor '%s': the data image is "
                        "the descriptor itself", s->desc_path);
             goto fail;
