@@ -239,6 +239,15 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
     uint64_t first = region0 * per_region;               /* cluster index */
     uint64_t table_first = first + nb_blocks;
     uint64_t used_end = table_first + table_clusters;
+    /* O1: the new regions are counted by nothing, which a hostile image
+     * may still use for metadata. */
+    int r = qcow2_check_overlap_locked(bs, 0, first * cs, (used_end - first) * cs);
+    if (r == 0) {
+        r = qcow2_check_overlap_locked(bs, QCOW2_OL_HEADER, 48, 12);
+    }
+    if (r < 0) {
+        return r;
+    }
 
     /* The refcount blocks, each counting the new clusters of its region. */
     _cleanup_free_ uint8_t *block = aligned_alloc(4096, ROUND_UP(cs, 4096));
@@ -252,7 +261,7 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
         for (uint64_t c = MAX(rstart, first); c < MIN(rstart + per_region, used_end); c++) {
             rb_set(s, block, c - rstart, 1);
         }
-        int r = bdrv_pwrite(bs->file, (first + b) * cs, block, cs, 0);
+        r = bdrv_pwrite(bs->file, (first + b) * cs, block, cs, 0);
         if (r < 0) {
             return r;
         }
@@ -264,7 +273,7 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
         }
         table[i] = htobe64(v);
     }
-    int r = bdrv_pwrite(bs->file, table_first * cs, table, new_size * 8, 0);
+    r = bdrv_pwrite(bs->file, table_first * cs, table, new_size * 8, 0);
     if (r == 0) {
         r = qcow2_sync_locked(bs);
     }
@@ -292,6 +301,7 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
     s->refcount_table_size = new_size;
     s->refcount_table_offset = table_first * cs;
     s->refcount_table_clusters = (uint32_t)table_clusters;
+    s->alloc_end = MAX(s->alloc_end, used_end);
     /* Free the old table last; a failure here only leaks it. */
     qcow2_free_clusters_locked(bs, old_offset, old_clusters * cs);
     return 0;
@@ -318,8 +328,17 @@ static int ensure_refblock_locked(BlockDriverState *bs, uint64_t rt_index)
     if (off == 0 || off + cs > QCOW2_MAX_HOST_OFFSET) {
         return off == 0 ? -EIO : -EFBIG;   /* region 0 must have a block */
     }
+    /* O1: nothing counts the region, but metadata may still lie there. */
+    uint64_t entry_off = s->refcount_table_offset + rt_index * 8;
+    int r = qcow2_check_overlap_locked(bs, 0, off, cs);
+    if (r == 0) {
+        r = qcow2_check_overlap_locked(bs, QCOW2_OL_REFCOUNT_TABLE, entry_off, 8);
+    }
+    if (r < 0) {
+        return r;
+    }
     void *block;
-    int r = qcow2_cache_get_locked(bs, s->refblock_cache, off, true, &block);
+    r = qcow2_cache_get_locked(bs, s->refblock_cache, off, true, &block);
     if (r < 0) {
         return r;
     }
@@ -330,13 +349,14 @@ static int ensure_refblock_locked(BlockDriverState *bs, uint64_t rt_index)
     }
     if (r == 0) {
         uint64_t be = htobe64(off);
-        r = bdrv_pwrite(bs->file, s->refcount_table_offset + rt_index * 8, &be, 8, 0);
+        r = bdrv_pwrite(bs->file, entry_off, &be, 8, 0);
     }
     if (r < 0) {
         qcow2_cache_drop_locked(s->refblock_cache, off);
         return r;
     }
     s->refcount_table[rt_index] = off;
+    s->alloc_end = MAX(s->alloc_end, off / cs + 1);
     return 0;
 }
 
@@ -360,11 +380,24 @@ static int64_t alloc_run_locked(BlockDriverState *bs, uint64_t n, bool exact,
     if (n == 0 || (exact && n > (1ull << s->refcount_block_bits) - 1)) {
         return n == 0 ? -EINVAL : -EFBIG;
     }
+    if (qcow2_is_corrupt(s)) {
+        return -EIO;   /* O2 */
+    }
     for (;;) {
         uint64_t start = MAX(s->free_cluster_index, 1), run = 0;
         bool need_block = false;
+        /* B3: a consistent image counts no cluster past the end of the
+         * file, so a free one is found at the latest there (or after
+         * what this session allocated, not yet written).  Refcounts that
+         * claim more are corrupt: refuse rather than grow the file. */
+        uint64_t bound = MAX(DIV_ROUND_UP(file_length(bs), cs), s->alloc_end);
         while (run < n) {
             uint64_t c = start + run;
+            if (run == 0 && c > bound) {
+                return qcow2_signal_corruption_locked(bs, "the refcounts "
+                    "claim every cluster up to 0x%" PRIx64 " in use, past "
+                    "the end of the file (0x%" PRIx64 ")", c * cs, bound * cs);
+            }
             if ((c + 1) * cs > QCOW2_MAX_HOST_OFFSET) {
                 if (!exact && run > 0) {
                     break;
@@ -414,6 +447,13 @@ static int64_t alloc_run_locked(BlockDriverState *bs, uint64_t n, bool exact,
             return r;
         }
         s->free_cluster_index = start + run;
+        s->alloc_end = MAX(s->alloc_end, start + run);
+        /* O1: refcount 0 on metadata (corrupt refcounts) would hand it
+         * out; every user of a new cluster writes it next. */
+        r = qcow2_check_overlap_locked(bs, 0, start * cs, run * cs);
+        if (r < 0) {
+            return r;
+        }
         *ret_n = run;
         return (int64_t)start;
     }
@@ -489,7 +529,8 @@ static void free_now_locked(BlockDriverState *bs, uint64_t offset,
     for (uint64_t c = first; c < first + n; c++) {
         uint64_t rc;
         if (qcow2_get_refcount_locked(bs, c, &rc) == 0 && rc == 0 &&
-            (c + 1) * cs <= flen) {
+            (c + 1) * cs <= flen &&
+            qcow2_check_overlap_locked(bs, 0, c * cs, cs) == 0) {
             bdrv_pdiscard(bs->file, c * cs, cs);
         }
     }
