@@ -554,12 +554,39 @@ void qcow2_pending_frees_free(BDRVQcow2State *s)
 
 /* ---- check ---- */
 
+/* The check is linear in the file size plus the metadata size (K1): a
+ * table that several entries name (L2 tables, bitmap tables, refcount
+ * blocks past the end of the file) is counted once per reference but
+ * walked only once, and a refcount block past the end of the file is
+ * reported once per refcount table entry, not once per cluster. */
+enum {
+    CHECK_WALKED_L2 = 1 << 0,        /* this L2 table's entries counted */
+    CHECK_WALKED_BITMAP = 1 << 1,    /* this bitmap table's entries counted */
+    CHECK_SCANNED_PAST_EOF = 1 << 2, /* this block, naming a region wholly
+                                        past the end, was scanned... */
+    CHECK_COUNTS_PAST_EOF = 1 << 3,  /* ...and counts clusters there */
+};
+
 typedef struct CheckState {
     BDRVQcow2State *s;
     uint16_t *refs;                  /* expected refcount per cluster */
+    uint8_t *walked;                 /* CHECK_* flags per cluster */
     uint64_t nb_clusters;
     BdrvCheckResult *res;
 } CheckState;
+
+/* True the first time it is called for (the cluster holding) `offset`
+ * with `flag`: the table there is to be walked now.  Offsets past the end
+ * of the file are never walked (check_ref reported them). */
+static bool check_first_walk(CheckState *cs, uint64_t offset, uint8_t flag)
+{
+    uint64_t c = offset >> cs->s->cluster_bits;
+    if (c >= cs->nb_clusters || (cs->walked[c] & flag)) {
+        return false;
+    }
+    cs->walked[c] |= flag;
+    return true;
+}
 
 /* Count one reference to every cluster of [offset, offset+size). */
 static void check_ref(CheckState *cs, uint64_t offset, uint64_t size,
@@ -662,7 +689,10 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
             continue;
         }
         check_ref(cs, toff, tbytes, "bitmap table");
-        _cleanup_free_ uint64_t *t = malloc(tbytes ? tbytes : 1);
+        if (!tbytes || !check_first_walk(cs, toff, CHECK_WALKED_BITMAP)) {
+            continue;
+        }
+        _cleanup_free_ uint64_t *t = malloc(tbytes);
         if (!t || bdrv_pread(bs->file, toff, t, tbytes) < 0) {
             continue;
         }
@@ -673,6 +703,38 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
             }
         }
     }
+}
+
+/* Whether the refcount block at `off` (entry i of the refcount table)
+ * counts any cluster past the end of the file.  A block naming a region
+ * wholly past the end is scanned once, whatever number of entries name
+ * it; the one region the end of the file cuts is scanned from there. */
+static bool check_refblock_past_eof(BlockDriverState *bs, CheckState *cs,
+                                    uint64_t i, uint64_t off)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t per_block = 1ull << s->refcount_block_bits;
+    uint64_t region_first = i << s->refcount_block_bits;
+    bool whole = region_first >= cs->nb_clusters;
+    uint64_t c = off >> s->cluster_bits;
+    if (whole && c < cs->nb_clusters && (cs->walked[c] & CHECK_SCANNED_PAST_EOF)) {
+        return (cs->walked[c] & CHECK_COUNTS_PAST_EOF) != 0;
+    }
+    void *block;
+    uint64_t boff;
+    if (load_refblock_locked(bs, i, &block, &boff) < 0 || !block) {
+        return false;   /* reported with the references above */
+    }
+    bool counts = false;
+    for (uint64_t k = whole ? 0 : cs->nb_clusters - region_first;
+         k < per_block && !counts; k++) {
+        counts = rb_get(s, block, k) != 0;
+    }
+    if (whole && c < cs->nb_clusters) {
+        cs->walked[c] |= CHECK_SCANNED_PAST_EOF |
+                         (counts ? CHECK_COUNTS_PAST_EOF : 0);
+    }
+    return counts;
 }
 
 int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
@@ -691,8 +753,10 @@ int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
     CheckState cs = { .s = s, .res = res };
     cs.nb_clusters = DIV_ROUND_UP(file_length(bs), csz);
     cs.refs = calloc(cs.nb_clusters ? cs.nb_clusters : 1, sizeof(uint16_t));
+    _cleanup_free_ uint8_t *walked = calloc(cs.nb_clusters ? cs.nb_clusters : 1, 1);
+    cs.walked = walked;
     _cleanup_free_ uint64_t *l2 = malloc(csz);
-    if (!cs.refs || !l2) {
+    if (!cs.refs || !l2 || !walked) {
         free(cs.refs);
         return -ENOMEM;
     }
@@ -722,6 +786,9 @@ int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
             continue;
         }
         check_ref(&cs, l2_offset, csz, "L2 table");
+        if (!check_first_walk(&cs, l2_offset, CHECK_WALKED_L2)) {
+            continue;   /* named twice: its refcount mismatch says so */
+        }
         int r = check_l2(bs, &cs, l2_offset, l2);
         if (r < 0) {
             free(cs.refs);
@@ -767,20 +834,21 @@ int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
                               rc, cs.refs[c]);
         }
     }
-    /* Refcounts past the end of the file. */
+    /* Refcounts past the end of the file: one report per refcount table
+     * entry whose block counts clusters there (K1). */
     for (uint64_t i = cs.nb_clusters >> s->refcount_block_bits;
          i < s->refcount_table_size; i++) {
-        if (!(s->refcount_table[i] & QCOW2_REFT_OFFSET_MASK)) {
+        uint64_t off = s->refcount_table[i] & QCOW2_REFT_OFFSET_MASK;
+        if (!off) {
             continue;
         }
-        for (uint64_t c = MAX(i << s->refcount_block_bits, cs.nb_clusters);
-             c < (i + 1) << s->refcount_block_bits; c++) {
-            uint64_t rc;
-            if (qcow2_get_refcount_locked(bs, c, &rc) == 0 && rc) {
-                bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR cluster %"
-                                  PRIu64 " past the end of the file has "
-                                  "refcount %" PRIu64, c, rc);
-            }
+        bool counts = check_refblock_past_eof(bs, &cs, i, off);
+        if (counts) {
+            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR refcount "
+                              "block %" PRIu64 " (at 0x%" PRIx64 ") counts "
+                              "clusters past the end of the file, from "
+                              "cluster %" PRIu64, i, off,
+                              MAX(i << s->refcount_block_bits, cs.nb_clusters));
         }
     }
     /* The used space ends after the last cluster something refers to. */
