@@ -557,7 +557,7 @@ void qcow2_pending_frees_free(BDRVQcow2State *s)
 /* The check is linear in the file size plus the metadata size (K1): a
  * table that several entries name (L2 tables, bitmap tables, refcount
  * blocks past the end of the file) is counted once per reference but
- * walked only once, and a refcount block past the end of the file is
+ * walked only once, and a region wholly past the end of the file is
  * reported once per refcount table entry, not once per cluster. */
 enum {
     CHECK_WALKED_L2 = 1 << 0,        /* this L2 table's entries counted */
@@ -705,36 +705,50 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
     }
 }
 
-/* Whether the refcount block at `off` (entry i of the refcount table)
- * counts any cluster past the end of the file.  A block naming a region
- * wholly past the end is scanned once, whatever number of entries name
- * it; the one region the end of the file cuts is scanned from there. */
-static bool check_refblock_past_eof(BlockDriverState *bs, CheckState *cs,
+/* Report the clusters past the end of the file that the refcount block at
+ * `off` (entry i of the refcount table) counts.  The one region the end of
+ * the file cuts is scanned once and reported per cluster.  A region wholly
+ * past the end is reported once per entry that names a counting block, and
+ * each such block is scanned once, whatever number of entries name it. */
+static void check_refblock_past_eof(BlockDriverState *bs, CheckState *cs,
                                     uint64_t i, uint64_t off)
 {
     BDRVQcow2State *s = bs->opaque;
     uint64_t per_block = 1ull << s->refcount_block_bits;
     uint64_t region_first = i << s->refcount_block_bits;
-    bool whole = region_first >= cs->nb_clusters;
     uint64_t c = off >> s->cluster_bits;
-    if (whole && c < cs->nb_clusters && (cs->walked[c] & CHECK_SCANNED_PAST_EOF)) {
-        return (cs->walked[c] & CHECK_COUNTS_PAST_EOF) != 0;
-    }
-    void *block;
-    uint64_t boff;
-    if (load_refblock_locked(bs, i, &block, &boff) < 0 || !block) {
-        return false;   /* reported with the references above */
-    }
+    bool whole = region_first >= cs->nb_clusters;
+    bool memo = whole && c < cs->nb_clusters;
     bool counts = false;
-    for (uint64_t k = whole ? 0 : cs->nb_clusters - region_first;
-         k < per_block && !counts; k++) {
-        counts = rb_get(s, block, k) != 0;
+    if (memo && (cs->walked[c] & CHECK_SCANNED_PAST_EOF)) {
+        counts = cs->walked[c] & CHECK_COUNTS_PAST_EOF;
+    } else {
+        void *block;
+        uint64_t boff;
+        if (load_refblock_locked(bs, i, &block, &boff) < 0 || !block) {
+            return;   /* reported with the references above */
+        }
+        for (uint64_t k = whole ? 0 : cs->nb_clusters - region_first;
+             k < per_block && !(whole && counts); k++) {
+            uint64_t rc = rb_get(s, block, k);
+            if (rc && !whole) {
+                bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR "
+                                  "cluster %" PRIu64 " past the end of the "
+                                  "file has refcount %" PRIu64,
+                                  region_first + k, rc);
+            }
+            counts = counts || rc;
+        }
+        if (memo) {
+            cs->walked[c] |= CHECK_SCANNED_PAST_EOF |
+                             (counts ? CHECK_COUNTS_PAST_EOF : 0);
+        }
     }
-    if (whole && c < cs->nb_clusters) {
-        cs->walked[c] |= CHECK_SCANNED_PAST_EOF |
-                         (counts ? CHECK_COUNTS_PAST_EOF : 0);
+    if (whole && counts) {
+        bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR refcount "
+                          "block %" PRIu64 " (at 0x%" PRIx64 ") counts "
+                          "clusters past the end of the file", i, off);
     }
-    return counts;
 }
 
 int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
@@ -834,22 +848,14 @@ int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
                               rc, cs.refs[c]);
         }
     }
-    /* Refcounts past the end of the file: one report per refcount table
-     * entry whose block counts clusters there (K1). */
+    /* Refcounts past the end of the file (K1). */
     for (uint64_t i = cs.nb_clusters >> s->refcount_block_bits;
          i < s->refcount_table_size; i++) {
         uint64_t off = s->refcount_table[i] & QCOW2_REFT_OFFSET_MASK;
         if (!off) {
             continue;
         }
-        bool counts = check_refblock_past_eof(bs, &cs, i, off);
-        if (counts) {
-            bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR refcount "
-                              "block %" PRIu64 " (at 0x%" PRIx64 ") counts "
-                              "clusters past the end of the file, from "
-                              "cluster %" PRIu64, i, off,
-                              MAX(i << s->refcount_block_bits, cs.nb_clusters));
-        }
+        check_refblock_past_eof(bs, &cs, i, off);
     }
     /* The used space ends after the last cluster something refers to. */
     for (uint64_t c = cs.nb_clusters; c > 0; c--) {
