@@ -148,6 +148,13 @@ static int cache_entry_write_locked(BlockDriverState *bs, Qcow2L2Cache *c,
     if (r < 0) {
         return r;
     }
+    /* O1: only the L2 cache has a dependency. */
+    r = qcow2_check_overlap_locked(bs, c->depends ? QCOW2_OL_ACTIVE_L2
+                                                  : QCOW2_OL_REFCOUNT_BLOCK,
+                                   e->offset, c->table_size);
+    if (r < 0) {
+        return r;
+    }
     r = bdrv_pwrite(bs->file, e->offset, e->table, c->table_size, 0);
     if (r < 0) {
         return r;
@@ -267,7 +274,13 @@ static int l1_writeback_locked(BlockDriverState *bs)
     for (uint32_t i = lo; i < hi; i++) {
         be[i - lo] = htobe64(s->l1_table[i]);
     }
-    int r = bdrv_pwrite(bs->file, s->l1_table_offset + (uint64_t)lo * 8, be,
+    int r = qcow2_check_overlap_locked(bs, QCOW2_OL_ACTIVE_L1,
+                                       s->l1_table_offset + (uint64_t)lo * 8,
+                                       (uint64_t)(hi - lo) * 8);
+    if (r < 0) {
+        return r;
+    }
+    r = bdrv_pwrite(bs->file, s->l1_table_offset + (uint64_t)lo * 8, be,
                         (uint64_t)(hi - lo) * 8, 0);
     if (r == 0) {
         s->l1_dirty_lo = UINT32_MAX;
@@ -281,6 +294,9 @@ int qcow2_flush_metadata_locked(BlockDriverState *bs)
     BDRVQcow2State *s = bs->opaque;
     if (!s->writable) {
         return 0;
+    }
+    if (qcow2_is_corrupt(s)) {
+        return -EIO;   /* O2: nothing more reaches the file */
     }
     /* Step 1: refcount blocks. */
     int r = qcow2_cache_writeback_locked(bs, s->refblock_cache);

@@ -239,6 +239,15 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
     uint64_t first = region0 * per_region;               /* cluster index */
     uint64_t table_first = first + nb_blocks;
     uint64_t used_end = table_first + table_clusters;
+    /* O1: the new regions are counted by nothing, which a hostile image
+     * may still use for metadata. */
+    int r = qcow2_check_overlap_locked(bs, 0, first * cs, (used_end - first) * cs);
+    if (r == 0) {
+        r = qcow2_check_overlap_locked(bs, QCOW2_OL_HEADER, 48, 12);
+    }
+    if (r < 0) {
+        return r;
+    }
 
     /* The refcount blocks, each counting the new clusters of its region. */
     _cleanup_free_ uint8_t *block = aligned_alloc(4096, ROUND_UP(cs, 4096));
@@ -252,7 +261,7 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
         for (uint64_t c = MAX(rstart, first); c < MIN(rstart + per_region, used_end); c++) {
             rb_set(s, block, c - rstart, 1);
         }
-        int r = bdrv_pwrite(bs->file, (first + b) * cs, block, cs, 0);
+        r = bdrv_pwrite(bs->file, (first + b) * cs, block, cs, 0);
         if (r < 0) {
             return r;
         }
@@ -264,7 +273,7 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
         }
         table[i] = htobe64(v);
     }
-    int r = bdrv_pwrite(bs->file, table_first * cs, table, new_size * 8, 0);
+    r = bdrv_pwrite(bs->file, table_first * cs, table, new_size * 8, 0);
     if (r == 0) {
         r = qcow2_sync_locked(bs);
     }
@@ -292,6 +301,7 @@ static int grow_refcount_table_locked(BlockDriverState *bs, uint64_t min_entries
     s->refcount_table_size = new_size;
     s->refcount_table_offset = table_first * cs;
     s->refcount_table_clusters = (uint32_t)table_clusters;
+    s->alloc_end = MAX(s->alloc_end, used_end);
     /* Free the old table last; a failure here only leaks it. */
     qcow2_free_clusters_locked(bs, old_offset, old_clusters * cs);
     return 0;
@@ -318,8 +328,17 @@ static int ensure_refblock_locked(BlockDriverState *bs, uint64_t rt_index)
     if (off == 0 || off + cs > QCOW2_MAX_HOST_OFFSET) {
         return off == 0 ? -EIO : -EFBIG;   /* region 0 must have a block */
     }
+    /* O1: nothing counts the region, but metadata may still lie there. */
+    uint64_t entry_off = s->refcount_table_offset + rt_index * 8;
+    int r = qcow2_check_overlap_locked(bs, 0, off, cs);
+    if (r == 0) {
+        r = qcow2_check_overlap_locked(bs, QCOW2_OL_REFCOUNT_TABLE, entry_off, 8);
+    }
+    if (r < 0) {
+        return r;
+    }
     void *block;
-    int r = qcow2_cache_get_locked(bs, s->refblock_cache, off, true, &block);
+    r = qcow2_cache_get_locked(bs, s->refblock_cache, off, true, &block);
     if (r < 0) {
         return r;
     }
@@ -330,13 +349,14 @@ static int ensure_refblock_locked(BlockDriverState *bs, uint64_t rt_index)
     }
     if (r == 0) {
         uint64_t be = htobe64(off);
-        r = bdrv_pwrite(bs->file, s->refcount_table_offset + rt_index * 8, &be, 8, 0);
+        r = bdrv_pwrite(bs->file, entry_off, &be, 8, 0);
     }
     if (r < 0) {
         qcow2_cache_drop_locked(s->refblock_cache, off);
         return r;
     }
     s->refcount_table[rt_index] = off;
+    s->alloc_end = MAX(s->alloc_end, off / cs + 1);
     return 0;
 }
 
@@ -360,11 +380,24 @@ static int64_t alloc_run_locked(BlockDriverState *bs, uint64_t n, bool exact,
     if (n == 0 || (exact && n > (1ull << s->refcount_block_bits) - 1)) {
         return n == 0 ? -EINVAL : -EFBIG;
     }
+    if (qcow2_is_corrupt(s)) {
+        return -EIO;   /* O2 */
+    }
     for (;;) {
         uint64_t start = MAX(s->free_cluster_index, 1), run = 0;
         bool need_block = false;
+        /* B3: a consistent image counts no cluster past the end of the
+         * file, so a free one is found at the latest there (or after
+         * what this session allocated, not yet written).  Refcounts that
+         * claim more are corrupt: refuse rather than grow the file. */
+        uint64_t bound = MAX(DIV_ROUND_UP(file_length(bs), cs), s->alloc_end);
         while (run < n) {
             uint64_t c = start + run;
+            if (run == 0 && c > bound) {
+                return qcow2_signal_corruption_locked(bs, "the refcounts "
+                    "claim every cluster up to 0x%" PRIx64 " in use, past "
+                    "the end of the file (0x%" PRIx64 ")", c * cs, bound * cs);
+            }
             if ((c + 1) * cs > QCOW2_MAX_HOST_OFFSET) {
                 if (!exact && run > 0) {
                     break;
@@ -414,6 +447,13 @@ static int64_t alloc_run_locked(BlockDriverState *bs, uint64_t n, bool exact,
             return r;
         }
         s->free_cluster_index = start + run;
+        s->alloc_end = MAX(s->alloc_end, start + run);
+        /* O1: refcount 0 on metadata (corrupt refcounts) would hand it
+         * out; every user of a new cluster writes it next. */
+        r = qcow2_check_overlap_locked(bs, 0, start * cs, run * cs);
+        if (r < 0) {
+            return r;
+        }
         *ret_n = run;
         return (int64_t)start;
     }
@@ -489,7 +529,8 @@ static void free_now_locked(BlockDriverState *bs, uint64_t offset,
     for (uint64_t c = first; c < first + n; c++) {
         uint64_t rc;
         if (qcow2_get_refcount_locked(bs, c, &rc) == 0 && rc == 0 &&
-            (c + 1) * cs <= flen) {
+            (c + 1) * cs <= flen &&
+            qcow2_check_overlap_locked(bs, 0, c * cs, cs) == 0) {
             bdrv_pdiscard(bs->file, c * cs, cs);
         }
     }
@@ -513,12 +554,39 @@ void qcow2_pending_frees_free(BDRVQcow2State *s)
 
 /* ---- check ---- */
 
+/* The check is linear in the file size plus the metadata size (K1): a
+ * table that several entries name (L2 tables, bitmap tables, refcount
+ * blocks past the end of the file) is counted once per reference but
+ * walked only once, and a region wholly past the end of the file is
+ * reported once per refcount table entry, not once per cluster. */
+enum {
+    CHECK_WALKED_L2 = 1 << 0,        /* this L2 table's entries counted */
+    CHECK_WALKED_BITMAP = 1 << 1,    /* this bitmap table's entries counted */
+    CHECK_SCANNED_PAST_EOF = 1 << 2, /* this block, naming a region wholly
+                                        past the end, was scanned... */
+    CHECK_COUNTS_PAST_EOF = 1 << 3,  /* ...and counts clusters there */
+};
+
 typedef struct CheckState {
     BDRVQcow2State *s;
     uint16_t *refs;                  /* expected refcount per cluster */
+    uint8_t *walked;                 /* CHECK_* flags per cluster */
     uint64_t nb_clusters;
     BdrvCheckResult *res;
 } CheckState;
+
+/* True the first time it is called for (the cluster holding) `offset`
+ * with `flag`: the table there is to be walked now.  Offsets past the end
+ * of the file are never walked (check_ref reported them). */
+static bool check_first_walk(CheckState *cs, uint64_t offset, uint8_t flag)
+{
+    uint64_t c = offset >> cs->s->cluster_bits;
+    if (c >= cs->nb_clusters || (cs->walked[c] & flag)) {
+        return false;
+    }
+    cs->walked[c] |= flag;
+    return true;
+}
 
 /* Count one reference to every cluster of [offset, offset+size). */
 static void check_ref(CheckState *cs, uint64_t offset, uint64_t size,
@@ -621,7 +689,10 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
             continue;
         }
         check_ref(cs, toff, tbytes, "bitmap table");
-        _cleanup_free_ uint64_t *t = malloc(tbytes ? tbytes : 1);
+        if (!tbytes || !check_first_walk(cs, toff, CHECK_WALKED_BITMAP)) {
+            continue;
+        }
+        _cleanup_free_ uint64_t *t = malloc(tbytes);
         if (!t || bdrv_pread(bs->file, toff, t, tbytes) < 0) {
             continue;
         }
@@ -631,6 +702,52 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
                 check_ref(cs, off, s->cluster_size, "bitmap data cluster");
             }
         }
+    }
+}
+
+/* Report the clusters past the end of the file that the refcount block at
+ * `off` (entry i of the refcount table) counts.  The one region the end of
+ * the file cuts is scanned once and reported per cluster.  A region wholly
+ * past the end is reported once per entry that names a counting block, and
+ * each such block is scanned once, whatever number of entries name it. */
+static void check_refblock_past_eof(BlockDriverState *bs, CheckState *cs,
+                                    uint64_t i, uint64_t off)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t per_block = 1ull << s->refcount_block_bits;
+    uint64_t region_first = i << s->refcount_block_bits;
+    uint64_t c = off >> s->cluster_bits;
+    bool whole = region_first >= cs->nb_clusters;
+    bool memo = whole && c < cs->nb_clusters;
+    bool counts = false;
+    if (memo && (cs->walked[c] & CHECK_SCANNED_PAST_EOF)) {
+        counts = cs->walked[c] & CHECK_COUNTS_PAST_EOF;
+    } else {
+        void *block;
+        uint64_t boff;
+        if (load_refblock_locked(bs, i, &block, &boff) < 0 || !block) {
+            return;   /* reported with the references above */
+        }
+        for (uint64_t k = whole ? 0 : cs->nb_clusters - region_first;
+             k < per_block && !(whole && counts); k++) {
+            uint64_t rc = rb_get(s, block, k);
+            if (rc && !whole) {
+                bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR "
+                                  "cluster %" PRIu64 " past the end of the "
+                                  "file has refcount %" PRIu64,
+                                  region_first + k, rc);
+            }
+            counts = counts || rc;
+        }
+        if (memo) {
+            cs->walked[c] |= CHECK_SCANNED_PAST_EOF |
+                             (counts ? CHECK_COUNTS_PAST_EOF : 0);
+        }
+    }
+    if (whole && counts) {
+        bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR refcount "
+                          "block %" PRIu64 " (at 0x%" PRIx64 ") counts "
+                          "clusters past the end of the file", i, off);
     }
 }
 
@@ -650,8 +767,10 @@ int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
     CheckState cs = { .s = s, .res = res };
     cs.nb_clusters = DIV_ROUND_UP(file_length(bs), csz);
     cs.refs = calloc(cs.nb_clusters ? cs.nb_clusters : 1, sizeof(uint16_t));
+    _cleanup_free_ uint8_t *walked = calloc(cs.nb_clusters ? cs.nb_clusters : 1, 1);
+    cs.walked = walked;
     _cleanup_free_ uint64_t *l2 = malloc(csz);
-    if (!cs.refs || !l2) {
+    if (!cs.refs || !l2 || !walked) {
         free(cs.refs);
         return -ENOMEM;
     }
@@ -681,6 +800,9 @@ int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
             continue;
         }
         check_ref(&cs, l2_offset, csz, "L2 table");
+        if (!check_first_walk(&cs, l2_offset, CHECK_WALKED_L2)) {
+            continue;   /* named twice: its refcount mismatch says so */
+        }
         int r = check_l2(bs, &cs, l2_offset, l2);
         if (r < 0) {
             free(cs.refs);
@@ -726,21 +848,14 @@ int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
                               rc, cs.refs[c]);
         }
     }
-    /* Refcounts past the end of the file. */
+    /* Refcounts past the end of the file (K1). */
     for (uint64_t i = cs.nb_clusters >> s->refcount_block_bits;
          i < s->refcount_table_size; i++) {
-        if (!(s->refcount_table[i] & QCOW2_REFT_OFFSET_MASK)) {
+        uint64_t off = s->refcount_table[i] & QCOW2_REFT_OFFSET_MASK;
+        if (!off) {
             continue;
         }
-        for (uint64_t c = MAX(i << s->refcount_block_bits, cs.nb_clusters);
-             c < (i + 1) << s->refcount_block_bits; c++) {
-            uint64_t rc;
-            if (qcow2_get_refcount_locked(bs, c, &rc) == 0 && rc) {
-                bdrv_check_report(res, BDRV_CHECK_CORRUPTION, "ERROR cluster %"
-                                  PRIu64 " past the end of the file has "
-                                  "refcount %" PRIu64, c, rc);
-            }
-        }
+        check_refblock_past_eof(bs, &cs, i, off);
     }
     /* The used space ends after the last cluster something refers to. */
     for (uint64_t c = cs.nb_clusters; c > 0; c--) {

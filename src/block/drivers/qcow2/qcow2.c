@@ -315,6 +315,9 @@ int qcow2_update_header_locked(BlockDriverState *bs)
         r = qcow2_sync_if_needed_locked(bs);
     }
     if (r == 0) {
+        r = qcow2_check_overlap_locked(bs, QCOW2_OL_HEADER, 0, pos);
+    }
+    if (r == 0) {
         r = bdrv_pwrite(bs->file, 0, buf, pos, 0);
     }
     if (r == 0) {
@@ -898,6 +901,23 @@ static int write_allocating_locked(BlockDriverState *bs, uint64_t offset,
     return r;
 }
 
+/* An in-place write of guest data to host [host, host+bytes), mapped by
+ * an L2 entry: the cluster must start inside the file (B2: an entry far
+ * past the end would grow the file to that size) and overlap no metadata
+ * (O1).  0, or -EIO with the image marked corrupt.  s->lock held. */
+static int check_data_write_locked(BlockDriverState *bs, uint64_t host,
+                                   uint64_t bytes)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t start = ROUND_DOWN(host, s->cluster_size);
+    if (start >= MAX(file_length(bs), s->alloc_end * s->cluster_size)) {
+        return qcow2_signal_corruption_locked(bs, "data cluster at 0x%" PRIx64
+                                              " is past the end of the file",
+                                              start);
+    }
+    return qcow2_check_overlap_locked(bs, 0, host, bytes);
+}
+
 static int qcow2_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                          const struct iovec *iov, int niov, int flags)
 {
@@ -921,6 +941,10 @@ static int qcow2_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
             uint64_t *table, l2_offset;
             unsigned index;
             r = qcow2_get_l2_locked(bs, off, false, &table, &l2_offset, &index);
+            if (r == 0 && table &&
+                (be64toh(table[index]) & QCOW2_OFLAG_COPIED)) {
+                r = check_data_write_locked(bs, host, n);
+            }
             if (r == 0 && table &&
                 (be64toh(table[index]) & QCOW2_OFLAG_COPIED)) {
                 /* Registered so that a zero write or discard cannot free
@@ -988,6 +1012,9 @@ static int clear_clusters(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     uint64_t cs = s->cluster_size;
     uint64_t done = 0;
     LOCK_GUARD(&s->lock);
+    if (qcow2_is_corrupt(s)) {
+        return -EIO;   /* O2 */
+    }
     while (done < bytes) {
         uint64_t off = offset + done;
         uint64_t first = off >> s->cluster_bits;

@@ -6,6 +6,7 @@
  *                     cluster mapping, zero clusters, compressed reads
  *   qcow2-refcount.c  refcount table and blocks, cluster allocation and
  *                     freeing, refcount table growth, check
+ *   qcow2-overlap.c   metadata overlap checks, marking the image corrupt
  *   qcow2-bitmap.c    the persistent bitmaps extension (0x23852875), and
  *                     bitback's bitmap generations extension (0x62626b67,
  *                     docs/specs/qcow2.md)
@@ -111,6 +112,10 @@ typedef struct BDRVQcow2State {
     Qcow2Bitmaps *bitmaps;           /* qcow2-bitmap.c's state, or NULL */
 
     uint64_t free_cluster_index;     /* allocation search hint */
+    /* Bound of the allocator (B3): a run never starts past
+     * MAX(clusters in the file, alloc_end); alloc_end is the end (cluster
+     * index) of everything allocated since open. */
+    uint64_t alloc_end;
 
     /* Added by the driver core (qcow2.c, qcow2-cluster.c,
      * qcow2-refcount.c); q2 may read them. */
@@ -276,6 +281,35 @@ void qcow2_apply_pending_frees_locked(BlockDriverState *bs);
 void qcow2_pending_frees_free(BDRVQcow2State *s);
 /* Deferred frees above which clear_clusters flushes metadata to apply. */
 #define QCOW2_MAX_PENDING_FREES 4096
+
+/* ---- qcow2-overlap.c ---- */
+
+/* Metadata kinds, for qcow2_check_overlap_locked's `ignore` mask. */
+#define QCOW2_OL_HEADER           (1u << 0)
+#define QCOW2_OL_ACTIVE_L1        (1u << 1)
+#define QCOW2_OL_ACTIVE_L2        (1u << 2)
+#define QCOW2_OL_REFCOUNT_TABLE   (1u << 3)
+#define QCOW2_OL_REFCOUNT_BLOCK   (1u << 4)
+#define QCOW2_OL_SNAPSHOT_TABLE   (1u << 5)
+#define QCOW2_OL_BITMAP_DIRECTORY (1u << 6)
+
+/* O1/O2 (qcow2-overlap.c): 0 when host bytes [offset, offset+size) may be
+ * written, i.e. overlap no metadata of a kind not in `ignore` and the
+ * image is not marked corrupt; else -EIO (an overlap marks the image
+ * corrupt first).  s->lock held. */
+int qcow2_check_overlap_locked(BlockDriverState *bs, unsigned ignore,
+                               uint64_t offset, uint64_t size);
+/* O2: report the corruption `fmt` once (error_report), set the corrupt
+ * bit in memory and, for a writable v3 image, on disk.  Every later write
+ * fails.  Returns -EIO, for `return qcow2_signal_corruption_locked(...)`.
+ * s->lock held. */
+int qcow2_signal_corruption_locked(BlockDriverState *bs, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* The image is marked corrupt (O2): writes are refused. */
+static inline bool qcow2_is_corrupt(const BDRVQcow2State *s)
+{
+    return (s->incompatible_features & QCOW2_INCOMPAT_CORRUPT) != 0;
+}
 
 /* ---- qcow2.c ---- */
 
