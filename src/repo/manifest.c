@@ -18,10 +18,15 @@
 
 #define MANIFEST_FORMAT    "bitback-manifest"
 #define HASH_ALGORITHM     "xxh3-128"
-/* A manifest lists extents, about 100 bytes each: 64 MiB holds ~600k
- * extents, far more than real backups write (a fully fragmented 64 TiB disk
- * would need more: issue 18).  A bigger file is refused before it is read. */
-#define REPO_MAX_MANIFEST  (UINT64_C(64) << 20)
+/* The largest manifest written or read.  A manifest holds one hash entry
+ * (about 50 bytes) per stored cluster, so 128 MiB is ~2.7 M clusters: about
+ * 170 GiB changed per backup at the default 64 KiB clusters.  json-c needs
+ * about 8 times the text while parsing, so reading one stays under ~1 GiB.
+ * A bigger file is refused before it is read, and a backup whose manifest
+ * would be bigger is refused before it is committed (never a backup the
+ * readers refuse).  Repository format 2 (issue 18) moves hashes out of the
+ * JSON to lift this. */
+#define REPO_MAX_MANIFEST  (UINT64_C(128) << 20)
 
 const char *repo_level_name(RepoLevel level)
 {
@@ -669,23 +674,40 @@ RepoManifest *repo_manifest_load(const RepoStorage *st, const char *path,
     return repo_manifest_from_json(obj, path, errp);
 }
 
-bool repo_manifest_write(Repo *repo, const char *path, const RepoManifest *m,
-                         Error **errp)
+char *repo_manifest_text(const RepoManifest *m, const char *path,
+                         uint64_t max, Error **errp)
 {
     _cleanup_json_ struct json_object *obj = repo_manifest_to_json(m, true);
-    _cleanup_free_ char *text = NULL;
+    char *text = NULL;
     /* Never write a manifest that readers would refuse. */
     RepoManifest *check = repo_manifest_from_json(obj, path, errp);
 
     if (!check) {
-        return false;
+        return NULL;
     }
     repo_manifest_free(check);
     if (asprintf(&text, "%s\n", json_object_to_json_string_ext(
                      obj, JSON_C_TO_STRING_SPACED |
                           JSON_C_TO_STRING_NOSLASHESCAPE)) < 0) {
         error_setg(errp, "out of memory");
-        return false;
+        return NULL;
     }
-    return repo->storage->write_tmp(path, text, strlen(text), errp);
+    size_t len = strlen(text);
+    if (len > max) {
+        error_setg(errp, "manifest '%s' would be %zu bytes, more than the "
+                   "%" PRIu64 " a reader accepts (%zu clusters stored: "
+                   "too many for one backup in repository format 1)",
+                   path, len, max, m->n_hashes);
+        free(text);
+        return NULL;
+    }
+    return text;
+}
+
+bool repo_manifest_write(Repo *repo, const char *path, const RepoManifest *m,
+                         Error **errp)
+{
+    _cleanup_free_ char *text =
+        repo_manifest_text(m, path, REPO_MAX_MANIFEST, errp);
+    return text && repo->storage->write_tmp(path, text, strlen(text), errp);
 }

@@ -275,6 +275,12 @@ bool repo_commit(Repo *repo, RepoManifest *m, Error **errp);
 bool repo_manifest_write(Repo *repo, const char *path, const RepoManifest *m,
                          Error **errp);
 
+/* The text repo_manifest_write writes for m (malloc'd), after validating it
+ * as a reader would; NULL with an error if it does not validate or would be
+ * longer than max bytes (readers refuse longer manifests). */
+char *repo_manifest_text(const RepoManifest *m, const char *path,
+                         uint64_t max, Error **errp);
+
 /* fsync a file by path (used for the qcow2 files the daemon wrote). */
 bool repo_fsync_path(const char *path, Error **errp);
 

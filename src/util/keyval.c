@@ -21,6 +21,7 @@
 
 /* Longest option string we parse: bounds every allocation below. */
 #define KEYVAL_MAX_LEN (1024 * 1024)
+#define KEYVAL_MAX_DEPTH 32        /* nesting of a JSON option */
 
 static bool keyval_fragment_char(char c)
 {
@@ -229,10 +230,32 @@ struct json_object *keyval_parse_or_json(const char *arg,
     if (arg[0] != '{') {
         return keyval_parse(arg, implied_key, errp);
     }
-    enum json_tokener_error jerr = json_tokener_success;
-    struct json_object *obj = json_tokener_parse_verbose(arg, &jerr);
-    if (jerr != json_tokener_success) {
-        error_setg(errp, "JSON parse error, %s", json_tokener_error_desc(jerr));
+    size_t len = strlen(arg);
+    if (len > KEYVAL_MAX_LEN) {
+        error_setg(errp, "JSON option too long (at most %d bytes)",
+                   KEYVAL_MAX_LEN);
+        return NULL;
+    }
+    struct json_tokener *tok = json_tokener_new_ex(KEYVAL_MAX_DEPTH);
+    if (!tok) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    struct json_object *obj = json_tokener_parse_ex(tok, arg, (int)len);
+    enum json_tokener_error jerr = json_tokener_get_error(tok);
+    size_t end = json_tokener_get_parse_end(tok);
+    json_tokener_free(tok);
+    if (obj && jerr == json_tokener_success &&
+        arg[end + strspn(arg + end, " \t\r\n")] != '\0') {
+        json_object_put(obj);
+        error_setg(errp, "JSON parse error, text after the object");
+        return NULL;
+    }
+    if (!obj || jerr != json_tokener_success) {
+        json_object_put(obj);
+        error_setg(errp, "JSON parse error, %s",
+                   jerr == json_tokener_continue ? "unexpected end of input"
+                                                 : json_tokener_error_desc(jerr));
         return NULL;
     }
     if (!json_object_is_type(obj, json_type_object)) {

@@ -106,7 +106,7 @@ def test_nbdinfo_features_and_list(daemon, tmp_path):
     assert names == ["d0", "ro"]
 
     # Export removal: refused while in use only in safe mode; gone after.
-    daemon.qmp.cmd("block-export-del", id="e1")
+    daemon.qmp.del_export("e1")
     p = run(["nbdinfo", "--json", daemon.nbd_uri("ro")], check=False)
     assert p.returncode != 0
     exports = daemon.qmp.cmd("query-block-exports")

@@ -432,7 +432,7 @@ def test_qmp_add_remove_and_blockdev_del(tmp_path):
         d.qmp.cmd("block-export-add", type="nbd", id="e0",
                   **{"node-name": "d0"}, name="d0", writable=True)
         qemu_io_writes(d.nbd_uri("d0"), WRITES[:3], "raw")
-        d.qmp.cmd("block-export-del", id="e0")
+        d.qmp.del_export("e0")
         d.qmp.cmd("blockdev-del", **{"node-name": "d0"})
         assert qemu_bitmaps(img) == [
             {"flags": ["auto"], "name": "b0", "granularity": 4096},

@@ -242,7 +242,7 @@ def test_dirty_count_and_map_match_nbd_writes(daemon):
     e = c.error("block-dirty-bitmap-clear", node="disk0", name="b0")
     assert e.cls == "GenericError" and "b0" in e.desc
     # After the export is gone it can; export again: the map is empty.
-    c.cmd("block-export-del", id="e0")
+    c.del_export("e0")
     wait_no_exports(c)
     assert c.bitmap("disk0", "b0")["busy"] is False
     c.cmd("block-dirty-bitmap-clear", node="disk0", name="b0")

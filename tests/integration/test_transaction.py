@@ -547,7 +547,7 @@ def test_backing_option_and_bitmap_on_backing_node(kind, tmp_path):
               **{"node-name": "base"}, writable=True)
         qemu_io(d.nbd_uri("base"), "write -P 0x01 1M 64k",
                 "write -P 0x02 10M 128k")
-        c.cmd("block-export-del", id="eb")
+        c.del_export("eb")
         deadline = time.monotonic() + 30
         while c.cmd("query-block-exports"):
             assert time.monotonic() < deadline

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <cmocka.h>
 
@@ -144,6 +145,54 @@ static void test_json(void **state)
     o = keyval_parse_or_json("a=1", NULL, &err);
     assert_non_null(o);
     json_object_put(o);
+
+    /* Explicit limits: 31 levels of nesting parse, 32 do not (json-c keeps
+     * one level of its depth 32 for itself); nor does more than 1 MiB of
+     * text. */
+    char deep[2 * 40 + 16];
+    for (int depth = 31; depth <= 32; depth++) {
+        char *p = deep;
+        p += sprintf(p, "{\"a\":");
+        for (int i = 1; i < depth; i++) {
+            *p++ = '[';
+        }
+        *p++ = '1';
+        for (int i = 1; i < depth; i++) {
+            *p++ = ']';
+        }
+        strcpy(p, "}");
+        o = keyval_parse_or_json(deep, NULL, &err);
+        if (depth == 31) {
+            assert_non_null(o);
+            json_object_put(o);
+        } else {
+            assert_null(o);
+            assert_non_null(strstr(error_get_pretty(err), "JSON parse error"));
+            error_free(err);
+            err = NULL;
+        }
+    }
+    size_t big = 1024 * 1024 + 16;
+    char *text = malloc(big + 1);
+    assert_non_null(text);
+    memset(text, ' ', big);
+    memcpy(text, "{\"a\":1", 6);
+    text[big - 1] = '}';
+    text[big] = '\0';
+    o = keyval_parse_or_json(text, NULL, &err);
+    assert_null(o);
+    assert_non_null(strstr(error_get_pretty(err), "too long"));
+    error_free(err);
+    err = NULL;
+    free(text);
+
+    /* Text after the object is an error; white space is not. */
+    o = keyval_parse_or_json("{\"a\":1} \n", NULL, &err);
+    assert_non_null(o);
+    json_object_put(o);
+    o = keyval_parse_or_json("{\"a\":1} x", NULL, &err);
+    assert_null(o);
+    error_free(err);
 }
 
 static void test_conversions(void **state)

@@ -257,6 +257,31 @@ static RepoManifest *round_trip(const RepoManifest *m, Error **errp)
     return r;
 }
 
+/* The writer refuses a manifest longer than readers accept (it would commit
+ * a backup nobody can read), and the text it accepts is what it writes. */
+static void test_manifest_text_limit(void **state)
+{
+    Error *err = NULL;
+    RepoManifest *m = sample_manifest();
+    char *text = repo_manifest_text(m, "x.json", UINT64_MAX, &err);
+    die_on(err);
+    size_t len = strlen(text);
+    assert_true(len > 2 && text[len - 1] == '\n');
+
+    char *same = repo_manifest_text(m, "x.json", len, &err);
+    die_on(err);
+    assert_string_equal(same, text);
+    free(same);
+
+    assert_null(repo_manifest_text(m, "x.json", len - 1, &err));
+    assert_non_null(err);
+    assert_non_null(strstr(error_get_pretty(err), "x.json"));
+    assert_non_null(strstr(error_get_pretty(err), "more than"));
+    error_free(err);
+    free(text);
+    repo_manifest_free(m);
+}
+
 static void test_manifest_round_trip(void **state)
 {
     Error *err = NULL;
@@ -1318,6 +1343,7 @@ int main(void)
         cmocka_unit_test(test_merkle),
         cmocka_unit_test(test_hash_zero),
         cmocka_unit_test(test_manifest_round_trip),
+        cmocka_unit_test(test_manifest_text_limit),
         cmocka_unit_test(test_manifest_rejects),
         cmocka_unit_test(test_parse_id),
         cmocka_unit_test(test_open),

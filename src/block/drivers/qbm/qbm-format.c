@@ -694,7 +694,7 @@ bool qbm_descriptor_parse(const char *text, size_t len, const char *display,
                    display);
         return false;
     }
-    struct json_tokener *tok = json_tokener_new();
+    struct json_tokener *tok = json_tokener_new_ex(QBM_MAX_DESCRIPTOR_DEPTH);
     if (!tok) {
         error_setg(errp, "out of memory");
         return false;

@@ -20,6 +20,7 @@
 #define QBM_KNOWN_FLAGS         QBM_FLAG_CLEAN
 #define QBM_MAX_DESCRIPTOR_SIZE (1024 * 1024)
 #define QBM_MAX_BITMAPS         65535
+#define QBM_MAX_DESCRIPTOR_DEPTH 16     /* JSON nesting; a valid one needs 4 */
 /* Bytes of bits in one bitmap file: 1 GiB covers 512 TiB at 64 KiB. */
 #define QBM_MAX_BITMAP_DATA     (UINT64_C(1) << 30)
 /* Allocation clusters are copied whole on copy-on-write: at most one
