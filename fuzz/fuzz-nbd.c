@@ -16,7 +16,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -83,46 +82,6 @@ static void *serve(void *opaque)
     return NULL;
 }
 
-/* Write data to fd, then shut it for writing, while reading and dropping
- * what the peer sends, until the peer closes. */
-static void exchange(int fd, const uint8_t *data, size_t size)
-{
-    static uint8_t sink[65536];
-    size_t off = 0;
-    bool writing = true;
-    if (size == 0) {
-        shutdown(fd, SHUT_WR);
-        writing = false;
-    }
-    for (;;) {
-        struct pollfd p = { .fd = fd,
-                            .events = POLLIN | (writing ? POLLOUT : 0) };
-        if (poll(&p, 1, -1) < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            die("poll", NULL);
-        }
-        if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-            ssize_t n = recv(fd, sink, sizeof(sink), MSG_DONTWAIT);
-            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-                return;   /* the server closed the connection */
-            }
-        }
-        if (writing && (p.revents & POLLOUT)) {
-            ssize_t n = send(fd, data + off, size - off,
-                             MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (n > 0) {
-                off += (size_t)n;
-            }
-            if (off == size || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-                shutdown(fd, SHUT_WR);
-                writing = false;
-            }
-        }
-    }
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     setup();
@@ -134,7 +93,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (pthread_create(&t, NULL, serve, &sv[0]) != 0) {
         die("pthread_create", NULL);
     }
-    exchange(sv[1], data, size);
+    fuzz_exchange(sv[1], data, size);
     pthread_join(t, NULL);   /* the server closed sv[0] */
     close(sv[1]);
     return 0;

@@ -201,6 +201,13 @@ def qmp_seeds(work):
             q.recv_reply()
             q.send_raw(b'{"exec-oob":"query-version","id":"o1"}')
             q.recv_reply()
+            # One request split across writes; a parse error mid-line.
+            q.send_raw(b'{"execute": "query-ver')
+            q.send_raw(b'sion", "id": 8}\r\n')
+            q.recv_reply()
+            q.send_raw(b'{"execute": ] junk\n{"execute":"query-version"}\n')
+            q.recv_reply()
+            q.recv_reply()
             q.close()
             q = QMPClient(sock, negotiate=False)
             q.send_raw(b'{"execute":"qmp_capabilities",'
@@ -208,11 +215,13 @@ def qmp_seeds(work):
             q.recv_reply()
             q.send_raw(b'{"exec-oob":"query-version","id":"o2"}')
             q.recv_reply()
+            q.cmd("qmp_capabilities")
+            q.cmd("quit")
             q.close()
             save("fuzz-qmp-monitor", "qmpclient", p.take())
         finally:
             p.close()
-        d.quit()
+        assert d.wait() == 0
 
 
 def main():
