@@ -8,8 +8,8 @@
  *
  * Only harmless commands exist: the real qmp_capabilities, query-version
  * and query-commands, the bitmap and backup stubs of fuzz-qmp-stubs.h, and
- * a stub "quit" registered first (the dispatcher takes the first command
- * of a name), so no input stops the loop, touches a node or writes a file.
+ * a stub "quit" registered over the real one (re-registration replaces),
+ * so no input stops the loop, touches a node or writes a file.
  * Per input: a socketpair; a thread plays the client (writes the input,
  * shuts its side for writing, drops the replies until the monitor closes);
  * the monitor serves the other end on this thread until the client is
@@ -42,8 +42,8 @@ static void *client_main(void *opaque)
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-    qmp_register_command("quit", stub);     /* shadows the real quit */
     qmp_register_control_commands();
+    qmp_register_command("quit", stub);     /* replaces the real quit */
     fuzz_qmp_register_stubs();
     return 0;
 }
