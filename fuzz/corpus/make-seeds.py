@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """Regenerate the seed corpora of the fuzz targets that replay real
-traffic (docs/fuzzing.md): fuzz-nbd and fuzz-qmp-monitor.
+traffic or real files (docs/fuzzing.md): fuzz-nbd, fuzz-qmp-monitor and
+fuzz-write-intent.
 
-    BITBACK_BUILD=build /usr/bin/python3 fuzz/corpus/make-seeds.py [nbd|qmp]...
+    BITBACK_BUILD=build /usr/bin/python3 fuzz/corpus/make-seeds.py [nbd|qmp|wil]...
 
 A real bitbackd serves a 1 MiB raw image with dirty bitmap "b", exported
 writable as "disk0" with qemu:dirty-bitmap:b (what the fuzz-nbd harness
@@ -11,6 +12,12 @@ QEMU's NBD client (qemu-io, qemu-img) for NBD; bitback_testlib's QMPClient
 for QMP -- talk to it through a recording proxy on a UNIX socket, which
 keeps what each client sent (client to server only): one seed per
 connection, fuzz/corpus/TARGET/CLIENT-N.  Seeds over 64 KiB are cut.
+
+fuzz-write-intent: real logs left by a bitbackd killed with SIGKILL while
+serving a 4 MiB qbm image with persistent bitmap "b" (granularity 64 KiB,
+what the harness's image has), crash-safe-region-size 64 KiB, written
+through qemu-io over NBD: one killed before any snapshot of the writes,
+one after a flush (which takes a snapshot).
 """
 import os
 import pathlib
@@ -224,8 +231,39 @@ def qmp_seeds(work):
         assert d.wait() == 0
 
 
+def wil_seeds(work):
+    import time
+    bitback = pathlib.Path(os.environ.get("BITBACK_BUILD", "build")).resolve() / "bitback"
+    for name, cmds in (("killed-after-writes",
+                        ["write -P 0x11 0 64k", "write -P 0x22 1M 128k"]),
+                       ("killed-after-flush",
+                        ["write -P 0x11 64k 64k", "flush",
+                         "write -P 0x33 3M 64k"])):
+        img = work / "disk.qbm"
+        for f in work.glob("disk.*"):
+            f.unlink()
+        run(bitback, "img", "create", "-f", "qbm", img, "4M")
+        with Daemon(work / "d") as d:
+            d.start("--blockdev", "driver=qbm,node-name=disk0,"
+                    f"file.driver=file,file.filename={img},"
+                    "crash-safe-region-size=65536",
+                    "--export", "type=nbd,id=e0,node-name=disk0,writable=on",
+                    nbd=True)
+            d.qmp.cmd("block-dirty-bitmap-add", node="disk0", name="b",
+                      granularity=65536, persistent=True)
+            args = ["qemu-io", "-f", "raw"]
+            for c in cmds:
+                args += ["-c", c]
+            run(*args, d.nbd_uri("disk0"))
+            if "flush" in cmds:
+                time.sleep(1.5)    # the snapshot a flush asks for
+            d.kill()
+        wil = work / "disk.qbm.wil"
+        save("fuzz-write-intent", name, [wil.read_bytes()])
+
+
 def main():
-    which = sys.argv[1:] or ["nbd", "qmp"]
+    which = sys.argv[1:] or ["nbd", "qmp", "wil"]
     with tempfile.TemporaryDirectory(prefix="seeds-") as t:
         work = pathlib.Path(t)
         (work / "q.raw").write_bytes(b"\0" * 65536)
@@ -233,6 +271,8 @@ def main():
             nbd_seeds(work)
         if "qmp" in which:
             qmp_seeds(work)
+        if "wil" in which:
+            wil_seeds(work)
 
 
 if __name__ == "__main__":
