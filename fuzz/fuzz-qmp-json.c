@@ -22,47 +22,13 @@
 #include "util/cleanup.h"
 #include "util/error.h"
 #include "fuzz-util.h"
+#include "fuzz-qmp-stubs.h"
 
 #define FUZZ_QMP_MAX_DEPTH 64   /* QMP_MAX_DEPTH of monitor.c */
 
-static struct json_object *stub(struct json_object *args, Error **errp)
-{
-    return json_object_new_object();
-}
-
-static struct json_object *stub_blockdev_backup(struct json_object *args,
-                                                Error **errp)
-{
-    return qmp_backup_check_args(args, false, errp) ? json_object_new_object()
-                                                    : NULL;
-}
-
-static struct json_object *stub_drive_backup(struct json_object *args,
-                                             Error **errp)
-{
-    return qmp_backup_check_args(args, true, errp) ? json_object_new_object()
-                                                   : NULL;
-}
-
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-    qmp_register_command_spec("block-dirty-bitmap-add", stub,
-                              qmp_spec_bitmap_add);
-    qmp_register_command_spec("block-dirty-bitmap-remove", stub,
-                              qmp_spec_bitmap);
-    qmp_register_command_spec("block-dirty-bitmap-clear", stub,
-                              qmp_spec_bitmap);
-    qmp_register_command_spec("block-dirty-bitmap-enable", stub,
-                              qmp_spec_bitmap);
-    qmp_register_command_spec("block-dirty-bitmap-disable", stub,
-                              qmp_spec_bitmap);
-    qmp_register_command_spec("block-dirty-bitmap-merge", stub,
-                              qmp_spec_bitmap_merge);
-    qmp_register_command_spec("blockdev-backup", stub_blockdev_backup,
-                              qmp_spec_blockdev_backup);
-    qmp_register_command_spec("drive-backup", stub_drive_backup,
-                              qmp_spec_drive_backup);
-    qmp_register_command("fuzz-no-spec", stub);
+    fuzz_qmp_register_stubs();
     return 0;
 }
 

@@ -380,6 +380,28 @@ static void client_free(NBDClient *c)
     free(c);
 }
 
+/* Take c out of nbd_srv.clients, close its socket, drop its export pin
+ * and free it (the end of a connection, invariants 3 and 4). */
+static void client_remove(NBDClient *c)
+{
+    pthread_mutex_lock(&nbd_srv.lock);
+    for (NBDClient **pp = &nbd_srv.clients; *pp; pp = &(*pp)->next) {
+        if (*pp == c) {
+            *pp = c->next;
+            break;
+        }
+    }
+    close(c->fd);
+    bool reap = nbd_export_unpin_locked(c);
+    nbd_srv.nclients--;
+    pthread_cond_broadcast(&nbd_srv.cond);
+    pthread_mutex_unlock(&nbd_srv.lock);
+    client_free(c);
+    if (reap) {
+        nbd_exports_reap_later();
+    }
+}
+
 /* The connection thread: negotiate, serve as worker 0, then wait for the
  * other workers (each answers its request first) and close. */
 static void *client_main(void *opaque)
@@ -409,33 +431,21 @@ static void *client_main(void *opaque)
         mem_free_locked(&c->workers[i]);
     }
 
-    pthread_mutex_lock(&nbd_srv.lock);
-    for (NBDClient **pp = &nbd_srv.clients; *pp; pp = &(*pp)->next) {
-        if (*pp == c) {
-            *pp = c->next;
-            break;
-        }
-    }
-    close(c->fd);
-    bool reap = nbd_export_unpin_locked(c);
-    nbd_srv.nclients--;
-    pthread_cond_broadcast(&nbd_srv.cond);
-    pthread_mutex_unlock(&nbd_srv.lock);
-    client_free(c);
-    if (reap) {
-        nbd_exports_reap_later();
-    }
+    client_remove(c);
     return NULL;
 }
 
-void nbd_client_start(int fd, bool inet)
+/* A new connection for the socket fd (owned from here on), counted in
+ * nbd_srv.clients and nclients, with its handshake deadline set; NULL
+ * (fd closed) when over max_connections or out of memory. */
+static NBDClient *client_add(int fd, bool inet)
 {
     nbd_socket_setup(fd, inet);
 
     NBDClient *c = calloc(1, sizeof(*c));
     if (!c) {
         close(fd);
-        return;
+        return NULL;
     }
     c->fd = fd;
     c->inet = inet;
@@ -454,27 +464,44 @@ void nbd_client_start(int fd, bool inet)
     if (nbd_srv.max_connections && nbd_srv.nclients >= nbd_srv.max_connections) {
         close(fd);
         client_free(c);
-        return;
+        return NULL;
     }
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_t t;
     if (nbd_srv.handshake_max_ns) {
         c->handshake_deadline_ns = clock_monotonic_ns() + nbd_srv.handshake_max_ns;
     }
     c->next = nbd_srv.clients;
     nbd_srv.clients = c;
     nbd_srv.nclients++;
+    return c;
+}
+
+void nbd_client_start(int fd, bool inet)
+{
+    NBDClient *c = client_add(fd, inet);
+    if (!c) {
+        return;
+    }
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t t;
     if (pthread_create(&t, &attr, client_main, c) != 0) {
-        nbd_srv.clients = c->next;
-        nbd_srv.nclients--;
-        close(fd);
-        client_free(c);
+        client_remove(c);
     }
     pthread_attr_destroy(&attr);
 }
 
+void nbd_server_serve_fd(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    bool inet = getsockname(fd, (struct sockaddr *)&ss, &len) == 0 &&
+                (ss.ss_family == AF_INET || ss.ss_family == AF_INET6);
+    NBDClient *c = client_add(fd, inet);
+    if (c) {
+        client_main(c);
+    }
+}
 
 uint64_t nbd_clients_expire_handshakes(void)
 {

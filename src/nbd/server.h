@@ -49,6 +49,16 @@ bool nbd_server_is_running(void);
  * running. */
 void nbd_server_stop(void);
 
+/* Serve one connected socket (owned from here on: closed when done) on the
+ * calling thread, the way nbdkit -s serves stdin: handshake, then requests
+ * until the client disconnects, then return.  The same connection code as
+ * for an accepted socket (limits, invariants of nbd-internal.h), without a
+ * listener.  The server need not be running: without it nothing enforces
+ * a handshake deadline, and before the first nbd_server_start the calling
+ * thread serves every request alone (no extra workers).  Exports are the
+ * ones added with nbd_export_add. */
+void nbd_server_serve_fd(int fd);
+
 /* Add an export of bs named `name` (defaults to the node name when NULL).
  * bitmaps: names of dirty bitmaps found on bs or below it in its backing
  * chain, served as qemu:dirty-bitmap:NAME.  Takes a reference on bs.

@@ -69,6 +69,7 @@ typedef struct QmpClient {
     bool negotiated;
     uint64_t deadline_ns;      /* CLOCK_MONOTONIC; closed if not negotiated by then */
     bool dead;
+    uint64_t serial;           /* unique per client ever added */
     char *out;
     size_t out_len, out_cap;
 } QmpClient;
@@ -343,15 +344,15 @@ static void qmp_greet(QmpClient *c)
     qmp_client_send_json(c, g);
 }
 
-static void qmp_accept(QmpListener *l)
+/* A new client for the nonblocking socket fd (owned from here on), its
+ * greeting queued; NULL (fd closed) over QMP_MAX_CLIENTS or out of memory. */
+static QmpClient *qmp_client_add(int fd)
 {
-    int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (fd < 0) {
-        return;                    /* EAGAIN, ECONNABORTED, EMFILE: retry later */
-    }
+    static uint64_t next_serial;
+
     if (nclients >= QMP_MAX_CLIENTS) {
         close(fd);
-        return;
+        return NULL;
     }
     QmpClient *c = calloc(1, sizeof(*c));
     QmpClient **n = realloc(clients, (nclients + 1) * sizeof(*n));
@@ -361,18 +362,28 @@ static void qmp_accept(QmpListener *l)
         if (n) {
             clients = n;
         }
-        return;
+        return NULL;
     }
     clients = n;
     c->fd = fd;
+    c->serial = ++next_serial;
     c->deadline_ns = clock_monotonic_ns() + QMP_NEGOTIATION_SEC * UINT64_C(1000000000);
     c->tok = json_tokener_new_ex(QMP_MAX_DEPTH);
     if (!c->tok) {
         qmp_client_free(c);
-        return;
+        return NULL;
     }
     clients[nclients++] = c;
     qmp_greet(c);
+    return c;
+}
+
+static void qmp_accept(QmpListener *l)
+{
+    int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd >= 0) {                 /* else EAGAIN, ECONNABORTED, EMFILE: retry later */
+        qmp_client_add(fd);
+    }
 }
 
 bool qmp_monitor_add_unix(const char *path, Error **errp)
@@ -490,60 +501,94 @@ static void qmp_flush_all_blocking(void)
     }
 }
 
-void qmp_main_loop(void)
+/* One turn of the main loop: wait for the wake pipe, a listener or a
+ * client, then serve what is ready. */
+static void qmp_main_loop_once(void)
 {
     int wake_fd = main_loop_wake_fd();
+    main_loop_run_pending();   /* what was scheduled before the pipe */
+    int timeout = qmp_expire_clients();
+    qmp_reap_clients();
+    size_t nfds = 1 + nlisteners + nclients;
+    _cleanup_free_ struct pollfd *pfd = calloc(nfds, sizeof(*pfd));
+    if (!pfd) {
+        abort();
+    }
+    pfd[0].fd = wake_fd;
+    pfd[0].events = POLLIN;
+    for (size_t i = 0; i < nlisteners; i++) {
+        pfd[1 + i].fd = listeners[i].fd;
+        pfd[1 + i].events = POLLIN;
+    }
+    size_t ncl = nclients;     /* clients accepted below are polled next time */
+    for (size_t i = 0; i < ncl; i++) {
+        pfd[1 + nlisteners + i].fd = clients[i]->fd;
+        pfd[1 + nlisteners + i].events =
+            POLLIN | (clients[i]->out_len ? POLLOUT : 0);
+    }
+    if (poll(pfd, nfds, timeout) < 0) {
+        if (errno == EINTR) {
+            return;
+        }
+        perror("poll");
+        abort();
+    }
+    if (pfd[0].revents & POLLIN) {
+        main_loop_wake_drain();
+    }
+    for (size_t i = 0; i < ncl && !quit_flag; i++) {
+        short re = pfd[1 + nlisteners + i].revents;
+        if (re & (POLLIN | POLLHUP | POLLERR)) {
+            qmp_client_read(clients[i]);
+        }
+    }
+    for (size_t i = 0; i < nlisteners; i++) {
+        if (pfd[1 + i].revents & POLLIN) {
+            qmp_accept(&listeners[i]);
+        }
+    }
+    main_loop_run_pending();
+    qmp_deliver_events();
+    for (size_t i = 0; i < nclients; i++) {
+        qmp_client_flush(clients[i]);
+    }
+    qmp_reap_clients();
+}
+
+void qmp_main_loop(void)
+{
     while (!quit_flag) {
-        main_loop_run_pending();   /* what was scheduled before the pipe */
-        int timeout = qmp_expire_clients();
-        qmp_reap_clients();
-        size_t nfds = 1 + nlisteners + nclients;
-        _cleanup_free_ struct pollfd *pfd = calloc(nfds, sizeof(*pfd));
-        if (!pfd) {
-            abort();
-        }
-        pfd[0].fd = wake_fd;
-        pfd[0].events = POLLIN;
-        for (size_t i = 0; i < nlisteners; i++) {
-            pfd[1 + i].fd = listeners[i].fd;
-            pfd[1 + i].events = POLLIN;
-        }
-        size_t ncl = nclients;     /* clients accepted below are polled next time */
-        for (size_t i = 0; i < ncl; i++) {
-            pfd[1 + nlisteners + i].fd = clients[i]->fd;
-            pfd[1 + nlisteners + i].events =
-                POLLIN | (clients[i]->out_len ? POLLOUT : 0);
-        }
-        if (poll(pfd, nfds, timeout) < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            perror("poll");
-            abort();
-        }
-        if (pfd[0].revents & POLLIN) {
-            main_loop_wake_drain();
-        }
-        for (size_t i = 0; i < ncl && !quit_flag; i++) {
-            short re = pfd[1 + nlisteners + i].revents;
-            if (re & (POLLIN | POLLHUP | POLLERR)) {
-                qmp_client_read(clients[i]);
-            }
-        }
-        for (size_t i = 0; i < nlisteners; i++) {
-            if (pfd[1 + i].revents & POLLIN) {
-                qmp_accept(&listeners[i]);
-            }
-        }
-        main_loop_run_pending();
-        qmp_deliver_events();
-        for (size_t i = 0; i < nclients; i++) {
-            qmp_client_flush(clients[i]);
-        }
-        qmp_reap_clients();
+        qmp_main_loop_once();
     }
     qmp_deliver_events();
     qmp_flush_all_blocking();
+}
+
+static bool qmp_client_listed(uint64_t serial)
+{
+    for (size_t i = 0; i < nclients; i++) {
+        if (clients[i]->serial == serial) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void qmp_monitor_serve_fd(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        close(fd);
+        return;
+    }
+    QmpClient *c = qmp_client_add(fd);
+    if (!c) {
+        return;
+    }
+    uint64_t serial = c->serial;
+    while (!quit_flag && qmp_client_listed(serial)) {
+        qmp_main_loop_once();
+    }
 }
 
 void qmp_monitor_cleanup(void)

@@ -90,6 +90,13 @@ struct json_object *qmp_execute(const char *name, struct json_object *args,
 void qmp_init_commands(void);
 /* True once quit was requested. */
 bool qmp_quit_requested(void);
+/* Serve one connected socket (owned from here on) as a monitor client on
+ * the calling (main) thread: greeting, capabilities negotiation, commands,
+ * with the same framing and limits as an accepted client, running the main
+ * loop (and every other client and listener) until this client is gone --
+ * EOF, an error, a backlog over the limit -- or quit was requested. */
+void qmp_monitor_serve_fd(int fd);
+
 /* Close every monitor socket and client, unlink the socket paths. */
 void qmp_monitor_cleanup(void);
 
