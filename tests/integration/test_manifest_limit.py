@@ -10,22 +10,12 @@ file by its size, with an error naming it, in a few MiB of memory.
 """
 import json
 import os
-import subprocess
 
+from bitback_testlib.memory import peak_rss
 from conftest import BITBACK, bitback
 
 MiB = 1024 * 1024
 RSS_BOUND = 64 * MiB          # the refusal needs ~10 MiB; parsing needs ~1.4 GB
-
-
-def run_rss(*args):
-    """Run bitback with args; (returncode, stderr, peak RSS in bytes)."""
-    with subprocess.Popen([BITBACK, *map(str, args)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE) as p:
-        err = p.stderr.read().decode(errors="replace")
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, err, ru.ru_maxrss * 1024
 
 
 def big_manifest(real, path, clusters):
@@ -63,7 +53,7 @@ def test_oversized_manifest_refused_before_reading(tmp_path):
                  ("verify", "--repo", repo),
                  ("restore", "--repo", repo, "--node", "d", "--at", "000001",
                   tmp_path / "out.raw")):
-        rc, err, rss = run_rss(*args)
+        rc, _, err, rss = peak_rss([BITBACK, *args])
         assert rc != 0, (args, err)
         assert "000001.json" in err and "too large" in err, (args, err)
         assert rss < RSS_BOUND, \

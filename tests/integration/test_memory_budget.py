@@ -17,6 +17,7 @@ import time
 import nbd
 
 from bitback_testlib import Daemon
+from bitback_testlib.memory import measured_env, vm_status
 from test_nbd_badclients import CMD_WRITE, Conn
 
 MiB = 1024 * 1024
@@ -28,14 +29,6 @@ CAP = 8                  # extra worker threads, daemon-wide
 SLACK = 48 * MiB         # allocator, stacks, rbufs, block status, libs
 
 
-def status(pid, key):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def start(tmp_path, d, size):
     with open(tmp_path / "d.raw", "wb") as f:
         f.truncate(size)
@@ -43,7 +36,8 @@ def start(tmp_path, d, size):
             "--blockdev",
             "driver=raw,node-name=d0,file.driver=file,file.filename=d.raw",
             "--nbd-server", f"addr.type=unix,addr.path={d.nbd_sock}",
-            "--export", "type=nbd,id=e0,node-name=d0,name=d0,writable=on")
+            "--export", "type=nbd,id=e0,node-name=d0,name=d0,writable=on",
+            env=measured_env())
 
 
 def client_load(uri, i, errors):
@@ -74,14 +68,14 @@ def test_budget_bounds_rss_and_threads(tmp_path):
     with Daemon(tmp_path) as d:
         start(tmp_path, d, CLIENTS * REQ)
         pid = d.pid
-        rss0 = status(pid, "VmRSS") * 1024
-        threads0 = status(pid, "Threads")
+        rss0 = vm_status(pid, "VmRSS")
+        threads0 = vm_status(pid, "Threads")
         errors, peak_threads = [], [threads0]
         done = threading.Event()
 
         def watch():
             while not done.is_set():
-                peak_threads[0] = max(peak_threads[0], status(pid, "Threads"))
+                peak_threads[0] = max(peak_threads[0], vm_status(pid, "Threads"))
                 time.sleep(0.05)
 
         w = threading.Thread(target=watch)
@@ -99,7 +93,7 @@ def test_budget_bounds_rss_and_threads(tmp_path):
             w.join()
         assert not any(t.is_alive() for t in ts)
         assert errors == []
-        hwm = status(pid, "VmHWM") * 1024
+        hwm = vm_status(pid, "VmHWM")
         bound = rss0 + BUDGET + CLIENTS * MiB + SLACK
         assert hwm < bound, f"peak RSS {hwm >> 20} MiB over {bound >> 20} MiB"
         assert peak_threads[0] <= threads0 + CLIENTS + CAP, peak_threads[0]

@@ -6,6 +6,7 @@
 - writer: random_write and Writer, random NBD writes with a log of the
   acknowledged ones
 - smallfs: small_fs and fill, a small tmpfs for ENOSPC tests
+- memory: measured_env, vm_status and peak_rss, for tests that bound memory
 
 tests/integration/conftest.py puts tests/lib on sys.path; shell scripts
 set PYTHONPATH=<repo>/tests/lib.
