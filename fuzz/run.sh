@@ -6,6 +6,9 @@
 #      crash, leak, sanitizer report or timeout fails the run;
 #   2. fuzz for SECONDS on a temporary copy of fuzz/corpus/TARGET/ (the
 #      tree's corpus is never modified), -timeout=10 -rss_limit_mb=2048.
+#      FUZZ_TIMEOUT=S raises the per-input timeout: libFuzzer measures it in
+#      wall-clock time, so long runs that share the cores with other work
+#      need more than CI's 10 s to avoid reporting a starved input as slow.
 #      A crash fails the run; the input is kept under
 #      BUILD_DIR/fuzz-artifacts/TARGET/ and its path printed.
 # The log of each run is BUILD_DIR/fuzz-logs/TARGET.log; the last line
@@ -21,7 +24,7 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
-common=(-timeout=10 -rss_limit_mb=2048)
+common=(-timeout="${FUZZ_TIMEOUT:-10}" -rss_limit_mb=2048)
 mkdir -p "$build/fuzz-logs"
 work=$(mktemp -d "${TMPDIR:-/tmp}/bitback-fuzz.XXXXXX")
 trap 'rm -rf "$work"' EXIT
