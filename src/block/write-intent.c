@@ -769,18 +769,20 @@ static bool has_persistent_bitmaps(BlockDriverState *bs)
     return any;
 }
 
-/* The newest valid snapshot of the file (malloc'd payload) or NULL. */
+/* The newest valid snapshot of the file (malloc'd payload) or NULL.  No
+ * payload longer than max_len is read (a snapshot of this node's bitmaps
+ * cannot be longer): when the newest slot claims more, there is no snapshot
+ * to use, since an older one would lack what the newer covered (W3, W5).
+ * *ret_seq: the highest sequence number of a slot that may be valid. */
 static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
-                                     uint64_t file_size, size_t *ret_len,
-                                     uint64_t *ret_seq)
+                                     uint64_t file_size, uint64_t max_len,
+                                     size_t *ret_len, uint64_t *ret_seq)
 {
-    uint8_t *best = NULL;
-    uint64_t best_seq = 0;
+    uint64_t seq[2] = { 0, 0 }, len[2] = { 0, 0 }, sum[2] = { 0, 0 };
+    bool ok[2] = { false, false };
 
     for (int i = 0; i < 2; i++) {
         uint8_t sh[WIL_SLOT_HEADER];
-        uint64_t len;
-        uint8_t *p;
 
         if (h->slot_off[i] < WIL_HEADER_SIZE ||
             h->slot_off[i] > file_size ||
@@ -789,28 +791,41 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
             memcmp(sh, WIL_SLOT_MAGIC, 8)) {
             continue;
         }
-        len = ld_le64(sh + 16);
-        if (len > h->slot_size - WIL_SLOT_HEADER ||
-            len > file_size - h->slot_off[i] - WIL_SLOT_HEADER ||
-            (best && ld_le64(sh + 8) <= best_seq)) {
-            continue;
+        seq[i] = ld_le64(sh + 8);
+        len[i] = ld_le64(sh + 16);
+        sum[i] = ld_le64(sh + 24);
+        ok[i] = len[i] <= h->slot_size - WIL_SLOT_HEADER &&
+                len[i] <= file_size - h->slot_off[i] - WIL_SLOT_HEADER;
+        if (ok[i]) {
+            *ret_seq = MAX(*ret_seq, seq[i]);
         }
-        p = malloc(len ? len : 1);
-        if (!p) {
-            continue;
-        }
-        if (pread_full(fd, p, len, (off_t)(h->slot_off[i] + WIL_SLOT_HEADER)) < 0 ||
-            XXH64(p, len, 0) != ld_le64(sh + 24)) {
-            free(p);
-            continue;
-        }
-        free(best);
-        best = p;
-        best_seq = ld_le64(sh + 8);
-        *ret_len = len;
     }
-    *ret_seq = best_seq;
-    return best;
+    /* Newest first; the older slot only when the newer one is torn. */
+    int order[2] = { 0, 1 };
+    if (ok[1] && (!ok[0] || seq[1] > seq[0])) {
+        order[0] = 1;
+        order[1] = 0;
+    }
+    for (int k = 0; k < 2; k++) {
+        int i = order[k];
+        if (!ok[i]) {
+            continue;
+        }
+        if (len[i] > max_len) {
+            return NULL;
+        }
+        uint8_t *p = malloc(len[i] ? len[i] : 1);
+        if (!p) {
+            return NULL;
+        }
+        if (pread_full(fd, p, len[i], (off_t)(h->slot_off[i] + WIL_SLOT_HEADER)) == 0 &&
+            XXH64(p, len[i], 0) == sum[i]) {
+            *ret_len = len[i];
+            return p;
+        }
+        free(p);
+    }
+    return NULL;
 }
 
 /* Apply a snapshot and the marked regions to the bitmaps the format could
@@ -941,16 +956,24 @@ static void try_recover(BlockDriverState *bs, const char *path,
         pread_full(fd, hbuf, sizeof(hbuf), 0) < 0 || !header_decode(hbuf, &h)) {
         return;
     }
-    payload = read_newest_snapshot(fd, &h, (uint64_t)st.st_size, &len, ret_seq);
+    /* The longest snapshot this node's bitmaps can have: one longer is not
+     * read (an explicit bound on what a crafted log can make us allocate). */
+    uint64_t max_len = 4;
+    pthread_mutex_lock(&bs->lock);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        any_inconsistent |= bm->persistent && bm->inconsistent;
+        if (bm->persistent) {
+            max_len += 2 + BDRV_BITMAP_MAX_NAME + 52 +
+                       hbitmap_serialized_size(bm->hb);
+        }
+    }
+    pthread_mutex_unlock(&bs->lock);
+    payload = read_newest_snapshot(fd, &h, (uint64_t)st.st_size, max_len,
+                                   &len, ret_seq);
     if (h.state != WIL_STATE_ACTIVE || h.image_size != bs->size ||
         bs->bitmaps_foreign_writes || !payload) {
         return;
     }
-    pthread_mutex_lock(&bs->lock);
-    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
-        any_inconsistent |= bm->persistent && bm->inconsistent;
-    }
-    pthread_mutex_unlock(&bs->lock);
     if (!any_inconsistent) {
         return;                        /* a clean format wins (W7) */
     }

@@ -464,3 +464,59 @@ def test_read_ahead_covers_syncs_turning_slow(tmp_path, shm_path):
         assert d.quit() == 0
     finally:
         d.cleanup()
+
+
+def test_crafted_snapshot_length_not_read(tmp_path):
+    """A .wil whose newest snapshot claims a payload far longer than the
+    image's bitmaps can need (1 GiB, in a sparse file) is not read: the open
+    stays small, and the bitmap is left inconsistent (never trusted), not
+    recovered from the older slot, which would lack what the newer one
+    covered (write-intent.md W3, W5)."""
+    import signal
+    import struct
+    import subprocess
+    import ctypes
+    import ctypes.util
+    from bitback_testlib.memory import peak_rss
+    from conftest import BITBACK, run
+    img = tmp_path / "d.qbm"
+    run([BITBACK, "img", "create", "-f", "qbm", img, "64M"])
+    run([BITBACK, "bitmap", "--add", img, "b0"])
+    p = subprocess.Popen([BITBACK, "io", img, "-c", "write -P 1 3M 64K",
+                          "-c", "sleep 60000"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().startswith("wrote")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    wil = tmp_path / "d.qbm.wil"
+    x = ctypes.CDLL(ctypes.util.find_library("xxhash"))
+    x.XXH64.restype = ctypes.c_uint64
+    x.XXH64.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64]
+    GiB = 1 << 30
+    with open(wil, "r+b") as f:
+        h = bytearray(f.read(4096))
+        assert h[:8] == b"BBWIL\0v1" and struct.unpack_from("<I", h, 8)[0] == 1
+        offs = struct.unpack_from("<QQ", h, 24)
+        slots = []
+        for off in offs:
+            f.seek(off)
+            sh = f.read(32)
+            if sh[:8] == b"BBWSNAP1":
+                slots.append((struct.unpack_from("<Q", sh, 8)[0], off))
+        assert slots, "no snapshot in the log"
+        _, newest = max(slots)
+        # Room for a 1 GiB slot: the header's slot size, then the file.
+        struct.pack_into("<Q", h, 40, GiB + 32)
+        struct.pack_into("<Q", h, 48, x.XXH64(bytes(h[:48]), 48, 0))
+        f.seek(0)
+        f.write(h)
+        f.seek(newest + 16)
+        f.write(struct.pack("<Q", GiB))
+        f.truncate(max(offs) + 32 + GiB)
+    rc, out, err, rss = peak_rss([BITBACK, "img", "info", "--output=json", img])
+    assert rc == 0, err
+    b0 = json.loads(out)["format-specific"]["data"]["bitmaps"][0]
+    assert b0["inconsistent"] is True and not b0.get("recovered"), b0
+    assert rss < 64 * 1024 * 1024, f"img info peaked at {rss >> 20} MiB"
