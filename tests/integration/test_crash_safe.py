@@ -244,8 +244,10 @@ def test_over_approximation_is_bounded(tmp_path):
         d.cleanup()
 
 
-def test_recovery_shown_by_img_info(tmp_path):
-    """`bitback img info` says a bitmap was recovered and what it added."""
+def crashed_qbm(tmp_path):
+    """A 64 MiB qbm image with persistent bitmap b0, left by `bitback io`
+    killed (SIGKILL) right after one acknowledged write: b0 not stored
+    cleanly, its write-intent log active."""
     import signal
     import subprocess
     from conftest import BITBACK, run
@@ -260,6 +262,13 @@ def test_recovery_shown_by_img_info(tmp_path):
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
+    return img
+
+
+def test_recovery_shown_by_img_info(tmp_path):
+    """`bitback img info` says a bitmap was recovered and what it added."""
+    from conftest import BITBACK, run
+    img = crashed_qbm(tmp_path)
     info = json.loads(run([BITBACK, "img", "info", "--output=json", img]).stdout)
     b0 = info["format-specific"]["data"]["bitmaps"][0]
     assert b0["recovered"] is True and b0["inconsistent"] is False, b0
@@ -472,24 +481,12 @@ def test_crafted_snapshot_length_not_read(tmp_path):
     stays small, and the bitmap is left inconsistent (never trusted), not
     recovered from the older slot, which would lack what the newer one
     covered (write-intent.md W3, W5)."""
-    import signal
     import struct
-    import subprocess
     import ctypes
     import ctypes.util
     from bitback_testlib.memory import peak_rss
-    from conftest import BITBACK, run
-    img = tmp_path / "d.qbm"
-    run([BITBACK, "img", "create", "-f", "qbm", img, "64M"])
-    run([BITBACK, "bitmap", "--add", img, "b0"])
-    p = subprocess.Popen([BITBACK, "io", img, "-c", "write -P 1 3M 64K",
-                          "-c", "sleep 60000"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().startswith("wrote")
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+    from conftest import BITBACK
+    img = crashed_qbm(tmp_path)
     wil = tmp_path / "d.qbm.wil"
     x = ctypes.CDLL(ctypes.util.find_library("xxhash"))
     x.XXH64.restype = ctypes.c_uint64
