@@ -933,15 +933,8 @@ static void refresh_recovered(BlockDriverState *bs)
     }
 }
 
-/* Read IMAGE.wil if it is active and recover from it.  Never fails: a log
- * that cannot be used leaves the bitmaps as the format loaded them
- * (inconsistent: the safe side).  *ret_seq: the newest snapshot's seq. */
-static void try_recover(BlockDriverState *bs, const char *path,
-                        uint64_t *ret_seq)
+int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq)
 {
-    /* A link or a FIFO at IMAGE.wil is not our log (and is not waited on);
-     * activate() then refuses it with the reason. */
-    _cleanup_close_ int fd = open_checked(path, O_RDONLY, 0, OPEN_NOFOLLOW, NULL);
     uint8_t hbuf[WIL_HEADER_SIZE];
     WilHeader h;
     struct stat st;
@@ -952,9 +945,9 @@ static void try_recover(BlockDriverState *bs, const char *path,
     bool any_inconsistent = false;
 
     *ret_seq = 0;
-    if (fd < 0 || fstat(fd, &st) < 0 ||
+    if (fstat(fd, &st) < 0 ||
         pread_full(fd, hbuf, sizeof(hbuf), 0) < 0 || !header_decode(hbuf, &h)) {
-        return;
+        return 0;
     }
     /* The longest snapshot this node's bitmaps can have: one longer is not
      * read (an explicit bound on what a crafted log can make us allocate). */
@@ -972,21 +965,36 @@ static void try_recover(BlockDriverState *bs, const char *path,
                                    &len, ret_seq);
     if (h.state != WIL_STATE_ACTIVE || h.image_size != bs->size ||
         bs->bitmaps_foreign_writes || !payload) {
-        return;
+        return 0;
     }
     if (!any_inconsistent) {
-        return;                        /* a clean format wins (W7) */
+        return 0;                      /* a clean format wins (W7) */
     }
     n_regions = DIV_ROUND_UP(h.image_size, 1ull << h.shift);
     map_bytes = map_bytes_for(n_regions);
     if ((uint64_t)st.st_size < WIL_HEADER_SIZE + map_bytes) {
-        return;
+        return 0;
     }
     map = malloc(map_bytes);
     if (!map || pread_full(fd, map, map_bytes, WIL_HEADER_SIZE) < 0) {
-        return;
+        return 0;
     }
-    recover(bs, &h, map, n_regions, payload, len);
+    return recover(bs, &h, map, n_regions, payload, len);
+}
+
+/* Read IMAGE.wil if it is active and recover from it
+ * (write_intent_recover_fd).  *ret_seq: the newest snapshot's seq. */
+static void try_recover(BlockDriverState *bs, const char *path,
+                        uint64_t *ret_seq)
+{
+    /* A link or a FIFO at IMAGE.wil is not our log (and is not waited on);
+     * activate() then refuses it with the reason. */
+    _cleanup_close_ int fd = open_checked(path, O_RDONLY, 0, OPEN_NOFOLLOW, NULL);
+
+    *ret_seq = 0;
+    if (fd >= 0) {
+        (void)write_intent_recover_fd(bs, fd, ret_seq);
+    }
 }
 
 static void wil_free(WriteIntent *w)

@@ -52,6 +52,21 @@ typedef struct WriteIntent WriteIntent;
  * the log cannot be set up on a read-write node. */
 bool write_intent_open(BlockDriverState *bs, Error **errp);
 
+/* The recovery write_intent_open runs on IMAGE.wil, on a log the caller
+ * opened (fd: a regular file or a memfd, read with pread, left open): for
+ * each persistent bitmap of bs that the format loaded inconsistent and
+ * that the log's newest valid snapshot holds (same name, granularity and
+ * size), load the snapshot's bits, add every region the intent map marks,
+ * and mark the bitmap consistent and recovered (W6).  Nothing happens
+ * unless the log is active, covers bs's size, and no other program may
+ * have written the bitmaps (bs->bitmaps_foreign_writes).  Never fails: a
+ * log that cannot be used leaves the bitmaps as the format loaded them
+ * (inconsistent: the safe side).  Writes nothing.  Returns how many
+ * bitmaps were recovered; *ret_seq: the highest sequence number of a slot
+ * that may be valid (0 when none).  Harnesses and tests call it on a log
+ * in a memfd; write_intent_open calls it on IMAGE.wil. */
+int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq);
+
 /* Set the dirty bits of [offset, offset+bytes) in every enabled bitmap and,
  * when the log is active, first make the regions' intent durable.
  * 0 or -errno (the write must then fail: its bit would not be safe). */

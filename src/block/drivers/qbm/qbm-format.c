@@ -134,10 +134,6 @@ QbmLoadResult qbm_bitmap_file_load(const char *path, const char *display,
                                    HBitmap *hb, QbmHeader *ret_hdr,
                                    char **ret_reason)
 {
-    *ret_reason = NULL;
-    uint64_t expect_data = qbm_data_size(image_size, shift);
-    uint64_t expect_len = QBM_HEADER_SIZE + expect_data;
-
     Error *err = NULL;
     _cleanup_close_ int fd = open_checked(path, O_RDONLY, 0, OPEN_NOFOLLOW, &err);
     if (fd < 0) {
@@ -148,7 +144,21 @@ QbmLoadResult qbm_bitmap_file_load(const char *path, const char *display,
         error_free(err);
         return QBM_LOAD_BAD;
     }
-    struct stat st;   /* a regular file: open_checked saw to it */
+    /* A regular file: open_checked saw to it. */
+    return qbm_bitmap_fd_load(fd, display, image_size, shift, hb, ret_hdr,
+                              ret_reason);
+}
+
+QbmLoadResult qbm_bitmap_fd_load(int fd, const char *display,
+                                 uint64_t image_size, unsigned shift,
+                                 HBitmap *hb, QbmHeader *ret_hdr,
+                                 char **ret_reason)
+{
+    *ret_reason = NULL;
+    uint64_t expect_data = qbm_data_size(image_size, shift);
+    uint64_t expect_len = QBM_HEADER_SIZE + expect_data;
+
+    struct stat st;
     if (fstat(fd, &st) < 0) {
         *ret_reason = reasonf("cannot stat bitmap file '%s': %s", display,
                               strerror(errno));

@@ -86,6 +86,16 @@ QbmLoadResult qbm_bitmap_file_load(const char *path, const char *display,
                                    uint64_t image_size, unsigned shift,
                                    HBitmap *hb, QbmHeader *ret_hdr,
                                    char **ret_reason);
+/* The same on a file the caller opened: fd is read with pread from offset
+ * 0 and its length taken from fstat, so it must be a regular file or a
+ * memfd (the caller's open is where links and FIFOs are refused: the
+ * path-opening loader above does it with O_NOFOLLOW).  fd stays open.
+ * For qbm_bitmap_file_load, and for harnesses and tests that load from a
+ * memfd. */
+QbmLoadResult qbm_bitmap_fd_load(int fd, const char *display,
+                                 uint64_t image_size, unsigned shift,
+                                 HBitmap *hb, QbmHeader *ret_hdr,
+                                 char **ret_reason);
 
 /* Create a bitmap file with all bits clear.  exclusive: fail if it exists
  * (O_EXCL, -EEXIST), else truncate an existing file.  The header gets
