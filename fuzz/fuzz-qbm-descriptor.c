@@ -2,15 +2,14 @@
  * libFuzzer target: the two QBM on-disk structures a hostile image file can
  * supply (docs/specs/qbm.md), both in block/drivers/qbm/qbm-format.c:
  *   - input starting with the bitmap magic "QBMBITS\n": a bitmap file,
- *     loaded by qbm_bitmap_file_load() (header decoder, size checks,
- *     checksum, the bits into an HBitmap) with the image size and
- *     granularity its own header claims, as when the descriptor agrees;
+ *     written to a memfd and loaded by qbm_bitmap_fd_load() (the loader of
+ *     qbm_bitmap_file_load() after its O_NOFOLLOW open: header decoder,
+ *     size checks, checksum, the bits into an HBitmap) with the image size
+ *     and granularity its own header claims, as when the descriptor agrees;
  *   - anything else: descriptor text, parsed by qbm_descriptor_parse(); a
  *     descriptor it accepts is serialized (qbm_descriptor_to_json) and must
  *     parse again to the same JSON.
- * The bitmap file is written to one temporary file (the loader takes a
- * path and refuses symbolic links, so /proc/self/fd/N cannot be used); the
- * file and its folder are removed at exit.
+ * The target writes no file.
  */
 #include <stdbool.h>
 #include <stdint.h>
@@ -18,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <fcntl.h>
+#include <sys/mman.h>
 
 #include "bitmap/hbitmap.h"
 #include "block/drivers/qbm/qbm-format.h"
@@ -30,41 +29,13 @@
 /* Bits loaded at most: keeps one execution fast and small. */
 #define FUZZ_MAX_DATA (256u * 1024)
 
-static char tmp_dir[64];
-static char tmp_path[96];
-
-static void remove_tmp(void)
-{
-    unlink(tmp_path);
-    rmdir(tmp_dir);
-}
-
-static bool make_tmp(void)
-{
-    if (tmp_path[0]) {
-        return true;
-    }
-    const char *t = getenv("TMPDIR");
-    snprintf(tmp_dir, sizeof(tmp_dir), "%s/fuzz-qbm.XXXXXX",
-             t && *t && strlen(t) < 40 ? t : "/tmp");
-    if (!mkdtemp(tmp_dir)) {
-        perror("fuzz-qbm-descriptor: mkdtemp");
-        abort();
-    }
-    snprintf(tmp_path, sizeof(tmp_path), "%s/bitmap", tmp_dir);
-    atexit(remove_tmp);
-    return true;
-}
-
 static void fuzz_bitmap_file(const uint8_t *data, size_t size)
 {
-    make_tmp();
-    int fd = open(tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    _cleanup_close_ int fd = memfd_create("fuzz-qbm-bitmap", MFD_CLOEXEC);
     if (fd < 0 || write(fd, data, size) != (ssize_t)size) {
-        perror("fuzz-qbm-descriptor: writing the bitmap file");
+        perror("fuzz-qbm-descriptor: writing the bitmap file to a memfd");
         abort();
     }
-    close(fd);
 
     /* The size and granularity the header claims (offsets: qbm.md 2). */
     unsigned shift = size >= 24 ? ld_le32(data + 20) : 9;
@@ -79,8 +50,8 @@ static void fuzz_bitmap_file(const uint8_t *data, size_t size)
     HBitmap *hb = hbitmap_new(image_size, shift);
     QbmHeader hdr;
     char *reason = NULL;
-    (void)qbm_bitmap_file_load(tmp_path, "fuzz", image_size, shift, hb, &hdr,
-                               &reason);
+    (void)qbm_bitmap_fd_load(fd, "fuzz", image_size, shift, hb, &hdr,
+                             &reason);
     free(reason);
     hbitmap_free(hb);
 }

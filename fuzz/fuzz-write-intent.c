@@ -4,32 +4,39 @@
  * newest valid snapshot slot, the intent map, and the snapshot payload
  * decoder that rebuilds a crashed image's bitmaps.
  *
- * Once per process, in one temporary folder (removed at exit): a 4 MiB qbm
- * image with a persistent bitmap "b" (granularity 64 KiB), left as a crash
- * leaves it -- a child process opens it read-write, adds the bitmap and
- * exits without closing -- so the bitmap is unclean and recovery runs.
- * Per input: the input becomes disk.qbm.wil (the loader takes the log by
- * name next to the image and refuses links, so no memfd), and the image is
- * opened read-only, which recovers from the log and writes nothing, then
- * closed.  Before writing, the harness recomputes the XXH64 of the header
- * (bytes 0..47) and of each snapshot slot's payload whose header and length
- * lie inside the input, so that mutations reach the decoders behind the
- * checksums; an input shorter than a field is left as it is.
+ * Once per process, in a memfd: a 4 MiB qcow2 image with a persistent
+ * bitmap "b" (granularity 64 KiB), left as a crash leaves it -- a child
+ * process opens it read-write (through /proc/self/fd/N, without a log),
+ * adds the bitmap, writes and exits without closing -- so the bitmap's
+ * directory entry stays in_use with the image's autoclear bits set, and
+ * every open loads it inconsistent with bitmaps_foreign_writes clear:
+ * recovery may run (W6).  The harness checks that once.
+ * Per input: the input is written to a second memfd, the image is opened
+ * read-only (without a log of its own: crash-safe=off), and
+ * write_intent_recover_fd() -- the recovery write_intent_open() runs on
+ * IMAGE.wil -- reads the log from that memfd; then the image is closed.
+ * Before writing, the harness recomputes the XXH64 of the header (bytes
+ * 0..47) and of each snapshot slot's payload whose header and length lie
+ * inside the input, so that mutations reach the decoders behind the
+ * checksums; an input shorter than a field is left as it is.  The target
+ * writes no file.
  */
-#include <dirent.h>
-#include <fcntl.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <json-c/json.h>
 #include <xxhash.h>
 
 #include "block/block.h"
 #include "block/dirty-bitmap.h"
+#include "block/write-intent.h"
 #include "util/bswap.h"
+#include "util/cleanup.h"
 #include "util/error.h"
 #include "fuzz-util.h"
 
@@ -37,23 +44,8 @@
 #define WIL_HEADER_CHECKED 48     /* bytes under the header checksum */
 #define WIL_SLOT_HEADER    32
 
-static char dir[64], image[96], wil[112];
-
-/* Remove the folder and every file the image and the log made in it. */
-static void remove_tmp(void)
-{
-    DIR *dp = opendir(dir);
-    if (dp) {
-        struct dirent *e;
-        while ((e = readdir(dp))) {
-            if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-                unlinkat(dirfd(dp), e->d_name, 0);
-            }
-        }
-        closedir(dp);
-    }
-    rmdir(dir);
-}
+static char image[32];            /* /proc/self/fd/N of the image's memfd */
+static int log_fd = -1;           /* the log's memfd */
 
 static void die(const char *what, Error *err)
 {
@@ -62,14 +54,25 @@ static void die(const char *what, Error *err)
     abort();
 }
 
+/* The image as a node: no backing file, no locks, no log of its own. */
+static BlockDriverState *open_image(bool rw, Error **errp)
+{
+    _cleanup_json_ struct json_object *o = json_object_new_object();
+    json_object_object_add(o, "driver", json_object_new_string("qcow2"));
+    json_object_object_add(o, "filename", json_object_new_string(image));
+    json_object_object_add(o, "crash-safe", json_object_new_boolean(false));
+    return bdrv_open_options(o, (rw ? BDRV_O_RDWR : 0) | BDRV_O_NO_BACKING |
+                             BDRV_O_NO_LOCK, errp);
+}
+
 /* In a child: create the image, open it, add bitmap b, write, crash. */
 static void make_crashed_image(void)
 {
     Error *err = NULL;
-    if (!bdrv_img_create(image, "qbm", FUZZ_IMAGE_SIZE, NULL, &err)) {
+    if (!bdrv_img_create(image, "qcow2", FUZZ_IMAGE_SIZE, NULL, &err)) {
         die("creating the image", err);
     }
-    BlockDriverState *bs = bdrv_open_image(image, "qbm", BDRV_O_RDWR, &err);
+    BlockDriverState *bs = open_image(true, &err);
     if (!bs || !bdrv_dirty_bitmap_add(bs, "b", 65536, true, false, &err)) {
         die("opening the image or adding bitmap b", err);
     }
@@ -77,23 +80,20 @@ static void make_crashed_image(void)
     if (bdrv_pwrite(bs, 0, buf, sizeof(buf), 0) < 0) {
         die("writing", NULL);
     }
-    _exit(0);   /* no close: the bitmap stays unclean */
+    _exit(0);   /* no close: the bitmap stays in_use */
 }
 
 static void setup(void)
 {
-    if (dir[0]) {
+    if (log_fd >= 0) {
         return;
     }
-    const char *t = getenv("TMPDIR");
-    snprintf(dir, sizeof(dir), "%s/fuzz-wil.XXXXXX",
-             t && *t && strlen(t) < 40 ? t : "/tmp");
-    if (!mkdtemp(dir)) {
-        die("mkdtemp", NULL);
+    int img_fd = memfd_create("fuzz-wil-image", MFD_CLOEXEC);
+    log_fd = memfd_create("fuzz-wil-log", MFD_CLOEXEC);
+    if (img_fd < 0 || log_fd < 0) {
+        die("memfd_create", NULL);
     }
-    snprintf(image, sizeof(image), "%s/disk.qbm", dir);
-    snprintf(wil, sizeof(wil), "%s.wil", image);
-    atexit(remove_tmp);
+    snprintf(image, sizeof(image), "/proc/self/fd/%d", img_fd);
     pid_t pid = fork();
     if (pid == 0) {
         make_crashed_image();
@@ -103,6 +103,19 @@ static void setup(void)
         WEXITSTATUS(st) != 0) {
         die("the child that makes the image", NULL);
     }
+    /* The harness is worth running only if recovery may run. */
+    Error *err = NULL;
+    BlockDriverState *bs = open_image(false, &err);
+    if (!bs) {
+        die("opening the image read-only", err);
+    }
+    BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, "b");
+    if (!bm || !bm->persistent || !bm->inconsistent ||
+        bs->bitmaps_foreign_writes) {
+        die("the crashed image: bitmap b is not an inconsistent persistent "
+            "bitmap that recovery may rebuild", NULL);
+    }
+    bdrv_unref(bs);
 }
 
 /* Make the checksums of the header and of the slots in d[0..size) right. */
@@ -127,24 +140,24 @@ static void fix_checksums(uint8_t *d, size_t size)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     setup();
-    uint8_t *d = malloc(size ? size : 1);
+    _cleanup_free_ uint8_t *d = malloc(size ? size : 1);
     if (!d) {
         return 0;
     }
     memcpy(d, data, size);
     fix_checksums(d, size);
-    int fd = open(wil, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0 || write(fd, d, size) != (ssize_t)size) {
+    if (ftruncate(log_fd, 0) < 0 ||
+        pwrite(log_fd, d, size, 0) != (ssize_t)size) {
         die("writing the log", NULL);
     }
-    close(fd);
-    free(d);
 
     Error *err = NULL;
-    BlockDriverState *bs = bdrv_open_image(image, "qbm", 0, &err);
+    BlockDriverState *bs = open_image(false, &err);
     if (!bs) {
         die("opening the image read-only", err);
     }
+    uint64_t seq;
+    (void)write_intent_recover_fd(bs, log_fd, &seq);
     bdrv_unref(bs);
     return 0;
 }

@@ -9,7 +9,9 @@
  *  - a store while the image stays open sets CLEAN, and the next write
  *    clears it again before the data lands (invariant 1 of qbm.md);
  *  - the check counts every problem but keeps no more messages than the
- *    result's bound.
+ *    result's bound;
+ *  - the bitmap-file loader on an already-open fd (a memfd): a good file
+ *    loads its bits, one corrupted bit is a checksum mismatch.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -24,7 +26,11 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include <xxhash.h>
+
+#include "bitmap/hbitmap.h"
 #include "block/block.h"
+#include "block/drivers/qbm/qbm-format.h"
 #include "util/cleanup.h"
 #include "test-util.h"
 #include "util/cutils.h"
@@ -296,6 +302,49 @@ static void test_check_messages_bounded(void **state)
     bdrv_unref(bs);
 }
 
+/* qbm_bitmap_fd_load: the loader without a path, on a memfd. */
+static void test_bitmap_fd_load(void **state)
+{
+    const uint64_t size = 1024 * 1024;       /* 16 clusters: 2 bytes of bits */
+    const unsigned shift = 16;
+    uint8_t file[QBM_HEADER_SIZE + 2];
+    const uint8_t bits[2] = { 0x05, 0x80 };  /* clusters 0, 2 and 15 */
+    QbmHeader h = {
+        .version = QBM_VERSION, .header_size = QBM_HEADER_SIZE,
+        .flags = QBM_FLAG_CLEAN, .granularity_shift = shift,
+        .image_size = size, .data_size = sizeof(bits),
+        .checksum = XXH3_64bits(bits, sizeof(bits)),
+        .generation = "0b3c7a52-5a6e-4f1e-9a0c-3d2b1e4f5a6b",
+    };
+    qbm_header_encode(&h, file);
+    memcpy(file + QBM_HEADER_SIZE, bits, sizeof(bits));
+
+    int fd = memfd_with("good", file, sizeof(file));
+    HBitmap *hb = hbitmap_new(size, shift);
+    QbmHeader got;
+    char *reason = NULL;
+    assert_int_equal(qbm_bitmap_fd_load(fd, "good", size, shift, hb, &got,
+                                        &reason), QBM_LOAD_OK);
+    assert_null(reason);
+    assert_string_equal(got.generation, h.generation);
+    assert_true(hbitmap_get(hb, 0));
+    assert_false(hbitmap_get(hb, CLUSTER));
+    assert_true(hbitmap_get(hb, 2 * CLUSTER));
+    assert_true(hbitmap_get(hb, 15 * CLUSTER));
+    assert_int_equal(hbitmap_count_bytes(hb), 3 * CLUSTER);
+    close(fd);
+
+    file[QBM_HEADER_SIZE] ^= 0x02;           /* one bit flipped */
+    fd = memfd_with("bad", file, sizeof(file));
+    assert_int_equal(qbm_bitmap_fd_load(fd, "bad", size, shift, hb, &got,
+                                        &reason), QBM_LOAD_BAD);
+    assert_non_null(reason);
+    assert_non_null(strstr(reason, "bitmap file 'bad' checksum mismatch"));
+    free(reason);
+    close(fd);
+    hbitmap_free(hb);
+}
+
 int main(void)
 {
     error_progname = "test-qbm";
@@ -308,6 +357,7 @@ int main(void)
         cmocka_unit_test(test_allocation_bits_on_flush),
         cmocka_unit_test(test_store_then_write_reclears_clean),
         cmocka_unit_test(test_check_messages_bounded),
+        cmocka_unit_test(test_bitmap_fd_load),
     };
     int r = cmocka_run_group_tests(tests, NULL, tmpdir_teardown);
     return r;

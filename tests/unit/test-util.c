@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
@@ -116,6 +117,14 @@ uint8_t *read_file(const char *path, size_t size)
     assert_int_equal(pread(fd, buf, size, 0), (ssize_t)size);
     close(fd);
     return buf;
+}
+
+int memfd_with(const char *name, const void *data, size_t size)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    assert_true(fd >= 0);
+    assert_int_equal(pwrite(fd, data, size, 0), (ssize_t)size);
+    return fd;
 }
 
 void sleep_ms(int ms)

@@ -52,6 +52,10 @@ void expect_error(bool ok, Error **errp, const char *part);
 /* The first size bytes of the file at path, malloc'ed. */
 uint8_t *read_file(const char *path, size_t size);
 
+/* A memfd named `name` holding data[0..size), read/write from offset 0:
+ * its fd (the caller closes it). */
+int memfd_with(const char *name, const void *data, size_t size);
+
 void sleep_ms(int ms);
 
 #endif

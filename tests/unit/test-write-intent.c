@@ -12,6 +12,8 @@
  *  - recovery model: SIGKILL is simulated by reading the files while the
  *    node is still open (nothing is stored cleanly), opening a copy, and
  *    comparing the recovered bitmap with snapshot | regions computed here;
+ *  - the same recovery called directly on the log in a memfd
+ *    (write_intent_recover_fd), with a corrupt and with a good log;
  *  - clean close: the header goes inactive, and a reopen is not "recovered";
  *  - W9: adding, clearing, disabling and merging into a persistent bitmap
  *    through the bitmap API alone (no monitor) is in the log's snapshot
@@ -264,6 +266,20 @@ static BlockDriverState *open_with_b0(const char *img)
 
 /* ---- reset, and the recovery model ---- */
 
+/* "Crash" now: copy the files of the newest image (new_image) as they are,
+ * while its node is still open, into tmpdir/DIR.  The copy's image path. */
+static char *crash_copy(const char *dir)
+{
+    char cmd[4096];
+    char *copy = NULL;
+
+    snprintf(cmd, sizeof(cmd), "mkdir %s/%s && cp -a %s/img%d* %s/%s/",
+             tmpdir, dir, tmpdir, counter - 1, tmpdir, dir);
+    assert_int_equal(system(cmd), 0);
+    assert_true(asprintf(&copy, "%s/%s/img%d.qbm", tmpdir, dir, counter - 1) > 0);
+    return copy;
+}
+
 static void test_reset_and_recovery(void **state)
 {
     _cleanup_free_ char *img = new_image();
@@ -302,15 +318,8 @@ static void test_reset_and_recovery(void **state)
         assert_int_equal(!!(st.map[r / 8] & (1u << (r % 8))), r == 5);
     }
 
-    /* "Crash" now: copy the files as they are while the node is open. */
-    char cmd[4096];
-    snprintf(cmd, sizeof(cmd), "mkdir %s/crash && cp -a %s/img%d* %s/crash/",
-             tmpdir, tmpdir, counter - 1, tmpdir);
-    assert_int_equal(system(cmd), 0);
+    _cleanup_free_ char *copy = crash_copy("crash");
     assert_true(bdrv_close(bs, &err));
-
-    _cleanup_free_ char *copy = NULL;
-    assert_true(asprintf(&copy, "%s/crash/img%d.qbm", tmpdir, counter - 1) > 0);
     _cleanup_free_ char *copy_wil = wil_of(copy);
     WilState cst;
     read_wil(copy_wil, &cst);
@@ -330,6 +339,57 @@ static void test_reset_and_recovery(void **state)
     }
     /* Exactly the region the last write marked was added. */
     assert_int_equal(bm->recovered_bytes, REGION);
+    bdrv_close(rb, NULL);
+}
+
+/* write_intent_recover_fd, on a crashed image's log in a memfd: a log
+ * whose header is corrupt recovers nothing and leaves the bitmap
+ * inconsistent; the log as the crash left it recovers the bitmap, with the
+ * region written since the last snapshot. */
+static void test_recover_fd(void **state)
+{
+    _cleanup_free_ char *img = new_image();
+    Error *err = NULL;
+    BlockDriverState *bs = open_with_b0(img);
+    uint8_t buf[4096] = { 1 };
+    uint64_t seq = 99;
+
+    assert_true(write_intent_snapshot(bs, &err));
+    assert_int_equal(bdrv_pwrite(bs, 7 * REGION + 10, buf, sizeof(buf), 0), 0);
+    _cleanup_free_ char *copy = crash_copy("crash-fd");
+    assert_true(bdrv_close(bs, &err));
+
+    /* The log goes into a memfd; without IMAGE.wil the open recovers
+     * nothing by itself. */
+    _cleanup_free_ char *copy_wil = wil_of(copy);
+    struct stat st;
+    assert_int_equal(stat(copy_wil, &st), 0);
+    _cleanup_free_ uint8_t *log = read_file(copy_wil, (size_t)st.st_size);
+    assert_int_equal(unlink(copy_wil), 0);
+    BlockDriverState *rb = bdrv_open_image(copy, "qbm", 0, &err);
+    die_on(err);
+    BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(rb, "b0");
+    assert_non_null(bm);
+    assert_true(bm->inconsistent);
+
+    log[20] ^= 0x01;                   /* under the header checksum */
+    int fd = memfd_with("bad-log", log, (size_t)st.st_size);
+    assert_int_equal(write_intent_recover_fd(rb, fd, &seq), 0);
+    assert_int_equal(seq, 0);
+    assert_true(bm->inconsistent);
+    assert_false(bm->recovered);
+    close(fd);
+
+    log[20] ^= 0x01;
+    fd = memfd_with("log", log, (size_t)st.st_size);
+    assert_int_equal(write_intent_recover_fd(rb, fd, &seq), 1);
+    assert_true(seq > 0);
+    assert_false(bm->inconsistent);
+    assert_true(bm->recovered);
+    assert_true(hbitmap_get(bm->hb, 7 * REGION));
+    assert_int_equal(hbitmap_count_bytes(bm->hb), REGION);
+    assert_int_equal(bm->recovered_bytes, REGION);
+    close(fd);
     bdrv_close(rb, NULL);
 }
 
@@ -509,6 +569,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_coverage),
         cmocka_unit_test(test_reset_and_recovery),
+        cmocka_unit_test(test_recover_fd),
         cmocka_unit_test(test_clean_close_not_recovered),
         cmocka_unit_test(test_metadata_durable_at_once),
         cmocka_unit_test(test_readahead),
