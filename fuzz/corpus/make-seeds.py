@@ -17,7 +17,9 @@ fuzz-write-intent: real logs left by a bitbackd killed with SIGKILL while
 serving a 4 MiB qbm image with persistent bitmap "b" (granularity 64 KiB,
 what the harness's image has), crash-safe-region-size 64 KiB, written
 through qemu-io over NBD: one killed before any snapshot of the writes,
-one after a flush (which takes a snapshot).
+one after a flush (which takes a snapshot).  A log does not depend on its
+image's format: the harness's image is a qcow2 in a memfd with the same
+size and bitmap, and recovers from these logs.
 """
 import os
 import pathlib
