@@ -118,10 +118,7 @@ static void export_unlink_locked(NBDExport *e)
     }
 }
 
-/* The end of a removed export (main thread, unlinked, no pins): free it
- * (the node reference, the bitmaps' busy marks) and say so, as QEMU's
- * BLOCK_EXPORT_DELETED {"id": ...}. */
-static void export_finish(NBDExport *e)
+void nbd_export_finish(NBDExport *e)
 {
     struct json_object *data = json_object_new_object();
     json_object_object_add(data, "id", json_object_new_string(e->id));
@@ -152,7 +149,7 @@ static void exports_reap(void *opaque)
     }
     while (done) {
         NBDExport *next = done->next;
-        export_finish(done);
+        nbd_export_finish(done);
         done = next;
     }
 }
@@ -361,7 +358,7 @@ bool nbd_export_del(const char *id, bool force, Error **errp)
         }
         export_unlink_locked(e);
     }
-    export_finish(e);
+    nbd_export_finish(e);
     return true;
 }
 

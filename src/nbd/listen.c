@@ -292,7 +292,7 @@ void nbd_server_stop(void)
     pthread_mutex_unlock(&nbd_srv.lock);
     while (list) {
         NBDExport *next = list->next;
-        nbd_export_free(list);
+        nbd_export_finish(list);
         list = next;
     }
 }

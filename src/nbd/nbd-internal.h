@@ -258,6 +258,10 @@ void nbd_exports_reap_later(void);
 /* False once e is shutting down (takes nbd_srv.lock). */
 bool nbd_export_is_open(NBDExport *e);
 void nbd_export_free(NBDExport *e);
+/* The end of a removed export (main thread, unlinked, no pins): free it
+ * (the node reference, the bitmaps' busy marks) and say so, as QEMU's
+ * BLOCK_EXPORT_DELETED {"id": ...}. */
+void nbd_export_finish(NBDExport *e);
 
 /* handshake.c: OPT_TRANSMIT with c->exp pinned, or OPT_CLOSE. */
 int nbd_negotiate(NBDClient *c);

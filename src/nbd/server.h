@@ -45,8 +45,9 @@ bool nbd_server_start(struct json_object *addr, unsigned max_connections,
 bool nbd_server_is_running(void);
 /* Stop listening, disconnect every client (in-flight requests finish and are
  * answered first; a reply still being sent a few seconds later is cut off,
- * so this returns in bounded time), and remove every export.  No-op when not
- * running. */
+ * so this returns in bounded time), and remove every export, each with its
+ * BLOCK_EXPORT_DELETED event (not delivered at daemon shutdown: the monitor
+ * is gone by then).  No-op when not running. */
 void nbd_server_stop(void);
 
 /* Serve one connected socket (owned from here on: closed when done) on the

@@ -121,17 +121,6 @@ static struct json_object *qmp_cmd_nbd_server_start(struct json_object *args,
     return json_object_new_object();
 }
 
-/* QEMU's BLOCK_EXPORT_DELETED after nbd-server-stop, which returns only
- * once every export is gone.  (An export removed by block-export-del may
- * outlive the command while its clients leave: src/nbd emits the event
- * for it when it is really freed.) */
-static void qmp_emit_export_deleted(const char *id)
-{
-    struct json_object *data = json_object_new_object();
-    json_object_object_add(data, "id", json_object_new_string(id));
-    qmp_event_emit("BLOCK_EXPORT_DELETED", data);
-}
-
 static struct json_object *qmp_cmd_nbd_server_stop(struct json_object *args,
                                                    Error **errp)
 {
@@ -139,16 +128,8 @@ static struct json_object *qmp_cmd_nbd_server_stop(struct json_object *args,
         error_setg(errp, "NBD server not running");
         return NULL;
     }
-    _cleanup_json_ struct json_object *exports = nbd_export_query();
+    /* Each export's BLOCK_EXPORT_DELETED comes from src/nbd as it goes. */
     nbd_server_stop();
-    size_t n = exports ? json_object_array_length(exports) : 0;
-    for (size_t i = 0; i < n; i++) {
-        struct json_object *id;
-        if (json_object_object_get_ex(json_object_array_get_idx(exports, i),
-                                      "id", &id)) {
-            qmp_emit_export_deleted(json_object_get_string(id));
-        }
-    }
     return json_object_new_object();
 }
 

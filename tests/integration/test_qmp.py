@@ -330,6 +330,10 @@ def test_nbd_server_commands(tmp_path):
         assert "read 4096/4096" in out
         e = c.error("block-export-del", id="nope")
         assert e.desc == "Export 'nope' is not found"
+        # nbd-server-stop removes every export, each with its event.
+        c.cmd("nbd-server-stop")
+        assert c.get_event("BLOCK_EXPORT_DELETED")["data"] == {"id": "e1"}
+        assert c.cmd("query-block-exports") == []
         assert d.quit() == 0
 
 
