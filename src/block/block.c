@@ -1314,7 +1314,7 @@ int bdrv_block_status_from_file(BlockDriverState *bs, uint64_t offset,
     return (r & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO)) | BDRV_BLOCK_ALLOCATED;
 }
 
-int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+int bdrv_layer_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                       uint64_t *pnum)
 {
     uint64_t len = bdrv_getlength(bs);
@@ -1324,10 +1324,17 @@ int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     }
     bytes = MIN(bytes, len - offset);
     int r = layer_status(bs, offset, bytes, pnum);
-    if (r < 0) {
-        return r;
+    if (r < 0 || !(r & BDRV_BLOCK_ALLOCATED)) {
+        return r < 0 ? r : 0;
     }
-    return !!(r & BDRV_BLOCK_ALLOCATED);
+    return r & (BDRV_BLOCK_ALLOCATED | BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO);
+}
+
+int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                      uint64_t *pnum)
+{
+    int r = bdrv_layer_status(bs, offset, bytes, pnum);
+    return r < 0 ? r : !!(r & BDRV_BLOCK_ALLOCATED);
 }
 
 int bdrv_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,

@@ -328,6 +328,12 @@ int bdrv_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
  * no backing layer below it). */
 int bdrv_block_status_from_file(BlockDriverState *bs, uint64_t offset,
                                 uint64_t bytes, uint64_t *pnum);
+/* Only this layer: BDRV_BLOCK_ALLOCATED when bs itself holds
+ * [offset, +*pnum), with DATA or ZERO saying how; 0 when it leaves the
+ * range to its backing chain.  Like bdrv_block_status, 0 and *pnum 0 at
+ * or past the end. */
+int bdrv_layer_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                      uint64_t *pnum);
 /* Only this layer: is [offset, +*pnum) allocated in bs itself? */
 int bdrv_is_allocated(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                       uint64_t *pnum);

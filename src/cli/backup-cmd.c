@@ -265,7 +265,7 @@ RepoManifest *backup_commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
     m->parent_seq = d->parent_seq;
     m->image_size = d->size;
     m->granularity = d->granularity;
-    m->cluster_size = REPO_CLUSTER_SIZE;
+    m->cluster_size = 0;                /* the scan picks it */
     m->bitmap = backup_strdup(d->new_bitmap);
     m->generation = d->generation ? backup_strdup(d->generation) : NULL;
     disk_record_counts(d);

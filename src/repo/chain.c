@@ -175,9 +175,9 @@ RepoManifest *repo_pending_manifest(Repo *repo, const RepoManifest *m)
     if (!p) {
         return NULL;
     }
-    repo_merkle_root(p->hashes, p->n_hashes, root);
     if (p->seq != m->seq || strcmp(p->node, m->node) || p->parent_seq ||
-        !p->synthetic || memcmp(root, p->merkle_root, REPO_ROOT_LEN)) {
+        !p->synthetic || !repo_index_root(repo, p, root, NULL) ||
+        memcmp(root, p->merkle_root, REPO_ROOT_LEN)) {
         repo_manifest_free(p);
         return NULL;
     }

@@ -219,7 +219,8 @@ static bool remove_tmp_file(void *opaque, const char *name)
     unsigned seq;
     RepoFileKind kind = repo_file_kind(name, &seq);
 
-    if (kind == REPO_FILE_TMP_DATA || kind == REPO_FILE_TMP_MANIFEST) {
+    if (kind == REPO_FILE_TMP_DATA || kind == REPO_FILE_TMP_MANIFEST ||
+        kind == REPO_FILE_TMP_INDEX) {
         _cleanup_free_ char *p = repo_path_printf("%s/%s", ns->dir, name);
         ns->repo->storage->remove(p);
     }
@@ -232,6 +233,45 @@ void repo_remove_tmp_files(Repo *repo, const char *node)
     NodeScan ns = { .repo = repo, .node = node, .dir = dir };
 
     repo->storage->list(dir, remove_tmp_file, &ns);
+}
+
+/* An index file nothing refers to: its backup is gone, or a prune made it
+ * a synthetic full with a new index, or a run died before its commit.
+ * The indexes of a backup with a pending manifest (.ID.json.tmp: a prune
+ * or a commit under way or interrupted) all stay. */
+static bool remove_stale_index(void *opaque, const char *name)
+{
+    NodeScan *ns = opaque;
+    unsigned seq;
+    RepoStat st;
+
+    if (repo_file_kind(name, &seq) != REPO_FILE_INDEX) {
+        return true;
+    }
+    _cleanup_free_ char *pending = repo_tmp_manifest_path(ns->repo, ns->node,
+                                                          seq);
+    if (ns->repo->storage->stat(pending, &st) == 0) {
+        return true;
+    }
+    RepoManifest *m = repo_lookup(ns->repo, ns->node, seq);
+    _cleanup_free_ char *p = repo_path_printf("%s/%s", ns->dir, name);
+    _cleanup_free_ char *want = m && m->version >= 2
+        ? repo_index_path(ns->repo, ns->node, seq, m->merkle_root) : NULL;
+    if (!want || strcmp(want, p)) {
+        ns->removed |= ns->repo->storage->remove(p) == 0;
+    }
+    return true;
+}
+
+void repo_remove_stale_indexes(Repo *repo, const char *node)
+{
+    _cleanup_free_ char *dir = repo_node_dir(repo, node);
+    NodeScan ns = { .repo = repo, .node = node, .dir = dir };
+
+    repo->storage->list(dir, remove_stale_index, &ns);
+    if (ns.removed) {
+        repo->storage->sync_dir(dir, NULL);
+    }
 }
 
 /* ---- Commit (invariant 2, repo-internal.h) ---- */

@@ -12,7 +12,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <openssl/sha.h>
 #include <xxhash.h>
 
 #include "repo/repo-internal.h"
@@ -54,43 +53,6 @@ void repo_hash_zero_cluster(size_t len, uint8_t out[REPO_HASH_LEN])
     memcpy(out, c.digest, REPO_HASH_LEN);
 }
 
-void repo_merkle_root(const RepoHash *hashes, size_t n,
-                      uint8_t out[REPO_ROOT_LEN])
-{
-    if (n == 0) {
-        SHA256((const unsigned char *)"", 0, out);
-        return;
-    }
-    uint8_t *level = malloc(n * REPO_ROOT_LEN);
-    if (!level) {
-        abort();
-    }
-    for (size_t i = 0; i < n; i++) {
-        uint8_t leaf[8 + REPO_HASH_LEN];
-        for (int b = 0; b < 8; b++) {
-            leaf[b] = (uint8_t)(hashes[i].cluster >> (8 * b));
-        }
-        memcpy(leaf + 8, hashes[i].hash, REPO_HASH_LEN);
-        SHA256(leaf, sizeof(leaf), level + i * REPO_ROOT_LEN);
-    }
-    /* Pair neighbours in place; an odd last node moves up unchanged. */
-    while (n > 1) {
-        size_t m = 0;
-        for (size_t i = 0; i + 1 < n; i += 2, m++) {
-            SHA256(level + i * REPO_ROOT_LEN, 2 * REPO_ROOT_LEN,
-                   level + m * REPO_ROOT_LEN);
-        }
-        if (n & 1) {
-            memmove(level + m * REPO_ROOT_LEN, level + (n - 1) * REPO_ROOT_LEN,
-                    REPO_ROOT_LEN);
-            m++;
-        }
-        n = m;
-    }
-    memcpy(out, level, REPO_ROOT_LEN);
-    free(level);
-}
-
 /* ---- Hashing on a pool of threads ----
  *
  * repo_hash_extents splits the extents into batches of SCAN_BATCH bytes
@@ -121,6 +83,7 @@ typedef struct HashPool {
     const RepoExtent *ext;
     size_t n_ext;
     RepoHash *out;
+    uint32_t bsize;               /* the hash block size */
 
     pthread_mutex_t lock;
     pthread_cond_t cond;          /* a batch finished */
@@ -162,7 +125,7 @@ static bool hash_pool_next_locked(HashPool *p, uint64_t *ret_off,
     *ret_len = MIN((uint64_t)SCAN_BATCH, end - p->cur_off);
     *ret_first = p->cur_hash;
     p->cur_off += *ret_len;
-    p->cur_hash += DIV_ROUND_UP(*ret_len, REPO_CLUSTER_SIZE);
+    p->cur_hash += DIV_ROUND_UP(*ret_len, p->bsize);
     return true;
 }
 
@@ -174,10 +137,10 @@ static int hash_batch(HashPool *p, uint8_t *buf, uint64_t off, uint64_t len,
     if (r < 0) {
         return r;
     }
-    for (uint64_t c = 0; c < len; c += REPO_CLUSTER_SIZE) {
+    for (uint64_t c = 0; c < len; c += p->bsize) {
         RepoHash *h = &p->out[first++];
-        h->cluster = (off + c) / REPO_CLUSTER_SIZE;
-        repo_hash_cluster(buf + c, MIN(REPO_CLUSTER_SIZE, len - c), h->hash);
+        h->cluster = (off + c) / p->bsize;
+        repo_hash_cluster(buf + c, MIN(p->bsize, len - c), h->hash);
     }
     return 0;
 }
@@ -235,12 +198,12 @@ static void *hash_pool_helper(void *opaque)
 }
 
 int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
-                      size_t n_ext, RepoHash *out, unsigned threads,
-                      RepoProgressFn *progress, void *opaque, uint64_t base,
-                      uint64_t total, uint64_t *ret_err_offset)
+                      size_t n_ext, uint32_t block_size, RepoHash *out,
+                      unsigned threads, RepoProgressFn *progress, void *opaque,
+                      uint64_t base, uint64_t total, uint64_t *ret_err_offset)
 {
     HashPool p = {
-        .bs = bs, .ext = ext, .n_ext = n_ext, .out = out,
+        .bs = bs, .ext = ext, .n_ext = n_ext, .out = out, .bsize = block_size,
         .cur_off = n_ext ? ext[0].start : 0,
     };
     pthread_t tids[REPO_MAX_HASH_THREADS];
@@ -307,27 +270,350 @@ int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
     return p.err;
 }
 
-/* ---- Scanning a backup file ---- */
+/* ---- Scanning a backup's layer ----
+ *
+ * repo_scan_layer walks the layer's block status in the biggest steps the
+ * driver gives (a qcow2 reports a whole unallocated L2 range, 512 MiB at
+ * 64 KiB clusters, per L1 entry, and merges runs), so holes cost nothing
+ * per cluster.  Each hash block (bsize bytes; the image's last one may be
+ * shorter) is then
+ *   - left out when the layer allocates none of it,
+ *   - part of a zero run when the layer allocates all of it as zeroes,
+ *   - hashed otherwise, its content read through the chain.
+ * Pending items queue up in order until SCAN_WINDOW bytes of blocks wait
+ * for hashing; then the window's blocks are read and hashed on the pool
+ * and every item goes to the sink in order.  Memory: the queue (bounded by
+ * the window) and the pool's buffers, whatever the image size. */
 
-static bool extents_append(RepoExtent **ext, size_t *n, size_t *cap,
-                           uint64_t start, uint64_t end)
+#define SCAN_WINDOW        (256u * 1024 * 1024)
+#define SCAN_MAX_ITEMS     4096
+
+typedef struct ScanItem {
+    bool zero;
+    uint64_t block, count;
+} ScanItem;
+
+typedef struct Scan {
+    BlockDriverState *bs;
+    const char *path;
+    uint64_t size, n_blocks;
+    uint32_t bsize;
+    unsigned threads;
+    bool count_only;               /* first pass: only count hashed bytes */
+    RepoRecordSink *sink;
+    void *sink_opaque;
+    RepoProgressFn *progress;
+    void *opaque;
+
+    /* The block whose status is partly known. */
+    uint64_t part_blk;
+    uint64_t part_alloc;           /* bytes of it the layer allocates */
+    bool part_data;                /* some of them hold data */
+
+    ScanItem items[SCAN_MAX_ITEMS];
+    size_t n_items;
+    uint64_t queued_blocks;        /* blocks to hash in items[] */
+    RepoExtent ext[SCAN_MAX_ITEMS];
+    RepoHash *hashes;              /* SCAN_WINDOW / bsize */
+
+    uint64_t changed;              /* bytes the layer allocates */
+    uint64_t hashed;               /* bytes hashed (read) so far */
+    uint64_t total;                /* bytes to hash, from the first pass */
+} Scan;
+
+static uint64_t block_len(const Scan *sc, uint64_t blk)
 {
-    if (*n && start <= (*ext)[*n - 1].start + (*ext)[*n - 1].length) {
-        RepoExtent *last = &(*ext)[*n - 1];
-        last->length = MAX(last->start + last->length, end) - last->start;
+    return MIN((uint64_t)sc->bsize, sc->size - blk * sc->bsize);
+}
+
+/* Hash what the queue holds and hand every item to the sink, in order. */
+static bool scan_flush(Scan *sc, Error **errp)
+{
+    size_t n_ext = 0, k = 0;
+    uint64_t bytes = 0;
+
+    if (sc->count_only) {
+        for (size_t i = 0; i < sc->n_items; i++) {
+            if (!sc->items[i].zero) {
+                uint64_t b = sc->items[i].block, n = sc->items[i].count;
+                sc->total += (n - 1) * sc->bsize + block_len(sc, b + n - 1);
+            }
+        }
+        sc->n_items = 0;
+        sc->queued_blocks = 0;
         return true;
     }
-    if (*n == *cap) {
-        size_t ncap = *cap ? *cap * 2 : 16;
-        RepoExtent *ne = realloc(*ext, ncap * sizeof(*ne));
-        if (!ne) {
+    for (size_t i = 0; i < sc->n_items; i++) {
+        const ScanItem *it = &sc->items[i];
+        if (!it->zero) {
+            uint64_t start = it->block * sc->bsize;
+            uint64_t end = MIN((it->block + it->count) * sc->bsize, sc->size);
+            sc->ext[n_ext++] = (RepoExtent){ start, end - start };
+            bytes += end - start;
+        }
+    }
+    if (n_ext) {
+        uint64_t err_off = 0;
+        int r = repo_hash_extents(sc->bs, sc->ext, n_ext, sc->bsize,
+                                  sc->hashes, sc->threads, sc->progress,
+                                  sc->opaque, sc->hashed,
+                                  MAX(sc->total, sc->hashed + bytes), &err_off);
+        if (r < 0) {
+            if (r == -ENOMEM) {
+                error_setg(errp, "out of memory");
+            } else {
+                error_setg_errno(errp, -r, "%s: read error at offset %" PRIu64,
+                                 sc->path, err_off);
+            }
             return false;
         }
-        *ext = ne;
-        *cap = ncap;
+        sc->hashed += bytes;
     }
-    (*ext)[(*n)++] = (RepoExtent){ .start = start, .length = end - start };
+    for (size_t i = 0; i < sc->n_items; i++) {
+        const ScanItem *it = &sc->items[i];
+        RepoIndexRecord rec = { .block = it->block, .count = it->count,
+                                .zero = true };
+        if (it->zero) {
+            if (!sc->sink(sc->sink_opaque, &rec, errp)) {
+                return false;
+            }
+            continue;
+        }
+        for (uint64_t b = 0; b < it->count; b++, k++) {
+            rec = (RepoIndexRecord){ .block = sc->hashes[k].cluster,
+                                     .count = 1 };
+            memcpy(rec.hash, sc->hashes[k].hash, REPO_HASH_LEN);
+            if (!sc->sink(sc->sink_opaque, &rec, errp)) {
+                return false;
+            }
+        }
+    }
+    sc->n_items = 0;
+    sc->queued_blocks = 0;
     return true;
+}
+
+/* Queue blocks [blk, blk+n) as a zero run or as blocks to hash, merging
+ * with the item before when they touch. */
+static bool scan_queue(Scan *sc, uint64_t blk, uint64_t n, bool zero,
+                       Error **errp)
+{
+    while (n) {
+        uint64_t take = n;
+        if (!zero) {
+            uint64_t room = SCAN_WINDOW / sc->bsize - sc->queued_blocks;
+            take = MIN(n, room);
+        }
+        ScanItem *last = sc->n_items ? &sc->items[sc->n_items - 1] : NULL;
+        if (last && last->zero == zero && last->block + last->count == blk) {
+            last->count += take;
+        } else {
+            if (sc->n_items == SCAN_MAX_ITEMS && !scan_flush(sc, errp)) {
+                return false;
+            }
+            sc->items[sc->n_items++] = (ScanItem){ zero, blk, take };
+        }
+        if (!zero) {
+            sc->queued_blocks += take;
+            if (sc->queued_blocks == SCAN_WINDOW / sc->bsize &&
+                !scan_flush(sc, errp)) {
+                return false;
+            }
+        }
+        blk += take;
+        n -= take;
+    }
+    return true;
+}
+
+/* The partly known block is complete: classify it. */
+static bool scan_end_partial(Scan *sc, Error **errp)
+{
+    uint64_t blk = sc->part_blk;
+    bool ok = true;
+
+    if (sc->part_alloc) {
+        bool zero = !sc->part_data && sc->part_alloc == block_len(sc, blk);
+        ok = scan_queue(sc, blk, 1, zero, errp);
+    }
+    sc->part_alloc = 0;
+    sc->part_data = false;
+    return ok;
+}
+
+/* The layer's status over [s, e): st is 0 (not allocated here), or
+ * ALLOCATED with ZERO or DATA. */
+static bool scan_run(Scan *sc, uint64_t s, uint64_t e, int st, Error **errp)
+{
+    bool alloc = st & BDRV_BLOCK_ALLOCATED;
+    bool zero = alloc && (st & BDRV_BLOCK_ZERO) && !(st & BDRV_BLOCK_DATA);
+
+    if (alloc) {
+        sc->changed += e - s;
+    }
+    while (s < e) {
+        uint64_t blk = s / sc->bsize;
+        uint64_t bstart = blk * sc->bsize, bend = bstart + block_len(sc, blk);
+
+        if (s == bstart && e >= bend) {
+            /* Whole blocks: the run covers [blk, full). */
+            uint64_t full = e == sc->size ? sc->n_blocks : e / sc->bsize;
+            if (alloc && !scan_queue(sc, blk, full - blk, zero, errp)) {
+                return false;
+            }
+            s = MIN(full * sc->bsize, sc->size);
+            continue;
+        }
+        uint64_t n = MIN(e, bend) - s;
+        sc->part_blk = blk;
+        if (alloc) {
+            sc->part_alloc += n;
+            sc->part_data |= !zero;
+        }
+        s += n;
+        if (s == bend && !scan_end_partial(sc, errp)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* One pass over the layer. */
+static bool scan_pass(Scan *sc, Error **errp)
+{
+    for (uint64_t off = 0; off < sc->size;) {
+        uint64_t pnum = 0;
+        int st = bdrv_layer_status(sc->bs, off, sc->size - off, &pnum);
+        if (st < 0) {
+            error_setg_errno(errp, -st, "%s: cannot read the allocation at "
+                             "offset %" PRIu64, sc->path, off);
+            return false;
+        }
+        if (pnum == 0) {
+            error_setg(errp, "%s: the allocation status at offset %" PRIu64
+                       " makes no progress", sc->path, off);
+            return false;
+        }
+        pnum = MIN(pnum, sc->size - off);
+        if (!scan_run(sc, off, off + pnum, st, errp)) {
+            return false;
+        }
+        off += pnum;
+    }
+    return scan_flush(sc, errp);
+}
+
+bool repo_scan_layer(BlockDriverState *bs, const char *path, uint64_t size,
+                     uint32_t bsize, unsigned threads, RepoRecordSink *sink,
+                     void *sink_opaque, RepoProgressFn *progress,
+                     void *opaque, uint64_t *ret_changed, uint64_t *ret_read,
+                     Error **errp)
+{
+    _cleanup_free_ Scan *sc = calloc(1, sizeof(*sc));
+    int64_t len = bdrv_getlength(bs);
+
+    if (!sc) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    if (len < 0) {
+        error_setg_errno(errp, (int)-len, "%s: cannot get the image size",
+                         path);
+        return false;
+    }
+    if ((uint64_t)len != size) {
+        error_setg(errp, "%s: the image is %" PRId64 " bytes, expected %"
+                   PRIu64, path, len, size);
+        return false;
+    }
+    *sc = (Scan){
+        .bs = bs, .path = path, .size = size, .bsize = bsize,
+        .n_blocks = DIV_ROUND_UP(size, bsize), .threads = threads,
+        .sink = sink, .sink_opaque = sink_opaque,
+    };
+    /* The first pass only counts, for an exact progress total. */
+    if (progress) {
+        sc->count_only = true;
+        if (!scan_pass(sc, errp)) {
+            return false;
+        }
+        sc->count_only = false;
+        sc->changed = 0;
+        sc->progress = progress;
+        sc->opaque = opaque;
+        progress(opaque, 0, sc->total);
+    }
+    sc->hashes = calloc(SCAN_WINDOW / bsize, sizeof(*sc->hashes));
+    if (!sc->hashes) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    bool ok = scan_pass(sc, errp);
+    free(sc->hashes);
+    if (ok) {
+        *ret_changed = sc->changed;
+        if (ret_read) {
+            *ret_read = sc->hashed;
+        }
+    }
+    return ok;
+}
+
+static bool index_sink(void *opaque, const RepoIndexRecord *r, Error **errp)
+{
+    (void)errp;
+    repo_index_writer_add(opaque, r);
+    return true;
+}
+
+uint32_t repo_hash_size_for(Repo *repo, const char *node, unsigned parent_seq,
+                            uint64_t image_size)
+{
+    RepoManifest *p = parent_seq ? repo_lookup(repo, node, parent_seq) : NULL;
+    uint32_t h = REPO_MIN_HASH_SIZE;
+
+    if (p) {
+        return p->cluster_size;
+    }
+    while (h < REPO_MAX_HASH_SIZE && DIV_ROUND_UP(image_size, h) > (UINT64_C(1) << 28)) {
+        h *= 2;
+    }
+    return h;
+}
+
+bool repo_scan_to_index(Repo *repo, BlockDriverState *bs, const char *path,
+                        RepoManifest *m, RepoProgressFn *progress,
+                        void *opaque, Error **errp)
+{
+    int64_t len = bdrv_getlength(bs);
+
+    if (len < 0) {
+        error_setg_errno(errp, (int)-len, "%s: cannot get the image size",
+                         path);
+        return false;
+    }
+    if (!m->image_size) {
+        m->image_size = (uint64_t)len;
+    }
+    if (!m->cluster_size) {
+        m->cluster_size = repo_hash_size_for(repo, m->node, m->parent_seq,
+                                             m->image_size);
+    }
+    RepoIndexWriter *w = repo_index_writer_new(repo, m->node, m->seq,
+                                               m->image_size, m->cluster_size,
+                                               errp);
+    if (!w) {
+        return false;
+    }
+    if (!repo_scan_layer(bs, path, m->image_size, m->cluster_size, 0,
+                         index_sink, w, progress, opaque, &m->changed_bytes,
+                         NULL, errp)) {
+        repo_index_writer_abort(w);
+        return false;
+    }
+    m->version = 2;
+    return repo_index_writer_finish(w, m->merkle_root, &m->index_records,
+                                    errp);
 }
 
 bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
@@ -340,96 +626,7 @@ bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
         error_prepend(errp, "cannot open backup '%s': ", qcow2_path);
         return false;
     }
-    ok = repo_scan_node(bs, qcow2_path, m, 0, progress, opaque, errp);
+    ok = repo_scan_to_index(repo, bs, qcow2_path, m, progress, opaque, errp);
     bdrv_unref(bs);
     return ok;
 }
-
-bool repo_scan_node(BlockDriverState *bs, const char *qcow2_path,
-                    RepoManifest *m, unsigned threads, RepoProgressFn *progress,
-                    void *opaque, Error **errp)
-{
-    _cleanup_free_ RepoExtent *ext = NULL;
-    _cleanup_free_ RepoHash *hashes = NULL;
-    size_t n_ext = 0, cap = 0, n_hashes = 0;
-    uint64_t total = 0;
-    int64_t len = bdrv_getlength(bs);
-    if (len < 0) {
-        error_setg_errno(errp, (int)-len, "%s: cannot get the image size",
-                         qcow2_path);
-        return false;
-    }
-    uint64_t size = (uint64_t)len;
-    if (m->image_size && m->image_size != size) {
-        error_setg(errp, "%s: the image is %" PRIu64 " bytes, expected %" PRIu64,
-                   qcow2_path, size, m->image_size);
-        return false;
-    }
-
-    /* 1. The clusters allocated in this layer, as merged extents. */
-    for (uint64_t off = 0; off < size;) {
-        uint64_t pnum = 0;
-        int r = bdrv_is_allocated(bs, off, size - off, &pnum);
-        if (r < 0) {
-            error_setg_errno(errp, -r, "%s: cannot read the allocation at "
-                             "offset %" PRIu64, qcow2_path, off);
-            return false;
-        }
-        if (pnum == 0) {
-            error_setg(errp, "%s: the allocation status at offset %" PRIu64
-                       " makes no progress", qcow2_path, off);
-            return false;
-        }
-        if (r) {
-            uint64_t s = ROUND_DOWN(off, REPO_CLUSTER_SIZE);
-            uint64_t e = MIN(ROUND_UP(off + pnum, REPO_CLUSTER_SIZE), size);
-            if (!extents_append(&ext, &n_ext, &cap, s, e)) {
-                error_setg(errp, "out of memory");
-                return false;
-            }
-        }
-        off += pnum;
-    }
-    uint64_t n_clusters = 0;
-    for (size_t i = 0; i < n_ext; i++) {
-        total += ext[i].length;
-        n_clusters += DIV_ROUND_UP(ext[i].length, REPO_CLUSTER_SIZE);
-    }
-    hashes = calloc(n_clusters ? n_clusters : 1, sizeof(*hashes));
-    if (!hashes) {
-        error_setg(errp, "out of memory");
-        return false;
-    }
-
-    /* 2. Read them through the chain in big batches and hash each cluster,
-     *    on a pool of threads. */
-    if (progress) {
-        progress(opaque, 0, total);
-    }
-    uint64_t err_off = 0;
-    int r = repo_hash_extents(bs, ext, n_ext, hashes, threads, progress,
-                              opaque, 0, total, &err_off);
-    if (r < 0) {
-        if (r == -ENOMEM) {
-            error_setg(errp, "out of memory");
-        } else {
-            error_setg_errno(errp, -r, "%s: read error at offset %" PRIu64,
-                             qcow2_path, err_off);
-        }
-        return false;
-    }
-    n_hashes = (size_t)n_clusters;
-
-    free(m->extents);
-    free(m->hashes);
-    m->extents = steal_pointer(&ext);
-    m->n_extents = n_ext;
-    m->hashes = steal_pointer(&hashes);
-    m->n_hashes = n_hashes;
-    m->image_size = size;
-    m->cluster_size = REPO_CLUSTER_SIZE;
-    m->changed_bytes = total;
-    repo_merkle_root(m->hashes, m->n_hashes, m->merkle_root);
-    return true;
-}
-

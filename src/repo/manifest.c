@@ -141,7 +141,7 @@ struct json_object *repo_manifest_to_json(const RepoManifest *m, bool full)
     repo_format_id(m->seq, id);
     if (full) {
         json_object_object_add(o, "format", json_object_new_string(MANIFEST_FORMAT));
-        json_object_object_add(o, "version", json_object_new_int(1));
+        json_object_object_add(o, "version", json_object_new_int(2));
     }
     json_object_object_add(o, "id", json_object_new_string(id));
     json_object_object_add(o, "node", json_str_or_null(m->node));
@@ -155,7 +155,7 @@ struct json_object *repo_manifest_to_json(const RepoManifest *m, bool full)
                                json_object_new_int64((int64_t)m->image_size));
         json_object_object_add(o, "granularity",
                                json_object_new_int64(m->granularity));
-        json_object_object_add(o, "cluster-size",
+        json_object_object_add(o, "hash-size",
                                json_object_new_int64(m->cluster_size));
         json_object_object_add(o, "bitmap", json_str_or_null(m->bitmap));
         json_object_object_add(o, "generation", json_str_or_null(m->generation));
@@ -177,24 +177,9 @@ struct json_object *repo_manifest_to_json(const RepoManifest *m, bool full)
     if (!full) {
         return o;
     }
-    struct json_object *ext = json_object_new_array_ext((int)m->n_extents);
-    for (size_t i = 0; i < m->n_extents; i++) {
-        struct json_object *e = json_object_new_array_ext(2);
-        json_object_array_add(e, json_object_new_int64((int64_t)m->extents[i].start));
-        json_object_array_add(e, json_object_new_int64((int64_t)m->extents[i].length));
-        json_object_array_add(ext, e);
-    }
-    json_object_object_add(o, "extents", ext);
     json_object_object_add(o, "hash-algorithm", json_object_new_string(HASH_ALGORITHM));
-    struct json_object *hs = json_object_new_array_ext((int)m->n_hashes);
-    for (size_t i = 0; i < m->n_hashes; i++) {
-        struct json_object *e = json_object_new_array_ext(2);
-        hex_encode(m->hashes[i].hash, REPO_HASH_LEN, hex);
-        json_object_array_add(e, json_object_new_int64((int64_t)m->hashes[i].cluster));
-        json_object_array_add(e, json_object_new_string(hex));
-        json_object_array_add(hs, e);
-    }
-    json_object_object_add(o, "hashes", hs);
+    json_object_object_add(o, "index-records",
+                           json_object_new_int64((int64_t)m->index_records));
     hex_encode(m->merkle_root, REPO_ROOT_LEN, hex);
     json_object_object_add(o, "merkle-root", json_object_new_string(hex));
     return o;
@@ -363,6 +348,58 @@ static bool get_bitmap_counts(struct json_object *obj, RepoManifest *m,
     return true;
 }
 
+/* The hash algorithm (the one we know) and the Merkle root, last keys of
+ * both versions. */
+static bool get_algorithm_and_root(struct json_object *obj, RepoManifest *m,
+                                   const char *what, Error **errp)
+{
+    _cleanup_free_ char *str = NULL;
+    struct json_object *v;
+
+    if (!get_string(obj, "hash-algorithm", false, 64, &str, what, errp)) {
+        return false;
+    }
+    if (strcmp(str, HASH_ALGORITHM)) {
+        error_setg(errp, "%s: unsupported hash algorithm '%s' (expected '"
+                   HASH_ALGORITHM "')", what, str);
+        return false;
+    }
+    if (!get_key(obj, "merkle-root", &v, what, errp)) {
+        return false;
+    }
+    if (!json_object_is_type(v, json_type_string) ||
+        !hex_decode(json_object_get_string(v),
+                    (size_t)json_object_get_string_len(v), m->merkle_root,
+                    REPO_ROOT_LEN)) {
+        error_setg(errp, "%s: 'merkle-root' must be 64 hex digits", what);
+        return false;
+    }
+    return true;
+}
+
+/* Version 2: the hashes are in the index file; the manifest has its
+ * record count, which cannot exceed the image's blocks.  Version 1's
+ * inline lists are refused, so no reader takes them for the truth. */
+static RepoManifest *manifest_v2_tail(struct json_object *obj, RepoManifest *m,
+                                      const char *what, Error **errp)
+{
+    _cleanup_(repo_manifest_freep) RepoManifest *mp = m;
+    uint64_t n_blocks = DIV_ROUND_UP(m->image_size, m->cluster_size);
+
+    if (json_object_object_get_ex(obj, "extents", NULL) ||
+        json_object_object_get_ex(obj, "hashes", NULL)) {
+        error_setg(errp, "%s: a version 2 manifest keeps its hashes in the "
+                   "index, not in 'extents' or 'hashes'", what);
+        return NULL;
+    }
+    if (!get_uint(obj, "index-records", n_blocks, &m->index_records, what,
+                  errp) ||
+        !get_algorithm_and_root(obj, m, what, errp)) {
+        return NULL;
+    }
+    return steal_pointer(&mp);
+}
+
 RepoManifest *repo_manifest_from_json(struct json_object *obj,
                                       const char *what, Error **errp)
 {
@@ -391,11 +428,12 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
     if (!get_uint(obj, "version", UINT32_MAX, &u, what, errp)) {
         return NULL;
     }
-    if (u != 1) {
+    if (u != 1 && u != 2) {
         error_setg(errp, "%s: manifest version %" PRIu64 " is not supported "
-                   "(this bitback reads version 1)", what, u);
+                   "(this bitback reads versions 1 and 2)", what, u);
         return NULL;
     }
+    m->version = (unsigned)u;
 
     if (!get_key(obj, "id", &v, what, errp)) {
         return NULL;
@@ -472,13 +510,25 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
         return NULL;
     }
     m->granularity = (uint32_t)u;
-    if (!get_uint(obj, "cluster-size", UINT32_MAX, &u, what, errp)) {
-        return NULL;
-    }
-    if (u != REPO_CLUSTER_SIZE) {
-        error_setg(errp, "%s: 'cluster-size' must be %u, not %" PRIu64, what,
-                   REPO_CLUSTER_SIZE, u);
-        return NULL;
+    if (m->version == 1) {
+        if (!get_uint(obj, "cluster-size", UINT32_MAX, &u, what, errp)) {
+            return NULL;
+        }
+        if (u != REPO_CLUSTER_SIZE) {
+            error_setg(errp, "%s: 'cluster-size' must be %u, not %" PRIu64,
+                       what, REPO_CLUSTER_SIZE, u);
+            return NULL;
+        }
+    } else {
+        if (!get_uint(obj, "hash-size", UINT32_MAX, &u, what, errp)) {
+            return NULL;
+        }
+        if (!IS_POW2(u) || u < REPO_MIN_HASH_SIZE || u > REPO_MAX_HASH_SIZE) {
+            error_setg(errp, "%s: 'hash-size' must be a power of two from "
+                       "%u to %u, not %" PRIu64, what, REPO_MIN_HASH_SIZE,
+                       REPO_MAX_HASH_SIZE, u);
+            return NULL;
+        }
     }
     m->cluster_size = (uint32_t)u;
     if (!get_string(obj, "bitmap", true, 1023, &m->bitmap, what, errp) ||
@@ -492,6 +542,10 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
                   what, errp) ||
         !get_uint(obj, "stored-bytes", INT64_MAX, &m->stored_bytes, what, errp)) {
         return NULL;
+    }
+
+    if (m->version == 2) {
+        return manifest_v2_tail(obj, steal_pointer(&m), what, errp);
     }
 
     uint64_t n_clusters = DIV_ROUND_UP(m->image_size, REPO_CLUSTER_SIZE);
@@ -545,17 +599,6 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
         prev_end = start + len;
     }
 
-    free(str);
-    str = NULL;
-    if (!get_string(obj, "hash-algorithm", false, 64, &str, what, errp)) {
-        return NULL;
-    }
-    if (strcmp(str, HASH_ALGORITHM)) {
-        error_setg(errp, "%s: unsupported hash algorithm '%s' (expected '"
-                   HASH_ALGORITHM "')", what, str);
-        return NULL;
-    }
-
     /* hashes: strictly increasing cluster indexes inside the image. */
     if (!get_key(obj, "hashes", &v, what, errp)) {
         return NULL;
@@ -606,14 +649,7 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
         m->hashes[i].cluster = c;
     }
 
-    if (!get_key(obj, "merkle-root", &v, what, errp)) {
-        return NULL;
-    }
-    if (!json_object_is_type(v, json_type_string) ||
-        !hex_decode(json_object_get_string(v),
-                    (size_t)json_object_get_string_len(v), m->merkle_root,
-                    REPO_ROOT_LEN)) {
-        error_setg(errp, "%s: 'merkle-root' must be 64 hex digits", what);
+    if (!get_algorithm_and_root(obj, m, what, errp)) {
         return NULL;
     }
     return steal_pointer(&m);
@@ -677,8 +713,14 @@ RepoManifest *repo_manifest_load(const RepoStorage *st, const char *path,
 char *repo_manifest_text(const RepoManifest *m, const char *path,
                          uint64_t max, Error **errp)
 {
-    _cleanup_json_ struct json_object *obj = repo_manifest_to_json(m, true);
+    _cleanup_json_ struct json_object *obj = NULL;
     char *text = NULL;
+
+    if (m->version != 2) {
+        error_setg(errp, "manifest '%s': only version 2 is written", path);
+        return NULL;
+    }
+    obj = repo_manifest_to_json(m, true);
     /* Never write a manifest that readers would refuse. */
     RepoManifest *check = repo_manifest_from_json(obj, path, errp);
 
@@ -695,9 +737,7 @@ char *repo_manifest_text(const RepoManifest *m, const char *path,
     size_t len = strlen(text);
     if (len > max) {
         error_setg(errp, "manifest '%s' would be %zu bytes, more than the "
-                   "%" PRIu64 " a reader accepts (%zu clusters stored: "
-                   "too many for one backup in repository format 1)",
-                   path, len, max, m->n_hashes);
+                   "%" PRIu64 " a reader accepts", path, len, max);
         free(text);
         return NULL;
     }
@@ -707,6 +747,9 @@ char *repo_manifest_text(const RepoManifest *m, const char *path,
 bool repo_manifest_write(Repo *repo, const char *path, const RepoManifest *m,
                          Error **errp)
 {
+    if (!repo_upgrade(repo, errp)) {
+        return false;
+    }
     _cleanup_free_ char *text =
         repo_manifest_text(m, path, REPO_MAX_MANIFEST, errp);
     return text && repo->storage->write_tmp(path, text, strlen(text), errp);

@@ -136,6 +136,29 @@ SEQ_PATH_FN(repo_tmp_data_path, ".", ".qcow2.tmp")
 SEQ_PATH_FN(repo_tmp_manifest_path, ".", ".json.tmp")
 SEQ_PATH_FN(repo_attempt_path, "", ".attempt")
 SEQ_PATH_FN(repo_tmp_attempt_path, ".", ".attempt.tmp")
+SEQ_PATH_FN(repo_tmp_index_path, ".", ".idx.tmp")
+
+/* "ID-XXXXXXXXXXXXXXXX.idx" (16 lower-case hex digits): an index file
+ * (index.c names it after its backup's Merkle root).  Its seq, or 0. */
+static unsigned index_name_seq(const char *name)
+{
+    static const char tail[] = "-XXXXXXXXXXXXXXXX.idx";
+    size_t ln = strlen(name), lt = sizeof(tail) - 1;
+    char id[REPO_ID_LEN];
+
+    if (ln <= lt || ln - lt >= sizeof(id) || strcmp(name + ln - 4, ".idx") ||
+        name[ln - lt] != '-') {
+        return 0;
+    }
+    for (size_t i = ln - lt + 1; i < ln - 4; i++) {
+        if (!strchr("0123456789abcdef", name[i])) {
+            return 0;
+        }
+    }
+    memcpy(id, name, ln - lt);
+    id[ln - lt] = '\0';
+    return repo_match_seq_name(id, "", "");
+}
 
 RepoFileKind repo_file_kind(const char *name, unsigned *ret_seq)
 {
@@ -148,6 +171,7 @@ RepoFileKind repo_file_kind(const char *name, unsigned *ret_seq)
         { REPO_FILE_DATA, "", ".qcow2" },
         { REPO_FILE_TMP_DATA, ".", ".qcow2.tmp" },
         { REPO_FILE_TMP_MANIFEST, ".", ".json.tmp" },
+        { REPO_FILE_TMP_INDEX, ".", ".idx.tmp" },
     };
 
     for (size_t i = 0; i < ARRAY_SIZE(names); i++) {
@@ -158,6 +182,6 @@ RepoFileKind repo_file_kind(const char *name, unsigned *ret_seq)
             return names[i].kind;
         }
     }
-    *ret_seq = 0;
-    return REPO_FILE_OTHER;
+    *ret_seq = index_name_seq(name);
+    return *ret_seq ? REPO_FILE_INDEX : REPO_FILE_OTHER;
 }

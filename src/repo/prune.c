@@ -236,7 +236,7 @@ static bool roll_forward(Repo *repo, const char *node, RepoPruneEventFn *event,
         if (!ok) {
             error_setg(errp, "out of memory");
         }
-        ok = ok && repo_scan_node(bs, data, nm, 0, NULL, NULL, errp);
+        ok = ok && repo_scan_to_index(repo, bs, data, nm, NULL, NULL, errp);
         bdrv_unref(bs);
         if (ok && stat(data, &st) == 0) {
             nm->stored_bytes = (uint64_t)st.st_blocks * 512;
@@ -361,6 +361,7 @@ bool repo_prune_node(Repo *repo, const char *node_name, unsigned keep,
     if (!repo_reload(repo, errp)) {
         return false;
     }
+    repo_remove_stale_indexes(repo, node);
     if (ret) {
         *ret = res;
     }

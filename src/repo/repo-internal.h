@@ -63,6 +63,8 @@ typedef enum RepoFileKind {
     REPO_FILE_ATTEMPT,                 /* ID.attempt */
     REPO_FILE_TMP_DATA,                /* .ID.qcow2.tmp */
     REPO_FILE_TMP_MANIFEST,            /* .ID.json.tmp */
+    REPO_FILE_INDEX,                   /* ID-XXXXXXXXXXXXXXXX.idx */
+    REPO_FILE_TMP_INDEX,               /* .ID.idx.tmp */
 } RepoFileKind;
 /* The kind of name and its seq (0 for REPO_FILE_OTHER). */
 RepoFileKind repo_file_kind(const char *name, unsigned *ret_seq);
@@ -71,6 +73,9 @@ char *repo_path_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)
 /* REPO/NODE/ID.attempt and its temporary REPO/NODE/.ID.attempt.tmp. */
 char *repo_attempt_path(Repo *repo, const char *node, unsigned seq);
 char *repo_tmp_attempt_path(Repo *repo, const char *node, unsigned seq);
+
+/* REPO/NODE/.ID.idx.tmp: an index being written (index.c). */
+char *repo_tmp_index_path(Repo *repo, const char *node, unsigned seq);
 
 /* ---- manifest.c ---- */
 

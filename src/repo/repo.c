@@ -212,8 +212,8 @@ static bool repo_write_marker(const RepoStorage *st, const char *path, struct js
  * none).  create: give a marker without a UUID a new one, written once
  * (temporary file, fsync, rename, folder fsync), keeping its other keys. */
 static bool repo_check_marker(const RepoStorage *st, const char *path,
-                              bool create,
-                              char uuid[REPO_UUID_LEN], Error **errp)
+                              bool create, char uuid[REPO_UUID_LEN],
+                              unsigned *ret_version, Error **errp)
 {
     _cleanup_json_ struct json_object *obj =
         repo_parse_json_file(st, path, REPO_MAX_MARKER, errp);
@@ -235,12 +235,13 @@ static bool repo_check_marker(const RepoStorage *st, const char *path,
         error_setg(errp, "%s: 'version' must be an integer", path);
         return false;
     }
-    if (json_object_get_int64(v) != 1) {
+    if (json_object_get_int64(v) != 1 && json_object_get_int64(v) != 2) {
         error_setg(errp, "%s: repository version %" PRId64 " is not supported "
-                   "(this bitback reads version 1)", path,
+                   "(this bitback reads versions 1 and 2)", path,
                    json_object_get_int64(v));
         return false;
     }
+    *ret_version = (unsigned)json_object_get_int64(v);
     if (json_object_object_get_ex(obj, "uuid", &v)) {
         if (!json_object_is_type(v, json_type_string) ||
             !uuid_valid(json_object_get_string(v))) {
@@ -264,11 +265,38 @@ static bool repo_check_marker(const RepoStorage *st, const char *path,
     return true;
 }
 
+bool repo_upgrade(Repo *repo, Error **errp)
+{
+    _cleanup_free_ char *marker = NULL;
+    unsigned version = 0;
+    char uuid[REPO_UUID_LEN];
+
+    if (repo->version >= REPO_VERSION) {
+        return true;
+    }
+    marker = repo_path_printf("%s/" REPO_MARKER_NAME, repo->path);
+    _cleanup_json_ struct json_object *obj =
+        repo_parse_json_file(repo->storage, marker, REPO_MAX_MARKER, errp);
+    if (!obj || !repo_check_marker(repo->storage, marker, false, uuid,
+                                   &version, errp)) {
+        return false;
+    }
+    json_object_object_add(obj, "version", json_object_new_int(REPO_VERSION));
+    if (!repo_write_marker(repo->storage, marker, obj, errp)) {
+        error_prepend(errp, "cannot mark the repository as version %d: ",
+                      REPO_VERSION);
+        return false;
+    }
+    repo->version = REPO_VERSION;
+    return true;
+}
+
 Repo *repo_open(const char *path, bool create, Error **errp)
 {
     _cleanup_(repo_freep) Repo *repo = NULL;
     _cleanup_free_ char *marker = NULL;
     char uuid[REPO_UUID_LEN] = "";
+    unsigned version = 0;
     /* The one backend there is; a URL scheme would pick another here. */
     const RepoStorage *st = &repo_storage_local;
     RepoStat rs;
@@ -310,12 +338,14 @@ Repo *repo_open(const char *path, bool create, Error **errp)
         uuid_generate_str(uuid);
         json_object_object_add(obj, "format",
                                json_object_new_string(REPO_FORMAT_NAME));
-        json_object_object_add(obj, "version", json_object_new_int(1));
+        json_object_object_add(obj, "version",
+                               json_object_new_int(REPO_VERSION));
         json_object_object_add(obj, "uuid", json_object_new_string(uuid));
         if (!repo_write_marker(st, marker, obj, errp)) {
             return NULL;
         }
-    } else if (!repo_check_marker(st, marker, create, uuid, errp)) {
+        version = REPO_VERSION;
+    } else if (!repo_check_marker(st, marker, create, uuid, &version, errp)) {
         return NULL;
     }
     repo = calloc(1, sizeof(*repo));
@@ -324,6 +354,7 @@ Repo *repo_open(const char *path, bool create, Error **errp)
         return NULL;
     }
     repo->storage = st;
+    repo->version = version;
     memcpy(repo->uuid, uuid, REPO_UUID_LEN);
     /* Drop trailing slashes (not a lone "/") so paths print cleanly. */
     for (size_t n = strlen(repo->path); n > 1 && repo->path[n - 1] == '/'; n--) {

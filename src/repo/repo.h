@@ -57,6 +57,9 @@ typedef struct RepoBitmapCount {
 #define REPO_MAX_BITMAP_COUNTS 4096
 
 typedef struct RepoManifest {
+    /* 1: hashes inline (extents, hashes); 2: hashes in the backup's
+     * binary index (index.c).  Every manifest written is version 2. */
+    unsigned version;
     unsigned seq;                      /* the ID as a number */
     char id[REPO_ID_LEN];              /* "%06u" of seq */
     char *node;
@@ -66,6 +69,8 @@ typedef struct RepoManifest {
     unsigned parent_seq;               /* 0 = none (a full) */
     uint64_t image_size;
     uint32_t granularity;
+    /* The hash block size: version 1's "cluster-size" (65536), version
+     * 2's "hash-size" (repo_hash_size_for). */
     uint32_t cluster_size;
     char *bitmap;                      /* may be NULL */
     char *generation;                  /* may be NULL */
@@ -78,8 +83,11 @@ typedef struct RepoManifest {
     uint64_t stored_bytes;
     RepoExtent *extents;
     size_t n_extents;
+    /* Version 1 only (version 2 keeps them in the index file): */
     RepoHash *hashes;                  /* sorted by cluster, unique */
     size_t n_hashes;
+    /* Version 2: the records of the index file ("index-records"). */
+    uint64_t index_records;
     uint8_t merkle_root[REPO_ROOT_LEN];
 } RepoManifest;
 
@@ -98,8 +106,14 @@ RepoManifest *repo_manifest_from_json(struct json_object *obj,
 
 #define REPO_UUID_LEN 37                /* "8-4-4-4-12" + NUL */
 
+/* The repository format this bitback writes (bitback-repo.json
+ * "version"); version 1 repositories are read as they are and marked
+ * version 2 before the first version-2 manifest goes in. */
+#define REPO_VERSION 2
+
 typedef struct Repo {
     char *path;
+    unsigned version;                  /* bitback-repo.json's */
     const RepoStorage *storage;        /* its files' backend (storage.h) */
     /* The repository's UUID from bitback-repo.json ("" when the file has
      * none and the repository was opened without create). */
@@ -117,6 +131,11 @@ typedef struct Repo {
  * does not parse is an error naming the file. */
 Repo *repo_open(const char *path, bool create, Error **errp);
 void repo_free(Repo *repo);
+/* Mark a version-1 repository version 2 (atomic replacement of
+ * bitback-repo.json, keeping its other keys): before a writer puts the
+ * first version-2 manifest in, so an older bitback refuses the repository
+ * as a whole instead of its new manifests one by one. */
+bool repo_upgrade(Repo *repo, Error **errp);
 bool repo_reload(Repo *repo, Error **errp);
 
 /* Names of the nodes that have backups, sorted; NULL-terminated, caller
@@ -207,10 +226,92 @@ bool repo_attempt_started(Repo *repo, const char *node, unsigned seq);
  * bitmaps), and the node's leftover .tmp files. */
 void repo_remove_attempts_below(Repo *repo, const char *node, unsigned below);
 void repo_remove_tmp_files(Repo *repo, const char *node);
+/* Remove the node's index files no committed manifest names (deleted or
+ * rewritten backups, runs that died before their commit); a backup with a
+ * pending manifest keeps all of its indexes.  The repo must be loaded
+ * (repo_reload) after the changes that made them stale. */
+void repo_remove_stale_indexes(Repo *repo, const char *node);
 /* Remove NODE/ID.attempt and sync the folder: only for a run that leaves
  * no bitmap behind (its transaction never ran, or it was undone). */
 bool repo_remove_attempt(Repo *repo, const char *node, unsigned seq,
                          Error **errp);
+
+/* ---- The binary index (index.c; docs/specs/repository.md "Index") ---- */
+
+#define REPO_INDEX_HEADER   64
+#define REPO_INDEX_RECORD   24
+#define REPO_MERKLE_LEVELS  64
+/* Hash block sizes a version-2 manifest may name. */
+#define REPO_MIN_HASH_SIZE  (64u * 1024)
+#define REPO_MAX_HASH_SIZE  (4u * 1024 * 1024)
+
+/* One record: the hash of block `block` (count 1), or a run of `count`
+ * blocks from `block` that all read as zeroes in this backup's layer. */
+typedef struct RepoIndexRecord {
+    uint64_t block;
+    uint64_t count;
+    bool zero;
+    uint8_t hash[REPO_HASH_LEN];
+} RepoIndexRecord;
+
+void repo_index_record_encode(const RepoIndexRecord *r,
+                              uint8_t out[REPO_INDEX_RECORD]);
+
+/* The Merkle root, streaming: leaves are SHA-256 of each record's 24
+ * bytes (for a hash record that is version 1's leaf), in order; O(64)
+ * memory whatever the count. */
+typedef struct RepoMerkle {
+    uint8_t level[REPO_MERKLE_LEVELS][REPO_ROOT_LEN];
+    uint64_t present;
+    uint64_t n_leaves;
+} RepoMerkle;
+void repo_merkle_init(RepoMerkle *mk);
+void repo_merkle_add_leaf(RepoMerkle *mk, const uint8_t *data, size_t len);
+void repo_merkle_add_record(RepoMerkle *mk, const RepoIndexRecord *r);
+void repo_merkle_final(const RepoMerkle *mk, uint8_t out[REPO_ROOT_LEN]);
+
+/* REPO/NODE/ID-XXXXXXXXXXXXXXXX.idx: backup seq's index, named after the
+ * first 8 bytes of its Merkle root (caller frees). */
+char *repo_index_path(Repo *repo, const char *node, unsigned seq,
+                      const uint8_t root[REPO_ROOT_LEN]);
+
+/* Writing an index: records in ascending order (a bug otherwise: abort),
+ * into .ID.idx.tmp; finish makes it durable, renames it to its final name
+ * and syncs the folder, returning the root and the record count.  abort
+ * (also after finish) releases the writer and removes a temporary file. */
+typedef struct RepoIndexWriter RepoIndexWriter;
+RepoIndexWriter *repo_index_writer_new(Repo *repo, const char *node,
+                                       unsigned seq, uint64_t image_size,
+                                       uint32_t hash_size, Error **errp);
+void repo_index_writer_add(RepoIndexWriter *w, const RepoIndexRecord *r);
+bool repo_index_writer_finish(RepoIndexWriter *w, uint8_t root[REPO_ROOT_LEN],
+                              uint64_t *ret_records, Error **errp);
+void repo_index_writer_abort(RepoIndexWriter *w);
+
+/* Reading the records of backup m, in order, validated as they come
+ * (a version-1 manifest's inline list reads the same way).  next: 1 a
+ * record, 0 the end, -1 an error (a short, malformed or unordered
+ * file). */
+typedef struct RepoIndexReader RepoIndexReader;
+RepoIndexReader *repo_index_open(Repo *repo, const RepoManifest *m,
+                                 Error **errp);
+/* The same for an index file named by path (fuzz/, tests). */
+RepoIndexReader *repo_index_open_file(const RepoStorage *st, const char *path,
+                                      unsigned seq, uint64_t image_size,
+                                      uint32_t hash_size, uint64_t n_records,
+                                      Error **errp);
+int repo_index_next(RepoIndexReader *r, RepoIndexRecord *rec, Error **errp);
+void repo_index_close(RepoIndexReader *r);
+/* The Merkle root of m's records as stored (its index, or its v1 list). */
+bool repo_index_root(Repo *repo, const RepoManifest *m,
+                     uint8_t root[REPO_ROOT_LEN], Error **errp);
+
+/* The hash block size of a new backup of node with parent_seq (0: a full)
+ * and image_size: its parent's, so a chain shares one; for a full 64 KiB,
+ * doubled while the image would have more than 2^28 blocks (64 TiB:
+ * 256 KiB), at most REPO_MAX_HASH_SIZE. */
+uint32_t repo_hash_size_for(Repo *repo, const char *node, unsigned parent_seq,
+                            uint64_t image_size);
 
 /* ---- Hashes ---- */
 
@@ -232,33 +333,52 @@ typedef void RepoProgressFn(void *opaque, uint64_t done, uint64_t total);
 #define REPO_MAX_HASH_THREADS     64
 unsigned repo_hash_threads(void);
 
-/* Data path: read the clusters of bs in ext[0..n_ext) (sorted, disjoint,
- * starting on cluster boundaries, ending on one or at the end of bs) and
- * hash them on `threads` threads (0: the default), the caller's included.
- * out[] receives one entry per cluster, in offset order (the caller sizes
- * it: the sum of DIV_ROUND_UP(length, REPO_CLUSTER_SIZE)).  progress, if
- * not NULL, is called from the calling thread only with base + bytes done
- * (monotonic) and total.  Returns 0 or -errno; on a read error
- * *ret_err_offset (if not NULL) is the offset of the lowest failed batch. */
+/* Data path: read the blocks of bs in ext[0..n_ext) (sorted, disjoint,
+ * starting on block_size boundaries, ending on one or at the end of bs)
+ * and hash them on `threads` threads (0: the default), the caller's
+ * included.  out[] receives one entry per block, in offset order (the
+ * caller sizes it: the sum of DIV_ROUND_UP(length, block_size));
+ * block_size divides 4 MiB.  progress, if not NULL, is called from the
+ * calling thread only with base + bytes done (monotonic) and total.
+ * Returns 0 or -errno; on a read error *ret_err_offset (if not NULL) is
+ * the offset of the lowest failed batch. */
 int repo_hash_extents(BlockDriverState *bs, const RepoExtent *ext,
-                      size_t n_ext, RepoHash *out, unsigned threads,
-                      RepoProgressFn *progress, void *opaque, uint64_t base,
-                      uint64_t total, uint64_t *ret_err_offset);
+                      size_t n_ext, uint32_t block_size, RepoHash *out,
+                      unsigned threads, RepoProgressFn *progress, void *opaque,
+                      uint64_t base, uint64_t total, uint64_t *ret_err_offset);
 
-/* Scan a backup: for every cluster allocated in the top layer of bs (a
- * chain repo_open_chain or repo_open_new opened; qcow2_path names it in
- * errors), read the image's content there through the chain and hash it.
- * Fills m->extents, m->hashes, m->merkle_root, m->changed_bytes,
- * m->cluster_size and checks that the image size equals m->image_size
- * (sets it when 0).  Reads and hashes on `threads` threads (0: the
- * default; repo_hash_extents); the result does not depend on their
- * number.  bs stays the caller's. */
-bool repo_scan_node(BlockDriverState *bs, const char *qcow2_path,
-                    RepoManifest *m, unsigned threads, RepoProgressFn *progress,
-                    void *opaque, Error **errp);
-/* repo_scan_node on the file qcow2_path of backup m, not committed yet
- * (backup's and prune's .ID.qcow2.tmp), opened by repo_open_new: m->seq,
- * m->id, m->node and m->parent_seq must be set. */
+/* A consumer of index records, in order (an index writer, verify's
+ * comparison).  false with errp set stops the scan. */
+typedef bool RepoRecordSink(void *opaque, const RepoIndexRecord *r,
+                            Error **errp);
+
+/* Scan a backup's layer: bs is the top of a chain repo_open_chain or
+ * repo_open_new opened (path names it in errors), size its size (checked)
+ * and bsize the hash block size.  Produces the layer's index records in
+ * order (docs/specs/repository.md "Index": blocks the layer allocates
+ * none of are left out, blocks it allocates wholly as zeroes form zero
+ * runs, the others are hashed from the content read through the chain)
+ * into sink.  Block status is walked in the driver's biggest steps, so
+ * holes cost nothing per block; memory is bounded by a 256 MiB window of
+ * blocks (hashes only) and the pool's buffers.  *ret_changed: bytes the
+ * layer allocates; *ret_read (may be NULL): bytes read and hashed.  The
+ * result does not depend on `threads` (0: the default). */
+bool repo_scan_layer(BlockDriverState *bs, const char *path, uint64_t size,
+                     uint32_t bsize, unsigned threads, RepoRecordSink *sink,
+                     void *sink_opaque, RepoProgressFn *progress,
+                     void *opaque, uint64_t *ret_changed, uint64_t *ret_read,
+                     Error **errp);
+/* Scan bs (backup m's file at path, opened as above) into m's index file:
+ * sets m->version 2, image_size (when 0; else checked), cluster_size
+ * (when 0: repo_hash_size_for), changed_bytes, index_records and
+ * merkle_root.  The index is durable and in place (ID-ROOT.idx) on
+ * return; the manifest is the caller's to write. */
+bool repo_scan_to_index(Repo *repo, BlockDriverState *bs, const char *path,
+                        RepoManifest *m, RepoProgressFn *progress,
+                        void *opaque, Error **errp);
+/* repo_scan_to_index on the file qcow2_path of backup m, not committed
+ * yet (backup's and prune's .ID.qcow2.tmp), opened by repo_open_new:
+ * m->seq, m->id, m->node and m->parent_seq must be set. */
 bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
                       RepoProgressFn *progress, void *opaque, Error **errp);
 

@@ -169,6 +169,98 @@ static int local_list(const char *dir, RepoListFn *fn, void *opaque)
     return errno ? -errno : 0;
 }
 
+/* ---- streaming files ---- */
+
+struct RepoFile {
+    int fd;
+    bool writing;
+    uint64_t size;               /* writing: bytes appended so far */
+    char path[];                 /* writing: removed unless finished */
+};
+
+static RepoFile *local_file_new(int fd, bool writing, const char *path)
+{
+    RepoFile *f = malloc(sizeof(*f) + strlen(path) + 1);
+
+    if (!f) {
+        abort();
+    }
+    f->fd = fd;
+    f->writing = writing;
+    f->size = 0;
+    strcpy(f->path, path);
+    return f;
+}
+
+static RepoFile *local_create(const char *path, Error **errp)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW,
+                  0644);
+
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "cannot create '%s'", path);
+        return NULL;
+    }
+    return local_file_new(fd, true, path);
+}
+
+static int local_append(RepoFile *f, const void *buf, size_t len)
+{
+    int r = pwrite_full(f->fd, buf, len, (off_t)f->size);
+
+    if (r == 0) {
+        f->size += len;
+    }
+    return r;
+}
+
+static void local_close(RepoFile *f)
+{
+    if (!f) {
+        return;
+    }
+    close(f->fd);
+    if (f->writing) {
+        unlink(f->path);
+    }
+    free(f);
+}
+
+static bool local_finish(RepoFile *f, Error **errp)
+{
+    if (fsync(f->fd) < 0) {
+        error_setg_errno(errp, errno, "cannot sync '%s'", f->path);
+        local_close(f);
+        return false;
+    }
+    f->writing = false;
+    local_close(f);
+    return true;
+}
+
+static RepoFile *local_open(const char *path, uint64_t *ret_size, Error **errp)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    struct stat st;
+
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "cannot open '%s'", path);
+        return NULL;
+    }
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        error_setg(errp, "'%s' is not a regular file", path);
+        close(fd);
+        return NULL;
+    }
+    *ret_size = (uint64_t)st.st_size;
+    return local_file_new(fd, false, path);
+}
+
+static int local_pread(RepoFile *f, void *buf, size_t len, uint64_t off)
+{
+    return pread_full(f->fd, buf, len, (off_t)off);
+}
+
 const RepoStorage repo_storage_local = {
     .name = "local",
     .read = local_read,
@@ -181,4 +273,10 @@ const RepoStorage repo_storage_local = {
     .mkdir = local_mkdir,
     .stat = local_stat,
     .list = local_list,
+    .create = local_create,
+    .append = local_append,
+    .finish = local_finish,
+    .open = local_open,
+    .pread = local_pread,
+    .close = local_close,
 };

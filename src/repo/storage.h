@@ -35,6 +35,10 @@ typedef struct RepoStat {
  * to stop the listing. */
 typedef bool RepoListFn(void *opaque, const char *name);
 
+/* A file opened for streaming (the binary index of a backup): written
+ * front to back once under a temporary name, or read at offsets. */
+typedef struct RepoFile RepoFile;
+
 typedef struct RepoStorage {
     const char *name;                  /* "local" */
     /* The whole content of the regular file path, at most max bytes, as
@@ -64,6 +68,20 @@ typedef struct RepoStorage {
     /* Call fn for each name in folder dir, in no particular order.  0 or
      * -errno (a failure may come after some names). */
     int (*list)(const char *dir, RepoListFn *fn, void *opaque);
+
+    /* Streaming files.  create: make path (a temporary name) empty for
+     * writing; append: add len bytes at its end (0 or -errno); finish:
+     * make it durable and close it (false and path removed on failure).
+     * open: a regular file for reading, *ret_size its size; pread: exactly
+     * len bytes at off (0, or -errno, -EIO when the file is shorter).
+     * close: release a file of either kind (NULL is fine); a file being
+     * written is removed, as after a failure. */
+    RepoFile *(*create)(const char *path, Error **errp);
+    int (*append)(RepoFile *f, const void *buf, size_t len);
+    bool (*finish)(RepoFile *f, Error **errp);
+    RepoFile *(*open)(const char *path, uint64_t *ret_size, Error **errp);
+    int (*pread)(RepoFile *f, void *buf, size_t len, uint64_t off);
+    void (*close)(RepoFile *f);
 } RepoStorage;
 
 /* POSIX files (storage-local.c). */

@@ -42,12 +42,11 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
-/* The target is checked a window at a time (a multiple of
- * REPO_CLUSTER_SIZE): block status for the window, then its non-zero
- * clusters read and hashed on repo_hash_extents' threads, then compared.
- * The window bounds the memory for the hashes. */
+/* The target is checked a window at a time (a multiple of every hash
+ * block size): the chain's expected records for the window, block status,
+ * then its non-zero blocks read and hashed on repo_hash_extents' threads,
+ * then compared.  The window bounds the memory. */
 #define VERIFY_WINDOW (256u * 1024 * 1024)
-#define VERIFY_WINDOW_CLUSTERS (VERIFY_WINDOW / REPO_CLUSTER_SIZE)
 
 /* Report one problem of backup m.  offset < 0: not about a cluster. */
 static void problem(RepoVerify *v, const RepoManifest *m, int64_t offset,
@@ -76,190 +75,326 @@ static void hex(const uint8_t *h, size_t len, char *out)
 
 /* ---- the stored check ---- */
 
-/* Compare the scan of m's file with manifest ref (m itself, or a pending
- * one).  Returns the number of problems; reports them unless dry. */
-static uint64_t compare_scan(RepoVerify *v, const RepoManifest *m,
-                             const RepoManifest *ref, const RepoManifest *scan,
-                             const char *path, bool dry)
-{
-    uint64_t found = 0;
-    size_t i = 0, j = 0;
-    uint64_t cs = ref->cluster_size ? ref->cluster_size : REPO_CLUSTER_SIZE;
+/* One reference the scan is compared with: the backup's manifest (its
+ * index), or the manifest a prune left pending.  Fed the scan's records
+ * in order (the sink); walks the reference's records alongside. */
+typedef struct Compare {
+    RepoVerify *v;
+    const RepoManifest *m;          /* the backup problems are about */
+    const RepoManifest *ref;
+    const char *path;
+    bool dry;                       /* count, do not report */
+    RepoIndexReader *rd;
+    RepoIndexRecord cur;
+    int have;                       /* 1 cur is valid, 0 end, -1 error */
+    Error *rd_err;
+    RepoMerkle ref_mk, scan_mk;
+    uint64_t found;
+} Compare;
 
-#define REPORT(...) do { found++; if (!dry) { problem(v, m, __VA_ARGS__); } } while (0)
-    /* 1 and 2: merge-walk the two sorted lists. */
-    while (i < ref->n_hashes || j < scan->n_hashes) {
-        if (j == scan->n_hashes ||
-            (i < ref->n_hashes && ref->hashes[i].cluster < scan->hashes[j].cluster)) {
-            REPORT((int64_t)(ref->hashes[i].cluster * cs), "missing",
-                   "cluster at offset %" PRIu64 " is listed in the manifest "
-                   "but not stored in %s", ref->hashes[i].cluster * cs, path);
-            i++;
-        } else if (i == ref->n_hashes ||
-                   scan->hashes[j].cluster < ref->hashes[i].cluster) {
-            REPORT((int64_t)(scan->hashes[j].cluster * cs), "extra",
-                   "cluster at offset %" PRIu64 " is stored in %s but not "
-                   "listed in the manifest", scan->hashes[j].cluster * cs,
-                   path);
-            j++;
-        } else {
-            if (memcmp(ref->hashes[i].hash, scan->hashes[j].hash,
-                       REPO_HASH_LEN)) {
-                REPORT((int64_t)(ref->hashes[i].cluster * cs), "data",
-                       "data mismatch at offset %" PRIu64 " (%" PRIu64
-                       "-byte cluster)", ref->hashes[i].cluster * cs, cs);
-            }
-            i++;
-            j++;
+static void compare_report(Compare *c, uint64_t block, const char *kind,
+                           const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void compare_report(Compare *c, uint64_t block, const char *kind,
+                           const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+
+    c->found++;
+    if (c->dry) {
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    problem(c->v, c->m, (int64_t)(block * c->ref->cluster_size), kind, "%s",
+            msg);
+}
+
+static void compare_advance(Compare *c)
+{
+    if (c->have == 1) {
+        repo_merkle_add_record(&c->ref_mk, &c->cur);
+    }
+    c->have = repo_index_next(c->rd, &c->cur, &c->rd_err);
+}
+
+static const char *record_what(const RepoIndexRecord *r)
+{
+    return r->zero ? "a run of zero blocks" : "a hashed block";
+}
+
+/* The reference's records before `block` are not in the scan. */
+static void compare_missing_before(Compare *c, uint64_t block)
+{
+    uint64_t cs = c->ref->cluster_size;
+
+    while (c->have == 1 && c->cur.block < block) {
+        compare_report(c, c->cur.block, "missing", "%s at offset %" PRIu64
+                       " is listed in the manifest but not stored in %s",
+                       record_what(&c->cur), c->cur.block * cs, c->path);
+        compare_advance(c);
+    }
+}
+
+static void compare_record(Compare *c, const RepoIndexRecord *r)
+{
+    uint64_t cs = c->ref->cluster_size;
+
+    repo_merkle_add_record(&c->scan_mk, r);
+    compare_missing_before(c, r->block);
+    if (c->have != 1 || c->cur.block > r->block) {
+        compare_report(c, r->block, "extra", "%s at offset %" PRIu64
+                       " is stored in %s but not listed in the manifest",
+                       record_what(r), r->block * cs, c->path);
+        return;
+    }
+    if (c->cur.zero != r->zero || c->cur.count != r->count) {
+        compare_report(c, r->block, "data", "data mismatch at offset %"
+                       PRIu64 ": the manifest lists %s of %" PRIu64
+                       " blocks, %s holds %s of %" PRIu64, r->block * cs,
+                       record_what(&c->cur), c->cur.count, c->path,
+                       record_what(r), r->count);
+    } else if (!r->zero && memcmp(c->cur.hash, r->hash, REPO_HASH_LEN)) {
+        compare_report(c, r->block, "data", "data mismatch at offset %" PRIu64
+                       " (%" PRIu64 "-byte block)", r->block * cs, cs);
+    }
+    compare_advance(c);
+}
+
+typedef struct CompareSet {
+    Compare *c;
+    size_t n;
+} CompareSet;
+
+static bool compare_sink(void *opaque, const RepoIndexRecord *r, Error **errp)
+{
+    CompareSet *set = opaque;
+
+    (void)errp;
+    for (size_t i = 0; i < set->n; i++) {
+        compare_record(&set->c[i], r);
+    }
+    return true;
+}
+
+static bool compare_start(Compare *c, RepoVerify *v, Repo *repo,
+                          const RepoManifest *m, const RepoManifest *ref,
+                          const char *path, bool dry)
+{
+    Error *err = NULL;
+
+    *c = (Compare){ .v = v, .m = m, .ref = ref, .path = path, .dry = dry };
+    repo_merkle_init(&c->ref_mk);
+    repo_merkle_init(&c->scan_mk);
+    c->rd = repo_index_open(repo, ref, &err);
+    if (!c->rd) {
+        if (!dry) {
+            problem(v, m, -1, "index", "%s", error_get_pretty(err));
+        }
+        error_free(err);
+        return false;
+    }
+    compare_advance(c);
+    return true;
+}
+
+/* After the scan: what the reference lists beyond it, the reference's
+ * own root (3a) and the scan's root (3b).  The number of problems. */
+static uint64_t compare_finish(Compare *c, bool scanned)
+{
+    uint8_t root[REPO_ROOT_LEN];
+    char a[2 * REPO_ROOT_LEN + 1], b[2 * REPO_ROOT_LEN + 1];
+
+    if (scanned) {
+        compare_missing_before(c, UINT64_MAX);
+    } else {
+        while (c->have == 1) {
+            compare_advance(c);
         }
     }
-
-    /* 3b: the root of the re-read data. */
-    if (memcmp(scan->merkle_root, ref->merkle_root, REPO_ROOT_LEN)) {
-        char a[2 * REPO_ROOT_LEN + 1], b[2 * REPO_ROOT_LEN + 1];
-        hex(scan->merkle_root, REPO_ROOT_LEN, a);
-        hex(ref->merkle_root, REPO_ROOT_LEN, b);
-        REPORT(-1, "merkle-root",
-               "the Merkle root of the re-read data is %s, the manifest "
-               "records %s", a, b);
+    if (c->have < 0) {
+        c->found++;
+        if (!c->dry) {
+            problem(c->v, c->m, -1, "index", "%s",
+                    error_get_pretty(c->rd_err));
+        }
+    } else {
+        repo_merkle_final(&c->ref_mk, root);
+        if (memcmp(root, c->ref->merkle_root, REPO_ROOT_LEN)) {
+            c->found++;
+            if (!c->dry) {
+                problem(c->v, c->m, -1, "merkle-root", "the merkle-root of "
+                        "the manifest does not match its hash list");
+            }
+        }
     }
-#undef REPORT
-    return found;
+    if (scanned) {
+        repo_merkle_final(&c->scan_mk, root);
+        if (memcmp(root, c->ref->merkle_root, REPO_ROOT_LEN)) {
+            hex(root, REPO_ROOT_LEN, a);
+            hex(c->ref->merkle_root, REPO_ROOT_LEN, b);
+            c->found++;
+            if (!c->dry) {
+                problem(c->v, c->m, -1, "merkle-root", "the Merkle root of "
+                        "the re-read data is %s, the manifest records %s",
+                        a, b);
+            }
+        }
+    }
+    error_free(c->rd_err);
+    c->rd_err = NULL;
+    repo_index_close(c->rd);
+    c->rd = NULL;
+    return c->found;
+}
+
+/* Scan m's layer (bs) against refs[0..n); false when the file could not be
+ * read (reported). */
+static bool scan_compare(RepoVerify *v, const RepoManifest *m,
+                         BlockDriverState *bs, const char *path,
+                         Compare *c, size_t n)
+{
+    CompareSet set = { c, n };
+    uint64_t changed, read = 0;
+    Error *err = NULL;
+    char label[REPO_MAX_NODE_NAME + 32];
+
+    snprintf(label, sizeof(label), "%s verify %s", m->node, m->id);
+    void *step = repo_progress_begin(&v->progress, label, m->image_size);
+    bool ok = repo_scan_layer(bs, path, m->image_size, m->cluster_size, 0,
+                              compare_sink, &set,
+                              repo_progress_fn(&v->progress), step, &changed,
+                              &read, &err);
+    repo_progress_end(&v->progress, step);
+    v->bytes_read += read;
+    if (!ok) {
+        problem(v, m, -1, "unreadable", "cannot read %s: %s", path,
+                error_get_pretty(err));
+        error_free(err);
+    }
+    return ok;
 }
 
 void repo_verify_stored(RepoVerify *v, Repo *repo, const RepoManifest *m)
 {
     _cleanup_free_ char *path = repo_data_path(repo, m->node, m->seq);
-    RepoManifest *scan = calloc(1, sizeof(*scan));
+    RepoManifest *pending = NULL;
     BlockDriverState *bs = NULL;
-    uint8_t root[REPO_ROOT_LEN];
+    Compare c[2];
     Error *err = NULL;
 
     v->backups_checked++;
-    if (!path || !scan) {
-        problem(v, m, -1, "error", "out of memory");
-        goto out;
-    }
 
-    /* 3a: the manifest's own list against its root. */
-    repo_merkle_root(m->hashes, m->n_hashes, root);
-    if (memcmp(root, m->merkle_root, REPO_ROOT_LEN)) {
-        problem(v, m, -1, "merkle-root",
-                "the merkle-root of the manifest does not match its hash list");
-    }
-
-    /* The chain the manifests describe, or this backup fails. */
+    /* The chain the manifests describe, or this backup fails (its own
+     * list is still checked against its root). */
     bs = repo_open_chain(repo, m, &err);
     if (!bs) {
         problem(v, m, -1, "chain", "%s", error_get_pretty(err));
         error_free(err);
-        goto out;
+        if (compare_start(&c[0], v, repo, m, m, path, false)) {
+            compare_finish(&c[0], false);
+        }
+        return;
     }
-
-    /* Re-read the layer. */
-    scan->seq = m->seq;
-    snprintf(scan->id, sizeof(scan->id), "%s", m->id);
-    scan->image_size = m->image_size;
-    scan->cluster_size = m->cluster_size;
-    char label[REPO_MAX_NODE_NAME + 32];
-    snprintf(label, sizeof(label), "%s verify %s", m->node, m->id);
-    void *step = repo_progress_begin(&v->progress, label, m->image_size);
-    bool ok = repo_scan_node(bs, path, scan, 0, repo_progress_fn(&v->progress),
-                             step, &err);
-    repo_progress_end(&v->progress, step);
-    if (!ok) {
-        problem(v, m, -1, "unreadable", "cannot read %s: %s", path,
-                error_get_pretty(err));
-        error_free(err);
-        goto out;
-    }
-    v->bytes_read += scan->changed_bytes;
 
     /* An interrupted prune (prune.c, step 2) may have put a synthetic
-     * full in place while its manifest is still pending: check the file
-     * against that manifest, which is the one the next prune commits. */
-    if (m->parent_seq && compare_scan(v, m, m, scan, path, true)) {
-        RepoManifest *p = repo_pending_manifest(repo, m);
-        if (p && !compare_scan(v, m, p, scan, path, true)) {
-            if (v->note) {
-                v->note(v, m, "an interrupted prune made it a synthetic "
-                        "full; its file matches the pending manifest (run "
-                        "'bitback prune' to finish)");
-            }
-            repo_manifest_free(p);
-            goto out;
-        }
-        repo_manifest_free(p);
+     * full in place while its manifest is still pending: when the file
+     * does not match its manifest but matches that one, it is a note. */
+    if (m->parent_seq) {
+        pending = repo_pending_manifest(repo, m);
     }
-    compare_scan(v, m, m, scan, path, false);
+    if (pending && compare_start(&c[0], v, repo, m, m, path, true)) {
+        if (compare_start(&c[1], v, repo, m, pending, path, true)) {
+            bool ok = scan_compare(v, m, bs, path, c, 2);
+            uint64_t own = compare_finish(&c[0], ok);
+            uint64_t pend = compare_finish(&c[1], ok);
+            if (!ok || !own) {
+                goto out;
+            }
+            if (!pend) {
+                if (v->note) {
+                    v->note(v, m, "an interrupted prune made it a synthetic "
+                            "full; its file matches the pending manifest (run "
+                            "'bitback prune' to finish)");
+                }
+                goto out;
+            }
+        } else {
+            compare_finish(&c[0], false);
+        }
+    }
+    if (compare_start(&c[0], v, repo, m, m, path, false)) {
+        bool ok = scan_compare(v, m, bs, path, c, 1);
+        compare_finish(&c[0], ok);
+    }
 
 out:
+    repo_manifest_free(pending);
     bdrv_unref(bs);
-    repo_manifest_free(scan);
 }
 
 /* ---- the target check ---- */
 
-/* Expected hash per cluster: sparse, sorted, the newest backup's entry. */
+/* What the chain says block b of a window holds. */
 typedef struct Expected {
-    uint64_t cluster;
-    unsigned pos;                 /* index in the chain: larger is newer */
-    const uint8_t *hash;
+    bool known;                   /* some backup of the chain lists it */
+    bool zero;
+    unsigned from;                /* that backup's index in the chain */
+    uint8_t hash[REPO_HASH_LEN];
 } Expected;
 
-static int expected_cmp(const void *a, const void *b)
+/* One backup of the chain: its records, read in order across windows. */
+typedef struct Layer {
+    RepoIndexReader *rd;
+    RepoIndexRecord cur;
+    int have;
+} Layer;
+
+/* Fill exp[] for blocks [wb, we) from the layers, oldest first so that the
+ * newest backup's record wins.  False with errp on an index error. */
+static bool expected_window(Layer *layers, size_t n, uint64_t wb, uint64_t we,
+                            Expected *exp, Error **errp)
 {
-    const Expected *x = a, *y = b;
-
-    if (x->cluster != y->cluster) {
-        return x->cluster < y->cluster ? -1 : 1;
-    }
-    return x->pos > y->pos ? -1 : x->pos < y->pos;   /* newest first */
-}
-
-static Expected *build_expected(RepoManifest **chain, size_t n_chain,
-                                size_t *ret_n)
-{
-    size_t total = 0, n = 0;
-    Expected *e;
-
-    for (size_t i = 0; i < n_chain; i++) {
-        total += chain[i]->n_hashes;
-    }
-    e = calloc(total ? total : 1, sizeof(*e));
-    if (!e) {
-        return NULL;
-    }
-    for (size_t i = 0; i < n_chain; i++) {
-        for (size_t k = 0; k < chain[i]->n_hashes; k++) {
-            e[n++] = (Expected){ chain[i]->hashes[k].cluster, (unsigned)i,
-                                 chain[i]->hashes[k].hash };
+    memset(exp, 0, (size_t)(we - wb) * sizeof(*exp));
+    for (size_t i = 0; i < n; i++) {
+        Layer *l = &layers[i];
+        while (l->have == 1 && l->cur.block < we) {
+            uint64_t s = MAX(l->cur.block, wb);
+            uint64_t e = MIN(l->cur.block + l->cur.count, we);
+            for (uint64_t b = s; b < e; b++) {
+                Expected *x = &exp[b - wb];
+                x->known = true;
+                x->zero = l->cur.zero;
+                x->from = (unsigned)i;
+                memcpy(x->hash, l->cur.hash, REPO_HASH_LEN);
+            }
+            if (l->cur.block + l->cur.count > we) {
+                break;                      /* continues in the next window */
+            }
+            l->have = repo_index_next(l->rd, &l->cur, errp);
+        }
+        if (l->have < 0) {
+            return false;
         }
     }
-    qsort(e, n, sizeof(*e), expected_cmp);
-    /* Keep the first (newest) entry of each cluster. */
-    size_t out = 0;
-    for (size_t k = 0; k < n; k++) {
-        if (out && e[out - 1].cluster == e[k].cluster) {
-            continue;
-        }
-        e[out++] = e[k];
-    }
-    *ret_n = out;
-    return e;
+    return true;
 }
 
 bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
                          const char *target, Error **errp)
 {
     _cleanup_free_ RepoManifest **chain = NULL;
+    _cleanup_free_ Layer *layers = NULL;
     _cleanup_free_ Expected *exp = NULL;
     _cleanup_free_ bool *zero = NULL;
     _cleanup_free_ RepoExtent *ext = NULL;
     _cleanup_free_ RepoHash *got_hashes = NULL;
-    BlockDriverState *bs;
-    size_t n_chain, n_exp = 0, cur = 0;
-    uint64_t cs = REPO_CLUSTER_SIZE, size = m->image_size;
+    BlockDriverState *bs = NULL;
+    size_t n_chain = 0;
+    uint64_t cs = m->cluster_size, size = m->image_size;
     uint8_t zero_full[REPO_HASH_LEN], zero_tail[REPO_HASH_LEN];
     int64_t len;
     bool ok = false;
@@ -269,21 +404,32 @@ bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
         return false;
     }
     for (size_t i = 0; i < n_chain; i++) {
-        if (chain[i]->image_size != size ||
-            (chain[i]->cluster_size && chain[i]->cluster_size != cs)) {
+        if (chain[i]->image_size != size || chain[i]->cluster_size != cs) {
             error_setg(errp, "backup %s of %s has a different image or "
-                       "cluster size than backup %s", chain[i]->id, m->node,
-                       m->id);
+                       "hash block size than backup %s", chain[i]->id,
+                       m->node, m->id);
             return false;
         }
     }
-    exp = build_expected(chain, n_chain, &n_exp);
-    zero = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*zero));
-    ext = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*ext));
-    got_hashes = calloc(VERIFY_WINDOW_CLUSTERS, sizeof(*got_hashes));
-    if (!exp || !zero || !ext || !got_hashes) {
+    uint64_t wblocks = VERIFY_WINDOW / cs;
+    layers = calloc(n_chain, sizeof(*layers));
+    exp = calloc(wblocks, sizeof(*exp));
+    zero = calloc(wblocks, sizeof(*zero));
+    ext = calloc(wblocks, sizeof(*ext));
+    got_hashes = calloc(wblocks, sizeof(*got_hashes));
+    if (!layers || !exp || !zero || !ext || !got_hashes) {
         error_setg(errp, "out of memory");
         return false;
+    }
+    for (size_t i = 0; i < n_chain; i++) {
+        layers[i].rd = repo_index_open(repo, chain[i], errp);
+        if (!layers[i].rd) {
+            goto out;
+        }
+        layers[i].have = repo_index_next(layers[i].rd, &layers[i].cur, errp);
+        if (layers[i].have < 0) {
+            goto out;
+        }
     }
     repo_hash_zero_cluster(cs, zero_full);
     repo_hash_zero_cluster(size % cs ? size % cs : cs, zero_tail);
@@ -291,7 +437,7 @@ bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
     bs = v->open_target ? v->open_target(target, errp)
                         : bdrv_open_image(target, NULL, 0, errp);
     if (!bs) {
-        return false;
+        goto out;
     }
     v->backups_checked++;
     len = bdrv_getlength(bs);
@@ -316,7 +462,12 @@ bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
         size_t n_ext = 0, n_read = 0;
         uint64_t rbytes = 0;
 
-        /* Which whole clusters does the target report as zeroes? */
+        if (!expected_window(layers, n_chain, off / cs, off / cs + ncl, exp,
+                             errp)) {
+            repo_progress_end(&v->progress, step);
+            goto out;
+        }
+        /* Which whole blocks does the target report as zeroes? */
         for (size_t k = 0; k < ncl; k++) {
             zero[k] = true;
         }
@@ -335,7 +486,7 @@ bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
             }
             p += pnum;
         }
-        /* The runs of non-zero clusters, read and hashed on the pool. */
+        /* The runs of non-zero blocks, read and hashed on the pool. */
         for (size_t k = 0; k < ncl;) {
             if (zero[k]) {
                 k++;
@@ -353,8 +504,8 @@ bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
             k = end;
         }
         uint64_t err_off = 0;
-        int r = repo_hash_extents(bs, ext, n_ext, got_hashes, 0, update, step,
-                                  off, size, &err_off);
+        int r = repo_hash_extents(bs, ext, n_ext, (uint32_t)cs, got_hashes, 0,
+                                  update, step, off, size, &err_off);
         if (r < 0) {
             repo_progress_end(&v->progress, step);
             error_setg_errno(errp, -r, "cannot read %s at offset %" PRIu64,
@@ -367,33 +518,27 @@ bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
         for (size_t k = 0; k < ncl; k++) {
             uint64_t c = off / cs + k;
             uint64_t clen = MIN(cs, size - c * cs);
-            const uint8_t *want = clen == cs ? zero_full : zero_tail;
+            const uint8_t *zh = clen == cs ? zero_full : zero_tail;
+            const uint8_t *want = exp[k].known && !exp[k].zero ? exp[k].hash
+                                                               : zh;
             const uint8_t *got;
-            unsigned from = 0;
 
-            while (cur < n_exp && exp[cur].cluster < c) {
-                cur++;
-            }
-            if (cur < n_exp && exp[cur].cluster == c) {
-                want = exp[cur].hash;
-                from = exp[cur].pos + 1;
-            }
             if (zero[k]) {
-                got = clen == cs ? zero_full : zero_tail;
+                got = zh;
             } else {
                 assert(next < n_read && got_hashes[next].cluster == c);
                 got = got_hashes[next++].hash;
             }
             if (memcmp(want, got, REPO_HASH_LEN)) {
-                if (from) {
+                if (exp[k].known) {
                     problem(v, m, (int64_t)(c * cs), "data",
                             "data mismatch at offset %" PRIu64 " (%" PRIu64
-                            "-byte cluster, stored by backup %s) in %s",
-                            c * cs, clen, chain[from - 1]->id, target);
+                            "-byte block, stored by backup %s) in %s",
+                            c * cs, clen, chain[exp[k].from]->id, target);
                 } else {
                     problem(v, m, (int64_t)(c * cs), "data",
                             "data mismatch at offset %" PRIu64 " (%" PRIu64
-                            "-byte cluster, zeroes in the backup) in %s",
+                            "-byte block, zeroes in the backup) in %s",
                             c * cs, clen, target);
                 }
             }
@@ -406,6 +551,11 @@ bool repo_verify_against(RepoVerify *v, Repo *repo, const RepoManifest *m,
     ok = true;
 
 out:
-    bdrv_close(bs, NULL);
+    if (bs) {
+        bdrv_close(bs, NULL);
+    }
+    for (size_t i = 0; layers && i < n_chain; i++) {
+        repo_index_close(layers[i].rd);
+    }
     return ok;
 }

@@ -19,13 +19,17 @@ RSS_BOUND = 64 * MiB          # the refusal needs ~10 MiB; parsing needs ~1.4 GB
 
 
 def big_manifest(real, path, clusters):
-    """A manifest like `real` (a full backup) whose backup stored `clusters`
-    clusters: one hash entry each, as a real one would list them."""
+    """A version-1 manifest like `real` (a full backup) whose backup stored
+    `clusters` clusters: one hash entry each, as version 1 lists them."""
     m = json.loads(real.read_text())
-    cs = m["cluster-size"]
+    # A version-1 manifest (hashes inline), the one kind that can be big.
+    for k in ("hash-size", "index-records"):
+        del m[k]
+    m["version"] = 1
+    cs = m["cluster-size"] = 65536
     m["image-size"] = m["changed-bytes"] = clusters * cs
     m["extents"] = [[0, clusters * cs]]
-    h = m["hashes"][0][1] if m["hashes"] else "0" * 32
+    h = "0" * 32
     with open(path, "w") as f:
         head = json.dumps({k: v for k, v in m.items() if k != "hashes"})
         f.write(head[:-1] + ', "hashes": [')

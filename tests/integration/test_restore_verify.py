@@ -225,13 +225,24 @@ def test_verify_detects_edited_manifest(chain):
     d = chain
     path = d.repo / d.node / "000003.json"
     m = json.loads(path.read_text())
-    # Drop one hash: the file now stores a cluster the manifest lacks, and
-    # the root no longer matches the list.
-    dropped = m["hashes"].pop(0)
+    [idx] = (d.repo / d.node).glob("000003-*.idx")
+    # Drop one record of the index (and count it out of the manifest): the
+    # file now stores a block the index lacks, and the root no longer
+    # matches the list.
+    raw = idx.read_bytes()
+    first = int.from_bytes(raw[64:72], "little")
+    idx.write_bytes(raw[:64] + raw[64 + 24:])
+    m["index-records"] -= 1
     path.write_text(json.dumps(m))
     out = verify(d, "--at", "3", rc=2)
-    assert f"offset {dropped[0] * CLUSTER}" in out
+    assert f"offset {first * m['hash-size']}" in out
     assert "merkle-root" in out or "Merkle root" in out
+    # A truncated index is a problem of kind "index", named.
+    idx.write_bytes(raw[:100])
+    m["index-records"] += 1
+    path.write_text(json.dumps(m))
+    out = verify(d, "--at", "3", rc=2)
+    assert "000003-" in out and "index" in out
 
 
 def test_verify_against_flipped_restore(chain, tmp_path):
@@ -338,6 +349,9 @@ def test_prune_interrupted_between_renames(tmp_path):
     bitback("prune", "--repo", tmp_path / "copy", "--keep", "3")
     shutil.copyfile(tmp_path / "copy" / d.node / "000002.json",
                     node_dir / ".000002.json.tmp")
+    # Its index went in place before the pending manifest was written.
+    for idx in (tmp_path / "copy" / d.node).glob("000002-*.idx"):
+        shutil.copyfile(idx, node_dir / idx.name)
     shutil.copyfile(tmp_path / "copy" / d.node / "000002.qcow2",
                     node_dir / "000002.qcow2")
     assert json.loads((node_dir / "000002.json").read_text())["parent"] == \

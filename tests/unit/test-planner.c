@@ -99,6 +99,7 @@ static Repo *make_repo(const Case *c)
             m->bitmap_counts[0].count = (uint64_t)b->count;
             m->n_bitmap_counts = 1;
         }
+        m->version = 2;                /* no index records (none read) */
         repo_merkle_root(NULL, 0, m->merkle_root);
         assert_true(repo_mark_attempt(repo, "disk0", b->seq, &err));
         die_on(err);

@@ -173,6 +173,7 @@ static void test_hash_zero(void **state)
 static RepoManifest *sample_manifest(void)
 {
     RepoManifest *m = calloc(1, sizeof(*m));
+    m->version = 1;
     m->seq = 7;
     repo_format_id(7, m->id);
     m->node = strdup("disk0");
@@ -207,6 +208,7 @@ static RepoManifest *sample_manifest(void)
 
 static void assert_manifest_equal(const RepoManifest *a, const RepoManifest *b)
 {
+    assert_int_equal(a->version ? a->version : 2, b->version);
     assert_int_equal(a->seq, b->seq);
     assert_string_equal(a->id, b->id);
     assert_string_equal(a->node, b->node);
@@ -230,6 +232,11 @@ static void assert_manifest_equal(const RepoManifest *a, const RepoManifest *b)
     }
     assert_int_equal(a->changed_bytes, b->changed_bytes);
     assert_int_equal(a->stored_bytes, b->stored_bytes);
+    assert_memory_equal(a->merkle_root, b->merkle_root, 32);
+    if (b->version == 2) {
+        assert_int_equal(a->index_records, b->index_records);
+        return;                 /* the hashes are in the index */
+    }
     assert_int_equal(a->n_extents, b->n_extents);
     for (size_t i = 0; i < a->n_extents; i++) {
         assert_int_equal(a->extents[i].start, b->extents[i].start);
@@ -243,10 +250,46 @@ static void assert_manifest_equal(const RepoManifest *a, const RepoManifest *b)
     assert_memory_equal(a->merkle_root, b->merkle_root, 32);
 }
 
-/* to_json, print, parse the text, from_json. */
-static RepoManifest *round_trip(const RepoManifest *m, Error **errp)
+/* The version-1 JSON of m (its inline extents and hashes), as bitback
+ * wrote it before version 2: the version-2 form with version 1,
+ * "cluster-size" for "hash-size" and the lists for "index-records". */
+static struct json_object *manifest_v1_json(const RepoManifest *m)
 {
     struct json_object *o = repo_manifest_to_json(m, true);
+    struct json_object *ext = json_object_new_array();
+    struct json_object *hs = json_object_new_array();
+
+    json_object_object_add(o, "version", json_object_new_int(1));
+    json_object_object_del(o, "hash-size");
+    json_object_object_del(o, "index-records");
+    json_object_object_add(o, "cluster-size",
+                           json_object_new_int64(m->cluster_size));
+    for (size_t i = 0; i < m->n_extents; i++) {
+        struct json_object *e = json_object_new_array();
+        json_object_array_add(e, json_object_new_int64((int64_t)m->extents[i].start));
+        json_object_array_add(e, json_object_new_int64((int64_t)m->extents[i].length));
+        json_object_array_add(ext, e);
+    }
+    for (size_t i = 0; i < m->n_hashes; i++) {
+        struct json_object *e = json_object_new_array();
+        char hex[33];
+        for (int k = 0; k < 16; k++) {
+            sprintf(hex + 2 * k, "%02x", m->hashes[i].hash[k]);
+        }
+        json_object_array_add(e, json_object_new_int64((int64_t)m->hashes[i].cluster));
+        json_object_array_add(e, json_object_new_string(hex));
+        json_object_array_add(hs, e);
+    }
+    json_object_object_add(o, "extents", ext);
+    json_object_object_add(o, "hashes", hs);
+    return o;
+}
+
+/* to_json (version 1 or 2 as m says), print, parse the text, from_json. */
+static RepoManifest *round_trip(const RepoManifest *m, Error **errp)
+{
+    struct json_object *o = m->version == 1 ? manifest_v1_json(m)
+                                            : repo_manifest_to_json(m, true);
     char *text = strdup(json_object_to_json_string(o));
     json_object_put(o);
     o = json_tokener_parse(text);
@@ -263,6 +306,8 @@ static void test_manifest_text_limit(void **state)
 {
     Error *err = NULL;
     RepoManifest *m = sample_manifest();
+    m->version = 2;
+    m->index_records = 3;
     char *text = repo_manifest_text(m, "x.json", UINT64_MAX, &err);
     die_on(err);
     size_t len = strlen(text);
@@ -280,6 +325,11 @@ static void test_manifest_text_limit(void **state)
     error_free(err);
     free(text);
     repo_manifest_free(m);
+}
+
+static void set2(struct json_object *o, const char *key, struct json_object *v)
+{
+    json_object_object_add(o, key, v);
 }
 
 static void test_manifest_round_trip(void **state)
@@ -308,6 +358,35 @@ static void test_manifest_round_trip(void **state)
     assert_manifest_equal(m, r);
     assert_null(r->bitmap);
     repo_manifest_free(r);
+
+    /* Version 2: the same fields, hash-size and index-records for the
+     * lists; what it refuses. */
+    m->version = 2;
+    m->index_records = 101;                /* every block */
+    r = round_trip(m, &err);
+    die_on(err);
+    assert_manifest_equal(m, r);
+    repo_manifest_free(r);
+    static const struct { const char *key; int64_t v; } bad2[] = {
+        { "hash-size", 4096 }, { "hash-size", 3 * CL }, { "hash-size", 8 << 20 },
+        { "index-records", 102 }, { "index-records", -1 }, { "version", 3 },
+    };
+    for (size_t i = 0; i <= ARRAY_SIZE(bad2) + 1; i++) {
+        struct json_object *o2 = repo_manifest_to_json(m, true);
+        if (i < ARRAY_SIZE(bad2)) {
+            set2(o2, bad2[i].key, json_object_new_int64(bad2[i].v));
+        } else if (i == ARRAY_SIZE(bad2)) {
+            set2(o2, "hashes", json_object_new_array());   /* v1's list */
+        } else {
+            json_object_object_del(o2, "index-records");
+        }
+        assert_null(repo_manifest_from_json(o2, "m2.json", &err));
+        assert_non_null(err);
+        assert_non_null(strstr(error_get_pretty(err), "m2.json"));
+        error_free(err);
+        err = NULL;
+        json_object_put(o2);
+    }
 
     /* The short form for `list`. */
     struct json_object *o = repo_manifest_to_json(m, false), *v;
@@ -457,7 +536,7 @@ static void test_manifest_rejects(void **state)
         d_counts_arr, d_counts_neg, d_counts_str, d_counts_noname,
     };
     RepoManifest *m = sample_manifest();
-    struct json_object *good = repo_manifest_to_json(m, true);
+    struct json_object *good = manifest_v1_json(m);
 
     /* Every key is required. */
     for (size_t i = 0; i < ARRAY_SIZE(keys); i++) {
@@ -735,7 +814,7 @@ static void test_open(void **state)
     /* A damaged repository marker. */
     _cleanup_free_ char *omarker = tpath("other/bitback-repo.json");
     f = fopen(omarker, "w");
-    fputs("{\"format\": \"bitback-repository\", \"version\": 2}", f);
+    fputs("{\"format\": \"bitback-repository\", \"version\": 3}", f);
     fclose(f);
     assert_null(repo_open(other, false, &err));
     assert_non_null(err);
@@ -775,13 +854,67 @@ static void img_write(BlockDriverState *bs, uint64_t off, uint64_t len, bool zer
     model_write(bs, model, off, len, zero);
 }
 
+/* The zero runs of the last index read by expand_record's callers. */
+static size_t last_zero_runs;
+
+/* Append rec's blocks to m->hashes (a zero run's blocks with the hash of
+ * their zeroes, so the list reads as the old per-cluster one). */
+static void expand_record(RepoManifest *m, const RepoIndexRecord *rec)
+{
+    uint64_t cs = m->cluster_size;
+
+    last_zero_runs += rec->zero;
+    for (uint64_t b = rec->block; b < rec->block + rec->count; b++) {
+        m->hashes = realloc(m->hashes, (m->n_hashes + 1) * sizeof(*m->hashes));
+        assert_non_null(m->hashes);
+        RepoHash *h = &m->hashes[m->n_hashes++];
+        h->cluster = b;
+        if (rec->zero) {
+            repo_hash_zero_cluster(MIN(cs, m->image_size - b * cs), h->hash);
+        } else {
+            memcpy(h->hash, rec->hash, 16);
+        }
+    }
+}
+
+/* Read back the index a scan of m just wrote into m->hashes (expanded);
+ * its root must be m's, and equal the model's when it has no zero run. */
+static void load_index(Repo *r, RepoManifest *m)
+{
+    Error *err = NULL;
+    RepoIndexReader *rd = repo_index_open(r, m, &err);
+    RepoIndexRecord rec;
+    RepoMerkle mk;
+    uint8_t root[32];
+    int got;
+
+    die_on(err);
+    free(m->hashes);
+    m->hashes = NULL;
+    m->n_hashes = 0;
+    last_zero_runs = 0;
+    repo_merkle_init(&mk);
+    while ((got = repo_index_next(rd, &rec, &err)) > 0) {
+        repo_merkle_add_record(&mk, &rec);
+        expand_record(m, &rec);
+    }
+    die_on(err);
+    assert_int_equal(got, 0);
+    repo_index_close(rd);
+    repo_merkle_final(&mk, root);
+    assert_memory_equal(root, m->merkle_root, 32);
+    if (!last_zero_runs) {
+        Digest d = model_root(m->hashes, m->n_hashes);
+        assert_memory_equal(root, d.b, 32);
+    }
+}
+
 /* m holds the hashes of clusters cl[0..n) of the flat model mdl (an image
- * of size bytes), and changed_bytes their bytes; returns that count. */
-static uint64_t check_hashes(const RepoManifest *m, const uint8_t *mdl,
-                             uint64_t size, const uint64_t *cl, size_t n)
+ * of size bytes). */
+static void check_hashes(const RepoManifest *m, const uint8_t *mdl,
+                         uint64_t size, const uint64_t *cl, size_t n)
 {
     assert_int_equal(m->n_hashes, n);
-    uint64_t changed = 0;
     for (size_t i = 0; i < n; i++) {
         uint64_t off = cl[i] * CL;
         uint64_t len = MIN((uint64_t)CL, size - off);
@@ -789,39 +922,23 @@ static uint64_t check_hashes(const RepoManifest *m, const uint8_t *mdl,
         canonical_xxh(mdl + off, len, want);
         assert_int_equal(m->hashes[i].cluster, cl[i]);
         assert_memory_equal(m->hashes[i].hash, want, 16);
-        changed += len;
     }
-    assert_int_equal(m->changed_bytes, changed);
-    return changed;
+}
+
+/* The sum of the lengths of clusters cl[0..n) of an image of size bytes. */
+static uint64_t clusters_bytes(uint64_t size, const uint64_t *cl, size_t n)
+{
+    uint64_t sum = 0;
+    for (size_t i = 0; i < n; i++) {
+        sum += MIN((uint64_t)CL, size - cl[i] * CL);
+    }
+    return sum;
 }
 
 /* Expected hashes of clusters `cl` from the flat model. */
 static void check_scan(const RepoManifest *m, const uint64_t *cl, size_t n)
 {
-    uint64_t changed = check_hashes(m, model, IMG_SIZE, cl, n);
-    /* Extents: the same clusters, merged. */
-    uint64_t covered = 0;
-    size_t k = 0;
-    for (size_t e = 0; e < m->n_extents; e++) {
-        assert_int_equal(m->extents[e].start % CL, 0);
-        if (e) {
-            assert_true(m->extents[e].start >
-                        m->extents[e - 1].start + m->extents[e - 1].length);
-        }
-        for (uint64_t o = m->extents[e].start;
-             o < m->extents[e].start + m->extents[e].length; o += CL) {
-            assert_true(k < n);
-            assert_int_equal(o / CL, cl[k++]);
-        }
-        covered += m->extents[e].length;
-    }
-    assert_int_equal(k, n);
-    assert_int_equal(covered, changed);
-    uint8_t root[32];
-    repo_merkle_root(m->hashes, m->n_hashes, root);
-    assert_memory_equal(root, m->merkle_root, 32);
-    Digest d = model_root(m->hashes, m->n_hashes);
-    assert_memory_equal(root, d.b, 32);
+    check_hashes(m, model, IMG_SIZE, cl, n);
 }
 
 typedef struct ProgressLog {
@@ -890,12 +1007,14 @@ static void test_scan_and_commit(void **state)
     assert_true(repo_scan_backup(r, tmp1, m, progress_cb, &log, &err));
     die_on(err);
     assert_int_equal(m->image_size, IMG_SIZE);
+    assert_int_equal(m->cluster_size, CL);
+    load_index(r, m);
     uint64_t all[NCL + 1];
     for (uint64_t i = 0; i <= NCL; i++) {
         all[i] = i;
     }
     check_scan(m, all, NCL + 1);
-    assert_int_equal(m->n_extents, 1);
+    assert_int_equal(m->changed_bytes, IMG_SIZE);
     assert_true(log.calls >= 2);
     assert_int_equal(log.last_done, IMG_SIZE);
     assert_int_equal(log.total, IMG_SIZE);
@@ -946,10 +1065,14 @@ static void test_scan_and_commit(void **state)
     m->image_size = IMG_SIZE;
     assert_true(repo_scan_backup(r, tmp2, m, NULL, NULL, &err));
     die_on(err);
+    load_index(r, m);
     static const uint64_t inc_cl[] = { 2, 5, 8, 10, 11, 12, 20 };
     check_scan(m, inc_cl, ARRAY_SIZE(inc_cl));
-    assert_int_equal(m->n_extents, 5);
-    /* The zero cluster hashes as zeroes. */
+    assert_int_equal(m->changed_bytes,
+                     clusters_bytes(IMG_SIZE, inc_cl, ARRAY_SIZE(inc_cl)));
+    /* The zero cluster is a zero run (its blocks read as zeroes). */
+    assert_int_equal(last_zero_runs, 1);
+    assert_int_equal(m->index_records, ARRAY_SIZE(inc_cl));
     uint8_t z[16];
     repo_hash_zero_cluster(CL, z);
     assert_memory_equal(m->hashes[2].hash, z, 16);
@@ -994,9 +1117,11 @@ static void test_scan_and_commit(void **state)
     m->parent_seq = 2;
     assert_true(repo_scan_backup(r, tmp3, m, NULL, NULL, &err));
     die_on(err);
+    load_index(r, m);
     static const uint64_t diff_cl[] = { 15, 16, 17 };
     check_scan(m, diff_cl, ARRAY_SIZE(diff_cl));
-    assert_int_equal(m->n_extents, 1);
+    /* It stores what was written: three 4 KiB clusters. */
+    assert_int_equal(m->changed_bytes, 3 * 4096);
     /* A crash before commit: the tmp file and a marker bump max_seq. */
     repo_manifest_free(m);
     assert_true(repo_reload(r, &err));
@@ -1011,7 +1136,7 @@ static void test_scan_and_commit(void **state)
                      65536);
     assert_true(repo_scan_backup(r, tmp4, m, NULL, NULL, &err));
     die_on(err);
-    assert_int_equal(m->n_hashes, 0);
+    assert_int_equal(m->index_records, 0);
     /* A manifest readers would refuse is not committed. */
     free(m->time);
     m->time = strdup("now");
@@ -1096,14 +1221,41 @@ static void big_write(BlockDriverState *bs, uint64_t off, uint64_t len, bool zer
     model_write(bs, big_model, off, len, zero);
 }
 
-/* repo_scan_node on an image outside a repository, opened with the
- * backing chain its header names (these tests are about hashing). */
+typedef struct Collect {
+    RepoManifest *m;
+    RepoMerkle mk;
+} Collect;
+
+static bool collect_sink(void *opaque, const RepoIndexRecord *rec,
+                         Error **errp)
+{
+    Collect *c = opaque;
+
+    repo_merkle_add_record(&c->mk, rec);
+    expand_record(c->m, rec);
+    return true;
+}
+
+/* repo_scan_layer on an image outside a repository, opened with the
+ * backing chain its header names (these tests are about hashing), into m
+ * (hashes expanded, root, changed bytes). */
 static bool scan_file(const char *path, RepoManifest *m, unsigned threads,
                       RepoProgressFn *progress, void *opaque, Error **errp)
 {
     BlockDriverState *bs = bdrv_open_image(path, "qcow2", 0, errp);
-    bool ok = bs && repo_scan_node(bs, path, m, threads, progress, opaque, errp);
+    Collect c = { .m = m };
+    bool ok = false;
 
+    if (bs) {
+        m->image_size = bdrv_getlength(bs);
+        m->cluster_size = CL;
+        repo_merkle_init(&c.mk);
+        last_zero_runs = 0;
+        ok = repo_scan_layer(bs, path, m->image_size, CL, threads,
+                             collect_sink, &c, progress, opaque,
+                             &m->changed_bytes, NULL, errp);
+        repo_merkle_final(&c.mk, m->merkle_root);
+    }
     bdrv_unref(bs);
     return ok;
 }
@@ -1126,8 +1278,10 @@ static void check_big(const RepoManifest *m, const uint64_t *cl, size_t n)
 {
     assert_int_equal(m->image_size, BIG_SIZE);
     check_hashes(m, big_model, BIG_SIZE, cl, n);
-    Digest d = model_root(m->hashes, m->n_hashes);
-    assert_memory_equal(m->merkle_root, d.b, 32);
+    if (!last_zero_runs) {
+        Digest d = model_root(m->hashes, m->n_hashes);
+        assert_memory_equal(m->merkle_root, d.b, 32);
+    }
 }
 
 static void assert_scan_identical(const RepoManifest *a, const RepoManifest *b)
@@ -1210,7 +1364,6 @@ static void test_scan_threads(void **state)
         all[i] = i;
     }
     check_big(ref, all, n_all);
-    assert_int_equal(ref->n_extents, 1);
     assert_int_equal(log.last_done, BIG_SIZE);
     for (size_t t = 1; t < ARRAY_SIZE(threads); t++) {
         ProgressLog tl = { 0 };
@@ -1261,13 +1414,15 @@ static void test_scan_threads(void **state)
     cl[n++] = 37 * 16;
     ref = scan_with(top, 1, NULL);
     check_big(ref, cl, n);
-    assert_int_equal(ref->n_extents, 8);
+    assert_int_equal(last_zero_runs, 1);      /* the three zero clusters */
+    assert_int_equal(ref->changed_bytes, clusters_bytes(BIG_SIZE, cl, n));
     for (size_t t = 1; t < ARRAY_SIZE(threads); t++) {
         ProgressLog tl = { 0 };
         RepoManifest *m = scan_with(top, threads[t], &tl);
         assert_scan_identical(ref, m);
-        assert_int_equal(tl.last_done, m->changed_bytes);
-        assert_int_equal(tl.total, m->changed_bytes);
+        /* Progress counts the bytes read, not the zero run's. */
+        assert_int_equal(tl.last_done, m->changed_bytes - 3 * CL);
+        assert_int_equal(tl.total, m->changed_bytes - 3 * CL);
         repo_manifest_free(m);
     }
     repo_manifest_free(ref);
