@@ -1,8 +1,8 @@
 /*
  * Restore (docs/specs/repository.md): write the image as it was at one
- * backup of a repository into a new raw or qcow2 file.  `bitback restore`
- * is its front end; prune writes its synthetic fulls with
- * repo_restore_image().
+ * backup of a repository into a new raw or qcow2 file, or in place into an
+ * existing file or block device.  `bitback restore` is its front end;
+ * prune writes its synthetic fulls with repo_restore_image().
  *
  * The backup's chain opens read-only through repo_open_chain(), exactly as
  * the manifests describe it (its qcow2 headers' backing names are checked,
@@ -17,6 +17,13 @@
  * Safety: the image is written to a temporary file next to the output
  * (".NAME.bitback-restore.tmp"), fsynced, and renamed over the output only
  * when complete; an interrupted restore never leaves a half-written output.
+ *
+ * In place (repo_restore_existing): the target is opened as a raw node
+ * with QEMU's image locks and written where it is (no truncation, no
+ * rename, its tail past the image kept), every byte of the image, zero
+ * ranges included; with `sparse` the target is read first and only the
+ * 64 KiB pieces that differ are written.  Memory stays two 4 MiB buffers;
+ * the target is flushed at the end.
  */
 #include <errno.h>
 #include <fcntl.h>
