@@ -29,7 +29,7 @@ may_use() {
     qmp)    echo "qmp job nbd block bitmap util" ;;
     daemon) echo "daemon qmp job nbd repo block bitmap util" ;;
     client) echo "client util" ;;
-    cli)    echo "cli client repo block bitmap util" ;;
+    cli)    echo "cli client repo nbd block bitmap util" ;;   # nbd: serve
     *)      return 1 ;;
     esac
 }

@@ -25,6 +25,7 @@ static const struct {
 } backup_cmds[] = {
     { "backup", cli_cmd_backup },
     { "restore", cli_cmd_restore },
+    { "serve", cli_cmd_serve },
     { "verify", cli_cmd_verify },
     { "list", cli_cmd_list },
     { "prune", cli_cmd_prune },
@@ -56,7 +57,11 @@ static void usage(FILE *out)
             "         [--level full|inc|diff|auto] [--bitmap NAME]\n"
             "                         take a backup into a repository\n"
             "  restore --repo DIR [--node NODE] [--at ID|latest] OUTPUT [-f raw|qcow2]\n"
+            "          [--force | --existing [--sparse]]\n"
             "                         write the image as it was at a backup\n"
+            "  serve --repo DIR [--at ID|latest] [--node NODE] (--socket PATH |\n"
+            "        --bind ADDR:PORT) [--writable] [--export-name NAME]\n"
+            "                         export a backup point over NBD at once\n"
             "  verify --repo DIR [--at ID|all] [--against NBD_URI|FILE]\n"
             "                         re-read and check backups against their hashes\n"
             "  list --repo DIR [--output=human|json]\n"

@@ -36,6 +36,7 @@ int cli_cmd_io(int argc, char **argv);
 int cli_cmd_backup(int argc, char **argv);      /* backup-cmd.c */
 int cli_cmd_list(int argc, char **argv);        /* repo-cmd.c */
 int cli_cmd_restore(int argc, char **argv);     /* restore-cmd.c */
+int cli_cmd_serve(int argc, char **argv);       /* serve-cmd.c */
 int cli_cmd_verify(int argc, char **argv);      /* verify-cmd.c */
 int cli_cmd_prune(int argc, char **argv);       /* prune-cmd.c */
 #define CLI_EXIT_MISMATCH    2

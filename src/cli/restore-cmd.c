@@ -1,9 +1,11 @@
 /*
  * `bitback restore`: write the image as it was at one backup of a
- * repository (docs/specs/repository.md) into a new raw or qcow2 file.
+ * repository (docs/specs/repository.md) into a new raw or qcow2 file, or
+ * in place into an existing block device or (--existing) regular file.
  *
  *   bitback restore --repo DIR [--node NODE] [--at ID|latest] OUTPUT
- *                   [-f raw|qcow2] [--force] [--progress] [--output=json]
+ *                   [-f raw|qcow2] [--force | --existing [--sparse]]
+ *                   [--progress] [--output=json]
  *
  * The backup's chain opens read-only through repo_open_chain(), exactly as
  * the manifests describe it (its qcow2 headers' backing names are checked,
@@ -22,6 +24,13 @@
  * existing OUTPUT is refused unless --force is given (a restore usually
  * targets a disk somebody may still need; qemu-img convert's silent
  * overwrite is the wrong default here).
+ *
+ * In place (repo_restore_in_place): OUTPUT is a block device, or a regular
+ * file and --existing says so; it is written through a raw node with
+ * QEMU's image locks, never truncated or renamed, and must be at least the
+ * image's size (its tail is kept).  --sparse reads it first and writes
+ * only the pieces that differ.  A regular OUTPUT without --existing keeps
+ * the rules above (refused, or replaced with --force).
  *
  * The work is the repository library's (src/repo/restore.c,
  * repo_restore); this file parses the options, checks OUTPUT, draws the
@@ -47,10 +56,12 @@ static void restore_usage(FILE *out)
 {
     fprintf(out,
             "Usage: bitback restore --repo DIR [--node NODE] [--at ID|latest] OUTPUT\n"
-            "                       [-f raw|qcow2] [--force] [--progress] [--output=json]\n"
+            "                       [-f raw|qcow2] [--force | --existing [--sparse]]\n"
+            "                       [--progress] [--output=json]\n"
             "\n"
             "Write the disk NODE as it was at backup ID into the new file OUTPUT,\n"
-            "bit for bit.  Any point of a chain can be restored.\n"
+            "bit for bit, or in place into an existing block device or (with\n"
+            "--existing) regular file.  Any point of a chain can be restored.\n"
             "\n"
             "Options:\n"
             "  --repo DIR         the backup repository\n"
@@ -60,13 +71,21 @@ static void restore_usage(FILE *out)
             "  -f, --format FMT   raw (default; a sparse file) or qcow2 (no backing\n"
             "                     file, only non-zero clusters allocated)\n"
             "  --force            replace OUTPUT if it exists (default: refuse)\n"
+            "  --existing         write in place into the existing regular file\n"
+            "                     OUTPUT (a block device always is): no truncation,\n"
+            "                     no temporary file; OUTPUT must be at least the\n"
+            "                     image's size, and bytes past it are kept\n"
+            "  --sparse           in place: read OUTPUT and write only the 64 KiB\n"
+            "                     pieces that differ (the summary gives the bytes\n"
+            "                     written)\n"
             "  --progress         draw a progress bar even when stdout is not a terminal\n"
             "  --output=FMT       human (default) or json: a summary object on stdout\n"
             "\n"
             "The image is written to .OUTPUT.bitback-restore.tmp in OUTPUT's folder,\n"
             "synced, and renamed to OUTPUT only when complete: an interrupted restore\n"
             "never leaves a partial OUTPUT (remove the .tmp file it leaves behind).\n"
-            "OUTPUT must be a regular file path.\n"
+            "An in-place restore writes OUTPUT directly (an interrupted one leaves\n"
+            "it partly restored) and syncs it at the end; raw format only.\n"
             "\n"
             "The backup's chain is opened as its manifests describe it: a backup\n"
             "file whose backing file is not its manifest's parent (another backup,\n"
@@ -76,7 +95,7 @@ static void restore_usage(FILE *out)
 
 int cli_cmd_restore(int argc, char **argv)
 {
-    enum { OPT_FORCE = CLI_OPT_FIRST_FREE };
+    enum { OPT_FORCE = CLI_OPT_FIRST_FREE, OPT_EXISTING, OPT_SPARSE };
     static const struct option long_opts[] = {
         {"help", no_argument, NULL, 'h'},
         {"repo", required_argument, NULL, CLI_OPT_REPO},
@@ -84,13 +103,15 @@ int cli_cmd_restore(int argc, char **argv)
         {"at", required_argument, NULL, CLI_OPT_AT},
         {"format", required_argument, NULL, 'f'},
         {"force", no_argument, NULL, OPT_FORCE},
+        {"existing", no_argument, NULL, OPT_EXISTING},
+        {"sparse", no_argument, NULL, OPT_SPARSE},
         {"progress", no_argument, NULL, CLI_OPT_PROGRESS},
         {"output", required_argument, NULL, CLI_OPT_OUTPUT},
         {NULL, 0, NULL, 0},
     };
     CliRepoOpts opts = { .at = "latest" };
     const char *format = "raw", *output, *node;
-    bool force = false;
+    bool force = false, existing = false, sparse = false, format_set = false;
     Error *err = NULL;
     unsigned seq;
     int c;
@@ -102,8 +123,13 @@ int cli_cmd_restore(int argc, char **argv)
             return CLI_EXIT_OK;
         } else if (c == 'f') {
             format = optarg;
+            format_set = true;
         } else if (c == OPT_FORCE) {
             force = true;
+        } else if (c == OPT_EXISTING) {
+            existing = true;
+        } else if (c == OPT_SPARSE) {
+            sparse = true;
         } else if (!cli_repo_opt(c, &opts, restore_usage)) {
             return CLI_EXIT_ERROR;
         }
@@ -128,21 +154,47 @@ int cli_cmd_restore(int argc, char **argv)
         return CLI_EXIT_ERROR;
     }
 
+    if (existing && force) {
+        error_report("restore: --existing writes into OUTPUT, --force replaces "
+                     "it: give one of them");
+        return CLI_EXIT_ERROR;
+    }
     struct stat st;
-    if (lstat(output, &st) == 0) {
+    if (stat(output, &st) == 0 && S_ISBLK(st.st_mode)) {
+        existing = true;   /* a device is always written in place */
+    } else if (existing) {
+        if (stat(output, &st) < 0 || !S_ISREG(st.st_mode)) {
+            error_report("restore: --existing: %s is not an existing regular "
+                         "file or block device", output);
+            return CLI_EXIT_ERROR;
+        }
+    } else if (lstat(output, &st) == 0) {
         if (!S_ISREG(st.st_mode)) {
-            error_report("restore: %s exists and is not a regular file; "
-                         "restore to a new file", output);
+            error_report("restore: %s exists and is not a regular file or "
+                         "block device; restore to a new file", output);
             return CLI_EXIT_ERROR;
         }
         if (!force) {
-            error_report("restore: %s already exists (use --force to replace it)",
-                         output);
+            error_report("restore: %s already exists (use --existing to write "
+                         "into it, --force to replace it)", output);
             return CLI_EXIT_ERROR;
         }
     } else if (errno != ENOENT) {
         error_report("restore: cannot access %s: %s", output, strerror(errno));
         return CLI_EXIT_ERROR;
+    }
+    if (sparse && !existing) {
+        error_report("restore: --sparse is for an in-place restore (--existing "
+                     "or a block device); a new file is sparse anyway");
+        return CLI_EXIT_ERROR;
+    }
+    if (existing && format_set && strcmp(format, "raw")) {
+        error_report("restore: an in-place restore writes raw data, not %s",
+                     format);
+        return CLI_EXIT_ERROR;
+    }
+    if (existing) {
+        format = "raw";
     }
 
     Repo *repo = repo_open(repo_path, false, &err);
@@ -164,7 +216,10 @@ int cli_cmd_restore(int argc, char **argv)
         goto out;
     }
     cli_progress_ops(&prog, cli_progress_wanted(opts.progress));
-    if (!repo_restore(repo, m, output, format, &prog, &written, &err)) {
+    if (existing ? !repo_restore_in_place(repo, m, output, sparse, &prog,
+                                          &written, &err)
+                 : !repo_restore(repo, m, output, format, &prog, &written,
+                                 &err)) {
         goto out;
     }
 
@@ -178,13 +233,16 @@ int cli_cmd_restore(int argc, char **argv)
                                json_object_new_int64((int64_t)m->image_size));
         json_object_object_add(o, "data-bytes",
                                json_object_new_int64((int64_t)written));
+        json_object_object_add(o, "in-place", json_object_new_boolean(existing));
         cli_print_json(o);
     } else {
         char sz[32], wr[32];
-        printf("restored backup %s of %s to %s (%s, %s, %s of data)\n",
-               m->id, node, output, format,
+        printf("restored backup %s of %s %s %s (%s, %s, %s of data%s, "
+               "%" PRIu64 " bytes written)\n",
+               m->id, node, existing ? "in place into" : "to", output, format,
                cli_size_to_str(m->image_size, sz, sizeof(sz)),
-               cli_size_to_str(written, wr, sizeof(wr)));
+               cli_size_to_str(written, wr, sizeof(wr)),
+               existing && sparse ? " changed" : "", written);
     }
     ret = CLI_EXIT_OK;
 

@@ -12,6 +12,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -262,6 +264,25 @@ bool nbd_server_start(struct json_object *addr, unsigned max_connections,
     }
     nbd_srv.running = true;
     return true;
+}
+
+int nbd_server_port(void)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+
+    LOCK_GUARD(&nbd_srv.lock);
+    if (!nbd_srv.running || !nbd_srv.inet ||
+        getsockname(nbd_srv.listen_fd, (struct sockaddr *)&ss, &len) < 0) {
+        return -1;
+    }
+    if (ss.ss_family == AF_INET) {
+        return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    }
+    if (ss.ss_family == AF_INET6) {
+        return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    }
+    return -1;
 }
 
 bool nbd_server_is_running(void)

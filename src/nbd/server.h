@@ -43,6 +43,9 @@ void nbd_set_resource_limits(uint64_t max_request_memory,
 bool nbd_server_start(struct json_object *addr, unsigned max_connections,
                       unsigned handshake_max_seconds, Error **errp);
 bool nbd_server_is_running(void);
+/* The TCP port the running server listens on (the one the kernel chose
+ * for port 0), or -1 when it is not running or listens on a UNIX socket. */
+int nbd_server_port(void);
 /* Stop listening, disconnect every client (in-flight requests finish and are
  * answered first; a reply still being sent a few seconds later is cut off,
  * so this returns in bounded time), and remove every export, each with its

@@ -51,6 +51,21 @@ bool repo_restore_image(BlockDriverState *src, const char *what,
                         RepoProgressFn *progress, void *opaque,
                         uint64_t *ret_written, Error **errp);
 
+/* Write the image that src shows (as for repo_restore_image) in place
+ * into the EXISTING file or block device dst, opened as a raw node with
+ * QEMU's image locks: no truncation, no rename, every byte of the image
+ * replaced, and bytes past the image's size left as they are.  dst must
+ * be at least the image's size (error, nothing written, otherwise).
+ * sparse: dst is read first and only the 64 KiB pieces that differ are
+ * written (zeroes only where dst is not zero already); else every byte is
+ * written.  Memory is bounded (two 4 MiB buffers); dst is flushed before
+ * returning true.  *ret_written (may be NULL) gets the bytes written.  On
+ * failure dst may hold part of the image. */
+bool repo_restore_existing(BlockDriverState *src, const char *what,
+                           const char *dst, bool sparse,
+                           RepoProgressFn *progress, void *opaque,
+                           uint64_t *ret_written, Error **errp);
+
 /* Restore backup m of repo into output (raw or qcow2): its chain opened
  * by repo_open_chain() (a chain that differs from the manifests is refused
  * before anything is created), written to ".NAME.bitback-restore.tmp" in
@@ -60,6 +75,14 @@ bool repo_restore_image(BlockDriverState *src, const char *what,
 bool repo_restore(Repo *repo, const RepoManifest *m, const char *output,
                   const char *format, const RepoProgressOps *progress,
                   uint64_t *ret_written, Error **errp);
+
+/* Restore backup m of repo in place into the existing file or block
+ * device output (repo_restore_existing), its chain opened as for
+ * repo_restore.  One progress step. */
+bool repo_restore_in_place(Repo *repo, const RepoManifest *m,
+                           const char *output, bool sparse,
+                           const RepoProgressOps *progress,
+                           uint64_t *ret_written, Error **errp);
 
 /* ---- verify.c ---- */
 

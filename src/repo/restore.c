@@ -1,8 +1,8 @@
 /*
  * Restore (docs/specs/repository.md): write the image as it was at one
- * backup of a repository into a new raw or qcow2 file.  `bitback restore`
- * is its front end; prune writes its synthetic fulls with
- * repo_restore_image().
+ * backup of a repository into a new raw or qcow2 file, or in place into an
+ * existing file or block device.  `bitback restore` is its front end;
+ * prune writes its synthetic fulls with repo_restore_image().
  *
  * The backup's chain opens read-only through repo_open_chain(), exactly as
  * the manifests describe it (its qcow2 headers' backing names are checked,
@@ -17,9 +17,17 @@
  * Safety: the image is written to a temporary file next to the output
  * (".NAME.bitback-restore.tmp"), fsynced, and renamed over the output only
  * when complete; an interrupted restore never leaves a half-written output.
+ *
+ * In place (repo_restore_existing): the target is opened as a raw node
+ * with QEMU's image locks and written where it is (no truncation, no
+ * rename, its tail past the image kept), every byte of the image, zero
+ * ranges included; with `sparse` the target is read first and only the
+ * 64 KiB pieces that differ are written.  Memory stays two 4 MiB buffers;
+ * the target is flushed at the end.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,32 +105,100 @@ const char *repo_pick_node(Repo *repo, const char *node, Error **errp)
     return NULL;
 }
 
-/* Write [off, off+len) of buf to the destination: the raw fd, or the
- * qcow2 node. */
-static int dst_write(int fd, BlockDriverState *dst_bs, const uint8_t *buf,
-                     uint64_t off, uint64_t len)
+/* Where copy_data writes: the raw fd of a new file, or a node (a new
+ * qcow2 file's, or an existing target's raw node).  A new destination
+ * reads as zeroes where nothing is written; an existing one (in_place)
+ * holds old data that every byte of the image must replace, and with
+ * `sparse` it is read first so that only differing pieces are written
+ * (tbuf: RESTORE_CHUNK bytes for those reads). */
+typedef struct RestoreDest {
+    int fd;
+    BlockDriverState *bs;
+    bool in_place;
+    bool sparse;
+    uint8_t *tbuf;
+    uint64_t written;
+} RestoreDest;
+
+/* Write [off, off+len) of buf to the destination. */
+static int dst_write(RestoreDest *d, const uint8_t *buf, uint64_t off,
+                     uint64_t len)
 {
-    if (dst_bs) {
-        return bdrv_pwrite(dst_bs, off, buf, len, 0);
+    int r = d->bs ? bdrv_pwrite(d->bs, off, buf, len, 0)
+                  : pwrite_full(d->fd, buf, len, (off_t)off);
+    if (r < 0) {
+        return r;
     }
-    return pwrite_full(fd, buf, len, (off_t)off);
+    d->written += len;
+    return 0;
 }
 
-/* Copy every non-zero piece of src into the destination. */
-static int copy_data(BlockDriverState *src, uint64_t size, int fd,
-                     BlockDriverState *dst_bs, RepoProgressFn *progress,
-                     void *opaque, uint64_t *ret_written)
+/* Write the runs of 64 KiB pieces (aligned to the image, so qcow2
+ * clusters are whole) of buf, the image's bytes at [off, off+len), that
+ * the destination needs: those that differ from old (the target's current
+ * bytes there), or without old those that are not zero (a new file). */
+static int write_runs(RestoreDest *d, const uint8_t *buf, const uint8_t *old,
+                      uint64_t off, uint64_t len)
+{
+    uint64_t pos = 0, run = 0, run_len = 0;
+
+    while (pos < len) {
+        uint64_t piece = MIN(REPO_CLUSTER_SIZE - (off + pos) % REPO_CLUSTER_SIZE,
+                             len - pos);
+        bool need = old ? memcmp(buf + pos, old + pos, piece) != 0
+                        : !buf_is_zero(buf + pos, piece);
+        if (need) {
+            if (!run_len) {
+                run = pos;
+            }
+            run_len += piece;
+        } else if (run_len) {
+            int r = dst_write(d, buf + run, off + run, run_len);
+            if (r < 0) {
+                return r;
+            }
+            run_len = 0;
+        }
+        pos += piece;
+    }
+    return run_len ? dst_write(d, buf + run, off + run, run_len) : 0;
+}
+
+/* Put the image's bytes buf at [off, off+len) (len <= RESTORE_CHUNK) into
+ * the destination, as RestoreDest says. */
+static int dst_put(RestoreDest *d, const uint8_t *buf, uint64_t off,
+                   uint64_t len)
+{
+    if (!d->in_place) {
+        return write_runs(d, buf, NULL, off, len);
+    }
+    if (!d->sparse) {
+        return dst_write(d, buf, off, len);
+    }
+    int r = bdrv_pread(d->bs, off, d->tbuf, len);
+    if (r < 0) {
+        return r;
+    }
+    return write_runs(d, buf, d->tbuf, off, len);
+}
+
+/* Copy the image src shows into the destination, RESTORE_CHUNK at a
+ * time: ranges block status reports as zero or unallocated are zeroes
+ * (skipped for a new destination), the rest is read. */
+static int copy_data(BlockDriverState *src, uint64_t size, RestoreDest *d,
+                     RepoProgressFn *progress, void *opaque)
 {
     _cleanup_free_ uint8_t *buf = malloc(RESTORE_CHUNK);
-    uint64_t off = 0, written = 0;
+    uint64_t off = 0;
+    bool buf_zero = false;   /* buf holds RESTORE_CHUNK zero bytes */
 
     if (!buf) {
         return -ENOMEM;
     }
     while (off < size) {
         uint64_t pnum;
-        int st = bdrv_block_status(src, off, MIN(size - off, RESTORE_CHUNK),
-                                   &pnum);
+        int r, st = bdrv_block_status(src, off, MIN(size - off, RESTORE_CHUNK),
+                                      &pnum);
         if (st < 0) {
             return st;
         }
@@ -130,47 +206,27 @@ static int copy_data(BlockDriverState *src, uint64_t size, int fd,
             return -EIO;   /* a driver that makes no progress */
         }
         if ((st & BDRV_BLOCK_DATA) && !(st & BDRV_BLOCK_ZERO)) {
-            int r = bdrv_pread(src, off, buf, pnum);
-            if (r < 0) {
-                return r;
+            r = bdrv_pread(src, off, buf, pnum);
+            buf_zero = false;
+            if (r == 0) {
+                r = dst_put(d, buf, off, pnum);
             }
-            /* Write the runs of non-zero 64 KiB pieces (aligned to the
-             * image, so qcow2 clusters are whole). */
-            uint64_t pos = 0, run = 0, run_len = 0;
-            while (pos < pnum) {
-                uint64_t piece = MIN(REPO_CLUSTER_SIZE -
-                                     (off + pos) % REPO_CLUSTER_SIZE,
-                                     pnum - pos);
-                if (!buf_is_zero(buf + pos, piece)) {
-                    if (!run_len) {
-                        run = pos;
-                    }
-                    run_len += piece;
-                } else if (run_len) {
-                    r = dst_write(fd, dst_bs, buf + run, off + run, run_len);
-                    if (r < 0) {
-                        return r;
-                    }
-                    written += run_len;
-                    run_len = 0;
-                }
-                pos += piece;
+        } else if (d->in_place) {
+            if (!buf_zero) {
+                memset(buf, 0, RESTORE_CHUNK);
+                buf_zero = true;
             }
-            if (run_len) {
-                r = dst_write(fd, dst_bs, buf + run, off + run, run_len);
-                if (r < 0) {
-                    return r;
-                }
-                written += run_len;
-            }
+            r = dst_put(d, buf, off, pnum);
+        } else {
+            r = 0;   /* a new destination reads as zeroes already */
+        }
+        if (r < 0) {
+            return r;
         }
         off += pnum;
         if (progress) {
             progress(opaque, off, size);
         }
-    }
-    if (ret_written) {
-        *ret_written = written;
     }
     return 0;
 }
@@ -221,8 +277,8 @@ bool repo_restore_image(BlockDriverState *src, const char *what,
         }
     }
 
-    r = copy_data(src, (uint64_t)len, fd, dst_bs, progress, opaque,
-                  ret_written);
+    RestoreDest d = { .fd = fd, .bs = dst_bs };
+    r = copy_data(src, (uint64_t)len, &d, progress, opaque);
     if (r < 0) {
         error_setg_errno(errp, -r, "cannot copy %s to %s", what, dst);
         goto fail;
@@ -244,6 +300,9 @@ bool repo_restore_image(BlockDriverState *src, const char *what,
         error_setg_errno(errp, errno, "cannot sync %s", dst);
         goto fail;
     }
+    if (ret_written) {
+        *ret_written = d.written;
+    }
     return true;
 
 fail:
@@ -252,6 +311,71 @@ fail:
     }
     unlink(dst);
     return false;
+}
+
+bool repo_restore_existing(BlockDriverState *src, const char *what,
+                           const char *dst, bool sparse,
+                           RepoProgressFn *progress, void *opaque,
+                           uint64_t *ret_written, Error **errp)
+{
+    _cleanup_free_ uint8_t *tbuf = NULL;
+    BlockDriverState *dst_bs;
+    int64_t len, dst_len;
+    bool ok = false;
+    int r;
+
+    len = bdrv_getlength(src);
+    if (len < 0) {
+        error_setg_errno(errp, (int)-len, "cannot get the size of %s", what);
+        return false;
+    }
+    /* A raw node over the file or device: QEMU's image locks, so nobody
+     * else has it open for writing (nor opens it so while we write). */
+    dst_bs = bdrv_open_image(dst, "raw", BDRV_O_RDWR, errp);
+    if (!dst_bs) {
+        error_prepend(errp, "cannot open %s: ", dst);
+        return false;
+    }
+    dst_len = bdrv_getlength(dst_bs);
+    if (dst_len < 0) {
+        error_setg_errno(errp, (int)-dst_len, "cannot get the size of %s", dst);
+        goto out;
+    }
+    if (dst_len < len) {
+        error_setg(errp, "%s is smaller (%" PRId64 " bytes) than the image "
+                   "(%" PRId64 " bytes); nothing was written", dst, dst_len,
+                   len);
+        goto out;
+    }
+    if (sparse && !(tbuf = malloc(RESTORE_CHUNK))) {
+        error_setg(errp, "out of memory");
+        goto out;
+    }
+    RestoreDest d = { .fd = -1, .bs = dst_bs, .in_place = true,
+                      .sparse = sparse, .tbuf = tbuf };
+    r = copy_data(src, (uint64_t)len, &d, progress, opaque);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "cannot copy %s to %s", what, dst);
+        goto out;
+    }
+    r = bdrv_flush(dst_bs);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "cannot flush %s", dst);
+        goto out;
+    }
+    if (ret_written) {
+        *ret_written = d.written;
+    }
+    ok = true;
+
+out:
+    if (!bdrv_close(dst_bs, ok ? errp : NULL)) {
+        if (ok) {
+            error_prepend(errp, "cannot close %s: ", dst);
+        }
+        ok = false;
+    }
+    return ok;
 }
 
 /* ".NAME.bitback-restore.tmp" in OUTPUT's folder. */
@@ -270,18 +394,23 @@ static char *restore_tmp_name(const char *output)
     return path;
 }
 
-bool repo_restore(Repo *repo, const RepoManifest *m, const char *output,
-                  const char *format, const RepoProgressOps *progress,
-                  uint64_t *ret_written, Error **errp)
+/* Restore point m into output: in place (an existing file or device,
+ * repo_restore_existing) when `existing`, else into a new file through its
+ * temporary name and a rename (repo_restore_image). */
+static bool restore_point(Repo *repo, const RepoManifest *m,
+                          const char *output, const char *format,
+                          bool existing, bool sparse,
+                          const RepoProgressOps *progress,
+                          uint64_t *ret_written, Error **errp)
 {
     _cleanup_free_ char *data = repo_data_path(repo, m->node, m->seq);
-    _cleanup_free_ char *tmp = restore_tmp_name(output);
+    _cleanup_free_ char *tmp = existing ? NULL : restore_tmp_name(output);
     BlockDriverState *src;
     char label[REPO_MAX_NODE_NAME + 32];
     void *step;
     bool ok;
 
-    if (!data || !tmp) {
+    if (!data || (!existing && !tmp)) {
         error_setg(errp, "out of memory");
         return false;
     }
@@ -292,19 +421,30 @@ bool repo_restore(Repo *repo, const RepoManifest *m, const char *output,
                       m->node);
         return false;
     }
-    unlink(tmp);   /* a leftover of an interrupted restore */
+    if (tmp) {
+        unlink(tmp);   /* a leftover of an interrupted restore */
+    }
 
     snprintf(label, sizeof(label), "%s restore %s", m->node, m->id);
     step = repo_progress_begin(progress, label, m->image_size);
-    ok = repo_restore_image(src, data, tmp, format,
-                            repo_progress_fn(progress), step, ret_written,
-                            errp);
+    if (existing) {
+        ok = repo_restore_existing(src, data, output, sparse,
+                                   repo_progress_fn(progress), step,
+                                   ret_written, errp);
+    } else {
+        ok = repo_restore_image(src, data, tmp, format,
+                                repo_progress_fn(progress), step, ret_written,
+                                errp);
+    }
     repo_progress_end(progress, step);
     bdrv_unref(src);
     if (!ok) {
         error_prepend(errp, "restore of backup %s of %s failed: ", m->id,
                       m->node);
         return false;
+    }
+    if (existing) {
+        return true;
     }
     if (rename(tmp, output) < 0) {
         error_setg_errno(errp, errno, "cannot rename %s to %s", tmp, output);
@@ -313,4 +453,21 @@ bool repo_restore(Repo *repo, const RepoManifest *m, const char *output,
     }
     fsync_parent_dir(output);
     return true;
+}
+
+bool repo_restore(Repo *repo, const RepoManifest *m, const char *output,
+                  const char *format, const RepoProgressOps *progress,
+                  uint64_t *ret_written, Error **errp)
+{
+    return restore_point(repo, m, output, format, false, false, progress,
+                         ret_written, errp);
+}
+
+bool repo_restore_in_place(Repo *repo, const RepoManifest *m,
+                           const char *output, bool sparse,
+                           const RepoProgressOps *progress,
+                           uint64_t *ret_written, Error **errp)
+{
+    return restore_point(repo, m, output, "raw", true, sparse, progress,
+                         ret_written, errp);
 }
