@@ -55,7 +55,7 @@ bool repo_keep_options_any(const RepoKeepOptions *opts);
 /* Decide, for the n backups of one disk in items (any order, distinct
  * seqs), which one each rule keeps: items[i].kept_by is the rule that
  * keeps it, or REPO_KEEP_NONE when it goes (docs/specs/retention.md,
- * invariants 1-7).  With no rule of count >= 1 every backup is kept
+ * invariants 1-6 and 8).  With no rule of count >= 1 every backup is kept
  * (kept_by REPO_KEEP_ALL), as PBS does; callers that must not accept
  * that check repo_keep_options_any() first.  Periods are in local time
  * (TZ).  False with errp set only for a time that is not ISO 8601 UTC
