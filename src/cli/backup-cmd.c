@@ -88,7 +88,12 @@ static void usage(FILE *out)
             "full backup.  SIGINT or SIGTERM cancels the backup jobs and removes what the\n"
             "run made (the bitmaps stay able to give the next incremental).\n"
             "\n"
-            "Exit status: 0 ok, 1 failure, 128 + N after signal N (130 SIGINT, 143 SIGTERM).\n");
+            "Exit status: 0 ok, 1 failure, 128 + N after signal N (130 SIGINT, 143 SIGTERM).\n"
+            "\n"
+            "Environment (for tests only): BITBACK_FAKE_NOW=2026-01-05T10:00:00Z records\n"
+            "that time (ISO 8601 UTC) as the backup's time instead of the clock's, so tests\n"
+            "can lay backups out on a calendar for prune's retention rules; a malformed\n"
+            "value is refused.\n");
 }
 
 static void bitmap_info_clear(BitmapInfo *b)
@@ -210,14 +215,28 @@ static bool create_target(Repo *repo, Disk *d, unsigned seq, Error **errp)
     return true;
 }
 
-char *backup_now_iso(void)
+bool backup_read_clock_override(BackupOpts *o, Error **errp)
 {
-    char buf[32];
-    time_t t = time(NULL);
-    struct tm tm;
+    const char *v = getenv("BITBACK_FAKE_NOW");
 
-    gmtime_r(&t, &tm);
-    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    o->fake_now_set = false;
+    if (!v || !*v) {
+        return true;
+    }
+    if (!iso8601_utc_parse(v, &o->fake_now)) {
+        error_setg(errp, "BITBACK_FAKE_NOW must be a time in ISO 8601 UTC "
+                   "like 2026-01-05T10:00:00Z, not '%s'", v);
+        return false;
+    }
+    o->fake_now_set = true;
+    return true;
+}
+
+char *backup_now_iso(const BackupOpts *o)
+{
+    char buf[ISO8601_UTC_BUF];
+
+    iso8601_utc_format(o->fake_now_set ? o->fake_now : time(NULL), buf);
     return backup_strdup(buf);
 }
 
@@ -567,6 +586,10 @@ int cli_cmd_backup(int argc, char **argv)
             return CLI_EXIT_ERROR;
         }
         o.repo_path = repo_abs;
+    }
+    if (!backup_read_clock_override(&o, &err)) {
+        error_report_err(err);
+        return CLI_EXIT_ERROR;
     }
     repo = repo_open(o.repo_path, true, &err);
     if (!repo) {

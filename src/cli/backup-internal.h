@@ -9,6 +9,8 @@
 #ifndef BITBACK_CLI_BACKUP_INTERNAL_H
 #define BITBACK_CLI_BACKUP_INTERNAL_H
 
+#include <time.h>
+
 #include "cli/cli.h"
 #include "repo/planner.h"
 #include "repo/repo.h"
@@ -66,6 +68,8 @@ typedef struct BackupOpts {
     uint64_t speed;
     bool json;
     bool progress;
+    bool fake_now_set;                 /* BITBACK_FAKE_NOW (tests only) */
+    time_t fake_now;
 } BackupOpts;
 
 /* backup-cmd.c */
@@ -79,7 +83,15 @@ char *backup_strdup(const char *s);
 
 const BitmapInfo *backup_disk_bitmap(const Disk *d, const char *name);
 
-char *backup_now_iso(void);
+/* Read BITBACK_FAKE_NOW into o (the one place it is read): unset or
+ * empty leaves the real clock; a value that is not ISO 8601 UTC
+ * ("2026-01-05T10:00:00Z") is refused.  Test-only: it lets the tests
+ * lay backups out on a synthetic calendar (docs/specs/retention.md). */
+bool backup_read_clock_override(BackupOpts *o, Error **errp);
+
+/* The backup's time for its manifest, ISO 8601 UTC: the override of
+ * backup_read_clock_override, else the clock.  Caller frees. */
+char *backup_now_iso(const BackupOpts *o);
 
 /* Step 6: hash the target and commit it. */
 RepoManifest *backup_commit_disk(Repo *repo, const BackupOpts *o, Disk *d,

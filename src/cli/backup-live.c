@@ -530,7 +530,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
     if (!live_transaction(qmp, o, disks, n, &err)) {
         goto out_tmp;
     }
-    time_iso = backup_now_iso();
+    time_iso = backup_now_iso(o);
     t0 = clock_monotonic_seconds();
     backup_mark_started(repo, disks, n);
     backup_announce(disks, n);

@@ -306,7 +306,7 @@ int backup_offline(const BackupOpts *o, Repo *repo)
         !offline_bitmaps(o, &d, &err)) {
         goto out_tmp;
     }
-    time_iso = backup_now_iso();
+    time_iso = backup_now_iso(o);
     backup_mark_started(repo, &d, 1);
     backup_announce(&d, 1);
     bs = cli_open_image(o->image, o->format, 0, &err);

@@ -1,14 +1,19 @@
 /*
  * `bitback prune`: retention for a repository (docs/specs/repository.md).
  *
- *   bitback prune --repo DIR --keep N [--node NODE] [--progress] [--output=json]
+ *   bitback prune --repo DIR [--keep-last N] [--keep-hourly N] [--keep-daily N]
+ *                 [--keep-weekly N] [--keep-monthly N] [--keep-yearly N]
+ *                 [--keep N] [--node NODE] [--dry-run] [--progress]
+ *                 [--output=json]
  *
- * Per disk, the newest N backups (by ID) stay; a kept backup whose parent
- * does not stay becomes a synthetic full (same ID, same content, no
- * backing file), then the older backups are deleted.  The work, and its
- * crash-safe order, is the repository library's (src/repo/prune.c,
- * repo_prune_node); this file parses the options, draws the progress bars
- * and prints what was done (lines, or a JSON report).
+ * Per disk, the backups Proxmox Backup Server's retention rules keep
+ * stay (docs/specs/retention.md; --keep N is --keep-last N); a kept
+ * backup whose parent does not stay becomes a synthetic full (same ID,
+ * same content, no backing file), then the others are deleted.  The
+ * decision is src/repo/retention.c's, the work and its crash-safe order
+ * src/repo/prune.c's (repo_prune_plan, repo_prune_node); this file parses
+ * the options, draws the progress bars and prints the plan (--dry-run)
+ * or what was done (lines, or a JSON report).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -26,24 +31,37 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
-/* Most backups one node may have (bounds the arrays below). */
-#define PRUNE_MAX_KEEP 1000000u
-
 static void prune_usage(FILE *out)
 {
     fprintf(out,
-            "Usage: bitback prune --repo DIR --keep N [--node NODE] [--progress]\n"
-            "                     [--output=json]\n"
+            "Usage: bitback prune --repo DIR [--keep-last N] [--keep-hourly N]\n"
+            "                     [--keep-daily N] [--keep-weekly N] [--keep-monthly N]\n"
+            "                     [--keep-yearly N] [--node NODE] [--dry-run]\n"
+            "                     [--progress] [--output=json]\n"
             "\n"
-            "Keep the newest N backups of each disk and delete the older ones.  A kept\n"
-            "backup whose parent is deleted is rewritten as a synthetic full backup\n"
-            "(same ID, same content, no backing file), so every kept point still\n"
-            "restores bit for bit and no source has to be re-read.\n"
+            "Apply retention rules to each disk's backups, with Proxmox Backup Server's\n"
+            "semantics: walking the backups newest first, --keep-last keeps the newest N;\n"
+            "then each of --keep-hourly, -daily, -weekly (ISO weeks), -monthly, -yearly\n"
+            "keeps the newest backup of each of N periods (local time) that no earlier\n"
+            "rule already covered.  Everything no rule keeps is deleted; the newest backup\n"
+            "is always kept.  A kept backup whose parent is deleted is rewritten as a\n"
+            "synthetic full backup (same ID, same content, no backing file), so every kept\n"
+            "point still restores bit for bit and no source has to be re-read.\n"
+            "The rules in full: docs/specs/retention.md.\n"
             "\n"
             "Options:\n"
             "  --repo DIR         the backup repository\n"
-            "  --keep N           backups to keep per disk (at least 1)\n"
+            "  --keep-last N      keep the newest N backups\n"
+            "  --keep-hourly N    keep the newest backup of each of the last N hours with one\n"
+            "  --keep-daily N     ... days\n"
+            "  --keep-weekly N    ... ISO weeks (Monday to Sunday)\n"
+            "  --keep-monthly N   ... months\n"
+            "  --keep-yearly N    ... years\n"
+            "  --keep N           the same as --keep-last N\n"
+            "                     (N from 0 to 1000000; at least one rule needs N >= 1)\n"
             "  --node NODE        only this disk (default: every disk)\n"
+            "  --dry-run          list what would be kept (and by which rule) and what\n"
+            "                     would be deleted; change nothing\n"
             "  --progress         draw progress bars even when stdout is not a terminal\n"
             "  --output=FMT       human (default) or json\n"
             "\n"
@@ -84,9 +102,9 @@ static void prune_event(void *opaque, RepoPruneEvent ev, const char *node,
 }
 
 /* Prune one node.  Adds to the JSON report when report is non-NULL. */
-static bool prune_node(Repo *repo, const char *node, unsigned keep,
-                       bool progress, struct json_object *report,
-                       Error **errp)
+static bool prune_node(Repo *repo, const char *node,
+                       const RepoKeepOptions *keep, bool progress,
+                       struct json_object *report, Error **errp)
 {
     PruneReport r = { .json = report != NULL,
                       .merged = json_object_new_array(),
@@ -115,23 +133,113 @@ static bool prune_node(Repo *repo, const char *node, unsigned keep,
     return ok;
 }
 
+/* --dry-run for one node: the plan, as lines or in the JSON report. */
+static bool prune_dry_run(Repo *repo, const char *node,
+                          const RepoKeepOptions *keep,
+                          struct json_object *report, Error **errp)
+{
+    _cleanup_free_ RepoRetentionItem *items = NULL;
+    struct json_object *kept, *removed, *o;
+    size_t n, n_kept = 0;
+
+    if (!repo_prune_plan(repo, node, keep, &items, &n, errp)) {
+        return false;
+    }
+    kept = json_object_new_array();
+    removed = json_object_new_array();
+    for (size_t k = n; k-- > 0;) {               /* newest first, as PBS */
+        char id[REPO_ID_LEN];
+        bool stays = items[k].kept_by != REPO_KEEP_NONE;
+
+        repo_format_id(items[k].seq, id);
+        n_kept += stays;
+        if (!report) {
+            printf("prune: %s: %s %s %s%s%s\n", node,
+                   stays ? "would keep  " : "would delete", id, items[k].time,
+                   stays ? " " : "",
+                   stays ? repo_keep_rule_name(items[k].kept_by) : "");
+            continue;
+        }
+        o = json_object_new_object();
+        json_object_object_add(o, "id", json_object_new_string(id));
+        json_object_object_add(o, "time",
+                               json_object_new_string(items[k].time));
+        if (stays) {
+            json_object_object_add(o, "rule", json_object_new_string(
+                repo_keep_rule_name(items[k].kept_by)));
+        }
+        json_object_array_add(stays ? kept : removed, o);
+    }
+    if (report) {
+        o = json_object_new_object();
+        json_object_object_add(o, "node", json_object_new_string(node));
+        json_object_object_add(o, "dry-run", json_object_new_boolean(true));
+        json_object_object_add(o, "keep", kept);
+        json_object_object_add(o, "delete", removed);
+        json_object_array_add(report, o);
+    } else {
+        json_object_put(kept);
+        json_object_put(removed);
+        printf("prune: %s: would keep %zu backup%s, delete %zu (dry run: "
+               "nothing changed)\n", node, n_kept, n_kept == 1 ? "" : "s",
+               n - n_kept);
+    }
+    return true;
+}
+
+/* The value of --keep-RULE: 0 to REPO_KEEP_MAX_COUNT (reported). */
+static bool parse_keep_count(const char *opt, const char *arg,
+                             unsigned *ret)
+{
+    unsigned long v;
+    char *end;
+
+    errno = 0;
+    v = strtoul(arg, &end, 10);
+    if (errno || end == arg || *end || arg[0] == '-' || arg[0] == '+' ||
+        v > REPO_KEEP_MAX_COUNT) {
+        error_report("prune: --%s must be a number from 0 to %u, not '%s'",
+                     opt, REPO_KEEP_MAX_COUNT, arg);
+        return false;
+    }
+    *ret = (unsigned)v;
+    return true;
+}
+
 int cli_cmd_prune(int argc, char **argv)
 {
-    enum { OPT_KEEP = CLI_OPT_FIRST_FREE };
+    /* Each --keep-RULE's code is CLI_OPT_FIRST_FREE + its RepoKeepRule;
+     * --keep (keep-last's old name) follows them. */
+    enum {
+        OPT_KEEP_RULE = CLI_OPT_FIRST_FREE,
+        OPT_KEEP = OPT_KEEP_RULE + REPO_KEEP__MAX,
+        OPT_DRY_RUN,
+    };
     static const struct option long_opts[] = {
         {"help", no_argument, NULL, 'h'},
         {"repo", required_argument, NULL, CLI_OPT_REPO},
         {"node", required_argument, NULL, CLI_OPT_NODE},
         {"keep", required_argument, NULL, OPT_KEEP},
+        {"keep-last", required_argument, NULL, OPT_KEEP_RULE + REPO_KEEP_LAST},
+        {"keep-hourly", required_argument, NULL,
+         OPT_KEEP_RULE + REPO_KEEP_HOURLY},
+        {"keep-daily", required_argument, NULL, OPT_KEEP_RULE + REPO_KEEP_DAILY},
+        {"keep-weekly", required_argument, NULL,
+         OPT_KEEP_RULE + REPO_KEEP_WEEKLY},
+        {"keep-monthly", required_argument, NULL,
+         OPT_KEEP_RULE + REPO_KEEP_MONTHLY},
+        {"keep-yearly", required_argument, NULL,
+         OPT_KEEP_RULE + REPO_KEEP_YEARLY},
+        {"dry-run", no_argument, NULL, OPT_DRY_RUN},
         {"progress", no_argument, NULL, CLI_OPT_PROGRESS},
         {"output", required_argument, NULL, CLI_OPT_OUTPUT},
         {NULL, 0, NULL, 0},
     };
     CliRepoOpts opts = { 0 };
-    const char *keep_str = NULL;
+    RepoKeepOptions keep = { 0 };
+    bool rule_given[REPO_KEEP__MAX] = { false };
+    bool dry_run = false;
     Error *err = NULL;
-    unsigned long keep;
-    char *end;
     int c;
 
     cli_reset_getopt();
@@ -139,8 +247,25 @@ int cli_cmd_prune(int argc, char **argv)
         if (c == 'h') {
             prune_usage(stdout);
             return CLI_EXIT_OK;
-        } else if (c == OPT_KEEP) {
-            keep_str = optarg;
+        } else if (c == OPT_DRY_RUN) {
+            dry_run = true;
+        } else if (c == OPT_KEEP ||
+                   (c > OPT_KEEP_RULE + REPO_KEEP_NONE &&
+                    c <= OPT_KEEP_RULE + REPO_KEEP_YEARLY)) {
+            RepoKeepRule r = c == OPT_KEEP ? REPO_KEEP_LAST
+                                           : (RepoKeepRule)(c - OPT_KEEP_RULE);
+            const char *name = c == OPT_KEEP ? "keep"
+                                             : repo_keep_rule_name(r);
+
+            if (rule_given[r]) {
+                error_report("prune: --%s given twice (--keep is "
+                             "--keep-last)", name);
+                return CLI_EXIT_ERROR;
+            }
+            rule_given[r] = true;
+            if (!parse_keep_count(name, optarg, &keep.count[r])) {
+                return CLI_EXIT_ERROR;
+            }
         } else if (!cli_repo_opt(c, &opts, prune_usage)) {
             return CLI_EXIT_ERROR;
         }
@@ -148,22 +273,21 @@ int cli_cmd_prune(int argc, char **argv)
     const char *repo_path = opts.repo, *node_arg = opts.node;
     bool json = opts.json;
     bool progress = opts.progress;
-    if (!repo_path || !keep_str) {
-        error_report("prune: --repo DIR and --keep N are required "
+    if (!repo_path) {
+        error_report("prune: --repo DIR is required (see 'bitback prune "
+                     "--help')");
+        return CLI_EXIT_ERROR;
+    }
+    if (!repo_keep_options_any(&keep)) {
+        error_report("prune: no rule keeps anything: give at least one of "
+                     "--keep-last (or --keep), --keep-hourly, --keep-daily, "
+                     "--keep-weekly, --keep-monthly, --keep-yearly with N >= 1 "
                      "(see 'bitback prune --help')");
         return CLI_EXIT_ERROR;
     }
     if (optind != argc) {
         error_report("prune: unexpected argument '%s' (see 'bitback prune --help')",
                      argv[optind]);
-        return CLI_EXIT_ERROR;
-    }
-    errno = 0;
-    keep = strtoul(keep_str, &end, 10);
-    if (errno || end == keep_str || *end || keep_str[0] == '-' || keep < 1 ||
-        keep > PRUNE_MAX_KEEP) {
-        error_report("prune: --keep must be a number from 1 to %u, not '%s'",
-                     PRUNE_MAX_KEEP, keep_str);
         return CLI_EXIT_ERROR;
     }
     progress = cli_progress_wanted(progress) && !json;
@@ -203,8 +327,9 @@ int cli_cmd_prune(int argc, char **argv)
         if (node_arg && strcmp(node_arg, names[i])) {
             continue;
         }
-        if (!prune_node(repo, names[i], (unsigned)keep, progress, report,
-                        &err)) {
+        if (dry_run ? !prune_dry_run(repo, names[i], &keep, report, &err)
+                    : !prune_node(repo, names[i], &keep, progress, report,
+                                  &err)) {
             goto out;
         }
     }

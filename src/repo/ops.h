@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "repo/repo.h"
+#include "repo/retention.h"
 
 /* Progress of an operation that reads or writes images step by step:
  * begin(opaque, label, total) when a step starts ("disk0 restore 000003",
@@ -140,13 +141,25 @@ typedef struct RepoPruneResult {
     unsigned rolled, merged, deleted;
 } RepoPruneResult;
 
-/* Keep the newest `keep` backups of node and delete the older ones, in
- * the crash-safe order of prune.c's header: roll an interrupted prune
+/* What a prune of node with the rules keep would do, changing nothing:
+ * *ret_items (caller frees) gets one item per backup of node, ascending
+ * ID, with kept_by set (repo_retention_compute); their times point into
+ * repo's manifests and stay valid until the repository reloads.  Fails
+ * (errp set) on a bad time, or if the newest backup would go. */
+bool repo_prune_plan(Repo *repo, const char *node,
+                     const RepoKeepOptions *keep,
+                     RepoRetentionItem **ret_items, size_t *ret_n,
+                     Error **errp);
+
+/* Keep the backups of node the retention rules keep (repo_prune_plan;
+ * options that keep nothing are refused) and delete the others, in the
+ * crash-safe order of prune.c's header: roll an interrupted prune
  * forward, make every kept backup whose parent goes a synthetic full
  * (oldest first), then delete (newest first).  event (may be NULL) is
  * called as each step is done; *ret (may be NULL) gets the counts.  The
  * repository is reloaded (its manifests' pointers change). */
-bool repo_prune_node(Repo *repo, const char *node, unsigned keep,
+bool repo_prune_node(Repo *repo, const char *node,
+                     const RepoKeepOptions *keep,
                      const RepoProgressOps *progress, RepoPruneEventFn *event,
                      void *opaque, RepoPruneResult *ret, Error **errp);
 

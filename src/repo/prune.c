@@ -2,7 +2,9 @@
  * Prune (docs/specs/repository.md): retention for one disk of a
  * repository.  `bitback prune` is its front end.
  *
- * The newest N backups (by ID) stay.  A kept backup whose parent does not
+ * Which backups stay is the retention rules' decision (retention.c,
+ * docs/specs/retention.md; `--keep N` is keep-last N), always including
+ * the newest.  A kept backup whose parent does not
  * stay becomes a synthetic full: the image at its point in time is
  * written (repo_restore_image, the restore code) into a qcow2 with no
  * backing file, scanned for its hashes (a full lists every cluster
@@ -29,7 +31,7 @@
  *      .B.json.tmp (synced in 1) holds the new manifest; verify then
  *      checks B against that pending manifest, and the next prune rolls
  *      the change forward (step 0) -- so verify stays clean too.
- *   3. Delete the pruned backups, newest first, each by unlinking its
+ *   3. Delete the pruned backups (kept ones may lie between them), newest first, each by unlinking its
  *      manifest (the backup stops existing: a backup exists iff its
  *      manifest does), syncing the folder, then unlinking its qcow2.  No
  *      kept backup reads a pruned file any more (1-2 made every kept
@@ -264,50 +266,92 @@ static bool roll_forward(Repo *repo, const char *node, RepoPruneEventFn *event,
     return true;
 }
 
-static bool is_kept(const unsigned *kept, size_t n, unsigned seq)
+bool repo_prune_plan(Repo *repo, const char *node,
+                     const RepoKeepOptions *keep,
+                     RepoRetentionItem **ret_items, size_t *ret_n,
+                     Error **errp)
 {
-    for (size_t i = 0; i < n; i++) {
-        if (kept[i] == seq) {
-            return true;
-        }
-    }
-    return false;
-}
-
-bool repo_prune_node(Repo *repo, const char *node_name, unsigned keep,
-                     const RepoProgressOps *progress, RepoPruneEventFn *event,
-                     void *opaque, RepoPruneResult *ret, Error **errp)
-{
-    _cleanup_free_ char *node = strdup(node_name);  /* survives reloads */
-    _cleanup_free_ unsigned *seqs = NULL;
-    RepoPruneResult res = { 0 };
+    _cleanup_free_ RepoRetentionItem *items = NULL;
     size_t n = 0;
 
-    if (!node || !roll_forward(repo, node, event, opaque, &res.rolled,
-                               errp)) {
-        return false;
-    }
-    seqs = calloc(repo->n_backups + 1, sizeof(*seqs));
-    if (!seqs) {
+    items = calloc(repo->n_backups + 1, sizeof(*items));
+    if (!items) {
         error_setg(errp, "out of memory");
         return false;
     }
     for (size_t i = 0; i < repo->n_backups; i++) {
         if (!strcmp(repo->backups[i]->node, node)) {
-            seqs[n++] = repo->backups[i]->seq;   /* ascending */
+            items[n].seq = repo->backups[i]->seq;     /* ascending */
+            items[n++].time = repo->backups[i]->time;
         }
     }
-    size_t n_keep = MIN((size_t)keep, n);
-    const unsigned *kept = seqs + (n - n_keep);
-    res.kept = n_keep;
+    if (!repo_retention_compute(items, n, keep, errp)) {
+        error_prepend(errp, "%s: ", node);
+        return false;
+    }
+    /* Invariant 8 of retention.md: a rule that keeps anything keeps the
+     * newest backup first, and the newest one holds the bitmaps' base. */
+    if (n && items[n - 1].kept_by == REPO_KEEP_NONE) {
+        error_setg(errp, "%s: the retention rules would remove the newest "
+                   "backup", node);
+        return false;
+    }
+    *ret_items = steal_pointer(&items);
+    *ret_n = n;
+    return true;
+}
+
+static bool is_kept(const RepoRetentionItem *items, size_t n, unsigned seq)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (items[i].seq == seq) {
+            return items[i].kept_by != REPO_KEEP_NONE;
+        }
+    }
+    return false;
+}
+
+bool repo_prune_node(Repo *repo, const char *node_name,
+                     const RepoKeepOptions *keep,
+                     const RepoProgressOps *progress, RepoPruneEventFn *event,
+                     void *opaque, RepoPruneResult *ret, Error **errp)
+{
+    _cleanup_free_ char *node = strdup(node_name);  /* survives reloads */
+    _cleanup_free_ RepoRetentionItem *items = NULL;
+    RepoPruneResult res = { 0 };
+    size_t n = 0;
+
+    if (!node) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    if (!repo_keep_options_any(keep)) {
+        error_setg(errp, "no retention rule keeps anything (give --keep-last, "
+                   "--keep-hourly, --keep-daily, --keep-weekly, "
+                   "--keep-monthly or --keep-yearly of at least 1)");
+        return false;
+    }
+    if (!roll_forward(repo, node, event, opaque, &res.rolled, errp) ||
+        !repo_prune_plan(repo, node, keep, &items, &n, errp)) {
+        return false;
+    }
+    /* The times point into manifests a reload frees: only seq and
+     * kept_by are used from here on. */
+    for (size_t k = 0; k < n; k++) {
+        items[k].time = NULL;
+        res.kept += items[k].kept_by != REPO_KEEP_NONE;
+    }
 
     /* Steps 1-2, oldest kept first. */
-    for (size_t k = 0; k < n_keep; k++) {
-        RepoManifest *m = repo_find(repo, node, kept[k], errp);
+    for (size_t k = 0; k < n; k++) {
+        if (items[k].kept_by == REPO_KEEP_NONE) {
+            continue;
+        }
+        RepoManifest *m = repo_find(repo, node, items[k].seq, errp);
         if (!m) {
             return false;
         }
-        if (!m->parent_seq || is_kept(kept, n_keep, m->parent_seq)) {
+        if (!m->parent_seq || is_kept(items, n, m->parent_seq)) {
             continue;
         }
         char id[REPO_ID_LEN];
@@ -324,12 +368,16 @@ bool repo_prune_node(Repo *repo, const char *node_name, unsigned keep,
     }
 
     /* Step 3, newest first. */
-    for (size_t k = n - n_keep; k-- > 0;) {
-        _cleanup_free_ char *json = repo_manifest_path(repo, node, seqs[k]);
-        _cleanup_free_ char *data = repo_data_path(repo, node, seqs[k]);
+    for (size_t k = n; k-- > 0;) {
+        if (items[k].kept_by != REPO_KEEP_NONE) {
+            continue;
+        }
+        _cleanup_free_ char *json = repo_manifest_path(repo, node,
+                                                       items[k].seq);
+        _cleanup_free_ char *data = repo_data_path(repo, node, items[k].seq);
         char id[REPO_ID_LEN];
 
-        repo_format_id(seqs[k], id);
+        repo_format_id(items[k].seq, id);
         if (!json || !data) {
             error_setg(errp, "out of memory");
             return false;

@@ -310,3 +310,59 @@ char *vstrprintf(const char *fmt, va_list ap)
     }
     return s;
 }
+
+bool iso8601_utc_parse(const char *s, time_t *ret)
+{
+    static const char pattern[] = "dddd-dd-ddTdd:dd:ddZ";
+    struct tm tm = { 0 }, back;
+    int v[6] = { 0 }, k = -1;
+    time_t t;
+
+    if (strlen(s) != sizeof(pattern) - 1) {
+        return false;
+    }
+    /* Digits and separators at exactly their places; the numbers in v. */
+    for (size_t i = 0; pattern[i]; i++) {
+        if (pattern[i] != 'd') {
+            if (s[i] != pattern[i]) {
+                return false;
+            }
+            continue;
+        }
+        if (s[i] < '0' || s[i] > '9') {
+            return false;
+        }
+        if (i == 0 || pattern[i - 1] != 'd') {
+            k++;
+        }
+        v[k] = v[k] * 10 + (s[i] - '0');
+    }
+    if (v[0] < 1970 || v[1] < 1 || v[1] > 12 || v[2] < 1 || v[2] > 31 ||
+        v[3] > 23 || v[4] > 59 || v[5] > 59) {
+        return false;
+    }
+    tm.tm_year = v[0] - 1900;
+    tm.tm_mon = v[1] - 1;
+    tm.tm_mday = v[2];
+    tm.tm_hour = v[3];
+    tm.tm_min = v[4];
+    tm.tm_sec = v[5];
+    t = timegm(&tm);
+    /* timegm normalizes 2026-02-30 to March 2: a day the month lacks. */
+    if (t == (time_t)-1 || !gmtime_r(&t, &back) || back.tm_mday != v[2] ||
+        back.tm_mon != v[1] - 1) {
+        return false;
+    }
+    *ret = t;
+    return true;
+}
+
+void iso8601_utc_format(time_t t, char *buf)
+{
+    struct tm tm;
+
+    if (!gmtime_r(&t, &tm) ||
+        !strftime(buf, ISO8601_UTC_BUF, "%Y-%m-%dT%H:%M:%SZ", &tm)) {
+        snprintf(buf, ISO8601_UTC_BUF, "1970-01-01T00:00:00Z");
+    }
+}

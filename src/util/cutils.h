@@ -61,6 +61,16 @@ bool file_replace_atomic_full(const char *path, const void *data, size_t len,
 /* fsync the folder that holds `path`. */
 int fsync_parent_dir(const char *path);
 
+/* ISO 8601 UTC time stamps as manifests write them, exactly
+ * "YYYY-MM-DDTHH:MM:SSZ" (20 characters).  iso8601_utc_parse() accepts
+ * only that form and only a real date and time (month 1-12, a day the
+ * month has, 00:00:00-23:59:59, years 1970-9999); it returns false
+ * otherwise and *ret is then unchanged.  iso8601_utc_format() writes the
+ * form for t into buf (at least ISO8601_UTC_BUF bytes). */
+#define ISO8601_UTC_BUF 21
+bool iso8601_utc_parse(const char *s, time_t *ret);
+void iso8601_utc_format(time_t t, char *buf);
+
 /* vasprintf() that returns the new string (free() it), or NULL when out
  * of memory. */
 char *vstrprintf(const char *fmt, va_list ap) __attribute__((format(printf, 1, 0)));

@@ -322,13 +322,14 @@ static void test_prune(void **state)
     Events ev = { 0 };
     Error *err = NULL;
     Found f;
+    RepoKeepOptions keep2 = { .count[REPO_KEEP_LAST] = 2 };
 
     /* Before: every point restores as its model. */
     for (unsigned s = 1; s <= 3; s++) {
         check_restore(r, s, model[s - 1]);
     }
-    assert_true(repo_prune_node(r, "disk0", 2, &ops, count_event, &ev, &res,
-                                &err));
+    assert_true(repo_prune_node(r, "disk0", &keep2, &ops, count_event, &ev,
+                                &res, &err));
     die_on(err);
     assert_int_equal(res.kept, 2);
     assert_int_equal(res.merged, 1);
@@ -356,8 +357,8 @@ static void test_prune(void **state)
 
     /* Pruning again changes nothing. */
     ev = (Events){ 0 };
-    assert_true(repo_prune_node(r, "disk0", 2, NULL, count_event, &ev, &res,
-                                &err));
+    assert_true(repo_prune_node(r, "disk0", &keep2, NULL, count_event, &ev,
+                                &res, &err));
     die_on(err);
     assert_int_equal(ev.merged + ev.deleted + ev.rolled, 0);
     check_restore(r, 3, model[2]);
