@@ -1134,6 +1134,10 @@ static int drv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                  const struct iovec *iov, int niov, int flags)
 {
+    if ((flags & BDRV_REQ_WRITE_COMPRESSED) &&
+        !bs->drv->supports_compressed_writes) {
+        return -ENOTSUP;
+    }
     int r = write_req_begin(bs, offset, bytes, true);
     if (r <= 0) {
         return r;

@@ -4,7 +4,7 @@
  *   bitback io [-f FMT] [-r [-U]] [-n] FILE -c CMD [-c CMD ...]
  *
  * Commands (a subset of qemu-io's, same syntax and output):
- *   write [-P PATTERN] [-z [-u]] [-f] [-q] OFF LEN
+ *   write [-P PATTERN] [-z [-u]] [-c] [-f] [-q] OFF LEN
  *   read [-P PATTERN] [-v] [-q] OFF LEN
  *   discard|trim [-q] OFF LEN
  *   flush
@@ -56,9 +56,11 @@ void cli_io_usage(FILE *out)
             "  -n, --nocache      use O_DIRECT\n"
             "\n"
             "Commands:\n"
-            "  write [-P PATTERN] [-z [-u]] [-f] [-q] OFF LEN\n"
+            "  write [-P PATTERN] [-z [-u]] [-c] [-f] [-q] OFF LEN\n"
             "        write LEN bytes of PATTERN (default 0xcd) at OFF;\n"
-            "        -z writes zeroes (-u: may unmap), -f uses FUA\n"
+            "        -z writes zeroes (-u: may unmap), -f uses FUA,\n"
+            "        -c writes compressed clusters (qcow2; whole, unallocated\n"
+            "        clusters)\n"
             "  read [-P PATTERN] [-v] [-q] OFF LEN\n"
             "        read LEN bytes at OFF; -P verifies every byte is PATTERN,\n"
             "        -v dumps the data in hex\n"
@@ -243,11 +245,18 @@ static bool io_write(IoState *s, int argc, char **argv, Error **errp)
     bool zero, quiet;
     double t0;
 
-    first = io_getopt("write", argc, argv, "P:zufq", values, errp);
+    first = io_getopt("write", argc, argv, "P:zucfq", values, errp);
     if (first < 0) {
         return false;
     }
     zero = OPT('z') != NULL;
+    if (OPT('c') && zero) {
+        error_setg(errp, "write: -c and -z cannot be used together");
+        return false;
+    }
+    if (OPT('c')) {
+        flags |= BDRV_REQ_WRITE_COMPRESSED;
+    }
     quiet = OPT('q') != NULL;
     if (OPT('P') && zero) {
         error_setg(errp, "write: -z and -P cannot be used together");
