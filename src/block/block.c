@@ -725,6 +725,11 @@ bool bdrv_close(BlockDriverState *bs, Error **errp)
     return true;
 }
 
+uint64_t bdrv_get_cluster_size(BlockDriverState *bs)
+{
+    return bs->drv->get_cluster_size ? bs->drv->get_cluster_size(bs) : 0;
+}
+
 int64_t bdrv_getlength(BlockDriverState *bs)
 {
     return (int64_t)__atomic_load_n(&bs->size, __ATOMIC_RELAXED);

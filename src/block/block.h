@@ -109,6 +109,10 @@ struct BlockDriver {
     bool (*backing_attached)(BlockDriverState *bs, Error **errp);
 
     int64_t (*getlength)(BlockDriverState *bs);
+    /* The allocation unit of the format (qcow2: its cluster size), the
+     * size of the whole clusters BDRV_REQ_WRITE_COMPRESSED takes.
+     * Optional. */
+    uint64_t (*get_cluster_size)(BlockDriverState *bs);
     int (*preadv)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                   const struct iovec *iov, int niov, int flags);
     int (*pwritev)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
@@ -306,6 +310,9 @@ BlockDriverState *bdrv_find_node(const char *node_name);
 BlockDriverState *bdrv_next_node(BlockDriverState *bs);
 
 int64_t bdrv_getlength(BlockDriverState *bs);
+/* The node's driver's cluster size (get_cluster_size), 0 when it has
+ * none. */
+uint64_t bdrv_get_cluster_size(BlockDriverState *bs);
 
 /* I/O.  Requests must lie within the node's length and be at most
  * BDRV_MAX_REQUEST bytes (-EINVAL otherwise); writes to read-only nodes

@@ -676,6 +676,12 @@ static int64_t qcow2_getlength(BlockDriverState *bs)
     return (int64_t)s->size;
 }
 
+static uint64_t qcow2_get_cluster_size(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    return s->cluster_size;
+}
+
 /* ---- reads ---- */
 
 /* A data cluster's bytes; a cluster cut short by the end of the file
@@ -1522,6 +1528,7 @@ const BlockDriver bdrv_qcow2 = {
     .open = qcow2_open,
     .close = qcow2_close,
     .getlength = qcow2_getlength,
+    .get_cluster_size = qcow2_get_cluster_size,
     .preadv = qcow2_preadv,
     .pwritev = qcow2_pwritev,
     .pwrite_zeroes = qcow2_pwrite_zeroes,
