@@ -66,6 +66,7 @@ typedef struct BlockDriverState BlockDriverState;
 #define BDRV_REQ_WRITE_COMPRESSED 0x0010
 /* With BDRV_REQ_WRITE_COMPRESSED: the compression level (1..255, clamped
  * to what the image's algorithm has; 0: the algorithm's default). */
+#define BDRV_MAX_COMPRESS_LEVEL 22   /* zstd's highest; deflate stops at 9 */
 #define BDRV_REQ_COMPRESS_LEVEL_SHIFT 16
 #define BDRV_REQ_COMPRESS_LEVEL(l) (((int)(l) & 0xff) << BDRV_REQ_COMPRESS_LEVEL_SHIFT)
 #define BDRV_REQ_COMPRESS_LEVEL_OF(flags) \

@@ -46,9 +46,6 @@ typedef enum BitmapSyncMode {
     BITMAP_SYNC_MODE_ALWAYS,
 } BitmapSyncMode;
 
-/* The highest x-compress-level (zstd's; deflate stops at 9). */
-#define BACKUP_MAX_COMPRESS_LEVEL 22
-
 typedef struct BackupOptions {
     MirrorSyncMode sync;
     BdrvDirtyBitmap *bitmap;        /* on the source (or its backing chain);

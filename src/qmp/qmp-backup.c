@@ -276,9 +276,9 @@ static bool backup_validate(struct json_object *args, bool drive,
     }
     a->speed = (uint64_t)speed;
     int64_t level = json_opt_int(args, "x-compress-level", 0);
-    if (level < 0 || level > BACKUP_MAX_COMPRESS_LEVEL) {
+    if (level < 0 || level > BDRV_MAX_COMPRESS_LEVEL) {
         error_setg(errp, "Parameter 'x-compress-level' expects a value "
-                   "between 1 and %d", BACKUP_MAX_COMPRESS_LEVEL);
+                   "between 1 and %d", BDRV_MAX_COMPRESS_LEVEL);
         return false;
     }
     a->compress_level = (int)level;
