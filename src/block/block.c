@@ -725,6 +725,11 @@ bool bdrv_close(BlockDriverState *bs, Error **errp)
     return true;
 }
 
+uint64_t bdrv_get_cluster_size(BlockDriverState *bs)
+{
+    return bs->drv->get_cluster_size ? bs->drv->get_cluster_size(bs) : 0;
+}
+
 int64_t bdrv_getlength(BlockDriverState *bs)
 {
     return (int64_t)__atomic_load_n(&bs->size, __ATOMIC_RELAXED);
@@ -1134,6 +1139,10 @@ static int drv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                  const struct iovec *iov, int niov, int flags)
 {
+    if ((flags & BDRV_REQ_WRITE_COMPRESSED) &&
+        !bs->drv->supports_compressed_writes) {
+        return -ENOTSUP;
+    }
     int r = write_req_begin(bs, offset, bytes, true);
     if (r <= 0) {
         return r;

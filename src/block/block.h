@@ -56,6 +56,21 @@ typedef struct BlockDriverState BlockDriverState;
 #define BDRV_REQ_NO_FALLBACK  0x0004  /* write_zeroes: -ENOTSUP unless fast */
 #define BDRV_REQ_NOWAIT       0x0008  /* read: -EAGAIN rather than wait for
                                          the disk (data not in page cache) */
+/* write: store each cluster compressed (QEMU's flag of the same name).
+ * Only drivers with supports_compressed_writes take it (else -ENOTSUP);
+ * the request covers whole clusters of the image (the last one may be
+ * partial, ending at the image end), cluster-aligned, and every cluster
+ * must be unallocated or a zero cluster without data (else -ENOTSUP:
+ * a compressed cluster never overwrites data).  A cluster that does not
+ * shrink is written plain. */
+#define BDRV_REQ_WRITE_COMPRESSED 0x0010
+/* With BDRV_REQ_WRITE_COMPRESSED: the compression level (1..255, clamped
+ * to what the image's algorithm has; 0: the algorithm's default). */
+#define BDRV_MAX_COMPRESS_LEVEL 22   /* zstd's highest; deflate stops at 9 */
+#define BDRV_REQ_COMPRESS_LEVEL_SHIFT 16
+#define BDRV_REQ_COMPRESS_LEVEL(l) (((int)(l) & 0xff) << BDRV_REQ_COMPRESS_LEVEL_SHIFT)
+#define BDRV_REQ_COMPRESS_LEVEL_OF(flags) \
+    (((flags) >> BDRV_REQ_COMPRESS_LEVEL_SHIFT) & 0xff)
 
 /* block_status result bits. */
 #define BDRV_BLOCK_DATA       0x01  /* the range holds data (may be non-zero) */
@@ -67,6 +82,8 @@ struct BlockDriver {
     size_t instance_size;          /* bytes of bs->opaque, zero-filled */
     bool is_protocol;              /* true for "file": opened on a filename */
     bool supports_backing;         /* may have bs->backing */
+    bool supports_compressed_writes; /* pwritev takes
+                                        BDRV_REQ_WRITE_COMPRESSED */
     /* The option naming the child that becomes bs->file, for drivers that
      * are not protocols: "file" when NULL ("image" for blkdebug). */
     const char *child_key;
@@ -93,6 +110,10 @@ struct BlockDriver {
     bool (*backing_attached)(BlockDriverState *bs, Error **errp);
 
     int64_t (*getlength)(BlockDriverState *bs);
+    /* The allocation unit of the format (qcow2: its cluster size), the
+     * size of the whole clusters BDRV_REQ_WRITE_COMPRESSED takes.
+     * Optional. */
+    uint64_t (*get_cluster_size)(BlockDriverState *bs);
     int (*preadv)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                   const struct iovec *iov, int niov, int flags);
     int (*pwritev)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
@@ -290,6 +311,9 @@ BlockDriverState *bdrv_find_node(const char *node_name);
 BlockDriverState *bdrv_next_node(BlockDriverState *bs);
 
 int64_t bdrv_getlength(BlockDriverState *bs);
+/* The node's driver's cluster size (get_cluster_size), 0 when it has
+ * none. */
+uint64_t bdrv_get_cluster_size(BlockDriverState *bs);
 
 /* I/O.  Requests must lie within the node's length and be at most
  * BDRV_MAX_REQUEST bytes (-EINVAL otherwise); writes to read-only nodes

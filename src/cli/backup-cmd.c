@@ -53,8 +53,10 @@ static void usage(FILE *out)
             "Usage:\n"
             "  bitback backup --connect QMP_SOCKET --node NODE [--node NODE2 ...] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME] [--speed BYTES]\n"
+            "                 [--compress=off|zstd[:LEVEL]]\n"
             "  bitback backup --image FILE [-f FMT] [--node NAME] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME]\n"
+            "                 [--compress=off|zstd[:LEVEL]]\n"
             "\n"
             "Take a backup into the repository DIR (created when missing).\n"
             "\n"
@@ -71,6 +73,13 @@ static void usage(FILE *out)
             "                        8 hex digits of the repository's UUID, so that several\n"
             "                        repositories back up one disk independently\n"
             "  --speed BYTES         live: the backup jobs' rate limit (bytes per second)\n"
+            "  --compress=off|zstd[:LEVEL]\n"
+            "                        store the backup's data clusters zstd-compressed in\n"
+            "                        its qcow2 (qemu-img reads them); clusters that do not\n"
+            "                        shrink are stored plain.  LEVEL (1..22, default 3) is\n"
+            "                        honoured where bitback writes the data: offline and\n"
+            "                        with bitbackd; qemu-storage-daemon uses its own.\n"
+            "                        Default: %s\n"
             "  --output=human|json   the result as text or as a JSON list of backups\n"
             "  --progress            draw progress even when stdout is not a terminal\n"
             "\n"
@@ -93,7 +102,8 @@ static void usage(FILE *out)
             "Environment (for tests only): BITBACK_FAKE_NOW=2026-01-05T10:00:00Z records\n"
             "that time (ISO 8601 UTC) as the backup's time instead of the clock's, so tests\n"
             "can lay backups out on a calendar for prune's retention rules; a malformed\n"
-            "value is refused.\n");
+            "value is refused.\n",
+            BACKUP_COMPRESS_DEFAULT ? "zstd" : "off");
 }
 
 static void bitmap_info_clear(BitmapInfo *b)
@@ -193,11 +203,17 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
     return true;
 }
 
-/* Create the target: a qcow2 with the parent's file as backing. */
-static bool create_target(Repo *repo, Disk *d, unsigned seq, Error **errp)
+/* Create the target: a qcow2 with the parent's file as backing, zstd as
+ * its compression type when the run compresses. */
+static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
+                          unsigned seq, Error **errp)
 {
     _cleanup_json_ struct json_object *opts = json_object_new_object();
 
+    if (o->compress) {
+        json_object_object_add(opts, "compression_type",
+                               json_object_new_string("zstd"));
+    }
     d->tmp_path = repo_tmp_data_path(repo, d->node, seq);
     unlink(d->tmp_path);
     if (d->parent_seq) {
@@ -436,7 +452,7 @@ bool backup_prepare_disks(Repo *repo, const BackupOpts *o, Disk *disks,
         repo_bitmap_name(d->src_bitmap, o->prefix, seq, ".src");
         repo_remove_tmp_files(repo, d->node);
         if (!repo_mark_attempt(repo, d->node, seq, errp) ||
-            !create_target(repo, d, seq, errp)) {
+            !create_target(repo, o, d, seq, errp)) {
             return false;
         }
     }
@@ -454,9 +470,38 @@ char **backup_stale_bitmaps(Repo *repo, const BackupOpts *o, Disk *d,
     return repo_plan_stale_bitmaps(repo, &po, o->prefix_given, &in, ret_n);
 }
 
+/* --compress=off|zstd[:LEVEL] */
+static bool parse_compress(const char *arg, BackupOpts *o, Error **errp)
+{
+    if (!strcmp(arg, "off")) {
+        o->compress = false;
+        o->compress_level = 0;
+        return true;
+    }
+    if (strncmp(arg, "zstd", 4) || (arg[4] && arg[4] != ':')) {
+        error_setg(errp, "--compress must be off or zstd[:LEVEL], not '%s'", arg);
+        return false;
+    }
+    o->compress = true;
+    o->compress_level = 0;
+    if (arg[4] == ':') {
+        char *end;
+        errno = 0;
+        long v = strtol(arg + 5, &end, 10);
+        if (errno || end == arg + 5 || *end || v < 1 ||
+            v > BDRV_MAX_COMPRESS_LEVEL) {
+            error_setg(errp, "--compress=zstd:LEVEL: LEVEL must be 1..%d, not "
+                       "'%s'", BDRV_MAX_COMPRESS_LEVEL, arg + 5);
+            return false;
+        }
+        o->compress_level = (int)v;
+    }
+    return true;
+}
+
 int cli_cmd_backup(int argc, char **argv)
 {
-    enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED };
+    enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED, OPT_COMPRESS };
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
         { "repo", required_argument, NULL, 'r' },
@@ -468,9 +513,10 @@ int cli_cmd_backup(int argc, char **argv)
         { "output", required_argument, NULL, OPT_OUTPUT },
         { "progress", no_argument, NULL, OPT_PROGRESS },
         { "speed", required_argument, NULL, OPT_SPEED },
+        { "compress", required_argument, NULL, OPT_COMPRESS },
         { NULL, 0, NULL, 0 },
     };
-    BackupOpts o = { .level_auto = true };
+    BackupOpts o = { .level_auto = true, .compress = BACKUP_COMPRESS_DEFAULT };
     Error *err = NULL;
     _cleanup_free_ char *repo_abs = NULL;
     Repo *repo;
@@ -536,6 +582,12 @@ int cli_cmd_backup(int argc, char **argv)
             break;
         case OPT_SPEED:
             if (!cli_parse_size(optarg, "speed", &o.speed, &err)) {
+                error_report_err(err);
+                return CLI_EXIT_ERROR;
+            }
+            break;
+        case OPT_COMPRESS:
+            if (!parse_compress(optarg, &o, &err)) {
                 error_report_err(err);
                 return CLI_EXIT_ERROR;
             }

@@ -53,6 +53,10 @@ typedef struct Disk {
     double sync_seconds;               /* fsync of the data + commit */
 } Disk;
 
+/* Whether `bitback backup` compresses without --compress (the one place
+ * the default lives). */
+#define BACKUP_COMPRESS_DEFAULT false
+
 typedef struct BackupOpts {
     const char *repo_path;
     const char *connect;
@@ -66,6 +70,8 @@ typedef struct BackupOpts {
     bool level_auto;
     RepoLevel level;
     uint64_t speed;
+    bool compress;                     /* zstd compressed target clusters */
+    int compress_level;                /* --compress=zstd:LEVEL, 0: default */
     bool json;
     bool progress;
     bool fake_now_set;                 /* BITBACK_FAKE_NOW (tests only) */

@@ -221,9 +221,22 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
 }
 
 /* Step 4: one transaction over every disk. */
+/* The daemon is bitbackd (its query-version package), which takes
+ * x-compress-level; qemu-storage-daemon would refuse the argument. */
+static bool live_is_bitbackd(QmpConn *qmp)
+{
+    struct json_object *r = qmp_conn_execute(qmp, "query-version", NULL, NULL);
+    const char *pkg = r ? json_opt_str(r, "package") : NULL;
+    bool ours = pkg && !strncmp(pkg, "bitback", 7);
+    json_object_put(r);
+    return ours;
+}
+
 static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
                              size_t n, Error **errp)
 {
+    bool send_level = o->compress && o->compress_level && live_is_bitbackd(qmp);
+
     struct json_object *args = json_object_new_object();
     struct json_object *actions = json_object_new_array();
     struct json_object *r;
@@ -282,6 +295,14 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         }
         if (o->speed) {
             json_object_object_add(job, "speed", json_object_new_int64((int64_t)o->speed));
+        }
+        if (o->compress) {
+            /* The target was created with compression_type=zstd. */
+            json_object_object_add(job, "compress", json_object_new_boolean(true));
+        }
+        if (send_level) {
+            json_object_object_add(job, "x-compress-level",
+                                   json_object_new_int(o->compress_level));
         }
         add_action(actions, "drive-backup", job);
     }

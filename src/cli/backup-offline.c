@@ -3,6 +3,7 @@
  * opening comment done on the image itself: the bitmaps changed in the
  * image, the data copied by this process.
  */
+#include <assert.h>
 #include <errno.h>
 #include <libgen.h>
 #include <stdio.h>
@@ -49,9 +50,10 @@ static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
 }
 
 /* Copy [off, off+len) of src to dst; ranges that read as zeroes become
- * zero writes, so an overlay hides its backing there. */
+ * zero writes, so an overlay hides its backing there.  Data is written
+ * with `flags` (compressed: whole clusters, see compress_extents). */
 static int copy_range(BlockDriverState *src, BlockDriverState *dst,
-                      uint64_t off, uint64_t len, void *buf)
+                      uint64_t off, uint64_t len, void *buf, int flags)
 {
     while (len) {
         uint64_t n = MIN(len, BACKUP_COPY_CHUNK);
@@ -63,7 +65,7 @@ static int copy_range(BlockDriverState *src, BlockDriverState *dst,
         if (buf_is_zero(buf, n)) {
             r = bdrv_pwrite_zeroes(dst, off, n, 0);
         } else {
-            r = bdrv_pwrite(dst, off, buf, n, 0);
+            r = bdrv_pwrite(dst, off, buf, n, flags);
         }
         if (r < 0) {
             return r;
@@ -110,6 +112,30 @@ static BdrvDirtyExtent *all_dirty_extents(BdrvDirtyBitmap *bm, uint64_t size,
 
 /* The data of the backup: for a full, the source's data ranges (zero and
  * unallocated ranges stay holes); else the union of the source bitmaps. */
+/* Compressed writes take whole target clusters: widen each extent (sorted,
+ * as block status and the bitmap give them) to cluster boundaries (the
+ * image end for the last), merging extents that then meet, so that no
+ * cluster is written twice.  Returns the new count. */
+static size_t compress_extents(BdrvDirtyExtent *ext, size_t n, uint64_t cs,
+                               uint64_t size)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t start = ROUND_DOWN(ext[i].start, cs);
+        uint64_t end = MIN(ROUND_UP(ext[i].start + ext[i].length, cs), size);
+        if (k && start <= ext[k - 1].start + ext[k - 1].length) {
+            uint64_t prev_end = ext[k - 1].start + ext[k - 1].length;
+            ext[k - 1].length = MAX(prev_end, end) - ext[k - 1].start;
+        } else {
+            ext[k] = ext[i];
+            ext[k].start = start;
+            ext[k].length = end - start;
+            k++;
+        }
+    }
+    return k;
+}
+
 static bool offline_copy(const BackupOpts *o, BlockDriverState *src, Disk *d,
                          Error **errp)
 {
@@ -180,6 +206,15 @@ static bool offline_copy(const BackupOpts *o, BlockDriverState *src, Disk *d,
         free(ext);
         return false;
     }
+    int flags = 0;
+    if (o->compress) {
+        /* create_target made a zstd qcow2 with the default clusters. */
+        uint64_t cs = bdrv_get_cluster_size(dst);
+        assert(cs && BACKUP_COPY_CHUNK % cs == 0);
+        n_ext = compress_extents(ext, n_ext, cs, d->size);
+        flags = BDRV_REQ_WRITE_COMPRESSED |
+                BDRV_REQ_COMPRESS_LEVEL(o->compress_level);
+    }
     {
         uint64_t total = 0;
 
@@ -192,7 +227,8 @@ static bool offline_copy(const BackupOpts *o, BlockDriverState *src, Disk *d,
         uint64_t end = MIN(ext[i].start + ext[i].length, d->size);
 
         if (ext[i].start < end) {
-            r = copy_range(src, dst, ext[i].start, end - ext[i].start, buf);
+            r = copy_range(src, dst, ext[i].start, end - ext[i].start, buf,
+                           flags);
             done += end - ext[i].start;
             cli_progress_update(p, done, 0);
         }

@@ -4,7 +4,7 @@
  *   bitback io [-f FMT] [-r [-U]] [-n] FILE -c CMD [-c CMD ...]
  *
  * Commands (a subset of qemu-io's, same syntax and output):
- *   write [-P PATTERN] [-z [-u]] [-f] [-q] OFF LEN
+ *   write [-P PATTERN | -s FILE] [-z [-u]] [-c] [-f] [-q] OFF LEN
  *   read [-P PATTERN] [-v] [-q] OFF LEN
  *   discard|trim [-q] OFF LEN
  *   flush
@@ -56,9 +56,12 @@ void cli_io_usage(FILE *out)
             "  -n, --nocache      use O_DIRECT\n"
             "\n"
             "Commands:\n"
-            "  write [-P PATTERN] [-z [-u]] [-f] [-q] OFF LEN\n"
-            "        write LEN bytes of PATTERN (default 0xcd) at OFF;\n"
-            "        -z writes zeroes (-u: may unmap), -f uses FUA\n"
+            "  write [-P PATTERN | -s FILE] [-z [-u]] [-c] [-f] [-q] OFF LEN\n"
+            "        write LEN bytes of PATTERN (default 0xcd) at OFF, or the\n"
+            "        first LEN bytes of FILE (-s, LEN at most 64 MiB);\n"
+            "        -z writes zeroes (-u: may unmap), -f uses FUA,\n"
+            "        -c writes compressed clusters (qcow2; whole, unallocated\n"
+            "        clusters)\n"
             "  read [-P PATTERN] [-v] [-q] OFF LEN\n"
             "        read LEN bytes at OFF; -P verifies every byte is PATTERN,\n"
             "        -v dumps the data in hex\n"
@@ -234,6 +237,29 @@ static int io_getopt(const char *cmd, int argc, char **argv, const char *optstr,
 
 #define OPT(c) (values[((c) | 0x20) - 'a'])
 
+/* write -s: the first len bytes of `path` into buf (len <= one request,
+ * as buf holds no more). */
+static bool read_source_file(const char *path, void *buf, uint64_t len,
+                             Error **errp)
+{
+    if (len > BDRV_MAX_REQUEST) {
+        error_setg(errp, "write: -s writes at most %u bytes", BDRV_MAX_REQUEST);
+        return false;
+    }
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        error_setg_errno(errp, errno, "write: cannot open '%s'", path);
+        return false;
+    }
+    bool ok = fread(buf, 1, len, f) == len;
+    fclose(f);
+    if (!ok) {
+        error_setg(errp, "write: '%s' is shorter than %" PRIu64 " bytes",
+                   path, len);
+    }
+    return ok;
+}
+
 static bool io_write(IoState *s, int argc, char **argv, Error **errp)
 {
     const char *values[26] = {0};
@@ -243,14 +269,25 @@ static bool io_write(IoState *s, int argc, char **argv, Error **errp)
     bool zero, quiet;
     double t0;
 
-    first = io_getopt("write", argc, argv, "P:zufq", values, errp);
+    first = io_getopt("write", argc, argv, "P:s:zucfq", values, errp);
     if (first < 0) {
         return false;
     }
     zero = OPT('z') != NULL;
+    if (OPT('c') && zero) {
+        error_setg(errp, "write: -c and -z cannot be used together");
+        return false;
+    }
+    if (OPT('c')) {
+        flags |= BDRV_REQ_WRITE_COMPRESSED;
+    }
     quiet = OPT('q') != NULL;
-    if (OPT('P') && zero) {
-        error_setg(errp, "write: -z and -P cannot be used together");
+    if ((OPT('P') || OPT('s')) && zero) {
+        error_setg(errp, "write: -z cannot be used with -P or -s");
+        return false;
+    }
+    if (OPT('P') && OPT('s')) {
+        error_setg(errp, "write: -P and -s cannot be used together");
         return false;
     }
     if (OPT('u') && !zero) {
@@ -279,6 +316,9 @@ static bool io_write(IoState *s, int argc, char **argv, Error **errp)
             return false;
         }
         memset(buf, pattern, (size_t)MIN(len, (uint64_t)BDRV_MAX_REQUEST));
+    }
+    if (OPT('s') && !read_source_file(OPT('s'), buf, len, errp)) {
+        return false;
     }
     t0 = clock_monotonic_seconds();
     while (done < len) {

@@ -92,6 +92,8 @@ typedef struct BackupJob {
     BlockdevOnError on_target_error;
     uint64_t len;
     uint64_t cluster_size;
+    uint64_t buf_size;              /* per copy buffer: >= one cluster */
+    int write_flags;                /* data writes to the target */
     bool started;                   /* run() was entered */
     bool refs_taken;
     BdrvIoHook write_hook;          /* on source: copy-before-write */
@@ -127,9 +129,27 @@ static uint64_t clip_len(BackupJob *s, uint64_t offset, uint64_t bytes)
 
 /* ---- copying ---- */
 
+/* With compression (whole clusters only), the range of pnum bytes at a
+ * cluster-aligned offset, of which `want` bytes are wanted: a range not
+ * copied as data (zero or, for sync=top, skipped) keeps only its
+ * cluster-aligned part, and without one the rest of the cluster is copied
+ * as data; a data range runs on to the end of its last cluster (`want`
+ * ends at a cluster boundary or at the image end).  Returns whether the
+ * range is copied as data. */
+static bool compress_align(uint64_t cluster_size, uint64_t want, bool as_data,
+                           uint64_t *pnum)
+{
+    if (!as_data && *pnum >= cluster_size) {
+        *pnum = ROUND_DOWN(*pnum, cluster_size);
+        return false;
+    }
+    *pnum = MIN(ROUND_UP(*pnum, cluster_size), want);
+    return true;
+}
+
 /* Copy [offset, offset+bytes) from source to target using block status:
  * ranges the top layer does not allocate are skipped for sync=top, zero
- * ranges become zero writes.  buf holds BACKUP_CHUNK_SIZE bytes.  Returns
+ * ranges become zero writes.  buf holds s->buf_size bytes.  Returns
  * 0 or -errno with *ret_is_read telling which side failed.  Runs in a
  * worker or in a CBW (a guest request's thread): the I/O is nested or
  * internal, so it never waits for a drained section. */
@@ -139,29 +159,34 @@ static int backup_copy_range(BackupJob *s, uint64_t offset, uint64_t bytes,
     uint64_t end = offset + bytes;
     while (offset < end) {
         uint64_t pnum = 0;
-        uint64_t want = MIN(end - offset, (uint64_t)BACKUP_CHUNK_SIZE);
+        uint64_t want = MIN(end - offset, s->buf_size);
         int st = bdrv_block_status(s->source, offset, want, &pnum);
         if (st < 0 || pnum == 0) {
             st = BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED;  /* just copy */
             pnum = want;
         }
         pnum = MIN(pnum, want);
+        bool skip = s->sync == MIRROR_SYNC_MODE_TOP &&
+                    !(st & BDRV_BLOCK_ALLOCATED);
+        bool as_data = !skip && !(st & BDRV_BLOCK_ZERO);
+        if (s->write_flags & BDRV_REQ_WRITE_COMPRESSED) {
+            as_data = compress_align(s->cluster_size, want, as_data, &pnum);
+        }
         int r;
-        if (s->sync == MIRROR_SYNC_MODE_TOP && !(st & BDRV_BLOCK_ALLOCATED)) {
-            r = 0;     /* the backing layers are not part of a top backup */
-        } else if (st & BDRV_BLOCK_ZERO) {
-            r = bdrv_pwrite_zeroes(s->target, offset, pnum, BDRV_REQ_MAY_UNMAP);
-            if (r < 0) {
-                *ret_is_read = false;
-                return r;
-            }
-        } else {
+        if (as_data) {
             r = bdrv_pread(s->source, offset, buf, pnum);
             if (r < 0) {
                 *ret_is_read = true;
                 return r;
             }
-            r = bdrv_pwrite(s->target, offset, buf, pnum, 0);
+            r = bdrv_pwrite(s->target, offset, buf, pnum, s->write_flags);
+            if (r < 0) {
+                *ret_is_read = false;
+                return r;
+            }
+        } else if (!skip) {
+            /* the backing layers are not part of a top backup */
+            r = bdrv_pwrite_zeroes(s->target, offset, pnum, BDRV_REQ_MAY_UNMAP);
             if (r < 0) {
                 *ret_is_read = false;
                 return r;
@@ -217,7 +242,7 @@ static void backup_cbw(BackupJob *s, uint64_t offset, uint64_t bytes)
         int r = -ENOMEM;
         bool is_read = false;
         if (!buf) {
-            buf = malloc(BACKUP_CHUNK_SIZE);
+            buf = malloc(s->buf_size);
         }
         if (buf) {
             r = backup_copy_range(s, o, n, buf, &is_read);
@@ -259,7 +284,7 @@ static int backup_before_fleecing_read(BdrvIoHook *hook, BlockDriverState *bs,
 static void *backup_worker(void *opaque)
 {
     BackupJob *s = opaque;
-    uint8_t *buf = malloc(BACKUP_CHUNK_SIZE);
+    uint8_t *buf = malloc(s->buf_size);
 
     pthread_mutex_lock(&s->lock);
     for (;;) {
@@ -626,7 +651,9 @@ Job *backup_job_create(const char *job_id, BlockDriverState *source,
         error_setg(errp, "Source and target cannot be the same");
         return NULL;
     }
-    if (opts->compress) {
+    uint64_t target_cluster = bdrv_get_cluster_size(target);
+    if (opts->compress && (!target->drv->supports_compressed_writes ||
+                           !target_cluster)) {
         error_setg(errp, "Compression is not supported for this drive %s",
                    target->node_name);
         return NULL;
@@ -679,6 +706,9 @@ Job *backup_job_create(const char *job_id, BlockDriverState *source,
     uint64_t cluster_size = BACKUP_MIN_CLUSTER_SIZE;
     if (bm && bm->granularity > cluster_size) {
         cluster_size = bm->granularity;
+    }
+    if (opts->compress && target_cluster > cluster_size) {
+        cluster_size = target_cluster;   /* both powers of two */
     }
     unsigned shift = (unsigned)__builtin_ctzll(cluster_size);
     HBitmap *copy = hbitmap_new((uint64_t)len, shift);
@@ -743,6 +773,10 @@ Job *backup_job_create(const char *job_id, BlockDriverState *source,
     s->on_target_error = opts->on_target_error;
     s->len = (uint64_t)len;
     s->cluster_size = cluster_size;
+    s->buf_size = MAX((uint64_t)BACKUP_CHUNK_SIZE, cluster_size);
+    s->write_flags = opts->compress
+        ? BDRV_REQ_WRITE_COMPRESSED | BDRV_REQ_COMPRESS_LEVEL(opts->compress_level)
+        : 0;
     s->copy_bitmap = copy;
     s->in_flight = in_flight;
     s->queue_tail = &s->queue;

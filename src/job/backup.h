@@ -56,7 +56,10 @@ typedef struct BackupOptions {
     BlockdevOnError on_target_error;
     bool auto_finalize;
     bool auto_dismiss;
-    bool compress;                  /* refused: no target supports it yet */
+    bool compress;                  /* write compressed clusters (a target
+                                       whose driver supports it: qcow2) */
+    int compress_level;             /* with compress: 0 = the algorithm's
+                                       default (x-compress-level) */
 } BackupOptions;
 
 /* "Node 'X' is busy: ..." if a job uses bs (the check backup_job_create
@@ -71,7 +74,10 @@ bool backup_check_not_busy(BlockDriverState *bs, Error **errp);
  *   - target is writable; neither node is used by another job
  *   - sync incremental/bitmap need a bitmap; the bitmap is usable
  *     (bdrv_dirty_bitmap_check), granularity/size match the source
- *   - compress: "Compression is not supported for this drive NODE"
+ *   - compress: "Compression is not supported for this drive NODE" when
+ *     the target's driver cannot write compressed clusters; a compressing
+ *     job copies in whole target clusters (its cluster size is a multiple
+ *     of the target's), each written with BDRV_REQ_WRITE_COMPRESSED
  * On success the copy-before-write hook is installed, the bitmap (if any)
  * has a successor, both nodes are referenced and carry job_blocker.
  * Start it with job_start(); undo it with job_early_fail(). */

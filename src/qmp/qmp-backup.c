@@ -71,6 +71,7 @@ typedef struct BackupArgs {
     BlockDriverState *bs;           /* the source (device) */
     BdrvDirtyBitmap *bm;            /* NULL: none */
     uint64_t speed;
+    int compress_level;             /* x-compress-level, 0: default */
 } BackupArgs;
 
 /* Look up enum member `key` of args in names[]; absent: *ret = dflt and
@@ -274,11 +275,26 @@ static bool backup_validate(struct json_object *args, bool drive,
         return false;
     }
     a->speed = (uint64_t)speed;
-    if (drive && json_opt_bool(args, "compress", false)) {
-        /* No target driver compresses (backup_job_create refuses it). */
-        error_setg(errp, "Compression is not supported for this drive %s",
-                   json_opt_str(args, "target"));
+    int64_t level = json_opt_int(args, "x-compress-level", 0);
+    if (level < 0 || level > BDRV_MAX_COMPRESS_LEVEL) {
+        error_setg(errp, "Parameter 'x-compress-level' expects a value "
+                   "between 1 and %d", BDRV_MAX_COMPRESS_LEVEL);
         return false;
+    }
+    a->compress_level = (int)level;
+    if (drive && json_opt_bool(args, "compress", false) &&
+        a->image_mode != NEW_IMAGE_MODE_EXISTING &&
+        !bdrv_filename_is_nbd_uri(json_opt_str(args, "target"))) {
+        /* Before the image is created; backup_job_create checks the
+         * opened target in the other cases. */
+        const char *format = json_opt_str(args, "format");
+        const BlockDriver *drv = bdrv_find_format(format ? format
+                                                         : a->bs->drv->format_name);
+        if (drv && !drv->supports_compressed_writes) {
+            error_setg(errp, "Compression is not supported for this drive %s",
+                       json_opt_str(args, "target"));
+            return false;
+        }
     }
     if (!job_check_new_id(json_opt_str(args, "job-id"), a->bs->node_name, errp) ||
         !backup_check_not_busy(a->bs, errp)) {
@@ -301,6 +317,7 @@ static Job *backup_common(struct json_object *args, BackupArgs *a,
         .auto_finalize = json_opt_bool(args, "auto-finalize", true),
         .auto_dismiss = json_opt_bool(args, "auto-dismiss", true),
         .compress = json_opt_bool(args, "compress", false),
+        .compress_level = a->compress_level,
     };
     /* filter-node-name and x-perf are accepted and ignored: our
      * copy-before-write is a hook, not a node, and the copy engine tunes
@@ -423,6 +440,7 @@ const QmpArgSpec qmp_spec_blockdev_backup[] = {
     { "bitmap", QMP_ARG_STR, true },
     { "bitmap-mode", QMP_ARG_STR, true },
     { "compress", QMP_ARG_BOOL, true },
+    { "x-compress-level", QMP_ARG_INT, true },
     { "on-source-error", QMP_ARG_STR, true },
     { "on-target-error", QMP_ARG_STR, true },
     { "auto-finalize", QMP_ARG_BOOL, true },
@@ -443,6 +461,7 @@ const QmpArgSpec qmp_spec_drive_backup[] = {
     { "bitmap", QMP_ARG_STR, true },
     { "bitmap-mode", QMP_ARG_STR, true },
     { "compress", QMP_ARG_BOOL, true },
+    { "x-compress-level", QMP_ARG_INT, true },
     { "on-source-error", QMP_ARG_STR, true },
     { "on-target-error", QMP_ARG_STR, true },
     { "auto-finalize", QMP_ARG_BOOL, true },

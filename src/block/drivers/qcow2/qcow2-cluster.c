@@ -37,6 +37,7 @@
 #include <string.h>
 #include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include "block/drivers/qcow2/qcow2.h"
 #include "util/cleanup.h"
@@ -587,4 +588,51 @@ int qcow2_read_compressed(BlockDriverState *bs, uint64_t entry, uint8_t *out)
         return zstd_decompress_cluster(buf, len, out, s->cluster_size);
     }
     return inflate_raw(buf, len, out, s->cluster_size);
+}
+
+int qcow2_compress_cluster(BDRVQcow2State *s, int level, const uint8_t *in,
+                           uint8_t *out, size_t out_cap, size_t *ret_len)
+{
+    if (s->compression_type == 1) {
+        /* A plain zstd frame, as QEMU writes (qcow2-threads.c). */
+        ZSTD_CCtx *cctx = ZSTD_createCCtx();
+        if (!cctx) {
+            return -ENOMEM;
+        }
+        int lvl = level ? MIN(level, ZSTD_maxCLevel()) : ZSTD_CLEVEL_DEFAULT;
+        size_t z = ZSTD_compressCCtx(cctx, out, out_cap, in, s->cluster_size, lvl);
+        ZSTD_freeCCtx(cctx);
+        if (ZSTD_isError(z)) {
+            return ZSTD_getErrorCode(z) == ZSTD_error_dstSize_tooSmall ? -ENOSPC
+                                                                       : -EIO;
+        }
+        *ret_len = z;
+        return 0;
+    }
+    /* Raw deflate with a 4 KiB window (windowBits -12), as QEMU. */
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    int lvl = level ? MIN(level, Z_BEST_COMPRESSION) : Z_DEFAULT_COMPRESSION;
+    if (deflateInit2(&z, lvl, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
+        return -ENOMEM;
+    }
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)s->cluster_size;
+    z.next_out = out;
+    z.avail_out = (uInt)out_cap;
+    int r = deflate(&z, Z_FINISH);
+    size_t len = out_cap - z.avail_out;
+    deflateEnd(&z);
+    if (r != Z_STREAM_END) {
+        return r == Z_OK || r == Z_BUF_ERROR ? -ENOSPC : -EIO;
+    }
+    *ret_len = len;
+    return 0;
+}
+
+uint64_t qcow2_compressed_entry(BDRVQcow2State *s, uint64_t host, uint64_t len)
+{
+    unsigned x = 62 - (s->cluster_bits - 8);
+    uint64_t extra = ((host + len - 1) >> 9) - (host >> 9);
+    return QCOW2_OFLAG_COMPRESSED | (extra << x) | host;
 }

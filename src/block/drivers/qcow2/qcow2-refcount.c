@@ -475,6 +475,45 @@ int64_t qcow2_alloc_clusters_upto_locked(BlockDriverState *bs, uint64_t n,
     return c < 0 ? c : (int64_t)((uint64_t)c * s->cluster_size);
 }
 
+int64_t qcow2_alloc_compressed_locked(BlockDriverState *bs, uint64_t size)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t cs = s->cluster_size;
+    uint64_t cur = s->compressed_cursor;
+    if (size == 0 || size > cs) {
+        return -EINVAL;
+    }
+    if (cur) {
+        /* The reference these bytes hold on the cursor's cluster; a full
+         * refcount starts a new cluster. */
+        int r = update_refcounts_locked(bs, cur / cs, 1, 1, NULL);
+        if (r == -ERANGE) {
+            cur = 0;
+        } else if (r < 0) {
+            return r;
+        }
+    }
+    if (cur && (cur & (cs - 1)) + size <= cs) {
+        s->compressed_cursor = ((cur + size) & (cs - 1)) ? cur + size : 0;
+        return (int64_t)cur;
+    }
+    int64_t next = qcow2_alloc_clusters_locked(bs, cs);
+    if (cur && next == (int64_t)ROUND_UP(cur, cs)) {
+        /* Contiguous: the bytes run on into the new cluster. */
+        s->compressed_cursor = ((cur + size) & (cs - 1)) ? cur + size : 0;
+        return (int64_t)cur;
+    }
+    if (cur) {
+        /* Not used after all: nothing names it yet, undo at once. */
+        update_refcounts_locked(bs, cur / cs, 1, -1, NULL);
+    }
+    if (next < 0) {
+        return next;
+    }
+    s->compressed_cursor = size < cs ? (uint64_t)next + size : 0;
+    return next;
+}
+
 typedef struct Qcow2PendingFree {
     uint64_t offset, size;           /* host bytes */
 } Qcow2PendingFree;
@@ -523,6 +562,11 @@ static void free_now_locked(BlockDriverState *bs, uint64_t offset,
     }
     if (freed_first < s->free_cluster_index) {
         s->free_cluster_index = freed_first;
+    }
+    /* The cursor's cluster may now be free (and reused for anything). */
+    if (s->compressed_cursor && s->compressed_cursor / cs >= first &&
+        s->compressed_cursor / cs < first + n) {
+        s->compressed_cursor = 0;
     }
     /* Give freed clusters back to the file system (advisory). */
     uint64_t flen = file_length(bs);

@@ -676,6 +676,12 @@ static int64_t qcow2_getlength(BlockDriverState *bs)
     return (int64_t)s->size;
 }
 
+static uint64_t qcow2_get_cluster_size(BlockDriverState *bs)
+{
+    BDRVQcow2State *s = bs->opaque;
+    return s->cluster_size;
+}
+
 /* ---- reads ---- */
 
 /* A data cluster's bytes; a cluster cut short by the end of the file
@@ -919,12 +925,137 @@ static int check_data_write_locked(BlockDriverState *bs, uint64_t host,
 }
 
 static int qcow2_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                         const struct iovec *iov, int niov, int flags);
+
+/* Write one guest cluster at `offset` (cluster-aligned; `bytes` is the
+ * cluster size, or less for the image's last cluster, zero-padded) from
+ * `data` compressed (BDRV_REQ_WRITE_COMPRESSED).  The cluster must be
+ * unallocated or a zero cluster without data: -ENOTSUP otherwise.  A
+ * cluster that does not shrink below the cluster size is written plain.
+ * Locking as for allocating writes (rule 3 above): the guest cluster is in
+ * flight while its compressed bytes are written without the lock, the L2
+ * entry changes afterwards (C1: data noted before). */
+static int write_compressed_cluster(BlockDriverState *bs, uint64_t offset,
+                                    uint64_t bytes, const uint8_t *data,
+                                    int level)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t cs = s->cluster_size;
+    _cleanup_free_ uint8_t *out = malloc(cs);
+    if (!out) {
+        return -ENOMEM;
+    }
+    size_t clen = 0;
+    /* Strictly smaller than a cluster, as QEMU. */
+    int r = qcow2_compress_cluster(s, level, data, out, cs - 1, &clen);
+    if (r == -ENOSPC) {
+        struct iovec v = { (void *)data, bytes };
+        return qcow2_pwritev(bs, offset, bytes, &v, 1, 0);
+    }
+    if (r < 0) {
+        return r;
+    }
+
+    uint64_t guest = offset >> s->cluster_bits;
+    pthread_mutex_lock(&s->lock);
+    inflight_wait_locked(s, guest, guest + 1, true);
+    Qcow2ClusterType type;
+    uint64_t host_entry, n;
+    r = qcow2_get_mapping_locked(bs, offset, cs, &type, &host_entry, &n);
+    if (r == 0 && type != QCOW2_CLUSTER_UNALLOCATED &&
+        type != QCOW2_CLUSTER_ZERO_PLAIN) {
+        r = -ENOTSUP;   /* compressed clusters never overwrite data */
+    }
+    uint64_t *table, l2_offset;
+    unsigned index;
+    if (r == 0) {
+        /* The L2 table first: its allocation must not land between the
+         * compressed bytes and the clusters they may continue into. */
+        r = qcow2_get_l2_locked(bs, offset, true, &table, &l2_offset, &index);
+    }
+    if (r < 0) {
+        pthread_mutex_unlock(&s->lock);
+        return r;
+    }
+    int64_t host = qcow2_alloc_compressed_locked(bs, clen);
+    if (host < 0) {
+        pthread_mutex_unlock(&s->lock);
+        return (int)host;
+    }
+    uint64_t entry = qcow2_compressed_entry(s, (uint64_t)host, clen);
+    unsigned x = 62 - (s->cluster_bits - 8);
+    r = (uint64_t)host + clen > (1ull << x) ? -EFBIG
+        : qcow2_check_overlap_locked(bs, 0, (uint64_t)host, clen);
+    Qcow2InFlight f = { .first = guest, .end = guest + 1, .alloc = true };
+    if (r == 0) {
+        f.next = s->inflight;
+        s->inflight = &f;
+        pthread_mutex_unlock(&s->lock);
+        r = bdrv_pwrite(bs->file, (uint64_t)host, out, clen, 0);
+        pthread_mutex_lock(&s->lock);
+        if (r == 0) {
+            qcow2_note_write_locked(bs);   /* C1 */
+            r = qcow2_get_l2_locked(bs, offset, false, &table, &l2_offset,
+                                    &index);
+            if (r == 0 && !table) {
+                r = -EIO;
+            }
+        }
+        if (r == 0) {
+            /* A compressed entry never has the COPIED flag (qcow2.txt). */
+            table[index] = htobe64(entry);
+            r = qcow2_write_l2_entries_locked(bs, table, l2_offset, index, 1);
+        }
+        inflight_remove_locked(s, &f);
+    }
+    if (r < 0) {
+        qcow2_free_l2_entry_locked(bs, entry);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
+/* BDRV_REQ_WRITE_COMPRESSED: whole clusters, one by one. */
+static int qcow2_pwritev_compressed(BlockDriverState *bs, uint64_t offset,
+                                    uint64_t bytes, const struct iovec *iov,
+                                    int niov, int flags)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t cs = s->cluster_size;
+    if ((offset & (cs - 1)) ||
+        ((bytes & (cs - 1)) && offset + bytes != s->size)) {
+        return -EINVAL;
+    }
+    _cleanup_free_ uint8_t *buf = malloc(cs);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    int level = BDRV_REQ_COMPRESS_LEVEL_OF(flags);
+    for (uint64_t done = 0; done < bytes; done += cs) {
+        uint64_t n = MIN(cs, bytes - done);
+        iov_to_buf(iov, niov, done, buf, n);
+        memset(buf + n, 0, cs - n);   /* the image's last, partial cluster */
+        int r = write_compressed_cluster(bs, offset + done, n, buf, level);
+        if (r < 0) {
+            return r;
+        }
+    }
+    if (flags & BDRV_REQ_FUA) {
+        return qcow2_flush(bs);
+    }
+    return 0;
+}
+
+static int qcow2_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                          const struct iovec *iov, int niov, int flags)
 {
     BDRVQcow2State *s = bs->opaque;
     uint64_t cs = s->cluster_size;
     size_t done = 0;
 
+    if (flags & BDRV_REQ_WRITE_COMPRESSED) {
+        return qcow2_pwritev_compressed(bs, offset, bytes, iov, niov, flags);
+    }
     while (done < bytes) {
         uint64_t off = offset + done, n, host;
         Qcow2ClusterType type;
@@ -1392,10 +1523,12 @@ const BlockDriver bdrv_qcow2 = {
     .format_name = "qcow2",
     .instance_size = sizeof(BDRVQcow2State),
     .supports_backing = true,
+    .supports_compressed_writes = true,
     .probe = qcow2_probe,
     .open = qcow2_open,
     .close = qcow2_close,
     .getlength = qcow2_getlength,
+    .get_cluster_size = qcow2_get_cluster_size,
     .preadv = qcow2_preadv,
     .pwritev = qcow2_pwritev,
     .pwrite_zeroes = qcow2_pwrite_zeroes,

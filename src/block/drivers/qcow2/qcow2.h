@@ -116,6 +116,11 @@ typedef struct BDRVQcow2State {
      * MAX(clusters in the file, alloc_end); alloc_end is the end (cluster
      * index) of everything allocated since open. */
     uint64_t alloc_end;
+    /* Where the next compressed cluster's bytes go (host byte offset inside
+     * a host cluster that compressed data of this session partly fills),
+     * 0 when none: qcow2_alloc_compressed_locked.  Reset when a cluster it
+     * points into is freed. */
+    uint64_t compressed_cursor;
 
     /* Added by the driver core (qcow2.c, qcow2-cluster.c,
      * qcow2-refcount.c); q2 may read them. */
@@ -238,6 +243,17 @@ int qcow2_free_l2_entry_locked(BlockDriverState *bs, uint64_t entry);
 /* Decompress the compressed cluster described by L2 entry `entry` into
  * `out` (cluster_size bytes).  No lock needed.  0 or -errno. */
 int qcow2_read_compressed(BlockDriverState *bs, uint64_t entry, uint8_t *out);
+/* Compress the cluster `in` (cluster_size bytes) with the image's
+ * compression type (zstd: a plain frame; deflate: raw, windowBits -12, as
+ * QEMU writes them) at `level` (0: the algorithm's default) into `out`
+ * (out_cap bytes): 0 and *ret_len, -ENOSPC when it does not fit out_cap
+ * (store the cluster plain), other -errno.  No lock needed. */
+int qcow2_compress_cluster(BDRVQcow2State *s, int level, const uint8_t *in,
+                           uint8_t *out, size_t out_cap, size_t *ret_len);
+/* The L2 entry (host order) of `len` compressed bytes at host byte
+ * `host`: the offset and the count of 512-byte sectors after the first
+ * that the bytes reach into (qcow2.txt's compressed cluster descriptor). */
+uint64_t qcow2_compressed_entry(BDRVQcow2State *s, uint64_t host, uint64_t len);
 
 /* ---- qcow2-refcount.c ---- */
 
@@ -247,6 +263,15 @@ int qcow2_read_compressed(BlockDriverState *bs, uint64_t entry, uint8_t *out);
  * never does for that reason.  Returns the host offset or -errno. */
 int64_t qcow2_alloc_clusters_upto_locked(BlockDriverState *bs, uint64_t n,
                                          uint64_t *ret_n);
+/* Host space for `size` (1..cluster_size) bytes of a compressed cluster,
+ * packed right after the previous compressed cluster's bytes (QEMU's
+ * qcow2_alloc_bytes): in the same host cluster while it has room, else
+ * continuing into a newly allocated host cluster when that one is the
+ * next in the file, else at the start of the new cluster.  Each host
+ * cluster the bytes touch gains one reference (refcount 1 for a new one),
+ * so freeing the compressed cluster (qcow2_free_l2_entry_locked) drops
+ * exactly those.  Returns the host byte offset or -errno.  s->lock held. */
+int64_t qcow2_alloc_compressed_locked(BlockDriverState *bs, uint64_t size);
 /* Load and check the refcount table (at open). */
 bool qcow2_refcount_init(BlockDriverState *bs, Error **errp);
 /* Refcount of host cluster `cluster_index` (0 where no block covers it). */
