@@ -23,6 +23,7 @@ typedef RepoPlanBitmap BitmapInfo;
 typedef struct Disk {
     char *node;                        /* node name / disk name in the repo */
     uint64_t size;
+    bool no_backing;                   /* live: backing_file_depth 0 */
     bool volatile_bitmaps;             /* live: the node cannot store
                                         * persistent bitmaps (raw) */
     char *drv;                         /* live: the node's driver */

@@ -97,6 +97,8 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
         return false;
     }
     d->size = (uint64_t)json_opt_int(img, "virtual-size", -1);
+    /* A node without a backing chain: its top layer is all of it. */
+    d->no_backing = json_opt_int(node, "backing_file_depth", -1) == 0;
     free(d->drv);
     d->drv = backup_strdup(json_opt_str(node, "drv"));
     /* QEMU and bitbackd store persistent bitmaps in qcow2 (and qbm)
@@ -287,7 +289,12 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         json_object_object_add(job, "format", json_object_new_string("qcow2"));
         json_object_object_add(job, "mode", json_object_new_string("existing"));
         if (d->level == REPO_LEVEL_FULL) {
-            json_object_object_add(job, "sync", json_object_new_string("full"));
+            /* Without a backing chain "top" copies the same bytes, and
+             * QEMU then skips what the image does not allocate in big
+             * block status steps; "full" makes it visit every 1 MiB of
+             * the virtual size (a 1 TiB empty disk took 98 s). */
+            json_object_object_add(job, "sync", json_object_new_string(
+                                       d->no_backing ? "top" : "full"));
         } else {
             json_object_object_add(job, "sync", json_object_new_string("bitmap"));
             json_object_object_add(job, "bitmap", json_object_new_string(d->src_bitmap));

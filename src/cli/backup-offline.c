@@ -156,8 +156,7 @@ static bool offline_copy(const BackupOpts *o, BlockDriverState *src, Disk *d,
 
         while (off < d->size) {
             uint64_t pnum = 0;
-            int st = bdrv_block_status(src, off, MIN(d->size - off, 1ull << 30),
-                                       &pnum);
+            int st = bdrv_block_status(src, off, d->size - off, &pnum);
             if (st < 0 || pnum == 0) {
                 error_setg_errno(errp, st < 0 ? -st : EIO,
                                  "%s: block status at %llu", d->node,
