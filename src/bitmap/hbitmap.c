@@ -436,6 +436,30 @@ uint64_t hbitmap_serialized_size(const HBitmap *hb)
     return hb->nb_bits / 8 + (hb->nb_bits % 8 != 0);
 }
 
+uint64_t hbitmap_nb_words(const HBitmap *hb)
+{
+    return hb->nb_bits / 64 + (hb->nb_bits % 64 != 0);
+}
+
+bool hbitmap_next_nonzero_words(const HBitmap *hb, uint64_t from,
+                                uint64_t *ret_first, uint64_t *ret_count)
+{
+    /* Level 1 has one bit per level-0 word (invariant 2). */
+    uint64_t w = hb->nlevels > 1 ? hb_find_set(hb, 1, from) : HB_NONE;
+    uint64_t n = 1;
+
+    if (w == HB_NONE || w >= hb->nwords[0]) {
+        return false;
+    }
+    while (w + n < hb->nwords[0] && hb->levels[0][w + n]) {
+        n++;
+    }
+    hb_words_visited += n;
+    *ret_first = w;
+    *ret_count = n;
+    return true;
+}
+
 /* 64 clusters' bits starting at cluster `bit` (any alignment); clusters at
  * or past nb_bits read as 0 (invariant 1). */
 static uint64_t hb_extract64(const HBitmap *hb, uint64_t bit)

@@ -84,6 +84,17 @@ void hbitmap_serialize_part(const HBitmap *hb, uint8_t *buf, uint64_t first_bit,
 void hbitmap_deserialize_part(HBitmap *hb, const uint8_t *buf, uint64_t first_bit,
                               uint64_t nbits);
 
+/* The serialized form as 64-bit words: word w holds clusters [64w, 64w+64)
+ * (serialize_part of those 512 bits).  hbitmap_nb_words: DIV_ROUND_UP(nb_bits, 64). */
+uint64_t hbitmap_nb_words(const HBitmap *hb);
+/* The first run of consecutive non-zero words at or after word `from`:
+ * sets *ret_first and *ret_count (>= 1, the run is maximal) and returns
+ * true; false when every word from there on is zero.  The upper levels skip
+ * zero words, so the cost is O(levels + count), not O(size): walking every
+ * run costs what is dirty (write-intent snapshots, sparse stores). */
+bool hbitmap_next_nonzero_words(const HBitmap *hb, uint64_t from,
+                                uint64_t *ret_first, uint64_t *ret_count);
+
 /* For tests and benchmarks: how many bitmap words the searches (next_dirty,
  * next_zero, next_dirty_area, reset, merge, copy) have examined in the
  * calling thread so far.  Take differences; the absolute value means nothing. */

@@ -39,8 +39,8 @@
 #include "util/cutils.h"
 #include "util/osdep.h"
 
-#define WIL_MAGIC        "BBWIL\0v1"
-#define WIL_SLOT_MAGIC   "BBWSNAP1"
+#define WIL_MAGIC        "BBWIL\0v2"
+#define WIL_SLOT_MAGIC   "BBWSNAP2"
 #define WIL_HEADER_SIZE  4096u
 #define WIL_HEADER_USED  56u
 #define WIL_SLOT_HEADER  32u
@@ -164,62 +164,103 @@ static uint64_t map_bytes_for(uint64_t n_regions)
 
 /* ---- snapshots ---- */
 
+/* A bitmap's bits in a snapshot (W5 format): u64 nb_bits, u64 run count,
+ * then per run of consecutive non-zero words u64 first word, u64 word
+ * count and the words (hbitmap_serialize_part of their clusters).  Only
+ * the non-zero words are visited (hbitmap_next_nonzero_words), so the size
+ * and the time follow what is dirty, not the bitmap's size.  With buf NULL
+ * this only returns the length; else it writes that many bytes to buf. */
+static size_t snapshot_bits(const HBitmap *hb, uint8_t *buf)
+{
+    uint64_t first, count, from = 0, runs = 0;
+    size_t len = 16;
+
+    while (hbitmap_next_nonzero_words(hb, from, &first, &count)) {
+        if (buf) {
+            st_le64(buf + len, first);
+            st_le64(buf + len + 8, count);
+            hbitmap_serialize_part(hb, buf + len + 16, first * 64, count * 64);
+        }
+        len += 16 + count * 8;
+        runs++;
+        from = first + count;
+    }
+    if (buf) {
+        st_le64(buf, hbitmap_nb_bits(hb));
+        st_le64(buf + 8, runs);
+    }
+    return len;
+}
+
+/* The bits a snapshot saves for bm (bs->lock held): a bitmap with a
+ * successor (a backup job) merged with it, as a failed job would leave it
+ * (W9); *ret_tmp owns the merged copy, NULL otherwise.  NULL when memory
+ * is short. */
+static const HBitmap *snapshot_source(const BdrvDirtyBitmap *bm, HBitmap **ret_tmp)
+{
+    *ret_tmp = NULL;
+    if (!bm->successor) {
+        return bm->hb;
+    }
+    *ret_tmp = hbitmap_copy(bm->hb);
+    if (*ret_tmp) {
+        hbitmap_merge(*ret_tmp, bm->successor->hb);
+    }
+    return *ret_tmp;
+}
+
 /* The payload of a snapshot of every persistent bitmap (caller holds
- * bs->lock).  A bitmap with a successor (a backup job) is saved merged with
- * it, as a failed job would leave it (W9). */
+ * bs->lock): its length follows the dirty words, not the bitmaps' size. */
 static uint8_t *snapshot_payload_locked(BlockDriverState *bs, size_t *ret_len)
 {
     size_t len = 4;
     uint32_t count = 0;
-    uint8_t *buf, *p;
+    uint8_t *buf = NULL, *p;
+    bool ok = true;
 
-    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
-        if (bm->persistent && !bm->inconsistent) {
-            len += 2 + strlen(bm->name) + 4 + 4 + 36 + 8 +
-                   hbitmap_serialized_size(bm->hb);
-            count++;
+    /* Pass 0 measures, pass 1 writes. */
+    for (int pass = 0; pass < 2 && ok; pass++) {
+        p = buf ? buf + 4 : NULL;
+        for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm && ok; bm = bm->next) {
+            _cleanup_(hbitmap_freep) HBitmap *tmp = NULL;
+            const HBitmap *src;
+            size_t nl;
+
+            if (!bm->persistent || bm->inconsistent) {
+                continue;
+            }
+            src = snapshot_source(bm, &tmp);
+            if (!src) {
+                ok = false;
+                break;
+            }
+            nl = strlen(bm->name);
+            if (!p) {
+                len += 2 + nl + 44 + snapshot_bits(src, NULL);
+                count++;
+                continue;
+            }
+            st_le16(p, (uint16_t)nl);
+            memcpy(p + 2, bm->name, nl);
+            p += 2 + nl;
+            st_le32(p, bm->granularity);
+            st_le32(p + 4, bm->disabled ? 1u : 0u);
+            if (bm->generation[0]) {
+                memcpy(p + 8, bm->generation, 36);
+            }
+            p += 44;
+            p += snapshot_bits(src, p);
+        }
+        if (pass == 0 && ok) {
+            buf = calloc(1, len);
+            ok = buf != NULL;
         }
     }
-    buf = calloc(1, len);
-    if (!buf) {
+    if (!ok) {
+        free(buf);
         return NULL;
     }
     st_le32(buf, count);
-    p = buf + 4;
-    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
-        size_t nl;
-        uint64_t sz;
-
-        if (!bm->persistent || bm->inconsistent) {
-            continue;
-        }
-        nl = strlen(bm->name);
-        sz = hbitmap_serialized_size(bm->hb);
-        st_le16(p, (uint16_t)nl);
-        memcpy(p + 2, bm->name, nl);
-        p += 2 + nl;
-        st_le32(p, bm->granularity);
-        st_le32(p + 4, bm->disabled ? 1u : 0u);
-        if (bm->generation[0]) {
-            memcpy(p + 8, bm->generation, 36);
-        }
-        st_le64(p + 44, sz);
-        p += 52;
-        if (bm->successor) {
-            HBitmap *m = hbitmap_copy(bm->hb);
-
-            if (!m) {
-                free(buf);
-                return NULL;
-            }
-            hbitmap_merge(m, bm->successor->hb);
-            hbitmap_serialize_part(m, p, 0, hbitmap_nb_bits(m));
-            hbitmap_free(m);
-        } else {
-            hbitmap_serialize_part(bm->hb, p, 0, hbitmap_nb_bits(bm->hb));
-        }
-        p += sz;
-    }
     *ret_len = len;
     return buf;
 }
@@ -828,6 +869,64 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
     return NULL;
 }
 
+/* The longest record snapshot_bits writes for hb: its runs are maximal, so
+ * at most every other word starts one. */
+static uint64_t snapshot_bits_max(const HBitmap *hb)
+{
+    uint64_t nwords = hbitmap_nb_words(hb);
+
+    return 16 + 8 * nwords + 16 * DIV_ROUND_UP(nwords, 2);
+}
+
+/* Check a bitmap's bits in a snapshot (snapshot_bits' format) at p, with
+ * avail bytes left in the payload: every run inside the bitmap (as its
+ * nb_bits field says), non-empty, after the one before, and inside avail.
+ * Returns the record's length, or 0 when it is malformed.  The loop is
+ * bounded by avail: every run takes at least 24 bytes. */
+static size_t snapshot_bits_check(const uint8_t *p, size_t avail)
+{
+    uint64_t nwords, runs, next = 0;
+    size_t len = 16;
+
+    if (avail < 16) {
+        return 0;
+    }
+    nwords = DIV_ROUND_UP(ld_le64(p), 64);
+    runs = ld_le64(p + 8);
+    for (uint64_t i = 0; i < runs; i++) {
+        uint64_t first, count;
+
+        if (avail - len < 16) {
+            return 0;
+        }
+        first = ld_le64(p + len);
+        count = ld_le64(p + len + 8);
+        if (first < next || first >= nwords || count == 0 ||
+            count > nwords - first || count > (avail - len - 16) / 8) {
+            return 0;
+        }
+        len += 16 + count * 8;
+        next = first + count;
+    }
+    return len;
+}
+
+/* Load a record that snapshot_bits_check accepted into hb (of its nb_bits):
+ * hb's bits become exactly the record's. */
+static void snapshot_bits_load(HBitmap *hb, const uint8_t *p)
+{
+    uint64_t runs = ld_le64(p + 8);
+    size_t len = 16;
+
+    hbitmap_reset_all(hb);
+    for (uint64_t i = 0; i < runs; i++) {
+        uint64_t first = ld_le64(p + len), count = ld_le64(p + len + 8);
+
+        hbitmap_deserialize_part(hb, p + len + 16, first * 64, count * 64);
+        len += 16 + count * 8;
+    }
+}
+
 /* Apply a snapshot and the marked regions to the bitmaps the format could
  * not load cleanly (W6).  Returns how many were recovered. */
 static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
@@ -847,14 +946,14 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
         uint16_t nl;
         uint32_t gran, flags;
         char gen[UUID_STR_LEN];
-        uint64_t sz;
+        size_t sz;
         BdrvDirtyBitmap *bm;
 
         if (end - p < 2) {
             return recovered;
         }
         nl = ld_le16(p);
-        if (nl > BDRV_BITMAP_MAX_NAME || (size_t)(end - p) < 2u + nl + 52u) {
+        if (nl > BDRV_BITMAP_MAX_NAME || (size_t)(end - p) < 2u + nl + 44u) {
             return recovered;
         }
         memcpy(name, p + 2, nl);
@@ -864,19 +963,18 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
         flags = ld_le32(p + 4);
         memcpy(gen, p + 8, 36);
         gen[36] = '\0';
-        sz = ld_le64(p + 44);
-        p += 52;
-        if (sz > (uint64_t)(end - p)) {
+        p += 44;
+        sz = snapshot_bits_check(p, (size_t)(end - p));
+        if (!sz) {
             return recovered;
         }
         pthread_mutex_lock(&bs->lock);
         bm = bdrv_find_dirty_bitmap_locked(bs, name);
         if (bm && bm->persistent && bm->inconsistent && bm->granularity == gran &&
-            hbitmap_serialized_size(bm->hb) == sz) {
+            hbitmap_nb_bits(bm->hb) == ld_le64(p)) {
             uint64_t before;
 
-            hbitmap_reset_all(bm->hb);
-            hbitmap_deserialize_part(bm->hb, p, 0, hbitmap_nb_bits(bm->hb));
+            snapshot_bits_load(bm->hb, p);
             before = hbitmap_count_bytes(bm->hb);
             for (uint64_t r = 0; r < n_regions; r++) {
                 if (bit_get(map, r)) {
@@ -956,8 +1054,8 @@ int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq)
     for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
         any_inconsistent |= bm->persistent && bm->inconsistent;
         if (bm->persistent) {
-            max_len += 2 + BDRV_BITMAP_MAX_NAME + 52 +
-                       hbitmap_serialized_size(bm->hb);
+            max_len += 2 + BDRV_BITMAP_MAX_NAME + 44 +
+                       snapshot_bits_max(bm->hb);
         }
     }
     pthread_mutex_unlock(&bs->lock);
@@ -1036,7 +1134,18 @@ static bool activate(WriteIntent *w, Error **errp)
             w->fd = -1;
             return false;
         }
-        /* Slots after the map; sized on first use. */
+        /* Slots after the map; sized on first use.  What the file held
+         * beyond the map (an older session's slots, a v1 log's full
+         * bitmaps) is dropped: recovery has read it, and a crash before
+         * the first snapshot below then finds no valid slot, so the
+         * bitmaps load inconsistent (the safe side, as in W8). */
+        if (ftruncate(w->fd, (off_t)(WIL_HEADER_SIZE + w->map_bytes)) < 0) {
+            error_setg_errno(errp, errno, "cannot truncate the write-intent log '%s'",
+                             w->path);
+            close(w->fd);
+            w->fd = -1;
+            return false;
+        }
         w->slot_off[0] = w->slot_off[1] = WIL_HEADER_SIZE + w->map_bytes;
         w->slot_size = 0;
         w->newest_slot = -1;

@@ -86,7 +86,7 @@ static void read_wil(const char *path, WilState *st)
         return;
     }
     if (pread(fd, h, sizeof(h), 0) != (ssize_t)sizeof(h) ||
-        memcmp(h, "BBWIL\0v1", 8) || ld64(h + 48) != XXH64(h, 48, 0)) {
+        memcmp(h, "BBWIL\0v2", 8) || ld64(h + 48) != XXH64(h, 48, 0)) {
         close(fd);
         return;
     }
@@ -99,7 +99,7 @@ static void read_wil(const char *path, WilState *st)
         uint64_t off = ld64(h + 24 + 8 * i), size = ld64(h + 40);
         uint8_t sh[32];
         if (size < 32 || pread(fd, sh, 32, off) != 32 ||
-            memcmp(sh, "BBWSNAP1", 8)) {
+            memcmp(sh, "BBWSNAP2", 8)) {
             continue;
         }
         uint64_t len = ld64(sh + 16);
@@ -114,25 +114,37 @@ static void read_wil(const char *path, WilState *st)
             continue;
         }
         /* count, then {u16 name len, name, u32 gran, u32 flags, 36 gen,
-         * u64 bits len, bits}; find b0. */
+         * u64 nb_bits, u64 runs, runs of {u64 first word, u64 words,
+         * words}}; find b0. */
         const uint8_t *q = p + 4, *end = p + len;
         for (uint32_t k = 0; k < ld32(p) && q + 2 <= end; k++) {
             uint16_t nl = (uint16_t)(q[0] | q[1] << 8);
             const uint8_t *name = q + 2;
             q += 2 + nl;
-            uint64_t bl = ld64(q + 44);
-            q += 52;
-            if (nl == 2 && !memcmp(name, "b0", 2)) {
-                assert_int_equal(ld32(q - 52), GRAN);
-                assert_int_equal(bl, sizeof(st->bits));
-                memcpy(st->bits, q, sizeof(st->bits));
-                st->flags = ld32(q - 48);
-                memcpy(st->generation, q - 44, 36);
+            const uint8_t *hdr = q;
+            uint64_t nb_bits = ld64(q + 44), runs = ld64(q + 52);
+            q += 60;
+            bool is_b0 = nl == 2 && !memcmp(name, "b0", 2);
+            if (is_b0) {
+                assert_int_equal(ld32(hdr), GRAN);
+                assert_int_equal(nb_bits, IMG_SIZE / GRAN);
+                memset(st->bits, 0, sizeof(st->bits));
+            }
+            for (uint64_t run = 0; run < runs; run++) {
+                uint64_t first = ld64(q), count = ld64(q + 8);
+                assert_true(first * 8 + count * 8 <= sizeof(st->bits));
+                if (is_b0) {
+                    memcpy(st->bits + first * 8, q + 16, count * 8);
+                }
+                q += 16 + count * 8;
+            }
+            if (is_b0) {
+                st->flags = ld32(hdr + 4);
+                memcpy(st->generation, hdr + 8, 36);
                 st->generation[36] = 0;
                 st->have_bits = true;
                 best_seq = ld64(sh + 8);
             }
-            q += bl;
         }
         free(p);
     }
