@@ -417,16 +417,18 @@ HBitmap *hbitmap_copy(const HBitmap *hb)
     if (!c) {
         return NULL;
     }
-    /* Level 0 is copied word by word where it is non-zero, so a sparse
-     * bitmap's fresh (calloc'd) pages stay untouched; the upper levels are
-     * at most 1/63 of the total. */
-    for (uint64_t w = hb_find_set(hb, 1, 0); w != HB_NONE;
-         w = hb_find_set(hb, 1, w + 1)) {
-        c->levels[0][w] = hb->levels[0][w];
+    /* Every level but the top (one word) is copied word by word where it
+     * is non-zero, as the level above says (invariant 2), so a sparse
+     * bitmap's fresh (calloc'd) pages stay untouched and the time follows
+     * the non-zero words, not the size (2 MiB of upper levels at 64 TiB). */
+    for (unsigned l = 0; l + 1 < hb->nlevels; l++) {
+        for (uint64_t w = hb_find_set(hb, l + 1, 0); w != HB_NONE;
+             w = hb_find_set(hb, l + 1, w + 1)) {
+            c->levels[l][w] = hb->levels[l][w];
+        }
     }
-    for (unsigned l = 1; l < hb->nlevels; l++) {
-        memcpy(c->levels[l], hb->levels[l], (size_t)hb->nwords[l] * sizeof(uint64_t));
-    }
+    memcpy(c->levels[hb->nlevels - 1], hb->levels[hb->nlevels - 1],
+           (size_t)hb->nwords[hb->nlevels - 1] * sizeof(uint64_t));
     c->count = hb->count;
     return c;
 }

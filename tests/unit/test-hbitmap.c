@@ -453,6 +453,91 @@ static void test_random_vs_model(void **state)
     }
 }
 
+/* Every run of non-zero words, checked against the serialized form (the
+ * naive model): maximal, in order, and together exactly the non-zero words. */
+static void check_nonzero_runs(const HBitmap *hb)
+{
+    uint64_t nwords = hbitmap_nb_words(hb), from = 0, first, count, next = 0;
+    uint8_t *all = calloc(nwords ? nwords : 1, 8);
+    assert_non_null(all);
+    hbitmap_serialize_part(hb, all, 0, nwords * 64);
+    while (hbitmap_next_nonzero_words(hb, from, &first, &count)) {
+        assert_true(count >= 1 && first >= next && first + count <= nwords);
+        for (uint64_t w = next; w < first; w++) {       /* zero words between */
+            for (int k = 0; k < 8; k++) {
+                assert_int_equal(all[w * 8 + k], 0);
+            }
+        }
+        for (uint64_t w = first; w < first + count; w++) {
+            uint64_t v = 0;
+            for (int k = 0; k < 8; k++) {
+                v |= (uint64_t)all[w * 8 + k] << (8 * k);
+            }
+            assert_true(v != 0);
+        }
+        next = from = first + count;
+    }
+    for (uint64_t w = next; w < nwords; w++) {
+        for (int k = 0; k < 8; k++) {
+            assert_int_equal(all[w * 8 + k], 0);
+        }
+    }
+    free(all);
+}
+
+static void test_nonzero_words(void **state)
+{
+    (void)state;
+    uint64_t rng = 0x5eed;
+    for (int round = 0; round < 40; round++) {
+        uint64_t size = 512 * (1 + (rng = rng * 6364136223846793005ull + 1) % 70000);
+        HBitmap *hb = hbitmap_new(size, 9);
+        assert_non_null(hb);
+        check_nonzero_runs(hb);
+        for (int i = 0; i < round; i++) {
+            uint64_t off = (rng = rng * 6364136223846793005ull + 1) % size;
+            uint64_t len = 1 + (rng >> 20) % (512 * 200);
+            hbitmap_set(hb, off, len);
+        }
+        check_nonzero_runs(hb);
+        hbitmap_set_all(hb);
+        check_nonzero_runs(hb);
+        hbitmap_free(hb);
+    }
+}
+
+/* On a sparse 64 TiB bitmap, walking its runs costs what is dirty (few
+ * words visited), and a copy (which now copies every level but the top
+ * word by word where the level above is set) keeps every level right. */
+static void test_huge_sparse_runs_and_copy(void **state)
+{
+    (void)state;
+    const uint64_t size = 64 * TiB;
+    HBitmap *hb = hbitmap_new(size, 16);
+    assert_non_null(hb);
+    for (uint64_t i = 0; i < 64; i++) {
+        hbitmap_set(hb, i * TiB + i * 40 * MiB, 4 * MiB);  /* word-aligned */
+    }
+    uint64_t v0 = hbitmap_stat_words_visited(), from = 0, first, count, runs = 0;
+    while (hbitmap_next_nonzero_words(hb, from, &first, &count)) {
+        EXPECT_EQ(count, 1);                    /* 4 MiB: 64 clusters */
+        runs++;
+        from = first + count;
+    }
+    EXPECT_EQ(runs, 64);
+    assert_true(hbitmap_stat_words_visited() - v0 < 20 * 65);
+
+    HBitmap *c = hbitmap_copy(hb);
+    assert_non_null(c);
+    for (uint64_t i = 0; i < 64; i++) {
+        EXPECT_EQ(hbitmap_next_dirty(c, i * TiB, UINT64_MAX), i * TiB + i * 40 * MiB);
+    }
+    EXPECT_EQ(hbitmap_count_bits(c), hbitmap_count_bits(hb));
+    check_nonzero_runs(c);
+    hbitmap_free(c);
+    hbitmap_free(hb);
+}
+
 /* ---- constructor ---- */
 
 static void test_new_rejects_bad_args(void **state)
@@ -916,6 +1001,8 @@ int main(void)
         cmocka_unit_test(test_8tib_4k),
         cmocka_unit_test(test_2g_granularity),
         cmocka_unit_test(test_huge_sparse_iteration),
+        cmocka_unit_test(test_nonzero_words),
+        cmocka_unit_test(test_huge_sparse_runs_and_copy),
         cmocka_unit_test(test_random_vs_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
