@@ -4,7 +4,7 @@
  * newest valid snapshot slot, the intent map, and the snapshot payload
  * decoder that rebuilds a crashed image's bitmaps.
  *
- * Once per process, in a memfd: a 4 MiB qcow2 image with a persistent
+ * Once per process, in a memfd: a 64 MiB qcow2 image with a persistent
  * bitmap "b" (granularity 64 KiB), left as a crash leaves it -- a child
  * process opens it read-write (through /proc/self/fd/N, without a log),
  * adds the bitmap, writes and exits without closing -- so the bitmap's
@@ -40,7 +40,7 @@
 #include "util/error.h"
 #include "fuzz-util.h"
 
-#define FUZZ_IMAGE_SIZE (4u << 20)
+#define FUZZ_IMAGE_SIZE (64u << 20)
 #define WIL_HEADER_CHECKED 48     /* bytes under the header checksum */
 #define WIL_SLOT_HEADER    32
 

@@ -14,8 +14,9 @@ keeps what each client sent (client to server only): one seed per
 connection, fuzz/corpus/TARGET/CLIENT-N.  Seeds over 64 KiB are cut.
 
 fuzz-write-intent: real logs left by a bitbackd killed with SIGKILL while
-serving a 4 MiB qbm image with persistent bitmap "b" (granularity 64 KiB,
-what the harness's image has), crash-safe-region-size 64 KiB, written
+serving a 64 MiB qbm image with persistent bitmap "b" (granularity 64 KiB,
+what the harness's image has: 16 words of bits, so snapshots hold several
+runs), crash-safe-region-size 64 KiB, written
 through qemu-io over NBD: one killed before any snapshot of the writes,
 one after a flush (which takes a snapshot).  A log does not depend on its
 image's format: the harness's image is a qcow2 in a memfd with the same
@@ -237,14 +238,16 @@ def wil_seeds(work):
     import time
     bitback = pathlib.Path(os.environ.get("BITBACK_BUILD", "build")).resolve() / "bitback"
     for name, cmds in (("killed-after-writes",
-                        ["write -P 0x11 0 64k", "write -P 0x22 1M 128k"]),
+                        ["write -P 0x11 0 64k", "write -P 0x22 1M 128k",
+                         "write -P 0x44 40M 4M"]),
                        ("killed-after-flush",
-                        ["write -P 0x11 64k 64k", "flush",
+                        ["write -P 0x11 64k 64k", "write -P 0x22 8M 8M",
+                         "write -P 0x44 60M 64k", "flush",
                          "write -P 0x33 3M 64k"])):
         img = work / "disk.qbm"
         for f in work.glob("disk.*"):
             f.unlink()
-        run(bitback, "img", "create", "-f", "qbm", img, "4M")
+        run(bitback, "img", "create", "-f", "qbm", img, "64M")
         with Daemon(work / "d") as d:
             d.start("--blockdev", "driver=qbm,node-name=disk0,"
                     f"file.driver=file,file.filename={img},"
