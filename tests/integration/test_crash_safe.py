@@ -614,3 +614,34 @@ def test_64tib_disk_log_follows_dirty_data(tmp_path):
         assert d.quit() == 0
     finally:
         d.cleanup()
+
+
+def test_v1_log_not_read(tmp_path):
+    """A version 1 log (BBWIL\\0v1: full bitmaps in its snapshots) is not
+    read: the crashed bitmap loads inconsistent (write-intent.md, "Version
+    1"), and the next writable open replaces it with a small version 2
+    log."""
+    import struct
+    import ctypes
+    import ctypes.util
+    from conftest import BITBACK, run
+    img = crashed_qbm(tmp_path)
+    wil = tmp_path / "d.qbm.wil"
+    x = ctypes.CDLL(ctypes.util.find_library("xxhash"))
+    x.XXH64.restype = ctypes.c_uint64
+    x.XXH64.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64]
+    with open(wil, "r+b") as f:
+        h = bytearray(f.read(4096))
+        assert h[:8] == b"BBWIL\0v2"
+        h[:8] = b"BBWIL\0v1"
+        struct.pack_into("<Q", h, 48, x.XXH64(bytes(h[:48]), 48, 0))
+        f.seek(0)
+        f.write(h)
+        f.seek(1 << 30)            # what a v1 log's full bitmaps left
+        f.write(b"\1")
+    info = json.loads(run([BITBACK, "img", "info", "--output=json", img]).stdout)
+    b0 = info["format-specific"]["data"]["bitmaps"][0]
+    assert b0["inconsistent"] is True and not b0.get("recovered"), b0
+    run([BITBACK, "io", img, "-c", "read 0 4k"])
+    assert wil.read_bytes()[:8] == b"BBWIL\0v2"
+    assert _wil_bytes(wil)[0] <= 1 << 20, _wil_bytes(wil)
