@@ -44,6 +44,10 @@
 # the per-round ratios of the times: below 1 this build is faster); the qsd
 # side runs once, as without BASE_BUILD.  Before the rounds each build makes
 # one warm-up run that is not counted.  A before/after check of a change.
+# SECTIONS (default "chain scale"): "chain" the rows above, "scale" the
+# rows of bench/scale.py (a 64 GiB sparse disk with 4 GiB of data, plain
+# and zstd-compressed, against qemu-storage-daemon and dd conv=fdatasync;
+# SCALE_SIZE, SCALE_DATA, SCALE_DIRTY, SCALE_ROUNDS).
 # This is a benchmark, not a test: it prints a table with PASS/MISS against
 # the targets of issue 6 (hashing <= 10% of backup time, verify >= 1 GB/s
 # per core) and exits 0 whatever the numbers.
@@ -74,7 +78,9 @@ export BENCH_DIR=$W BENCH_SIZE=${SIZE:-2G} BENCH_DIRTY=${DIRTY:-10}
 export BENCH_BITBACK=$BITBACK BENCH_BITBACKD=$BITBACKD
 export BENCH_BASE_BUILD=$BASE_BUILD BENCH_ROUNDS=$ROUNDS
 
-"$PYTHON" - <<'EOF' &
+SECTIONS=${SECTIONS:-chain scale}
+case " $SECTIONS " in *" chain "*) ;; *) SKIP_CHAIN=1 ;; esac
+[ -n "${SKIP_CHAIN:-}" ] || "$PYTHON" - <<'EOF' &
 import json
 import os
 import random
@@ -405,6 +411,18 @@ else:
     print("target: verify >= 1 GB/s per core: not measured (verify not "
           "implemented in this build)")
 EOF
-DRIVER=$!
-wait "$DRIVER"
-DRIVER=
+if [ -z "${SKIP_CHAIN:-}" ]; then
+    DRIVER=$!
+    wait "$DRIVER"
+    DRIVER=
+fi
+
+# The scale rows (issue 18): bench/scale.py's header says what they run.
+case " $SECTIONS " in
+*" scale "*)
+    "$PYTHON" "$here/bench/scale.py" &
+    DRIVER=$!
+    wait "$DRIVER"
+    DRIVER=
+    ;;
+esac

@@ -21,6 +21,7 @@
 #include "repo/repo.h"
 #include "repo/repo-internal.h"
 #include "util/bswap.h"
+#include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/error.h"
 #include "fuzz-util.h"

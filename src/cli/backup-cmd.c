@@ -53,7 +53,7 @@ static void usage(FILE *out)
             "Usage:\n"
             "  bitback backup --connect QMP_SOCKET --node NODE [--node NODE2 ...] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME] [--speed BYTES]\n"
-            "                 [--compress=off|zstd[:LEVEL]]\n"
+            "                 [--compress=off|zstd[:LEVEL]] [--nbd-socket PATH]\n"
             "  bitback backup --image FILE [-f FMT] [--node NAME] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME]\n"
             "                 [--compress=off|zstd[:LEVEL]]\n"
@@ -80,6 +80,9 @@ static void usage(FILE *out)
             "                        honoured where bitback writes the data: offline and\n"
             "                        with bitbackd; qemu-storage-daemon uses its own.\n"
             "                        Default: %s\n"
+            "  --nbd-socket PATH     live, a daemon other than bitbackd: the UNIX socket of\n"
+            "                        its running NBD server (default: bitback starts one on\n"
+            "                        a private socket for the run and stops it after)\n"
             "  --output=human|json   the result as text or as a JSON list of backups\n"
             "  --progress            draw progress even when stdout is not a terminal\n"
             "\n"
@@ -96,6 +99,12 @@ static void usage(FILE *out)
             "incrementals work while the daemon runs, the first run after it restarts is a\n"
             "full backup.  SIGINT or SIGTERM cancels the backup jobs and removes what the\n"
             "run made (the bitmaps stay able to give the next incremental).\n"
+            "\n"
+            "A full backup from a daemon other than bitbackd (qemu-storage-daemon) is\n"
+            "pulled: the transaction starts a fleecing job (blockdev-backup sync=none into a\n"
+            "temporary overlay), bitback reads the point in time over NBD, only the ranges\n"
+            "block status reports as data, and writes the backup itself; QEMU's own full\n"
+            "backup job visits every 1 MiB of the virtual size.  Incrementals are pushed.\n"
             "\n"
             "Exit status: 0 ok, 1 failure, 128 + N after signal N (130 SIGINT, 143 SIGTERM).\n"
             "\n"
@@ -137,6 +146,7 @@ void backup_disk_free(Disk *d)
     free(d->tmp_path);
     free(d->generation);
     free(d->job_error);
+    free(d->fleece_path);
     free(d->node);
 }
 
@@ -501,7 +511,8 @@ static bool parse_compress(const char *arg, BackupOpts *o, Error **errp)
 
 int cli_cmd_backup(int argc, char **argv)
 {
-    enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED, OPT_COMPRESS };
+    enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED, OPT_COMPRESS,
+           OPT_NBD_SOCKET };
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
         { "repo", required_argument, NULL, 'r' },
@@ -514,6 +525,7 @@ int cli_cmd_backup(int argc, char **argv)
         { "progress", no_argument, NULL, OPT_PROGRESS },
         { "speed", required_argument, NULL, OPT_SPEED },
         { "compress", required_argument, NULL, OPT_COMPRESS },
+        { "nbd-socket", required_argument, NULL, OPT_NBD_SOCKET },
         { NULL, 0, NULL, 0 },
     };
     BackupOpts o = { .level_auto = true, .compress = BACKUP_COMPRESS_DEFAULT };
@@ -591,6 +603,9 @@ int cli_cmd_backup(int argc, char **argv)
                 error_report_err(err);
                 return CLI_EXIT_ERROR;
             }
+            break;
+        case OPT_NBD_SOCKET:
+            o.nbd_socket = optarg;
             break;
         default:
             usage(stderr);

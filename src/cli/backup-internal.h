@@ -49,6 +49,13 @@ typedef struct Disk {
     size_t n_counts;
     bool job_failed;
     char *job_error;
+    /* Live pull (a full from a daemon other than bitbackd): the fleecing
+     * node, named "bbf-UUID8-HASH" (also its export's ID and name), the
+     * file under it, and what of it exists. */
+    bool pull;
+    char fleece[32];
+    char *fleece_path;
+    bool fleece_added, export_added;
     double copy_seconds;               /* point in time -> data written */
     double hash_seconds;               /* the hashing pass alone */
     double sync_seconds;               /* fsync of the data + commit */
@@ -76,6 +83,7 @@ typedef struct BackupOpts {
     bool json;
     bool progress;
     bool fake_now_set;                 /* BITBACK_FAKE_NOW (tests only) */
+    const char *nbd_socket;            /* --nbd-socket: the daemon's NBD server */
     time_t fake_now;
 } BackupOpts;
 
@@ -134,5 +142,12 @@ int backup_live(const BackupOpts *o, Repo *repo);
 
 /* backup-offline.c: the run for --image; a CLI exit status. */
 int backup_offline(const BackupOpts *o, Repo *repo);
+/* Copy the content of src that d's backup stores into d->tmp_path: for a
+ * full, the ranges block status does not report as zeroes (asked in the
+ * biggest steps src gives); else the union of d's source bitmaps in src.
+ * Compressed as o says.  (backup-offline.c; live pull uses it for fulls
+ * read over NBD.) */
+bool backup_copy_image(const BackupOpts *o, BlockDriverState *src, Disk *d,
+                       Error **errp);
 
 #endif

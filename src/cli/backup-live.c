@@ -163,8 +163,9 @@ static bool live_job_exists(QmpConn *qmp, const char *id, const char **ret_statu
 
 /* Step 1: a killed run may have left its job running, and its temporary
  * bitmaps.  Cancel and dismiss the job, remove PREFIX-*.src. */
-static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
-                         Error **errp)
+/* Cancel (or finalize) and dismiss the job d->job_id until the daemon
+ * has none by that ID (bounded: 60 s). */
+static bool live_end_job(QmpConn *qmp, Disk *d, Error **errp)
 {
     for (int tries = 0; tries < 6000; tries++) {
         const char *status;
@@ -193,6 +194,19 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
         json_object_put(r);
         usleep(10000);
     }
+    return true;
+}
+
+static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet);
+
+static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
+                         Error **errp)
+{
+    if (!live_end_job(qmp, d, errp)) {
+        return false;
+    }
+    /* A killed pull's fleecing export and node (absent: nothing). */
+    pull_remove_export_and_node(qmp, d, true);
     if (!live_query_disk(qmp, d, errp)) {
         return false;
     }
@@ -220,6 +234,249 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
         }
     }
     return live_query_disk(qmp, d, errp);
+}
+
+/* ---- Pull: a full backup from a daemon other than bitbackd ----
+ *
+ * QEMU's full backup job visits every 1 MiB of the virtual size (a 1 TiB
+ * empty disk took 98 s, a 64 TiB one hours), so a full from
+ * qemu-storage-daemon is pulled instead, with QEMU's documented image
+ * fleecing: a temporary qcow2 overlay node whose backing is the disk, a
+ * blockdev-backup sync=none job into it in the run's transaction (so the
+ * overlay keeps the point in time: the job copies old data there before
+ * a guest write lands), the overlay exported read-only over NBD, and
+ * bitback reads it with its nbd driver -- block status in the biggest
+ * steps the server gives, only the data ranges -- writing the backup's
+ * qcow2 itself (backup_copy_image, as offline).  Then the job is cancelled
+ * and the export, node, NBD server (when the run started it) and files
+ * removed.  The fleecing node is "bbf-" + 8 hex digits of the repository's
+ * UUID + a hash of the disk name: a killed run's is found and removed by
+ * the next (live_cleanup).  The overlay file lives in a private folder
+ * (mkdtemp) on this host, as does the NBD socket bitback starts. */
+
+typedef struct Pull {
+    char *dir;                  /* private folder: overlays, our socket */
+    char *sock;                 /* the NBD server's UNIX socket */
+    bool started;               /* the run started the NBD server */
+} Pull;
+
+static uint32_t name_hash(const char *s)
+{
+    uint32_t h = 2166136261u;            /* FNV-1a */
+    for (; *s; s++) {
+        h = (h ^ (uint8_t)*s) * 16777619u;
+    }
+    return h;
+}
+
+static void pull_name(const Repo *repo, Disk *d)
+{
+    snprintf(d->fleece, sizeof(d->fleece), "bbf-%.8s-%08x", repo->uuid,
+             name_hash(d->node));
+}
+
+static struct json_object *one_arg(const char *key, const char *value)
+{
+    struct json_object *a = json_object_new_object();
+    json_object_object_add(a, key, json_object_new_string(value));
+    return a;
+}
+
+/* Wait (bounded: 10 s) until the daemon lists no export with ID id. */
+static void pull_wait_export_gone(QmpConn *qmp, const char *id)
+{
+    for (int tries = 0; tries < 1000; tries++) {
+        _cleanup_json_ struct json_object *ex =
+            qmp_conn_execute(qmp, "query-block-exports", NULL, NULL);
+        bool found = false;
+
+        for (size_t i = 0; ex && i < json_object_array_length(ex); i++) {
+            const char *eid = json_opt_str(json_object_array_get_idx(ex, i), "id");
+            found |= eid && !strcmp(eid, id);
+        }
+        if (!found) {
+            return;
+        }
+        usleep(10000);
+    }
+}
+
+/* Remove d's fleecing export and node, best effort (quiet: whether they
+ * exist is not known, as for a killed run's). */
+static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet)
+{
+    if (!d->fleece[0] || (!quiet && !d->export_added && !d->fleece_added)) {
+        return;
+    }
+    if (quiet || d->export_added) {
+        struct json_object *a = one_arg("id", d->fleece);
+        json_object_object_add(a, "mode", json_object_new_string("hard"));
+        json_object_put(qmp_conn_execute(qmp, "block-export-del", a, NULL));
+        pull_wait_export_gone(qmp, d->fleece);
+        d->export_added = false;
+    }
+    if (quiet || d->fleece_added) {
+        json_object_put(qmp_conn_execute(qmp, "blockdev-del",
+                                         one_arg("node-name", d->fleece), NULL));
+        d->fleece_added = false;
+    }
+    if (d->fleece_path) {
+        unlink(d->fleece_path);
+    }
+}
+
+/* Before the transaction: the NBD server, and each pulled disk's overlay
+ * file and node. */
+static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
+                       size_t n, Pull *pl, Error **errp)
+{
+    const char *tmpdir = getenv("TMPDIR");
+    _cleanup_free_ char *templ = NULL;
+
+    if (asprintf(&templ, "%s/bitback-pull-XXXXXX",
+                 tmpdir && *tmpdir ? tmpdir : "/tmp") < 0) {
+        abort();
+    }
+    if (!mkdtemp(templ)) {
+        error_setg_errno(errp, errno, "cannot create a private folder in %s",
+                         tmpdir && *tmpdir ? tmpdir : "/tmp");
+        return false;
+    }
+    pl->dir = steal_pointer(&templ);
+    if (o->nbd_socket) {
+        pl->sock = backup_strdup(o->nbd_socket);
+    } else {
+        struct json_object *addr = json_object_new_object();
+        struct json_object *data = one_arg("path", "");
+        struct json_object *a = json_object_new_object();
+        struct json_object *r;
+        Error *err = NULL;
+
+        if (asprintf(&pl->sock, "%s/nbd.sock", pl->dir) < 0) {
+            abort();
+        }
+        json_object_object_add(data, "path", json_object_new_string(pl->sock));
+        json_object_object_add(addr, "type", json_object_new_string("unix"));
+        json_object_object_add(addr, "data", data);
+        json_object_object_add(a, "addr", addr);
+        r = qmp_conn_execute(qmp, "nbd-server-start", a, &err);
+        if (!r) {
+            error_setg(errp, "cannot start the daemon's NBD server for a pull "
+                       "(%s); if it runs one, give its socket with "
+                       "--nbd-socket", error_get_pretty(err));
+            error_free(err);
+            return false;
+        }
+        json_object_put(r);
+        pl->started = true;
+    }
+    for (size_t i = 0; i < n; i++) {
+        Disk *d = &disks[i];
+        struct json_object *a, *file, *r;
+
+        if (!d->pull) {
+            continue;
+        }
+        if (asprintf(&d->fleece_path, "%s/%s.qcow2", pl->dir, d->fleece) < 0) {
+            abort();
+        }
+        if (!bdrv_img_create(d->fleece_path, "qcow2", d->size, NULL, errp)) {
+            error_prepend(errp, "%s: ", d->node);
+            return false;
+        }
+        a = one_arg("driver", "qcow2");
+        file = one_arg("driver", "file");
+        json_object_object_add(file, "filename",
+                               json_object_new_string(d->fleece_path));
+        json_object_object_add(a, "node-name", json_object_new_string(d->fleece));
+        json_object_object_add(a, "file", file);
+        json_object_object_add(a, "backing", json_object_new_string(d->node));
+        r = qmp_conn_execute(qmp, "blockdev-add", a, errp);
+        if (!r) {
+            error_prepend(errp, "%s: cannot add the fleecing node: ", d->node);
+            return false;
+        }
+        json_object_put(r);
+        d->fleece_added = true;
+    }
+    return true;
+}
+
+/* After the transaction: export each pulled disk's point in time, read it
+ * over NBD into its target, check the fleecing job still runs (else the
+ * point in time may be broken), then end the job and remove the export
+ * and node. */
+static bool pull_copy(QmpConn *qmp, const BackupOpts *o, Disk *d,
+                      const Pull *pl, Error **errp)
+{
+    struct json_object *a = one_arg("type", "nbd"), *r;
+    _cleanup_free_ char *uri = NULL;
+    _cleanup_json_ struct json_object *jobs = NULL;
+    const char *status = NULL;
+    BlockDriverState *src;
+    bool ok;
+
+    json_object_object_add(a, "id", json_object_new_string(d->fleece));
+    json_object_object_add(a, "node-name", json_object_new_string(d->fleece));
+    json_object_object_add(a, "name", json_object_new_string(d->fleece));
+    json_object_object_add(a, "writable", json_object_new_boolean(false));
+    r = qmp_conn_execute(qmp, "block-export-add", a, errp);
+    if (!r) {
+        error_prepend(errp, "%s: cannot export the point in time: ", d->node);
+        return false;
+    }
+    json_object_put(r);
+    d->export_added = true;
+    if (asprintf(&uri, "nbd+unix:///%s?socket=%s", d->fleece, pl->sock) < 0) {
+        abort();
+    }
+    src = bdrv_open_image(uri, "raw", 0, errp);
+    if (!src) {
+        error_prepend(errp, "%s: ", d->node);
+        return false;
+    }
+    ok = backup_copy_image(o, src, d, errp);
+    bdrv_unref(src);
+    if (!ok) {
+        return false;
+    }
+    if (!live_job_exists(qmp, d->job_id, &status, &jobs, errp)) {
+        return false;
+    }
+    if (!status || strcmp(status, "running")) {
+        error_setg(errp, "%s: the fleecing job ended before the copy did "
+                   "(%s): the point in time cannot be vouched for", d->node,
+                   status ? status : "gone");
+        return false;
+    }
+    if (!live_end_job(qmp, d, errp)) {
+        return false;
+    }
+    pull_remove_export_and_node(qmp, d, false);
+    return true;
+}
+
+/* Undo pull_setup and what pull_copy left (every exit path). */
+static void pull_finish(QmpConn *qmp, Disk *disks, size_t n, Pull *pl)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (disks[i].pull) {
+            if (disks[i].fleece_added || disks[i].export_added) {
+                live_end_job(qmp, &disks[i], NULL);
+            }
+            pull_remove_export_and_node(qmp, &disks[i], false);
+        }
+    }
+    if (pl->started) {
+        json_object_put(qmp_conn_execute(qmp, "nbd-server-stop", NULL, NULL));
+        pl->started = false;
+    }
+    if (pl->dir) {
+        rmdir(pl->dir);
+    }
+    free(pl->dir);
+    free(pl->sock);
+    *pl = (Pull){ 0 };
 }
 
 /* Step 4: one transaction over every disk. */
@@ -285,6 +542,12 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         }
         json_object_object_add(job, "job-id", json_object_new_string(d->job_id));
         json_object_object_add(job, "device", json_object_new_string(d->node));
+        if (d->pull) {
+            json_object_object_add(job, "target", json_object_new_string(d->fleece));
+            json_object_object_add(job, "sync", json_object_new_string("none"));
+            add_action(actions, "blockdev-backup", job);
+            continue;
+        }
         json_object_object_add(job, "target", json_object_new_string(d->tmp_path));
         json_object_object_add(job, "format", json_object_new_string("qcow2"));
         json_object_object_add(job, "mode", json_object_new_string("existing"));
@@ -341,8 +604,12 @@ static Disk *disk_by_job(Disk *disks, size_t n, const char *job_id)
 static bool live_wait_jobs(QmpConn *qmp, const BackupOpts *o, Disk *disks,
                            size_t n, Error **errp)
 {
-    size_t left = n;
+    size_t left = 0;
     CliProgress *p = cli_progress_new("backup", 0, cli_progress_wanted(o->progress));
+
+    for (size_t i = 0; i < n; i++) {
+        left += !disks[i].pull;          /* a pulled disk's job was ended */
+    }
     bool want_progress = cli_progress_wanted(o->progress);
 
     while (left) {
@@ -368,7 +635,7 @@ static bool live_wait_jobs(QmpConn *qmp, const BackupOpts *o, Disk *disks,
 
             json_object_object_get_ex(ev, "data", &data);
             d = disk_by_job(disks, n, json_opt_str(data, "device"));
-            if (d && name && (!strcmp(name, "BLOCK_JOB_COMPLETED") ||
+            if (d && !d->pull && name && (!strcmp(name, "BLOCK_JOB_COMPLETED") ||
                               !strcmp(name, "BLOCK_JOB_CANCELLED"))) {
                 const char *msg = json_opt_str(data, "error");
 
@@ -522,6 +789,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
     int ret = CLI_EXIT_ERROR;
     _cleanup_free_ char *time_iso = NULL;
     bool failed = false;
+    Pull pull = { 0 };
     double t0;
 
     backup_catch_signals(true);
@@ -535,6 +803,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
          * same disk must never see it as a job of its killed runs. */
         snprintf(disks[i].job_id, sizeof(disks[i].job_id), "bitback-%.8s-%s",
                  repo->uuid, o->nodes[i]);
+        pull_name(repo, &disks[i]);
         for (size_t j = 0; j < i; j++) {
             if (!strcmp(o->nodes[i], o->nodes[j])) {
                 error_setg(&err, "node '%s' given twice", o->nodes[i]);
@@ -555,6 +824,17 @@ int backup_live(const BackupOpts *o, Repo *repo)
         ret = live_interrupted(qmp, repo, o, disks, n, seq, false);
         goto out;
     }
+    {
+        bool ours = live_is_bitbackd(qmp), any = false;
+
+        for (size_t i = 0; i < n; i++) {
+            disks[i].pull = disks[i].level == REPO_LEVEL_FULL && !ours;
+            any |= disks[i].pull;
+        }
+        if (any && !pull_setup(qmp, o, disks, n, &pull, &err)) {
+            goto out_tmp;
+        }
+    }
     if (!live_transaction(qmp, o, disks, n, &err)) {
         goto out_tmp;
     }
@@ -572,6 +852,11 @@ int backup_live(const BackupOpts *o, Repo *repo)
         if (b) {
             disks[i].granularity = b->granularity;
             disks[i].generation = b->generation ? backup_strdup(b->generation) : NULL;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (disks[i].pull && !pull_copy(qmp, o, &disks[i], &pull, &err)) {
+            goto out_tmp;
         }
     }
     if (!live_wait_jobs(qmp, o, disks, n, &err)) {
@@ -650,6 +935,9 @@ out:
     }
     for (size_t i = 0; i < n_made; i++) {
         repo_manifest_free(made[i]);
+    }
+    if (qmp) {
+        pull_finish(qmp, disks, n, &pull);
     }
     for (size_t i = 0; i < n; i++) {
         backup_disk_free(&disks[i]);

@@ -136,8 +136,8 @@ static size_t compress_extents(BdrvDirtyExtent *ext, size_t n, uint64_t cs,
     return k;
 }
 
-static bool offline_copy(const BackupOpts *o, BlockDriverState *src, Disk *d,
-                         Error **errp)
+bool backup_copy_image(const BackupOpts *o, BlockDriverState *src, Disk *d,
+                       Error **errp)
 {
     _cleanup_free_ void *buf = aligned_alloc(4096, BACKUP_COPY_CHUNK);
     BlockDriverState *dst;
@@ -358,7 +358,7 @@ int backup_offline(const BackupOpts *o, Repo *repo)
         }
     }
     d.copy_seconds = clock_monotonic_seconds();
-    if (!offline_copy(o, bs, &d, &err)) {
+    if (!backup_copy_image(o, bs, &d, &err)) {
         bdrv_close(bs, NULL);
         goto out_tmp;
     }

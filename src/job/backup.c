@@ -826,6 +826,13 @@ Job *backup_job_create(const char *job_id, BlockDriverState *source,
 
     job_progress_set_total(job, opts->sync == MIRROR_SYNC_MODE_NONE
                                 ? 0 : hbitmap_count_bytes(copy));
+    if (opts->sync == MIRROR_SYNC_MODE_FULL ||
+        opts->sync == MIRROR_SYNC_MODE_TOP) {
+        /* As QEMU: the whole image, what needs no copy already done. */
+        uint64_t copy_bytes = hbitmap_count_bytes(copy);
+        job_progress_set_total(job, (uint64_t)len);
+        job_progress_update(job, (uint64_t)len - copy_bytes);
+    }
 
     bdrv_ref(source);
     bdrv_ref(target);

@@ -623,7 +623,13 @@ static int nbd_drv_flush(BlockDriverState *bs)
     return nbd_flush(s->nbd, 0) < 0 ? nbd_errno() : 0;
 }
 
-/* What the base:allocation extent callback found: the first extent. */
+/* The biggest block status request: the protocol's 32-bit length, kept
+ * 64 KiB aligned.  (Reads stay at NBD_CMD_MAX_LEN.) */
+#define NBD_STATUS_MAX_LEN 0xffff0000u
+
+/* What the base:allocation extent callback found: the first extent, grown
+ * by the extents right after it that read the same way (zero or not), so
+ * one request answers for a whole run of holes or of data. */
 typedef struct NBDExtentResult {
     bool found;
     uint64_t length;
@@ -642,6 +648,13 @@ static int nbd_extent_cb(void *opaque, const char *metacontext,
     res->found = true;
     res->length = entries[0];
     res->flags = entries[1];
+    for (size_t i = 2; i + 1 < nr_entries && entries[i] != 0; i += 2) {
+        if ((entries[i + 1] & LIBNBD_STATE_ZERO) !=
+            (res->flags & LIBNBD_STATE_ZERO)) {
+            break;
+        }
+        res->length += entries[i];
+    }
     return 0;
 }
 
@@ -656,10 +669,10 @@ static int nbd_drv_block_status(BlockDriverState *bs, uint64_t offset,
     if (!nbd_in_range(s, offset, bytes) || bytes == 0) {
         return -EINVAL;
     }
-    uint64_t n = MIN(bytes, (uint64_t)NBD_CMD_MAX_LEN);
+    uint64_t n = MIN(bytes, (uint64_t)NBD_STATUS_MAX_LEN);
     NBDExtentResult res = { 0 };
     nbd_extent_callback cb = { .callback = nbd_extent_cb, .user_data = &res };
-    if (nbd_block_status(s->nbd, n, offset, cb, LIBNBD_CMD_FLAG_REQ_ONE) < 0) {
+    if (nbd_block_status(s->nbd, n, offset, cb, 0) < 0) {
         return nbd_errno();
     }
     if (!res.found || res.length == 0) {
