@@ -35,6 +35,7 @@
  * into the bitmaps step 4 froze and removes the run's files
  * (live_interrupted); the exit status is then 128 + the signal.
  */#include <errno.h>
+#include <inttypes.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,9 +55,10 @@ static void usage(FILE *out)
             "  bitback backup --connect QMP_SOCKET --node NODE [--node NODE2 ...] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME] [--speed BYTES]\n"
             "                 [--compress=off|zstd[:LEVEL]] [--nbd-socket PATH]\n"
+            "                 [--granularity SIZE]\n"
             "  bitback backup --image FILE [-f FMT] [--node NAME] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME]\n"
-            "                 [--compress=off|zstd[:LEVEL]]\n"
+            "                 [--compress=off|zstd[:LEVEL]] [--granularity SIZE]\n"
             "\n"
             "Take a backup into the repository DIR (created when missing).\n"
             "\n"
@@ -80,6 +82,12 @@ static void usage(FILE *out)
             "                        honoured where bitback writes the data: offline and\n"
             "                        with bitbackd; qemu-storage-daemon uses its own.\n"
             "                        Default: %s\n"
+            "  --granularity SIZE    the dirty bitmap's granularity when a chain starts (a\n"
+            "                        full; 4K to 2G, default the daemon's, 64K for qcow2);\n"
+            "                        its incrementals keep it and store it in clusters as\n"
+            "                        small, so scattered small writes store what changed\n"
+            "                        (bitbackd and offline; qemu-storage-daemon's backup\n"
+            "                        job copies at least 64K per write)\n"
             "  --nbd-socket PATH     live, a daemon other than bitbackd: the UNIX socket of\n"
             "                        its running NBD server (default: bitback starts one on\n"
             "                        a private socket for the run and stops it after)\n"
@@ -203,6 +211,9 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
     d->level = plan.level;
     d->parent_seq = plan.parent_seq;
     d->granularity = plan.granularity;
+    if (!d->granularity) {
+        d->granularity = o->granularity;   /* a new chain: --granularity */
+    }
     d->sources = steal_pointer(&plan.sources);
     d->n_sources = plan.n_sources;
     d->freeze = steal_pointer(&plan.freeze);
@@ -223,6 +234,20 @@ static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
     if (o->compress) {
         json_object_object_add(opts, "compression_type",
                                json_object_new_string("zstd"));
+    }
+    /* Clusters as small as the bitmap's granularity (below the default
+     * 64 KiB), so scattered small writes store what changed; never so
+     * small that the L1 table would pass QEMU's 32 MiB (4 Mi entries of
+     * cluster / 8 entries of cluster bytes each). */
+    if (d->granularity && d->granularity < 65536) {
+        uint64_t cs = MAX(d->granularity, 4096u);
+        while (cs < 65536 && d->size / (cs * (cs / 8)) >= (UINT64_C(4) << 20)) {
+            cs *= 2;
+        }
+        char buf[24];
+
+        snprintf(buf, sizeof(buf), "%" PRIu64, cs);
+        json_object_object_add(opts, "cluster_size", json_object_new_string(buf));
     }
     d->tmp_path = repo_tmp_data_path(repo, d->node, seq);
     unlink(d->tmp_path);
@@ -512,7 +537,7 @@ static bool parse_compress(const char *arg, BackupOpts *o, Error **errp)
 int cli_cmd_backup(int argc, char **argv)
 {
     enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED, OPT_COMPRESS,
-           OPT_NBD_SOCKET };
+           OPT_NBD_SOCKET, OPT_GRANULARITY };
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
         { "repo", required_argument, NULL, 'r' },
@@ -526,6 +551,7 @@ int cli_cmd_backup(int argc, char **argv)
         { "speed", required_argument, NULL, OPT_SPEED },
         { "compress", required_argument, NULL, OPT_COMPRESS },
         { "nbd-socket", required_argument, NULL, OPT_NBD_SOCKET },
+        { "granularity", required_argument, NULL, OPT_GRANULARITY },
         { NULL, 0, NULL, 0 },
     };
     BackupOpts o = { .level_auto = true, .compress = BACKUP_COMPRESS_DEFAULT };
@@ -607,6 +633,21 @@ int cli_cmd_backup(int argc, char **argv)
         case OPT_NBD_SOCKET:
             o.nbd_socket = optarg;
             break;
+        case OPT_GRANULARITY: {
+            uint64_t g;
+
+            if (!cli_parse_size(optarg, "granularity", &g, &err)) {
+                error_report_err(err);
+                return CLI_EXIT_ERROR;
+            }
+            if (!IS_POW2(g) || g < 4096 || g > (UINT64_C(1) << 31)) {
+                error_report("--granularity must be a power of two from 4K "
+                             "to 2G, not %s", optarg);
+                return CLI_EXIT_ERROR;
+            }
+            o.granularity = (uint32_t)g;
+            break;
+        }
         default:
             usage(stderr);
             return CLI_EXIT_ERROR;

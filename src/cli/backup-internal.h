@@ -63,7 +63,7 @@ typedef struct Disk {
 
 /* Whether `bitback backup` compresses without --compress (the one place
  * the default lives). */
-#define BACKUP_COMPRESS_DEFAULT false
+#define BACKUP_COMPRESS_DEFAULT true
 
 typedef struct BackupOpts {
     const char *repo_path;
@@ -84,6 +84,7 @@ typedef struct BackupOpts {
     bool progress;
     bool fake_now_set;                 /* BITBACK_FAKE_NOW (tests only) */
     const char *nbd_socket;            /* --nbd-socket: the daemon's NBD server */
+    uint32_t granularity;              /* --granularity: a new chain's bitmap */
     time_t fake_now;
 } BackupOpts;
 

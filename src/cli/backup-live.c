@@ -361,11 +361,20 @@ static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         json_object_object_add(a, "addr", addr);
         r = qmp_conn_execute(qmp, "nbd-server-start", a, &err);
         if (!r) {
-            error_setg(errp, "cannot start the daemon's NBD server for a pull "
-                       "(%s); if it runs one, give its socket with "
-                       "--nbd-socket", error_get_pretty(err));
+            /* It runs its own server, whose address QMP does not tell:
+             * push as before rather than fail. */
+            for (size_t i = 0; i < n; i++) {
+                if (disks[i].pull) {
+                    fprintf(stderr, "%s: the daemon runs its own NBD server "
+                            "(%s): pushing this full backup (QEMU's job visits "
+                            "the whole virtual size); give the server's socket "
+                            "with --nbd-socket to pull only the data\n",
+                            disks[i].node, error_get_pretty(err));
+                    disks[i].pull = false;
+                }
+            }
             error_free(err);
-            return false;
+            return true;
         }
         json_object_put(r);
         pl->started = true;

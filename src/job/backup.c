@@ -743,9 +743,15 @@ Job *backup_job_create(const char *job_id, BlockDriverState *source,
         }
     }
 
+    /* The copy unit: 64 KiB for full and top; with a bitmap, its
+     * granularity, but never below the target's cluster (no partial
+     * target cluster is written, so no copy-on-write from the target's
+     * backing): a 4 KiB bitmap into a 4 KiB-cluster target copies what
+     * changed, not 64 KiB per write. */
     uint64_t cluster_size = BACKUP_MIN_CLUSTER_SIZE;
-    if (bm && bm->granularity > cluster_size) {
-        cluster_size = bm->granularity;
+    if (bm) {
+        cluster_size = MAX((uint64_t)bm->granularity,
+                           target_cluster ? target_cluster : 512);
     }
     if (opts->compress && target_cluster > cluster_size) {
         cluster_size = target_cluster;   /* both powers of two */
