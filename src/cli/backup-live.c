@@ -837,7 +837,10 @@ int backup_live(const BackupOpts *o, Repo *repo)
         bool ours = live_is_bitbackd(qmp), any = false;
 
         for (size_t i = 0; i < n; i++) {
-            disks[i].pull = disks[i].level == REPO_LEVEL_FULL && !ours;
+            /* --speed: QEMU's job honours the rate limit; a pull
+             * would not. */
+            disks[i].pull = disks[i].level == REPO_LEVEL_FULL && !ours &&
+                            !o->speed;
             any |= disks[i].pull;
         }
         if (any && !pull_setup(qmp, o, disks, n, &pull, &err)) {

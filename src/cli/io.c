@@ -283,7 +283,7 @@ static bool io_write(IoState *s, int argc, char **argv, Error **errp)
     }
     quiet = OPT('q') != NULL;
     if ((OPT('P') || OPT('s')) && zero) {
-        error_setg(errp, "write: -z cannot be used with -P or -s");
+        error_setg(errp, "write: -z and -P or -s cannot be used together");
         return false;
     }
     if (OPT('P') && OPT('s')) {

@@ -90,7 +90,11 @@ def backup_midway(fl, repo, level, speed, action):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:
-        line = p.stderr.readline()
+        line = ""
+        for _ in range(5):             # a note may come first
+            line = p.stderr.readline()
+            if "started" in line or not line:
+                break
         assert "started" in line, line + p.stderr.read()
         action(p)
         _, err = p.communicate(timeout=120)

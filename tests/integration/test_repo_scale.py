@@ -30,6 +30,9 @@ GiB = 1024 * MiB
 TiB = 1024 * GiB
 RSS_LIMIT = 256 * MiB
 CHUNK = 4 * MiB
+# Uncompressed: the pattern writes would compress to nothing, and the
+# metadata bound is per GiB of data stored (test_compress covers zstd).
+PLAIN = ("--compress=off",)
 
 
 def offsets(size, n, salt=0):
@@ -76,12 +79,19 @@ def serve(kind, tmp_path, img):
 
 
 def full_backup_seconds(kind, tmp_path, img, repo):
+    """Serve img and take its full backup into repo, then (timed only) one
+    more into a scratch repository: the faster of the two, so a moment of
+    load on the machine does not decide the ratio."""
     d = serve(kind, tmp_path, img)
     try:
-        _, _, secs = measured("backup", "--connect", d.qmp_sock,
-                              "--node", "disk0", "--repo", repo,
-                              "--nbd-socket", d.nbd_sock)
-        return d, secs
+        best = None
+        for r in (repo, tmp_path / f"scratch-{img.stem}"):
+            _, _, secs = measured("backup", "--connect", d.qmp_sock,
+                                  "--node", "disk0", "--repo", r,
+                                  "--nbd-socket", d.nbd_sock, *PLAIN)
+            best = secs if best is None else min(best, secs)
+        run(["rm", "-rf", tmp_path / f"scratch-{img.stem}"])
+        return d, best
     except BaseException:
         d.cleanup()
         raise
@@ -130,7 +140,7 @@ def test_64tib_disk(kind, tmp_path):
         try:
             nbd_write(f"nbd+unix:///disk0?socket={d.nbd_sock}", 64 * TiB, seq)
             measured("backup", "--connect", d.qmp_sock, "--node", "disk0",
-                     "--repo", repo, "--nbd-socket", d.nbd_sock)
+                     "--repo", repo, "--nbd-socket", d.nbd_sock, *PLAIN)
         finally:
             stop(d)
         run(["cp", "--sparse=always", big, points / f"ref-{seq}.qcow2"])

@@ -39,6 +39,8 @@
 #include <sys/uio.h>
 #include <time.h>
 
+#include <pthread.h>
+
 #include <libnbd.h>
 
 #include "block/block.h"
@@ -76,7 +78,16 @@ typedef struct BDRVNBDState {
     bool can_trim;
     bool can_flush;
     bool has_base_allocation;
+
+    /* Block status read ahead (nbd_drv_block_status): what the server said
+     * about [runs[0].off, end of the last run), as runs of zero or data,
+     * merged; cleared by every write.  Protected by status_lock. */
+    pthread_mutex_t status_lock;
+    struct NBDStatusRun *runs;
+    size_t n_runs, cap_runs;
 } BDRVNBDState;
+
+static void nbd_status_forget(BDRVNBDState *s);
 
 static void nbd_handle_closep(struct nbd_handle **h)
 {
@@ -424,6 +435,7 @@ static bool nbd_drv_open(BlockDriverState *bs, struct json_object *options,
     s->can_fast_zero = s->can_zero && nbd_flag(nbd_can_fast_zero(h));
     s->can_trim = nbd_flag(nbd_can_trim(h));
     s->can_flush = nbd_flag(nbd_can_flush(h));
+    pthread_mutex_init(&s->status_lock, NULL);
     s->has_base_allocation =
         nbd_flag(nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION));
 
@@ -457,6 +469,9 @@ static void nbd_drv_close(BlockDriverState *bs)
         nbd_close(s->nbd);
         s->nbd = NULL;
     }
+    free(s->runs);
+    s->runs = NULL;
+    s->n_runs = s->cap_runs = 0;
 }
 
 static int64_t nbd_drv_getlength(BlockDriverState *bs)
@@ -527,6 +542,7 @@ static int nbd_drv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes
                            const struct iovec *iov, int niov, int flags)
 {
     BDRVNBDState *s = bs->opaque;
+    nbd_status_forget(s);           /* the status read ahead is stale */
     /* Invariant 1: the export cannot grow. */
     if (!nbd_in_range(s, offset, bytes) || iov_size(iov, niov) < bytes) {
         return -EINVAL;
@@ -559,6 +575,7 @@ static int nbd_drv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
                                  uint64_t bytes, int flags)
 {
     BDRVNBDState *s = bs->opaque;
+    nbd_status_forget(s);           /* the status read ahead is stale */
     if (!nbd_in_range(s, offset, bytes)) {
         return -EINVAL;
     }
@@ -597,6 +614,7 @@ static int nbd_drv_pdiscard(BlockDriverState *bs, uint64_t offset,
                             uint64_t bytes)
 {
     BDRVNBDState *s = bs->opaque;
+    nbd_status_forget(s);           /* the status read ahead is stale */
     if (!nbd_in_range(s, offset, bytes)) {
         return -EINVAL;
     }
@@ -626,36 +644,147 @@ static int nbd_drv_flush(BlockDriverState *bs)
 /* The biggest block status request: the protocol's 32-bit length, kept
  * 64 KiB aligned.  (Reads stay at NBD_CMD_MAX_LEN.) */
 #define NBD_STATUS_MAX_LEN 0xffff0000u
+/* Requests in flight when block status reads ahead: a walk over a huge
+ * sparse export costs round trips, not server time (a 64 TiB qcow2 served
+ * by qemu-storage-daemon is 16384 requests of 4 GiB). */
+#define NBD_STATUS_AHEAD 16
 
-/* What the base:allocation extent callback found: the first extent, grown
- * by the extents right after it that read the same way (zero or not), so
- * one request answers for a whole run of holes or of data. */
-typedef struct NBDExtentResult {
-    bool found;
-    uint64_t length;
-    uint32_t flags;
-} NBDExtentResult;
+typedef struct NBDStatusRun {
+    uint64_t off, len;
+    bool zero;
+} NBDStatusRun;
 
-static int nbd_extent_cb(void *opaque, const char *metacontext,
+/* One request of a read ahead: its range, and the runs its reply gave. */
+typedef struct NBDStatusWindow {
+    uint64_t off, len;
+    NBDStatusRun *runs;
+    size_t n, cap;
+    uint64_t covered;          /* bytes from off the reply described */
+    bool failed;
+} NBDStatusWindow;
+
+static void status_push(NBDStatusRun **runs, size_t *n, size_t *cap,
+                        uint64_t off, uint64_t len, bool zero)
+{
+    if (*n && (*runs)[*n - 1].zero == zero &&
+        (*runs)[*n - 1].off + (*runs)[*n - 1].len == off) {
+        (*runs)[*n - 1].len += len;
+        return;
+    }
+    if (*n == *cap) {
+        size_t c = *cap ? *cap * 2 : 16;
+        NBDStatusRun *r = realloc(*runs, c * sizeof(*r));
+        if (!r) {
+            abort();
+        }
+        *runs = r;
+        *cap = c;
+    }
+    (*runs)[(*n)++] = (NBDStatusRun){ off, len, zero };
+}
+
+/* base:allocation extents of one window.  Only the ZERO bit promises that
+ * reads return zeroes; a hole without it may read as anything, so it
+ * counts as data. */
+static int nbd_status_cb(void *opaque, const char *metacontext,
                          uint64_t offset, uint32_t *entries, size_t nr_entries,
                          int *error)
 {
-    NBDExtentResult *res = opaque;
+    NBDStatusWindow *w = opaque;
+
     if (strcmp(metacontext, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0 ||
-        res->found || nr_entries < 2) {
+        offset != w->off || w->covered) {
         return 0;
     }
-    res->found = true;
-    res->length = entries[0];
-    res->flags = entries[1];
-    for (size_t i = 2; i + 1 < nr_entries && entries[i] != 0; i += 2) {
-        if ((entries[i + 1] & LIBNBD_STATE_ZERO) !=
-            (res->flags & LIBNBD_STATE_ZERO)) {
+    for (size_t i = 0; i + 1 < nr_entries && entries[i] != 0; i += 2) {
+        uint64_t len = MIN((uint64_t)entries[i], w->len - w->covered);
+        if (!len) {
             break;
         }
-        res->length += entries[i];
+        status_push(&w->runs, &w->n, &w->cap, w->off + w->covered, len,
+                    entries[i + 1] & LIBNBD_STATE_ZERO);
+        w->covered += len;
     }
     return 0;
+}
+
+/* Ask the server about up to NBD_STATUS_AHEAD windows from offset at
+ * once and keep what comes back, contiguous from offset, as the cache.
+ * 0 or -errno.  Caller holds status_lock. */
+static int nbd_status_fill_locked(BDRVNBDState *s, uint64_t offset)
+{
+    NBDStatusWindow w[NBD_STATUS_AHEAD] = { 0 };
+    int64_t cookie[NBD_STATUS_AHEAD];
+    size_t n = 0, pending = 0;
+    int ret = 0;
+
+    for (uint64_t off = offset; n < NBD_STATUS_AHEAD && off < s->size; n++) {
+        w[n].off = off;
+        w[n].len = MIN(s->size - off, (uint64_t)NBD_STATUS_MAX_LEN);
+        off += w[n].len;
+    }
+    for (size_t i = 0; i < n; i++) {
+        nbd_extent_callback cb = { .callback = nbd_status_cb,
+                                   .user_data = &w[i] };
+        cookie[i] = nbd_aio_block_status(s->nbd, w[i].len, w[i].off, cb,
+                                         NBD_NULL_COMPLETION, 0);
+        if (cookie[i] < 0) {
+            ret = nbd_errno();
+            n = i;              /* wait for the ones already sent */
+            break;
+        }
+        pending++;
+    }
+    while (pending) {
+        for (size_t i = 0; i < n; i++) {
+            if (cookie[i] <= 0) {
+                continue;
+            }
+            int r = nbd_aio_command_completed(s->nbd, (uint64_t)cookie[i]);
+            if (r == 0) {
+                continue;
+            }
+            if (r < 0) {
+                w[i].failed = true;
+                if (!ret) {
+                    ret = nbd_errno();
+                }
+            }
+            cookie[i] = 0;
+            pending--;
+        }
+        if (pending && nbd_poll(s->nbd, -1) < 0) {
+            if (!ret) {
+                ret = nbd_errno();
+            }
+            break;
+        }
+    }
+    /* The cache: the windows in order, up to the first gap. */
+    s->n_runs = 0;
+    for (size_t i = 0; i < n && !w[i].failed; i++) {
+        for (size_t k = 0; k < w[i].n; k++) {
+            status_push(&s->runs, &s->n_runs, &s->cap_runs, w[i].runs[k].off,
+                        w[i].runs[k].len, w[i].runs[k].zero);
+        }
+        if (w[i].covered < w[i].len) {
+            break;
+        }
+    }
+    for (size_t i = 0; i < NBD_STATUS_AHEAD; i++) {
+        free(w[i].runs);
+    }
+    if (pending) {
+        return ret ? ret : -EIO;  /* the connection is gone */
+    }
+    return s->n_runs ? 0 : (ret ? ret : -EIO);
+}
+
+static void nbd_status_forget(BDRVNBDState *s)
+{
+    pthread_mutex_lock(&s->status_lock);
+    s->n_runs = 0;
+    pthread_mutex_unlock(&s->status_lock);
 }
 
 static int nbd_drv_block_status(BlockDriverState *bs, uint64_t offset,
@@ -669,22 +798,32 @@ static int nbd_drv_block_status(BlockDriverState *bs, uint64_t offset,
     if (!nbd_in_range(s, offset, bytes) || bytes == 0) {
         return -EINVAL;
     }
-    uint64_t n = MIN(bytes, (uint64_t)NBD_STATUS_MAX_LEN);
-    NBDExtentResult res = { 0 };
-    nbd_extent_callback cb = { .callback = nbd_extent_cb, .user_data = &res };
-    if (nbd_block_status(s->nbd, n, offset, cb, 0) < 0) {
-        return nbd_errno();
+    pthread_mutex_lock(&s->status_lock);
+    size_t i = 0;
+    if (!s->n_runs || offset < s->runs[0].off ||
+        offset >= s->runs[s->n_runs - 1].off + s->runs[s->n_runs - 1].len) {
+        int r = nbd_status_fill_locked(s, offset);
+        if (r < 0) {
+            pthread_mutex_unlock(&s->status_lock);
+            return r;
+        }
     }
-    if (!res.found || res.length == 0) {
-        return -EIO;    /* the server broke its promise of an extent */
+    /* The run holding offset (runs are sorted and contiguous). */
+    size_t lo = 0, hi = s->n_runs;
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        if (s->runs[mid].off <= offset) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
     }
-    *pnum = MIN(res.length, bytes);
-    /* Only the ZERO bit promises that reads return zeroes; a hole without
-     * it may read as anything, so it must be treated as data. */
-    if (res.flags & LIBNBD_STATE_ZERO) {
-        return BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED;
-    }
-    return BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED;
+    i = lo;
+    bool zero = s->runs[i].zero;
+    *pnum = MIN(s->runs[i].off + s->runs[i].len - offset, bytes);
+    pthread_mutex_unlock(&s->status_lock);
+    return zero ? BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED
+                : BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED;
 }
 
 static void nbd_drv_info(BlockDriverState *bs, struct json_object *data)
