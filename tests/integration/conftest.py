@@ -107,3 +107,25 @@ def serve_qcow2_ro(workdir, image):
     d.qmp.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
               name="d0", writable=False)
     return d
+
+
+# A passed test's files go as soon as it ends (a failed one's stay for
+# the report): the suite's images add up to tens of GB otherwise, all kept
+# until the run ends.
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item._bitback_passed = rep.passed
+
+
+@pytest.fixture(autouse=True)
+def _remove_passed_tmp_path(request):
+    # Taken before the test's own fixtures, so they are torn down (their
+    # daemons stopped) before the folder goes.
+    tmp = request.getfixturevalue("tmp_path") \
+        if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is not None and getattr(request.node, "_bitback_passed", False):
+        shutil.rmtree(tmp, ignore_errors=True)
