@@ -236,9 +236,11 @@ void repo_remove_tmp_files(Repo *repo, const char *node)
 }
 
 /* An index file nothing refers to: its backup is gone, or a prune made it
- * a synthetic full with a new index, or a run died before its commit.
- * The indexes of a backup with a pending manifest (.ID.json.tmp: a prune
- * or a commit under way or interrupted) all stay. */
+ * a synthetic full with a new index.  The indexes of a backup with a
+ * pending manifest (.ID.json.tmp: a prune or a commit under way or
+ * interrupted) or an attempt marker (ID.attempt: a backup run that has
+ * not finished its commit, perhaps right now in another process) all
+ * stay; a killed run's go once its marker does. */
 static bool remove_stale_index(void *opaque, const char *name)
 {
     NodeScan *ns = opaque;
@@ -250,7 +252,9 @@ static bool remove_stale_index(void *opaque, const char *name)
     }
     _cleanup_free_ char *pending = repo_tmp_manifest_path(ns->repo, ns->node,
                                                           seq);
-    if (ns->repo->storage->stat(pending, &st) == 0) {
+    _cleanup_free_ char *attempt = repo_attempt_path(ns->repo, ns->node, seq);
+    if (ns->repo->storage->stat(pending, &st) == 0 ||
+        ns->repo->storage->stat(attempt, &st) == 0) {
         return true;
     }
     RepoManifest *m = repo_lookup(ns->repo, ns->node, seq);
