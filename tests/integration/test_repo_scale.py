@@ -79,18 +79,21 @@ def serve(kind, tmp_path, img):
 
 
 def full_backup_seconds(kind, tmp_path, img, repo):
-    """Serve img and take its full backup into repo, then (timed only) one
-    more into a scratch repository: the faster of the two, so a moment of
-    load on the machine does not decide the ratio."""
+    """Serve img and take its full backup into repo, then (timed only) two
+    more into scratch repositories: the fastest of the three, so a moment
+    of load on the machine (or of the disk flushing) does not decide the
+    ratio."""
     d = serve(kind, tmp_path, img)
     try:
         best = None
-        for r in (repo, tmp_path / f"scratch-{img.stem}"):
+        for r in (repo, tmp_path / f"scratch-{img.stem}",
+                  tmp_path / f"scratch2-{img.stem}"):
             _, _, secs = measured("backup", "--connect", d.qmp_sock,
                                   "--node", "disk0", "--repo", r,
                                   "--nbd-socket", d.nbd_sock, *PLAIN)
             best = secs if best is None else min(best, secs)
-        run(["rm", "-rf", tmp_path / f"scratch-{img.stem}"])
+        run(["rm", "-rf", tmp_path / f"scratch-{img.stem}",
+             tmp_path / f"scratch2-{img.stem}"])
         return d, best
     except BaseException:
         d.cleanup()
@@ -131,6 +134,8 @@ def test_64tib_disk(kind, tmp_path):
     # right after the backup (nothing writes in between) and the file
     # copied; it starts again for the next writes.
     stop(d)
+    print(f"{kind}: full backup of 64 TiB {t_big:.2f} s, of 1 GiB "
+          f"{t_small:.2f} s (best of 3 each)")
     assert t_big <= 3 * max(t_small, 0.5), \
         f"64 TiB full backup took {t_big:.1f} s, the 1 GiB one " \
         f"{t_small:.1f} s"

@@ -647,7 +647,7 @@ static int nbd_drv_flush(BlockDriverState *bs)
 /* Requests in flight when block status reads ahead: a walk over a huge
  * sparse export costs round trips, not server time (a 64 TiB qcow2 served
  * by qemu-storage-daemon is 16384 requests of 4 GiB). */
-#define NBD_STATUS_AHEAD 16
+#define NBD_STATUS_AHEAD 64
 
 typedef struct NBDStatusRun {
     uint64_t off, len;
