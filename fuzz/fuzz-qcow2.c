@@ -8,8 +8,8 @@
  * discard, a zero write, a flush, the check routine and a last read; and
  * the close, which stores bitmaps and flushes.  Every operation may fail;
  * none may crash, leak, hang or grow the file past FUZZ_MAX_FILE (the
- * target aborts then: B3 says the allocator stays near the end of the
- * file).  The second input byte picks the guest offsets.
+ * target aborts then: B3 says the allocator stays within 1 GiB of the
+ * end of the file).  The second input byte picks the guest offsets.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -27,8 +27,10 @@
 
 #define FUZZ_MAX_INPUT (1u << 20)
 /* Bytes the operations below can add to a sane file, with room for a new
- * refcount table and blocks: anything beyond is an allocation past B3. */
-#define FUZZ_MAX_FILE (FUZZ_MAX_INPUT + (64u << 20))
+ * refcount table and blocks, past the 1 GiB that B3 lets the refcounts
+ * count beyond the end (a crash's leaks): anything beyond is an allocation
+ * past B3. */
+#define FUZZ_MAX_FILE (FUZZ_MAX_INPUT + (1ull << 30) + (64u << 20))
 
 static void guest_ops(BlockDriverState *bs, uint8_t pick)
 {

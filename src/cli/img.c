@@ -13,7 +13,8 @@
  * check   runs the driver's check hook read-only.  Inconsistent bitmaps are
  *         reported too, as warnings: they are not corruption (the data is
  *         intact) but they can only be removed, so the exit status is 3
- *         (qemu-img check's "leaks only") when they are the only problem.
+ *         (qemu-img check's "leaks only") when they and leaked clusters are
+ *         the only problems.
  *
  * Output is streamed: a map with millions of extents is printed as it is
  * computed, never built in memory as one JSON document.
@@ -1004,16 +1005,17 @@ static char *check_messages_text(const BdrvCheckResult *res)
 /*
  * Print a finished check as qemu-img check does: JSON on stdout, or the
  * messages and warnings on stderr and the verdict on stdout.  `problems` is
- * every problem the driver counted: as before BdrvCheckResult existed, leaks
- * and check errors count as corruption here, in "corruptions" and in the
- * exit status (qemu-img check would exit 3 on leaks only, 1 on check
- * errors).  The numbers qemu-img adds to its JSON are added when known.
+ * every corruption and check error the driver counted (check errors count
+ * as corruption here; qemu-img check would exit 1 on them).  Leaked
+ * clusters are reported apart, as qemu-img does: harmless, exit status 3
+ * when they are the only problem.  The numbers qemu-img adds to its JSON
+ * are added when known.
  */
 static void check_print(const char *filename, const char *format,
                         const BdrvCheckResult *res,
                         struct json_object *bad_bitmaps, bool json)
 {
-    uint64_t problems = bdrv_check_problems(res);
+    uint64_t problems = res->corruptions + res->check_errors;
     size_t nb_bad = json_object_array_length(bad_bitmaps);
 
     if (json) {
@@ -1024,6 +1026,10 @@ static void check_print(const char *filename, const char *format,
         json_object_object_add(o, "check-errors", json_object_new_int(0));
         json_object_object_add(o, "corruptions",
                                json_object_new_int64((int64_t)problems));
+        if (res->leaks) {
+            json_object_object_add(o, "leaks",
+                                   json_object_new_int64((int64_t)res->leaks));
+        }
         if (text) {
             json_object_object_add(o, "problems", json_object_new_string(text));
         }
@@ -1067,7 +1073,16 @@ static void check_print(const char *filename, const char *format,
         fprintf(stderr, "\n%" PRIu64 " errors were found on the image.\n"
                 "Data may be corrupted, or further writes to the image "
                 "may corrupt it.\n", problems);
-    } else if (nb_bad) {
+    }
+    if (res->leaks > 0) {
+        fprintf(stderr, "\n%" PRIu64 " leaked clusters were found on the "
+                "image.\nThis means waste of disk space, but no harm to "
+                "data.\n", res->leaks);
+    }
+    if (problems > 0 || res->leaks > 0) {
+        return;
+    }
+    if (nb_bad) {
         fprintf(stderr, "\n%zu inconsistent bitmap(s) were found; the "
                 "image data itself is intact.\n", nb_bad);
     } else {
@@ -1133,8 +1148,8 @@ static int img_check(int argc, char **argv)
             json_object_array_add(bad_bitmaps, b);
         }
     }
-    ret = bdrv_check_problems(&res) > 0 ? CLI_EXIT_CORRUPT
-        : json_object_array_length(bad_bitmaps) ? CLI_EXIT_CHECK_WARN
+    ret = res.corruptions + res.check_errors > 0 ? CLI_EXIT_CORRUPT
+        : res.leaks || json_object_array_length(bad_bitmaps) ? CLI_EXIT_CHECK_WARN
         : CLI_EXIT_OK;
     check_print(filename, bs->drv->format_name, &res, bad_bitmaps, io.json);
     bdrv_check_result_clear(&res);

@@ -138,6 +138,54 @@ def test_refcounts_past_eof_do_not_grow_file(tmp_path):
     assert_refused(img, p)
 
 
+def leak_past_eof(img, n):
+    """Count n clusters past the end of the file, as a crash between a
+    refcount update and the cluster's write leaves them."""
+    eof = -(-img.size() // img.cs)   # a partial last cluster is in the file
+    for c in range(eof, eof + n):
+        img.set_refcount(c, 1)
+    return eof
+
+
+def test_crash_leak_past_eof_is_a_leak_not_a_corruption(tmp_path):
+    """A crash leaves clusters counted past the end of the file (a CI run's
+    SIGKILL trial hit it: the reopen then failed, the image marked
+    corrupt).  They are leaks (B3, K1): img check exits 3 and calls them
+    harmless, the image opens read-write, marks its bitmap in use, takes
+    new writes past them, and stays clean for qemu-img."""
+    img = Image(tmp_path / "leak.qcow2", "4M", 65536, ["write -q -P 7 0 64k"])
+    run(["qemu-img", "bitmap", "--add", img.path, "b0"])
+    eof = leak_past_eof(img, 4)
+    p = bitback("img", "check", "-f", "qcow2", img.path, check=False,
+                timeout=BOUND)
+    assert p.returncode == 3, (p.returncode, p.stdout, p.stderr)
+    assert f"Leaked clusters {eof}-{eof + 3} (past the end of the file)" \
+        in p.stderr, p.stderr
+    assert "4 leaked clusters were found" in p.stderr
+    assert "no harm to data" in p.stderr and "errors" not in p.stderr
+    p = io(img, "write -P 0x5a 1M 64k", "flush", "read -P 7 0 64k")
+    assert p.returncode == 0, p.stderr
+    assert not corrupt_bit(img)
+    q = run(["qemu-img", "check", "--output=json", img.path], check=False)
+    assert q.returncode in (0, 3), q.stdout + q.stderr
+    assert json.loads(q.stdout).get("corruptions", 0) == 0, q.stdout
+    run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 1M 64k",
+         "-c", "read -P 7 0 64k", img.path])
+
+
+def test_claims_past_the_leak_window_are_a_corruption(tmp_path):
+    """Refcounts that count clusters more than a crash can leave past the
+    end (1 GiB, B3): img check calls the image corrupt (exit 2) and names
+    the refcount block once."""
+    img = Image(tmp_path / "far.qcow2", "4M", 65536, ["write -q 0 64k"])
+    img.put(img.refblock_offset() + 2 * (img.size() // img.cs),
+            struct.pack(">H", 1) * (img.cs // 2 - img.size() // img.cs))
+    p = bitback("img", "check", "-f", "qcow2", img.path, check=False,
+                timeout=BOUND)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "counts clusters more than 1024 MiB past the end" in p.stderr
+
+
 def test_clean_image_never_trips_the_checks(tmp_path):
     """Allocating, overwriting, discarding and zeroing across several L2
     tables of a clean image: no overlap, qemu-img check is clean (O3)."""

@@ -386,17 +386,22 @@ static int64_t alloc_run_locked(BlockDriverState *bs, uint64_t n, bool exact,
     for (;;) {
         uint64_t start = MAX(s->free_cluster_index, 1), run = 0;
         bool need_block = false;
-        /* B3: a consistent image counts no cluster past the end of the
-         * file, so a free one is found at the latest there (or after
-         * what this session allocated, not yet written).  Refcounts that
-         * claim more are corrupt: refuse rather than grow the file. */
-        uint64_t bound = MAX(DIV_ROUND_UP(file_length(bs), cs), s->alloc_end);
+        /* B3: a crash between a refcount update and the cluster's write
+         * leaves clusters counted past the end of the file (leaks, as in
+         * QEMU): they are skipped like any used cluster.  A crash leaves
+         * at most what was in flight, so refcounts that claim more than
+         * QCOW2_LEAK_WINDOW past the end (or past what this session
+         * allocated, not yet written) are corrupt: refuse rather than
+         * grow the file far past its end. */
+        uint64_t end = MAX(DIV_ROUND_UP(file_length(bs), cs), s->alloc_end);
+        uint64_t bound = end + MAX(QCOW2_LEAK_WINDOW / cs, 1);
         while (run < n) {
             uint64_t c = start + run;
             if (run == 0 && c > bound) {
                 return qcow2_signal_corruption_locked(bs, "the refcounts "
-                    "claim every cluster up to 0x%" PRIx64 " in use, past "
-                    "the end of the file (0x%" PRIx64 ")", c * cs, bound * cs);
+                    "claim every cluster up to 0x%" PRIx64 " in use, more "
+                    "than %" PRIu64 " MiB past the end of the file (0x%"
+                    PRIx64 ")", c * cs, (uint64_t)(QCOW2_LEAK_WINDOW >> 20), end * cs);
             }
             if ((c + 1) * cs > QCOW2_MAX_HOST_OFFSET) {
                 if (!exact && run > 0) {
@@ -749,19 +754,41 @@ static void check_bitmaps(BlockDriverState *bs, CheckState *cs)
     }
 }
 
+/* Report n leaked clusters past the end of the file from `first` as one
+ * problem per cluster but one message per run (K1: the messages stay
+ * bounded). */
+static void report_leaks_past_eof(CheckState *cs, uint64_t first, uint64_t n)
+{
+    if (n == 0) {
+        return;
+    }
+    if (n == 1) {
+        bdrv_check_report(cs->res, BDRV_CHECK_LEAK, "Leaked cluster %" PRIu64
+                          " (past the end of the file) reference=0", first);
+        return;
+    }
+    bdrv_check_report(cs->res, BDRV_CHECK_LEAK, "Leaked clusters %" PRIu64
+                      "-%" PRIu64 " (past the end of the file) reference=0",
+                      first, first + n - 1);
+    cs->res->leaks += n - 1;
+}
+
 /* Report the clusters past the end of the file that the refcount block at
- * `off` (entry i of the refcount table) counts.  The one region the end of
- * the file cuts is scanned once and reported per cluster.  A region wholly
- * past the end is reported once per entry that names a counting block, and
- * each such block is scanned once, whatever number of entries name it. */
+ * `off` (entry i of the refcount table) counts.  Those up to
+ * QCOW2_LEAK_WINDOW past the end are leaks (what a crash leaves, B3),
+ * reported per cluster; those beyond are a corruption.  A region that
+ * reaches into the window is scanned per cluster; a region wholly past it
+ * is reported once per entry that names a counting block, and each such
+ * block is scanned once, whatever number of entries name it (K1). */
 static void check_refblock_past_eof(BlockDriverState *bs, CheckState *cs,
                                     uint64_t i, uint64_t off)
 {
     BDRVQcow2State *s = bs->opaque;
     uint64_t per_block = 1ull << s->refcount_block_bits;
     uint64_t region_first = i << s->refcount_block_bits;
+    uint64_t leak_end = cs->nb_clusters + MAX(QCOW2_LEAK_WINDOW / s->cluster_size, 1);
     uint64_t c = off >> s->cluster_bits;
-    bool whole = region_first >= cs->nb_clusters;
+    bool whole = region_first >= leak_end;
     bool memo = whole && c < cs->nb_clusters;
     bool counts = false;
     if (memo && (cs->walked[c] & CHECK_SCANNED_PAST_EOF)) {
@@ -772,26 +799,31 @@ static void check_refblock_past_eof(BlockDriverState *bs, CheckState *cs,
         if (load_refblock_locked(bs, i, &block, &boff) < 0 || !block) {
             return;   /* reported with the references above */
         }
-        for (uint64_t k = whole ? 0 : cs->nb_clusters - region_first;
-             k < per_block && !(whole && counts); k++) {
+        uint64_t k = region_first < cs->nb_clusters ? cs->nb_clusters - region_first : 0;
+        uint64_t run = 0;   /* leaked clusters just before k */
+        for (; k < per_block && !(whole && counts); k++) {
             uint64_t rc = rb_get(s, block, k);
-            if (rc && !whole) {
-                bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR "
-                                  "cluster %" PRIu64 " past the end of the "
-                                  "file has refcount %" PRIu64,
-                                  region_first + k, rc);
+            bool leak = rc && !whole && region_first + k < leak_end;
+            if (leak) {
+                run++;
+            } else {
+                report_leaks_past_eof(cs, region_first + k - run, run);
+                run = 0;
+                counts = counts || rc;
             }
-            counts = counts || rc;
         }
+        report_leaks_past_eof(cs, region_first + k - run, run);
         if (memo) {
             cs->walked[c] |= CHECK_SCANNED_PAST_EOF |
                              (counts ? CHECK_COUNTS_PAST_EOF : 0);
         }
     }
-    if (whole && counts) {
+    if (counts) {
         bdrv_check_report(cs->res, BDRV_CHECK_CORRUPTION, "ERROR refcount "
                           "block %" PRIu64 " (at 0x%" PRIx64 ") counts "
-                          "clusters past the end of the file", i, off);
+                          "clusters more than %" PRIu64 " MiB past the end "
+                          "of the file", i, off,
+                          (uint64_t)(QCOW2_LEAK_WINDOW >> 20));
     }
 }
 

@@ -112,9 +112,10 @@ typedef struct BDRVQcow2State {
     Qcow2Bitmaps *bitmaps;           /* qcow2-bitmap.c's state, or NULL */
 
     uint64_t free_cluster_index;     /* allocation search hint */
-    /* Bound of the allocator (B3): a run never starts past
-     * MAX(clusters in the file, alloc_end); alloc_end is the end (cluster
-     * index) of everything allocated since open. */
+    /* Bound of the allocator (B3): a run never starts more than
+     * QCOW2_LEAK_WINDOW past MAX(clusters in the file, alloc_end);
+     * alloc_end is the end (cluster index) of everything allocated since
+     * open. */
     uint64_t alloc_end;
     /* Where the next compressed cluster's bytes go (host byte offset inside
      * a host cluster that compressed data of this session partly fills),
@@ -172,6 +173,10 @@ typedef struct BDRVQcow2State {
 #define QCOW2_MAX_L1_BYTES       (32u * 1024 * 1024)
 #define QCOW2_MAX_REFTABLE_BYTES (8u * 1024 * 1024)
 #define QCOW2_MAX_HOST_OFFSET    (1ull << 56)
+/* How far past the end of the file (or of this session's allocations) the
+ * refcounts may count clusters before that is a corruption (B3): what a
+ * crash can leave counted but never written. */
+#define QCOW2_LEAK_WINDOW        (1ull << 30)
 
 typedef enum Qcow2ClusterType {
     QCOW2_CLUSTER_UNALLOCATED,
