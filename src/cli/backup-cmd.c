@@ -54,7 +54,7 @@ static void usage(FILE *out)
             "Usage:\n"
             "  bitback backup --connect QMP_SOCKET --node NODE [--node NODE2 ...] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME] [--speed BYTES]\n"
-            "                 [--compress=off|zstd[:LEVEL]] [--nbd-socket PATH]\n"
+            "                 [--compress=off|zstd[:LEVEL]] [--pull] [--nbd-socket PATH]\n"
             "                 [--granularity SIZE]\n"
             "  bitback backup --image FILE [-f FMT] [--node NAME] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME]\n"
@@ -88,9 +88,12 @@ static void usage(FILE *out)
             "                        small, so scattered small writes store what changed\n"
             "                        (bitbackd and offline; qemu-storage-daemon's backup\n"
             "                        job copies at least 64K per write)\n"
-            "  --nbd-socket PATH     live, a daemon other than bitbackd: the UNIX socket of\n"
-            "                        its running NBD server (default: bitback starts one on\n"
-            "                        a private socket for the run and stops it after)\n"
+            "  --pull                live: read every disk's backup, full or incremental,\n"
+            "                        over NBD and write it here (see below); the daemon\n"
+            "                        writes no file of the repository\n"
+            "  --nbd-socket PATH     live, pulling: the UNIX socket of the daemon's running\n"
+            "                        NBD server (default: bitback starts one on a socket in\n"
+            "                        $TMPDIR/bitback-pull-UID and stops it after)\n"
             "  --output=human|json   the result as text or as a JSON list of backups\n"
             "  --progress            draw progress even when stdout is not a terminal\n"
             "\n"
@@ -113,7 +116,14 @@ static void usage(FILE *out)
             "temporary overlay), bitback reads the point in time over NBD, only the ranges\n"
             "block status reports as data, and writes the backup itself; QEMU's own full\n"
             "backup job visits every 1 MiB of the virtual size.  Incrementals, and runs\n"
-            "with --speed (QEMU's job honours it), are pushed.\n"
+            "with --speed (QEMU's job honours it), are pushed unless --pull is given.\n"
+            "With --pull every disk is pulled from bitbackd or qemu-storage-daemon: an\n"
+            "incremental's export carries its frozen bitmap, and only the extents its\n"
+            "qemu:dirty-bitmap:NAME context marks dirty are read; several connections\n"
+            "read at once when the server offers multi-conn.  The fleecing node and\n"
+            "export (bbf-UUID-HASH), the overlay file (in $TMPDIR/bitback-pull-UID) and\n"
+            "the NBD server bitback started are removed after the run, after SIGINT or\n"
+            "SIGTERM too, and by the next run after a SIGKILL.\n"
             "\n"
             "Exit status: 0 ok, 1 failure, 128 + N after signal N (130 SIGINT, 143 SIGTERM).\n"
             "\n"
@@ -538,7 +548,7 @@ static bool parse_compress(const char *arg, BackupOpts *o, Error **errp)
 int cli_cmd_backup(int argc, char **argv)
 {
     enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED, OPT_COMPRESS,
-           OPT_NBD_SOCKET, OPT_GRANULARITY };
+           OPT_NBD_SOCKET, OPT_GRANULARITY, OPT_PULL };
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
         { "repo", required_argument, NULL, 'r' },
@@ -553,6 +563,7 @@ int cli_cmd_backup(int argc, char **argv)
         { "compress", required_argument, NULL, OPT_COMPRESS },
         { "nbd-socket", required_argument, NULL, OPT_NBD_SOCKET },
         { "granularity", required_argument, NULL, OPT_GRANULARITY },
+        { "pull", no_argument, NULL, OPT_PULL },
         { NULL, 0, NULL, 0 },
     };
     BackupOpts o = { .level_auto = true, .compress = BACKUP_COMPRESS_DEFAULT };
@@ -634,6 +645,9 @@ int cli_cmd_backup(int argc, char **argv)
         case OPT_NBD_SOCKET:
             o.nbd_socket = optarg;
             break;
+        case OPT_PULL:
+            o.pull = true;
+            break;
         case OPT_GRANULARITY: {
             uint64_t g;
 
@@ -672,6 +686,14 @@ int cli_cmd_backup(int argc, char **argv)
     }
     if (o.image && o.n_nodes > 1) {
         error_report("--image backs up one disk; give at most one --node");
+        return CLI_EXIT_ERROR;
+    }
+    if (o.pull && !o.connect) {
+        error_report("--pull applies to --connect only");
+        return CLI_EXIT_ERROR;
+    }
+    if (o.pull && o.speed) {
+        error_report("--speed limits the daemon's backup job; --pull runs none");
         return CLI_EXIT_ERROR;
     }
     if (o.format && o.connect) {

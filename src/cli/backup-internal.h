@@ -9,6 +9,7 @@
 #ifndef BITBACK_CLI_BACKUP_INTERNAL_H
 #define BITBACK_CLI_BACKUP_INTERNAL_H
 
+#include <signal.h>
 #include <time.h>
 
 #include "cli/cli.h"
@@ -84,6 +85,7 @@ typedef struct BackupOpts {
     bool progress;
     bool fake_now_set;                 /* BITBACK_FAKE_NOW (tests only) */
     const char *nbd_socket;            /* --nbd-socket: the daemon's NBD server */
+    bool pull;                         /* --pull: every disk read over NBD */
     uint32_t granularity;              /* --granularity: a new chain's bitmap */
     time_t fake_now;
 } BackupOpts;
@@ -143,12 +145,40 @@ int backup_live(const BackupOpts *o, Repo *repo);
 
 /* backup-offline.c: the run for --image; a CLI exit status. */
 int backup_offline(const BackupOpts *o, Repo *repo);
+/* Most source connections one copy reads through (backup_copy_extents). */
+#define BACKUP_MAX_COPY_CONNS 4
+
 /* Copy the content of src that d's backup stores into d->tmp_path: for a
  * full, the ranges block status does not report as zeroes (asked in the
  * biggest steps src gives); else the union of d's source bitmaps in src.
- * Compressed as o says.  (backup-offline.c; live pull uses it for fulls
- * read over NBD.) */
+ * Compressed as o says.  (backup-offline.c.) */
 bool backup_copy_image(const BackupOpts *o, BlockDriverState *src, Disk *d,
                        Error **errp);
+
+/* The ranges of [0, d->size) that block status of src does not report as
+ * zeroes, sorted, in a malloc'd array *ret_ext (caller frees). */
+bool backup_data_extents(BlockDriverState *src, const Disk *d,
+                         BdrvDirtyExtent **ret_ext, size_t *ret_n,
+                         Error **errp);
+
+/* Copy the sorted extents ext[0..n_ext) (taken: freed here) of the
+ * source into d->tmp_path, reading through srcs[0..n_src) (1 to
+ * BACKUP_MAX_COPY_CONNS views of the same content, e.g. connections to one
+ * multi-conn NBD export) in parallel, one BACKUP_COPY_CHUNK buffer each,
+ * writing one piece at a time; ranges that read as zeroes become zero
+ * writes.  Stops with an "interrupted" error once *stop (when given) is
+ * non-zero.  The target is flushed before it is closed. */
+bool backup_copy_extents(const BackupOpts *o, BlockDriverState **srcs,
+                         size_t n_src, Disk *d, BdrvDirtyExtent *ext,
+                         size_t n_ext, const volatile sig_atomic_t *stop,
+                         Error **errp);
+/* backup-pull.c: connect to the NBD export at uri (whose size must be
+ * size).  *ret_multi_conn: the server advertises multi-conn, so more
+ * connections to it see the same content.  bitmap non-NULL: *ret_ext
+ * (caller frees) gets the extents its qemu:dirty-bitmap:BITMAP context
+ * reports dirty, sorted and merged; NULL: *ret_ext is NULL. */
+bool pull_probe_export(const char *uri, const char *bitmap, uint64_t size,
+                       bool *ret_multi_conn, BdrvDirtyExtent **ret_ext,
+                       size_t *ret_n, Error **errp);
 
 #endif

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include "cli/backup-internal.h"
 #include "cli/progress.h"
@@ -255,10 +256,17 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
  * (mkdtemp) on this host, as does the NBD socket bitback starts. */
 
 typedef struct Pull {
-    char *dir;                  /* private folder: overlays, our socket */
+    char *dir;                  /* PULL_DIR_FMT: overlays, our socket */
     char *sock;                 /* the NBD server's UNIX socket */
-    bool started;               /* the run started the NBD server */
+    bool ours;                  /* the server is bitback's (at sock in dir,
+                                 * started by this run or a killed one) */
 } Pull;
+
+/* The per-user folder of the pulls' overlays and sockets, under $TMPDIR
+ * (or /tmp).  Fixed, so that the next run finds what a killed run left
+ * there (pull_remove_export_and_node unlinks its overlay, pull_setup
+ * reuses its NBD server). */
+#define PULL_DIR_FMT "%s/bitback-pull-%u"
 
 static uint32_t name_hash(const char *s)
 {
@@ -269,10 +277,64 @@ static uint32_t name_hash(const char *s)
     return h;
 }
 
-static void pull_name(const Repo *repo, Disk *d)
+/* d's fleecing node name ("bbf-" + 8 hex digits of the repository's UUID
+ * + a hash of the disk name: another repository's live fleecing of the
+ * same disk has another name) and its overlay's path in dir. */
+static void pull_name(const Repo *repo, const char *dir, Disk *d)
 {
     snprintf(d->fleece, sizeof(d->fleece), "bbf-%.8s-%08x", repo->uuid,
              name_hash(d->node));
+    free(d->fleece_path);
+    if (asprintf(&d->fleece_path, "%s/%s.qcow2", dir, d->fleece) < 0) {
+        abort();
+    }
+}
+
+/* PULL_DIR_FMT for this user (caller frees); not created. */
+static char *pull_dir_name(void)
+{
+    const char *tmpdir = getenv("TMPDIR");
+    char *dir;
+
+    if (asprintf(&dir, PULL_DIR_FMT, tmpdir && *tmpdir ? tmpdir : "/tmp",
+                 (unsigned)getuid()) < 0) {
+        abort();
+    }
+    return dir;
+}
+
+/* Create pl->dir when missing; refuse one that is not a private folder
+ * of this user (another user could swap the overlays). */
+static bool pull_make_dir(const Pull *pl, Error **errp)
+{
+    struct stat st;
+
+    if (mkdir(pl->dir, 0700) < 0 && errno != EEXIST) {
+        error_setg_errno(errp, errno, "cannot create %s", pl->dir);
+        return false;
+    }
+    if (lstat(pl->dir, &st) < 0) {
+        error_setg_errno(errp, errno, "%s", pl->dir);
+        return false;
+    }
+    if (!S_ISDIR(st.st_mode) || st.st_uid != getuid() ||
+        (st.st_mode & 077)) {
+        error_setg(errp, "%s is not a private folder of this user", pl->dir);
+        return false;
+    }
+    return true;
+}
+
+/* The NBD URI of export name on the server pl reads from (the one place
+ * it is built). */
+static char *pull_uri(const Pull *pl, const char *name)
+{
+    char *uri;
+
+    if (asprintf(&uri, "nbd+unix:///%s?socket=%s", name, pl->sock) < 0) {
+        abort();
+    }
+    return uri;
 }
 
 static struct json_object *one_arg(const char *key, const char *value)
@@ -325,42 +387,56 @@ static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet)
     }
 }
 
+/* Start the daemon's NBD server on pl->sock (nbd-server-start). */
+static bool pull_start_server(QmpConn *qmp, const Pull *pl, Error **errp)
+{
+    struct json_object *addr = one_arg("type", "unix");
+    struct json_object *a = json_object_new_object();
+    struct json_object *r;
+
+    json_object_object_add(addr, "data", one_arg("path", pl->sock));
+    json_object_object_add(a, "addr", addr);
+    r = qmp_conn_execute(qmp, "nbd-server-start", a, errp);
+    json_object_put(r);
+    return r != NULL;
+}
+
 /* Before the transaction: the NBD server, and each pulled disk's overlay
- * file and node. */
+ * file and node.  The server: --nbd-socket's, else one bitback starts on
+ * its socket in pl->dir (named by the QMP socket, so a run after a
+ * killed one finds and reuses the server that one started).  When the
+ * daemon already runs a server elsewhere, a full backup without --pull
+ * is pushed instead; with --pull that is an error. */
 static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
                        size_t n, Pull *pl, Error **errp)
 {
-    const char *tmpdir = getenv("TMPDIR");
-    _cleanup_free_ char *templ = NULL;
-
-    if (asprintf(&templ, "%s/bitback-pull-XXXXXX",
-                 tmpdir && *tmpdir ? tmpdir : "/tmp") < 0) {
-        abort();
-    }
-    if (!mkdtemp(templ)) {
-        error_setg_errno(errp, errno, "cannot create a private folder in %s",
-                         tmpdir && *tmpdir ? tmpdir : "/tmp");
+    if (!pull_make_dir(pl, errp)) {
         return false;
     }
-    pl->dir = steal_pointer(&templ);
     if (o->nbd_socket) {
         pl->sock = backup_strdup(o->nbd_socket);
     } else {
-        struct json_object *addr = json_object_new_object();
-        struct json_object *data = one_arg("path", "");
-        struct json_object *a = json_object_new_object();
-        struct json_object *r;
+        _cleanup_free_ char *qmp_abs = realpath(o->connect, NULL);
+        struct stat st;
         Error *err = NULL;
 
-        if (asprintf(&pl->sock, "%s/nbd.sock", pl->dir) < 0) {
+        if (asprintf(&pl->sock, "%s/nbd-%08x.sock", pl->dir,
+                     name_hash(qmp_abs ? qmp_abs : o->connect)) < 0) {
             abort();
         }
-        json_object_object_add(data, "path", json_object_new_string(pl->sock));
-        json_object_object_add(addr, "type", json_object_new_string("unix"));
-        json_object_object_add(addr, "data", data);
-        json_object_object_add(a, "addr", addr);
-        r = qmp_conn_execute(qmp, "nbd-server-start", a, &err);
-        if (!r) {
+        if (pull_start_server(qmp, pl, &err)) {
+            pl->ours = true;
+        } else if (lstat(pl->sock, &st) == 0 && S_ISSOCK(st.st_mode)) {
+            /* A server bitback started for this daemon (a killed run's,
+             * or a concurrent run's of another repository): use it. */
+            error_free(err);
+            pl->ours = true;
+        } else if (o->pull) {
+            error_prepend(&err, "the daemon runs its own NBD server; give "
+                          "its socket with --nbd-socket: ");
+            error_propagate(errp, err);
+            return false;
+        } else {
             /* It runs its own server, whose address QMP does not tell:
              * push as before rather than fail. */
             for (size_t i = 0; i < n; i++) {
@@ -376,8 +452,6 @@ static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             error_free(err);
             return true;
         }
-        json_object_put(r);
-        pl->started = true;
     }
     for (size_t i = 0; i < n; i++) {
         Disk *d = &disks[i];
@@ -385,9 +459,6 @@ static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
 
         if (!d->pull) {
             continue;
-        }
-        if (asprintf(&d->fleece_path, "%s/%s.qcow2", pl->dir, d->fleece) < 0) {
-            abort();
         }
         /* 1 MiB clusters: QEMU's fleecing job copies (before a guest
          * write) and tracks in clusters of the overlay, at least 64 KiB;
@@ -408,6 +479,7 @@ static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         json_object_object_add(a, "backing", json_object_new_string(d->node));
         r = qmp_conn_execute(qmp, "blockdev-add", a, errp);
         if (!r) {
+            unlink(d->fleece_path);
             error_prepend(errp, "%s: cannot add the fleecing node: ", d->node);
             return false;
         }
@@ -417,42 +489,99 @@ static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
     return true;
 }
 
-/* After the transaction: export each pulled disk's point in time, read it
- * over NBD into its target, check the fleecing job still runs (else the
- * point in time may be broken), then end the job and remove the export
- * and node. */
-static bool pull_copy(QmpConn *qmp, const BackupOpts *o, Disk *d,
-                      const Pull *pl, Error **errp)
+/* block-export-add of d's fleecing node (read-only; an incremental's
+ * also carries its frozen bitmap d->src_bitmap, found down the node's
+ * backing chain, as qemu:dirty-bitmap:NAME). */
+static struct json_object *pull_export_add(QmpConn *qmp, const Disk *d,
+                                           Error **errp)
 {
-    struct json_object *a = one_arg("type", "nbd"), *r;
-    _cleanup_free_ char *uri = NULL;
-    _cleanup_json_ struct json_object *jobs = NULL;
-    const char *status = NULL;
-    BlockDriverState *src;
-    bool ok;
+    struct json_object *a = one_arg("type", "nbd");
 
     json_object_object_add(a, "id", json_object_new_string(d->fleece));
     json_object_object_add(a, "node-name", json_object_new_string(d->fleece));
     json_object_object_add(a, "name", json_object_new_string(d->fleece));
     json_object_object_add(a, "writable", json_object_new_boolean(false));
-    r = qmp_conn_execute(qmp, "block-export-add", a, errp);
+    if (d->level != REPO_LEVEL_FULL) {
+        struct json_object *bms = json_object_new_array();
+
+        json_object_array_add(bms, json_object_new_string(d->src_bitmap));
+        json_object_object_add(a, "bitmaps", bms);
+    }
+    return qmp_conn_execute(qmp, "block-export-add", a, errp);
+}
+
+/* After the transaction: export each pulled disk's point in time, read it
+ * over NBD into its target (a full: what block status reports as data;
+ * else the extents the exported bitmap marks dirty), through
+ * BACKUP_MAX_COPY_CONNS connections when the server allows multi-conn,
+ * check the fleecing job still runs (else the point in time may be
+ * broken), then end the job and remove the export and node.  A SIGINT or
+ * SIGTERM stops the copy (the error says "interrupted"). */
+static bool pull_copy(QmpConn *qmp, const BackupOpts *o, Disk *d,
+                      const Pull *pl, Error **errp)
+{
+    struct json_object *r;
+    _cleanup_free_ char *uri = NULL;
+    _cleanup_json_ struct json_object *jobs = NULL;
+    BlockDriverState *srcs[BACKUP_MAX_COPY_CONNS] = { 0 };
+    size_t n_src = 0;
+    BdrvDirtyExtent *ext = NULL;
+    size_t n_ext = 0;
+    const char *status = NULL;
+    bool multi = false, ok;
+
+    r = pull_export_add(qmp, d, errp);
+    if (!r && pl->ours) {
+        /* A concurrent run of another repository may have stopped the
+         * server it shared with this one: start it again, once. */
+        Error *err = NULL;
+
+        if (pull_start_server(qmp, pl, &err)) {
+            error_free(*errp);
+            *errp = NULL;
+            r = pull_export_add(qmp, d, errp);
+        } else {
+            error_free(err);
+        }
+    }
     if (!r) {
         error_prepend(errp, "%s: cannot export the point in time: ", d->node);
         return false;
     }
     json_object_put(r);
     d->export_added = true;
-    if (asprintf(&uri, "nbd+unix:///%s?socket=%s", d->fleece, pl->sock) < 0) {
-        abort();
-    }
-    src = bdrv_open_image(uri, "raw", 0, errp);
-    if (!src) {
+    uri = pull_uri(pl, d->fleece);
+    if (!pull_probe_export(uri, d->level == REPO_LEVEL_FULL ? NULL
+                                                            : d->src_bitmap,
+                           d->size, &multi, &ext, &n_ext, errp)) {
         error_prepend(errp, "%s: ", d->node);
         return false;
     }
-    ok = backup_copy_image(o, src, d, errp);
-    bdrv_unref(src);
+    for (n_src = 0; n_src < (multi ? BACKUP_MAX_COPY_CONNS : 1); n_src++) {
+        Error *err = NULL;
+
+        /* Past the first, fewer connections than asked: still correct. */
+        srcs[n_src] = bdrv_open_image(uri, "raw", 0, n_src ? &err : errp);
+        if (!srcs[n_src]) {
+            error_free(err);
+            break;
+        }
+    }
+    ok = n_src > 0;
+    if (ok && d->level == REPO_LEVEL_FULL) {
+        ok = backup_data_extents(srcs[0], d, &ext, &n_ext, errp);
+    }
+    if (ok) {
+        ok = backup_copy_extents(o, srcs, n_src, d, ext, n_ext, &backup_signal,
+                                 errp);
+    } else {
+        free(ext);
+    }
+    for (size_t i = 0; i < n_src; i++) {
+        bdrv_unref(srcs[i]);
+    }
     if (!ok) {
+        error_prepend(errp, "%s: ", d->node);
         return false;
     }
     if (!live_job_exists(qmp, d->job_id, &status, &jobs, errp)) {
@@ -471,7 +600,26 @@ static bool pull_copy(QmpConn *qmp, const BackupOpts *o, Disk *d,
     return true;
 }
 
-/* Undo pull_setup and what pull_copy left (every exit path). */
+/* Whether the daemon has a fleecing node of bitback's ("bbf-"), another
+ * repository's run's: the NBD server they share then stays. */
+static bool pull_others_fleecing(QmpConn *qmp)
+{
+    _cleanup_json_ struct json_object *nodes =
+        qmp_conn_execute(qmp, "query-named-block-nodes", NULL, NULL);
+
+    for (size_t i = 0; nodes && i < json_object_array_length(nodes); i++) {
+        const char *name = json_opt_str(json_object_array_get_idx(nodes, i),
+                                        "node-name");
+        if (name && !strncmp(name, "bbf-", 4)) {
+            return true;
+        }
+    }
+    return !nodes;                      /* unknown: leave it */
+}
+
+/* Undo pull_setup and what pull_copy left (every exit path): the NBD
+ * server bitback runs is stopped once no run uses it.  pl->dir stays
+ * (empty): another run may be using it. */
 static void pull_finish(QmpConn *qmp, Disk *disks, size_t n, Pull *pl)
 {
     for (size_t i = 0; i < n; i++) {
@@ -482,12 +630,9 @@ static void pull_finish(QmpConn *qmp, Disk *disks, size_t n, Pull *pl)
             pull_remove_export_and_node(qmp, &disks[i], false);
         }
     }
-    if (pl->started) {
+    if (pl->ours && !pull_others_fleecing(qmp)) {
         json_object_put(qmp_conn_execute(qmp, "nbd-server-stop", NULL, NULL));
-        pl->started = false;
-    }
-    if (pl->dir) {
-        rmdir(pl->dir);
+        unlink(pl->sock);
     }
     free(pl->dir);
     free(pl->sock);
@@ -804,7 +949,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
     int ret = CLI_EXIT_ERROR;
     _cleanup_free_ char *time_iso = NULL;
     bool failed = false;
-    Pull pull = { 0 };
+    Pull pull = { .dir = pull_dir_name() };
     double t0;
 
     backup_catch_signals(true);
@@ -818,7 +963,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
          * same disk must never see it as a job of its killed runs. */
         snprintf(disks[i].job_id, sizeof(disks[i].job_id), "bitback-%.8s-%s",
                  repo->uuid, o->nodes[i]);
-        pull_name(repo, &disks[i]);
+        pull_name(repo, pull.dir, &disks[i]);
         for (size_t j = 0; j < i; j++) {
             if (!strcmp(o->nodes[i], o->nodes[j])) {
                 error_setg(&err, "node '%s' given twice", o->nodes[i]);
@@ -845,8 +990,9 @@ int backup_live(const BackupOpts *o, Repo *repo)
         for (size_t i = 0; i < n; i++) {
             /* --speed: QEMU's job honours the rate limit; a pull
              * would not. */
-            disks[i].pull = disks[i].level == REPO_LEVEL_FULL && !ours &&
-                            !o->speed;
+            disks[i].pull = o->pull ||
+                            (disks[i].level == REPO_LEVEL_FULL && !ours &&
+                             !o->speed);
             any |= disks[i].pull;
         }
         if (any && !pull_setup(qmp, o, disks, n, &pull, &err)) {
@@ -874,6 +1020,12 @@ int backup_live(const BackupOpts *o, Repo *repo)
     }
     for (size_t i = 0; i < n; i++) {
         if (disks[i].pull && !pull_copy(qmp, o, &disks[i], &pull, &err)) {
+            if (backup_signal) {
+                error_free(err);
+                err = NULL;
+                ret = live_interrupted(qmp, repo, o, disks, n, seq, true);
+                goto out;
+            }
             goto out_tmp;
         }
     }
@@ -957,6 +1109,7 @@ out:
     if (qmp) {
         pull_finish(qmp, disks, n, &pull);
     }
+    free(pull.dir);                     /* when pull_finish did not run */
     for (size_t i = 0; i < n; i++) {
         backup_disk_free(&disks[i]);
     }

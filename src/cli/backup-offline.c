@@ -6,6 +6,8 @@
 #include <assert.h>
 #include <errno.h>
 #include <libgen.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +19,7 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
-#define BACKUP_COPY_CHUNK (4u << 20)
+#define BACKUP_COPY_CHUNK (4u << 20)  /* one read or write; a buffer per connection */
 
 static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
 {
@@ -47,33 +49,6 @@ static void offline_read_bitmaps(BlockDriverState *bs, Disk *d)
                               bm->prior_generation[0]
                               ? backup_strdup(bm->prior_generation) : NULL;
     }
-}
-
-/* Copy [off, off+len) of src to dst; ranges that read as zeroes become
- * zero writes, so an overlay hides its backing there.  Data is written
- * with `flags` (compressed: whole clusters, see compress_extents). */
-static int copy_range(BlockDriverState *src, BlockDriverState *dst,
-                      uint64_t off, uint64_t len, void *buf, int flags)
-{
-    while (len) {
-        uint64_t n = MIN(len, BACKUP_COPY_CHUNK);
-        int r = bdrv_pread(src, off, buf, n);
-
-        if (r < 0) {
-            return r;
-        }
-        if (buf_is_zero(buf, n)) {
-            r = bdrv_pwrite_zeroes(dst, off, n, 0);
-        } else {
-            r = bdrv_pwrite(dst, off, buf, n, flags);
-        }
-        if (r < 0) {
-            return r;
-        }
-        off += n;
-        len -= n;
-    }
-    return 0;
 }
 
 /* Every dirty extent of bm in [0, size), in a malloc'd array (caller
@@ -110,8 +85,6 @@ static BdrvDirtyExtent *all_dirty_extents(BdrvDirtyBitmap *bm, uint64_t size,
     return ext;
 }
 
-/* The data of the backup: for a full, the source's data ranges (zero and
- * unallocated ranges stay holes); else the union of the source bitmaps. */
 /* Compressed writes take whole target clusters: widen each extent (sorted,
  * as block status and the bitmap give them) to cluster boundaries (the
  * image end for the last), merging extents that then meet, so that no
@@ -136,108 +109,228 @@ static size_t compress_extents(BdrvDirtyExtent *ext, size_t n, uint64_t cs,
     return k;
 }
 
-bool backup_copy_image(const BackupOpts *o, BlockDriverState *src, Disk *d,
-                       Error **errp)
+bool backup_data_extents(BlockDriverState *src, const Disk *d,
+                         BdrvDirtyExtent **ret_ext, size_t *ret_n,
+                         Error **errp)
 {
-    _cleanup_free_ void *buf = aligned_alloc(4096, BACKUP_COPY_CHUNK);
-    BlockDriverState *dst;
     BdrvDirtyExtent *ext = NULL;
     size_t n_ext = 0;
-    uint64_t done = 0;
-    CliProgress *p;
-    int r = 0;
+    uint64_t off = 0;
 
-    if (!buf) {
-        error_setg(errp, "out of memory");
-        return false;
-    }
-    if (d->level == REPO_LEVEL_FULL) {
-        uint64_t off = 0;
-
-        while (off < d->size) {
-            uint64_t pnum = 0;
-            int st = bdrv_block_status(src, off, d->size - off, &pnum);
-            if (st < 0 || pnum == 0) {
-                error_setg_errno(errp, st < 0 ? -st : EIO,
-                                 "%s: block status at %llu", d->node,
-                                 (unsigned long long)off);
-                free(ext);
-                return false;
-            }
-            if (!(st & BDRV_BLOCK_ZERO)) {
-                BdrvDirtyExtent *e = realloc(ext, (n_ext + 1) * sizeof(*ext));
-                if (!e) {
-                    abort();
-                }
-                ext = e;
-                ext[n_ext++] = (BdrvDirtyExtent){ off, pnum, true };
-            }
-            off += pnum;
-        }
-    } else {
-        BdrvDirtyBitmap *u = bdrv_create_dirty_bitmap(src, d->granularity,
-                                                      d->src_bitmap, errp);
-        BdrvDirtyBitmap *srcs[BACKUP_MAX_DISKS * 64];
-        int ns = 0;
-
-        if (!u) {
+    while (off < d->size) {
+        uint64_t pnum = 0;
+        int st = bdrv_block_status(src, off, d->size - off, &pnum);
+        if (st < 0 || pnum == 0) {
+            error_setg_errno(errp, st < 0 ? -st : EIO,
+                             "%s: block status at %llu", d->node,
+                             (unsigned long long)off);
+            free(ext);
             return false;
         }
-        for (size_t i = 0; i < d->n_sources && ns < (int)(sizeof(srcs) / sizeof(*srcs)); i++) {
-            srcs[ns] = bdrv_find_dirty_bitmap(src, d->sources[i]);
-            if (!srcs[ns]) {
-                error_setg(errp, "%s: bitmap '%s' vanished", d->node, d->sources[i]);
-                bdrv_release_dirty_bitmap(u);
-                return false;
+        if (!(st & BDRV_BLOCK_ZERO)) {
+            BdrvDirtyExtent *e = realloc(ext, (n_ext + 1) * sizeof(*ext));
+            if (!e) {
+                abort();
             }
-            ns++;
+            ext = e;
+            ext[n_ext++] = (BdrvDirtyExtent){ off, pnum, true };
         }
-        if (!bdrv_merge_dirty_bitmaps(u, srcs, ns, errp)) {
+        off += pnum;
+    }
+    *ret_ext = ext;
+    *ret_n = n_ext;
+    return true;
+}
+
+/* The union of d's source bitmaps in src, as extents (caller frees). */
+static bool bitmap_extents(BlockDriverState *src, Disk *d,
+                           BdrvDirtyExtent **ret_ext, size_t *ret_n,
+                           Error **errp)
+{
+    BdrvDirtyBitmap *u = bdrv_create_dirty_bitmap(src, d->granularity,
+                                                  d->src_bitmap, errp);
+    BdrvDirtyBitmap *srcs[BACKUP_MAX_DISKS * 64];
+    int ns = 0;
+
+    if (!u) {
+        return false;
+    }
+    for (size_t i = 0; i < d->n_sources && ns < (int)(sizeof(srcs) / sizeof(*srcs)); i++) {
+        srcs[ns] = bdrv_find_dirty_bitmap(src, d->sources[i]);
+        if (!srcs[ns]) {
+            error_setg(errp, "%s: bitmap '%s' vanished", d->node, d->sources[i]);
             bdrv_release_dirty_bitmap(u);
             return false;
         }
-        ext = all_dirty_extents(u, d->size, &n_ext);
-        bdrv_release_dirty_bitmap(u);
+        ns++;
     }
+    if (!bdrv_merge_dirty_bitmaps(u, srcs, ns, errp)) {
+        bdrv_release_dirty_bitmap(u);
+        return false;
+    }
+    *ret_ext = all_dirty_extents(u, d->size, ret_n);
+    bdrv_release_dirty_bitmap(u);
+    return true;
+}
 
-    dst = bdrv_open_image(d->tmp_path, "qcow2", BDRV_O_RDWR, errp);
-    if (!dst) {
+bool backup_copy_image(const BackupOpts *o, BlockDriverState *src, Disk *d,
+                       Error **errp)
+{
+    BdrvDirtyExtent *ext = NULL;
+    size_t n_ext = 0;
+
+    if (d->level == REPO_LEVEL_FULL
+        ? !backup_data_extents(src, d, &ext, &n_ext, errp)
+        : !bitmap_extents(src, d, &ext, &n_ext, errp)) {
+        return false;
+    }
+    return backup_copy_extents(o, &src, 1, d, ext, n_ext, NULL, errp);
+}
+
+/* What the copy threads of backup_copy_extents share.  lock guards next,
+ * done, r, the progress bar and every access to dst (one writer at a
+ * time: the reads, from separate connections, are what runs in
+ * parallel). */
+typedef struct CopyShared {
+    pthread_mutex_t lock;
+    BlockDriverState *dst;
+    const BdrvDirtyExtent *ext;
+    size_t n_ext;
+    uint64_t size;
+    int flags;
+    size_t next;                        /* next extent to hand out */
+    uint64_t next_off;                  /* where in it */
+    uint64_t done;
+    int r;                              /* first error, or 0 */
+    const volatile sig_atomic_t *stop;
+    CliProgress *p;
+} CopyShared;
+
+typedef struct CopyWorker {
+    CopyShared *sh;
+    BlockDriverState *src;
+    pthread_t tid;
+} CopyWorker;
+
+/* Hand out the next piece (at most BACKUP_COPY_CHUNK, inside one extent,
+ * so compressed writes keep whole clusters).  false: nothing left, or
+ * the copy failed or was stopped.  Caller holds sh->lock. */
+static bool copy_next_locked(CopyShared *sh, uint64_t *ret_off,
+                             uint64_t *ret_len)
+{
+    while (sh->r == 0 && sh->next < sh->n_ext) {
+        const BdrvDirtyExtent *e = &sh->ext[sh->next];
+        uint64_t end = MIN(e->start + e->length, sh->size);
+        uint64_t off = MAX(e->start, sh->next_off);
+
+        if (off >= end) {
+            sh->next++;
+            continue;
+        }
+        if (sh->stop && *sh->stop) {
+            sh->r = -EINTR;
+            return false;
+        }
+        *ret_off = off;
+        *ret_len = MIN(end - off, BACKUP_COPY_CHUNK);
+        sh->next_off = off + *ret_len;
+        return true;
+    }
+    return false;
+}
+
+static void *copy_worker(void *opaque)
+{
+    CopyWorker *w = opaque;
+    CopyShared *sh = w->sh;
+    _cleanup_free_ void *buf = aligned_alloc(4096, BACKUP_COPY_CHUNK);
+    uint64_t off, len;
+
+    pthread_mutex_lock(&sh->lock);
+    if (!buf && !sh->r) {
+        sh->r = -ENOMEM;
+    }
+    while (copy_next_locked(sh, &off, &len)) {
+        int r;
+
+        pthread_mutex_unlock(&sh->lock);
+        r = bdrv_pread(w->src, off, buf, len);
+        pthread_mutex_lock(&sh->lock);
+        if (r >= 0 && sh->r == 0) {
+            if (buf_is_zero(buf, len)) {
+                r = bdrv_pwrite_zeroes(sh->dst, off, len, 0);
+            } else {
+                r = bdrv_pwrite(sh->dst, off, buf, len, sh->flags);
+            }
+        }
+        if (r < 0 && !sh->r) {
+            sh->r = r;
+        }
+        sh->done += len;
+        cli_progress_update(sh->p, sh->done, 0);
+    }
+    pthread_mutex_unlock(&sh->lock);
+    return NULL;
+}
+
+bool backup_copy_extents(const BackupOpts *o, BlockDriverState **srcs,
+                         size_t n_src, Disk *d, BdrvDirtyExtent *ext,
+                         size_t n_ext, const volatile sig_atomic_t *stop,
+                         Error **errp)
+{
+    CopyShared sh = { .ext = ext, .size = d->size, .stop = stop };
+    CopyWorker w[BACKUP_MAX_COPY_CONNS];
+    size_t n_started = 0;
+    uint64_t total = 0;
+    int r;
+
+    assert(n_src >= 1 && n_src <= BACKUP_MAX_COPY_CONNS);
+    sh.dst = bdrv_open_image(d->tmp_path, "qcow2", BDRV_O_RDWR, errp);
+    if (!sh.dst) {
         free(ext);
         return false;
     }
-    int flags = 0;
     if (o->compress) {
         /* create_target made a zstd qcow2 with the default clusters. */
-        uint64_t cs = bdrv_get_cluster_size(dst);
+        uint64_t cs = bdrv_get_cluster_size(sh.dst);
         assert(cs && BACKUP_COPY_CHUNK % cs == 0);
         n_ext = compress_extents(ext, n_ext, cs, d->size);
-        flags = BDRV_REQ_WRITE_COMPRESSED |
-                BDRV_REQ_COMPRESS_LEVEL(o->compress_level);
+        sh.flags = BDRV_REQ_WRITE_COMPRESSED |
+                   BDRV_REQ_COMPRESS_LEVEL(o->compress_level);
+    }
+    sh.n_ext = n_ext;
+    for (size_t i = 0; i < n_ext; i++) {
+        total += ext[i].length;
+    }
+    sh.p = cli_progress_new("backup", total, cli_progress_wanted(o->progress));
+    pthread_mutex_init(&sh.lock, NULL);
+    for (size_t i = 1; i < n_src; i++) {
+        w[n_started] = (CopyWorker){ .sh = &sh, .src = srcs[i] };
+        if (pthread_create(&w[n_started].tid, NULL, copy_worker,
+                           &w[n_started])) {
+            break;                      /* fewer threads: still correct */
+        }
+        n_started++;
     }
     {
-        uint64_t total = 0;
-
-        for (size_t i = 0; i < n_ext; i++) {
-            total += ext[i].length;
-        }
-        p = cli_progress_new("backup", total, cli_progress_wanted(o->progress));
+        CopyWorker self = { .sh = &sh, .src = srcs[0] };
+        copy_worker(&self);
     }
-    for (size_t i = 0; i < n_ext && r >= 0; i++) {
-        uint64_t end = MIN(ext[i].start + ext[i].length, d->size);
-
-        if (ext[i].start < end) {
-            r = copy_range(src, dst, ext[i].start, end - ext[i].start, buf,
-                           flags);
-            done += end - ext[i].start;
-            cli_progress_update(p, done, 0);
-        }
+    for (size_t i = 0; i < n_started; i++) {
+        pthread_join(w[i].tid, NULL);
     }
-    cli_progress_finish(p);
+    pthread_mutex_destroy(&sh.lock);
+    cli_progress_finish(sh.p);
     free(ext);
+    r = sh.r;
     if (r >= 0) {
-        r = bdrv_flush(dst);
+        r = bdrv_flush(sh.dst);
     }
-    if (!bdrv_close(dst, errp)) {
+    if (!bdrv_close(sh.dst, errp)) {
+        return false;
+    }
+    if (r == -EINTR) {
+        error_setg(errp, "%s: interrupted", d->node);
         return false;
     }
     if (r < 0) {
