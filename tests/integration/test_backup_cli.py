@@ -76,14 +76,16 @@ def backup_cmd(daemon, repo, nodes, level, *extra):
 
 
 def run_backup_live(daemon, repo, nodes, level, writer, refs_dir, tag,
-                    *extra):
-    """Pause the writer, copy the references, start the backup, resume the
-    writer once every disk's backup started; returns (id, stderr)."""
+                    *extra, speed="24M"):
+    """Pause the writer, copy the references, start the backup (rate
+    limited to speed unless None), resume the writer once every disk's
+    backup started; returns (id, refs, stderr)."""
     writer.pause()
     refs = {n: read_all(daemon.nbd_uri(n), refs_dir / f"{tag}-{n}.raw")
             for n in nodes}
+    limit = ("--speed", speed) if speed else ()
     p = subprocess.Popen(backup_cmd(daemon, repo, nodes, level,
-                                    "--speed", "24M", *extra),
+                                    *limit, *extra),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     lines = []
