@@ -6,6 +6,9 @@
  *            bitbackd (or qemu-storage-daemon) pushes the data with one
  *            single `transaction` of drive-backup jobs, so a multi-disk set
  *            shares one point in time; the tool then hashes what landed.
+ *            With --pull (and for a full from qemu-storage-daemon) the
+ *            transaction starts fleecing jobs instead and the tool reads
+ *            the point in time over NBD (backup-live.c, Pull).
  *   offline  --image FILE: the same steps done on the image directly.
  *
  * Both share the planner (repo_plan_disk, src/repo/planner.c): which

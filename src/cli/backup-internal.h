@@ -50,9 +50,10 @@ typedef struct Disk {
     size_t n_counts;
     bool job_failed;
     char *job_error;
-    /* Live pull (a full from a daemon other than bitbackd): the fleecing
-     * node, named "bbf-UUID8-HASH" (also its export's ID and name), the
-     * file under it, and what of it exists. */
+    /* Live pull (--pull, or a full from a daemon other than bitbackd):
+     * the fleecing node, named "bbf-UUID8-HASH" (also its export's ID and
+     * name), the file under it (its path is set for every disk, so a
+     * killed run's is found), and what of it exists. */
     bool pull;
     char fleece[32];
     char *fleece_path;

@@ -237,23 +237,25 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
     return live_query_disk(qmp, d, errp);
 }
 
-/* ---- Pull: a full backup from a daemon other than bitbackd ----
+/* ---- Pull: the backup read over NBD (docs/specs/repository.md, Pull) ----
  *
- * QEMU's full backup job visits every 1 MiB of the virtual size (a 1 TiB
- * empty disk took 98 s, a 64 TiB one hours), so a full from
- * qemu-storage-daemon is pulled instead, with QEMU's documented image
- * fleecing: a temporary qcow2 overlay node whose backing is the disk, a
+ * A full from a daemon other than bitbackd is pulled (QEMU's full backup
+ * job visits every 1 MiB of the virtual size: a 1 TiB empty disk took
+ * 98 s, a 64 TiB one hours); with --pull every disk is, fulls and
+ * incrementals, from any daemon.  QEMU's documented image fleecing: a
+ * temporary qcow2 overlay node whose backing is the disk, a
  * blockdev-backup sync=none job into it in the run's transaction (so the
- * overlay keeps the point in time: the job copies old data there before
- * a guest write lands), the overlay exported read-only over NBD, and
- * bitback reads it with its nbd driver -- block status in the biggest
- * steps the server gives, only the data ranges -- writing the backup's
- * qcow2 itself (backup_copy_image, as offline).  Then the job is cancelled
- * and the export, node, NBD server (when the run started it) and files
- * removed.  The fleecing node is "bbf-" + 8 hex digits of the repository's
- * UUID + a hash of the disk name: a killed run's is found and removed by
- * the next (live_cleanup).  The overlay file lives in a private folder
- * (mkdtemp) on this host, as does the NBD socket bitback starts. */
+ * overlay keeps the point in time: the job copies old data there before a
+ * guest write lands), the overlay exported read-only over NBD (an
+ * incremental's with its frozen PREFIX-N.src bitmap), and bitback reads
+ * it -- a full's data ranges by block status, an incremental's dirty
+ * extents from qemu:dirty-bitmap:PREFIX-N.src (pull_probe_export) --
+ * writing the backup's qcow2 itself (backup_copy_extents).  Then the job
+ * is cancelled and the export, node, files and the NBD server (when no
+ * other run uses it) removed.  The fleecing node is "bbf-" + 8 hex digits
+ * of the repository's UUID + a hash of the disk name, its overlay file
+ * that name in a fixed per-user folder: a killed run's are found and
+ * removed by the next (live_cleanup), and never another repository's. */
 
 typedef struct Pull {
     char *dir;                  /* PULL_DIR_FMT: overlays, our socket */
