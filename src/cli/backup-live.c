@@ -11,7 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 
 #include "cli/backup-internal.h"
 #include "cli/progress.h"
@@ -403,6 +405,33 @@ static bool pull_start_server(QmpConn *qmp, const Pull *pl, Error **errp)
     return r != NULL;
 }
 
+/* Whether a server listens on the UNIX socket path.  A stale socket file
+ * (its daemon is gone) is removed: it must not make a server the daemon
+ * runs elsewhere look like bitback's (which the run would then stop). */
+static bool pull_socket_answers(const char *path)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    struct stat st;
+    int fd;
+    bool ok;
+
+    if (lstat(path, &st) < 0 || !S_ISSOCK(st.st_mode) ||
+        strlen(path) >= sizeof(sa.sun_path)) {
+        return false;
+    }
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        return false;
+    }
+    ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+    if (!ok && errno == ECONNREFUSED) {
+        unlink(path);
+    }
+    close(fd);
+    return ok;
+}
+
 /* Before the transaction: the NBD server, and each pulled disk's overlay
  * file and node.  The server: --nbd-socket's, else one bitback starts on
  * its socket in pl->dir (named by the QMP socket, so a run after a
@@ -419,7 +448,6 @@ static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         pl->sock = backup_strdup(o->nbd_socket);
     } else {
         _cleanup_free_ char *qmp_abs = realpath(o->connect, NULL);
-        struct stat st;
         Error *err = NULL;
 
         if (asprintf(&pl->sock, "%s/nbd-%08x.sock", pl->dir,
@@ -428,7 +456,7 @@ static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         }
         if (pull_start_server(qmp, pl, &err)) {
             pl->ours = true;
-        } else if (lstat(pl->sock, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        } else if (pull_socket_answers(pl->sock)) {
             /* A server bitback started for this daemon (a killed run's,
              * or a concurrent run's of another repository): use it. */
             error_free(err);
