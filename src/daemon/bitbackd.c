@@ -39,6 +39,7 @@
 
 #include "block/block.h"
 #include "block/write-intent.h"
+#include "crypto/object.h"
 #include "nbd/server.h"
 #include "qmp/qmp.h"
 #include "job/job.h"
@@ -584,8 +585,7 @@ int main(int argc, char **argv)
             break;
         case OPT_OBJECT:
             optname = "--object";
-            error_setg(&err, "objects are not supported");
-            ok = false;
+            ok = opt_command("object-add", optarg, "qom-type", &err);
             break;
         case OPT_PIDFILE: {
             _cleanup_free_ char *dir = path_dirname(optarg);
@@ -640,6 +640,7 @@ int main(int argc, char **argv)
      * so even when the bitmaps are then stored. */
     bool ok = write_intent_sync_all_changed();
     ok = close_all_nodes() && ok;
+    object_del_all();
     qmp_monitor_cleanup();
     if (pidfile_fd >= 0) {
         unlink(pidfile_path);    /* while still ours */
@@ -650,6 +651,7 @@ int main(int argc, char **argv)
 fail:
     nbd_server_stop();
     close_all_nodes();
+    object_del_all();
     qmp_monitor_cleanup();
     return 1;
 }
