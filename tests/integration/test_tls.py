@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -603,3 +604,76 @@ def test_object_option_errors(tmp_path, pki, bitbackd_bin):
     p = sh([bitbackd_bin, "--object",
             f"tls-creds-x509,id=t,dir={bad},endpoint=server"], check=False)
     assert p.returncode == 1 and "Cannot load certificate" in p.stderr
+
+
+# ---- the nbd block driver as a TLS client -----------------------------
+
+@pytest.fixture(params=["tcp", "unix"])
+def qemu_nbd_tls(request, tmp_path, image, pki):
+    """qemu-nbd serving the image read-only with TLS (verify-peer=on):
+    (server address for blockdev-add, tls-hostname or None)."""
+    require("qemu-nbd")
+    sock = tmp_path / "qn.sock"
+    pidfile = tmp_path / "qn.pid"
+    cmd = ["qemu-nbd", "--object",
+           f"tls-creds-x509,id=tls0,endpoint=server,dir={pki['server']}",
+           "--tls-creds", "tls0", "-f", "raw", "-r", "-x", "disk0",
+           "--persistent", "--shared=8", "--pid-file", str(pidfile)]
+    if request.param == "tcp":
+        port = free_port()
+        cmd += ["-b", "127.0.0.1", "-p", str(port)]
+        server = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
+    else:
+        cmd += ["-k", str(sock)]
+        server = {"type": "unix", "path": str(sock)}
+    p = subprocess.Popen(cmd + [str(image)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not pidfile.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline, "qemu-nbd not ready"
+            time.sleep(0.02)
+        yield server
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_nbd_driver_tls_client(tmp_path, image, pki, qemu_nbd_tls):
+    """bitbackd's nbd node reads a qemu-nbd TLS export with tls-creds, and
+    fails cleanly without credentials or with the wrong CA."""
+    require("nbdcopy")
+    d = Daemon(tmp_path / "daemon")
+    try:
+        d.start("--object",
+                f"tls-creds-x509,id=cli0,dir={pki['client']},endpoint=client",
+                "--object",
+                f"tls-creds-x509,id=wrong,dir={pki['wrongca']},endpoint=client",
+                "--object", f"tls-creds-x509,id=srv0,dir={pki['server']},"
+                "endpoint=server", nbd=True)
+        q = d.qmp
+        node = {"driver": "nbd", "server": qemu_nbd_tls, "export": "disk0",
+                "read-only": True}
+        err = q.error("blockdev-add", **node, **{"node-name": "n1"})
+        assert "Failed to connect" in err.desc
+        err = q.error("blockdev-add", **node,
+                      **{"node-name": "n1", "tls-creds": "wrong"})
+        assert "Failed to connect" in err.desc
+        err = q.error("blockdev-add", **node,
+                      **{"node-name": "n1", "tls-creds": "srv0"})
+        assert "client endpoint" in err.desc
+        q.cmd("blockdev-add", **node, **{"node-name": "n0", "tls-creds": "cli0"})
+        assert "in use" in q.error("object-del", id="cli0").desc
+        q.cmd("block-export-add", type="nbd", id="e0",
+              **{"node-name": "n0", "name": "n0"})
+        out = tmp_path / "copy.raw"
+        sh(["nbdcopy", d.nbd_uri("n0"), out])
+        assert out.read_bytes() == image.read_bytes()
+        q.cmd("block-export-del", id="e0")
+        d.qmp.get_event("BLOCK_EXPORT_DELETED")
+        q.cmd("blockdev-del", **{"node-name": "n0"})
+        q.cmd("object-del", id="cli0")
+        assert d.quit() == 0
+    finally:
+        d.cleanup()
