@@ -68,17 +68,7 @@ bool object_prop_str(struct json_object *props, const char *key,
 bool object_prop_bool(struct json_object *props, const char *key, bool dflt,
                       bool *ret, Error **errp)
 {
-    struct json_object *v;
-    *ret = dflt;
-    if (!json_object_object_get_ex(props, key, &v)) {
-        return true;
-    }
-    if (json_object_is_type(v, json_type_boolean)) {
-        *ret = json_object_get_boolean(v);
-        return true;
-    }
-    if (json_object_is_type(v, json_type_string) &&
-        keyval_str_to_bool(json_object_get_string(v), ret)) {
+    if (keyval_member_bool(props, key, dflt, ret)) {
         return true;
     }
     error_setg(errp, "Invalid parameter type for '%s', expected: boolean", key);
