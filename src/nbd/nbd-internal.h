@@ -47,6 +47,10 @@
  * Invariants (the server's files cite them as "invariant N"):
  *  1. Only the worker holding recv_lock reads the socket; all writes to the
  *     socket happen under send_lock, one whole reply (all chunks) at a time.
+ *     On a TLS connection the same locks guard the TLS session's
+ *     gnutls_record_recv and gnutls_record_send (GnuTLS allows one thread
+ *     in each at once); the session is made by STARTTLS on the connection
+ *     thread before any other worker exists, and freed after all joined.
  *  2. A reply is sent only after the node call returned, so an answered
  *     write is in the node (and in its dirty bitmaps, block.c invariant).
  *  3. A connection ends (closing = true) on EOF, NBD_CMD_DISC, a protocol
