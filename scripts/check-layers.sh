@@ -21,15 +21,16 @@ src=${1:-$(dirname "$0")/../src}
 may_use() {
     case $1 in
     util)   echo "util" ;;
+    crypto) echo "crypto util" ;;
     bitmap) echo "bitmap util" ;;
-    block)  echo "block bitmap util" ;;
-    repo)   echo "repo block bitmap util" ;;
-    job)    echo "job block bitmap util" ;;
-    nbd)    echo "nbd block bitmap util" ;;
-    qmp)    echo "qmp job nbd block bitmap util" ;;
-    daemon) echo "daemon qmp job nbd repo block bitmap util" ;;
+    block)  echo "block bitmap crypto util" ;;
+    repo)   echo "repo block bitmap crypto util" ;;
+    job)    echo "job block bitmap crypto util" ;;
+    nbd)    echo "nbd block bitmap crypto util" ;;
+    qmp)    echo "qmp job nbd block bitmap crypto util" ;;
+    daemon) echo "daemon qmp job nbd repo block bitmap crypto util" ;;
     client) echo "client util" ;;
-    cli)    echo "cli client repo nbd block bitmap util" ;;   # nbd: serve
+    cli)    echo "cli client repo nbd block bitmap crypto util" ;;   # nbd: serve
     *)      return 1 ;;
     esac
 }

@@ -172,17 +172,7 @@ static bool opt_pow2(struct json_object *opts, const char *key, uint64_t def,
 bool bdrv_opt_bool(struct json_object *opts, const char *key, bool def,
                    bool *ret, Error **errp)
 {
-    struct json_object *v;
-    *ret = def;
-    if (!json_object_object_get_ex(opts, key, &v) || !v) {
-        return true;
-    }
-    if (json_object_is_type(v, json_type_boolean)) {
-        *ret = json_object_get_boolean(v);
-        return true;
-    }
-    if (json_object_is_type(v, json_type_string) &&
-        keyval_str_to_bool(json_object_get_string(v), ret)) {
+    if (keyval_member_bool(opts, key, def, ret)) {
         return true;
     }
     error_setg(errp, "Parameter '%s' expects 'on' or 'off'", key);

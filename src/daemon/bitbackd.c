@@ -2,13 +2,13 @@
  * bitbackd: the storage daemon.  It serves block nodes over NBD and is
  * controlled over QMP, with qemu-storage-daemon's command line:
  *
- *   bitbackd --blockdev OPTS --nbd-server OPTS --export OPTS
+ *   bitbackd [--object OPTS] --blockdev OPTS --nbd-server OPTS --export OPTS
  *            --chardev socket,path=P,server=on,wait=off,id=ID --monitor ID
  *            [--pidfile F] [--daemonize] [--socket-mode 0600|0660]
  *
  * Each option is dotted key=value (util/keyval.h) or JSON, and is processed
  * in command-line order by running the same code as the matching QMP
- * command (blockdev-add, nbd-server-start, block-export-add), so the two
+ * command (object-add, blockdev-add, nbd-server-start, block-export-add), so the two
  * interfaces cannot drift apart.  Errors name the option.
  *
  * Life cycle:
@@ -39,6 +39,7 @@
 
 #include "block/block.h"
 #include "block/write-intent.h"
+#include "crypto/object.h"
 #include "nbd/server.h"
 #include "qmp/qmp.h"
 #include "job/job.h"
@@ -116,6 +117,14 @@ static void usage(void)
 "The bitback storage daemon: serves block nodes over NBD, tracks writes in\n"
 "persistent dirty bitmaps, and is controlled over QMP like qemu-storage-daemon.\n"
 "\n"
+"  --object tls-creds-x509,id=ID,dir=DIR,endpoint=server|client\n"
+"           [,verify-peer=on|off]\n"
+"  --object tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]\n"
+"  --object authz-simple,id=ID,identity=DN-OR-USERNAME\n"
+"  --object authz-list,id=ID,policy=deny,rules.0.match=M,rules.0.policy=allow\n"
+"                         TLS credentials (QEMU's folder layout: ca-cert.pem,\n"
+"                         server-*.pem, client-*.pem; keys.psk for PSK)\n"
+"                         and who may connect (object-add)\n"
 "  --blockdev [driver=]DRIVER,node-name=NAME[,file.driver=file,file.filename=F...]\n"
 "                         open a block node (blockdev-add; dotted keys or JSON)\n"
 "  --chardev socket,id=ID,path=PATH,server=on[,wait=off]\n"
@@ -127,6 +136,9 @@ static void usage(void)
 "                         start the NBD server (nbd-server-start);\n"
 "                         also [,max-connections=N (default 100)]\n"
 "                         [,handshake-max-seconds=S (default 10)]\n"
+"                         [,tls-creds=ID[,tls-authz=ID]]: every client must\n"
+"                         do TLS (STARTTLS); authz checks its certificate's\n"
+"                         DN or PSK username\n"
 "  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]\n"
 "           [,description=TEXT][,bitmaps.0=BITMAP...]\n"
 "                         export a node over NBD (block-export-add)\n"
@@ -584,8 +596,7 @@ int main(int argc, char **argv)
             break;
         case OPT_OBJECT:
             optname = "--object";
-            error_setg(&err, "objects are not supported");
-            ok = false;
+            ok = opt_command("object-add", optarg, "qom-type", &err);
             break;
         case OPT_PIDFILE: {
             _cleanup_free_ char *dir = path_dirname(optarg);
@@ -640,6 +651,7 @@ int main(int argc, char **argv)
      * so even when the bitmaps are then stored. */
     bool ok = write_intent_sync_all_changed();
     ok = close_all_nodes() && ok;
+    object_del_all();
     qmp_monitor_cleanup();
     if (pidfile_fd >= 0) {
         unlink(pidfile_path);    /* while still ours */
@@ -650,6 +662,7 @@ int main(int argc, char **argv)
 fail:
     nbd_server_stop();
     close_all_nodes();
+    object_del_all();
     qmp_monitor_cleanup();
     return 1;
 }

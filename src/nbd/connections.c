@@ -377,6 +377,7 @@ static void client_free(NBDClient *c)
     pthread_cond_destroy(&c->cond);
     free(c->bitmap_ids);
     free(c->rbuf);
+    tls_session_free(c->tls);
     free(c);
 }
 
@@ -469,6 +470,8 @@ static NBDClient *client_add(int fd, bool inet)
     if (nbd_srv.handshake_max_ns) {
         c->handshake_deadline_ns = clock_monotonic_ns() + nbd_srv.handshake_max_ns;
     }
+    c->tls_creds = nbd_srv.tls_creds;
+    c->tls_authz = nbd_srv.tls_authz;
     c->next = nbd_srv.clients;
     nbd_srv.clients = c;
     nbd_srv.nclients++;

@@ -2,8 +2,19 @@
  * NBD server handshake: the fixed newstyle negotiation of one connection,
  * on the connection's thread before any worker exists, so it reads and
  * writes the socket directly.  Options: EXPORT_NAME, ABORT, LIST, INFO,
- * GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT; STARTTLS
- * is refused with a policy error, anything else is unsupported.
+ * GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT and STARTTLS;
+ * anything else is unsupported.
+ *
+ * TLS (doc/proto.md, "TLS support", the server's "FORCEDTLS" mode): on a
+ * server with TLS credentials every option before STARTTLS is refused
+ * with NBD_REP_ERR_TLS_REQD, except ABORT, and EXPORT_NAME (which cannot
+ * carry an error) closes the connection, so nothing but the greeting and
+ * those refusals ever crosses the wire in the clear.  STARTTLS is
+ * acknowledged in the clear, then the TLS handshake runs, then the peer's
+ * identity is checked against the server's authz object; a failure closes
+ * the connection and says why on stderr.  From then on every byte goes
+ * through the session (socket-io.c's nbd_conn_*).  Without credentials
+ * STARTTLS is refused with NBD_REP_ERR_POLICY.
  *
  * Contract: nbd_negotiate returns OPT_TRANSMIT with c->exp pinned (from GO
  * or EXPORT_NAME, invariant 4 in nbd-internal.h), c->size, c->tflags and
@@ -48,7 +59,7 @@ static int opt_reply(NBDClient *c, uint32_t opt, uint32_t type,
         { .iov_base = hdr, .iov_len = sizeof(hdr) },
         { .iov_base = (void *)data, .iov_len = len },
     };
-    return nbd_send_iov(c->fd, iov, len ? 2 : 1) < 0 ? OPT_CLOSE : OPT_CONTINUE;
+    return nbd_conn_send_iov(c, iov, len ? 2 : 1) < 0 ? OPT_CLOSE : OPT_CONTINUE;
 }
 
 /* An error reply with a human readable message. */
@@ -216,7 +227,7 @@ static int opt_export_name(NBDClient *c, const uint8_t *data, uint32_t len)
     st_be64(reply, (uint64_t)size);
     st_be16(reply + 8, export_tflags(e, c->structured));
     if (!nbd_export_is_open(e) ||
-        nbd_send_buf(c->fd, reply, c->no_zeroes ? 10 : sizeof(reply)) < 0) {
+        nbd_conn_send_buf(c, reply, c->no_zeroes ? 10 : sizeof(reply)) < 0) {
         nbd_export_unpin(c);
         return OPT_CLOSE;
     }
@@ -408,6 +419,46 @@ static int opt_meta(NBDClient *c, uint32_t opt, const uint8_t *data,
     return r;
 }
 
+/* NBD_OPT_STARTTLS: acknowledge, run the TLS handshake and the authz
+ * check on the socket.  OPT_CONTINUE with c->tls set, or OPT_CLOSE. */
+static int opt_starttls(NBDClient *c, uint32_t len)
+{
+    if (len != 0) {
+        return opt_error(c, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID,
+                         "NBD_OPT_STARTTLS takes no data");
+    }
+    if (!c->tls_creds) {
+        return opt_error(c, NBD_OPT_STARTTLS, NBD_REP_ERR_POLICY,
+                         "TLS not configured");
+    }
+    if (c->tls) {
+        return opt_error(c, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID,
+                         "TLS is already active");
+    }
+    if (opt_reply(c, NBD_OPT_STARTTLS, NBD_REP_ACK, NULL, 0) != OPT_CONTINUE) {
+        return OPT_CLOSE;
+    }
+    Error *err = NULL;
+    c->tls = tls_session_server(c->tls_creds, c->tls_authz, c->fd, &err);
+    if (!c->tls) {
+        error_prepend(&err, "NBD client refused: ");
+        error_report_err(err);
+        return OPT_CLOSE;
+    }
+    return OPT_CONTINUE;
+}
+
+/* Before STARTTLS on a server that requires TLS: the answer to opt, an
+ * option other than STARTTLS and ABORT (whose data was read). */
+static int opt_before_tls(NBDClient *c, uint32_t opt)
+{
+    if (opt == NBD_OPT_EXPORT_NAME) {
+        return OPT_CLOSE;   /* it cannot carry an error */
+    }
+    return opt_error(c, opt, NBD_REP_ERR_TLS_REQD,
+                     "Option 0x%x not permitted before TLS", opt);
+}
+
 /* Run the handshake: OPT_TRANSMIT with c->exp pinned, or OPT_CLOSE. */
 int nbd_negotiate(NBDClient *c)
 {
@@ -415,11 +466,11 @@ int nbd_negotiate(NBDClient *c)
     st_be64(hello, NBD_MAGIC);
     st_be64(hello + 8, NBD_IHAVEOPT);
     st_be16(hello + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-    if (nbd_send_buf(c->fd, hello, sizeof(hello)) < 0) {
+    if (nbd_conn_send_buf(c, hello, sizeof(hello)) < 0) {
         return OPT_CLOSE;
     }
     uint8_t cflags[4];
-    if (nbd_recv_full(c->fd, cflags, 4) < 0) {
+    if (nbd_conn_recv_full(c, cflags, 4) < 0) {
         return OPT_CLOSE;
     }
     uint32_t flags = ld_be32(cflags);
@@ -434,7 +485,7 @@ int nbd_negotiate(NBDClient *c)
     }
     for (;;) {
         uint8_t hdr[16];
-        if (nbd_recv_full(c->fd, hdr, sizeof(hdr)) < 0) {
+        if (nbd_conn_recv_full(c, hdr, sizeof(hdr)) < 0) {
             return OPT_CLOSE;
         }
         if (ld_be64(hdr) != NBD_IHAVEOPT) {
@@ -445,10 +496,18 @@ int nbd_negotiate(NBDClient *c)
         if (len > NBD_MAX_OPT_PAYLOAD) {
             return OPT_CLOSE;   /* invariant 5: never allocate for it */
         }
-        if (nbd_recv_full(c->fd, data, len) < 0) {
+        if (nbd_conn_recv_full(c, data, len) < 0) {
             return OPT_CLOSE;
         }
         int r;
+        if (c->tls_creds && !c->tls && opt != NBD_OPT_STARTTLS &&
+            opt != NBD_OPT_ABORT) {
+            r = opt_before_tls(c, opt);
+            if (r != OPT_CONTINUE) {
+                return r;
+            }
+            continue;
+        }
         switch (opt) {
         case NBD_OPT_EXPORT_NAME:
             r = opt_export_name(c, data, len);
@@ -477,7 +536,7 @@ int nbd_negotiate(NBDClient *c)
             r = opt_meta(c, opt, data, len);
             break;
         case NBD_OPT_STARTTLS:
-            r = opt_error(c, opt, NBD_REP_ERR_POLICY, "TLS is not supported");
+            r = opt_starttls(c, len);
             break;
         default:
             r = opt_error(c, opt, NBD_REP_ERR_UNSUP, "option %u unsupported",

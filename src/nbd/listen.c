@@ -173,8 +173,38 @@ static void listener_close_locked(void)
 bool nbd_server_start(struct json_object *addr, unsigned max_connections,
                       unsigned handshake_max_seconds, Error **errp)
 {
+    return nbd_server_start_tls(addr, max_connections, handshake_max_seconds,
+                                NULL, NULL, errp);
+}
+
+static void tls_creds_putp(TLSCreds **c)
+{
+    tls_creds_put(*c);
+}
+
+static void authz_putp(Authz **a)
+{
+    authz_put(*a);
+}
+
+bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
+                          unsigned handshake_max_seconds, const char *tls_creds,
+                          const char *tls_authz, Error **errp)
+{
     if (nbd_server_is_running()) {
         error_setg(errp, "NBD server already running");
+        return false;
+    }
+    if (tls_authz && !tls_creds) {
+        error_setg(errp, "'tls-authz' is only allowed with 'tls-creds'");
+        return false;
+    }
+    _cleanup_(tls_creds_putp) TLSCreds *creds = NULL;
+    _cleanup_(authz_putp) Authz *authz = NULL;
+    if (tls_creds && !(creds = tls_creds_get(tls_creds, true, errp))) {
+        return false;
+    }
+    if (tls_authz && !(authz = authz_get(tls_authz, errp))) {
         return false;
     }
     if (!addr || !json_object_is_type(addr, json_type_object)) {
@@ -257,12 +287,18 @@ bool nbd_server_start(struct json_object *addr, unsigned max_connections,
     nbd_srv.max_workers = (int)MIN(MAX(4 * (ncpu > 0 ? ncpu : 1), 8L),
                                (long)NBD_MAX_WORKERS);
     nbd_srv.unix_path = steal_pointer(&unix_path);
+    nbd_srv.tls_creds = creds;
+    nbd_srv.tls_authz = authz;
     if (pthread_create(&nbd_srv.accept_thread, NULL, accept_main, NULL) != 0) {
         error_setg(errp, "cannot start the NBD accept thread");
         listener_close_locked();
+        nbd_srv.tls_creds = NULL;
+        nbd_srv.tls_authz = NULL;
         return false;
     }
     nbd_srv.running = true;
+    creds = NULL;    /* the server's now, until nbd_server_stop */
+    authz = NULL;
     return true;
 }
 
@@ -310,7 +346,12 @@ void nbd_server_stop(void)
     nbd_clients_disconnect_locked(&nbd_srv.nclients);
     NBDExport *list = nbd_srv.exports;
     nbd_srv.exports = NULL;
+    /* No connection is left to use them. */
+    TLSCreds *creds = steal_pointer(&nbd_srv.tls_creds);
+    Authz *authz = steal_pointer(&nbd_srv.tls_authz);
     pthread_mutex_unlock(&nbd_srv.lock);
+    tls_creds_put(creds);
+    authz_put(authz);
     while (list) {
         NBDExport *next = list->next;
         nbd_export_finish(list);

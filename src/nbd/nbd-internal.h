@@ -47,6 +47,10 @@
  * Invariants (the server's files cite them as "invariant N"):
  *  1. Only the worker holding recv_lock reads the socket; all writes to the
  *     socket happen under send_lock, one whole reply (all chunks) at a time.
+ *     On a TLS connection the same locks guard the TLS session's
+ *     gnutls_record_recv and gnutls_record_send (GnuTLS allows one thread
+ *     in each at once); the session is made by STARTTLS on the connection
+ *     thread before any other worker exists, and freed after all joined.
  *  2. A reply is sent only after the node call returned, so an answered
  *     write is in the node (and in its dirty bitmaps, block.c invariant).
  *  3. A connection ends (closing = true) on EOF, NBD_CMD_DISC, a protocol
@@ -114,6 +118,8 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include "crypto/authz.h"
+#include "crypto/tls-creds.h"
 #include "nbd/server.h"
 #include "nbd/nbd-proto.h"
 
@@ -167,6 +173,13 @@ typedef struct NBDRequest {
 struct NBDClient {
     int fd;
     bool inet;
+    /* TLS: the server's credentials (NULL: plaintext) and authz, fixed
+     * for the connection's life; tls is the session once STARTTLS is done
+     * (set by the connection thread before any worker exists).  Every
+     * byte after STARTTLS goes through it (socket-io.c). */
+    const TLSCreds *tls_creds;
+    const Authz *tls_authz;
+    TLSSession *tls;
     NBDClient *next;              /* nbd_srv.clients */
     /* CLOCK_MONOTONIC ns by which negotiation must end (invariant 7);
      * 0 once it ended or when there is no limit (nbd_srv.lock). */
@@ -224,6 +237,10 @@ typedef struct NBDServer {
     NBDExport *exports;
     uint64_t next_serial;
     int max_workers;              /* per connection, set at start */
+    /* TLS (NULL: plaintext), referenced from start to stop; a connection
+     * copies them when it is added and ends before stop drops them. */
+    TLSCreds *tls_creds;
+    Authz *tls_authz;
 } NBDServer;
 
 extern NBDServer nbd_srv;
@@ -235,6 +252,11 @@ enum { OPT_CONTINUE = 0, OPT_TRANSMIT = 1, OPT_CLOSE = -1 };
 int nbd_recv_full(int fd, void *buf, size_t len);
 int nbd_send_iov(int fd, struct iovec *iov, int niov);
 int nbd_send_buf(int fd, const void *buf, size_t len);
+/* The same on a connection: on its TLS session once there is one, on its
+ * socket before (the handshake uses these). */
+int nbd_conn_recv_full(NBDClient *c, void *buf, size_t len);
+int nbd_conn_send_iov(NBDClient *c, struct iovec *iov, int niov);
+int nbd_conn_send_buf(NBDClient *c, const void *buf, size_t len);
 /* Transmission phase, recv_lock held (invariant 1). */
 int nbd_client_recv(NBDClient *c, void *dst, size_t len);
 int nbd_client_recv_discard(NBDClient *c, uint64_t len);

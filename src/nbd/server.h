@@ -42,6 +42,17 @@ void nbd_set_resource_limits(uint64_t max_request_memory,
  * limit).  Fails if a server is running. */
 bool nbd_server_start(struct json_object *addr, unsigned max_connections,
                       unsigned handshake_max_seconds, Error **errp);
+/* As nbd_server_start, with TLS: tls_creds names a credentials object
+ * with endpoint=server (crypto/tls-creds.h), and the server then refuses
+ * every option before NBD_OPT_STARTTLS (no plaintext fallback); tls_authz
+ * (only with tls_creds) names an authz object that must allow the
+ * client's identity once the TLS handshake is done, or the connection is
+ * closed (a line on stderr says why).  Both NULL: plaintext.  The server
+ * holds a reference on each object until nbd_server_stop. */
+bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
+                          unsigned handshake_max_seconds,
+                          const char *tls_creds, const char *tls_authz,
+                          Error **errp);
 bool nbd_server_is_running(void);
 /* The TCP port the running server listens on (the one the kernel chose
  * for port 0), or -1 when it is not running or listens on a UNIX socket. */

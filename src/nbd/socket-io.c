@@ -2,7 +2,10 @@
  * NBD server socket I/O: how bytes cross a client's socket.
  *
  * nbd_recv_full / nbd_send_iov / nbd_send_buf move whole buffers on a bare
- * fd (the handshake uses them directly).  In the transmission phase a
+ * fd; nbd_conn_* do the same on a connection, through its TLS session
+ * once STARTTLS made one (the handshake uses these).  With TLS every read
+ * and write of the connection goes through the session; without it the
+ * only cost is one test of c->tls per call.  In the transmission phase a
  * connection reads through nbd_client_recv, which serves pipelined request
  * headers from the connection's buffer and busy-polls the socket briefly
  * while requests arrive close together; the caller holds recv_lock
@@ -58,6 +61,9 @@ int nbd_recv_full(int fd, void *buf, size_t len)
  * so an idle or slow client costs no polling. */
 static ssize_t client_fill(NBDClient *c)
 {
+    if (c->tls) {
+        return tls_session_recv(c->tls, c->rbuf, NBD_RECV_BUF);
+    }
     if (c->poll_ns > 0) {
         uint64_t start = clock_monotonic_ns();
         do {
@@ -95,7 +101,7 @@ int nbd_client_recv(NBDClient *c, void *dst, size_t len)
             continue;
         }
         if (len >= NBD_RECV_BUF / 2) {
-            return nbd_recv_full(c->fd, p, len);
+            return nbd_conn_recv_full(c, p, len);
         }
         ssize_t n = client_fill(c);
         if (n < 0 && errno == EINTR) {
@@ -158,12 +164,59 @@ int nbd_send_buf(int fd, const void *buf, size_t len)
     return nbd_send_iov(fd, &iov, 1);
 }
 
+int nbd_conn_recv_full(NBDClient *c, void *buf, size_t len)
+{
+    if (!c->tls) {
+        return nbd_recv_full(c->fd, buf, len);
+    }
+    uint8_t *p = buf;
+    while (len > 0) {
+        ssize_t n = tls_session_recv(c->tls, p, len);
+        if (n <= 0) {
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Every byte of iov, one TLS record (at most) per piece and per 16 KiB. */
+static int tls_send_iov(TLSSession *s, const struct iovec *iov, int niov)
+{
+    for (int i = 0; i < niov; i++) {
+        const uint8_t *p = iov[i].iov_base;
+        size_t len = iov[i].iov_len;
+        while (len > 0) {
+            ssize_t n = tls_session_send(s, p, len);
+            if (n <= 0) {
+                return -1;
+            }
+            p += n;
+            len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+int nbd_conn_send_iov(NBDClient *c, struct iovec *iov, int niov)
+{
+    return c->tls ? tls_send_iov(c->tls, iov, niov)
+                  : nbd_send_iov(c->fd, iov, niov);
+}
+
+int nbd_conn_send_buf(NBDClient *c, const void *buf, size_t len)
+{
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    return nbd_conn_send_iov(c, &iov, 1);
+}
+
 /* Send one whole reply (invariant 1).  A failed send ends the connection. */
 void nbd_client_send(NBDClient *c, struct iovec *iov, int niov)
 {
     bool failed = false;
     pthread_mutex_lock(&c->send_lock);
-    if (!c->send_failed && nbd_send_iov(c->fd, iov, niov) < 0) {
+    if (!c->send_failed && nbd_conn_send_iov(c, iov, niov) < 0) {
         c->send_failed = true;
         shutdown(c->fd, SHUT_RDWR);
     }

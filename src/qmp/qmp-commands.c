@@ -82,6 +82,7 @@ void qmp_init_commands(void)
     qmp_register_control_commands();
     qmp_register_block_commands();
     qmp_register_export_commands();
+    qmp_register_object_commands();
     qmp_register_transaction_commands();
     qmp_register_job_commands();
 }

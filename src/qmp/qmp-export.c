@@ -93,10 +93,6 @@ static struct json_object *qmp_cmd_nbd_server_start(struct json_object *args,
                                                     Error **errp)
 {
     struct json_object *addr;
-    if (qmp_arg_has(args, "tls-creds") || qmp_arg_has(args, "tls-authz")) {
-        error_setg(errp, "TLS is not supported by this NBD server");
-        return NULL;
-    }
     if (nbd_server_is_running()) {
         error_setg(errp, "NBD server already running");
         return NULL;
@@ -115,7 +111,9 @@ static struct json_object *qmp_cmd_nbd_server_start(struct json_object *args,
     }
     json_object_object_get_ex(args, "addr", &addr);
     _cleanup_json_ struct json_object *flat = qmp_socket_address(addr, errp);
-    if (!flat || !nbd_server_start(flat, (unsigned)maxc, (unsigned)hs, errp)) {
+    if (!flat || !nbd_server_start_tls(flat, (unsigned)maxc, (unsigned)hs,
+                                       json_opt_str(args, "tls-creds"),
+                                       json_opt_str(args, "tls-authz"), errp)) {
         return NULL;
     }
     return json_object_new_object();

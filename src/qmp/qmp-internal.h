@@ -30,6 +30,7 @@ struct json_object *qmp_query_commands_list(void);
 void qmp_register_control_commands(void);
 void qmp_register_block_commands(void);
 void qmp_register_export_commands(void);
+void qmp_register_object_commands(void);      /* qmp-object.c */
 /* qmp-job.c: query-jobs, query-block-jobs, job-pause, job-resume,
  * job-cancel, job-finalize, job-dismiss, job-complete, block-job-cancel,
  * block-job-pause, block-job-resume, block-job-set-speed,

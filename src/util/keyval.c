@@ -284,6 +284,22 @@ bool keyval_str_to_bool(const char *s, bool *ret)
     return false;
 }
 
+bool keyval_member_bool(struct json_object *obj, const char *key, bool dflt,
+                        bool *ret)
+{
+    struct json_object *v;
+    *ret = dflt;
+    if (!json_object_object_get_ex(obj, key, &v) || !v) {
+        return true;
+    }
+    if (json_object_is_type(v, json_type_boolean)) {
+        *ret = json_object_get_boolean(v);
+        return true;
+    }
+    return json_object_is_type(v, json_type_string) &&
+           keyval_str_to_bool(json_object_get_string(v), ret);
+}
+
 bool keyval_str_to_int(const char *s, int64_t *ret)
 {
     char *end;

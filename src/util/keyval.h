@@ -39,6 +39,12 @@ struct json_object *keyval_parse_or_json(const char *arg,
 /* "on"/"yes"/"true" -> true, "off"/"no"/"false" -> false.  False on other
  * strings (ret untouched). */
 bool keyval_str_to_bool(const char *s, bool *ret);
+/* The boolean member key of obj: a JSON boolean or a string
+ * keyval_str_to_bool takes.  Absent or null: *ret = dflt.  False (*ret =
+ * dflt) when the member has another type or value; the caller says so in
+ * its own words. */
+bool keyval_member_bool(struct json_object *obj, const char *key, bool dflt,
+                        bool *ret);
 /* Decimal (or 0x hex) integer that fits int64_t, nothing after it. */
 bool keyval_str_to_int(const char *s, int64_t *ret);
 

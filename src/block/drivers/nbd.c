@@ -10,6 +10,11 @@
  *    "export": "name"}
  *   or {"driver": "nbd", "filename": "nbd+unix:///name?socket=/run/x.sock"}
  *   (any NBD URI libnbd accepts: nbd://host:port/name, nbd+unix://...)
+ *   plus, for TLS, "tls-creds": the id of a tls-creds-x509 or
+ *   tls-creds-psk object with endpoint=client (crypto/tls-creds.h; the
+ *   server must then do TLS), and "tls-hostname": the name the server's
+ *   certificate must carry (default: the host connected to; a libnbd
+ *   older than 1.22 cannot check another name, so it is refused there).
  *
  * Each node owns one libnbd handle, connected at open.  libnbd handles take
  * an internal lock, so any number of threads may issue synchronous commands
@@ -44,6 +49,7 @@
 #include <libnbd.h>
 
 #include "block/block.h"
+#include "crypto/tls-creds.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
@@ -70,6 +76,7 @@
 
 typedef struct BDRVNBDState {
     struct nbd_handle *nbd;
+    TLSCreds *tls;           /* referenced while open (object-del refuses) */
     uint64_t size;           /* export size (invariant 1) */
     uint32_t max_request;    /* payload limit per command (invariant 2) */
     bool can_fua;
@@ -131,11 +138,67 @@ typedef struct NBDTarget {
     const char *port;        /* tcp: points at portbuf or into the options */
     char portbuf[16];
     char *desc;              /* malloc'd description; NULL if out of memory */
+    TLSCreds *tls;           /* referenced; NULL: no TLS asked for */
+    const char *tls_hostname;
 } NBDTarget;
 
 static void nbd_target_cleanup(NBDTarget *t)
 {
     free(t->desc);
+    tls_creds_put(t->tls);
+}
+
+/* Fill t's TLS members from options' "tls-creds" and "tls-hostname". */
+static bool nbd_parse_tls(struct json_object *options, NBDTarget *t,
+                          Error **errp)
+{
+    const char *id;
+    if (!opt_string(options, "tls-creds", &id, errp) ||
+        !opt_string(options, "tls-hostname", &t->tls_hostname, errp)) {
+        return false;
+    }
+    if (t->tls_hostname && !id) {
+        error_setg(errp, "nbd: 'tls-hostname' needs 'tls-creds'");
+        return false;
+    }
+#ifndef HAVE_NBD_SET_TLS_HOSTNAME
+    /* This libnbd checks the certificate against the host connected to
+     * (none for a UNIX socket, where only the CA's signature is checked):
+     * a tls-hostname it cannot check is refused, never ignored. */
+    if (t->tls_hostname &&
+        (t->kind != NBD_TARGET_TCP || strcmp(t->tls_hostname, t->addr) != 0)) {
+        error_setg(errp, "nbd: 'tls-hostname' other than the server's host "
+                   "needs libnbd 1.22 or later (nbd_set_tls_hostname)");
+        return false;
+    }
+#endif
+    if (id && !(t->tls = tls_creds_get(id, false, errp))) {
+        return false;
+    }
+    return true;
+}
+
+/* Make h require TLS with t's credentials (libnbd reads QEMU's folder
+ * layout).  No TLS asked for: h is left as it is. */
+static bool nbd_setup_tls(struct nbd_handle *h, const NBDTarget *t)
+{
+    if (!t->tls) {
+        return true;
+    }
+    if (nbd_set_tls(h, LIBNBD_TLS_REQUIRE) < 0) {
+        return false;
+    }
+#ifdef HAVE_NBD_SET_TLS_HOSTNAME
+    if (t->tls_hostname && nbd_set_tls_hostname(h, t->tls_hostname) < 0) {
+        return false;
+    }
+#endif
+    if (tls_creds_kind(t->tls) == TLS_CREDS_PSK) {
+        return nbd_set_tls_psk_file(h, tls_creds_psk_file(t->tls)) >= 0 &&
+               nbd_set_tls_username(h, tls_creds_username(t->tls)) >= 0;
+    }
+    return nbd_set_tls_certificates(h, tls_creds_dir(t->tls)) >= 0 &&
+           nbd_set_tls_verify_peer(h, tls_creds_verify_peer(t->tls)) >= 0;
 }
 
 /* Fill t from options' "server" (parsing only; nothing is connected). */
@@ -263,8 +326,9 @@ static bool opt_seconds(struct json_object *options, const char *key,
     return ok;
 }
 
-/* A new handle set up for export, not yet connected. */
-static struct nbd_handle *nbd_new_handle(const char *export, Error **errp)
+/* A new handle set up for export (and t's TLS), not yet connected. */
+static struct nbd_handle *nbd_new_handle(const char *export,
+                                         const NBDTarget *t, Error **errp)
 {
     _cleanup_(nbd_handle_closep) struct nbd_handle *h = nbd_create();
     if (!h) {
@@ -274,7 +338,8 @@ static struct nbd_handle *nbd_new_handle(const char *export, Error **errp)
     }
     if (nbd_set_export_name(h, export) < 0 ||
         nbd_set_request_structured_replies(h, true) < 0 ||
-        nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
+        nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
+        !nbd_setup_tls(h, t)) {
         error_setg(errp, "Cannot set up the NBD client handle: %s",
                    nbd_get_error());
         return NULL;
@@ -294,7 +359,7 @@ static struct nbd_handle *nbd_connect_once(const char *export,
 {
     const char *where = t->desc ? t->desc : t->addr;
     _cleanup_(nbd_handle_closep) struct nbd_handle *h =
-        nbd_new_handle(export, errp);
+        nbd_new_handle(export, t, errp);
     if (!h) {
         return NULL;
     }
@@ -377,10 +442,6 @@ static bool nbd_drv_open(BlockDriverState *bs, struct json_object *options,
     if (!export) {
         export = "";
     }
-    if (json_object_object_get_ex(options, "tls-creds", NULL)) {
-        error_setg(errp, "nbd: TLS ('tls-creds') is not supported");
-        return false;
-    }
 
     uint64_t open_timeout, reconnect_delay;
     if (!opt_seconds(options, "open-timeout", NBD_OPEN_TIMEOUT_MAX,
@@ -395,7 +456,8 @@ static bool nbd_drv_open(BlockDriverState *bs, struct json_object *options,
         return false;
     }
     _cleanup_(nbd_target_cleanup) NBDTarget target = { 0 };
-    if (!nbd_parse_target(options, export, &target, errp)) {
+    if (!nbd_parse_target(options, export, &target, errp) ||
+        !nbd_parse_tls(options, &target, errp)) {
         return false;
     }
     _cleanup_(nbd_handle_closep) struct nbd_handle *h =
@@ -458,6 +520,7 @@ static bool nbd_drv_open(BlockDriverState *bs, struct json_object *options,
         bs->filename = steal_pointer(&desc);
     }
     s->nbd = steal_pointer(&h);
+    s->tls = steal_pointer(&target.tls);
     return true;
 }
 
@@ -469,6 +532,8 @@ static void nbd_drv_close(BlockDriverState *bs)
         nbd_close(s->nbd);
         s->nbd = NULL;
     }
+    tls_creds_put(s->tls);
+    s->tls = NULL;
     free(s->runs);
     s->runs = NULL;
     s->n_runs = s->cap_runs = 0;
