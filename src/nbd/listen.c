@@ -116,45 +116,6 @@ static int listen_unix(const char *path, Error **errp)
     return fd;
 }
 
-static int listen_inet(const char *host, const char *port, Error **errp)
-{
-    struct addrinfo hints = {
-        .ai_family = AF_UNSPEC,
-        .ai_socktype = SOCK_STREAM,
-        .ai_flags = AI_PASSIVE,
-    };
-    struct addrinfo *res = NULL;
-    int r = getaddrinfo(host && *host ? host : NULL, port, &hints, &res);
-    if (r != 0) {
-        error_setg(errp, "cannot resolve '%s:%s': %s", host ? host : "",
-                   port, gai_strerror(r));
-        return -1;
-    }
-    int err = 0;
-    int fd = -1;
-    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 128) == 0) {
-            break;
-        }
-        err = errno;
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(res);
-    if (fd < 0) {
-        error_setg_errno(errp, err, "cannot listen on '%s:%s'",
-                         host ? host : "", port);
-    }
-    return fd;
-}
-
 /* Close the listening socket and the wake pipe and remove the UNIX socket
  * file (nbd_srv.lock held, no accept thread running). */
 static void listener_close_locked(void)
@@ -256,7 +217,7 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
             error_setg(errp, "bad 'port'");
             return false;
         }
-        fd = listen_inet(host, port, errp);
+        fd = inet_listen(host, port, 0, errp);
         inet = true;
     } else {
         error_setg(errp, "unsupported NBD server address type '%s'", type);

@@ -3,6 +3,9 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -140,4 +143,149 @@ bool unix_bind_private(int fd, const char *path, Error **errp)
     close(dfd);
     rmdir(tmpl);
     return ok;
+}
+
+int inet_listen(const char *host, const char *port, int flags, Error **errp)
+{
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC,
+        .ai_socktype = SOCK_STREAM,
+        .ai_flags = AI_PASSIVE,
+    };
+    struct addrinfo *res = NULL;
+    int r = getaddrinfo(host && *host ? host : NULL, port, &hints, &res);
+    if (r != 0) {
+        error_setg(errp, "cannot resolve '%s:%s': %s", host ? host : "",
+                   port, gai_strerror(r));
+        return -1;
+    }
+    int err = 0;
+    int fd = -1;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | flags,
+                    ai->ai_protocol);
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 128) == 0) {
+            break;
+        }
+        err = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        error_setg_errno(errp, err, "cannot listen on '%s:%s'",
+                         host ? host : "", port);
+    }
+    return fd;
+}
+
+int inet_connect(const char *host, const char *port, Error **errp)
+{
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC,
+        .ai_socktype = SOCK_STREAM,
+    };
+    struct addrinfo *res = NULL;
+    int r = getaddrinfo(host, port, &hints, &res);
+    if (r != 0) {
+        error_setg(errp, "cannot resolve '%s:%s': %s", host, port,
+                   gai_strerror(r));
+        return -1;
+    }
+    int err = 0;
+    int fd = -1;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+                    ai->ai_protocol);
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        do {
+            r = connect(fd, ai->ai_addr, ai->ai_addrlen);
+        } while (r < 0 && errno == EINTR);
+        if (r == 0) {
+            break;
+        }
+        err = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        error_setg_errno(errp, err, "cannot connect to '%s:%s'", host, port);
+    }
+    return fd;
+}
+
+bool inet_host_is_loopback(const char *host)
+{
+    if (!host || !*host) {
+        return false;
+    }
+    struct addrinfo hints = { .ai_socktype = SOCK_STREAM };
+    struct addrinfo *res = NULL;
+    if (getaddrinfo(host, NULL, &hints, &res) != 0) {
+        return false;
+    }
+    bool loop = res != NULL;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET) {
+            const struct sockaddr_in *in = (const void *)ai->ai_addr;
+            loop &= (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+        } else if (ai->ai_family == AF_INET6) {
+            const struct sockaddr_in6 *in6 = (const void *)ai->ai_addr;
+            loop &= IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr);
+        } else {
+            loop = false;
+        }
+    }
+    freeaddrinfo(res);
+    return loop;
+}
+
+bool inet_parse_host_port(const char *s, char **ret_host, char **ret_port,
+                          Error **errp)
+{
+    const char *colon;
+    const char *h = s;
+    size_t hlen;
+    if (*s == '[') {
+        const char *close_br = strchr(s, ']');
+        if (!close_br || close_br[1] != ':') {
+            error_setg(errp, "'%s': expected [ADDRESS]:PORT", s);
+            return false;
+        }
+        h = s + 1;
+        hlen = close_br - h;
+        colon = close_br + 1;
+    } else {
+        colon = strrchr(s, ':');
+        if (!colon || memchr(s, ':', colon - s)) {
+            error_setg(errp, "'%s': expected HOST:PORT (IPv6: [ADDRESS]:PORT)",
+                       s);
+            return false;
+        }
+        hlen = colon - s;
+    }
+    if (hlen == 0 || colon[1] == '\0') {
+        error_setg(errp, "'%s': expected HOST:PORT", s);
+        return false;
+    }
+    *ret_host = strndup(h, hlen);
+    *ret_port = strdup(colon + 1);
+    if (!*ret_host || !*ret_port) {
+        free(*ret_host);
+        free(*ret_port);
+        *ret_host = *ret_port = NULL;
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    return true;
 }

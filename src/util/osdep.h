@@ -1,6 +1,7 @@
 /*
  * Opening files that must be what they claim to be (files, not FIFOs), and
- * creating UNIX socket paths with a mode that does not depend on the umask.
+ * creating UNIX socket paths with a mode that does not depend on the umask,
+ * and the TCP sockets of listeners and clients.
  */
 #ifndef BITBACK_OSDEP_H
 #define BITBACK_OSDEP_H
@@ -39,5 +40,23 @@ mode_t unix_socket_mode(void);
  * Like bind(), it fails (EEXIST) when something is already at `path`:
  * callers remove a stale socket first.  false with errp set. */
 bool unix_bind_private(int fd, const char *path, Error **errp);
+
+/* A TCP socket listening on host:port (host NULL or "": every address),
+ * SO_REUSEADDR, close-on-exec, plus `flags` (SOCK_NONBLOCK) on the
+ * socket; the first address getaddrinfo gives that binds.  The fd, or -1
+ * with errp set. */
+int inet_listen(const char *host, const char *port, int flags, Error **errp);
+/* A blocking TCP socket connected to host:port (each address getaddrinfo
+ * gives, in order), close-on-exec.  The fd, or -1 with errp set. */
+int inet_connect(const char *host, const char *port, Error **errp);
+/* True when host names only loopback addresses (every address it
+ * resolves to is 127.0.0.0/8 or ::1); false for "" / NULL (every
+ * address) and for a name that does not resolve. */
+bool inet_host_is_loopback(const char *host);
+/* Split "HOST:PORT", "[V6ADDR]:PORT" (brackets removed) into new strings;
+ * false with errp set when there is no port or the brackets are not
+ * closed. */
+bool inet_parse_host_port(const char *s, char **ret_host, char **ret_port,
+                          Error **errp);
 
 #endif
