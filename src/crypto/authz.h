@@ -23,6 +23,11 @@ typedef struct Authz Authz;
  * there is none or it is of another type.  authz_put drops it. */
 Authz *authz_get(const char *id, Error **errp);
 void authz_put(Authz *a);
+/* For _cleanup_(authz_putp). */
+static inline void authz_putp(Authz **a)
+{
+    authz_put(*a);
+}
 /* Any thread, while referenced. */
 bool authz_is_allowed(const Authz *a, const char *identity);
 

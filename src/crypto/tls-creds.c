@@ -1,6 +1,6 @@
 /*
- * tls-creds-x509 and tls-creds-psk (tls-creds.h) with GnuTLS, and the
- * server side of a TLS session.  Credentials are loaded once, when the
+ * tls-creds-x509 and tls-creds-psk (tls-creds.h) with GnuTLS, and both
+ * sides of a TLS session.  Credentials are loaded once, when the
  * object is created, and never change afterwards, so sessions on
  * connection threads share them without a lock (GnuTLS credentials are
  * safe to share between sessions once set up).
@@ -36,10 +36,15 @@ struct TLSCreds {
     char *psk_file;               /* PSK */
     gnutls_certificate_credentials_t x509;
     gnutls_psk_server_credentials_t psk_server;
+    gnutls_psk_client_credentials_t psk_client;
 };
 
 struct TLSSession {
     gnutls_session_t sess;
+    const TLSCreds *creds;        /* not referenced: the caller holds it */
+    bool server;
+    char *hostname;               /* client: the name the server's
+                                   * certificate must carry; NULL: none */
 };
 
 void tls_creds_free(void *opaque)
@@ -53,6 +58,9 @@ void tls_creds_free(void *opaque)
     }
     if (c->psk_server) {
         gnutls_psk_free_server_credentials(c->psk_server);
+    }
+    if (c->psk_client) {
+        gnutls_psk_free_client_credentials(c->psk_client);
     }
     free(c->dir);
     free(c->priority);
@@ -210,26 +218,34 @@ void *tls_creds_x509_new(const char *id, struct json_object *props,
     return steal_pointer(&c);
 }
 
-/* True when the PSK file has a line for username ("NAME:HEXKEY"). */
-static bool psk_file_has_user(const char *path, const char *username,
-                              Error **errp)
+/* The hex key of username's line in the PSK file ("NAME:HEXKEY"), a new
+ * string, or NULL with errp set. */
+static char *psk_file_key(const char *path, const char *username,
+                          Error **errp)
 {
     FILE *f = fopen(path, "re");
     if (!f) {
         error_setg_errno(errp, errno, "Unable to read %s", path);
-        return false;
+        return NULL;
     }
     char line[TLS_PSK_LINE_MAX];
     size_t ul = strlen(username);
+    char *key = NULL;
     bool found = false;
     while (!found && fgets(line, sizeof(line), f)) {
         found = strncmp(line, username, ul) == 0 && line[ul] == ':';
+        if (found) {
+            line[strcspn(line, "\r\n")] = '\0';
+            key = strdup(line + ul + 1);
+        }
     }
     fclose(f);
     if (!found) {
         error_setg(errp, "Username %s not found in %s", username, path);
+    } else if (!key) {
+        error_setg(errp, "out of memory");
     }
-    return found;
+    return key;
 }
 
 void *tls_creds_psk_new(const char *id, struct json_object *props,
@@ -254,8 +270,27 @@ void *tls_creds_psk_new(const char *id, struct json_object *props,
             error_setg(errp, "out of memory");
             return NULL;
         }
-        return psk_file_has_user(c->psk_file, username, errp)
-               ? steal_pointer(&c) : NULL;
+        _cleanup_free_ char *hex = psk_file_key(c->psk_file, username, errp);
+        if (!hex) {
+            return NULL;
+        }
+        int r = gnutls_psk_allocate_client_credentials(&c->psk_client);
+        if (r < 0) {
+            c->psk_client = NULL;
+            error_setg(errp, "Cannot allocate credentials: %s",
+                       gnutls_strerror(r));
+            return NULL;
+        }
+        gnutls_datum_t key = { (unsigned char *)hex, strlen(hex) };
+        r = gnutls_psk_set_client_credentials(c->psk_client, username, &key,
+                                              GNUTLS_PSK_KEY_HEX);
+        explicit_bzero(hex, strlen(hex));
+        if (r < 0) {
+            error_setg(errp, "Cannot set PSK client credentials from %s: %s",
+                       c->psk_file, gnutls_strerror(r));
+            return NULL;
+        }
+        return steal_pointer(&c);
     }
     int r = gnutls_psk_allocate_server_credentials(&c->psk_server);
     if (r < 0) {
@@ -331,7 +366,10 @@ const char *tls_creds_psk_file(const TLSCreds *c)
 void tls_session_free(TLSSession *s)
 {
     if (s) {
-        gnutls_deinit(s->sess);
+        if (s->sess) {
+            gnutls_deinit(s->sess);
+        }
+        free(s->hostname);
         free(s);
     }
 }
@@ -414,17 +452,23 @@ static char *tls_session_peer_identity(TLSSession *s, const TLSCreds *c,
     return tls_session_peer_dn(s, errp);
 }
 
-TLSSession *tls_session_server(const TLSCreds *c, const Authz *authz, int fd,
-                               Error **errp)
+TLSSession *tls_session_new(const TLSCreds *c, int fd, const char *hostname,
+                            Error **errp)
 {
     _cleanup_(tls_session_freep) TLSSession *s = calloc(1, sizeof(*s));
     if (!s) {
         error_setg(errp, "out of memory");
         return NULL;
     }
-    int r = gnutls_init(&s->sess, GNUTLS_SERVER);
+    s->creds = c;
+    s->server = c->server;
+    if (!c->server && hostname && !(s->hostname = strdup(hostname))) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    int r = gnutls_init(&s->sess, c->server ? GNUTLS_SERVER : GNUTLS_CLIENT);
     if (r < 0) {
-        free(steal_pointer(&s));
+        s->sess = NULL;
         error_setg(errp, "Cannot start a TLS session: %s", gnutls_strerror(r));
         return NULL;
     }
@@ -433,12 +477,21 @@ TLSSession *tls_session_server(const TLSCreds *c, const Authz *authz, int fd,
         if (c->kind == TLS_CREDS_X509) {
             r = gnutls_credentials_set(s->sess, GNUTLS_CRD_CERTIFICATE,
                                        c->x509);
-            gnutls_certificate_server_set_request(
-                s->sess, c->verify_peer ? GNUTLS_CERT_REQUIRE
-                                        : GNUTLS_CERT_IGNORE);
+            if (c->server) {
+                gnutls_certificate_server_set_request(
+                    s->sess, c->verify_peer ? GNUTLS_CERT_REQUIRE
+                                            : GNUTLS_CERT_IGNORE);
+            }
         } else {
-            r = gnutls_credentials_set(s->sess, GNUTLS_CRD_PSK, c->psk_server);
+            r = gnutls_credentials_set(s->sess, GNUTLS_CRD_PSK,
+                                       c->server ? (void *)c->psk_server
+                                                 : (void *)c->psk_client);
         }
+    }
+    if (r >= 0 && s->hostname && c->kind == TLS_CREDS_X509) {
+        /* SNI, as QEMU's client sends it */
+        r = gnutls_server_name_set(s->sess, GNUTLS_NAME_DNS, s->hostname,
+                                   strlen(s->hostname));
     }
     if (r < 0) {
         error_setg(errp, "Cannot set up the TLS session: %s",
@@ -446,28 +499,106 @@ TLSSession *tls_session_server(const TLSCreds *c, const Authz *authz, int fd,
         return NULL;
     }
     gnutls_transport_set_int(s->sess, fd);
-    do {
-        r = gnutls_handshake(s->sess);
-    } while (r == GNUTLS_E_INTERRUPTED || r == GNUTLS_E_AGAIN);
-    if (r < 0) {
-        error_setg(errp, "TLS handshake failed: %s", gnutls_strerror(r));
-        return NULL;
+    return steal_pointer(&s);
+}
+
+/* Client side: the server's certificate is signed by the CA and carries
+ * s->hostname (x509 with verify-peer); PSK proved itself in the
+ * handshake.  false with errp set. */
+static bool tls_session_check_server(TLSSession *s, Error **errp)
+{
+    const TLSCreds *c = s->creds;
+    if (c->kind == TLS_CREDS_PSK || !c->verify_peer) {
+        return true;
     }
+    unsigned status = 0;
+    int r = gnutls_certificate_verify_peers3(s->sess, s->hostname, &status);
+    if (r < 0) {
+        error_setg(errp, "Verify failed: %s", gnutls_strerror(r));
+        return false;
+    }
+    if (status) {
+        gnutls_datum_t out = { 0 };
+        gnutls_certificate_verification_status_print(
+            status, GNUTLS_CRT_X509, &out, 0);
+        error_setg(errp, "The server certificate is not trusted: %s",
+                   out.data ? (const char *)out.data : "unknown reason");
+        gnutls_free(out.data);
+        return false;
+    }
+    return true;
+}
+
+/* Server side: the peer proved an identity that authz allows. */
+static bool tls_session_check_client(TLSSession *s, const Authz *authz,
+                                     Error **errp)
+{
     bool none;
     Error *local_err = NULL;
     _cleanup_free_ char *identity =
-        tls_session_peer_identity(s, c, &none, &local_err);
+        tls_session_peer_identity(s, s->creds, &none, &local_err);
     if (local_err) {
         error_propagate(errp, local_err);
-        return NULL;
+        return false;
     }
     if (authz && (none || !authz_is_allowed(authz, identity))) {
         error_setg(errp, "TLS %s authz check for %s is denied",
-                   c->kind == TLS_CREDS_X509 ? "x509" : "PSK",
+                   s->creds->kind == TLS_CREDS_X509 ? "x509" : "PSK",
                    none ? "a client without a verified certificate" : identity);
-        return NULL;
+        return false;
     }
-    return steal_pointer(&s);
+    return true;
+}
+
+int tls_session_handshake(TLSSession *s, const Authz *authz, Error **errp)
+{
+    int r = gnutls_handshake(s->sess);
+    if (r == GNUTLS_E_INTERRUPTED || r == GNUTLS_E_AGAIN) {
+        return 0;
+    }
+    if (r < 0) {
+        error_setg(errp, "TLS handshake failed: %s", gnutls_strerror(r));
+        return -1;
+    }
+    bool ok = s->server ? tls_session_check_client(s, authz, errp)
+                        : tls_session_check_server(s, errp);
+    return ok ? 1 : -1;
+}
+
+bool tls_session_wants_write(const TLSSession *s)
+{
+    return gnutls_record_get_direction(s->sess) == 1;
+}
+
+size_t tls_session_pending(const TLSSession *s)
+{
+    return gnutls_record_check_pending(s->sess);
+}
+
+/* tls_session_new, then the whole handshake on the blocking socket fd. */
+static TLSSession *tls_session_blocking(const TLSCreds *c, const Authz *authz,
+                                        int fd, const char *hostname,
+                                        Error **errp)
+{
+    _cleanup_(tls_session_freep) TLSSession *s =
+        tls_session_new(c, fd, hostname, errp);
+    int r = 0;
+    while (s && r == 0) {
+        r = tls_session_handshake(s, authz, errp);
+    }
+    return r > 0 ? steal_pointer(&s) : NULL;
+}
+
+TLSSession *tls_session_server(const TLSCreds *c, const Authz *authz, int fd,
+                               Error **errp)
+{
+    return tls_session_blocking(c, authz, fd, NULL, errp);
+}
+
+TLSSession *tls_session_client(const TLSCreds *c, int fd, const char *hostname,
+                               Error **errp)
+{
+    return tls_session_blocking(c, NULL, fd, hostname, errp);
 }
 
 ssize_t tls_session_recv(TLSSession *s, void *buf, size_t len)
@@ -476,6 +607,10 @@ ssize_t tls_session_recv(TLSSession *s, void *buf, size_t len)
         ssize_t n = gnutls_record_recv(s->sess, buf, len);
         if (n >= 0) {
             return n;
+        }
+        if (n == GNUTLS_E_AGAIN) {
+            errno = EAGAIN;
+            return -1;
         }
         if (n != GNUTLS_E_INTERRUPTED) {
             errno = EIO;
@@ -490,6 +625,10 @@ ssize_t tls_session_send(TLSSession *s, const void *buf, size_t len)
         ssize_t n = gnutls_record_send(s->sess, buf, len);
         if (n > 0) {
             return n;
+        }
+        if (n == GNUTLS_E_AGAIN) {
+            errno = EAGAIN;
+            return -1;
         }
         if (n != GNUTLS_E_INTERRUPTED) {
             errno = EIO;

@@ -4,6 +4,7 @@
  *
  *   bitbackd [--object OPTS] --blockdev OPTS --nbd-server OPTS --export OPTS
  *            --chardev socket,path=P,server=on,wait=off,id=ID --monitor ID
+ *            (or --chardev socket,host=H,port=P,...[,tls-creds=ID])
  *            [--pidfile F] [--daemonize] [--socket-mode 0600|0660]
  *
  * Each option is dotted key=value (util/keyval.h) or JSON, and is processed
@@ -52,7 +53,7 @@
 
 typedef struct Chardev {
     char *id;
-    char *path;
+    struct json_object *opts;  /* checked by opt_chardev; read by opt_monitor */
     bool used;
 } Chardev;
 
@@ -129,6 +130,12 @@ static void usage(void)
 "                         open a block node (blockdev-add; dotted keys or JSON)\n"
 "  --chardev socket,id=ID,path=PATH,server=on[,wait=off]\n"
 "                         a UNIX socket for a monitor\n"
+"  --chardev socket,id=ID,host=HOST,port=PORT,server=on[,wait=off]\n"
+"           [,tls-creds=ID[,tls-authz=ID]]\n"
+"                         a TCP socket for a monitor; with tls-creds every\n"
+"                         client does TLS from its first byte and authz\n"
+"                         checks its certificate's DN or PSK username\n"
+"                         (without TLS off loopback: a warning)\n"
 "  --monitor [chardev=]ID[,mode=control][,pretty=on|off]\n"
 "                         serve QMP on that socket\n"
 "  --nbd-server addr.type=unix,addr.path=PATH[,max-connections=N]\n"
@@ -232,8 +239,12 @@ static bool opt_chardev(const char *arg, Error **errp)
         { "backend", QMP_ARG_STR, false },
         { "id", QMP_ARG_STR, false },
         { "path", QMP_ARG_STR, true },
+        { "host", QMP_ARG_STR, true },
+        { "port", QMP_ARG_STR, true },
         { "server", QMP_ARG_BOOL, true },
         { "wait", QMP_ARG_BOOL, true },
+        { "tls-creds", QMP_ARG_STR, true },
+        { "tls-authz", QMP_ARG_STR, true },
         { NULL },
     };
     _cleanup_json_ struct json_object *o =
@@ -245,14 +256,29 @@ static bool opt_chardev(const char *arg, Error **errp)
     const char *backend = json_opt_str(o, "backend");
     const char *id = json_opt_str(o, "id");
     const char *path = json_opt_str(o, "path");
+    const char *host = json_opt_str(o, "host");
+    const char *port = json_opt_str(o, "port");
     if (strcmp(backend, "socket") != 0) {
         error_setg(errp, "chardev backend '%s' is not supported (only 'socket')",
                    backend);
         return false;
     }
-    if (!path) {
-        error_setg(errp, "Parameter 'path' is missing (only UNIX sockets "
-                   "are supported)");
+    /* QEMU's messages for a socket chardev's address */
+    if (path && (host || port)) {
+        error_setg(errp, "chardev: socket: 'host'/'port' are not allowed "
+                   "with 'path'");
+        return false;
+    }
+    if (!path && !host) {
+        error_setg(errp, "chardev: socket: no host given");
+        return false;
+    }
+    if (host && !port) {
+        error_setg(errp, "chardev: socket: no port given");
+        return false;
+    }
+    if (path && json_opt_str(o, "tls-creds")) {
+        error_setg(errp, "TLS can only be used over TCP socket");
         return false;
     }
     if (!json_opt_bool(o, "server", false)) {
@@ -270,8 +296,8 @@ static bool opt_chardev(const char *arg, Error **errp)
         return false;
     }
     chardevs[nchardevs].id = strdup(id);
-    chardevs[nchardevs].path = strdup(path);
-    if (!chardevs[nchardevs].id || !chardevs[nchardevs].path) {
+    chardevs[nchardevs].opts = json_object_get(o);
+    if (!chardevs[nchardevs].id) {
         abort();
     }
     nchardevs++;
@@ -306,7 +332,15 @@ static bool opt_monitor(const char *arg, Error **errp)
                 return false;
             }
             chardevs[i].used = true;
-            return qmp_monitor_add_unix(chardevs[i].path, errp);
+            struct json_object *co = chardevs[i].opts;
+            const char *path = json_opt_str(co, "path");
+            if (path) {
+                return qmp_monitor_add_unix(path, errp);
+            }
+            return qmp_monitor_add_inet(json_opt_str(co, "host"),
+                                        json_opt_str(co, "port"),
+                                        json_opt_str(co, "tls-creds"),
+                                        json_opt_str(co, "tls-authz"), errp);
         }
     }
     error_setg(errp, "chardev \"%s\" not found", id);

@@ -138,16 +138,6 @@ bool nbd_server_start(struct json_object *addr, unsigned max_connections,
                                 NULL, NULL, errp);
 }
 
-static void tls_creds_putp(TLSCreds **c)
-{
-    tls_creds_put(*c);
-}
-
-static void authz_putp(Authz **a)
-{
-    authz_put(*a);
-}
-
 bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
                           unsigned handshake_max_seconds, const char *tls_creds,
                           const char *tls_authz, Error **errp)

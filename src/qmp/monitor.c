@@ -1,6 +1,6 @@
 /*
- * The QMP monitor: UNIX listening sockets, their clients, event delivery
- * and the daemon's main loop.
+ * The QMP monitor: listening sockets (UNIX, or TCP with optional TLS),
+ * their clients, event delivery and the daemon's main loop.
  *
  * Everything here runs on the main thread except qmp_event_emit() and
  * qmp_request_quit(), which only touch the event queue (under its mutex)
@@ -10,6 +10,14 @@
  * at a time.
  *
  * Per-client state machine:
+ *   0. TLS (clients of a listener with tls-creds only): the TLS handshake
+ *      runs step by step on the nonblocking socket (tls_session_handshake,
+ *      polled for the direction it waits for), then the tls-authz check;
+ *      nothing is queued or read as QMP before it succeeds (TLS from the
+ *      first byte, no STARTTLS, as QEMU's chardev).  A failure closes the
+ *      client with one line on stderr.  The greeting is queued when the
+ *      handshake is done.  The negotiation deadline below covers this
+ *      state too, so a client that stalls the handshake is dropped.
  *   1. CONNECTED: greeting queued; only qmp_capabilities is accepted
  *      (others get CommandNotFound "Expecting capabilities negotiation...").
  *      A client still here QMP_NEGOTIATION_SEC after it was accepted is
@@ -45,6 +53,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "crypto/authz.h"
+#include "crypto/tls-creds.h"
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
@@ -59,11 +69,16 @@
 
 typedef struct QmpListener {
     int fd;
-    char *path;
+    char *path;                /* UNIX socket file; NULL for TCP */
+    TLSCreds *tls_creds;       /* referenced; NULL: no TLS */
+    Authz *tls_authz;          /* referenced; NULL: every verified peer */
 } QmpListener;
 
 typedef struct QmpClient {
     int fd;
+    TLSSession *tls;           /* NULL: plain socket */
+    const QmpListener *listener; /* set while in state 0 (TLS handshake) */
+    size_t tls_send_len;       /* a TLS send of out[0..len) waits (EAGAIN) */
     struct json_tokener *tok;
     size_t pending;            /* bytes fed to tok since the last object */
     bool negotiated;
@@ -150,10 +165,24 @@ static bool qmp_client_retry(QmpClient *c)
     return false;
 }
 
+/* One nonblocking send of the head of c's output: bytes sent, or -1 with
+ * errno set.  A TLS send that would block is repeated with the same
+ * length, as GnuTLS requires. */
+static ssize_t qmp_client_send_some(QmpClient *c)
+{
+    if (!c->tls) {
+        return send(c->fd, c->out, c->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    size_t len = c->tls_send_len ? c->tls_send_len : MIN(c->out_len, 16384);
+    ssize_t n = tls_session_send(c->tls, c->out, len);
+    c->tls_send_len = n < 0 && errno == EAGAIN ? len : 0;
+    return n;
+}
+
 static void qmp_client_flush(QmpClient *c)
 {
-    while (!c->dead && c->out_len > 0) {
-        ssize_t n = send(c->fd, c->out, c->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (!c->dead && !c->listener && c->out_len > 0) {
+        ssize_t n = qmp_client_send_some(c);
         if (n < 0) {
             if (qmp_client_retry(c)) {
                 continue;
@@ -326,6 +355,7 @@ static void qmp_client_free(QmpClient *c)
     if (!c) {
         return;
     }
+    tls_session_free(c->tls);
     if (c->fd >= 0) {
         close(c->fd);
     }
@@ -345,8 +375,9 @@ static void qmp_greet(QmpClient *c)
 }
 
 /* A new client for the nonblocking socket fd (owned from here on), its
- * greeting queued; NULL (fd closed) over QMP_MAX_CLIENTS or out of memory. */
-static QmpClient *qmp_client_add(int fd)
+ * greeting queued, or, for a listener l with TLS, in state 0; NULL (fd
+ * closed) over QMP_MAX_CLIENTS or out of memory. */
+static QmpClient *qmp_client_add(int fd, const QmpListener *l)
 {
     static uint64_t next_serial;
 
@@ -373,8 +404,20 @@ static QmpClient *qmp_client_add(int fd)
         qmp_client_free(c);
         return NULL;
     }
+    if (l && l->tls_creds) {
+        Error *err = NULL;
+        c->tls = tls_session_new(l->tls_creds, fd, NULL, &err);
+        if (!c->tls) {
+            error_report_err(err);
+            qmp_client_free(c);
+            return NULL;
+        }
+        c->listener = l;
+    }
     clients[nclients++] = c;
-    qmp_greet(c);
+    if (!c->listener) {
+        qmp_greet(c);
+    }
     return c;
 }
 
@@ -382,8 +425,40 @@ static void qmp_accept(QmpListener *l)
 {
     int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd >= 0) {                 /* else EAGAIN, ECONNABORTED, EMFILE: retry later */
-        qmp_client_add(fd);
+        qmp_client_add(fd, l);
     }
+}
+
+/* State 0: one step of c's TLS handshake; the greeting once it is done. */
+static void qmp_client_handshake(QmpClient *c)
+{
+    Error *err = NULL;
+    int r = tls_session_handshake(c->tls, c->listener->tls_authz, &err);
+    if (r < 0) {
+        error_prepend(&err, "QMP: client refused: ");
+        error_report_err(err);
+        c->dead = true;
+    } else if (r > 0) {
+        c->listener = NULL;
+        qmp_greet(c);
+    }
+}
+
+/* Register listener fd (owned from here on) and make the monitor the
+ * event sink. */
+static void qmp_listener_add(int fd, char *path, TLSCreds *creds, Authz *authz)
+{
+    QmpListener *n = realloc(listeners, (nlisteners + 1) * sizeof(*n));
+    if (!n) {
+        abort();
+    }
+    listeners = n;
+    listeners[nlisteners] = (QmpListener){
+        .fd = fd, .path = path, .tls_creds = creds, .tls_authz = authz,
+    };
+    __atomic_store_n(&have_monitor, true, __ATOMIC_RELEASE);
+    event_sink_set(qmp_event_emit);
+    nlisteners++;
 }
 
 bool qmp_monitor_add_unix(const char *path, Error **errp)
@@ -416,17 +491,44 @@ bool qmp_monitor_add_unix(const char *path, Error **errp)
         unlink(path);
         return false;
     }
-    QmpListener *n = realloc(listeners, (nlisteners + 1) * sizeof(*n));
-    if (!n) {
+    char *p = strdup(path);
+    if (!p) {
         abort();
     }
-    listeners = n;
-    listeners[nlisteners].path = strdup(path);
-    __atomic_store_n(&have_monitor, true, __ATOMIC_RELEASE);
-    event_sink_set(qmp_event_emit);
-    listeners[nlisteners].fd = fd;
+    qmp_listener_add(fd, p, NULL, NULL);
     fd = -1;                       /* now owned by the listener */
-    nlisteners++;
+    return true;
+}
+
+bool qmp_monitor_add_inet(const char *host, const char *port,
+                          const char *tls_creds, const char *tls_authz,
+                          Error **errp)
+{
+    main_loop_wake_fd();
+    if (tls_authz && !tls_creds) {
+        error_setg(errp, "'tls-authz' is only allowed with 'tls-creds'");
+        return false;
+    }
+    _cleanup_(tls_creds_putp) TLSCreds *creds = NULL;
+    _cleanup_(authz_putp) Authz *authz = NULL;
+    if (tls_creds && !(creds = tls_creds_get(tls_creds, true, errp))) {
+        return false;
+    }
+    if (tls_authz && !(authz = authz_get(tls_authz, errp))) {
+        return false;
+    }
+    int fd = inet_listen(host, port, SOCK_NONBLOCK, errp);
+    if (fd < 0) {
+        return false;
+    }
+    if (!creds && !inet_host_is_loopback(host)) {
+        /* Allowed, as QEMU allows it, but anyone who reaches the port
+         * controls the daemon. */
+        fprintf(stderr, "bitbackd: warning: QMP monitor on %s:%s without "
+                "TLS: anyone who can reach it controls the daemon "
+                "(add tls-creds=ID)\n", host && *host ? host : "*", port);
+    }
+    qmp_listener_add(fd, NULL, steal_pointer(&creds), steal_pointer(&authz));
     return true;
 }
 
@@ -467,7 +569,8 @@ static void qmp_client_read(QmpClient *c)
 {
     char buf[65536];
     for (;;) {
-        ssize_t n = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        ssize_t n = c->tls ? tls_session_recv(c->tls, buf, sizeof(buf))
+                           : recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
         if (n < 0) {
             if (qmp_client_retry(c)) {
                 continue;
@@ -522,9 +625,18 @@ static void qmp_main_loop_once(void)
     }
     size_t ncl = nclients;     /* clients accepted below are polled next time */
     for (size_t i = 0; i < ncl; i++) {
-        pfd[1 + nlisteners + i].fd = clients[i]->fd;
-        pfd[1 + nlisteners + i].events =
-            POLLIN | (clients[i]->out_len ? POLLOUT : 0);
+        QmpClient *c = clients[i];
+        pfd[1 + nlisteners + i].fd = c->fd;
+        if (c->listener) {
+            pfd[1 + nlisteners + i].events =
+                tls_session_wants_write(c->tls) ? POLLOUT : POLLIN;
+        } else {
+            pfd[1 + nlisteners + i].events =
+                POLLIN | (c->out_len ? POLLOUT : 0);
+        }
+        if (c->tls && !c->listener && tls_session_pending(c->tls)) {
+            timeout = 0;       /* decrypted input poll() cannot see */
+        }
     }
     if (poll(pfd, nfds, timeout) < 0) {
         if (errno == EINTR) {
@@ -537,9 +649,15 @@ static void qmp_main_loop_once(void)
         main_loop_wake_drain();
     }
     for (size_t i = 0; i < ncl && !quit_flag; i++) {
+        QmpClient *c = clients[i];
         short re = pfd[1 + nlisteners + i].revents;
-        if (re & (POLLIN | POLLHUP | POLLERR)) {
-            qmp_client_read(clients[i]);
+        if (c->listener) {
+            if (re) {
+                qmp_client_handshake(c);
+            }
+        } else if ((re & (POLLIN | POLLHUP | POLLERR)) ||
+                   (c->tls && tls_session_pending(c->tls))) {
+            qmp_client_read(c);
         }
     }
     for (size_t i = 0; i < nlisteners; i++) {
@@ -581,7 +699,7 @@ void qmp_monitor_serve_fd(int fd)
         close(fd);
         return;
     }
-    QmpClient *c = qmp_client_add(fd);
+    QmpClient *c = qmp_client_add(fd, NULL);
     if (!c) {
         return;
     }
@@ -601,8 +719,12 @@ void qmp_monitor_cleanup(void)
     nclients = 0;
     for (size_t i = 0; i < nlisteners; i++) {
         close(listeners[i].fd);
-        unlink(listeners[i].path);
+        if (listeners[i].path) {
+            unlink(listeners[i].path);
+        }
         free(listeners[i].path);
+        tls_creds_put(listeners[i].tls_creds);
+        authz_put(listeners[i].tls_authz);
     }
     free(listeners);
     listeners = NULL;

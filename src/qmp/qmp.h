@@ -38,6 +38,15 @@ void qmp_event_emit(const char *name, struct json_object *data);
 
 /* Listen on a UNIX socket path (from --chardev socket,path=...,server=on). */
 bool qmp_monitor_add_unix(const char *path, Error **errp);
+/* Listen on TCP host:port (--chardev socket,host=H,port=P,server=on).
+ * tls_creds (may be NULL): the id of a tls-creds object with
+ * endpoint=server; every client must then do TLS from its first byte, and
+ * with tls_authz (an authz object's id) only the identities it allows
+ * are served.  Without TLS on an address that is not loopback a warning
+ * goes to stderr.  false with errp set. */
+bool qmp_monitor_add_inet(const char *host, const char *port,
+                          const char *tls_creds, const char *tls_authz,
+                          Error **errp);
 /* Run the main loop until quit is requested (by `quit` or a signal). */
 void qmp_main_loop(void);
 /* Ask the main loop to return (async-signal-safe). */
