@@ -57,6 +57,17 @@ def require(tool):
         pytest.fail(f"{tool} is not installed: run scripts/install-deps.sh")
 
 
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """Test certificates and PSK files in QEMU's layout
+    (bitback_testlib.pki.make_pki): folders server, client (allowed DN),
+    refused, wrongca (another CA), psk, psk-wrong, and the DNs
+    allowed_dn / refused_dn."""
+    from bitback_testlib.pki import make_pki
+    require("certtool")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 def xxh3_64(data):
     """XXH3-64 (seed 0) of data by the system's libxxhash, independently of
     bitback's code: the checksum of a qbm bitmap file."""

@@ -7,6 +7,7 @@
   acknowledged ones
 - smallfs: small_fs and fill, a small tmpfs for ENOSPC tests
 - memory: measured_env, vm_status and peak_rss, for tests that bound memory
+- pki: make_pki, test certificates and PSK files (certtool), QEMU's layout
 
 tests/integration/conftest.py puts tests/lib on sys.path; shell scripts
 set PYTHONPATH=<repo>/tests/lib.
