@@ -29,7 +29,7 @@ may_use() {
     nbd)    echo "nbd block bitmap crypto util" ;;
     qmp)    echo "qmp job nbd block bitmap crypto util" ;;
     daemon) echo "daemon qmp job nbd repo block bitmap crypto util" ;;
-    client) echo "client util" ;;
+    client) echo "client crypto util" ;;
     cli)    echo "cli client repo nbd block bitmap crypto util" ;;   # nbd: serve
     *)      return 1 ;;
     esac

@@ -1491,22 +1491,34 @@ bool bdrv_check_create_opts(struct json_object *opts, const char *const *known,
     return true;
 }
 
-bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
-                     struct json_object *opts, Error **errp)
+/* The driver of format when it can create an image (on a node: node
+ * true) of size; NULL with errp set. */
+static const BlockDriver *bdrv_create_driver(const char *format, bool node,
+                                             uint64_t size, Error **errp)
 {
     const BlockDriver *drv = bdrv_find_format(format);
     if (!drv) {
         error_setg(errp, "Unknown file format '%s'", format);
-        return false;
+        return NULL;
     }
-    if (!drv->create) {
+    if (node ? !drv->create_on_node : !drv->create) {
         error_setg(errp, "Format driver '%s' does not support image creation",
                    format);
-        return false;
+        return NULL;
     }
     if (size > BDRV_MAX_LENGTH) {
         error_setg(errp, "Image size must be at most %llu bytes",
                    (unsigned long long)BDRV_MAX_LENGTH);
+        return NULL;
+    }
+    return drv;
+}
+
+bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
+                     struct json_object *opts, Error **errp)
+{
+    const BlockDriver *drv = bdrv_create_driver(format, false, size, errp);
+    if (!drv) {
         return false;
     }
     _cleanup_json_ struct json_object *empty = NULL;
@@ -1514,4 +1526,19 @@ bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
         opts = empty = json_object_new_object();
     }
     return drv->create(filename, size, opts, errp);
+}
+
+bool bdrv_img_create_on_node(BlockDriverState *file, const char *format,
+                             uint64_t size, struct json_object *opts,
+                             Error **errp)
+{
+    const BlockDriver *drv = bdrv_create_driver(format, true, size, errp);
+    if (!drv) {
+        return false;
+    }
+    _cleanup_json_ struct json_object *empty = NULL;
+    if (!opts) {
+        opts = empty = json_object_new_object();
+    }
+    return drv->create_on_node(file, size, opts, errp);
 }

@@ -142,6 +142,11 @@ struct BlockDriver {
      * strings.  Optional. */
     bool (*create)(const char *filename, uint64_t size,
                    struct json_object *opts, Error **errp);
+    /* Create an image of a format driver in the empty protocol node file
+     * (QMP blockdev-create with "file": NODE; opts as for create).
+     * Optional. */
+    bool (*create_on_node)(BlockDriverState *file, uint64_t size,
+                           struct json_object *opts, Error **errp);
     /* Add format-specific fields to `info` (the "data" object of qemu-img
      * info's "format-specific").  Optional. */
     void (*info)(BlockDriverState *bs, struct json_object *data);
@@ -386,6 +391,11 @@ bool bdrv_check_create_opts(struct json_object *opts, const char *const *known,
                             size_t n, const char *format, Error **errp);
 bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
                      struct json_object *opts, Error **errp);
+/* The same into the empty protocol node file (blockdev-create); file must
+ * be writable and used by nothing else while this runs (any thread). */
+bool bdrv_img_create_on_node(BlockDriverState *file, const char *format,
+                             uint64_t size, struct json_object *opts,
+                             Error **errp);
 
 /* ---- Drained sections and I/O hooks (for backup jobs) ----
  *

@@ -48,6 +48,7 @@
 
 #include "cli/backup-internal.h"
 #include "cli/progress.h"
+#include "client/qmp-client.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
@@ -59,6 +60,9 @@ static void usage(FILE *out)
             "                 [--level full|inc|diff|auto] [--bitmap NAME] [--speed BYTES]\n"
             "                 [--compress=off|zstd[:LEVEL]] [--pull] [--nbd-socket PATH]\n"
             "                 [--granularity SIZE]\n"
+            "  bitback backup --connect HOST:PORT --nbd-server HOST:PORT --node NODE ...\n"
+            "                 --repo DIR [--object tls-creds-x509,id=ID,dir=D,endpoint=client\n"
+            "                 --tls-creds ID] [--fleece-dir DIR] [options as above]\n"
             "  bitback backup --image FILE [-f FMT] [--node NAME] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME]\n"
             "                 [--compress=off|zstd[:LEVEL]] [--granularity SIZE]\n"
@@ -67,6 +71,25 @@ static void usage(FILE *out)
             "\n"
             "  --connect QMP_SOCKET  a running bitbackd: one transaction over all\n"
             "                        --node disks, so they share one point in time\n"
+            "  --connect HOST:PORT   the same over TCP (also tcp:HOST:PORT, [IPv6]:PORT),\n"
+            "                        e.g. a daemon on another host: every disk is then\n"
+            "                        pulled (--pull is implied; the daemon writes no file\n"
+            "                        of the repository)\n"
+            "  --object tls-creds-x509,id=ID,dir=DIR,endpoint=client\n"
+            "  --object tls-creds-psk,id=ID,dir=DIR,endpoint=client,username=NAME\n"
+            "                        TLS credentials, as QEMU's tools take them\n"
+            "  --tls-creds ID        use them for QMP over TCP (TLS from the first byte;\n"
+            "                        the daemon's certificate must name the host of\n"
+            "                        --connect) and for the NBD reads (--nbd-server)\n"
+            "  --nbd-server HOST:PORT\n"
+            "                        with --connect HOST:PORT: the NBD server the daemon\n"
+            "                        runs (with tls-creds when --tls-creds is given)\n"
+            "  --fleece-dir DIR      with --connect HOST:PORT: the folder ON THE DAEMON'S\n"
+            "                        HOST where the daemon creates the fleecing overlays\n"
+            "                        (blockdev-create); default: the folder of each\n"
+            "                        disk's image.  bitbackd removes them when the run\n"
+            "                        ends; qemu-storage-daemon leaves one per disk there\n"
+            "                        (bbf-*.qcow2), which the next run overwrites\n"
             "  --image FILE          an image no daemon has open (qbm or qcow2), using its\n"
             "                        persistent bitmaps directly; --node names the disk in\n"
             "                        the repository (default: FILE's base name)\n"
@@ -169,6 +192,7 @@ void backup_disk_free(Disk *d)
     free(d->generation);
     free(d->job_error);
     free(d->fleece_path);
+    free(d->image_file);
     free(d->node);
 }
 
@@ -551,7 +575,8 @@ static bool parse_compress(const char *arg, BackupOpts *o, Error **errp)
 int cli_cmd_backup(int argc, char **argv)
 {
     enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED, OPT_COMPRESS,
-           OPT_NBD_SOCKET, OPT_GRANULARITY, OPT_PULL };
+           OPT_NBD_SOCKET, OPT_GRANULARITY, OPT_PULL, OPT_OBJECT,
+           OPT_TLS_CREDS, OPT_NBD_SERVER, OPT_FLEECE_DIR };
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
         { "repo", required_argument, NULL, 'r' },
@@ -567,6 +592,10 @@ int cli_cmd_backup(int argc, char **argv)
         { "nbd-socket", required_argument, NULL, OPT_NBD_SOCKET },
         { "granularity", required_argument, NULL, OPT_GRANULARITY },
         { "pull", no_argument, NULL, OPT_PULL },
+        { "object", required_argument, NULL, OPT_OBJECT },
+        { "tls-creds", required_argument, NULL, OPT_TLS_CREDS },
+        { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
+        { "fleece-dir", required_argument, NULL, OPT_FLEECE_DIR },
         { NULL, 0, NULL, 0 },
     };
     BackupOpts o = { .level_auto = true, .compress = BACKUP_COMPRESS_DEFAULT };
@@ -651,6 +680,22 @@ int cli_cmd_backup(int argc, char **argv)
         case OPT_PULL:
             o.pull = true;
             break;
+        case OPT_OBJECT:
+            if (!cli_object_add(optarg, &err)) {
+                error_prepend(&err, "--object: ");
+                error_report_err(err);
+                return CLI_EXIT_ERROR;
+            }
+            break;
+        case OPT_TLS_CREDS:
+            o.tls_creds = optarg;
+            break;
+        case OPT_NBD_SERVER:
+            o.nbd_server = optarg;
+            break;
+        case OPT_FLEECE_DIR:
+            o.fleece_dir = optarg;
+            break;
         case OPT_GRANULARITY: {
             uint64_t g;
 
@@ -691,8 +736,34 @@ int cli_cmd_backup(int argc, char **argv)
         error_report("--image backs up one disk; give at most one --node");
         return CLI_EXIT_ERROR;
     }
-    if (o.pull && !o.connect) {
-        error_report("--pull applies to --connect only");
+    if ((o.pull || o.tls_creds || o.nbd_server || o.fleece_dir ||
+         o.nbd_socket) && !o.connect) {
+        error_report("--pull, --tls-creds, --nbd-server, --nbd-socket and "
+                     "--fleece-dir apply to --connect only");
+        return CLI_EXIT_ERROR;
+    }
+    if (o.nbd_server && o.nbd_socket) {
+        error_report("give at most one of --nbd-socket and --nbd-server");
+        return CLI_EXIT_ERROR;
+    }
+    if (o.connect && qmp_address_is_tcp(o.connect)) {
+        /* The daemon may be on another host: it must not write the
+         * repository, so every disk is pulled. */
+        if (o.nbd_socket) {
+            error_report("--connect HOST:PORT: the daemon's NBD server is "
+                         "reached over TCP too; give --nbd-server HOST:PORT, "
+                         "not --nbd-socket");
+            return CLI_EXIT_ERROR;
+        }
+        if (!o.nbd_server) {
+            error_report("--connect HOST:PORT needs --nbd-server HOST:PORT "
+                         "(the daemon's NBD server, read with --tls-creds)");
+            return CLI_EXIT_ERROR;
+        }
+        o.pull = true;
+    } else if (o.nbd_server || o.fleece_dir) {
+        error_report("--nbd-server and --fleece-dir are for a daemon reached "
+                     "over TCP (--connect HOST:PORT)");
         return CLI_EXIT_ERROR;
     }
     if (o.pull && o.speed) {

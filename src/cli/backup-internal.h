@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "cli/cli.h"
+#include "crypto/tls-creds.h"
 #include "repo/planner.h"
 #include "repo/repo.h"
 
@@ -56,8 +57,15 @@ typedef struct Disk {
      * killed run's is found), and what of it exists. */
     bool pull;
     char fleece[32];
-    char *fleece_path;
+    char *fleece_path;                 /* local daemons: bitback's file */
     bool fleece_added, export_added;
+    /* Remote daemons (QMP over TCP): the overlay is made by the daemon
+     * (blockdev-create) under a file node "FLEECE-f", on its host. */
+    bool fleece_remote;
+    bool fleece_file_added;
+    char *image_file;                  /* the disk's image, as the daemon
+                                        * reports it (query-named-block-nodes
+                                        * "file") */
     double copy_seconds;               /* point in time -> data written */
     double hash_seconds;               /* the hashing pass alone */
     double sync_seconds;               /* fsync of the data + commit */
@@ -86,6 +94,11 @@ typedef struct BackupOpts {
     bool progress;
     bool fake_now_set;                 /* BITBACK_FAKE_NOW (tests only) */
     const char *nbd_socket;            /* --nbd-socket: the daemon's NBD server */
+    const char *nbd_server;            /* --nbd-server HOST:PORT: the same on TCP */
+    const char *tls_creds;             /* --tls-creds: a client tls-creds object's
+                                        * id, for QMP over TCP and NBD reads */
+    const char *fleece_dir;            /* --fleece-dir: overlays, on the daemon's
+                                        * host (remote daemons) */
     bool pull;                         /* --pull: every disk read over NBD */
     uint32_t granularity;              /* --granularity: a new chain's bitmap */
     time_t fake_now;
@@ -174,11 +187,12 @@ bool backup_copy_extents(const BackupOpts *o, BlockDriverState **srcs,
                          size_t n_ext, const volatile sig_atomic_t *stop,
                          Error **errp);
 /* backup-pull.c: connect to the NBD export at uri (whose size must be
- * size).  *ret_multi_conn: the server advertises multi-conn, so more
+ * size), with TLS when tls (a client tls-creds object).  *ret_multi_conn: the server advertises multi-conn, so more
  * connections to it see the same content.  bitmap non-NULL: *ret_ext
  * (caller frees) gets the extents its qemu:dirty-bitmap:BITMAP context
  * reports dirty, sorted and merged; NULL: *ret_ext is NULL. */
-bool pull_probe_export(const char *uri, const char *bitmap, uint64_t size,
+bool pull_probe_export(const char *uri, const TLSCreds *tls,
+                       const char *bitmap, uint64_t size,
                        bool *ret_multi_conn, BdrvDirtyExtent **ret_ext,
                        size_t *ret_n, Error **errp);
 

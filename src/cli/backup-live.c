@@ -21,6 +21,7 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/json-opts.h"
+#include "util/osdep.h"
 
 /* SIGINT / SIGTERM while a live backup runs: the signal number.  The
  * handler only records it (SA_RESETHAND: a second signal kills as usual);
@@ -100,6 +101,9 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
         return false;
     }
     d->size = (uint64_t)json_opt_int(img, "virtual-size", -1);
+    free(d->image_file);
+    d->image_file = json_opt_str(node, "file")
+                    ? backup_strdup(json_opt_str(node, "file")) : NULL;
     /* A node without a backing chain: its top layer is all of it. */
     d->no_backing = json_opt_int(node, "backing_file_depth", -1) == 0;
     free(d->drv);
@@ -201,6 +205,7 @@ static bool live_end_job(QmpConn *qmp, Disk *d, Error **errp)
 }
 
 static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet);
+static bool live_is_bitbackd(QmpConn *qmp);
 
 static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
                          Error **errp)
@@ -264,6 +269,13 @@ typedef struct Pull {
     char *sock;                 /* the NBD server's UNIX socket */
     bool ours;                  /* the server is bitback's (at sock in dir,
                                  * started by this run or a killed one) */
+    /* A remote daemon (QMP over TCP, docs/specs/repository.md "Pull"):
+     * its NBD server at nbd_host:nbd_port (--nbd-server); the overlays
+     * are the daemon's files, made with blockdev-create. */
+    bool remote;
+    char *nbd_host, *nbd_port;
+    const TLSCreds *tls;        /* --tls-creds: NBD reads with TLS */
+    const char *tls_id;
 } Pull;
 
 /* The per-user folder of the pulls' overlays and sockets, under $TMPDIR
@@ -289,9 +301,16 @@ static void pull_name(const Repo *repo, const char *dir, Disk *d)
     snprintf(d->fleece, sizeof(d->fleece), "bbf-%.8s-%08x", repo->uuid,
              name_hash(d->node));
     free(d->fleece_path);
-    if (asprintf(&d->fleece_path, "%s/%s.qcow2", dir, d->fleece) < 0) {
+    d->fleece_path = NULL;
+    if (dir && asprintf(&d->fleece_path, "%s/%s.qcow2", dir, d->fleece) < 0) {
         abort();
     }
+}
+
+/* The name of a remote overlay's file node (ret: 40 bytes). */
+static void pull_file_node(const Disk *d, char *ret)
+{
+    snprintf(ret, 40, "%s-f", d->fleece);
 }
 
 /* PULL_DIR_FMT for this user (caller frees); not created. */
@@ -330,15 +349,42 @@ static bool pull_make_dir(const Pull *pl, Error **errp)
 }
 
 /* The NBD URI of export name on the server pl reads from (the one place
- * it is built). */
+ * it is built): the UNIX socket (--nbd-socket or bitback's) or the TCP
+ * server of --nbd-server; nbds (TLS) with --tls-creds, whose files the
+ * readers give libnbd (pull_open_source, pull_probe_export). */
 static char *pull_uri(const Pull *pl, const char *name)
 {
+    const char *tls = pl->tls ? "s" : "";
     char *uri;
+    int r;
 
-    if (asprintf(&uri, "nbd+unix:///%s?socket=%s", name, pl->sock) < 0) {
+    if (pl->nbd_host) {
+        bool v6 = strchr(pl->nbd_host, ':') != NULL;
+        r = asprintf(&uri, "nbd%s://%s%s%s:%s/%s", tls, v6 ? "[" : "",
+                     pl->nbd_host, v6 ? "]" : "", pl->nbd_port, name);
+    } else {
+        r = asprintf(&uri, "nbd%s+unix:///%s?socket=%s", tls, name, pl->sock);
+    }
+    if (r < 0) {
         abort();
     }
     return uri;
+}
+
+/* A read-only node on the export at uri: the nbd driver, with the
+ * tls-creds object when pl has one. */
+static BlockDriverState *pull_open_source(const Pull *pl, const char *uri,
+                                          Error **errp)
+{
+    if (!pl->tls) {
+        return bdrv_open_image(uri, "raw", 0, errp);
+    }
+    _cleanup_json_ struct json_object *opts = json_object_new_object();
+    json_object_object_add(opts, "driver", json_object_new_string("nbd"));
+    json_object_object_add(opts, "filename", json_object_new_string(uri));
+    json_object_object_add(opts, "tls-creds", json_object_new_string(pl->tls_id));
+    json_object_object_add(opts, "read-only", json_object_new_boolean(true));
+    return bdrv_open_options(opts, 0, errp);
 }
 
 static struct json_object *one_arg(const char *key, const char *value)
@@ -371,7 +417,8 @@ static void pull_wait_export_gone(QmpConn *qmp, const char *id)
  * exist is not known, as for a killed run's). */
 static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet)
 {
-    if (!d->fleece[0] || (!quiet && !d->export_added && !d->fleece_added)) {
+    if (!d->fleece[0] || (!quiet && !d->export_added && !d->fleece_added &&
+                          !d->fleece_file_added)) {
         return;
     }
     if (quiet || d->export_added) {
@@ -385,6 +432,14 @@ static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet)
         json_object_put(qmp_conn_execute(qmp, "blockdev-del",
                                          one_arg("node-name", d->fleece), NULL));
         d->fleece_added = false;
+    }
+    if (d->fleece_remote && (quiet || d->fleece_file_added)) {
+        /* bitbackd removes the file with the node (x-remove-on-close) */
+        char fnode[40];
+        pull_file_node(d, fnode);
+        json_object_put(qmp_conn_execute(qmp, "blockdev-del",
+                                         one_arg("node-name", fnode), NULL));
+        d->fleece_file_added = false;
     }
     if (d->fleece_path) {
         unlink(d->fleece_path);
@@ -432,6 +487,157 @@ static bool pull_socket_answers(const char *path)
     return ok;
 }
 
+/* Run blockdev-create with options (taken) as job job_id, wait for it to
+ * conclude (bounded: PULL_CREATE_WAIT_MS) and dismiss it.  false with
+ * errp set (the job's error, or a timeout). */
+#define PULL_CREATE_WAIT_MS 60000
+static bool pull_blockdev_create(QmpConn *qmp, const char *job_id,
+                                 struct json_object *options, Error **errp)
+{
+    struct json_object *a = one_arg("job-id", job_id);
+    json_object_object_add(a, "options", options);
+    struct json_object *r = qmp_conn_execute(qmp, "blockdev-create", a, errp);
+    if (!r) {
+        return false;
+    }
+    json_object_put(r);
+    _cleanup_free_ char *job_error = NULL;
+    bool concluded = false;
+    for (int ms = 0; !concluded && ms < PULL_CREATE_WAIT_MS; ms += 10) {
+        _cleanup_json_ struct json_object *jobs =
+            qmp_conn_execute(qmp, "query-jobs", NULL, errp);
+        if (!jobs) {
+            return false;
+        }
+        for (size_t i = 0; i < json_object_array_length(jobs); i++) {
+            struct json_object *j = json_object_array_get_idx(jobs, i);
+            const char *id = json_opt_str(j, "id");
+            const char *st = json_opt_str(j, "status");
+            if (id && st && !strcmp(id, job_id) && !strcmp(st, "concluded")) {
+                concluded = true;
+                if (json_opt_str(j, "error")) {
+                    job_error = backup_strdup(json_opt_str(j, "error"));
+                }
+            }
+        }
+        if (!concluded) {
+            usleep(10000);
+        }
+    }
+    if (!concluded) {
+        json_object_put(qmp_conn_execute(qmp, "job-cancel",
+                                         one_arg("id", job_id), NULL));
+        error_setg(errp, "blockdev-create: job %s did not end in %d s",
+                   job_id, PULL_CREATE_WAIT_MS / 1000);
+        return false;
+    }
+    json_object_put(qmp_conn_execute(qmp, "job-dismiss", one_arg("id", job_id),
+                                     NULL));
+    if (job_error) {
+        error_setg(errp, "blockdev-create: %s", job_error);
+        return false;
+    }
+    return true;
+}
+
+/* The folder on the daemon's host for d's overlay: --fleece-dir, else the
+ * folder of the disk's image (where the disk already has room and the
+ * daemon may write); a new string, or NULL with errp set. */
+static char *pull_remote_dir(const BackupOpts *o, const Disk *d, Error **errp)
+{
+    if (o->fleece_dir) {
+        if (o->fleece_dir[0] != '/') {
+            error_setg(errp, "--fleece-dir must be an absolute path on the "
+                       "daemon's host, not '%s'", o->fleece_dir);
+            return NULL;
+        }
+        return backup_strdup(o->fleece_dir);
+    }
+    if (!d->image_file || d->image_file[0] != '/') {
+        error_setg(errp, "%s: the daemon reports no absolute image file name "
+                   "to put the fleecing overlay next to; give --fleece-dir",
+                   d->node);
+        return NULL;
+    }
+    char *dir = path_dirname(d->image_file);
+    if (!dir) {
+        abort();
+    }
+    return dir;
+}
+
+/* Before the transaction, with a remote daemon: each pulled disk's
+ * overlay, made by the daemon in its folder (pull_remote_dir) as QEMU's
+ * blockdev-create recipe does it: a file, its file node (bitbackd:
+ * removed with the node), a qcow2 in it (1 MiB clusters, see
+ * pull_setup), the fleecing node over it with the disk as backing.  The
+ * NBD server is the daemon's own (--nbd-server). */
+static bool pull_setup_remote(QmpConn *qmp, const BackupOpts *o, Disk *disks,
+                              size_t n, Pull *pl, Error **errp)
+{
+    bool ours = live_is_bitbackd(qmp);
+    for (size_t i = 0; i < n; i++) {
+        Disk *d = &disks[i];
+        char fnode[40], job[64];
+
+        if (!d->pull) {
+            continue;
+        }
+        _cleanup_free_ char *dir = pull_remote_dir(o, d, errp);
+        _cleanup_free_ char *path = NULL;
+        if (!dir) {
+            return false;
+        }
+        if (asprintf(&path, "%s/%s.qcow2", dir, d->fleece) < 0) {
+            abort();
+        }
+        pull_file_node(d, fnode);
+        snprintf(job, sizeof(job), "%s-create", d->fleece);
+        struct json_object *fo = one_arg("driver", "file");
+        json_object_object_add(fo, "filename", json_object_new_string(path));
+        json_object_object_add(fo, "size", json_object_new_int64(0));
+        if (!pull_blockdev_create(qmp, job, fo, errp)) {
+            error_prepend(errp, "%s: cannot create %s on the daemon's host: ",
+                          d->node, path);
+            return false;
+        }
+        struct json_object *a = one_arg("driver", "file");
+        json_object_object_add(a, "node-name", json_object_new_string(fnode));
+        json_object_object_add(a, "filename", json_object_new_string(path));
+        if (ours) {
+            json_object_object_add(a, "x-remove-on-close",
+                                   json_object_new_boolean(true));
+        }
+        struct json_object *r = qmp_conn_execute(qmp, "blockdev-add", a, errp);
+        if (!r) {
+            error_prepend(errp, "%s: cannot open the overlay's file: ", d->node);
+            return false;
+        }
+        json_object_put(r);
+        d->fleece_file_added = true;
+        struct json_object *qo = one_arg("driver", "qcow2");
+        json_object_object_add(qo, "file", json_object_new_string(fnode));
+        json_object_object_add(qo, "size", json_object_new_int64((int64_t)d->size));
+        json_object_object_add(qo, "cluster-size", json_object_new_int64(1 << 20));
+        if (!pull_blockdev_create(qmp, job, qo, errp)) {
+            error_prepend(errp, "%s: cannot format the overlay: ", d->node);
+            return false;
+        }
+        a = one_arg("driver", "qcow2");
+        json_object_object_add(a, "node-name", json_object_new_string(d->fleece));
+        json_object_object_add(a, "file", json_object_new_string(fnode));
+        json_object_object_add(a, "backing", json_object_new_string(d->node));
+        r = qmp_conn_execute(qmp, "blockdev-add", a, errp);
+        if (!r) {
+            error_prepend(errp, "%s: cannot add the fleecing node: ", d->node);
+            return false;
+        }
+        json_object_put(r);
+        d->fleece_added = true;
+    }
+    return true;
+}
+
 /* Before the transaction: the NBD server, and each pulled disk's overlay
  * file and node.  The server: --nbd-socket's, else one bitback starts on
  * its socket in pl->dir (named by the QMP socket, so a run after a
@@ -441,6 +647,9 @@ static bool pull_socket_answers(const char *path)
 static bool pull_setup(QmpConn *qmp, const BackupOpts *o, Disk *disks,
                        size_t n, Pull *pl, Error **errp)
 {
+    if (pl->remote) {
+        return pull_setup_remote(qmp, o, disks, n, pl, errp);
+    }
     if (!pull_make_dir(pl, errp)) {
         return false;
     }
@@ -581,7 +790,7 @@ static bool pull_copy(QmpConn *qmp, const BackupOpts *o, Disk *d,
     json_object_put(r);
     d->export_added = true;
     uri = pull_uri(pl, d->fleece);
-    if (!pull_probe_export(uri, d->level == REPO_LEVEL_FULL ? NULL
+    if (!pull_probe_export(uri, pl->tls, d->level == REPO_LEVEL_FULL ? NULL
                                                             : d->src_bitmap,
                            d->size, &multi, &ext, &n_ext, errp)) {
         error_prepend(errp, "%s: ", d->node);
@@ -591,7 +800,7 @@ static bool pull_copy(QmpConn *qmp, const BackupOpts *o, Disk *d,
         Error *err = NULL;
 
         /* Past the first, fewer connections than asked: still correct. */
-        srcs[n_src] = bdrv_open_image(uri, "raw", 0, n_src ? &err : errp);
+        srcs[n_src] = pull_open_source(pl, uri, n_src ? &err : errp);
         if (!srcs[n_src]) {
             error_free(err);
             break;
@@ -666,6 +875,8 @@ static void pull_finish(QmpConn *qmp, Disk *disks, size_t n, Pull *pl)
     }
     free(pl->dir);
     free(pl->sock);
+    free(pl->nbd_host);
+    free(pl->nbd_port);
     *pl = (Pull){ 0 };
 }
 
@@ -970,7 +1181,7 @@ static int live_interrupted(QmpConn *qmp, Repo *repo, const BackupOpts *o,
 int backup_live(const BackupOpts *o, Repo *repo)
 {
     Error *err = NULL;
-    QmpConn *qmp;
+    QmpConn *qmp = NULL;
     Disk disks[BACKUP_MAX_DISKS] = {0};
     size_t n = o->n_nodes;
     RepoManifest *made[BACKUP_MAX_DISKS] = {0};
@@ -980,11 +1191,31 @@ int backup_live(const BackupOpts *o, Repo *repo)
     _cleanup_free_ char *time_iso = NULL;
     bool failed = false;
     Pull pull = { .dir = pull_dir_name() };
+    _cleanup_(tls_creds_putp) TLSCreds *tls = NULL;
     double t0;
 
     backup_catch_signals(true);
-    qmp = qmp_conn_connect(o->connect, &err);
+    if (o->tls_creds) {
+        tls = tls_creds_get(o->tls_creds, false, &err);
+        if (!tls) {
+            error_prepend(&err, "--tls-creds: ");
+            goto out;
+        }
+        pull.tls = tls;
+        pull.tls_id = o->tls_creds;
+    }
+    /* TLS protects QMP over TCP; a UNIX socket is local (its mode). */
+    qmp = qmp_conn_connect(o->connect, qmp_address_is_tcp(o->connect) ? tls
+                                                                      : NULL,
+                           &err);
     if (!qmp) {
+        goto out;
+    }
+    pull.remote = qmp_conn_is_tcp(qmp);
+    if (pull.remote &&
+        !inet_parse_host_port(o->nbd_server, &pull.nbd_host, &pull.nbd_port,
+                              &err)) {
+        error_prepend(&err, "--nbd-server: ");
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
@@ -993,7 +1224,8 @@ int backup_live(const BackupOpts *o, Repo *repo)
          * same disk must never see it as a job of its killed runs. */
         snprintf(disks[i].job_id, sizeof(disks[i].job_id), "bitback-%.8s-%s",
                  repo->uuid, o->nodes[i]);
-        pull_name(repo, pull.dir, &disks[i]);
+        pull_name(repo, pull.remote ? NULL : pull.dir, &disks[i]);
+        disks[i].fleece_remote = pull.remote;
         for (size_t j = 0; j < i; j++) {
             if (!strcmp(o->nodes[i], o->nodes[j])) {
                 error_setg(&err, "node '%s' given twice", o->nodes[i]);

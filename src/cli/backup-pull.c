@@ -14,6 +14,7 @@
 
 #include <libnbd.h>
 
+#include "block/drivers/nbd.h"
 #include "cli/backup-internal.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
@@ -78,7 +79,8 @@ static int dirty_cb(void *opaque, const char *metacontext, uint64_t offset,
     return 0;
 }
 
-bool pull_probe_export(const char *uri, const char *bitmap, uint64_t size,
+bool pull_probe_export(const char *uri, const TLSCreds *tls,
+                       const char *bitmap, uint64_t size,
                        bool *ret_multi_conn, BdrvDirtyExtent **ret_ext,
                        size_t *ret_n, Error **errp)
 {
@@ -101,6 +103,10 @@ bool pull_probe_export(const char *uri, const char *bitmap, uint64_t size,
             error_setg(errp, "libnbd: %s", nbd_get_error());
             goto out;
         }
+    }
+    if (!nbd_handle_set_tls(h, tls, NULL)) {
+        error_setg(errp, "libnbd: %s", nbd_get_error());
+        goto out;
     }
     if (nbd_connect_uri(h, uri) < 0) {
         error_setg(errp, "cannot connect to %s: %s", uri, nbd_get_error());

@@ -13,9 +13,11 @@
 
 #include "cli/cli.h"
 #include "cli/progress.h"
+#include "crypto/object.h"
 #include "repo/ops.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "util/keyval.h"
 
 void cli_reset_getopt(void)
 {
@@ -237,4 +239,11 @@ struct json_object *cli_bitmap_info(BdrvDirtyBitmap *bm)
                                json_object_new_int64((int64_t)bm->recovered_bytes));
     }
     return o;
+}
+
+bool cli_object_add(const char *arg, Error **errp)
+{
+    _cleanup_json_ struct json_object *props =
+        keyval_parse_or_json(arg, "qom-type", errp);
+    return props && object_add(props, errp);
 }

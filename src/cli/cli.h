@@ -45,6 +45,11 @@ void cli_img_usage(FILE *out);
 void cli_bitmap_usage(FILE *out);
 void cli_io_usage(FILE *out);
 
+/* --object TYPE,id=ID,... (keyval or JSON): create the object as
+ * bitbackd's --object does (crypto/object.h: tls-creds-x509,
+ * tls-creds-psk, authz-*).  false with errp set. */
+bool cli_object_add(const char *arg, Error **errp);
+
 /* Reset getopt so a sub-command can parse its own argv. */
 void cli_reset_getopt(void);
 

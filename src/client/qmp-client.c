@@ -13,13 +13,18 @@
 #include <unistd.h>
 
 #include "client/qmp-client.h"
+#include "crypto/tls-creds.h"
 #include "util/cleanup.h"
+#include "util/osdep.h"
 
 #define QMP_CONN_MAX_LINE (64u << 20)
 #define QMP_CONN_MAX_EVENTS 4096
+#define QMP_CONN_GREETING_MS 30000     /* connect: TLS handshake, greeting */
 
 struct QmpConn {
     int fd;
+    TLSSession *tls;                 /* NULL: plain socket */
+    bool tcp;
     char *buf;
     size_t len;
     size_t cap;
@@ -32,6 +37,7 @@ void qmp_conn_free(QmpConn *c)
     if (!c) {
         return;
     }
+    tls_session_free(c->tls);
     if (c->fd >= 0) {
         close(c->fd);
     }
@@ -88,7 +94,9 @@ static struct json_object *read_message(QmpConn *c, int timeout_ms,
             c->cap = ncap;
         }
         struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
-        int r = poll(&pfd, 1, timeout_ms);
+        /* TLS: decrypted bytes already buffered are not seen by poll() */
+        int r = c->tls && tls_session_pending(c->tls) ? 1
+                : poll(&pfd, 1, timeout_ms);
         if (r < 0 && errno == EINTR) {
             continue;
         }
@@ -99,7 +107,9 @@ static struct json_object *read_message(QmpConn *c, int timeout_ms,
         if (r == 0) {
             return NULL;
         }
-        ssize_t n = read(c->fd, c->buf + c->len, c->cap - c->len);
+        ssize_t n = c->tls ? tls_session_recv(c->tls, c->buf + c->len,
+                                              c->cap - c->len)
+                           : read(c->fd, c->buf + c->len, c->cap - c->len);
         if (n < 0 && errno == EINTR) {
             continue;
         }
@@ -118,7 +128,8 @@ static struct json_object *read_message(QmpConn *c, int timeout_ms,
 static bool send_all(QmpConn *c, const char *s, size_t len, Error **errp)
 {
     while (len) {
-        ssize_t n = send(c->fd, s, len, MSG_NOSIGNAL);
+        ssize_t n = c->tls ? tls_session_send(c->tls, s, len)
+                           : send(c->fd, s, len, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR) {
             continue;
         }
@@ -234,33 +245,102 @@ void qmp_conn_discard_events(QmpConn *c)
     c->n_events = 0;
 }
 
-QmpConn *qmp_conn_connect(const char *path, Error **errp)
+bool qmp_address_is_tcp(const char *addr)
+{
+    if (strncmp(addr, "tcp:", 4) == 0) {
+        return true;
+    }
+    if (strncmp(addr, "unix:", 5) == 0 || strchr(addr, '/')) {
+        return false;
+    }
+    const char *colon = strrchr(addr, ':');
+    return colon && colon[1] && strspn(colon + 1, "0123456789") ==
+                                strlen(colon + 1);
+}
+
+/* A connected socket to the UNIX path, or -1 with errp set. */
+static int qmp_connect_unix(const char *path, Error **errp)
 {
     struct sockaddr_un addr = { .sun_family = AF_UNIX };
-    QmpConn *c;
-    struct json_object *greeting, *ret;
-
     if (strlen(path) >= sizeof(addr.sun_path)) {
         error_setg(errp, "QMP socket path too long: %s", path);
-        return NULL;
+        return -1;
     }
     strcpy(addr.sun_path, path);
-    c = calloc(1, sizeof(*c));
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+        error_setg_errno(errp, errno, "cannot connect to QMP socket %s", path);
+        if (fd >= 0) {
+            close(fd);
+        }
+        return -1;
+    }
+    return fd;
+}
+
+/* Connect c to addr (qmp_address_is_tcp decides which kind) and, with
+ * creds, do the TLS handshake; false with errp set. */
+static bool qmp_conn_open(QmpConn *c, const char *addr, const TLSCreds *creds,
+                          Error **errp)
+{
+    if (!qmp_address_is_tcp(addr)) {
+        if (creds) {
+            error_setg(errp, "QMP: TLS is only used over TCP (HOST:PORT), "
+                       "not on the UNIX socket %s", addr);
+            return false;
+        }
+        if (strncmp(addr, "unix:", 5) == 0) {
+            addr += 5;
+        }
+        c->fd = qmp_connect_unix(addr, errp);
+        return c->fd >= 0;
+    }
+    _cleanup_free_ char *host = NULL, *port = NULL;
+    if (!inet_parse_host_port(addr + (strncmp(addr, "tcp:", 4) ? 0 : 4),
+                              &host, &port, errp)) {
+        return false;
+    }
+    c->tcp = true;
+    c->fd = inet_connect(host, port, errp);
+    if (c->fd < 0) {
+        error_prepend(errp, "QMP: ");
+        return false;
+    }
+    if (creds) {
+        c->tls = tls_session_client(creds, c->fd, host, QMP_CONN_GREETING_MS,
+                                    errp);
+        if (!c->tls) {
+            error_prepend(errp, "QMP over TLS to %s: ", addr);
+            return false;
+        }
+    }
+    return true;
+}
+
+bool qmp_conn_is_tcp(const QmpConn *c)
+{
+    return c->tcp;
+}
+
+QmpConn *qmp_conn_connect(const char *addr, const TLSCreds *creds,
+                          Error **errp)
+{
+    struct json_object *greeting, *ret;
+    QmpConn *c = calloc(1, sizeof(*c));
     if (!c) {
         error_setg(errp, "out of memory");
         return NULL;
     }
-    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
-        error_setg_errno(errp, errno, "cannot connect to QMP socket %s", path);
+    c->fd = -1;
+    if (!qmp_conn_open(c, addr, creds, errp)) {
         qmp_conn_free(c);
         return NULL;
     }
-    greeting = read_message(c, 30000, errp);
+    greeting = read_message(c, QMP_CONN_GREETING_MS, errp);
     if (!greeting || !json_object_object_get_ex(greeting, "QMP", NULL)) {
         json_object_put(greeting);
         if (errp && !*errp) {
-            error_setg(errp, "%s: no QMP greeting", path);
+            error_setg(errp, "%s: no QMP greeting", addr);
         }
         qmp_conn_free(c);
         return NULL;

@@ -1,6 +1,7 @@
 /*
  * A small QMP client for `bitback backup --connect`: it talks to bitbackd
- * or qemu-storage-daemon over a UNIX socket, one JSON object per line.
+ * or qemu-storage-daemon over a UNIX socket or TCP (optionally TLS, with
+ * a tls-creds object of crypto/tls-creds.h), one JSON object per line.
  *
  * Replies and events share the socket.  qmp_conn_execute() waits for its
  * reply and queues any event that arrives first; qmp_conn_next_event()
@@ -10,12 +11,25 @@
 #define BITBACK_CLIENT_QMP_CLIENT_H
 
 #include <json-c/json.h>
+#include "crypto/tls-creds.h"
 #include "util/error.h"
 
 typedef struct QmpConn QmpConn;
 
-/* Connect, read the greeting and negotiate capabilities. */
-QmpConn *qmp_conn_connect(const char *path, Error **errp);
+/* True when addr names a TCP address: "tcp:HOST:PORT", or "HOST:PORT" /
+ * "[V6ADDR]:PORT" without a '/' and with a numeric port; anything else
+ * (also "unix:PATH") is a UNIX socket path. */
+bool qmp_address_is_tcp(const char *addr);
+
+/* Connect to addr, with TLS when creds (endpoint=client, TCP only; the
+ * server's certificate must carry the host of addr), read the greeting
+ * and negotiate capabilities.  Each wait of the connection (handshake,
+ * greeting) is bounded.  creds must outlive the connection.  NULL with
+ * errp set. */
+QmpConn *qmp_conn_connect(const char *addr, const TLSCreds *creds,
+                          Error **errp);
+/* True when the connection is TCP (the daemon may be on another host). */
+bool qmp_conn_is_tcp(const QmpConn *c);
 void qmp_conn_free(QmpConn *c);
 
 /* Run `command` with `args` (consumed; NULL for none).  Returns the

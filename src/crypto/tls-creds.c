@@ -6,6 +6,9 @@
  * safe to share between sessions once set up).
  */
 #include <errno.h>
+#include <poll.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +44,7 @@ struct TLSCreds {
 
 struct TLSSession {
     gnutls_session_t sess;
+    int fd;
     const TLSCreds *creds;        /* not referenced: the caller holds it */
     bool server;
     char *hostname;               /* client: the name the server's
@@ -452,6 +456,13 @@ static char *tls_session_peer_identity(TLSSession *s, const TLSCreds *c,
     return tls_session_peer_dn(s, errp);
 }
 
+static bool host_is_ip_literal(const char *host)
+{
+    unsigned char addr[sizeof(struct in6_addr)];
+    return inet_pton(AF_INET, host, addr) == 1 ||
+           inet_pton(AF_INET6, host, addr) == 1;
+}
+
 TLSSession *tls_session_new(const TLSCreds *c, int fd, const char *hostname,
                             Error **errp)
 {
@@ -461,6 +472,7 @@ TLSSession *tls_session_new(const TLSCreds *c, int fd, const char *hostname,
         return NULL;
     }
     s->creds = c;
+    s->fd = fd;
     s->server = c->server;
     if (!c->server && hostname && !(s->hostname = strdup(hostname))) {
         error_setg(errp, "out of memory");
@@ -488,8 +500,9 @@ TLSSession *tls_session_new(const TLSCreds *c, int fd, const char *hostname,
                                                  : (void *)c->psk_client);
         }
     }
-    if (r >= 0 && s->hostname && c->kind == TLS_CREDS_X509) {
-        /* SNI, as QEMU's client sends it */
+    if (r >= 0 && s->hostname && c->kind == TLS_CREDS_X509 &&
+        !host_is_ip_literal(s->hostname)) {
+        /* SNI, as QEMU's client sends it (never an address: RFC 6066) */
         r = gnutls_server_name_set(s->sess, GNUTLS_NAME_DNS, s->hostname,
                                    strlen(s->hostname));
     }
@@ -575,30 +588,47 @@ size_t tls_session_pending(const TLSSession *s)
     return gnutls_record_check_pending(s->sess);
 }
 
-/* tls_session_new, then the whole handshake on the blocking socket fd. */
+/* tls_session_new, then the whole handshake on fd, waiting in poll() at
+ * most timeout_ms (-1: no limit) each time the socket would block. */
 static TLSSession *tls_session_blocking(const TLSCreds *c, const Authz *authz,
                                         int fd, const char *hostname,
-                                        Error **errp)
+                                        int timeout_ms, Error **errp)
 {
     _cleanup_(tls_session_freep) TLSSession *s =
         tls_session_new(c, fd, hostname, errp);
-    int r = 0;
-    while (s && r == 0) {
-        r = tls_session_handshake(s, authz, errp);
+    if (!s) {
+        return NULL;
     }
-    return r > 0 ? steal_pointer(&s) : NULL;
+    for (;;) {
+        int r = tls_session_handshake(s, authz, errp);
+        if (r != 0) {
+            return r > 0 ? steal_pointer(&s) : NULL;
+        }
+        struct pollfd pfd = {
+            .fd = fd, .events = tls_session_wants_write(s) ? POLLOUT : POLLIN,
+        };
+        r = poll(&pfd, 1, timeout_ms);
+        if (r == 0) {
+            error_setg(errp, "TLS handshake timed out");
+            return NULL;
+        }
+        if (r < 0 && errno != EINTR) {
+            error_setg_errno(errp, errno, "TLS handshake: poll");
+            return NULL;
+        }
+    }
 }
 
 TLSSession *tls_session_server(const TLSCreds *c, const Authz *authz, int fd,
                                Error **errp)
 {
-    return tls_session_blocking(c, authz, fd, NULL, errp);
+    return tls_session_blocking(c, authz, fd, NULL, -1, errp);
 }
 
 TLSSession *tls_session_client(const TLSCreds *c, int fd, const char *hostname,
-                               Error **errp)
+                               int timeout_ms, Error **errp)
 {
-    return tls_session_blocking(c, NULL, fd, hostname, errp);
+    return tls_session_blocking(c, NULL, fd, hostname, timeout_ms, errp);
 }
 
 ssize_t tls_session_recv(TLSSession *s, void *buf, size_t len)

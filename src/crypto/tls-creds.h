@@ -81,12 +81,14 @@ size_t tls_session_pending(const TLSSession *s);
  * refuses every client. */
 TLSSession *tls_session_server(const TLSCreds *creds, const Authz *authz,
                                int fd, Error **errp);
-/* The client side, blocking: the handshake on fd, then (x509 with
+/* The client side, blocking: the handshake on fd (each wait for the
+ * server at most timeout_ms, -1: no limit), then (x509 with
  * verify-peer, the default) the server's certificate must be signed by
  * the CA and, when hostname is not NULL, carry it; PSK: the key of the
  * creds' username.  The session, or NULL with errp set. */
 TLSSession *tls_session_client(const TLSCreds *creds, int fd,
-                               const char *hostname, Error **errp);
+                               const char *hostname, int timeout_ms,
+                               Error **errp);
 /* Session I/O.  One thread may receive while another sends (GnuTLS >=
  * 3.6); not two of either.  recv: bytes read (> 0), 0 at EOF, -1 on error.
  * send: bytes sent (> 0, maybe fewer than len), -1 on error (a send

@@ -85,4 +85,5 @@ void qmp_init_commands(void)
     qmp_register_object_commands();
     qmp_register_transaction_commands();
     qmp_register_job_commands();
+    qmp_register_create_commands();
 }

@@ -19,6 +19,11 @@
  * symbolic link is followed (a user-named image may be one, as in QEMU),
  * unless the bitback-only option "x-no-follow" (boolean) is true: format
  * drivers set it on the files an image names (qbm's data image).
+ *
+ * The bitback-only boolean "x-remove-on-close": the file is unlinked when
+ * the node closes (blockdev-del, daemon exit).  `bitback backup` sets it
+ * on the fleecing overlays it makes on a remote bitbackd with
+ * blockdev-create, which it cannot unlink itself (docs/qmp.md).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -47,6 +52,7 @@ typedef struct BDRVFileState {
     int fd;
     bool is_blockdev;
     bool has_fallocate;     /* cleared after EOPNOTSUPP */
+    char *remove_on_close;  /* "x-remove-on-close": the path to unlink */
 } BDRVFileState;
 
 /* The "locking" option: *ret_on (default: on unless BDRV_O_NO_LOCK). */
@@ -107,6 +113,12 @@ static bool file_open(BlockDriverState *bs, struct json_object *options, int fla
     }
     s->is_blockdev = S_ISBLK(st.st_mode);
     s->has_fallocate = true;
+    if (json_opt_bool(options, "x-remove-on-close", false) &&
+        !(s->remove_on_close = strdup(filename))) {
+        error_setg(errp, "out of memory");
+        close(s->fd);
+        return false;
+    }
     if (flags & BDRV_O_NOCACHE) {
         bs->request_alignment = FILE_DIRECT_ALIGNMENT;
     } else {
@@ -120,6 +132,11 @@ static bool file_open(BlockDriverState *bs, struct json_object *options, int fla
 static void file_close(BlockDriverState *bs)
 {
     BDRVFileState *s = bs->opaque;
+    if (s->remove_on_close) {
+        unlink(s->remove_on_close);     /* before the locks go with the fd */
+        free(s->remove_on_close);
+        s->remove_on_close = NULL;
+    }
     if (s->fd >= 0) {
         close(s->fd);
         s->fd = -1;

@@ -49,6 +49,7 @@
 #include <libnbd.h>
 
 #include "block/block.h"
+#include "block/drivers/nbd.h"
 #include "crypto/tls-creds.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
@@ -178,27 +179,26 @@ static bool nbd_parse_tls(struct json_object *options, NBDTarget *t,
     return true;
 }
 
-/* Make h require TLS with t's credentials (libnbd reads QEMU's folder
- * layout).  No TLS asked for: h is left as it is. */
-static bool nbd_setup_tls(struct nbd_handle *h, const NBDTarget *t)
+bool nbd_handle_set_tls(struct nbd_handle *h, const TLSCreds *creds,
+                        const char *tls_hostname)
 {
-    if (!t->tls) {
+    if (!creds) {
         return true;
     }
     if (nbd_set_tls(h, LIBNBD_TLS_REQUIRE) < 0) {
         return false;
     }
 #ifdef HAVE_NBD_SET_TLS_HOSTNAME
-    if (t->tls_hostname && nbd_set_tls_hostname(h, t->tls_hostname) < 0) {
+    if (tls_hostname && nbd_set_tls_hostname(h, tls_hostname) < 0) {
         return false;
     }
 #endif
-    if (tls_creds_kind(t->tls) == TLS_CREDS_PSK) {
-        return nbd_set_tls_psk_file(h, tls_creds_psk_file(t->tls)) >= 0 &&
-               nbd_set_tls_username(h, tls_creds_username(t->tls)) >= 0;
+    if (tls_creds_kind(creds) == TLS_CREDS_PSK) {
+        return nbd_set_tls_psk_file(h, tls_creds_psk_file(creds)) >= 0 &&
+               nbd_set_tls_username(h, tls_creds_username(creds)) >= 0;
     }
-    return nbd_set_tls_certificates(h, tls_creds_dir(t->tls)) >= 0 &&
-           nbd_set_tls_verify_peer(h, tls_creds_verify_peer(t->tls)) >= 0;
+    return nbd_set_tls_certificates(h, tls_creds_dir(creds)) >= 0 &&
+           nbd_set_tls_verify_peer(h, tls_creds_verify_peer(creds)) >= 0;
 }
 
 /* Fill t from options' "server" (parsing only; nothing is connected). */
@@ -339,7 +339,7 @@ static struct nbd_handle *nbd_new_handle(const char *export,
     if (nbd_set_export_name(h, export) < 0 ||
         nbd_set_request_structured_replies(h, true) < 0 ||
         nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
-        !nbd_setup_tls(h, t)) {
+        !nbd_handle_set_tls(h, t->tls, t->tls_hostname)) {
         error_setg(errp, "Cannot set up the NBD client handle: %s",
                    nbd_get_error());
         return NULL;

@@ -1314,8 +1314,12 @@ static int qcow2_block_status(BlockDriverState *bs, uint64_t offset,
 
 /* ---- create ---- */
 
-static bool qcow2_create(const char *filename, uint64_t size,
-                         struct json_object *opts, Error **errp)
+/* A new image of size into the file filename (img create) or, when
+ * filename is NULL, into the empty protocol node file (blockdev-create's
+ * "file": NODE), which is flushed. */
+static bool qcow2_create_into(const char *filename, BlockDriverState *file,
+                              uint64_t size, struct json_object *opts,
+                              Error **errp)
 {
     static const char *const known[] = {
         "cluster_size", "backing_file", "backing_fmt", "backing",
@@ -1375,6 +1379,10 @@ static bool qcow2_create(const char *filename, uint64_t size,
     }
     if (backing && strlen(backing) > 1023) {
         error_setg(errp, "qcow2: the backing file name is too long");
+        return false;
+    }
+    if (backing && size == 0 && !filename) {
+        error_setg(errp, "qcow2: the size is needed with a backing file");
         return false;
     }
     if (backing && size == 0) {
@@ -1484,6 +1492,18 @@ static bool qcow2_create(const char *filename, uint64_t size,
         st_be16(buf + rb_off + c * 2, 1);
     }
 
+    if (!filename) {
+        int r = bdrv_pwrite(file, 0, buf, total * cs, 0);
+        if (r == 0) {
+            r = bdrv_flush(file);
+        }
+        if (r < 0) {
+            error_setg_errno(errp, -r, "Could not write the qcow2 image to "
+                             "node '%s'", file->node_name);
+            return false;
+        }
+        return true;
+    }
     _cleanup_close_ int fd = file_lock_create(filename, errp);
     if (fd < 0) {
         return false;
@@ -1494,6 +1514,18 @@ static bool qcow2_create(const char *filename, uint64_t size,
         return false;
     }
     return true;
+}
+
+static bool qcow2_create(const char *filename, uint64_t size,
+                         struct json_object *opts, Error **errp)
+{
+    return qcow2_create_into(filename, NULL, size, opts, errp);
+}
+
+static bool qcow2_create_on_node(BlockDriverState *file, uint64_t size,
+                                 struct json_object *opts, Error **errp)
+{
+    return qcow2_create_into(NULL, file, size, opts, errp);
 }
 
 /* ---- info ---- */
@@ -1539,6 +1571,7 @@ const BlockDriver bdrv_qcow2 = {
     .persistent_bitmap_remove = qcow2_persistent_bitmap_remove,
     .store_bitmaps = qcow2_store_bitmaps,
     .create = qcow2_create,
+    .create_on_node = qcow2_create_on_node,
     .info = qcow2_info,
     .check = qcow2_check,
 };

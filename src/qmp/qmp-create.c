@@ -1,0 +1,226 @@
+/*
+ * blockdev-create: QEMU's image creation job, for the drivers "file" (an
+ * empty file of `size` bytes at `filename`) and "qcow2" (a qcow2 image of
+ * `size` written into the existing protocol node `file`).  As in QEMU the
+ * command only starts a job of type "create" (auto-dismiss off: the
+ * client waits for it to conclude, reads its error in query-jobs, then
+ * job-dismiss); the writing happens in the job's thread.  It is how a
+ * client on another host makes the daemon's files, e.g. the fleecing
+ * overlay of `bitback backup --pull` (docs/qmp.md, "blockdev-create").
+ *
+ * Arguments and errors follow QEMU's BlockdevCreateOptions:
+ *   file:  filename, size, [preallocation: off], [nocow], [extent-size-hint]
+ *   qcow2: file (a node name), size, [version: v3], [cluster-size],
+ *          [backing-file], [backing-fmt], [lazy-refcounts: false],
+ *          [refcount-bits: 16], [compression-type: zlib|zstd],
+ *          [preallocation: off]
+ * The qcow2 job holds a reference to its file node until it ends.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qmp/qmp-internal.h"
+#include "util/cleanup.h"
+
+typedef struct CreateJob {
+    Job job;
+    char *filename;                /* file */
+    BlockDriverState *file;        /* qcow2: referenced */
+    const char *format;            /* "raw" (for file) or "qcow2" */
+    uint64_t size;
+    struct json_object *opts;      /* the driver's create options */
+} CreateJob;
+
+static int create_run(Job *job, Error **errp)
+{
+    CreateJob *s = (CreateJob *)job;
+    job_progress_set_total(job, 1);
+    bool ok = s->file
+              ? bdrv_img_create_on_node(s->file, s->format, s->size, s->opts,
+                                        errp)
+              : bdrv_img_create(s->filename, s->format, s->size, s->opts, errp);
+    if (!ok) {
+        return -EIO;
+    }
+    job_progress_update(job, 1);
+    return 0;
+}
+
+static void create_free(Job *job)
+{
+    CreateJob *s = (CreateJob *)job;
+    free(s->filename);
+    if (s->file) {
+        bdrv_unref(s->file);
+    }
+    json_object_put(s->opts);
+}
+
+static const JobDriver create_job_driver = {
+    .type = "create",
+    .instance_size = sizeof(CreateJob),
+    .run = create_run,
+    .free = create_free,
+};
+
+static const QmpArgSpec spec_file[] = {
+    { "driver", QMP_ARG_STR, false },
+    { "filename", QMP_ARG_STR, false },
+    { "size", QMP_ARG_UINT, false },
+    { "preallocation", QMP_ARG_STR, true },
+    { "nocow", QMP_ARG_BOOL, true },
+    { "extent-size-hint", QMP_ARG_UINT, true },
+    { NULL },
+};
+
+static const QmpArgSpec spec_qcow2[] = {
+    { "driver", QMP_ARG_STR, false },
+    { "file", QMP_ARG_STR, false },
+    { "size", QMP_ARG_UINT, false },
+    { "version", QMP_ARG_STR, true },
+    { "cluster-size", QMP_ARG_UINT, true },
+    { "backing-file", QMP_ARG_STR, true },
+    { "backing-fmt", QMP_ARG_STR, true },
+    { "lazy-refcounts", QMP_ARG_BOOL, true },
+    { "refcount-bits", QMP_ARG_UINT, true },
+    { "compression-type", QMP_ARG_STR, true },
+    { "preallocation", QMP_ARG_STR, true },
+    { NULL },
+};
+
+/* opts[key] = str (a create option, as img create's -o gives them). */
+static void opt_set(struct json_object *opts, const char *key, const char *str)
+{
+    json_object_object_add(opts, key, json_object_new_string(str));
+}
+
+/* The qcow2 driver's create options for QMP's qcow2 members; the
+ * driver checks the values (its messages). */
+static struct json_object *qcow2_create_opts(struct json_object *o)
+{
+    struct json_object *opts = json_object_new_object();
+    char num[32];
+    const char *v;
+    if (json_object_object_get_ex(o, "cluster-size", NULL)) {
+        snprintf(num, sizeof(num), "%" PRId64, json_opt_int(o, "cluster-size", 0));
+        opt_set(opts, "cluster_size", num);
+    }
+    if (json_object_object_get_ex(o, "refcount-bits", NULL)) {
+        snprintf(num, sizeof(num), "%" PRId64, json_opt_int(o, "refcount-bits", 0));
+        opt_set(opts, "refcount_bits", num);
+    }
+    if ((v = json_opt_str(o, "version"))) {
+        opt_set(opts, "compat", strcmp(v, "v3") == 0 ? "v3" : v);
+    }
+    if ((v = json_opt_str(o, "backing-file"))) {
+        opt_set(opts, "backing_file", v);
+    }
+    if ((v = json_opt_str(o, "backing-fmt"))) {
+        opt_set(opts, "backing_fmt", v);
+    }
+    if ((v = json_opt_str(o, "compression-type"))) {
+        opt_set(opts, "compression_type", v);
+    }
+    if ((v = json_opt_str(o, "preallocation"))) {
+        opt_set(opts, "preallocation", v);
+    }
+    if (json_object_object_get_ex(o, "lazy-refcounts", NULL)) {
+        opt_set(opts, "lazy_refcounts",
+                json_opt_bool(o, "lazy-refcounts", false) ? "on" : "off");
+    }
+    return opts;
+}
+
+/* Check the driver's members of options and fill the job s. */
+static bool create_parse(struct json_object *o, CreateJob *s, Error **errp)
+{
+    const char *driver = json_opt_str(o, "driver");
+    if (!driver) {
+        error_setg(errp, "Parameter 'driver' is missing");
+        return false;
+    }
+    if (strcmp(driver, "file") == 0) {
+        if (!qmp_check_args(o, spec_file, errp)) {
+            return false;
+        }
+        const char *prealloc = json_opt_str(o, "preallocation");
+        if (prealloc && strcmp(prealloc, "off") != 0) {
+            error_setg(errp, "Unsupported preallocation mode '%s'", prealloc);
+            return false;
+        }
+        s->format = "raw";
+        s->filename = strdup(json_opt_str(o, "filename"));
+        s->opts = json_object_new_object();
+        if (!s->filename) {
+            error_setg(errp, "out of memory");
+            return false;
+        }
+    } else if (strcmp(driver, "qcow2") == 0) {
+        if (!qmp_check_args(o, spec_qcow2, errp)) {
+            return false;
+        }
+        BlockDriverState *file = qmp_lookup_node(json_opt_str(o, "file"), errp);
+        if (!file) {
+            return false;
+        }
+        if (!file->drv->is_protocol) {
+            error_setg(errp, "Node '%s' is not a protocol node: qcow2 is "
+                       "created on a file node", file->node_name);
+            return false;
+        }
+        bdrv_ref(file);
+        s->file = file;
+        s->format = "qcow2";
+        s->opts = qcow2_create_opts(o);
+    } else {
+        error_setg(errp, "Driver does not support blockdev-create");
+        return false;
+    }
+    s->size = (uint64_t)json_opt_int(o, "size", 0);
+    return true;
+}
+
+static struct json_object *qmp_blockdev_create(struct json_object *args,
+                                               Error **errp)
+{
+    static const QmpArgSpec spec[] = {
+        { "job-id", QMP_ARG_STR, false },
+        { "options", QMP_ARG_OBJECT, false },
+        { NULL },
+    };
+    if (!qmp_check_args(args, spec, errp)) {
+        return NULL;
+    }
+    const char *id = json_opt_str(args, "job-id");
+    struct json_object *o = NULL;
+    json_object_object_get_ex(args, "options", &o);
+    if (!job_check_new_id(id, NULL, errp)) {
+        return NULL;
+    }
+    CreateJob parsed = { 0 };
+    if (!create_parse(o, &parsed, errp)) {
+        create_free(&parsed.job);
+        return NULL;
+    }
+    CreateJob *s = (CreateJob *)job_create(&create_job_driver, id, id, NULL,
+                                           true, false, 0, errp);
+    if (!s) {
+        create_free(&parsed.job);
+        return NULL;
+    }
+    s->filename = parsed.filename;
+    s->file = parsed.file;
+    s->format = parsed.format;
+    s->size = parsed.size;
+    s->opts = parsed.opts;
+    job_start(&s->job);
+    return json_object_new_object();
+}
+
+void qmp_register_create_commands(void)
+{
+    qmp_register_command_spec("blockdev-create", qmp_blockdev_create, NULL);
+}
