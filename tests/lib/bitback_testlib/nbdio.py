@@ -8,10 +8,13 @@ MiB = 1024 * 1024
 
 
 def connect(uri, contexts=()):
-    """A libnbd handle connected to uri, with the meta contexts asked."""
+    """A libnbd handle connected to uri, with the meta contexts asked
+    (tls-certificates= / tls-psk-file= in the URI are honoured)."""
     h = nbd.NBD()
     for c in contexts:
         h.add_meta_context(c)
+    # nbds:// URIs name certificate folders and PSK files (tests only)
+    h.set_uri_allow_local_file(True)
     h.connect_uri(uri)
     return h
 

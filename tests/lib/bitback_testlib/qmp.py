@@ -26,7 +26,7 @@ class QMPError(Exception):
 
 
 class QMPClient:
-    """A QMP connection over a UNIX socket.
+    """A QMP connection over a UNIX socket or TCP (optionally TLS).
 
     cmd(name, **args) returns the "return" value or raises QMPError.
     Arguments whose names are not Python identifiers go in a dict:
@@ -34,14 +34,21 @@ class QMPClient:
     Events that arrive while waiting for replies are kept in .events.
     """
 
-    def __init__(self, path, negotiate=True, timeout=60):
-        self.path = str(path)
+    def __init__(self, path, negotiate=True, timeout=60, tls=None):
+        """path: a UNIX socket, or (host, port) for TCP; tls: an
+        ssl.SSLContext to do TLS with first (TCP)."""
+        self.path = path if isinstance(path, tuple) else str(path)
         self.events = []
         self._buf = b""
         self._next_id = 0
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(self.path)
+        if isinstance(path, tuple):
+            self.sock = socket.create_connection(path, timeout=timeout)
+            if tls is not None:
+                self.sock = tls.wrap_socket(self.sock, server_hostname=path[0])
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(self.path)
         self.greeting = self.recv()
         if "QMP" not in self.greeting:
             raise AssertionError(f"bad QMP greeting: {self.greeting}")

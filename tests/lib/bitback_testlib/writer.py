@@ -15,6 +15,8 @@ from collections import namedtuple
 
 import nbd
 
+from . import nbdio
+
 KiB = 1024
 
 # offset, length: the range written; digest: blake2b-128 of the data
@@ -79,12 +81,7 @@ class Writer:
                                          daemon=True) for s in seeds]
 
     def _connect(self):
-        handles = []
-        for uri in self.uris:
-            h = nbd.NBD()
-            h.connect_uri(uri)
-            handles.append(h)
-        return handles
+        return [nbdio.connect(uri) for uri in self.uris]
 
     def _round(self, handles, rng, n):
         for h in handles:
