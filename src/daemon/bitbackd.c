@@ -270,7 +270,8 @@ static bool opt_chardev(const char *arg, Error **errp)
         return false;
     }
     if (!path && !host) {
-        error_setg(errp, "chardev: socket: no host given");
+        error_setg(errp, "chardev: socket: no host given (give path=PATH, "
+                   "or host=HOST,port=PORT)");
         return false;
     }
     if (host && !port) {
