@@ -335,6 +335,27 @@ TLSCreds *tls_creds_get(const char *id, bool server, Error **errp)
     return c;
 }
 
+bool tls_server_objects_get(const char *tls_creds, const char *tls_authz,
+                            TLSCreds **ret_creds, Authz **ret_authz,
+                            Error **errp)
+{
+    *ret_creds = NULL;
+    *ret_authz = NULL;
+    if (tls_authz && !tls_creds) {
+        error_setg(errp, "'tls-authz' is only allowed with 'tls-creds'");
+        return false;
+    }
+    _cleanup_(tls_creds_putp) TLSCreds *creds = NULL;
+    if (tls_creds && !(creds = tls_creds_get(tls_creds, true, errp))) {
+        return false;
+    }
+    if (tls_authz && !(*ret_authz = authz_get(tls_authz, errp))) {
+        return false;
+    }
+    *ret_creds = steal_pointer(&creds);
+    return true;
+}
+
 void tls_creds_put(TLSCreds *c)
 {
     if (c) {
@@ -381,6 +402,30 @@ void tls_session_free(TLSSession *s)
 static void tls_session_freep(TLSSession **s)
 {
     tls_session_free(*s);
+}
+
+/* The peer's x509 certificate chain is signed by the CA (and not
+ * revoked, not expired) and, when hostname is not NULL, names it; who
+ * ("client", "server") is for the message.  false with errp set. */
+static bool tls_session_verify_peer(TLSSession *s, const char *hostname,
+                                    const char *who, Error **errp)
+{
+    unsigned status = 0;
+    int r = gnutls_certificate_verify_peers3(s->sess, hostname, &status);
+    if (r < 0) {
+        error_setg(errp, "Verify failed: %s", gnutls_strerror(r));
+        return false;
+    }
+    if (status) {
+        gnutls_datum_t out = { 0 };
+        gnutls_certificate_verification_status_print(
+            status, GNUTLS_CRT_X509, &out, 0);
+        error_setg(errp, "The %s certificate is not trusted: %s", who,
+                   out.data ? (const char *)out.data : "unknown reason");
+        gnutls_free(out.data);
+        return false;
+    }
+    return true;
 }
 
 /* The distinguished name of the peer's (verified) certificate, a new
@@ -438,19 +483,7 @@ static char *tls_session_peer_identity(TLSSession *s, const TLSCreds *c,
         *ret_none = true;
         return NULL;
     }
-    unsigned status = 0;
-    int r = gnutls_certificate_verify_peers2(s->sess, &status);
-    if (r < 0) {
-        error_setg(errp, "Verify failed: %s", gnutls_strerror(r));
-        return NULL;
-    }
-    if (status) {
-        gnutls_datum_t out = { 0 };
-        gnutls_certificate_verification_status_print(
-            status, GNUTLS_CRT_X509, &out, 0);
-        error_setg(errp, "The client certificate is not trusted: %s",
-                   out.data ? (const char *)out.data : "unknown reason");
-        gnutls_free(out.data);
+    if (!tls_session_verify_peer(s, NULL, "client", errp)) {
         return NULL;
     }
     return tls_session_peer_dn(s, errp);
@@ -524,22 +557,7 @@ static bool tls_session_check_server(TLSSession *s, Error **errp)
     if (c->kind == TLS_CREDS_PSK || !c->verify_peer) {
         return true;
     }
-    unsigned status = 0;
-    int r = gnutls_certificate_verify_peers3(s->sess, s->hostname, &status);
-    if (r < 0) {
-        error_setg(errp, "Verify failed: %s", gnutls_strerror(r));
-        return false;
-    }
-    if (status) {
-        gnutls_datum_t out = { 0 };
-        gnutls_certificate_verification_status_print(
-            status, GNUTLS_CRT_X509, &out, 0);
-        error_setg(errp, "The server certificate is not trusted: %s",
-                   out.data ? (const char *)out.data : "unknown reason");
-        gnutls_free(out.data);
-        return false;
-    }
-    return true;
+    return tls_session_verify_peer(s, s->hostname, "server", errp);
 }
 
 /* Server side: the peer proved an identity that authz allows. */

@@ -41,6 +41,14 @@ static inline void tls_creds_putp(TLSCreds **creds)
     tls_creds_put(*creds);
 }
 
+/* A TLS server's objects by id (either may be NULL): *ret_creds (a
+ * server endpoint) and *ret_authz, referenced, NULL for a NULL id.
+ * tls_authz needs tls_creds ("'tls-authz' is only allowed with
+ * 'tls-creds'", QEMU's message).  false with errp set and nothing held. */
+bool tls_server_objects_get(const char *tls_creds, const char *tls_authz,
+                            TLSCreds **ret_creds, Authz **ret_authz,
+                            Error **errp);
+
 TLSCredsKind tls_creds_kind(const TLSCreds *creds);
 /* The dir property (owned by creds). */
 const char *tls_creds_dir(const TLSCreds *creds);

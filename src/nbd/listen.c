@@ -146,16 +146,9 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
         error_setg(errp, "NBD server already running");
         return false;
     }
-    if (tls_authz && !tls_creds) {
-        error_setg(errp, "'tls-authz' is only allowed with 'tls-creds'");
-        return false;
-    }
     _cleanup_(tls_creds_putp) TLSCreds *creds = NULL;
     _cleanup_(authz_putp) Authz *authz = NULL;
-    if (tls_creds && !(creds = tls_creds_get(tls_creds, true, errp))) {
-        return false;
-    }
-    if (tls_authz && !(authz = authz_get(tls_authz, errp))) {
+    if (!tls_server_objects_get(tls_creds, tls_authz, &creds, &authz, errp)) {
         return false;
     }
     if (!addr || !json_object_is_type(addr, json_type_object)) {

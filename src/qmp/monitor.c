@@ -505,16 +505,9 @@ bool qmp_monitor_add_inet(const char *host, const char *port,
                           Error **errp)
 {
     main_loop_wake_fd();
-    if (tls_authz && !tls_creds) {
-        error_setg(errp, "'tls-authz' is only allowed with 'tls-creds'");
-        return false;
-    }
     _cleanup_(tls_creds_putp) TLSCreds *creds = NULL;
     _cleanup_(authz_putp) Authz *authz = NULL;
-    if (tls_creds && !(creds = tls_creds_get(tls_creds, true, errp))) {
-        return false;
-    }
-    if (tls_authz && !(authz = authz_get(tls_authz, errp))) {
+    if (!tls_server_objects_get(tls_creds, tls_authz, &creds, &authz, errp)) {
         return false;
     }
     int fd = inet_listen(host, port, SOCK_NONBLOCK, errp);

@@ -145,15 +145,20 @@ bool unix_bind_private(int fd, const char *path, Error **errp)
     return ok;
 }
 
-int inet_listen(const char *host, const char *port, int flags, Error **errp)
+/* A TCP socket on the first address of host:port that works: bound and
+ * listening (listening: host NULL or "" is every address), or connected;
+ * close-on-exec plus flags.  The fd, or -1 with errp set. */
+static int inet_open(const char *host, const char *port, bool listening,
+                     int flags, Error **errp)
 {
     struct addrinfo hints = {
         .ai_family = AF_UNSPEC,
         .ai_socktype = SOCK_STREAM,
-        .ai_flags = AI_PASSIVE,
+        .ai_flags = listening ? AI_PASSIVE : 0,
     };
     struct addrinfo *res = NULL;
-    int r = getaddrinfo(host && *host ? host : NULL, port, &hints, &res);
+    const char *h = host && *host ? host : NULL;
+    int r = getaddrinfo(h, port, &hints, &res);
     if (r != 0) {
         error_setg(errp, "cannot resolve '%s:%s': %s", host ? host : "",
                    port, gai_strerror(r));
@@ -168,48 +173,16 @@ int inet_listen(const char *host, const char *port, int flags, Error **errp)
             err = errno;
             continue;
         }
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 128) == 0) {
-            break;
+        if (listening) {
+            int one = 1;
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+            r = bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 ? listen(fd, 128)
+                                                           : -1;
+        } else {
+            do {
+                r = connect(fd, ai->ai_addr, ai->ai_addrlen);
+            } while (r < 0 && errno == EINTR);
         }
-        err = errno;
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(res);
-    if (fd < 0) {
-        error_setg_errno(errp, err, "cannot listen on '%s:%s'",
-                         host ? host : "", port);
-    }
-    return fd;
-}
-
-int inet_connect(const char *host, const char *port, Error **errp)
-{
-    struct addrinfo hints = {
-        .ai_family = AF_UNSPEC,
-        .ai_socktype = SOCK_STREAM,
-    };
-    struct addrinfo *res = NULL;
-    int r = getaddrinfo(host, port, &hints, &res);
-    if (r != 0) {
-        error_setg(errp, "cannot resolve '%s:%s': %s", host, port,
-                   gai_strerror(r));
-        return -1;
-    }
-    int err = 0;
-    int fd = -1;
-    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
-                    ai->ai_protocol);
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        do {
-            r = connect(fd, ai->ai_addr, ai->ai_addrlen);
-        } while (r < 0 && errno == EINTR);
         if (r == 0) {
             break;
         }
@@ -219,9 +192,21 @@ int inet_connect(const char *host, const char *port, Error **errp)
     }
     freeaddrinfo(res);
     if (fd < 0) {
-        error_setg_errno(errp, err, "cannot connect to '%s:%s'", host, port);
+        error_setg_errno(errp, err, "cannot %s '%s:%s'",
+                         listening ? "listen on" : "connect to",
+                         host ? host : "", port);
     }
     return fd;
+}
+
+int inet_listen(const char *host, const char *port, int flags, Error **errp)
+{
+    return inet_open(host, port, true, flags, errp);
+}
+
+int inet_connect(const char *host, const char *port, Error **errp)
+{
+    return inet_open(host, port, false, 0, errp);
 }
 
 bool inet_host_is_loopback(const char *host)

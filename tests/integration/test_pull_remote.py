@@ -24,6 +24,7 @@ from bitback_testlib import Daemon, QMPClient, QMPError
 from bitback_testlib.nbdio import free_port
 from conftest import BITBACK, bitback, require, run
 from test_backup_cli import check_point, listing, live_writer, run_backup_live
+from test_pull import assert_no_fleecing
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -38,7 +39,7 @@ def kv(s):
 class RemoteDaemon:
     """bitbackd serving disk0 (qcow2) from tmp_path/daemon with QMP and NBD
     on 127.0.0.1 over TLS only.  qmp_sock and nbd_uri() make it usable
-    where test_backup_cli's helpers expect a Daemon."""
+    where test_backup_cli's and test_pull's helpers expect a Daemon."""
 
     def __init__(self, tmp_path, pki):
         require("qemu-img")
@@ -82,7 +83,7 @@ class RemoteDaemon:
                 "--tls-creds", "t0", "--nbd-server",
                 f"127.0.0.1:{self.nbd_port}", "--fleece-dir", str(self.fleece)]
 
-    def qmp(self):
+    def connect_qmp(self):
         """A QMP client over TLS with the allowed certificate (OpenSSL)."""
         ctx = ssl.create_default_context(
             cafile=str(self.pki["client"] / "ca-cert.pem"))
@@ -101,19 +102,6 @@ def remote(tmp_path, pki):
         yield r
     finally:
         r.cleanup()
-
-
-def no_fleecing_left(r):
-    q = r.qmp()
-    try:
-        nodes = q.cmd("query-named-block-nodes")
-        assert not [n["node-name"] for n in nodes
-                    if n["node-name"].startswith("bbf-")]
-        assert not [e["id"] for e in q.cmd("query-block-exports")
-                    if e["id"].startswith("bbf-")]
-        assert q.cmd("query-jobs") == []
-    finally:
-        q.close()
 
 
 def test_remote_pull_chain_under_load(remote, tmp_path):
@@ -147,7 +135,7 @@ def test_remote_pull_chain_under_load(remote, tmp_path):
     new = set(os.listdir(remote.workdir)) - set(before)
     assert all(n.startswith("disk0.") and n.endswith(".wil") for n in new), new
     assert list(remote.fleece.iterdir()) == []
-    no_fleecing_left(remote)
+    assert_no_fleecing(remote)
 
 
 def backup_fails(remote, tmp_path, *client_args):
@@ -176,14 +164,14 @@ def test_remote_qmp_refusals(remote, tmp_path, pki):
     err = backup_fails(remote, tmp_path, *args, "--nbd-socket", "/nonexistent")
     assert "--nbd-server" in err, err
     assert remote.d.running
-    no_fleecing_left(remote)
+    assert_no_fleecing(remote)
     assert list(remote.fleece.iterdir()) == []
 
 
 def test_blockdev_create(remote):
     """blockdev-create file and qcow2 as QEMU does them (a job, then
     job-dismiss), and its errors."""
-    q = remote.qmp()
+    q = remote.connect_qmp()
     try:
         path = remote.fleece / "x.qcow2"
 
