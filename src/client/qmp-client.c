@@ -174,6 +174,9 @@ struct json_object *qmp_conn_execute(QmpConn *c, const char *command,
         json_object_object_add(msg, "arguments", args);
     }
     text = json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN);
+    /* Two writes, so over TLS two records: qemu-storage-daemon 7.2's TLS
+     * chardev handles a record only once the next one arrives, and the
+     * newline is that next one (QMP ignores whitespace).  Do not merge. */
     if (!send_all(c, text, strlen(text), errp) ||
         !send_all(c, "\n", 1, errp)) {
         error_prepend(errp, "%s: ", command);

@@ -63,7 +63,12 @@ class QMPClient:
         self.sock.sendall(data)
 
     def send(self, obj):
-        self.send_raw(json.dumps(obj).encode() + b"\n")
+        # The object and its newline go as two writes (two TLS records),
+        # as bitback's client and libvirt send them: qemu-storage-daemon
+        # 7.2's TLS chardev handles a record only when the next one
+        # arrives, so a request in one record would never be answered.
+        self.send_raw(json.dumps(obj).encode())
+        self.send_raw(b"\n")
 
     def recv(self):
         """Next JSON object from the stream (reply or event), in order."""
