@@ -38,6 +38,7 @@ class QMPClient:
         """path: a UNIX socket, or (host, port) for TCP; tls: an
         ssl.SSLContext to do TLS with first (TCP)."""
         self.path = path if isinstance(path, tuple) else str(path)
+        self.tls = tls is not None
         self.events = []
         self._buf = b""
         self._next_id = 0
@@ -63,12 +64,16 @@ class QMPClient:
         self.sock.sendall(data)
 
     def send(self, obj):
-        # The object and its newline go as two writes (two TLS records),
-        # as bitback's client and libvirt send them: qemu-storage-daemon
-        # 7.2's TLS chardev handles a record only when the next one
-        # arrives, so a request in one record would never be answered.
-        self.send_raw(json.dumps(obj).encode())
-        self.send_raw(b"\n")
+        data = json.dumps(obj).encode()
+        if self.tls:
+            # The object and its newline as two TLS records, as bitback's
+            # client sends them: qemu-storage-daemon 7.2's TLS chardev
+            # handles a record only when the next one arrives, so a
+            # request in one record would never be answered.
+            self.send_raw(data)
+            self.send_raw(b"\n")
+        else:
+            self.send_raw(data + b"\n")
 
     def recv(self):
         """Next JSON object from the stream (reply or event), in order."""
