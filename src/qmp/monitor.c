@@ -77,7 +77,8 @@ typedef struct QmpListener {
 typedef struct QmpClient {
     int fd;
     TLSSession *tls;           /* NULL: plain socket */
-    const QmpListener *listener; /* set while in state 0 (TLS handshake) */
+    bool handshaking;          /* state 0 (TLS handshake) */
+    const Authz *tls_authz;    /* the listener's (it outlives its clients) */
     size_t tls_send_len;       /* a TLS send of out[0..len) waits (EAGAIN) */
     struct json_tokener *tok;
     size_t pending;            /* bytes fed to tok since the last object */
@@ -181,7 +182,7 @@ static ssize_t qmp_client_send_some(QmpClient *c)
 
 static void qmp_client_flush(QmpClient *c)
 {
-    while (!c->dead && !c->listener && c->out_len > 0) {
+    while (!c->dead && !c->handshaking && c->out_len > 0) {
         ssize_t n = qmp_client_send_some(c);
         if (n < 0) {
             if (qmp_client_retry(c)) {
@@ -412,10 +413,11 @@ static QmpClient *qmp_client_add(int fd, const QmpListener *l)
             qmp_client_free(c);
             return NULL;
         }
-        c->listener = l;
+        c->handshaking = true;
+        c->tls_authz = l->tls_authz;
     }
     clients[nclients++] = c;
-    if (!c->listener) {
+    if (!c->handshaking) {
         qmp_greet(c);
     }
     return c;
@@ -433,13 +435,13 @@ static void qmp_accept(QmpListener *l)
 static void qmp_client_handshake(QmpClient *c)
 {
     Error *err = NULL;
-    int r = tls_session_handshake(c->tls, c->listener->tls_authz, &err);
+    int r = tls_session_handshake(c->tls, c->tls_authz, &err);
     if (r < 0) {
         error_prepend(&err, "QMP: client refused: ");
         error_report_err(err);
         c->dead = true;
     } else if (r > 0) {
-        c->listener = NULL;
+        c->handshaking = false;
         qmp_greet(c);
     }
 }
@@ -620,14 +622,14 @@ static void qmp_main_loop_once(void)
     for (size_t i = 0; i < ncl; i++) {
         QmpClient *c = clients[i];
         pfd[1 + nlisteners + i].fd = c->fd;
-        if (c->listener) {
+        if (c->handshaking) {
             pfd[1 + nlisteners + i].events =
                 tls_session_wants_write(c->tls) ? POLLOUT : POLLIN;
         } else {
             pfd[1 + nlisteners + i].events =
                 POLLIN | (c->out_len ? POLLOUT : 0);
         }
-        if (c->tls && !c->listener && tls_session_pending(c->tls)) {
+        if (c->tls && !c->handshaking && tls_session_pending(c->tls)) {
             timeout = 0;       /* decrypted input poll() cannot see */
         }
     }
@@ -644,7 +646,7 @@ static void qmp_main_loop_once(void)
     for (size_t i = 0; i < ncl && !quit_flag; i++) {
         QmpClient *c = clients[i];
         short re = pfd[1 + nlisteners + i].revents;
-        if (c->listener) {
+        if (c->handshaking) {
             if (re) {
                 qmp_client_handshake(c);
             }
