@@ -116,6 +116,41 @@ def assert_no_fleecing(d):
         q.close()
 
 
+def pull_chain(d, repo, tmp_path, extra, after_each):
+    """full, inc, inc with `bitback backup ... *extra` while a writer runs
+    through d's export disk0 (d: a Daemon, or anything with its nbd_uri
+    and qmp_sock); after_each() after every run.  Then every point
+    restores bit for bit and `qemu-img compare` agrees with the copies
+    read at the transaction times, and the repository verifies."""
+    writer = live_writer([d.nbd_uri("disk0")])
+    writer.start()
+    points = []
+    try:
+        for tag, level in [("p1", "full"), ("p2", "inc"), ("p3", "inc")]:
+            time.sleep(0.3)            # writes between backups
+            bid, refs, err = run_backup_live(
+                d, repo, ["disk0"], level, writer, tmp_path, tag, *extra,
+                speed=None)
+            assert "taking a full backup" not in err, err
+            points.append((bid, refs["disk0"]))
+            after_each()
+    finally:
+        writer.stop()
+    assert writer.writes > 20
+    backups = listing(repo)
+    assert [b["level"] for b in backups] == ["full", "inc", "inc"]
+    ids = [b["id"] for b in backups]
+    assert [p[0] for p in points] == ids
+    assert [b.get("parent") for b in backups[1:]] == ids[:2]
+    for b in backups[1:]:
+        assert 0 < b["changed-bytes"] < 32 * MiB, b
+    for bid, ref in points:
+        check_point(repo, "disk0", bid, ref, tmp_path)
+        run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw",
+             repo / "disk0" / f"{bid}.qcow2", ref])
+    bitback("verify", "--repo", repo)
+
+
 @pytest.mark.parametrize("kind,fmt", KINDS)
 def test_pull_chain_under_load(tmp_path, pulltmp, kind, fmt):
     """full, inc, inc pulled while a writer runs; every point restores bit
@@ -124,33 +159,8 @@ def test_pull_chain_under_load(tmp_path, pulltmp, kind, fmt):
     d = serve(tmp_path, kind, fmt, 32 * MiB, nbd=True, data_mib=32)
     try:
         daemon_files = sorted(os.listdir(d.workdir))
-        writer = live_writer([d.nbd_uri("disk0")])
-        writer.start()
-        points = []
-        try:
-            for tag, level in [("p1", "full"), ("p2", "inc"), ("p3", "inc")]:
-                time.sleep(0.3)            # writes between backups
-                bid, refs, err = run_backup_live(
-                    d, repo, ["disk0"], level, writer, tmp_path, tag,
-                    "--pull", "--nbd-socket", str(d.nbd_sock), speed=None)
-                assert "taking a full backup" not in err, err
-                points.append((bid, refs["disk0"]))
-                pull_dir_clean(pulltmp)
-        finally:
-            writer.stop()
-        assert writer.writes > 20
-        backups = listing(repo)
-        assert [b["level"] for b in backups] == ["full", "inc", "inc"]
-        ids = [b["id"] for b in backups]
-        assert [p[0] for p in points] == ids
-        assert [b.get("parent") for b in backups[1:]] == ids[:2]
-        for b in backups[1:]:
-            assert 0 < b["changed-bytes"] < 32 * MiB, b
-        for bid, ref in points:
-            check_point(repo, "disk0", bid, ref, tmp_path)
-            run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw",
-                 repo / "disk0" / f"{bid}.qcow2", ref])
-        bitback("verify", "--repo", repo)
+        pull_chain(d, repo, tmp_path, ["--pull", "--nbd-socket", str(d.nbd_sock)],
+                   lambda: pull_dir_clean(pulltmp))
         only_daemon_files(d, daemon_files)
         assert_no_fleecing(d)
     finally:

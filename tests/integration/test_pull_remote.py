@@ -23,9 +23,8 @@ import pytest
 
 from bitback_testlib import QSD, Daemon, QMPClient, QMPError
 from bitback_testlib.nbdio import free_port
-from conftest import BITBACK, bitback, require, run
-from test_backup_cli import check_point, listing, live_writer, run_backup_live
-from test_pull import assert_no_fleecing
+from conftest import BITBACK, require, run
+from test_pull import assert_no_fleecing, only_daemon_files, pull_chain
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -123,30 +122,9 @@ def test_remote_pull_chain_under_load(remote, tmp_path):
     (bitbackd) keeps no overlay."""
     repo = tmp_path / "repo"
     before = sorted(os.listdir(remote.workdir))
-    writer = live_writer([remote.nbd_uri("disk0")])
-    writer.start()
-    points = []
-    try:
-        for tag, level in [("p1", "full"), ("p2", "inc"), ("p3", "inc")]:
-            bid, refs, err = run_backup_live(
-                remote, repo, ["disk0"], level, writer, tmp_path, tag,
-                *remote.client_args(), speed=None)
-            assert "taking a full backup" not in err, err
-            points.append((bid, refs["disk0"]))
-            overlays_left(remote)
-    finally:
-        writer.stop()
-    assert writer.writes > 20
-    backups = listing(repo)
-    assert [b["level"] for b in backups] == ["full", "inc", "inc"]
-    assert [p[0] for p in points] == [b["id"] for b in backups]
-    for bid, ref in points:
-        check_point(repo, "disk0", bid, ref, tmp_path)
-        run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw",
-             repo / "disk0" / f"{bid}.qcow2", ref])
-    bitback("verify", "--repo", repo)
-    new = set(os.listdir(remote.workdir)) - set(before)
-    assert all(n.startswith("disk0.") and n.endswith(".wil") for n in new), new
+    pull_chain(remote, repo, tmp_path, remote.client_args(),
+               lambda: overlays_left(remote))
+    only_daemon_files(remote, before)
     overlays_left(remote)
     assert_no_fleecing(remote)
 
