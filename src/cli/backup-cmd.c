@@ -37,7 +37,8 @@
  * SIGINT/SIGTERM before step 6 cancels the jobs, folds PREFIX-ID back
  * into the bitmaps step 4 froze and removes the run's files
  * (live_interrupted); the exit status is then 128 + the signal.
- */#include <errno.h>
+ */
+#include <errno.h>
 #include <inttypes.h>
 #include <getopt.h>
 #include <stdio.h>

@@ -32,7 +32,7 @@ import pytest
 from bitback_testlib import Daemon
 from bitback_testlib.daemon import QSD
 from bitback_testlib.nbdio import read_all
-from conftest import BITBACK, bitback, require, run
+from conftest import bitback, require, run
 from test_backup_cli import (backup_cmd, check_point, listing, live_writer,
                              run_backup_live)
 
