@@ -47,7 +47,9 @@
 # SECTIONS (default "chain scale"): "chain" the rows above, "scale" the
 # rows of bench/scale.py (a 64 GiB sparse disk with 4 GiB of data, plain
 # and zstd-compressed, against qemu-storage-daemon and dd conv=fdatasync;
-# SCALE_SIZE, SCALE_DATA, SCALE_DIRTY, SCALE_ROUNDS).
+# SCALE_SIZE, SCALE_DATA, SCALE_DIRTY, SCALE_ROUNDS); "pull" (not in the
+# default) the rows of bench/pull.py (push against --pull over a UNIX
+# socket, TCP and TCP with TLS; PULL_SIZE, PULL_DATA, PULL_ROUNDS).
 # This is a benchmark, not a test: it prints a table with PASS/MISS against
 # the targets of issue 6 (hashing <= 10% of backup time, verify >= 1 GB/s
 # per core) and exits 0 whatever the numbers.
@@ -416,6 +418,16 @@ if [ -z "${SKIP_CHAIN:-}" ]; then
     wait "$DRIVER"
     DRIVER=
 fi
+
+# The pull rows (issue 19): bench/pull.py's header says what they run.
+case " $SECTIONS " in
+*" pull "*)
+    "$PYTHON" "$here/bench/pull.py" &
+    DRIVER=$!
+    wait "$DRIVER"
+    DRIVER=
+    ;;
+esac
 
 # The scale rows (issue 18): bench/scale.py's header says what they run.
 case " $SECTIONS " in

@@ -41,6 +41,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -427,6 +429,10 @@ static void qmp_accept(QmpListener *l)
 {
     int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd >= 0) {                 /* else EAGAIN, ECONNABORTED, EMFILE: retry later */
+        /* TCP: replies and events go out at once, not after the client's
+         * delayed ACK (fails harmlessly on a UNIX socket). */
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         qmp_client_add(fd, l);
     }
 }
