@@ -29,10 +29,21 @@
 # the median of the per-round ratios, "paired") and crash-safe /
 # qemu-storage-daemon (target >= 1.00).
 #
+# A third table (issue 19) measures NBD over TLS: bitbackd (a qbm over the
+# raw image, as in the peers table) and qemu-nbd (the raw image), each plain and with the same
+# x509 credentials (certtool, QEMU's folder layout, a client certificate
+# required), on a UNIX socket, with nbdcopy and nbds+unix://...?tls-
+# certificates= (fio's nbd engine refuses a URI naming local files):
+#   seq-write  nbdcopy of SIZE bytes of random data from a local file (in
+#              the page cache) into the export
+#   seq-read   nbdcopy of the export to null:
+# TLS_RUNS rounds (default PEER_RUNS), rotated; medians; printed: each
+# server's TLS / plain and bitbackd-tls / qemu-nbd-tls (target >= 1.0).
+#
 # Usage: bench/nbd.sh [BUILD_DIR]        (default: build)
 # Environment: RUNTIME (seconds per fio run, default 10), SIZE (image size,
 # default 1G), WORKDIR (default: a new folder under /tmp), SECTIONS (peers,
-# crash-safe or all, the default), PEER_RUNS (runs of the peers table,
+# crash-safe, tls or all, the default), PEER_RUNS (runs of the peers table,
 # default 3; cells are medians), CS_RUNS (default 3), CS_REGION_SIZES
 # (extra crash-safe configurations with these crash-safe-region-size values
 # in bytes, e.g. "4194304 268435456"; default none), CS_FRESH_SIZE (size of
@@ -56,7 +67,7 @@ CS_RUNS=${CS_RUNS:-3}
 PEER_RUNS=${PEER_RUNS:-3}
 CS_REGION_SIZES=${CS_REGION_SIZES:-}
 CS_FRESH_SIZE=${CS_FRESH_SIZE:-$SIZE}
-case $SECTIONS in all|peers|crash-safe) ;; *) echo "nbd.sh: SECTIONS must be all, peers or crash-safe" >&2; exit 1 ;; esac
+case $SECTIONS in all|peers|crash-safe|tls) ;; *) echo "nbd.sh: SECTIONS must be all, peers, crash-safe or tls" >&2; exit 1 ;; esac
 want() { [ "$SECTIONS" = all ] || [ "$SECTIONS" = "$1" ]; }
 
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "nbd.sh: fio lacks the nbd engine" >&2; exit 1; }
@@ -472,3 +483,116 @@ print("otherwise); past 64 marked regions snapshots come once a second and clear
 print("only regions idle for a whole snapshot period.")
 EOF
 fi  # want crash-safe
+
+
+if want tls; then
+# bitbackd and qemu-nbd, plain and TLS, on the same image, rotated rounds.
+TLS_RUNS=${TLS_RUNS:-$PEER_RUNS}
+command -v certtool >/dev/null || { echo "nbd.sh: certtool (gnutls-bin) is not installed" >&2; exit 1; }
+mkdir -p "$W/pki"
+"$PYTHON" -c 'import pathlib, sys
+from bitback_testlib.pki import make_pki
+make_pki(pathlib.Path(sys.argv[1]))' "$W/pki"
+[ -f "$W/disk.qbm" ] || "$BITBACK" img create -f qbm -o data-file="$IMG",data-format=raw "$W/disk.qbm" >/dev/null
+TLS_OBJ="tls-creds-x509,id=tls0,dir=$W/pki/server,endpoint=server"
+
+# tls_start NAME: start NAME serving export d0 on $W/tls.sock
+tls_start() {
+    rm -f "$W/tls.sock" "$W/tls.sock.qmp"
+    case $1 in
+    bitbackd)
+        serve_bitbackd "driver=qbm,node-name=d0,file.driver=file,file.filename=$W/disk.qbm" "$W/tls.sock"
+        return ;;
+    bitbackd-tls)
+        "$BITBACKD" --object "$TLS_OBJ" \
+            --blockdev "driver=qbm,node-name=d0,file.driver=file,file.filename=$W/disk.qbm" \
+            --nbd-server "addr.type=unix,addr.path=$W/tls.sock,tls-creds=tls0" \
+            --export type=nbd,id=e0,node-name=d0,name=d0,writable=on \
+            >>"$W/server.log" 2>&1 & ;;
+    qemu-nbd)
+        qemu-nbd -f raw -k "$W/tls.sock" -x d0 --shared=16 --persistent "$IMG" \
+            >>"$W/server.log" 2>&1 & ;;
+    qemu-nbd-tls)
+        qemu-nbd -f raw -k "$W/tls.sock" -x d0 --shared=16 --persistent \
+            --object "$TLS_OBJ" --tls-creds tls0 "$IMG" >>"$W/server.log" 2>&1 & ;;
+    esac
+    SERVER_PID=$!
+    wait_socket "$W/tls.sock"
+}
+
+# run_nbdcopy URI -> "seqw seqr" (MiB/s): SIZE bytes into and out of URI
+head -c "$bytes" /dev/urandom >"$W/random.raw"
+run_nbdcopy() {
+    local t0 t1 t2
+    settle
+    t0=$(date +%s.%N)
+    nbdcopy "$W/random.raw" "$1" || exit 1
+    t1=$(date +%s.%N)
+    nbdcopy "$1" null: || exit 1
+    t2=$(date +%s.%N)
+    "$PYTHON" -c 'import sys; b, t0, t1, t2 = map(float, sys.argv[1:])
+print("%.0f %.0f" % (b / 1048576 / (t1 - t0), b / 1048576 / (t2 - t1)))' \
+        "$bytes" "$t0" "$t1" "$t2"
+}
+
+TLS_SERVERS=(bitbackd bitbackd-tls qemu-nbd qemu-nbd-tls)
+declare -A TV          # TV[server,row] = one value per run, space separated
+echo "# tls: ${TLS_SERVERS[*]}, $TLS_RUNS run(s) each" >&2
+for ((run = 0; run < TLS_RUNS; run++)); do
+    n=${#TLS_SERVERS[@]}
+    for ((k = 0; k < n; k++)); do
+        who=${TLS_SERVERS[$(((k + run) % n))]}
+        tls_start "$who"
+        case $who in
+        *-tls) uri="nbds+unix:///d0?socket=$W/tls.sock&tls-certificates=$W/pki/client" ;;
+        *) uri="nbd+unix:///d0?socket=$W/tls.sock" ;;
+        esac
+        set -- $(run_nbdcopy "$uri")
+        for row in seq-write seq-read; do
+            TV[$who,$row]+="$1 "
+            shift
+        done
+        stop_server
+    done
+    echo "#   tls run $((run + 1)) done" >&2
+done
+
+mapfile -t tv_args < <(cell_args TV "seq-write seq-read" "${TLS_SERVERS[@]}")
+"$PYTHON" - "$TLS_RUNS" "${tv_args[@]}" <<'EOF'
+import statistics, sys
+runs = int(sys.argv[1])
+cell = {}
+for a in sys.argv[2:]:
+    key, vals = a.split("=", 1)
+    cell[tuple(key.split(","))] = [float(v) for v in vals.split()]
+rows = ["seq-write", "seq-read"]
+unit = {"seq-write": "MiB/s", "seq-read": "MiB/s"}
+
+
+def med(who, row):
+    return statistics.median(cell[who, row])
+
+
+def paired(a, b, row):
+    return statistics.median(x / y for x, y in zip(cell[a, row], cell[b, row]))
+
+
+print()
+print(f"NBD over TLS (x509, client certificate required), UNIX socket, "
+      f"nbdcopy, medians of {runs} runs")
+print(f"{'row':<11}{'unit':>6}{'bitbackd':>10}{'bb-tls':>9}{'qemu-nbd':>10}"
+      f"{'qn-tls':>9}{'bb tls/plain':>14}{'qn tls/plain':>14}"
+      f"{'bb-tls/qn-tls':>15}")
+worst = None
+for row in rows:
+    r = paired("bitbackd-tls", "qemu-nbd-tls", row)
+    worst = r if worst is None else min(worst, r)
+    print(f"{row:<11}{unit[row]:>6}{med('bitbackd', row):10.0f}"
+          f"{med('bitbackd-tls', row):9.0f}{med('qemu-nbd', row):10.0f}"
+          f"{med('qemu-nbd-tls', row):9.0f}"
+          f"{paired('bitbackd-tls', 'bitbackd', row):14.2f}"
+          f"{paired('qemu-nbd-tls', 'qemu-nbd', row):14.2f}{r:15.2f}")
+print(f"target: bitbackd with TLS >= 1.0x qemu-nbd with TLS (worst row, "
+      f"paired): {worst:.2f} -> {'PASS' if worst >= 1.0 else 'MISS'}")
+EOF
+fi  # want tls
