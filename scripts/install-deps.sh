@@ -10,6 +10,7 @@ PKGS=(
   python3-pytest python3-libnbd
   qemu-utils qemu-system-common nbdkit libnbd-bin fio
   clang libclang-rt-14-dev
+  ceph-mon ceph-osd ceph-common librbd-dev librados-dev radosgw qemu-block-extra
 )
 
 missing=()

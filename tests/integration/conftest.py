@@ -68,6 +68,22 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory):
+    """A real single-node Ceph cluster (bitback_testlib.ceph: one mon, one
+    memstore OSD on 127.0.0.1, auth off) shared by the session, with an
+    RBD pool "rbd".  Tests use their own image and pool names.  Stopped by
+    PID at the end of the session, even when tests fail."""
+    from bitback_testlib.ceph import CephCluster, missing_tools
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"{' '.join(missing)} not installed: run scripts/install-deps.sh")
+    c = CephCluster(tmp_path_factory.mktemp("ceph"))
+    with c:
+        c.create_pool("rbd", rbd=True)
+        yield c
+
+
 def xxh3_64(data):
     """XXH3-64 (seed 0) of data by the system's libxxhash, independently of
     bitback's code: the checksum of a qbm bitmap file."""
