@@ -20,7 +20,9 @@
  *              (a guest write, or a fleecing read of the target)
  *   DONE       neither bit: copied, or never to be copied
  *
- *   TO_COPY -> IN_FLIGHT   a worker or a CBW claims it
+ *   TO_COPY -> IN_FLIGHT   a worker, a CBW or a sync=none fleecing read
+ *                          claims it
+ *   IN_FLIGHT -> TO_COPY   a sync=none fleecing read is over (invariant 4)
  *   IN_FLIGHT -> DONE      the copy succeeded, or a CBW copy failed (the
  *                          job then fails, see below)
  *   IN_FLIGHT -> TO_COPY   a worker's copy failed: the run thread decides
@@ -35,11 +37,16 @@
  *   3. Whoever copies a cluster reads the source while holding the claim,
  *      so no guest write to that cluster can land before the old data is
  *      read (the write is parked in its CBW hook, invariant 2).
- *   4. Fleecing (the target's backing chain contains the source, sync=none):
- *      reads of the target fall through unallocated clusters to the live
- *      source.  A read hook on the target therefore copies every TO_COPY
- *      cluster it touches first (and waits for IN_FLIGHT ones), so it then
- *      reads the frozen data from the target itself.
+ *   4. Fleecing (the target's backing chain contains the source): reads
+ *      of the target fall through unallocated clusters to the live source.
+ *      With sync=none a read hook on the target claims every TO_COPY
+ *      cluster it touches for the length of the read (after waiting for
+ *      IN_FLIGHT ones) and gives them back as TO_COPY afterwards, so no
+ *      guest write lands on them while the read falls through: each
+ *      cluster is written to the target only if the guest overwrites it
+ *      (a pull backup reads everything once and copies nothing twice).
+ *      With sync=full/top the read copies what it touches first (the job
+ *      copies it anyway) and reads it from the target.
  *   5. No claim is held while the job waits for anything outside its own
  *      threads (a pause, an on-error=stop decision, the rate limit): a
  *      guest write never waits for the user or the main loop, so a drain
@@ -251,18 +258,30 @@ static bool claim_next_locked(BackupJob *s, uint64_t from, uint64_t bytes,
     return true;
 }
 
+/* The clusters [*pos, *end) that [offset, offset+bytes) touches, clipped
+ * to the source's length; false when none. */
+static bool cluster_span(BackupJob *s, uint64_t offset, uint64_t bytes,
+                         uint64_t *pos, uint64_t *end)
+{
+    bytes = clip_len(s, offset, bytes);
+    if (bytes == 0) {
+        return false;
+    }
+    *pos = ROUND_DOWN(offset, s->cluster_size);
+    *end = MIN(ROUND_UP(offset + bytes, s->cluster_size), s->len);
+    return true;
+}
+
 /* Copy-before-write for [offset, offset+bytes): on return every cluster it
  * touches is DONE (invariant 2).  Used by the source's write hook and the
  * target's fleecing read hook.  Never fails: a copy error breaks the job,
  * not the caller's request. */
 static void backup_cbw(BackupJob *s, uint64_t offset, uint64_t bytes)
 {
-    bytes = clip_len(s, offset, bytes);
-    if (bytes == 0) {
+    uint64_t pos, end;
+    if (!cluster_span(s, offset, bytes, &pos, &end)) {
         return;
     }
-    uint64_t pos = ROUND_DOWN(offset, s->cluster_size);
-    uint64_t end = MIN(ROUND_UP(offset + bytes, s->cluster_size), s->len);
     _cleanup_free_ uint8_t *buf = NULL;
 
     pthread_mutex_lock(&s->lock);
@@ -311,12 +330,72 @@ static int backup_before_write(BdrvIoHook *hook, BlockDriverState *bs,
     return 0;
 }
 
+/* Fleecing read, sync=full/top: the job copies every cluster anyway, so a
+ * read copies what it touches first (the copy is not extra work) and then
+ * reads it from the target. */
 static int backup_before_fleecing_read(BdrvIoHook *hook, BlockDriverState *bs,
                                        uint64_t offset, uint64_t bytes)
 {
     (void)bs;
     backup_cbw(hook->opaque, offset, bytes);
     return 0;
+}
+
+/* Fleecing read, sync=none (invariant 4): no copy.  The read claims the
+ * TO_COPY clusters it touches (TO_COPY -> IN_FLIGHT, after waiting for
+ * every IN_FLIGHT one in its range), so a guest write to them waits in its
+ * CBW hook until the read is over; the read then falls through to the
+ * live source, which still holds the frozen data.  The after-read hook
+ * gives them back (IN_FLIGHT -> TO_COPY).  The clusters IN_FLIGHT in the
+ * range at release are exactly this read's: anyone else waits for them
+ * first, and no worker claims clusters with sync=none. */
+static int backup_before_fleecing_read_claim(BdrvIoHook *hook,
+                                             BlockDriverState *bs,
+                                             uint64_t offset, uint64_t bytes)
+{
+    BackupJob *s = hook->opaque;
+    (void)bs;
+    uint64_t pos, end;
+    if (!cluster_span(s, offset, bytes, &pos, &end)) {
+        return 0;
+    }
+
+    pthread_mutex_lock(&s->lock);
+    while (!s->stopped && hbitmap_next_dirty(s->in_flight, pos, end - pos) >= 0) {
+        pthread_cond_wait(&s->cond, &s->lock);
+    }
+    uint64_t o, n;
+    while (!s->stopped && pos < end &&
+           claim_next_locked(s, pos, end - pos, 0, &o, &n)) {
+        pos = o + n;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+static void backup_after_fleecing_read_claim(BdrvIoHook *hook,
+                                             BlockDriverState *bs,
+                                             uint64_t offset, uint64_t bytes)
+{
+    BackupJob *s = hook->opaque;
+    (void)bs;
+    uint64_t pos, end;
+    if (!cluster_span(s, offset, bytes, &pos, &end)) {
+        return;
+    }
+    uint64_t o, n;
+
+    pthread_mutex_lock(&s->lock);
+    while (pos < end &&
+           hbitmap_next_dirty_area(s->in_flight, pos, end - pos, 0, &o, &n)) {
+        hbitmap_reset(s->in_flight, o, n);
+        if (!s->stopped) {
+            hbitmap_set(s->copy_bitmap, o, n);
+        }
+        pos = o + n;
+    }
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
 }
 
 /* ---- worker threads ---- */
@@ -854,10 +933,16 @@ Job *backup_job_create(const char *job_id, BlockDriverState *source,
     s->write_hook_installed = true;
     if (bdrv_chain_contains(target, source)) {
         /* Fleecing: reads of the target fall through to the live source. */
-        s->read_hook = (BdrvIoHook) {
-            .before_read = backup_before_fleecing_read,
-            .opaque = s,
-        };
+        s->read_hook = s->sync == MIRROR_SYNC_MODE_NONE
+            ? (BdrvIoHook) {
+                .before_read = backup_before_fleecing_read_claim,
+                .after_read = backup_after_fleecing_read_claim,
+                .opaque = s,
+            }
+            : (BdrvIoHook) {
+                .before_read = backup_before_fleecing_read,
+                .opaque = s,
+            };
         bdrv_add_io_hook(target, &s->read_hook);
         s->read_hook_installed = true;
     }

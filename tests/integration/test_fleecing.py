@@ -21,7 +21,7 @@ import random
 import shutil
 import threading
 
-from backup_scenarios import (MiB, Flavour, add_overlay, assert_same,
+from backup_scenarios import (MiB, Flavour, add_overlay, assert_same, chain_flavour,
                               bitmap_count, clusters_of,
                               connect, dirty_extents, export,
                               extents_to_clusters, flavour, random_image,
@@ -29,7 +29,7 @@ from backup_scenarios import (MiB, Flavour, add_overlay, assert_same,
                               wait_job_end, nbd_write)
 from conftest import BITBACK
 
-assert flavour  # a fixture, used by name
+assert flavour and chain_flavour  # fixtures, used by name
 
 SIZE = 64 * MiB
 
@@ -272,3 +272,47 @@ def test_drive_backup_sync_none_into_a_qbm_holding_data_refused(tmp_path):
         assert d.quit() == 0, d.stderr()
     finally:
         fl.daemon.cleanup()
+
+
+# -- a pull reads everything once and copies only what the guest overwrites --
+#
+# A fleecing read must not copy the clusters it reads into the overlay
+# (that wrote the whole disk twice for a pull backup: into the overlay and
+# into the repository).  After reading the whole export, the overlay holds
+# exactly the clusters the guest overwrote meanwhile (their old data), on
+# bitbackd as on qemu-storage-daemon, and what was read is the frozen image.
+
+def test_fleecing_read_copies_only_overwritten_clusters(chain_flavour):
+    fl = chain_flavour
+    img = random_image(fl.path("disk0.raw"), SIZE, seed=11)
+    ref = fl.path("ref.raw")
+    shutil.copyfile(img, ref)
+    fleece = fl.create_overlay(fl.overlay_name("fleece"), img)
+    d = fl.start({"disk0": img})
+    q = d.qmp
+    uri = d.nbd_uri("disk0")
+    export(q, "disk0", writable=True)
+    add_overlay(fl, "fleece", fleece, "disk0")
+    q.cmd("blockdev-backup", **{"job-id": "fleecing", "device": "disk0",
+                               "target": "fleece", "sync": "none"})
+    export(q, "fleece")
+    furi = d.nbd_uri("fleece")
+    # The whole export, read with no guest write: nothing is copied.
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", furi,
+         fl.path("pulled1.raw")])
+    # Then the guest overwrites 5 clusters; a second full read still sees
+    # the frozen image.
+    rng = random.Random(13)
+    writes = random_writes(rng, SIZE, 5, length=4096)
+    nbd_write(uri, writes)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", furi,
+         fl.path("pulled2.raw")])
+    unexport(q, "fleece")
+    q.cmd("block-job-cancel", device="fleecing")
+    wait_job_end(q, "fleecing")
+    q.cmd("blockdev-del", **{"node-name": "fleece"})
+    assert d.quit() == 0
+
+    assert_raw_same(fl.path("pulled1.raw"), ref, "first read not frozen")
+    assert_raw_same(fl.path("pulled2.raw"), ref, "second read not frozen")
+    assert fl.top_allocated(fleece) == len(clusters_of(writes)) * 64 * 1024
