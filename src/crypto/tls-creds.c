@@ -649,38 +649,34 @@ TLSSession *tls_session_client(const TLSCreds *c, int fd, const char *hostname,
     return tls_session_blocking(c, NULL, fd, hostname, timeout_ms, errp);
 }
 
+/* A gnutls_record_recv/send result as read(2)/write(2) give it: the
+ * count (0 included), or -1 with errno EAGAIN or EIO.  False for
+ * GNUTLS_E_INTERRUPTED: the caller asks again. */
+static bool tls_record_result(ssize_t n, ssize_t *ret)
+{
+    if (n == GNUTLS_E_INTERRUPTED) {
+        return false;
+    }
+    if (n < 0) {
+        errno = n == GNUTLS_E_AGAIN ? EAGAIN : EIO;
+        n = -1;
+    }
+    *ret = n;
+    return true;
+}
+
 ssize_t tls_session_recv(TLSSession *s, void *buf, size_t len)
 {
-    for (;;) {
-        ssize_t n = gnutls_record_recv(s->sess, buf, len);
-        if (n >= 0) {
-            return n;
-        }
-        if (n == GNUTLS_E_AGAIN) {
-            errno = EAGAIN;
-            return -1;
-        }
-        if (n != GNUTLS_E_INTERRUPTED) {
-            errno = EIO;
-            return -1;
-        }
+    ssize_t r;
+    while (!tls_record_result(gnutls_record_recv(s->sess, buf, len), &r)) {
     }
+    return r;
 }
 
 ssize_t tls_session_send(TLSSession *s, const void *buf, size_t len)
 {
-    for (;;) {
-        ssize_t n = gnutls_record_send(s->sess, buf, len);
-        if (n > 0) {
-            return n;
-        }
-        if (n == GNUTLS_E_AGAIN) {
-            errno = EAGAIN;
-            return -1;
-        }
-        if (n != GNUTLS_E_INTERRUPTED) {
-            errno = EIO;
-            return -1;
-        }
+    ssize_t r;
+    while (!tls_record_result(gnutls_record_send(s->sess, buf, len), &r)) {
     }
+    return r;
 }
