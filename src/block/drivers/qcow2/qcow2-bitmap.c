@@ -150,11 +150,6 @@ static bool range_in_file(uint64_t offset, uint64_t len, uint64_t file_len)
     return offset <= file_len && len <= file_len - offset;
 }
 
-static int64_t file_length(BlockDriverState *bs)
-{
-    return bdrv_getlength(bs->file);
-}
-
 static int gran_bits(uint32_t granularity)
 {
     return __builtin_ctz(granularity);
@@ -684,7 +679,7 @@ static void entry_free_clusters_locked(BlockDriverState *bs,
                                        const Qcow2BitmapEntry *e)
 {
     BDRVQcow2State *s = bs->opaque;
-    int64_t file_len = file_length(bs);
+    int64_t file_len = bdrv_getlength(bs->file);
     if (!e->table_size || file_len < 0) {
         return;
     }
@@ -1013,7 +1008,7 @@ bool qcow2_load_bitmaps(BlockDriverState *bs, Error **errp)
         return true;                         /* no extension */
     }
     LOCK_GUARD(&s->lock);
-    file_len = file_length(bs);
+    file_len = bdrv_getlength(bs->file);
     if (file_len < 0) {
         error_setg_errno(errp, (int)-file_len, "cannot get the file length");
         return false;

@@ -331,12 +331,6 @@ int qcow2_flush_metadata_locked(BlockDriverState *bs)
 
 /* ---- mapping ---- */
 
-static uint64_t file_length(BlockDriverState *bs)
-{
-    int64_t len = bdrv_getlength(bs->file);
-    return len < 0 ? 0 : (uint64_t)len;
-}
-
 Qcow2ClusterType qcow2_l2_entry_type(BDRVQcow2State *s, uint64_t entry)
 {
     if (entry & QCOW2_OFLAG_COMPRESSED) {
@@ -360,7 +354,7 @@ static int l1_entry_locked(BlockDriverState *bs, uint64_t l1_index,
     }
     uint64_t l2_offset = s->l1_table[l1_index] & QCOW2_L1E_OFFSET_MASK;
     if (l2_offset && ((l2_offset & (s->cluster_size - 1)) ||
-                      l2_offset + s->cluster_size > file_length(bs))) {
+                      l2_offset + s->cluster_size > qcow2_file_length(bs))) {
         return -EIO;   /* unaligned or past the end of the file */
     }
     *ret_l2_offset = l2_offset;
@@ -570,7 +564,7 @@ int qcow2_read_compressed(BlockDriverState *bs, uint64_t entry, uint8_t *out)
     BDRVQcow2State *s = bs->opaque;
     uint64_t off, len;
     qcow2_compressed_range(s, entry, &off, &len);
-    uint64_t flen = file_length(bs);
+    uint64_t flen = qcow2_file_length(bs);
     if (off >= flen || len > 2 * s->cluster_size + 512) {
         return -EIO;
     }

@@ -35,12 +35,6 @@
 #include "util/bswap.h"
 #include "util/cleanup.h"
 
-static uint64_t file_length(BlockDriverState *bs)
-{
-    int64_t len = bdrv_getlength(bs->file);
-    return len < 0 ? 0 : (uint64_t)len;
-}
-
 bool qcow2_refcount_init(BlockDriverState *bs, Error **errp)
 {
     BDRVQcow2State *s = bs->opaque;
@@ -62,8 +56,8 @@ bool qcow2_refcount_init(BlockDriverState *bs, Error **errp)
     }
     uint64_t bytes = (uint64_t)s->refcount_table_clusters * cs;
     if ((s->refcount_table_offset & (cs - 1)) ||
-        s->refcount_table_offset > file_length(bs) ||
-        bytes > file_length(bs) - s->refcount_table_offset) {
+        s->refcount_table_offset > qcow2_file_length(bs) ||
+        bytes > qcow2_file_length(bs) - s->refcount_table_offset) {
         error_setg(errp, "qcow2: the refcount table offset 0x%" PRIx64
                    " is invalid (unaligned or past the end of the file)",
                    s->refcount_table_offset);
@@ -143,7 +137,7 @@ static int load_refblock_locked(BlockDriverState *bs, uint64_t rt_index,
     if (!off) {
         return 0;
     }
-    if ((off & (s->cluster_size - 1)) || off + s->cluster_size > file_length(bs)) {
+    if ((off & (s->cluster_size - 1)) || off + s->cluster_size > qcow2_file_length(bs)) {
         return -EIO;
     }
     *ret_offset = off;
@@ -393,7 +387,7 @@ static int64_t alloc_run_locked(BlockDriverState *bs, uint64_t n, bool exact,
          * QCOW2_LEAK_WINDOW past the end (or past what this session
          * allocated, not yet written) are corrupt: refuse rather than
          * grow the file far past its end. */
-        uint64_t end = MAX(DIV_ROUND_UP(file_length(bs), cs), s->alloc_end);
+        uint64_t end = MAX(DIV_ROUND_UP(qcow2_file_length(bs), cs), s->alloc_end);
         uint64_t bound = end + MAX(QCOW2_LEAK_WINDOW / cs, 1);
         while (run < n) {
             uint64_t c = start + run;
@@ -574,7 +568,7 @@ static void free_now_locked(BlockDriverState *bs, uint64_t offset,
         s->compressed_cursor = 0;
     }
     /* Give freed clusters back to the file system (advisory). */
-    uint64_t flen = file_length(bs);
+    uint64_t flen = qcow2_file_length(bs);
     for (uint64_t c = first; c < first + n; c++) {
         uint64_t rc;
         if (qcow2_get_refcount_locked(bs, c, &rc) == 0 && rc == 0 &&
@@ -841,7 +835,7 @@ int qcow2_check(BlockDriverState *bs, BdrvCheckResult *res)
         return fr;
     }
     CheckState cs = { .s = s, .res = res };
-    cs.nb_clusters = DIV_ROUND_UP(file_length(bs), csz);
+    cs.nb_clusters = DIV_ROUND_UP(qcow2_file_length(bs), csz);
     cs.refs = calloc(cs.nb_clusters ? cs.nb_clusters : 1, sizeof(uint16_t));
     _cleanup_free_ uint8_t *walked = calloc(cs.nb_clusters ? cs.nb_clusters : 1, 1);
     cs.walked = walked;

@@ -63,7 +63,7 @@ typedef struct Qcow2InFlight {
     struct Qcow2InFlight *next;
 } Qcow2InFlight;
 
-static uint64_t file_length(BlockDriverState *bs)
+uint64_t qcow2_file_length(BlockDriverState *bs)
 {
     int64_t len = bdrv_getlength(bs->file);
     return len < 0 ? 0 : (uint64_t)len;
@@ -357,7 +357,7 @@ static void qcow2_state_free(BDRVQcow2State *s)
 static bool qcow2_read_header(BlockDriverState *bs, Error **errp)
 {
     BDRVQcow2State *s = bs->opaque;
-    uint64_t flen = file_length(bs);
+    uint64_t flen = qcow2_file_length(bs);
     uint8_t h[QCOW2_HEADER_V3_LENGTH];
     const char *name = bs->filename ? bs->filename : "image";
 
@@ -689,7 +689,7 @@ static uint64_t qcow2_get_cluster_size(BlockDriverState *bs)
 static int read_host(BlockDriverState *bs, uint64_t host, uint64_t bytes,
                      const struct iovec *iov, int niov, size_t iov_off)
 {
-    uint64_t flen = file_length(bs);
+    uint64_t flen = qcow2_file_length(bs);
     if (host >= flen) {
         return -EIO;   /* data cluster past the end of the file */
     }
@@ -916,7 +916,7 @@ static int check_data_write_locked(BlockDriverState *bs, uint64_t host,
 {
     BDRVQcow2State *s = bs->opaque;
     uint64_t start = ROUND_DOWN(host, s->cluster_size);
-    if (start >= MAX(file_length(bs), s->alloc_end * s->cluster_size)) {
+    if (start >= MAX(qcow2_file_length(bs), s->alloc_end * s->cluster_size)) {
         return qcow2_signal_corruption_locked(bs, "data cluster at 0x%" PRIx64
                                               " is past the end of the file",
                                               start);

@@ -277,6 +277,9 @@ int64_t qcow2_alloc_clusters_upto_locked(BlockDriverState *bs, uint64_t n,
  * so freeing the compressed cluster (qcow2_free_l2_entry_locked) drops
  * exactly those.  Returns the host byte offset or -errno.  s->lock held. */
 int64_t qcow2_alloc_compressed_locked(BlockDriverState *bs, uint64_t size);
+/* The length of the image file, 0 when it cannot be read (bounds checks
+ * then refuse every offset). */
+uint64_t qcow2_file_length(BlockDriverState *bs);
 /* Load and check the refcount table (at open). */
 bool qcow2_refcount_init(BlockDriverState *bs, Error **errp);
 /* Refcount of host cluster `cluster_index` (0 where no block covers it). */
