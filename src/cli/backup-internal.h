@@ -169,8 +169,17 @@ int backup_offline(const BackupOpts *o, Repo *repo);
 bool backup_copy_image(const BackupOpts *o, BlockDriverState *src, Disk *d,
                        Error **errp);
 
+/* A growing array of extents added in increasing order; an extent that
+ * starts where the last one ends extends it.  Grows geometrically; out of
+ * memory aborts, as the copy's other lists do.  Caller frees l->ext. */
+typedef struct ExtentList {
+    BdrvDirtyExtent *ext;
+    size_t n, cap;
+} ExtentList;
+void extent_list_add(ExtentList *l, uint64_t off, uint64_t len);
+
 /* The ranges of [0, d->size) that block status of src does not report as
- * zeroes, sorted, in a malloc'd array *ret_ext (caller frees). */
+ * zeroes, sorted and merged, in a malloc'd array *ret_ext (caller frees). */
 bool backup_data_extents(BlockDriverState *src, const Disk *d,
                          BdrvDirtyExtent **ret_ext, size_t *ret_n,
                          Error **errp);

@@ -109,12 +109,29 @@ static size_t compress_extents(BdrvDirtyExtent *ext, size_t n, uint64_t cs,
     return k;
 }
 
+void extent_list_add(ExtentList *l, uint64_t off, uint64_t len)
+{
+    if (l->n && l->ext[l->n - 1].start + l->ext[l->n - 1].length == off) {
+        l->ext[l->n - 1].length += len;
+        return;
+    }
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 256;
+        BdrvDirtyExtent *bigger = realloc(l->ext, cap * sizeof(*bigger));
+        if (!bigger) {
+            abort();
+        }
+        l->ext = bigger;
+        l->cap = cap;
+    }
+    l->ext[l->n++] = (BdrvDirtyExtent){ off, len, true };
+}
+
 bool backup_data_extents(BlockDriverState *src, const Disk *d,
                          BdrvDirtyExtent **ret_ext, size_t *ret_n,
                          Error **errp)
 {
-    BdrvDirtyExtent *ext = NULL;
-    size_t n_ext = 0;
+    ExtentList l = { 0 };
     uint64_t off = 0;
 
     while (off < d->size) {
@@ -124,21 +141,16 @@ bool backup_data_extents(BlockDriverState *src, const Disk *d,
             error_setg_errno(errp, st < 0 ? -st : EIO,
                              "%s: block status at %llu", d->node,
                              (unsigned long long)off);
-            free(ext);
+            free(l.ext);
             return false;
         }
         if (!(st & BDRV_BLOCK_ZERO)) {
-            BdrvDirtyExtent *e = realloc(ext, (n_ext + 1) * sizeof(*ext));
-            if (!e) {
-                abort();
-            }
-            ext = e;
-            ext[n_ext++] = (BdrvDirtyExtent){ off, pnum, true };
+            extent_list_add(&l, off, pnum);
         }
         off += pnum;
     }
-    *ret_ext = ext;
-    *ret_n = n_ext;
+    *ret_ext = l.ext;
+    *ret_n = l.n;
     return true;
 }
 

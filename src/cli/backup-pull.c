@@ -28,30 +28,10 @@
 
 typedef struct DirtyCollect {
     const char *context;
-    BdrvDirtyExtent *ext;
-    size_t n, cap;
+    ExtentList list;
     uint64_t size;
     uint64_t end;                       /* where the replies reached */
 } DirtyCollect;
-
-static void dirty_push(DirtyCollect *c, uint64_t off, uint64_t len)
-{
-    if (c->n && c->ext[c->n - 1].start + c->ext[c->n - 1].length == off) {
-        c->ext[c->n - 1].length += len;
-        return;
-    }
-    if (c->n == c->cap) {
-        size_t cap = c->cap ? c->cap * 2 : 256;
-        BdrvDirtyExtent *bigger = realloc(c->ext, cap * sizeof(*bigger));
-
-        if (!bigger) {
-            abort();
-        }
-        c->ext = bigger;
-        c->cap = cap;
-    }
-    c->ext[c->n++] = (BdrvDirtyExtent){ off, len, true };
-}
 
 /* libnbd's extent callback: entries are (length, flags) pairs from
  * offset on; only the bitmap's context counts. */
@@ -71,7 +51,7 @@ static int dirty_cb(void *opaque, const char *metacontext, uint64_t offset,
             break;
         }
         if (entries[i + 1] & PULL_STATE_DIRTY) {
-            dirty_push(c, offset, len);
+            extent_list_add(&c->list, offset, len);
         }
         offset += len;
     }
@@ -142,11 +122,11 @@ bool pull_probe_export(const char *uri, const TLSCreds *tls,
             }
         }
     }
-    *ret_ext = steal_pointer(&c.ext);
-    *ret_n = c.n;
+    *ret_ext = steal_pointer(&c.list.ext);
+    *ret_n = c.list.n;
     ok = true;
 out:
-    free(c.ext);
+    free(c.list.ext);
     nbd_shutdown(h, 0);
     nbd_close(h);
     return ok;
