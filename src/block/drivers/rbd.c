@@ -372,23 +372,59 @@ static bool rbd_opt_locking(struct json_object *options, int flags,
     return bdrv_opt_locking(options, !(flags & BDRV_O_NO_LOCK), ret_on, errp);
 }
 
-/* R1: take the exclusive lock of s->image, managed (never handed over). */
+/* The address (malloc'd) of a live client holding the exclusive lock of
+ * s->image: a lock owner that still watches the image header, as librbd
+ * tells the living from the dead.  NULL when nobody holds it, its holder
+ * is gone (librbd breaks such a lock) or out of memory. */
+static char *rbd_live_lock_owner(BDRVRBDState *s)
+{
+    char *owners[8], *ret = NULL;
+    size_t n_owners = ARRAY_SIZE(owners);
+    rbd_lock_mode_t mode;
+    if (rbd_lock_get_owners(s->image, &mode, owners, &n_owners) < 0 ||
+        n_owners == 0) {
+        return NULL;
+    }
+    rbd_image_watcher_t watchers[64];
+    size_t n_watchers = ARRAY_SIZE(watchers);
+    bool listed = rbd_watchers_list(s->image, watchers, &n_watchers) == 0;
+    for (size_t i = 0; i < n_owners && !ret; i++) {
+        /* Watchers we cannot list: count the owner as alive. */
+        bool alive = !listed;
+        for (size_t k = 0; listed && k < n_watchers && !alive; k++) {
+            alive = !strcmp(watchers[k].addr, owners[i]);
+        }
+        if (alive) {
+            ret = strdup(owners[i]);
+        }
+    }
+    if (listed) {
+        rbd_watchers_list_cleanup(watchers, n_watchers);
+    }
+    rbd_lock_get_owners_cleanup(owners, n_owners);
+    return ret;
+}
+
+/* R1: take the exclusive lock of s->image, managed (never handed over).
+ * A live holder is refused here first: librbd would otherwise ask a
+ * holder with the automatic policy (QEMU) to hand the lock over. */
 static bool rbd_lock(BDRVRBDState *s, Error **errp)
 {
-    int r = rbd_lock_acquire(s->image, RBD_LOCK_MODE_EXCLUSIVE);
-    int owner = 0;
-    if (r == 0 && rbd_is_exclusive_lock_owner(s->image, &owner) == 0 && owner) {
+    _cleanup_free_ char *owner = rbd_live_lock_owner(s);
+    int r = owner ? -EBUSY : rbd_lock_acquire(s->image, RBD_LOCK_MODE_EXCLUSIVE);
+    int is_owner = 0;
+    if (r == 0 && rbd_is_exclusive_lock_owner(s->image, &is_owner) == 0 &&
+        is_owner) {
         s->locked = true;
         return true;
     }
-    char *owners[4];
-    size_t n = ARRAY_SIZE(owners);
-    rbd_lock_mode_t mode;
-    if (rbd_lock_get_owners(s->image, &mode, owners, &n) == 0 && n > 0) {
+    if (!owner) {
+        owner = rbd_live_lock_owner(s);
+    }
+    if (owner) {
         error_setg(errp, "rbd: image '%s' is locked for writing by another "
                    "client (%s); open it read-only, or stop that client",
-                   s->desc, owners[0]);
-        rbd_lock_get_owners_cleanup(owners, n);
+                   s->desc, owner);
     } else {
         error_setg_errno(errp, r < 0 ? -r : EBUSY,
                          "rbd: cannot take the exclusive lock of image '%s'",
