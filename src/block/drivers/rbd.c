@@ -341,12 +341,14 @@ static bool rbd_connect(const RBDSpec *sp, rados_t *ret_cluster,
                          sp->conf ? " of " : "", sp->conf ? sp->conf : "");
         goto fail;
     }
-    r = rados_ioctx_create(cluster, sp->pool, ret_io);
+    rados_ioctx_t io;
+    r = rados_ioctx_create(cluster, sp->pool, &io);
     if (r < 0) {
         error_setg_errno(errp, -r, "rbd: cannot open pool '%s'", sp->pool);
         goto fail;
     }
-    rados_ioctx_set_namespace(*ret_io, sp->ns && *sp->ns ? sp->ns : "");
+    rados_ioctx_set_namespace(io, sp->ns && *sp->ns ? sp->ns : "");
+    *ret_io = io;
     *ret_cluster = cluster;
     return true;
 
@@ -470,10 +472,10 @@ static bool rbd_drv_open(BlockDriverState *bs, struct json_object *options,
     if (sp.snap && (flags & BDRV_O_RDWR)) {
         error_setg(errp, "rbd: snapshot '%s' is read-only; open it with "
                    "read-only=on", s->desc);
-        return false;
+        goto fail;
     }
     if (!rbd_connect(&sp, &s->cluster, &s->io, errp)) {
-        return false;
+        goto fail;
     }
     if (flags & BDRV_O_RDWR) {
         r = rbd_open(s->io, sp.image, &s->image, NULL);
@@ -720,7 +722,9 @@ static int rbd_drv_block_status(BlockDriverState *bs, uint64_t offset,
     }
     /* The callbacks' order is not promised: sort, then follow the run
      * that starts at offset. */
-    qsort(e.v, e.n, sizeof(*e.v), rbd_extent_cmp);
+    if (e.n > 1) {
+        qsort(e.v, e.n, sizeof(*e.v), rbd_extent_cmp);
+    }
     uint64_t data_end = offset, next_data = e.end;
     for (size_t i = 0; i < e.n; i++) {
         if (e.v[i].off <= data_end) {
