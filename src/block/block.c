@@ -40,6 +40,7 @@ extern const BlockDriver bdrv_file;
 extern const BlockDriver bdrv_raw;
 extern const BlockDriver bdrv_qbm;
 extern const BlockDriver bdrv_nbd;
+extern const BlockDriver bdrv_rbd;
 extern const BlockDriver bdrv_qcow2;
 extern const BlockDriver bdrv_blkdebug;
 
@@ -48,6 +49,7 @@ static const BlockDriver *const drivers[] = {
     &bdrv_qbm,
     &bdrv_qcow2,
     &bdrv_nbd,
+    &bdrv_rbd,
     &bdrv_raw,
     &bdrv_file,
     &bdrv_blkdebug,
@@ -179,6 +181,27 @@ bool bdrv_opt_bool(struct json_object *opts, const char *key, bool def,
     return false;
 }
 
+bool bdrv_opt_locking(struct json_object *opts, bool def, bool *ret_on,
+                      Error **errp)
+{
+    struct json_object *v;
+    *ret_on = def;
+    if (!json_object_object_get_ex(opts, "locking", &v) || !v) {
+        return true;
+    }
+    const char *s = json_object_is_type(v, json_type_string)
+                    ? json_object_get_string(v) : "";
+    if (!strcmp(s, "on") || !strcmp(s, "auto")) {
+        *ret_on = true;
+    } else if (!strcmp(s, "off")) {
+        *ret_on = false;
+    } else {
+        error_setg(errp, "Parameter 'locking' expects 'on', 'off' or 'auto'");
+        return false;
+    }
+    return true;
+}
+
 bool bdrv_opt_uint(struct json_object *opts, const char *key, uint64_t def,
                    uint64_t max, uint64_t *ret, Error **errp)
 {
@@ -268,6 +291,18 @@ BlockDriverState *bdrv_open_options(struct json_object *options, int flags,
         bs->user_owned = true;
     }
     return bs;
+}
+
+bool bdrv_filename_is_rbd(const char *filename)
+{
+    return strncmp(filename, "rbd:", 4) == 0;
+}
+
+/* The protocol driver a user-given filename opens with: "rbd" for an RBD
+ * name, else "file". */
+static const char *filename_protocol(const char *filename)
+{
+    return bdrv_filename_is_rbd(filename) ? "rbd" : "file";
 }
 
 static BlockDriverState *open_options_depth(struct json_object *options, int flags,
@@ -380,7 +415,8 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
             if (json_object_object_get_ex(options, "filename", &v) &&
                 json_object_is_type(v, json_type_string)) {
                 shorthand = json_object_new_object();
-                json_object_object_add(shorthand, "driver", json_object_new_string("file"));
+                json_object_object_add(shorthand, "driver", json_object_new_string(
+                    filename_protocol(json_object_get_string(v))));
                 json_object_object_add(shorthand, "filename", json_object_get(v));
                 file = shorthand;
             } else {
@@ -497,10 +533,11 @@ static int probe_format(const char *filename, const BlockDriver **ret_drv,
     return 0;
 }
 
-static struct json_object *image_options(const char *filename, const char *format)
+static struct json_object *image_options(const char *filename, const char *format,
+                                         const char *protocol)
 {
     struct json_object *file = json_object_new_object();
-    json_object_object_add(file, "driver", json_object_new_string("file"));
+    json_object_object_add(file, "driver", json_object_new_string(protocol));
     json_object_object_add(file, "filename", json_object_new_string(filename));
     struct json_object *opts = json_object_new_object();
     json_object_object_add(opts, "driver", json_object_new_string(format));
@@ -558,14 +595,47 @@ static BlockDriverState *open_image_depth(const char *filename, const char *form
             return open_options_depth(opts, flags, depth, errp);
         }
     }
-    _cleanup_json_ struct json_object *opts = image_options(filename, format);
+    _cleanup_json_ struct json_object *opts = image_options(filename, format,
+                                                            "file");
     return open_options_depth(opts, flags, depth, errp);
+}
+
+/* An RBD image the user named (bdrv_open_image): a format node (raw
+ * unless format says otherwise: nothing is probed) over an rbd node, or
+ * the rbd node itself with format "rbd". */
+static BlockDriverState *open_rbd_image(const char *filename, const char *format,
+                                        int flags, Error **errp)
+{
+    const BlockDriver *drv = bdrv_find_format(format ? format : "raw");
+    if (!drv) {
+        error_setg(errp, "Unknown driver '%s'", format);
+        return NULL;
+    }
+    _cleanup_json_ struct json_object *opts = NULL;
+    if (drv->is_protocol) {
+        if (strcmp(format, "rbd") != 0) {
+            error_setg(errp, "Protocol '%s' cannot open the rbd image '%s'",
+                       format, filename);
+            return NULL;
+        }
+        opts = json_object_new_object();
+        json_object_object_add(opts, "driver", json_object_new_string("rbd"));
+        json_object_object_add(opts, "filename", json_object_new_string(filename));
+    } else {
+        opts = image_options(filename, drv->format_name, "rbd");
+    }
+    return open_options_depth(opts, flags, 0, errp);
 }
 
 BlockDriverState *bdrv_open_image(const char *filename, const char *format,
                                   int flags, Error **errp)
 {
-    BlockDriverState *bs = open_image_depth(filename, format, flags, 0, errp);
+    /* Only a name the user gave opens an RBD image: the backing file names
+     * images record go through open_image_depth, which never does
+     * (DESIGN.md invariant 6). */
+    BlockDriverState *bs = bdrv_filename_is_rbd(filename)
+        ? open_rbd_image(filename, format, flags, errp)
+        : open_image_depth(filename, format, flags, 0, errp);
     if (bs) {
         bs->user_owned = true;
     }
@@ -1520,6 +1590,15 @@ bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
     const BlockDriver *drv = bdrv_create_driver(format, false, size, errp);
     if (!drv) {
         return false;
+    }
+    if (bdrv_filename_is_rbd(filename)) {
+        /* The image is the RBD image itself: only raw data fits. */
+        if (strcmp(format, "raw") != 0 && strcmp(format, "rbd") != 0) {
+            error_setg(errp, "Format '%s' cannot be created on an rbd image; "
+                       "use -f raw", format);
+            return false;
+        }
+        drv = bdrv_find_format("rbd");
     }
     _cleanup_json_ struct json_object *empty = NULL;
     if (!opts) {

@@ -250,6 +250,10 @@ struct BlockDriverState {
  * (for bdrv_opt_uint) above max: false with errp naming key. */
 bool bdrv_opt_bool(struct json_object *opts, const char *key, bool def,
                    bool *ret, Error **errp);
+/* The "locking" option of protocol nodes (file, rbd): "on" or "auto"
+ * (*ret_on true), "off" (false); absent: def. */
+bool bdrv_opt_locking(struct json_object *opts, bool def, bool *ret_on,
+                      Error **errp);
 bool bdrv_opt_uint(struct json_object *opts, const char *key, uint64_t def,
                    uint64_t max, uint64_t *ret, Error **errp);
 
@@ -263,19 +267,27 @@ const char *const *bdrv_format_names(void);
  *    "file": {"driver":"file","filename":"x.qbm"} | "existing-node-name",
  *    "backing": "node" | {...} | null,  ...driver options}
  * Shorthand accepted for format drivers: "file" may be omitted when
- * "filename" is given (opens a file node under it).
+ * "filename" is given (opens a file node under it, or an rbd node for an
+ * "rbd:" name).
  * The node joins the global graph with refcnt 1.  Not thread-safe with other
  * graph changes (callers are the main thread). */
 BlockDriverState *bdrv_open_options(struct json_object *options, int flags,
                                     Error **errp);
 /* Open an image by file name: format NULL means probe (qbm descriptor,
  * qcow2 magic, else raw).  The returned node is a format node over a file
- * node. */
+ * node (an rbd node for "rbd:" names, which are not probed: raw unless
+ * format says otherwise). */
 BlockDriverState *bdrv_open_image(const char *filename, const char *format,
                                   int flags, Error **errp);
 /* Does filename look like an NBD URI (nbd://, nbd+unix://, ...)?  Such
  * names open an "nbd" node (bdrv_open_image) and cannot be created. */
 bool bdrv_filename_is_nbd_uri(const char *filename);
+/* Does filename name an RBD image ("rbd:pool/image...", rbd.c)?  Such a
+ * name, given by the user to bdrv_open_image, to a format node's
+ * "filename" shorthand or to img create, opens or makes an "rbd" node
+ * (raw data unless a format is given); a backing file name an image
+ * records never does. */
+bool bdrv_filename_is_rbd(const char *filename);
 /* For drivers: record `backing_name` and `backing_fmt` (the image's own
  * backing reference; NULL or "" = none) in bs->backing_file and
  * bs->backing_format, then open that image (relative names resolve

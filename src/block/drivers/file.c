@@ -55,28 +55,6 @@ typedef struct BDRVFileState {
     char *remove_on_close;  /* "x-remove-on-close": the path to unlink */
 } BDRVFileState;
 
-/* The "locking" option: *ret_on (default: on unless BDRV_O_NO_LOCK). */
-static bool file_opt_locking(struct json_object *options, int flags,
-                             bool *ret_on, Error **errp)
-{
-    struct json_object *v;
-    *ret_on = !(flags & BDRV_O_NO_LOCK);
-    if (!json_object_object_get_ex(options, "locking", &v) || !v) {
-        return true;
-    }
-    const char *s = json_object_is_type(v, json_type_string)
-                    ? json_object_get_string(v) : "";
-    if (!strcmp(s, "on") || !strcmp(s, "auto")) {
-        *ret_on = true;
-    } else if (!strcmp(s, "off")) {
-        *ret_on = false;
-    } else {
-        error_setg(errp, "Parameter 'locking' expects 'on', 'off' or 'auto'");
-        return false;
-    }
-    return true;
-}
-
 static bool file_open(BlockDriverState *bs, struct json_object *options, int flags,
                       Error **errp)
 {
@@ -88,7 +66,7 @@ static bool file_open(BlockDriverState *bs, struct json_object *options, int fla
         return false;
     }
     const char *filename = json_object_get_string(v);
-    if (!file_opt_locking(options, flags, &bs->locking, errp)) {
+    if (!bdrv_opt_locking(options, !(flags & BDRV_O_NO_LOCK), &bs->locking, errp)) {
         return false;
     }
     int oflags = (flags & BDRV_O_RDWR) ? O_RDWR : O_RDONLY;
