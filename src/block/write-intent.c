@@ -1029,8 +1029,11 @@ static void refresh_recovered(BlockDriverState *bs)
     }
 }
 
-/* write_intent_recover_fd's recovery, on a log in any store. */
-static int recover_store(BlockDriverState *bs, WilStore *s, uint64_t *ret_seq)
+/* write_intent_recover_fd's recovery, on a log in any store.  When the
+ * log is corrupt (no valid header, or active with no valid snapshot),
+ * *ret_why says so (a static string); otherwise it is left alone. */
+static int recover_store(BlockDriverState *bs, WilStore *s, uint64_t *ret_seq,
+                         const char **ret_why)
 {
     uint8_t hbuf[WIL_HEADER_SIZE];
     WilHeader h;
@@ -1044,6 +1047,7 @@ static int recover_store(BlockDriverState *bs, WilStore *s, uint64_t *ret_seq)
     *ret_seq = 0;
     if (wil_store_get_size(s, &file_size) < 0 ||
         wil_store_pread(s, hbuf, sizeof(hbuf), 0) < 0 || !header_decode(hbuf, &h)) {
+        *ret_why = "it has no valid version-2 header";
         return 0;
     }
     /* The longest snapshot this node's bitmaps can have: one longer is not
@@ -1060,6 +1064,9 @@ static int recover_store(BlockDriverState *bs, WilStore *s, uint64_t *ret_seq)
     pthread_mutex_unlock(&bs->lock);
     payload = read_newest_snapshot(s, &h, file_size, max_len,
                                    &len, ret_seq);
+    if (h.state == WIL_STATE_ACTIVE && !payload) {
+        *ret_why = "no snapshot slot in it is valid";
+    }
     if (h.state != WIL_STATE_ACTIVE || h.image_size != bs->size ||
         bs->bitmaps_foreign_writes || !payload) {
         return 0;
@@ -1082,9 +1089,10 @@ static int recover_store(BlockDriverState *bs, WilStore *s, uint64_t *ret_seq)
 int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq)
 {
     _cleanup_wil_store_ WilStore *s = wil_store_fd(fd);
+    const char *why = NULL;
 
     *ret_seq = 0;
-    return s ? recover_store(bs, s, ret_seq) : 0;
+    return s ? recover_store(bs, s, ret_seq, &why) : 0;
 }
 
 /* The node's log: the driver's store (BlockDriver.open_intent_store) or
@@ -1109,21 +1117,45 @@ static bool intent_store_open(BlockDriverState *bs, bool create,
                                ret, errp);
 }
 
+/* A corrupt log was not used: say so in the reason of every bitmap it
+ * could have recovered (persistent, inconsistent), so `info` and QMP show
+ * why the bitmap stays inconsistent. */
+static void note_log_refused(BlockDriverState *bs, const char *log,
+                             const char *why)
+{
+    LOCK_GUARD(&bs->lock);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        char *reason = NULL;
+
+        if (!bm->persistent || !bm->inconsistent) {
+            continue;
+        }
+        if (asprintf(&reason, "%s; the write-intent log '%s' was not used: %s",
+                     bm->inconsistent_reason ? bm->inconsistent_reason : "unknown",
+                     log, why) >= 0) {
+            free(bm->inconsistent_reason);
+            bm->inconsistent_reason = reason;
+        }
+    }
+}
+
 /* Recover from the node's log if it is active (recover_store).  A log
- * that cannot be opened only means no recovery (the safe side).
- * *ret_seq: the newest snapshot's seq. */
+ * that cannot be opened or is corrupt only means no recovery (the safe
+ * side); a corrupt one is named in the bitmaps' reasons.  *ret_seq: the
+ * newest snapshot's seq. */
 static void try_recover(BlockDriverState *bs, uint64_t *ret_seq)
 {
     _cleanup_wil_store_ WilStore *s = NULL;
     Error *err = NULL;
+    const char *why = NULL;
 
     *ret_seq = 0;
     if (!intent_store_open(bs, false, &s, &err)) {
         error_free(err);
         return;
     }
-    if (s) {
-        (void)recover_store(bs, s, ret_seq);
+    if (s && recover_store(bs, s, ret_seq, &why) == 0 && why) {
+        note_log_refused(bs, s->name, why);
     }
 }
 
