@@ -33,6 +33,7 @@
 
 typedef struct BlockDriver BlockDriver;
 typedef struct BlockDriverState BlockDriverState;
+typedef struct WilStore WilStore;            /* wil-store.h */
 
 /* Largest request any node accepts (the NBD server splits nothing larger). */
 #define BDRV_MAX_REQUEST (64u * 1024 * 1024)
@@ -137,6 +138,16 @@ struct BlockDriver {
     /* Write every persistent bitmap durably and mark it clean.  Called by
      * bdrv_close() before close, and by bdrv_store_bitmaps(). */
     bool (*store_bitmaps)(BlockDriverState *bs, Error **errp);
+    /* Where the node's write-intent log lives (write-intent.c,
+     * wil-store.h), for a driver whose image has no file next to which
+     * IMAGE.wil could sit (an RBD image: a RADOS object beside it).
+     * create false: the log to recover from, opened without a lock, *ret
+     * NULL when there is none; create true: for writing, created if
+     * missing and locked so that no other process writes it.  False with
+     * errp set on failure (*ret NULL).  Optional: without it the log is
+     * the file IMAGE.wil (and a protocol node keeps none). */
+    bool (*open_intent_store)(BlockDriverState *bs, bool create,
+                              WilStore **ret, Error **errp);
 
     /* Create an image file (img create).  opts holds the -o options as
      * strings.  Optional. */

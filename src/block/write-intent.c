@@ -20,18 +20,16 @@
  * Writers hold only bs->lock or only mu, never across I/O.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
 #include "block/block.h"
-#include "block/drivers/file-lock.h"
+#include "block/wil-store.h"
 #include "block/write-intent.h"
 #include "block/dirty-bitmap.h"
 #include "util/cleanup.h"
@@ -50,8 +48,7 @@
 
 struct WriteIntent {
     BlockDriverState *bs;
-    char *path;
-    int fd;                        /* -1 until activated */
+    WilStore *store;               /* NULL until activated */
     unsigned shift;
     uint64_t image_size;
     uint64_t n_regions;
@@ -277,9 +274,9 @@ static int write_header(WriteIntent *w, uint32_t state)
     int r;
 
     header_encode(&h, buf);
-    r = pwrite_full(w->fd, buf, sizeof(buf), 0);
-    if (r == 0 && fdatasync(w->fd) < 0) {
-        r = -errno;
+    r = wil_store_pwrite(w->store, buf, sizeof(buf), 0);
+    if (r == 0) {
+        r = wil_store_sync(w->store);
     }
     return r;
 }
@@ -297,14 +294,14 @@ static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
     int r;
 
     if (grow) {
-        struct stat st;
         uint64_t size = ROUND_UP((WIL_SLOT_HEADER + len) * 2, 4096);
-        uint64_t end;
+        uint64_t cur, end;
 
-        if (fstat(w->fd, &st) < 0) {
-            return -errno;
+        r = wil_store_get_size(w->store, &cur);
+        if (r < 0) {
+            return r;
         }
-        end = ROUND_UP(MAX((uint64_t)st.st_size,
+        end = ROUND_UP(MAX(cur,
                            WIL_HEADER_SIZE + w->map_bytes), 4096);
         end = MAX(end, w->slot_off[1] + w->slot_size);
         w->slot_off[0] = end;
@@ -322,9 +319,10 @@ static int write_snapshot(WriteIntent *w, const uint8_t *payload, size_t len,
     st_le64(slot + 16, len);
     st_le64(slot + 24, XXH64(payload, len, 0));
     memcpy(slot + WIL_SLOT_HEADER, payload, len);
-    r = pwrite_full(w->fd, slot, WIL_SLOT_HEADER + len, (off_t)(w->slot_off[target]));
-    if (r == 0 && fdatasync(w->fd) < 0) {
-        r = -errno;
+    r = wil_store_pwrite(w->store, slot, WIL_SLOT_HEADER + len,
+                         w->slot_off[target]);
+    if (r == 0) {
+        r = wil_store_sync(w->store);
     }
     if (r == 0 && grow) {
         pthread_mutex_lock(&w->io_lock);
@@ -397,9 +395,9 @@ static int write_map(WriteIntent *w, bool reset, uint32_t reset_epoch)
     pthread_mutex_unlock(&bs->lock);
 
     start = clock_monotonic_ns();
-    r = pwrite_full(w->fd, map, w->map_bytes, WIL_HEADER_SIZE);
-    if (r == 0 && fdatasync(w->fd) < 0) {
-        r = -errno;
+    r = wil_store_pwrite(w->store, map, w->map_bytes, WIL_HEADER_SIZE);
+    if (r == 0) {
+        r = wil_store_sync(w->store);
     }
 
     pthread_mutex_lock(&bs->lock);
@@ -463,7 +461,7 @@ static int take_snapshot(WriteIntent *w, bool activate)
         _cleanup_free_ uint8_t *zero = calloc(1, w->map_bytes);
 
         pthread_mutex_lock(&w->io_lock);
-        r = zero ? pwrite_full(w->fd, zero, w->map_bytes, WIL_HEADER_SIZE)
+        r = zero ? wil_store_pwrite(w->store, zero, w->map_bytes, WIL_HEADER_SIZE)
                  : -ENOMEM;
         pthread_mutex_unlock(&w->io_lock);
         if (r == 0) {
@@ -815,7 +813,7 @@ static bool has_persistent_bitmaps(BlockDriverState *bs)
  * cannot be longer): when the newest slot claims more, there is no snapshot
  * to use, since an older one would lack what the newer covered (W3, W5).
  * *ret_seq: the highest sequence number of a slot that may be valid. */
-static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
+static uint8_t *read_newest_snapshot(WilStore *s, const WilHeader *h,
                                      uint64_t file_size, uint64_t max_len,
                                      size_t *ret_len, uint64_t *ret_seq)
 {
@@ -828,7 +826,7 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
         if (h->slot_off[i] < WIL_HEADER_SIZE ||
             h->slot_off[i] > file_size ||
             file_size - h->slot_off[i] < WIL_SLOT_HEADER ||
-            pread_full(fd, sh, sizeof(sh), (off_t)(h->slot_off[i])) < 0 ||
+            wil_store_pread(s, sh, sizeof(sh), h->slot_off[i]) < 0 ||
             memcmp(sh, WIL_SLOT_MAGIC, 8)) {
             continue;
         }
@@ -859,7 +857,7 @@ static uint8_t *read_newest_snapshot(int fd, const WilHeader *h,
         if (!p) {
             return NULL;
         }
-        if (pread_full(fd, p, len[i], (off_t)(h->slot_off[i] + WIL_SLOT_HEADER)) == 0 &&
+        if (wil_store_pread(s, p, len[i], h->slot_off[i] + WIL_SLOT_HEADER) == 0 &&
             XXH64(p, len[i], 0) == sum[i]) {
             *ret_len = len[i];
             return p;
@@ -1031,11 +1029,15 @@ static void refresh_recovered(BlockDriverState *bs)
     }
 }
 
-int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq)
+/* write_intent_recover_fd's recovery, on a log in any store.  When the
+ * log is corrupt (no valid header, or active with no valid snapshot),
+ * *ret_why says so (a static string); otherwise it is left alone. */
+static int recover_store(BlockDriverState *bs, WilStore *s, uint64_t *ret_seq,
+                         const char **ret_why)
 {
     uint8_t hbuf[WIL_HEADER_SIZE];
     WilHeader h;
-    struct stat st;
+    uint64_t file_size;
     uint64_t n_regions, map_bytes;
     _cleanup_free_ uint8_t *map = NULL;
     _cleanup_free_ uint8_t *payload = NULL;
@@ -1043,8 +1045,9 @@ int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq)
     bool any_inconsistent = false;
 
     *ret_seq = 0;
-    if (fstat(fd, &st) < 0 ||
-        pread_full(fd, hbuf, sizeof(hbuf), 0) < 0 || !header_decode(hbuf, &h)) {
+    if (wil_store_get_size(s, &file_size) < 0 ||
+        wil_store_pread(s, hbuf, sizeof(hbuf), 0) < 0 || !header_decode(hbuf, &h)) {
+        *ret_why = "it has no valid version-2 header";
         return 0;
     }
     /* The longest snapshot this node's bitmaps can have: one longer is not
@@ -1059,8 +1062,11 @@ int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq)
         }
     }
     pthread_mutex_unlock(&bs->lock);
-    payload = read_newest_snapshot(fd, &h, (uint64_t)st.st_size, max_len,
+    payload = read_newest_snapshot(s, &h, file_size, max_len,
                                    &len, ret_seq);
+    if (h.state == WIL_STATE_ACTIVE && !payload) {
+        *ret_why = "no snapshot slot in it is valid";
+    }
     if (h.state != WIL_STATE_ACTIVE || h.image_size != bs->size ||
         bs->bitmaps_foreign_writes || !payload) {
         return 0;
@@ -1070,28 +1076,86 @@ int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq)
     }
     n_regions = DIV_ROUND_UP(h.image_size, 1ull << h.shift);
     map_bytes = map_bytes_for(n_regions);
-    if ((uint64_t)st.st_size < WIL_HEADER_SIZE + map_bytes) {
+    if (file_size < WIL_HEADER_SIZE + map_bytes) {
         return 0;
     }
     map = malloc(map_bytes);
-    if (!map || pread_full(fd, map, map_bytes, WIL_HEADER_SIZE) < 0) {
+    if (!map || wil_store_pread(s, map, map_bytes, WIL_HEADER_SIZE) < 0) {
         return 0;
     }
     return recover(bs, &h, map, n_regions, payload, len);
 }
 
-/* Read IMAGE.wil if it is active and recover from it
- * (write_intent_recover_fd).  *ret_seq: the newest snapshot's seq. */
-static void try_recover(BlockDriverState *bs, const char *path,
-                        uint64_t *ret_seq)
+int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq)
 {
-    /* A link or a FIFO at IMAGE.wil is not our log (and is not waited on);
-     * activate() then refuses it with the reason. */
-    _cleanup_close_ int fd = open_checked(path, O_RDONLY, 0, OPEN_NOFOLLOW, NULL);
+    _cleanup_wil_store_ WilStore *s = wil_store_fd(fd);
+    const char *why = NULL;
 
     *ret_seq = 0;
-    if (fd >= 0) {
-        (void)write_intent_recover_fd(bs, fd, ret_seq);
+    return s ? recover_store(bs, s, ret_seq, &why) : 0;
+}
+
+/* The node's log: the driver's store (BlockDriver.open_intent_store) or
+ * the file IMAGE.wil.  As wil_store_file_open: create false opens it to
+ * recover from (*ret NULL when there is none), create true for writing,
+ * locked as the image is. */
+static bool intent_store_open(BlockDriverState *bs, bool create,
+                              WilStore **ret, Error **errp)
+{
+    _cleanup_free_ char *path = NULL;
+
+    if (bs->drv->open_intent_store) {
+        return bs->drv->open_intent_store(bs, create, ret, errp);
+    }
+    path = wil_path(bs);
+    if (!path) {
+        *ret = NULL;
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    return wil_store_file_open(path, create, bs->locking, bs->open_flags,
+                               ret, errp);
+}
+
+/* A corrupt log was not used: say so in the reason of every bitmap it
+ * could have recovered (persistent, inconsistent), so `info` and QMP show
+ * why the bitmap stays inconsistent. */
+static void note_log_refused(BlockDriverState *bs, const char *log,
+                             const char *why)
+{
+    LOCK_GUARD(&bs->lock);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        char *reason = NULL;
+
+        if (!bm->persistent || !bm->inconsistent) {
+            continue;
+        }
+        if (asprintf(&reason, "%s; the write-intent log '%s' was not used: %s",
+                     bm->inconsistent_reason ? bm->inconsistent_reason : "unknown",
+                     log, why) >= 0) {
+            free(bm->inconsistent_reason);
+            bm->inconsistent_reason = reason;
+        }
+    }
+}
+
+/* Recover from the node's log if it is active (recover_store).  A log
+ * that cannot be opened or is corrupt only means no recovery (the safe
+ * side); a corrupt one is named in the bitmaps' reasons.  *ret_seq: the
+ * newest snapshot's seq. */
+static void try_recover(BlockDriverState *bs, uint64_t *ret_seq)
+{
+    _cleanup_wil_store_ WilStore *s = NULL;
+    Error *err = NULL;
+    const char *why = NULL;
+
+    *ret_seq = 0;
+    if (!intent_store_open(bs, false, &s, &err)) {
+        error_free(err);
+        return;
+    }
+    if (s && recover_store(bs, s, ret_seq, &why) == 0 && why) {
+        note_log_refused(bs, s->name, why);
     }
 }
 
@@ -1100,9 +1164,7 @@ static void wil_free(WriteIntent *w)
     if (!w) {
         return;
     }
-    if (w->fd >= 0) {
-        close(w->fd);
-    }
+    wil_store_close(w->store);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cond);
     pthread_mutex_destroy(&w->io_lock);
@@ -1110,28 +1172,16 @@ static void wil_free(WriteIntent *w)
     free(w->durable);
     free(w->epoch);
     free(w->pending);
-    free(w->path);
     free(w);
 }
 
-/* Open the file for writing and start the log (W8). */
+/* Open the log for writing and start it (W8). */
 static bool activate(WriteIntent *w, Error **errp)
 {
     int r;
 
-    if (w->fd < 0) {
-        /* Named from the image: no link followed, regular only (qbm.md
-         * Q9, Q10 apply to it as to the files a descriptor names). */
-        w->fd = open_checked(w->path, O_RDWR | O_CREAT, 0644, OPEN_NOFOLLOW, errp);
-        if (w->fd < 0) {
-            error_prepend(errp, "cannot open the write-intent log: ");
-            return false;
-        }
-        /* The log is a file of the image: locked as the image is. */
-        if (w->bs->locking &&
-            !file_lock_fd(w->fd, w->path, w->bs->open_flags, errp)) {
-            close(w->fd);
-            w->fd = -1;
+    if (!w->store) {
+        if (!intent_store_open(w->bs, true, &w->store, errp)) {
             return false;
         }
         /* Slots after the map; sized on first use.  What the file held
@@ -1139,11 +1189,12 @@ static bool activate(WriteIntent *w, Error **errp)
          * bitmaps) is dropped: recovery has read it, and a crash before
          * the first snapshot below then finds no valid slot, so the
          * bitmaps load inconsistent (the safe side, as in W8). */
-        if (ftruncate(w->fd, (off_t)(WIL_HEADER_SIZE + w->map_bytes)) < 0) {
-            error_setg_errno(errp, errno, "cannot truncate the write-intent log '%s'",
-                             w->path);
-            close(w->fd);
-            w->fd = -1;
+        r = wil_store_set_size(w->store, WIL_HEADER_SIZE + w->map_bytes);
+        if (r < 0) {
+            error_setg_errno(errp, -r, "cannot truncate the write-intent log '%s'",
+                             w->store->name);
+            wil_store_close(w->store);
+            w->store = NULL;
             return false;
         }
         w->slot_off[0] = w->slot_off[1] = WIL_HEADER_SIZE + w->map_bytes;
@@ -1153,7 +1204,7 @@ static bool activate(WriteIntent *w, Error **errp)
     r = take_snapshot(w, true);
     if (r < 0) {
         error_setg_errno(errp, -r, "cannot write the write-intent log '%s'",
-                         w->path);
+                         w->store->name);
         return false;
     }
     if (!w->thread_started) {
@@ -1168,20 +1219,17 @@ static bool activate(WriteIntent *w, Error **errp)
 
 bool write_intent_open(BlockDriverState *bs, Error **errp)
 {
-    _cleanup_free_ char *path = NULL;
     WriteIntent *w;
     uint64_t seq = 0;
 
-    if (!bs->crash_safe || !bs->drv->store_bitmaps || !bs->filename ||
-        bs->drv->is_protocol) {
+    if (!bs->crash_safe || !bs->drv->store_bitmaps) {
         return true;
     }
-    path = wil_path(bs);
-    if (!path) {
-        error_setg(errp, "out of memory");
-        return false;
+    /* IMAGE.wil needs an image file to sit next to. */
+    if (!bs->drv->open_intent_store && (!bs->filename || bs->drv->is_protocol)) {
+        return true;
     }
-    try_recover(bs, path, &seq);
+    try_recover(bs, &seq);
     if (bs->read_only) {
         return true;
     }
@@ -1192,8 +1240,6 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
         return false;
     }
     w->bs = bs;
-    w->fd = -1;
-    w->path = steal_pointer(&path);
     w->shift = bs->wil_region_shift ? bs->wil_region_shift
                                     : WIL_DEFAULT_REGION_SHIFT;
     w->image_size = bs->size;
@@ -1234,7 +1280,7 @@ bool write_intent_snapshot(BlockDriverState *bs, Error **errp)
     r = take_snapshot(w, false);
     if (r < 0) {
         error_setg_errno(errp, -r, "cannot write the write-intent log '%s'",
-                         w->path);
+                         w->store ? w->store->name : "");
         return false;
     }
     return true;
@@ -1306,7 +1352,7 @@ void write_intent_close_end(BlockDriverState *bs, bool stored_ok)
         return;
     }
     write_intent_close_begin(bs);
-    if (stored_ok && w->fd >= 0) {
+    if (stored_ok && w->store) {
         pthread_mutex_lock(&w->io_lock);
         write_header(w, WIL_STATE_INACTIVE);
         pthread_mutex_unlock(&w->io_lock);

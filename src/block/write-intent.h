@@ -1,7 +1,9 @@
 /*
  * Crash-safe persistent bitmaps: the write-intent log (WIL), next to an
- * image as IMAGE.wil.  docs/specs/write-intent.md has the format, the
- * numbered invariants this code keeps, and why it is cheap.
+ * image as IMAGE.wil, or where the node's driver keeps it
+ * (BlockDriver.open_intent_store, wil-store.h: a RADOS object beside an
+ * RBD image).  docs/specs/write-intent.md has the format, the numbered
+ * invariants this code keeps, and why it is cheap.
  *
  * block.c owns the calls:
  *   open    write_intent_open() after the driver loaded its bitmaps: after a
@@ -52,7 +54,7 @@ typedef struct WriteIntent WriteIntent;
  * the log cannot be set up on a read-write node. */
 bool write_intent_open(BlockDriverState *bs, Error **errp);
 
-/* The recovery write_intent_open runs on IMAGE.wil, on a log the caller
+/* The recovery write_intent_open runs on the node's log, on a log the caller
  * opened (fd: a regular file or a memfd, read with pread, left open): for
  * each persistent bitmap of bs that the format loaded inconsistent and
  * that the log's newest valid snapshot holds (same name, granularity and
@@ -64,7 +66,7 @@ bool write_intent_open(BlockDriverState *bs, Error **errp);
  * (inconsistent: the safe side).  Writes nothing.  Returns how many
  * bitmaps were recovered; *ret_seq: the highest sequence number of a slot
  * that may be valid (0 when none).  Harnesses and tests call it on a log
- * in a memfd; write_intent_open calls it on IMAGE.wil. */
+ * in a memfd; write_intent_open runs it on the node's log. */
 int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq);
 
 /* Set the dirty bits of [offset, offset+bytes) in every enabled bitmap and,
