@@ -88,8 +88,10 @@ bool pull_probe_export(const char *uri, const TLSCreds *tls,
         error_setg(errp, "libnbd: %s", nbd_get_error());
         goto out;
     }
-    if (nbd_connect_uri(h, uri) < 0) {
-        error_setg(errp, "cannot connect to %s: %s", uri, nbd_get_error());
+    uint64_t deadline = clock_monotonic_ns() +
+                        NBD_OPEN_ATTEMPT_SECONDS * UINT64_C(1000000000);
+    if (!nbd_handle_wait_connected(h, nbd_aio_connect_uri(h, uri), uri,
+                                   deadline, NBD_OPEN_ATTEMPT_SECONDS, errp)) {
         goto out;
     }
     esize = nbd_get_size(h);

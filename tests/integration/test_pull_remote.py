@@ -16,8 +16,10 @@ second TLS implementation).  The chain runs against qemu-storage-daemon
 too, started with QEMU's own --chardev socket,host=,port=,tls-creds=.
 """
 import os
+import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -203,3 +205,25 @@ def test_blockdev_create(remote):
         path.unlink()
     finally:
         q.close()
+
+
+def test_remote_pull_silent_nbd_server_is_bounded(remote, tmp_path):
+    """An NBD address that accepts but never greets (a wrong --nbd-server)
+    fails the run within the handshake bound, saying so, and the daemon is
+    left as before: it keeps serving and no fleecing remains."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)            # connections wait in the backlog, unanswered
+    try:
+        args = remote.client_args()
+        args[args.index("--nbd-server") + 1] = \
+            f"127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        err = backup_fails(remote, tmp_path, *args)
+        assert time.monotonic() - t0 < 60
+    finally:
+        silent.close()
+    assert "no complete NBD handshake within 10 seconds" in err, err
+    assert remote.d.running
+    assert_no_fleecing(remote)
+    assert list(remote.fleece.iterdir()) == []

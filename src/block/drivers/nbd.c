@@ -63,12 +63,12 @@
 #define NBD_CMD_MAX_LEN (1u << 30)
 /* Largest minimum block size we honour as request alignment. */
 #define NBD_MAX_ALIGNMENT (64u * 1024)
-/* Bound in seconds on opening a node when 'open-timeout' is 0 (one
- * attempt): connecting plus the whole NBD handshake.  A server that accepts
- * but never greets, or trickles its greeting, fails the open after this long
- * instead of holding the monitor (the open runs on the QMP main loop).  The
- * same value as the NBD server's default handshake-max-seconds. */
-#define NBD_OPEN_ATTEMPT_SECONDS 10
+/* NBD_OPEN_ATTEMPT_SECONDS (nbd.h) bounds opening a node when
+ * 'open-timeout' is 0 (one attempt): connecting plus the whole NBD
+ * handshake.  A server that accepts but never greets, or trickles its
+ * greeting, fails the open after this long instead of holding the monitor
+ * (the open runs on the QMP main loop).  The same value as the NBD
+ * server's default handshake-max-seconds. */
 /* Largest 'open-timeout' accepted, in seconds: it bounds how long one
  * blockdev-add may keep the monitor waiting. */
 #define NBD_OPEN_TIMEOUT_MAX 300
@@ -375,6 +375,16 @@ static struct nbd_handle *nbd_connect_once(const char *export,
         r = nbd_supports_uri(h) ? nbd_aio_connect_uri(h, t->addr) : -1;
         break;
     }
+    if (!nbd_handle_wait_connected(h, r, where, deadline_ns, limit_s, errp)) {
+        return NULL;
+    }
+    return steal_pointer(&h);
+}
+
+bool nbd_handle_wait_connected(struct nbd_handle *h, int r, const char *where,
+                               uint64_t deadline_ns, uint64_t limit_s,
+                               Error **errp)
+{
     while (r >= 0 && !nbd_aio_is_ready(h)) {
         if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) {
             r = -1;
@@ -385,16 +395,16 @@ static struct nbd_handle *nbd_connect_once(const char *export,
             error_setg(errp, "Failed to connect to NBD server at '%s': no "
                        "complete NBD handshake within %" PRIu64 " second%s",
                        where, limit_s, limit_s == 1 ? "" : "s");
-            return NULL;
+            return false;
         }
         r = nbd_poll(h, ms);
     }
     if (r < 0) {
         error_setg(errp, "Failed to connect to NBD server at '%s': %s", where,
                    nbd_get_error() ? nbd_get_error() : "connection closed");
-        return NULL;
+        return false;
     }
-    return steal_pointer(&h);
+    return true;
 }
 
 /* Connect to t, bounded in time (see NBD_OPEN_ATTEMPT_SECONDS).  With
