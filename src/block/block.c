@@ -989,6 +989,79 @@ bool bdrv_chain_contains(BlockDriverState *bs, BlockDriverState *base)
     return false;
 }
 
+/* ---- internal snapshots ---- */
+
+/* The node whose driver keeps bs's internal snapshots: bs, or through raw
+ * (which maps offsets 1:1) and filters, its file child.  NULL with QEMU's
+ * message when none has them. */
+static BlockDriverState *snapshot_node(BlockDriverState *bs, Error **errp)
+{
+    BlockDriverState *b = bs;
+    while (!b->drv->snapshot_create && b->file &&
+           (b->drv->is_filter || b->drv == &bdrv_raw)) {
+        b = b->file;
+    }
+    if (!b->drv->snapshot_create) {
+        error_setg(errp, "Block format '%s' used by device '%s' does not "
+                   "support internal snapshots", bs->drv->format_name,
+                   bs->node_name);
+        return NULL;
+    }
+    return b;
+}
+
+static bool snapshot_name_ok(const char *name, Error **errp)
+{
+    if (!name || !*name) {
+        error_setg(errp, "Name can't be empty");
+        return false;
+    }
+    if (strlen(name) >= sizeof(((BdrvSnapshotInfo *)0)->name)) {
+        error_setg(errp, "Snapshot name '%.32s...' is too long", name);
+        return false;
+    }
+    return true;
+}
+
+/* snapshot_node() for a change of snapshot `name`: refused on read-only
+ * nodes. */
+static BlockDriverState *snapshot_node_rw(BlockDriverState *bs,
+                                          const char *name, Error **errp)
+{
+    BlockDriverState *b = snapshot_node(bs, errp);
+    if (!b || !snapshot_name_ok(name, errp)) {
+        return NULL;
+    }
+    if (bs->read_only || b->read_only) {
+        error_setg(errp, "Device '%s' is read only", bs->node_name);
+        return NULL;
+    }
+    return b;
+}
+
+bool bdrv_snapshot_create(BlockDriverState *bs, const char *name, Error **errp)
+{
+    BlockDriverState *b = snapshot_node_rw(bs, name, errp);
+    return b && b->drv->snapshot_create(b, name, errp);
+}
+
+bool bdrv_snapshot_delete(BlockDriverState *bs, const char *name,
+                          BdrvSnapshotInfo *ret, Error **errp)
+{
+    BlockDriverState *b = snapshot_node_rw(bs, name, errp);
+    return b && b->drv->snapshot_delete(b, name, ret, errp);
+}
+
+bool bdrv_snapshot_changed(BlockDriverState *bs, const char *name,
+                           BdrvExtentFn *fn, void *opaque, Error **errp)
+{
+    BlockDriverState *b = snapshot_node(bs, errp);
+    if (!b || !snapshot_name_ok(name, errp)) {
+        return false;
+    }
+    return b->drv->snapshot_changed(b, name, fn, opaque, errp);
+}
+
 /* Run every before_write hook (called after bdrv_set_dirty, before the
  * driver).  The first error fails the request. */
 static int run_write_hooks(BlockDriverState *bs, uint64_t offset, uint64_t bytes)

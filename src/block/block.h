@@ -31,6 +31,17 @@
 #include "block/dirty-bitmap.h"
 #include "util/error.h"
 
+/* An internal snapshot as QMP's SnapshotInfo describes it. */
+typedef struct BdrvSnapshotInfo {
+    char id[32];
+    char name[128];
+    int64_t date_sec;
+    int64_t date_nsec;
+} BdrvSnapshotInfo;
+
+/* Receives extents [offset, offset+len); false stops the walk. */
+typedef bool BdrvExtentFn(void *opaque, uint64_t offset, uint64_t len);
+
 typedef struct BlockDriver BlockDriver;
 typedef struct BlockDriverState BlockDriverState;
 typedef struct WilStore WilStore;            /* wil-store.h */
@@ -167,6 +178,21 @@ struct BlockDriver {
      * whatever it found, or -errno if it could not run.  Never prints.
      * Optional. */
     int (*check)(BlockDriverState *bs, BdrvCheckResult *res);
+
+    /* Internal snapshots (rbd: RBD snapshots of the image).  Optional;
+     * block.c passes them from raw and filter nodes to their file child
+     * (bdrv_snapshot_*).  snapshot_delete fills *ret (its id, name and
+     * creation time) before deleting. */
+    bool (*snapshot_create)(BlockDriverState *bs, const char *name,
+                            Error **errp);
+    bool (*snapshot_delete)(BlockDriverState *bs, const char *name,
+                            BdrvSnapshotInfo *ret, Error **errp);
+    /* Call fn for extents of [0, size) covering every byte whose content
+     * may differ between snapshot `name` and the node now (a superset:
+     * written, discarded, zeroed).  fn returns false to stop (the call
+     * then fails with -ENOMEM's message). */
+    bool (*snapshot_changed)(BlockDriverState *bs, const char *name,
+                             BdrvExtentFn *fn, void *opaque, Error **errp);
 };
 
 struct BlockDriverState {
@@ -476,5 +502,17 @@ void bdrv_remove_io_hook(BlockDriverState *bs, BdrvIoHook *hook);
 
 /* Is `base` bs itself or a node in bs's backing chain? */
 bool bdrv_chain_contains(BlockDriverState *bs, BlockDriverState *base);
+
+/* Internal snapshots of the image under bs (BlockDriver.snapshot_*): bs or,
+ * through raw and filter nodes, the first file child whose driver has
+ * them.  Each fails with QEMU's message when no node there has snapshots
+ * ("Block format 'F' used by device 'N' does not support internal
+ * snapshots").  create refuses an existing name and a read-only node;
+ * delete of a missing name fails. */
+bool bdrv_snapshot_create(BlockDriverState *bs, const char *name, Error **errp);
+bool bdrv_snapshot_delete(BlockDriverState *bs, const char *name,
+                          BdrvSnapshotInfo *ret, Error **errp);
+bool bdrv_snapshot_changed(BlockDriverState *bs, const char *name,
+                           BdrvExtentFn *fn, void *opaque, Error **errp);
 
 #endif

@@ -349,6 +349,39 @@ static struct json_object *qmp_cmd_blockdev_del(struct json_object *args,
 
 /* ---- dirty bitmaps ---- */
 
+static bool since_snapshot_set(void *opaque, uint64_t offset, uint64_t len)
+{
+    HBitmap *bits = opaque;
+    uint64_t size = hbitmap_size(bits);
+    if (offset < size) {
+        hbitmap_set(bits, offset, MIN(len, size - offset));
+    }
+    return true;
+}
+
+/* x-changed-since-snapshot (bitback's): the new bitmap bm gets every
+ * cluster that differs between the node's internal snapshot snap and now,
+ * from the driver's own diff (rbd: fast-diff), so an incremental backup
+ * can follow that snapshot without a bitmap that covered the time since.
+ * Called with no write in flight. */
+static bool bitmap_fill_since_snapshot(BdrvDirtyBitmap *bm, const char *snap,
+                                       Error **errp)
+{
+    HBitmap *bits = hbitmap_new(bdrv_dirty_bitmap_size(bm),
+                                (unsigned)__builtin_ctz(bm->granularity));
+    if (!bits) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    bool ok = bdrv_snapshot_changed(bm->bs, snap, since_snapshot_set, bits,
+                                    errp);
+    if (ok) {
+        bdrv_dirty_bitmap_merge_bits(bm, bits);
+    }
+    hbitmap_free(bits);
+    return ok;
+}
+
 BdrvDirtyBitmap *qmp_bitmap_add(struct json_object *args, Error **errp)
 {
     const char *name = json_opt_str(args, "name");
@@ -376,18 +409,85 @@ BdrvDirtyBitmap *qmp_bitmap_add(struct json_object *args, Error **errp)
         error_setg(errp, "Bitmap already exists: %s", name);
         return NULL;
     }
-    return bdrv_dirty_bitmap_add(bs, name, granularity,
-                                 json_opt_bool(args, "persistent", false),
-                                 json_opt_bool(args, "disabled", false), errp);
+    BdrvDirtyBitmap *bm = bdrv_dirty_bitmap_add(bs, name, granularity,
+                              json_opt_bool(args, "persistent", false),
+                              json_opt_bool(args, "disabled", false), errp);
+    const char *snap = json_opt_str(args, "x-changed-since-snapshot");
+    if (bm && snap && !bitmap_fill_since_snapshot(bm, snap, errp)) {
+        bdrv_dirty_bitmap_remove(bs, name, NULL);
+        return NULL;
+    }
+    return bm;
 }
 
 static struct json_object *qmp_cmd_bitmap_add(struct json_object *args,
                                               Error **errp)
 {
-    if (!qmp_bitmap_add(args, errp)) {
+    /* x-changed-since-snapshot: the diff and the new bitmap must meet at
+     * one point, with no write in flight (a transaction is drained). */
+    bool drain = qmp_arg_has(args, "x-changed-since-snapshot");
+    if (drain) {
+        bdrv_drain_all_begin();
+    }
+    BdrvDirtyBitmap *bm = qmp_bitmap_add(args, errp);
+    if (drain) {
+        bdrv_drain_all_end();
+    }
+    return bm ? json_object_new_object() : NULL;
+}
+
+/* ---- internal snapshots (QEMU's blockdev-snapshot-internal-sync) ---- */
+
+bool qmp_snapshot_internal(struct json_object *args, BlockDriverState **ret_bs,
+                           Error **errp)
+{
+    BlockDriverState *bs = qmp_lookup_node(json_opt_str(args, "device"), errp);
+    if (!bs || !bdrv_snapshot_create(bs, json_opt_str(args, "name"), errp)) {
+        return false;
+    }
+    *ret_bs = bs;
+    return true;
+}
+
+static struct json_object *qmp_cmd_snapshot_internal(struct json_object *args,
+                                                     Error **errp)
+{
+    BlockDriverState *bs;
+    bdrv_drain_all_begin();     /* the snapshot holds every completed write */
+    bool ok = qmp_snapshot_internal(args, &bs, errp);
+    bdrv_drain_all_end();
+    return ok ? json_object_new_object() : NULL;
+}
+
+static struct json_object *qmp_cmd_snapshot_delete_internal(
+    struct json_object *args, Error **errp)
+{
+    BlockDriverState *bs = qmp_lookup_node(json_opt_str(args, "device"), errp);
+    const char *name = json_opt_str(args, "name");
+    BdrvSnapshotInfo si;
+    if (!bs) {
         return NULL;
     }
-    return json_object_new_object();
+    if (!name) {
+        error_setg(errp, "Parameter 'name' is missing (snapshots are deleted "
+                   "by name)");
+        return NULL;
+    }
+    bdrv_drain_all_begin();
+    bool ok = bdrv_snapshot_delete(bs, name, &si, errp);
+    bdrv_drain_all_end();
+    if (!ok) {
+        return NULL;
+    }
+    struct json_object *r = json_object_new_object();
+    json_object_object_add(r, "id", json_object_new_string(si.id));
+    json_object_object_add(r, "name", json_object_new_string(si.name));
+    json_object_object_add(r, "vm-state-size", json_object_new_int64(0));
+    json_object_object_add(r, "date-sec", json_object_new_int64(si.date_sec));
+    json_object_object_add(r, "date-nsec", json_object_new_int64(si.date_nsec));
+    json_object_object_add(r, "vm-clock-sec", json_object_new_int64(0));
+    json_object_object_add(r, "vm-clock-nsec", json_object_new_int64(0));
+    return r;
 }
 
 BdrvDirtyBitmap *qmp_bitmap_remove_check(struct json_object *args,
@@ -600,6 +700,18 @@ const QmpArgSpec qmp_spec_bitmap_add[] = {
     { "granularity", QMP_ARG_UINT, true },
     { "persistent", QMP_ARG_BOOL, true },
     { "disabled", QMP_ARG_BOOL, true },
+    { "x-changed-since-snapshot", QMP_ARG_STR, true },
+    { NULL },
+};
+const QmpArgSpec qmp_spec_snapshot_internal[] = {
+    { "device", QMP_ARG_STR, false },
+    { "name", QMP_ARG_STR, false },
+    { NULL },
+};
+static const QmpArgSpec spec_snapshot_delete[] = {
+    { "device", QMP_ARG_STR, false },
+    { "id", QMP_ARG_STR, true },
+    { "name", QMP_ARG_STR, true },
     { NULL },
 };
 const QmpArgSpec qmp_spec_bitmap[] = {
@@ -624,6 +736,12 @@ void qmp_register_block_commands(void)
     qmp_register_command_spec("query-block", qmp_cmd_query_block, spec_none);
     qmp_register_command_spec("block-dirty-bitmap-add", qmp_cmd_bitmap_add,
                               qmp_spec_bitmap_add);
+    qmp_register_command_spec("blockdev-snapshot-internal-sync",
+                              qmp_cmd_snapshot_internal,
+                              qmp_spec_snapshot_internal);
+    qmp_register_command_spec("blockdev-snapshot-delete-internal-sync",
+                              qmp_cmd_snapshot_delete_internal,
+                              spec_snapshot_delete);
     qmp_register_command_spec("block-dirty-bitmap-remove",
                               qmp_cmd_bitmap_remove, qmp_spec_bitmap);
     qmp_register_command_spec("block-dirty-bitmap-clear", qmp_cmd_bitmap_clear,

@@ -54,12 +54,17 @@ struct json_object *qmp_export_add(struct json_object *args,
 /* qmp-block.c: argument specs of the bitmap commands. */
 extern const QmpArgSpec qmp_spec_bitmap[];          /* node, name */
 extern const QmpArgSpec qmp_spec_bitmap_add[];
+extern const QmpArgSpec qmp_spec_snapshot_internal[];
 extern const QmpArgSpec qmp_spec_bitmap_merge[];
 /* The bitmap `name` on node `node` ("Dirty bitmap 'X' not found"). */
 BdrvDirtyBitmap *qmp_lookup_bitmap(const char *node, const char *name,
                                    BlockDriverState **ret_bs, Error **errp);
 /* block-dirty-bitmap-add: checks and adds; returns the new bitmap. */
 BdrvDirtyBitmap *qmp_bitmap_add(struct json_object *args, Error **errp);
+/* blockdev-snapshot-internal-sync's work (callers drain): the snapshot
+ * "name" of node "device" (bdrv_snapshot_create); *ret_bs the node. */
+bool qmp_snapshot_internal(struct json_object *args, BlockDriverState **ret_bs,
+                           Error **errp);
 /* block-dirty-bitmap-remove's checks: the bitmap exists, is not busy, and
  * a persistent one is on a writable node.  Returns it. */
 BdrvDirtyBitmap *qmp_bitmap_remove_check(struct json_object *args,

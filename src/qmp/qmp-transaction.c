@@ -198,6 +198,24 @@ static void bitmap_remove_abort(TxnAction *a)
     bdrv_dirty_bitmap_set_busy(a->bm, false);
 }
 
+/* ---- internal snapshot ---- */
+
+static bool snapshot_internal_prepare(TxnAction *a, Error **errp)
+{
+    return qmp_snapshot_internal(a->data, &a->bs, errp);
+}
+
+static void snapshot_internal_abort(TxnAction *a)
+{
+    Error *err = NULL;
+    BdrvSnapshotInfo si;
+    if (!bdrv_snapshot_delete(a->bs, json_opt_str(a->data, "name"), &si,
+                              &err)) {
+        error_prepend(&err, "transaction abort: ");
+        error_report_err(err);
+    }
+}
+
 /* ---- backup actions ---- */
 
 static bool blockdev_backup_check(struct json_object *data, Error **errp)
@@ -283,6 +301,12 @@ static const TxnActionType txn_action_types[] = {
         .prepare = bitmap_merge_prepare,
         .abort = bitmap_restore_backup,
         .clean = bitmap_drop_backup,
+    },
+    {
+        .name = "blockdev-snapshot-internal-sync",
+        .spec = qmp_spec_snapshot_internal,
+        .prepare = snapshot_internal_prepare,
+        .abort = snapshot_internal_abort,
     },
     {
         .name = "blockdev-backup",

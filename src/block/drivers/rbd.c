@@ -787,6 +787,104 @@ static bool rbd_drv_create(const char *filename, uint64_t size,
     return true;
 }
 
+/* ---- internal snapshots: RBD snapshots of the image ---- */
+
+static bool rbd_snap_check(BDRVRBDState *s, const char *name, bool want,
+                           Error **errp)
+{
+    bool exists = false;
+    int r = rbd_snap_exists(s->image, name, &exists);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "rbd: cannot list the snapshots of '%s'",
+                         s->desc);
+        return false;
+    }
+    if (exists != want) {
+        error_setg(errp, want ? "Snapshot with name '%s' not found on '%s'"
+                              : "Snapshot with name '%s' already exists on '%s'",
+                   name, s->desc);
+        return false;
+    }
+    return true;
+}
+
+static bool rbd_drv_snapshot_create(BlockDriverState *bs, const char *name,
+                                    Error **errp)
+{
+    BDRVRBDState *s = bs->opaque;
+    if (!rbd_snap_check(s, name, false, errp)) {
+        return false;
+    }
+    int r = rbd_snap_create(s->image, name);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "rbd: cannot create snapshot '%s' of '%s'",
+                         name, s->desc);
+        return false;
+    }
+    return true;
+}
+
+static bool rbd_drv_snapshot_delete(BlockDriverState *bs, const char *name,
+                                    BdrvSnapshotInfo *ret, Error **errp)
+{
+    BDRVRBDState *s = bs->opaque;
+    uint64_t id = 0;
+    struct timespec ts = { 0 };
+    if (!rbd_snap_check(s, name, true, errp)) {
+        return false;
+    }
+    if (rbd_snap_get_id(s->image, name, &id) == 0) {
+        rbd_snap_get_timestamp(s->image, id, &ts);
+    }
+    *ret = (BdrvSnapshotInfo){ .date_sec = ts.tv_sec, .date_nsec = ts.tv_nsec };
+    snprintf(ret->id, sizeof(ret->id), "%" PRIu64, id);
+    snprintf(ret->name, sizeof(ret->name), "%s", name);
+    int r = rbd_snap_remove(s->image, name);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "rbd: cannot delete snapshot '%s' of '%s'",
+                         name, s->desc);
+        return false;
+    }
+    return true;
+}
+
+typedef struct RBDChanged {
+    BdrvExtentFn *fn;
+    void *opaque;
+} RBDChanged;
+
+/* Written and removed extents alike differ from the snapshot. */
+static int rbd_changed_cb(uint64_t off, size_t len, int exists, void *opaque)
+{
+    RBDChanged *c = opaque;
+    (void)exists;
+    return c->fn(c->opaque, off, len) ? 0 : -ENOMEM;
+}
+
+/* rbd_diff_iterate2 from the snapshot to the image's head: with a valid
+ * fast-diff object map it reads no data (whole objects, a superset). */
+static bool rbd_drv_snapshot_changed(BlockDriverState *bs, const char *name,
+                                     BdrvExtentFn *fn, void *opaque,
+                                     Error **errp)
+{
+    BDRVRBDState *s = bs->opaque;
+    if (!rbd_snap_check(s, name, true, errp)) {
+        return false;
+    }
+    uint64_t flags = 0;
+    bool whole_object = s->fast_diff && rbd_get_flags(s->image, &flags) == 0 &&
+                        !(flags & RBD_FLAG_FAST_DIFF_INVALID);
+    RBDChanged c = { fn, opaque };
+    int r = rbd_diff_iterate2(s->image, name, 0, bs->size, 1, whole_object,
+                              rbd_changed_cb, &c);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "rbd: cannot diff '%s' against snapshot "
+                         "'%s'", s->desc, name);
+        return false;
+    }
+    return true;
+}
+
 const BlockDriver bdrv_rbd = {
     .format_name = "rbd",
     .instance_size = sizeof(BDRVRBDState),
@@ -802,6 +900,9 @@ const BlockDriver bdrv_rbd = {
     .block_status = rbd_drv_block_status,
     .info = rbd_drv_info,
     .create = rbd_drv_create,
+    .snapshot_create = rbd_drv_snapshot_create,
+    .snapshot_delete = rbd_drv_snapshot_delete,
+    .snapshot_changed = rbd_drv_snapshot_changed,
 };
 
 rados_ioctx_t bdrv_rbd_ioctx(BlockDriverState *bs)
