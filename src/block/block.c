@@ -1519,6 +1519,9 @@ int bdrv_block_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 
 bool bdrv_can_store_persistent_bitmaps(BlockDriverState *bs)
 {
+    if (bs->drv->can_store_persistent_bitmaps) {
+        return bs->drv->can_store_persistent_bitmaps(bs);
+    }
     return bs->drv->persistent_bitmap_add != NULL;
 }
 

@@ -141,7 +141,11 @@ struct BlockDriver {
                         uint64_t *pnum);
 
     /* Persistent bitmaps (optional; a node whose driver lacks them refuses
-     * persistent=true).  Called with bs->lock NOT held. */
+     * persistent=true).  Called with bs->lock NOT held.
+     * can_store_persistent_bitmaps: for a driver whose nodes differ (raw
+     * over an RBD image owns the image's bitmaps, raw over a file has
+     * none); without it, having persistent_bitmap_add is the answer. */
+    bool (*can_store_persistent_bitmaps)(BlockDriverState *bs);
     bool (*persistent_bitmap_add)(BlockDriverState *bs, BdrvDirtyBitmap *bm,
                                   Error **errp);
     bool (*persistent_bitmap_remove)(BlockDriverState *bs, const char *name,

@@ -161,6 +161,33 @@ bool rados_obj_lock(rados_ioctx_t io, const char *oid, const char *name,
     return true;
 }
 
+int rados_obj_break_locks(rados_ioctx_t io, const char *oid, const char *name)
+{
+    /* A bounded number of rounds: each breaks the holder listed first. */
+    for (int round = 0; round < 16; round++) {
+        char tag[256], clients[256], cookies[256], addrs[256];
+        size_t tag_len = sizeof(tag), clients_len = sizeof(clients);
+        size_t cookies_len = sizeof(cookies), addrs_len = sizeof(addrs);
+        int exclusive;
+        ssize_t n = rados_list_lockers(io, oid, name, &exclusive, tag, &tag_len,
+                                       clients, &clients_len, cookies,
+                                       &cookies_len, addrs, &addrs_len);
+
+        if (n == -ENOENT || n == 0) {
+            return 0;
+        }
+        if (n < 0) {
+            return (int)n;
+        }
+        clients[sizeof(clients) - 1] = cookies[sizeof(cookies) - 1] = '\0';
+        int r = rados_break_lock(io, oid, name, clients, cookies);
+        if (r < 0 && r != -ENOENT) {
+            return r;
+        }
+    }
+    return -EBUSY;
+}
+
 int rados_obj_unlock(rados_ioctx_t io, const char *oid, const char *name,
                      const char *cookie)
 {

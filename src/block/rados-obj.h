@@ -74,6 +74,13 @@ bool rados_obj_read_full(rados_ioctx_t io, const char *oid, size_t max_len,
 bool rados_obj_lock(rados_ioctx_t io, const char *oid, const char *name,
                     const char *cookie, const char *desc, Error **errp);
 
+/* Break every holder's lock `name` on the object (rados_break_lock of
+ * each locker rados_list_lockers gives): 0 (also when none held it or the
+ * object does not exist) or -errno.  Only for a caller that knows every
+ * other holder is stale (rbd-bitmaps.c: it holds the image's exclusive
+ * lock, which any writer of the object would need). */
+int rados_obj_break_locks(rados_ioctx_t io, const char *oid, const char *name);
+
 /* Release a lock rados_obj_lock took: 0 or -errno (-ENOENT: not held). */
 int rados_obj_unlock(rados_ioctx_t io, const char *oid, const char *name,
                      const char *cookie);

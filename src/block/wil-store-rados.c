@@ -16,7 +16,7 @@
 #include "block/wil-store.h"
 #include "util/cleanup.h"
 
-#define WIL_LOCK_NAME "bitback.wil"
+#define WIL_LOCK_NAME WIL_RADOS_LOCK_NAME
 
 typedef struct WilRadosStore {
     WilStore s;
@@ -85,12 +85,33 @@ static const WilStoreOps wil_rados_ops = {
     .close = rados_store_close,
 };
 
+WilStore *wil_store_rados_object(rados_ioctx_t io, const char *oid)
+{
+    WilRadosStore *r = calloc(1, sizeof(*r));
+    char pool[256];
+
+    if (!r) {
+        return NULL;
+    }
+    r->s.ops = &wil_rados_ops;
+    r->io = io;
+    if (rados_ioctx_get_pool_name(io, pool, sizeof(pool)) < 0) {
+        snprintf(pool, sizeof(pool), "?");
+    }
+    if (!(r->oid = strdup(oid)) ||
+        asprintf(&r->s.name, "rados:%s/%s", pool, oid) < 0) {
+        r->s.name = NULL;
+        rados_store_close(&r->s);
+        return NULL;
+    }
+    return &r->s;
+}
+
 bool wil_store_rados_open(rados_ioctx_t io, const char *oid, bool create,
                           WilStore **ret, Error **errp)
 {
     _cleanup_wil_store_ WilStore *s = NULL;
     WilRadosStore *r;
-    char pool[256];
     uint64_t size;
 
     *ret = NULL;
@@ -106,23 +127,12 @@ bool wil_store_rados_open(rados_ioctx_t io, const char *oid, bool create,
             return false;
         }
     }
-    r = calloc(1, sizeof(*r));
-    if (!r) {
+    s = wil_store_rados_object(io, oid);
+    if (!s) {
         error_setg(errp, "out of memory");
         return false;
     }
-    r->s.ops = &wil_rados_ops;
-    r->io = io;
-    s = &r->s;
-    if (rados_ioctx_get_pool_name(io, pool, sizeof(pool)) < 0) {
-        snprintf(pool, sizeof(pool), "?");
-    }
-    if (!(r->oid = strdup(oid)) ||
-        asprintf(&s->name, "rados:%s/%s", pool, oid) < 0) {
-        s->name = NULL;
-        error_setg(errp, "out of memory");
-        return false;
-    }
+    r = (WilRadosStore *)s;
     if (create) {
         _cleanup_free_ char *cookie = rados_obj_new_cookie();
 

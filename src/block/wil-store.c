@@ -97,6 +97,16 @@ static WilStore *file_store_new(int fd, bool own_fd, const char *name)
     return &f->s;
 }
 
+WilStore *wil_store_fd_own(int fd, const char *name)
+{
+    WilStore *s = file_store_new(fd, true, name);
+
+    if (!s) {
+        close(fd);
+    }
+    return s;
+}
+
 WilStore *wil_store_fd(int fd)
 {
     return file_store_new(fd, false, "(fd)");

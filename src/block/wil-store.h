@@ -1,7 +1,9 @@
 /*
- * Where a write-intent log lives (write-intent.c, docs/specs/write-intent.md):
- * a small interface of positioned I/O on one byte array, with two
- * backends.  The log's byte layout is the same in both.
+ * A small interface of positioned I/O on one byte array, with two
+ * backends: where a write-intent log lives (write-intent.c,
+ * docs/specs/write-intent.md), and where a QBM bitmap's bytes live
+ * (qbm-format.c loads and stores a bitmap file or a RADOS object through
+ * it: docs/specs/rbd-bitmaps.md).  The byte layout is the same in both.
  *
  *   file   IMAGE.wil next to the image (wil_store_file_open), or a log a
  *          caller opened (wil_store_fd: a regular file or a memfd, for
@@ -100,6 +102,19 @@ bool wil_store_file_open(const char *path, bool create, bool lock,
 /* A store on fd, which stays the caller's (closing the store leaves it
  * open): NULL when out of memory. */
 WilStore *wil_store_fd(int fd);
+
+/* A store on fd that owns it (closing the store closes fd, also when the
+ * result is NULL: out of memory), named `name` in messages. */
+WilStore *wil_store_fd_own(int fd, const char *name);
+
+/* The name of the object lock a writable RADOS log holds. */
+#define WIL_RADOS_LOCK_NAME "bitback.wil"
+
+/* The RADOS object oid in io as a plain store, no lock taken (the caller
+ * owns the right to write it): a missing object has no size (get_size
+ * -ENOENT) and reads short (-EIO); a write creates it.  io must outlive
+ * the store.  NULL when out of memory. */
+WilStore *wil_store_rados_object(rados_ioctx_t io, const char *oid);
 
 /* The RADOS object oid in io (the caller's I/O context, which must outlive
  * the store).  create false: to recover from, no lock; *ret is NULL (and

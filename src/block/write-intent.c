@@ -1222,7 +1222,8 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
     WriteIntent *w;
     uint64_t seq = 0;
 
-    if (!bs->crash_safe || !bs->drv->store_bitmaps) {
+    if (!bs->crash_safe || !bs->drv->store_bitmaps ||
+        !bdrv_can_store_persistent_bitmaps(bs)) {
         return true;
     }
     /* IMAGE.wil needs an image file to sit next to. */

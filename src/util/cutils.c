@@ -311,6 +311,15 @@ char *vstrprintf(const char *fmt, va_list ap)
     return s;
 }
 
+char *strprintf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = vstrprintf(fmt, ap);
+    va_end(ap);
+    return s;
+}
+
 bool iso8601_utc_parse(const char *s, time_t *ret)
 {
     static const char pattern[] = "dddd-dd-ddTdd:dd:ddZ";

@@ -74,5 +74,7 @@ void iso8601_utc_format(time_t t, char *buf);
 /* vasprintf() that returns the new string (free() it), or NULL when out
  * of memory. */
 char *vstrprintf(const char *fmt, va_list ap) __attribute__((format(printf, 1, 0)));
+/* The same with arguments. */
+char *strprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 #endif

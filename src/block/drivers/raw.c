@@ -2,7 +2,9 @@
  * The "raw" format driver: the image is the bytes of its protocol child,
  * unchanged.  Everything is passed straight through to bs->file.  raw has
  * no place for metadata, so persistent bitmaps on raw data need a QBM
- * wrapper (qbm.c).
+ * wrapper (qbm.c); except over an RBD image, whose bitmaps live in RADOS
+ * next to it: the raw node directly over an rbd node it opened owns them
+ * (rbd-bitmaps.h), so `rbd:` names have persistent bitmaps.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -10,6 +12,7 @@
 
 #include "block/block.h"
 #include "block/drivers/file-lock.h"
+#include "block/drivers/rbd-bitmaps.h"
 #include "util/cleanup.h"
 
 static bool raw_open(BlockDriverState *bs, struct json_object *options, int flags,
@@ -17,7 +20,12 @@ static bool raw_open(BlockDriverState *bs, struct json_object *options, int flag
 {
     bs->request_alignment = bs->file->request_alignment;
     bs->supported_read_flags = bs->file->supported_read_flags;
-    return true;
+    return rbd_bitmaps_attach(bs, (flags & BDRV_O_RDWR) != 0, errp);
+}
+
+static void raw_close(BlockDriverState *bs)
+{
+    rbd_bitmaps_detach(bs);
 }
 
 static int64_t raw_getlength(BlockDriverState *bs)
@@ -84,6 +92,7 @@ const BlockDriver bdrv_raw = {
     .instance_size = 0,
     .probe = raw_probe,
     .open = raw_open,
+    .close = raw_close,
     .getlength = raw_getlength,
     .preadv = raw_preadv,
     .pwritev = raw_pwritev,
@@ -92,4 +101,9 @@ const BlockDriver bdrv_raw = {
     .flush = raw_flush,
     .block_status = bdrv_block_status_from_file,
     .create = raw_create,
+    .can_store_persistent_bitmaps = rbd_bitmaps_can_store,
+    .persistent_bitmap_add = rbd_bitmaps_add,
+    .persistent_bitmap_remove = rbd_bitmaps_remove,
+    .store_bitmaps = rbd_bitmaps_store,
+    .open_intent_store = rbd_bitmaps_open_intent_store,
 };

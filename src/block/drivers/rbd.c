@@ -34,6 +34,10 @@
  *       a superset of what was written.
  *   R3. An image cannot grow by being written past its end: such requests
  *       fail with -EINVAL here instead of being sent.
+ *   R5. The image's persistent bitmaps (rbd-bitmaps.c) are loaded after
+ *       R1's lock is taken, by their owner: this node when the user opened
+ *       it (depth 0), else the raw node over it; so a refused writer never
+ *       touches their objects.
  *   R4. Opening is bounded in time: the client's mount timeout is
  *       RBD_MOUNT_TIMEOUT seconds unless the configuration sets another.
  */
@@ -50,6 +54,7 @@
 
 #include "block/block.h"
 #include "block/drivers/rbd.h"
+#include "block/drivers/rbd-bitmaps.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
 #include "util/iov.h"
@@ -78,6 +83,7 @@ typedef struct BDRVRBDState {
     char *desc;              /* "pool/[ns/]image[@snap]" for messages */
     bool fast_diff;          /* the image has fast-diff (R2) */
     bool locked;             /* we hold the exclusive lock (R1) */
+    RbdBitmaps *bitmaps;     /* persistent bitmaps (R5), NULL: none loaded */
 } BDRVRBDState;
 
 static void rbd_spec_clear(RBDSpec *sp)
@@ -438,6 +444,8 @@ static bool rbd_lock(BDRVRBDState *s, Error **errp)
 static void rbd_drv_close(BlockDriverState *bs)
 {
     BDRVRBDState *s = bs->opaque;
+    rbd_bitmaps_free(s->bitmaps);
+    s->bitmaps = NULL;
     if (s->image) {
         if (s->locked) {
             rbd_lock_release(s->image);
@@ -518,6 +526,10 @@ static bool rbd_drv_open(BlockDriverState *bs, struct json_object *options,
     }
     if (!bs->filename && asprintf(&bs->filename, "rbd:%s", s->desc) < 0) {
         bs->filename = NULL;
+    }
+    if (bs->open_depth == 0 &&
+        !rbd_bitmaps_attach(bs, (flags & BDRV_O_RDWR) != 0, errp)) {
+        goto fail;
     }
     return true;
 
@@ -752,6 +764,7 @@ static void rbd_drv_info(BlockDriverState *bs, struct json_object *data)
                            json_object_new_boolean(s->locked));
     json_object_object_add(data, "fast-diff",
                            json_object_new_boolean(s->fast_diff));
+    rbd_bitmaps_info(bs, data);
 }
 
 /* img create: a new image of `size` bytes with the cluster's default
@@ -903,6 +916,11 @@ const BlockDriver bdrv_rbd = {
     .snapshot_create = rbd_drv_snapshot_create,
     .snapshot_delete = rbd_drv_snapshot_delete,
     .snapshot_changed = rbd_drv_snapshot_changed,
+    .can_store_persistent_bitmaps = rbd_bitmaps_can_store,
+    .persistent_bitmap_add = rbd_bitmaps_add,
+    .persistent_bitmap_remove = rbd_bitmaps_remove,
+    .store_bitmaps = rbd_bitmaps_store,
+    .open_intent_store = rbd_bitmaps_open_intent_store,
 };
 
 rados_ioctx_t bdrv_rbd_ioctx(BlockDriverState *bs)
@@ -914,5 +932,16 @@ rados_ioctx_t bdrv_rbd_ioctx(BlockDriverState *bs)
 const char *bdrv_rbd_image_id(BlockDriverState *bs)
 {
     return bs && bs->drv == &bdrv_rbd ? ((BDRVRBDState *)bs->opaque)->image_id
+                                      : NULL;
+}
+
+bool bdrv_rbd_holds_lock(BlockDriverState *bs)
+{
+    return bs && bs->drv == &bdrv_rbd && ((BDRVRBDState *)bs->opaque)->locked;
+}
+
+RbdBitmaps **bdrv_rbd_bitmaps_slot(BlockDriverState *bs)
+{
+    return bs && bs->drv == &bdrv_rbd ? &((BDRVRBDState *)bs->opaque)->bitmaps
                                       : NULL;
 }

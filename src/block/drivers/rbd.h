@@ -20,4 +20,11 @@ rados_ioctx_t bdrv_rbd_ioctx(BlockDriverState *bs);
  * node; NULL when bs is not an rbd node. */
 const char *bdrv_rbd_image_id(BlockDriverState *bs);
 
+/* Does the rbd node bs hold its image's exclusive lock (rbd.c R1)? */
+bool bdrv_rbd_holds_lock(BlockDriverState *bs);
+/* Where the rbd node bs keeps the state of its image's persistent bitmaps
+ * (rbd-bitmaps.c; NULL until they are loaded, freed at close); NULL when
+ * bs is not an rbd node. */
+struct RbdBitmaps **bdrv_rbd_bitmaps_slot(BlockDriverState *bs);
+
 #endif

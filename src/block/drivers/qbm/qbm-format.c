@@ -23,6 +23,7 @@
 #include <json-c/json.h>
 
 #include "block/block.h"
+#include "block/wil-store.h"
 #include "block/drivers/file-lock.h"
 #include "block/drivers/qbm/qbm-format.h"
 #include "util/bswap.h"
@@ -135,18 +136,15 @@ QbmLoadResult qbm_bitmap_file_load(const char *path, const char *display,
                                    char **ret_reason)
 {
     Error *err = NULL;
-    _cleanup_close_ int fd = open_checked(path, O_RDONLY, 0, OPEN_NOFOLLOW, &err);
-    if (fd < 0) {
-        *ret_reason = errno == ENOENT
-            ? reasonf("bitmap file '%s' is missing", display)
-            : reasonf("cannot open bitmap file '%s': %s", display,
-                      error_get_pretty(err));
+    _cleanup_wil_store_ WilStore *st = qbm_bitmap_file_open(path, display,
+                                                            false, &err);
+    if (!st) {
+        *ret_reason = strdup(error_get_pretty(err));
         error_free(err);
         return QBM_LOAD_BAD;
     }
-    /* A regular file: open_checked saw to it. */
-    return qbm_bitmap_fd_load(fd, display, image_size, shift, hb, ret_hdr,
-                              ret_reason);
+    return qbm_bitmap_store_load(st, display, image_size, shift, hb, ret_hdr,
+                                 ret_reason);
 }
 
 QbmLoadResult qbm_bitmap_fd_load(int fd, const char *display,
@@ -154,17 +152,35 @@ QbmLoadResult qbm_bitmap_fd_load(int fd, const char *display,
                                  HBitmap *hb, QbmHeader *ret_hdr,
                                  char **ret_reason)
 {
+    _cleanup_wil_store_ WilStore *st = wil_store_fd(fd);
+    if (!st) {
+        *ret_reason = reasonf("out of memory reading bitmap file '%s'", display);
+        return QBM_LOAD_BAD;
+    }
+    return qbm_bitmap_store_load(st, display, image_size, shift, hb, ret_hdr,
+                                 ret_reason);
+}
+
+QbmLoadResult qbm_bitmap_store_load(WilStore *st, const char *display,
+                                    uint64_t image_size, unsigned shift,
+                                    HBitmap *hb, QbmHeader *ret_hdr,
+                                    char **ret_reason)
+{
     *ret_reason = NULL;
     uint64_t expect_data = qbm_data_size(image_size, shift);
     uint64_t expect_len = QBM_HEADER_SIZE + expect_data;
 
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        *ret_reason = reasonf("cannot stat bitmap file '%s': %s", display,
-                              strerror(errno));
+    uint64_t flen;
+    int r = wil_store_get_size(st, &flen);
+    if (r == -ENOENT) {
+        *ret_reason = reasonf("bitmap file '%s' is missing", display);
         return QBM_LOAD_BAD;
     }
-    uint64_t flen = (uint64_t)st.st_size;
+    if (r < 0) {
+        *ret_reason = reasonf("cannot stat bitmap file '%s': %s", display,
+                              strerror(-r));
+        return QBM_LOAD_BAD;
+    }
     if (flen < QBM_HEADER_SIZE) {
         *ret_reason = reasonf("bitmap file '%s' is truncated: %llu bytes, "
                               "expected %llu (header incomplete)", display,
@@ -173,7 +189,7 @@ QbmLoadResult qbm_bitmap_fd_load(int fd, const char *display,
         return QBM_LOAD_BAD;
     }
     uint8_t hbuf[QBM_HEADER_SIZE];
-    int r = pread_full(fd, hbuf, sizeof(hbuf), 0);
+    r = wil_store_pread(st, hbuf, sizeof(hbuf), 0);
     if (r < 0) {
         *ret_reason = reasonf("cannot read bitmap file '%s': %s", display,
                               strerror(-r));
@@ -240,7 +256,7 @@ QbmLoadResult qbm_bitmap_fd_load(int fd, const char *display,
     uint64_t nb_bits = hb ? hbitmap_nb_bits(hb) : 0;
     for (uint64_t off = 0; off < expect_data; off += QBM_IO_CHUNK) {
         uint64_t n = MIN((uint64_t)QBM_IO_CHUNK, expect_data - off);
-        r = pread_full(fd, buf, n, QBM_HEADER_SIZE + off);
+        r = wil_store_pread(st, buf, n, QBM_HEADER_SIZE + off);
         if (r < 0) {
             XXH3_freeState(xs);
             *ret_reason = reasonf("cannot read bitmap file '%s': %s", display,
@@ -293,41 +309,58 @@ uint64_t qbm_checksum_bits(uint64_t data_size, QbmSerializeFn *fn, void *opaque)
     return sum;
 }
 
-/* Write the header at fd and fdatasync: 0, or -errno with errp set. */
-static int write_header_fd(int fd, const char *path, const QbmHeader *h,
-                           Error **errp)
+/* Write the header into st and sync: 0, or -errno with errp set. */
+static int write_header_store(WilStore *st, const char *display,
+                              const QbmHeader *h, Error **errp)
 {
     uint8_t hbuf[QBM_HEADER_SIZE];
     qbm_header_encode(h, hbuf);
-    int r = pwrite_full(fd, hbuf, sizeof(hbuf), 0);
+    int r = wil_store_pwrite(st, hbuf, sizeof(hbuf), 0);
     if (r < 0) {
-        error_setg_errno(errp, -r, "cannot write bitmap file '%s'", path);
+        error_setg_errno(errp, -r, "cannot write bitmap file '%s'", display);
         return r;
     }
-    if (fdatasync(fd) < 0) {
-        r = -errno;
-        error_setg_errno(errp, -r, "cannot sync bitmap file '%s'", path);
+    r = wil_store_sync(st);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "cannot sync bitmap file '%s'", display);
         return r;
     }
     return 0;
 }
 
-/* Size the new file at fd and write its header (the body of
- * qbm_bitmap_file_create); -errno with errp set on failure. */
-static int bitmap_file_init(int fd, const char *path, uint64_t image_size,
-                            unsigned shift, uint64_t data_size,
-                            const char *generation, uint32_t flags,
-                            bool exclusive, QbmHeader *ret_hdr, Error **errp)
+bool qbm_bitmap_check_size(uint64_t image_size, unsigned shift,
+                           uint64_t max_len, Error **errp)
 {
-    if (!exclusive && ftruncate(fd, 0) < 0) {
-        int e = errno;
-        error_setg_errno(errp, e, "cannot truncate '%s'", path);
-        return -e;
+    uint64_t data_size = qbm_data_size(image_size, shift);
+    uint64_t limit = MIN(QBM_MAX_BITMAP_DATA, max_len - QBM_HEADER_SIZE);
+    if (max_len <= QBM_HEADER_SIZE || data_size > limit) {
+        error_setg(errp, "bitmap for %llu bytes at granularity %llu would need "
+                   "%llu bytes (limit %llu): use a larger granularity",
+                   (unsigned long long)image_size, 1ULL << shift,
+                   (unsigned long long)data_size,
+                   (unsigned long long)(max_len > QBM_HEADER_SIZE ? limit : 0));
+        return false;
     }
-    if (ftruncate(fd, (off_t)(QBM_HEADER_SIZE + data_size)) < 0) {
-        int e = errno;
-        error_setg_errno(errp, e, "cannot size bitmap file '%s'", path);
-        return -e;
+    return true;
+}
+
+int qbm_bitmap_store_init(WilStore *st, const char *display,
+                          uint64_t image_size, unsigned shift,
+                          const char *generation, uint32_t flags,
+                          QbmHeader *ret_hdr, Error **errp)
+{
+    if (!qbm_bitmap_check_size(image_size, shift, UINT64_MAX, errp)) {
+        return -EFBIG;
+    }
+    uint64_t data_size = qbm_data_size(image_size, shift);
+    /* Cut first: no old bit survives the new header. */
+    int r = wil_store_set_size(st, 0);
+    if (r == 0) {
+        r = wil_store_set_size(st, QBM_HEADER_SIZE + data_size);
+    }
+    if (r < 0) {
+        error_setg_errno(errp, -r, "cannot size bitmap file '%s'", display);
+        return r;
     }
     QbmHeader h = {
         .version = QBM_VERSION,
@@ -339,14 +372,9 @@ static int bitmap_file_init(int fd, const char *path, uint64_t image_size,
         .checksum = qbm_checksum_bits(data_size, zero_serialize, NULL),
     };
     snprintf(h.generation, sizeof(h.generation), "%s", generation);
-    int r = write_header_fd(fd, path, &h, errp);
+    r = write_header_store(st, display, &h, errp);
     if (r < 0) {
         return r;
-    }
-    if (fsync_parent_dir(path) < 0) {
-        int e = errno;
-        error_setg_errno(errp, e, "cannot sync the folder of '%s'", path);
-        return -e;
     }
     if (ret_hdr) {
         *ret_hdr = h;
@@ -359,24 +387,28 @@ int qbm_bitmap_file_create(const char *path, uint64_t image_size,
                            uint32_t flags, bool exclusive, QbmHeader *ret_hdr,
                            Error **errp)
 {
-    uint64_t data_size = qbm_data_size(image_size, shift);
-    if (data_size > QBM_MAX_BITMAP_DATA) {
-        error_setg(errp, "bitmap for %llu bytes at granularity %llu would need "
-                   "%llu bytes (limit %llu): use a larger granularity",
-                   (unsigned long long)image_size, 1ULL << shift,
-                   (unsigned long long)data_size,
-                   (unsigned long long)QBM_MAX_BITMAP_DATA);
+    if (!qbm_bitmap_check_size(image_size, shift, UINT64_MAX, errp)) {
         return -EFBIG;
     }
     int oflags = O_RDWR | O_CREAT | (exclusive ? O_EXCL : O_TRUNC);
-    _cleanup_close_ int fd = open_checked(path, oflags, 0644, OPEN_NOFOLLOW, errp);
+    int fd = open_checked(path, oflags, 0644, OPEN_NOFOLLOW, errp);
     if (fd < 0) {
         int e = errno;
         error_prepend(errp, "cannot create bitmap file: ");
         return -e;
     }
-    int r = bitmap_file_init(fd, path, image_size, shift, data_size, generation,
-                             flags, exclusive, ret_hdr, errp);
+    _cleanup_wil_store_ WilStore *st = wil_store_fd_own(fd, path);
+    int r = -ENOMEM;
+    if (!st) {
+        error_setg(errp, "out of memory");
+    } else {
+        r = qbm_bitmap_store_init(st, path, image_size, shift, generation,
+                                  flags, ret_hdr, errp);
+    }
+    if (r == 0 && fsync_parent_dir(path) < 0) {
+        r = -errno;
+        error_setg_errno(errp, -r, "cannot sync the folder of '%s'", path);
+    }
     if (r < 0 && exclusive) {
         /* O_EXCL: the file is ours, so a failure leaves nothing behind. */
         unlink(path);
@@ -384,30 +416,59 @@ int qbm_bitmap_file_create(const char *path, uint64_t image_size,
     return r;
 }
 
+WilStore *qbm_bitmap_file_open(const char *path, const char *display,
+                               bool writable, Error **errp)
+{
+    Error *err = NULL;
+    int fd = open_checked(path, writable ? O_RDWR : O_RDONLY, 0, OPEN_NOFOLLOW,
+                          &err);
+    if (fd < 0) {
+        if (errno == ENOENT) {
+            error_setg(errp, "bitmap file '%s' is missing", display);
+        } else {
+            error_setg(errp, "cannot open bitmap file '%s': %s", display,
+                       error_get_pretty(err));
+        }
+        error_free(err);
+        return NULL;
+    }
+    WilStore *st = wil_store_fd_own(fd, path);
+    if (!st) {
+        error_setg(errp, "out of memory");
+    }
+    return st;
+}
+
+bool qbm_bitmap_store_write_header(WilStore *st, const char *display,
+                                   const QbmHeader *h, Error **errp)
+{
+    return write_header_store(st, display, h, errp) == 0;
+}
+
 bool qbm_bitmap_file_write_header(const char *path, const QbmHeader *h,
                                   Error **errp)
 {
-    _cleanup_close_ int fd = open_checked(path, O_WRONLY, 0, OPEN_NOFOLLOW, errp);
-    if (fd < 0) {
-        error_prepend(errp, "cannot open bitmap file: ");
-        return false;
-    }
-    return write_header_fd(fd, path, h, errp) == 0;
+    _cleanup_wil_store_ WilStore *st = qbm_bitmap_file_open(path, path, true,
+                                                            errp);
+    return st && qbm_bitmap_store_write_header(st, path, h, errp);
 }
 
 bool qbm_bitmap_file_store(const char *path, QbmHeader *h,
                            QbmSerializeFn *fn, void *opaque, Error **errp)
 {
-    _cleanup_close_ int fd = open_checked(path, O_RDWR, 0, OPEN_NOFOLLOW, errp);
-    if (fd < 0) {
-        error_prepend(errp, "cannot open bitmap file: ");
-        return false;
-    }
+    _cleanup_wil_store_ WilStore *st = qbm_bitmap_file_open(path, path, true,
+                                                            errp);
+    return st && qbm_bitmap_store_save(st, path, h, fn, opaque, errp);
+}
+
+bool qbm_bitmap_store_save(WilStore *st, const char *display, QbmHeader *h,
+                           QbmSerializeFn *fn, void *opaque, Error **errp)
+{
     XXH3_state_t *xs = XXH3_createState();
     _cleanup_free_ uint8_t *buf = malloc(QBM_IO_CHUNK);
     if (!xs || !buf) {
         XXH3_freeState(xs);
-        error_setg(errp, "out of memory storing bitmap file '%s'", path);
+        error_setg(errp, "out of memory storing bitmap file '%s'", display);
         return false;
     }
     XXH3_64bits_reset(xs);
@@ -415,27 +476,28 @@ bool qbm_bitmap_file_store(const char *path, QbmHeader *h,
         uint64_t n = MIN((uint64_t)QBM_IO_CHUNK, h->data_size - off);
         fn(opaque, buf, off, n);
         XXH3_64bits_update(xs, buf, n);
-        int r = pwrite_full(fd, buf, n, QBM_HEADER_SIZE + off);
+        int r = wil_store_pwrite(st, buf, n, QBM_HEADER_SIZE + off);
         if (r < 0) {
             XXH3_freeState(xs);
-            error_setg_errno(errp, -r, "cannot write bitmap file '%s'", path);
+            error_setg_errno(errp, -r, "cannot write bitmap file '%s'", display);
             return false;
         }
     }
     h->checksum = XXH3_64bits_digest(xs);
     XXH3_freeState(xs);
-    if (ftruncate(fd, (off_t)(QBM_HEADER_SIZE + h->data_size)) < 0) {
-        error_setg_errno(errp, errno, "cannot size bitmap file '%s'", path);
+    int r = wil_store_set_size(st, QBM_HEADER_SIZE + h->data_size);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "cannot size bitmap file '%s'", display);
         return false;
     }
     /* Bits and checksum durable first, with CLEAN still clear ... */
     h->flags &= ~QBM_FLAG_CLEAN;
-    if (write_header_fd(fd, path, h, errp) < 0) {
+    if (write_header_store(st, display, h, errp) < 0) {
         return false;
     }
     /* ... and only then CLEAN. */
     h->flags |= QBM_FLAG_CLEAN;
-    if (write_header_fd(fd, path, h, errp) < 0) {
+    if (write_header_store(st, display, h, errp) < 0) {
         h->flags &= ~QBM_FLAG_CLEAN;
         return false;
     }

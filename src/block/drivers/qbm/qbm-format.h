@@ -12,6 +12,7 @@
 #include "bitmap/hbitmap.h"
 #include "util/cutils.h"
 #include "util/error.h"
+#include "block/wil-store.h"
 
 #define QBM_VERSION             1
 #define QBM_BITMAP_MAGIC        "QBMBITS\n"      /* 8 bytes */
@@ -97,6 +98,40 @@ QbmLoadResult qbm_bitmap_fd_load(int fd, const char *display,
                                  HBitmap *hb, QbmHeader *ret_hdr,
                                  char **ret_reason);
 
+/* The same on any positioned-I/O store (wil-store.h): a file, or a RADOS
+ * object (rbd-bitmaps.c).  Its size is get_size's (a missing object:
+ * "missing"); the header is checked against it before anything sized by
+ * the header is read.  This is the one loader: the two above call it. */
+QbmLoadResult qbm_bitmap_store_load(WilStore *st, const char *display,
+                                    uint64_t image_size, unsigned shift,
+                                    HBitmap *hb, QbmHeader *ret_hdr,
+                                    char **ret_reason);
+
+/* Is a bitmap of image_size bytes at 2^shift small enough: its bits at
+ * most QBM_MAX_BITMAP_DATA, and header plus bits at most max_len (the
+ * container's own limit, UINT64_MAX for none)?  False with errp set
+ * (naming the remedy, a larger granularity) otherwise. */
+bool qbm_bitmap_check_size(uint64_t image_size, unsigned shift,
+                           uint64_t max_len, Error **errp);
+
+/* Make st an empty bitmap (all bits clear): cut it to nothing, size it,
+ * write the header with `flags` and the zero bits' checksum, and sync.
+ * 0, or -errno with errp set (-EFBIG: too large). */
+int qbm_bitmap_store_init(WilStore *st, const char *display,
+                          uint64_t image_size, unsigned shift,
+                          const char *generation, uint32_t flags,
+                          QbmHeader *ret_hdr, Error **errp);
+
+/* The existing bitmap file at path (shown as display), opened as a store,
+ * read-write or read-only, no link followed, a regular file only; NULL
+ * with errp set on failure ("... is missing" when there is no file). */
+WilStore *qbm_bitmap_file_open(const char *path, const char *display,
+                               bool writable, Error **errp);
+
+/* Rewrite only the header in st and sync. */
+bool qbm_bitmap_store_write_header(WilStore *st, const char *display,
+                                   const QbmHeader *h, Error **errp);
+
 /* Create a bitmap file with all bits clear.  exclusive: fail if it exists
  * (O_EXCL, -EEXIST), else truncate an existing file.  The header gets
  * `flags` and the checksum of the zero bits.  The file and its folder are
@@ -120,6 +155,11 @@ typedef void QbmSerializeFn(void *opaque, uint8_t *buf, uint64_t byte_off,
  * fdatasync, then set CLEAN and fdatasync.  h supplies size, shift and
  * generation; its checksum and flags are updated. */
 bool qbm_bitmap_file_store(const char *path, QbmHeader *h,
+                           QbmSerializeFn *fn, void *opaque, Error **errp);
+
+/* The store protocol of qbm_bitmap_file_store on any store: the one
+ * implementation (the file version calls it). */
+bool qbm_bitmap_store_save(WilStore *st, const char *display, QbmHeader *h,
                            QbmSerializeFn *fn, void *opaque, Error **errp);
 
 /* XXH3-64 of the serialized bits produced by fn (no file I/O). */

@@ -43,6 +43,7 @@
 
 #include "block/block.h"
 #include "block/drivers/file-lock.h"
+#include "block/drivers/qbm/qbm-bitmaps.h"
 #include "block/drivers/qbm/qbm-format.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
@@ -85,6 +86,18 @@ typedef struct BDRVQbmState {
 static char *qbm_file_path(BDRVQbmState *s, const char *name)
 {
     return path_join(s->dir, name);
+}
+
+/* QbmEntryOpenFn: an entry's bitmap file in the descriptor's folder. */
+static WilStore *qbm_entry_open(void *opaque, const QbmBitmapEntry *e,
+                                bool writable, Error **errp)
+{
+    _cleanup_free_ char *path = qbm_file_path(opaque, e->file);
+    if (!path) {
+        error_setg(errp, "out of memory");
+        return NULL;
+    }
+    return qbm_bitmap_file_open(path, e->file, writable, errp);
 }
 
 /* Keep `fd` (a lock holder for `path`) in s->locks, replacing the entry of
@@ -207,19 +220,8 @@ static int qbm_probe(const uint8_t *buf, size_t len, const char *filename)
  * file.  Caller holds clean_lock exclusively (or is open()). */
 static bool qbm_mark_files_dirty(BDRVQbmState *s, Error **errp)
 {
-    for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
-        QbmBitmapEntry *e = &s->desc.bitmaps[i];
-        if (e->inconsistent || !(e->hdr.flags & QBM_FLAG_CLEAN)) {
-            continue;
-        }
-        _cleanup_free_ char *path = qbm_file_path(s, e->file);
-        QbmHeader h = e->hdr;
-        h.flags &= ~QBM_FLAG_CLEAN;
-        if (!path || !qbm_bitmap_file_write_header(path, &h, errp)) {
-            error_prepend(errp, "cannot mark bitmap '%s' in use: ", e->name);
-            return false;
-        }
-        e->hdr = h;
+    if (!qbm_entries_mark_dirty(&s->desc, qbm_entry_open, s, errp)) {
+        return false;
     }
     if (s->alloc_path && (s->alloc_hdr.flags & QBM_FLAG_CLEAN)) {
         QbmHeader h = s->alloc_hdr;
@@ -353,67 +355,6 @@ static bool qbm_backing_attached(BlockDriverState *bs, Error **errp)
     BDRVQbmState *s = bs->opaque;
     return s->desc.alloc_file || s->alloc ||
            qbm_start_runtime_allocation(s, errp);
-}
-
-static void qbm_load_bitmaps(BlockDriverState *bs, BDRVQbmState *s, Error **errp,
-                             bool *ok)
-{
-    *ok = true;
-    for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
-        QbmBitmapEntry *e = &s->desc.bitmaps[i];
-        BdrvDirtyBitmap *bm = bdrv_create_dirty_bitmap(bs, e->granularity,
-                                                       e->name, errp);
-        if (!bm) {
-            error_prepend(errp, "cannot load bitmap '%s': ", e->name);
-            *ok = false;
-            return;
-        }
-        bdrv_dirty_bitmap_set_persistent(bm, true);
-        unsigned shift = (unsigned)qbm_granularity_shift(e->granularity);
-        _cleanup_free_ char *path = qbm_file_path(s, e->file);
-        _cleanup_free_ char *reason = NULL;
-        QbmLoadResult lr;
-        if (!path) {
-            reason = strdup("out of memory");
-            lr = QBM_LOAD_BAD;
-        } else if (qbm_data_size(s->desc.size, shift) > QBM_MAX_BITMAP_DATA) {
-            lr = QBM_LOAD_BAD;
-            if (asprintf(&reason, "bitmap '%s' is too large for this image at "
-                         "granularity %u", e->name, e->granularity) < 0) {
-                reason = NULL;
-            }
-        } else {
-            pthread_mutex_lock(&bs->lock);
-            lr = qbm_bitmap_file_load(path, e->file, s->desc.size, shift, bm->hb,
-                                      &e->hdr, &reason);
-            pthread_mutex_unlock(&bs->lock);
-        }
-        if (lr == QBM_LOAD_NOT_CLEAN) {
-            free(reason);
-            if (asprintf(&reason, "bitmap file '%s' was not closed cleanly (the "
-                         "image was open for writing when its process stopped)",
-                         e->file) < 0) {
-                reason = NULL;
-            }
-        }
-        if (lr == QBM_LOAD_OK) {
-            snprintf(bm->generation, sizeof(bm->generation), "%s", e->hdr.generation);
-            if (!e->recording) {
-                bm->disabled = true;
-            }
-        } else {
-            e->inconsistent = true;
-            if (uuid_is_valid_str(e->hdr.generation)) {
-                /* Show which generation the broken bitmap belonged to. */
-                snprintf(bm->generation, sizeof(bm->generation), "%s",
-                         e->hdr.generation);
-            }
-            pthread_mutex_lock(&bs->lock);
-            hbitmap_reset_all(bm->hb);
-            pthread_mutex_unlock(&bs->lock);
-            bdrv_dirty_bitmap_set_inconsistent(bm, reason ? reason : "out of memory");
-        }
-    }
 }
 
 /* Open the data image `path` (named by the descriptor) with `format`: its
@@ -551,9 +492,7 @@ static bool qbm_open(BlockDriverState *bs, struct json_object *options, int flag
     /* bdrv_create_dirty_bitmap sizes bitmaps by the node's length, which
      * block.c caches only after open returns. */
     bs->size = s->desc.size;
-    bool ok;
-    qbm_load_bitmaps(bs, s, errp, &ok);
-    if (!ok) {
+    if (!qbm_entries_load(bs, &s->desc, qbm_entry_open, s, errp)) {
         goto fail;
     }
     if (s->rw) {
@@ -778,26 +717,6 @@ static int qbm_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
     return r;
 }
 
-typedef struct SerializeCtx {
-    HBitmap *hb;
-    pthread_mutex_t *lock;
-} SerializeCtx;
-
-static void serialize_hbitmap(void *opaque, uint8_t *buf, uint64_t byte_off,
-                              uint64_t len)
-{
-    SerializeCtx *c = opaque;
-    pthread_mutex_lock(c->lock);
-    uint64_t nb = hbitmap_nb_bits(c->hb);
-    uint64_t first = byte_off * 8;
-    uint64_t nbits = first < nb ? MIN(len * 8, nb - first) : 0;
-    memset(buf, 0, len);
-    if (nbits) {
-        hbitmap_serialize_part(c->hb, buf, first, nbits);
-    }
-    pthread_mutex_unlock(c->lock);
-}
-
 /* Flush with flush_lock held: section 4's durability order. */
 static int qbm_flush_locked(BlockDriverState *bs)
 {
@@ -897,20 +816,6 @@ static int qbm_block_status(BlockDriverState *bs, uint64_t offset, uint64_t byte
 
 /* ---- persistent bitmaps ---- */
 
-static QbmBitmapEntry *qbm_find_entry(BDRVQbmState *s, const char *name,
-                                      size_t *ret_idx)
-{
-    for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
-        if (strcmp(s->desc.bitmaps[i].name, name) == 0) {
-            if (ret_idx) {
-                *ret_idx = i;
-            }
-            return &s->desc.bitmaps[i];
-        }
-    }
-    return NULL;
-}
-
 static bool qbm_file_in_use(BDRVQbmState *s, const char *file)
 {
     if (s->desc.alloc_file && strcmp(s->desc.alloc_file, file) == 0) {
@@ -972,7 +877,7 @@ static bool qbm_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
     _cleanup_free_ char *file = NULL;
     _cleanup_free_ char *path = NULL;
     QbmHeader hdr;
-    if (qbm_find_entry(s, bm->name, NULL)) {
+    if (qbm_entry_find(&s->desc, bm->name, NULL)) {
         error_setg(errp, "bitmap '%s' already exists in '%s'", bm->name,
                    s->desc_path);
         goto out;
@@ -1026,28 +931,15 @@ static bool qbm_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
         unlink(path);
         goto out;
     }
-    QbmBitmapEntry *arr = realloc(s->desc.bitmaps,
-                                  (s->desc.nb_bitmaps + 1) * sizeof(*arr));
-    if (!arr) {
+    QbmBitmapEntry *e = qbm_entry_append(&s->desc, bm, file, &hdr);
+    if (!e) {
         qbm_unlock_file(s, file);
         unlink(path);
         error_setg(errp, "out of memory");
         goto out;
     }
-    s->desc.bitmaps = arr;
-    QbmBitmapEntry *e = &arr[s->desc.nb_bitmaps];
-    memset(e, 0, sizeof(*e));
-    e->name = strdup(bm->name);
-    e->file = steal_pointer(&file);
-    e->granularity = bm->granularity;
-    e->recording = !bm->disabled;
-    e->hdr = hdr;
-    s->desc.nb_bitmaps++;
     /* Q4: the file exists and is synced before it is published. */
-    if (!e->name || !qbm_write_descriptor(bs, errp)) {
-        if (!e->name) {
-            error_setg(errp, "out of memory");
-        }
+    if (!qbm_write_descriptor(bs, errp)) {
         s->desc.nb_bitmaps--;
         qbm_unlock_file(s, e->file);
         qbm_bitmap_entry_clear(e);
@@ -1072,21 +964,16 @@ static bool qbm_persistent_bitmap_remove(BlockDriverState *bs, const char *name,
     bool ok = false;
     size_t idx;
     _cleanup_free_ char *path = NULL;
-    QbmBitmapEntry *e = qbm_find_entry(s, name, &idx);
+    QbmBitmapEntry *e = qbm_entry_find(&s->desc, name, &idx);
     if (!e) {
         ok = true;   /* not in the image (never stored) */
         goto out;
     }
-    QbmBitmapEntry saved = *e;
-    memmove(&s->desc.bitmaps[idx], &s->desc.bitmaps[idx + 1],
-            (s->desc.nb_bitmaps - idx - 1) * sizeof(*e));
-    s->desc.nb_bitmaps--;
+    QbmBitmapEntry saved;
+    qbm_entry_take(&s->desc, idx, &saved);
     /* Q4: unpublish first, then delete. */
     if (!qbm_write_descriptor(bs, errp)) {
-        memmove(&s->desc.bitmaps[idx + 1], &s->desc.bitmaps[idx],
-                (s->desc.nb_bitmaps - idx) * sizeof(*e));
-        s->desc.bitmaps[idx] = saved;
-        s->desc.nb_bitmaps++;
+        qbm_entry_put_back(&s->desc, idx, &saved);
         goto out;
     }
     path = qbm_file_path(s, saved.file);
@@ -1114,37 +1001,16 @@ static bool qbm_store_bitmaps(BlockDriverState *bs, Error **errp)
         error_setg_errno(errp, -r, "cannot flush '%s'", s->desc_path);
         goto out;
     }
-    bool desc_changed = false;
-    for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
-        QbmBitmapEntry *e = &s->desc.bitmaps[i];
-        if (e->inconsistent) {
-            continue;   /* Q2: never rewritten */
-        }
-        BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, e->name);
-        if (!bm || bm->inconsistent) {
-            continue;
-        }
-        if (e->recording == bm->disabled) {
-            e->recording = !bm->disabled;
-            desc_changed = true;
-        }
-        _cleanup_free_ char *path = qbm_file_path(s, e->file);
-        QbmHeader h = e->hdr;
-        pthread_mutex_lock(&bs->lock);
-        snprintf(h.generation, sizeof(h.generation), "%s", bm->generation);
-        pthread_mutex_unlock(&bs->lock);
-        SerializeCtx ctx = { .hb = bm->hb, .lock = &bs->lock };
-        if (!path || !qbm_bitmap_file_store(path, &h, serialize_hbitmap, &ctx, errp)) {
-            error_prepend(errp, "bitmap '%s': ", e->name);
-            goto out;
-        }
-        e->hdr = h;
+    bool desc_changed;
+    if (!qbm_entries_store(bs, &s->desc, qbm_entry_open, s, &desc_changed,
+                           errp)) {
+        goto out;
     }
     if (s->alloc_path) {
         /* After the flush the file's bits equal the in-memory ones. */
-        SerializeCtx ctx = { .hb = s->alloc, .lock = &s->alloc_lock };
+        QbmSerializeCtx ctx = { .hb = s->alloc, .lock = &s->alloc_lock };
         QbmHeader h = s->alloc_hdr;
-        h.checksum = qbm_checksum_bits(h.data_size, serialize_hbitmap, &ctx);
+        h.checksum = qbm_checksum_bits(h.data_size, qbm_serialize_hbitmap, &ctx);
         h.flags |= QBM_FLAG_CLEAN;
         if (!qbm_bitmap_file_write_header(s->alloc_path, &h, errp)) {
             goto out;
