@@ -1062,6 +1062,13 @@ bool bdrv_snapshot_changed(BlockDriverState *bs, const char *name,
     return b->drv->snapshot_changed(b, name, fn, opaque, errp);
 }
 
+int bdrv_snapshot_list(BlockDriverState *bs, BdrvSnapshotInfo **ret)
+{
+    BlockDriverState *b = snapshot_node(bs, NULL);
+    *ret = NULL;
+    return b ? b->drv->snapshot_list(b, ret) : 0;
+}
+
 /* Run every before_write hook (called after bdrv_set_dirty, before the
  * driver).  The first error fails the request. */
 static int run_write_hooks(BlockDriverState *bs, uint64_t offset, uint64_t bytes)

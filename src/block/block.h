@@ -197,6 +197,9 @@ struct BlockDriver {
      * then fails with -ENOMEM's message). */
     bool (*snapshot_changed)(BlockDriverState *bs, const char *name,
                              BdrvExtentFn *fn, void *opaque, Error **errp);
+    /* The snapshots, malloc'ed into *ret (caller frees): their count, or
+     * -errno. */
+    int (*snapshot_list)(BlockDriverState *bs, BdrvSnapshotInfo **ret);
 };
 
 struct BlockDriverState {
@@ -518,5 +521,8 @@ bool bdrv_snapshot_delete(BlockDriverState *bs, const char *name,
                           BdrvSnapshotInfo *ret, Error **errp);
 bool bdrv_snapshot_changed(BlockDriverState *bs, const char *name,
                            BdrvExtentFn *fn, void *opaque, Error **errp);
+/* The internal snapshots under bs (caller frees *ret): their count, 0 when
+ * none or when nothing under bs has snapshots, or -errno. */
+int bdrv_snapshot_list(BlockDriverState *bs, BdrvSnapshotInfo **ret);
 
 #endif

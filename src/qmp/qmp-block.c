@@ -119,6 +119,20 @@ static const char *qmp_node_filename(BlockDriverState *bs)
     return "";
 }
 
+/* QEMU's SnapshotInfo of si (no VM state, no VM clock). */
+static struct json_object *qmp_snapshot_info(const BdrvSnapshotInfo *si)
+{
+    struct json_object *r = json_object_new_object();
+    json_object_object_add(r, "id", json_object_new_string(si->id));
+    json_object_object_add(r, "name", json_object_new_string(si->name));
+    json_object_object_add(r, "vm-state-size", json_object_new_int64(0));
+    json_object_object_add(r, "date-sec", json_object_new_int64(si->date_sec));
+    json_object_object_add(r, "date-nsec", json_object_new_int64(si->date_nsec));
+    json_object_object_add(r, "vm-clock-sec", json_object_new_int64(0));
+    json_object_object_add(r, "vm-clock-nsec", json_object_new_int64(0));
+    return r;
+}
+
 /* BlockDeviceInfo (as query-named-block-nodes and query-block show it). */
 static struct json_object *qmp_node_info(BlockDriverState *bs)
 {
@@ -165,6 +179,16 @@ static struct json_object *qmp_node_info(BlockDriverState *bs)
                                    qmp_node_filename(bs->backing)));
     }
     json_object_object_add(img, "dirty-flag", json_object_new_boolean(false));
+    BdrvSnapshotInfo *snaps = NULL;
+    int nsnaps = bdrv_snapshot_list(bs, &snaps);
+    if (nsnaps > 0) {
+        struct json_object *arr = json_object_new_array();
+        for (int i = 0; i < nsnaps; i++) {
+            json_object_array_add(arr, qmp_snapshot_info(&snaps[i]));
+        }
+        json_object_object_add(img, "snapshots", arr);
+    }
+    free(snaps);
     json_object_object_add(o, "image", img);
     json_object_object_add(cache, "writeback", json_object_new_boolean(true));
     json_object_object_add(cache, "direct", json_object_new_boolean(
@@ -479,15 +503,7 @@ static struct json_object *qmp_cmd_snapshot_delete_internal(
     if (!ok) {
         return NULL;
     }
-    struct json_object *r = json_object_new_object();
-    json_object_object_add(r, "id", json_object_new_string(si.id));
-    json_object_object_add(r, "name", json_object_new_string(si.name));
-    json_object_object_add(r, "vm-state-size", json_object_new_int64(0));
-    json_object_object_add(r, "date-sec", json_object_new_int64(si.date_sec));
-    json_object_object_add(r, "date-nsec", json_object_new_int64(si.date_nsec));
-    json_object_object_add(r, "vm-clock-sec", json_object_new_int64(0));
-    json_object_object_add(r, "vm-clock-nsec", json_object_new_int64(0));
-    return r;
+    return qmp_snapshot_info(&si);
 }
 
 BdrvDirtyBitmap *qmp_bitmap_remove_check(struct json_object *args,

@@ -80,6 +80,11 @@ def test_snapshot_commands_and_changed_since(ceph, tmp_path):
              "data": {"node": "d0", "name": "since2",
                       "x-changed-since-snapshot": "s1"}}])
         assert snaps(ceph, image) == ["s1", "s2"]
+        # query-named-block-nodes lists them as QEMU's ImageInfo does, on
+        # the rbd node and on the raw node over it.
+        for n in q.cmd("query-named-block-nodes"):
+            listed = [x["name"] for x in n["image"].get("snapshots", [])]
+            assert listed == ["s1", "s2"], (n["node-name"], listed)
         assert bitmap_objects(d, "d0", "since2")[0] == set(changed) | {2}
         try:
             q.cmd("transaction", actions=[

@@ -861,6 +861,47 @@ static bool rbd_drv_snapshot_delete(BlockDriverState *bs, const char *name,
     return true;
 }
 
+static int rbd_drv_snapshot_list(BlockDriverState *bs, BdrvSnapshotInfo **ret)
+{
+    BDRVRBDState *s = bs->opaque;
+    int max = 16, n;
+    rbd_snap_info_t *snaps = NULL;
+    /* rbd_snap_list asks for a bigger array with -ERANGE and max set. */
+    for (;;) {
+        free(snaps);
+        snaps = calloc((size_t)max, sizeof(*snaps));
+        if (!snaps) {
+            return -ENOMEM;
+        }
+        n = rbd_snap_list(s->image, snaps, &max);
+        if (n != -ERANGE) {
+            break;
+        }
+    }
+    if (n < 0) {
+        free(snaps);
+        return n;
+    }
+    BdrvSnapshotInfo *out = calloc((size_t)n + 1, sizeof(*out));
+    if (!out) {
+        rbd_snap_list_end(snaps);
+        free(snaps);
+        return -ENOMEM;
+    }
+    for (int i = 0; i < n; i++) {
+        struct timespec ts = { 0 };
+        rbd_snap_get_timestamp(s->image, snaps[i].id, &ts);
+        snprintf(out[i].id, sizeof(out[i].id), "%" PRIu64, snaps[i].id);
+        snprintf(out[i].name, sizeof(out[i].name), "%s", snaps[i].name);
+        out[i].date_sec = ts.tv_sec;
+        out[i].date_nsec = ts.tv_nsec;
+    }
+    rbd_snap_list_end(snaps);
+    free(snaps);
+    *ret = out;
+    return n;
+}
+
 typedef struct RBDChanged {
     BdrvExtentFn *fn;
     void *opaque;
@@ -916,6 +957,7 @@ const BlockDriver bdrv_rbd = {
     .snapshot_create = rbd_drv_snapshot_create,
     .snapshot_delete = rbd_drv_snapshot_delete,
     .snapshot_changed = rbd_drv_snapshot_changed,
+    .snapshot_list = rbd_drv_snapshot_list,
     .can_store_persistent_bitmaps = rbd_bitmaps_can_store,
     .persistent_bitmap_add = rbd_bitmaps_add,
     .persistent_bitmap_remove = rbd_bitmaps_remove,
