@@ -130,7 +130,9 @@ static void usage(FILE *out)
             "or by its dirty count falling below the one the last backup recorded\n"
             "(qemu-storage-daemon reports no generation); a clear followed by as many new\n"
             "writes cannot be detected there: after clearing a bitmap by hand, run with\n"
-            "--level full.\n"
+            "--level full.  A disk bitbackd serves from Ceph RBD keeps an RBD snapshot of\n"
+            "the newest backup: with its bitmap lost, the run takes an incremental from\n"
+            "RBD's fast-diff since that snapshot instead of a full, saying so.\n"
             "\n"
             "Live, the target files are sent to the daemon as absolute paths.  A node that\n"
             "cannot store persistent bitmaps (raw) gets one kept in the daemon's memory:\n"
@@ -177,6 +179,9 @@ void backup_disk_clear_bitmaps(Disk *d)
     free(d->bitmaps);
     d->bitmaps = NULL;
     d->n_bitmaps = 0;
+    repo_plan_free_names(d->snapshots, d->n_snapshots);
+    d->snapshots = NULL;
+    d->n_snapshots = 0;
 }
 
 void backup_disk_free(Disk *d)
@@ -194,6 +199,7 @@ void backup_disk_free(Disk *d)
     free(d->job_error);
     free(d->fleece_path);
     free(d->image_file);
+    free(d->since_snapshot);
     free(d->node);
 }
 
@@ -497,6 +503,37 @@ static unsigned pick_seq(Repo *repo, const BackupOpts *o, Disk *disks,
     return seq + 1;
 }
 
+/* When the planner found no bitmap to trust: can the change since the
+ * newest backup N come from the RBD snapshot PREFIX-N that N's run took?
+ * Only for the same disk size, when that snapshot is there; then d's plan
+ * becomes an incremental on N whose change is RBD's diff since it. */
+static bool plan_from_snapshot(Repo *repo, const BackupOpts *o, Disk *d)
+{
+    RepoManifest *latest = repo_latest(repo, d->node);
+    char name[BDRV_BITMAP_MAX_NAME + 1];
+
+    if (!d->rbd_snapshots || !latest || latest->image_size != d->size ||
+        (!o->level_auto && o->level != REPO_LEVEL_INC)) {
+        return false;
+    }
+    repo_bitmap_name(name, o->prefix, latest->seq, "");
+    for (size_t i = 0; i < d->n_snapshots; i++) {
+        if (!strcmp(d->snapshots[i], name)) {
+            d->level = REPO_LEVEL_INC;
+            d->parent_seq = latest->seq;
+            repo_plan_free_names(d->sources, d->n_sources);
+            d->sources = NULL;
+            d->n_sources = 0;
+            if (!d->granularity) {
+                d->granularity = o->granularity ? o->granularity : 65536;
+            }
+            d->since_snapshot = backup_strdup(name);
+            return true;
+        }
+    }
+    return false;
+}
+
 /* Steps 2 and 3 for every disk, and the bitmap names. */
 bool backup_prepare_disks(Repo *repo, const BackupOpts *o, Disk *disks,
                           size_t n, unsigned *ret_seq, Error **errp)
@@ -509,13 +546,17 @@ bool backup_prepare_disks(Repo *repo, const BackupOpts *o, Disk *disks,
         if (!plan_disk(repo, o, &disks[i], &reason, errp)) {
             return false;
         }
-        if (reason) {
+        if (reason && plan_from_snapshot(repo, o, &disks[i])) {
+            fprintf(stderr, "%s: %s; RBD fast-diff since snapshot '%s' gives "
+                    "the change: taking an incremental\n", disks[i].node,
+                    reason, disks[i].since_snapshot);
+        } else if (reason) {
             /* The one line the issue asks for; on stderr so that
              * --output=json stays parseable. */
             fprintf(stderr, "%s: taking a full backup: %s\n", disks[i].node,
                     reason);
-            free(reason);
         }
+        free(reason);
     }
     seq = pick_seq(repo, o, disks, n);
     for (size_t i = 0; i < n; i++) {

@@ -31,6 +31,17 @@ typedef struct Disk {
     char *drv;                         /* live: the node's driver */
     BitmapInfo *bitmaps;
     size_t n_bitmaps;
+    /* Live, bitbackd serving an RBD image (an rbd node, or raw over one):
+     * each run snapshots the image at its point in time (PREFIX-ID, as
+     * its bitmap), keeping only the newest backup's, so that a run whose
+     * bitmaps are lost takes an incremental from RBD's fast-diff since
+     * that snapshot (docs/specs/repository.md, "RBD snapshots"). */
+    bool ours;                         /* live: the daemon is bitbackd */
+    bool rbd_snapshots;
+    char **snapshots;                  /* the image's snapshots (names) */
+    size_t n_snapshots;
+    char *since_snapshot;              /* the plan: the change is the diff
+                                        * since this snapshot (no bitmap) */
 
     /* The plan */
     RepoLevel level;

@@ -111,8 +111,30 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
     /* QEMU and bitbackd store persistent bitmaps in qcow2 (and qbm)
      * images only; on any other node ours must be non-persistent. */
     d->volatile_bitmaps = json_opt_str(node, "drv") && strcmp(d->drv, "qcow2") &&
-                          strcmp(d->drv, "qbm");
+                          strcmp(d->drv, "qbm") &&
+                          (strcmp(d->drv, "rbd") || !d->ours);
     backup_disk_clear_bitmaps(d);
+    /* An RBD image: an rbd node, or raw over one (bitbackd names both
+     * "rbd:POOL/IMAGE"); the run decides whether the daemon snapshots it. */
+    d->rbd_snapshots = d->ours && d->image_file &&
+                       !strncmp(d->image_file, "rbd:", 4) &&
+                       (!strcmp(d->drv, "rbd") || !strcmp(d->drv, "raw"));
+    if (json_object_object_get_ex(img, "snapshots", &bms) &&
+        json_object_is_type(bms, json_type_array)) {
+        size_t n = json_object_array_length(bms);
+
+        d->snapshots = calloc(n ? n : 1, sizeof(*d->snapshots));
+        if (!d->snapshots) {
+            abort();
+        }
+        for (size_t i = 0; i < n; i++) {
+            const char *sn = json_opt_str(json_object_array_get_idx(bms, i),
+                                          "name");
+            if (sn) {
+                d->snapshots[d->n_snapshots++] = backup_strdup(sn);
+            }
+        }
+    }
     if (json_object_object_get_ex(node, "dirty-bitmaps", &bms) &&
         json_object_is_type(bms, json_type_array)) {
         size_t n = json_object_array_length(bms);
@@ -242,6 +264,36 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
         }
     }
     return live_query_disk(qmp, d, errp);
+}
+
+/* Keep, of this repository's RBD snapshots of d's image (PREFIX-N), only
+ * the newest committed backup's: a killed run's, and those of older
+ * backups, are deleted (step 1 and step 7).  A failed delete is reported,
+ * not fatal: the next run tries again. */
+static void live_prune_snapshots(QmpConn *qmp, Repo *repo, const BackupOpts *o,
+                                 Disk *d)
+{
+    RepoManifest *latest = repo_latest(repo, d->node);
+
+    for (size_t i = 0; d->ours && i < d->n_snapshots; i++) {
+        unsigned seq = repo_bitmap_seq(o->prefix, d->snapshots[i]);
+        Error *err = NULL;
+
+        if (!seq || (latest && seq == latest->seq)) {
+            continue;
+        }
+        struct json_object *a = json_object_new_object();
+        json_object_object_add(a, "device", json_object_new_string(d->node));
+        json_object_object_add(a, "name", json_object_new_string(d->snapshots[i]));
+        struct json_object *r = qmp_conn_execute(
+            qmp, "blockdev-snapshot-delete-internal-sync", a, &err);
+        if (!r) {
+            error_prepend(&err, "%s: cannot delete snapshot '%s': ", d->node,
+                          d->snapshots[i]);
+            error_report_err(err);
+        }
+        json_object_put(r);
+    }
 }
 
 /* ---- Pull: the backup read over NBD (docs/specs/repository.md, Pull) ----
@@ -923,15 +975,31 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             add_action(actions, "block-dirty-bitmap-disable",
                        bitmap_args(d->node, d->freeze[j]));
         }
+        if (d->rbd_snapshots) {
+            /* The image at this point in time, named as the new bitmap:
+             * the next run's fallback when bitmaps are lost. */
+            a = json_object_new_object();
+            json_object_object_add(a, "device", json_object_new_string(d->node));
+            json_object_object_add(a, "name", json_object_new_string(d->new_bitmap));
+            add_action(actions, "blockdev-snapshot-internal-sync", a);
+        }
         if (d->level != REPO_LEVEL_FULL) {
-            struct json_object *srcs = json_object_new_array();
-
             a = bitmap_args(d->node, d->src_bitmap);
             json_object_object_add(a, "persistent", json_object_new_boolean(false));
             json_object_object_add(a, "disabled", json_object_new_boolean(true));
             json_object_object_add(a, "granularity",
                                    json_object_new_int64(d->granularity));
+            if (d->since_snapshot) {
+                /* No bitmap holds the change: RBD's diff since the
+                 * parent's snapshot does, at this same point. */
+                json_object_object_add(a, "x-changed-since-snapshot",
+                                       json_object_new_string(d->since_snapshot));
+            }
             add_action(actions, "block-dirty-bitmap-add", a);
+        }
+        if (d->level != REPO_LEVEL_FULL && !d->since_snapshot) {
+            struct json_object *srcs = json_object_new_array();
+
             for (size_t j = 0; j < d->n_sources; j++) {
                 json_object_array_add(srcs, json_object_new_string(d->sources[j]));
             }
@@ -1194,6 +1262,8 @@ int backup_live(const BackupOpts *o, Repo *repo)
     _cleanup_(tls_creds_putp) TLSCreds *tls = NULL;
     double t0;
 
+    bool ours;
+
     backup_catch_signals(true);
     if (o->tls_creds) {
         tls = tls_creds_get(o->tls_creds, false, &err);
@@ -1218,8 +1288,10 @@ int backup_live(const BackupOpts *o, Repo *repo)
         error_prepend(&err, "--nbd-server: ");
         goto out;
     }
+    ours = live_is_bitbackd(qmp);
     for (size_t i = 0; i < n; i++) {
         disks[i].node = backup_strdup(o->nodes[i]);
+        disks[i].ours = ours;
         /* The repository's own job ID: another repository backing up the
          * same disk must never see it as a job of its killed runs. */
         snprintf(disks[i].job_id, sizeof(disks[i].job_id), "bitback-%.8s-%s",
@@ -1235,6 +1307,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
         if (!live_cleanup(qmp, o, &disks[i], &err)) {
             goto out;
         }
+        live_prune_snapshots(qmp, repo, o, &disks[i]);
     }
     /* Events so far belong to jobs of earlier runs, which live_cleanup
      * saw end: ours share their job IDs, so forget them. */
@@ -1247,7 +1320,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
         goto out;
     }
     {
-        bool ours = live_is_bitbackd(qmp), any = false;
+        bool any = false;
 
         for (size_t i = 0; i < n; i++) {
             /* --speed: QEMU's job honours the rate limit; a pull
@@ -1347,6 +1420,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
         stale = backup_stale_bitmaps(repo, o, &disks[i], &n_stale);
         live_remove_bitmaps(qmp, disks[i].node, stale, n_stale);
         repo_plan_free_names(stale, n_stale);
+        live_prune_snapshots(qmp, repo, o, &disks[i]);
         if (full) {
             repo_remove_attempts_below(repo, disks[i].node, full->seq);
         }
