@@ -190,6 +190,7 @@ void backup_disk_free(Disk *d)
     repo_plan_free_names(d->sources, d->n_sources);
     repo_plan_free_names(d->freeze, d->n_freeze);
     free(d->tmp_path);
+    free(d->tmp_block);
     free(d->generation);
     free(d->job_error);
     free(d->fleece_path);
@@ -289,7 +290,10 @@ static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
         json_object_object_add(opts, "cluster_size", json_object_new_string(buf));
     }
     d->tmp_path = repo_tmp_data_path(repo, d->node, seq);
-    unlink(d->tmp_path);
+    repo->storage->remove(d->tmp_path);
+    if (!(d->tmp_block = repo_block_name(repo, d->tmp_path, errp))) {
+        return false;
+    }
     if (d->parent_seq) {
         char name[REPO_ID_LEN + 8];
 
@@ -298,7 +302,7 @@ static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
         json_object_object_add(opts, "backing_file", json_object_new_string(name));
         json_object_object_add(opts, "backing_fmt", json_object_new_string("qcow2"));
     }
-    if (!bdrv_img_create(d->tmp_path, "qcow2", d->size, opts, errp)) {
+    if (!bdrv_img_create(d->tmp_block, "qcow2", d->size, opts, errp)) {
         error_prepend(errp, "%s: cannot create %s: ", d->node, d->tmp_path);
         return false;
     }
@@ -383,7 +387,7 @@ RepoManifest *backup_commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
     d->n_counts = 0;
 
     t0 = clock_monotonic_seconds();
-    ok = repo_fsync_path(d->tmp_path, errp);
+    ok = repo->storage->sync(d->tmp_path, errp);
     t1 = clock_monotonic_seconds();
     p = cli_progress_new("hashing", d->size, cli_progress_wanted(o->progress));
     ok = ok && repo_scan_backup(repo, d->tmp_path, m, cli_progress_cb, p, errp);
@@ -778,7 +782,7 @@ int cli_cmd_backup(int argc, char **argv)
     /* The daemon opens the targets by the names we send, from its own
      * working folder (qemu-storage-daemon --daemonize runs in /): every
      * path is made absolute first. */
-    if (o.repo_path[0] != '/') {
+    if (o.repo_path[0] != '/' && !bdrv_filename_is_rbd(o.repo_path)) {
         _cleanup_free_ char *cwd = getcwd(NULL, 0);
 
         if (!cwd) {

@@ -44,7 +44,8 @@ typedef struct Disk {
     char id[REPO_ID_LEN];              /* this run's backup ID */
     char new_bitmap[BDRV_BITMAP_MAX_NAME + 1];
     char src_bitmap[BDRV_BITMAP_MAX_NAME + 1];
-    char *tmp_path;
+    char *tmp_path;                    /* .ID.qcow2.tmp in the repository */
+    char *tmp_block;                   /* its name for the block layer */
     char *generation;                  /* of new_bitmap, after step 4 */
     char job_id[REPO_MAX_NODE_NAME + 32];
     RepoBitmapCount *counts;           /* for the manifest, at commit */

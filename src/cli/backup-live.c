@@ -949,7 +949,7 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             add_action(actions, "blockdev-backup", job);
             continue;
         }
-        json_object_object_add(job, "target", json_object_new_string(d->tmp_path));
+        json_object_object_add(job, "target", json_object_new_string(d->tmp_block));
         json_object_object_add(job, "format", json_object_new_string("qcow2"));
         json_object_object_add(job, "mode", json_object_new_string("existing"));
         if (d->level == REPO_LEVEL_FULL) {
@@ -1166,7 +1166,7 @@ static int live_interrupted(QmpConn *qmp, Repo *repo, const BackupOpts *o,
         Error *err = NULL;
 
         if (disks[i].tmp_path) {
-            unlink(disks[i].tmp_path);
+            repo->storage->remove(disks[i].tmp_path);
         }
         if (undone && !repo_remove_attempt(repo, disks[i].node, seq, &err)) {
             error_prepend(&err, "warning: ");
@@ -1358,7 +1358,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
 out_tmp:
     for (size_t i = 0; i < n; i++) {
         if (disks[i].tmp_path) {
-            unlink(disks[i].tmp_path);
+            repo->storage->remove(disks[i].tmp_path);
         }
     }
 out:

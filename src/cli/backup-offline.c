@@ -297,7 +297,13 @@ bool backup_copy_extents(const BackupOpts *o, BlockDriverState **srcs,
     int r;
 
     assert(n_src >= 1 && n_src <= BACKUP_MAX_COPY_CONNS);
-    sh.dst = bdrv_open_image(d->tmp_path, "qcow2", BDRV_O_RDWR, errp);
+    /* In a rados repository the recorded backing name (the parent's
+     * "ID.qcow2") resolves to no image: the extents are whole clusters
+     * (the cluster size is at most the granularity), so no write reads the
+     * backing file and the overlay is opened without it. */
+    sh.dst = bdrv_open_image(d->tmp_block, "qcow2", BDRV_O_RDWR |
+                             (bdrv_filename_is_rbd(d->tmp_block)
+                              ? BDRV_O_NO_BACKING : 0), errp);
     if (!sh.dst) {
         free(ext);
         return false;
@@ -493,7 +499,7 @@ int backup_offline(const BackupOpts *o, Repo *repo)
 
 out_tmp:
     if (d.tmp_path) {
-        unlink(d.tmp_path);
+        repo->storage->remove(d.tmp_path);
     }
 out:
     if (err) {

@@ -44,6 +44,9 @@
 /* Largest ID: nine digits keeps "%06u" and the file names short. */
 #define REPO_MAX_SEQ       999999999u
 
+/* The repository marker, in the root. */
+#define REPO_MARKER_NAME   "bitback-repo.json"
+
 /* ---- paths.c ---- */
 
 /* Parse 1..9 decimal digits (no sign, no spaces) ending at `end` (or at

@@ -130,6 +130,11 @@ typedef struct Repo {
  * repository that has no UUID one, written once by atomic replacement.  Loads every manifest; a manifest that
  * does not parse is an error naming the file. */
 Repo *repo_open(const char *path, bool create, Error **errp);
+/* The name the block layer opens or creates the data file path (built by
+ * repo_data_path / repo_tmp_data_path) of repo by: the path itself for a
+ * local repository, an rbd: name inside the repository's pool and
+ * namespace for a rados one.  Malloc'd; NULL with errp set. */
+char *repo_block_name(Repo *repo, const char *path, Error **errp);
 void repo_free(Repo *repo);
 /* Mark a version-1 repository version 2 (atomic replacement of
  * bitback-repo.json, keeping its other keys): before a writer puts the

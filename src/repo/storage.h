@@ -2,13 +2,13 @@
  * The storage backend of a repository: the operations the repository
  * library does on its files (manifests, attempt markers, the marker
  * bitback-repo.json, the folders, the renames of the commit protocol).
- * A backend is a vtable, like a block driver: storage-local.c is the one
- * implementation (POSIX files); another backend (an object store) is one
- * more file filling the same table.
+ * A backend is a vtable, like a block driver: storage-local.c (POSIX
+ * files) and storage-rados.c (a Ceph pool: RADOS objects for metadata,
+ * RBD images for the qcow2 data files).
  *
- * Not routed through it: the qcow2 data files themselves, which the block
- * layer opens and writes by path (bdrv_open_image, bdrv_img_create,
- * repo_restore_image), and the containment check of chain.c (realpath).
+ * The qcow2 data files themselves are opened and written by the block
+ * layer (bdrv_open_image, bdrv_img_create) by the name block_name gives;
+ * the backend only stats, renames, removes and lists them.
  *
  * Paths are full paths ("REPO/NODE/ID.json") as paths.c builds them.
  * Operations made of several steps, whose failures need words, set errp;
@@ -82,9 +82,28 @@ typedef struct RepoStorage {
     RepoFile *(*open)(const char *path, uint64_t *ret_size, Error **errp);
     int (*pread)(RepoFile *f, void *buf, size_t len, uint64_t off);
     void (*close)(RepoFile *f);
+
+    /* The name the block layer opens the data file path (ID.qcow2 or
+     * .ID.qcow2.tmp) of the repository at root by, malloc'd, checked to lie
+     * inside the repository; NULL with errp set otherwise.  NULL member:
+     * the path itself (local files; chain.c's contained_path resolves
+     * links when it opens one). */
+    char *(*block_name)(const char *root, const char *path, Error **errp);
 } RepoStorage;
 
 /* POSIX files (storage-local.c). */
 extern const RepoStorage repo_storage_local;
+
+/* A Ceph pool (storage-rados.c), for repositories named
+ * "rbd:POOL[/NAMESPACE][:conf=PATH][:id=USER]". */
+extern const RepoStorage repo_storage_rados;
+/* Connect to the repository spec names and register its root
+ * "rbd:POOL[/NS]" (*ret_root, malloc'd: the repository's path, under
+ * which every path of it lies) until repo_storage_rados_detach(root).
+ * False with errp set on a bad name, an unreachable cluster or a missing
+ * pool. */
+bool repo_storage_rados_attach(const char *spec, char **ret_root,
+                               Error **errp);
+void repo_storage_rados_detach(const char *root);
 
 #endif
