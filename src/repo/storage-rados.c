@@ -252,9 +252,42 @@ static bool rrepo_write_full_err(const char *path, const void *data,
     return ret == 0;
 }
 
+/* Data images are sized up to a multiple of this at sync (thin
+ * provisioning: it costs nothing): QEMU's rbd driver asserts that a
+ * qcow2's block-status requests, whole clusters (at most 2 MiB), lie
+ * inside the image, and a compressed qcow2 may end inside a cluster. */
+#define RREPO_DATA_ALIGN (UINT64_C(2) << 20)
+
 static bool rrepo_sync(const char *path, Error **errp)
 {
-    return true;                       /* acknowledged writes are durable */
+    const char *name;
+    RadosRepo *r = rrepo_find_err(path, &name, errp);
+    rbd_image_t image;
+    uint64_t size;
+    int ret;
+
+    if (!r) {
+        return false;
+    }
+    if (!rrepo_is_data(name)) {
+        return true;                   /* acknowledged writes are durable */
+    }
+    _cleanup_free_ char *img = rrepo_image_name(name);
+    ret = rbd_open(r->io, img, &image, NULL);
+    if (ret == 0) {
+        ret = rbd_get_size(image, &size);
+        if (ret == 0 && size % RREPO_DATA_ALIGN) {
+            ret = rbd_resize(image, ROUND_UP(size, RREPO_DATA_ALIGN));
+        }
+        int c = rbd_flush(image);
+        ret = ret < 0 ? ret : c;
+        rbd_close(image);
+    }
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "cannot sync '%s'", path);
+        return false;
+    }
+    return true;
 }
 
 static int rrepo_remove_name(RadosRepo *r, const char *name)
