@@ -216,3 +216,30 @@ def test_rados_repo_hostile_manifest(tmp_path, ceph):
     ceph.tool("rados", "-p", pool, "put", obj, str(got))
     p = elsewhere(tmp_path, ceph, "verify", "--repo", repo, check=False)
     assert p.returncode != 0 and p.returncode < 128, p
+
+
+def test_rados_repo_prune(tmp_path, ceph):
+    """prune --keep-last 1 turns the newest into a synthetic full in the
+    cluster and deletes the rest (their objects and images); it restores."""
+    pool = pool_for(ceph)
+    repo = repo_name(ceph, pool)
+    _, refs = make_chain(tmp_path, ceph, repo, n=3)
+    elsewhere(tmp_path, ceph, "prune", "--repo", repo, "--keep-last", "1")
+    listing = json.loads(bitback("list", "--repo", repo,
+                                 "--output=json").stdout)
+    assert [b["id"] for b in listing] == ["000003"], listing
+    imgs = [n for n in names(ceph, "rbd", "ls", pool) if n.endswith("qcow2")]
+    assert imgs == ["disk%2F000003.qcow2"], imgs
+    objs = names(ceph, "rados", "-p", pool, "ls")
+    assert not [o for o in objs if o.startswith("disk/00000")
+                and not o.startswith("disk/000003")], objs
+    out = tmp_path / "p.raw"
+    elsewhere(tmp_path, ceph, "restore", "--repo", repo, "--at", "latest",
+              str(out))
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(refs[2]),
+         str(out)])
+    elsewhere(tmp_path, ceph, "verify", "--repo", repo)
+    # The synthetic full has no backing file: qemu-img reads it alone.
+    env = dict(os.environ, CEPH_CONF=str(ceph.conf))
+    run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(refs[2]),
+         f"rbd:{pool}/disk%2F000003.qcow2:conf={ceph.conf}"], env=env)
