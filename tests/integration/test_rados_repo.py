@@ -243,3 +243,53 @@ def test_rados_repo_prune(tmp_path, ceph):
     env = dict(os.environ, CEPH_CONF=str(ceph.conf))
     run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(refs[2]),
          f"rbd:{pool}/disk%2F000003.qcow2:conf={ceph.conf}"], env=env)
+
+
+@pytest.mark.parametrize("extra", [[], ["--pull"]], ids=["push", "pull"])
+def test_rados_repo_live_chain_under_load(tmp_path, ceph, extra, monkeypatch):
+    """full, inc, inc from bitbackd (a local qcow2 with persistent bitmaps)
+    while a writer runs, pushed by the daemon into RBD images or pulled by
+    bitback; each point restored from a second process with no local files
+    is the copy taken at its transaction time."""
+    from test_backup_cli import listing, live_writer, run_backup_live
+    from test_pull import serve
+    import tempfile
+    tempfile.gettempdir()
+    short = tempfile.mkdtemp(prefix="bbr-")      # the pull folder's socket
+    monkeypatch.setenv("TMPDIR", short)
+    pool = pool_for(ceph)
+    repo = repo_name(ceph, pool)
+    d = serve(tmp_path, "bitbackd", "qcow2", 32 * MiB, nbd=True, data_mib=32)
+    try:
+        if extra:
+            extra = ["--pull", "--nbd-socket", str(d.nbd_sock)]
+        writer = live_writer([d.nbd_uri("disk0")])
+        writer.start()
+        points = []
+        try:
+            for tag, level in [("p1", "full"), ("p2", "inc"), ("p3", "inc")]:
+                time.sleep(0.3)
+                bid, refs, err = run_backup_live(d, repo, ["disk0"], level,
+                                                 writer, tmp_path, tag,
+                                                 *extra, speed=None)
+                assert "taking a full backup" not in err, err
+                points.append((bid, refs["disk0"]))
+        finally:
+            writer.stop()
+        assert writer.writes > 20
+        backups = listing(repo)
+        assert [b["level"] for b in backups] == ["full", "inc", "inc"]
+        assert [b["id"] for b in backups] == [p[0] for p in points]
+        for bid, ref in points:
+            out = tmp_path / f"live-{bid}.raw"
+            elsewhere(tmp_path, ceph, "restore", "--repo", repo, "--at", bid,
+                      str(out))
+            run(["cmp", str(out), str(ref)])
+        elsewhere(tmp_path, ceph, "verify", "--repo", repo)
+        # The daemon's folder got nothing of the repository.
+        assert not [n for n in os.listdir(d.workdir) if "qcow2.tmp" in n
+                    or n.endswith(".json")]
+    finally:
+        d.cleanup()
+        import shutil
+        shutil.rmtree(short, ignore_errors=True)
