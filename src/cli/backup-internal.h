@@ -58,6 +58,10 @@ typedef struct Disk {
      * killed run's is found), and what of it exists. */
     bool pull;
     char fleece[32];
+    /* push into a rados repository: the daemon's node of the target
+     * ("bbt-" + the fleece name's suffix), added with no backing file */
+    char target[32];
+    bool target_added;
     char *fleece_path;                 /* local daemons: bitback's file */
     bool fleece_added, export_added;
     /* Remote daemons (QMP over TCP): the overlay is made by the daemon

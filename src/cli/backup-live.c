@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include "block/drivers/rbd.h"
 #include "cli/backup-internal.h"
 #include "cli/progress.h"
 #include "client/qmp-client.h"
@@ -206,6 +207,62 @@ static bool live_end_job(QmpConn *qmp, Disk *d, Error **errp)
 
 static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet);
 static bool live_is_bitbackd(QmpConn *qmp);
+static struct json_object *one_arg(const char *key, const char *value);
+
+/* Remove d's target node from the daemon (blockdev-del flushes and closes
+ * it) when this run added it, or always when quiet (a killed run's). */
+static void live_del_target(QmpConn *qmp, Disk *d, bool quiet)
+{
+    if (quiet || d->target_added) {
+        json_object_put(qmp_conn_execute(qmp, "blockdev-del",
+                                         one_arg("node-name", d->target),
+                                         NULL));
+        d->target_added = false;
+    }
+}
+
+/* A push into a rados repository: the target is an RBD image whose qcow2
+ * records its parent as "ID.qcow2", a name that resolves to no image next
+ * to an rbd: name, so the daemon gets the target as a node of its own
+ * with no backing file (blockdev-add, QEMU's rbd options), and the job
+ * writes whole clusters (the cluster size is at most the granularity):
+ * nothing reads the backing file.  Nothing for other repositories. */
+static bool live_add_target(QmpConn *qmp, Disk *d, Error **errp)
+{
+    _cleanup_(rbd_spec_clear) RBDSpec sp = { 0 };
+
+    if (d->pull || !bdrv_filename_is_rbd(d->tmp_block)) {
+        return true;
+    }
+    if (!rbd_spec_parse(d->tmp_block, true, &sp, errp)) {
+        return false;
+    }
+    struct json_object *file = one_arg("driver", "rbd");
+    json_object_object_add(file, "pool", json_object_new_string(sp.pool));
+    if (sp.ns) {
+        json_object_object_add(file, "namespace", json_object_new_string(sp.ns));
+    }
+    json_object_object_add(file, "image", json_object_new_string(sp.image));
+    if (sp.conf) {
+        json_object_object_add(file, "conf", json_object_new_string(sp.conf));
+    }
+    if (sp.user) {
+        json_object_object_add(file, "user", json_object_new_string(sp.user));
+    }
+    struct json_object *a = one_arg("driver", "qcow2");
+    json_object_object_add(a, "node-name", json_object_new_string(d->target));
+    json_object_object_add(a, "backing", NULL);
+    json_object_object_add(a, "file", file);
+    struct json_object *r = qmp_conn_execute(qmp, "blockdev-add", a, errp);
+    if (!r) {
+        error_prepend(errp, "%s: cannot open the target %s: ", d->node,
+                      d->tmp_block);
+        return false;
+    }
+    json_object_put(r);
+    d->target_added = true;
+    return true;
+}
 
 static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
                          Error **errp)
@@ -213,8 +270,10 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
     if (!live_end_job(qmp, d, errp)) {
         return false;
     }
-    /* A killed pull's fleecing export and node (absent: nothing). */
+    /* A killed pull's fleecing export and node, a killed push's target
+     * node (absent: nothing). */
     pull_remove_export_and_node(qmp, d, true);
+    live_del_target(qmp, d, true);
     if (!live_query_disk(qmp, d, errp)) {
         return false;
     }
@@ -300,6 +359,7 @@ static void pull_name(const Repo *repo, const char *dir, Disk *d)
 {
     snprintf(d->fleece, sizeof(d->fleece), "bbf-%.8s-%08x", repo->uuid,
              name_hash(d->node));
+    snprintf(d->target, sizeof(d->target), "bbt-%s", d->fleece + 4);
     free(d->fleece_path);
     d->fleece_path = NULL;
     if (dir && asprintf(&d->fleece_path, "%s/%s.qcow2", dir, d->fleece) < 0) {
@@ -949,9 +1009,13 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             add_action(actions, "blockdev-backup", job);
             continue;
         }
-        json_object_object_add(job, "target", json_object_new_string(d->tmp_block));
-        json_object_object_add(job, "format", json_object_new_string("qcow2"));
-        json_object_object_add(job, "mode", json_object_new_string("existing"));
+        if (d->target_added) {
+            json_object_object_add(job, "target", json_object_new_string(d->target));
+        } else {
+            json_object_object_add(job, "target", json_object_new_string(d->tmp_block));
+            json_object_object_add(job, "format", json_object_new_string("qcow2"));
+            json_object_object_add(job, "mode", json_object_new_string("existing"));
+        }
         if (d->level == REPO_LEVEL_FULL) {
             /* Without a backing chain "top" copies the same bytes, and
              * QEMU then skips what the image does not allocate in big
@@ -975,7 +1039,7 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             json_object_object_add(job, "x-compress-level",
                                    json_object_new_int(o->compress_level));
         }
-        add_action(actions, "drive-backup", job);
+        add_action(actions, d->target_added ? "blockdev-backup" : "drive-backup", job);
     }
     /* Not completion-mode "grouped": QEMU refuses it next to bitmap
      * actions.  The transaction alone fixes one point in time for every
@@ -1261,6 +1325,11 @@ int backup_live(const BackupOpts *o, Repo *repo)
             goto out_tmp;
         }
     }
+    for (size_t i = 0; i < n; i++) {
+        if (!live_add_target(qmp, &disks[i], &err)) {
+            goto out_tmp;
+        }
+    }
     if (!live_transaction(qmp, o, disks, n, &err)) {
         goto out_tmp;
     }
@@ -1302,6 +1371,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
     }
     for (size_t i = 0; i < n; i++) {
         disks[i].copy_seconds = clock_monotonic_seconds() - t0;
+        live_del_target(qmp, &disks[i], false);
     }
     for (size_t i = 0; i < n; i++) {
         char *src = disks[i].src_bitmap;
@@ -1357,6 +1427,9 @@ int backup_live(const BackupOpts *o, Repo *repo)
 
 out_tmp:
     for (size_t i = 0; i < n; i++) {
+        if (qmp) {
+            live_del_target(qmp, &disks[i], false);
+        }
         if (disks[i].tmp_path) {
             repo->storage->remove(disks[i].tmp_path);
         }

@@ -245,10 +245,15 @@ def test_rados_repo_prune(tmp_path, ceph):
          f"rbd:{pool}/disk%2F000003.qcow2:conf={ceph.conf}"], env=env)
 
 
-@pytest.mark.parametrize("extra", [[], ["--pull"]], ids=["push", "pull"])
-def test_rados_repo_live_chain_under_load(tmp_path, ceph, extra, monkeypatch):
-    """full, inc, inc from bitbackd (a local qcow2 with persistent bitmaps)
-    while a writer runs, pushed by the daemon into RBD images or pulled by
+@pytest.mark.parametrize("kind,extra", [("bitbackd", []),
+                                        ("bitbackd", ["--pull"]),
+                                        ("qsd", [])],
+                         ids=["push", "pull", "qsd-push"])
+def test_rados_repo_live_chain_under_load(tmp_path, ceph, kind, extra,
+                                          monkeypatch):
+    """full, inc, inc from bitbackd or qemu-storage-daemon (a local qcow2
+    with persistent bitmaps) while a writer runs, pushed by the daemon into
+    RBD images (its own target node, QEMU's rbd options) or pulled by
     bitback; each point restored from a second process with no local files
     is the copy taken at its transaction time."""
     from test_backup_cli import listing, live_writer, run_backup_live
@@ -259,7 +264,7 @@ def test_rados_repo_live_chain_under_load(tmp_path, ceph, extra, monkeypatch):
     monkeypatch.setenv("TMPDIR", short)
     pool = pool_for(ceph)
     repo = repo_name(ceph, pool)
-    d = serve(tmp_path, "bitbackd", "qcow2", 32 * MiB, nbd=True, data_mib=32)
+    d = serve(tmp_path, kind, "qcow2", 32 * MiB, nbd=True, data_mib=32)
     try:
         if extra:
             extra = ["--pull", "--nbd-socket", str(d.nbd_sock)]
