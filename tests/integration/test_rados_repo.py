@@ -298,3 +298,22 @@ def test_rados_repo_live_chain_under_load(tmp_path, ceph, kind, extra,
         d.cleanup()
         import shutil
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_rados_repo_serve(tmp_path, ceph):
+    """`bitback serve` exports a point of the cluster's repository over NBD
+    from a process with no local files; nbdcopy reads the reference."""
+    from test_serve import serve
+
+    class Chain:
+        pass
+    pool = pool_for(ceph)
+    chain = Chain()
+    chain.repo = repo_name(ceph, pool)
+    _, refs = make_chain(tmp_path, ceph, chain.repo, n=2)
+    sock = tmp_path / "s.sock"
+    for at, ref in (("1", refs[0]), ("latest", refs[1])):
+        out = tmp_path / f"served-{at}.raw"
+        with serve(chain, "--at", at, "--socket", sock) as (uri, _):
+            run(["nbdcopy", uri, str(out)])
+        run(["cmp", str(out), str(ref)])
