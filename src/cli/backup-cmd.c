@@ -191,6 +191,7 @@ void backup_disk_free(Disk *d)
     repo_plan_free_names(d->freeze, d->n_freeze);
     free(d->tmp_path);
     free(d->tmp_block);
+    json_object_put(d->tmp_options);
     free(d->generation);
     free(d->job_error);
     free(d->fleece_path);
@@ -292,6 +293,11 @@ static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
     d->tmp_path = repo_tmp_data_path(repo, d->node, seq);
     repo->storage->remove(d->tmp_path);
     if (!(d->tmp_block = repo_block_name(repo, d->tmp_path, errp))) {
+        return false;
+    }
+    if (!repo_opens_by_name(repo) &&
+        !(d->tmp_options = repo_overlay_options(repo, d->node, seq,
+                                                d->parent_seq, errp))) {
         return false;
     }
     if (d->parent_seq) {

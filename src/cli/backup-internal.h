@@ -46,6 +46,9 @@ typedef struct Disk {
     char src_bitmap[BDRV_BITMAP_MAX_NAME + 1];
     char *tmp_path;                    /* .ID.qcow2.tmp in the repository */
     char *tmp_block;                   /* its name for the block layer */
+    /* the options that open it for writing when the repository's files
+     * are not opened by name (repo_overlay_options), else NULL */
+    struct json_object *tmp_options;
     char *generation;                  /* of new_bitmap, after step 4 */
     char job_id[REPO_MAX_NODE_NAME + 32];
     RepoBitmapCount *counts;           /* for the manifest, at commit */

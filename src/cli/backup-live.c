@@ -15,7 +15,6 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
-#include "block/drivers/rbd.h"
 #include "cli/backup-internal.h"
 #include "cli/progress.h"
 #include "client/qmp-client.h"
@@ -209,51 +208,98 @@ static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet);
 static bool live_is_bitbackd(QmpConn *qmp);
 static struct json_object *one_arg(const char *key, const char *value);
 
+/* Bounds of live_del_target's wait for the finished job to let go of the
+ * target node (the daemon drops its reference after the completion event). */
+#define TARGET_DEL_TRIES 500
+#define TARGET_DEL_WAIT_US 10000
+
 /* Remove d's target node from the daemon (blockdev-del flushes and closes
- * it) when this run added it, or always when quiet (a killed run's). */
-static void live_del_target(QmpConn *qmp, Disk *d, bool quiet)
+ * it: only then is the qcow2 in the image complete) when this run added
+ * it, retrying while the finished job still holds it (bounded); quiet:
+ * a killed run's node, absent or not, errors ignored.  False with errp
+ * set when the node could not be removed. */
+static bool live_del_node(QmpConn *qmp, Disk *d, const char *node, bool quiet,
+                          Error **errp);
+
+static bool live_del_target(QmpConn *qmp, Disk *d, bool quiet, Error **errp)
 {
-    if (quiet || d->target_added) {
-        json_object_put(qmp_conn_execute(qmp, "blockdev-del",
-                                         one_arg("node-name", d->target),
-                                         NULL));
-        d->target_added = false;
+    if (!quiet && !d->target_added) {
+        return true;
+    }
+    bool ok = live_del_node(qmp, d, d->target, quiet, errp);
+    char parent[sizeof(d->target) + 2];
+    snprintf(parent, sizeof(parent), "%s-p", d->target);
+    /* The parent node goes once the target no longer holds it. */
+    return live_del_node(qmp, d, parent, true, NULL) && ok;
+}
+
+/* blockdev-del of node, as live_del_target describes. */
+static bool live_del_node(QmpConn *qmp, Disk *d, const char *node, bool quiet,
+                          Error **errp)
+{
+    for (int i = 0;; i++) {
+        Error *err = NULL;
+        struct json_object *r = qmp_conn_execute(
+            qmp, "blockdev-del", one_arg("node-name", node), &err);
+        if (r || quiet) {
+            json_object_put(r);
+            error_free(err);
+            d->target_added = false;
+            return true;
+        }
+        const char *msg = error_get_pretty(err);
+        if (i + 1 >= TARGET_DEL_TRIES ||
+            (!strstr(msg, "in use") && !strstr(msg, "busy"))) {
+            error_prepend(&err, "%s: cannot close the node %s: ",
+                          d->node, node);
+            error_propagate(errp, err);
+            return false;
+        }
+        error_free(err);
+        usleep(TARGET_DEL_WAIT_US);
     }
 }
 
-/* A push into a rados repository: the target is an RBD image whose qcow2
- * records its parent as "ID.qcow2", a name that resolves to no image next
- * to an rbd: name, so the daemon gets the target as a node of its own
- * with no backing file (blockdev-add, QEMU's rbd options), and the job
- * writes whole clusters (the cluster size is at most the granularity):
- * nothing reads the backing file.  Nothing for other repositories. */
+/* A push into a repository whose files the daemon cannot open by name (a
+ * rados repository: the target's header records its parent as
+ * "ID.qcow2", which resolves to no image next to an rbd: name): the
+ * daemon gets the target as a node of its own, opened with the
+ * repository's options (repo_overlay_options: its parent attached
+ * read-only), and the job writes into that node.  Nothing for
+ * repositories opened by name. */
 static bool live_add_target(QmpConn *qmp, Disk *d, Error **errp)
 {
-    _cleanup_(rbd_spec_clear) RBDSpec sp = { 0 };
-
-    if (d->pull || !bdrv_filename_is_rbd(d->tmp_block)) {
+    if (d->pull || !d->tmp_options) {
         return true;
     }
-    if (!rbd_spec_parse(d->tmp_block, true, &sp, errp)) {
+    struct json_object *a = NULL;
+    if (json_object_deep_copy(d->tmp_options, &a, NULL) < 0) {
+        error_setg(errp, "out of memory");
         return false;
     }
-    struct json_object *file = one_arg("driver", "rbd");
-    json_object_object_add(file, "pool", json_object_new_string(sp.pool));
-    if (sp.ns) {
-        json_object_object_add(file, "namespace", json_object_new_string(sp.ns));
+    /* The parent first, as a node of its own that the target names:
+     * QEMU computes a backing file name for a nested definition, which an
+     * rbd node cannot give. */
+    struct json_object *parent = NULL, *r;
+    if (json_object_object_get_ex(a, "backing", &parent) && parent) {
+        char name[sizeof(d->target) + 2];
+        snprintf(name, sizeof(name), "%s-p", d->target);
+        parent = json_object_get(parent);
+        json_object_object_add(parent, "node-name", json_object_new_string(name));
+        json_object_object_add(parent, "read-only", json_object_new_boolean(true));
+        json_object_object_add(a, "backing", json_object_new_string(name));
+        r = qmp_conn_execute(qmp, "blockdev-add", parent, errp);
+        if (!r) {
+            json_object_put(a);
+            error_prepend(errp, "%s: cannot open the parent of %s: ", d->node,
+                          d->tmp_block);
+            return false;
+        }
+        json_object_put(r);
+        d->target_added = true;        /* live_del_target removes both */
     }
-    json_object_object_add(file, "image", json_object_new_string(sp.image));
-    if (sp.conf) {
-        json_object_object_add(file, "conf", json_object_new_string(sp.conf));
-    }
-    if (sp.user) {
-        json_object_object_add(file, "user", json_object_new_string(sp.user));
-    }
-    struct json_object *a = one_arg("driver", "qcow2");
     json_object_object_add(a, "node-name", json_object_new_string(d->target));
-    json_object_object_add(a, "backing", NULL);
-    json_object_object_add(a, "file", file);
-    struct json_object *r = qmp_conn_execute(qmp, "blockdev-add", a, errp);
+    r = qmp_conn_execute(qmp, "blockdev-add", a, errp);
     if (!r) {
         error_prepend(errp, "%s: cannot open the target %s: ", d->node,
                       d->tmp_block);
@@ -273,7 +319,7 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
     /* A killed pull's fleecing export and node, a killed push's target
      * node (absent: nothing). */
     pull_remove_export_and_node(qmp, d, true);
-    live_del_target(qmp, d, true);
+    live_del_target(qmp, d, true, NULL);
     if (!live_query_disk(qmp, d, errp)) {
         return false;
     }
@@ -1371,7 +1417,9 @@ int backup_live(const BackupOpts *o, Repo *repo)
     }
     for (size_t i = 0; i < n; i++) {
         disks[i].copy_seconds = clock_monotonic_seconds() - t0;
-        live_del_target(qmp, &disks[i], false);
+        if (!live_del_target(qmp, &disks[i], false, &err)) {
+            goto out_tmp;
+        }
     }
     for (size_t i = 0; i < n; i++) {
         char *src = disks[i].src_bitmap;
@@ -1428,7 +1476,7 @@ int backup_live(const BackupOpts *o, Repo *repo)
 out_tmp:
     for (size_t i = 0; i < n; i++) {
         if (qmp) {
-            live_del_target(qmp, &disks[i], false);
+            live_del_target(qmp, &disks[i], false, NULL);
         }
         if (disks[i].tmp_path) {
             repo->storage->remove(disks[i].tmp_path);

@@ -297,13 +297,11 @@ bool backup_copy_extents(const BackupOpts *o, BlockDriverState **srcs,
     int r;
 
     assert(n_src >= 1 && n_src <= BACKUP_MAX_COPY_CONNS);
-    /* In a rados repository the recorded backing name (the parent's
-     * "ID.qcow2") resolves to no image: the extents are whole clusters
-     * (the cluster size is at most the granularity), so no write reads the
-     * backing file and the overlay is opened without it. */
-    sh.dst = bdrv_open_image(d->tmp_block, "qcow2", BDRV_O_RDWR |
-                             (bdrv_filename_is_rbd(d->tmp_block)
-                              ? BDRV_O_NO_BACKING : 0), errp);
+    /* Where the recorded backing name resolves to no file (a rados
+     * repository), the repository's options name the parent. */
+    sh.dst = d->tmp_options
+        ? bdrv_open_options(d->tmp_options, BDRV_O_RDWR, errp)
+        : bdrv_open_image(d->tmp_block, "qcow2", BDRV_O_RDWR, errp);
     if (!sh.dst) {
         free(ext);
         return false;

@@ -172,6 +172,21 @@ char *repo_block_name(Repo *repo, const char *path, Error **errp)
     return repo_path_printf("%s", path);
 }
 
+struct json_object *repo_overlay_options(Repo *repo, const char *node,
+                                         unsigned seq, unsigned parent_seq,
+                                         Error **errp)
+{
+    if (!repo->storage->overlay_options) {
+        error_setg(errp, "the %s storage opens backup files by name",
+                   repo->storage->name);
+        return NULL;
+    }
+    _cleanup_free_ char *tmp = repo_tmp_data_path(repo, node, seq);
+    _cleanup_free_ char *parent = parent_seq
+        ? repo_data_path(repo, node, parent_seq) : NULL;
+    return repo->storage->overlay_options(repo->path, tmp, parent, errp);
+}
+
 RepoManifest *repo_pending_manifest(Repo *repo, const RepoManifest *m)
 {
     _cleanup_free_ char *path = repo_tmp_manifest_path(repo, m->node, m->seq);

@@ -586,6 +586,67 @@ static char *rrepo_block_name(const char *root, const char *path,
     return repo_path_printf("%s/%s%s", r->root, esc, r->opts);
 }
 
+/* The rbd protocol node's options (QEMU's) of data file path. */
+static struct json_object *rrepo_rbd_options(const char *root,
+                                             const char *path, Error **errp)
+{
+    _cleanup_free_ char *name = rrepo_block_name(root, path, errp);
+    _cleanup_(rbd_spec_clear) RBDSpec sp = { 0 };
+
+    if (!name || !rbd_spec_parse(name, true, &sp, errp)) {
+        return NULL;
+    }
+    struct json_object *o = json_object_new_object();
+    json_object_object_add(o, "driver", json_object_new_string("rbd"));
+    json_object_object_add(o, "pool", json_object_new_string(sp.pool));
+    if (sp.ns) {
+        json_object_object_add(o, "namespace", json_object_new_string(sp.ns));
+    }
+    json_object_object_add(o, "image", json_object_new_string(sp.image));
+    if (sp.conf) {
+        json_object_object_add(o, "conf", json_object_new_string(sp.conf));
+    }
+    if (sp.user) {
+        json_object_object_add(o, "user", json_object_new_string(sp.user));
+    }
+    return o;
+}
+
+/* {"driver": "qcow2", "file": RBD, "backing": null}. */
+static struct json_object *rrepo_qcow2_options(const char *root,
+                                               const char *path, Error **errp)
+{
+    struct json_object *file = rrepo_rbd_options(root, path, errp);
+    if (!file) {
+        return NULL;
+    }
+    struct json_object *o = json_object_new_object();
+    json_object_object_add(o, "driver", json_object_new_string("qcow2"));
+    json_object_object_add(o, "file", file);
+    json_object_object_add(o, "backing", NULL);
+    return o;
+}
+
+static struct json_object *rrepo_overlay_options(const char *root,
+                                                 const char *path,
+                                                 const char *parent_path,
+                                                 Error **errp)
+{
+    _cleanup_json_ struct json_object *o = rrepo_qcow2_options(root, path,
+                                                               errp);
+    if (!o) {
+        return NULL;
+    }
+    if (parent_path) {
+        struct json_object *b = rrepo_qcow2_options(root, parent_path, errp);
+        if (!b) {
+            return NULL;
+        }
+        json_object_object_add(o, "backing", b);
+    }
+    return steal_pointer(&o);
+}
+
 static bool rrepo_sync_dir(const char *dir, Error **errp)
 {
     return true;
@@ -610,4 +671,5 @@ const RepoStorage repo_storage_rados = {
     .pread = rrepo_pread_file,
     .close = rrepo_close,
     .block_name = rrepo_block_name,
+    .overlay_options = rrepo_overlay_options,
 };

@@ -24,6 +24,8 @@
 
 #include "util/error.h"
 
+struct json_object;
+
 typedef struct RepoStat {
     bool is_dir;
     bool is_regular;
@@ -89,6 +91,19 @@ typedef struct RepoStorage {
      * the path itself (local files; chain.c's contained_path resolves
      * links when it opens one). */
     char *(*block_name)(const char *root, const char *path, Error **errp);
+    /* Block-layer options (blockdev-add's form: a qcow2 node over the
+     * protocol node of path) for the not yet committed data file path of
+     * the repository at root, written through by a backup; its backing is
+     * the node of parent_path (read-only, with no backing of its own), or
+     * none when parent_path is NULL.  For backends whose files the block
+     * layer cannot find by the backing name a header records ("ID.qcow2"
+     * next to an rbd: name).  A backing node, even one never read, keeps
+     * the overlay's zero writes explicit (qcow2's zero flag instead of an
+     * unallocated cluster, which would show the parent).  NULL member:
+     * open path by name. */
+    struct json_object *(*overlay_options)(const char *root, const char *path,
+                                           const char *parent_path,
+                                           Error **errp);
 } RepoStorage;
 
 /* POSIX files (storage-local.c). */

@@ -291,6 +291,14 @@ def test_rados_repo_live_chain_under_load(tmp_path, ceph, kind, extra,
                       str(out))
             run(["cmp", str(out), str(ref)])
         elsewhere(tmp_path, ceph, "verify", "--repo", repo)
+        # No target node of a run is left in the daemon.
+        q = d.connect_qmp()
+        try:
+            left = [n["node-name"] for n in q.cmd("query-named-block-nodes")
+                    if n["node-name"].startswith("bbt-")]
+        finally:
+            q.close()
+        assert not left, left
         # The daemon's folder got nothing of the repository.
         assert not [n for n in os.listdir(d.workdir) if "qcow2.tmp" in n
                     or n.endswith(".json")]
