@@ -299,6 +299,39 @@ static int rrepo_remove_name(RadosRepo *r, const char *name)
     return rados_remove(r->io, name);
 }
 
+/* The longest RBD image id (rbd_get_id: about 12 hex digits). */
+#define RREPO_IMAGE_ID_MAX 64
+
+/* Rename image a to b, replacing b.  rbd_rename refuses an existing
+ * target and RBD has no atomic replace, so an existing b is first moved
+ * to the pool's RBD trash (keeping its content: a crash before the rename
+ * leaves it there, and `rbd trash restore` brings it back), then a takes
+ * its name, then the trashed image is removed.  0 or -errno. */
+static int rrepo_rename_image(RadosRepo *r, const char *a, const char *b)
+{
+    char id[RREPO_IMAGE_ID_MAX] = "";
+    rbd_image_t image;
+    int ret = rbd_open_read_only(r->io, b, &image, NULL);
+
+    if (ret == 0) {
+        ret = rbd_get_id(image, id, sizeof(id));
+        rbd_close(image);
+        if (ret == 0) {
+            ret = rbd_trash_move(r->io, b, 0);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+    } else if (ret != -ENOENT) {
+        return ret;
+    }
+    ret = rbd_rename(r->io, a, b);
+    if (ret == 0 && id[0]) {
+        rbd_trash_remove(r->io, id, true);   /* a leftover costs space only */
+    }
+    return ret;
+}
+
 static int rrepo_rename(const char *from, const char *to)
 {
     const char *nf, *nt;
@@ -310,12 +343,7 @@ static int rrepo_rename(const char *from, const char *to)
     if (rrepo_is_data(nf)) {
         _cleanup_free_ char *a = rrepo_image_name(nf);
         _cleanup_free_ char *b = rrepo_image_name(nt);
-        /* rbd_rename refuses an existing target: the target goes first. */
-        int ret = rbd_remove(r->io, b);
-        if (ret < 0 && ret != -ENOENT) {
-            return ret;
-        }
-        return rbd_rename(r->io, a, b);
+        return rrepo_rename_image(r, a, b);
     }
     /* Copy, then remove: readers see the old name, then both with the
      * same content, then the new name only (docs/specs/repository.md). */

@@ -135,38 +135,78 @@ def test_rados_repo_namespace_and_qemu_img_backing(tmp_path, ceph):
         ceph, "rados", "-p", pool, "-N", "ns1", "ls")
 
 
-def test_rados_repo_killed_backup_cleaned(tmp_path, ceph):
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_rados_repo_killed_backup_cleaned(tmp_path, ceph, mode, monkeypatch):
+    """SIGKILL `bitback backup` while the daemon copies (push: rate
+    limited, killed once the job started; pull: killed at its first
+    progress draw): nothing half-published is listed, the repository
+    verifies, and the next run removes the killed run's nodes and
+    temporary image, succeeds as an incremental and restores bit for
+    bit from a second process."""
+    from test_backup_cli import backup_cmd, listing
+    from test_pull import serve, until_copying, write_through_export
+    import shutil
+    import tempfile
+    tempfile.gettempdir()
+    short = tempfile.mkdtemp(prefix="bbr-")      # the pull folder's socket
+    monkeypatch.setenv("TMPDIR", short)
     pool = pool_for(ceph)
     repo = repo_name(ceph, pool)
-    src, refs = make_chain(tmp_path, ceph, repo, n=1)
-    write(src, 0, 8 * MiB, "0x5a")
-    for delay in (0.3, 0.8, 1.5):
-        p = subprocess.Popen([BITBACK, "backup", "--image", str(src),
-                              "--node", "disk", "--repo", repo],
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    d = serve(tmp_path, "bitbackd", "qcow2", 128 * MiB, nbd=False)
+    sock = d.sockdir / "tw.sock"
+    extra = ["--pull", "--progress"] if mode == "pull" else ["--speed", "1M"]
+    try:
+        run(backup_cmd(d, repo, ["disk0"], "full"))
+        before = listing(repo)
+        ref = tmp_path / "ref.raw"
+        write_through_export(d, sock, ["-c", "write -P 7 0 96M"], ref)
+        p = subprocess.Popen(backup_cmd(d, repo, ["disk0"], "inc", *extra),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            time.sleep(delay)
-        finally:
+            if mode == "pull":
+                until_copying(p)
+            else:
+                line = b""
+                for _ in range(100):             # bounded: a line each
+                    line = p.stderr.readline()
+                    if not line or b" started (" in line:
+                        break
+                assert b" started (" in line, line
             p.send_signal(signal.SIGKILL)
-            p.wait(timeout=30)
-        listing = json.loads(bitback("list", "--repo", repo, "--output=json").stdout)
-        for b in listing:      # everything listed restores
-            elsewhere(tmp_path, ceph, "restore", "--repo", repo, "--at",
-                      str(b["id"]), str(tmp_path / f"k{delay}-{b['id']}.raw"))
-    bitback("backup", "--image", src, "--node", "disk", "--repo", repo)
-    ref = snapshot(src, tmp_path / "last.raw")
-    out = tmp_path / "last-restored.raw"
-    elsewhere(tmp_path, ceph, "restore", "--repo", repo, "--at", "latest",
-              str(out))
-    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref), str(out)])
-    bitback("verify", "--repo", repo)
-    # No temporary image or object is left after the successful run.
-    leftovers = [n for n in names(ceph, "rbd", "ls", pool)
-                 if n.endswith(".tmp")]
-    leftovers += [n for n in names(ceph, "rados", "-p", pool, "ls")
-                  if n.endswith(".tmp")]
-    assert not leftovers, leftovers
+            p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert listing(repo) == before
+        elsewhere(tmp_path, ceph, "verify", "--repo", repo)
+        if mode == "push":
+            assert [n for n in names(ceph, "rbd", "ls", pool)
+                    if n.endswith(".qcow2.tmp")], "the killed run's image"
+        nxt = run(backup_cmd(d, repo, ["disk0"], "inc"))
+        assert "taking a full backup" not in nxt.stderr, nxt.stderr
+        last = listing(repo)[-1]
+        assert last["level"] == "inc" and last["parent"] == before[-1]["id"]
+        out = tmp_path / "after-kill.raw"
+        elsewhere(tmp_path, ceph, "restore", "--repo", repo, "--at",
+                  last["id"], str(out))
+        run(["cmp", str(out), str(ref)])
+        elsewhere(tmp_path, ceph, "verify", "--repo", repo)
+        leftovers = [n for n in names(ceph, "rbd", "ls", pool)
+                     if n.endswith(".tmp")]
+        leftovers += [n for n in names(ceph, "rados", "-p", pool, "ls")
+                      if n.endswith(".tmp")]
+        assert not leftovers, leftovers
+        q = d.connect_qmp()
+        try:
+            left = [n["node-name"] for n in q.cmd("query-named-block-nodes")
+                    if n["node-name"].startswith(("bbt-", "bbf-"))]
+        finally:
+            q.close()
+        assert not left, left
+    finally:
+        d.cleanup()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.mark.parametrize("bad,words", [
@@ -230,6 +270,8 @@ def test_rados_repo_prune(tmp_path, ceph):
     assert [b["id"] for b in listing] == ["000003"], listing
     imgs = [n for n in names(ceph, "rbd", "ls", pool) if n.endswith("qcow2")]
     assert imgs == ["disk%2F000003.qcow2"], imgs
+    # The replaced image went through the RBD trash and is gone.
+    assert names(ceph, "rbd", "trash", "ls", pool) == []
     objs = names(ceph, "rados", "-p", pool, "ls")
     assert not [o for o in objs if o.startswith("disk/00000")
                 and not o.startswith("disk/000003")], objs
