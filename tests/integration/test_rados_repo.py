@@ -225,7 +225,8 @@ def test_rados_repo_bad_names(tmp_path, ceph, bad, words):
 def test_rados_repo_missing_pool(tmp_path, ceph):
     p = bitback("list", "--repo", f"rbd:nosuchpool-{uuid.uuid4().hex[:6]}"
                 f":conf={ceph.conf}", check=False)
-    assert p.returncode == 1 and "nosuchpool" in p.stderr, p.stderr
+    assert p.returncode == 1 and "cannot open pool 'nosuchpool" in p.stderr, \
+        p.stderr
 
 
 def test_rados_repo_hostile_manifest(tmp_path, ceph):
