@@ -293,6 +293,16 @@ bool repo_upgrade(Repo *repo, Error **errp)
     return true;
 }
 
+/* A rados repository's root attached by repo_open that no Repo owns yet:
+ * detach it and free the name. */
+static void rados_root_release(char **root)
+{
+    if (*root) {
+        repo_storage_rados_detach(*root);
+        free(*root);
+    }
+}
+
 Repo *repo_open(const char *path, bool create, Error **errp)
 {
     _cleanup_(repo_freep) Repo *repo = NULL;
@@ -301,7 +311,7 @@ Repo *repo_open(const char *path, bool create, Error **errp)
     unsigned version = 0;
     /* "rbd:" names a repository in a Ceph pool (storage-rados.c). */
     const RepoStorage *st = &repo_storage_local;
-    _cleanup_free_ char *rados_root = NULL;
+    _cleanup_(rados_root_release) char *rados_root = NULL;
     RepoStat rs;
     int r;
 
@@ -364,7 +374,7 @@ Repo *repo_open(const char *path, bool create, Error **errp)
         return NULL;
     }
     repo->storage = st;
-    rados_root = NULL;                 /* detached by repo_free */
+    free(steal_pointer(&rados_root));  /* repo_free detaches repo->path */
     repo->version = version;
     memcpy(repo->uuid, uuid, REPO_UUID_LEN);
     /* Drop trailing slashes (not a lone "/") so paths print cleanly. */
