@@ -519,20 +519,29 @@ static RepoFile *rrepo_file_new(RadosRepo *r, const char *name, bool writing)
     return f;
 }
 
-static RepoFile *rrepo_create(const char *path, Error **errp)
+/* Start a streaming file: writing, an empty object (create); else an
+ * existing one, *ret_size its size (open). */
+static RepoFile *rrepo_file_start(const char *path, bool writing,
+                                  uint64_t *ret_size, Error **errp)
 {
     const char *name;
     RadosRepo *r = rrepo_find_err(path, &name, errp);
-    int ret = r ? rados_obj_write_full(r->io, name, "", 0) : -EINVAL;
-
     if (!r) {
         return NULL;
     }
+    int ret = writing ? rados_obj_write_full(r->io, name, "", 0)
+                      : rados_obj_stat(r->io, name, ret_size);
     if (ret < 0) {
-        error_setg_errno(errp, -ret, "cannot create '%s'", path);
+        error_setg_errno(errp, -ret, "cannot %s '%s'",
+                         writing ? "create" : "open", path);
         return NULL;
     }
-    return rrepo_file_new(r, name, true);
+    return rrepo_file_new(r, name, writing);
+}
+
+static RepoFile *rrepo_create(const char *path, Error **errp)
+{
+    return rrepo_file_start(path, true, NULL, errp);
 }
 
 static int rrepo_append(RepoFile *f, const void *buf, size_t len)
@@ -561,18 +570,7 @@ static bool rrepo_finish(RepoFile *f, Error **errp)
 
 static RepoFile *rrepo_open(const char *path, uint64_t *ret_size, Error **errp)
 {
-    const char *name;
-    RadosRepo *r = rrepo_find_err(path, &name, errp);
-    int ret = r ? rados_obj_stat(r->io, name, ret_size) : -EINVAL;
-
-    if (!r) {
-        return NULL;
-    }
-    if (ret < 0) {
-        error_setg_errno(errp, -ret, "cannot open '%s'", path);
-        return NULL;
-    }
-    return rrepo_file_new(r, name, false);
+    return rrepo_file_start(path, false, ret_size, errp);
 }
 
 static int rrepo_pread_file(RepoFile *f, void *buf, size_t len, uint64_t off)
