@@ -332,6 +332,38 @@ static int rrepo_rename_image(RadosRepo *r, const char *a, const char *b)
     return ret;
 }
 
+/* Copy object nf (size bytes, above what one atomic write may hold: a
+ * large index) to nt piece by piece.  Not atomic: a crash leaves a
+ * partial nt, which is safe for the one kind of file this large, an
+ * index, since an index is renamed into place before the manifest that
+ * names it is committed (a partial one is named by no manifest, and the
+ * next run's stale-index cleanup removes it).  0 or -errno. */
+static int rrepo_copy_large(RadosRepo *r, const char *nf, const char *nt,
+                            uint64_t size)
+{
+    _cleanup_free_ uint8_t *buf = malloc(RADOS_OBJ_MAX_OP);
+    int ret;
+
+    if (!buf) {
+        return -ENOMEM;
+    }
+    if ((ret = rados_obj_truncate(r->io, nt, 0)) < 0) {
+        return ret;
+    }
+    for (uint64_t off = 0; off < size;) {
+        size_t n = (size_t)MIN(size - off, (uint64_t)RADOS_OBJ_MAX_OP);
+        ssize_t got = rados_obj_pread(r->io, nf, buf, n, off);
+        if (got < 0 || (size_t)got != n) {
+            return got < 0 ? (int)got : -EIO;
+        }
+        if ((ret = rados_obj_pwrite(r->io, nt, buf, n, off)) < 0) {
+            return ret;
+        }
+        off += n;
+    }
+    return 0;
+}
+
 static int rrepo_rename(const char *from, const char *to)
 {
     const char *nf, *nt;
@@ -347,16 +379,23 @@ static int rrepo_rename(const char *from, const char *to)
     }
     /* Copy, then remove: readers see the old name, then both with the
      * same content, then the new name only (docs/specs/repository.md). */
-    uint8_t *buf;
-    size_t len;
-    if (!rados_obj_read_full(r->io, nf, RADOS_OBJ_MAX_WRITE_FULL, &buf, &len,
-                             NULL)) {
-        uint64_t size;
-        int s = rados_obj_stat(r->io, nf, &size);
-        return s < 0 ? s : -EFBIG;
+    uint64_t size;
+    int ret = rados_obj_stat(r->io, nf, &size);
+    if (ret < 0) {
+        return ret;
     }
-    int ret = rados_obj_write_full(r->io, nt, buf, len);
-    free(buf);
+    if (size > RADOS_OBJ_MAX_WRITE_FULL) {
+        ret = rrepo_copy_large(r, nf, nt, size);
+    } else {
+        uint8_t *buf;
+        size_t len;
+        if (!rados_obj_read_full(r->io, nf, RADOS_OBJ_MAX_WRITE_FULL, &buf,
+                                 &len, NULL)) {
+            return -EIO;
+        }
+        ret = rados_obj_write_full(r->io, nt, buf, len);
+        free(buf);
+    }
     return ret < 0 ? ret : rados_remove(r->io, nf);
 }
 

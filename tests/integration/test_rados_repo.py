@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import BITBACK, bitback, run
+from conftest import BITBACK, BUILD, bitback, run
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -368,3 +368,21 @@ def test_rados_repo_serve(tmp_path, ceph):
         with serve(chain, "--at", at, "--socket", sock) as (uri, _):
             run(["nbdcopy", uri, str(out)])
         run(["cmp", str(out), str(ref)])
+
+
+def test_rados_storage_unit(ceph, tmp_path):
+    """tests/unit/test-storage-rados (the backend's C checks against a
+    model: small files, listing, a rename larger than one atomic write,
+    names outside the root) in a pool of its own; it fails without a
+    cluster, so it runs only here, and its test count is checked."""
+    pool = pool_for(ceph)
+    env = dict(ceph.env(), BITBACK_TEST_CEPH_CONF=str(ceph.conf),
+               BITBACK_TEST_CEPH_POOL=pool, TMPDIR=str(tmp_path))
+    p = subprocess.run([str(BUILD / "tests" / "unit" / "test-storage-rados")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "[  PASSED  ] 4 test(s)." in out, out
+    # Nothing left but RBD's own objects.
+    assert [n for n in names(ceph, "rados", "-p", pool, "ls")
+            if not n.startswith("rbd_")] == []
