@@ -222,6 +222,11 @@ def test_rados_repo_bad_names(tmp_path, ceph, bad, words):
     assert words in p.stderr, p.stderr
 
 
+def test_rados_repo_help():
+    for cmd in ("backup", "list", "restore", "verify", "prune", "serve"):
+        assert "rbd:POOL[/NS]" in bitback(cmd, "--help").stdout, cmd
+
+
 def test_rados_repo_missing_pool(tmp_path, ceph):
     p = bitback("list", "--repo", f"rbd:nosuchpool-{uuid.uuid4().hex[:6]}"
                 f":conf={ceph.conf}", check=False)
