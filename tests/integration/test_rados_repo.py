@@ -121,7 +121,7 @@ def test_rados_repo_chain_restore_verify(tmp_path, ceph):
     assert "000001" in p.stdout + p.stderr, p.stdout + p.stderr
 
 
-def test_rados_repo_namespace_and_qemu_img_backing(tmp_path, ceph):
+def test_rados_repo_namespace(tmp_path, ceph):
     pool = pool_for(ceph)
     ceph.tool("rbd", "namespace", "create", f"{pool}/ns1")
     repo = repo_name(ceph, pool, "ns1")
