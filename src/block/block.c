@@ -1674,18 +1674,31 @@ bool bdrv_img_create(const char *filename, const char *format, uint64_t size,
     if (!drv) {
         return false;
     }
-    if (bdrv_filename_is_rbd(filename)) {
-        /* The image is the RBD image itself: only raw data fits. */
-        if (strcmp(format, "raw") != 0 && strcmp(format, "rbd") != 0) {
-            error_setg(errp, "Format '%s' cannot be created on an rbd image; "
-                       "use -f raw", format);
-            return false;
-        }
-        drv = bdrv_find_format("rbd");
-    }
     _cleanup_json_ struct json_object *empty = NULL;
     if (!opts) {
         opts = empty = json_object_new_object();
+    }
+    if (bdrv_filename_is_rbd(filename) && strcmp(format, "raw") != 0 &&
+        strcmp(format, "rbd") != 0) {
+        /* A format on an RBD image, as qemu-img create does it: an empty
+         * image that grows as the format driver writes (rbd.c R3). */
+        if (!drv->create_on_node) {
+            error_setg(errp, "Format '%s' cannot be created on an rbd image",
+                       format);
+            return false;
+        }
+        _cleanup_json_ struct json_object *none = json_object_new_object();
+        if (!bdrv_find_format("rbd")->create(filename, 0, none, errp)) {
+            return false;
+        }
+        BlockDriverState *file = bdrv_open_image(filename, "rbd", BDRV_O_RDWR,
+                                                 errp);
+        bool ok = file && drv->create_on_node(file, size, opts, errp);
+        bdrv_unref(file);
+        return ok;
+    }
+    if (bdrv_filename_is_rbd(filename)) {
+        drv = bdrv_find_format("rbd");      /* raw: the RBD image itself */
     }
     return drv->create(filename, size, opts, errp);
 }

@@ -68,7 +68,9 @@ static void usage(FILE *out)
             "                 [--level full|inc|diff|auto] [--bitmap NAME]\n"
             "                 [--compress=off|zstd[:LEVEL]] [--granularity SIZE]\n"
             "\n"
-            "Take a backup into the repository DIR (created when missing).\n"
+            "Take a backup into the repository DIR (created when missing): a folder,\n"
+            "or rbd:POOL[/NS][:conf=PATH][:id=USER], a repository in a Ceph pool\n"
+            "(docs/specs/repository.md, \"Storage backends\").\n"
             "\n"
             "  --connect QMP_SOCKET  a running bitbackd: one transaction over all\n"
             "                        --node disks, so they share one point in time\n"
@@ -195,6 +197,8 @@ void backup_disk_free(Disk *d)
     repo_plan_free_names(d->sources, d->n_sources);
     repo_plan_free_names(d->freeze, d->n_freeze);
     free(d->tmp_path);
+    free(d->tmp_block);
+    json_object_put(d->tmp_options);
     free(d->generation);
     free(d->job_error);
     free(d->fleece_path);
@@ -295,7 +299,15 @@ static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
         json_object_object_add(opts, "cluster_size", json_object_new_string(buf));
     }
     d->tmp_path = repo_tmp_data_path(repo, d->node, seq);
-    unlink(d->tmp_path);
+    repo->storage->remove(d->tmp_path);
+    if (!(d->tmp_block = repo_block_name(repo, d->tmp_path, errp))) {
+        return false;
+    }
+    if (!repo_opens_by_name(repo) &&
+        !(d->tmp_options = repo_overlay_options(repo, d->node, seq,
+                                                d->parent_seq, errp))) {
+        return false;
+    }
     if (d->parent_seq) {
         char name[REPO_ID_LEN + 8];
 
@@ -304,7 +316,7 @@ static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
         json_object_object_add(opts, "backing_file", json_object_new_string(name));
         json_object_object_add(opts, "backing_fmt", json_object_new_string("qcow2"));
     }
-    if (!bdrv_img_create(d->tmp_path, "qcow2", d->size, opts, errp)) {
+    if (!bdrv_img_create(d->tmp_block, "qcow2", d->size, opts, errp)) {
         error_prepend(errp, "%s: cannot create %s: ", d->node, d->tmp_path);
         return false;
     }
@@ -389,7 +401,7 @@ RepoManifest *backup_commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
     d->n_counts = 0;
 
     t0 = clock_monotonic_seconds();
-    ok = repo_fsync_path(d->tmp_path, errp);
+    ok = repo->storage->sync(d->tmp_path, errp);
     t1 = clock_monotonic_seconds();
     p = cli_progress_new("hashing", d->size, cli_progress_wanted(o->progress));
     ok = ok && repo_scan_backup(repo, d->tmp_path, m, cli_progress_cb, p, errp);
@@ -819,7 +831,7 @@ int cli_cmd_backup(int argc, char **argv)
     /* The daemon opens the targets by the names we send, from its own
      * working folder (qemu-storage-daemon --daemonize runs in /): every
      * path is made absolute first. */
-    if (o.repo_path[0] != '/') {
+    if (o.repo_path[0] != '/' && !bdrv_filename_is_rbd(o.repo_path)) {
         _cleanup_free_ char *cwd = getcwd(NULL, 0);
 
         if (!cwd) {

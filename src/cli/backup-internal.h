@@ -55,7 +55,11 @@ typedef struct Disk {
     char id[REPO_ID_LEN];              /* this run's backup ID */
     char new_bitmap[BDRV_BITMAP_MAX_NAME + 1];
     char src_bitmap[BDRV_BITMAP_MAX_NAME + 1];
-    char *tmp_path;
+    char *tmp_path;                    /* .ID.qcow2.tmp in the repository */
+    char *tmp_block;                   /* its name for the block layer */
+    /* the options that open it for writing when the repository's files
+     * are not opened by name (repo_overlay_options), else NULL */
+    struct json_object *tmp_options;
     char *generation;                  /* of new_bitmap, after step 4 */
     char job_id[REPO_MAX_NODE_NAME + 32];
     RepoBitmapCount *counts;           /* for the manifest, at commit */
@@ -68,6 +72,10 @@ typedef struct Disk {
      * killed run's is found), and what of it exists. */
     bool pull;
     char fleece[32];
+    /* push into a rados repository: the daemon's node of the target
+     * ("bbt-" + the fleece name's suffix), added with no backing file */
+    char target[32];
+    bool target_added;
     char *fleece_path;                 /* local daemons: bitback's file */
     bool fleece_added, export_added;
     /* Remote daemons (QMP over TCP): the overlay is made by the daemon

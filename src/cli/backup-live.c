@@ -228,6 +228,109 @@ static bool live_end_job(QmpConn *qmp, Disk *d, Error **errp)
 
 static void pull_remove_export_and_node(QmpConn *qmp, Disk *d, bool quiet);
 static bool live_is_bitbackd(QmpConn *qmp);
+static struct json_object *one_arg(const char *key, const char *value);
+
+/* Bounds of live_del_target's wait for the finished job to let go of the
+ * target node (the daemon drops its reference after the completion event). */
+#define TARGET_DEL_TRIES 500
+#define TARGET_DEL_WAIT_US 10000
+
+/* Remove d's target node from the daemon (blockdev-del flushes and closes
+ * it: only then is the qcow2 in the image complete) when this run added
+ * it, retrying while the finished job still holds it (bounded); quiet:
+ * a killed run's node, absent or not, errors ignored.  False with errp
+ * set when the node could not be removed. */
+static bool live_del_node(QmpConn *qmp, Disk *d, const char *node, bool quiet,
+                          Error **errp);
+
+static bool live_del_target(QmpConn *qmp, Disk *d, bool quiet, Error **errp)
+{
+    if (!quiet && !d->target_added) {
+        return true;
+    }
+    bool ok = live_del_node(qmp, d, d->target, quiet, errp);
+    char parent[sizeof(d->target) + 2];
+    snprintf(parent, sizeof(parent), "%s-p", d->target);
+    /* The parent node goes once the target no longer holds it. */
+    return live_del_node(qmp, d, parent, true, NULL) && ok;
+}
+
+/* blockdev-del of node, as live_del_target describes. */
+static bool live_del_node(QmpConn *qmp, Disk *d, const char *node, bool quiet,
+                          Error **errp)
+{
+    for (int i = 0;; i++) {
+        Error *err = NULL;
+        struct json_object *r = qmp_conn_execute(
+            qmp, "blockdev-del", one_arg("node-name", node), &err);
+        if (r || quiet) {
+            json_object_put(r);
+            error_free(err);
+            d->target_added = false;
+            return true;
+        }
+        const char *msg = error_get_pretty(err);
+        if (i + 1 >= TARGET_DEL_TRIES ||
+            (!strstr(msg, "in use") && !strstr(msg, "busy"))) {
+            error_prepend(&err, "%s: cannot close the node %s: ",
+                          d->node, node);
+            error_propagate(errp, err);
+            return false;
+        }
+        error_free(err);
+        usleep(TARGET_DEL_WAIT_US);
+    }
+}
+
+/* A push into a repository whose files the daemon cannot open by name (a
+ * rados repository: the target's header records its parent as
+ * "ID.qcow2", which resolves to no image next to an rbd: name): the
+ * daemon gets the target as a node of its own, opened with the
+ * repository's options (repo_overlay_options: its parent attached
+ * read-only), and the job writes into that node.  Nothing for
+ * repositories opened by name. */
+static bool live_add_target(QmpConn *qmp, Disk *d, Error **errp)
+{
+    if (d->pull || !d->tmp_options) {
+        return true;
+    }
+    struct json_object *a = NULL;
+    if (json_object_deep_copy(d->tmp_options, &a, NULL) < 0) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    /* The parent first, as a node of its own that the target names:
+     * QEMU computes a backing file name for a nested definition, which an
+     * rbd node cannot give. */
+    struct json_object *parent = NULL, *r;
+    if (json_object_object_get_ex(a, "backing", &parent) && parent) {
+        char name[sizeof(d->target) + 2];
+        snprintf(name, sizeof(name), "%s-p", d->target);
+        parent = json_object_get(parent);
+        json_object_object_add(parent, "node-name", json_object_new_string(name));
+        json_object_object_add(parent, "read-only", json_object_new_boolean(true));
+        json_object_object_add(a, "backing", json_object_new_string(name));
+        r = qmp_conn_execute(qmp, "blockdev-add", parent, errp);
+        if (!r) {
+            json_object_put(a);
+            error_prepend(errp, "%s: cannot open the parent of %s: ", d->node,
+                          d->tmp_block);
+            return false;
+        }
+        json_object_put(r);
+        d->target_added = true;        /* live_del_target removes both */
+    }
+    json_object_object_add(a, "node-name", json_object_new_string(d->target));
+    r = qmp_conn_execute(qmp, "blockdev-add", a, errp);
+    if (!r) {
+        error_prepend(errp, "%s: cannot open the target %s: ", d->node,
+                      d->tmp_block);
+        return false;
+    }
+    json_object_put(r);
+    d->target_added = true;
+    return true;
+}
 
 static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
                          Error **errp)
@@ -235,8 +338,10 @@ static bool live_cleanup(QmpConn *qmp, const BackupOpts *o, Disk *d,
     if (!live_end_job(qmp, d, errp)) {
         return false;
     }
-    /* A killed pull's fleecing export and node (absent: nothing). */
+    /* A killed pull's fleecing export and node, a killed push's target
+     * node (absent: nothing). */
     pull_remove_export_and_node(qmp, d, true);
+    live_del_target(qmp, d, true, NULL);
     if (!live_query_disk(qmp, d, errp)) {
         return false;
     }
@@ -352,6 +457,7 @@ static void pull_name(const Repo *repo, const char *dir, Disk *d)
 {
     snprintf(d->fleece, sizeof(d->fleece), "bbf-%.8s-%08x", repo->uuid,
              name_hash(d->node));
+    snprintf(d->target, sizeof(d->target), "bbt-%s", d->fleece + 4);
     free(d->fleece_path);
     d->fleece_path = NULL;
     if (dir && asprintf(&d->fleece_path, "%s/%s.qcow2", dir, d->fleece) < 0) {
@@ -1017,9 +1123,13 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             add_action(actions, "blockdev-backup", job);
             continue;
         }
-        json_object_object_add(job, "target", json_object_new_string(d->tmp_path));
-        json_object_object_add(job, "format", json_object_new_string("qcow2"));
-        json_object_object_add(job, "mode", json_object_new_string("existing"));
+        if (d->target_added) {
+            json_object_object_add(job, "target", json_object_new_string(d->target));
+        } else {
+            json_object_object_add(job, "target", json_object_new_string(d->tmp_block));
+            json_object_object_add(job, "format", json_object_new_string("qcow2"));
+            json_object_object_add(job, "mode", json_object_new_string("existing"));
+        }
         if (d->level == REPO_LEVEL_FULL) {
             /* Without a backing chain "top" copies the same bytes, and
              * QEMU then skips what the image does not allocate in big
@@ -1043,7 +1153,7 @@ static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
             json_object_object_add(job, "x-compress-level",
                                    json_object_new_int(o->compress_level));
         }
-        add_action(actions, "drive-backup", job);
+        add_action(actions, d->target_added ? "blockdev-backup" : "drive-backup", job);
     }
     /* Not completion-mode "grouped": QEMU refuses it next to bitmap
      * actions.  The transaction alone fixes one point in time for every
@@ -1234,7 +1344,7 @@ static int live_interrupted(QmpConn *qmp, Repo *repo, const BackupOpts *o,
         Error *err = NULL;
 
         if (disks[i].tmp_path) {
-            unlink(disks[i].tmp_path);
+            repo->storage->remove(disks[i].tmp_path);
         }
         if (undone && !repo_remove_attempt(repo, disks[i].node, seq, &err)) {
             error_prepend(&err, "warning: ");
@@ -1334,6 +1444,11 @@ int backup_live(const BackupOpts *o, Repo *repo)
             goto out_tmp;
         }
     }
+    for (size_t i = 0; i < n; i++) {
+        if (!live_add_target(qmp, &disks[i], &err)) {
+            goto out_tmp;
+        }
+    }
     if (!live_transaction(qmp, o, disks, n, &err)) {
         goto out_tmp;
     }
@@ -1375,6 +1490,9 @@ int backup_live(const BackupOpts *o, Repo *repo)
     }
     for (size_t i = 0; i < n; i++) {
         disks[i].copy_seconds = clock_monotonic_seconds() - t0;
+        if (!live_del_target(qmp, &disks[i], false, &err)) {
+            goto out_tmp;
+        }
     }
     for (size_t i = 0; i < n; i++) {
         char *src = disks[i].src_bitmap;
@@ -1431,8 +1549,11 @@ int backup_live(const BackupOpts *o, Repo *repo)
 
 out_tmp:
     for (size_t i = 0; i < n; i++) {
+        if (qmp) {
+            live_del_target(qmp, &disks[i], false, NULL);
+        }
         if (disks[i].tmp_path) {
-            unlink(disks[i].tmp_path);
+            repo->storage->remove(disks[i].tmp_path);
         }
     }
 out:

@@ -297,7 +297,11 @@ bool backup_copy_extents(const BackupOpts *o, BlockDriverState **srcs,
     int r;
 
     assert(n_src >= 1 && n_src <= BACKUP_MAX_COPY_CONNS);
-    sh.dst = bdrv_open_image(d->tmp_path, "qcow2", BDRV_O_RDWR, errp);
+    /* Where the recorded backing name resolves to no file (a rados
+     * repository), the repository's options name the parent. */
+    sh.dst = d->tmp_options
+        ? bdrv_open_options(d->tmp_options, BDRV_O_RDWR, errp)
+        : bdrv_open_image(d->tmp_block, "qcow2", BDRV_O_RDWR, errp);
     if (!sh.dst) {
         free(ext);
         return false;
@@ -493,7 +497,7 @@ int backup_offline(const BackupOpts *o, Repo *repo)
 
 out_tmp:
     if (d.tmp_path) {
-        unlink(d.tmp_path);
+        repo->storage->remove(d.tmp_path);
     }
 out:
     if (err) {

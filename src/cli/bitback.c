@@ -74,6 +74,8 @@ static void usage(FILE *out)
             "  -h, --help             show this help\n"
             "  -V, --version          show the version\n"
             "\n"
+            "A repository DIR is a folder, or rbd:POOL[/NS][:conf=PATH][:id=USER]: one\n"
+            "in a Ceph pool (RADOS objects and an RBD image per backup).\n"
             "Sizes and offsets accept the suffixes K, M, G, T, P, E (powers of 1024).\n");
     if (names) {
         fprintf(out, "\nSupported formats:");

@@ -9,9 +9,10 @@
  * layer, which bitback opened itself from the manifests, is attached with
  * bdrv_set_backing().  Nothing the header names is ever opened.
  *
- * The layers are opened by the block layer by path (bdrv_open_image), and
- * contained_path() resolves them with realpath(): neither goes through the
- * storage backend (storage.h), which covers the repository's own files.
+ * The layers are opened by the block layer (bdrv_open_image) by the name
+ * contained_path() gives: a local path resolved with realpath() and
+ * checked to lie in the repository folder, or the backend's block_name
+ * (storage.h), checked to lie in its pool and namespace.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -126,6 +127,9 @@ static LinkCheck check_link(const BlockDriverState *bs, const char *node,
  * regular file inside the repository; an error otherwise.  Caller frees. */
 static char *contained_path(Repo *repo, const char *path, Error **errp)
 {
+    if (repo->storage->block_name) {
+        return repo->storage->block_name(repo->path, path, errp);
+    }
     _cleanup_free_ char *root = realpath(repo->path, NULL);
     _cleanup_free_ char *real = NULL;
     struct stat st;
@@ -158,6 +162,29 @@ static char *contained_path(Repo *repo, const char *path, Error **errp)
         return NULL;
     }
     return steal_pointer(&real);
+}
+
+char *repo_block_name(Repo *repo, const char *path, Error **errp)
+{
+    if (repo->storage->block_name) {
+        return repo->storage->block_name(repo->path, path, errp);
+    }
+    return repo_path_printf("%s", path);
+}
+
+struct json_object *repo_overlay_options(Repo *repo, const char *node,
+                                         unsigned seq, unsigned parent_seq,
+                                         Error **errp)
+{
+    if (!repo->storage->overlay_options) {
+        error_setg(errp, "the %s storage opens backup files by name",
+                   repo->storage->name);
+        return NULL;
+    }
+    _cleanup_free_ char *tmp = repo_tmp_data_path(repo, node, seq);
+    _cleanup_free_ char *parent = parent_seq
+        ? repo_data_path(repo, node, parent_seq) : NULL;
+    return repo->storage->overlay_options(repo->path, tmp, parent, errp);
 }
 
 RepoManifest *repo_pending_manifest(Repo *repo, const RepoManifest *m)

@@ -45,7 +45,10 @@ const char *repo_pick_node(Repo *repo, const char *node, Error **errp);
  * unallocated ranges are holes, the size set by ftruncate) or "qcow2" (no
  * backing file, 64 KiB clusters; only clusters holding non-zero data are
  * written).  dst is fsynced before returning true; on failure it is
- * removed.  progress (may be NULL) is called with the bytes scanned.
+ * removed.  dst may be an rbd: name (a rados repository's file, qcow2
+ * only): the rbd driver refuses an existing image, the flush makes it
+ * durable, and on failure the caller removes it through its storage.
+ * progress (may be NULL) is called with the bytes scanned.
  * *ret_written (may be NULL) gets the data bytes written. */
 bool repo_restore_image(BlockDriverState *src, const char *what,
                         const char *dst, const char *format,

@@ -116,12 +116,18 @@ static bool synthesize(Repo *repo, RepoManifest *m,
                                                            m->seq);
     _cleanup_free_ char *dir = repo_node_dir(repo, m->node);
     RepoManifest *nm = synthetic_manifest(m);
+    const RepoStorage *fs = repo->storage;
+    _cleanup_free_ char *tmp_block = NULL;
     BlockDriverState *src = NULL;
-    struct stat st;
+    RepoStat st;
+    int r;
     bool ok = false;
 
     if (!data || !json || !tmp || !tmp_json || !dir || !nm) {
         error_setg(errp, "out of memory");
+        goto out;
+    }
+    if (!(tmp_block = repo_block_name(repo, tmp, errp))) {
         goto out;
     }
     /* Merge the chain the manifests describe, nothing else. */
@@ -129,13 +135,13 @@ static bool synthesize(Repo *repo, RepoManifest *m,
     if (!src) {
         goto out;
     }
-    unlink(tmp);        /* leftovers of an interrupted run */
-    unlink(tmp_json);
+    fs->remove(tmp);    /* leftovers of an interrupted run */
+    fs->remove(tmp_json);
 
     char label[REPO_MAX_NODE_NAME + 32];
     snprintf(label, sizeof(label), "%s merge %s", m->node, m->id);
     void *step = repo_progress_begin(progress, label, m->image_size);
-    ok = repo_restore_image(src, data, tmp, "qcow2",
+    ok = repo_restore_image(src, data, tmp_block, "qcow2",
                             repo_progress_fn(progress), step, NULL, errp);
     repo_progress_end(progress, step);
     bdrv_unref(steal_pointer(&src));
@@ -146,38 +152,37 @@ static bool synthesize(Repo *repo, RepoManifest *m,
     if (!repo_scan_backup(repo, tmp, nm, NULL, NULL, errp)) {
         goto out_unlink;
     }
-    if (stat(tmp, &st) < 0) {
-        error_setg_errno(errp, errno, "cannot stat %s", tmp);
+    if (!fs->sync(tmp, errp)) {
         goto out_unlink;
     }
-    nm->stored_bytes = (uint64_t)st.st_blocks * 512;
-    if (!repo_manifest_write(repo, tmp_json, nm, errp)) {
+    if ((r = fs->stat(tmp, &st)) < 0) {
+        error_setg_errno(errp, -r, "cannot stat %s", tmp);
         goto out_unlink;
     }
-    if (fsync_parent_dir(tmp) < 0) {
-        error_setg_errno(errp, errno, "cannot sync %s", dir);
+    nm->stored_bytes = st.allocated;
+    if (!repo_manifest_write(repo, tmp_json, nm, errp) ||
+        !fs->sync_dir(dir, errp)) {
         goto out_unlink;
     }
     /* Step 2: the window between these renames is covered (see top). */
-    if (rename(tmp, data) < 0) {
-        error_setg_errno(errp, errno, "cannot rename %s to %s", tmp, data);
+    if ((r = fs->rename(tmp, data)) < 0) {
+        error_setg_errno(errp, -r, "cannot rename %s to %s", tmp, data);
         goto out_unlink;
     }
-    if (rename(tmp_json, json) < 0) {
-        error_setg_errno(errp, errno, "cannot rename %s to %s", tmp_json,
+    if ((r = fs->rename(tmp_json, json)) < 0) {
+        error_setg_errno(errp, -r, "cannot rename %s to %s", tmp_json,
                          json);
         goto out;
     }
-    if (fsync_parent_dir(json) < 0) {
-        error_setg_errno(errp, errno, "cannot sync %s", dir);
+    if (!fs->sync_dir(dir, errp)) {
         goto out;
     }
     ok = repo_reload(repo, errp);
     goto out;
 
 out_unlink:
-    unlink(tmp);
-    unlink(tmp_json);
+    fs->remove(tmp);
+    fs->remove(tmp_json);
 out:
     bdrv_unref(src);
     repo_manifest_free(nm);
@@ -232,7 +237,9 @@ static bool roll_forward(Repo *repo, const char *node, RepoPruneEventFn *event,
         _cleanup_free_ char *tmp_json = repo_tmp_manifest_path(repo, node,
                                                                m->seq);
         RepoManifest *nm = synthetic_manifest(m);
-        struct stat st;
+        _cleanup_free_ char *dir = repo_node_dir(repo, node);
+        RepoStat st;
+        int r = 0;
         bool ok = nm && data && json && tmp_json;
 
         if (!ok) {
@@ -240,18 +247,18 @@ static bool roll_forward(Repo *repo, const char *node, RepoPruneEventFn *event,
         }
         ok = ok && repo_scan_to_index(repo, bs, data, nm, NULL, NULL, errp);
         bdrv_unref(bs);
-        if (ok && stat(data, &st) == 0) {
-            nm->stored_bytes = (uint64_t)st.st_blocks * 512;
+        if (ok && repo->storage->stat(data, &st) == 0) {
+            nm->stored_bytes = st.allocated;
         }
         ok = ok && repo_manifest_write(repo, tmp_json, nm, errp);
-        if (ok && rename(tmp_json, json) < 0) {
-            error_setg_errno(errp, errno, "cannot rename %s to %s", tmp_json,
+        if (ok && (r = repo->storage->rename(tmp_json, json)) < 0) {
+            error_setg_errno(errp, -r, "cannot rename %s to %s", tmp_json,
                              json);
-            unlink(tmp_json);
+            repo->storage->remove(tmp_json);
             ok = false;
         }
         if (ok) {
-            fsync_parent_dir(json);
+            repo->storage->sync_dir(dir, NULL);
             if (event) {
                 event(opaque, REPO_PRUNE_ROLLED, node, nm->id);
             }
@@ -368,6 +375,7 @@ bool repo_prune_node(Repo *repo, const char *node_name,
     }
 
     /* Step 3, newest first. */
+    _cleanup_free_ char *dir = repo_node_dir(repo, node);
     for (size_t k = n; k-- > 0;) {
         if (items[k].kept_by != REPO_KEEP_NONE) {
             continue;
@@ -382,16 +390,17 @@ bool repo_prune_node(Repo *repo, const char *node_name,
             error_setg(errp, "out of memory");
             return false;
         }
-        if (unlink(json) < 0 && errno != ENOENT) {
-            error_setg_errno(errp, errno, "cannot delete %s", json);
+        int r = repo->storage->remove(json);
+        if (r < 0 && r != -ENOENT) {
+            error_setg_errno(errp, -r, "cannot delete %s", json);
             return false;
         }
-        if (fsync_parent_dir(json) < 0) {
-            error_setg_errno(errp, errno, "cannot sync the folder of %s", json);
+        if (!repo->storage->sync_dir(dir, errp)) {
             return false;
         }
-        if (unlink(data) < 0 && errno != ENOENT) {
-            error_setg_errno(errp, errno, "cannot delete %s", data);
+        r = repo->storage->remove(data);
+        if (r < 0 && r != -ENOENT) {
+            error_setg_errno(errp, -r, "cannot delete %s", data);
             return false;
         }
         res.deleted++;
@@ -400,11 +409,7 @@ bool repo_prune_node(Repo *repo, const char *node_name,
         }
     }
     if (res.deleted) {
-        _cleanup_free_ char *dir = repo_node_dir(repo, node);
-        _cleanup_free_ char *probe = dir ? path_join(dir, "x") : NULL;
-        if (probe) {
-            fsync_parent_dir(probe);
-        }
+        repo->storage->sync_dir(dir, NULL);
     }
     if (!repo_reload(repo, errp)) {
         return false;

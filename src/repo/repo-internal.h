@@ -27,7 +27,8 @@
  * repo.c (open/create, bitback-repo.json, the list of backups), planner.c
  * (the backup planner), restore.c (restoring a point), verify.c (checking
  * stored backups and targets), prune.c (retention: synthetic fulls and
- * deletion), storage-local.c (the file operations).
+ * deletion), storage-local.c and storage-rados.c (the file operations:
+ * a folder, or a Ceph pool).
  *
  * Everything here is control code: functions take Error **errp last and
  * report nothing themselves.
@@ -43,6 +44,9 @@
 
 /* Largest ID: nine digits keeps "%06u" and the file names short. */
 #define REPO_MAX_SEQ       999999999u
+
+/* The repository marker, in the root. */
+#define REPO_MARKER_NAME   "bitback-repo.json"
 
 /* ---- paths.c ---- */
 

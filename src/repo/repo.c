@@ -14,7 +14,6 @@
 #include "util/cleanup.h"
 #include "util/cutils.h"
 
-#define REPO_MARKER_NAME   "bitback-repo.json"
 #define REPO_FORMAT_NAME   "bitback-repository"
 #define REPO_MAX_MARKER    (64u * 1024)
 
@@ -34,6 +33,9 @@ void repo_free(Repo *repo)
         return;
     }
     repo_clear_backups(repo);
+    if (repo->storage == &repo_storage_rados && repo->path) {
+        repo_storage_rados_detach(repo->path);
+    }
     free(repo->path);
     free(repo);
 }
@@ -291,20 +293,38 @@ bool repo_upgrade(Repo *repo, Error **errp)
     return true;
 }
 
+/* A rados repository's root attached by repo_open that no Repo owns yet:
+ * detach it and free the name. */
+static void rados_root_release(char **root)
+{
+    if (*root) {
+        repo_storage_rados_detach(*root);
+        free(*root);
+    }
+}
+
 Repo *repo_open(const char *path, bool create, Error **errp)
 {
     _cleanup_(repo_freep) Repo *repo = NULL;
     _cleanup_free_ char *marker = NULL;
     char uuid[REPO_UUID_LEN] = "";
     unsigned version = 0;
-    /* The one backend there is; a URL scheme would pick another here. */
+    /* "rbd:" names a repository in a Ceph pool (storage-rados.c). */
     const RepoStorage *st = &repo_storage_local;
+    _cleanup_(rados_root_release) char *rados_root = NULL;
     RepoStat rs;
     int r;
 
     if (!path || !*path) {
         error_setg(errp, "the repository path is empty");
         return NULL;
+    }
+    if (bdrv_filename_is_rbd(path)) {
+        if (!repo_storage_rados_attach(path, &rados_root, errp)) {
+            return NULL;
+        }
+        st = &repo_storage_rados;
+        path = rados_root;
     }
     if (create && (r = st->mkdir(path)) < 0) {
         error_setg_errno(errp, -r, "cannot create repository '%s'", path);
@@ -354,6 +374,7 @@ Repo *repo_open(const char *path, bool create, Error **errp)
         return NULL;
     }
     repo->storage = st;
+    free(steal_pointer(&rados_root));  /* repo_free detaches repo->path */
     repo->version = version;
     memcpy(repo->uuid, uuid, REPO_UUID_LEN);
     /* Drop trailing slashes (not a lone "/") so paths print cleanly. */

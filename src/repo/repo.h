@@ -130,6 +130,27 @@ typedef struct Repo {
  * repository that has no UUID one, written once by atomic replacement.  Loads every manifest; a manifest that
  * does not parse is an error naming the file. */
 Repo *repo_open(const char *path, bool create, Error **errp);
+/* The name the block layer opens or creates the data file path (built by
+ * repo_data_path / repo_tmp_data_path) of repo by: the path itself for a
+ * local repository, an rbd: name inside the repository's pool and
+ * namespace for a rados one.  Malloc'd; NULL with errp set. */
+char *repo_block_name(Repo *repo, const char *path, Error **errp);
+/* Does the block layer open repo's files by name (local), or by the
+ * options repo_overlay_options gives (rados: the backing name a header
+ * records resolves to no image there)? */
+static inline bool repo_opens_by_name(const Repo *repo)
+{
+    return !repo->storage->overlay_options;
+}
+/* The options (blockdev-add's form, no node-name; caller owns) that open
+ * backup seq of node's not yet committed data file (.ID.qcow2.tmp) for
+ * writing over its parent parent_seq (0: none), read-only and opened by
+ * the repository, not by the name the header records: see storage.h
+ * overlay_options.  NULL with errp set, also for a repository opened by
+ * name. */
+struct json_object *repo_overlay_options(Repo *repo, const char *node,
+                                         unsigned seq, unsigned parent_seq,
+                                         Error **errp);
 void repo_free(Repo *repo);
 /* Mark a version-1 repository version 2 (atomic replacement of
  * bitback-repo.json, keeping its other keys): before a writer puts the

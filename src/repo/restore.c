@@ -252,9 +252,16 @@ bool repo_restore_image(BlockDriverState *src, const char *what,
         return false;
     }
 
-    /* Create the destination: it must be new (callers pick a tmp name). */
-    fd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
+    /* Create the destination: it must be new (callers pick a tmp name).
+     * An rbd: name (a rados repository's file) is created by the rbd
+     * driver, which refuses an existing image. */
+    bool rbd = bdrv_filename_is_rbd(dst);
+    if (rbd && raw) {
+        error_setg(errp, "restore writes qcow2 to an rbd: name, not raw");
+        return false;
+    }
+    fd = rbd ? -1 : open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 && !rbd) {
         error_setg_errno(errp, errno, "cannot create %s", dst);
         return false;
     }
@@ -264,8 +271,10 @@ bool repo_restore_image(BlockDriverState *src, const char *what,
             goto fail;
         }
     } else {
-        close(fd);
-        fd = -1;
+        if (fd >= 0) {
+            close(fd);
+            fd = -1;
+        }
         if (!bdrv_img_create(dst, "qcow2", (uint64_t)len, NULL, errp)) {
             error_prepend(errp, "cannot create %s: ", dst);
             goto fail;
@@ -293,8 +302,8 @@ bool repo_restore_image(BlockDriverState *src, const char *what,
             error_prepend(errp, "cannot close %s: ", dst);
             goto fail;
         }
-        if (!repo_fsync_path(dst, errp)) {
-            goto fail;
+        if (!rbd && !repo_fsync_path(dst, errp)) {
+            goto fail;     /* rbd: the flush made it durable (rados-obj.h) */
         }
     } else if (fsync(fd) < 0) {
         error_setg_errno(errp, errno, "cannot sync %s", dst);
@@ -309,7 +318,9 @@ fail:
     if (dst_bs) {
         bdrv_close(dst_bs, NULL);
     }
-    unlink(dst);
+    if (!rbd) {
+        unlink(dst);       /* an rbd: name: the caller's storage removes it */
+    }
     return false;
 }
 

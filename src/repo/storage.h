@@ -2,13 +2,13 @@
  * The storage backend of a repository: the operations the repository
  * library does on its files (manifests, attempt markers, the marker
  * bitback-repo.json, the folders, the renames of the commit protocol).
- * A backend is a vtable, like a block driver: storage-local.c is the one
- * implementation (POSIX files); another backend (an object store) is one
- * more file filling the same table.
+ * A backend is a vtable, like a block driver: storage-local.c (POSIX
+ * files) and storage-rados.c (a Ceph pool: RADOS objects for metadata,
+ * RBD images for the qcow2 data files).
  *
- * Not routed through it: the qcow2 data files themselves, which the block
- * layer opens and writes by path (bdrv_open_image, bdrv_img_create,
- * repo_restore_image), and the containment check of chain.c (realpath).
+ * The qcow2 data files themselves are opened and written by the block
+ * layer (bdrv_open_image, bdrv_img_create) by the name block_name gives;
+ * the backend only stats, renames, removes and lists them.
  *
  * Paths are full paths ("REPO/NODE/ID.json") as paths.c builds them.
  * Operations made of several steps, whose failures need words, set errp;
@@ -23,6 +23,8 @@
 #include <stdint.h>
 
 #include "util/error.h"
+
+struct json_object;
 
 typedef struct RepoStat {
     bool is_dir;
@@ -82,9 +84,41 @@ typedef struct RepoStorage {
     RepoFile *(*open)(const char *path, uint64_t *ret_size, Error **errp);
     int (*pread)(RepoFile *f, void *buf, size_t len, uint64_t off);
     void (*close)(RepoFile *f);
+
+    /* The name the block layer opens the data file path (ID.qcow2 or
+     * .ID.qcow2.tmp) of the repository at root by, malloc'd, checked to lie
+     * inside the repository; NULL with errp set otherwise.  NULL member:
+     * the path itself (local files; chain.c's contained_path resolves
+     * links when it opens one). */
+    char *(*block_name)(const char *root, const char *path, Error **errp);
+    /* Block-layer options (blockdev-add's form: a qcow2 node over the
+     * protocol node of path) for the not yet committed data file path of
+     * the repository at root, written through by a backup; its backing is
+     * the node of parent_path (read-only, with no backing of its own), or
+     * none when parent_path is NULL.  For backends whose files the block
+     * layer cannot find by the backing name a header records ("ID.qcow2"
+     * next to an rbd: name).  A backing node, even one never read, keeps
+     * the overlay's zero writes explicit (qcow2's zero flag instead of an
+     * unallocated cluster, which would show the parent).  NULL member:
+     * open path by name. */
+    struct json_object *(*overlay_options)(const char *root, const char *path,
+                                           const char *parent_path,
+                                           Error **errp);
 } RepoStorage;
 
 /* POSIX files (storage-local.c). */
 extern const RepoStorage repo_storage_local;
+
+/* A Ceph pool (storage-rados.c), for repositories named
+ * "rbd:POOL[/NAMESPACE][:conf=PATH][:id=USER]". */
+extern const RepoStorage repo_storage_rados;
+/* Connect to the repository spec names and register its root
+ * "rbd:POOL[/NS]" (*ret_root, malloc'd: the repository's path, under
+ * which every path of it lies) until repo_storage_rados_detach(root).
+ * False with errp set on a bad name, an unreachable cluster or a missing
+ * pool. */
+bool repo_storage_rados_attach(const char *spec, char **ret_root,
+                               Error **errp);
+void repo_storage_rados_detach(const char *root);
 
 #endif

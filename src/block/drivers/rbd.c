@@ -32,8 +32,11 @@
  *       reports as existing is DATA; with whole_object (only when the
  *       image's fast-diff is enabled and valid) it reports whole objects,
  *       a superset of what was written.
- *   R3. An image cannot grow by being written past its end: such requests
- *       fail with -EINVAL here instead of being sent.
+ *   R3. A write or write-zeroes past the image's end first grows the image
+ *       to the request's end (rbd_resize, one at a time under grow_lock,
+ *       never shrinking), as QEMU's rbd driver does, so the node grows like
+ *       a file (a qcow2 on it, a repository's backup file); reads and
+ *       discards past the end fail with -EINVAL instead of being sent.
  *   R5. The image's persistent bitmaps (rbd-bitmaps.c) are loaded after
  *       R1's lock is taken, by their owner: this node when the user opened
  *       it (depth 0), else the raw node over it; so a refused writer never
@@ -47,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/uio.h>
 
 #include <rados/librados.h>
@@ -67,14 +71,6 @@
 /* The longest image id rbd_get_id gives (ids are ~12 hex digits). */
 #define RBD_ID_MAX 64
 
-/* What names an image: the options of one node or one filename.  Strings
- * are malloc'd; conf_pairs holds the filename's other key=value pairs
- * (Ceph options), in order, as a JSON object of strings, or NULL. */
-typedef struct RBDSpec {
-    char *pool, *ns, *image, *snap, *conf, *user;
-    struct json_object *conf_pairs;
-} RBDSpec;
-
 typedef struct BDRVRBDState {
     rados_t cluster;
     rados_ioctx_t io;
@@ -84,9 +80,10 @@ typedef struct BDRVRBDState {
     bool fast_diff;          /* the image has fast-diff (R2) */
     bool locked;             /* we hold the exclusive lock (R1) */
     RbdBitmaps *bitmaps;     /* persistent bitmaps (R5), NULL: none loaded */
+    pthread_mutex_t grow_lock; /* serializes R3's resizes */
 } BDRVRBDState;
 
-static void rbd_spec_clear(RBDSpec *sp)
+void rbd_spec_clear(RBDSpec *sp)
 {
     free(sp->pool);
     free(sp->ns);
@@ -135,43 +132,11 @@ static char *rbd_unescape(const char *s)
     return out;
 }
 
-/* Fill sp from "rbd:pool/[ns/]image[@snap][:key=value...]". */
-static bool rbd_parse_filename(const char *filename, RBDSpec *sp, Error **errp)
+/* The ":key=value..." part of filename (opts: its text after the first
+ * ':', modified; NULL for none) into sp: conf=, id= and Ceph options. */
+static bool rbd_parse_opts(const char *filename, char *opts, RBDSpec *sp,
+                           Error **errp)
 {
-    static const char usage[] =
-        "rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:conf=PATH][:id=USER]";
-    if (!bdrv_filename_is_rbd(filename)) {
-        error_setg(errp, "rbd: '%s' is not an rbd filename (%s)", filename,
-                   usage);
-        return false;
-    }
-    _cleanup_free_ char *buf = strdup(filename + 4);
-    if (!buf) {
-        error_setg(errp, "out of memory");
-        return false;
-    }
-    char *rest, *opts, *snap, *img;
-    char *pool = rbd_next_tok(buf, '/', &rest);
-    if (!rest) {
-        error_setg(errp, "rbd: '%s' names no image (%s)", filename, usage);
-        return false;
-    }
-    img = rbd_next_tok(rest, ':', &opts);
-    img = rbd_next_tok(img, '@', &snap);
-    char *image = rbd_next_tok(img, '/', &rest);
-    char *ns = NULL;
-    if (rest) {
-        ns = image;
-        image = rest;
-    }
-    sp->pool = rbd_unescape(pool);
-    sp->ns = ns ? rbd_unescape(ns) : NULL;
-    sp->image = rbd_unescape(image);
-    sp->snap = snap ? rbd_unescape(snap) : NULL;
-    if (!sp->pool || (ns && !sp->ns) || !sp->image || (snap && !sp->snap)) {
-        error_setg(errp, "out of memory");
-        return false;
-    }
     while (opts) {
         char *key = rbd_next_tok(opts, '=', &opts);
         if (!opts) {
@@ -203,6 +168,58 @@ static bool rbd_parse_filename(const char *filename, RBDSpec *sp, Error **errp)
         }
     }
     return true;
+}
+
+bool rbd_spec_parse(const char *filename, bool image_required, RBDSpec *sp,
+                    Error **errp)
+{
+    static const char usage[] =
+        "rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:conf=PATH][:id=USER]";
+    if (!bdrv_filename_is_rbd(filename)) {
+        error_setg(errp, "rbd: '%s' is not an rbd filename (%s)", filename,
+                   usage);
+        return false;
+    }
+    _cleanup_free_ char *buf = strdup(filename + 4);
+    if (!buf) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    char *rest, *opts = NULL, *snap, *img, *head = buf;
+    if (!image_required) {
+        /* No image: the options start at the first ':' (a conf path may
+         * hold '/'). */
+        head = rbd_next_tok(buf, ':', &opts);
+    }
+    char *pool = rbd_next_tok(head, '/', &rest);
+    if (!rest && image_required) {
+        error_setg(errp, "rbd: '%s' names no image (%s)", filename, usage);
+        return false;
+    }
+    if (!rest) {
+        if (!(sp->pool = rbd_unescape(pool))) {
+            error_setg(errp, "out of memory");
+            return false;
+        }
+        return rbd_parse_opts(filename, opts, sp, errp);
+    }
+    img = image_required ? rbd_next_tok(rest, ':', &opts) : rest;
+    img = rbd_next_tok(img, '@', &snap);
+    char *image = rbd_next_tok(img, '/', &rest);
+    char *ns = NULL;
+    if (rest) {
+        ns = image;
+        image = rest;
+    }
+    sp->pool = rbd_unescape(pool);
+    sp->ns = ns ? rbd_unescape(ns) : NULL;
+    sp->image = rbd_unescape(image);
+    sp->snap = snap ? rbd_unescape(snap) : NULL;
+    if (!sp->pool || (ns && !sp->ns) || !sp->image || (snap && !sp->snap)) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    return rbd_parse_opts(filename, opts, sp, errp);
 }
 
 /* *ret: a malloc'd copy of options' string member key, NULL when absent. */
@@ -261,7 +278,7 @@ static bool rbd_parse_options(struct json_object *options, RBDSpec *sp,
                 return false;
             }
         }
-        if (!rbd_parse_filename(filename, sp, errp)) {
+        if (!rbd_spec_parse(filename, true, sp, errp)) {
             return false;
         }
         /* conf and user given as options win over the filename's. */
@@ -312,8 +329,8 @@ static char *rbd_spec_desc(const RBDSpec *sp)
 /* Connect to the cluster sp names and open the I/O context of its pool
  * and namespace.  On success the caller owns *ret_cluster and *ret_io
  * (rbd_disconnect). */
-static bool rbd_connect(const RBDSpec *sp, rados_t *ret_cluster,
-                        rados_ioctx_t *ret_io, Error **errp)
+bool rbd_spec_connect(const RBDSpec *sp, rados_t *ret_cluster,
+                      rados_ioctx_t *ret_io, Error **errp)
 {
     rados_t cluster;
     int r = rados_create(&cluster, sp->user);
@@ -363,7 +380,7 @@ fail:
     return false;
 }
 
-static void rbd_disconnect(rados_t cluster, rados_ioctx_t io)
+void rbd_spec_disconnect(rados_t cluster, rados_ioctx_t io)
 {
     if (io) {
         rados_ioctx_destroy(io);
@@ -453,12 +470,13 @@ static void rbd_drv_close(BlockDriverState *bs)
         rbd_close(s->image);
         s->image = NULL;
     }
-    rbd_disconnect(s->cluster, s->io);
+    rbd_spec_disconnect(s->cluster, s->io);
     s->cluster = NULL;
     s->io = NULL;
     free(s->image_id);
     free(s->desc);
     s->image_id = s->desc = NULL;
+    pthread_mutex_destroy(&s->grow_lock);
 }
 
 static bool rbd_drv_open(BlockDriverState *bs, struct json_object *options,
@@ -469,6 +487,7 @@ static bool rbd_drv_open(BlockDriverState *bs, struct json_object *options,
     bool locking;
     int r;
 
+    pthread_mutex_init(&s->grow_lock, NULL);
     if (!rbd_parse_options(options, &sp, errp) || !rbd_spec_check(&sp, errp) ||
         !rbd_opt_locking(options, flags, &locking, errp)) {
         return false;
@@ -482,7 +501,7 @@ static bool rbd_drv_open(BlockDriverState *bs, struct json_object *options,
                    "read-only=on", s->desc);
         goto fail;
     }
-    if (!rbd_connect(&sp, &s->cluster, &s->io, errp)) {
+    if (!rbd_spec_connect(&sp, &s->cluster, &s->io, errp)) {
         goto fail;
     }
     if (flags & BDRV_O_RDWR) {
@@ -599,10 +618,36 @@ static int rbd_aio_run(BDRVRBDState *s, RBDAioOp op, uint64_t offset,
     return r;
 }
 
+/* R3: make the image at least offset + bytes long.  0 or -errno. */
+static int rbd_grow(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
+    BDRVRBDState *s = bs->opaque;
+    uint64_t size;
+    int r;
+
+    if (rbd_in_range(bs, offset, bytes)) {
+        return 0;
+    }
+    if (offset > UINT64_MAX - bytes) {
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&s->grow_lock);
+    r = rbd_get_size(s->image, &size);
+    if (r == 0 && size < offset + bytes) {
+        r = rbd_resize(s->image, offset + bytes);
+    }
+    pthread_mutex_unlock(&s->grow_lock);
+    return r;
+}
+
 /* A read or write of [offset, +bytes) from/to iov. */
 static int rbd_rw(BlockDriverState *bs, RBDAioOp op, uint64_t offset,
                   uint64_t bytes, const struct iovec *iov, int niov)
 {
+    int r = op == RBD_AIO_WRITE ? rbd_grow(bs, offset, bytes) : 0;
+    if (r < 0) {
+        return r;
+    }
     if (!rbd_in_range(bs, offset, bytes) || niov < 1 || niov > IOV_MAX ||
         iov_size(iov, niov) < bytes) {
         return -EINVAL;
@@ -656,8 +701,9 @@ static int rbd_drv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
     if (flags & BDRV_REQ_NO_FALLBACK) {
         return -ENOTSUP;
     }
-    if (!rbd_in_range(bs, offset, bytes)) {
-        return -EINVAL;
+    int r = rbd_grow(bs, offset, bytes);
+    if (r < 0) {
+        return r;
     }
     int zero_flags = 0;
 #ifdef LIBRBD_SUPPORTS_WRITE_ZEROES
@@ -774,7 +820,7 @@ static bool rbd_drv_create(const char *filename, uint64_t size,
 {
     _cleanup_(rbd_spec_clear) RBDSpec sp = { 0 };
     if (!bdrv_check_create_opts(opts, NULL, 0, "rbd", errp) ||
-        !rbd_parse_filename(filename, &sp, errp) || !rbd_spec_check(&sp, errp)) {
+        !rbd_spec_parse(filename, true, &sp, errp) || !rbd_spec_check(&sp, errp)) {
         return false;
     }
     if (sp.snap) {
@@ -784,14 +830,14 @@ static bool rbd_drv_create(const char *filename, uint64_t size,
     }
     rados_t cluster = NULL;
     rados_ioctx_t io = NULL;
-    if (!rbd_connect(&sp, &cluster, &io, errp)) {
+    if (!rbd_spec_connect(&sp, &cluster, &io, errp)) {
         return false;
     }
     rbd_image_options_t o;
     rbd_image_options_create(&o);
     int r = rbd_create4(io, sp.image, size, o);
     rbd_image_options_destroy(o);
-    rbd_disconnect(cluster, io);
+    rbd_spec_disconnect(cluster, io);
     if (r < 0) {
         error_setg_errno(errp, -r, "rbd: cannot create image '%s'%s",
                          filename + 4, r == -EEXIST ? " (it exists)" : "");
