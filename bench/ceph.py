@@ -65,11 +65,14 @@ def serve(server, wd, conf, image):
     d = Daemon(wd, binary=BITBACKD if server == "bitbackd" else QSD)
     d.start("--blockdev", rbd_blockdev(conf, image), nbd=True)
     try:
+        have = {b["name"] for n in d.qmp.cmd("query-named-block-nodes")
+                for b in n.get("dirty-bitmaps", [])}
         for b in ("b0", "b1"):
             args = {"node": "disk0", "name": b}
             if server == "bitbackd":
                 args["persistent"] = True
-            d.qmp.cmd("block-dirty-bitmap-add", **args)
+            if b not in have:       # ours persist in RADOS from round 2 on
+                d.qmp.cmd("block-dirty-bitmap-add", **args)
         d.qmp.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "disk0"},
                   name="disk0", writable=True)
     except BaseException:
@@ -182,10 +185,14 @@ def table_backup(c):
 
 
 def make_random(wd):
-    path = f"{wd}/base.raw"
+    """SIZE bytes of random data in a local file (made once)."""
+    path = f"{W}/base.raw"
     if not os.path.exists(path):
+        rng = random.Random(20)
         with open(path, "wb") as f:
-            f.write(random.Random(20).randbytes(SIZE))
+            for _ in range(0, SIZE, 64 * MiB):
+                f.write(rng.randbytes(64 * MiB))
+            f.truncate(SIZE)
     return path
 
 

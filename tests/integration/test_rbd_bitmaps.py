@@ -307,3 +307,37 @@ def test_hostile_objects(ceph, tmp_path):
     assert p.returncode != 0 and f"bitback_qbm.{oid}" in p.stderr, p.stderr
     assert "malformed JSON" in p.stderr and "rados" in p.stderr, p.stderr
     assert "Sanitizer" not in p.stderr
+
+
+def test_bitmaps_of_an_rbd_node_opened_directly(ceph, tmp_path):
+    """The rbd node itself (driver=rbd at the top, as a daemon's disk)
+    owns its bitmaps: after a restart they cover the whole image and keep
+    their bits (they were loaded before the node's size was known)."""
+    image = name("direct")
+    ceph.tool("rbd", "create", "--size", f"{SIZE // MiB}M", f"rbd/{image}")
+    node = json.dumps({"driver": "rbd", "node-name": "disk0", "pool": "rbd",
+                       "image": image, "conf": ceph.conf})
+    counts = []
+    for run_no in range(2):
+        d = Daemon(tmp_path / f"d{run_no}")
+        try:
+            d.start("--blockdev", node, "--export",
+                    "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on",
+                    nbd=True)
+            if run_no == 0:
+                d.qmp.cmd("block-dirty-bitmap-add", node="disk0", name="b0",
+                          persistent=True)
+                h = nbd.NBD()
+                h.connect_uri(d.nbd_uri("disk0"))
+                h.pwrite(b"\x5a" * 65536, SIZE - 65536)   # the last cluster
+                h.pwrite(b"\x5a" * 65536, 0)
+                h.shutdown()
+            bms = {b["name"]: b for n in d.qmp.cmd("query-named-block-nodes")
+                   if n["node-name"] == "disk0"
+                   for b in n.get("dirty-bitmaps", [])}
+            assert not bms["b0"].get("inconsistent"), bms
+            counts.append(bms["b0"]["count"])
+            assert d.quit() == 0
+        finally:
+            d.cleanup()
+    assert counts == [2 * 65536, 2 * 65536], counts

@@ -172,7 +172,9 @@ bool rbd_bitmaps_attach(BlockDriverState *owner, bool rw, Error **errp)
         return true;
     }
     const char *id = bdrv_rbd_image_id(img);
-    int64_t len = bdrv_getlength(img);
+    /* The driver's length: when owner is img itself, its open has not
+     * returned, so block.c has not cached bs->size yet. */
+    int64_t len = bdrv_refresh_length(img);
     if (len < 0) {
         error_setg_errno(errp, (int)-len, "cannot get the size of '%s'",
                          img->filename);
