@@ -116,6 +116,7 @@ def table_fio(c):
                     vals[(server, name)].append(fio(uri, rw, bs, depth))
             finally:
                 stop(d, server)
+    c.tool("rbd", "rm", "--no-progress", f"rbd/{image}")
     print(f"\nceph NBD rows: {SIZE / (1 << 30):.2f} GiB RBD image, fio "
           f"{RUNTIME}s a row, median of {ROUNDS} rounds "
           f"(MiB/s for 1M rows, IOPS for 4k rows)")
@@ -172,6 +173,9 @@ def table_backup(c):
                 times[who].append(time.monotonic() - t0)
         finally:
             stop(d, "bitbackd")
+        # memstore keeps everything in RAM: drop the round's image.
+        c.tool("rbd", "snap", "purge", f"rbd/{image}")
+        c.tool("rbd", "rm", "--no-progress", f"rbd/{image}")
     ratio = statistics.median(e / b for b, e in zip(times["bitback"],
                                                     times["export-diff"]))
     print(f"\nceph backup rows: incremental of {CHANGE // MiB} MiB changed "
