@@ -32,6 +32,17 @@ def backup(d, repo, level="auto"):
     return p.stderr
 
 
+def serve_rbd(d, ceph, image):
+    """Start d with the RBD image as rbd node disk0, exported writable;
+    returns its NBD URI."""
+    d.start("--blockdev", json.dumps({
+                "driver": "rbd", "node-name": "disk0", "pool": "rbd",
+                "image": image, "conf": ceph.conf}),
+            "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,"
+                        "writable=on", nbd=True)
+    return d.nbd_uri("disk0")
+
+
 def listed(repo):
     return json.loads(bitback("list", "--repo", repo, "--output=json").stdout)
 
@@ -50,12 +61,7 @@ def test_lost_bitmap_uses_fast_diff(ceph, tmp_path):
     refs = {}
     d = Daemon(tmp_path / "d")
     try:
-        d.start("--blockdev", json.dumps({
-                    "driver": "rbd", "node-name": "disk0", "pool": "rbd",
-                    "image": image, "conf": ceph.conf}),
-                "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,"
-                            "writable=on", nbd=True)
-        uri = d.nbd_uri("disk0")
+        uri = serve_rbd(d, ceph, image)
         rng = random.Random(21)
         nbd_write(uri, scattered(rng, range(SIZE // OBJ)))
 
@@ -120,12 +126,7 @@ def test_rbd_disk_chain_into_the_cluster_repository(ceph, tmp_path):
     refs = {}
     d = Daemon(tmp_path / "d")
     try:
-        d.start("--blockdev", json.dumps({
-                    "driver": "rbd", "node-name": "disk0", "pool": "rbd",
-                    "image": image, "conf": ceph.conf}),
-                "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,"
-                            "writable=on", nbd=True)
-        uri = d.nbd_uri("disk0")
+        uri = serve_rbd(d, ceph, image)
         rng = random.Random(22)
         nbd_write(uri, scattered(rng, range(0, SIZE // OBJ, 2)))
         for n, objs in enumerate([[1], [5, 12], [3]], start=1):
