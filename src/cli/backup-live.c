@@ -733,7 +733,6 @@ static char *pull_remote_dir(const BackupOpts *o, const Disk *d, Error **errp)
 static bool pull_setup_remote(QmpConn *qmp, const BackupOpts *o, Disk *disks,
                               size_t n, Pull *pl, Error **errp)
 {
-    bool ours = live_is_bitbackd(qmp);
     for (size_t i = 0; i < n; i++) {
         Disk *d = &disks[i];
         char fnode[40], job[64];
@@ -762,7 +761,7 @@ static bool pull_setup_remote(QmpConn *qmp, const BackupOpts *o, Disk *disks,
         struct json_object *a = one_arg("driver", "file");
         json_object_object_add(a, "node-name", json_object_new_string(fnode));
         json_object_object_add(a, "filename", json_object_new_string(path));
-        if (ours) {
+        if (d->ours) {
             json_object_object_add(a, "x-remove-on-close",
                                    json_object_new_boolean(true));
         }
@@ -1053,7 +1052,8 @@ static bool live_is_bitbackd(QmpConn *qmp)
 static bool live_transaction(QmpConn *qmp, const BackupOpts *o, Disk *disks,
                              size_t n, Error **errp)
 {
-    bool send_level = o->compress && o->compress_level && live_is_bitbackd(qmp);
+    /* The run asked the daemon once (Disk.ours). */
+    bool send_level = o->compress && o->compress_level && n && disks[0].ours;
 
     struct json_object *args = json_object_new_object();
     struct json_object *actions = json_object_new_array();
