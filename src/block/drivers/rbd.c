@@ -43,6 +43,11 @@
  *       touches their objects.
  *   R4. Opening is bounded in time: the client's mount timeout is
  *       RBD_MOUNT_TIMEOUT seconds unless the configuration sets another.
+ *   R6. While R1's lock is held nobody else can resize the image, so the
+ *       requests' range check (R3) uses the size this node last read or
+ *       set (s->size, updated under grow_lock), not a librbd call per
+ *       request; a range past it asks librbd again before it is refused.
+ *       Nodes without the lock ask librbd every time.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -70,6 +75,8 @@
 #define RBD_STATUS_MAX_BYTES (UINT64_C(1) << 30)
 /* The longest image id rbd_get_id gives (ids are ~12 hex digits). */
 #define RBD_ID_MAX 64
+/* Requests of up to this many pieces slice their iovec on the stack. */
+#define RBD_SMALL_IOV 8
 
 typedef struct BDRVRBDState {
     rados_t cluster;
@@ -81,6 +88,9 @@ typedef struct BDRVRBDState {
     bool locked;             /* we hold the exclusive lock (R1) */
     RbdBitmaps *bitmaps;     /* persistent bitmaps (R5), NULL: none loaded */
     pthread_mutex_t grow_lock; /* serializes R3's resizes */
+    /* R6: the image's size as this lock holder last set or read it (0:
+     * not known); read and written atomically. */
+    uint64_t size;
 } BDRVRBDState;
 
 void rbd_spec_clear(RBDSpec *sp)
@@ -565,10 +575,20 @@ static int64_t rbd_drv_getlength(BlockDriverState *bs)
     return r < 0 ? r : (int64_t)size;
 }
 
-/* R3: is [offset, +bytes) inside the image? */
+/* R3: is [offset, +bytes) inside the image?  R6: a lock holder first
+ * checks the size it knows. */
 static bool rbd_in_range(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
 {
+    BDRVRBDState *s = bs->opaque;
+    uint64_t known = __atomic_load_n(&s->size, __ATOMIC_ACQUIRE);
+
+    if (s->locked && offset <= known && bytes <= known - offset) {
+        return true;
+    }
     int64_t size = rbd_drv_getlength(bs);
+    if (size >= 0 && s->locked) {
+        __atomic_store_n(&s->size, (uint64_t)size, __ATOMIC_RELEASE);
+    }
     return size >= 0 && offset <= (uint64_t)size &&
            bytes <= (uint64_t)size - offset;
 }
@@ -635,6 +655,10 @@ static int rbd_grow(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
     r = rbd_get_size(s->image, &size);
     if (r == 0 && size < offset + bytes) {
         r = rbd_resize(s->image, offset + bytes);
+        size = offset + bytes;
+    }
+    if (r == 0 && s->locked) {
+        __atomic_store_n(&s->size, size, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&s->grow_lock);
     return r;
@@ -644,20 +668,26 @@ static int rbd_grow(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
 static int rbd_rw(BlockDriverState *bs, RBDAioOp op, uint64_t offset,
                   uint64_t bytes, const struct iovec *iov, int niov)
 {
+    /* rbd_grow checked the range, or made it. */
     int r = op == RBD_AIO_WRITE ? rbd_grow(bs, offset, bytes) : 0;
     if (r < 0) {
         return r;
     }
-    if (!rbd_in_range(bs, offset, bytes) || niov < 1 || niov > IOV_MAX ||
-        iov_size(iov, niov) < bytes) {
+    if ((op != RBD_AIO_WRITE && !rbd_in_range(bs, offset, bytes)) ||
+        niov < 1 || niov > IOV_MAX || iov_size(iov, niov) < bytes) {
         return -EINVAL;
     }
     if (bytes == 0) {
         return 0;
     }
-    _cleanup_free_ struct iovec *v = malloc(sizeof(*v) * (size_t)niov);
-    if (!v) {
-        return -ENOMEM;
+    struct iovec small[RBD_SMALL_IOV];
+    _cleanup_free_ struct iovec *big = NULL;
+    struct iovec *v = small;
+    if (niov > RBD_SMALL_IOV) {
+        v = big = malloc(sizeof(*v) * (size_t)niov);
+        if (!v) {
+            return -ENOMEM;
+        }
     }
     int n = iov_slice(iov, niov, 0, bytes, v, niov);
     if (n < 0) {
