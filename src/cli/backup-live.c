@@ -108,17 +108,23 @@ static bool live_query_disk(QmpConn *qmp, Disk *d, Error **errp)
     d->no_backing = json_opt_int(node, "backing_file_depth", -1) == 0;
     free(d->drv);
     d->drv = backup_strdup(json_opt_str(node, "drv"));
-    /* QEMU and bitbackd store persistent bitmaps in qcow2 (and qbm)
-     * images only; on any other node ours must be non-persistent. */
-    d->volatile_bitmaps = json_opt_str(node, "drv") && strcmp(d->drv, "qcow2") &&
-                          strcmp(d->drv, "qbm") &&
-                          (strcmp(d->drv, "rbd") || !d->ours);
-    backup_disk_clear_bitmaps(d);
     /* An RBD image: an rbd node, or raw over one (bitbackd names both
-     * "rbd:POOL/IMAGE"); the run decides whether the daemon snapshots it. */
-    d->rbd_snapshots = d->ours && d->image_file &&
-                       !strncmp(d->image_file, "rbd:", 4) &&
-                       (!strcmp(d->drv, "rbd") || !strcmp(d->drv, "raw"));
+     * "rbd:POOL/IMAGE"). */
+    bool rbd = d->ours && d->image_file && !strncmp(d->image_file, "rbd:", 4) &&
+               (!strcmp(d->drv, "rbd") || !strcmp(d->drv, "raw"));
+    /* bitbackd says whether the node stores persistent bitmaps (qcow2,
+     * qbm, an RBD image through its owner node).  QEMU stores them in
+     * qcow2 only; on any other node ours must be non-persistent. */
+    struct json_object *pb;
+    if (d->ours && json_object_object_get_ex(node, "persistent-bitmaps", &pb)) {
+        d->volatile_bitmaps = !json_object_get_boolean(pb);
+    } else {
+        d->volatile_bitmaps = json_opt_str(node, "drv") &&
+                              strcmp(d->drv, "qcow2") && strcmp(d->drv, "qbm");
+    }
+    backup_disk_clear_bitmaps(d);
+    /* The run decides whether the daemon snapshots an RBD image. */
+    d->rbd_snapshots = rbd;
     if (json_object_object_get_ex(img, "snapshots", &bms) &&
         json_object_is_type(bms, json_type_array)) {
         size_t n = json_object_array_length(bms);

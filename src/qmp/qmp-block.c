@@ -197,6 +197,8 @@ static struct json_object *qmp_node_info(BlockDriverState *bs)
     json_object_object_add(o, "cache", cache);
     json_object_object_add(o, "write_threshold", json_object_new_int(0));
     json_object_object_add(o, "dirty-bitmaps", qmp_node_bitmaps(bs));
+    json_object_object_add(o, "persistent-bitmaps", json_object_new_boolean(
+                               bdrv_can_store_persistent_bitmaps(bs)));
     WriteIntentStats ws;
     if (write_intent_stats(bs, &ws)) {
         struct json_object *cs = json_object_new_object();

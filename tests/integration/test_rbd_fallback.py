@@ -155,3 +155,76 @@ def test_rbd_disk_chain_into_the_cluster_repository(ceph, tmp_path):
     elsewhere(tmp_path, ceph, "prune", "--repo", repo, "--keep-last", "1")
     assert restore(3) == refs[3]
     elsewhere(tmp_path, ceph, "verify", "--repo", repo)
+
+
+def test_raw_over_rbd_keeps_persistent_bitmaps(ceph, tmp_path):
+    """A disk given as raw over an rbd child it opens (QEMU's usual
+    layering, libvirt's `file.driver=rbd`) gets persistent bitmaps from
+    `bitback backup` as a bare rbd node does: a daemon started afresh
+    elsewhere finds the bitmap in RADOS and the next run is an incremental
+    of the change only, without the fast-diff fallback."""
+    image = name("rawrbd")
+    ceph.tool("rbd", "create", "--size", f"{SIZE // MiB}M", f"rbd/{image}")
+    repo = tmp_path / "repo"
+    rng = random.Random(23)
+
+    def start(d):
+        d.start("--blockdev", json.dumps({
+                    "driver": "raw", "node-name": "disk0", "file": {
+                        "driver": "rbd", "pool": "rbd", "image": image,
+                        "conf": ceph.conf}}),
+                "--export", "type=nbd,id=e0,node-name=disk0,name=disk0,"
+                            "writable=on", nbd=True)
+        return d.nbd_uri("disk0")
+
+    d = Daemon(tmp_path / "d1")
+    try:
+        nbd_write(start(d), scattered(rng, range(0, SIZE // OBJ, 3)))
+        err = backup(d, repo, "full")
+        assert "cannot store persistent bitmaps" not in err, err
+        prefix = repo_prefix(repo)
+        bms = {b["name"]: b for n in d.qmp.cmd("query-named-block-nodes")
+               for b in n.get("dirty-bitmaps", [])}
+        assert bms[f"{prefix}-000001"]["persistent"] is True, bms
+        assert d.quit() == 0
+    finally:
+        d.cleanup()
+
+    d = Daemon(tmp_path / "d2")         # another "host": no local state
+    try:
+        nbd_write(start(d), scattered(rng, [7]))
+        out = tmp_path / "ref.raw"
+        ceph.tool("rbd", "export", f"rbd/{image}", str(out))
+        err = backup(d, repo)
+        assert "fast-diff" not in err and "full" not in err, err
+        assert d.quit() == 0
+    finally:
+        d.cleanup()
+    second = {b["id"]: b for b in listed(repo)}["000002"]
+    assert second["level"] == "inc", second
+    assert allocated(repo / "disk0" / "000002.qcow2") <= OBJ
+    restored = tmp_path / "restored.raw"
+    bitback("restore", "--repo", repo, "--node", "disk0", "-f", "raw", restored)
+    assert restored.read_bytes() == out.read_bytes()
+
+
+def test_raw_over_a_shared_rbd_node_gets_volatile_bitmaps(ceph, tmp_path):
+    """raw over an rbd node the user opened on its own: the rbd node owns
+    the image's bitmaps (rbd.c R5), the raw node cannot store any, so the
+    run adds an in-memory bitmap and says so, instead of failing."""
+    image = name("rawsh")
+    ceph.tool("rbd", "create", "--size", f"{SIZE // MiB}M", f"rbd/{image}")
+    d = Daemon(tmp_path / "d")
+    try:
+        d.start("--blockdev", json.dumps({
+                    "driver": "rbd", "node-name": "r0", "pool": "rbd",
+                    "image": image, "conf": ceph.conf}),
+                "--blockdev", "driver=raw,node-name=disk0,file=r0")
+        nodes = {n["node-name"]: n for n in d.qmp.cmd("query-named-block-nodes")}
+        assert nodes["r0"]["persistent-bitmaps"] is True
+        assert nodes["disk0"]["persistent-bitmaps"] is False
+        err = backup(d, tmp_path / "repo", "full")
+        assert "a raw node cannot store persistent bitmaps" in err, err
+        assert d.quit() == 0
+    finally:
+        d.cleanup()
