@@ -167,6 +167,7 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
     }
     int fd;
     bool inet = false;
+    char where[320];               /* the address, for the log */
     _cleanup_free_ char *unix_path = NULL;
     if (strcmp(type, "unix") == 0) {
         const char *path = addr_str(addr, "path");
@@ -180,6 +181,7 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
             return false;
         }
         fd = listen_unix(path, errp);
+        snprintf(where, sizeof(where), "unix:%s", path);
     } else if (strcmp(type, "inet") == 0) {
         const char *host = addr_str(addr, "host");
         struct json_object *pv;
@@ -201,6 +203,7 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
             return false;
         }
         fd = inet_listen(host, port, 0, errp);
+        snprintf(where, sizeof(where), "%.256s:%s", host ? host : "*", port);
         inet = true;
     } else {
         error_setg(errp, "unsupported NBD server address type '%s'", type);
@@ -241,6 +244,8 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
         return false;
     }
     nbd_srv.running = true;
+    log_msg(LOG_LEVEL_INFO, "NBD server listening on %s%s", where,
+            creds ? " (TLS)" : "");
     creds = NULL;    /* the server's now, until nbd_server_stop */
     authz = NULL;
     return true;
@@ -284,6 +289,7 @@ void nbd_server_stop(void)
         pthread_join(nbd_srv.accept_thread, NULL);
         pthread_mutex_lock(&nbd_srv.lock);
         listener_close_locked();
+        log_msg(LOG_LEVEL_INFO, "NBD server stopped");
     }
     /* Disconnect every client: requests already read are answered, in
      * bounded time (invariant 3). */
