@@ -46,6 +46,14 @@ def blockdev(img):
             f"file.filename={img},file.node-name=f0")
 
 
+def over_blkdebug(driver, img):
+    """--blockdev JSON: node d0 of `driver` on blkdebug node dbg over img."""
+    return json.dumps({"driver": driver, "node-name": "d0",
+                       "file": {"driver": "blkdebug", "node-name": "dbg",
+                                "image": {"driver": "file",
+                                          "filename": str(img)}}})
+
+
 def qemu_io(uri, *cmds, check=True):
     argv = ["qemu-io", "-f", "raw"]
     for c in cmds:
@@ -147,6 +155,25 @@ def test_tcp_client_address(tmp_path):
         assert d.quit() == 0
 
 
+def test_stop_with_errors(tmp_path):
+    """A bitmap that cannot be stored at the stop: the node's close error
+    at err, then "stopped with errors", and exit status 1."""
+    require("qemu-io")
+    img = qcow2(tmp_path)
+    run(["qemu-img", "bitmap", "--add", img, "b0"])
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", over_blkdebug("qcow2", img), "--export", EXPORT, nbd=True)
+        qemu_io(d.nbd_uri("d0"), "write 0 64k")
+        d.qmp.cmd("x-blkdebug-inject", **{"node-name": "dbg"}, event="write",
+                  errno=28)
+        assert d.quit() == 1
+    lines = d.stderr().splitlines()
+    assert any(l.startswith("bitbackd: err: closing node 'd0': ") and
+               "No space left on device" in l for l in lines), lines
+    assert lines[-1] == "bitbackd: err: bitbackd stopped with errors " \
+        "(exit status 1)", lines
+
+
 def test_abnormal_disconnects(tmp_path):
     """A protocol error and a client that vanishes without NBD_CMD_DISC
     are logged with their reason; the daemon keeps serving."""
@@ -208,12 +235,8 @@ def test_io_error_logged_and_counted(tmp_path):
     require("qemu-io")
     raw = tmp_path / "d.raw"
     run(["qemu-img", "create", "-q", "-f", "raw", raw, str(SIZE)])
-    node = json.dumps({"driver": "raw", "node-name": "d0",
-                       "file": {"driver": "blkdebug", "node-name": "dbg",
-                                "image": {"driver": "file",
-                                          "filename": str(raw)}}})
     with Daemon(tmp_path / "d") as d:
-        d.start("--blockdev", node, "--export", EXPORT, nbd=True)
+        d.start("--blockdev", over_blkdebug("raw", raw), "--export", EXPORT, nbd=True)
         d.qmp.cmd("x-blkdebug-inject", **{"node-name": "dbg"}, event="read",
                   errno=5, once=True)
         p = qemu_io(d.nbd_uri("d0"), "read 65536 4096", check=False)
@@ -467,6 +490,11 @@ def test_metrics_endpoint(tmp_path):
 
         code, _, _ = scrape(port, "/other")
         assert code == 404
+        p = run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                 "-X", "POST", "--data", "x", f"http://127.0.0.1:{port}/metrics"])
+        assert p.stdout == "405"
+        p = run(["curl", "-sS", "-I", f"http://127.0.0.1:{port}/metrics"])
+        assert p.stdout.startswith("HTTP/1.1 200"), p.stdout
         assert d.quit() == 0
 
 
