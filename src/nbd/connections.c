@@ -476,7 +476,10 @@ static void client_log_close(NBDClient *c, bool transmitted)
     if (exp) {
         snprintf(where, sizeof(where), " (export '%s')", exp);
     }
-    if (c->close_reason[0]) {
+    if (c->close_reason[0] && !transmitted) {
+        log_msg(c->close_level, "NBD client %s disconnected during the "
+                "handshake: %s", c->peer, c->close_reason);
+    } else if (c->close_reason[0]) {
         log_msg(c->close_level, "NBD client %s%s disconnected: %s", c->peer,
                 where, c->close_reason);
     } else if (transmitted) {
@@ -611,6 +614,8 @@ uint64_t nbd_clients_expire_handshakes(void)
         if (c->handshake_deadline_ns <= now) {
             /* Unblocks the connection thread's recv() or send(); it then
              * ends the connection as on EOF and frees its slot. */
+            nbd_client_note_close(c, LOG_LEVEL_WARNING, "handshake not "
+                                  "finished within handshake-max-seconds");
             shutdown(c->fd, SHUT_RDWR);
             c->handshake_deadline_ns = 0;
         } else if (!next || c->handshake_deadline_ns < next) {

@@ -195,6 +195,31 @@ def test_abnormal_disconnects(tmp_path):
         assert d.quit() == 0
 
 
+def test_refused_and_stalled_clients(tmp_path):
+    """Over max-connections: refused at warning; a client that never
+    finishes the handshake: cut off at its deadline, at warning."""
+    img = qcow2(tmp_path)
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", blockdev(img), "--nbd-server",
+                f"addr.type=unix,addr.path={d.nbd_sock},max-connections=1,"
+                "handshake-max-seconds=1", "--export", EXPORT)
+        idle = socket.socket(socket.AF_UNIX)
+        extra = socket.socket(socket.AF_UNIX)
+        try:
+            idle.connect(str(d.nbd_sock))
+            wait_log(d, r"NBD client unix:\S+ connected$")
+            extra.connect(str(d.nbd_sock))
+            line = wait_log(d, r"refused: already 1 connections")
+            assert line.startswith("bitbackd: warning: NBD client unix:"), line
+            line = wait_log(d, r"disconnected during the handshake: handshake "
+                               r"not finished within handshake-max-seconds")
+            assert line.startswith("bitbackd: warning: "), line
+        finally:
+            idle.close()
+            extra.close()
+        assert d.quit() == 0
+
+
 def test_job_state_logs(tmp_path):
     """Job state changes (id, type, old -> new) and a failed job's error."""
     img = qcow2(tmp_path)
