@@ -167,6 +167,7 @@ static void usage(void)
 "                         (default info; under systemd with \"<N>\" levels)\n"
 "  --metrics addr=HOST:PORT\n"
 "  --metrics addr.type=inet,addr.host=HOST,addr.port=PORT\n"
+"  --metrics addr.type=unix,addr.path=PATH\n"
 "                         serve Prometheus metrics at http://HOST:PORT/metrics\n"
 "                         (any address; off loopback anyone reaching it\n"
 "                         reads them)\n"

@@ -85,37 +85,6 @@ static const char *addr_str(struct json_object *o, const char *key)
     return NULL;
 }
 
-static int listen_unix(const char *path, Error **errp)
-{
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    if (strlen(path) >= sizeof(sa.sun_path)) {
-        error_setg(errp, "UNIX socket path '%s' is too long (max %zu bytes)",
-                   path, sizeof(sa.sun_path) - 1);
-        return -1;
-    }
-    struct stat st;
-    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
-        unlink(path);   /* a stale socket from an earlier run */
-    }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot create socket");
-        return -1;
-    }
-    /* Mode 0600 (or --socket-mode) whatever the umask. */
-    if (!unix_bind_private(fd, path, errp)) {
-        close(fd);
-        return -1;
-    }
-    if (listen(fd, 128) < 0) {
-        error_setg_errno(errp, errno, "cannot listen on '%s'", path);
-        close(fd);
-        unlink(path);
-        return -1;
-    }
-    return fd;
-}
-
 /* Close the listening socket and the wake pipe and remove the UNIX socket
  * file (nbd_srv.lock held, no accept thread running). */
 static void listener_close_locked(void)
@@ -180,7 +149,7 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
             error_setg(errp, "out of memory");
             return false;
         }
-        fd = listen_unix(path, errp);
+        fd = unix_listen(path, errp);
         snprintf(where, sizeof(where), "unix:%s", path);
     } else if (strcmp(type, "inet") == 0) {
         const char *host = addr_str(addr, "host");

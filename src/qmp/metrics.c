@@ -46,6 +46,7 @@ static struct MHD_Daemon *metrics_daemon;
 static pthread_mutex_t metrics_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t metrics_cond = PTHREAD_COND_INITIALIZER;
 static bool metrics_stopping;  /* metrics_lock */
+static char *metrics_path;     /* the UNIX socket to remove at stop, or NULL */
 
 /* ---- the text ---- */
 
@@ -413,9 +414,42 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
     return reply(conn, MHD_HTTP_OK, text, true);
 }
 
-/* The listening address of the options: host and port (new strings). */
-static bool metrics_parse_addr(const char *arg, char **ret_host,
-                               char **ret_port, Error **errp)
+/* Where to listen, from the options: a TCP host and port, or a UNIX
+ * socket path (the others NULL); new strings. */
+typedef struct MetricsAddr {
+    char *host, *port, *path;
+} MetricsAddr;
+
+static void metrics_addr_clear(MetricsAddr *a)
+{
+    free(a->host);
+    free(a->port);
+    free(a->path);
+}
+
+/* A member of addr that must be a string, as a new string. */
+static bool addr_member(struct json_object *addr, const char *key,
+                        char **ret, Error **errp)
+{
+    struct json_object *v;
+    if (!json_object_object_get_ex(addr, key, &v)) {
+        error_setg(errp, "Parameter 'addr.%s' is missing", key);
+        return false;
+    }
+    if (!json_object_is_type(v, json_type_string) &&
+        !json_object_is_type(v, json_type_int)) {
+        error_setg(errp, "Invalid parameter type for 'addr.%s', expected: "
+                   "string", key);
+        return false;
+    }
+    *ret = strdup(json_object_get_string(v));
+    if (!*ret) {
+        abort();
+    }
+    return true;
+}
+
+static bool metrics_parse_addr(const char *arg, MetricsAddr *a, Error **errp)
 {
     _cleanup_json_ struct json_object *o = keyval_parse_or_json(arg, NULL, errp);
     if (!o) {
@@ -434,52 +468,55 @@ static bool metrics_parse_addr(const char *arg, char **ret_host,
         return false;
     }
     if (json_object_is_type(addr, json_type_string)) {
-        return inet_parse_host_port(json_object_get_string(addr), ret_host,
-                                    ret_port, errp);
+        return inet_parse_host_port(json_object_get_string(addr), &a->host,
+                                    &a->port, errp);
     }
     if (!json_object_is_type(addr, json_type_object)) {
         error_setg(errp, "'addr' must be HOST:PORT or an address object");
         return false;
     }
     const char *type = json_opt_str(addr, "type");
-    if (!type || strcmp(type, "inet") != 0) {
-        error_setg(errp, "addr.type must be 'inet'");
+    static const char *const inet_keys[] = { "type", "host", "port", NULL };
+    static const char *const unix_keys[] = { "type", "path", NULL };
+    const char *const *keys;
+    if (type && strcmp(type, "inet") == 0) {
+        keys = inet_keys;
+    } else if (type && strcmp(type, "unix") == 0) {
+        keys = unix_keys;
+    } else {
+        error_setg(errp, "addr.type must be 'inet' or 'unix'");
         return false;
     }
-    struct json_object *host = NULL, *port = NULL;
     json_object_object_foreach(addr, k, v) {
-        if (strcmp(k, "host") == 0) {
-            host = v;
-        } else if (strcmp(k, "port") == 0) {
-            port = v;
-        } else if (strcmp(k, "type") != 0) {
+        (void)v;
+        size_t i = 0;
+        while (keys[i] && strcmp(keys[i], k) != 0) {
+            i++;
+        }
+        if (!keys[i]) {
             error_setg(errp, "Parameter 'addr.%s' is unexpected", k);
             return false;
         }
     }
-    if (!host || !port) {
-        error_setg(errp, "addr.host and addr.port are required");
-        return false;
+    if (keys == unix_keys) {
+        return addr_member(addr, "path", &a->path, errp);
     }
-    *ret_host = strdup(json_object_get_string(host));
-    *ret_port = strdup(json_object_get_string(port));
-    if (!*ret_host || !*ret_port) {
-        abort();
-    }
-    return true;
+    return addr_member(addr, "host", &a->host, errp) &&
+           addr_member(addr, "port", &a->port, errp);
 }
 
 bool metrics_start(const char *opts, Error **errp)
 {
-    _cleanup_free_ char *host = NULL, *port = NULL;
+    _cleanup_(metrics_addr_clear) MetricsAddr a = { 0 };
     if (metrics_daemon) {
         error_setg(errp, "the metrics endpoint is already running");
         return false;
     }
-    if (!metrics_parse_addr(opts, &host, &port, errp)) {
+    if (!metrics_parse_addr(opts, &a, errp)) {
         return false;
     }
-    int fd = inet_listen(host, port, 0, errp);
+    int fd = a.path ? unix_listen(a.path, errp)
+                    : inet_listen(a.host, a.port, 0, errp);
     if (fd < 0) {
         return false;
     }
@@ -493,13 +530,22 @@ bool metrics_start(const char *opts, Error **errp)
         MHD_OPTION_END);
     if (!metrics_daemon) {
         close(fd);
+        if (a.path) {
+            unlink(a.path);
+        }
         error_setg(errp, "cannot start the HTTP server for metrics");
         return false;
     }
-    log_msg(LOG_LEVEL_INFO, "metrics served on http://%s:%s/metrics%s",
-            *host ? host : "*", port,
-            inet_host_is_loopback(host) ? "" : " (not only loopback: anyone "
-            "who reaches it reads them)");
+    metrics_path = steal_pointer(&a.path);
+    if (metrics_path) {
+        log_msg(LOG_LEVEL_INFO, "metrics served on unix:%s, path /metrics",
+                metrics_path);
+    } else {
+        log_msg(LOG_LEVEL_INFO, "metrics served on http://%s:%s/metrics%s",
+                *a.host ? a.host : "*", a.port,
+                inet_host_is_loopback(a.host) ? "" : " (not only loopback: "
+                "anyone who reaches it reads them)");
+    }
     return true;
 }
 
@@ -515,6 +561,11 @@ void metrics_stop(void)
     }
     MHD_stop_daemon(metrics_daemon);     /* closes the listening socket */
     metrics_daemon = NULL;
+    if (metrics_path) {
+        unlink(metrics_path);
+        free(metrics_path);
+        metrics_path = NULL;
+    }
     /* Collections scheduled for scrapes that gave up hold the last
      * reference of their scrape. */
     main_loop_run_pending();

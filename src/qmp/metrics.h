@@ -11,10 +11,10 @@
 
 #include "util/error.h"
 
-/* Start serving, as --metrics OPTS gives: addr=HOST:PORT, or
- * addr.type=inet,addr.host=HOST,addr.port=PORT (keyval or JSON).  Any
- * address is allowed; off loopback, anyone who reaches it reads the
- * metrics.  false with errp set (bad options, address in use, already
+/* Start serving, as --metrics OPTS gives: addr=HOST:PORT,
+ * addr.type=inet,addr.host=HOST,addr.port=PORT or
+ * addr.type=unix,addr.path=PATH (keyval or JSON).  Any address is
+ * allowed; off loopback, anyone who reaches it reads the metrics.  false with errp set (bad options, address in use, already
  * started).  Main thread. */
 bool metrics_start(const char *opts, Error **errp);
 /* Stop serving (no-op when not started): scrapes waiting for the main

@@ -525,7 +525,11 @@ def test_metrics_endpoint(tmp_path):
 
 @pytest.mark.parametrize("arg,msg", [
     ("addr=127.0.0.1", "expected HOST:PORT"),
-    ("addr.type=unix,addr.path=/x", "addr.type must be 'inet'"),
+    ("addr.type=tcp,addr.host=h,addr.port=1",
+     "addr.type must be 'inet' or 'unix'"),
+    ("addr.type=unix,addr.host=h", "Parameter 'addr.host' is unexpected"),
+    ("addr.type=unix", "Parameter 'addr.path' is missing"),
+    ("addr.type=inet,addr.host=127.0.0.1", "Parameter 'addr.port' is missing"),
     ("addr=127.0.0.1:1,color=red", "Parameter 'color' is unexpected"),
     ("port=1", "Parameter 'port' is unexpected"),
 ])
@@ -535,6 +539,26 @@ def test_metrics_bad_option(tmp_path, arg, msg):
     assert p.returncode == 1, p
     assert p.stderr.startswith("bitbackd: --metrics: ") and msg in p.stderr, \
         p.stderr
+
+
+def test_metrics_unix_socket(tmp_path):
+    """--metrics addr.type=unix: served on a 0600 socket (curl
+    --unix-socket), removed at the stop."""
+    require("curl")
+    img = qcow2(tmp_path)
+    with Daemon(tmp_path / "d") as d:
+        sock = d.sockdir / "metrics.sock"
+        d.start("--blockdev", blockdev(img), "--metrics",
+                f"addr.type=unix,addr.path={sock}", nbd=True)
+        wait_log(d, rf"metrics served on unix:{re.escape(str(sock))}, ")
+        assert os.stat(sock).st_mode & 0o777 == 0o600
+        p = run(["curl", "-sS", "--max-time", "30", "--unix-socket", str(sock),
+                 "http://localhost/metrics"])
+        m = samples(p.stdout)
+        assert ("bitback_node_read_bytes_total",
+                frozenset({("node", "d0")})) in m
+        assert d.quit() == 0
+        assert not sock.exists()
 
 
 def test_metrics_port_in_use(tmp_path):
