@@ -359,6 +359,9 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status,
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE,
                             status == MHD_HTTP_OK ? METRICS_CONTENT_TYPE
                                                   : "text/plain");
+    if (status == MHD_HTTP_METHOD_NOT_ALLOWED) {
+        MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
+    }
     enum MHD_Result ret = MHD_queue_response(conn, status, r);
     MHD_destroy_response(r);
     return ret;
@@ -373,8 +376,7 @@ static char *scrape(void)
         return NULL;
     }
     s->refs = 2;
-    main_loop_schedule(metrics_collect, s);
-    main_loop_wake();
+    main_loop_schedule(metrics_collect, s);       /* wakes the main loop */
     struct timespec deadline;
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_sec += METRICS_WAIT_SEC;
