@@ -34,6 +34,7 @@
 #include "util/cutils.h"
 #include "util/iov.h"
 #include "util/keyval.h"
+#include "util/log.h"
 #include "util/osdep.h"
 
 extern const BlockDriver bdrv_file;
@@ -769,7 +770,8 @@ void bdrv_unref(BlockDriverState *bs)
     if (__atomic_sub_fetch(&bs->refcnt, 1, __ATOMIC_SEQ_CST) == 0) {
         Error *err = NULL;
         if (!bdrv_do_close(bs, &err)) {
-            error_report_err(err);
+            log_msg(LOG_LEVEL_ERR, "%s", error_get_pretty(err));
+            error_free(err);
         }
     }
 }
@@ -835,6 +837,26 @@ static int check_request(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
         return -EINVAL;
     }
     return 0;
+}
+
+/* I/O errors a failing disk repeats for every request: at most
+ * BDRV_IO_ERROR_LOG_BURST lines per BDRV_IO_ERROR_LOG_SEC over all nodes. */
+#define BDRV_IO_ERROR_LOG_SEC   10
+#define BDRV_IO_ERROR_LOG_BURST 20
+static LogRatelimit io_error_rl =
+    LOG_RATELIMIT_INIT(BDRV_IO_ERROR_LOG_SEC, BDRV_IO_ERROR_LOG_BURST);
+
+/* Log a failed request (the driver's error, not a refused one): the only
+ * line the data path writes, and only on failure, rate-limited. */
+static void bdrv_log_io_error(BlockDriverState *bs, const char *what,
+                              uint64_t offset, uint64_t bytes, int r)
+{
+    log_msg_ratelimited(&io_error_rl, LOG_LEVEL_WARNING,
+                        "I/O error on node '%s': %s offset %llu length %llu: "
+                        "%s (errno %d)",
+                        bs->node_name ? bs->node_name : "(anonymous)", what,
+                        (unsigned long long)offset, (unsigned long long)bytes,
+                        strerror(-r), -r);
 }
 
 static void note_growth(BlockDriverState *bs, uint64_t end)
@@ -1157,22 +1179,32 @@ int bdrv_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 {
     int r = check_request(bs, offset, bytes, false, true);
     if (r < 0) {
-        return r;
+        return block_acct_invalid(&bs->stats, BDRV_ACCT_READ, r);
     }
     if (bytes == 0) {
         return 0;
     }
     /* A read that must not wait goes only where every layer can promise
-     * that: no hooks (they may wait for a job), no bounce buffer. */
+     * that: no hooks (they may wait for a job), no bounce buffer.  Not
+     * counted: the caller asks again without NOWAIT. */
     if ((flags & BDRV_REQ_NOWAIT) &&
         (!(bs->supported_read_flags & BDRV_REQ_NOWAIT) ||
          __atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE))) {
         return -EAGAIN;
     }
+    uint64_t t0 = block_acct_start();
     if (__atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE)) {
-        return preadv_hooked(bs, offset, bytes, iov, niov, flags);
+        r = preadv_hooked(bs, offset, bytes, iov, niov, flags);
+    } else {
+        r = do_preadv(bs, offset, bytes, iov, niov, flags);
     }
-    return do_preadv(bs, offset, bytes, iov, niov, flags);
+    if (r == -EAGAIN && (flags & BDRV_REQ_NOWAIT)) {
+        return r;
+    }
+    if (r < 0) {
+        bdrv_log_io_error(bs, "read", offset, bytes, r);
+    }
+    return block_acct_done(&bs->stats, BDRV_ACCT_READ, offset, bytes, t0, r);
 }
 
 static int do_preadv(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
@@ -1236,25 +1268,39 @@ static int write_req_prepare(BlockDriverState *bs, uint64_t offset,
  * request begun (write_req_finish ends it), 0 when there is nothing to do,
  * or -errno with nothing begun. */
 static int write_req_begin(BlockDriverState *bs, uint64_t offset,
-                           uint64_t bytes, bool has_payload)
+                           uint64_t bytes, bool has_payload, BdrvAcctType type,
+                           uint64_t t0)
 {
     int r = check_request(bs, offset, bytes, true, has_payload);
-    if (r < 0 || bytes == 0) {
-        return r;
+    if (r < 0) {
+        return block_acct_invalid(&bs->stats, type, r);
+    }
+    if (bytes == 0) {
+        return 0;
     }
     r = write_req_prepare(bs, offset, bytes);
-    return r < 0 ? r : 1;
+    if (r < 0) {
+        return block_acct_done(&bs->stats, type, offset, bytes, t0, r);
+    }
+    return 1;
 }
 
 /* The epilogue matching write_req_prepare: a node that grows that wrote up to
- * `end` (0: nothing to note, as for discard) notes its growth.  Returns r
- * as the request's result (0 or -errno). */
-static int write_req_finish(BlockDriverState *bs, uint64_t end, int r)
+ * `end` (0: nothing to note, as for discard) notes its growth, and the
+ * request of `type` on [offset, offset + bytes) begun at t0 is counted.
+ * Returns r as the request's result (0 or -errno). */
+static int write_req_finish(BlockDriverState *bs, uint64_t end, int r,
+                            BdrvAcctType type, uint64_t offset,
+                            uint64_t bytes, uint64_t t0)
 {
     if (r >= 0 && end && node_grows(bs)) {
         note_growth(bs, end);
     }
-    return r < 0 ? r : 0;
+    if (r < 0) {
+        bdrv_log_io_error(bs, type == BDRV_ACCT_UNMAP ? "discard" : "write",
+                          offset, bytes, r);
+    }
+    return block_acct_done(&bs->stats, type, offset, bytes, t0, r < 0 ? r : 0);
 }
 
 /* Hand a write to the driver: unaligned to the node's request alignment
@@ -1283,12 +1329,14 @@ int bdrv_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
         !bs->drv->supports_compressed_writes) {
         return -ENOTSUP;
     }
-    int r = write_req_begin(bs, offset, bytes, true);
+    uint64_t t0 = block_acct_start();
+    int r = write_req_begin(bs, offset, bytes, true, BDRV_ACCT_WRITE, t0);
     if (r <= 0) {
         return r;
     }
     r = drv_pwritev(bs, offset, bytes, iov, niov, flags);
-    return write_req_finish(bs, offset + bytes, r);
+    return write_req_finish(bs, offset + bytes, r, BDRV_ACCT_WRITE, offset,
+                            bytes, t0);
 }
 
 int bdrv_preadv_zero_tail(BlockDriverState *child, uint64_t offset,
@@ -1367,7 +1415,8 @@ static int write_zero_buffers(BlockDriverState *bs, uint64_t offset,
 int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                        int flags)
 {
-    int r = write_req_begin(bs, offset, bytes, false);
+    uint64_t t0 = block_acct_start();
+    int r = write_req_begin(bs, offset, bytes, false, BDRV_ACCT_WRITE, t0);
     if (r <= 0) {
         return r;
     }
@@ -1380,7 +1429,8 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     if (r == -ENOTSUP && !(flags & BDRV_REQ_NO_FALLBACK)) {
         r = write_zero_buffers(bs, offset, bytes, flags);
     }
-    return write_req_finish(bs, offset + bytes, r);
+    return write_req_finish(bs, offset + bytes, r, BDRV_ACCT_WRITE, offset,
+                            bytes, t0);
 }
 
 int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
@@ -1389,22 +1439,26 @@ int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
         return check_request(bs, offset, bytes, true, false);  /* or 0 */
     }
     /* Discarded data may read back differently: that is a change. */
-    int r = write_req_begin(bs, offset, bytes, false);
+    uint64_t t0 = block_acct_start();
+    int r = write_req_begin(bs, offset, bytes, false, BDRV_ACCT_UNMAP, t0);
     if (r <= 0) {
         return r;
     }
+    uint64_t asked = bytes;
     uint32_t align = bs->request_alignment;
     if (align > 1) {
         /* Discard is advisory: shrink to whole aligned blocks. */
         uint64_t start = ROUND_UP(offset, align);
         uint64_t end = ROUND_DOWN(offset + bytes, align);
         if (end <= start) {
-            return write_req_finish(bs, 0, 0);
+            return write_req_finish(bs, 0, 0, BDRV_ACCT_UNMAP, offset, asked,
+                                    t0);
         }
         offset = start;
         bytes = end - start;
     }
-    return write_req_finish(bs, 0, bs->drv->pdiscard(bs, offset, bytes));
+    return write_req_finish(bs, 0, bs->drv->pdiscard(bs, offset, bytes),
+                            BDRV_ACCT_UNMAP, offset, asked, t0);
 }
 
 int bdrv_client_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
@@ -1429,14 +1483,17 @@ int bdrv_client_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
 
 int bdrv_flush(BlockDriverState *bs)
 {
+    uint64_t t0 = block_acct_start();
     if (bs->read_only || !bs->drv->flush) {
-        return 0;
+        return block_acct_done(&bs->stats, BDRV_ACCT_FLUSH, 0, 0, t0, 0);
     }
     int r = bs->drv->flush(bs);
     if (r == 0) {
         write_intent_flushed(bs);
+    } else {
+        bdrv_log_io_error(bs, "flush", 0, 0, r);
     }
-    return r;
+    return block_acct_done(&bs->stats, BDRV_ACCT_FLUSH, 0, 0, t0, r);
 }
 
 static int layer_status(BlockDriverState *bs, uint64_t offset, uint64_t bytes,

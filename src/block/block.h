@@ -27,6 +27,7 @@
 #include <sys/uio.h>
 #include <json-c/json.h>
 
+#include "block/block-acct.h"
 #include "block/check.h"
 #include "block/dirty-bitmap.h"
 #include "util/error.h"
@@ -258,6 +259,8 @@ struct BlockDriverState {
     BdrvDirtyBitmap *dirty_bitmaps;
 
     BlockDriverState *next_node;   /* global list of named nodes */
+
+    BlockAcctStats stats;          /* I/O counters (atomic, block-acct.h) */
 
     /* Drain and I/O hooks (see "Drained sections" below). */
     unsigned in_flight;            /* client writes/zero/discards in

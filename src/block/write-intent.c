@@ -35,6 +35,7 @@
 #include "util/cleanup.h"
 #include "util/bswap.h"
 #include "util/cutils.h"
+#include "util/log.h"
 #include "util/osdep.h"
 
 #define WIL_MAGIC        "BBWIL\0v2"
@@ -996,6 +997,16 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
             bm->recovered = true;
             bm->recovered_bytes = hbitmap_count_bytes(bm->hb) - before;
             recovered++;
+            pthread_mutex_unlock(&bs->lock);
+            log_msg(LOG_LEVEL_NOTICE, "bitmap '%s' on node '%s' recovered "
+                    "after an unclean stop: the write-intent log's snapshot "
+                    "(%llu dirty bytes) plus the regions it marked since "
+                    "(%llu more dirty bytes)", name,
+                    bs->node_name ? bs->node_name : "(anonymous)",
+                    (unsigned long long)before,
+                    (unsigned long long)bm->recovered_bytes);
+            p += sz;
+            continue;
         }
         pthread_mutex_unlock(&bs->lock);
         p += sz;
@@ -1022,9 +1033,11 @@ static void refresh_recovered(BlockDriverState *bs)
         }
         if (!bs->drv->persistent_bitmap_remove(bs, bm->name, &err) ||
             !bs->drv->persistent_bitmap_add(bs, bm, &err)) {
-            error_prepend(&err, "warning: recovered bitmap '%s' could not be "
-                          "rewritten in its image: ", bm->name);
-            error_report_err(err);
+            log_msg(LOG_LEVEL_WARNING, "recovered bitmap '%s' on node '%s' "
+                    "could not be rewritten in its image: %s", bm->name,
+                    bs->node_name ? bs->node_name : "(anonymous)",
+                    error_get_pretty(err));
+            error_free(err);
         }
     }
 }
@@ -1155,6 +1168,9 @@ static void try_recover(BlockDriverState *bs, uint64_t *ret_seq)
         return;
     }
     if (s && recover_store(bs, s, ret_seq, &why) == 0 && why) {
+        log_msg(LOG_LEVEL_WARNING, "the write-intent log '%s' of node '%s' "
+                "was not used: %s", s->name,
+                bs->node_name ? bs->node_name : "(anonymous)", why);
         note_log_refused(bs, s->name, why);
     }
 }
@@ -1314,7 +1330,11 @@ bool write_intent_sync_changed(BlockDriverState *bs)
     if (!write_intent_sync_metadata(bs, &err)) {
         /* Not durable yet: keep it pending for the next call. */
         __atomic_store_n(&bs->bitmaps_changed, true, __ATOMIC_SEQ_CST);
-        error_report_err(err);
+        log_msg(LOG_LEVEL_ERR, "node '%s': bitmap changes not recorded in the "
+                "write-intent log: %s",
+                bs->node_name ? bs->node_name : "(anonymous)",
+                error_get_pretty(err));
+        error_free(err);
         return false;
     }
     return true;

@@ -6,6 +6,7 @@
  *            --chardev socket,path=P,server=on,wait=off,id=ID --monitor ID
  *            (or --chardev socket,host=H,port=P,...[,tls-creds=ID])
  *            [--pidfile F] [--daemonize] [--socket-mode 0600|0660]
+ *            [--log-level LEVEL] [--metrics addr=HOST:PORT]
  *
  * Each option is dotted key=value (util/keyval.h) or JSON, and is processed
  * in command-line order by running the same code as the matching QMP
@@ -42,10 +43,12 @@
 #include "block/write-intent.h"
 #include "crypto/object.h"
 #include "nbd/server.h"
+#include "qmp/metrics.h"
 #include "qmp/qmp.h"
 #include "job/job.h"
 #include "util/cleanup.h"
 #include "util/keyval.h"
+#include "util/log.h"
 #include "util/osdep.h"
 
 #define BITBACKD_VERSION "0.1.0"
@@ -92,6 +95,8 @@ enum {
     OPT_SOCKET_MODE,
     OPT_NBD_MAX_REQUEST_MEMORY,
     OPT_NBD_MAX_WORKERS,
+    OPT_LOG_LEVEL,
+    OPT_METRICS,
 };
 
 static const struct option long_options[] = {
@@ -106,6 +111,8 @@ static const struct option long_options[] = {
     { "socket-mode", required_argument, NULL, OPT_SOCKET_MODE },
     { "nbd-max-request-memory", required_argument, NULL, OPT_NBD_MAX_REQUEST_MEMORY },
     { "nbd-max-workers", required_argument, NULL, OPT_NBD_MAX_WORKERS },
+    { "log-level", required_argument, NULL, OPT_LOG_LEVEL },
+    { "metrics", required_argument, NULL, OPT_METRICS },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
@@ -155,6 +162,15 @@ static void usage(void)
 "                         each connection may exceed it by at most 1M\n"
 "  --nbd-max-workers N    extra NBD worker threads of all connections together\n"
 "                         (default 64; each connection also has its own thread)\n"
+"  --log-level err|warning|notice|info|debug\n"
+"                         the least important events logged to stderr\n"
+"                         (default info; under systemd with \"<N>\" levels)\n"
+"  --metrics addr=HOST:PORT\n"
+"  --metrics addr.type=inet,addr.host=HOST,addr.port=PORT\n"
+"  --metrics addr.type=unix,addr.path=PATH\n"
+"                         serve Prometheus metrics at http://HOST:PORT/metrics\n"
+"                         (any address; off loopback anyone reaching it\n"
+"                         reads them)\n"
 "  --pidfile FILE         write the process id to FILE once ready\n"
 "  --daemonize            run in the background once ready\n"
 "  --socket-mode MODE     mode of every UNIX socket the daemon creates (QMP\n"
@@ -501,8 +517,9 @@ static bool close_all_nodes(void)
         _cleanup_free_ char *name = strdup(bs->node_name ? bs->node_name : "?");
         Error *err = NULL;
         if (!bdrv_close(bs, &err)) {
-            error_prepend(&err, "closing node '%s': ", name);
-            error_report_err(err);
+            log_msg(LOG_LEVEL_ERR, "closing node '%s': %s", name,
+                    error_get_pretty(err));
+            error_free(err);
             ok = false;
         }
     }
@@ -510,8 +527,11 @@ static bool close_all_nodes(void)
     return ok;
 }
 
+static volatile sig_atomic_t quit_signal;
+
 static void on_signal(int sig)
 {
+    quit_signal = sig;
     qmp_request_quit();
 }
 
@@ -525,19 +545,33 @@ static void setup_signals(void)
     sigaction(SIGPIPE, &sa, NULL);
 }
 
+/* For options that apply wherever they are on the command line: the value
+ * of the next `--NAME VALUE` or `--NAME=VALUE` from argv[*i] on (*i moves
+ * past it), or NULL at the end. */
+static const char *prescan_option(int argc, char **argv, int *i,
+                                  const char *name)
+{
+    size_t len = strlen(name);
+    for (; *i < argc; (*i)++) {
+        const char *a = argv[*i];
+        if (strcmp(a, name) == 0 && *i + 1 < argc) {
+            *i += 2;
+            return argv[*i - 1];
+        }
+        if (strncmp(a, name, len) == 0 && a[len] == '=') {
+            (*i)++;
+            return a + len + 1;
+        }
+    }
+    return NULL;
+}
+
 /* --socket-mode, wherever it is on the command line: it applies to every
  * socket, including those of options before it.  false with errp set. */
 static bool opt_socket_mode(int argc, char **argv, Error **errp)
 {
-    for (int i = 1; i < argc; i++) {
-        const char *v = NULL;
-        if (strcmp(argv[i], "--socket-mode") == 0 && i + 1 < argc) {
-            v = argv[++i];
-        } else if (strncmp(argv[i], "--socket-mode=", 14) == 0) {
-            v = argv[i] + 14;
-        } else {
-            continue;
-        }
+    const char *v;
+    for (int i = 1; (v = prescan_option(argc, argv, &i, "--socket-mode")); ) {
         if (strcmp(v, "0600") == 0 || strcmp(v, "600") == 0) {
             unix_socket_mode_set(0600);
         } else if (strcmp(v, "0660") == 0 || strcmp(v, "660") == 0) {
@@ -547,6 +581,22 @@ static bool opt_socket_mode(int argc, char **argv, Error **errp)
             return false;
         }
     }
+    return true;
+}
+
+/* --log-level, wherever it is on the command line: it applies to the
+ * events of options before it too.  false with errp set. */
+static bool opt_log_level(int argc, char **argv, Error **errp)
+{
+    LogLevel level = LOG_LEVEL_DEFAULT;
+    const char *v;
+    for (int i = 1; (v = prescan_option(argc, argv, &i, "--log-level")); ) {
+        if (!log_level_parse(v, &level, errp)) {
+            error_prepend(errp, "--log-level: ");
+            return false;
+        }
+    }
+    log_set_level(level);
     return true;
 }
 
@@ -570,11 +620,13 @@ int main(int argc, char **argv)
     int c;
 
     error_progname = "bitbackd";
+    log_init("bitbackd");
     setup_signals();
     qmp_init_commands();
     {
         Error *err = NULL;
-        if (!opt_socket_mode(argc, argv, &err)) {
+        if (!opt_log_level(argc, argv, &err) ||
+            !opt_socket_mode(argc, argv, &err)) {
             error_report_err(err);
             return 1;
         }
@@ -648,8 +700,13 @@ int main(int argc, char **argv)
             pidfile_path = path_join(real, base);
             break;
         }
+        case OPT_METRICS:
+            optname = "--metrics";
+            ok = metrics_start(optarg, &err);
+            break;
         case OPT_DAEMONIZE:
         case OPT_SOCKET_MODE:      /* opt_socket_mode did it */
+        case OPT_LOG_LEVEL:        /* opt_log_level did it */
             break;
         default:
             fprintf(stderr, "Try 'bitbackd --help' for more information.\n");
@@ -673,9 +730,18 @@ int main(int argc, char **argv)
             goto fail;
         }
     }
+    log_msg(LOG_LEVEL_NOTICE, "bitbackd %s started (pid %ld)",
+            BITBACKD_VERSION, (long)getpid());
     daemonize_finish();
 
     qmp_main_loop();
+    if (quit_signal) {
+        log_msg(LOG_LEVEL_NOTICE, "shutting down on %s",
+                strsignal(quit_signal));
+    } else {
+        log_msg(LOG_LEVEL_NOTICE, "shutting down (quit)");
+    }
+    metrics_stop();
 
     /* Jobs end first (cancelled): their bitmaps get their bits back and
      * their nodes are released before the nodes are closed. */
@@ -692,9 +758,15 @@ int main(int argc, char **argv)
         unlink(pidfile_path);    /* while still ours */
         close(pidfile_fd);
     }
+    if (ok) {
+        log_msg(LOG_LEVEL_NOTICE, "bitbackd stopped cleanly");
+    } else {
+        log_msg(LOG_LEVEL_ERR, "bitbackd stopped with errors (exit status 1)");
+    }
     return ok ? 0 : 1;
 
 fail:
+    metrics_stop();
     nbd_server_stop();
     close_all_nodes();
     object_del_all();

@@ -42,6 +42,7 @@
 #include "block/block.h"
 #include "job/job.h"
 #include "util/cleanup.h"
+#include "util/log.h"
 #include "util/main-loop.h"
 
 #define JOB_SLICE_NS 100000000ULL      /* rate-limit time slice: 100 ms */
@@ -179,6 +180,15 @@ static void job_transition_locked(Job *job, JobStatus to)
     job->status = to;
     if (from == to) {
         return;
+    }
+    if (job->ret < 0 && job->error && !job->cancelled &&
+        (to == JOB_STATUS_ABORTING || to == JOB_STATUS_CONCLUDED)) {
+        log_msg(LOG_LEVEL_WARNING, "job '%s' (%s): %s -> %s: %s", job->id,
+                job->driver->type, job_status_name(from), job_status_name(to),
+                job->error);
+    } else {
+        log_msg(LOG_LEVEL_INFO, "job '%s' (%s): %s -> %s", job->id,
+                job->driver->type, job_status_name(from), job_status_name(to));
     }
     struct json_object *data = json_object_new_object();
     json_object_object_add(data, "id", json_object_new_string(job->id));

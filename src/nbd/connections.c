@@ -13,9 +13,13 @@
  * at its handshake deadline is shut (invariant 7); disconnecting clients
  * takes bounded time (invariant 3).
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -277,8 +281,21 @@ next:
         return 0;
     }
     uint8_t h[NBD_REQUEST_SIZE];
-    if (nbd_client_recv(c, h, sizeof(h)) < 0 ||
-        ld_be32(h) != NBD_REQUEST_MAGIC) {
+    errno = 0;
+    if (nbd_client_recv(c, h, sizeof(h)) < 0) {
+        if (errno) {
+            nbd_client_note_close(c, LOG_LEVEL_WARNING, "I/O error: %s",
+                                  strerror(errno));
+        } else {
+            nbd_client_note_close(c, LOG_LEVEL_NOTICE,
+                                  "closed the connection without NBD_CMD_DISC");
+        }
+        nbd_client_set_closing(c);
+        return 0;
+    }
+    if (ld_be32(h) != NBD_REQUEST_MAGIC) {
+        nbd_client_note_close(c, LOG_LEVEL_WARNING, "protocol error: bad "
+                              "request magic 0x%08x", ld_be32(h));
         nbd_client_set_closing(c);
         return 0;
     }
@@ -301,6 +318,9 @@ next:
     }
     if (req->type == NBD_CMD_WRITE && req->len > NBD_MAX_PAYLOAD) {
         /* Skipping up to 4 GiB is not worth it: drop the client. */
+        nbd_client_note_close(c, LOG_LEVEL_WARNING, "protocol error: write "
+                              "of %u bytes (at most %u)", req->len,
+                              (unsigned)NBD_MAX_PAYLOAD);
         nbd_client_set_closing(c);
         return 0;
     }
@@ -325,9 +345,13 @@ next:
     }
     req->early_err = r < 0 ? -r : 0;
     if (req->type == NBD_CMD_WRITE && req->len > 0) {
+        errno = 0;
         int rr = r < 0 ? nbd_client_recv_discard(c, req->len)
                        : nbd_client_recv(c, w->buf, req->len);
         if (rr < 0) {
+            nbd_client_note_close(c, LOG_LEVEL_WARNING, "I/O error: the "
+                                  "payload of a write was cut short: %s",
+                                  errno ? strerror(errno) : "end of file");
             goto drop;
         }
     }
@@ -403,11 +427,75 @@ static void client_remove(NBDClient *c)
     }
 }
 
+void nbd_client_note_close(NBDClient *c, LogLevel level, const char *fmt, ...)
+{
+    LOCK_GUARD(&c->lock);
+    if (c->close_reason[0] || c->closing) {
+        return;    /* the first reason, and none once the server closes */
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->close_reason, sizeof(c->close_reason), fmt, ap);
+    va_end(ap);
+    c->close_level = level;
+}
+
+/* The peer's address for the log (nbd_srv.lock held): the server's socket
+ * path for a UNIX connection (its peer has no name), IP:PORT for TCP. */
+static void client_peer_name_locked(NBDClient *c)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    char host[INET6_ADDRSTRLEN];
+    snprintf(c->peer, sizeof(c->peer), "unknown");
+    if (!c->inet) {
+        snprintf(c->peer, sizeof(c->peer), "unix:%.120s",
+                 nbd_srv.unix_path ? nbd_srv.unix_path : "(inherited socket)");
+        return;
+    }
+    if (getpeername(c->fd, (struct sockaddr *)&ss, &len) < 0) {
+        return;
+    }
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+        snprintf(c->peer, sizeof(c->peer), "%s:%u", host, ntohs(in->sin_port));
+    } else if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+        snprintf(c->peer, sizeof(c->peer), "[%s]:%u", host,
+                 ntohs(in6->sin6_port));
+    }
+}
+
+/* The connection's last log line: why it ended and which export it used. */
+static void client_log_close(NBDClient *c, bool transmitted)
+{
+    const char *exp = transmitted && c->exp ? c->exp->name : NULL;
+    char where[160] = "";
+    if (exp) {
+        snprintf(where, sizeof(where), " (export '%s')", exp);
+    }
+    if (c->close_reason[0] && !transmitted) {
+        log_msg(c->close_level, "NBD client %s disconnected during the "
+                "handshake: %s", c->peer, c->close_reason);
+    } else if (c->close_reason[0]) {
+        log_msg(c->close_level, "NBD client %s%s disconnected: %s", c->peer,
+                where, c->close_reason);
+    } else if (transmitted) {
+        log_msg(LOG_LEVEL_INFO, "NBD client %s%s disconnected", c->peer, where);
+    } else {
+        log_msg(LOG_LEVEL_INFO, "NBD client %s disconnected during the "
+                "handshake", c->peer);
+    }
+}
+
 /* The connection thread: negotiate, serve as worker 0, then wait for the
  * other workers (each answers its request first) and close. */
 static void *client_main(void *opaque)
 {
     NBDClient *c = opaque;
+    bool transmitted = false;
     c->workers[0] = (NBDWorker){ .c = c, .thread = pthread_self() };
     c->nworkers = 1;
     c->rbuf = malloc(NBD_RECV_BUF);
@@ -416,6 +504,9 @@ static void *client_main(void *opaque)
             LOCK_GUARD(&nbd_srv.lock);
             c->handshake_deadline_ns = 0;   /* invariant 7 no longer applies */
         }
+        transmitted = true;
+        log_msg(LOG_LEVEL_INFO, "NBD client %s opened export '%s'%s", c->peer,
+                c->exp->name, c->exp->writable ? " (writable)" : "");
         worker_loop(&c->workers[0]);
     }
     nbd_client_set_closing(c);
@@ -432,6 +523,7 @@ static void *client_main(void *opaque)
         mem_free_locked(&c->workers[i]);
     }
 
+    client_log_close(c, transmitted);
     client_remove(c);
     return NULL;
 }
@@ -462,7 +554,10 @@ static NBDClient *client_add(int fd, bool inet)
     pthread_cond_init(&c->cond, NULL);
 
     LOCK_GUARD(&nbd_srv.lock);
+    client_peer_name_locked(c);
     if (nbd_srv.max_connections && nbd_srv.nclients >= nbd_srv.max_connections) {
+        log_msg(LOG_LEVEL_WARNING, "NBD client %s refused: already %u "
+                "connections (max-connections)", c->peer, nbd_srv.nclients);
         close(fd);
         client_free(c);
         return NULL;
@@ -484,6 +579,7 @@ void nbd_client_start(int fd, bool inet)
     if (!c) {
         return;
     }
+    log_msg(LOG_LEVEL_INFO, "NBD client %s connected", c->peer);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -518,6 +614,8 @@ uint64_t nbd_clients_expire_handshakes(void)
         if (c->handshake_deadline_ns <= now) {
             /* Unblocks the connection thread's recv() or send(); it then
              * ends the connection as on EOF and frees its slot. */
+            nbd_client_note_close(c, LOG_LEVEL_WARNING, "handshake not "
+                                  "finished within handshake-max-seconds");
             shutdown(c->fd, SHUT_RDWR);
             c->handshake_deadline_ns = 0;
         } else if (!next || c->handshake_deadline_ns < next) {

@@ -122,6 +122,8 @@ void nbd_export_finish(NBDExport *e)
 {
     struct json_object *data = json_object_new_object();
     json_object_object_add(data, "id", json_object_new_string(e->id));
+    log_msg(LOG_LEVEL_INFO, "export '%s' removed (NBD name '%s')", e->id,
+            e->name);
     nbd_export_free(e);
     event_emit("BLOCK_EXPORT_DELETED", data);
 }
@@ -308,6 +310,9 @@ NBDExport *nbd_export_add(const char *id, BlockDriverState *bs,
         pp = &(*pp)->next;
     }
     *pp = e;
+    log_msg(LOG_LEVEL_INFO, "export '%s' added: NBD name '%s', node '%s', %s",
+            e->id, e->name, bs->node_name ? bs->node_name : "(anonymous)",
+            e->writable ? "writable" : "read-only");
     return e;
 }
 
@@ -375,6 +380,26 @@ struct json_object *nbd_export_query(void)
                                                       e->bs->node_name : ""));
         json_object_object_add(o, "shutting-down",
                                json_object_new_boolean(e->removing));
+        json_object_array_add(arr, o);
+    }
+    return arr;
+}
+
+struct json_object *nbd_export_usage(void)
+{
+    struct json_object *arr = json_object_new_array();
+    LOCK_GUARD(&nbd_srv.lock);
+    for (NBDExport *e = nbd_srv.exports; e; e = e->next) {
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "id", json_object_new_string(e->id));
+        json_object_object_add(o, "name", json_object_new_string(e->name));
+        json_object_object_add(o, "node-name",
+                               json_object_new_string(e->bs->node_name ?
+                                                      e->bs->node_name : ""));
+        json_object_object_add(o, "writable",
+                               json_object_new_boolean(e->writable));
+        json_object_object_add(o, "clients",
+                               json_object_new_int64(e->nclients));
         json_object_array_add(arr, o);
     }
     return arr;

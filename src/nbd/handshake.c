@@ -441,8 +441,10 @@ static int opt_starttls(NBDClient *c, uint32_t len)
     Error *err = NULL;
     c->tls = tls_session_server(c->tls_creds, c->tls_authz, c->fd, &err);
     if (!c->tls) {
-        error_prepend(&err, "NBD client refused: ");
-        error_report_err(err);
+        log_msg(LOG_LEVEL_WARNING, "NBD client refused: %s (from %s)",
+                error_get_pretty(err), c->peer);
+        nbd_client_note_close(c, LOG_LEVEL_INFO, "refused by TLS or authz");
+        error_free(err);
         return OPT_CLOSE;
     }
     return OPT_CONTINUE;

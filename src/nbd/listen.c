@@ -85,37 +85,6 @@ static const char *addr_str(struct json_object *o, const char *key)
     return NULL;
 }
 
-static int listen_unix(const char *path, Error **errp)
-{
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    if (strlen(path) >= sizeof(sa.sun_path)) {
-        error_setg(errp, "UNIX socket path '%s' is too long (max %zu bytes)",
-                   path, sizeof(sa.sun_path) - 1);
-        return -1;
-    }
-    struct stat st;
-    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
-        unlink(path);   /* a stale socket from an earlier run */
-    }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        error_setg_errno(errp, errno, "cannot create socket");
-        return -1;
-    }
-    /* Mode 0600 (or --socket-mode) whatever the umask. */
-    if (!unix_bind_private(fd, path, errp)) {
-        close(fd);
-        return -1;
-    }
-    if (listen(fd, 128) < 0) {
-        error_setg_errno(errp, errno, "cannot listen on '%s'", path);
-        close(fd);
-        unlink(path);
-        return -1;
-    }
-    return fd;
-}
-
 /* Close the listening socket and the wake pipe and remove the UNIX socket
  * file (nbd_srv.lock held, no accept thread running). */
 static void listener_close_locked(void)
@@ -167,6 +136,7 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
     }
     int fd;
     bool inet = false;
+    char where[320];               /* the address, for the log */
     _cleanup_free_ char *unix_path = NULL;
     if (strcmp(type, "unix") == 0) {
         const char *path = addr_str(addr, "path");
@@ -179,7 +149,8 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
             error_setg(errp, "out of memory");
             return false;
         }
-        fd = listen_unix(path, errp);
+        fd = unix_listen(path, errp);
+        snprintf(where, sizeof(where), "unix:%s", path);
     } else if (strcmp(type, "inet") == 0) {
         const char *host = addr_str(addr, "host");
         struct json_object *pv;
@@ -201,6 +172,7 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
             return false;
         }
         fd = inet_listen(host, port, 0, errp);
+        snprintf(where, sizeof(where), "%.256s:%s", host ? host : "*", port);
         inet = true;
     } else {
         error_setg(errp, "unsupported NBD server address type '%s'", type);
@@ -241,6 +213,8 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
         return false;
     }
     nbd_srv.running = true;
+    log_msg(LOG_LEVEL_INFO, "NBD server listening on %s%s", where,
+            creds ? " (TLS)" : "");
     creds = NULL;    /* the server's now, until nbd_server_stop */
     authz = NULL;
     return true;
@@ -284,6 +258,7 @@ void nbd_server_stop(void)
         pthread_join(nbd_srv.accept_thread, NULL);
         pthread_mutex_lock(&nbd_srv.lock);
         listener_close_locked();
+        log_msg(LOG_LEVEL_INFO, "NBD server stopped");
     }
     /* Disconnect every client: requests already read are answered, in
      * bounded time (invariant 3). */

@@ -122,6 +122,7 @@
 #include "crypto/tls-creds.h"
 #include "nbd/server.h"
 #include "nbd/nbd-proto.h"
+#include "util/log.h"
 
 #define NBD_MAX_PAYLOAD        (32u * 1024 * 1024)  /* read/write data */
 #define NBD_MAX_OPT_PAYLOAD    (64u * 1024)         /* option data */
@@ -218,7 +219,20 @@ struct NBDClient {
     /* Guarded by the request-memory lock of connections.c (invariant 8). */
     int mem_inflight;             /* workers with mem_busy */
     bool mem_cancel;              /* closed or shut: stop waiting */
+
+    /* For the log: the peer ("unix:PATH" of the server socket, or
+     * "IP:PORT"), fixed at accept; and why the connection ends, the first
+     * reason noted (c->lock; empty: a clean NBD_CMD_DISC or the server's
+     * own close) at close_level. */
+    char peer[128];
+    char close_reason[160];
+    LogLevel close_level;
 };
+
+/* Note why c ends (the first reason wins), logged at `level` when the
+ * connection closes (connections.c). */
+void nbd_client_note_close(NBDClient *c, LogLevel level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* The one server of the process (defined in listen.c). */
 typedef struct NBDServer {

@@ -103,6 +103,10 @@ const char *nbd_export_id(const NBDExport *exp);
 /* query-block-exports: a new JSON array of
  * {"type":"nbd","id":...,"node-name":...,"shutting-down":false}. */
 struct json_object *nbd_export_query(void);
+/* For metrics: [{"id", "name", "node-name", "writable", "clients"}] of
+ * every export, clients counting the connections that use it (or still
+ * negotiate with it pinned).  A new reference. */
+struct json_object *nbd_export_usage(void);
 /* True when any export uses node bs, including one still shutting down
  * (blockdev-del refuses then). */
 bool nbd_node_is_exported(BlockDriverState *bs);

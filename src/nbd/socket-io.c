@@ -217,6 +217,8 @@ void nbd_client_send(NBDClient *c, struct iovec *iov, int niov)
     bool failed = false;
     pthread_mutex_lock(&c->send_lock);
     if (!c->send_failed && nbd_conn_send_iov(c, iov, niov) < 0) {
+        nbd_client_note_close(c, LOG_LEVEL_WARNING, "I/O error: sending a "
+                              "reply failed: %s", strerror(errno));
         c->send_failed = true;
         shutdown(c->fd, SHUT_RDWR);
     }

@@ -18,6 +18,7 @@
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 #include "util/keyval.h"
+#include "util/log.h"
 
 typedef struct QmpCommand {
     char *name;
@@ -337,6 +338,8 @@ struct json_object *qmp_dispatch(struct json_object *request)
         json_object_object_get_ex(request, "id", &id);
     }
     if (!name) {
+        log_msg(LOG_LEVEL_WARNING, "QMP request refused: %s",
+                error_get_pretty(err));
         reply = qmp_error_reply(err);
     } else {
         _cleanup_json_ struct json_object *empty = NULL;
@@ -351,6 +354,8 @@ struct json_object *qmp_dispatch(struct json_object *request)
             if (!err) {
                 error_setg(&err, "Command %s failed", name);
             }
+            log_msg(LOG_LEVEL_WARNING, "QMP command '%s' failed: %s", name,
+                    error_get_pretty(err));
             reply = qmp_error_reply(err);
         }
     }

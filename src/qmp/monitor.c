@@ -60,6 +60,7 @@
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "util/log.h"
 #include "util/main-loop.h"
 #include "util/osdep.h"
 
@@ -443,8 +444,9 @@ static void qmp_client_handshake(QmpClient *c)
     Error *err = NULL;
     int r = tls_session_handshake(c->tls, c->tls_authz, &err);
     if (r < 0) {
-        error_prepend(&err, "QMP: client refused: ");
-        error_report_err(err);
+        log_msg(LOG_LEVEL_WARNING, "QMP: client refused: %s",
+                error_get_pretty(err));
+        error_free(err);
         c->dead = true;
     } else if (r > 0) {
         c->handshaking = false;
@@ -525,9 +527,9 @@ bool qmp_monitor_add_inet(const char *host, const char *port,
     if (!creds && !inet_host_is_loopback(host)) {
         /* Allowed, as QEMU allows it, but anyone who reaches the port
          * controls the daemon. */
-        fprintf(stderr, "bitbackd: warning: QMP monitor on %s:%s without "
+        log_msg(LOG_LEVEL_WARNING, "QMP monitor on %s:%s without "
                 "TLS: anyone who can reach it controls the daemon "
-                "(add tls-creds=ID)\n", host && *host ? host : "*", port);
+                "(add tls-creds=ID)", host && *host ? host : "*", port);
     }
     qmp_listener_add(fd, NULL, steal_pointer(&creds), steal_pointer(&authz));
     return true;

@@ -80,6 +80,7 @@ void qmp_register_control_commands(void)
 void qmp_init_commands(void)
 {
     qmp_register_control_commands();
+    qmp_register_stats_commands();
     qmp_register_block_commands();
     qmp_register_export_commands();
     qmp_register_object_commands();

@@ -38,6 +38,8 @@ void qmp_register_object_commands(void);      /* qmp-object.c */
 void qmp_register_job_commands(void);
 /* qmp-create.c: blockdev-create (file, qcow2). */
 void qmp_register_create_commands(void);
+/* qmp-stats.c: query-blockstats. */
+void qmp_register_stats_commands(void);
 
 /* qmp-block.c: find a node as the bitmap/export commands do, with QEMU's
  * "Cannot find device='X' nor node-name='X'" error. */

@@ -146,6 +146,37 @@ bool unix_bind_private(int fd, const char *path, Error **errp)
     return ok;
 }
 
+int unix_listen(const char *path, Error **errp)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        error_setg(errp, "UNIX socket path '%s' is too long (max %zu bytes)",
+                   path, sizeof(sa.sun_path) - 1);
+        return -1;
+    }
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        unlink(path);   /* a stale socket from an earlier run */
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "cannot create socket");
+        return -1;
+    }
+    /* Mode 0600 (or --socket-mode) whatever the umask. */
+    if (!unix_bind_private(fd, path, errp)) {
+        close(fd);
+        return -1;
+    }
+    if (listen(fd, 128) < 0) {
+        error_setg_errno(errp, errno, "cannot listen on '%s'", path);
+        close(fd);
+        unlink(path);
+        return -1;
+    }
+    return fd;
+}
+
 /* A TCP socket on the first address of host:port that works: bound and
  * listening (listening: host NULL or "" is every address), or connected
  * with TCP_NODELAY (its users speak request and reply: Nagle would hold a

@@ -40,6 +40,11 @@ mode_t unix_socket_mode(void);
  * Like bind(), it fails (EEXIST) when something is already at `path`:
  * callers remove a stale socket first.  false with errp set. */
 bool unix_bind_private(int fd, const char *path, Error **errp);
+/* A UNIX socket listening at `path` (bound with unix_bind_private, so
+ * its mode is 0600 or the program's choice), close-on-exec; a stale
+ * socket at `path` is replaced, anything else there is an error.  The
+ * fd, or -1 with errp set. */
+int unix_listen(const char *path, Error **errp);
 
 /* A TCP socket listening on host:port (host NULL or "": every address),
  * SO_REUSEADDR, close-on-exec, plus `flags` (SOCK_NONBLOCK) on the
