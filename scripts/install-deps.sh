@@ -6,7 +6,8 @@ set -euo pipefail
 PKGS=(
   build-essential pkg-config meson ninja-build
   libjson-c-dev libnbd-dev libssl-dev libxxhash-dev libzstd-dev libcmocka-dev zlib1g-dev
-  libgnutls28-dev gnutls-bin
+  libgnutls28-dev gnutls-bin libsystemd-dev
+  scdoc bash-completion
   python3-pytest python3-libnbd
   qemu-utils qemu-system-common nbdkit libnbd-bin fio
   clang libclang-rt-14-dev
