@@ -6,7 +6,8 @@ set -euo pipefail
 PKGS=(
   build-essential pkg-config meson ninja-build
   libjson-c-dev libnbd-dev libssl-dev libxxhash-dev libzstd-dev libcmocka-dev zlib1g-dev
-  libgnutls28-dev gnutls-bin libmicrohttpd-dev
+  libgnutls28-dev gnutls-bin libmicrohttpd-dev libsystemd-dev
+  scdoc bash-completion
   python3-pytest python3-libnbd python3-prometheus-client curl
   qemu-utils qemu-system-common nbdkit libnbd-bin fio
   clang libclang-rt-14-dev

@@ -16,7 +16,6 @@
 #include <string.h>
 
 #include "cli/cli.h"
-#include "cli/cli-version.h"
 
 /* The backup tools: each prints its own --help. */
 static const struct {

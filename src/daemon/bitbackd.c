@@ -5,21 +5,29 @@
  *   bitbackd [--object OPTS] --blockdev OPTS --nbd-server OPTS --export OPTS
  *            --chardev socket,path=P,server=on,wait=off,id=ID --monitor ID
  *            (or --chardev socket,host=H,port=P,...[,tls-creds=ID])
+ *            (or --chardev socket,id=ID,fd=N|NAME,server=on: a passed socket)
  *            [--pidfile F] [--daemonize] [--socket-mode 0600|0660]
  *            [--log-level LEVEL] [--metrics addr=HOST:PORT]
+ *            [--config FILE]
  *
  * Each option is dotted key=value (util/keyval.h) or JSON, and is processed
  * in command-line order by running the same code as the matching QMP
  * command (object-add, blockdev-add, nbd-server-start, block-export-add), so the two
  * interfaces cannot drift apart.  Errors name the option.
  *
+ * Under a service manager (service.c): `--config FILE` options are
+ * expanded in place first, sockets passed by socket activation are
+ * registered for addr.type=fd / fd=, and readiness and shutdown are
+ * announced with sd_notify.
+ *
  * Life cycle:
  *   1. (--daemonize) fork before anything opens a file or starts a thread;
  *      the parent waits on a pipe and exits 0 once the child is ready, or
  *      with the child's status if it fails.
  *   2. Options are processed in order; any failure exits 1.
- *   3. Ready: the pidfile is written, the parent is released, the main loop
- *      (qmp_main_loop) runs until `quit`, SIGTERM or SIGINT.
+ *   3. Ready: the pidfile is written, the parent is released, READY=1 is
+ *      sent, the main loop (qmp_main_loop) runs until `quit`, SIGTERM or
+ *      SIGINT; then STOPPING=1.
  *   4. Shutdown: the NBD server stops (clients are disconnected after their
  *      in-flight requests are answered), then every node is closed from the
  *      top of the graph down with bdrv_close(), which stores persistent
@@ -40,6 +48,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "daemon/service.h"
 #include "block/write-intent.h"
 #include "crypto/object.h"
 #include "nbd/server.h"
@@ -49,9 +58,9 @@
 #include "util/cleanup.h"
 #include "util/keyval.h"
 #include "util/log.h"
+#include "util/listen-fds.h"
 #include "util/osdep.h"
 
-#define BITBACKD_VERSION "0.1.0"
 #define BITBACKD_MAX_CHARDEVS 64
 
 typedef struct Chardev {
@@ -97,6 +106,7 @@ enum {
     OPT_NBD_MAX_WORKERS,
     OPT_LOG_LEVEL,
     OPT_METRICS,
+    OPT_CONFIG,
 };
 
 static const struct option long_options[] = {
@@ -113,6 +123,7 @@ static const struct option long_options[] = {
     { "nbd-max-workers", required_argument, NULL, OPT_NBD_MAX_WORKERS },
     { "log-level", required_argument, NULL, OPT_LOG_LEVEL },
     { "metrics", required_argument, NULL, OPT_METRICS },
+    { "config", required_argument, NULL, OPT_CONFIG },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
@@ -137,6 +148,9 @@ static void usage(void)
 "                         open a block node (blockdev-add; dotted keys or JSON)\n"
 "  --chardev socket,id=ID,path=PATH,server=on[,wait=off]\n"
 "                         a UNIX socket for a monitor\n"
+"  --chardev socket,id=ID,fd=N|NAME,server=on[,wait=off]\n"
+"                         a listening socket passed to the daemon (fd number,\n"
+"                         or its name in LISTEN_FDNAMES: socket activation)\n"
 "  --chardev socket,id=ID,host=HOST,port=PORT,server=on[,wait=off]\n"
 "           [,tls-creds=ID[,tls-authz=ID]]\n"
 "                         a TCP socket for a monitor; with tls-creds every\n"
@@ -147,6 +161,8 @@ static void usage(void)
 "                         serve QMP on that socket\n"
 "  --nbd-server addr.type=unix,addr.path=PATH[,max-connections=N]\n"
 "  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT\n"
+"  --nbd-server addr.type=fd,addr.str=N|NAME\n"
+"                         (a passed listening socket, as for --chardev fd=)\n"
 "                         start the NBD server (nbd-server-start);\n"
 "                         also [,max-connections=N (default 100)]\n"
 "                         [,handshake-max-seconds=S (default 10)]\n"
@@ -173,6 +189,9 @@ static void usage(void)
 "                         reads them)\n"
 "  --pidfile FILE         write the process id to FILE once ready\n"
 "  --daemonize            run in the background once ready\n"
+"  --config FILE          read options from FILE, one a line, in place of\n"
+"                         this option: 'blockdev driver=...' ('--' optional,\n"
+"                         NAME VALUE or NAME=VALUE), '#' comments\n"
 "  --socket-mode MODE     mode of every UNIX socket the daemon creates (QMP\n"
 "                         monitors, NBD servers, also nbd-server-start):\n"
 "                         0600 (default) or 0660; the umask does not apply\n"
@@ -180,7 +199,9 @@ static void usage(void)
 "  -V, --version          show the version\n"
 "\n"
 "Options are processed in order.  SIGTERM, SIGINT and the QMP command 'quit'\n"
-"shut down cleanly, storing persistent bitmaps.\n");
+"shut down cleanly, storing persistent bitmaps.  With $NOTIFY_SOCKET set,\n"
+"READY=1 and STOPPING=1 are sent (systemd Type=notify); sockets passed with\n"
+"LISTEN_FDS are used where an option names them.  See bitbackd(8).\n");
 }
 
 /* ---- option handlers: each returns false with errp set ---- */
@@ -257,6 +278,7 @@ static bool opt_chardev(const char *arg, Error **errp)
         { "path", QMP_ARG_STR, true },
         { "host", QMP_ARG_STR, true },
         { "port", QMP_ARG_STR, true },
+        { "fd", QMP_ARG_STR, true },
         { "server", QMP_ARG_BOOL, true },
         { "wait", QMP_ARG_BOOL, true },
         { "tls-creds", QMP_ARG_STR, true },
@@ -274,6 +296,7 @@ static bool opt_chardev(const char *arg, Error **errp)
     const char *path = json_opt_str(o, "path");
     const char *host = json_opt_str(o, "host");
     const char *port = json_opt_str(o, "port");
+    const char *fd = json_opt_str(o, "fd");
     if (strcmp(backend, "socket") != 0) {
         error_setg(errp, "chardev backend '%s' is not supported (only 'socket')",
                    backend);
@@ -285,9 +308,14 @@ static bool opt_chardev(const char *arg, Error **errp)
                    "with 'path'");
         return false;
     }
-    if (!path && !host) {
+    if (fd && (path || host || port)) {
+        error_setg(errp, "chardev: socket: 'fd' is not allowed with "
+                   "'path', 'host' or 'port'");
+        return false;
+    }
+    if (!path && !host && !fd) {
         error_setg(errp, "chardev: socket: no host given (give path=PATH, "
-                   "or host=HOST,port=PORT)");
+                   "host=HOST,port=PORT or fd=N)");
         return false;
     }
     if (host && !port) {
@@ -353,6 +381,11 @@ static bool opt_monitor(const char *arg, Error **errp)
             const char *path = json_opt_str(co, "path");
             if (path) {
                 return qmp_monitor_add_unix(path, errp);
+            }
+            if (json_opt_str(co, "fd")) {
+                return qmp_monitor_add_fd(json_opt_str(co, "fd"),
+                                          json_opt_str(co, "tls-creds"),
+                                          json_opt_str(co, "tls-authz"), errp);
             }
             return qmp_monitor_add_inet(json_opt_str(co, "host"),
                                         json_opt_str(co, "port"),
@@ -615,7 +648,20 @@ static bool want_daemonize(int argc, char **argv)
     return daemonize;
 }
 
-int main(int argc, char **argv)
+/* The command line with --config files expanded (service.h); static
+ * so that they stay reachable until freed at exit. */
+static int cmd_argc;
+static char **cmd_argv, **cmd_origin;
+
+static void free_cmdline(void)
+{
+    config_argv_free(cmd_argc, cmd_argv, cmd_origin);
+    cmd_argv = cmd_origin = NULL;
+    cmd_argc = 0;
+    listen_fds_clear();
+}
+
+int main(int orig_argc, char **orig_argv)
 {
     int c;
 
@@ -625,17 +671,24 @@ int main(int argc, char **argv)
     qmp_init_commands();
     {
         Error *err = NULL;
-        if (!opt_log_level(argc, argv, &err) ||
-            !opt_socket_mode(argc, argv, &err)) {
+        if (!config_expand_argv(orig_argc, orig_argv, long_options, &cmd_argc,
+                                &cmd_argv, &cmd_origin, &err) ||
+            !opt_log_level(cmd_argc, cmd_argv, &err) ||
+            !service_listen_fds_init(&err) ||
+            !opt_socket_mode(cmd_argc, cmd_argv, &err)) {
             error_report_err(err);
+            free_cmdline();
             return 1;
         }
     }
+    int argc = cmd_argc;
+    char **argv = cmd_argv;
     if (want_daemonize(argc, argv)) {
         daemonize_start();
     }
 
-    while ((c = getopt_long(argc, argv, "hV", long_options, NULL)) != -1) {
+    /* "+": no reordering, so an option's index names its origin. */
+    while ((c = getopt_long(argc, argv, "+hV", long_options, NULL)) != -1) {
         Error *err = NULL;
         bool ok = true;
         const char *optname = NULL;
@@ -643,9 +696,11 @@ int main(int argc, char **argv)
         switch (c) {
         case 'h':
             usage();
+            free_cmdline();
             return 0;
         case 'V':
-            printf("bitbackd %s\n", BITBACKD_VERSION);
+            printf("bitbackd version %s\n", BITBACK_VERSION);
+            free_cmdline();
             return 0;
         case OPT_BLOCKDEV:
             optname = "--blockdev";
@@ -707,6 +762,7 @@ int main(int argc, char **argv)
         case OPT_DAEMONIZE:
         case OPT_SOCKET_MODE:      /* opt_socket_mode did it */
         case OPT_LOG_LEVEL:        /* opt_log_level did it */
+        case OPT_CONFIG:           /* config_expand_argv did it */
             break;
         default:
             fprintf(stderr, "Try 'bitbackd --help' for more information.\n");
@@ -714,6 +770,10 @@ int main(int argc, char **argv)
         }
         if (!ok) {
             error_prepend(&err, "%s: ", optname);
+            /* An option from a --config file: where it is. */
+            if (optind > 0 && cmd_origin[optind - 1]) {
+                error_prepend(&err, "%s: ", cmd_origin[optind - 1]);
+            }
             error_report_err(err);
             goto fail;
         }
@@ -731,10 +791,13 @@ int main(int argc, char **argv)
         }
     }
     log_msg(LOG_LEVEL_NOTICE, "bitbackd %s started (pid %ld)",
-            BITBACKD_VERSION, (long)getpid());
+            BITBACK_VERSION, (long)getpid());
+    service_warn_unused_fds();
     daemonize_finish();
+    service_notify_ready();
 
     qmp_main_loop();
+    service_notify_stopping();
     if (quit_signal) {
         log_msg(LOG_LEVEL_NOTICE, "shutting down on %s",
                 strsignal(quit_signal));
@@ -763,6 +826,8 @@ int main(int argc, char **argv)
     } else {
         log_msg(LOG_LEVEL_ERR, "bitbackd stopped with errors (exit status 1)");
     }
+    free(pidfile_path);
+    free_cmdline();
     return ok ? 0 : 1;
 
 fail:
@@ -771,5 +836,7 @@ fail:
     close_all_nodes();
     object_del_all();
     qmp_monitor_cleanup();
+    free(pidfile_path);
+    free_cmdline();
     return 1;
 }

@@ -1,6 +1,6 @@
 /*
  * NBD server listening: the server state (nbd_srv), the listening UNIX or
- * TCP socket, the accept thread, and server start and stop.
+ * TCP socket (made here, or passed to the daemon: type "fd"), the accept thread, and server start and stop.
  *
  * Contract: nbd_server_start either leaves a running server (listening
  * socket, wake pipe and accept thread) or nothing at all.
@@ -27,6 +27,7 @@
 #include "nbd/nbd-internal.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "util/listen-fds.h"
 #include "util/osdep.h"
 
 NBDServer nbd_srv = {
@@ -174,6 +175,14 @@ bool nbd_server_start_tls(struct json_object *addr, unsigned max_connections,
         fd = inet_listen(host, port, 0, errp);
         snprintf(where, sizeof(where), "%.256s:%s", host ? host : "*", port);
         inet = true;
+    } else if (strcmp(type, "fd") == 0) {
+        /* A socket the daemon was given (socket activation); its file,
+         * if any, belongs to whoever made it: never unlinked here. */
+        int family;
+        fd = listen_fds_resolve(addr_str(addr, "str"), &family, errp);
+        inet = family != AF_UNIX;
+        snprintf(where, sizeof(where), "passed socket '%.256s'",
+                 addr_str(addr, "str") ? addr_str(addr, "str") : "");
     } else {
         error_setg(errp, "unsupported NBD server address type '%s'", type);
         return false;

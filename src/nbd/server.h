@@ -35,7 +35,9 @@ void nbd_set_resource_limits(uint64_t max_request_memory,
 
 /* Start listening.  addr is a QAPI SocketAddress:
  *   {"type":"unix","path":"/run/x.sock"} or
- *   {"type":"inet","host":"127.0.0.1","port":"10809"} (port as string or int).
+ *   {"type":"inet","host":"127.0.0.1","port":"10809"} (port as string or int)
+ *   or {"type":"fd","str":"3"} (a listening socket the program was given, by
+ *   number or activation name: util/listen-fds.h).
  * max_connections 0 means unlimited; a connection over the limit is closed
  * at once.  A connection that has not finished the handshake
  * handshake_max_seconds after it was accepted is disconnected (0: no

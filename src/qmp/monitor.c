@@ -60,6 +60,7 @@
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "util/listen-fds.h"
 #include "util/log.h"
 #include "util/main-loop.h"
 #include "util/osdep.h"
@@ -532,6 +533,34 @@ bool qmp_monitor_add_inet(const char *host, const char *port,
                 "(add tls-creds=ID)", host && *host ? host : "*", port);
     }
     qmp_listener_add(fd, NULL, steal_pointer(&creds), steal_pointer(&authz));
+    return true;
+}
+
+bool qmp_monitor_add_fd(const char *str, const char *tls_creds,
+                        const char *tls_authz, Error **errp)
+{
+    main_loop_wake_fd();
+    _cleanup_(tls_creds_putp) TLSCreds *creds = NULL;
+    _cleanup_(authz_putp) Authz *authz = NULL;
+    if (!tls_server_objects_get(tls_creds, tls_authz, &creds, &authz, errp)) {
+        return false;
+    }
+    int family;
+    _cleanup_close_ int fd = listen_fds_resolve(str, &family, errp);
+    if (fd < 0) {
+        return false;
+    }
+    /* The main loop must never block in accept() (O_NONBLOCK is shared
+     * with the passed fd: the daemon is its only user). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        error_setg_errno(errp, errno, "cannot make socket '%s' nonblocking",
+                         str);
+        return false;
+    }
+    /* Its file, if any, belongs to whoever made the socket: path NULL. */
+    qmp_listener_add(fd, NULL, steal_pointer(&creds), steal_pointer(&authz));
+    fd = -1;                       /* now owned by the listener */
     return true;
 }
 

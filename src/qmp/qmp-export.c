@@ -81,9 +81,13 @@ static struct json_object *qmp_socket_address(struct json_object *addr,
             !qmp_addr_copy_str(flat, src, "port", true, errp)) {
             return NULL;
         }
+    } else if (strcmp(type, "fd") == 0) {
+        if (!qmp_addr_copy_str(flat, src, "str", true, errp)) {
+            return NULL;
+        }
     } else {
         error_setg(errp, "Socket address type '%s' is not supported "
-                   "(use 'unix' or 'inet')", type);
+                   "(use 'unix', 'inet' or 'fd')", type);
         return NULL;
     }
     return steal_pointer(&flat);

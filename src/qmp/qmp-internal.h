@@ -9,9 +9,7 @@
 #include "job/job.h"
 #include "qmp/qmp.h"
 
-#ifndef BITBACK_VERSION
-#define BITBACK_VERSION "0.1.0"
-#endif
+/* BITBACK_VERSION: the project's version, defined by meson.build. */
 
 /* qmp-commands.c: the query-version reply, also the QMP greeting's
  * "version" member; a new reference. */

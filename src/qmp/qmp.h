@@ -47,6 +47,12 @@ bool qmp_monitor_add_unix(const char *path, Error **errp);
 bool qmp_monitor_add_inet(const char *host, const char *port,
                           const char *tls_creds, const char *tls_authz,
                           Error **errp);
+/* Serve QMP on a listening socket the daemon was given (--chardev
+ * socket,fd=STR,server=on): STR is an fd number or an activation name
+ * (util/listen-fds.h).  TLS as qmp_monitor_add_inet.  false with errp
+ * set, for a name or number that is not a listening stream socket too. */
+bool qmp_monitor_add_fd(const char *str, const char *tls_creds,
+                        const char *tls_authz, Error **errp);
 /* Run the main loop until quit is requested (by `quit` or a signal). */
 void qmp_main_loop(void);
 /* Ask the main loop to return (async-signal-safe). */
