@@ -742,9 +742,18 @@ const QmpArgSpec qmp_spec_bitmap_merge[] = {
     { NULL },
 };
 
+/* blockdev-add's members common to every driver (query-qmp-schema). */
+static const QmpArgSpec schema_blockdev_add[] = {
+    { "driver", QMP_ARG_STR, false },
+    { "node-name", QMP_ARG_STR, true },
+    { "read-only", QMP_ARG_BOOL, true },
+    { NULL },
+};
+
 void qmp_register_block_commands(void)
 {
     qmp_register_command_spec("blockdev-add", qmp_cmd_blockdev_add, NULL);
+    qmp_set_command_schema("blockdev-add", schema_blockdev_add);
     qmp_register_command_spec("blockdev-del", qmp_cmd_blockdev_del,
                               spec_blockdev_del);
     qmp_register_command_spec("query-named-block-nodes",

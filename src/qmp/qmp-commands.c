@@ -86,4 +86,6 @@ void qmp_init_commands(void)
     qmp_register_transaction_commands();
     qmp_register_job_commands();
     qmp_register_create_commands();
+    qmp_register_resize_commands();
+    qmp_register_schema_commands();
 }

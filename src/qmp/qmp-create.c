@@ -183,17 +183,15 @@ static bool create_parse(struct json_object *o, CreateJob *s, Error **errp)
     return true;
 }
 
+static const QmpArgSpec spec_blockdev_create[] = {
+    { "job-id", QMP_ARG_STR, false },
+    { "options", QMP_ARG_OBJECT, false },
+    { NULL },
+};
+
 static struct json_object *qmp_blockdev_create(struct json_object *args,
                                                Error **errp)
 {
-    static const QmpArgSpec spec[] = {
-        { "job-id", QMP_ARG_STR, false },
-        { "options", QMP_ARG_OBJECT, false },
-        { NULL },
-    };
-    if (!qmp_check_args(args, spec, errp)) {
-        return NULL;
-    }
     const char *id = json_opt_str(args, "job-id");
     struct json_object *o = NULL;
     json_object_object_get_ex(args, "options", &o);
@@ -222,5 +220,6 @@ static struct json_object *qmp_blockdev_create(struct json_object *args,
 
 void qmp_register_create_commands(void)
 {
-    qmp_register_command_spec("blockdev-create", qmp_blockdev_create, NULL);
+    qmp_register_command_spec("blockdev-create", qmp_blockdev_create,
+                              spec_blockdev_create);
 }
