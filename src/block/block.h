@@ -448,8 +448,7 @@ uint32_t bdrv_default_bitmap_granularity(BlockDriverState *bs);
  * job uses, a child of another node (resize the parent), a node whose
  * driver cannot resize, and one with persistent bitmaps or a write-intent
  * log (their on-disk sizes are not changed).  Main thread; drains every
- * node around the change.  NBD clients keep the length they were given
- * at their handshake. */
+ * node around the change.  (QMP refuses exported nodes, as QEMU does.) */
 bool bdrv_truncate(BlockDriverState *bs, uint64_t size, Error **errp);
 /* For a driver's truncate: resize its child `child` the same way (driver,
  * cached length, bitmaps). */

@@ -13,6 +13,15 @@
 #define BITBACK_VERSION "0.1.0"
 #endif
 
+/* query-version's "qemu" triple: the QEMU release whose QMP interface
+ * bitbackd follows and is tested against (qemu-storage-daemon 7.2, the
+ * job API of qapi/job.json included), so that clients which gate features
+ * on QEMU's version (libvirt) expect what is there.  bitback's own version
+ * is in "package" ("bitback X.Y.Z"). */
+#define QMP_QEMU_COMPAT_MAJOR 7
+#define QMP_QEMU_COMPAT_MINOR 2
+#define QMP_QEMU_COMPAT_MICRO 0
+
 /* qmp-commands.c: the query-version reply, also the QMP greeting's
  * "version" member; a new reference. */
 struct json_object *qmp_version_info(void);

@@ -4,7 +4,10 @@
  * so both name a node), to `size` bytes.  The block layer does the work
  * (bdrv_truncate: drained, bitmaps resized with the node); which drivers
  * can resize and what is refused is in docs/qmp.md ("block_resize").
+ * As in QEMU, whose NBD exports do not share the resize permission, a
+ * node that is exported (or whose file child is) is not resized.
  */
+#include "nbd/server.h"
 #include "qmp/qmp-internal.h"
 
 static struct json_object *qmp_cmd_block_resize(struct json_object *args,
@@ -26,6 +29,15 @@ static struct json_object *qmp_cmd_block_resize(struct json_object *args,
     if (size < 0) {
         error_setg(errp, "Parameter 'size' expects a >0 size");
         return NULL;
+    }
+    for (BlockDriverState *n = bs; n; n = n->file) {
+        if (nbd_node_is_exported(n)) {
+            error_setg(errp, "Permission conflict on node '%s': permissions "
+                       "'resize' are both required by block_resize and "
+                       "unshared by an NBD export of node '%s'", bs->node_name,
+                       n->node_name);
+            return NULL;
+        }
     }
     if (!bdrv_truncate(bs, (uint64_t)size, errp)) {
         return NULL;
