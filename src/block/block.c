@@ -823,6 +823,9 @@ bool bdrv_truncate_child(BlockDriverState *bs, uint64_t size, Error **errp)
         return false;
     }
     Error *err = NULL;
+    if (!write_intent_resize(bs, (uint64_t)len, errp)) {
+        return false;
+    }
     if (!bdrv_dirty_bitmaps_truncate(bs, (uint64_t)len, &err)) {
         /* The image changed but its bitmaps could not: say so on each
          * rather than let them claim what they do not know (D2). */
@@ -841,9 +844,9 @@ bool bdrv_truncate_child(BlockDriverState *bs, uint64_t size, Error **errp)
 static bool truncate_check_bitmaps(BlockDriverState *bs, Error **errp)
 {
     for (BlockDriverState *n = bs; n; n = n->file) {
-        if (n->wil) {
-            error_setg(errp, "Cannot resize node '%s': it has a write-intent "
-                       "log (persistent bitmaps)", n->node_name);
+        if (!write_intent_can_resize(n)) {
+            error_setg(errp, "Cannot resize node '%s': its write-intent log "
+                       "is in use (persistent bitmaps)", n->node_name);
             return false;
         }
         for (BdrvDirtyBitmap *bm = n->dirty_bitmaps; bm; bm = bm->next) {

@@ -184,6 +184,52 @@ def test_block_resize_raw(tmp_path, new_size):
         assert d.quit() == 0
 
 
+def test_block_resize_qcow2(tmp_path):
+    """A qcow2 image grows, past what its L1 table covered (a new table is
+    written and the old one freed: qemu-img check finds no leak or
+    error); data below and in the new area is right; a bitmap follows.
+    Shrinking, stored bitmaps and internal snapshots are refused."""
+    img = tmp_path / "d.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k",
+         img, "64M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 60M 1M", img])
+    bd = f"driver=qcow2,node-name=d0,file.driver=file,file.filename={img}"
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", bd, nbd=True)
+        c = d.qmp
+        c.cmd("block-dirty-bitmap-add", node="d0", name="b0")
+        # 64 KiB clusters: one L1 entry covers 512 MiB; 2 GiB needs four.
+        c.cmd("block_resize", **{"node-name": "d0"}, size=2048 * MiB)
+        assert c.node("d0")["image"]["virtual-size"] == 2048 * MiB
+        with pytest.raises(QMPError, match="shrinking an image is not "
+                           "supported"):
+            c.cmd("block_resize", **{"node-name": "d0"}, size=32 * MiB)
+        c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
+              writable=True, bitmaps=["b0"])
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 1536M 64k",
+             "-c", "read -P 0x55 1536M 64k", "-c", "read -P 0x44 60M 1M",
+             "-c", "read -P 0 64M 64k", d.nbd_uri("d0")])
+        assert bitmap_extents(d.nbd_uri("d0"), "b0") == [(1536 * MiB,
+                                                          64 * 1024)]
+        assert c.bitmap("d0", "b0")["count"] == 64 * 1024
+        assert d.quit() == 0
+    info = json.loads(run(["qemu-img", "info", "--output=json", img]).stdout)
+    assert info["virtual-size"] == 2048 * MiB
+    run(["qemu-img", "check", img])
+    run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x55 1536M 64k",
+         "-c", "read -P 0x44 60M 1M", img])
+    # A persistent (stored) bitmap: not resized, so refused.
+    run(["qemu-img", "bitmap", "--add", img, "p0"])
+    with Daemon(tmp_path / "d2") as d:
+        d.start("--blockdev", bd)
+        with pytest.raises(QMPError, match="Cannot resize node 'd0'"):
+            d.qmp.cmd("block_resize", **{"node-name": "d0"},
+                      size=4096 * MiB)
+        assert d.quit() == 0
+    assert json.loads(run(["qemu-img", "info", "--output=json",
+                           img]).stdout)["virtual-size"] == 2048 * MiB
+
+
 def test_block_resize_refusals(tmp_path):
     img = raw_disk(tmp_path)
     ro = raw_disk(tmp_path, name="ro.raw")

@@ -101,6 +101,8 @@ def transcript(binary, tmp_path):
              name="b0")
         step("block_resize", "block_resize", **{"node-name": "r0"},
              size=32 * MiB)
+        step("block_resize qcow2", "block_resize", **{"node-name": "d0"},
+             size=1024 * MiB)
         step("block_resize missing", "block_resize", **{"node-name": "zz"},
              size=MiB)
         step("block-export-add iothread", "block-export-add", type="nbd",
@@ -111,6 +113,8 @@ def transcript(binary, tmp_path):
         step("block_resize exported", "block_resize", **{"node-name": "r0"},
              size=48 * MiB)
         nodes = c.cmd("query-named-block-nodes")
+        assert [n["image"]["virtual-size"] for n in nodes
+                if n["node-name"] == "d0"] == [1024 * MiB]
         out["query-named-block-nodes"] = shape(
             [n for n in nodes if n["node-name"] == "r0"])
         assert [n["image"]["virtual-size"] for n in nodes
