@@ -7,7 +7,7 @@ import os
 import pytest
 
 from bitback_testlib import Daemon, QMPError
-from conftest import require, run
+from conftest import BITBACK, require, run
 
 MiB = 1024 * 1024
 
@@ -228,6 +228,73 @@ def test_block_resize_qcow2(tmp_path):
         assert d.quit() == 0
     assert json.loads(run(["qemu-img", "info", "--output=json",
                            img]).stdout)["virtual-size"] == 2048 * MiB
+
+
+def create_job(c, job_id, **options):
+    """blockdev-create; returns the concluded job's query-jobs entry."""
+    c.cmd("blockdev-create", **{"job-id": job_id}, options=options)
+    ev = c.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and
+                      e["data"] == {"id": job_id, "status": "concluded"},
+                      what=f"{job_id} concluded")
+    assert ev
+    job = [j for j in c.cmd("query-jobs") if j["id"] == job_id][0]
+    c.cmd("job-dismiss", id=job_id)
+    return job
+
+
+def test_blockdev_create_qbm(tmp_path):
+    """blockdev-create makes a qbm image (descriptor and data image) that
+    blockdev-add opens, with persistent bitmaps that writes mark; a
+    wrapped existing data image keeps its data; bad options fail."""
+    require("nbdinfo")
+    (tmp_path / "d").mkdir()
+    raw = raw_disk(tmp_path / "d", "4M", "old.raw")
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 64k", raw])
+    with Daemon(tmp_path / "d") as d:
+        d.start(nbd=True)
+        c = d.qmp
+        job = create_job(c, "c0", driver="qbm", filename="new.qbm",
+                         size=8 * MiB, granularity=4096)
+        assert "error" not in job
+        job = create_job(c, "c1", driver="qbm", filename="wrap.qbm",
+                         size=4 * MiB, **{"data-file": "old.raw"})
+        assert "error" not in job
+        info = json.loads(run([BITBACK, "img", "info", "--output=json",
+                               tmp_path / "d" / "new.qbm"]).stdout)
+        assert info["virtual-size"] == 8 * MiB
+        assert info["format-specific"]["data"]["data-file"] == "new.raw"
+        assert os.path.getsize(tmp_path / "d" / "new.raw") == 8 * MiB
+        for node, f in (("q0", "new.qbm"), ("q1", "wrap.qbm")):
+            c.cmd("blockdev-add", driver="qbm", **{"node-name": node},
+                  file={"driver": "file", "filename": f})
+        c.cmd("block-dirty-bitmap-add", node="q1", name="b0",
+              persistent=True)
+        c.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "q1"},
+              writable=True, bitmaps=["b0"])
+        run(["qemu-io", "-f", "raw", "-c", "read -P 0x66 0 64k",
+             "-c", "write -P 0x77 1M 64k", d.nbd_uri("q1")])
+        assert bitmap_extents(d.nbd_uri("q1"), "b0") == [(MiB, 64 * 1024)]
+        # Errors: the arguments at once, the work in the job.
+        with pytest.raises(QMPError, match="Parameter 'filename' is "
+                           "missing"):
+            c.cmd("blockdev-create", **{"job-id": "c2"},
+                  options={"driver": "qbm", "size": MiB})
+        with pytest.raises(QMPError, match="Parameter 'bogus' is "
+                           "unexpected"):
+            c.cmd("blockdev-create", **{"job-id": "c2"},
+                  options={"driver": "qbm", "filename": "x.qbm", "size": MiB,
+                           "bogus": 1})
+        job = create_job(c, "c3", driver="qbm", filename="g.qbm", size=MiB,
+                         granularity=1000)
+        assert "not a power of two" in job["error"]
+        job = create_job(c, "c4", driver="qbm", filename="h.qbm", size=MiB,
+                         **{"data-format": "qbm"})
+        assert "not usable" in job["error"]
+        assert d.quit() == 0
+    out = json.loads(run([BITBACK, "img", "info", "--output=json",
+                          tmp_path / "d" / "wrap.qbm"]).stdout)
+    assert [b["name"] for b in out["format-specific"]["data"]["bitmaps"]] \
+        == ["b0"]
 
 
 def test_block_resize_refusals(tmp_path):
