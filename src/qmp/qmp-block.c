@@ -179,6 +179,21 @@ static struct json_object *qmp_node_info(BlockDriverState *bs)
                                    qmp_node_filename(bs->backing)));
     }
     json_object_object_add(img, "dirty-flag", json_object_new_boolean(false));
+    /* QEMU's ImageInfo: the format's cluster size and its own fields. */
+    uint64_t cluster = bdrv_get_cluster_size(bs);
+    if (cluster) {
+        json_object_object_add(img, "cluster-size",
+                               json_object_new_int64((int64_t)cluster));
+    }
+    if (bs->drv->info) {
+        struct json_object *data = json_object_new_object();
+        bs->drv->info(bs, data);
+        struct json_object *fs = json_object_new_object();
+        json_object_object_add(fs, "type",
+                               json_object_new_string(bs->drv->format_name));
+        json_object_object_add(fs, "data", data);
+        json_object_object_add(img, "format-specific", fs);
+    }
     BdrvSnapshotInfo *snaps = NULL;
     int nsnaps = bdrv_snapshot_list(bs, &snaps);
     if (nsnaps > 0) {
