@@ -158,6 +158,12 @@ def test_block_resize_raw(tmp_path, new_size):
         assert info["virtual-size"] == new_size
         assert c.node("d0")["image"]["virtual-size"] == new_size
         b0 = c.bitmap("d0", "b0")
+        # query-block (the root node's entry) says the same.
+        [blk] = [b for b in c.cmd("query-block")
+                 if b["inserted"]["node-name"] == "d0"]
+        assert {b["name"]: b["count"] for b in
+                blk["inserted"]["dirty-bitmaps"]} == {"b0": b0["count"],
+                                                      "b1": 0}
         assert b0["granularity"] == 65536
         assert b0["count"] == (128 * 1024 if new_size > 12 * MiB
                                else 64 * 1024)
