@@ -104,6 +104,21 @@ HBitmap *hbitmap_new(uint64_t size, unsigned granularity_shift)
     return hb;
 }
 
+HBitmap *hbitmap_resized_copy(const HBitmap *hb, uint64_t size)
+{
+    HBitmap *n = hbitmap_new(size, hb->shift);
+    if (!n) {
+        return NULL;
+    }
+    uint64_t keep = size < hb->size ? size : hb->size, off = 0, o, len;
+    while (off < keep &&
+           hbitmap_next_dirty_area(hb, off, keep - off, 0, &o, &len)) {
+        hbitmap_set(n, o, len);
+        off = o + len;
+    }
+    return n;
+}
+
 void hbitmap_free(HBitmap *hb)
 {
     if (!hb) {

@@ -66,6 +66,12 @@ bool hbitmap_next_dirty_area(const HBitmap *hb, uint64_t offset, uint64_t bytes,
                              uint64_t max_bytes, uint64_t *ret_offset,
                              uint64_t *ret_bytes);
 
+/* A new bitmap of the same granularity covering `size` bytes, with the
+ * bits of hb for [0, min(size, hbitmap_size(hb))) and every other bit
+ * clear (a grown bitmap's new area is clean).  NULL when memory is
+ * short. */
+HBitmap *hbitmap_resized_copy(const HBitmap *hb, uint64_t size);
+
 /* dst |= src.  Both must have the same size and granularity; returns false
  * (dst unchanged) otherwise. */
 bool hbitmap_merge(HBitmap *dst, const HBitmap *src);

@@ -806,6 +806,99 @@ int64_t bdrv_refresh_length(BlockDriverState *bs)
     return len;
 }
 
+/* ---- block_resize ---- */
+
+bool bdrv_truncate_child(BlockDriverState *bs, uint64_t size, Error **errp)
+{
+    if (!bs->drv->truncate) {
+        error_setg(errp, "Driver '%s' does not support resize",
+                   bs->drv->format_name);
+        return false;
+    }
+    if (!bs->drv->truncate(bs, size, errp)) {
+        return false;
+    }
+    int64_t len = bdrv_refresh_length(bs);
+    if (len < 0) {
+        error_setg_errno(errp, (int)-len, "Cannot get the new size of node "
+                         "'%s'", bs->node_name);
+        return false;
+    }
+    Error *err = NULL;
+    if (!write_intent_resize(bs, (uint64_t)len, errp)) {
+        return false;
+    }
+    if (!bdrv_dirty_bitmaps_truncate(bs, (uint64_t)len, &err)) {
+        /* The image changed but its bitmaps could not: say so on each
+         * rather than let them claim what they do not know (D2). */
+        for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+            bdrv_dirty_bitmap_set_inconsistent(bm, "not resized with its "
+                                               "node");
+        }
+        error_propagate(errp, err);
+        return false;
+    }
+    return true;
+}
+
+/* Refuse what bdrv_truncate does not resize: persistent bitmaps and
+ * write-intent logs on bs or the children a resize of bs reaches. */
+static bool truncate_check_bitmaps(BlockDriverState *bs, Error **errp)
+{
+    for (BlockDriverState *n = bs; n; n = n->file) {
+        if (!write_intent_can_resize(n)) {
+            error_setg(errp, "Cannot resize node '%s': its write-intent log "
+                       "is in use (persistent bitmaps)", n->node_name);
+            return false;
+        }
+        for (BdrvDirtyBitmap *bm = n->dirty_bitmaps; bm; bm = bm->next) {
+            if (bm->persistent) {
+                error_setg(errp, "Cannot resize node '%s': persistent bitmap "
+                           "'%s' cannot be resized", n->node_name, bm->name);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+bool bdrv_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
+{
+    if (size > BDRV_MAX_LENGTH) {
+        error_setg(errp, "Image size too large (at most %llu bytes)",
+                   (unsigned long long)BDRV_MAX_LENGTH);
+        return false;
+    }
+    if (bs->read_only) {
+        error_setg(errp, "Image is read-only");
+        return false;
+    }
+    if (bs->job_blocker) {
+        error_setg(errp, "Node '%s' is busy: block device is in use by block "
+                   "job: %s", bs->node_name, bs->job_blocker);
+        return false;
+    }
+    for (BlockDriverState *p = all_nodes; p; p = p->next_node) {
+        if (p->file == bs || p->backing == bs) {
+            error_setg(errp, "Node '%s' is a child of node '%s': resize "
+                       "that one", bs->node_name, p->node_name);
+            return false;
+        }
+    }
+    if (!bs->drv->truncate) {
+        error_setg(errp, "Driver '%s' does not support resize",
+                   bs->drv->format_name);
+        return false;
+    }
+    if (!truncate_check_bitmaps(bs, errp)) {
+        return false;
+    }
+    bdrv_drain_all_begin();
+    bool ok = bdrv_truncate_child(bs, size, errp);
+    bdrv_drain_all_end();
+    return ok;
+}
+
 /* ---- the I/O path ---- */
 
 /* Validate a request.  Data transfers are limited to BDRV_MAX_REQUEST bytes;

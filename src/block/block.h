@@ -174,6 +174,11 @@ struct BlockDriver {
      * Optional. */
     bool (*create_on_node)(BlockDriverState *file, uint64_t size,
                            struct json_object *opts, Error **errp);
+    /* Change the image's length to size bytes (QMP block_resize): grow
+     * (the new area reads as zeroes) or shrink.  Called by block.c with
+     * every node drained; a format driver resizes its file child with
+     * bdrv_truncate_child.  Optional: without it the node refuses. */
+    bool (*truncate)(BlockDriverState *bs, uint64_t size, Error **errp);
     /* Add format-specific fields to `info` (the "data" object of qemu-img
      * info's "format-specific").  Optional. */
     void (*info)(BlockDriverState *bs, struct json_object *data);
@@ -439,6 +444,19 @@ bool bdrv_store_bitmaps(BlockDriverState *bs, Error **errp);
 
 /* Default granularity for a new bitmap on bs: 64 KiB. */
 uint32_t bdrv_default_bitmap_granularity(BlockDriverState *bs);
+
+/* QMP block_resize: make node bs size bytes long, and every dirty bitmap
+ * on it (and on the children resized with it) cover the new length, a new
+ * area clean.  Refused (false, errp set) for a read-only node, a node a
+ * job uses, a child of another node (resize the parent), a node whose
+ * driver cannot resize, and one with persistent bitmaps or a write-intent
+ * log (their on-disk sizes are not changed).  Main thread; drains every
+ * node around the change.  (QMP refuses exported nodes, as QEMU does.) */
+bool bdrv_truncate(BlockDriverState *bs, uint64_t size, Error **errp);
+/* For a driver's truncate: resize its child `child` the same way (driver,
+ * cached length, bitmaps). */
+bool bdrv_truncate_child(BlockDriverState *child, uint64_t size,
+                         Error **errp);
 
 /* Forget the node's cached length and ask the driver again. */
 int64_t bdrv_refresh_length(BlockDriverState *bs);

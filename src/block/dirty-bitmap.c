@@ -149,6 +149,53 @@ BdrvDirtyBitmap *bdrv_create_dirty_bitmap(BlockDriverState *bs,
     return bm;
 }
 
+bool bdrv_dirty_bitmaps_truncate(BlockDriverState *bs, uint64_t size,
+                                 Error **errp)
+{
+    size_t n = 0, i = 0;
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        n += bm->successor ? 2 : 1;
+    }
+    if (n == 0) {
+        return true;
+    }
+    HBitmap **copies = calloc(n, sizeof(*copies));
+    if (!copies) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    bool ok = true;
+    pthread_mutex_lock(&bs->lock);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm && ok; bm = bm->next) {
+        for (BdrvDirtyBitmap *b = bm; b && ok; b = b == bm ? bm->successor
+                                                            : NULL) {
+            copies[i] = hbitmap_resized_copy(b->hb, size);
+            ok = copies[i++] != NULL;
+        }
+    }
+    if (ok) {
+        i = 0;
+        for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+            for (BdrvDirtyBitmap *b = bm; b; b = b == bm ? bm->successor
+                                                          : NULL) {
+                HBitmap *old = b->hb;
+                b->hb = copies[i];
+                copies[i++] = old;      /* freed below */
+            }
+        }
+    }
+    pthread_mutex_unlock(&bs->lock);
+    for (i = 0; i < n; i++) {
+        hbitmap_free(copies[i]);
+    }
+    free(copies);
+    if (!ok) {
+        error_setg(errp, "Cannot allocate the dirty bitmaps of node '%s' for "
+                   "%llu bytes", bs->node_name, (unsigned long long)size);
+    }
+    return ok;
+}
+
 static void dirty_bitmap_free(BdrvDirtyBitmap *bm)
 {
     if (!bm) {

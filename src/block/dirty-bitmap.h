@@ -143,6 +143,12 @@ typedef struct BdrvDirtyBitmapHistory {
 } BdrvDirtyBitmapHistory;
 void bdrv_dirty_bitmap_history(BdrvDirtyBitmap *bm, BdrvDirtyBitmapHistory *out);
 
+/* Resize every bitmap of bs (and its successor) to cover size bytes
+ * (hbitmap_resized_copy: bits for a new area clear, bits past a new end
+ * dropped), in one step under bs->lock: all or, false with errp set when
+ * memory is short, none.  Main thread, the node drained (block_resize). */
+bool bdrv_dirty_bitmaps_truncate(BlockDriverState *bs, uint64_t size,
+                                 Error **errp);
 uint64_t bdrv_dirty_bitmap_count(BdrvDirtyBitmap *bm);   /* dirty bytes */
 uint64_t bdrv_dirty_bitmap_size(const BdrvDirtyBitmap *bm);
 

@@ -1286,6 +1286,53 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
     return true;
 }
 
+bool write_intent_can_resize(BlockDriverState *bs)
+{
+    WriteIntent *w = bs->wil;
+    return !w || (!w->active && !w->store);
+}
+
+bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp)
+{
+    WriteIntent *w = bs->wil;
+    if (!w) {
+        return true;
+    }
+    if (!write_intent_can_resize(bs)) {
+        error_setg(errp, "Cannot resize node '%s': its write-intent log is "
+                   "in use", bs->node_name);
+        return false;
+    }
+    uint64_t n = MAX(DIV_ROUND_UP(size, 1ull << w->shift), 1);
+    uint64_t mb = map_bytes_for(n);
+    uint8_t *durable = calloc(1, mb), *pending = calloc(1, mb);
+    uint32_t *epoch = calloc(n, sizeof(*epoch));
+    if (!durable || !pending || !epoch) {
+        free(durable);
+        free(pending);
+        free(epoch);
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    pthread_mutex_lock(&bs->lock);
+    pthread_mutex_lock(&w->mu);
+    uint8_t *old_durable = w->durable, *old_pending = w->pending;
+    uint32_t *old_epoch = w->epoch;
+    w->durable = durable;
+    w->pending = pending;
+    w->epoch = epoch;
+    w->image_size = size;
+    w->n_regions = n;
+    w->map_bytes = mb;
+    w->n_marked = 0;
+    pthread_mutex_unlock(&w->mu);
+    pthread_mutex_unlock(&bs->lock);
+    free(old_durable);
+    free(old_pending);
+    free(old_epoch);
+    return true;
+}
+
 bool write_intent_snapshot(BlockDriverState *bs, Error **errp)
 {
     WriteIntent *w = bs->wil;

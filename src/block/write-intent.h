@@ -53,6 +53,14 @@ typedef struct WriteIntent WriteIntent;
  * crash-safe or its driver stores no persistent bitmaps.  Fails only when
  * the log cannot be set up on a read-write node. */
 bool write_intent_open(BlockDriverState *bs, Error **errp);
+/* block_resize: true when bs's log can follow a resize, i.e. there is
+ * none or it was never activated (no persistent bitmap since open: nothing
+ * of it is on disk).  Main thread. */
+bool write_intent_can_resize(BlockDriverState *bs);
+/* Size the in-memory map of an inactive log for an image of size bytes
+ * (write_intent_can_resize must hold).  false with errp set when memory
+ * is short (the old map stays).  Main thread, the node drained. */
+bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp);
 
 /* The recovery write_intent_open runs on the node's log, on a log the caller
  * opened (fd: a regular file or a memfd, read with pread, left open): for

@@ -38,12 +38,21 @@ static const char *const psk_props[] = {
 };
 static const char *const authz_simple_props[] = { "identity", NULL };
 static const char *const authz_list_props[] = { "policy", "rules", NULL };
+static const char *const iothread_props[] = {
+    "poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch",
+    "thread-pool-min", "thread-pool-max", NULL,
+};
+static const char *const secret_props[] = {
+    "data", "file", "format", "keyid", "iv", "loaded", NULL,
+};
 
 static const ObjectClass object_classes[] = {
     { "tls-creds-x509", x509_props, tls_creds_x509_new, tls_creds_free },
     { "tls-creds-psk", psk_props, tls_creds_psk_new, tls_creds_free },
     { "authz-simple", authz_simple_props, authz_simple_new, authz_free },
     { "authz-list", authz_list_props, authz_list_new, authz_free },
+    { "iothread", iothread_props, iothread_new, iothread_free },
+    { "secret", secret_props, secret_new, secret_free },
 };
 
 static Object *objects;
@@ -72,6 +81,27 @@ bool object_prop_bool(struct json_object *props, const char *key, bool dflt,
         return true;
     }
     error_setg(errp, "Invalid parameter type for '%s', expected: boolean", key);
+    return false;
+}
+
+bool object_prop_int(struct json_object *props, const char *key,
+                     int64_t dflt, int64_t *ret, Error **errp)
+{
+    struct json_object *v;
+    *ret = dflt;
+    if (!json_object_object_get_ex(props, key, &v)) {
+        return true;
+    }
+    if (json_object_is_type(v, json_type_int)) {
+        *ret = json_object_get_int64(v);
+        return true;
+    }
+    if (json_object_is_type(v, json_type_string) &&
+        keyval_str_to_int(json_object_get_string(v), ret)) {
+        return true;
+    }
+    *ret = dflt;
+    error_setg(errp, "Invalid parameter type for '%s', expected: integer", key);
     return false;
 }
 
@@ -139,7 +169,7 @@ bool object_add(struct json_object *props, Error **errp)
     if (!cls) {
         error_setg(errp, "Invalid parameter type for 'qom-type', expected: "
                    "one of tls-creds-x509, tls-creds-psk, authz-simple, "
-                   "authz-list (not '%s')", type);
+                   "authz-list, iothread, secret (not '%s')", type);
         return false;
     }
     if (!*id || object_find(id)) {
@@ -216,6 +246,20 @@ const char *object_type(const Object *o)
 void *object_impl(const Object *o)
 {
     return o->impl;
+}
+
+size_t object_list_impls(const char *type, void **ret, size_t max)
+{
+    size_t n = 0;
+    for (Object *o = objects; o; o = o->next) {
+        if (strcmp(o->cls->type, type) == 0) {
+            if (n < max) {
+                ret[n] = o->impl;
+            }
+            n++;
+        }
+    }
+    return n;
 }
 
 void object_ref(Object *o)

@@ -1,7 +1,8 @@
 /*
  * User-creatable objects: QEMU's --object and object-add / object-del for
  * the types bitbackd needs: tls-creds-x509, tls-creds-psk (tls-creds.h),
- * authz-simple and authz-list (authz.h).
+ * authz-simple and authz-list (authz.h), iothread (iothread.h) and secret
+ * (secret.h).
  *
  * Properties come as one json-c object, {"qom-type": TYPE, "id": ID, ...}
  * (QMP object-add's flat form; --object's keyval gives strings, which the

@@ -24,6 +24,8 @@ typedef struct QmpCommand {
     char *name;
     QmpCommandFunc fn;
     const QmpArgSpec *spec;
+    const QmpArgSpec *schema;      /* query-qmp-schema's members when the
+                                      handler checks its own (spec NULL) */
     QmpArgPrecheck precheck;
 } QmpCommand;
 
@@ -50,6 +52,7 @@ void qmp_register_command_checked(const char *name, QmpCommandFunc fn,
     qmp_commands[qmp_ncommands].name = strdup(name);
     qmp_commands[qmp_ncommands].fn = fn;
     qmp_commands[qmp_ncommands].spec = spec;
+    qmp_commands[qmp_ncommands].schema = NULL;
     qmp_commands[qmp_ncommands].precheck = precheck;
     if (!qmp_commands[qmp_ncommands].name) {
         abort();
@@ -76,6 +79,29 @@ static const QmpCommand *qmp_find_command(const char *name)
         }
     }
     return NULL;
+}
+
+void qmp_set_command_schema(const char *name, const QmpArgSpec *members)
+{
+    for (size_t i = 0; i < qmp_ncommands; i++) {
+        if (strcmp(qmp_commands[i].name, name) == 0) {
+            qmp_commands[i].schema = members;
+            return;
+        }
+    }
+    abort();      /* a programming error: register the command first */
+}
+
+size_t qmp_command_count(void)
+{
+    return qmp_ncommands;
+}
+
+const char *qmp_command_get(size_t i, const QmpArgSpec **ret_spec)
+{
+    const QmpCommand *c = &qmp_commands[i];
+    *ret_spec = c->spec ? c->spec : c->schema;
+    return c->name;
 }
 
 /* query-commands: [{"name": ...}, ...] */

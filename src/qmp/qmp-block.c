@@ -179,6 +179,21 @@ static struct json_object *qmp_node_info(BlockDriverState *bs)
                                    qmp_node_filename(bs->backing)));
     }
     json_object_object_add(img, "dirty-flag", json_object_new_boolean(false));
+    /* QEMU's ImageInfo: the format's cluster size and its own fields. */
+    uint64_t cluster = bdrv_get_cluster_size(bs);
+    if (cluster) {
+        json_object_object_add(img, "cluster-size",
+                               json_object_new_int64((int64_t)cluster));
+    }
+    if (bs->drv->info) {
+        struct json_object *data = json_object_new_object();
+        bs->drv->info(bs, data);
+        struct json_object *fs = json_object_new_object();
+        json_object_object_add(fs, "type",
+                               json_object_new_string(bs->drv->format_name));
+        json_object_object_add(fs, "data", data);
+        json_object_object_add(img, "format-specific", fs);
+    }
     BdrvSnapshotInfo *snaps = NULL;
     int nsnaps = bdrv_snapshot_list(bs, &snaps);
     if (nsnaps > 0) {
@@ -744,9 +759,18 @@ const QmpArgSpec qmp_spec_bitmap_merge[] = {
     { NULL },
 };
 
+/* blockdev-add's members common to every driver (query-qmp-schema). */
+static const QmpArgSpec schema_blockdev_add[] = {
+    { "driver", QMP_ARG_STR, false },
+    { "node-name", QMP_ARG_STR, true },
+    { "read-only", QMP_ARG_BOOL, true },
+    { NULL },
+};
+
 void qmp_register_block_commands(void)
 {
     qmp_register_command_spec("blockdev-add", qmp_cmd_blockdev_add, NULL);
+    qmp_set_command_schema("blockdev-add", schema_blockdev_add);
     qmp_register_command_spec("blockdev-del", qmp_cmd_blockdev_del,
                               spec_blockdev_del);
     qmp_register_command_spec("query-named-block-nodes",

@@ -31,9 +31,12 @@ struct json_object *qmp_version_info(void)
 {
     struct json_object *ret = json_object_new_object();
     struct json_object *q = json_object_new_object();
-    json_object_object_add(q, "micro", json_object_new_int(0));
-    json_object_object_add(q, "minor", json_object_new_int(0));
-    json_object_object_add(q, "major", json_object_new_int(8));
+    json_object_object_add(q, "micro",
+                           json_object_new_int(QMP_QEMU_COMPAT_MICRO));
+    json_object_object_add(q, "minor",
+                           json_object_new_int(QMP_QEMU_COMPAT_MINOR));
+    json_object_object_add(q, "major",
+                           json_object_new_int(QMP_QEMU_COMPAT_MAJOR));
     json_object_object_add(ret, "qemu", q);
     json_object_object_add(ret, "package",
                            json_object_new_string("bitback " BITBACK_VERSION));
@@ -87,4 +90,6 @@ void qmp_init_commands(void)
     qmp_register_transaction_commands();
     qmp_register_job_commands();
     qmp_register_create_commands();
+    qmp_register_resize_commands();
+    qmp_register_schema_commands();
 }

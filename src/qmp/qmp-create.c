@@ -1,7 +1,10 @@
 /*
  * blockdev-create: QEMU's image creation job, for the drivers "file" (an
- * empty file of `size` bytes at `filename`) and "qcow2" (a qcow2 image of
- * `size` written into the existing protocol node `file`).  As in QEMU the
+ * empty file of `size` bytes at `filename`), "qcow2" (a qcow2 image of
+ * `size` written into the existing protocol node `file`) and bitback's
+ * "qbm" (a QBM descriptor at `filename` with its data image, as
+ * `bitback img create -f qbm` makes it: its files sit next to each other,
+ * so it is made from a file name, not in a node).  As in QEMU the
  * command only starts a job of type "create" (auto-dismiss off: the
  * client waits for it to conclude, reads its error in query-jobs, then
  * job-dismiss); the writing happens in the job's thread.  It is how a
@@ -14,6 +17,8 @@
  *          [backing-file], [backing-fmt], [lazy-refcounts: false],
  *          [refcount-bits: 16], [compression-type: zlib|zstd],
  *          [preallocation: off]
+ *   qbm:   filename, size, [data-file], [data-format: raw], [backing],
+ *          [backing-format], [granularity: 65536]
  * The qcow2 job holds a reference to its file node until it ends.
  */
 #include <errno.h>
@@ -29,7 +34,7 @@ typedef struct CreateJob {
     Job job;
     char *filename;                /* file */
     BlockDriverState *file;        /* qcow2: referenced */
-    const char *format;            /* "raw" (for file) or "qcow2" */
+    const char *format;            /* "raw" (for file), "qcow2", "qbm" */
     uint64_t size;
     struct json_object *opts;      /* the driver's create options */
 } CreateJob;
@@ -91,6 +96,18 @@ static const QmpArgSpec spec_qcow2[] = {
     { NULL },
 };
 
+static const QmpArgSpec spec_qbm[] = {
+    { "driver", QMP_ARG_STR, false },
+    { "filename", QMP_ARG_STR, false },
+    { "size", QMP_ARG_UINT, false },
+    { "data-file", QMP_ARG_STR, true },
+    { "data-format", QMP_ARG_STR, true },
+    { "backing", QMP_ARG_STR, true },
+    { "backing-format", QMP_ARG_STR, true },
+    { "granularity", QMP_ARG_UINT, true },
+    { NULL },
+};
+
 /* opts[key] = str (a create option, as img create's -o gives them). */
 static void opt_set(struct json_object *opts, const char *key, const char *str)
 {
@@ -134,6 +151,42 @@ static struct json_object *qcow2_create_opts(struct json_object *o)
     return opts;
 }
 
+/* The qbm driver's create options (its -o names are the QMP names). */
+static struct json_object *qbm_create_opts(struct json_object *o)
+{
+    static const char *const strs[] = {
+        "data-file", "data-format", "backing", "backing-format",
+    };
+    struct json_object *opts = json_object_new_object();
+    const char *v;
+    for (size_t i = 0; i < ARRAY_SIZE(strs); i++) {
+        if ((v = json_opt_str(o, strs[i]))) {
+            opt_set(opts, strs[i], v);
+        }
+    }
+    if (json_object_object_get_ex(o, "granularity", NULL)) {
+        char num[32];
+        snprintf(num, sizeof(num), "%" PRId64, json_opt_int(o, "granularity", 0));
+        opt_set(opts, "granularity", num);
+    }
+    return opts;
+}
+
+/* A create job on file name `filename` of o (file, qbm). */
+static bool create_parse_filename(struct json_object *o, CreateJob *s,
+                                  const char *format, struct json_object *opts,
+                                  Error **errp)
+{
+    s->format = format;
+    s->filename = strdup(json_opt_str(o, "filename"));
+    s->opts = opts;
+    if (!s->filename) {
+        error_setg(errp, "out of memory");
+        return false;
+    }
+    return true;
+}
+
 /* Check the driver's members of options and fill the job s. */
 static bool create_parse(struct json_object *o, CreateJob *s, Error **errp)
 {
@@ -151,11 +204,13 @@ static bool create_parse(struct json_object *o, CreateJob *s, Error **errp)
             error_setg(errp, "Unsupported preallocation mode '%s'", prealloc);
             return false;
         }
-        s->format = "raw";
-        s->filename = strdup(json_opt_str(o, "filename"));
-        s->opts = json_object_new_object();
-        if (!s->filename) {
-            error_setg(errp, "out of memory");
+        if (!create_parse_filename(o, s, "raw", json_object_new_object(),
+                                   errp)) {
+            return false;
+        }
+    } else if (strcmp(driver, "qbm") == 0) {
+        if (!qmp_check_args(o, spec_qbm, errp) ||
+            !create_parse_filename(o, s, "qbm", qbm_create_opts(o), errp)) {
             return false;
         }
     } else if (strcmp(driver, "qcow2") == 0) {
@@ -183,17 +238,15 @@ static bool create_parse(struct json_object *o, CreateJob *s, Error **errp)
     return true;
 }
 
+static const QmpArgSpec spec_blockdev_create[] = {
+    { "job-id", QMP_ARG_STR, false },
+    { "options", QMP_ARG_OBJECT, false },
+    { NULL },
+};
+
 static struct json_object *qmp_blockdev_create(struct json_object *args,
                                                Error **errp)
 {
-    static const QmpArgSpec spec[] = {
-        { "job-id", QMP_ARG_STR, false },
-        { "options", QMP_ARG_OBJECT, false },
-        { NULL },
-    };
-    if (!qmp_check_args(args, spec, errp)) {
-        return NULL;
-    }
     const char *id = json_opt_str(args, "job-id");
     struct json_object *o = NULL;
     json_object_object_get_ex(args, "options", &o);
@@ -222,5 +275,6 @@ static struct json_object *qmp_blockdev_create(struct json_object *args,
 
 void qmp_register_create_commands(void)
 {
-    qmp_register_command_spec("blockdev-create", qmp_blockdev_create, NULL);
+    qmp_register_command_spec("blockdev-create", qmp_blockdev_create,
+                              spec_blockdev_create);
 }

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "crypto/iothread.h"
 #include "nbd/server.h"
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
@@ -22,6 +23,45 @@
 /* NBD limits an export name to 4096 bytes (doc/proto.md). */
 #define QMP_NBD_MAX_NAME 4096
 #define QMP_EXPORT_MAX_BITMAPS 1024
+
+/* Exports that name an iothread: export id -> iothread id.  An entry
+ * whose export is gone is dropped by iothread_exports_reap (an export
+ * goes away in src/nbd, possibly later than block-export-del); a new
+ * export with that id replaces it. */
+static struct json_object *iothread_exports;
+
+static void iothread_exports_reap(void)
+{
+    if (!iothread_exports) {
+        iothread_exports = json_object_new_object();
+    }
+    size_t n = (size_t)json_object_object_length(iothread_exports), k = 0;
+    _cleanup_free_ char **gone = calloc(n ? n : 1, sizeof(*gone));
+    if (!gone) {
+        abort();
+    }
+    json_object_object_foreach(iothread_exports, key, val) {
+        (void)val;
+        if (!nbd_export_find(key)) {
+            gone[k++] = key;
+        }
+    }
+    for (size_t i = 0; i < k; i++) {
+        json_object_object_del(iothread_exports, gone[i]);
+    }
+}
+
+bool qmp_iothread_in_use(const char *id, Error **errp)
+{
+    iothread_exports_reap();
+    json_object_object_foreach(iothread_exports, key, val) {
+        if (strcmp(json_object_get_string(val), id) == 0) {
+            error_setg(errp, "iothread '%s' is in use by export '%s'", id, key);
+            return true;
+        }
+    }
+    return false;
+}
 
 /* Copy the string member `key` of src into dst; missing -> error. */
 static bool qmp_addr_copy_str(struct json_object *dst, struct json_object *src,
@@ -174,8 +214,11 @@ struct json_object *qmp_export_add(struct json_object *args,
         error_setg(errp, "allocation-depth is not supported");
         return NULL;
     }
-    if (qmp_arg_has(args, "iothread")) {
-        error_setg(errp, "iothread is not supported");
+    /* As QEMU: fixed-iothread matters only with an iothread, and the
+     * iothread must exist; the export's requests run in the NBD server's
+     * own threads either way (docs/qmp.md, "iothread"). */
+    const char *iothread = json_opt_str(args, "iothread");
+    if (iothread && !iothread_check(iothread, errp)) {
         return NULL;
     }
     if (require_server && !nbd_server_is_running()) {
@@ -231,6 +274,13 @@ struct json_object *qmp_export_add(struct json_object *args,
                         json_opt_bool(args, "writable", false),
                         (const char *const *)names, (int)n, errp)) {
         return NULL;
+    }
+    iothread_exports_reap();
+    if (iothread) {
+        json_object_object_add(iothread_exports, id,
+                               json_object_new_string(iothread));
+    } else {
+        json_object_object_del(iothread_exports, id);
     }
     return json_object_new_object();
 }
@@ -347,7 +397,7 @@ static const QmpArgSpec spec_block_export_add[] = {
     { "bitmaps", QMP_ARG_ARRAY, true },
     { "allocation-depth", QMP_ARG_BOOL, true },
     { "fixed-iothread", QMP_ARG_BOOL, true },
-    { "iothread", QMP_ARG_ANY, true },
+    { "iothread", QMP_ARG_STR, true },
     { NULL },
 };
 static const QmpArgSpec spec_block_export_del[] = {

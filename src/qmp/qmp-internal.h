@@ -11,6 +11,15 @@
 
 /* BITBACK_VERSION: the project's version, defined by meson.build. */
 
+/* query-version's "qemu" triple: the QEMU release whose QMP interface
+ * bitbackd follows and is tested against (qemu-storage-daemon 7.2, the
+ * job API of qapi/job.json included), so that clients which gate features
+ * on QEMU's version (libvirt) expect what is there.  bitback's own version
+ * is in "package" ("bitback X.Y.Z"). */
+#define QMP_QEMU_COMPAT_MAJOR 7
+#define QMP_QEMU_COMPAT_MINOR 2
+#define QMP_QEMU_COMPAT_MICRO 0
+
 /* qmp-commands.c: the query-version reply, also the QMP greeting's
  * "version" member; a new reference. */
 struct json_object *qmp_version_info(void);
@@ -24,6 +33,16 @@ void *qmp_array_alloc(size_t n, size_t max, size_t elem_size,
 /* dispatch.c: [{"name": ...}] for query-commands. */
 struct json_object *qmp_query_commands_list(void);
 
+/* dispatch.c: for query-qmp-schema.  The number of registered commands;
+ * the name of the i-th (i < count) and in *ret_spec its arguments: its
+ * spec, or for a command registered without one (its handler checks its
+ * arguments) the members qmp_set_command_schema gave, or NULL. */
+size_t qmp_command_count(void);
+const char *qmp_command_get(size_t i, const QmpArgSpec **ret_spec);
+/* The members query-qmp-schema lists for registered command name whose
+ * spec is NULL (the common ones of a union's variants). */
+void qmp_set_command_schema(const char *name, const QmpArgSpec *members);
+
 /* Registration of each file's commands (called by qmp_init_commands). */
 void qmp_register_control_commands(void);
 void qmp_register_block_commands(void);
@@ -34,10 +53,15 @@ void qmp_register_object_commands(void);      /* qmp-object.c */
  * block-job-pause, block-job-resume, block-job-set-speed,
  * block-job-finalize, block-job-dismiss, block-job-complete. */
 void qmp_register_job_commands(void);
-/* qmp-create.c: blockdev-create (file, qcow2). */
+/* qmp-create.c: blockdev-create (file, qcow2, qbm). */
 void qmp_register_create_commands(void);
 /* qmp-stats.c: query-blockstats. */
 void qmp_register_stats_commands(void);
+/* qmp-schema.c: query-qmp-schema, made from the registry; register it
+ * last (after every other command). */
+void qmp_register_schema_commands(void);
+/* qmp-resize.c: block_resize. */
+void qmp_register_resize_commands(void);
 
 /* qmp-block.c: find a node as the bitmap/export commands do, with QEMU's
  * "Cannot find device='X' nor node-name='X'" error. */
@@ -48,6 +72,10 @@ BlockDriverState *qmp_lookup_node(const char *name, Error **errp);
  * --nbd-server). */
 struct json_object *qmp_export_add(struct json_object *args,
                                    bool require_server, Error **errp);
+
+/* qmp-export.c: true with errp set when an export names iothread id
+ * (object-del refuses to delete it). */
+bool qmp_iothread_in_use(const char *id, Error **errp);
 
 /* ---- Shared by the standalone commands and `transaction` (h3) ---- */
 

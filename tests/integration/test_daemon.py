@@ -79,7 +79,8 @@ def test_help_and_version(tmp_path):
     (["--chardev", "socket,id=m0,path=q.sock,server=on,bogus=1"],
      ["--chardev", "bogus"]),
     (["--chardev", "file,id=m0,path=q.sock"], ["--chardev", "file"]),
-    (["--object", "iothread,id=t0"], ["--object"]),
+    (["--object", "iothread,id=t0,poll-max-ns=x"], ["--object", "poll-max-ns"]),
+    (["--object", "memory-backend-ram,id=t0"], ["--object", "memory-backend-ram"]),
     (["--no-such-option"], ["no-such-option"]),
     (["stray"], ["stray"]),
 ])

@@ -493,7 +493,8 @@ def test_object_option_errors(tmp_path, pki, bitbackd_bin):
             (f"tls-creds-psk,id=t,dir={pki['server']},endpoint=server",
              "keys.psk"),
             ("authz-simple,id=a", "identity"),
-            ("secret,id=s,data=x", "qom-type")):
+            ("secret,id=s", "Either 'file' or 'data' must be provided"),
+            ("memory-backend-ram,id=m,size=1M", "qom-type")):
         p = sh([bitbackd_bin, "--object", obj], check=False)
         assert p.returncode == 1, obj
         assert msg in p.stderr, (obj, p.stderr)

@@ -986,6 +986,44 @@ static void test_huge_sparse_iteration(void **state)
     hbitmap_free(hb);
 }
 
+/* hbitmap_resized_copy against a model: random bits on bitmaps of sizes
+ * that are and are not multiples of the granularity, copied to smaller,
+ * equal and larger sizes; every cluster of the copy is set exactly when
+ * it lies below min(old, new) and was set (a partial last cluster keeps
+ * its bit), and the original is unchanged. */
+static void test_resized_copy(void **state)
+{
+    static const uint64_t sizes[] = { 0, 512, 1000, 64 * KiB, 3 * MiB + 7,
+                                      16 * MiB };
+    srand(7);
+    for (unsigned shift = 9; shift <= 16; shift += 7) {
+        uint64_t g = UINT64_C(1) << shift;
+        for (size_t a = 0; a < sizeof(sizes) / sizeof(sizes[0]); a++) {
+            HBitmap *hb = hbitmap_new(sizes[a], shift);
+            assert_non_null(hb);
+            for (int i = 0; i < 40 && sizes[a]; i++) {
+                uint64_t off = (uint64_t)rand() % sizes[a];
+                hbitmap_set(hb, off, (uint64_t)rand() % (4 * g) + 1);
+            }
+            uint64_t before = hbitmap_count_bits(hb);
+            for (size_t b = 0; b < sizeof(sizes) / sizeof(sizes[0]); b++) {
+                HBitmap *n = hbitmap_resized_copy(hb, sizes[b]);
+                assert_non_null(n);
+                assert_int_equal(hbitmap_size(n), sizes[b]);
+                assert_int_equal(hbitmap_granularity_shift(n), shift);
+                uint64_t keep = sizes[a] < sizes[b] ? sizes[a] : sizes[b];
+                for (uint64_t off = 0; off < sizes[b]; off += g) {
+                    bool want = off < keep && hbitmap_get(hb, off);
+                    assert_int_equal(hbitmap_get(n, off), want);
+                }
+                hbitmap_free(n);
+            }
+            assert_int_equal(hbitmap_count_bits(hb), before);
+            hbitmap_free(hb);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1004,6 +1042,7 @@ int main(void)
         cmocka_unit_test(test_nonzero_words),
         cmocka_unit_test(test_huge_sparse_runs_and_copy),
         cmocka_unit_test(test_random_vs_model),
+        cmocka_unit_test(test_resized_copy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -309,6 +309,24 @@ static int file_block_status(BlockDriverState *bs, uint64_t offset,
     return BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED;
 }
 
+static bool file_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
+{
+    BDRVFileState *s = bs->opaque;
+    if (s->is_blockdev) {
+        int64_t len = file_getlength(bs);
+        if (len >= 0 && (uint64_t)len == size) {
+            return true;
+        }
+        error_setg(errp, "Cannot resize block device '%s'", bs->filename);
+        return false;
+    }
+    if (ftruncate(s->fd, (off_t)size) < 0) {
+        error_setg_errno(errp, errno, "Failed to resize '%s'", bs->filename);
+        return false;
+    }
+    return true;
+}
+
 const BlockDriver bdrv_file = {
     .format_name = "file",
     .instance_size = sizeof(BDRVFileState),
@@ -322,4 +340,5 @@ const BlockDriver bdrv_file = {
     .pdiscard = file_pdiscard,
     .flush = file_flush,
     .block_status = file_block_status,
+    .truncate = file_truncate,
 };

@@ -61,6 +61,11 @@ static int raw_flush(BlockDriverState *bs)
     return bdrv_flush(bs->file);
 }
 
+static bool raw_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
+{
+    return bdrv_truncate_child(bs->file, size, errp);
+}
+
 static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     return 1;   /* anything is raw, as a last resort */
@@ -101,6 +106,7 @@ const BlockDriver bdrv_raw = {
     .flush = raw_flush,
     .block_status = bdrv_block_status_from_file,
     .create = raw_create,
+    .truncate = raw_truncate,
     .can_store_persistent_bitmaps = rbd_bitmaps_can_store,
     .persistent_bitmap_add = rbd_bitmaps_add,
     .persistent_bitmap_remove = rbd_bitmaps_remove,

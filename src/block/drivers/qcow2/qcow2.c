@@ -1522,6 +1522,112 @@ static bool qcow2_create(const char *filename, uint64_t size,
     return qcow2_create_into(filename, NULL, size, opts, errp);
 }
 
+/* Point the image at a new, larger L1 table of n entries (block_resize):
+ * the table is written and synced in new clusters, then the header names
+ * it (qcow2_update_header_locked syncs the new clusters' refcounts first),
+ * then the old clusters are freed: a crash leaves the old table or the
+ * new one, at worst leaking the new clusters.  s->lock held. */
+static int qcow2_grow_l1_locked(BlockDriverState *bs, uint32_t n)
+{
+    BDRVQcow2State *s = bs->opaque;
+    uint64_t bytes = ROUND_UP((uint64_t)n * 8, s->cluster_size);
+    _cleanup_free_ uint64_t *disk = calloc(1, bytes);
+    uint64_t *mem = calloc(n, 8);
+    if (!disk || !mem) {
+        free(mem);
+        return -ENOMEM;
+    }
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        disk[i] = htobe64(s->l1_table[i]);
+        mem[i] = s->l1_table[i];
+    }
+    int64_t off = qcow2_alloc_clusters_locked(bs, bytes);
+    int r = off < 0 ? (int)off : 0;
+    if (r == 0) {
+        r = qcow2_check_overlap_locked(bs, 0, (uint64_t)off, bytes);
+    }
+    if (r == 0) {
+        r = bdrv_pwrite(bs->file, (uint64_t)off, disk, bytes, 0);
+    }
+    if (r == 0) {
+        r = bdrv_flush(bs->file);
+    }
+    if (r < 0) {
+        if (off >= 0) {
+            qcow2_free_clusters_locked(bs, (uint64_t)off, bytes);
+        }
+        free(mem);
+        return r;
+    }
+    uint64_t old_off = s->l1_table_offset;
+    uint64_t old_bytes = ROUND_UP((uint64_t)s->l1_size * 8, s->cluster_size);
+    uint32_t old_size = s->l1_size;
+    uint64_t *old_table = s->l1_table;
+    s->l1_table = mem;
+    s->l1_table_offset = (uint64_t)off;
+    s->l1_size = n;
+    r = qcow2_update_header_locked(bs);
+    if (r < 0) {
+        s->l1_table = old_table;
+        s->l1_table_offset = old_off;
+        s->l1_size = old_size;
+        free(mem);
+        qcow2_free_clusters_locked(bs, (uint64_t)off, bytes);
+        return r;
+    }
+    free(old_table);
+    if (old_size) {
+        qcow2_free_clusters_locked(bs, old_off, old_bytes);
+    }
+    return 0;
+}
+
+/* block_resize: grow only (QEMU also shrinks qcow2; bitback does not), on
+ * an image without internal snapshots or stored bitmaps (their tables are
+ * sized for the old length). */
+static bool qcow2_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
+{
+    BDRVQcow2State *s = bs->opaque;
+    LOCK_GUARD(&s->lock);
+    if (size < s->size) {
+        error_setg(errp, "qcow2: shrinking an image is not supported");
+        return false;
+    }
+    if (s->nb_snapshots) {
+        error_setg(errp, "Can't resize an image which has snapshots");
+        return false;
+    }
+    if (s->nb_bitmaps) {
+        error_setg(errp, "qcow2: cannot resize an image with stored bitmaps");
+        return false;
+    }
+    if (qcow2_is_corrupt(s)) {
+        error_setg(errp, "qcow2: the image is marked corrupt");
+        return false;
+    }
+    uint64_t l2_span = s->cluster_size << s->l2_bits;
+    uint64_t needed = DIV_ROUND_UP(size, l2_span);
+    if (needed * 8 > QCOW2_MAX_L1_BYTES) {
+        error_setg(errp, "qcow2: the L1 table for %" PRIu64 " bytes would be "
+                   "too large", size);
+        return false;
+    }
+    uint64_t old = s->size;
+    int r;
+    s->size = size;
+    if (needed > s->l1_size) {
+        r = qcow2_grow_l1_locked(bs, (uint32_t)needed);
+    } else {
+        r = qcow2_update_header_locked(bs);
+    }
+    if (r < 0) {
+        s->size = old;
+        error_setg_errno(errp, -r, "qcow2: cannot resize the image");
+        return false;
+    }
+    return true;
+}
+
 static bool qcow2_create_on_node(BlockDriverState *file, uint64_t size,
                                  struct json_object *opts, Error **errp)
 {
@@ -1572,6 +1678,7 @@ const BlockDriver bdrv_qcow2 = {
     .store_bitmaps = qcow2_store_bitmaps,
     .create = qcow2_create,
     .create_on_node = qcow2_create_on_node,
+    .truncate = qcow2_truncate,
     .info = qcow2_info,
     .check = qcow2_check,
 };

@@ -1,0 +1,402 @@
+"""qemu-storage-daemon features scripts expect (docs/qmp.md): iothread and
+secret objects, block_resize with the node's dirty bitmaps, and
+query-qmp-schema made from the command registry."""
+import json
+import os
+
+import pytest
+
+from bitback_testlib import Daemon, QMPError
+from conftest import BITBACK, require, run
+
+MiB = 1024 * 1024
+
+
+def raw_disk(tmp_path, size="16M", name="d.raw"):
+    img = tmp_path / name
+    run(["qemu-img", "create", "-q", "-f", "raw", img, size])
+    return img
+
+
+def raw_node(img, node="d0"):
+    return f"driver=raw,node-name={node},file.driver=file,file.filename={img}"
+
+
+def test_iothread_objects(tmp_path):
+    """query-iothreads lists each iothread with QEMU's members; its
+    thread-id is a real thread of the daemon; an export may name it, and
+    object-del refuses it while the export exists."""
+    img = raw_disk(tmp_path)
+    with Daemon(tmp_path / "d") as d:
+        d.start("--object", "iothread,id=io0,poll-max-ns=1000,aio-max-batch=4",
+                "--blockdev", raw_node(img), "--export",
+                "nbd,id=e0,node-name=d0,iothread=io0", nbd=True)
+        c = d.qmp
+        c.cmd("object-add", **{"qom-type": "iothread", "id": "io1"})
+        threads = c.cmd("query-iothreads")
+        assert [t["id"] for t in threads] == ["io0", "io1"]
+        assert set(threads[0]) == {"id", "thread-id", "poll-max-ns",
+                                   "poll-grow", "poll-shrink", "aio-max-batch"}
+        assert threads[0]["poll-max-ns"] == 1000
+        assert threads[0]["aio-max-batch"] == 4
+        assert threads[1]["poll-max-ns"] == 32768      # QEMU's default
+        tids = [t["thread-id"] for t in threads]
+        for tid in tids:
+            assert os.path.exists(f"/proc/{d.pid}/task/{tid}")
+        with pytest.raises(QMPError, match="iothread 'io0' is in use by "
+                           "export 'e0'"):
+            c.cmd("object-del", id="io0")
+        with pytest.raises(QMPError, match="Invalid parameter type for "
+                           "'iothread', expected: string"):
+            c.cmd("block-export-add", type="nbd", id="e1",
+                  **{"node-name": "d0"}, iothread=5)
+        with pytest.raises(QMPError, match="poll-max-ns value must be in "
+                           "range"):
+            c.cmd("object-add", **{"qom-type": "iothread", "id": "io2",
+                                   "poll-max-ns": -1})
+        with pytest.raises(QMPError, match="Property 'iothread.bogus' not "
+                           "found"):
+            c.cmd("object-add", **{"qom-type": "iothread", "id": "io2",
+                                   "bogus": 1})
+        c.del_export("e0")
+        c.get_event("BLOCK_EXPORT_DELETED")
+        c.cmd("object-del", id="io0")
+        assert [t["id"] for t in c.cmd("query-iothreads")] == ["io1"]
+        assert not os.path.exists(f"/proc/{d.pid}/task/{tids[0]}")
+        # The id is free again, and another export may use io1.
+        c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
+              iothread="io1")
+        assert d.quit() == 0
+
+
+def test_secret_objects(tmp_path):
+    """secret objects from data or a file, raw or base64; bad ones are
+    refused with QEMU's messages, and no error shows the secret's data."""
+    sec = tmp_path / "pw"
+    sec.write_text("c2VjcmV0LWZpbGU=")           # "secret-file"
+    with Daemon(tmp_path / "d") as d:
+        d.start("--object", "secret,id=s0,data=hunter2",
+                "--object", f"secret,id=s1,file={sec},format=base64")
+        c = d.qmp
+        c.cmd("object-add", **{"qom-type": "secret", "id": "s2",
+                               "data": "aGk=", "format": "base64"})
+        for args, msg in [
+                ({"data": "TOPSECRET1", "keyid": "s0"},
+                 "encrypted secrets .* are not supported"),
+                ({"data": "TOPSECRET2", "iv": "AAAA"},
+                 "encrypted secrets .* are not supported"),
+                ({"data": "TOPSECRET3", "format": "hex"},
+                 "Parameter 'format' does not accept value 'hex'"),
+                ({"data": "TOPSECRET4!", "format": "base64"},
+                 "Base64 data contains invalid characters"),
+                ({"data": "TOPSECRET5", "file": str(sec)},
+                 "'file' and 'data' are mutually exclusive"),
+                ({}, "Either 'file' or 'data' must be provided"),
+                ({"file": str(tmp_path / "nope")}, "Unable to read"),
+                ({"file": str(tmp_path)}, "Unable to read"),
+                ({"data": "TOPSECRET6", "bogus": 1},
+                 "Property 'secret.bogus' not found")]:
+            err = c.error("object-add", **{"qom-type": "secret", "id": "s9"},
+                          **args)
+            assert err.desc and __import__("re").search(msg, err.desc), \
+                (args, err.desc)
+            assert "TOPSECRET" not in err.desc
+        with pytest.raises(QMPError, match="attempt to add duplicate"):
+            c.cmd("object-add", **{"qom-type": "secret", "id": "s0",
+                                   "data": "x"})
+        c.cmd("object-del", id="s0")
+        assert d.quit() == 0
+    assert "hunter2" not in d.stderr()
+    # A file too large for a secret is refused.
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (64 * 1024 + 1))
+    with Daemon(tmp_path / "d2") as d:
+        d.start()
+        with pytest.raises(QMPError, match="at most 65536 bytes"):
+            d.qmp.cmd("object-add", **{"qom-type": "secret", "id": "s0",
+                                       "file": str(big)})
+        assert d.quit() == 0
+
+
+def bitmap_extents(uri, bitmap):
+    """[(offset, length)] of the dirty areas NBD reports for bitmap."""
+    out = run(["nbdinfo", "--map=qemu:dirty-bitmap:" + bitmap, "--json",
+               uri]).stdout
+    return [(e["offset"], e["length"]) for e in json.loads(out)
+            if e["type"] & 1]
+
+
+@pytest.mark.parametrize("new_size", [48 * MiB, 8 * MiB])
+def test_block_resize_raw(tmp_path, new_size):
+    """block_resize grows or shrinks a raw image; every bitmap of the node
+    follows (bits kept below the old end, the new area clean, granularity
+    unchanged), and writes in a new area are marked."""
+    require("nbdinfo")
+    img = raw_disk(tmp_path)
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", raw_node(img), nbd=True)
+        c = d.qmp
+        c.cmd("block-dirty-bitmap-add", node="d0", name="b0",
+              granularity=65536)
+        c.cmd("block-dirty-bitmap-add", node="d0", name="b1",
+              granularity=1 * MiB, disabled=True)
+        c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
+              writable=True)
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 1M 64k",
+             "-c", "write -P 0x22 12M 64k", d.nbd_uri("d0")])
+        # An exported node is not resized (QEMU's NBD exports do not
+        # share the resize permission).
+        with pytest.raises(QMPError, match="Permission conflict on node "
+                           "'d0'"):
+            c.cmd("block_resize", **{"node-name": "d0"}, size=new_size)
+        c.del_export("e0")
+        c.get_event("BLOCK_EXPORT_DELETED")
+        c.cmd("block_resize", **{"node-name": "d0"}, size=new_size)
+        assert os.path.getsize(img) == new_size
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json",
+                               "-f", "raw", img]).stdout)
+        assert info["virtual-size"] == new_size
+        assert c.node("d0")["image"]["virtual-size"] == new_size
+        b0 = c.bitmap("d0", "b0")
+        # query-block (the root node's entry) says the same.
+        [blk] = [b for b in c.cmd("query-block")
+                 if b["inserted"]["node-name"] == "d0"]
+        assert {b["name"]: b["count"] for b in
+                blk["inserted"]["dirty-bitmaps"]} == {"b0": b0["count"],
+                                                      "b1": 0}
+        assert b0["granularity"] == 65536
+        assert b0["count"] == (128 * 1024 if new_size > 12 * MiB
+                               else 64 * 1024)
+        assert c.bitmap("d0", "b1")["granularity"] == MiB
+        assert c.bitmap("d0", "b1")["count"] == 0
+        c.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "d0"},
+              writable=True, bitmaps=["b0"])
+        out = json.loads(run(["nbdinfo", "--json", d.nbd_uri("d0")]).stdout)
+        assert out["exports"][0]["export-size"] == new_size
+        last = new_size - 64 * 1024
+        run(["qemu-io", "-f", "raw", "-c", f"write -P 0x33 {last} 64k",
+             "-c", f"read -P 0x33 {last} 64k", d.nbd_uri("d0")])
+        marked = bitmap_extents(d.nbd_uri("d0"), "b0")
+        assert (last, 64 * 1024) in marked
+        assert (MiB, 64 * 1024) in marked
+        if new_size > 16 * MiB:
+            # The grown area reads as zeroes and was clean until written.
+            run(["qemu-io", "-f", "raw", "-c",
+                 f"read -P 0 {16 * MiB} 64k", d.nbd_uri("d0")])
+            assert not [e for e in marked
+                        if 16 * MiB <= e[0] < last]
+        else:
+            assert all(o + n <= new_size for o, n in marked)
+        assert d.quit() == 0
+
+
+def test_block_resize_qcow2(tmp_path):
+    """A qcow2 image grows, past what its L1 table covered (a new table is
+    written and the old one freed: qemu-img check finds no leak or
+    error); data below and in the new area is right; a bitmap follows.
+    Shrinking, stored bitmaps and internal snapshots are refused."""
+    img = tmp_path / "d.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k",
+         img, "64M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 60M 1M", img])
+    bd = f"driver=qcow2,node-name=d0,file.driver=file,file.filename={img}"
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", bd, nbd=True)
+        c = d.qmp
+        c.cmd("block-dirty-bitmap-add", node="d0", name="b0")
+        # 64 KiB clusters: one L1 entry covers 512 MiB; 2 GiB needs four.
+        c.cmd("block_resize", **{"node-name": "d0"}, size=2048 * MiB)
+        assert c.node("d0")["image"]["virtual-size"] == 2048 * MiB
+        with pytest.raises(QMPError, match="shrinking an image is not "
+                           "supported"):
+            c.cmd("block_resize", **{"node-name": "d0"}, size=32 * MiB)
+        c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
+              writable=True, bitmaps=["b0"])
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 1536M 64k",
+             "-c", "read -P 0x55 1536M 64k", "-c", "read -P 0x44 60M 1M",
+             "-c", "read -P 0 64M 64k", d.nbd_uri("d0")])
+        assert bitmap_extents(d.nbd_uri("d0"), "b0") == [(1536 * MiB,
+                                                          64 * 1024)]
+        assert c.bitmap("d0", "b0")["count"] == 64 * 1024
+        assert d.quit() == 0
+    info = json.loads(run(["qemu-img", "info", "--output=json", img]).stdout)
+    assert info["virtual-size"] == 2048 * MiB
+    run(["qemu-img", "check", img])
+    run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x55 1536M 64k",
+         "-c", "read -P 0x44 60M 1M", img])
+    # A persistent (stored) bitmap: not resized, so refused.
+    run(["qemu-img", "bitmap", "--add", img, "p0"])
+    with Daemon(tmp_path / "d2") as d:
+        d.start("--blockdev", bd)
+        with pytest.raises(QMPError, match="Cannot resize node 'd0'"):
+            d.qmp.cmd("block_resize", **{"node-name": "d0"},
+                      size=4096 * MiB)
+        assert d.quit() == 0
+    assert json.loads(run(["qemu-img", "info", "--output=json",
+                           img]).stdout)["virtual-size"] == 2048 * MiB
+
+
+def create_job(c, job_id, **options):
+    """blockdev-create; returns the concluded job's query-jobs entry."""
+    c.cmd("blockdev-create", **{"job-id": job_id}, options=options)
+    ev = c.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and
+                      e["data"] == {"id": job_id, "status": "concluded"},
+                      what=f"{job_id} concluded")
+    assert ev
+    job = [j for j in c.cmd("query-jobs") if j["id"] == job_id][0]
+    c.cmd("job-dismiss", id=job_id)
+    return job
+
+
+def test_blockdev_create_qbm(tmp_path):
+    """blockdev-create makes a qbm image (descriptor and data image) that
+    blockdev-add opens, with persistent bitmaps that writes mark; a
+    wrapped existing data image keeps its data; bad options fail."""
+    require("nbdinfo")
+    (tmp_path / "d").mkdir()
+    raw = raw_disk(tmp_path / "d", "4M", "old.raw")
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 64k", raw])
+    with Daemon(tmp_path / "d") as d:
+        d.start(nbd=True)
+        c = d.qmp
+        job = create_job(c, "c0", driver="qbm", filename="new.qbm",
+                         size=8 * MiB, granularity=4096)
+        assert "error" not in job
+        job = create_job(c, "c1", driver="qbm", filename="wrap.qbm",
+                         size=4 * MiB, **{"data-file": "old.raw"})
+        assert "error" not in job
+        info = json.loads(run([BITBACK, "img", "info", "--output=json",
+                               tmp_path / "d" / "new.qbm"]).stdout)
+        assert info["virtual-size"] == 8 * MiB
+        assert info["format-specific"]["data"]["data-file"] == "new.raw"
+        assert os.path.getsize(tmp_path / "d" / "new.raw") == 8 * MiB
+        for node, f in (("q0", "new.qbm"), ("q1", "wrap.qbm")):
+            c.cmd("blockdev-add", driver="qbm", **{"node-name": node},
+                  file={"driver": "file", "filename": f})
+        c.cmd("block-dirty-bitmap-add", node="q1", name="b0",
+              persistent=True)
+        c.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "q1"},
+              writable=True, bitmaps=["b0"])
+        run(["qemu-io", "-f", "raw", "-c", "read -P 0x66 0 64k",
+             "-c", "write -P 0x77 1M 64k", d.nbd_uri("q1")])
+        assert bitmap_extents(d.nbd_uri("q1"), "b0") == [(MiB, 64 * 1024)]
+        # Errors: the arguments at once, the work in the job.
+        with pytest.raises(QMPError, match="Parameter 'filename' is "
+                           "missing"):
+            c.cmd("blockdev-create", **{"job-id": "c2"},
+                  options={"driver": "qbm", "size": MiB})
+        with pytest.raises(QMPError, match="Parameter 'bogus' is "
+                           "unexpected"):
+            c.cmd("blockdev-create", **{"job-id": "c2"},
+                  options={"driver": "qbm", "filename": "x.qbm", "size": MiB,
+                           "bogus": 1})
+        job = create_job(c, "c3", driver="qbm", filename="g.qbm", size=MiB,
+                         granularity=1000)
+        assert "not a power of two" in job["error"]
+        job = create_job(c, "c4", driver="qbm", filename="h.qbm", size=MiB,
+                         **{"data-format": "qbm"})
+        assert "not usable" in job["error"]
+        assert d.quit() == 0
+    out = json.loads(run([BITBACK, "img", "info", "--output=json",
+                          tmp_path / "d" / "wrap.qbm"]).stdout)
+    assert [b["name"] for b in out["format-specific"]["data"]["bitmaps"]] \
+        == ["b0"]
+
+
+def test_block_resize_refusals(tmp_path):
+    img = raw_disk(tmp_path)
+    ro = raw_disk(tmp_path, name="ro.raw")
+    qcow2 = tmp_path / "d.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", qcow2, "16M"])
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", raw_node(img),
+                "--blockdev", raw_node(ro, "r1") + ",read-only=on",
+                "--blockdev", "driver=file,node-name=f2,filename=" + str(img)
+                + ",locking=off",
+                "--blockdev", "driver=raw,node-name=d2,file=f2")
+        c = d.qmp
+        for args, msg in [
+                ({"node-name": "zz", "size": MiB},
+                 "Cannot find device='' nor node-name='zz'"),
+                ({"size": MiB}, "Cannot find device='' nor node-name=''"),
+                ({"node-name": "d0", "size": -1},
+                 "Parameter 'size' expects a >0 size"),
+                ({"node-name": "d0"}, "Parameter 'size' is missing"),
+                ({"node-name": "d0", "size": "1M"},
+                 "Invalid parameter type for 'size'"),
+                ({"node-name": "r1", "size": MiB}, "Image is read-only"),
+                ({"node-name": "f2", "size": MiB},
+                 "Node 'f2' is a child of node 'd2': resize that one"),
+                ({"node-name": "d0", "size": (1 << 62) + 1},
+                 "Image size too large")]:
+            with pytest.raises(QMPError, match=msg):
+                c.cmd("block_resize", **args)
+        assert os.path.getsize(img) == 16 * MiB
+        # device= names a node too.
+        c.cmd("block_resize", device="d0", size=20 * MiB)
+        assert os.path.getsize(img) == 20 * MiB
+        assert d.quit() == 0
+
+
+SCHEMA_JSON_TYPE = {"str": "string", "bool": "boolean", "int": "integer",
+                    "uint64": "integer", "[any]": "array"}
+WRONG = {"str": 1, "bool": "x", "int": "x", "uint64": "x", "[any]": 1}
+RIGHT = {"str": "x", "bool": False, "int": 0, "uint64": 0, "[any]": [],
+         "any": {}}
+
+
+def test_query_qmp_schema(tmp_path):
+    """Every command of query-commands is in the schema, in QEMU's
+    SchemaInfo shape, and each member the schema gives a command is one the
+    command checks with that type: the same call with that member
+    mistyped is refused naming it (the handler never runs)."""
+    with Daemon(tmp_path / "d") as d:
+        d.start()
+        c = d.qmp
+        schema = c.cmd("query-qmp-schema")
+        by_name = {e["name"]: e for e in schema}
+        assert len(by_name) == len(schema)
+        commands = {e["name"] for e in c.cmd("query-commands")}
+        in_schema = {e["name"] for e in schema if e["meta-type"] == "command"}
+        assert commands == in_schema
+        for e in schema:
+            assert e["meta-type"] in {"command", "event", "object",
+                                      "builtin", "array"}
+            if e["meta-type"] in ("command", "event"):
+                assert by_name[e["arg-type"]]["meta-type"] == "object"
+            if e["meta-type"] == "command":
+                assert e["ret-type"] in by_name
+            if e["meta-type"] == "object":
+                for m in e["members"]:
+                    assert m["type"] in by_name
+                    assert set(m) <= {"name", "type", "default"}
+                    assert m.get("default", None) is None
+        assert {"JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"} <= \
+            {e["name"] for e in schema if e["meta-type"] == "event"}
+        resize = by_name[by_name["block_resize"]["arg-type"]]["members"]
+        assert resize == [{"name": "device", "type": "str", "default": None},
+                          {"name": "node-name", "type": "str",
+                           "default": None},
+                          {"name": "size", "type": "int"}]
+        probed = 0
+        for cmd in sorted(in_schema - {"blockdev-add", "object-add",
+                                       "qmp_capabilities"}):
+            members = by_name[by_name[cmd]["arg-type"]]["members"]
+            base = {m["name"]: RIGHT[m["type"]] for m in members
+                    if "default" not in m}
+            if "type" in base:
+                base["type"] = "nbd"        # block-export-add's union tag
+            for m in members:
+                if m["type"] not in WRONG:
+                    continue
+                args = dict(base, **{m["name"]: WRONG[m["type"]]})
+                err = c.error(cmd, **args)
+                assert err.desc == (
+                    f"Invalid parameter type for '{m['name']}', expected: "
+                    f"{SCHEMA_JSON_TYPE[m['type']]}"), (cmd, m, err.desc)
+                probed += 1
+            # And the command takes no member the schema does not list.
+            err = c.error(cmd, **dict(base, **{"x-not-a-member": 1}))
+            assert "x-not-a-member" in err.desc, (cmd, err.desc)
+        assert probed > 100
+        assert d.quit() == 0
