@@ -16,7 +16,6 @@
 #include <errno.h>
 #include <microhttpd.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,64 +47,29 @@ static pthread_cond_t metrics_cond = PTHREAD_COND_INITIALIZER;
 static bool metrics_stopping;  /* metrics_lock */
 static char *metrics_path;     /* the UNIX socket to remove at stop, or NULL */
 
-/* ---- the text ---- */
-
-typedef struct Out {
-    char *buf;
-    size_t len, cap;
-    bool oom;
-} Out;
-
-static void out_printf(Out *o, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static void out_printf(Out *o, const char *fmt, ...)
-{
-    for (int tries = 0; tries < 2 && !o->oom; tries++) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(o->buf ? o->buf + o->len : NULL,
-                          o->buf ? o->cap - o->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            o->oom = true;
-            return;
-        }
-        if (o->buf && o->len + (size_t)n < o->cap) {
-            o->len += (size_t)n;
-            return;
-        }
-        size_t cap = MAX(o->cap * 2, o->len + (size_t)n + 4096);
-        char *b = realloc(o->buf, cap);
-        if (!b) {
-            o->oom = true;
-            return;
-        }
-        o->buf = b;
-        o->cap = cap;
-    }
-}
+/* ---- the text, written to an open_memstream ---- */
 
 /* A label value, escaped as the text format wants (\\, \", \n). */
-static void out_label(Out *o, const char *name, const char *value, bool first)
+static void out_label(FILE *o, const char *name, const char *value, bool first)
 {
-    out_printf(o, "%s%s=\"", first ? "" : ",", name);
+    fprintf(o, "%s%s=\"", first ? "" : ",", name);
     for (const char *p = value ? value : ""; *p; p++) {
         if (*p == '\\' || *p == '"') {
-            out_printf(o, "\\%c", *p);
+            fputc('\\', o);
+            fputc(*p, o);
         } else if (*p == '\n') {
-            out_printf(o, "\\n");
+            fputs("\\n", o);
         } else {
-            out_printf(o, "%c", *p);
+            fputc(*p, o);
         }
     }
-    out_printf(o, "\"");
+    fputc('"', o);
 }
 
-static void out_family(Out *o, const char *name, const char *type,
+static void out_family(FILE *o, const char *name, const char *type,
                        const char *help)
 {
-    out_printf(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+    fprintf(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
 static uint64_t member_u64(struct json_object *obj, const char *key)
@@ -168,7 +132,7 @@ static const struct {
       "End of the highest write to the node", false },
 };
 
-static void render_nodes(Out *o)
+static void render_nodes(FILE *o)
 {
     _cleanup_json_ struct json_object *args = json_object_new_object();
     json_object_object_add(args, "query-nodes", json_object_new_boolean(true));
@@ -184,18 +148,18 @@ static void render_nodes(Out *o)
                 continue;
             }
             uint64_t v = member_u64(s, node_metrics[m].key);
-            out_printf(o, "%s{", node_metrics[m].name);
+            fprintf(o, "%s{", node_metrics[m].name);
             out_label(o, "node", json_opt_str(e, "node-name"), true);
             if (node_metrics[m].ns) {
-                out_printf(o, "} %.9f\n", v / 1e9);
+                fprintf(o, "} %.9f\n", v / 1e9);
             } else {
-                out_printf(o, "} %llu\n", (unsigned long long)v);
+                fprintf(o, "} %llu\n", (unsigned long long)v);
             }
         }
     }
 }
 
-static void render_exports(Out *o)
+static void render_exports(FILE *o)
 {
     _cleanup_json_ struct json_object *exps = nbd_export_usage();
     size_t n = json_object_array_length(exps);
@@ -203,19 +167,19 @@ static void render_exports(Out *o)
                "NBD connections using the export");
     for (size_t i = 0; i < n; i++) {
         struct json_object *e = json_object_array_get_idx(exps, i);
-        out_printf(o, "bitback_export_clients{");
+        fprintf(o, "bitback_export_clients{");
         out_label(o, "export", json_opt_str(e, "id"), true);
         out_label(o, "name", json_opt_str(e, "name"), false);
         out_label(o, "node", json_opt_str(e, "node-name"), false);
         out_label(o, "writable", json_opt_bool(e, "writable", false) ?
                   "true" : "false", false);
-        out_printf(o, "} %llu\n",
+        fprintf(o, "} %llu\n",
                    (unsigned long long)member_u64(e, "clients"));
     }
 }
 
 /* Bitmaps and write-intent logs, from query-named-block-nodes. */
-static void render_bitmaps(Out *o)
+static void render_bitmaps(FILE *o)
 {
     static const struct {
         const char *key;
@@ -247,10 +211,10 @@ static void render_bitmaps(Out *o)
             }
             for (size_t j = 0; j < json_object_array_length(bms); j++) {
                 struct json_object *bm = json_object_array_get_idx(bms, j);
-                out_printf(o, "%s{", bm_metrics[m].name);
+                fprintf(o, "%s{", bm_metrics[m].name);
                 out_label(o, "node", json_opt_str(node, "node-name"), true);
                 out_label(o, "bitmap", json_opt_str(bm, "name"), false);
-                out_printf(o, "} %llu\n", (unsigned long long)
+                fprintf(o, "} %llu\n", (unsigned long long)
                            member_u64(bm, bm_metrics[m].key));
             }
         }
@@ -261,15 +225,15 @@ static void render_bitmaps(Out *o)
     for (size_t i = 0; i < n; i++) {
         struct json_object *node = json_object_array_get_idx(nodes, i), *cs;
         if (json_object_object_get_ex(node, "crash-safe", &cs)) {
-            out_printf(o, "bitback_write_intent_syncs_total{");
+            fprintf(o, "bitback_write_intent_syncs_total{");
             out_label(o, "node", json_opt_str(node, "node-name"), true);
-            out_printf(o, "} %llu\n",
+            fprintf(o, "} %llu\n",
                        (unsigned long long)member_u64(cs, "intent-syncs"));
         }
     }
 }
 
-static void render_jobs(Out *o)
+static void render_jobs(FILE *o)
 {
     _cleanup_json_ struct json_object *args = json_object_new_object();
     _cleanup_json_ struct json_object *jobs =
@@ -289,10 +253,10 @@ static void render_jobs(Out *o)
         out_family(o, job_metrics[m].name, "gauge", job_metrics[m].help);
         for (size_t i = 0; i < n; i++) {
             struct json_object *j = json_object_array_get_idx(jobs, i);
-            out_printf(o, "%s{", job_metrics[m].name);
+            fprintf(o, "%s{", job_metrics[m].name);
             out_label(o, "id", json_opt_str(j, "id"), true);
             out_label(o, "type", json_opt_str(j, "type"), false);
-            out_printf(o, "} %llu\n", (unsigned long long)
+            fprintf(o, "} %llu\n", (unsigned long long)
                        member_u64(j, job_metrics[m].key));
         }
     }
@@ -300,26 +264,32 @@ static void render_jobs(Out *o)
                "1 for the job's current status (QEMU's JobStatus)");
     for (size_t i = 0; i < n; i++) {
         struct json_object *j = json_object_array_get_idx(jobs, i);
-        out_printf(o, "bitback_job_status{");
+        fprintf(o, "bitback_job_status{");
         out_label(o, "id", json_opt_str(j, "id"), true);
         out_label(o, "type", json_opt_str(j, "type"), false);
         out_label(o, "status", json_opt_str(j, "status"), false);
-        out_printf(o, "} 1\n");
+        fprintf(o, "} 1\n");
     }
 }
 
 char *metrics_render(void)
 {
-    Out o = { 0 };
-    render_nodes(&o);
-    render_exports(&o);
-    render_bitmaps(&o);
-    render_jobs(&o);
-    if (o.oom) {
-        free(o.buf);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *o = open_memstream(&buf, &len);
+    if (!o) {
         return NULL;
     }
-    return o.buf ? o.buf : strdup("");
+    render_nodes(o);
+    render_exports(o);
+    render_bitmaps(o);
+    render_jobs(o);
+    bool failed = ferror(o);
+    if (fclose(o) != 0 || failed) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
 }
 
 /* ---- serving ---- */
