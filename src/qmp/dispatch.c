@@ -81,6 +81,10 @@ static const QmpCommand *qmp_find_command(const char *name)
     return NULL;
 }
 
+const QmpArgSpec qmp_spec_none[] = {
+    { NULL },
+};
+
 void qmp_set_command_schema(const char *name, const QmpArgSpec *members)
 {
     for (size_t i = 0; i < qmp_ncommands; i++) {

@@ -706,9 +706,6 @@ static struct json_object *qmp_cmd_blkdebug_clear(struct json_object *args,
     return json_object_new_object();
 }
 
-static const QmpArgSpec spec_none[] = {
-    { NULL },
-};
 static const QmpArgSpec spec_blockdev_del[] = {
     { "node-name", QMP_ARG_STR, false },
     { NULL },
@@ -775,7 +772,8 @@ void qmp_register_block_commands(void)
                               spec_blockdev_del);
     qmp_register_command_spec("query-named-block-nodes",
                               qmp_cmd_query_named_block_nodes, spec_query_named);
-    qmp_register_command_spec("query-block", qmp_cmd_query_block, spec_none);
+    qmp_register_command_spec("query-block", qmp_cmd_query_block,
+                              qmp_spec_none);
     qmp_register_command_spec("block-dirty-bitmap-add", qmp_cmd_bitmap_add,
                               qmp_spec_bitmap_add);
     qmp_register_command_spec("blockdev-snapshot-internal-sync",

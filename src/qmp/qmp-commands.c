@@ -65,19 +65,16 @@ static const QmpArgSpec spec_capabilities[] = {
     { "enable", QMP_ARG_ARRAY, true },
     { NULL },
 };
-static const QmpArgSpec spec_none[] = {
-    { NULL },
-};
 
 void qmp_register_control_commands(void)
 {
     qmp_register_command_spec("qmp_capabilities", qmp_cmd_capabilities,
                               spec_capabilities);
     qmp_register_command_spec("query-version", qmp_cmd_query_version,
-                              spec_none);
+                              qmp_spec_none);
     qmp_register_command_spec("query-commands", qmp_cmd_query_commands,
-                              spec_none);
-    qmp_register_command_spec("quit", qmp_cmd_quit, spec_none);
+                              qmp_spec_none);
+    qmp_register_command_spec("quit", qmp_cmd_quit, qmp_spec_none);
 }
 
 void qmp_init_commands(void)

@@ -375,9 +375,6 @@ static struct json_object *qmp_cmd_nbd_server_remove(struct json_object *args,
     return qmp_export_del(exp ? nbd_export_id(exp) : name, args, errp);
 }
 
-static const QmpArgSpec spec_none[] = {
-    { NULL },
-};
 static const QmpArgSpec spec_nbd_server_start[] = {
     { "addr", QMP_ARG_OBJECT, false },
     { "tls-creds", QMP_ARG_STR, true },
@@ -424,13 +421,13 @@ void qmp_register_export_commands(void)
     qmp_register_command_spec("nbd-server-start", qmp_cmd_nbd_server_start,
                               spec_nbd_server_start);
     qmp_register_command_spec("nbd-server-stop", qmp_cmd_nbd_server_stop,
-                              spec_none);
+                              qmp_spec_none);
     qmp_register_command_checked("block-export-add", qmp_cmd_block_export_add,
                                  spec_block_export_add, qmp_export_check_type);
     qmp_register_command_spec("block-export-del", qmp_cmd_block_export_del,
                               spec_block_export_del);
     qmp_register_command_spec("query-block-exports",
-                              qmp_cmd_query_block_exports, spec_none);
+                              qmp_cmd_query_block_exports, qmp_spec_none);
     qmp_register_command_spec("nbd-server-add", qmp_cmd_nbd_server_add,
                               spec_nbd_server_add);
     qmp_register_command_spec("nbd-server-remove", qmp_cmd_nbd_server_remove,

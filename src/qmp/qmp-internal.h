@@ -30,6 +30,9 @@ struct json_object *qmp_version_info(void);
 void *qmp_array_alloc(size_t n, size_t max, size_t elem_size,
                       const char *what, Error **errp);
 
+/* dispatch.c: the spec of a command that takes no arguments. */
+extern const QmpArgSpec qmp_spec_none[];
+
 /* dispatch.c: [{"name": ...}] for query-commands. */
 struct json_object *qmp_query_commands_list(void);
 

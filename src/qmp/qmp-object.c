@@ -46,10 +46,6 @@ static const QmpArgSpec schema_object_add[] = {
     { "id", QMP_ARG_STR, false },
     { NULL },
 };
-static const QmpArgSpec spec_none[] = {
-    { NULL },
-};
-
 void qmp_register_object_commands(void)
 {
     /* The properties depend on qom-type: object_add checks them. */
@@ -58,5 +54,5 @@ void qmp_register_object_commands(void)
     qmp_register_command_spec("object-del", qmp_cmd_object_del,
                               spec_object_del);
     qmp_register_command_spec("query-iothreads", qmp_cmd_query_iothreads,
-                              spec_none);
+                              qmp_spec_none);
 }

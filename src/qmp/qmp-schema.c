@@ -163,12 +163,8 @@ static struct json_object *qmp_cmd_query_qmp_schema(struct json_object *args,
     return arr;
 }
 
-static const QmpArgSpec spec_none[] = {
-    { NULL },
-};
-
 void qmp_register_schema_commands(void)
 {
     qmp_register_command_spec("query-qmp-schema", qmp_cmd_query_qmp_schema,
-                              spec_none);
+                              qmp_spec_none);
 }

@@ -250,14 +250,10 @@ static void backup_abort(TxnAction *a)
     job_early_fail(a->job);
 }
 
-static const QmpArgSpec spec_none[] = {
-    { NULL },
-};
-
 static const TxnActionType txn_action_types[] = {
     {
         .name = "abort",
-        .spec = spec_none,
+        .spec = qmp_spec_none,
         .grouped_ok = true,
         .prepare = abort_prepare,
     },
