@@ -50,9 +50,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/time.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "crypto/authz.h"
@@ -472,33 +470,30 @@ static void qmp_listener_add(int fd, char *path, TLSCreds *creds, Authz *authz)
     nlisteners++;
 }
 
+/* The main loop must never block in accept(): make listening socket fd
+ * nonblocking (for a passed socket the flag is shared with its maker,
+ * whose only user is the daemon).  false with errp set. */
+static bool listener_set_nonblocking(int fd, const char *what, Error **errp)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        error_setg_errno(errp, errno, "cannot make socket '%s' nonblocking",
+                         what);
+        return false;
+    }
+    return true;
+}
+
 bool qmp_monitor_add_unix(const char *path, Error **errp)
 {
-    struct sockaddr_un sun = { .sun_family = AF_UNIX };
-    struct stat st;
-
     main_loop_wake_fd();
-    if (strlen(path) >= sizeof(sun.sun_path)) {
-        error_setg(errp, "UNIX socket path '%s' is too long", path);
-        return false;
-    }
-    /* A stale socket from an earlier run would make bind fail (QEMU also
-     * replaces it); never remove anything that is not a socket. */
-    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
-        unlink(path);
-    }
-    _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC |
-                                    SOCK_NONBLOCK, 0);
+    /* unix_listen replaces a stale socket (QEMU does too) and never
+     * removes anything that is not a socket. */
+    _cleanup_close_ int fd = unix_listen(path, errp);
     if (fd < 0) {
-        error_setg_errno(errp, errno, "Failed to create socket");
         return false;
     }
-    /* Mode 0600 (or --socket-mode) whatever the umask. */
-    if (!unix_bind_private(fd, path, errp)) {
-        return false;
-    }
-    if (listen(fd, 16) < 0) {
-        error_setg_errno(errp, errno, "Failed to listen on socket %s", path);
+    if (!listener_set_nonblocking(fd, path, errp)) {
         unlink(path);
         return false;
     }
@@ -550,12 +545,7 @@ bool qmp_monitor_add_fd(const char *str, const char *tls_creds,
     if (fd < 0) {
         return false;
     }
-    /* The main loop must never block in accept() (O_NONBLOCK is shared
-     * with the passed fd: the daemon is its only user). */
-    int fl = fcntl(fd, F_GETFL);
-    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-        error_setg_errno(errp, errno, "cannot make socket '%s' nonblocking",
-                         str);
+    if (!listener_set_nonblocking(fd, str, errp)) {
         return false;
     }
     /* Its file, if any, belongs to whoever made the socket: path NULL. */
