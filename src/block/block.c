@@ -84,6 +84,11 @@ const char *const *bdrv_format_names(void)
     return names;
 }
 
+const char *bdrv_node_label(const BlockDriverState *bs)
+{
+    return bs->node_name ? bs->node_name : "(anonymous)";
+}
+
 BlockDriverState *bdrv_find_node(const char *node_name)
 {
     for (BlockDriverState *bs = all_nodes; bs; bs = bs->next_node) {
@@ -947,7 +952,7 @@ static void bdrv_log_io_error(BlockDriverState *bs, const char *what,
     log_msg_ratelimited(&io_error_rl, LOG_LEVEL_WARNING,
                         "I/O error on node '%s': %s offset %llu length %llu: "
                         "%s (errno %d)",
-                        bs->node_name ? bs->node_name : "(anonymous)", what,
+                        bdrv_node_label(bs), what,
                         (unsigned long long)offset, (unsigned long long)bytes,
                         strerror(-r), -r);
 }

@@ -376,6 +376,8 @@ void bdrv_unref(BlockDriverState *bs);
 bool bdrv_close(BlockDriverState *bs, Error **errp);
 
 BlockDriverState *bdrv_find_node(const char *node_name);
+/* bs's node name for messages and logs: "(anonymous)" when it has none. */
+const char *bdrv_node_label(const BlockDriverState *bs);
 /* Iterate the graph: first with NULL. */
 BlockDriverState *bdrv_next_node(BlockDriverState *bs);
 

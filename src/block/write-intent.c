@@ -967,12 +967,12 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
         if (!sz) {
             return recovered;
         }
+        bool applied = false;
+        uint64_t before = 0, added = 0;
         pthread_mutex_lock(&bs->lock);
         bm = bdrv_find_dirty_bitmap_locked(bs, name);
         if (bm && bm->persistent && bm->inconsistent && bm->granularity == gran &&
             hbitmap_nb_bits(bm->hb) == ld_le64(p)) {
-            uint64_t before;
-
             snapshot_bits_load(bm->hb, p);
             before = hbitmap_count_bytes(bm->hb);
             for (uint64_t r = 0; r < n_regions; r++) {
@@ -995,20 +995,18 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
                 bm->generation[0] = '\0';
             }
             bm->recovered = true;
-            bm->recovered_bytes = hbitmap_count_bytes(bm->hb) - before;
+            bm->recovered_bytes = added = hbitmap_count_bytes(bm->hb) - before;
             recovered++;
-            pthread_mutex_unlock(&bs->lock);
+            applied = true;
+        }
+        pthread_mutex_unlock(&bs->lock);
+        if (applied) {
             log_msg(LOG_LEVEL_NOTICE, "bitmap '%s' on node '%s' recovered "
                     "after an unclean stop: the write-intent log's snapshot "
                     "(%llu dirty bytes) plus the regions it marked since "
-                    "(%llu more dirty bytes)", name,
-                    bs->node_name ? bs->node_name : "(anonymous)",
-                    (unsigned long long)before,
-                    (unsigned long long)bm->recovered_bytes);
-            p += sz;
-            continue;
+                    "(%llu more dirty bytes)", name, bdrv_node_label(bs),
+                    (unsigned long long)before, (unsigned long long)added);
         }
-        pthread_mutex_unlock(&bs->lock);
         p += sz;
     }
     return recovered;
@@ -1035,7 +1033,7 @@ static void refresh_recovered(BlockDriverState *bs)
             !bs->drv->persistent_bitmap_add(bs, bm, &err)) {
             log_msg(LOG_LEVEL_WARNING, "recovered bitmap '%s' on node '%s' "
                     "could not be rewritten in its image: %s", bm->name,
-                    bs->node_name ? bs->node_name : "(anonymous)",
+                    bdrv_node_label(bs),
                     error_get_pretty(err));
             error_free(err);
         }
@@ -1170,7 +1168,7 @@ static void try_recover(BlockDriverState *bs, uint64_t *ret_seq)
     if (s && recover_store(bs, s, ret_seq, &why) == 0 && why) {
         log_msg(LOG_LEVEL_WARNING, "the write-intent log '%s' of node '%s' "
                 "was not used: %s", s->name,
-                bs->node_name ? bs->node_name : "(anonymous)", why);
+                bdrv_node_label(bs), why);
         note_log_refused(bs, s->name, why);
     }
 }
@@ -1379,7 +1377,7 @@ bool write_intent_sync_changed(BlockDriverState *bs)
         __atomic_store_n(&bs->bitmaps_changed, true, __ATOMIC_SEQ_CST);
         log_msg(LOG_LEVEL_ERR, "node '%s': bitmap changes not recorded in the "
                 "write-intent log: %s",
-                bs->node_name ? bs->node_name : "(anonymous)",
+                bdrv_node_label(bs),
                 error_get_pretty(err));
         error_free(err);
         return false;

@@ -311,7 +311,7 @@ NBDExport *nbd_export_add(const char *id, BlockDriverState *bs,
     }
     *pp = e;
     log_msg(LOG_LEVEL_INFO, "export '%s' added: NBD name '%s', node '%s', %s",
-            e->id, e->name, bs->node_name ? bs->node_name : "(anonymous)",
+            e->id, e->name, bdrv_node_label(bs),
             e->writable ? "writable" : "read-only");
     return e;
 }
