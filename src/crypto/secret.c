@@ -15,6 +15,7 @@
 #include "crypto/object.h"
 #include "crypto/secret.h"
 #include "util/cleanup.h"
+#include "util/cutils.h"
 #include "util/osdep.h"
 
 typedef struct Secret {
@@ -50,23 +51,14 @@ static bool secret_read_file(const char *path, uint8_t **ret, size_t *ret_len,
     if (!buf) {
         abort();
     }
-    size_t len = 0;
-    while (len <= SECRET_MAX_BYTES) {
-        ssize_t n = read(fd, buf + len, SECRET_MAX_BYTES + 1 - len);
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n < 0) {
-            error_setg_errno(errp, errno, "Unable to read %s", path);
-            explicit_bzero(buf, len);
-            free(buf);
-            return false;
-        }
-        if (n == 0) {
-            break;
-        }
-        len += (size_t)n;
+    ssize_t n = read_upto(fd, buf, SECRET_MAX_BYTES + 1);
+    if (n < 0) {
+        error_setg_errno(errp, (int)-n, "Unable to read %s", path);
+        explicit_bzero(buf, SECRET_MAX_BYTES + 1);   /* what was read */
+        free(buf);
+        return false;
     }
+    size_t len = (size_t)n;
     if (len > SECRET_MAX_BYTES) {
         error_setg(errp, "Unable to read %s: secret files are at most %d "
                    "bytes", path, SECRET_MAX_BYTES);

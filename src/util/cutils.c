@@ -174,6 +174,26 @@ int pread_full(int fd, void *buf, size_t len, off_t off)
     return 0;
 }
 
+ssize_t read_upto(int fd, void *buf, size_t max)
+{
+    char *p = buf;
+    size_t len = 0;
+    while (len < max) {
+        ssize_t r = read(fd, p + len, max - len);
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        if (r == 0) {
+            break;
+        }
+        len += (size_t)r;
+    }
+    return (ssize_t)len;
+}
+
 int pwrite_full(int fd, const void *buf, size_t len, off_t off)
 {
     const char *p = buf;

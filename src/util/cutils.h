@@ -34,6 +34,9 @@ int clock_ms_until(uint64_t deadline_ns);
  * success, -errno on failure; a read past EOF returns -EIO (short file). */
 int pread_full(int fd, void *buf, size_t len, off_t off);
 int pwrite_full(int fd, const void *buf, size_t len, off_t off);
+/* read() from fd's position until end of file or `max` bytes, looping over
+ * short reads and EINTR: the count read, or -errno. */
+ssize_t read_upto(int fd, void *buf, size_t max);
 
 /* Directory part of path ("." when there is none).  Caller frees. */
 char *path_dirname(const char *path);

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "util/cleanup.h"
+#include "util/cutils.h"
 #include "util/optfile.h"
 #include "util/osdep.h"
 
@@ -134,23 +135,13 @@ bool optfile_read(const char *path, OptFileEntry **ret_entries, size_t *ret_n,
     }
     /* One byte over the limit tells a file that is too large. */
     _cleanup_free_ char *buf = malloc(OPTFILE_MAX_BYTES + 1);
-    size_t len = 0;
     if (!buf) {
         abort();
     }
-    while (len < OPTFILE_MAX_BYTES + 1) {
-        ssize_t r = read(fd, buf + len, OPTFILE_MAX_BYTES + 1 - len);
-        if (r < 0 && errno == EINTR) {
-            continue;
-        }
-        if (r < 0) {
-            error_setg_errno(errp, errno, "cannot read '%s'", path);
-            return false;
-        }
-        if (r == 0) {
-            break;
-        }
-        len += r;
+    ssize_t len = read_upto(fd, buf, OPTFILE_MAX_BYTES + 1);
+    if (len < 0) {
+        error_setg_errno(errp, (int)-len, "cannot read '%s'", path);
+        return false;
     }
-    return optfile_parse(buf, len, path, ret_entries, ret_n, errp);
+    return optfile_parse(buf, (size_t)len, path, ret_entries, ret_n, errp);
 }
