@@ -3,6 +3,7 @@ secret objects, block_resize with the node's dirty bitmaps, and
 query-qmp-schema made from the command registry."""
 import json
 import os
+import time
 
 import pytest
 
@@ -62,6 +63,12 @@ def test_iothread_objects(tmp_path):
         c.get_event("BLOCK_EXPORT_DELETED")
         c.cmd("object-del", id="io0")
         assert [t["id"] for t in c.cmd("query-iothreads")] == ["io1"]
+        # The thread is joined; the kernel may list its task a moment
+        # longer (the join wakes at mm release, before the task is reaped).
+        deadline = time.monotonic() + 5
+        while (os.path.exists(f"/proc/{d.pid}/task/{tids[0]}") and
+               time.monotonic() < deadline):
+            time.sleep(0.01)
         assert not os.path.exists(f"/proc/{d.pid}/task/{tids[0]}")
         # The id is free again, and another export may use io1.
         c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"},
