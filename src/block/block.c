@@ -830,9 +830,6 @@ bool bdrv_truncate_child(BlockDriverState *bs, uint64_t size, Error **errp)
         return false;
     }
     Error *err = NULL;
-    if (!write_intent_resize(bs, (uint64_t)len, errp)) {
-        return false;
-    }
     if (!bdrv_dirty_bitmaps_truncate(bs, (uint64_t)len, &err)) {
         /* The image changed but its bitmaps could not: say so on each
          * rather than let them claim what they do not know (D2). */
@@ -843,23 +840,25 @@ bool bdrv_truncate_child(BlockDriverState *bs, uint64_t size, Error **errp)
         error_propagate(errp, err);
         return false;
     }
-    return true;
+    /* After the bitmaps: an active log is rewritten for the new size with
+     * a snapshot of them (write-intent.md, W11). */
+    return write_intent_resize(bs, (uint64_t)len, errp);
 }
 
-/* Refuse what bdrv_truncate does not resize: persistent bitmaps and
- * write-intent logs on bs or the children a resize of bs reaches. */
+/* As QEMU (qcow2_truncate_bitmaps_check): every bitmap on bs or the
+ * children a resize of bs reaches is resized in memory, and a persistent
+ * one is stored at its new size by its driver, so none may be busy (a
+ * job's) or inconsistent (its driver keeps such an entry as it found it,
+ * sized for the old length). */
 static bool truncate_check_bitmaps(BlockDriverState *bs, Error **errp)
 {
     for (BlockDriverState *n = bs; n; n = n->file) {
-        if (!write_intent_can_resize(n)) {
-            error_setg(errp, "Cannot resize node '%s': its write-intent log "
-                       "is in use (persistent bitmaps)", n->node_name);
-            return false;
-        }
+        LOCK_GUARD(&n->lock);
         for (BdrvDirtyBitmap *bm = n->dirty_bitmaps; bm; bm = bm->next) {
-            if (bm->persistent) {
-                error_setg(errp, "Cannot resize node '%s': persistent bitmap "
-                           "'%s' cannot be resized", n->node_name, bm->name);
+            if (!bdrv_dirty_bitmap_check(bm, BDRV_BITMAP_DEFAULT |
+                                         BDRV_BITMAP_ALLOW_RO, errp)) {
+                error_prepend(errp, "Cannot resize node '%s': ",
+                              n->node_name);
                 return false;
             }
         }

@@ -46,6 +46,9 @@
 #define WIL_STATE_INACTIVE 0u
 #define WIL_STATE_ACTIVE   1u
 #define WIL_MAX_SLOT     (1ull << 34)      /* 16 GiB: more is corruption */
+/* A log written for another size than the image's (W11) is read for at
+ * most this many bits per bitmap beyond the image's own: 1 GiB of bits. */
+#define WIL_RESIZED_MAX_BITS (1ull << 33)
 
 struct WriteIntent {
     BlockDriverState *bs;
@@ -870,10 +873,8 @@ static uint8_t *read_newest_snapshot(WilStore *s, const WilHeader *h,
 
 /* The longest record snapshot_bits writes for hb: its runs are maximal, so
  * at most every other word starts one. */
-static uint64_t snapshot_bits_max(const HBitmap *hb)
+static uint64_t snapshot_words_max(uint64_t nwords)
 {
-    uint64_t nwords = hbitmap_nb_words(hb);
-
     return 16 + 8 * nwords + 16 * DIV_ROUND_UP(nwords, 2);
 }
 
@@ -926,6 +927,25 @@ static void snapshot_bits_load(HBitmap *hb, const uint8_t *p)
     }
 }
 
+/* hb (the node's size) becomes old's bits (the log's size, old_size)
+ * where both reach, and, when the node grew, every bit past old_size: a
+ * write there after the resize would have been in a rewritten log, but
+ * the area is not what the last backup saw, so it is dirty (W6). */
+static void recover_resized(HBitmap *hb, const HBitmap *old, uint64_t old_size)
+{
+    _cleanup_(hbitmap_freep) HBitmap *c = hbitmap_resized_copy(old, hbitmap_size(hb));
+
+    hbitmap_reset_all(hb);
+    if (c) {
+        hbitmap_merge(hb, c);
+    } else {
+        hbitmap_set_all(hb);                /* out of memory: all dirty */
+    }
+    if (hbitmap_size(hb) > old_size) {
+        hbitmap_set(hb, old_size, hbitmap_size(hb) - old_size);
+    }
+}
+
 /* Apply a snapshot and the marked regions to the bitmaps the format could
  * not load cleanly (W6).  Returns how many were recovered. */
 static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
@@ -969,11 +989,26 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
         }
         bool applied = false;
         uint64_t before = 0, added = 0;
+        /* The snapshot's bits at the log's size; a log written for another
+         * size than the image's now (a resize that stopped before it
+         * rewrote the log, W11) loads through a bitmap of that size. */
+        _cleanup_(hbitmap_freep) HBitmap *old = NULL;
+        bool resized = h->image_size != bs->size;
+        if (resized && IS_POW2(gran) &&
+            ld_le64(p) == DIV_ROUND_UP(h->image_size, gran) &&
+            ld_le64(p) <= MAX(DIV_ROUND_UP(bs->size, gran), WIL_RESIZED_MAX_BITS)) {
+            old = hbitmap_new(h->image_size, (unsigned)__builtin_ctz(gran));
+        }
         pthread_mutex_lock(&bs->lock);
         bm = bdrv_find_dirty_bitmap_locked(bs, name);
         if (bm && bm->persistent && bm->inconsistent && bm->granularity == gran &&
-            hbitmap_nb_bits(bm->hb) == ld_le64(p)) {
-            snapshot_bits_load(bm->hb, p);
+            (resized ? old != NULL : hbitmap_nb_bits(bm->hb) == ld_le64(p))) {
+            if (resized) {
+                snapshot_bits_load(old, p);
+                recover_resized(bm->hb, old, h->image_size);
+            } else {
+                snapshot_bits_load(bm->hb, p);
+            }
             before = hbitmap_count_bytes(bm->hb);
             for (uint64_t r = 0; r < n_regions; r++) {
                 if (bit_get(map, r)) {
@@ -1004,8 +1039,11 @@ static int recover(BlockDriverState *bs, const WilHeader *h, const uint8_t *map,
             log_msg(LOG_LEVEL_NOTICE, "bitmap '%s' on node '%s' recovered "
                     "after an unclean stop: the write-intent log's snapshot "
                     "(%llu dirty bytes) plus the regions it marked since "
-                    "(%llu more dirty bytes)", name, bdrv_node_label(bs),
-                    (unsigned long long)before, (unsigned long long)added);
+                    "(%llu more dirty bytes)%s", name, bdrv_node_label(bs),
+                    (unsigned long long)before, (unsigned long long)added,
+                    resized ? "; the log was written before a resize that "
+                    "stopped, and any area the resize added counts as dirty"
+                    : "");
         }
         p += sz;
     }
@@ -1068,8 +1106,12 @@ static int recover_store(BlockDriverState *bs, WilStore *s, uint64_t *ret_seq,
     for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
         any_inconsistent |= bm->persistent && bm->inconsistent;
         if (bm->persistent) {
+            /* At the larger of the image's and the log's size (W11). */
+            uint64_t bits = MAX(hbitmap_nb_bits(bm->hb),
+                                MIN(DIV_ROUND_UP(h.image_size, bm->granularity),
+                                    WIL_RESIZED_MAX_BITS));
             max_len += 2 + BDRV_BITMAP_MAX_NAME + 44 +
-                       snapshot_bits_max(bm->hb);
+                       snapshot_words_max(DIV_ROUND_UP(bits, 64));
         }
     }
     pthread_mutex_unlock(&bs->lock);
@@ -1078,8 +1120,7 @@ static int recover_store(BlockDriverState *bs, WilStore *s, uint64_t *ret_seq,
     if (h.state == WIL_STATE_ACTIVE && !payload) {
         *ret_why = "no snapshot slot in it is valid";
     }
-    if (h.state != WIL_STATE_ACTIVE || h.image_size != bs->size ||
-        bs->bitmaps_foreign_writes || !payload) {
+    if (h.state != WIL_STATE_ACTIVE || bs->bitmaps_foreign_writes || !payload) {
         return 0;
     }
     if (!any_inconsistent) {
@@ -1284,27 +1325,22 @@ bool write_intent_open(BlockDriverState *bs, Error **errp)
     return true;
 }
 
-bool write_intent_can_resize(BlockDriverState *bs)
-{
-    WriteIntent *w = bs->wil;
-    return !w || (!w->active && !w->store);
-}
-
 bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp)
 {
     WriteIntent *w = bs->wil;
     if (!w) {
         return true;
     }
-    if (!write_intent_can_resize(bs)) {
-        error_setg(errp, "Cannot resize node '%s': its write-intent log is "
-                   "in use", bs->node_name);
-        return false;
-    }
     uint64_t n = MAX(DIV_ROUND_UP(size, 1ull << w->shift), 1);
     uint64_t mb = map_bytes_for(n);
     uint8_t *durable = calloc(1, mb), *pending = calloc(1, mb);
     uint32_t *epoch = calloc(n, sizeof(*epoch));
+    _cleanup_free_ uint8_t *payload = NULL;
+    size_t len = 0;
+    uint32_t cur = 0;
+    bool active;
+    int r = 0;
+
     if (!durable || !pending || !epoch) {
         free(durable);
         free(pending);
@@ -1312,6 +1348,11 @@ bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp)
         error_setg(errp, "out of memory");
         return false;
     }
+    /* W11.  The node is drained: no write marks a region meanwhile, and
+     * snap_lock keeps the thread's snapshots out; io_lock its map writes,
+     * which size their buffers by the map they find. */
+    pthread_mutex_lock(&w->snap_lock);
+    pthread_mutex_lock(&w->io_lock);
     pthread_mutex_lock(&bs->lock);
     pthread_mutex_lock(&w->mu);
     uint8_t *old_durable = w->durable, *old_pending = w->pending;
@@ -1323,11 +1364,50 @@ bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp)
     w->n_regions = n;
     w->map_bytes = mb;
     w->n_marked = 0;
+    w->seq_start = w->seq_end = 0;
+    w->ra_start = w->ra_end = 0;
+    w->readahead_kick = false;
     pthread_mutex_unlock(&w->mu);
+    /* The old slots may lie where the new map now reaches: the next
+     * snapshot goes to new slots past the end of the log and of the map. */
+    w->slot_size = 0;
+    w->newest_slot = -1;
+    active = w->active;
+    if (active) {
+        /* The bitmaps are already at the new size (bdrv_truncate_child). */
+        payload = snapshot_payload_locked(bs, &len);
+        cur = ++w->cur_epoch;
+    }
     pthread_mutex_unlock(&bs->lock);
+    pthread_mutex_unlock(&w->io_lock);
     free(old_durable);
     free(old_pending);
     free(old_epoch);
+    if (active) {
+        /* The new slot, then the header that names it with the new size,
+         * then the (empty) map: a crash before the header leaves the old
+         * log, whose size recovery reconciles (W6). */
+        r = payload ? write_snapshot(w, payload, len, WIL_STATE_ACTIVE)
+                    : -ENOMEM;
+        if (r == 0) {
+            __atomic_add_fetch(&w->n_snapshots, 1, __ATOMIC_RELAXED);
+            pthread_mutex_lock(&w->io_lock);
+            r = write_map(w, true, cur);
+            pthread_mutex_unlock(&w->io_lock);
+        }
+        if (r < 0) {
+            pthread_mutex_lock(&w->mu);
+            w->io_error = r;
+            pthread_mutex_unlock(&w->mu);
+        }
+    }
+    pthread_mutex_unlock(&w->snap_lock);
+    if (r < 0) {
+        error_setg_errno(errp, -r, "Cannot rewrite the write-intent log '%s' "
+                         "of node '%s' for its new size", w->store->name,
+                         bs->node_name);
+        return false;
+    }
     return true;
 }
 

@@ -53,13 +53,12 @@ typedef struct WriteIntent WriteIntent;
  * crash-safe or its driver stores no persistent bitmaps.  Fails only when
  * the log cannot be set up on a read-write node. */
 bool write_intent_open(BlockDriverState *bs, Error **errp);
-/* block_resize: true when bs's log can follow a resize, i.e. there is
- * none or it was never activated (no persistent bitmap since open: nothing
- * of it is on disk).  Main thread. */
-bool write_intent_can_resize(BlockDriverState *bs);
-/* Size the in-memory map of an inactive log for an image of size bytes
- * (write_intent_can_resize must hold).  false with errp set when memory
- * is short (the old map stays).  Main thread, the node drained. */
+/* block_resize, after the node and its bitmaps took size (W11): the map
+ * is sized for it, and an active log is rewritten for it (a snapshot of
+ * the resized bitmaps in new slots, the header with the new size, an
+ * empty map).  false with errp set when memory is short or the log
+ * cannot be written; the log then fails later writes as any I/O error of
+ * it does.  Main thread, the node drained. */
 bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp);
 
 /* The recovery write_intent_open runs on the node's log, on a log the caller

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bitback_testlib import Daemon, QMPError
+from bitback_testlib import QSD, Daemon, QMPError
 from conftest import BITBACK, require, run
 
 MiB = 1024 * 1024
@@ -231,16 +231,158 @@ def test_block_resize_qcow2(tmp_path):
     run(["qemu-img", "check", img])
     run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x55 1536M 64k",
          "-c", "read -P 0x44 60M 1M", img])
-    # A persistent (stored) bitmap: not resized, so refused.
+    # A stored bitmap (qemu-img's) is resized with the image and stored at
+    # the new size: QEMU itself then reads it (qsd exports it over NBD).
     run(["qemu-img", "bitmap", "--add", img, "p0"])
     with Daemon(tmp_path / "d2") as d:
-        d.start("--blockdev", bd)
-        with pytest.raises(QMPError, match="Cannot resize node 'd0'"):
-            d.qmp.cmd("block_resize", **{"node-name": "d0"},
-                      size=4096 * MiB)
+        d.start("--blockdev", bd, nbd=True)
+        c = d.qmp
+        write_then_unexport(d, "write -P 0x66 1M 64k")
+        c.cmd("block_resize", **{"node-name": "d0"}, size=4096 * MiB)
+        assert c.bitmap("d0", "p0")["count"] == 64 * 1024
+        c.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "d0"},
+              writable=True)
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x67 3G 64k",
+             d.nbd_uri("d0")])
         assert d.quit() == 0
-    assert json.loads(run(["qemu-img", "info", "--output=json",
-                           img]).stdout)["virtual-size"] == 2048 * MiB
+    info = json.loads(run(["qemu-img", "info", "--output=json", img]).stdout)
+    assert info["virtual-size"] == 4096 * MiB
+    [p0] = info["format-specific"]["data"]["bitmaps"]
+    assert p0["name"] == "p0" and "in-use" not in p0["flags"], p0
+    run(["qemu-img", "check", img])
+    assert qsd_bitmap_extents(tmp_path / "qsd", img, "p0") == [
+        (MiB, 64 * 1024), (3 * 1024 * MiB, 64 * 1024)]
+
+
+def write_then_unexport(d, *cmds):
+    """Run qemu-io's cmds on node d0 through a writable export that is
+    removed afterwards (an exported node is not resized)."""
+    c = d.qmp
+    c.cmd("block-export-add", type="nbd", id="w0", **{"node-name": "d0"},
+          writable=True)
+    args = []
+    for cmd in cmds:
+        args += ["-c", cmd]
+    run(["qemu-io", "-f", "raw", *args, d.nbd_uri("d0")])
+    c.del_export("w0")
+    c.get_event("BLOCK_EXPORT_DELETED")
+
+
+def qsd_bitmap_extents(work, img, bitmap):
+    """The dirty extents of bitmap as real qemu-storage-daemon reads it
+    from the qcow2 image img."""
+    require("nbdinfo")
+    with Daemon(work, binary=QSD) as q:
+        q.start("--blockdev", f"driver=qcow2,node-name=d0,file.driver=file,"
+                f"file.filename={img}",
+                "--export", f"nbd,id=e0,node-name=d0,writable=on,"
+                f"bitmaps.0={bitmap}",
+                nbd=True)
+        extents = bitmap_extents(q.nbd_uri("d0"), bitmap)
+        q.quit()
+    return extents
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qbm"])
+def test_block_resize_persistent_bitmaps(tmp_path, fmt):
+    """A crash-safe node with a persistent bitmap grows (and a qbm one
+    shrinks): the bitmap follows, its write-intent log is rewritten for the
+    new size, so a SIGKILL after the resize recovers exactly the writes
+    (not the whole grown area), and a clean stop stores the bitmap at the
+    new size, which the next open loads consistent.  40 GiB: past the
+    32 GiB one qcow2 bitmap table cluster covers, so the in-use entry left
+    by the SIGKILL is sized for the old length (QEMU and bitback accept
+    that of an in-use entry)."""
+    BIG, AT = 40 * 1024 * MiB, 36 * 1024 * MiB
+    require("nbdinfo")
+    (tmp_path / "d").mkdir()
+    img = tmp_path / "d" / f"d.{fmt}"
+    if fmt == "qcow2":
+        run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"])
+    else:
+        run([BITBACK, "img", "create", "-q", "-f", "qbm", img, "64M"])
+    bd = (f"driver={fmt},node-name=d0,file.driver=file,"
+          f"file.filename={img}")
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", bd, nbd=True)
+        c = d.qmp
+        c.cmd("block-dirty-bitmap-add", node="d0", name="b0",
+              persistent=True)
+        write_then_unexport(d, "write -P 0x11 1M 64k")
+        c.cmd("block_resize", **{"node-name": "d0"}, size=BIG)
+        assert c.node("d0")["image"]["virtual-size"] == BIG
+        c.cmd("block-export-add", type="nbd", id="e1", **{"node-name": "d0"},
+              writable=True)
+        run(["qemu-io", "-f", "raw", "-c", f"write -P 0x22 {AT} 64k",
+             "-c", "read -P 0 100M 64k", d.nbd_uri("d0")])
+        assert d.kill() != 0
+        d.restart("--blockdev", bd, nbd=True)
+        b0 = d.qmp.bitmap("d0", "b0")
+        assert b0["recovered"] is True and not b0["inconsistent"], b0
+        c = d.qmp
+        c.cmd("block-export-add", type="nbd", id="e2", **{"node-name": "d0"},
+              writable=True, bitmaps=["b0"])
+        marked = bitmap_extents(d.nbd_uri("d0"), "b0")
+        # Both writes, and of the grown area only what the write-intent
+        # log's region (64 MiB) around the second write adds.
+        assert (MiB, 64 * 1024) in marked or any(
+            o <= MiB and MiB + 64 * 1024 <= o + n for o, n in marked)
+        assert any(o <= AT and AT + 64 * 1024 <= o + n
+                   for o, n in marked), marked
+        assert sum(n for o, n in marked) <= 2 * 64 * MiB, marked
+        run(["qemu-io", "-f", "raw", "-r", "-c", f"read -P 0x22 {AT} 64k",
+             d.nbd_uri("d0")])
+        assert d.quit() == 0
+    # The recovered bitmap was stored at the new size: consistent, not
+    # recovered, on the next open.
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", bd)
+        b0 = d.qmp.bitmap("d0", "b0")
+        assert not b0["inconsistent"] and not b0.get("recovered"), b0
+        if fmt == "qbm":
+            d.qmp.cmd("block_resize", **{"node-name": "d0"}, size=512 * MiB)
+            assert d.qmp.node("d0")["image"]["virtual-size"] == 512 * MiB
+        assert d.quit() == 0
+    if fmt == "qcow2":
+        run(["qemu-img", "check", img])
+        info = json.loads(run(["qemu-img", "info", "--output=json",
+                               img]).stdout)
+        assert info["virtual-size"] == BIG
+        marked = qsd_bitmap_extents(tmp_path / "qsd", img, "b0")
+        assert any(o <= AT and AT + 64 * 1024 <= o + n
+                   for o, n in marked), marked
+    else:
+        info = json.loads(run([BITBACK, "img", "info", "--output=json",
+                               img]).stdout)
+        assert info["virtual-size"] == 512 * MiB
+        assert os.path.getsize(tmp_path / "d" / "d.raw") == 512 * MiB
+        run([BITBACK, "img", "check", img])
+        [bm] = info["format-specific"]["data"]["bitmaps"]
+        assert bm["name"] == "b0" and not bm.get("inconsistent"), bm
+
+
+def test_block_resize_refuses_inconsistent_bitmap(tmp_path):
+    """As QEMU: a node with an inconsistent persistent bitmap is not
+    resized (its entry could not follow); removing the bitmap lets it."""
+    img = tmp_path / "d.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"])
+    bd = (f"driver=qcow2,node-name=d0,crash-safe=off,file.driver=file,"
+          f"file.filename={img}")
+    with Daemon(tmp_path / "d") as d:
+        d.start("--blockdev", bd)
+        d.qmp.cmd("block-dirty-bitmap-add", node="d0", name="b0",
+                  persistent=True)
+        assert d.kill() != 0
+        d.restart("--blockdev", bd)
+        c = d.qmp
+        assert c.bitmap("d0", "b0")["inconsistent"] is True
+        with pytest.raises(QMPError, match="Cannot resize node 'd0': Bitmap "
+                           "'b0' is inconsistent"):
+            c.cmd("block_resize", **{"node-name": "d0"}, size=128 * MiB)
+        c.cmd("block-dirty-bitmap-remove", node="d0", name="b0")
+        c.cmd("block_resize", **{"node-name": "d0"}, size=128 * MiB)
+        assert d.quit() == 0
+    run(["qemu-img", "check", img])
 
 
 def create_job(c, job_id, **options):

@@ -594,6 +594,93 @@ static void test_metadata_durable_at_once(void **state)
     assert_true(bdrv_close(bs, &err));
 }
 
+/* W11: block_resize of a node whose log is active.  The log is rewritten
+ * for the new size (header size, a snapshot at the new size), so a crash
+ * after the resize recovers only what was written; and a crash between the
+ * image's resize and the log's (the image resized, the log as before: W6)
+ * still recovers a superset: the old bits, and a grown area whole; bits
+ * past a new end go. */
+static void test_resize(void **state)
+{
+    (void)state;
+    _cleanup_free_ char *img = new_image();
+    Error *err = NULL;
+    BlockDriverState *bs = open_with_b0(img);
+    uint8_t buf[4096] = { 9 };
+    size_t len = 0;
+
+    assert_int_equal(bdrv_pwrite(bs, 5 * REGION, buf, sizeof(buf), 0), 0);
+    _cleanup_free_ char *before = crash_copy("rs-before");
+
+    assert_true(bdrv_truncate(bs, 2 * IMG_SIZE, &err));
+    die_on(err);
+    assert_int_equal(bdrv_getlength(bs), 2 * IMG_SIZE);
+    BdrvDirtyBitmap *bm = bdrv_find_dirty_bitmap(bs, "b0");
+    assert_int_equal(hbitmap_size(bm->hb), 2 * IMG_SIZE);
+    {
+        _cleanup_free_ uint8_t *log = wil_backend_read_log(img, &len);
+        assert_non_null(log);
+        assert_int_equal(ld32(log + 8), 1);                 /* active */
+        assert_int_equal(ld64(log + 16), 2 * IMG_SIZE);     /* new size */
+    }
+    /* Nothing was written since the resize's snapshot: empty map. */
+    assert_int_equal(write_intent_marked_regions(bs), 0);
+
+    /* The crash between the two resizes: the image grown, the old log. */
+    _cleanup_free_ char *mid = crash_copy("rs-mid");
+    wil_backend_copy_log(before, mid);
+    BlockDriverState *rb = open_ro(mid);
+    BdrvDirtyBitmap *rbm = bdrv_find_dirty_bitmap(rb, "b0");
+    assert_non_null(rbm);
+    assert_false(rbm->inconsistent);
+    assert_true(rbm->recovered);
+    assert_int_equal(hbitmap_size(rbm->hb), 2 * IMG_SIZE);
+    assert_true(hbitmap_get(rbm->hb, 5 * REGION));
+    assert_int_equal(hbitmap_next_zero(rbm->hb, IMG_SIZE, IMG_SIZE), -1);
+    assert_int_equal(hbitmap_count_bytes(rbm->hb), REGION + IMG_SIZE);
+    bdrv_close(rb, NULL);
+
+    /* A write in the grown area, then a crash: the rewritten log has it,
+     * and no more of the grown area. */
+    assert_int_equal(bdrv_pwrite(bs, IMG_SIZE + 3 * REGION, buf,
+                                 sizeof(buf), 0), 0);
+    _cleanup_free_ char *grown = crash_copy("rs-grown");
+    rb = open_ro(grown);
+    rbm = bdrv_find_dirty_bitmap(rb, "b0");
+    assert_true(rbm->recovered);
+    assert_true(hbitmap_get(rbm->hb, 5 * REGION));
+    assert_true(hbitmap_get(rbm->hb, IMG_SIZE + 3 * REGION));
+    assert_int_equal(hbitmap_count_bytes(rbm->hb), 2 * REGION);
+    assert_int_equal(rbm->recovered_bytes, REGION);
+    bdrv_close(rb, NULL);
+
+    /* Shrink to half the first size; a crash with the log from before
+     * keeps what lies below the new end only. */
+    assert_true(bdrv_truncate(bs, IMG_SIZE / 2, &err));
+    die_on(err);
+    assert_int_equal(hbitmap_count_bytes(bm->hb), REGION);
+    _cleanup_free_ char *shrunk = crash_copy("rs-shrunk");
+    wil_backend_copy_log(grown, shrunk);
+    rb = open_ro(shrunk);
+    rbm = bdrv_find_dirty_bitmap(rb, "b0");
+    assert_true(rbm->recovered);
+    assert_int_equal(hbitmap_size(rbm->hb), IMG_SIZE / 2);
+    assert_true(hbitmap_get(rbm->hb, 5 * REGION));
+    assert_int_equal(hbitmap_count_bytes(rbm->hb), REGION);
+    bdrv_close(rb, NULL);
+
+    /* A clean close stores the bitmap at the new size; it reopens
+     * consistent with its bits, not recovered. */
+    assert_true(bdrv_close(bs, &err));
+    rb = open_ro(img);
+    rbm = bdrv_find_dirty_bitmap(rb, "b0");
+    assert_false(rbm->inconsistent);
+    assert_false(rbm->recovered);
+    assert_int_equal(bdrv_getlength(rb), IMG_SIZE / 2);
+    assert_int_equal(hbitmap_count_bytes(rbm->hb), REGION);
+    bdrv_close(rb, NULL);
+}
+
 int main(void)
 {
     static const struct CMUnitTest tests[] = {
@@ -604,6 +691,7 @@ int main(void)
         cmocka_unit_test(test_metadata_durable_at_once),
         cmocka_unit_test(test_readahead),
         cmocka_unit_test(test_readahead_not_for_random),
+        cmocka_unit_test(test_resize),
     };
     struct CMUnitTest all[ARRAY_SIZE(tests) + 16];
     size_t n_extra = 0;

@@ -49,6 +49,7 @@
 #include "util/cutils.h"
 #include "util/iov.h"
 #include "util/json-opts.h"
+#include "util/log.h"
 #include "util/osdep.h"
 
 /* An fd that holds the lock bytes of one file of the image. */
@@ -1027,6 +1028,109 @@ out:
     return ok;
 }
 
+/* ---- block_resize ---- */
+
+/* Change the image's size (qbm.md, "Resizing"): the data image, then the
+ * descriptor's size when growing (the descriptor never names more than
+ * the data image holds), the other way round when shrinking.  The bitmap
+ * files follow at the next store: until then their headers keep the old
+ * size, which no longer matches the descriptor, so a crash leaves them
+ * inconsistent (Q2) -- and the write-intent log recovers them. */
+static bool qbm_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
+{
+    BDRVQbmState *s = bs->opaque;
+    uint64_t old = s->desc.size;
+    bool ok = false;
+
+    if (!s->rw) {
+        error_setg(errp, "Image is read-only");
+        return false;
+    }
+    if (s->alloc) {
+        error_setg(errp, "qbm: cannot resize '%s': it has an allocation "
+                   "bitmap (an overlay over a backing image)", s->desc_path);
+        return false;
+    }
+    for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
+        QbmBitmapEntry *e = &s->desc.bitmaps[i];
+        if (e->inconsistent) {
+            error_setg(errp, "qbm: cannot resize '%s': bitmap '%s' is "
+                       "inconsistent (remove it first)", s->desc_path, e->name);
+            return false;
+        }
+        if (!qbm_bitmap_check_size(size, (unsigned)qbm_granularity_shift(
+                                       e->granularity), UINT64_MAX, errp)) {
+            error_prepend(errp, "qbm: cannot resize '%s': bitmap '%s': ",
+                          s->desc_path, e->name);
+            return false;
+        }
+    }
+    int64_t data_len = bdrv_getlength(s->data);
+    if (data_len < 0) {
+        error_setg_errno(errp, (int)-data_len, "qbm: cannot get the length "
+                         "of the data image of '%s'", s->desc_path);
+        return false;
+    }
+    if (size > old) {
+        /* What the data image holds past the old end (it may be longer
+         * than the image) must read as zeroes once it is inside. */
+        uint64_t end = MIN((uint64_t)data_len, size);
+        int r = end > old ? bdrv_pwrite_zeroes(s->data, old, end - old, 0) : 0;
+        if (r == 0 && end > old) {
+            r = bdrv_flush(s->data);
+        }
+        if (r < 0) {
+            error_setg_errno(errp, -r, "qbm: cannot zero the grown area of "
+                             "the data image of '%s'", s->desc_path);
+            return false;
+        }
+        if ((uint64_t)data_len < size &&
+            !bdrv_truncate_child(s->data, size, errp)) {
+            error_prepend(errp, "qbm: cannot grow the data image of '%s': ",
+                          s->desc_path);
+            return false;
+        }
+    }
+    pthread_rwlock_wrlock(&s->clean_lock);
+    QbmDescriptor saved = s->desc;
+    _cleanup_free_ QbmHeader *hdrs = calloc(s->desc.nb_bitmaps + 1,
+                                            sizeof(*hdrs));
+    if (!hdrs) {
+        error_setg(errp, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
+        QbmBitmapEntry *e = &s->desc.bitmaps[i];
+        hdrs[i] = e->hdr;
+        e->hdr.image_size = size;
+        e->hdr.data_size = qbm_data_size(size, (unsigned)qbm_granularity_shift(
+                                             e->granularity));
+    }
+    s->desc.size = size;
+    if (!qbm_write_descriptor(bs, errp)) {
+        s->desc.size = saved.size;
+        for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
+            s->desc.bitmaps[i].hdr = hdrs[i];
+        }
+        goto out;
+    }
+    ok = true;
+out:
+    pthread_rwlock_unlock(&s->clean_lock);
+    if (ok && size < old && (uint64_t)data_len > size) {
+        /* The descriptor is what counts; a data image left longer is
+         * valid (qbm.md), so a failure here is only reported. */
+        Error *err = NULL;
+        if (!bdrv_truncate_child(s->data, size, &err)) {
+            log_msg(LOG_LEVEL_WARNING, "qbm: '%s' was resized, but its data "
+                    "image keeps its old length: %s", s->desc_path,
+                    error_get_pretty(err));
+            error_free(err);
+        }
+    }
+    return ok;
+}
+
 /* ---- create ---- */
 
 static bool qbm_create(const char *filename, uint64_t size,
@@ -1288,6 +1392,7 @@ const BlockDriver bdrv_qbm = {
     .persistent_bitmap_add = qbm_persistent_bitmap_add,
     .persistent_bitmap_remove = qbm_persistent_bitmap_remove,
     .store_bitmaps = qbm_store_bitmaps,
+    .truncate = qbm_truncate,
     .create = qbm_create,
     .info = qbm_info,
     .check = qbm_check,

@@ -264,8 +264,14 @@ static bool dir_parse(BlockDriverState *bs, const uint8_t *buf, uint64_t size,
                        "bits)", e->name, QCOW2_BITMAP_MAX_DATA);
             goto fail;
         }
+        /* An in-use entry may be sized for the length the image had
+         * before a resize that stopped before the entry was stored again
+         * (as in QEMU); it is never loaded, only freed or kept. */
         uint64_t expect = bitmap_table_entries(s, e->granularity_bits);
-        if (e->table_size != expect) {
+        bool in_use_any_size = (e->flags & BME_FLAG_IN_USE) &&
+            (uint64_t)e->table_size * s->cluster_size <=
+                ROUND_UP(QCOW2_BITMAP_MAX_DATA, s->cluster_size);
+        if (e->table_size != expect && !in_use_any_size) {
             error_setg(errp, "bitmap '%s': bitmap table has %u entries, but the "
                        "image size and granularity need %" PRIu64, e->name,
                        e->table_size, expect);
@@ -1330,6 +1336,32 @@ bool qcow2_store_bitmaps(BlockDriverState *bs, Error **errp)
 }
 
 /* ---- add / remove ---- */
+
+bool qcow2_bitmaps_resizable(BlockDriverState *bs, uint64_t size,
+                             Error **errp)
+{
+    BDRVQcow2State *s = bs->opaque;
+
+    LOCK_GUARD(&bs->lock);
+    for (BdrvDirtyBitmap *bm = bs->dirty_bitmaps; bm; bm = bm->next) {
+        uint64_t bytes = DIV_ROUND_UP(DIV_ROUND_UP(size, bm->granularity), 8);
+        if (bm->persistent && bytes > QCOW2_BITMAP_MAX_DATA) {
+            error_setg(errp, "Cannot resize to %" PRIu64 " bytes: bitmap '%s' "
+                       "would need %" PRIu64 " bytes of bits (at most %llu)",
+                       size, bm->name, bytes, QCOW2_BITMAP_MAX_DATA);
+            return false;
+        }
+    }
+    for (size_t i = 0; s->bitmaps && i < s->bitmaps->nb; i++) {
+        if (s->bitmaps->entries[i].inconsistent) {
+            error_setg(errp, "Cannot resize qcow2 with bitmap '%s', which is "
+                       "inconsistent (remove it first)",
+                       s->bitmaps->entries[i].name);
+            return false;
+        }
+    }
+    return true;
+}
 
 bool qcow2_persistent_bitmap_add(BlockDriverState *bs, BdrvDirtyBitmap *bm,
                                  Error **errp)

@@ -1583,8 +1583,9 @@ static int qcow2_grow_l1_locked(BlockDriverState *bs, uint32_t n)
 }
 
 /* block_resize: grow only (QEMU also shrinks qcow2; bitback does not), on
- * an image without internal snapshots or stored bitmaps (their tables are
- * sized for the old length). */
+ * an image without internal snapshots.  Stored bitmaps are all loaded and
+ * consistent (bdrv_truncate checks): their entries stay in use, sized for
+ * the old length, until the next store writes them at the new one. */
 static bool qcow2_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
 {
     BDRVQcow2State *s = bs->opaque;
@@ -1597,8 +1598,7 @@ static bool qcow2_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
         error_setg(errp, "Can't resize an image which has snapshots");
         return false;
     }
-    if (s->nb_bitmaps) {
-        error_setg(errp, "qcow2: cannot resize an image with stored bitmaps");
+    if (!qcow2_bitmaps_resizable(bs, size, errp)) {
         return false;
     }
     if (qcow2_is_corrupt(s)) {

@@ -377,6 +377,11 @@ bool qcow2_persistent_bitmap_remove(BlockDriverState *bs, const char *name,
 /* Write every persistent bitmap (new tables, new directory, old ones
  * freed), clear in_use, set autoclear.  Called at close and on demand. */
 bool qcow2_store_bitmaps(BlockDriverState *bs, Error **errp);
+/* block_resize to size: false (errp set) while an entry of the image is
+ * kept as found (inconsistent: it could not follow the new length), or
+ * when a persistent bitmap would be too large at size. */
+bool qcow2_bitmaps_resizable(BlockDriverState *bs, uint64_t size,
+                             Error **errp);
 /* info: "bitmaps" array for format-specific data (name, granularity,
  * flags ["auto", "in-use"]) as qemu-img info shows it. */
 void qcow2_bitmaps_info(BlockDriverState *bs, struct json_object *data);
