@@ -16,7 +16,7 @@ import subprocess
 
 from conftest import BUILD
 
-EXPECTED_TESTS = 10   # 7 shared checks + 3 of the RADOS store
+EXPECTED_TESTS = 11   # 7 shared checks + 3 of the RADOS store
 MAGIC = b"BBWIL\0v2"
 
 
