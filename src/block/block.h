@@ -31,6 +31,7 @@
 #include "block/check.h"
 #include "block/dirty-bitmap.h"
 #include "util/error.h"
+#include "util/json-opts.h"
 
 /* An internal snapshot as QMP's SnapshotInfo describes it. */
 typedef struct BdrvSnapshotInfo {
@@ -115,6 +116,12 @@ struct BlockDriver {
      * bdrv_open_backing(). */
     bool (*open)(BlockDriverState *bs, struct json_object *options, int flags,
                  Error **errp);
+    /* The members of a node's options that are the driver's own (beyond
+     * bdrv_common_opts): exactly the ones open, and block.c's open path
+     * for this driver (its file child, the "filename" shorthand, "backing"),
+     * read.  blockdev-add refuses any other (bdrv_check_options), and
+     * query-qmp-schema lists them as the driver's variant. */
+    const JsonOptSpec *open_opts;
     /* Free driver state.  Persistent bitmaps were already stored. */
     void (*close)(BlockDriverState *bs);
     /* A backing node was attached after open (bdrv_set_backing): the driver
@@ -308,6 +315,21 @@ bool bdrv_opt_locking(struct json_object *opts, bool def, bool *ret_on,
                       Error **errp);
 bool bdrv_opt_uint(struct json_object *opts, const char *key, uint64_t def,
                    uint64_t max, uint64_t *ret, Error **errp);
+
+/* The members of every node's options, whatever its driver (block.c's
+ * open path reads them): driver, node-name, read-only, force-share,
+ * cache.direct, crash-safe, crash-safe-region-size. */
+extern const JsonOptSpec bdrv_common_opts[];
+/* The "locking" member of protocol nodes (bdrv_opt_locking). */
+extern const char *const bdrv_locking_values[];
+/* Check a node's options (blockdev-add's arguments) before opening: every
+ * member must be a common one or its driver's (open_opts), at any depth
+ * (a child given as options is checked for its own driver, its members
+ * named "file.x"), and have the type the spec gives; strings are accepted
+ * for bool and int members (the command line's values; the readers parse
+ * them).  An absent or unknown driver is left to bdrv_open_options.
+ * False with errp set (QEMU's texts: "Parameter 'x' is unexpected"). */
+bool bdrv_check_options(struct json_object *options, Error **errp);
 
 /* Registry of drivers (file, raw, qbm, ...). */
 const BlockDriver *bdrv_find_format(const char *name);

@@ -16,7 +16,7 @@
 
 typedef struct ObjectClass {
     const char *type;
-    const char *const *props;      /* besides qom-type and id; NULL-ended */
+    const JsonOptSpec *props;      /* besides qom-type and id */
     void *(*create)(const char *id, struct json_object *props, Error **errp);
     void (*destroy)(void *impl);
 } ObjectClass;
@@ -29,21 +29,55 @@ struct Object {
     Object *next;
 };
 
-static const char *const x509_props[] = {
-    "dir", "endpoint", "verify-peer", "priority", "sanity-check", "loaded",
-    NULL,
+/* The properties of each type besides qom-type and id, with the types
+ * object_prop_* read them as (query-qmp-schema lists them). */
+static const char *const endpoint_values[] = { "client", "server", NULL };
+static const JsonOptSpec x509_props[] = {
+    { "dir", JSON_OPT_STR, true },
+    { "endpoint", JSON_OPT_STR, true, NULL, endpoint_values },
+    { "verify-peer", JSON_OPT_BOOL, true },
+    { "priority", JSON_OPT_STR, true },
+    { "sanity-check", JSON_OPT_BOOL, true },
+    { "loaded", JSON_OPT_BOOL, true },
+    { NULL },
 };
-static const char *const psk_props[] = {
-    "dir", "endpoint", "username", "priority", "verify-peer", "loaded", NULL,
+static const JsonOptSpec psk_props[] = {
+    { "dir", JSON_OPT_STR, true },
+    { "endpoint", JSON_OPT_STR, true, NULL, endpoint_values },
+    { "username", JSON_OPT_STR, true },
+    { "priority", JSON_OPT_STR, true },
+    { "verify-peer", JSON_OPT_BOOL, true },
+    { "loaded", JSON_OPT_BOOL, true },
+    { NULL },
 };
-static const char *const authz_simple_props[] = { "identity", NULL };
-static const char *const authz_list_props[] = { "policy", "rules", NULL };
-static const char *const iothread_props[] = {
-    "poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch",
-    "thread-pool-min", "thread-pool-max", NULL,
+static const JsonOptSpec authz_simple_props[] = {
+    { "identity", JSON_OPT_STR, true },
+    { NULL },
 };
-static const char *const secret_props[] = {
-    "data", "file", "format", "keyid", "iv", "loaded", NULL,
+static const char *const policy_values[] = { "allow", "deny", NULL };
+static const JsonOptSpec authz_list_props[] = {
+    { "policy", JSON_OPT_STR, true, NULL, policy_values },
+    { "rules", JSON_OPT_ARRAY, true },
+    { NULL },
+};
+static const JsonOptSpec iothread_props[] = {
+    { "poll-max-ns", JSON_OPT_INT, true },
+    { "poll-grow", JSON_OPT_INT, true },
+    { "poll-shrink", JSON_OPT_INT, true },
+    { "aio-max-batch", JSON_OPT_INT, true },
+    { "thread-pool-min", JSON_OPT_INT, true },
+    { "thread-pool-max", JSON_OPT_INT, true },
+    { NULL },
+};
+static const char *const secret_format_values[] = { "raw", "base64", NULL };
+static const JsonOptSpec secret_props[] = {
+    { "data", JSON_OPT_STR, true },
+    { "file", JSON_OPT_STR, true },
+    { "format", JSON_OPT_STR, true, NULL, secret_format_values },
+    { "keyid", JSON_OPT_STR, true },
+    { "iv", JSON_OPT_STR, true },
+    { "loaded", JSON_OPT_BOOL, true },
+    { NULL },
 };
 
 static const ObjectClass object_classes[] = {
@@ -124,11 +158,7 @@ static bool object_check_props(const ObjectClass *cls,
         if (strcmp(key, "qom-type") == 0 || strcmp(key, "id") == 0) {
             continue;
         }
-        bool known = false;
-        for (const char *const *p = cls->props; *p && !known; p++) {
-            known = strcmp(*p, key) == 0;
-        }
-        if (!known) {
+        if (!json_opts_find(&cls->props, 1, key)) {
             error_setg(errp, "Property '%s.%s' not found", cls->type, key);
             return false;
         }
@@ -270,4 +300,13 @@ void object_ref(Object *o)
 void object_unref(Object *o)
 {
     __atomic_fetch_sub(&o->users, 1, __ATOMIC_RELEASE);
+}
+
+const JsonOptSpec *object_class_get(size_t i, const char **ret_type)
+{
+    if (i >= ARRAY_SIZE(object_classes)) {
+        return NULL;
+    }
+    *ret_type = object_classes[i].type;
+    return object_classes[i].props;
 }

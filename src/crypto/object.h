@@ -22,6 +22,7 @@
 #include <stdbool.h>
 #include <json-c/json.h>
 #include "util/error.h"
+#include "util/json-opts.h"
 
 typedef struct Object Object;
 
@@ -33,6 +34,10 @@ bool object_add(struct json_object *props, Error **errp);
 bool object_del(const char *id, Error **errp);
 /* Delete every object (daemon exit); objects still in use are kept. */
 void object_del_all(void);
+
+/* The i-th object type object_add takes: its qom-type in *ret_type and
+ * its properties besides qom-type and id; NULL after the last. */
+const JsonOptSpec *object_class_get(size_t i, const char **ret_type);
 
 /* The object registered under id, or NULL. */
 Object *object_find(const char *id);

@@ -17,6 +17,7 @@
 
 #include "qmp/qmp-internal.h"
 #include "util/cleanup.h"
+#include "util/json-opts.h"
 #include "util/keyval.h"
 #include "util/log.h"
 
@@ -24,8 +25,9 @@ typedef struct QmpCommand {
     char *name;
     QmpCommandFunc fn;
     const QmpArgSpec *spec;
-    const QmpArgSpec *schema;      /* query-qmp-schema's members when the
-                                      handler checks its own (spec NULL) */
+    const QmpUnion *args_union;    /* the arguments are this union */
+    bool union_checked;            /* dispatch checks them against it */
+    const char *union_member;      /* the union is this member of spec */
     QmpArgPrecheck precheck;
 } QmpCommand;
 
@@ -40,6 +42,9 @@ void qmp_register_command_checked(const char *name, QmpCommandFunc fn,
         if (strcmp(qmp_commands[i].name, name) == 0) {
             qmp_commands[i].fn = fn;      /* re-registration replaces */
             qmp_commands[i].spec = spec;
+            qmp_commands[i].args_union = NULL;
+            qmp_commands[i].union_checked = false;
+            qmp_commands[i].union_member = NULL;
             qmp_commands[i].precheck = precheck;
             return;
         }
@@ -52,7 +57,9 @@ void qmp_register_command_checked(const char *name, QmpCommandFunc fn,
     qmp_commands[qmp_ncommands].name = strdup(name);
     qmp_commands[qmp_ncommands].fn = fn;
     qmp_commands[qmp_ncommands].spec = spec;
-    qmp_commands[qmp_ncommands].schema = NULL;
+    qmp_commands[qmp_ncommands].args_union = NULL;
+    qmp_commands[qmp_ncommands].union_checked = false;
+    qmp_commands[qmp_ncommands].union_member = NULL;
     qmp_commands[qmp_ncommands].precheck = precheck;
     if (!qmp_commands[qmp_ncommands].name) {
         abort();
@@ -85,15 +92,42 @@ const QmpArgSpec qmp_spec_none[] = {
     { NULL },
 };
 
-void qmp_set_command_schema(const char *name, const QmpArgSpec *members)
+static QmpCommand *qmp_find_registered(const char *name)
 {
-    for (size_t i = 0; i < qmp_ncommands; i++) {
-        if (strcmp(qmp_commands[i].name, name) == 0) {
-            qmp_commands[i].schema = members;
-            return;
+    QmpCommand *c = (QmpCommand *)qmp_find_command(name);
+    if (!c) {
+        abort();  /* a programming error: register the command first */
+    }
+    return c;
+}
+
+void qmp_set_command_schema(const char *name, const char *member,
+                            const QmpUnion *u)
+{
+    QmpCommand *c = qmp_find_registered(name);
+    c->args_union = u;
+    c->union_member = member;
+}
+
+void qmp_register_command_union(const char *name, QmpCommandFunc fn,
+                                const QmpUnion *u, QmpArgPrecheck precheck)
+{
+    qmp_register_command_checked(name, fn, NULL, precheck);
+    QmpCommand *c = qmp_find_registered(name);
+    c->args_union = u;
+    c->union_checked = true;
+}
+
+const QmpArgSpec *qmp_union_find(const QmpUnion *u, const char *name)
+{
+    const char *case_name;
+    const QmpArgSpec *members;
+    for (size_t i = 0; (members = u->variant(i, &case_name)); i++) {
+        if (strcmp(case_name, name) == 0) {
+            return members;
         }
     }
-    abort();      /* a programming error: register the command first */
+    return NULL;
 }
 
 size_t qmp_command_count(void)
@@ -101,11 +135,36 @@ size_t qmp_command_count(void)
     return qmp_ncommands;
 }
 
-const char *qmp_command_get(size_t i, const QmpArgSpec **ret_spec)
+const char *qmp_command_get(size_t i, const QmpArgSpec **ret_spec,
+                            const QmpUnion **ret_union,
+                            const char **ret_member)
 {
     const QmpCommand *c = &qmp_commands[i];
-    *ret_spec = c->spec ? c->spec : c->schema;
+    *ret_spec = c->spec;
+    *ret_union = c->args_union;
+    *ret_member = c->union_member;
     return c->name;
+}
+
+/* Check (after converting keyval strings, from_keyval) args against the
+ * union u: the common members, the tag's case and that case's members. */
+static bool qmp_check_union_args(struct json_object *args, const QmpUnion *u,
+                                 bool from_keyval, Error **errp)
+{
+    const QmpArgSpec *specs[2] = { u->common, NULL };
+    const char *tag = json_opt_str(args, u->tag);
+    if (tag && !(specs[1] = qmp_union_find(u, tag))) {
+        error_setg(errp, "Parameter '%s' does not accept value '%s'", u->tag,
+                   tag);
+        return false;
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(specs); i++) {
+        if (from_keyval && specs[i] &&
+            !qmp_coerce_keyval_args(args, specs[i], errp)) {
+            return false;
+        }
+    }
+    return json_opts_check(args, specs, ARRAY_SIZE(specs), "", 0, errp);
 }
 
 /* query-commands: [{"name": ...}, ...] */
@@ -119,34 +178,6 @@ struct json_object *qmp_query_commands_list(void)
         json_object_array_add(arr, o);
     }
     return arr;
-}
-
-static const char *qmp_type_name(QmpArgType t)
-{
-    switch (t) {
-    case QMP_ARG_STR: return "string";
-    case QMP_ARG_BOOL: return "boolean";
-    case QMP_ARG_INT: return "integer";
-    case QMP_ARG_UINT: return "integer";
-    case QMP_ARG_OBJECT: return "object";
-    case QMP_ARG_ARRAY: return "array";
-    case QMP_ARG_ANY: return "any";
-    }
-    return "?";
-}
-
-static bool qmp_type_ok(struct json_object *v, QmpArgType t)
-{
-    switch (t) {
-    case QMP_ARG_STR: return json_object_is_type(v, json_type_string);
-    case QMP_ARG_BOOL: return json_object_is_type(v, json_type_boolean);
-    case QMP_ARG_INT:
-    case QMP_ARG_UINT: return json_object_is_type(v, json_type_int);
-    case QMP_ARG_OBJECT: return json_object_is_type(v, json_type_object);
-    case QMP_ARG_ARRAY: return json_object_is_type(v, json_type_array);
-    case QMP_ARG_ANY: return true;
-    }
-    return false;
 }
 
 void *qmp_array_alloc(size_t n, size_t max, size_t elem_size,
@@ -166,40 +197,7 @@ void *qmp_array_alloc(size_t n, size_t max, size_t elem_size,
 bool qmp_check_args(struct json_object *args, const QmpArgSpec *spec,
                     Error **errp)
 {
-    for (const QmpArgSpec *a = spec; a->name; a++) {
-        struct json_object *v;
-        if (!json_object_object_get_ex(args, a->name, &v)) {
-            if (!a->optional) {
-                error_setg(errp, "Parameter '%s' is missing", a->name);
-                return false;
-            }
-            continue;
-        }
-        if (!qmp_type_ok(v, a->type)) {
-            error_setg(errp, "Invalid parameter type for '%s', expected: %s",
-                       a->name, qmp_type_name(a->type));
-            return false;
-        }
-        if (a->type == QMP_ARG_UINT && json_object_get_int64(v) < 0) {
-            error_setg(errp, "Parameter '%s' expects uint64", a->name);
-            return false;
-        }
-    }
-    json_object_object_foreach(args, key, val) {
-        (void)val;
-        bool known = false;
-        for (const QmpArgSpec *a = spec; a->name; a++) {
-            if (strcmp(a->name, key) == 0) {
-                known = true;
-                break;
-            }
-        }
-        if (!known) {
-            error_setg(errp, "Parameter '%s' is unexpected", key);
-            return false;
-        }
-    }
-    return true;
+    return json_opts_check(args, &spec, 1, "", 0, errp);
 }
 
 bool qmp_coerce_keyval_args(struct json_object *args, const QmpArgSpec *spec,
@@ -293,6 +291,10 @@ struct json_object *qmp_execute(const char *name, struct json_object *args,
         return NULL;
     }
     if (cmd->precheck && !cmd->precheck(args, errp)) {
+        return NULL;
+    }
+    if (cmd->union_checked &&
+        !qmp_check_union_args(args, cmd->args_union, from_keyval, errp)) {
         return NULL;
     }
     if (cmd->spec) {

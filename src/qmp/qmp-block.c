@@ -314,6 +314,9 @@ static struct json_object *qmp_cmd_blockdev_add(struct json_object *args,
                    "Invalid parameter type for 'node-name', expected: string");
         return NULL;
     }
+    if (!bdrv_check_options(args, errp)) {
+        return NULL;
+    }
     const char *node_name = json_object_get_string(v);
     if (bdrv_find_node(node_name)) {
         error_setg(errp, "Duplicate nodes with node-name='%s'", node_name);
@@ -756,18 +759,33 @@ const QmpArgSpec qmp_spec_bitmap_merge[] = {
     { NULL },
 };
 
-/* blockdev-add's members common to every driver (query-qmp-schema). */
-static const QmpArgSpec schema_blockdev_add[] = {
-    { "driver", QMP_ARG_STR, false },
-    { "node-name", QMP_ARG_STR, true },
-    { "read-only", QMP_ARG_BOOL, true },
-    { NULL },
+/* blockdev-add's arguments: a union on "driver" of every block driver,
+ * with the block layer's members (bdrv_check_options checks them). */
+static const QmpArgSpec *blockdev_add_variant(size_t i, const char **ret_name)
+{
+    const char *const *names = bdrv_format_names();
+    for (size_t j = 0; j < i; j++) {
+        if (!names[j]) {
+            return NULL;
+        }
+    }
+    if (!names[i]) {
+        return NULL;
+    }
+    *ret_name = names[i];
+    const BlockDriver *drv = bdrv_find_format(names[i]);
+    return drv->open_opts ? drv->open_opts : qmp_spec_none;
+}
+static const QmpUnion union_blockdev_add = {
+    .common = bdrv_common_opts,
+    .tag = "driver",
+    .variant = blockdev_add_variant,
 };
 
 void qmp_register_block_commands(void)
 {
     qmp_register_command_spec("blockdev-add", qmp_cmd_blockdev_add, NULL);
-    qmp_set_command_schema("blockdev-add", schema_blockdev_add);
+    qmp_set_command_schema("blockdev-add", NULL, &union_blockdev_add);
     qmp_register_command_spec("blockdev-del", qmp_cmd_blockdev_del,
                               spec_blockdev_del);
     qmp_register_command_spec("query-named-block-nodes",

@@ -273,8 +273,37 @@ static struct json_object *qmp_blockdev_create(struct json_object *args,
     return json_object_new_object();
 }
 
+/* blockdev-create's "options": a union on "driver" of the drivers
+ * create_parse takes (query-qmp-schema; create_parse checks them). */
+static const QmpArgSpec create_common[] = {
+    { "driver", QMP_ARG_STR, false },
+    { NULL },
+};
+static const QmpArgSpec *create_variant(size_t i, const char **ret_name)
+{
+    static const struct {
+        const char *driver;
+        const QmpArgSpec *spec;
+    } variants[] = {
+        { "file", spec_file },
+        { "qbm", spec_qbm },
+        { "qcow2", spec_qcow2 },
+    };
+    if (i >= ARRAY_SIZE(variants)) {
+        return NULL;
+    }
+    *ret_name = variants[i].driver;
+    return variants[i].spec;
+}
+static const QmpUnion union_create = {
+    .common = create_common,
+    .tag = "driver",
+    .variant = create_variant,
+};
+
 void qmp_register_create_commands(void)
 {
     qmp_register_command_spec("blockdev-create", qmp_blockdev_create,
                               spec_blockdev_create);
+    qmp_set_command_schema("blockdev-create", "options", &union_create);
 }

@@ -383,19 +383,37 @@ static const QmpArgSpec spec_nbd_server_start[] = {
     { "handshake-max-seconds", QMP_ARG_UINT, true },
     { NULL },
 };
-static const QmpArgSpec spec_block_export_add[] = {
+/* block-export-add's arguments: QEMU's BlockExportOptions, a union on
+ * "type" whose one case here is nbd. */
+static const QmpArgSpec export_add_common[] = {
     { "type", QMP_ARG_STR, false },
     { "id", QMP_ARG_STR, false },
     { "node-name", QMP_ARG_STR, false },
-    { "name", QMP_ARG_STR, true },
-    { "description", QMP_ARG_STR, true },
     { "writable", QMP_ARG_BOOL, true },
     { "writethrough", QMP_ARG_BOOL, true },
-    { "bitmaps", QMP_ARG_ARRAY, true },
-    { "allocation-depth", QMP_ARG_BOOL, true },
     { "fixed-iothread", QMP_ARG_BOOL, true },
     { "iothread", QMP_ARG_STR, true },
     { NULL },
+};
+static const QmpArgSpec export_add_nbd[] = {
+    { "name", QMP_ARG_STR, true },
+    { "description", QMP_ARG_STR, true },
+    { "bitmaps", QMP_ARG_ARRAY, true },
+    { "allocation-depth", QMP_ARG_BOOL, true },
+    { NULL },
+};
+static const QmpArgSpec *export_add_variant(size_t i, const char **ret_name)
+{
+    if (i > 0) {
+        return NULL;
+    }
+    *ret_name = "nbd";
+    return export_add_nbd;
+}
+static const QmpUnion union_block_export_add = {
+    .common = export_add_common,
+    .tag = "type",
+    .variant = export_add_variant,
 };
 static const QmpArgSpec spec_block_export_del[] = {
     { "id", QMP_ARG_STR, false },
@@ -422,8 +440,8 @@ void qmp_register_export_commands(void)
                               spec_nbd_server_start);
     qmp_register_command_spec("nbd-server-stop", qmp_cmd_nbd_server_stop,
                               qmp_spec_none);
-    qmp_register_command_checked("block-export-add", qmp_cmd_block_export_add,
-                                 spec_block_export_add, qmp_export_check_type);
+    qmp_register_command_union("block-export-add", qmp_cmd_block_export_add,
+                               &union_block_export_add, qmp_export_check_type);
     qmp_register_command_spec("block-export-del", qmp_cmd_block_export_del,
                               spec_block_export_del);
     qmp_register_command_spec("query-block-exports",

@@ -36,15 +36,42 @@ extern const QmpArgSpec qmp_spec_none[];
 /* dispatch.c: [{"name": ...}] for query-commands. */
 struct json_object *qmp_query_commands_list(void);
 
+/* A flat union (QAPI's): the members of every case, one of them the tag
+ * whose value picks the case, and each case's own members.
+ * query-qmp-schema lists it as QEMU does (an object with "tag" and
+ * "variants", the tag's type an enum of the cases). */
+typedef struct QmpUnion {
+    const QmpArgSpec *common;
+    const char *tag;
+    /* The i-th case: its tag value in *ret_name and its own members (one
+     * named as a common member is left out); NULL after the last. */
+    const QmpArgSpec *(*variant)(size_t i, const char **ret_name);
+} QmpUnion;
+/* The case of u whose tag value is name, or NULL. */
+const QmpArgSpec *qmp_union_find(const QmpUnion *u, const char *name);
+
+/* Register a command whose arguments are the union u: before fn runs (and
+ * after precheck, when not NULL), the tag must name a case ("Parameter
+ * 'T' does not accept value 'V'") and the members must be the common ones
+ * and that case's, checked as qmp_register_command_spec does. */
+void qmp_register_command_union(const char *name, QmpCommandFunc fn,
+                                const QmpUnion *u, QmpArgPrecheck precheck);
+/* For query-qmp-schema only, of registered command name whose handler
+ * checks its own arguments: member NULL: its arguments are the union u;
+ * else its spec's member `member` is (blockdev-create's "options"). */
+void qmp_set_command_schema(const char *name, const char *member,
+                            const QmpUnion *u);
+
 /* dispatch.c: for query-qmp-schema.  The number of registered commands;
- * the name of the i-th (i < count) and in *ret_spec its arguments: its
- * spec, or for a command registered without one (its handler checks its
- * arguments) the members qmp_set_command_schema gave, or NULL. */
+ * the name of the i-th (i < count), in *ret_spec its spec (NULL for a
+ * command whose arguments are a union), in *ret_union the union
+ * qmp_register_command_union or qmp_set_command_schema gave (else NULL)
+ * and in *ret_member the member of the spec that the union is (NULL: the
+ * union is the arguments). */
 size_t qmp_command_count(void);
-const char *qmp_command_get(size_t i, const QmpArgSpec **ret_spec);
-/* The members query-qmp-schema lists for registered command name whose
- * spec is NULL (the common ones of a union's variants). */
-void qmp_set_command_schema(const char *name, const QmpArgSpec *members);
+const char *qmp_command_get(size_t i, const QmpArgSpec **ret_spec,
+                            const QmpUnion **ret_union,
+                            const char **ret_member);
 
 /* Registration of each file's commands (called by qmp_init_commands). */
 void qmp_register_control_commands(void);

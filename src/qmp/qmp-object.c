@@ -40,17 +40,23 @@ static const QmpArgSpec spec_object_del[] = {
     { "id", QMP_ARG_STR, false },
     { NULL },
 };
-/* object-add's members common to every qom-type (query-qmp-schema). */
-static const QmpArgSpec schema_object_add[] = {
+/* object-add's arguments: a union on "qom-type" of src/crypto's object
+ * types (object_add checks them). */
+static const QmpArgSpec object_add_common[] = {
     { "qom-type", QMP_ARG_STR, false },
     { "id", QMP_ARG_STR, false },
     { NULL },
+};
+static const QmpUnion union_object_add = {
+    .common = object_add_common,
+    .tag = "qom-type",
+    .variant = object_class_get,
 };
 void qmp_register_object_commands(void)
 {
     /* The properties depend on qom-type: object_add checks them. */
     qmp_register_command_spec("object-add", qmp_cmd_object_add, NULL);
-    qmp_set_command_schema("object-add", schema_object_add);
+    qmp_set_command_schema("object-add", NULL, &union_object_add);
     qmp_register_command_spec("object-del", qmp_cmd_object_del,
                               spec_object_del);
     qmp_register_command_spec("query-iothreads", qmp_cmd_query_iothreads,

@@ -60,22 +60,17 @@ void qmp_request_quit(void);
 
 /* ---- Argument schemas, shared by QMP and the daemon's command line ---- */
 
-typedef enum QmpArgType {
-    QMP_ARG_STR,
-    QMP_ARG_BOOL,
-    QMP_ARG_INT,        /* int64 */
-    QMP_ARG_UINT,       /* uint64 (non-negative) */
-    QMP_ARG_OBJECT,
-    QMP_ARG_ARRAY,
-    QMP_ARG_ANY,
-} QmpArgType;
-
-/* One argument of a command; a spec is an array ended by {NULL}. */
-typedef struct QmpArgSpec {
-    const char *name;
-    QmpArgType type;
-    bool optional;
-} QmpArgSpec;
+/* A command's arguments are a member spec (util/json-opts.h): an array of
+ * {name, type, optional} ended by {NULL}. */
+typedef JsonOptType QmpArgType;
+#define QMP_ARG_STR JSON_OPT_STR
+#define QMP_ARG_BOOL JSON_OPT_BOOL
+#define QMP_ARG_INT JSON_OPT_INT          /* int64 */
+#define QMP_ARG_UINT JSON_OPT_UINT        /* uint64 (non-negative) */
+#define QMP_ARG_OBJECT JSON_OPT_OBJECT
+#define QMP_ARG_ARRAY JSON_OPT_ARRAY
+#define QMP_ARG_ANY JSON_OPT_ANY
+typedef JsonOptSpec QmpArgSpec;
 
 /* Register a command whose arguments are checked against spec before fn
  * runs: missing, unexpected and mistyped members get QEMU's GenericError

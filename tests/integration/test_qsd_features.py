@@ -510,7 +510,7 @@ def test_query_qmp_schema(tmp_path):
         assert commands == in_schema
         for e in schema:
             assert e["meta-type"] in {"command", "event", "object",
-                                      "builtin", "array"}
+                                      "builtin", "array", "enum"}
             if e["meta-type"] in ("command", "event"):
                 assert by_name[e["arg-type"]]["meta-type"] == "object"
             if e["meta-type"] == "command":
@@ -520,6 +520,15 @@ def test_query_qmp_schema(tmp_path):
                     assert m["type"] in by_name
                     assert set(m) <= {"name", "type", "default"}
                     assert m.get("default", None) is None
+                # A union (test_qmp_schema.py has the details).
+                assert set(e) - {"name", "meta-type", "members"} in (
+                    set(), {"tag", "variants"})
+                for v in e.get("variants", []):
+                    assert by_name[v["type"]]["meta-type"] == "object"
+            if e["meta-type"] == "enum":
+                assert e["values"] and all(isinstance(x, str)
+                                           for x in e["values"])
+                assert [m["name"] for m in e["members"]] == e["values"]
         assert {"JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"} <= \
             {e["name"] for e in schema if e["meta-type"] == "event"}
         resize = by_name[by_name["block_resize"]["arg-type"]]["members"]
@@ -527,22 +536,38 @@ def test_query_qmp_schema(tmp_path):
                           {"name": "node-name", "type": "str",
                            "default": None},
                           {"name": "size", "type": "int"}]
+        def right(t):
+            """A value of schema type t."""
+            if by_name[t]["meta-type"] == "enum":
+                return by_name[t]["values"][0]
+            return RIGHT.get(t, {})
+
+        def json_type(t):
+            """The type name of t in QEMU's mistyped-member message."""
+            if by_name[t]["meta-type"] == "enum":
+                return "string"
+            return SCHEMA_JSON_TYPE.get(t)
+
         probed = 0
         for cmd in sorted(in_schema - {"blockdev-add", "object-add",
                                        "qmp_capabilities"}):
-            members = by_name[by_name[cmd]["arg-type"]]["members"]
-            base = {m["name"]: RIGHT[m["type"]] for m in members
+            arg = by_name[by_name[cmd]["arg-type"]]
+            members = list(arg["members"])
+            base = {m["name"]: right(m["type"]) for m in members
                     if "default" not in m}
-            if "type" in base:
-                base["type"] = "nbd"        # block-export-add's union tag
+            if "tag" in arg:        # block-export-add's union: its nbd case
+                base[arg["tag"]] = "nbd"
+                members += by_name[[v["type"] for v in arg["variants"]
+                                    if v["case"] == "nbd"][0]]["members"]
             for m in members:
-                if m["type"] not in WRONG:
+                if not json_type(m["type"]):
                     continue
-                args = dict(base, **{m["name"]: WRONG[m["type"]]})
+                args = dict(base, **{m["name"]: 1 if json_type(m["type"]) ==
+                                     "string" else WRONG[m["type"]]})
                 err = c.error(cmd, **args)
                 assert err.desc == (
                     f"Invalid parameter type for '{m['name']}', expected: "
-                    f"{SCHEMA_JSON_TYPE[m['type']]}"), (cmd, m, err.desc)
+                    f"{json_type(m['type'])}"), (cmd, m, err.desc)
                 probed += 1
             # And the command takes no member the schema does not list.
             err = c.error(cmd, **dict(base, **{"x-not-a-member": 1}))

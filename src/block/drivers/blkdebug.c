@@ -286,12 +286,22 @@ bool blkdebug_clear(BlockDriverState *bs, Error **errp)
     return true;
 }
 
+/* blockdev-add's members of a blkdebug node: its child "image" (or the
+ * "filename" shorthand) and the rules (block.h: open_opts). */
+static const JsonOptSpec blkdebug_open_opts[] = {
+    { "image", JSON_OPT_REF, true },
+    { "filename", JSON_OPT_STR, true },
+    { "inject-error", JSON_OPT_ARRAY, true },
+    { NULL },
+};
+
 const BlockDriver bdrv_blkdebug = {
     .format_name = "blkdebug",
     .instance_size = sizeof(BDRVBlkdebugState),
     .child_key = "image",
     .is_filter = true,
     .open = blkdebug_open,
+    .open_opts = blkdebug_open_opts,
     .close = blkdebug_close,
     .getlength = blkdebug_getlength,
     .preadv = blkdebug_preadv,

@@ -327,11 +327,21 @@ static bool file_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
     return true;
 }
 
+/* blockdev-add's members of a file node (block.h: open_opts). */
+static const JsonOptSpec file_open_opts[] = {
+    { "filename", JSON_OPT_STR, false },
+    { "locking", JSON_OPT_STR, true, NULL, bdrv_locking_values },
+    { "x-no-follow", JSON_OPT_BOOL, true },
+    { "x-remove-on-close", JSON_OPT_BOOL, true },
+    { NULL },
+};
+
 const BlockDriver bdrv_file = {
     .format_name = "file",
     .instance_size = sizeof(BDRVFileState),
     .is_protocol = true,
     .open = file_open,
+    .open_opts = file_open_opts,
     .close = file_close,
     .getlength = file_getlength,
     .preadv = file_preadv,

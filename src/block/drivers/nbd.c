@@ -911,11 +911,33 @@ static void nbd_drv_info(BlockDriverState *bs, struct json_object *data)
                            json_object_new_boolean(s->has_base_allocation));
 }
 
+/* blockdev-add's members of an nbd node (block.h: open_opts): the server's
+ * address (nbd_parse_server; "tcp" is taken as "inet") or an NBD URI. */
+static const char *const nbd_server_types[] = { "inet", "unix", "tcp", NULL };
+static const JsonOptSpec nbd_server_opts[] = {
+    { "type", JSON_OPT_STR, false, NULL, nbd_server_types },
+    { "path", JSON_OPT_STR, true },
+    { "host", JSON_OPT_STR, true },
+    { "port", JSON_OPT_ANY, true },      /* a string or an integer */
+    { NULL },
+};
+static const JsonOptSpec nbd_open_opts[] = {
+    { "server", JSON_OPT_OBJECT, true, nbd_server_opts },
+    { "filename", JSON_OPT_STR, true },
+    { "export", JSON_OPT_STR, true },
+    { "tls-creds", JSON_OPT_STR, true },
+    { "tls-hostname", JSON_OPT_STR, true },
+    { "open-timeout", JSON_OPT_UINT, true },
+    { "reconnect-delay", JSON_OPT_UINT, true },
+    { NULL },
+};
+
 const BlockDriver bdrv_nbd = {
     .format_name = "nbd",
     .instance_size = sizeof(BDRVNBDState),
     .is_protocol = true,
     .open = nbd_drv_open,
+    .open_opts = nbd_open_opts,
     .close = nbd_drv_close,
     .getlength = nbd_drv_getlength,
     .preadv = nbd_drv_preadv,

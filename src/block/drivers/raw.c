@@ -92,11 +92,20 @@ static bool raw_create(const char *filename, uint64_t size,
     return true;
 }
 
+/* blockdev-add's members of a raw node: its file child, or the
+ * "filename" shorthand for one (block.h: open_opts). */
+static const JsonOptSpec raw_open_opts[] = {
+    { "file", JSON_OPT_REF, true },
+    { "filename", JSON_OPT_STR, true },
+    { NULL },
+};
+
 const BlockDriver bdrv_raw = {
     .format_name = "raw",
     .instance_size = 0,
     .probe = raw_probe,
     .open = raw_open,
+    .open_opts = raw_open_opts,
     .close = raw_close,
     .getlength = raw_getlength,
     .preadv = raw_preadv,

@@ -1015,11 +1015,26 @@ static bool rbd_drv_snapshot_changed(BlockDriverState *bs, const char *name,
     return true;
 }
 
+/* blockdev-add's members of an rbd node (block.h: open_opts):
+ * rbd_parse_options's and the locking option. */
+static const JsonOptSpec rbd_open_opts[] = {
+    { "filename", JSON_OPT_STR, true },
+    { "pool", JSON_OPT_STR, true },
+    { "namespace", JSON_OPT_STR, true },
+    { "image", JSON_OPT_STR, true },
+    { "snapshot", JSON_OPT_STR, true },
+    { "conf", JSON_OPT_STR, true },
+    { "user", JSON_OPT_STR, true },
+    { "locking", JSON_OPT_STR, true, NULL, bdrv_locking_values },
+    { NULL },
+};
+
 const BlockDriver bdrv_rbd = {
     .format_name = "rbd",
     .instance_size = sizeof(BDRVRBDState),
     .is_protocol = true,
     .open = rbd_drv_open,
+    .open_opts = rbd_open_opts,
     .close = rbd_drv_close,
     .getlength = rbd_drv_getlength,
     .preadv = rbd_drv_preadv,

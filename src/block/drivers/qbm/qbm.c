@@ -1374,12 +1374,24 @@ static int qbm_check(BlockDriverState *bs, BdrvCheckResult *res)
     return 0;
 }
 
+/* blockdev-add's members of a qbm node: its descriptor's file (or the
+ * "filename" shorthand), its data image and its backing node (block.h:
+ * open_opts). */
+static const JsonOptSpec qbm_open_opts[] = {
+    { "file", JSON_OPT_REF, true },
+    { "filename", JSON_OPT_STR, true },
+    { "data-file", JSON_OPT_REF, true },
+    { "backing", JSON_OPT_REF, true },
+    { NULL },
+};
+
 const BlockDriver bdrv_qbm = {
     .format_name = "qbm",
     .instance_size = sizeof(BDRVQbmState),
     .supports_backing = true,
     .probe = qbm_probe,
     .open = qbm_open,
+    .open_opts = qbm_open_opts,
     .close = qbm_close,
     .backing_attached = qbm_backing_attached,
     .getlength = qbm_getlength,

@@ -1657,6 +1657,15 @@ static void qcow2_info(BlockDriverState *bs, struct json_object *data)
     }
 }
 
+/* blockdev-add's members of a qcow2 node: its file (or the "filename"
+ * shorthand) and its backing node (block.h: open_opts). */
+static const JsonOptSpec qcow2_open_opts[] = {
+    { "file", JSON_OPT_REF, true },
+    { "filename", JSON_OPT_STR, true },
+    { "backing", JSON_OPT_REF, true },
+    { NULL },
+};
+
 const BlockDriver bdrv_qcow2 = {
     .format_name = "qcow2",
     .instance_size = sizeof(BDRVQcow2State),
@@ -1664,6 +1673,7 @@ const BlockDriver bdrv_qcow2 = {
     .supports_compressed_writes = true,
     .probe = qcow2_probe,
     .open = qcow2_open,
+    .open_opts = qcow2_open_opts,
     .close = qcow2_close,
     .getlength = qcow2_getlength,
     .get_cluster_size = qcow2_get_cluster_size,
