@@ -10,8 +10,13 @@
 
 static const JsonOptSpec cache_opts[] = {
     { "direct", JSON_OPT_BOOL, true },
+    { "no-flush", JSON_OPT_BOOL, true },
     { NULL },
 };
+
+const char *const bdrv_discard_values[] = { "ignore", "unmap", NULL };
+const char *const bdrv_detect_zeroes_values[] = { "off", "on", "unmap", NULL };
+const char *const bdrv_aio_values[] = { "threads", "native", "io_uring", NULL };
 
 const JsonOptSpec bdrv_common_opts[] = {
     { "driver", JSON_OPT_STR, false },
@@ -21,6 +26,9 @@ const JsonOptSpec bdrv_common_opts[] = {
     { "cache", JSON_OPT_OBJECT, true, cache_opts },
     { "crash-safe", JSON_OPT_BOOL, true },
     { "crash-safe-region-size", JSON_OPT_UINT, true },
+    { "discard", JSON_OPT_STR, true, NULL, bdrv_discard_values },
+    { "detect-zeroes", JSON_OPT_STR, true, NULL, bdrv_detect_zeroes_values },
+    { "auto-read-only", JSON_OPT_BOOL, true },
     { NULL },
 };
 

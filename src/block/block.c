@@ -208,6 +208,32 @@ bool bdrv_opt_locking(struct json_object *opts, bool def, bool *ret_on,
     return true;
 }
 
+bool bdrv_opt_enum(struct json_object *opts, const char *key,
+                   const char *const *values, const char *def,
+                   const char **ret, Error **errp)
+{
+    struct json_object *v;
+    *ret = def;
+    if (!json_object_object_get_ex(opts, key, &v) || !v) {
+        return true;
+    }
+    const char *s = json_object_is_type(v, json_type_string)
+                    ? json_object_get_string(v) : NULL;
+    for (size_t i = 0; s && values[i]; i++) {
+        if (!strcmp(s, values[i])) {
+            *ret = values[i];
+            return true;
+        }
+    }
+    if (!s) {
+        error_setg(errp, "Invalid parameter type for '%s', expected: string",
+                   key);
+    } else {
+        error_setg(errp, "Parameter '%s' does not accept value '%s'", key, s);
+    }
+    return false;
+}
+
 bool bdrv_opt_uint(struct json_object *opts, const char *key, uint64_t def,
                    uint64_t max, uint64_t *ret, Error **errp)
 {
@@ -386,13 +412,34 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
                         : (flags & ~BDRV_O_FORCE_SHARE);
     struct json_object *cache;
     if (json_object_object_get_ex(options, "cache", &cache) && cache) {
-        bool direct;
-        if (!bdrv_opt_bool(cache, "direct", false, &direct, errp)) {
+        bool direct, no_flush;
+        if (!bdrv_opt_bool(cache, "direct", false, &direct, errp) ||
+            !bdrv_opt_bool(cache, "no-flush", false, &no_flush, errp)) {
+            return NULL;
+        }
+        if (no_flush) {
+            error_setg(errp, "cache.no-flush=on is not supported: bitback "
+                       "never drops a flush");
             return NULL;
         }
         if (direct) {
             flags |= BDRV_O_NOCACHE;
         }
+    }
+    /* QEMU's members libvirt sends (docs/qmp.md, blockdev-add). */
+    const char *discard, *detect_zeroes;
+    bool auto_ro;
+    if (!bdrv_opt_enum(options, "discard", bdrv_discard_values, "unmap",
+                       &discard, errp) ||
+        !bdrv_opt_enum(options, "detect-zeroes", bdrv_detect_zeroes_values,
+                       "off", &detect_zeroes, errp) ||
+        !bdrv_opt_bool(options, "auto-read-only", false, &auto_ro, errp)) {
+        return NULL;
+    }
+    if (strcmp(detect_zeroes, "off")) {
+        error_setg(errp, "detect-zeroes '%s' is not supported (only 'off')",
+                   detect_zeroes);
+        return NULL;
     }
 
     BlockDriverState *bs = bdrv_new(drv);
@@ -401,6 +448,7 @@ static BlockDriverState *open_options_depth(struct json_object *options, int fla
         return NULL;
     }
     bs->read_only = ro;
+    bs->discard_ignore = !strcmp(discard, "ignore");
     bs->crash_safe = crash_safe;
     bs->wil_region_shift = (unsigned)__builtin_ctzll(region);
     bs->open_flags = flags;
@@ -1532,7 +1580,7 @@ int bdrv_pwrite_zeroes(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 
 int bdrv_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
 {
-    if (!bs->drv->pdiscard) {
+    if (!bs->drv->pdiscard || bs->discard_ignore) {
         return check_request(bs, offset, bytes, true, false);  /* or 0 */
     }
     /* Discarded data may read back differently: that is a change. */

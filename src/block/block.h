@@ -293,6 +293,8 @@ struct BlockDriverState {
 
     /* Crash-safe bitmaps (write-intent.h). */
     bool crash_safe;               /* option "crash-safe" (default on) */
+    bool discard_ignore;           /* option "discard": "ignore" (default
+                                      "unmap": discards reach the driver) */
     unsigned wil_region_shift;     /* "crash-safe-region-size", log2 */
     bool bitmaps_foreign_writes;   /* set by a driver's open when another
                                       program may have written the image
@@ -322,6 +324,14 @@ bool bdrv_opt_uint(struct json_object *opts, const char *key, uint64_t def,
 extern const JsonOptSpec bdrv_common_opts[];
 /* The "locking" member of protocol nodes (bdrv_opt_locking). */
 extern const char *const bdrv_locking_values[];
+extern const char *const bdrv_discard_values[];
+extern const char *const bdrv_detect_zeroes_values[];
+extern const char *const bdrv_aio_values[];
+/* The string member key of opts, one of values (NULL-ended) or absent
+ * (def); QEMU's errors otherwise.  *ret points into values or is def. */
+bool bdrv_opt_enum(struct json_object *opts, const char *key,
+                   const char *const *values, const char *def,
+                   const char **ret, Error **errp);
 /* Check a node's options (blockdev-add's arguments) before opening: every
  * member must be a common one or its driver's (open_opts), at any depth
  * (a child given as options is checked for its own driver, its members

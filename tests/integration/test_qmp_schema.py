@@ -20,10 +20,12 @@ written from them:
 A type name that no entry defines is a broken schema (an error, not a
 miss).
 """
+import os
+
 import pytest
 
-from bitback_testlib import BITBACKD, QSD, Daemon
-from conftest import run
+from bitback_testlib import BITBACKD, QSD, Daemon, QMPError
+from conftest import require, run
 
 MiB = 1024 * 1024
 
@@ -107,6 +109,11 @@ BOTH = [
     "blockdev-add/arg-type/read-only/!boolean",
     "blockdev-add/arg-type/force-share",
     "blockdev-add/arg-type/cache/direct",
+    "blockdev-add/arg-type/discard/^unmap",
+    "blockdev-add/arg-type/auto-read-only",
+    "blockdev-add/arg-type/detect-zeroes/^off",
+    "blockdev-add/arg-type/cache/no-flush",
+    "blockdev-add/arg-type/+file/aio/^io_uring",
     "blockdev-add/arg-type/+file/filename",
     "blockdev-add/arg-type/+file/locking/^auto",
     "blockdev-add/arg-type/+raw/file",
@@ -162,12 +169,6 @@ BOTH = [
 # Paths for what bitbackd does not implement: they resolve on QSD (so the
 # resolver does find such things) and must not on bitbackd.
 QSD_ONLY = [
-    "blockdev-add/arg-type/discard",
-    "blockdev-add/arg-type/auto-read-only",
-    "blockdev-add/arg-type/detect-zeroes",
-    "blockdev-add/arg-type/cache/no-flush",
-    "blockdev-add/arg-type/+file/aio",
-    "blockdev-add/arg-type/+file/aio/^io_uring",
     "blockdev-add/arg-type/+file/drop-cache",
     "blockdev-add/arg-type/+qcow2/data-file",
     "blockdev-add/arg-type/+qcow2/encrypt",
@@ -260,7 +261,8 @@ def test_union_shapes(schemas):
     assert arg["meta-type"] == "object" and arg["tag"] == "driver"
     common = {m["name"]: m for m in arg["members"]}
     assert {"driver", "node-name", "read-only", "force-share", "cache",
-            "crash-safe", "crash-safe-region-size"} == set(common)
+            "crash-safe", "crash-safe-region-size", "discard",
+            "detect-zeroes", "auto-read-only"} == set(common)
     drivers = types[common["driver"]["type"]]
     assert drivers["meta-type"] == "enum"
     assert sorted(drivers["values"]) == sorted(
@@ -270,7 +272,7 @@ def test_union_shapes(schemas):
     assert set(cases) == set(drivers["values"])
     file_members = {m["name"] for m in cases["file"]["members"]}
     assert file_members == {"filename", "locking", "x-no-follow",
-                            "x-remove-on-close"}
+                            "x-remove-on-close", "aio"}
     assert not file_members & set(common)
     assert "default" not in [m for m in cases["file"]["members"]
                              if m["name"] == "filename"][0]
@@ -300,6 +302,8 @@ def blockdev_errors(d, img):
         dict(driver="file", filename=5),
         dict(driver="file", filename=img, **{"read-only": "yes"}),
         dict(driver="raw", file={"driver": "file", "filename": []}),
+        dict(driver="file", filename=img, discard="bogus"),
+        dict(driver="file", filename=img, aio="native"),
     ]
     out = []
     for i, a in enumerate(calls):
@@ -325,6 +329,48 @@ def test_unknown_members_refused_as_qsd(tmp_path):
     assert errs["qsd"] == errs["bitbackd"]
 
 
+def test_libvirt_members(tmp_path):
+    """The members libvirt sends with blockdev-add open a node on bitbackd
+    as on qsd; discard=ignore drops discards (the file keeps its blocks),
+    discard=unmap passes them on (the blocks are freed); what bitbackd does
+    not do (detect-zeroes on, cache.no-flush on) is refused clearly."""
+    require("nbdinfo")
+    imgs = {}
+    with Daemon(tmp_path / "d", binary=BITBACKD) as d:
+        d.start(nbd=True)
+        c = d.qmp
+        for mode in ("ignore", "unmap"):
+            img = imgs[mode] = tmp_path / f"{mode}.raw"
+            run(["qemu-img", "create", "-q", "-f", "raw", img, "4M"])
+            c.cmd("blockdev-add", driver="file", filename=str(img),
+                  **{"node-name": f"f-{mode}", "auto-read-only": True,
+                     "discard": mode, "detect-zeroes": "off"}, aio="threads",
+                  cache={"direct": False, "no-flush": False})
+            c.cmd("blockdev-add", driver="raw", file=f"f-{mode}",
+                  **{"node-name": f"r-{mode}", "discard": mode})
+            c.cmd("block-export-add", type="nbd", id=f"e-{mode}",
+                  **{"node-name": f"r-{mode}"}, writable=True)
+            uri = d.nbd_uri(f"r-{mode}")
+            run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 2M", uri])
+            blocks = os.stat(img).st_blocks
+            run(["qemu-io", "-f", "raw", "-c", "discard 0 2M", uri])
+            after = os.stat(img).st_blocks
+            if mode == "ignore":
+                assert after == blocks
+                run(["qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 2M", uri])
+            else:
+                assert after < blocks
+        with pytest.raises(QMPError, match="detect-zeroes 'on' is not "
+                           "supported"):
+            c.cmd("blockdev-add", driver="file", filename=str(imgs["ignore"]),
+                  **{"node-name": "z", "detect-zeroes": "on"})
+        with pytest.raises(QMPError, match="cache.no-flush=on is not "
+                           "supported"):
+            c.cmd("blockdev-add", driver="file", filename=str(imgs["ignore"]),
+                  **{"node-name": "z"}, cache={"no-flush": True})
+        assert d.quit() == 0
+
+
 def test_every_documented_option_opens(tmp_path):
     """A node with every member its driver's variant lists opens (so the
     tables do not list what open refuses, nor refuse what they list)."""
@@ -336,9 +382,11 @@ def test_every_documented_option_opens(tmp_path):
     run(["qemu-img", "create", "-q", "-f", "raw", raw, "1M"])
     common = {"read-only": True, "force-share": True,
               "cache": {"direct": False}, "crash-safe": False,
-              "crash-safe-region-size": 64 * MiB}
+              "crash-safe-region-size": 64 * MiB, "discard": "unmap",
+              "detect-zeroes": "off", "auto-read-only": False}
     file_opts = {"driver": "file", "filename": str(img), "locking": "off",
-                 "x-no-follow": True, "x-remove-on-close": False}
+                 "x-no-follow": True, "x-remove-on-close": False,
+                 "aio": "threads"}
     nodes = {
         "file": dict(file_opts),
         "qcow2": {"driver": "qcow2", "file": dict(file_opts),
