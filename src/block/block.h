@@ -320,7 +320,8 @@ bool bdrv_opt_uint(struct json_object *opts, const char *key, uint64_t def,
 
 /* The members of every node's options, whatever its driver (block.c's
  * open path reads them): driver, node-name, read-only, force-share,
- * cache.direct, crash-safe, crash-safe-region-size. */
+ * cache (direct, no-flush), crash-safe, crash-safe-region-size, discard,
+ * detect-zeroes, auto-read-only. */
 extern const JsonOptSpec bdrv_common_opts[];
 /* The "locking" member of protocol nodes (bdrv_opt_locking). */
 extern const char *const bdrv_locking_values[];

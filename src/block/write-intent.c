@@ -1335,12 +1335,6 @@ bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp)
     uint64_t mb = map_bytes_for(n);
     uint8_t *durable = calloc(1, mb), *pending = calloc(1, mb);
     uint32_t *epoch = calloc(n, sizeof(*epoch));
-    _cleanup_free_ uint8_t *payload = NULL;
-    size_t len = 0;
-    uint32_t cur = 0;
-    bool active;
-    int r = 0;
-
     if (!durable || !pending || !epoch) {
         free(durable);
         free(pending);
@@ -1348,9 +1342,10 @@ bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp)
         error_setg(errp, "out of memory");
         return false;
     }
-    /* W11.  The node is drained: no write marks a region meanwhile, and
-     * snap_lock keeps the thread's snapshots out; io_lock its map writes,
-     * which size their buffers by the map they find. */
+    /* W11.  The node is drained: no write marks a region meanwhile.
+     * snap_lock keeps the thread's snapshots out while the maps change,
+     * io_lock its map writes, which size their buffers by the map they
+     * find. */
     pthread_mutex_lock(&w->snap_lock);
     pthread_mutex_lock(&w->io_lock);
     pthread_mutex_lock(&bs->lock);
@@ -1372,36 +1367,18 @@ bool write_intent_resize(BlockDriverState *bs, uint64_t size, Error **errp)
      * snapshot goes to new slots past the end of the log and of the map. */
     w->slot_size = 0;
     w->newest_slot = -1;
-    active = w->active;
-    if (active) {
-        /* The bitmaps are already at the new size (bdrv_truncate_child). */
-        payload = snapshot_payload_locked(bs, &len);
-        cur = ++w->cur_epoch;
-    }
     pthread_mutex_unlock(&bs->lock);
     pthread_mutex_unlock(&w->io_lock);
+    pthread_mutex_unlock(&w->snap_lock);
     free(old_durable);
     free(old_pending);
     free(old_epoch);
-    if (active) {
-        /* The new slot, then the header that names it with the new size,
-         * then the (empty) map: a crash before the header leaves the old
-         * log, whose size recovery reconciles (W6). */
-        r = payload ? write_snapshot(w, payload, len, WIL_STATE_ACTIVE)
-                    : -ENOMEM;
-        if (r == 0) {
-            __atomic_add_fetch(&w->n_snapshots, 1, __ATOMIC_RELAXED);
-            pthread_mutex_lock(&w->io_lock);
-            r = write_map(w, true, cur);
-            pthread_mutex_unlock(&w->io_lock);
-        }
-        if (r < 0) {
-            pthread_mutex_lock(&w->mu);
-            w->io_error = r;
-            pthread_mutex_unlock(&w->mu);
-        }
-    }
-    pthread_mutex_unlock(&w->snap_lock);
+    /* An active log: a snapshot of the bitmaps (already at the new size,
+     * bdrv_truncate_child) in new slots, then the header that names them
+     * with the new size, then the (empty) map.  A crash before the header
+     * leaves the old log, whose size recovery reconciles (W6).  Inactive:
+     * nothing (0). */
+    int r = take_snapshot(w, false);
     if (r < 0) {
         error_setg_errno(errp, -r, "Cannot rewrite the write-intent log '%s' "
                          "of node '%s' for its new size", w->store->name,

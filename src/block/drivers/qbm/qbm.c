@@ -1043,7 +1043,7 @@ static bool qbm_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
     bool ok = false;
 
     if (!s->rw) {
-        error_setg(errp, "Image is read-only");
+        error_setg(errp, "Image is read-only");   /* a child of a resize */
         return false;
     }
     if (s->alloc) {
@@ -1092,7 +1092,6 @@ static bool qbm_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
         }
     }
     pthread_rwlock_wrlock(&s->clean_lock);
-    QbmDescriptor saved = s->desc;
     _cleanup_free_ QbmHeader *hdrs = calloc(s->desc.nb_bitmaps + 1,
                                             sizeof(*hdrs));
     if (!hdrs) {
@@ -1108,7 +1107,7 @@ static bool qbm_truncate(BlockDriverState *bs, uint64_t size, Error **errp)
     }
     s->desc.size = size;
     if (!qbm_write_descriptor(bs, errp)) {
-        s->desc.size = saved.size;
+        s->desc.size = old;
         for (size_t i = 0; i < s->desc.nb_bitmaps; i++) {
             s->desc.bitmaps[i].hdr = hdrs[i];
         }
