@@ -386,10 +386,12 @@ static void worker_loop(NBDWorker *w)
     }
 }
 
+/* An extra worker's place under the daemon-wide cap is given back by
+ * client_main once the thread is joined, not when its loop ends: a
+ * thread still exiting is still a thread. */
 static void *worker_main(void *opaque)
 {
     worker_loop(opaque);
-    extra_worker_put();
     return NULL;
 }
 
@@ -517,6 +519,7 @@ static void *client_main(void *opaque)
     }
     for (int i = 1; i < n; i++) {
         pthread_join(c->workers[i].thread, NULL);
+        extra_worker_put();
     }
     for (int i = 0; i < n; i++) {
         LOCK_GUARD(&nbd_mem.lock);
