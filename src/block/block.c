@@ -1626,6 +1626,106 @@ int bdrv_client_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
     return client_leave(bs, bdrv_pdiscard(bs, offset, bytes));
 }
 
+/* A write bdrv_aio_pwritev submitted, until its driver's cb. */
+typedef struct BdrvAioWrite {
+    BlockDriverState *bs;
+    uint64_t offset, bytes, t0;
+    bool client;                  /* counted in bs->in_flight */
+    BdrvAioCb *cb;
+    void *opaque;
+} BdrvAioWrite;
+
+/* The driver's completion: the epilogue of bdrv_pwritev, the drain count
+ * of a client request, then the caller's cb.  bs is not touched after
+ * that: once cb ran, the caller may drop what keeps bs open. */
+static void aio_write_done(void *opaque, int r)
+{
+    BdrvAioWrite *a = opaque;
+    BdrvAioCb *cb = a->cb;
+    void *cb_opaque = a->opaque;
+
+    r = write_req_finish(a->bs, a->offset + a->bytes, r, BDRV_ACCT_WRITE,
+                         a->offset, a->bytes, a->t0);
+    if (a->client) {
+        client_leave(a->bs, r);
+    }
+    free(a);
+    cb(cb_opaque, r);
+}
+
+/* Whether bs's driver (and each node it passes writes to) can write
+ * asynchronously. */
+static bool aio_capable(BlockDriverState *bs)
+{
+    while (bs->drv->aio_pwritev_via_file && bs->file) {
+        bs = bs->file;
+    }
+    return bs->drv->aio_pwritev != NULL;
+}
+
+/* bdrv_aio_pwritev, for a client request when `client` (the caller
+ * counted it in bs->in_flight; aio_write_done uncounts it). */
+static int aio_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                       const struct iovec *iov, int niov, bool client,
+                       BdrvAioCb *cb, void *opaque)
+{
+    /* Hooks change only inside a drained section, which waits for the
+     * client request this is (part of): none now means none until it
+     * ends. */
+    if (!aio_capable(bs) || bs->request_alignment > 1 || bytes == 0 ||
+        __atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE)) {
+        return 0;
+    }
+    uint64_t t0 = block_acct_start();
+    int r = check_request(bs, offset, bytes, true, true);
+    if (r < 0) {
+        return block_acct_invalid(&bs->stats, BDRV_ACCT_WRITE, r);
+    }
+    r = write_intent_mark_nowait(bs, offset, bytes);
+    if (r == -EAGAIN) {
+        return 0;
+    }
+    BdrvAioWrite *a = r < 0 ? NULL : malloc(sizeof(*a));
+    if (a) {
+        *a = (BdrvAioWrite){ .bs = bs, .offset = offset, .bytes = bytes,
+                             .t0 = t0, .client = client, .cb = cb,
+                             .opaque = opaque };
+        r = bs->drv->aio_pwritev(bs, offset, bytes, iov, niov, aio_write_done,
+                                 a);
+        if (r == 0) {
+            return 1;
+        }
+        free(a);
+        if (r == -EAGAIN) {
+            return 0;             /* its bits stay set: harmless */
+        }
+    } else if (r == 0) {
+        r = -ENOMEM;
+    }
+    return write_req_finish(bs, offset + bytes, r, BDRV_ACCT_WRITE, offset,
+                            bytes, t0);
+}
+
+int bdrv_aio_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                     const struct iovec *iov, int niov, BdrvAioCb *cb,
+                     void *opaque)
+{
+    return aio_pwritev(bs, offset, bytes, iov, niov, false, cb, opaque);
+}
+
+int bdrv_client_aio_pwritev(BlockDriverState *bs, uint64_t offset,
+                            uint64_t bytes, const struct iovec *iov, int niov,
+                            BdrvAioCb *cb, void *opaque)
+{
+    /* client_enter without its wait: a drain in progress means later. */
+    __atomic_add_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&bs->quiesce_counter, __ATOMIC_SEQ_CST) != 0) {
+        return client_leave(bs, 0);
+    }
+    int r = aio_pwritev(bs, offset, bytes, iov, niov, true, cb, opaque);
+    return r == 1 ? 1 : client_leave(bs, r);
+}
+
 int bdrv_flush(BlockDriverState *bs)
 {
     uint64_t t0 = block_acct_start();

@@ -140,6 +140,19 @@ struct BlockDriver {
                    const struct iovec *iov, int niov, int flags);
     int (*pwrite_zeroes)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
                          int flags);                       /* optional */
+    /* Optional: submit a plain write (flags 0) of bytes in the node's
+     * range and return 0; cb(opaque, 0 or -errno) then runs exactly once,
+     * possibly in another thread and possibly before aio_pwritev returns.
+     * iov's array may go once it returns; the data it points to must stay
+     * until cb.  -EAGAIN: not now (nothing was submitted, cb never runs;
+     * the caller writes with pwritev instead); another -errno: the write
+     * failed (cb never runs). */
+    int (*aio_pwritev)(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                       const struct iovec *iov, int niov,
+                       void (*cb)(void *opaque, int ret), void *opaque);
+    /* aio_pwritev only passes the write to bs->file: it is worth trying
+     * only where that node has one. */
+    bool aio_pwritev_via_file;
     int (*pdiscard)(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
     int (*flush)(BlockDriverState *bs);
     /* Status of the range starting at offset: returns BDRV_BLOCK_* bits and
@@ -540,6 +553,27 @@ int bdrv_client_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
 int bdrv_client_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
                               uint64_t bytes, int flags);
 int bdrv_client_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
+
+/* bdrv_client_pwritev without waiting, where the node allows it: a plain
+ * write (no flags) to a node whose driver has aio_pwritev, with no I/O
+ * hooks, no drain in progress and no write-intent I/O needed (the regions
+ * are durable already).  Returns
+ *   1: submitted, with its dirty bits set; cb(opaque, 0 or -errno) runs
+ *      exactly once later, possibly in another thread, possibly before
+ *      this returns; iov's data must stay until then;
+ *   0: not possible without waiting; nothing was done (the caller writes
+ *      with bdrv_client_pwritev);
+ *   -errno: the write failed at once (cb never runs).
+ * Never blocks on I/O of its own. */
+typedef void BdrvAioCb(void *opaque, int ret);
+/* The same for a request inside the graph (a format node passing a
+ * client's write to its child), not gated by drains. */
+int bdrv_aio_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                     const struct iovec *iov, int niov, BdrvAioCb *cb,
+                     void *opaque);
+int bdrv_client_aio_pwritev(BlockDriverState *bs, uint64_t offset,
+                            uint64_t bytes, const struct iovec *iov, int niov,
+                            BdrvAioCb *cb, void *opaque);
 
 /* A hook sees requests to one node.  before_write runs for every write,
  * zero-write and discard of [offset, offset+bytes) after the node's dirty

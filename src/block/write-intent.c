@@ -714,7 +714,8 @@ static void request_readahead(WriteIntent *w, uint64_t first, uint64_t last)
     pthread_mutex_unlock(&w->mu);
 }
 
-int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+static int mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
+                bool nowait)
 {
     WriteIntent *w = bs->wil;
     uint64_t r0, r1, waited_from = 0;
@@ -770,6 +771,9 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
             return 0;
         }
         pthread_mutex_unlock(&bs->lock);
+        if (nowait) {
+            return -EAGAIN;
+        }
         if (!waited_from) {
             waited_from = clock_monotonic_ns();
         }
@@ -778,6 +782,17 @@ int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
             return r;
         }
     }
+}
+
+int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes)
+{
+    return mark(bs, offset, bytes, false);
+}
+
+int write_intent_mark_nowait(BlockDriverState *bs, uint64_t offset,
+                             uint64_t bytes)
+{
+    return mark(bs, offset, bytes, true);
 }
 
 void write_intent_flushed(BlockDriverState *bs)

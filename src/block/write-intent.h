@@ -80,6 +80,10 @@ int write_intent_recover_fd(BlockDriverState *bs, int fd, uint64_t *ret_seq);
  * when the log is active, first make the regions' intent durable.
  * 0 or -errno (the write must then fail: its bit would not be safe). */
 int write_intent_mark(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
+/* The same, but -EAGAIN (with nothing set) where a region's intent is not
+ * durable yet and would have to be written first. */
+int write_intent_mark_nowait(BlockDriverState *bs, uint64_t offset,
+                             uint64_t bytes);
 
 /* A guest flush completed: take a snapshot soon (at most once a second). */
 void write_intent_flushed(BlockDriverState *bs);

@@ -268,6 +268,138 @@ static bool client_is_closing(NBDClient *c)
     return c->closing;
 }
 
+/* An asynchronous write (invariant 9): it owns the buffer its worker
+ * read the payload into, and holds its budget until its completion. */
+typedef struct NBDAsyncWrite {
+    NBDClient *c;
+    NBDRequest req;
+    uint8_t *buf;
+    size_t cap;
+} NBDAsyncWrite;
+
+/* The node's completion (the driver's thread, or the reader on an
+ * immediate failure): reply without waiting, then give back the buffer,
+ * the budget and the place in c->async. */
+static void async_write_done(void *opaque, int r)
+{
+    NBDAsyncWrite *a = opaque;
+    NBDClient *c = a->c;
+    uint8_t reply[NBD_DEFERRED_MAX];
+
+    nbd_client_send_nowait(c, reply, nbd_write_reply(c, &a->req, r, reply));
+    {
+        LOCK_GUARD(&nbd_mem.lock);
+        nbd_mem.used -= a->cap;
+        c->mem_inflight--;
+        free(a->buf);
+        if (nbd_mem.queue) {
+            pthread_cond_broadcast(&nbd_mem.cond);
+        }
+    }
+    LOCK_GUARD(&c->lock);
+    c->inflight_bytes -= a->req.budget;
+    c->async--;
+    pthread_cond_broadcast(&c->cond);
+    free(a);
+}
+
+/* Submit a received write asynchronously if it may go so (recv_lock
+ * held).  1: taken (w no longer holds the request nor its buffer); 0: it
+ * goes the normal way, w unchanged. */
+static int try_write_async(NBDClient *c, NBDWorker *w, const NBDRequest *req)
+{
+    if (!nbd_write_async_ok(c, req) || !w->mem_busy) {
+        return 0;
+    }
+    NBDAsyncWrite *a = malloc(sizeof(*a));
+    if (!a) {
+        return 0;
+    }
+    bool free_pass;
+    {
+        LOCK_GUARD(&nbd_mem.lock);
+        *a = (NBDAsyncWrite){ .c = c, .req = *req, .buf = w->buf,
+                              .cap = w->cap };
+        free_pass = w->free_pass;
+        w->buf = NULL;
+        w->cap = 0;
+        w->mem_busy = false;
+        w->free_pass = false;
+    }
+    {
+        /* Before the submission: the completion may run before it
+         * returns. */
+        LOCK_GUARD(&c->lock);
+        c->busy--;
+        c->async++;
+    }
+    struct iovec iov = { .iov_base = a->buf, .iov_len = req->len };
+    int r = bdrv_client_aio_pwritev(c->exp->bs, req->offset, req->len, &iov,
+                                    1, async_write_done, a);
+    if (r < 0) {
+        async_write_done(a, r);
+    }
+    if (r != 0) {
+        return 1;
+    }
+    {
+        LOCK_GUARD(&nbd_mem.lock);
+        w->buf = a->buf;
+        w->cap = a->cap;
+        w->mem_busy = true;
+        w->free_pass = free_pass;
+    }
+    {
+        LOCK_GUARD(&c->lock);
+        c->busy++;
+        c->async--;
+    }
+    free(a);
+    return 0;
+}
+
+/* The deferred-reply sender of a connection (invariant 9). */
+static void *flusher_main(void *opaque)
+{
+    NBDClient *c = opaque;
+    for (;;) {
+        bool empty = nbd_client_flush_deferred(c);
+        LOCK_GUARD(&c->lock);
+        /* Under c->lock, where a kick looks at flusher_running: a reply
+         * deferred after this check finds the flag false and starts a
+         * new sender. */
+        if (empty && nbd_client_deferred_empty(c)) {
+            c->flusher_running = false;
+            c->async--;
+            pthread_cond_broadcast(&c->cond);
+            return NULL;
+        }
+    }
+}
+
+void nbd_client_kick_flusher(NBDClient *c)
+{
+    LOCK_GUARD(&c->lock);
+    if (c->flusher_running) {
+        return;
+    }
+    pthread_attr_t attr;
+    pthread_t t;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    c->flusher_running = true;
+    c->async++;
+    if (pthread_create(&t, &attr, flusher_main, c) != 0) {
+        /* Deferred replies could never be sent: end the connection. */
+        c->flusher_running = false;
+        c->async--;
+        c->closing = true;
+        pthread_cond_broadcast(&c->cond);
+        shutdown(c->fd, SHUT_RDWR);
+    }
+    pthread_attr_destroy(&attr);
+}
+
 /* Read the next request under recv_lock.  Returns 1 with *req filled (and
  * its payload in w->buf), or 0 when the connection is closing.  A request
  * is dispatched (answered inline, or returned) only if the connection was
@@ -355,6 +487,9 @@ next:
             goto drop;
         }
     }
+    if (!client_is_closing(c) && try_write_async(c, w, req)) {
+        goto next;
+    }
     {
         LOCK_GUARD(&c->lock);
         if (!c->closing) {
@@ -399,6 +534,12 @@ static void client_free(NBDClient *c)
 {
     pthread_mutex_destroy(&c->recv_lock);
     pthread_mutex_destroy(&c->send_lock);
+    pthread_mutex_destroy(&c->defer_lock);
+    while (c->defer_head) {
+        NBDDeferred *d = c->defer_head;
+        c->defer_head = d->next;
+        free(d);
+    }
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->cond);
     free(c->bitmap_ids);
@@ -521,6 +662,15 @@ static void *client_main(void *opaque)
         pthread_join(c->workers[i].thread, NULL);
         extra_worker_put();
     }
+    {
+        /* Asynchronous writes end in their node (bounded like any
+         * request), and the sender of deferred replies with the socket's
+         * send timeout (invariant 9). */
+        LOCK_GUARD(&c->lock);
+        while (c->async > 0) {
+            pthread_cond_wait(&c->cond, &c->lock);
+        }
+    }
     for (int i = 0; i < n; i++) {
         LOCK_GUARD(&nbd_mem.lock);
         mem_free_locked(&c->workers[i]);
@@ -554,6 +704,7 @@ static NBDClient *client_add(int fd, bool inet)
     pthread_mutex_init(&c->send_lock, &ma);
     pthread_mutexattr_destroy(&ma);
     pthread_mutex_init(&c->lock, NULL);
+    pthread_mutex_init(&c->defer_lock, NULL);
     pthread_cond_init(&c->cond, NULL);
 
     LOCK_GUARD(&nbd_srv.lock);

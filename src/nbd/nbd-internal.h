@@ -34,7 +34,9 @@
  * requests of one client run in parallel without a hand-off queue and
  * without any lock shared between connections on the data path.  Each
  * worker owns a reusable buffer; no request allocates memory of its own
- * except block status replies.
+ * except block status replies, and an asynchronous write (invariant 9),
+ * which takes its worker's buffer with it (still counted in the budget of
+ * invariant 8 until it ends).
  *
  * Small reads (up to NBD_INLINE_READ_MAX) are first tried with
  * BDRV_REQ_NOWAIT: when the data is in the page cache, the worker that read
@@ -106,6 +108,23 @@
  *     request, never accepted, is not answered.  Extra workers (beyond
  *     each connection's thread) are capped daemon-wide
  *     (--nbd-max-workers): threads <= connections + cap + fixed ones.
+ *  9. A plain write to a node that can write asynchronously
+ *     (bdrv_client_aio_pwritev: an RBD image) is submitted by the worker
+ *     that read it, still under recv_lock (it never waits: the write
+ *     intent is durable already and no hook runs, else it goes the normal
+ *     way), which then reads the next request; no hand-off, no thread
+ *     waiting per request.  The request keeps its buffer, its budget and
+ *     its place in c->async until the node's completion, which runs in
+ *     the driver's thread, replies, and releases them.  That thread serves
+ *     every request of the image, so it never waits on a client: it sends
+ *     its reply only if it gets send_lock at once and the socket takes
+ *     the bytes without blocking; otherwise the reply is deferred (a list
+ *     under defer_lock), and the holder of send_lock sends deferred
+ *     replies first and checks the list again after unlocking.  Where the
+ *     socket was full, one sender thread of the connection waits for room
+ *     (counted in c->async).  So a peer that stops reading stalls only
+ *     itself, and until the send timeout.  TLS connections write
+ *     synchronously.
  *
  * Only protocol.c maps errno values to NBD error codes.
  */
@@ -161,6 +180,15 @@ typedef struct NBDWorker {
     bool free_pass;               /* buf was admitted over the budget */
 } NBDWorker;
 
+/* A small reply (a write's) that a thread which must not wait could not
+ * send at once; sent, oldest first, by the next holder of send_lock. */
+#define NBD_DEFERRED_MAX       64
+typedef struct NBDDeferred {
+    struct NBDDeferred *next;
+    uint16_t len, off;            /* off: bytes already sent */
+    uint8_t data[NBD_DEFERRED_MAX];
+} NBDDeferred;
+
 typedef struct NBDRequest {
     uint16_t flags;
     uint16_t type;
@@ -208,12 +236,21 @@ struct NBDClient {
     uint64_t poll_ns;             /* busy-poll time before blocking (recv_lock) */
     pthread_mutex_t send_lock;
     bool send_failed;             /* send_lock */
+    /* Replies deferred by nbd_client_send_nowait (invariant 9): appended
+     * under defer_lock (a leaf), sent and removed only by the holder of
+     * send_lock, head first. */
+    pthread_mutex_t defer_lock;
+    NBDDeferred *defer_head, *defer_tail;
 
     pthread_mutex_t lock;         /* the fields below */
     pthread_cond_t cond;
     bool closing;
     int nworkers;
     int busy;                     /* workers holding a request */
+    /* Asynchronous writes in flight plus a running deferred-reply sender
+     * (invariant 9); the connection ends only once it is 0. */
+    int async;
+    bool flusher_running;
     uint64_t inflight_bytes;
     NBDWorker workers[NBD_MAX_WORKERS];
     /* Guarded by the request-memory lock of connections.c (invariant 8). */
@@ -276,6 +313,17 @@ int nbd_client_recv(NBDClient *c, void *dst, size_t len);
 int nbd_client_recv_discard(NBDClient *c, uint64_t len);
 /* One whole reply under send_lock; a failed send ends the connection. */
 void nbd_client_send(NBDClient *c, struct iovec *iov, int niov);
+/* The same for a reply of at most NBD_DEFERRED_MAX bytes, from a thread
+ * that must never wait for the socket or for send_lock (invariant 9). */
+void nbd_client_send_nowait(NBDClient *c, const void *reply, size_t len);
+/* connections.c: keep c alive (c->async) while a thread of
+ * nbd_client_send_nowait's sends what is deferred, waiting as long as
+ * needed; at most one such thread per connection. */
+void nbd_client_kick_flusher(NBDClient *c);
+/* The sender thread's one round (socket-io.c): send every deferred reply,
+ * waiting for room; true when none is left. */
+bool nbd_client_flush_deferred(NBDClient *c);
+bool nbd_client_deferred_empty(NBDClient *c);     /* takes defer_lock */
 void nbd_socket_setup(int fd, bool inet);
 
 /* exports.c.  pin/unpin count c as a user of an export in c->exp
@@ -310,6 +358,13 @@ void nbd_reply_error(NBDClient *c, const NBDRequest *req, int err,
 bool nbd_in_bounds(const NBDClient *c, const NBDRequest *req);
 bool nbd_try_read_inline(NBDClient *c, NBDWorker *w, const NBDRequest *req);
 void nbd_handle_request(NBDClient *c, NBDWorker *w, const NBDRequest *req);
+/* Whether req is a write that may go asynchronously (invariant 9):
+ * a plain, valid write with data, on a connection without TLS. */
+bool nbd_write_async_ok(const NBDClient *c, const NBDRequest *req);
+/* The reply to a write that ended with r (0 or -errno), into buf (at least
+ * NBD_DEFERRED_MAX bytes); returns its length. */
+size_t nbd_write_reply(const NBDClient *c, const NBDRequest *req, int r,
+                       uint8_t *buf);
 
 /* extents.c: answer NBD_CMD_BLOCK_STATUS. */
 void nbd_do_block_status(NBDClient *c, const NBDRequest *req);

@@ -294,6 +294,34 @@ static void reply_result(NBDClient *c, const NBDRequest *req, int r,
     }
 }
 
+bool nbd_write_async_ok(const NBDClient *c, const NBDRequest *req)
+{
+    return req->type == NBD_CMD_WRITE && req->flags == 0 && req->len > 0 &&
+           !req->early_err && !c->tls && c->exp->writable &&
+           nbd_in_bounds(c, req);
+}
+
+size_t nbd_write_reply(const NBDClient *c, const NBDRequest *req, int r,
+                       uint8_t *buf)
+{
+    static const char msg[] = "write failed";
+    if (r >= 0 || !c->structured) {
+        st_be32(buf, NBD_SIMPLE_REPLY_MAGIC);
+        st_be32(buf + 4, nbd_error_code(r));
+        st_be64(buf + 8, req->handle);
+        return NBD_SIMPLE_REPLY_SIZE;
+    }
+    size_t ml = sizeof(msg) - 1;
+    _Static_assert(NBD_CHUNK_HEADER_SIZE + 6 + sizeof(msg) - 1 <=
+                   NBD_DEFERRED_MAX, "a write's error chunk is deferrable");
+    nbd_put_chunk_header(buf, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR,
+                         req->handle, (uint32_t)(6 + ml));
+    st_be32(buf + NBD_CHUNK_HEADER_SIZE, nbd_error_code(r));
+    st_be16(buf + NBD_CHUNK_HEADER_SIZE + 4, (uint16_t)ml);
+    memcpy(buf + NBD_CHUNK_HEADER_SIZE + 6, msg, ml);
+    return NBD_CHUNK_HEADER_SIZE + 6 + ml;
+}
+
 void nbd_handle_request(NBDClient *c, NBDWorker *w, const NBDRequest *req)
 {
     BlockDriverState *bs = c->exp->bs;

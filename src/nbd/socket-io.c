@@ -17,10 +17,12 @@
  * connection threads because it is how one receive is done, not a thread's
  * business.
  */
+#include <assert.h>
 #include <errno.h>
 #include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -211,22 +213,195 @@ int nbd_conn_send_buf(NBDClient *c, const void *buf, size_t len)
     return nbd_conn_send_iov(c, &iov, 1);
 }
 
-/* Send one whole reply (invariant 1).  A failed send ends the connection. */
-void nbd_client_send(NBDClient *c, struct iovec *iov, int niov)
+/* A send failed (send_lock held): the connection ends (the caller calls
+ * nbd_client_set_closing once the lock is dropped). */
+static void send_failed_locked(NBDClient *c)
 {
-    bool failed = false;
-    pthread_mutex_lock(&c->send_lock);
-    if (!c->send_failed && nbd_conn_send_iov(c, iov, niov) < 0) {
+    if (!c->send_failed) {
         nbd_client_note_close(c, LOG_LEVEL_WARNING, "I/O error: sending a "
                               "reply failed: %s", strerror(errno));
         c->send_failed = true;
         shutdown(c->fd, SHUT_RDWR);
+    }
+}
+
+static NBDDeferred *defer_first(NBDClient *c)
+{
+    LOCK_GUARD(&c->defer_lock);
+    return c->defer_head;
+}
+
+static void defer_pop(NBDClient *c)
+{
+    NBDDeferred *d;
+    {
+        LOCK_GUARD(&c->defer_lock);
+        d = c->defer_head;
+        c->defer_head = d->next;
+        if (!c->defer_head) {
+            c->defer_tail = NULL;
+        }
+    }
+    free(d);
+}
+
+/* Send the deferred replies, oldest first (send_lock held, invariant 9);
+ * a partly sent one is always first, so the stream stays whole.  With
+ * `wait` false, stop where the socket is full.  True when none is left. */
+static bool defer_drain_locked(NBDClient *c, bool wait)
+{
+    NBDDeferred *d;
+    while ((d = defer_first(c))) {
+        while (!c->send_failed && d->off < d->len) {
+            ssize_t n = send(c->fd, d->data + d->off, d->len - d->off,
+                             MSG_NOSIGNAL | (wait ? 0 : MSG_DONTWAIT));
+            if (n < 0 && errno == EINTR) {
+                continue;
+            }
+            if (n < 0 && !wait && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                return false;
+            }
+            if (n <= 0) {
+                send_failed_locked(c);
+                break;
+            }
+            d->off += (uint16_t)n;
+        }
+        defer_pop(c);       /* sent, or dropped with the connection */
+    }
+    return true;
+}
+
+/* send_lock was just dropped: replies deferred while it was held are sent
+ * by this thread if it can take the lock now (else by the holder, which
+ * checks after its own unlock).  Left over with `wait` false: the
+ * connection's sender thread takes them. */
+static void defer_after_unlock(NBDClient *c, bool wait)
+{
+    while (defer_first(c) && pthread_mutex_trylock(&c->send_lock) == 0) {
+        bool empty = defer_drain_locked(c, wait);
+        bool failed = c->send_failed;
+        pthread_mutex_unlock(&c->send_lock);
+        if (failed) {
+            nbd_client_set_closing(c);
+        }
+        if (!empty) {
+            nbd_client_kick_flusher(c);
+            return;
+        }
+    }
+}
+
+/* Send one whole reply (invariant 1), after any deferred ones (invariant
+ * 9).  A failed send ends the connection. */
+void nbd_client_send(NBDClient *c, struct iovec *iov, int niov)
+{
+    bool failed = false;
+    pthread_mutex_lock(&c->send_lock);
+    defer_drain_locked(c, true);
+    if (!c->send_failed && nbd_conn_send_iov(c, iov, niov) < 0) {
+        send_failed_locked(c);
     }
     failed = c->send_failed;
     pthread_mutex_unlock(&c->send_lock);
     if (failed) {
         nbd_client_set_closing(c);
     }
+    defer_after_unlock(c, true);
+}
+
+void nbd_client_send_nowait(NBDClient *c, const void *reply, size_t len)
+{
+    size_t off = 0;
+    bool failed = false, locked = false;
+
+    assert(len <= NBD_DEFERRED_MAX && !c->tls);
+    /* At once when nothing is deferred and the socket takes it all. */
+    if (!defer_first(c) && pthread_mutex_trylock(&c->send_lock) == 0) {
+        locked = true;
+        while (!c->send_failed && off < len) {
+            ssize_t n = send(c->fd, (const uint8_t *)reply + off, len - off,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n < 0 && errno == EINTR) {
+                continue;
+            }
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                break;
+            }
+            if (n <= 0) {
+                send_failed_locked(c);
+                break;
+            }
+            off += (size_t)n;
+        }
+        if (c->send_failed || off == len) {
+            failed = c->send_failed;
+            pthread_mutex_unlock(&c->send_lock);
+            if (failed) {
+                nbd_client_set_closing(c);
+            }
+            defer_after_unlock(c, false);
+            return;
+        }
+        /* The rest goes first in the list, send_lock still held. */
+    }
+    NBDDeferred *d = malloc(sizeof(*d));
+    if (!d) {
+        /* Cannot keep the reply: the client would wait for it forever. */
+        if (locked) {
+            pthread_mutex_unlock(&c->send_lock);
+        }
+        nbd_client_note_close(c, LOG_LEVEL_WARNING, "out of memory for a "
+                              "reply");
+        shutdown(c->fd, SHUT_RDWR);
+        nbd_client_set_closing(c);
+        return;
+    }
+    *d = (NBDDeferred){ .len = (uint16_t)len, .off = (uint16_t)off };
+    memcpy(d->data, reply, len);
+    {
+        LOCK_GUARD(&c->defer_lock);
+        if (locked) {
+            /* send_lock held, the socket full, maybe partly sent: it must
+             * go on first, before any reply deferred meanwhile. */
+            d->next = c->defer_head;
+            c->defer_head = d;
+            if (!c->defer_tail) {
+                c->defer_tail = d;
+            }
+        } else if (c->defer_tail) {
+            c->defer_tail->next = d;
+            c->defer_tail = d;
+        } else {
+            c->defer_head = c->defer_tail = d;
+        }
+    }
+    if (locked) {
+        /* The socket is full: the sender thread waits for room. */
+        pthread_mutex_unlock(&c->send_lock);
+        nbd_client_kick_flusher(c);
+        return;
+    }
+    defer_after_unlock(c, false);
+}
+
+bool nbd_client_deferred_empty(NBDClient *c)
+{
+    return defer_first(c) == NULL;
+}
+
+/* The connection's sender thread (nbd_client_kick_flusher): sends what is
+ * deferred, waiting for room in the socket. */
+bool nbd_client_flush_deferred(NBDClient *c)
+{
+    pthread_mutex_lock(&c->send_lock);
+    defer_drain_locked(c, true);
+    bool failed = c->send_failed;
+    pthread_mutex_unlock(&c->send_lock);
+    if (failed) {
+        nbd_client_set_closing(c);
+    }
+    return defer_first(c) == NULL;
 }
 
 /* Options of an accepted connection: no Nagle delay on TCP, a send timeout

@@ -26,7 +26,7 @@ import time
 import pytest
 
 from bitback_testlib import BITBACKD, QSD, Daemon
-from bitback_testlib.nbdio import free_port
+from bitback_testlib.nbdio import free_port, nbd_handshake
 from conftest import dirty_extents, require, run
 
 K = 1024
@@ -83,26 +83,6 @@ def wait_log(d, pattern, timeout=10):
     except AssertionError:
         raise AssertionError(f"no log line /{pattern}/ in:\n{d.stderr()}")
     return found[0]
-
-
-def nbd_handshake(path, name):
-    """A raw NBD connection to export `name` over the UNIX socket `path`,
-    in transmission phase (NBD_OPT_EXPORT_NAME, no zeroes)."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(str(path))
-    hello = b""
-    while len(hello) < 18:
-        hello += s.recv(18 - len(hello))
-    assert hello[:8] == b"NBDMAGIC", hello
-    s.sendall(struct.pack(">I", 3))        # FIXED_NEWSTYLE | NO_ZEROES
-    s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name.encode())
-    reply = b""
-    while len(reply) < 10:
-        chunk = s.recv(10 - len(reply))
-        assert chunk, "server closed during the handshake"
-        reply += chunk
-    return s
 
 
 # ---- logs -------------------------------------------------------------

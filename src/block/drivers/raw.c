@@ -45,6 +45,15 @@ static int raw_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     return bdrv_pwritev(bs->file, offset, bytes, iov, niov, flags);
 }
 
+/* The child's asynchronous write, where it has one (an rbd node). */
+static int raw_aio_pwritev(BlockDriverState *bs, uint64_t offset,
+                           uint64_t bytes, const struct iovec *iov, int niov,
+                           void (*cb)(void *opaque, int ret), void *opaque)
+{
+    int r = bdrv_aio_pwritev(bs->file, offset, bytes, iov, niov, cb, opaque);
+    return r == 1 ? 0 : r == 0 ? -EAGAIN : r;
+}
+
 static int raw_pwrite_zeroes(BlockDriverState *bs, uint64_t offset,
                              uint64_t bytes, int flags)
 {
@@ -110,6 +119,8 @@ const BlockDriver bdrv_raw = {
     .getlength = raw_getlength,
     .preadv = raw_preadv,
     .pwritev = raw_pwritev,
+    .aio_pwritev = raw_aio_pwritev,
+    .aio_pwritev_via_file = true,
     .pwrite_zeroes = raw_pwrite_zeroes,
     .pdiscard = raw_pdiscard,
     .flush = raw_flush,

@@ -16,7 +16,10 @@
  * Requests go through librbd's asynchronous API: each call submits one
  * rbd_aio_* and waits for its completion in the calling thread, so requests
  * from the block layer's many threads overlap in librbd and on the OSDs
- * (librbd image handles are thread-safe).
+ * (librbd image handles are thread-safe).  Plain writes in the image's
+ * range can also go without a waiting thread (aio_pwritev, which the NBD
+ * server uses: invariant 9 of nbd-internal.h): librbd's completion thread
+ * then finishes them.
  *
  * Invariants:
  *   R1. A read-write node holds the image's exclusive lock (RBD's
@@ -721,6 +724,60 @@ static int rbd_drv_pwritev(BlockDriverState *bs, uint64_t offset,
                    flags);
 }
 
+/* An aio_pwritev in flight: the block layer's completion. */
+typedef struct RBDAioWrite {
+    void (*cb)(void *opaque, int ret);
+    void *opaque;
+} RBDAioWrite;
+
+/* librbd's completion callback (one of librbd's threads). */
+static void rbd_aio_write_cb(rbd_completion_t c, void *arg)
+{
+    RBDAioWrite *a = arg;
+    ssize_t ret = rbd_aio_get_return_value(c);
+
+    rbd_aio_release(c);
+    a->cb(a->opaque, ret < 0 ? (int)ret : 0);
+    free(a);
+}
+
+/* A write that waits for nothing here: librbd calls back when it is done.
+ * Writes that would grow the image (R3) go through rbd_drv_pwritev. */
+static int rbd_drv_aio_pwritev(BlockDriverState *bs, uint64_t offset,
+                               uint64_t bytes, const struct iovec *iov,
+                               int niov, void (*cb)(void *opaque, int ret),
+                               void *opaque)
+{
+    BDRVRBDState *s = bs->opaque;
+    struct iovec v[RBD_SMALL_IOV];
+
+    if (!rbd_in_range(bs, offset, bytes) || niov < 1 || niov > RBD_SMALL_IOV ||
+        iov_size(iov, niov) < bytes) {
+        return -EAGAIN;
+    }
+    int n = iov_slice(iov, niov, 0, bytes, v, niov);
+    if (n < 0) {
+        return -EAGAIN;
+    }
+    RBDAioWrite *a = malloc(sizeof(*a));
+    if (!a) {
+        return -ENOMEM;
+    }
+    *a = (RBDAioWrite){ .cb = cb, .opaque = opaque };
+    rbd_completion_t c;
+    int r = rbd_aio_create_completion(a, rbd_aio_write_cb, &c);
+    if (r < 0) {
+        free(a);
+        return r;
+    }
+    r = rbd_aio_writev(s->image, v, n, offset, c);
+    if (r < 0) {
+        rbd_aio_release(c);
+        free(a);
+    }
+    return r;
+}
+
 /* librbd's write-zeroes deallocates whole objects and zeroes the rest
  * (THICK_PROVISION keeps everything allocated, for callers that may not
  * unmap).  Not offered as a fast zero (NO_FALLBACK): it may write data.
@@ -1039,6 +1096,7 @@ const BlockDriver bdrv_rbd = {
     .getlength = rbd_drv_getlength,
     .preadv = rbd_drv_preadv,
     .pwritev = rbd_drv_pwritev,
+    .aio_pwritev = rbd_drv_aio_pwritev,
     .pwrite_zeroes = rbd_drv_pwrite_zeroes,
     .pdiscard = rbd_drv_pdiscard,
     .flush = rbd_drv_flush,

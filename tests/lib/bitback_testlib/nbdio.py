@@ -1,6 +1,8 @@
 """NBD client helpers of the tests (libnbd): connect, read a whole
-export, and a free TCP port for a server."""
+export, a raw socket in transmission phase, and a free TCP port for a
+server."""
 import socket
+import struct
 
 import nbd
 
@@ -37,3 +39,23 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def nbd_handshake(path, name):
+    """A raw NBD connection to export `name` over the UNIX socket `path`,
+    in transmission phase (NBD_OPT_EXPORT_NAME, no zeroes)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(path))
+    hello = b""
+    while len(hello) < 18:
+        hello += s.recv(18 - len(hello))
+    assert hello[:8] == b"NBDMAGIC", hello
+    s.sendall(struct.pack(">I", 3))        # FIXED_NEWSTYLE | NO_ZEROES
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name.encode())
+    reply = b""
+    while len(reply) < 10:
+        chunk = s.recv(10 - len(reply))
+        assert chunk, "server closed during the handshake"
+        reply += chunk
+    return s
