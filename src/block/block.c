@@ -1663,6 +1663,11 @@ static bool aio_capable(BlockDriverState *bs)
     return bs->drv->aio_pwritev != NULL;
 }
 
+bool bdrv_can_aio_pwritev(BlockDriverState *bs)
+{
+    return aio_capable(bs) && bs->request_alignment <= 1;
+}
+
 /* bdrv_aio_pwritev, for a client request when `client` (the caller
  * counted it in bs->in_flight; aio_write_done uncounts it). */
 static int aio_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,

@@ -566,6 +566,10 @@ int bdrv_client_pdiscard(BlockDriverState *bs, uint64_t offset, uint64_t bytes);
  *   -errno: the write failed at once (cb never runs).
  * Never blocks on I/O of its own. */
 typedef void BdrvAioCb(void *opaque, int ret);
+/* Whether bdrv_client_aio_pwritev can ever take a write of bs (its driver,
+ * or the node it passes writes to, writes asynchronously): callers skip
+ * their own preparation where it cannot. */
+bool bdrv_can_aio_pwritev(BlockDriverState *bs);
 /* The same for a request inside the graph (a format node passing a
  * client's write to its child), not gated by drains. */
 int bdrv_aio_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,

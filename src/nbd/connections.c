@@ -308,7 +308,8 @@ static void async_write_done(void *opaque, int r)
  * goes the normal way, w unchanged. */
 static int try_write_async(NBDClient *c, NBDWorker *w, const NBDRequest *req)
 {
-    if (!nbd_write_async_ok(c, req) || !w->mem_busy) {
+    if (!nbd_write_async_ok(c, req) || !w->mem_busy ||
+        !bdrv_can_aio_pwritev(c->exp->bs)) {
         return 0;
     }
     NBDAsyncWrite *a = malloc(sizeof(*a));
