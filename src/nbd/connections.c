@@ -107,6 +107,34 @@ static void mem_free_locked(NBDWorker *w)
     w->free_pass = false;
 }
 
+/* Free the buffers c's asynchronous writes gave back (nbd_mem.lock). */
+static void spares_free_locked(NBDClient *c)
+{
+    while (c->nspare > 0) {
+        c->nspare--;
+        nbd_mem.used -= c->spare_cap[c->nspare];
+        free(c->spare_buf[c->nspare]);
+    }
+}
+
+/* Give w a spare buffer of c holding at least len bytes, if there is one
+ * (nbd_mem.lock held; w's own, smaller, buffer is freed). */
+static bool spare_take_locked(NBDClient *c, NBDWorker *w, size_t len)
+{
+    for (int i = 0; i < c->nspare; i++) {
+        if (c->spare_cap[i] >= len) {
+            mem_free_locked(w);
+            w->buf = c->spare_buf[i];
+            w->cap = c->spare_cap[i];
+            c->nspare--;
+            c->spare_buf[i] = c->spare_buf[c->nspare];
+            c->spare_cap[i] = c->spare_cap[c->nspare];
+            return true;
+        }
+    }
+    return false;
+}
+
 static void mem_unqueue_locked(NBDMemWaiter *me)
 {
     for (NBDMemWaiter **pp = &nbd_mem.queue; *pp; pp = &(*pp)->next) {
@@ -140,7 +168,7 @@ static int mem_acquire(NBDClient *c, NBDWorker *w, size_t len)
         n = c->nworkers;
     }
     LOCK_GUARD(&nbd_mem.lock);
-    if (len > w->cap) {
+    if (len > w->cap && !spare_take_locked(c, w, len)) {
         size_t need = ROUND_UP(MAX(len, NBD_MEM_GRAIN), NBD_MEM_GRAIN);
         NBDMemWaiter me = { NULL };
         bool queued = false;
@@ -169,6 +197,7 @@ static int mem_acquire(NBDClient *c, NBDWorker *w, size_t len)
                         mem_free_locked(&c->workers[i]);
                     }
                 }
+                spares_free_locked(c);
                 NBDMemWaiter **pp = &nbd_mem.queue;
                 while (*pp) {
                     pp = &(*pp)->next;
@@ -275,6 +304,7 @@ typedef struct NBDAsyncWrite {
     NBDRequest req;
     uint8_t *buf;
     size_t cap;
+    bool free_pass;
 } NBDAsyncWrite;
 
 /* The node's completion (the driver's thread, or the reader on an
@@ -288,10 +318,18 @@ static void async_write_done(void *opaque, int r)
 
     nbd_client_send_nowait(c, reply, nbd_write_reply(c, &a->req, r, reply));
     {
+        /* Kept for the next request on the terms of mem_release. */
         LOCK_GUARD(&nbd_mem.lock);
-        nbd_mem.used -= a->cap;
         c->mem_inflight--;
-        free(a->buf);
+        if (!a->free_pass && a->cap <= NBD_KEEP_BUF && !nbd_mem.queue &&
+            nbd_mem.used <= nbd_mem.limit && !c->mem_cancel &&
+            c->nspare < NBD_ASYNC_SPARES) {
+            c->spare_buf[c->nspare] = a->buf;
+            c->spare_cap[c->nspare++] = a->cap;
+        } else {
+            nbd_mem.used -= a->cap;
+            free(a->buf);
+        }
         if (nbd_mem.queue) {
             pthread_cond_broadcast(&nbd_mem.cond);
         }
@@ -322,6 +360,7 @@ static int try_write_async(NBDClient *c, NBDWorker *w, const NBDRequest *req)
         *a = (NBDAsyncWrite){ .c = c, .req = *req, .buf = w->buf,
                               .cap = w->cap };
         free_pass = w->free_pass;
+        a->free_pass = free_pass;
         w->buf = NULL;
         w->cap = 0;
         w->mem_busy = false;
@@ -675,6 +714,10 @@ static void *client_main(void *opaque)
     for (int i = 0; i < n; i++) {
         LOCK_GUARD(&nbd_mem.lock);
         mem_free_locked(&c->workers[i]);
+    }
+    {
+        LOCK_GUARD(&nbd_mem.lock);
+        spares_free_locked(c);
     }
 
     client_log_close(c, transmitted);

@@ -96,7 +96,8 @@
  *     connection ends and frees its slot as on EOF.  A connection over
  *     max_connections is closed at accept, never queued.
  *  8. Memory and threads are bounded daemon-wide.  Every worker buffer
- *     (busy or cached) counts in the request-memory budget
+ *     (busy or cached, and the spares of invariant 9) counts in the
+ *     request-memory budget
  *     (--nbd-max-request-memory, at least NBD_MAX_PAYLOAD); a request
  *     needing a larger buffer WAITS, never fails: FIFO for the budget, or
  *     at once by the free pass (its client has no other request holding a
@@ -148,6 +149,7 @@
 #define NBD_MAX_WORKERS        32                   /* per connection, at most */
 #define NBD_MAX_INFLIGHT_BYTES (UINT64_C(256) * 1024 * 1024)
 #define NBD_RECV_BUF           (64 * 1024)          /* buffered request headers */
+#define NBD_ASYNC_SPARES       8                    /* kept buffers per connection */
 
 #define META_BASE_ALLOCATION   "base:allocation"
 #define META_DIRTY_PREFIX      "qemu:dirty-bitmap:"
@@ -254,8 +256,15 @@ struct NBDClient {
     uint64_t inflight_bytes;
     NBDWorker workers[NBD_MAX_WORKERS];
     /* Guarded by the request-memory lock of connections.c (invariant 8). */
-    int mem_inflight;             /* workers with mem_busy */
+    int mem_inflight;             /* workers with mem_busy, and
+                                   * asynchronous writes */
     bool mem_cancel;              /* closed or shut: stop waiting */
+    /* Buffers asynchronous writes gave back (invariant 9), counted in the
+     * budget like a worker's cached buffer, for the next request that
+     * needs one: no allocation (and no page faults) per write. */
+    uint8_t *spare_buf[NBD_ASYNC_SPARES];
+    size_t spare_cap[NBD_ASYNC_SPARES];
+    int nspare;
 
     /* For the log: the peer ("unix:PATH" of the server socket, or
      * "IP:PORT"), fixed at accept; and why the connection ends, the first
