@@ -1677,7 +1677,7 @@ static int aio_pwritev(BlockDriverState *bs, uint64_t offset, uint64_t bytes,
     /* Hooks change only inside a drained section, which waits for the
      * client request this is (part of): none now means none until it
      * ends. */
-    if (!aio_capable(bs) || bs->request_alignment > 1 || bytes == 0 ||
+    if (!bdrv_can_aio_pwritev(bs) || bytes == 0 ||
         __atomic_load_n(&bs->hooks, __ATOMIC_ACQUIRE)) {
         return 0;
     }

@@ -403,12 +403,12 @@ static void *flusher_main(void *opaque)
 {
     NBDClient *c = opaque;
     for (;;) {
-        bool empty = nbd_client_flush_deferred(c);
+        nbd_client_flush_deferred(c);
         LOCK_GUARD(&c->lock);
         /* Under c->lock, where a kick looks at flusher_running: a reply
          * deferred after this check finds the flag false and starts a
          * new sender. */
-        if (empty && nbd_client_deferred_empty(c)) {
+        if (nbd_client_deferred_empty(c)) {
             c->flusher_running = false;
             c->async--;
             pthread_cond_broadcast(&c->cond);

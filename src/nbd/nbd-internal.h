@@ -240,7 +240,8 @@ struct NBDClient {
     bool send_failed;             /* send_lock */
     /* Replies deferred by nbd_client_send_nowait (invariant 9): appended
      * under defer_lock (a leaf), sent and removed only by the holder of
-     * send_lock, head first. */
+     * send_lock, head first.  defer_head is stored with release order, so
+     * "is anything deferred?" is one atomic load (every reply asks it). */
     pthread_mutex_t defer_lock;
     NBDDeferred *defer_head, *defer_tail;
 
@@ -330,9 +331,11 @@ void nbd_client_send_nowait(NBDClient *c, const void *reply, size_t len);
  * needed; at most one such thread per connection. */
 void nbd_client_kick_flusher(NBDClient *c);
 /* The sender thread's one round (socket-io.c): send every deferred reply,
- * waiting for room; true when none is left. */
-bool nbd_client_flush_deferred(NBDClient *c);
-bool nbd_client_deferred_empty(NBDClient *c);     /* takes defer_lock */
+ * waiting for room.  More may be deferred meanwhile: the sender stops
+ * only when nbd_client_deferred_empty (an atomic load, no lock) says so
+ * under c->lock. */
+void nbd_client_flush_deferred(NBDClient *c);
+bool nbd_client_deferred_empty(NBDClient *c);
 void nbd_socket_setup(int fd, bool inet);
 
 /* exports.c.  pin/unpin count c as a user of an export in c->exp

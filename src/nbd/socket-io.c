@@ -225,10 +225,41 @@ static void send_failed_locked(NBDClient *c)
     }
 }
 
+/* The oldest deferred reply, or NULL.  defer_head is stored (under
+ * defer_lock) with release order, so a reader without the lock sees the
+ * reply it points to whole; only the send_lock holder removes replies. */
 static NBDDeferred *defer_first(NBDClient *c)
 {
-    LOCK_GUARD(&c->defer_lock);
-    return c->defer_head;
+    return __atomic_load_n(&c->defer_head, __ATOMIC_ACQUIRE);
+}
+
+static void defer_set_head(NBDClient *c, NBDDeferred *d)
+{
+    __atomic_store_n(&c->defer_head, d, __ATOMIC_RELEASE);
+}
+
+/* Send what is left of buf from *off on (send_lock held), without waiting
+ * for room unless `wait`.  1: all sent; 0: the socket is full; -1: the
+ * send failed (the connection is ending). */
+static int send_rest_locked(NBDClient *c, const uint8_t *buf, size_t len,
+                            size_t *off, bool wait)
+{
+    while (!c->send_failed && *off < len) {
+        ssize_t n = send(c->fd, buf + *off, len - *off,
+                         MSG_NOSIGNAL | (wait ? 0 : MSG_DONTWAIT));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && !wait && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return 0;
+        }
+        if (n <= 0) {
+            send_failed_locked(c);
+            break;
+        }
+        *off += (size_t)n;
+    }
+    return c->send_failed ? -1 : 1;
 }
 
 static void defer_pop(NBDClient *c)
@@ -237,8 +268,8 @@ static void defer_pop(NBDClient *c)
     {
         LOCK_GUARD(&c->defer_lock);
         d = c->defer_head;
-        c->defer_head = d->next;
-        if (!c->defer_head) {
+        defer_set_head(c, d->next);
+        if (!d->next) {
             c->defer_tail = NULL;
         }
     }
@@ -252,20 +283,11 @@ static bool defer_drain_locked(NBDClient *c, bool wait)
 {
     NBDDeferred *d;
     while ((d = defer_first(c))) {
-        while (!c->send_failed && d->off < d->len) {
-            ssize_t n = send(c->fd, d->data + d->off, d->len - d->off,
-                             MSG_NOSIGNAL | (wait ? 0 : MSG_DONTWAIT));
-            if (n < 0 && errno == EINTR) {
-                continue;
-            }
-            if (n < 0 && !wait && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-                return false;
-            }
-            if (n <= 0) {
-                send_failed_locked(c);
-                break;
-            }
-            d->off += (uint16_t)n;
+        size_t off = d->off;
+        int r = send_rest_locked(c, d->data, d->len, &off, wait);
+        d->off = (uint16_t)off;
+        if (r == 0) {
+            return false;
         }
         defer_pop(c);       /* sent, or dropped with the connection */
     }
@@ -319,22 +341,7 @@ void nbd_client_send_nowait(NBDClient *c, const void *reply, size_t len)
     /* At once when nothing is deferred and the socket takes it all. */
     if (!defer_first(c) && pthread_mutex_trylock(&c->send_lock) == 0) {
         locked = true;
-        while (!c->send_failed && off < len) {
-            ssize_t n = send(c->fd, (const uint8_t *)reply + off, len - off,
-                             MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (n < 0 && errno == EINTR) {
-                continue;
-            }
-            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-                break;
-            }
-            if (n <= 0) {
-                send_failed_locked(c);
-                break;
-            }
-            off += (size_t)n;
-        }
-        if (c->send_failed || off == len) {
+        if (send_rest_locked(c, reply, len, &off, false) != 0) {
             failed = c->send_failed;
             pthread_mutex_unlock(&c->send_lock);
             if (failed) {
@@ -365,15 +372,16 @@ void nbd_client_send_nowait(NBDClient *c, const void *reply, size_t len)
             /* send_lock held, the socket full, maybe partly sent: it must
              * go on first, before any reply deferred meanwhile. */
             d->next = c->defer_head;
-            c->defer_head = d;
             if (!c->defer_tail) {
                 c->defer_tail = d;
             }
+            defer_set_head(c, d);
         } else if (c->defer_tail) {
             c->defer_tail->next = d;
             c->defer_tail = d;
         } else {
-            c->defer_head = c->defer_tail = d;
+            c->defer_tail = d;
+            defer_set_head(c, d);
         }
     }
     if (locked) {
@@ -392,7 +400,7 @@ bool nbd_client_deferred_empty(NBDClient *c)
 
 /* The connection's sender thread (nbd_client_kick_flusher): sends what is
  * deferred, waiting for room in the socket. */
-bool nbd_client_flush_deferred(NBDClient *c)
+void nbd_client_flush_deferred(NBDClient *c)
 {
     pthread_mutex_lock(&c->send_lock);
     defer_drain_locked(c, true);
@@ -401,7 +409,6 @@ bool nbd_client_flush_deferred(NBDClient *c)
     if (failed) {
         nbd_client_set_closing(c);
     }
-    return defer_first(c) == NULL;
 }
 
 /* Options of an accepted connection: no Nagle delay on TCP, a send timeout
