@@ -39,6 +39,7 @@
  * (live_interrupted); the exit status is then 128 + the signal.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -60,7 +61,7 @@ static void usage(FILE *out)
             "  bitback backup --connect QMP_SOCKET --node NODE [--node NODE2 ...] --repo DIR\n"
             "                 [--level full|inc|diff|auto] [--bitmap NAME] [--speed BYTES]\n"
             "                 [--compress=off|zstd[:LEVEL]] [--pull] [--nbd-socket PATH]\n"
-            "                 [--granularity SIZE]\n"
+            "                 [--granularity SIZE] [-t|--cache none|writeback]\n"
             "  bitback backup --connect HOST:PORT --nbd-server HOST:PORT --node NODE ...\n"
             "                 --repo DIR [--object tls-creds-x509,id=ID,dir=D,endpoint=client\n"
             "                 --tls-creds ID] [--fleece-dir DIR] [options as above]\n"
@@ -117,6 +118,12 @@ static void usage(FILE *out)
             "                        small, so scattered small writes store what changed\n"
             "                        (bitbackd and offline; qemu-storage-daemon's backup\n"
             "                        job copies at least 64K per write)\n"
+            "  -t, --cache none|writeback\n"
+            "                        how a backup into a folder writes and then hashes\n"
+            "                        its data file: writeback (default) through the\n"
+            "                        host's page cache, none with O_DIRECT, leaving the\n"
+            "                        cache to the VMs (an error where the filesystem\n"
+            "                        refuses O_DIRECT; best uncompressed)\n"
             "  --pull                live: read every disk's backup, full or incremental,\n"
             "                        over NBD and write it here (see below); the daemon\n"
             "                        writes no file of the repository\n"
@@ -273,6 +280,37 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
     return true;
 }
 
+/* --cache=none (docs/specs/repository.md, "Writing a backup"): the data
+ * file of a backup into a folder is written with O_DIRECT (probed on the
+ * new file: a filesystem that refuses it is an error), and hashed the same
+ * way after, so that the backup does not fill the host's page cache.  A
+ * rados repository has no page cache to bypass: nothing changes there. */
+static bool target_cache(Repo *repo, const BackupOpts *o, Disk *d,
+                         Error **errp)
+{
+    if (!o->cache_none || !repo_opens_by_name(repo)) {
+        return true;
+    }
+    int fd = open(d->tmp_path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) {
+        error_setg_errno(errp, errno, "%s: --cache=none: cannot open %s "
+                         "with O_DIRECT", d->node, d->tmp_path);
+        return false;
+    }
+    close(fd);
+    struct json_object *file = json_object_new_object();
+    struct json_object *cache = json_object_new_object();
+    json_object_object_add(cache, "direct", json_object_new_boolean(true));
+    json_object_object_add(file, "driver", json_object_new_string("file"));
+    json_object_object_add(file, "filename", json_object_new_string(d->tmp_block));
+    json_object_object_add(file, "cache", cache);
+    d->tmp_options = json_object_new_object();
+    json_object_object_add(d->tmp_options, "driver", json_object_new_string("qcow2"));
+    json_object_object_add(d->tmp_options, "file", file);
+    d->direct = true;
+    return true;
+}
+
 /* Create the target: a qcow2 with the parent's file as backing, zstd as
  * its compression type when the run compresses. */
 static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
@@ -320,7 +358,7 @@ static bool create_target(Repo *repo, const BackupOpts *o, Disk *d,
         error_prepend(errp, "%s: cannot create %s: ", d->node, d->tmp_path);
         return false;
     }
-    return true;
+    return target_cache(repo, o, d, errp);
 }
 
 bool backup_read_clock_override(BackupOpts *o, Error **errp)
@@ -404,7 +442,9 @@ RepoManifest *backup_commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
     ok = repo->storage->sync(d->tmp_path, errp);
     t1 = clock_monotonic_seconds();
     p = cli_progress_new("hashing", d->size, cli_progress_wanted(o->progress));
-    ok = ok && repo_scan_backup(repo, d->tmp_path, m, cli_progress_cb, p, errp);
+    ok = ok && repo_scan_backup(repo, d->tmp_path, m,
+                                d->direct ? BDRV_O_NOCACHE : 0,
+                                cli_progress_cb, p, errp);
     cli_progress_finish(p);
     t2 = clock_monotonic_seconds();
     ok = ok && repo_commit(repo, m, errp);
@@ -630,7 +670,7 @@ int cli_cmd_backup(int argc, char **argv)
 {
     enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED, OPT_COMPRESS,
            OPT_NBD_SOCKET, OPT_GRANULARITY, OPT_PULL, OPT_OBJECT,
-           OPT_TLS_CREDS, OPT_NBD_SERVER, OPT_FLEECE_DIR };
+           OPT_TLS_CREDS, OPT_NBD_SERVER, OPT_FLEECE_DIR, OPT_CACHE };
     static const struct option longopts[] = {
         { "help", no_argument, NULL, 'h' },
         { "repo", required_argument, NULL, 'r' },
@@ -650,6 +690,7 @@ int cli_cmd_backup(int argc, char **argv)
         { "tls-creds", required_argument, NULL, OPT_TLS_CREDS },
         { "nbd-server", required_argument, NULL, OPT_NBD_SERVER },
         { "fleece-dir", required_argument, NULL, OPT_FLEECE_DIR },
+        { "cache", required_argument, NULL, OPT_CACHE },
         { NULL, 0, NULL, 0 },
     };
     BackupOpts o = { .level_auto = true, .compress = BACKUP_COMPRESS_DEFAULT };
@@ -659,7 +700,7 @@ int cli_cmd_backup(int argc, char **argv)
     int c, ret;
 
     cli_reset_getopt();
-    while ((c = getopt_long(argc, argv, "hf:", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:t:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             usage(stdout);
@@ -749,6 +790,16 @@ int cli_cmd_backup(int argc, char **argv)
             break;
         case OPT_FLEECE_DIR:
             o.fleece_dir = optarg;
+            break;
+        case 't':
+        case OPT_CACHE:
+            if (!strcmp(optarg, "none") || !strcmp(optarg, "writeback")) {
+                o.cache_none = !strcmp(optarg, "none");
+            } else {
+                error_report("--cache must be none or writeback, not '%s'",
+                             optarg);
+                return CLI_EXIT_ERROR;
+            }
             break;
         case OPT_GRANULARITY: {
             uint64_t g;

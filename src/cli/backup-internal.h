@@ -60,6 +60,8 @@ typedef struct Disk {
     /* the options that open it for writing when the repository's files
      * are not opened by name (repo_overlay_options), else NULL */
     struct json_object *tmp_options;
+    bool direct;                       /* the target is written and scanned
+                                        * with O_DIRECT (--cache) */
     char *generation;                  /* of new_bitmap, after step 4 */
     char job_id[REPO_MAX_NODE_NAME + 32];
     RepoBitmapCount *counts;           /* for the manifest, at commit */
@@ -94,6 +96,7 @@ typedef struct Disk {
  * the default lives). */
 #define BACKUP_COMPRESS_DEFAULT true
 
+
 typedef struct BackupOpts {
     const char *repo_path;
     const char *connect;
@@ -108,6 +111,7 @@ typedef struct BackupOpts {
     RepoLevel level;
     uint64_t speed;
     bool compress;                     /* zstd compressed target clusters */
+    bool cache_none;                   /* --cache=none: O_DIRECT target */
     int compress_level;                /* --compress=zstd:LEVEL, 0: default */
     bool json;
     bool progress;

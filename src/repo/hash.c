@@ -617,9 +617,10 @@ bool repo_scan_to_index(Repo *repo, BlockDriverState *bs, const char *path,
 }
 
 bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
-                      RepoProgressFn *progress, void *opaque, Error **errp)
+                      int flags, RepoProgressFn *progress, void *opaque,
+                      Error **errp)
 {
-    BlockDriverState *bs = repo_open_new(repo, m, qcow2_path, 0, errp);
+    BlockDriverState *bs = repo_open_new(repo, m, qcow2_path, flags, errp);
     bool ok;
 
     if (!bs) {

@@ -149,7 +149,7 @@ static bool synthesize(Repo *repo, RepoManifest *m,
         goto out;
     }
     ok = false;
-    if (!repo_scan_backup(repo, tmp, nm, NULL, NULL, errp)) {
+    if (!repo_scan_backup(repo, tmp, nm, 0, NULL, NULL, errp)) {
         goto out_unlink;
     }
     if (!fs->sync(tmp, errp)) {

@@ -398,10 +398,12 @@ bool repo_scan_to_index(Repo *repo, BlockDriverState *bs, const char *path,
                         RepoManifest *m, RepoProgressFn *progress,
                         void *opaque, Error **errp);
 /* repo_scan_to_index on the file qcow2_path of backup m, not committed
- * yet (backup's and prune's .ID.qcow2.tmp), opened by repo_open_new:
- * m->seq, m->id, m->node and m->parent_seq must be set. */
+ * yet (backup's and prune's .ID.qcow2.tmp), opened by repo_open_new with
+ * flags (BDRV_O_NOCACHE: read it with O_DIRECT): m->seq, m->id, m->node
+ * and m->parent_seq must be set. */
 bool repo_scan_backup(Repo *repo, const char *qcow2_path, RepoManifest *m,
-                      RepoProgressFn *progress, void *opaque, Error **errp);
+                      int flags, RepoProgressFn *progress, void *opaque,
+                      Error **errp);
 
 /* Commit: m describes the file at repo_tmp_data_path(); fill stored_bytes,
  * write the manifest to a tmp file, fsync both, rename the qcow2 then the

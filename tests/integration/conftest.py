@@ -136,6 +136,17 @@ def serve_qcow2_ro(workdir, image):
     return d
 
 
+def start_qcow2_rw(d, image, node="disk"):
+    """Start daemon d (bitbackd or qemu-storage-daemon) on the qcow2 image
+    as node, exported writable over NBD under the same name; returns the
+    `bitback backup` arguments that back the node up (add --repo)."""
+    d.start("--blockdev", f"driver=qcow2,node-name={node},"
+            f"file.driver=file,file.filename={image}",
+            "--export", f"type=nbd,id=e,node-name={node},name={node},"
+            "writable=on", nbd=True)
+    return ["backup", "--connect", d.qmp_sock, "--node", node]
+
+
 # A passed test's files go as soon as it ends (a failed one's stay for
 # the report): the suite's images add up to tens of GB otherwise, all kept
 # until the run ends.

@@ -18,7 +18,7 @@ import pytest
 
 from bitback_testlib import QSD, Daemon
 from bitback_testlib.nbdio import connect
-from conftest import BITBACK, bitback, require, run
+from conftest import BITBACK, bitback, require, run, start_qcow2_rw
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -281,12 +281,7 @@ def test_backup_cli_compress(tmp_path, mode):
     else:
         with Daemon(tmp_path / mode,
                     binary=QSD if mode == "qsd" else None) as d:
-            d.start("--blockdev", f"driver=qcow2,node-name=disk,"
-                    f"file.driver=file,file.filename={src}",
-                    "--export", "type=nbd,id=e,node-name=disk,name=disk,"
-                    "writable=on", nbd=True)
-            cmd = ["backup", "--connect", d.qmp_sock, "--node", "disk",
-                   "--repo", repo]
+            cmd = start_qcow2_rw(d, src) + ["--repo", repo]
             bitback(*cmd, "--compress=zstd:7")
             refs.append(bytes(data))
             for off, buf in changes:

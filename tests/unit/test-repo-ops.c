@@ -84,7 +84,7 @@ static void make_backup(Repo *r, unsigned seq,
     m->level = seq > 1 ? REPO_LEVEL_INC : REPO_LEVEL_FULL;
     m->parent_seq = seq - 1;
     m->granularity = CL;
-    assert_true(repo_scan_backup(r, tmp, m, NULL, NULL, &err));
+    assert_true(repo_scan_backup(r, tmp, m, 0, NULL, NULL, &err));
     die_on(err);
     assert_true(repo_commit(r, m, &err));
     die_on(err);

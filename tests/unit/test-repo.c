@@ -1004,7 +1004,7 @@ static void test_scan_and_commit(void **state)
     RepoManifest *m = new_manifest(1, "disk0", "2026-01-01T00:00:00Z",
                                    REPO_LEVEL_FULL, 0, 65536);
     ProgressLog log = { 0 };
-    assert_true(repo_scan_backup(r, tmp1, m, progress_cb, &log, &err));
+    assert_true(repo_scan_backup(r, tmp1, m, 0, progress_cb, &log, &err));
     die_on(err);
     assert_int_equal(m->image_size, IMG_SIZE);
     assert_int_equal(m->cluster_size, CL);
@@ -1063,7 +1063,7 @@ static void test_scan_and_commit(void **state)
     m = new_manifest(2, "disk0", "2026-01-02T00:00:00Z", REPO_LEVEL_INC, 1,
                      65536);
     m->image_size = IMG_SIZE;
-    assert_true(repo_scan_backup(r, tmp2, m, NULL, NULL, &err));
+    assert_true(repo_scan_backup(r, tmp2, m, 0, NULL, NULL, &err));
     die_on(err);
     load_index(r, m);
     static const uint64_t inc_cl[] = { 2, 5, 8, 10, 11, 12, 20 };
@@ -1084,7 +1084,7 @@ static void test_scan_and_commit(void **state)
     _cleanup_free_ char *data2 = repo_data_path(r, "disk0", 2);
     m = new_manifest(2, "disk0", NULL, REPO_LEVEL_FULL, 1, 0);
     m->image_size = IMG_SIZE + CL;
-    assert_false(repo_scan_backup(r, data2, m, NULL, NULL, &err));
+    assert_false(repo_scan_backup(r, data2, m, 0, NULL, NULL, &err));
     assert_non_null(strstr(error_get_pretty(err), "expected"));
     assert_non_null(err);
     error_free(err);
@@ -1104,7 +1104,7 @@ static void test_scan_and_commit(void **state)
                      4096);
     /* Its file names 000002.qcow2: not the chain this manifest describes
      * (repository.md invariant 4), so nothing is read. */
-    assert_false(repo_scan_backup(r, tmp3, m, NULL, NULL, &err));
+    assert_false(repo_scan_backup(r, tmp3, m, 0, NULL, NULL, &err));
     assert_non_null(err);
     assert_non_null(strstr(error_get_pretty(err),
                            "backup 000003 of disk0: its file names the "
@@ -1115,7 +1115,7 @@ static void test_scan_and_commit(void **state)
     err = NULL;
     m->level = REPO_LEVEL_INC;
     m->parent_seq = 2;
-    assert_true(repo_scan_backup(r, tmp3, m, NULL, NULL, &err));
+    assert_true(repo_scan_backup(r, tmp3, m, 0, NULL, NULL, &err));
     die_on(err);
     load_index(r, m);
     static const uint64_t diff_cl[] = { 15, 16, 17 };
@@ -1134,7 +1134,7 @@ static void test_scan_and_commit(void **state)
     create_qcow2(tmp4, NULL, NULL, NULL);
     m = new_manifest(4, "disk1", "2026-01-04T00:00:00Z", REPO_LEVEL_FULL, 0,
                      65536);
-    assert_true(repo_scan_backup(r, tmp4, m, NULL, NULL, &err));
+    assert_true(repo_scan_backup(r, tmp4, m, 0, NULL, NULL, &err));
     die_on(err);
     assert_int_equal(m->index_records, 0);
     /* A manifest readers would refuse is not committed. */
