@@ -42,6 +42,9 @@ DATA = parse_size(os.environ.get("PULL_DATA", "2G"))
 ROUNDS = int(os.environ.get("PULL_ROUNDS", "3"))
 TICK = os.sysconf("SC_CLK_TCK")
 ROWS = ["push", "pull-unix", "pull-tcp", "pull-tls"]
+# PULL_CACHE: bitback backup --cache for every row (default: the tool's).
+CACHE = [f"--cache={os.environ['PULL_CACHE']}"] if os.environ.get(
+    "PULL_CACHE") else []
 
 
 def make_source():
@@ -112,7 +115,7 @@ def run_row(row, img, pki, n):
             t0 = time.monotonic()
             p = subprocess.Popen([BITBACK, "backup", *args, "--node", "disk0",
                                   "--repo", repo, "--level", "full",
-                                  "--compress=off"],
+                                  "--compress=off", *CACHE],
                                  stdout=subprocess.DEVNULL, stderr=err)
             _, status, ru = os.wait4(p.pid, 0)
             secs = time.monotonic() - t0

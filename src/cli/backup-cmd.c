@@ -666,6 +666,30 @@ static bool parse_compress(const char *arg, BackupOpts *o, Error **errp)
     return true;
 }
 
+/* Lock every disk of the run for backing up (spec, "Locks"), then read
+ * the repository again: a prune that ended just before may have changed
+ * the chains the run will build on.  A disk named twice is locked once
+ * (the run refuses it after). */
+static bool lock_disks(Repo *repo, const BackupOpts *o,
+                       RepoLock *locks[BACKUP_MAX_DISKS], Error **errp)
+{
+    _cleanup_free_ char *offline = o->n_nodes ? NULL : backup_offline_node(o);
+    size_t n = o->n_nodes ? o->n_nodes : 1;
+
+    for (size_t i = 0; i < n; i++) {
+        const char *node = o->n_nodes ? o->nodes[i] : offline;
+        bool seen = false;
+        for (size_t j = 0; j < i; j++) {
+            seen |= !strcmp(o->nodes[j], node);
+        }
+        if (!seen && !(locks[i] = repo_lock_node(repo, node, REPO_LOCK_BACKUP,
+                                                 errp))) {
+            return false;
+        }
+    }
+    return repo_reload(repo, errp);
+}
+
 int cli_cmd_backup(int argc, char **argv)
 {
     enum { OPT_OUTPUT = 256, OPT_PROGRESS, OPT_SPEED, OPT_COMPRESS,
@@ -913,7 +937,16 @@ int cli_cmd_backup(int argc, char **argv)
                  repo->uuid);
         o.prefix = o.prefix_buf;
     }
-    ret = o.connect ? backup_live(&o, repo) : backup_offline(&o, repo);
+    RepoLock *locks[BACKUP_MAX_DISKS] = { NULL };
+    if (!lock_disks(repo, &o, locks, &err)) {
+        error_report_err(err);
+        ret = CLI_EXIT_ERROR;
+    } else {
+        ret = o.connect ? backup_live(&o, repo) : backup_offline(&o, repo);
+    }
+    for (size_t i = 0; i < BACKUP_MAX_DISKS; i++) {
+        repo_unlock(locks[i]);
+    }
     repo_free(repo);
     return ret;
 }

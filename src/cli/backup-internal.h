@@ -182,6 +182,9 @@ int backup_live(const BackupOpts *o, Repo *repo);
 
 /* backup-offline.c: the run for --image; a CLI exit status. */
 int backup_offline(const BackupOpts *o, Repo *repo);
+/* The disk's name in the repository for --image: --node, else the
+ * image's base name without its extension.  Malloc'd. */
+char *backup_offline_node(const BackupOpts *o);
 /* Most source connections one copy reads through (backup_copy_extents). */
 #define BACKUP_MAX_COPY_CONNS 4
 

@@ -411,6 +411,21 @@ static bool offline_remove_stale(Repo *repo, const BackupOpts *o, Disk *d,
     return ok;
 }
 
+char *backup_offline_node(const BackupOpts *o)
+{
+    assert(o->image);
+    if (o->n_nodes) {
+        return backup_strdup(o->nodes[0]);
+    }
+    _cleanup_free_ char *copy = backup_strdup(o->image);
+    char *base = basename(copy), *dot = strrchr(base, '.');
+
+    if (dot && dot != base) {
+        *dot = '\0';
+    }
+    return backup_strdup(base);
+}
+
 int backup_offline(const BackupOpts *o, Repo *repo)
 {
     Error *err = NULL;
@@ -422,17 +437,7 @@ int backup_offline(const BackupOpts *o, Repo *repo)
     _cleanup_free_ char *time_iso = NULL;
     int64_t len;
 
-    if (o->n_nodes) {
-        d.node = backup_strdup(o->nodes[0]);
-    } else {
-        _cleanup_free_ char *copy = backup_strdup(o->image);
-        char *base = basename(copy), *dot = strrchr(base, '.');
-
-        if (dot && dot != base) {
-            *dot = '\0';
-        }
-        d.node = backup_strdup(base);
-    }
+    d.node = backup_offline_node(o);
     /* Read-only first: plan without touching the image. */
     bs = cli_open_image(o->image, o->format, 0, &err);
     if (!bs) {

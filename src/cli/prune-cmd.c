@@ -304,6 +304,7 @@ int cli_cmd_prune(int argc, char **argv)
         json ? json_object_new_array() : NULL;
     size_t n_nodes = 0;
     char **names = NULL;
+    RepoLock **locks = NULL;
 
     if (node_arg && !repo_pick_node(repo, node_arg, &err)) {
         goto out;
@@ -323,6 +324,17 @@ int cli_cmd_prune(int argc, char **argv)
             error_setg(&err, "out of memory");
             goto out;
         }
+    }
+    /* Every disk it prunes, locked first (spec, "Locks"; a dry run only
+     * reads), then the repository read again under the locks. */
+    const char *one[2] = { node_arg, NULL };
+    locks = repo_lock_nodes(repo, node_arg ? one : (const char *const *)names,
+                            dry_run ? REPO_LOCK_READ : REPO_LOCK_PRUNE, &err);
+    if (!locks) {
+        goto out;
+    }
+    if (!repo_reload(repo, &err)) {
+        goto out;
     }
     for (size_t i = 0; i < n_nodes; i++) {
         if (node_arg && strcmp(node_arg, names[i])) {
@@ -346,6 +358,7 @@ out:
         }
         free(names);
     }
+    repo_unlock_nodes(locks);
     if (err) {
         error_report_err(err);
     }

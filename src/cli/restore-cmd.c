@@ -205,11 +205,12 @@ int cli_cmd_restore(int argc, char **argv)
     }
     int ret = CLI_EXIT_ERROR;
     RepoManifest *m;
+    RepoLock *lock = NULL;
     RepoProgressOps prog;
     uint64_t written = 0;
 
     node = repo_pick_node(repo, node_arg, &err);
-    if (!node) {
+    if (!node || !(lock = repo_lock_node(repo, node, REPO_LOCK_READ, &err))) {
         goto out;
     }
     m = repo_find(repo, node, seq, &err);
@@ -251,6 +252,7 @@ out:
     if (err) {
         error_report_err(err);
     }
+    repo_unlock(lock);
     repo_free(repo);
     return ret;
 }

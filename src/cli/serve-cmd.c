@@ -204,6 +204,7 @@ int cli_cmd_serve(int argc, char **argv)
     _cleanup_json_ struct json_object *addr = NULL;
     BlockDriverState *chain = NULL, *overlay = NULL;
     Repo *repo = NULL;
+    RepoLock *lock = NULL;
     RepoManifest *m;
     const char *node;
     Error *err = NULL;
@@ -267,7 +268,7 @@ int cli_cmd_serve(int argc, char **argv)
         return CLI_EXIT_ERROR;
     }
     node = repo_pick_node(repo, opts.node, &err);
-    if (!node) {
+    if (!node || !(lock = repo_lock_node(repo, node, REPO_LOCK_READ, &err))) {
         goto out;
     }
     m = repo_find(repo, node, seq, &err);
@@ -337,6 +338,7 @@ out:
     if (chain) {
         bdrv_unref(chain);
     }
+    repo_unlock(lock);
     repo_free(repo);
     return ret;
 }

@@ -238,6 +238,7 @@ int cli_cmd_verify(int argc, char **argv)
     _cleanup_free_ const char **nodes = NULL;
     const char *one[2] = { NULL, NULL };
     const char **scope;
+    RepoLock **locks = NULL;
     double start = now_seconds();
 
     vs.problems = json_object_new_array();
@@ -258,6 +259,11 @@ int cli_cmd_verify(int argc, char **argv)
             one[0] = nodes[0];   /* one disk: errors name it */
             scope = one;
         }
+    }
+
+    locks = repo_lock_nodes(repo, scope, REPO_LOCK_READ, &err);
+    if (!locks) {
+        goto out;
     }
 
     if (against) {
@@ -338,6 +344,7 @@ out:
     if (err) {
         error_report_err(err);
     }
+    repo_unlock_nodes(locks);
     json_object_put(vs.problems);
     repo_free(repo);
     return ret;

@@ -19,10 +19,7 @@
 
 static bool ensure_node_dir(Repo *repo, const char *node, Error **errp)
 {
-    if (!repo_node_name_valid(node)) {
-        error_setg(errp, "invalid disk name '%s' for a repository folder "
-                   "(1 to %d characters, no '/', not starting with '.')",
-                   node, REPO_MAX_NODE_NAME);
+    if (!repo_check_node_name(node, errp)) {
         return false;
     }
     _cleanup_free_ char *dir = repo_node_dir(repo, node);

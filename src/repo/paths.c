@@ -76,6 +76,17 @@ bool repo_node_name_valid(const char *name)
            !strchr(name, '/');
 }
 
+bool repo_check_node_name(const char *name, Error **errp)
+{
+    if (!repo_node_name_valid(name)) {
+        error_setg(errp, "invalid disk name '%s' for a repository folder "
+                   "(1 to %d characters, no '/', not starting with '.')",
+                   name, REPO_MAX_NODE_NAME);
+        return false;
+    }
+    return true;
+}
+
 unsigned repo_match_seq_name(const char *name, const char *prefix,
                              const char *suffix)
 {

@@ -55,6 +55,8 @@
 unsigned repo_parse_seq_digits(const char *s, const char *end);
 /* A node folder name: not empty, no '/', does not start with '.', short. */
 bool repo_node_name_valid(const char *name);
+/* The same, with an error naming the rule. */
+bool repo_check_node_name(const char *name, Error **errp);
 /* If name is "%06u" of some seq followed exactly by suffix (and prefix
  * before it), return seq; else 0. */
 unsigned repo_match_seq_name(const char *name, const char *prefix,

@@ -159,6 +159,27 @@ void repo_free(Repo *repo);
 bool repo_upgrade(Repo *repo, Error **errp);
 bool repo_reload(Repo *repo, Error **errp);
 
+/* Per-disk locks (lock.c; spec, "Locks"), taken at once or refused with
+ * an error that says who holds the disk: READ for restore, verify and
+ * serve, BACKUP (creates the disk's folder), PRUNE (excludes both).  A
+ * writer reloads the repository after locking: what it planned from
+ * before may have changed.  NULL with errp set; repo_unlock(NULL) is a
+ * no-op. */
+typedef enum RepoLockMode {
+    REPO_LOCK_READ,
+    REPO_LOCK_BACKUP,
+    REPO_LOCK_PRUNE,
+} RepoLockMode;
+typedef struct RepoLock RepoLock;
+RepoLock *repo_lock_node(Repo *repo, const char *node, RepoLockMode mode,
+                         Error **errp);
+void repo_unlock(RepoLock *l);
+/* repo_lock_node on each of the NULL-terminated nodes, all or none: a
+ * NULL-terminated array for repo_unlock_nodes (which takes NULL too). */
+RepoLock **repo_lock_nodes(Repo *repo, const char *const *nodes,
+                           RepoLockMode mode, Error **errp);
+void repo_unlock_nodes(RepoLock **locks);
+
 /* Names of the nodes that have backups, sorted; NULL-terminated, caller
  * frees the array (not the strings, which the repo owns). */
 const char **repo_nodes(Repo *repo);
