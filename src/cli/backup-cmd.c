@@ -285,10 +285,15 @@ static bool plan_disk(Repo *repo, const BackupOpts *o, Disk *d,
  * new file: a filesystem that refuses it is an error), and hashed the same
  * way after, so that the backup does not fill the host's page cache.  A
  * rados repository has no page cache to bypass: nothing changes there. */
+static bool target_direct(Repo *repo, const BackupOpts *o)
+{
+    return o->cache_none && repo_opens_by_name(repo);
+}
+
 static bool target_cache(Repo *repo, const BackupOpts *o, Disk *d,
                          Error **errp)
 {
-    if (!o->cache_none || !repo_opens_by_name(repo)) {
+    if (!target_direct(repo, o)) {
         return true;
     }
     int fd = open(d->tmp_path, O_RDONLY | O_DIRECT | O_CLOEXEC);
@@ -307,7 +312,6 @@ static bool target_cache(Repo *repo, const BackupOpts *o, Disk *d,
     d->tmp_options = json_object_new_object();
     json_object_object_add(d->tmp_options, "driver", json_object_new_string("qcow2"));
     json_object_object_add(d->tmp_options, "file", file);
-    d->direct = true;
     return true;
 }
 
@@ -443,7 +447,7 @@ RepoManifest *backup_commit_disk(Repo *repo, const BackupOpts *o, Disk *d,
     t1 = clock_monotonic_seconds();
     p = cli_progress_new("hashing", d->size, cli_progress_wanted(o->progress));
     ok = ok && repo_scan_backup(repo, d->tmp_path, m,
-                                d->direct ? BDRV_O_NOCACHE : 0,
+                                target_direct(repo, o) ? BDRV_O_NOCACHE : 0,
                                 cli_progress_cb, p, errp);
     cli_progress_finish(p);
     t2 = clock_monotonic_seconds();

@@ -60,8 +60,6 @@ typedef struct Disk {
     /* the options that open it for writing when the repository's files
      * are not opened by name (repo_overlay_options), else NULL */
     struct json_object *tmp_options;
-    bool direct;                       /* the target is written and scanned
-                                        * with O_DIRECT (--cache) */
     char *generation;                  /* of new_bitmap, after step 4 */
     char job_id[REPO_MAX_NODE_NAME + 32];
     RepoBitmapCount *counts;           /* for the manifest, at commit */
@@ -95,7 +93,6 @@ typedef struct Disk {
 /* Whether `bitback backup` compresses without --compress (the one place
  * the default lives). */
 #define BACKUP_COMPRESS_DEFAULT true
-
 
 typedef struct BackupOpts {
     const char *repo_path;

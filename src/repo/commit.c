@@ -17,7 +17,7 @@
 
 /* ---- Attempt markers and leftovers ---- */
 
-static bool ensure_node_dir(Repo *repo, const char *node, Error **errp)
+bool repo_ensure_node_dir(Repo *repo, const char *node, Error **errp)
 {
     if (!repo_check_node_name(node, errp)) {
         return false;
@@ -40,7 +40,7 @@ static bool ensure_node_dir(Repo *repo, const char *node, Error **errp)
 static bool write_attempt(Repo *repo, const char *node, unsigned seq,
                           bool started, Error **errp)
 {
-    if (!ensure_node_dir(repo, node, errp)) {
+    if (!repo_ensure_node_dir(repo, node, errp)) {
         return false;
     }
     _cleanup_free_ char *path = repo_attempt_path(repo, node, seq);

@@ -77,8 +77,7 @@ RepoLock *repo_lock_node(Repo *repo, const char *node, RepoLockMode mode,
     const char *busy = NULL, *what = path;
     int r = 0;
 
-    if (mode == REPO_LOCK_BACKUP && (r = repo->storage->mkdir(dir)) < 0) {
-        error_setg_errno(errp, -r, "cannot create '%s'", dir);
+    if (mode == REPO_LOCK_BACKUP && !repo_ensure_node_dir(repo, node, errp)) {
         goto fail;
     }
     if (mode != REPO_LOCK_READ) {

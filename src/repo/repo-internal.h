@@ -57,6 +57,9 @@ unsigned repo_parse_seq_digits(const char *s, const char *end);
 bool repo_node_name_valid(const char *name);
 /* The same, with an error naming the rule. */
 bool repo_check_node_name(const char *name, Error **errp);
+/* commit.c: create node's folder when missing (its name checked first),
+ * and make the new entry durable (the repository folder fsynced). */
+bool repo_ensure_node_dir(Repo *repo, const char *node, Error **errp);
 /* If name is "%06u" of some seq followed exactly by suffix (and prefix
  * before it), return seq; else 0. */
 unsigned repo_match_seq_name(const char *name, const char *prefix,
