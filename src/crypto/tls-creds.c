@@ -22,9 +22,20 @@
 #include "crypto/tls-creds.h"
 #include "util/cleanup.h"
 
-/* QEMU's default priority; PSK adds its key exchanges (crypto/tlscredspsk.c
- * in QEMU does the same). */
+/* QEMU's default priority is GnuTLS's NORMAL; PSK adds its key exchanges
+ * (crypto/tlscredspsk.c in QEMU does the same).  NORMAL ranks
+ * ChaCha20-Poly1305 above AES-128-GCM, and a TLS 1.3 session on a PSK
+ * cannot use AES-256-GCM (its suite hashes with SHA-384; GnuTLS binds an
+ * external PSK to SHA-256), so NORMAL gives every PSK connection
+ * ChaCha20: on a CPU with AES instructions about 3.5 times the CPU per
+ * byte of AES-GCM (bench/tls-floor.c; docs/performance.md).  Where the CPU
+ * has them, the default therefore ranks ChaCha20 last, and a server
+ * chooses by its own order (%SERVER_PRECEDENCE), since clients send
+ * NORMAL's.  x509 sessions still get AES-256-GCM first.  A priority the
+ * user gives is used as given. */
 #define TLS_PRIORITY_DEFAULT "NORMAL"
+#define TLS_PRIORITY_AES_FIRST "NORMAL:-CHACHA20-POLY1305:+CHACHA20-POLY1305"
+#define TLS_PRIORITY_SERVER_ORDER ":%SERVER_PRECEDENCE"
 #define TLS_PRIORITY_PSK_SUFFIX ":+ECDHE-PSK:+DHE-PSK:+PSK"
 #define TLS_PSK_LINE_MAX 4096
 
@@ -106,6 +117,19 @@ static char *tls_creds_file(const TLSCreds *c, const char *name,
     return p;
 }
 
+/* The priority string when the user gives none (see above). */
+static const char *tls_priority_default(bool server)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("aes") && __builtin_cpu_supports("pclmul")) {
+        return server ? TLS_PRIORITY_AES_FIRST TLS_PRIORITY_SERVER_ORDER
+                      : TLS_PRIORITY_AES_FIRST;
+    }
+#endif
+    (void)server;
+    return TLS_PRIORITY_DEFAULT;
+}
+
 /* The properties both kinds share. */
 static TLSCreds *tls_creds_common(const char *id, const char *type,
                                   struct json_object *props, TLSCredsKind kind,
@@ -138,7 +162,7 @@ static TLSCreds *tls_creds_common(const char *id, const char *type,
     c->verify_peer = verify_peer;
     c->dir = strdup(dir);
     if (!priority) {
-        priority = TLS_PRIORITY_DEFAULT;
+        priority = tls_priority_default(c->server);
     }
     if (asprintf(&c->priority, "%s%s", priority,
                  kind == TLS_CREDS_PSK ? TLS_PRIORITY_PSK_SUFFIX : "") < 0) {
@@ -594,6 +618,14 @@ int tls_session_handshake(TLSSession *s, const Authz *authz, Error **errp)
     bool ok = s->server ? tls_session_check_client(s, authz, errp)
                         : tls_session_check_server(s, errp);
     return ok ? 1 : -1;
+}
+
+char *tls_session_desc(const TLSSession *s)
+{
+    char *g = gnutls_session_get_desc(s->sess);
+    char *d = g ? strdup(g) : NULL;
+    gnutls_free(g);
+    return d;
 }
 
 bool tls_session_wants_write(const TLSSession *s)

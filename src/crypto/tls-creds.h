@@ -75,6 +75,10 @@ TLSSession *tls_session_new(const TLSCreds *creds, int fd,
  * errp set (the connection must then be closed). */
 int tls_session_handshake(TLSSession *s, const Authz *authz, Error **errp);
 /* Which way the last call that returned 0 / EAGAIN waits. */
+/* After the handshake: its version, key exchange, authentication and
+ * cipher, as GnuTLS names them ("(TLS1.3)-(ECDHE-SECP256R1)-...-(AES-256-GCM)"),
+ * malloc'd; NULL if out of memory. */
+char *tls_session_desc(const TLSSession *s);
 bool tls_session_wants_write(const TLSSession *s);
 /* Bytes already decrypted and buffered in the session: a reader that
  * waits with poll() must consume these first (poll cannot see them). */

@@ -447,6 +447,9 @@ static int opt_starttls(NBDClient *c, uint32_t len)
         error_free(err);
         return OPT_CLOSE;
     }
+    _cleanup_free_ char *desc = tls_session_desc(c->tls);
+    log_msg(LOG_LEVEL_INFO, "NBD client %s: TLS session %s", c->peer,
+            desc ? desc : "(no description)");
     return OPT_CONTINUE;
 }
 
