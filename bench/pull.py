@@ -12,6 +12,15 @@ repository (--compress=off: the rows compare transports, not zstd) by
   pull-tls   the same with TLS x509 on both (certtool certificates in
              QEMU's layout; `--object tls-creds-x509,... --tls-creds t0`)
 
+Two more rows give this machine's ceiling, with no NBD, disk or
+repository at all: build/tls-floor (bench/tls-floor.c) moves PULL_DATA
+through one TCP loopback connection from a forked sender to a receiver
+that discards it, plain (floor-tcp) and with TLS x509 on the same
+certificates (floor-tls); whatever a pull adds can only be slower.  From
+them the last lines print how many cores the TLS targets would keep busy
+at the least CPU a pull over TLS can cost (pull-tcp's CPU per GiB plus
+what TLS adds to the bare connection).
+
 Each row starts its own daemon (not timed), then times the bitback
 command from start to exit; CPU is the command's (wait4 rusage) plus the
 daemon's (/proc/PID/stat) during it, in CPU-seconds per GiB of data.  The
@@ -42,6 +51,8 @@ DATA = parse_size(os.environ.get("PULL_DATA", "2G"))
 ROUNDS = int(os.environ.get("PULL_ROUNDS", "3"))
 TICK = os.sysconf("SC_CLK_TCK")
 ROWS = ["push", "pull-unix", "pull-tcp", "pull-tls"]
+FLOORS = ["floor-tcp", "floor-tls"]
+TLS_FLOOR = os.path.join(os.path.dirname(BITBACK), "tls-floor")
 # PULL_CACHE: bitback backup --cache for every row (default: the tool's).
 CACHE = [f"--cache={os.environ['PULL_CACHE']}"] if os.environ.get(
     "PULL_CACHE") else []
@@ -130,19 +141,36 @@ def run_row(row, img, pki, n):
     return secs, cpu, wd
 
 
+def run_floor(row, pki):
+    """tls-floor's seconds and CPU-seconds (sender and receiver) for
+    PULL_DATA in 1 MiB writes."""
+    args = (["x509", str(DATA // MiB), "1024", "NORMAL", str(pki["server"]),
+             str(pki["client"])] if row == "floor-tls"
+            else ["plain", str(DATA // MiB), "1024"])
+    out = subprocess.run([TLS_FLOOR, *args], check=True, text=True,
+                         stdout=subprocess.PIPE).stdout.split()
+    secs = float(out[out.index("s") - 1])
+    cpu_per_gib = float(out[out.index("both") + 1])
+    return secs, cpu_per_gib * DATA / (1 << 30)
+
+
 def main():
     img = make_source()
     (pathlib.Path(W) / "pki").mkdir()
     pki = make_pki(pathlib.Path(W) / "pki")
-    times = {r: [] for r in ROWS}
-    cpus = {r: [] for r in ROWS}
+    every = ROWS + FLOORS
+    times = {r: [] for r in every}
+    cpus = {r: [] for r in every}
     for n in range(ROUNDS):
-        order = ROWS[n % len(ROWS):] + ROWS[:n % len(ROWS)]
+        order = every[n % len(every):] + every[:n % len(every)]
         for row in order:
-            secs, cpu, wd = run_row(row, img, pki, n)
+            if row in FLOORS:
+                secs, cpu = run_floor(row, pki)
+            else:
+                secs, cpu, wd = run_row(row, img, pki, n)
+                shutil.rmtree(wd, ignore_errors=True)
             times[row].append(secs)
             cpus[row].append(cpu)
-            shutil.rmtree(wd, ignore_errors=True)
     gib = DATA / (1 << 30)
     print()
     print(f"pull rows: {SIZE / (1 << 30):.2f} GiB qcow2 disk with "
@@ -150,7 +178,7 @@ def main():
     print(f"{'row':<10} {'seconds':>8} {'MiB/s':>8} {'CPU s/GiB':>10} "
           f"{'vs push':>8}")
     ratio = {}
-    for row in ROWS:
+    for row in every:
         t = statistics.median(times[row])
         ratio[row] = statistics.median(
             p / x for p, x in zip(times["push"], times[row]))
@@ -165,6 +193,25 @@ def main():
               f"{'PASS' if ratio[row] >= 0.9 else 'MISS'}")
     print(f"target: TLS costs <= 15% of pull throughput: pull-tls/pull-tcp "
           f"{tls:.2f} -> {'PASS' if tls >= 0.85 else 'MISS'}")
+    floor = statistics.median(
+        p / x for p, x in zip(times["floor-tcp"], times["floor-tls"]))
+    print(f"ceiling: one bare TLS connection moves data at "
+          f"{ratio['floor-tls']:.2f}x push and {floor:.2f}x the same "
+          f"connection without TLS; pull-tls reaches "
+          f"{ratio['pull-tls'] / ratio['floor-tls']:.2f} of that ceiling")
+    # The least CPU a pull over TLS can cost: a plain pull's, plus what TLS
+    # adds to a bare connection (both ends, as both run here).
+    cpu = {r: statistics.median(cpus[r]) / gib for r in every}
+    least = cpu["pull-tcp"] + cpu["floor-tls"] - cpu["floor-tcp"]
+    for what, base in (("0.9x push", 0.9 * DATA / statistics.median(
+                            times["push"])),
+                       ("0.85x pull-tcp", 0.85 * DATA / statistics.median(
+                            times["pull-tcp"]))):
+        print(f"cores: pull-tls at {what} ({base / MiB:.0f} MiB/s) at the "
+              f"least CPU a pull over TLS costs ({least:.2f} CPU-s/GiB: "
+              f"pull-tcp's + a bare connection's TLS) keeps "
+              f"{base / (1 << 30) * least:.2f} cores busy; "
+              f"this machine has {os.cpu_count()}")
 
 
 if __name__ == "__main__":
