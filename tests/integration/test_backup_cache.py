@@ -6,11 +6,14 @@ cache.direct=on; offline and pulled backups open it so in-process) and
 hashes it the same way, so a backup leaves the host's page cache to the
 VMs: right after each backup, `fincore` must find almost none of the new
 file in the page cache, where writeback (the default) leaves most of it
-there.  Every point still restores byte for byte.  (A filesystem that
-refuses O_DIRECT is an error with --cache=none; none is at hand to test:
-this kernel's tmpfs takes O_DIRECT.)
+there.  Every point still restores byte for byte.  A filesystem that
+refuses O_DIRECT (ramfs, mounted by the test as root; tmpfs takes
+O_DIRECT on this kernel) is a clear error with --cache=none that leaves
+nothing behind, and the next run with writeback is whole.
 """
+import errno
 import json
+import os
 import random
 
 import pytest
@@ -137,3 +140,77 @@ def test_backup_cache_option_parsing(tmp_path):
         assert p.returncode != 0 and "--cache must be none or writeback" in \
             p.stderr, (bad, p.stderr)
     assert "--cache none|writeback" in bitback("backup", "--help").stdout
+
+
+@pytest.fixture
+def ramfs(tmp_path):
+    """A ramfs mount, which refuses O_DIRECT opens (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting ramfs needs root")
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    if run(["mount", "-t", "ramfs", "ramfs", str(mnt)],
+           check=False).returncode != 0:
+        pytest.skip("cannot mount ramfs here")
+    try:
+        try:
+            os.close(os.open(mnt / "probe", os.O_CREAT | os.O_RDWR |
+                             os.O_DIRECT))
+            pytest.skip("this kernel's ramfs takes O_DIRECT")
+        except OSError as e:
+            assert e.errno == errno.EINVAL, e
+        (mnt / "probe").unlink()
+        yield mnt
+    finally:
+        run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("mode", ["bitbackd", "offline"])
+def test_backup_cache_none_refused_without_o_direct(tmp_path, ramfs, mode):
+    rng = random.Random(7)
+    data = bytearray(rng.randbytes(SIZE))
+    src = tmp_path / "disk.qcow2"
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(data)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+         str(src)])
+    raw.unlink()
+    repo = ramfs / "repo"
+
+    def refused(cmd):
+        p = bitback(*cmd, "--compress=off", "--cache=none", check=False)
+        assert p.returncode == 1, (p.returncode, p.stderr)
+        assert "--cache=none: cannot open" in p.stderr and \
+            "with O_DIRECT: Invalid argument" in p.stderr, p.stderr
+        # Nothing of the run is left but its attempt marker, which never
+        # reached its transaction (spec, "Bitmaps" (2)): no data file, no
+        # temporary file, no backup listed.
+        left = sorted(f.name for f in (repo / "disk").iterdir())
+        assert left == [".lock", "000001.attempt"], left
+        marker = json.loads((repo / "disk" / "000001.attempt").read_text())
+        assert marker["started"] is False, marker
+        assert json.loads(bitback("list", "--repo", repo,
+                                  "--output=json").stdout) == []
+
+    def whole(cmd):
+        bitback(*cmd, "--compress=off", "--cache=writeback")
+        listing = json.loads(bitback("list", "--repo", repo,
+                                     "--output=json").stdout)
+        assert [b["level"] for b in listing] == ["full"], listing
+        restore_and_compare(repo, listing[0]["id"], bytes(data), tmp_path)
+        bitback("verify", "--repo", repo)
+
+    if mode == "offline":
+        cmd = ["backup", "--image", src, "--node", "disk", "--repo", repo]
+        refused(cmd)
+        whole(cmd)
+    else:
+        with Daemon(tmp_path / mode) as d:
+            cmd = start_qcow2_rw(d, src) + ["--repo", repo]
+            refused(cmd)
+            nodes = [n["node-name"] for n in
+                     d.qmp.cmd("query-named-block-nodes")]
+            assert not [n for n in nodes if n.startswith("bbt-")], nodes
+            assert d.running()
+            whole(cmd)
+            d.quit()
