@@ -288,6 +288,9 @@ bool repo_commit(Repo *repo, RepoManifest *m, Error **errp)
         error_setg(errp, "cannot commit: the backup has no valid ID or disk name");
         return false;
     }
+    if (!repo_lock_verify(repo, m->node, errp)) {
+        return false;
+    }
     repo_format_id(m->seq, m->id);
     if (!m->cluster_size) {
         m->cluster_size = REPO_CLUSTER_SIZE;

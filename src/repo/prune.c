@@ -338,7 +338,8 @@ bool repo_prune_node(Repo *repo, const char *node_name,
                    "--keep-monthly or --keep-yearly of at least 1)");
         return false;
     }
-    if (!roll_forward(repo, node, event, opaque, &res.rolled, errp) ||
+    if (!repo_lock_verify(repo, node, errp) ||
+        !roll_forward(repo, node, event, opaque, &res.rolled, errp) ||
         !repo_prune_plan(repo, node, keep, &items, &n, errp)) {
         return false;
     }

@@ -122,6 +122,7 @@ typedef struct Repo {
     RepoManifest **backups;
     size_t n_backups;
     unsigned max_seq;                  /* over manifests, attempts, tmp files */
+    struct RepoLock *locks;            /* held through it (lock.c) */
 } Repo;
 
 /* Open the repository at path.  create: make the folder and
@@ -174,6 +175,11 @@ typedef struct RepoLock RepoLock;
 RepoLock *repo_lock_node(Repo *repo, const char *node, RepoLockMode mode,
                          Error **errp);
 void repo_unlock(RepoLock *l);
+/* Whether a write lock held on node through repo is still held: true
+ * unless the storage's lock (a repository in a Ceph pool) expired and
+ * could not be renewed; renews it.  repo_commit and repo_prune_node call
+ * it before they change the disk.  true where no lock is held. */
+bool repo_lock_verify(Repo *repo, const char *node, Error **errp);
 /* repo_lock_node on each of the NULL-terminated nodes, all or none: a
  * NULL-terminated array for repo_unlock_nodes (which takes NULL too). */
 RepoLock **repo_lock_nodes(Repo *repo, const char *const *nodes,

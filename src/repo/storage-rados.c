@@ -33,6 +33,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <json-c/json.h>
 #include <rados/librados.h>
@@ -44,6 +46,7 @@
 #include "repo/storage.h"
 #include "util/cleanup.h"
 #include "util/cutils.h"
+#include "util/log.h"
 
 /* One attached repository. */
 typedef struct RadosRepo {
@@ -717,6 +720,230 @@ static bool rrepo_sync_dir(const char *dir, Error **errp)
     return true;
 }
 
+/*
+ * Per-disk locks (lock.c; docs/specs/repository.md, "Locks", L5): RADOS
+ * object locks (cls_lock) on the object NODE/.lock, which expire unless
+ * renewed.  A thread renews each lock every third of its duration with
+ * MUST_RENEW, so a lock that expired (the process stalled longer than
+ * the duration) is never silently taken again: it is marked lost, and
+ * lock_check, which the commit calls, fails.  A killed holder's lock
+ * expires after the duration (BITBACK_RADOS_LOCK_SECONDS, default 30).
+ */
+#define RRLOCK_DESC "bitback"
+#define RRLOCK_TAG "bitback"
+#define RRLOCK_SECONDS 30
+#define RRLOCK_SECONDS_MIN 3
+#define RRLOCK_SECONDS_MAX 3600
+
+struct RepoStorageLock {
+    rados_ioctx_t io;                  /* valid until detach: unlocked first */
+    char *oid;
+    char *name;
+    char *cookie;
+    bool exclusive;
+    unsigned seconds;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;                 /* CLOCK_MONOTONIC */
+    bool stop;
+    int lost;                          /* errno of a failed renewal, or 0 */
+    bool have_renewer;
+    pthread_t renewer;
+};
+
+/* The lock duration: BITBACK_RADOS_LOCK_SECONDS, else the default. */
+static unsigned rrlock_seconds(void)
+{
+    const char *e = getenv("BITBACK_RADOS_LOCK_SECONDS");
+    char *end;
+    unsigned long v = e ? strtoul(e, &end, 10) : 0;
+
+    if (!e || !*e || *end || v < RRLOCK_SECONDS_MIN || v > RRLOCK_SECONDS_MAX) {
+        return RRLOCK_SECONDS;
+    }
+    return v;
+}
+
+static int rrlock_take(RepoStorageLock *l, uint8_t flags)
+{
+    struct timeval d = { .tv_sec = l->seconds };
+
+    if (l->exclusive) {
+        return rados_lock_exclusive(l->io, l->oid, l->name, l->cookie,
+                                    RRLOCK_DESC, &d, flags);
+    }
+    return rados_lock_shared(l->io, l->oid, l->name, l->cookie, RRLOCK_TAG,
+                             RRLOCK_DESC, &d, flags);
+}
+
+static void *rrlock_renewer(void *opaque)
+{
+    RepoStorageLock *l = opaque;
+
+    pthread_mutex_lock(&l->mu);
+    while (!l->stop && !l->lost) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec += l->seconds / 3;
+        if (pthread_cond_timedwait(&l->cv, &l->mu, &ts) != ETIMEDOUT ||
+            l->stop) {
+            continue;
+        }
+        pthread_mutex_unlock(&l->mu);
+        int r = rrlock_take(l, LIBRADOS_LOCK_FLAG_MUST_RENEW);
+        pthread_mutex_lock(&l->mu);
+        if (r < 0 && !l->stop) {
+            l->lost = -r;
+            log_msg(LOG_LEVEL_WARNING, "lost the lock '%s' on %s: %s", l->name,
+                    l->oid, strerror(-r));
+        }
+    }
+    pthread_mutex_unlock(&l->mu);
+    return NULL;
+}
+
+/* Who holds lock name on oid, for the message of a refused run. */
+static char *rrlock_holders(rados_ioctx_t io, const char *oid,
+                            const char *name, unsigned seconds)
+{
+    char tag[256], clients[4096], cookies[4096], addrs[4096];
+    size_t tag_len = sizeof(tag), cl_len = sizeof(clients),
+           co_len = sizeof(cookies), ad_len = sizeof(addrs);
+    int exclusive = 0;
+    ssize_t n = rados_list_lockers(io, oid, name, &exclusive, tag, &tag_len,
+                                   clients, &cl_len, cookies, &co_len, addrs,
+                                   &ad_len);
+    if (n <= 0) {
+        return strdup(n == 0 ? "nobody now (it was just released)"
+                             : "a client that could not be listed");
+    }
+    char *out = NULL;
+    const char *c = clients, *k = cookies;
+    for (ssize_t i = 0; i < n && c < clients + cl_len &&
+                        k < cookies + co_len; i++) {
+        char *next;
+        if (asprintf(&next, "%s%s%s (%s)", out ? out : "", out ? ", " : "",
+                     c, k) < 0) {
+            break;
+        }
+        free(out);
+        out = next;
+        c += strlen(c) + 1;
+        k += strlen(k) + 1;
+    }
+    char *msg;
+    if (asprintf(&msg, "%s; the lock of a run that died expires %u s after "
+                 "it was last renewed", out ? out : "another client",
+                 seconds) < 0) {
+        msg = NULL;
+    }
+    free(out);
+    return msg;
+}
+
+/* Stop and join the renewing thread, if any. */
+static void rrlock_stop(RepoStorageLock *l)
+{
+    if (l->have_renewer) {
+        pthread_mutex_lock(&l->mu);
+        l->stop = true;
+        pthread_cond_signal(&l->cv);
+        pthread_mutex_unlock(&l->mu);
+        pthread_join(l->renewer, NULL);
+        l->have_renewer = false;
+    }
+}
+
+static void rrlock_free(RepoStorageLock *l)
+{
+    rrlock_stop(l);
+    pthread_cond_destroy(&l->cv);
+    pthread_mutex_destroy(&l->mu);
+    free(l->oid);
+    free(l->name);
+    free(l->cookie);
+    free(l);
+}
+
+static int rrepo_lock(const char *path, const char *name, bool exclusive,
+                      const char *who, RepoStorageLock **ret,
+                      char **ret_holder)
+{
+    const char *oid;
+    RadosRepo *r = rrepo_find(path, &oid);
+    char host[256] = "";
+
+    *ret = NULL;
+    *ret_holder = NULL;
+    if (!r) {
+        return -ENOENT;
+    }
+    gethostname(host, sizeof(host) - 1);
+    RepoStorageLock *l = calloc(1, sizeof(*l));
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    if (!l) {
+        abort();
+    }
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    l->io = r->io;
+    l->exclusive = exclusive;
+    l->seconds = rrlock_seconds();
+    l->oid = strdup(oid);
+    l->name = strdup(name);
+    if (asprintf(&l->cookie, "%s, pid %ld on %s", who, (long)getpid(),
+                 host) < 0) {
+        l->cookie = NULL;
+    }
+    if (!l->oid || !l->name || !l->cookie) {
+        abort();
+    }
+    int rc = rrlock_take(l, 0);
+    if (rc == -EBUSY) {
+        *ret_holder = rrlock_holders(r->io, oid, name, l->seconds);
+    }
+    if (rc == 0 && (rc = -pthread_create(&l->renewer, NULL, rrlock_renewer,
+                                         l)) < 0) {
+        rados_unlock(l->io, l->oid, l->name, l->cookie);
+    }
+    if (rc < 0) {
+        rrlock_free(l);
+        return rc;
+    }
+    l->have_renewer = true;
+    *ret = l;
+    return 0;
+}
+
+static bool rrepo_lock_check(RepoStorageLock *l, Error **errp)
+{
+    pthread_mutex_lock(&l->mu);
+    int lost = l->lost;
+    pthread_mutex_unlock(&l->mu);
+    if (!lost) {
+        int r = rrlock_take(l, LIBRADOS_LOCK_FLAG_MUST_RENEW);
+        lost = r < 0 ? -r : 0;
+    }
+    if (lost) {
+        error_setg(errp, "the lock '%s' on %s was lost (%s): another run may "
+                   "have taken the disk over", l->name, l->oid,
+                   strerror(lost));
+        return false;
+    }
+    return true;
+}
+
+static void rrepo_unlock(RepoStorageLock *l)
+{
+    if (l) {
+        rrlock_stop(l);
+        rados_unlock(l->io, l->oid, l->name, l->cookie);
+        rrlock_free(l);
+    }
+}
+
 const RepoStorage repo_storage_rados = {
     .name = "rados",
     .read = rrepo_read,
@@ -737,4 +964,7 @@ const RepoStorage repo_storage_rados = {
     .close = rrepo_close,
     .block_name = rrepo_block_name,
     .overlay_options = rrepo_overlay_options,
+    .lock = rrepo_lock,
+    .lock_check = rrepo_lock_check,
+    .unlock = rrepo_unlock,
 };

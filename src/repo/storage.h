@@ -41,6 +41,9 @@ typedef bool RepoListFn(void *opaque, const char *name);
  * front to back once under a temporary name, or read at offsets. */
 typedef struct RepoFile RepoFile;
 
+/* A lock held on an object of the storage (lock.c). */
+typedef struct RepoStorageLock RepoStorageLock;
+
 typedef struct RepoStorage {
     const char *name;                  /* "local" */
     /* The whole content of the regular file path, at most max bytes, as
@@ -104,6 +107,17 @@ typedef struct RepoStorage {
     struct json_object *(*overlay_options)(const char *root, const char *path,
                                            const char *parent_path,
                                            Error **errp);
+    /* Per-disk locks where the storage has its own (lock.c; NULL: none,
+     * the folder backend's flock locks live in lock.c).  lock: take the
+     * lock `name` on the object path (created if missing), exclusive or
+     * shared, at once, kept alive until unlock; who: a few words naming
+     * the run, shown to whoever finds it held.  0 with *ret set; -EBUSY
+     * when held by someone else (*ret_holder: who, malloc'd); or -errno.
+     * check: still held (renewed now), or false with errp set. */
+    int (*lock)(const char *path, const char *name, bool exclusive,
+                const char *who, RepoStorageLock **ret, char **ret_holder);
+    bool (*lock_check)(RepoStorageLock *l, Error **errp);
+    void (*unlock)(RepoStorageLock *l);
 } RepoStorage;
 
 /* POSIX files (storage-local.c). */

@@ -142,7 +142,8 @@ def test_rados_repo_killed_backup_cleaned(tmp_path, ceph, mode, monkeypatch):
     progress draw): nothing half-published is listed, the repository
     verifies, and the next run removes the killed run's nodes and
     temporary image, succeeds as an incremental and restores bit for
-    bit from a second process."""
+    bit from a second process.  The killed run's disk lock (3 s here)
+    must expire first (test_rados_lock.py)."""
     from test_backup_cli import backup_cmd, listing
     from test_pull import serve, until_copying, write_through_export
     import shutil
@@ -150,6 +151,7 @@ def test_rados_repo_killed_backup_cleaned(tmp_path, ceph, mode, monkeypatch):
     tempfile.gettempdir()
     short = tempfile.mkdtemp(prefix="bbr-")      # the pull folder's socket
     monkeypatch.setenv("TMPDIR", short)
+    monkeypatch.setenv("BITBACK_RADOS_LOCK_SECONDS", "3")
     pool = pool_for(ceph)
     repo = repo_name(ceph, pool)
     d = serve(tmp_path, "bitbackd", "qcow2", 128 * MiB, nbd=False)
@@ -183,6 +185,7 @@ def test_rados_repo_killed_backup_cleaned(tmp_path, ceph, mode, monkeypatch):
         if mode == "push":
             assert [n for n in names(ceph, "rbd", "ls", pool)
                     if n.endswith(".qcow2.tmp")], "the killed run's image"
+        time.sleep(4)                            # the lock expires
         nxt = run(backup_cmd(d, repo, ["disk0"], "inc"))
         assert "taking a full backup" not in nxt.stderr, nxt.stderr
         last = listing(repo)[-1]

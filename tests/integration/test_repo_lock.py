@@ -74,6 +74,24 @@ def start_slow_backup(d, repo):
     return p
 
 
+def others_while_held(tmp_path, repo, src, data, other, p, holder=()):
+    """While the backup p holds disk: a second backup of it and a prune
+    are refused (the backup's message holding each of holder); a restore
+    of its backup 000001 (data) and a backup of the disk other go ahead."""
+    second = bitback("backup", "--image", src, "--node", "disk",
+                     "--repo", repo, check=False)
+    refused(second, "another bitback backup or prune is writing it")
+    for words in holder:
+        assert words in second.stderr, second.stderr
+    pr = bitback("prune", "--repo", repo, "--node", "disk",
+                 "--keep-last", "1", check=False)
+    refused(pr, "another bitback backup or prune is writing it")
+    assert restore_bytes(repo, "disk", "000001", tmp_path) == data
+    bitback("backup", "--image", other, "--node", "other",
+            "--repo", repo, "--compress=off")
+    assert p.poll() is None, "the slow backup ended too soon"
+
+
 def test_backup_holds_its_disk(tmp_path):
     src = tmp_path / "disk.qcow2"
     data = make_disk(src, 1)
@@ -86,19 +104,7 @@ def test_backup_holds_its_disk(tmp_path):
                 "--repo", repo, "--level", "full", "--compress=off")
         p = start_slow_backup(d, repo)
         try:
-            # The same disk: a second backup and a prune are refused.
-            second = bitback("backup", "--image", src, "--node", "disk",
-                             "--repo", repo, check=False)
-            refused(second, "another bitback backup or prune is writing it")
-            pr = bitback("prune", "--repo", repo, "--node", "disk",
-                         "--keep-last", "1", check=False)
-            refused(pr, "another bitback backup or prune is writing it")
-            # Reading the disk's committed backup and backing up another
-            # disk go ahead meanwhile.
-            assert restore_bytes(repo, "disk", "000001", tmp_path) == data
-            bitback("backup", "--image", other, "--node", "other",
-                    "--repo", repo, "--compress=off")
-            assert p.poll() is None, "the slow backup ended too soon"
+            others_while_held(tmp_path, repo, src, data, other, p)
             out, err = p.communicate(timeout=120)
             assert p.returncode == 0, err
         finally:
@@ -124,7 +130,14 @@ def test_backup_holds_its_disk(tmp_path):
 def test_serve_holds_its_disk_against_prune(tmp_path):
     src = tmp_path / "disk.qcow2"
     data = make_disk(src, 3)
-    repo = tmp_path / "repo"
+    serve_holds_disk_against_prune(tmp_path, tmp_path / "repo", src, data)
+
+
+def serve_holds_disk_against_prune(tmp_path, repo, src, data, holder=""):
+    """Two fulls of src into repo; while `bitback serve` reads the first,
+    prune is refused (its message holding `holder`) and deletes nothing,
+    the served point reads whole, a dry run and a backup go ahead; after
+    it, prune keeps the newest, which restores to data."""
     cmd = ["backup", "--image", src, "--node", "disk", "--repo", repo,
            "--compress=off"]
     bitback(*cmd, "--level", "full")
@@ -143,6 +156,7 @@ def test_serve_holds_its_disk_against_prune(tmp_path):
         pr = bitback("prune", "--repo", repo, "--node", "disk",
                      "--keep-last", "1", check=False)
         refused(pr, "a bitback restore, verify or serve is reading it")
+        assert holder in pr.stderr, pr.stderr
         assert listing(repo) == before
         # What serve reads is still whole.
         p = run(["nbdcopy", f"nbd+unix:///disk?socket={sock}",
