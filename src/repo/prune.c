@@ -364,7 +364,8 @@ bool repo_prune_node(Repo *repo, const char *node_name,
         }
         char id[REPO_ID_LEN];
         memcpy(id, m->id, sizeof(id));
-        if (!synthesize(repo, m, progress, errp)) {
+        if (!repo_lock_verify(repo, node, errp) ||
+            !synthesize(repo, m, progress, errp)) {
             error_prepend(errp, "cannot merge backup %s of %s into a full: ",
                           id, node);
             return false;
@@ -389,6 +390,9 @@ bool repo_prune_node(Repo *repo, const char *node_name,
         repo_format_id(items[k].seq, id);
         if (!json || !data) {
             error_setg(errp, "out of memory");
+            return false;
+        }
+        if (!repo_lock_verify(repo, node, errp)) {
             return false;
         }
         int r = repo->storage->remove(json);
