@@ -117,11 +117,10 @@ bool rados_obj_read_full(rados_ioctx_t io, const char *oid, size_t max_len,
     return true;
 }
 
-/* "CLIENT (COOKIE)" of the first holder of lock name on oid, malloc'ed,
- * or NULL when it cannot be listed. */
-static char *lock_holder(rados_ioctx_t io, const char *oid, const char *name)
+char *rados_obj_lock_holders(rados_ioctx_t io, const char *oid,
+                             const char *name)
 {
-    char tag[256], clients[256], cookies[256], addrs[256];
+    char tag[256], clients[4096], cookies[4096], addrs[4096];
     size_t tag_len = sizeof(tag), clients_len = sizeof(clients);
     size_t cookies_len = sizeof(cookies), addrs_len = sizeof(addrs);
     int exclusive;
@@ -135,8 +134,20 @@ static char *lock_holder(rados_ioctx_t io, const char *oid, const char *name)
     }
     clients[sizeof(clients) - 1] = cookies[sizeof(cookies) - 1] = '\0';
     addrs[sizeof(addrs) - 1] = '\0';
-    if (asprintf(&s, "%s at %s (cookie %s)", clients, addrs, cookies) < 0) {
-        return NULL;
+    const char *c = clients, *k = cookies, *a = addrs;
+    for (ssize_t i = 0; i < n && c < clients + sizeof(clients) &&
+                        k < cookies + sizeof(cookies) &&
+                        a < addrs + sizeof(addrs); i++) {
+        char *next;
+        if (asprintf(&next, "%s%s%s at %s (cookie %s)", s ? s : "",
+                     s ? ", " : "", c, a, k) < 0) {
+            break;
+        }
+        free(s);
+        s = next;
+        c += strlen(c) + 1;
+        k += strlen(k) + 1;
+        a += strlen(a) + 1;
     }
     return s;
 }
@@ -147,7 +158,7 @@ bool rados_obj_lock(rados_ioctx_t io, const char *oid, const char *name,
     int r = rados_lock_exclusive(io, oid, name, cookie, desc, NULL, 0);
 
     if (r == -EBUSY) {
-        _cleanup_free_ char *holder = lock_holder(io, oid, name);
+        _cleanup_free_ char *holder = rados_obj_lock_holders(io, oid, name);
 
         error_setg(errp, "the RADOS object '%s' is locked by another "
                    "process (%s): is the image open elsewhere?", oid,
@@ -194,14 +205,14 @@ int rados_obj_unlock(rados_ioctx_t io, const char *oid, const char *name,
     return rados_unlock(io, oid, name, cookie);
 }
 
-char *rados_obj_new_cookie(void)
+char *rados_obj_new_cookie(const char *who)
 {
     static unsigned counter;
     char host[64] = "";
     char *s = NULL;
 
     (void)gethostname(host, sizeof(host) - 1);
-    if (asprintf(&s, "bitback-%s-%ld-%u", host, (long)getpid(),
+    if (asprintf(&s, "%s, pid %ld on %s, #%u", who, (long)getpid(), host,
                  __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED)) < 0) {
         return NULL;
     }

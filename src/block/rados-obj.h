@@ -85,8 +85,15 @@ int rados_obj_break_locks(rados_ioctx_t io, const char *oid, const char *name);
 int rados_obj_unlock(rados_ioctx_t io, const char *oid, const char *name,
                      const char *cookie);
 
-/* A cookie for rados_obj_lock, unique to this process and call (host,
- * PID and a counter): malloc'ed, NULL when out of memory. */
-char *rados_obj_new_cookie(void);
+/* A cookie for a RADOS lock, unique to this process and call, that says
+ * who holds it to whoever finds the lock taken: "WHO, pid PID on HOST, #N"
+ * (N counts calls), malloc'ed, NULL when out of memory. */
+char *rados_obj_new_cookie(const char *who);
+
+/* Every holder of lock `name` on the object, "CLIENT at ADDR (cookie
+ * COOKIE)" joined by ", ", malloc'ed; NULL when nobody holds it or the
+ * holders cannot be listed. */
+char *rados_obj_lock_holders(rados_ioctx_t io, const char *oid,
+                             const char *name);
 
 #endif

@@ -134,7 +134,7 @@ bool wil_store_rados_open(rados_ioctx_t io, const char *oid, bool create,
     }
     r = (WilRadosStore *)s;
     if (create) {
-        _cleanup_free_ char *cookie = rados_obj_new_cookie();
+        _cleanup_free_ char *cookie = rados_obj_new_cookie("bitback write-intent log");
 
         if (!cookie) {
             error_setg(errp, "out of memory");

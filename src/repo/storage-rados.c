@@ -34,7 +34,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include <json-c/json.h>
 #include <rados/librados.h>
@@ -805,38 +804,14 @@ static void *rrlock_renewer(void *opaque)
 static char *rrlock_holders(rados_ioctx_t io, const char *oid,
                             const char *name, unsigned seconds)
 {
-    char tag[256], clients[4096], cookies[4096], addrs[4096];
-    size_t tag_len = sizeof(tag), cl_len = sizeof(clients),
-           co_len = sizeof(cookies), ad_len = sizeof(addrs);
-    int exclusive = 0;
-    ssize_t n = rados_list_lockers(io, oid, name, &exclusive, tag, &tag_len,
-                                   clients, &cl_len, cookies, &co_len, addrs,
-                                   &ad_len);
-    if (n <= 0) {
-        return strdup(n == 0 ? "nobody now (it was just released)"
-                             : "a client that could not be listed");
-    }
-    char *out = NULL;
-    const char *c = clients, *k = cookies;
-    for (ssize_t i = 0; i < n && c < clients + cl_len &&
-                        k < cookies + co_len; i++) {
-        char *next;
-        if (asprintf(&next, "%s%s%s (%s)", out ? out : "", out ? ", " : "",
-                     c, k) < 0) {
-            break;
-        }
-        free(out);
-        out = next;
-        c += strlen(c) + 1;
-        k += strlen(k) + 1;
-    }
+    _cleanup_free_ char *who = rados_obj_lock_holders(io, oid, name);
     char *msg;
+
     if (asprintf(&msg, "%s; the lock of a run that died expires %u s after "
-                 "it was last renewed", out ? out : "another client",
+                 "it was last renewed", who ? who : "another client",
                  seconds) < 0) {
         msg = NULL;
     }
-    free(out);
     return msg;
 }
 
@@ -870,21 +845,19 @@ static int rrepo_lock(const char *path, const char *name, bool exclusive,
 {
     const char *oid;
     RadosRepo *r = rrepo_find(path, &oid);
-    char host[256] = "";
+    pthread_condattr_t ca;
 
     *ret = NULL;
     *ret_holder = NULL;
     if (!r) {
         return -ENOENT;
     }
-    gethostname(host, sizeof(host) - 1);
     RepoStorageLock *l = calloc(1, sizeof(*l));
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     if (!l) {
         abort();
     }
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_mutex_init(&l->mu, NULL);
     pthread_cond_init(&l->cv, &ca);
     pthread_condattr_destroy(&ca);
@@ -893,10 +866,7 @@ static int rrepo_lock(const char *path, const char *name, bool exclusive,
     l->seconds = rrlock_seconds();
     l->oid = strdup(oid);
     l->name = strdup(name);
-    if (asprintf(&l->cookie, "%s, pid %ld on %s", who, (long)getpid(),
-                 host) < 0) {
-        l->cookie = NULL;
-    }
+    l->cookie = rados_obj_new_cookie(who);
     if (!l->oid || !l->name || !l->cookie) {
         abort();
     }

@@ -49,6 +49,19 @@ def restore_and_compare(repo, bid, ref, tmp_path):
     out.unlink()
 
 
+def make_source(tmp_path, rng):
+    """A qcow2 disk of SIZE random bytes from rng: (its path, the bytes,
+    as a bytearray the test changes along with the disk)."""
+    data = bytearray(rng.randbytes(SIZE))
+    src = tmp_path / "disk.qcow2"
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(data)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+         str(src)])
+    raw.unlink()
+    return src, data
+
+
 def check_residency(path, cache, stored):
     res = resident(path)
     if cache == "none":
@@ -66,13 +79,7 @@ def test_backup_cache_chain(tmp_path, mode, cache):
     if mode == "qsd":
         require(QSD)
     rng = random.Random(hash((mode, cache)) & 0xffff)
-    data = bytearray(rng.randbytes(SIZE))
-    src = tmp_path / "disk.qcow2"
-    raw = tmp_path / "disk.raw"
-    raw.write_bytes(data)
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-         str(src)])
-    raw.unlink()
+    src, data = make_source(tmp_path, rng)
     repo = tmp_path / "repo"
     slots = rng.sample(range(SIZE // MiB), CHANGE // MiB)
     opts = ["--compress=off", f"--cache={cache}"]
@@ -167,14 +174,7 @@ def ramfs(tmp_path):
 
 @pytest.mark.parametrize("mode", ["bitbackd", "offline"])
 def test_backup_cache_none_refused_without_o_direct(tmp_path, ramfs, mode):
-    rng = random.Random(7)
-    data = bytearray(rng.randbytes(SIZE))
-    src = tmp_path / "disk.qcow2"
-    raw = tmp_path / "disk.raw"
-    raw.write_bytes(data)
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-         str(src)])
-    raw.unlink()
+    src, data = make_source(tmp_path, random.Random(7))
     repo = ramfs / "repo"
 
     def refused(cmd):

@@ -91,7 +91,7 @@ def test_rados_backup_holds_its_disk(tmp_path, ceph, monkeypatch):
             time.sleep(LOCK_SECONDS + 1.5)
             assert p.poll() is None, "the slow backup ended too soon"
             others_while_held(tmp_path, repo, src, data, other, p, (
-                "held by client.", "(bitback backup, pid ",
+                "held by client.", "(cookie bitback backup, pid ",
                 f"expires {LOCK_SECONDS} s after"))
             rc, err = finish(p)
             assert rc == 0, err
@@ -159,4 +159,4 @@ def test_rados_serve_holds_its_disk_against_prune(tmp_path, ceph,
                                                   monkeypatch):
     _, repo, src, data = rados_disk(tmp_path, ceph, monkeypatch, 4)
     serve_holds_disk_against_prune(tmp_path, repo, src, data,
-                                   holder="(bitback read, pid ")
+                                   holder="(cookie bitback read, pid ")
